@@ -1,0 +1,40 @@
+"""`failover-agent`: the daemon that hosts replicas on one host."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from failover.agent.config import AgentConfig, load_toml
+from failover.cli.errors import run_click
+
+_HELP = """Hosts replicas on this host: keeps each one's write-ahead log and snapshots in
+DATA-DIR, ships logs to duplicas, applies shipped logs, and reports to the coordinator.
+
+Give the settings as flags, or as the same keys in a TOML file with --config (flags win)."""
+
+
+@click.command(help=_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--host-id", help="This host's id, unique in the cluster.")
+@click.option("--listen", help="HOST:PORT to serve gRPC on.")
+@click.option("--advertise", help="HOST:PORT others dial (default: --listen).")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Logs and snapshots go here.")
+@click.option("--coordinator", help="Coordinator HOST:PORT[,HOST:PORT...].")
+@click.option("--zone", help="Failure zone of this host, for placement.")
+@click.option("--fsync-policy", type=click.Choice(["always", "batch", "never"]),
+              help="When appends reach the disk (default: batch, group commit).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="TOML file with the same keys (host_id, listen, data_dir, ...).")
+def agent_command(config_path: str | None, **flags: Any) -> None:
+    raw: dict[str, Any] = load_toml(config_path) if config_path else {}
+    raw.update({k: v for k, v in flags.items() if v is not None})
+    config = AgentConfig.from_mapping(raw)
+    from failover.agent.daemon import run  # imported late: --help stays fast
+
+    run(config)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point."""
+    run_click(agent_command, "failover-agent", argv)

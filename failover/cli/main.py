@@ -1,0 +1,37 @@
+"""`failoverctl`: the operator's command line."""
+
+from __future__ import annotations
+
+import click
+
+from failover.cli.errors import run_click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"],
+                               "auto_envvar_prefix": "FAILOVER"})
+@click.option(
+    "--coordinator", envvar="FAILOVER_COORDINATOR", default="127.0.0.1:7000", show_default=True,
+    help="Coordinator HOST:PORT[,HOST:PORT...] (env FAILOVER_COORDINATOR).",
+)
+@click.option(
+    "--format", "output_format", type=click.Choice(["table", "json"]), default="table",
+    show_default=True, help="Tables for people, json for scripts.",
+)
+@click.pass_context
+def cli(ctx: click.Context, coordinator: str, output_format: str) -> None:
+    """Operate a failover cluster: status, switchover, migration, patches, chaos runs."""
+    ctx.obj = {"coordinator": coordinator, "format": output_format}
+
+
+def _register_commands() -> None:
+    from failover.cli import demo
+
+    cli.add_command(demo.demo_command)
+
+
+_register_commands()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point."""
+    run_click(cli, "failoverctl", argv)

@@ -1,0 +1,32 @@
+"""`failover-coordinator`: watches the hosts, promotes, fences and routes."""
+
+from __future__ import annotations
+
+import click
+
+from failover.cli.errors import fail_usage, run_click
+from failover.net.address import parse_address
+
+_HELP = """Watches every host, detects a dead primary, promotes an in-sync duplica under a new
+epoch, fences the old primary and pushes routes to clients. Keeps cluster state in a store:
+SQLite in DATA-DIR by default (sqlite:///PATH), or etcd (etcd://HOST:PORT[,HOST:PORT...])."""
+
+
+@click.command(help=_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--listen", required=True, help="HOST:PORT to serve gRPC on.")
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False),
+              help="Where the default SQLite store lives.")
+@click.option("--store", default=None, help="Store URL (default: sqlite:///DATA-DIR/cluster.db).")
+def coordinator_command(listen: str, data_dir: str, store: str | None) -> None:
+    parse_address(listen, what="listen")
+    try:
+        from failover.coordinator.daemon import run  # type: ignore[import-not-found]
+    except ImportError:
+        fail_usage("failover-coordinator", "the coordinator daemon is not built yet (issue 4); "
+                   "form replica sets with the agent's AssignRole call meanwhile")
+    run(listen=listen, data_dir=data_dir, store=store)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point."""
+    run_click(coordinator_command, "failover-coordinator", argv)

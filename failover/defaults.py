@@ -1,0 +1,48 @@
+"""Every default and hard limit, in one place (design.md, Defaults and limits).
+
+Units are the last part of each name. Code that needs a default imports it from here; nothing
+else spells a default number.
+"""
+
+from __future__ import annotations
+
+# Failure detection and leases.
+HEARTBEAT_MS = 100
+FAILURE_TIMEOUT_MS = 400
+LEASE_MS = 300
+
+# Replication batching: bounds per replica set on one host-to-host stream.
+BATCH_ENTRIES_MAX = 4096
+BATCH_BYTES_MAX = 1 << 20
+INFLIGHT_BATCHES_MAX = 8
+
+# Live migration.
+MAX_DOWNTIME_MS = 20
+MIGRATION_ROUNDS_MAX = 30
+MIGRATION_BYTES_FACTOR_MAX = 3
+
+# Requests.
+REQUEST_BYTES_MAX = 4 << 20
+CALL_DEADLINE_MS = 5000
+
+# Write-ahead log.
+WAL_SEGMENT_BYTES_MAX = 64 << 20
+WAL_RECORD_BYTES_MAX = REQUEST_BYTES_MAX + 4096  # one request plus its framing and ids
+WAL_FSYNC_POLICY = "batch"
+WAL_FSYNC_POLICIES = ("always", "batch", "never")
+
+# Snapshots.
+SNAPSHOT_CHUNK_BYTES = 1 << 20
+SNAPSHOT_CHUNK_BYTES_MAX = 64 << 20  # a chunk header claiming more is damage, not data
+
+# Paged state (the arena kinds migrate fast).
+PAGE_BYTES = 4096
+
+# Snapshots and log retention per replica.
+SNAPSHOT_EVERY_ENTRIES = 100_000  # take a snapshot after this many applied entries
+LOG_RETAIN_ENTRIES = 10_000  # entries kept behind a snapshot so lagging duplicas replay
+
+# Exactly-once sessions (part of the replicated state, so bounded and evicted deterministically).
+SESSION_REPLIES_PER_CLIENT_MAX = 256  # recorded replies kept per client id (its retry window)
+SESSION_CLIENTS_MAX = 10_000  # client ids remembered; the least recently applied is evicted
+CLIENT_ID_BYTES_MAX = 128

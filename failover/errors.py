@@ -1,0 +1,125 @@
+"""Typed errors. Every message says what went wrong and what to do about it."""
+
+from __future__ import annotations
+
+
+class FailoverError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class ConfigError(FailoverError):
+    """A configuration value is missing or out of range; raised at start, before any I/O."""
+
+
+# --- storage -------------------------------------------------------------------------------
+
+
+class StorageError(FailoverError):
+    """The write-ahead log or a snapshot cannot be used as it is on disk."""
+
+
+class LogCorruptError(StorageError):
+    """A record in the middle of the write-ahead log fails its check.
+
+    The replica must not start from this log: restore the file from a copy, or discard the
+    replica's data dir so that it is rebuilt from another replica.
+    """
+
+    def __init__(self, path: str, offset: int, reason: str) -> None:
+        self.path = path
+        self.offset = offset
+        self.reason = reason
+        super().__init__(
+            f"write-ahead log corrupt in {path} at byte offset {offset}: {reason}; "
+            "the replica cannot start from it: discard its data dir to rebuild it from "
+            "another replica"
+        )
+
+
+class SnapshotCorruptError(StorageError):
+    """A snapshot file is damaged; it is never loaded."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(
+            f"snapshot {path} is damaged: {reason}; it was not loaded: delete it and recover "
+            "from an older snapshot plus the log, or rebuild the replica from another one"
+        )
+
+
+class LogGapError(StorageError):
+    """A read or append names indexes the log does not hold (compacted or not yet written)."""
+
+
+class DiskFullError(StorageError):
+    """The data dir has no space left: the write was refused cleanly, nothing was corrupted."""
+
+
+# --- services and requests -----------------------------------------------------------------
+
+
+class UnknownKindError(FailoverError):
+    """No service kind is registered under the requested name."""
+
+
+class InvalidRequest(FailoverError):
+    """A request is malformed (unknown op, missing field, wrong type); state is untouched."""
+
+
+class RequestRejected(FailoverError):
+    """The service refused a well-formed request (an overdraw); state is untouched.
+
+    A refusal is a deterministic outcome: every replica refuses alike and a retry with the same
+    request id gets the same refusal.
+    """
+
+
+# --- cluster -------------------------------------------------------------------------------
+
+
+class Unavailable(FailoverError):
+    """The service could not be reached before the call's deadline; the request may or may not
+    have been applied: retry with the same client (same request id) to find out."""
+
+
+class StaleEpochError(FailoverError):
+    """A message carries an epoch lower than the receiver's: the sender has been fenced."""
+
+
+class NotPrimaryError(FailoverError):
+    """This replica is not the primary; the hint names the primary when it is known."""
+
+    def __init__(self, service: str, primary_address: str = "", epoch: int = 0) -> None:
+        self.service = service
+        self.primary_address = primary_address
+        self.epoch = epoch
+        where = f"; the primary is {primary_address} at epoch {epoch}" if primary_address else ""
+        super().__init__(f"this replica of {service!r} is not the primary{where}")
+
+
+# --- service state -------------------------------------------------------------------------
+
+
+class PagedStateFullError(FailoverError):
+    """Growing a paged state would pass its bound (`pages_max`); nothing was grown."""
+
+    def __init__(self, pages_requested: int, pages_max: int, page_bytes: int) -> None:
+        self.pages_requested = pages_requested
+        self.pages_max = pages_max
+        self.page_bytes = page_bytes
+        super().__init__(
+            f"paged state cannot grow to {pages_requested} pages of {page_bytes} bytes: its "
+            f"bound is {pages_max} pages ({pages_max * page_bytes} bytes); raise pages_max "
+            "or keep less state in this service"
+        )
+
+
+class StateCorruptError(FailoverError):
+    """Serialized service state (snapshot chunks, migrated pages) does not decode into a valid
+    state of the kind; the state that was there before is untouched."""
+
+
+class KindLoadError(FailoverError):
+    """A registered service kind cannot be used: its module fails to import, the entry point
+    names no ServiceKind, or two packages register different kinds under one name."""

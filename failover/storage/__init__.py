@@ -1,0 +1,1 @@
+"""Durable storage: the write-ahead log, snapshots and coordinator stores."""

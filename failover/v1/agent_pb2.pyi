@@ -1,0 +1,200 @@
+from failover.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ReplicaPeer(_message.Message):
+    __slots__ = ("host_id", "address")
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    host_id: str
+    address: str
+    def __init__(self, host_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+
+class AssignRoleRequest(_message.Message):
+    __slots__ = ("service", "kind", "role", "epoch", "mode", "primary", "duplicas", "in_sync", "lease_ms")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_FIELD_NUMBER: _ClassVar[int]
+    DUPLICAS_FIELD_NUMBER: _ClassVar[int]
+    IN_SYNC_FIELD_NUMBER: _ClassVar[int]
+    LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    kind: str
+    role: _common_pb2.Role
+    epoch: int
+    mode: _common_pb2.ReplicationMode
+    primary: ReplicaPeer
+    duplicas: _containers.RepeatedCompositeFieldContainer[ReplicaPeer]
+    in_sync: _containers.RepeatedScalarFieldContainer[str]
+    lease_ms: int
+    def __init__(self, service: _Optional[str] = ..., kind: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., epoch: _Optional[int] = ..., mode: _Optional[_Union[_common_pb2.ReplicationMode, str]] = ..., primary: _Optional[_Union[ReplicaPeer, _Mapping]] = ..., duplicas: _Optional[_Iterable[_Union[ReplicaPeer, _Mapping]]] = ..., in_sync: _Optional[_Iterable[str]] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+
+class AssignRoleReply(_message.Message):
+    __slots__ = ("service", "role", "epoch", "indexes", "last")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    INDEXES_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    role: _common_pb2.Role
+    epoch: int
+    indexes: _common_pb2.ReplicaIndexes
+    last: _common_pb2.LogPosition
+    def __init__(self, service: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., epoch: _Optional[int] = ..., indexes: _Optional[_Union[_common_pb2.ReplicaIndexes, _Mapping]] = ..., last: _Optional[_Union[_common_pb2.LogPosition, _Mapping]] = ...) -> None: ...
+
+class StepDownRequest(_message.Message):
+    __slots__ = ("service", "epoch")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    epoch: int
+    def __init__(self, service: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class StepDownReply(_message.Message):
+    __slots__ = ("service", "epoch", "indexes")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    INDEXES_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    epoch: int
+    indexes: _common_pb2.ReplicaIndexes
+    def __init__(self, service: _Optional[str] = ..., epoch: _Optional[int] = ..., indexes: _Optional[_Union[_common_pb2.ReplicaIndexes, _Mapping]] = ...) -> None: ...
+
+class DropReplicaRequest(_message.Message):
+    __slots__ = ("service", "epoch", "delete_data")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    DELETE_DATA_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    epoch: int
+    delete_data: bool
+    def __init__(self, service: _Optional[str] = ..., epoch: _Optional[int] = ..., delete_data: _Optional[bool] = ...) -> None: ...
+
+class DropReplicaReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReplicaStatus(_message.Message):
+    __slots__ = ("service", "kind", "role", "epoch", "indexes", "lag_entries", "mode", "truncated_entries", "last_error")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    INDEXES_FIELD_NUMBER: _ClassVar[int]
+    LAG_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    kind: str
+    role: _common_pb2.Role
+    epoch: int
+    indexes: _common_pb2.ReplicaIndexes
+    lag_entries: int
+    mode: _common_pb2.ReplicationMode
+    truncated_entries: int
+    last_error: str
+    def __init__(self, service: _Optional[str] = ..., kind: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., epoch: _Optional[int] = ..., indexes: _Optional[_Union[_common_pb2.ReplicaIndexes, _Mapping]] = ..., lag_entries: _Optional[int] = ..., mode: _Optional[_Union[_common_pb2.ReplicationMode, str]] = ..., truncated_entries: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
+
+class HostMetrics(_message.Message):
+    __slots__ = ("cpu_percent", "memory_percent", "disk_free_bytes", "memory_total_bytes", "cpu_count")
+    CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    DISK_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CPU_COUNT_FIELD_NUMBER: _ClassVar[int]
+    cpu_percent: float
+    memory_percent: float
+    disk_free_bytes: int
+    memory_total_bytes: int
+    cpu_count: int
+    def __init__(self, cpu_percent: _Optional[float] = ..., memory_percent: _Optional[float] = ..., disk_free_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., cpu_count: _Optional[int] = ...) -> None: ...
+
+class AgentStatus(_message.Message):
+    __slots__ = ("host_id", "address", "zone", "version", "started_at", "metrics", "replicas")
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ZONE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    host_id: str
+    address: str
+    zone: str
+    version: str
+    started_at: float
+    metrics: HostMetrics
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
+    def __init__(self, host_id: _Optional[str] = ..., address: _Optional[str] = ..., zone: _Optional[str] = ..., version: _Optional[str] = ..., started_at: _Optional[float] = ..., metrics: _Optional[_Union[HostMetrics, _Mapping]] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ...) -> None: ...
+
+class HearsPrimaryRequest(_message.Message):
+    __slots__ = ("service",)
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    def __init__(self, service: _Optional[str] = ...) -> None: ...
+
+class HearsPrimaryReply(_message.Message):
+    __slots__ = ("hears", "silent_ms", "epoch")
+    HEARS_FIELD_NUMBER: _ClassVar[int]
+    SILENT_MS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    hears: bool
+    silent_ms: int
+    epoch: int
+    def __init__(self, hears: _Optional[bool] = ..., silent_ms: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class CompactRequest(_message.Message):
+    __slots__ = ("service", "retain_entries")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    RETAIN_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    retain_entries: int
+    def __init__(self, service: _Optional[str] = ..., retain_entries: _Optional[int] = ...) -> None: ...
+
+class CompactReply(_message.Message):
+    __slots__ = ("snapshot_index", "first_index")
+    SNAPSHOT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    FIRST_INDEX_FIELD_NUMBER: _ClassVar[int]
+    snapshot_index: int
+    first_index: int
+    def __init__(self, snapshot_index: _Optional[int] = ..., first_index: _Optional[int] = ...) -> None: ...
+
+class GetDigestRequest(_message.Message):
+    __slots__ = ("service",)
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    def __init__(self, service: _Optional[str] = ...) -> None: ...
+
+class GetDigestReply(_message.Message):
+    __slots__ = ("digest", "applied_index", "epoch")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_INDEX_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    digest: bytes
+    applied_index: int
+    epoch: int
+    def __init__(self, digest: _Optional[bytes] = ..., applied_index: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class RestartRequest(_message.Message):
+    __slots__ = ("command",)
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    command: str
+    def __init__(self, command: _Optional[str] = ...) -> None: ...
+
+class RestartReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

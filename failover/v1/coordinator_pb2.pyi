@@ -1,0 +1,229 @@
+from failover.v1 import agent_pb2 as _agent_pb2
+from failover.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("host_id", "address", "zone", "version", "started_at", "metrics")
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ZONE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    host_id: str
+    address: str
+    zone: str
+    version: str
+    started_at: float
+    metrics: _agent_pb2.HostMetrics
+    def __init__(self, host_id: _Optional[str] = ..., address: _Optional[str] = ..., zone: _Optional[str] = ..., version: _Optional[str] = ..., started_at: _Optional[float] = ..., metrics: _Optional[_Union[_agent_pb2.HostMetrics, _Mapping]] = ...) -> None: ...
+
+class RegisterReply(_message.Message):
+    __slots__ = ("heartbeat_ms", "lease_ms")
+    HEARTBEAT_MS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    heartbeat_ms: int
+    lease_ms: int
+    def __init__(self, heartbeat_ms: _Optional[int] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("host_id", "metrics", "replicas")
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    host_id: str
+    metrics: _agent_pb2.HostMetrics
+    replicas: _containers.RepeatedCompositeFieldContainer[_agent_pb2.ReplicaStatus]
+    def __init__(self, host_id: _Optional[str] = ..., metrics: _Optional[_Union[_agent_pb2.HostMetrics, _Mapping]] = ..., replicas: _Optional[_Iterable[_Union[_agent_pb2.ReplicaStatus, _Mapping]]] = ...) -> None: ...
+
+class LeaseGrant(_message.Message):
+    __slots__ = ("service", "epoch", "lease_ms")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    epoch: int
+    lease_ms: int
+    def __init__(self, service: _Optional[str] = ..., epoch: _Optional[int] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("leases", "assignments")
+    LEASES_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
+    leases: _containers.RepeatedCompositeFieldContainer[LeaseGrant]
+    assignments: _containers.RepeatedCompositeFieldContainer[_agent_pb2.AssignRoleRequest]
+    def __init__(self, leases: _Optional[_Iterable[_Union[LeaseGrant, _Mapping]]] = ..., assignments: _Optional[_Iterable[_Union[_agent_pb2.AssignRoleRequest, _Mapping]]] = ...) -> None: ...
+
+class WatchRoutesRequest(_message.Message):
+    __slots__ = ("known_version",)
+    KNOWN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    known_version: int
+    def __init__(self, known_version: _Optional[int] = ...) -> None: ...
+
+class Route(_message.Message):
+    __slots__ = ("service", "kind", "primary_address", "primary_host_id", "epoch")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    kind: str
+    primary_address: str
+    primary_host_id: str
+    epoch: int
+    def __init__(self, service: _Optional[str] = ..., kind: _Optional[str] = ..., primary_address: _Optional[str] = ..., primary_host_id: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class RoutesUpdate(_message.Message):
+    __slots__ = ("version", "routes")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    routes: _containers.RepeatedCompositeFieldContainer[Route]
+    def __init__(self, version: _Optional[int] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ...) -> None: ...
+
+class ClusterStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class HostStatus(_message.Message):
+    __slots__ = ("host_id", "address", "zone", "draining", "alive", "version", "started_at", "metrics", "heartbeat_age_ms")
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ZONE_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    ALIVE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_AGE_MS_FIELD_NUMBER: _ClassVar[int]
+    host_id: str
+    address: str
+    zone: str
+    draining: bool
+    alive: bool
+    version: str
+    started_at: float
+    metrics: _agent_pb2.HostMetrics
+    heartbeat_age_ms: int
+    def __init__(self, host_id: _Optional[str] = ..., address: _Optional[str] = ..., zone: _Optional[str] = ..., draining: _Optional[bool] = ..., alive: _Optional[bool] = ..., version: _Optional[str] = ..., started_at: _Optional[float] = ..., metrics: _Optional[_Union[_agent_pb2.HostMetrics, _Mapping]] = ..., heartbeat_age_ms: _Optional[int] = ...) -> None: ...
+
+class ReplicaView(_message.Message):
+    __slots__ = ("host_id", "role", "indexes", "lag_entries", "in_sync")
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    INDEXES_FIELD_NUMBER: _ClassVar[int]
+    LAG_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    IN_SYNC_FIELD_NUMBER: _ClassVar[int]
+    host_id: str
+    role: _common_pb2.Role
+    indexes: _common_pb2.ReplicaIndexes
+    lag_entries: int
+    in_sync: bool
+    def __init__(self, host_id: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., indexes: _Optional[_Union[_common_pb2.ReplicaIndexes, _Mapping]] = ..., lag_entries: _Optional[int] = ..., in_sync: _Optional[bool] = ...) -> None: ...
+
+class ServiceStatus(_message.Message):
+    __slots__ = ("name", "kind", "mode", "epoch", "desired_replicas", "replicas")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    mode: _common_pb2.ReplicationMode
+    epoch: int
+    desired_replicas: int
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaView]
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., mode: _Optional[_Union[_common_pb2.ReplicationMode, str]] = ..., epoch: _Optional[int] = ..., desired_replicas: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaView, _Mapping]]] = ...) -> None: ...
+
+class ClusterStatus(_message.Message):
+    __slots__ = ("hosts", "services")
+    HOSTS_FIELD_NUMBER: _ClassVar[int]
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
+    hosts: _containers.RepeatedCompositeFieldContainer[HostStatus]
+    services: _containers.RepeatedCompositeFieldContainer[ServiceStatus]
+    def __init__(self, hosts: _Optional[_Iterable[_Union[HostStatus, _Mapping]]] = ..., services: _Optional[_Iterable[_Union[ServiceStatus, _Mapping]]] = ...) -> None: ...
+
+class CreateServiceRequest(_message.Message):
+    __slots__ = ("name", "kind", "replicas", "mode")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    replicas: int
+    mode: _common_pb2.ReplicationMode
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., replicas: _Optional[int] = ..., mode: _Optional[_Union[_common_pb2.ReplicationMode, str]] = ...) -> None: ...
+
+class CreateServiceReply(_message.Message):
+    __slots__ = ("service",)
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    service: ServiceStatus
+    def __init__(self, service: _Optional[_Union[ServiceStatus, _Mapping]] = ...) -> None: ...
+
+class DeleteServiceRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteServiceReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SwitchoverRequest(_message.Message):
+    __slots__ = ("service", "to_host_id")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    TO_HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    to_host_id: str
+    def __init__(self, service: _Optional[str] = ..., to_host_id: _Optional[str] = ...) -> None: ...
+
+class SwitchoverReply(_message.Message):
+    __slots__ = ("epoch", "primary_host_id", "stall_ms")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    STALL_MS_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    primary_host_id: str
+    stall_ms: int
+    def __init__(self, epoch: _Optional[int] = ..., primary_host_id: _Optional[str] = ..., stall_ms: _Optional[int] = ...) -> None: ...
+
+class HistoryRequest(_message.Message):
+    __slots__ = ("service", "limit")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    limit: int
+    def __init__(self, service: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class HistoryEvent(_message.Message):
+    __slots__ = ("seq", "at", "service", "kind", "message", "details")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    at: float
+    service: str
+    kind: str
+    message: str
+    details: bytes
+    def __init__(self, seq: _Optional[int] = ..., at: _Optional[float] = ..., service: _Optional[str] = ..., kind: _Optional[str] = ..., message: _Optional[str] = ..., details: _Optional[bytes] = ...) -> None: ...
+
+class HistoryReply(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[HistoryEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[HistoryEvent, _Mapping]]] = ...) -> None: ...

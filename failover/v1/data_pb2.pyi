@@ -1,0 +1,69 @@
+from failover.v1 import common_pb2 as _common_pb2
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ExecuteRequest(_message.Message):
+    __slots__ = ("service", "epoch_seen", "request_id", "payload", "deadline_ms")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_SEEN_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    epoch_seen: int
+    request_id: _common_pb2.RequestId
+    payload: bytes
+    deadline_ms: int
+    def __init__(self, service: _Optional[str] = ..., epoch_seen: _Optional[int] = ..., request_id: _Optional[_Union[_common_pb2.RequestId, _Mapping]] = ..., payload: _Optional[bytes] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
+
+class Rejection(_message.Message):
+    __slots__ = ("error_type", "message")
+    ERROR_TYPE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    error_type: str
+    message: str
+    def __init__(self, error_type: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ExecuteReply(_message.Message):
+    __slots__ = ("result", "rejected", "index", "commit_index", "epoch", "duplicate")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    result: bytes
+    rejected: Rejection
+    index: int
+    commit_index: int
+    epoch: int
+    duplicate: bool
+    def __init__(self, result: _Optional[bytes] = ..., rejected: _Optional[_Union[Rejection, _Mapping]] = ..., index: _Optional[int] = ..., commit_index: _Optional[int] = ..., epoch: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+
+class QueryRequest(_message.Message):
+    __slots__ = ("service", "epoch_seen", "payload", "deadline_ms")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_SEEN_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    epoch_seen: int
+    payload: bytes
+    deadline_ms: int
+    def __init__(self, service: _Optional[str] = ..., epoch_seen: _Optional[int] = ..., payload: _Optional[bytes] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
+
+class QueryReply(_message.Message):
+    __slots__ = ("result", "rejected", "applied_index", "epoch")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_INDEX_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    result: bytes
+    rejected: Rejection
+    applied_index: int
+    epoch: int
+    def __init__(self, result: _Optional[bytes] = ..., rejected: _Optional[_Union[Rejection, _Mapping]] = ..., applied_index: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
