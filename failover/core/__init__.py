@@ -1,0 +1,4 @@
+"""Pure protocol and policy: no grpc, asyncio, sockets, files or clocks (design.md, Layers).
+
+Each core object takes events and returns actions; time comes in as an argument.
+"""

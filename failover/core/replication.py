@@ -1,0 +1,481 @@
+"""The primary/duplica log-shipping protocol as pure state machines (design.md, Replication).
+
+`PrimaryReplication` tracks, for one replica set on its primary, how far each duplica has
+durably logged, decides what to send next within the per-replica-set bounds, and computes
+the commit index. `DuplicaReplication` decides, for one replica set on a duplica, whether an
+incoming batch is appended, rejected as stale, or answered with a mismatch, and how far the
+duplica may apply. Neither does I/O or reads a clock: the agent feeds events (log state,
+acks, the current monotonic time) and carries out the returned actions.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+from failover import defaults
+from failover.core.log_position import EpochHistory, LogPosition, epoch_at, match_index
+
+
+class Mode(Enum):
+    """When the primary may acknowledge a write."""
+
+    SYNC = "sync"  # after every in-sync duplica has it on disk
+    ASYNC = "async"  # after the primary has it on disk
+
+
+@dataclass(frozen=True, slots=True)
+class LogInfo:
+    """What the protocol needs to know of a replica's own log at one moment."""
+
+    first_index: int  # first entry held (compacted before it)
+    last_index: int
+    durable_index: int
+    history: EpochHistory  # (epoch, first_index), survives compaction
+
+    def position(self) -> LogPosition:
+        return LogPosition(epoch_at(self.history, self.last_index), self.last_index)
+
+
+@dataclass(frozen=True, slots=True)
+class ShipLimits:
+    """Bounds per replica set on one host-to-host stream."""
+
+    batch_entries_max: int = defaults.BATCH_ENTRIES_MAX
+    batch_bytes_max: int = defaults.BATCH_BYTES_MAX
+    inflight_batches_max: int = defaults.INFLIGHT_BATCHES_MAX
+    keepalive_ms: int = defaults.HEARTBEAT_MS
+
+
+# --- actions the primary asks the agent to carry out -------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendProbe:
+    host_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SendTruncate:
+    host_id: str
+    after_index: int
+
+
+@dataclass(frozen=True, slots=True)
+class SendBatch:
+    """Read entries first_index.. (at most entries_max, bytes_max) and ship them.
+
+    The agent reports what it actually read with `PrimaryReplication.batch_read`. An empty
+    batch (entries_max == 0) is a keepalive carrying the commit index.
+    """
+
+    host_id: str
+    batch_id: int
+    prev: LogPosition
+    first_index: int
+    entries_max: int
+    bytes_max: int
+    commit_index: int
+
+
+@dataclass(frozen=True, slots=True)
+class SendSnapshot:
+    """The duplica needs entries the log no longer holds: install a snapshot on it."""
+
+    host_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class StepDown:
+    """A duplica holds a higher epoch: this primary has been fenced."""
+
+    epoch: int
+
+
+PrimaryAction = SendProbe | SendTruncate | SendBatch | SendSnapshot | StepDown
+
+
+class PeerState(Enum):
+    DISCONNECTED = "disconnected"
+    PROBING = "probing"
+    TRUNCATING = "truncating"
+    STREAMING = "streaming"
+    SNAPSHOT = "snapshot"
+    FAILED = "failed"  # the duplica cannot take entries (no such replica, disk full)
+
+
+@dataclass
+class DuplicaProgress:
+    """The primary's view of one duplica."""
+
+    host_id: str
+    state: PeerState = PeerState.DISCONNECTED
+    next_index: int = 1  # next entry to send
+    match_index: int = 0  # highest index the duplica has durably, matching this log
+    inflight: deque[tuple[int, int]] = field(default_factory=deque)  # (batch_id, last_index)
+    next_batch_id: int = 1
+    commit_sent: int = 0
+    last_send_ms: int = 0
+    last_heard_ms: int = 0
+    truncated_entries: int = 0
+    last_error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AckView:
+    """A duplica's answer, as the protocol needs it (decoded from the wire by the agent)."""
+
+    status: str  # "ok", "stale_epoch", "mismatch", "unknown_service", "corrupt", "storage_error"
+    epoch: int
+    batch_id: int = 0
+    durable_index: int = 0
+    last: LogPosition = LogPosition(0, 0)
+    history: EpochHistory = ()
+    truncated_entries: int = -1  # >= 0 only in the answer to a Truncate
+    message: str = ""
+
+
+class PrimaryReplication:
+    """Shipping and commit for one replica set on its primary."""
+
+    def __init__(
+        self,
+        epoch: int,
+        mode: Mode,
+        duplicas: list[str],
+        in_sync: set[str],
+        log: LogInfo,
+        limits: ShipLimits = ShipLimits(),
+        commit_index: int = 0,
+    ) -> None:
+        assert epoch > 0
+        assert in_sync <= set(duplicas), (in_sync, duplicas)
+        self.epoch = epoch
+        self.mode = mode
+        self.limits = limits
+        self.in_sync = set(in_sync)
+        self.peers: dict[str, DuplicaProgress] = {h: DuplicaProgress(h) for h in duplicas}
+        self.log = log
+        # The commit index survives a change of primary: entries up to it are on every
+        # in-sync replica already.
+        self.commit_index = min(commit_index, log.durable_index)
+        self.fenced = False
+
+    # --- configuration -------------------------------------------------------------------
+
+    def set_members(self, duplicas: list[str], in_sync: set[str]) -> list[PrimaryAction]:
+        """Applies a new duplica list and in-sync set from the coordinator (or an admin)."""
+        assert in_sync <= set(duplicas), (in_sync, duplicas)
+        for host in list(self.peers):
+            if host not in duplicas:
+                del self.peers[host]
+        for host in duplicas:
+            self.peers.setdefault(host, DuplicaProgress(host))
+        self.in_sync = set(in_sync)
+        self._advance_commit()
+        return []
+
+    # --- events --------------------------------------------------------------------------
+
+    def link_up(self, host_id: str, now_ms: int) -> list[PrimaryAction]:
+        """The stream to host_id is (re)established: find where its log ends."""
+        peer = self.peers.get(host_id)
+        if peer is None or self.fenced:
+            return []
+        peer.state = PeerState.PROBING
+        peer.inflight.clear()
+        peer.last_send_ms = now_ms
+        return [SendProbe(host_id)]
+
+    def link_down(self, host_id: str) -> None:
+        """The stream broke: nothing in flight will be answered."""
+        peer = self.peers.get(host_id)
+        if peer is not None:
+            peer.state = PeerState.DISCONNECTED
+            peer.inflight.clear()
+
+    def log_changed(self, log: LogInfo) -> list[PrimaryAction]:
+        """The local log grew (or became durable further): commit and ship."""
+        assert log.last_index >= self.log.last_index or log.first_index > self.log.first_index
+        self.log = log
+        self._advance_commit()
+        return self._pump_all()
+
+    def batch_read(self, host_id: str, batch_id: int, last_index: int) -> None:
+        """The agent read entries up to last_index for this batch and sent them."""
+        peer = self.peers.get(host_id)
+        if peer is None or not peer.inflight or peer.inflight[-1][0] != batch_id:
+            return
+        assert last_index >= peer.next_index - 1, (last_index, peer.next_index)
+        peer.inflight[-1] = (batch_id, last_index)
+        peer.next_index = last_index + 1
+
+    def ack(self, host_id: str, ack: AckView, now_ms: int) -> list[PrimaryAction]:
+        """A duplica answered a probe, batch or truncate."""
+        peer = self.peers.get(host_id)
+        if peer is None or self.fenced:
+            return []
+        peer.last_heard_ms = now_ms
+        if ack.epoch > self.epoch:
+            self.fenced = True
+            return [StepDown(ack.epoch)]
+        if ack.status == "ok":
+            return self._on_ok(peer, ack)
+        if ack.status == "mismatch":
+            return self._on_position(peer, ack)
+        if ack.status == "corrupt":
+            # Damaged in transit: resend everything after what the duplica holds.
+            peer.last_error = ack.message
+            return self._restart_stream(peer)
+        if ack.status in ("unknown_service", "storage_error"):
+            peer.state = PeerState.FAILED
+            peer.inflight.clear()
+            peer.last_error = ack.message or ack.status
+            return []
+        if ack.status == "stale_epoch":
+            # The duplica holds our epoch or higher yet refused: it has been told of a newer
+            # epoch than it reports; treat as fenced to be safe.
+            self.fenced = True
+            return [StepDown(max(ack.epoch, self.epoch + 1))]
+        raise AssertionError(f"unknown ack status {ack.status!r}")
+
+    def tick(self, now_ms: int) -> list[PrimaryAction]:
+        """Keepalives to idle duplicas (they carry the commit index and prove liveness);
+        retries for failed ones."""
+        actions: list[PrimaryAction] = []
+        if self.fenced:
+            return actions
+        for peer in self.peers.values():
+            if now_ms - peer.last_send_ms < self.limits.keepalive_ms:
+                continue
+            if peer.state == PeerState.STREAMING and not peer.inflight:
+                actions.append(self._batch(peer, 0, now_ms))
+            elif peer.state in (PeerState.FAILED, PeerState.PROBING, PeerState.TRUNCATING):
+                # Probe again: a failed duplica may have been fixed, a probe may have been lost.
+                peer.state = PeerState.PROBING
+                peer.inflight.clear()
+                peer.last_send_ms = now_ms
+                actions.append(SendProbe(peer.host_id))
+        return actions
+
+    def snapshot_installed(self, host_id: str, index: int) -> list[PrimaryAction]:
+        """The duplica now holds the state up to index (its log is empty after it)."""
+        peer = self.peers.get(host_id)
+        if peer is None:
+            return []
+        peer.match_index = max(peer.match_index, index)
+        return self._restart_stream(peer)
+
+    def snapshot_failed(self, host_id: str, message: str) -> None:
+        peer = self.peers.get(host_id)
+        if peer is not None:
+            peer.state = PeerState.FAILED
+            peer.last_error = message
+
+    # --- queries -------------------------------------------------------------------------
+
+    def lag_entries(self, host_id: str) -> int:
+        peer = self.peers[host_id]
+        return max(0, self.log.durable_index - peer.match_index)
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _on_ok(self, peer: DuplicaProgress, ack: AckView) -> list[PrimaryAction]:
+        if ack.truncated_entries >= 0:
+            # The answer to a Truncate: the duplica's log is now a prefix of ours.
+            peer.truncated_entries = ack.truncated_entries
+            peer.match_index = ack.last.index
+            return self._restart_stream(peer)
+        if peer.state != PeerState.STREAMING:
+            return []  # a late answer from before a restart of the stream
+        while peer.inflight and peer.inflight[0][0] <= ack.batch_id:
+            peer.inflight.popleft()
+        if ack.durable_index > peer.match_index:
+            assert ack.durable_index <= self.log.last_index, (ack, self.log)
+            peer.match_index = ack.durable_index
+            self._advance_commit()
+        return self._pump(peer)
+
+    def _on_position(self, peer: DuplicaProgress, ack: AckView) -> list[PrimaryAction]:
+        """A probe answer or a mismatch: find the divergence point and resume from it."""
+        matched = match_index(self.log.history, self.log.last_index, ack.history, ack.last.index)
+        peer.inflight.clear()
+        if ack.last.index > matched:
+            peer.state = PeerState.TRUNCATING
+            return [SendTruncate(peer.host_id, matched)]
+        peer.match_index = matched
+        return self._restart_stream(peer)
+
+    def _restart_stream(self, peer: DuplicaProgress) -> list[PrimaryAction]:
+        peer.inflight.clear()
+        peer.next_index = peer.match_index + 1
+        if peer.next_index < self.log.first_index:
+            peer.state = PeerState.SNAPSHOT
+            return [SendSnapshot(peer.host_id)]
+        peer.state = PeerState.STREAMING
+        peer.commit_sent = 0
+        self._advance_commit()
+        actions = self._pump(peer)
+        if not actions:
+            # Nothing to send: a keepalive tells the duplica where the log and commit are.
+            actions.append(self._batch(peer, 0, peer.last_send_ms))
+        return actions
+
+    def _pump_all(self) -> list[PrimaryAction]:
+        actions: list[PrimaryAction] = []
+        for peer in self.peers.values():
+            actions.extend(self._pump(peer))
+        return actions
+
+    def _pump(self, peer: DuplicaProgress) -> list[PrimaryAction]:
+        """Fills the duplica's window with batches of what it has not been sent."""
+        actions: list[PrimaryAction] = []
+        if peer.state != PeerState.STREAMING or self.fenced:
+            return actions
+        limits = self.limits
+        while (
+            len(peer.inflight) < limits.inflight_batches_max
+            and peer.next_index <= self.log.last_index
+        ):
+            count = min(limits.batch_entries_max, self.log.last_index - peer.next_index + 1)
+            batch = self._batch(peer, count, peer.last_send_ms)
+            actions.append(batch)
+            # Until the agent reports what it read, assume the whole count was sent.
+            peer.next_index += count
+        if (
+            not actions
+            and not peer.inflight
+            and peer.commit_sent < self.commit_index
+        ):
+            # Idle duplica behind on the commit index: tell it so it applies (hot standby).
+            actions.append(self._batch(peer, 0, peer.last_send_ms))
+        return actions
+
+    def _batch(self, peer: DuplicaProgress, count: int, now_ms: int) -> SendBatch:
+        batch_id = peer.next_batch_id
+        peer.next_batch_id += 1
+        prev_index = peer.next_index - 1
+        if count:
+            peer.inflight.append((batch_id, prev_index + count))
+        peer.commit_sent = self.commit_index
+        peer.last_send_ms = max(peer.last_send_ms, now_ms)
+        return SendBatch(
+            host_id=peer.host_id,
+            batch_id=batch_id,
+            prev=LogPosition(epoch_at(self.log.history, prev_index), prev_index),
+            first_index=prev_index + 1,
+            entries_max=count,
+            bytes_max=self.limits.batch_bytes_max,
+            commit_index=self.commit_index,
+        )
+
+    def _advance_commit(self) -> None:
+        candidate = self.log.durable_index
+        if self.mode == Mode.SYNC:
+            for host in self.in_sync:
+                candidate = min(candidate, self.peers[host].match_index)
+        # The commit index never moves back (invariant 4: applied entries stay applied).
+        self.commit_index = max(self.commit_index, candidate)
+
+
+# --- the duplica side ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Append:
+    """Append the batch's records; then answer ok with the durable index."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """Answer without appending."""
+
+    status: str  # "stale_epoch" or "mismatch"
+
+
+@dataclass(frozen=True, slots=True)
+class AdoptEpoch:
+    """Persist this epoch before anything else (a new primary has been promoted)."""
+
+    epoch: int
+
+
+DuplicaAction = Append | Refuse | AdoptEpoch
+
+
+class DuplicaReplication:
+    """Accepts or refuses shipped batches for one replica set on a duplica."""
+
+    def __init__(self, epoch: int, applied_index: int) -> None:
+        self.epoch = epoch
+        # Up to here our log is known to equal the current primary's: only that part may be
+        # applied, since a tail written under an older primary may be truncated yet.
+        self.verified_index = applied_index
+        self.commit_index = applied_index
+        self.last_heard_ms: int | None = None
+
+    def _check_epoch(self, epoch: int) -> list[DuplicaAction] | None:
+        if epoch < self.epoch:
+            return [Refuse("stale_epoch")]
+        if epoch > self.epoch:
+            self.epoch = epoch
+            # A new primary: nothing past what we applied is known to match its log.
+            self.verified_index = min(self.verified_index, self.commit_index)
+            return [AdoptEpoch(epoch)]
+        return None
+
+    def on_probe(self, epoch: int, now_ms: int) -> list[DuplicaAction]:
+        """A probe: answer with our position and history (the agent does that)."""
+        adopted = self._check_epoch(epoch)
+        if adopted and isinstance(adopted[0], Refuse):
+            return adopted
+        self.last_heard_ms = now_ms
+        return adopted or []
+
+    def on_truncate(self, epoch: int, after_index: int, now_ms: int) -> list[DuplicaAction]:
+        """The primary found our log diverges after `after_index`."""
+        adopted = self._check_epoch(epoch)
+        if adopted and isinstance(adopted[0], Refuse):
+            return adopted
+        self.last_heard_ms = now_ms
+        assert after_index >= self.commit_index, (
+            f"a primary asked to truncate committed entries: after {after_index}, "
+            f"commit {self.commit_index}"
+        )
+        self.verified_index = after_index
+        return adopted or []
+
+    def on_batch(
+        self,
+        epoch: int,
+        prev: LogPosition,
+        last_index: int,
+        commit_index: int,
+        log: LogInfo,
+        now_ms: int,
+    ) -> list[DuplicaAction]:
+        """A batch (or keepalive when last_index == prev.index) arrived."""
+        actions = self._check_epoch(epoch) or []
+        if actions and isinstance(actions[0], Refuse):
+            return actions
+        self.last_heard_ms = now_ms
+        if (
+            prev.index > log.last_index  # a gap: entries before this batch are missing
+            or prev.index < log.first_index - 1  # compacted here: cannot verify
+            or epoch_at(log.history, prev.index) != prev.epoch  # diverged at prev
+            or (last_index > prev.index and prev.index < log.last_index)  # overlap: resync
+        ):
+            return [*actions, Refuse("mismatch")]
+        # prev matches our log at prev.index: everything up to it equals the primary's.
+        self.verified_index = max(self.verified_index, prev.index)
+        if last_index > prev.index:
+            assert prev.index == log.last_index
+            self.verified_index = last_index
+            actions.append(Append())
+        self.commit_index = max(self.commit_index, commit_index)
+        return actions
+
+    def apply_limit(self, durable_index: int) -> int:
+        """How far this duplica may apply: committed, durable, and verified."""
+        return min(self.commit_index, durable_index, self.verified_index)

@@ -1,0 +1,138 @@
+"""Exactly-once requests: (client id, seq) -> the reply recorded when it was applied.
+
+The table is part of the replicated state: every replica records the same replies at the same
+indexes, so a retry after a lost reply or a failover gets the first answer. It is bounded per
+client (a window of the newest seqs) and in clients (the least recently applied is evicted);
+both evictions depend only on the applied sequence, so every replica evicts alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections import OrderedDict
+from enum import IntEnum
+from typing import NamedTuple
+
+import msgpack
+
+from failover import defaults
+
+_SEQ = struct.Struct(">Q")
+
+
+class ReplyStatus(IntEnum):
+    """How a request ended; every outcome is recorded and replayed alike on a retry."""
+
+    OK = 0
+    REJECTED = 1  # the service refused it (RequestRejected)
+    INVALID = 2  # malformed (InvalidRequest)
+
+
+class Reply(NamedTuple):
+    """A recorded reply: `data` is the msgpack result for OK, else the error message."""
+
+    status: ReplyStatus
+    data: bytes
+    index: int
+
+
+class TooOld(NamedTuple):
+    """The seq is below the client's window: whether it was applied can no longer be told."""
+
+    floor_seq: int
+
+
+def encode_request_id(client_id: str, seq: int) -> bytes:
+    """The request id as stored in a log entry: client id, NUL, 8-byte big-endian seq."""
+    raw = client_id.encode()
+    assert raw and b"\x00" not in raw and len(raw) <= defaults.CLIENT_ID_BYTES_MAX, client_id
+    assert 0 < seq < 1 << 64, seq
+    return raw + b"\x00" + _SEQ.pack(seq)
+
+
+def decode_request_id(request_id: bytes) -> tuple[str, int]:
+    """Inverse of `encode_request_id`."""
+    assert len(request_id) >= 10 and request_id[-9] == 0, request_id
+    return request_id[:-9].decode(), _SEQ.unpack(request_id[-8:])[0]
+
+
+class _Client:
+    __slots__ = ("replies", "floor_seq")
+
+    def __init__(self) -> None:
+        self.replies: dict[int, Reply] = {}
+        self.floor_seq = 0  # every seq <= floor_seq was applied and its reply dropped
+
+
+class ClientSessions:
+    """The recorded replies of every client, bounded and deterministically evicted."""
+
+    def __init__(
+        self,
+        replies_per_client_max: int = defaults.SESSION_REPLIES_PER_CLIENT_MAX,
+        clients_max: int = defaults.SESSION_CLIENTS_MAX,
+    ) -> None:
+        assert replies_per_client_max >= 1 and clients_max >= 1
+        self.replies_per_client_max = replies_per_client_max
+        self.clients_max = clients_max
+        self._clients: OrderedDict[str, _Client] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    def lookup(self, client_id: str, seq: int) -> Reply | TooOld | None:
+        """The recorded reply, `TooOld` when it fell out of the window, or None if unseen."""
+        client = self._clients.get(client_id)
+        if client is None:
+            return None
+        reply = client.replies.get(seq)
+        if reply is not None:
+            return reply
+        if seq <= client.floor_seq:
+            return TooOld(client.floor_seq)
+        return None
+
+    def record(self, client_id: str, seq: int, reply: Reply) -> None:
+        """Records the reply of a request just applied."""
+        client = self._clients.get(client_id)
+        if client is None:
+            client = self._clients[client_id] = _Client()
+        else:
+            self._clients.move_to_end(client_id)
+        assert seq not in client.replies and seq > client.floor_seq, (client_id, seq)
+        client.replies[seq] = reply
+        if len(client.replies) > self.replies_per_client_max:
+            oldest = min(client.replies)
+            del client.replies[oldest]
+            client.floor_seq = max(client.floor_seq, oldest)
+        if len(self._clients) > self.clients_max:
+            self._clients.popitem(last=False)
+
+    def to_bytes(self) -> bytes:
+        """Serialises the table (in eviction order) for snapshots."""
+        table = [
+            [cid, c.floor_seq, [[s, int(r.status), r.data, r.index] for s, r in c.replies.items()]]
+            for cid, c in self._clients.items()
+        ]
+        return msgpack.packb(table, use_bin_type=True)
+
+    @classmethod
+    def from_bytes(
+        cls,
+        data: bytes,
+        replies_per_client_max: int = defaults.SESSION_REPLIES_PER_CLIENT_MAX,
+        clients_max: int = defaults.SESSION_CLIENTS_MAX,
+    ) -> ClientSessions:
+        """Inverse of `to_bytes`."""
+        sessions = cls(replies_per_client_max, clients_max)
+        for cid, floor_seq, replies in msgpack.unpackb(data, raw=False):
+            client = _Client()
+            client.floor_seq = floor_seq
+            client.replies = {s: Reply(ReplyStatus(st), d, i) for s, st, d, i in replies}
+            sessions._clients[cid] = client
+        return sessions
+
+    def digest(self) -> bytes:
+        """A digest of the whole table, part of the replica's state digest."""
+        return hashlib.blake2b(self.to_bytes(), digest_size=32).digest()

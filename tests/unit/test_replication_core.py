@@ -1,0 +1,210 @@
+"""The shipping protocol cores, driven over in-memory logs (no I/O, deterministic)."""
+
+from __future__ import annotations
+
+import random
+
+from failover.core.log_position import LogPosition
+from failover.core.replication import (
+    AckView,
+    AdoptEpoch,
+    Append,
+    DuplicaReplication,
+    LogInfo,
+    Mode,
+    PrimaryReplication,
+    Refuse,
+    SendBatch,
+    SendProbe,
+    SendSnapshot,
+    SendTruncate,
+    ShipLimits,
+    StepDown,
+)
+
+
+class MemLog:
+    """A log as a list of entry epochs; entry i (1-based) has epochs[i - 1 - base]."""
+
+    def __init__(self, epochs: list[int] | None = None) -> None:
+        self.base = 0  # compacted up to here
+        self.base_epoch = 0
+        self.epochs: list[int] = list(epochs or [])
+
+    @property
+    def last(self) -> int:
+        return self.base + len(self.epochs)
+
+    def history(self) -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = [(self.base_epoch, self.base)] if self.base else []
+        for i, e in enumerate(self.epochs, start=self.base + 1):
+            if not out or out[-1][0] != e:
+                out.append((e, i))
+        return out
+
+    def info(self) -> LogInfo:
+        return LogInfo(self.base + 1, self.last, self.last, self.history())
+
+    def epoch_of(self, index: int) -> int:
+        return self.epochs[index - self.base - 1]
+
+
+class Cluster:
+    """One primary core, several duplica cores, messages delivered in order."""
+
+    def __init__(self, mode: Mode = Mode.SYNC, limits: ShipLimits = ShipLimits()) -> None:
+        self.plog = MemLog()
+        self.epoch = 1
+        self.dlogs: dict[str, MemLog] = {"b": MemLog(), "c": MemLog()}
+        self.dups = {h: DuplicaReplication(epoch=1, applied_index=0) for h in self.dlogs}
+        self.primary = PrimaryReplication(1, mode, ["b", "c"], {"b", "c"}, self.plog.info(), limits)
+        self.now = 0
+        self.max_inflight = 0
+        self.truncated: dict[str, int] = {}
+
+    def write(self, n: int) -> None:
+        self.plog.epochs.extend([self.epoch] * n)
+        self.run(self.primary.log_changed(self.plog.info()))
+
+    def run(self, actions: list) -> None:
+        queue = list(actions)
+        while queue:
+            action = queue.pop(0)
+            queue.extend(self.deliver(action))
+
+    def deliver(self, action) -> list:
+        p = self.primary
+        if isinstance(action, SendProbe):
+            log = self.dlogs[action.host_id]
+            d = self.dups[action.host_id]
+            out = d.on_probe(self.epoch, self.now)
+            if out and isinstance(out[0], Refuse):
+                return p.ack(action.host_id, AckView("stale_epoch", d.epoch), self.now)
+            pos = LogPosition(log.history()[-1][0] if log.last else 0, log.last)
+            return p.ack(action.host_id, AckView("mismatch", d.epoch, last=pos,
+                                                 history=log.history()), self.now)
+        if isinstance(action, SendTruncate):
+            log = self.dlogs[action.host_id]
+            dropped = log.last - action.after_index
+            del log.epochs[action.after_index - log.base:]
+            self.truncated[action.host_id] = dropped
+            self.dups[action.host_id].on_truncate(self.epoch, action.after_index, self.now)
+            pos = LogPosition(log.epoch_of(log.last) if log.last > log.base else 0, log.last)
+            return p.ack(action.host_id, AckView("ok", self.epoch, last=pos,
+                                                 truncated_entries=dropped), self.now)
+        if isinstance(action, SendBatch):
+            last = min(self.plog.last, action.first_index + action.entries_max - 1)
+            p.batch_read(action.host_id, action.batch_id, last)
+            self.max_inflight = max(self.max_inflight, len(p.peers[action.host_id].inflight))
+            log = self.dlogs[action.host_id]
+            d = self.dups[action.host_id]
+            out = d.on_batch(self.epoch, action.prev, last, action.commit_index, log.info(), self.now)
+            if any(isinstance(a, Refuse) for a in out):
+                status = next(a.status for a in out if isinstance(a, Refuse))
+                pos = LogPosition(log.epoch_of(log.last) if log.last > log.base else 0, log.last)
+                return p.ack(action.host_id, AckView(status, d.epoch, action.batch_id, log.last,
+                                                     last=pos, history=log.history()), self.now)
+            if any(isinstance(a, Append) for a in out):
+                for i in range(action.first_index, last + 1):
+                    log.epochs.append(self.plog.epoch_of(i))
+            return p.ack(action.host_id, AckView("ok", d.epoch, action.batch_id, log.last),
+                         self.now)
+        if isinstance(action, SendSnapshot):
+            log = self.dlogs[action.host_id]
+            log.epochs, log.base, log.base_epoch = [], self.plog.last, self.plog.epoch_of(self.plog.last)
+            return p.snapshot_installed(action.host_id, self.plog.last)
+        raise AssertionError(action)
+
+
+def test_streams_and_commits_on_every_in_sync_duplica() -> None:
+    c = Cluster(limits=ShipLimits(batch_entries_max=7, inflight_batches_max=3))
+    c.run(c.primary.link_up("b", 0) + c.primary.link_up("c", 0))
+    c.write(100)
+    assert c.primary.commit_index == 100
+    assert c.dlogs["b"].epochs == c.plog.epochs == c.dlogs["c"].epochs
+    assert 1 <= c.max_inflight <= 3
+    # The duplicas learn the commit index and may apply up to it.
+    assert c.dups["b"].apply_limit(c.dlogs["b"].last) == 100
+
+
+def test_sync_commit_waits_for_a_silent_in_sync_duplica() -> None:
+    c = Cluster()
+    c.run(c.primary.link_up("b", 0))  # c's stream never comes up
+    c.write(10)
+    assert c.primary.commit_index == 0
+    c.run(c.primary.set_members(["b", "c"], {"b"}))  # the coordinator drops c from in-sync
+    assert c.primary.commit_index == 10
+
+
+def test_async_commit_needs_only_the_primary() -> None:
+    c = Cluster(mode=Mode.ASYNC)
+    c.write(5)
+    assert c.primary.commit_index == 5
+
+
+def test_diverged_duplica_truncates_and_reports_the_count() -> None:
+    c = Cluster()
+    c.plog.epochs = [1, 1, 1, 3, 3]
+    c.epoch = 3
+    c.dlogs["b"].epochs = [1, 1, 1, 2, 2, 2]  # written by the fenced epoch-2 primary
+    c.dups["b"] = DuplicaReplication(epoch=2, applied_index=3)
+    c.dups["b"].commit_index = 3
+    c.primary = PrimaryReplication(3, Mode.SYNC, ["b"], {"b"}, c.plog.info(), commit_index=3)
+    c.run(c.primary.link_up("b", 0))
+    assert c.truncated["b"] == 3
+    assert c.dlogs["b"].epochs == [1, 1, 1, 3, 3]
+    assert c.primary.commit_index == 5
+
+
+def test_stale_epoch_batch_is_refused_and_fences_the_sender() -> None:
+    d = DuplicaReplication(epoch=5, applied_index=0)
+    out = d.on_batch(4, LogPosition(0, 0), 3, 0, MemLog().info(), 0)
+    assert out == [Refuse("stale_epoch")]
+    p = PrimaryReplication(4, Mode.SYNC, ["b"], {"b"}, MemLog().info())
+    assert p.ack("b", AckView("stale_epoch", 5), 0) == [StepDown(5)]
+    assert p.fenced
+
+
+def test_higher_epoch_is_adopted_before_anything_else() -> None:
+    d = DuplicaReplication(epoch=1, applied_index=0)
+    out = d.on_batch(2, LogPosition(0, 0), 2, 0, MemLog().info(), 0)
+    assert out == [AdoptEpoch(2), Append()]
+
+
+def test_unverified_tail_is_not_applied_after_a_new_epoch() -> None:
+    log = MemLog([1, 1, 1, 1])
+    d = DuplicaReplication(epoch=1, applied_index=0)
+    d.on_batch(1, LogPosition(0, 0), 4, 2, MemLog().info(), 0)
+    assert d.apply_limit(log.last) == 2
+    d.on_probe(2, 1)  # a new primary: entries 3..4 may be truncated by it
+    d.commit_index = 4
+    assert d.apply_limit(log.last) == 2
+
+
+def test_compacted_log_sends_a_snapshot_then_streams() -> None:
+    c = Cluster()
+    c.plog.epochs = [1] * 50
+    c.plog.epochs, c.plog.base, c.plog.base_epoch = [1] * 10, 40, 1  # compacted to 40
+    c.primary = PrimaryReplication(1, Mode.SYNC, ["b"], {"b"}, c.plog.info())
+    actions = c.primary.link_up("b", 0)
+    first = c.deliver(actions[0])
+    assert isinstance(first[0], SendSnapshot)
+    c.run(first)
+    c.write(5)
+    assert c.dlogs["b"].last == 55 and c.primary.commit_index == 55
+
+
+def test_random_interleavings_converge() -> None:
+    for seed in range(50):
+        rnd = random.Random(seed)
+        c = Cluster(limits=ShipLimits(batch_entries_max=rnd.randint(1, 9),
+                                      inflight_batches_max=rnd.randint(1, 4)))
+        c.run(c.primary.link_up("b", 0) + c.primary.link_up("c", 0))
+        for _ in range(20):
+            c.write(rnd.randint(0, 15))
+            if rnd.random() < 0.3:
+                host = rnd.choice(["b", "c"])
+                c.primary.link_down(host)
+                c.run(c.primary.link_up(host, 0))
+        assert c.dlogs["b"].epochs == c.plog.epochs == c.dlogs["c"].epochs, seed
+        assert c.primary.commit_index == c.plog.last, seed
