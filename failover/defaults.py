@@ -46,3 +46,11 @@ LOG_RETAIN_ENTRIES = 10_000  # entries kept behind a snapshot so lagging duplica
 SESSION_REPLIES_PER_CLIENT_MAX = 256  # recorded replies kept per client id (its retry window)
 SESSION_CLIENTS_MAX = 10_000  # client ids remembered; the least recently applied is evicted
 CLIENT_ID_BYTES_MAX = 128
+
+# Agent request handling.
+PENDING_REQUESTS_MAX = 16_384  # writes logged or waiting to be, per replica; more are refused
+APPLY_CHUNK_ENTRIES = 2048  # entries applied before yielding the event loop
+LINK_BACKOFF_MIN_MS = 20
+LINK_BACKOFF_MAX_MS = 1000
+CLIENT_BACKOFF_MIN_MS = 5
+CLIENT_BACKOFF_MAX_MS = 250

@@ -439,10 +439,10 @@ class DuplicaReplication:
         if adopted and isinstance(adopted[0], Refuse):
             return adopted
         self.last_heard_ms = now_ms
-        assert after_index >= self.commit_index, (
-            f"a primary asked to truncate committed entries: after {after_index}, "
-            f"commit {self.commit_index}"
-        )
+        # In sync mode this never cuts below the commit index (the new primary was in sync);
+        # in async mode it may: those are the acknowledged writes async mode can lose, and
+        # the agent counts and reports them (invariant 7).
+        self.commit_index = min(self.commit_index, after_index)
         self.verified_index = after_index
         return adopted or []
 

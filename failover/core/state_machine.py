@@ -67,6 +67,13 @@ class ReplicatedStateMachine:
         self.sessions.record(client_id, seq, reply)
         return reply
 
+    def apply_barrier(self, epoch: int, index: int) -> Reply:
+        """Applies the empty entry a new primary writes first in its epoch (no kind call)."""
+        assert index == self.applied_index + 1, (index, self.applied_index)
+        assert epoch >= self.applied_epoch, (epoch, self.applied_epoch)
+        self.applied_index, self.applied_epoch = index, epoch
+        return Reply(ReplyStatus.OK, encode_result({}), index)
+
     def _execute(self, payload: bytes, index: int) -> Reply:
         try:
             result = self.kind.apply(decode_request(payload))

@@ -1,0 +1,51 @@
+"""Runs the agent: recover replicas, serve gRPC, stop cleanly on SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from failover.agent.config import AgentConfig
+from failover.agent.host import Agent
+from failover.net import agent_servicers, channels
+
+log = logging.getLogger("failover.agent")
+
+
+async def serve(config: AgentConfig) -> None:
+    """Serves until SIGTERM/SIGINT; replicas are recovered before the port opens."""
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    agent = Agent(config)
+    await agent.start()
+    server = channels.server()
+    agent_servicers.add_to_server(server, agent)
+    try:
+        port = server.add_insecure_port(str(config.listen))
+    except RuntimeError as exc:
+        raise SystemExit(f"failover-agent: cannot listen on {config.listen}: {exc}") from None
+    if port == 0:
+        raise SystemExit(f"failover-agent: cannot listen on {config.listen} (in use?)")
+    await server.start()
+    log.info("agent %s serving on %s (data dir %s, pid %d)", config.host_id, config.listen,
+             config.data_dir, os.getpid())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("agent %s stopping", config.host_id)
+    await server.stop(grace=1.0)
+    await agent.stop()
+
+
+def run(config: AgentConfig) -> None:
+    """Blocking entry point used by `failover-agent`."""
+    logging.basicConfig(
+        level=os.environ.get("FAILOVER_LOG_LEVEL", "INFO").upper(),
+        format=f"%(asctime)s {config.host_id} %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    asyncio.run(serve(config))

@@ -1,0 +1,381 @@
+"""The agent of one host: its replicas, its links to peer hosts, and the control calls."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from failover import __version__
+from failover.agent.config import AgentConfig
+from failover.agent.links import PeerLink
+from failover.agent.replica import (
+    DUPLICA,
+    PRIMARY,
+    ROLES,
+    Replica,
+    ReplicaMeta,
+    monotonic_ms,
+)
+from failover.core.log_position import LogPosition
+from failover.core.replication import AckView, Mode, SendBatch
+from failover.errors import InvalidRequest, NotPrimaryError, StaleEpochError
+from failover.storage.snapshot import SnapshotHeader, iter_compressed_chunks, read_header
+from failover.v1 import common_pb2, replication_pb2, replication_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+_STATUS = {
+    "ok": replication_pb2.ACK_STATUS_OK,
+    "stale_epoch": replication_pb2.ACK_STATUS_STALE_EPOCH,
+    "mismatch": replication_pb2.ACK_STATUS_MISMATCH,
+    "unknown_service": replication_pb2.ACK_STATUS_UNKNOWN_SERVICE,
+    "corrupt": replication_pb2.ACK_STATUS_CORRUPT,
+    "storage_error": replication_pb2.ACK_STATUS_STORAGE_ERROR,
+}
+_STATUS_NAME = {v: k for k, v in _STATUS.items()}
+
+
+def check_service_name(name: str) -> None:
+    """Service names become directory names: keep them to a safe alphabet."""
+    if not SERVICE_NAME_RE.match(name):
+        raise InvalidRequest(
+            f"service name {name!r}: use 1-128 letters, digits, '_', '.', '-' (first a letter "
+            "or digit)")
+
+
+class Agent:
+    """Hosts replicas; the gRPC servicers in `failover.agent.servicers` call into this."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.host_id = config.host_id
+        self.started_at = time.time()
+        self.version = __version__
+        self.io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="agent-io")
+        self.replicas: dict[str, Replica] = {}
+        self.links: dict[str, PeerLink] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tick_task: asyncio.Task[None] | None = None
+        self._replicas_dir = Path(config.data_dir) / "replicas"
+        # Control calls that change one replica's role or data run one at a time.
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Recovers every replica from its data dir before serving."""
+        self._replicas_dir.mkdir(parents=True, exist_ok=True)
+        for root in sorted(p for p in self._replicas_dir.iterdir() if p.is_dir()):
+            meta = Replica.load_meta(root)
+            replica = Replica(self, root, meta)
+            replica.open()
+            self.replicas[meta.service] = replica
+            log.info("recovered %s (%s) as %s at epoch %d: log %d..%d, applied %d",
+                     meta.service, meta.kind, meta.role, meta.epoch, replica.wal.first_index,
+                     replica.wal.last_index, replica.sm.applied_index)
+        self._tick_task = asyncio.get_running_loop().create_task(self._tick_loop())
+
+    async def stop(self) -> None:
+        if self._tick_task is not None:
+            self._tick_task.cancel()
+        for link in self.links.values():
+            await link.stop()
+        for replica in self.replicas.values():
+            await replica.close()
+        for task in list(self._tasks):
+            task.cancel()
+        self.io.shutdown(wait=True, cancel_futures=True)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Runs a background task that is tracked, and whose failure is logged."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("background task failed", exc_info=t.exception())
+
+        task.add_done_callback(done)
+        return task
+
+    async def _tick_loop(self) -> None:
+        period_s = self.config.heartbeat_ms / 4000
+        while True:
+            await asyncio.sleep(period_s)
+            now = monotonic_ms()
+            for replica in list(self.replicas.values()):
+                try:
+                    replica.tick(now)
+                except Exception:
+                    log.exception("%s: tick failed", replica.service)
+
+    # --- links ---------------------------------------------------------------------------
+
+    def ensure_links(self, peers: dict[str, str]) -> None:
+        """Starts a link to each peer host that ships are sent to (one per host)."""
+        for host_id, address in peers.items():
+            link = self.links.get(host_id)
+            if link is not None and link.address != address:
+                self.spawn(link.stop())
+                link = None
+            if link is None:
+                link = PeerLink(self, host_id, address)
+                self.links[host_id] = link
+                link.start()
+
+    def link_is_up(self, host_id: str) -> bool:
+        link = self.links.get(host_id)
+        return link is not None and link.up
+
+    def on_link_up(self, host_id: str) -> None:
+        for replica in list(self.replicas.values()):
+            replica.on_link_up(host_id)
+
+    def on_link_down(self, host_id: str) -> None:
+        for replica in list(self.replicas.values()):
+            replica.on_link_down(host_id)
+
+    def on_acks(self, host_id: str, reply: replication_pb2.ShipReply) -> None:
+        for ack in reply.acks:
+            replica = self.replicas.get(ack.service)
+            if replica is None:
+                continue
+            view = AckView(
+                status=_STATUS_NAME.get(ack.status, "corrupt"),
+                epoch=ack.epoch,
+                batch_id=ack.batch_id,
+                durable_index=ack.durable_index,
+                last=LogPosition(ack.last.epoch, ack.last.index),
+                history=tuple((h.epoch, h.first_index) for h in ack.epoch_history),
+                truncated_entries=ack.truncated_entries - 1,
+                message=ack.message,
+            )
+            replica.on_ack(host_id, view)
+
+    def ship_probe(self, host_id: str, service: str, epoch: int) -> None:
+        self._link(host_id).send_probe(replication_pb2.Probe(service=service, epoch=epoch))
+
+    def ship_truncate(self, host_id: str, service: str, epoch: int, after_index: int) -> None:
+        self._link(host_id).send_truncate(
+            replication_pb2.Truncate(service=service, epoch=epoch, after_index=after_index))
+
+    def ship_batch(self, host_id: str, service: str, epoch: int, action: SendBatch,
+                   records: bytes, last_index: int) -> None:
+        self._link(host_id).send_batch(replication_pb2.ShipBatch(
+            service=service, epoch=epoch, batch_id=action.batch_id,
+            prev=common_pb2.LogPosition(epoch=action.prev.epoch, index=action.prev.index),
+            first_index=action.first_index, last_index=last_index, records=records,
+            commit_index=action.commit_index,
+        ))
+
+    def _link(self, host_id: str) -> PeerLink:
+        link = self.links.get(host_id)
+        assert link is not None, f"no link to {host_id}"
+        return link
+
+    # --- receiving shipped logs ----------------------------------------------------------
+
+    async def receive(self, message: replication_pb2.ShipMessage) -> replication_pb2.ShipReply:
+        """Handles one message of a Ship stream; answers every item in it."""
+        acks: list[replication_pb2.ReplicaAck] = []
+        for probe in message.probes:
+            acks.append(await self._receive_one(probe.service, "probe", probe))
+        for truncate in message.truncates:
+            acks.append(await self._receive_one(truncate.service, "truncate", truncate))
+        for batch in message.batches:
+            acks.append(await self._receive_one(batch.service, "batch", batch))
+        return replication_pb2.ShipReply(acks=acks)
+
+    async def _receive_one(self, service: str, what: str, item: Any) -> replication_pb2.ReplicaAck:
+        replica = self.replicas.get(service)
+        if replica is None or replica.role not in (DUPLICA, PRIMARY, "building"):
+            return replication_pb2.ReplicaAck(
+                service=service, status=replication_pb2.ACK_STATUS_UNKNOWN_SERVICE,
+                batch_id=getattr(item, "batch_id", 0),
+                message=f"host {self.host_id} holds no replica of {service!r}")
+        if what == "probe":
+            ack = await replica.receive_probe(item.epoch)
+        elif what == "truncate":
+            ack = await replica.receive_truncate(item.epoch, item.after_index)
+        else:
+            ack = await replica.receive_batch(
+                item.epoch, item.batch_id, LogPosition(item.prev.epoch, item.prev.index),
+                item.first_index, item.last_index, item.records, item.commit_index)
+        return _ack_to_proto(ack)
+
+    # --- snapshots -----------------------------------------------------------------------
+
+    async def install_snapshot(self, host_id: str, service: str, epoch: int,
+                               path: Path) -> tuple[SnapshotHeader, int]:
+        """Streams a snapshot file's lz4 frames to a peer host's replica."""
+        header = read_header(path)
+        link = self._link(host_id)
+
+        async def chunks() -> AsyncIterator[replication_pb2.SnapshotChunk]:
+            first = True
+            for frame in iter_compressed_chunks(path):
+                chunk = replication_pb2.SnapshotChunk(service=service, epoch=epoch, data=frame)
+                if first:
+                    chunk.header.CopyFrom(_header_to_proto(header))
+                    first = False
+                yield chunk
+            last = replication_pb2.SnapshotChunk(service=service, epoch=epoch, last=True)
+            if first:
+                last.header.CopyFrom(_header_to_proto(header))
+            yield last
+
+        stub = replication_pb2_grpc.ReplicationStub(link.channel())
+        reply = await stub.InstallSnapshot(chunks(), timeout=600)
+        if reply.digest != header.digest:
+            raise RuntimeError(f"{host_id} installed a snapshot with a different digest")
+        return header, reply.applied_index
+
+    async def receive_snapshot(
+        self, chunks: AsyncIterator[replication_pb2.SnapshotChunk]
+    ) -> replication_pb2.SnapshotInstalled:
+        """Receives a snapshot for one of our replicas (as a whole, then installs it)."""
+        header_pb: replication_pb2.SnapshotHeader | None = None
+        service, epoch = "", 0
+        frames: list[bytes] = []
+        received = 0
+        async for chunk in chunks:
+            if header_pb is None:
+                if not chunk.HasField("header"):
+                    raise InvalidRequest("the first snapshot chunk must carry the header")
+                header_pb, service, epoch = chunk.header, chunk.service, chunk.epoch
+            if chunk.data:
+                frames.append(chunk.data)
+                received += len(chunk.data)
+        if header_pb is None:
+            raise InvalidRequest("empty snapshot stream")
+        replica = self.replicas.get(service)
+        if replica is None:
+            raise InvalidRequest(f"host {self.host_id} holds no replica of {service!r}")
+        if epoch < replica.epoch:
+            raise StaleEpochError(f"{service}: snapshot from epoch {epoch} < {replica.epoch}")
+        header = SnapshotHeader(
+            kind=header_pb.kind, kind_version=header_pb.kind_version,
+            applied_index=header_pb.applied_index, epoch=header_pb.epoch,
+            digest=header_pb.digest, raw_bytes=header_pb.raw_bytes,
+            extra={"history": [[h.epoch, h.first_index] for h in header_pb.epoch_history]},
+        )
+        async with self.lock(service):
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self.io, replica.install_snapshot, header, frames)
+        log.info("%s: installed a snapshot at index %d (%d bytes)", service,
+                 header.applied_index, received)
+        return replication_pb2.SnapshotInstalled(
+            service=service, applied_index=header.applied_index, digest=replica.sm.digest(),
+            bytes_received=received)
+
+    # --- control -------------------------------------------------------------------------
+
+    def lock(self, service: str) -> asyncio.Lock:
+        return self._locks.setdefault(service, asyncio.Lock())
+
+    async def assign_role(self, service: str, kind: str, role: str, epoch: int, mode: str,
+                          primary: tuple[str, str] | None, duplicas: dict[str, str],
+                          in_sync: set[str]) -> Replica:
+        """Creates the replica if missing, then sets its role, epoch and peers."""
+        check_service_name(service)
+        if role not in ROLES:
+            raise InvalidRequest(f"role {role!r}: choose one of {', '.join(ROLES)}")
+        if epoch < 1:
+            raise InvalidRequest("epoch must be >= 1")
+        if mode not in (m.value for m in Mode):
+            raise InvalidRequest(f"mode {mode!r}: choose sync or async")
+        if self.host_id in duplicas:
+            raise InvalidRequest(f"{service}: this host ({self.host_id}) cannot be its own duplica")
+        unknown = set(in_sync) - set(duplicas)
+        if unknown:
+            raise InvalidRequest(f"{service}: in-sync hosts {sorted(unknown)} are not duplicas")
+        async with self.lock(service):
+            replica = self.replicas.get(service)
+            if replica is None:
+                if not kind:
+                    raise InvalidRequest(f"{service}: kind is required to create a replica")
+                meta = ReplicaMeta(service, kind, role, epoch, mode)
+                loop = asyncio.get_running_loop()
+                root = self._replicas_dir / service
+                replica = await loop.run_in_executor(self.io, Replica.create, self, root, meta)
+                replica.open()
+                self.replicas[service] = replica
+            elif kind and kind != replica.meta.kind:
+                raise InvalidRequest(f"{service} is a {replica.meta.kind!r} replica here, "
+                                     f"not {kind!r}")
+            replica.assign(role, epoch, mode, primary, duplicas, in_sync)
+            return replica
+
+    async def step_down(self, service: str, epoch: int) -> Replica:
+        replica = self.replica(service)
+        async with self.lock(service):
+            if epoch < replica.epoch:
+                raise StaleEpochError(f"{service}: step-down at epoch {epoch} is older than "
+                                      f"{replica.epoch}")
+            replica.step_down(epoch)
+            return replica
+
+    async def drop_replica(self, service: str, epoch: int, delete_data: bool) -> None:
+        replica = self.replica(service)
+        async with self.lock(service):
+            if epoch < replica.epoch:
+                raise StaleEpochError(f"{service}: drop at epoch {epoch} is older than "
+                                      f"{replica.epoch}")
+            del self.replicas[service]
+            if delete_data:
+                await replica.destroy()
+            else:
+                await replica.close()
+
+    async def compact(self, service: str, retain_entries: int) -> tuple[int, int]:
+        replica = self.replica(service)
+        async with self.lock(service):
+            path = await replica.take_snapshot()
+            first = replica.compact(retain_entries)
+            return read_header(path).applied_index, first
+
+    def replica(self, service: str) -> Replica:
+        replica = self.replicas.get(service)
+        if replica is None:
+            raise KeyError(service)
+        return replica
+
+    def data_replica(self, service: str) -> Replica:
+        """The replica a client addressed; a missing one is reported like a non-primary."""
+        replica = self.replicas.get(service)
+        if replica is None:
+            raise NotPrimaryError(service)
+        return replica
+
+
+def _ack_to_proto(ack: dict[str, Any]) -> replication_pb2.ReplicaAck:
+    last: LogPosition = ack["last"]
+    return replication_pb2.ReplicaAck(
+        service=ack["service"], epoch=ack["epoch"], status=_STATUS[ack["status"]],
+        batch_id=ack["batch_id"], durable_index=ack["durable_index"],
+        applied_index=ack["applied_index"],
+        last=common_pb2.LogPosition(epoch=last.epoch, index=last.index),
+        epoch_history=[common_pb2.EpochStart(epoch=e, first_index=i) for e, i in ack["history"]],
+        # 0 on the wire means "not a truncate answer"; the count travels as count + 1.
+        truncated_entries=ack["truncated"] + 1,
+        first_index=ack["first_index"], message=ack["message"],
+    )
+
+
+def _header_to_proto(header: SnapshotHeader) -> replication_pb2.SnapshotHeader:
+    history = header.extra.get("history", []) if header.extra else []
+    return replication_pb2.SnapshotHeader(
+        kind=header.kind, kind_version=header.kind_version, applied_index=header.applied_index,
+        epoch=header.epoch, digest=header.digest, raw_bytes=header.raw_bytes,
+        epoch_history=[common_pb2.EpochStart(epoch=e, first_index=i) for e, i in history],
+    )
+

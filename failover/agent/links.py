@@ -1,0 +1,162 @@
+"""One long-lived Ship stream from this host to a peer host, shared by every replica set the
+two hosts share (design.md, Replication).
+
+Whatever the replicas queued while the last message was being written goes out as one
+message, so a busy host sends few large messages rather than many small ones. The per
+replica-set bounds (batch entries, bytes, in-flight batches) are kept by the protocol core;
+the link adds a bound on the bytes queued in total.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from typing import TYPE_CHECKING
+
+import grpc
+import grpc.aio
+
+from failover import defaults
+from failover.net import channels
+from failover.v1 import replication_pb2, replication_pb2_grpc
+
+if TYPE_CHECKING:
+    from failover.agent.host import Agent
+
+log = logging.getLogger(__name__)
+
+# All replica sets' windows together; beyond this the peer is not keeping up at all, and the
+# link is restarted (everything is re-probed) rather than growing without bound.
+OUTBOX_BYTES_MAX = 256 << 20
+
+
+class PeerLink:
+    """The sending side of the Ship stream to one peer host."""
+
+    def __init__(self, agent: Agent, host_id: str, address: str) -> None:
+        self.agent = agent
+        self.host_id = host_id
+        self.address = address
+        self.up = False
+        self._channel: grpc.aio.Channel | None = None
+        self._batches: list[replication_pb2.ShipBatch] = []
+        self._probes: list[replication_pb2.Probe] = []
+        self._truncates: list[replication_pb2.Truncate] = []
+        self._outbox_bytes = 0
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"link-{self.host_id}")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self._channel is not None:
+            await self._channel.close()
+
+    def channel(self) -> grpc.aio.Channel:
+        """The channel to the peer (also used for snapshot installs)."""
+        if self._channel is None:
+            self._channel = channels.insecure_channel(self.address)
+        return self._channel
+
+    # --- queueing ------------------------------------------------------------------------
+
+    def send_probe(self, probe: replication_pb2.Probe) -> None:
+        if self.up:
+            self._probes.append(probe)
+            self._wakeup.set()
+
+    def send_truncate(self, truncate: replication_pb2.Truncate) -> None:
+        if self.up:
+            self._truncates.append(truncate)
+            self._wakeup.set()
+
+    def send_batch(self, batch: replication_pb2.ShipBatch) -> None:
+        # While down, nothing is queued: link_up re-probes every replica set anyway.
+        if not self.up:
+            return
+        self._batches.append(batch)
+        self._outbox_bytes += len(batch.records)
+        self._wakeup.set()
+
+    # --- the stream ----------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        backoff_ms = defaults.LINK_BACKOFF_MIN_MS
+        while not self._stopping:
+            try:
+                await self._session()
+                backoff_ms = defaults.LINK_BACKOFF_MIN_MS
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                log.info("link to %s (%s) broke: %s", self.host_id, self.address,
+                         exc.details() or exc.code().name)
+            except Exception:
+                log.exception("link to %s failed", self.host_id)
+            finally:
+                if self.up:
+                    self.up = False
+                    self._clear()
+                    self.agent.on_link_down(self.host_id)
+            # Jitter keeps many links from reconnecting in lockstep after a peer restarts.
+            await asyncio.sleep(backoff_ms * random.uniform(0.5, 1.0) / 1000)
+            backoff_ms = min(backoff_ms * 2, defaults.LINK_BACKOFF_MAX_MS)
+
+    async def _session(self) -> None:
+        stub = replication_pb2_grpc.ReplicationStub(self.channel())
+        call = stub.Ship()
+        # A hello that the peer answers proves the stream is open both ways.
+        await call.write(replication_pb2.ShipMessage(source_host_id=self.agent.host_id))
+        hello = await asyncio.wait_for(call.read(), timeout=5)
+        if hello is grpc.aio.EOF:
+            raise ConnectionError(f"{self.host_id} closed the stream")
+        self._clear()
+        self.up = True
+        log.info("link to %s (%s) up", self.host_id, self.address)
+        self.agent.on_link_up(self.host_id)
+        reader = asyncio.ensure_future(self._read(call))
+        writer = asyncio.ensure_future(self._write(call))
+        try:
+            done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+        finally:
+            reader.cancel()
+            writer.cancel()
+            call.cancel()
+
+    async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
+        while True:
+            reply = await call.read()
+            if reply is grpc.aio.EOF:
+                raise ConnectionError(f"{self.host_id} ended the stream")
+            self.agent.on_acks(self.host_id, reply)
+
+    async def _write(self, call: grpc.aio.StreamStreamCall) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            if self._outbox_bytes > OUTBOX_BYTES_MAX:
+                raise ConnectionError(
+                    f"{self._outbox_bytes} bytes queued for {self.host_id}: restarting the link")
+            if not (self._batches or self._probes or self._truncates):
+                continue
+            message = replication_pb2.ShipMessage(
+                source_host_id=self.agent.host_id, batches=self._batches,
+                probes=self._probes, truncates=self._truncates)
+            self._clear()
+            await call.write(message)
+
+    def _clear(self) -> None:
+        self._batches, self._probes, self._truncates = [], [], []
+        self._outbox_bytes = 0

@@ -1,0 +1,716 @@
+"""One replica of a service on this host: its log, state, snapshots and role.
+
+The replica drives the pure protocol cores (`failover.core.replication`) and does their I/O:
+log appends run on the agent's I/O threads (the write-ahead log's group commit overlaps
+their fsyncs), shipping goes through the agent's links, and committed entries are applied
+here in index order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from failover import defaults, kinds
+from failover.core.log_position import LogPosition
+from failover.core.replication import (
+    AckView,
+    AdoptEpoch,
+    Append,
+    DuplicaReplication,
+    LogInfo,
+    Mode,
+    PrimaryAction,
+    PrimaryReplication,
+    Refuse,
+    SendBatch,
+    SendProbe,
+    SendSnapshot,
+    SendTruncate,
+    ShipLimits,
+    StepDown,
+)
+from failover.core.sessions import Reply, TooOld, encode_request_id
+from failover.core.state_machine import ReplicatedStateMachine, decode_request
+from failover.errors import (
+    DiskFullError,
+    InvalidRequest,
+    LogCorruptError,
+    NotPrimaryError,
+    StaleEpochError,
+    StorageError,
+    Unavailable,
+)
+from failover.storage.atomic import write_atomic
+from failover.storage.snapshot import SnapshotHeader, SnapshotStore, load_snapshot, read_header
+from failover.storage.wal import Entry, WriteAheadLog, decode_records
+
+if TYPE_CHECKING:
+    from failover.agent.host import Agent
+
+log = logging.getLogger(__name__)
+
+PRIMARY, DUPLICA, BUILDING, RETIRED = "primary", "duplica", "building", "retired"
+ROLES = (PRIMARY, DUPLICA, BUILDING, RETIRED)
+
+_META = "replica.meta"
+
+
+def monotonic_ms() -> int:
+    return time.monotonic_ns() // 1_000_000
+
+
+@dataclass
+class ReplicaMeta:
+    """What must survive a restart besides the log and snapshots; written atomically."""
+
+    service: str
+    kind: str
+    role: str
+    epoch: int
+    mode: str = Mode.SYNC.value
+    primary_host_id: str = ""
+    primary_address: str = ""
+    # A primary's membership survives its restart: in sync mode it must not come back
+    # committing alone.
+    duplicas: dict[str, str] = field(default_factory=dict)
+    in_sync: list[str] = field(default_factory=list)
+
+    def to_bytes(self) -> bytes:
+        return msgpack.packb(self.__dict__, use_bin_type=True)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ReplicaMeta:
+        return cls(**msgpack.unpackb(data, raw=False))
+
+
+class Replica:
+    """A replica of one service on this host."""
+
+    def __init__(self, agent: Agent, root: Path, meta: ReplicaMeta) -> None:
+        assert meta.role in ROLES, meta.role
+        self.agent = agent
+        self.root = root
+        self.meta = meta
+        self.service = meta.service
+        self.kind_cls = kinds.load_kind(meta.kind)
+        self.sm = ReplicatedStateMachine(self.kind_cls())
+        self.snapshots = SnapshotStore(root / "snapshots")
+        self.wal: WriteAheadLog = None  # type: ignore[assignment]  # set by open()
+        self.primary: PrimaryReplication | None = None
+        self.duplica: DuplicaReplication | None = None
+        self.duplica_addresses: dict[str, str] = dict(meta.duplicas)
+        # Entries logged (or being logged) but not applied, oldest first.
+        self._unapplied: deque[Entry] = deque()
+        self._to_log: list[Entry] = []
+        self._next_index = 1
+        self._waiters: dict[int, asyncio.Future[Reply]] = {}
+        self._pending_ids: dict[bytes, asyncio.Future[Reply]] = {}
+        self._log_wakeup = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._snapshot_task: asyncio.Task[None] | None = None
+        self._applier: asyncio.Task[None] | None = None
+        self._last_snapshot_index = 0
+        self.truncated_entries = 0
+        self.last_error = ""
+        self.closed = False
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, agent: Agent, root: Path, meta: ReplicaMeta) -> Replica:
+        """Makes a new, empty replica on disk (meta first, so a crash leaves a known kind)."""
+        kinds.load_kind(meta.kind)  # refuse an unknown kind before touching the disk
+        root.mkdir(parents=True, exist_ok=True)
+        write_atomic(root / _META, meta.to_bytes())
+        return cls(agent, root, meta)
+
+    @classmethod
+    def load_meta(cls, root: Path) -> ReplicaMeta:
+        return ReplicaMeta.from_bytes((root / _META).read_bytes())
+
+    def open(self) -> None:
+        """Recovers from disk: newest good snapshot, then the log (replay happens as the
+        commit index becomes known; up to the snapshot is known committed)."""
+        policy = self.agent.config.fsync_policy
+        self.wal = WriteAheadLog.open(self.root / "wal", fsync_policy=policy)
+        report = self.wal.open_report
+        if report.torn_bytes_dropped:
+            log.warning("%s: dropped a torn log tail of %d bytes in %s", self.service,
+                        report.torn_bytes_dropped, report.torn_segment)
+        path = self.snapshots.latest()
+        if path is not None:
+            fresh = ReplicatedStateMachine(self.kind_cls())
+            header = load_snapshot(path, _KindView(fresh))
+            self.sm = fresh
+            self._last_snapshot_index = header.applied_index
+        self._next_index = self.wal.last_index + 1
+        # Entries after the snapshot are applied once the commit index covers them: as primary
+        # from the duplicas' acks, as duplica from the primary's batches.
+        self._ensure_writer()
+        self._become(self.meta.role, self.meta.epoch, self.meta.in_sync)
+        if self.role == PRIMARY:
+            self.agent.ensure_links(self.duplica_addresses)
+
+    async def close(self) -> None:
+        self.closed = True
+        self._fail_waiters(Unavailable(f"replica {self.service!r} is shutting down"))
+        for task in (self._writer, self._snapshot_task, self._applier):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if self.wal is not None:
+            self.wal.close()
+
+    async def destroy(self) -> None:
+        """Closes and deletes this replica's data."""
+        await self.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    # --- role ----------------------------------------------------------------------------
+
+    @property
+    def role(self) -> str:
+        return self.meta.role
+
+    @property
+    def epoch(self) -> int:
+        return self.meta.epoch
+
+    def _persist_meta(self, **changes: Any) -> None:
+        for key, value in changes.items():
+            setattr(self.meta, key, value)
+        write_atomic(self.root / _META, self.meta.to_bytes())
+
+    def assign(
+        self,
+        role: str,
+        epoch: int,
+        mode: str,
+        primary: tuple[str, str] | None,
+        duplicas: dict[str, str],
+        in_sync: set[str],
+    ) -> None:
+        """Sets role, epoch and peers (idempotent). The epoch is persisted before any use."""
+        if epoch < self.epoch:
+            raise StaleEpochError(
+                f"{self.service}: assignment at epoch {epoch} is older than this replica's "
+                f"epoch {self.epoch}; ask the coordinator for the current assignment"
+            )
+        changed = role != self.role or epoch != self.epoch
+        self._persist_meta(
+            role=role, epoch=epoch, mode=mode,
+            primary_host_id=primary[0] if primary else "",
+            primary_address=primary[1] if primary else "",
+            duplicas=dict(duplicas), in_sync=sorted(in_sync),
+        )
+        self.duplica_addresses = dict(duplicas)
+        if changed or (role == PRIMARY and self.primary is None):
+            self._become(role, epoch, in_sync)
+        elif role == PRIMARY and self.primary is not None:
+            self._run(self.primary.set_members(sorted(duplicas), set(in_sync)))
+            self._run(self._link_ups())
+        if role == PRIMARY:
+            self.agent.ensure_links(duplicas)
+
+    def _become(self, role: str, epoch: int, in_sync: Iterable[str] = ()) -> None:
+        previous = self.primary
+        if role == PRIMARY:
+            commit = self.sm.applied_index
+            if self.duplica is not None:
+                commit = max(commit, self.duplica.apply_limit(self.wal.durable_index))
+            self.duplica = None
+            self.primary = PrimaryReplication(
+                epoch, Mode(self.meta.mode), sorted(self.duplica_addresses),
+                set(in_sync) & set(self.duplica_addresses), self._log_info(),
+                self._limits(), commit_index=commit,
+            )
+            if self.wal.last_epoch < epoch and not self._to_log:
+                # An empty entry opens the new epoch in the log: it marks the epoch's first
+                # index in the history and commits the entries inherited from the last one.
+                self._enqueue(Entry(epoch, self._next_index, b"", b""))
+            self._run(self._link_ups())
+            self._apply_committed()
+        else:
+            if previous is not None:
+                self._fail_waiters(Unavailable(
+                    f"{self.service}: this replica stopped being the primary (epoch {epoch}); "
+                    "the outcome is unknown: retry with the same request id"
+                ))
+                self._to_log.clear()
+                self._next_index = self.wal.last_index + 1
+            self.primary = None
+            self.duplica = DuplicaReplication(epoch, self.sm.applied_index)
+
+    def step_down(self, epoch: int) -> None:
+        """A newer epoch exists: stop serving writes and wait to be told the new primary."""
+        if epoch <= self.epoch and self.role != PRIMARY:
+            return
+        self._persist_meta(role=DUPLICA, epoch=max(epoch, self.epoch))
+        self._become(DUPLICA, self.meta.epoch)
+
+    def _limits(self) -> ShipLimits:
+        c = self.agent.config
+        return ShipLimits(c.batch_entries_max, c.batch_bytes_max, c.inflight_batches_max,
+                          keepalive_ms=c.heartbeat_ms)
+
+    def _link_ups(self) -> list[PrimaryAction]:
+        assert self.primary is not None
+        now = monotonic_ms()
+        actions: list[PrimaryAction] = []
+        for host in self.primary.peers:
+            if self.agent.link_is_up(host):
+                actions.extend(self.primary.link_up(host, now))
+        return actions
+
+    # --- log state -----------------------------------------------------------------------
+
+    def _log_info(self) -> LogInfo:
+        w = self.wal
+        return LogInfo(w.first_index, w.last_index, w.durable_index, tuple(w.epoch_history))
+
+    @property
+    def commit_index(self) -> int:
+        if self.primary is not None:
+            return self.primary.commit_index
+        if self.duplica is not None:
+            return self.duplica.commit_index
+        return self.sm.applied_index
+
+    # --- the write path (primary) --------------------------------------------------------
+
+    async def execute(self, epoch_seen: int, client_id: str, seq: int, payload: bytes,
+                      timeout_s: float) -> tuple[Reply, bool]:
+        """Logs, ships, commits and applies one request; returns (reply, was_duplicate)."""
+        self._check_primary(epoch_seen)
+        request = decode_request(payload)
+        if self.kind_cls.is_read_only(request):
+            return await self.query(payload, epoch_seen), False
+        rid = encode_request_id(client_id, seq)
+        seen = self.sm.sessions.lookup(client_id, seq)
+        if isinstance(seen, Reply):
+            return seen, True
+        if isinstance(seen, TooOld):
+            raise InvalidRequest(
+                f"request {client_id}:{seq} is older than the retry window; its outcome can no "
+                "longer be told: read the state to check")
+        pending = self._pending_ids.get(rid)
+        if pending is None:
+            if len(self._waiters) >= defaults.PENDING_REQUESTS_MAX:
+                raise Unavailable(f"{self.service}: {len(self._waiters)} writes in flight; "
+                                  "slow down and retry")
+            entry = Entry(self.epoch, self._next_index, rid, payload)
+            pending = self._enqueue(entry)
+            self._pending_ids[rid] = pending
+            pending.add_done_callback(lambda _f, rid=rid: self._pending_ids.pop(rid, None))
+        try:
+            reply = await asyncio.wait_for(asyncio.shield(pending), timeout_s)
+        except TimeoutError:
+            raise Unavailable(f"{self.service}: not committed within the deadline; the outcome "
+                              "is unknown: retry with the same request id") from None
+        return reply, False
+
+    async def query(self, payload: bytes, epoch_seen: int = 0) -> Reply:
+        """Answers a read from applied state, which holds every acknowledged write."""
+        self._check_primary(epoch_seen)
+        return self.sm.query(payload)
+
+    def _check_primary(self, epoch_seen: int) -> None:
+        if self.role != PRIMARY or self.primary is None or self.primary.fenced:
+            raise NotPrimaryError(self.service, self.meta.primary_address, self.epoch)
+        if epoch_seen > self.epoch:
+            # The client saw a newer epoch: we are a fenced primary that has not heard yet.
+            raise NotPrimaryError(self.service, "", epoch_seen)
+
+    def _enqueue(self, entry: Entry) -> asyncio.Future[Reply]:
+        assert entry.index == self._next_index, (entry.index, self._next_index)
+        self._next_index += 1
+        self._to_log.append(entry)
+        self._unapplied.append(entry)
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._waiters[entry.index] = future
+        self._log_wakeup.set()
+        return future
+
+    def _ensure_writer(self) -> None:
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(
+                self._write_loop(), name=f"wal-writer-{self.service}")
+
+    async def _write_loop(self) -> None:
+        """Appends whatever accumulated while the last append ran: group commit."""
+        loop = asyncio.get_running_loop()
+        while not self.closed:
+            await self._log_wakeup.wait()
+            self._log_wakeup.clear()
+            batch, self._to_log = self._to_log, []
+            if not batch:
+                continue
+            try:
+                await loop.run_in_executor(self.agent.io, self.wal.append, batch)
+            except (DiskFullError, StorageError, OSError) as exc:
+                self._refuse_unlogged(batch, exc)
+                continue
+            if self.primary is not None and not self.primary.fenced:
+                self._run(self.primary.log_changed(self._log_info()))
+                self._apply_committed()
+
+    def _refuse_unlogged(self, batch: list[Entry], exc: Exception) -> None:
+        """The append failed: nothing of it (or after it) is in the log; refuse those writes."""
+        self.last_error = str(exc)
+        log.error("%s: log append failed: %s", self.service, exc)
+        refused = batch + self._to_log
+        self._to_log = []
+        error = exc if isinstance(exc, DiskFullError) else Unavailable(
+            f"{self.service}: the log could not be written ({exc}); nothing was applied")
+        for entry in refused:
+            future = self._waiters.pop(entry.index, None)
+            if future is not None and not future.done():
+                future.set_exception(error)
+        first = refused[0].index
+        while self._unapplied and self._unapplied[-1].index >= first:
+            self._unapplied.pop()
+        self._next_index = self.wal.last_index + 1
+
+    # --- shipping (primary side) ---------------------------------------------------------
+
+    def _run(self, actions: list[PrimaryAction]) -> None:
+        for action in actions:
+            if isinstance(action, SendBatch):
+                self._send_batch(action)
+            elif isinstance(action, SendProbe):
+                self.agent.ship_probe(action.host_id, self.service, self.epoch)
+            elif isinstance(action, SendTruncate):
+                self.agent.ship_truncate(action.host_id, self.service, self.epoch,
+                                         action.after_index)
+            elif isinstance(action, SendSnapshot):
+                self.agent.spawn(self._send_snapshot(action.host_id))
+            elif isinstance(action, StepDown):
+                log.warning("%s: a duplica holds epoch %d > %d: stepping down", self.service,
+                            action.epoch, self.epoch)
+                self.step_down(action.epoch)
+            else:
+                raise AssertionError(f"unknown action {action!r}")
+
+    def _send_batch(self, action: SendBatch) -> None:
+        assert self.primary is not None
+        if action.entries_max == 0:
+            records, last = b"", action.first_index - 1
+        else:
+            records, _first, last = self.wal.read_records(
+                action.first_index, entries_max=action.entries_max, bytes_max=action.bytes_max)
+            self.primary.batch_read(action.host_id, action.batch_id, last)
+        self.agent.ship_batch(action.host_id, self.service, self.epoch, action, records, last)
+
+    def on_ack(self, host_id: str, ack: AckView) -> None:
+        """An answer from a duplica's host."""
+        if self.primary is None:
+            return
+        self._run(self.primary.ack(host_id, ack, monotonic_ms()))
+        self._apply_committed()
+
+    def on_link_up(self, host_id: str) -> None:
+        if self.primary is not None:
+            self._run(self.primary.link_up(host_id, monotonic_ms()))
+
+    def on_link_down(self, host_id: str) -> None:
+        if self.primary is not None:
+            self.primary.link_down(host_id)
+
+    def tick(self, now_ms: int) -> None:
+        if self.primary is not None:
+            self._run(self.primary.tick(now_ms))
+
+    async def _send_snapshot(self, host_id: str) -> None:
+        """Installs our newest snapshot on a duplica whose position we compacted away."""
+        assert self.primary is not None
+        try:
+            path = self.snapshots.latest()
+            if path is None or self._last_snapshot_index < self.wal.first_index - 1:
+                path = await self.take_snapshot()
+            header, index = await self.agent.install_snapshot(host_id, self.service,
+                                                              self.epoch, path)
+        except Exception as exc:  # any failure: report it and probe again on the next tick
+            log.warning("%s: snapshot install on %s failed: %s", self.service, host_id, exc)
+            if self.primary is not None:
+                self.primary.snapshot_failed(host_id, str(exc))
+            return
+        if self.primary is not None:
+            self._run(self.primary.snapshot_installed(host_id, index))
+
+    # --- applying ------------------------------------------------------------------------
+
+    def _apply_limit(self) -> int:
+        if self.primary is not None:
+            return min(self.primary.commit_index, self.wal.durable_index)
+        if self.duplica is not None:
+            return self.duplica.apply_limit(self.wal.durable_index)
+        return self.sm.applied_index
+
+    def _apply_committed(self) -> None:
+        """Applies committed entries in index order and answers their waiters.
+
+        At most one chunk is applied inline (the common case: a few entries, answered at
+        once); a longer run continues on a task that yields between chunks, so that a
+        catching-up replica keeps answering its stream.
+        """
+        if self._apply_chunk() and (self._applier is None or self._applier.done()):
+            self._applier = self.agent.spawn(self._apply_rest())
+
+    async def _apply_rest(self) -> None:
+        while self._apply_chunk():
+            await asyncio.sleep(0)
+
+    def _apply_chunk(self) -> bool:
+        """Applies up to APPLY_CHUNK_ENTRIES; True if committed entries remain."""
+        limit = self._apply_limit()
+        sm = self.sm
+        end = min(limit, sm.applied_index + defaults.APPLY_CHUNK_ENTRIES)
+        while sm.applied_index < end:
+            if not self._unapplied or self._unapplied[0].index != sm.applied_index + 1:
+                self._reload_unapplied(end)
+            entry = self._unapplied.popleft()
+            assert entry.index == sm.applied_index + 1, (entry.index, sm.applied_index)
+            if entry.payload:
+                reply = sm.apply(entry.epoch, entry.index, entry.request_id, entry.payload)
+            else:
+                reply = sm.apply_barrier(entry.epoch, entry.index)
+            future = self._waiters.pop(entry.index, None)
+            if future is not None and not future.done():
+                future.set_result(reply)
+        self._maybe_snapshot()
+        return sm.applied_index < self._apply_limit()
+
+    def _reload_unapplied(self, limit: int) -> None:
+        """Reads entries to apply from the log (after a restart, or when not kept in memory)."""
+        first = self.sm.applied_index + 1
+        last = min(limit, first + defaults.APPLY_CHUNK_ENTRIES - 1)
+        kept = [e for e in self._unapplied if e.index > last]
+        self._unapplied = deque(self.wal.read(first, last))
+        self._unapplied.extend(kept)
+
+    def _maybe_snapshot(self) -> None:
+        every = self.agent.config.snapshot_every_entries
+        if (
+            every
+            and self.sm.applied_index - self._last_snapshot_index >= every
+            and (self._snapshot_task is None or self._snapshot_task.done())
+        ):
+            self._snapshot_task = self.agent.spawn(self._snapshot_and_compact())
+
+    async def _snapshot_and_compact(self) -> None:
+        await self.take_snapshot()
+        self.compact(self.agent.config.log_retain_entries)
+
+    async def take_snapshot(self) -> Path:
+        """Writes a snapshot of the applied state (serialised here, written on an I/O thread)."""
+        sm = self.sm
+        index = sm.applied_index
+        header = SnapshotHeader(
+            kind=self.meta.kind, kind_version=self.kind_cls.version, applied_index=index,
+            epoch=sm.applied_epoch, digest=sm.digest(), raw_bytes=0,
+            extra={"history": [list(h) for h in self.wal.epoch_history if h[1] <= index]},
+        )
+        # The chunks are taken now, while no entry can be applied in between.
+        chunks = list(sm.snapshot())
+        loop = asyncio.get_running_loop()
+        path = await loop.run_in_executor(self.agent.io, self.snapshots.save, header, chunks)
+        self._last_snapshot_index = max(self._last_snapshot_index, index)
+        await loop.run_in_executor(self.agent.io, self.snapshots.prune, 2)
+        return path
+
+    def compact(self, retain_entries: int) -> int:
+        """Drops log entries before the newest snapshot, keeping `retain_entries` behind it."""
+        base = self._last_snapshot_index - retain_entries
+        if base < self.wal.first_index:
+            return self.wal.first_index
+        return self.wal.compact(base, self.wal.epoch_at(base))
+
+    # --- the receive path (duplica side) -------------------------------------------------
+
+    def _duplica_for(self, epoch: int) -> DuplicaReplication | None:
+        """The duplica core, stepping down first if a newer primary is shipping to us."""
+        if self.role == PRIMARY:
+            if epoch <= self.epoch:
+                return None  # two primaries in one epoch cannot be: refuse as stale
+            self.step_down(epoch)
+        return self.duplica
+
+    def _ack(self, status: str, batch_id: int = 0, message: str = "",
+             truncated: int = -1) -> dict[str, Any]:
+        w = self.wal
+        return {
+            "service": self.service, "epoch": self.epoch, "status": status,
+            "batch_id": batch_id, "durable_index": w.durable_index,
+            "applied_index": self.sm.applied_index,
+            "last": LogPosition(w.last_epoch, w.last_index),
+            "history": list(w.epoch_history), "truncated": truncated,
+            "first_index": w.first_index, "message": message,
+        }
+
+    async def _adopt(self, actions: list[Any]) -> str | None:
+        for action in actions:
+            if isinstance(action, AdoptEpoch):
+                self._persist_meta(epoch=action.epoch)
+            elif isinstance(action, Refuse):
+                return action.status
+        return None
+
+    async def receive_probe(self, epoch: int) -> dict[str, Any]:
+        duplica = self._duplica_for(epoch)
+        if duplica is None:
+            return self._ack("stale_epoch")
+        refused = await self._adopt(duplica.on_probe(epoch, monotonic_ms()))
+        return self._ack(refused or "mismatch")
+
+    async def receive_truncate(self, epoch: int, after_index: int) -> dict[str, Any]:
+        duplica = self._duplica_for(epoch)
+        if duplica is None:
+            return self._ack("stale_epoch")
+        assert self.meta.mode != Mode.SYNC.value or after_index >= duplica.commit_index, (
+            f"{self.service}: sync mode, yet a primary asked to truncate committed entries "
+            f"(after {after_index}, commit {duplica.commit_index})"
+        )
+        refused = await self._adopt(duplica.on_truncate(epoch, after_index, monotonic_ms()))
+        if refused:
+            return self._ack(refused)
+        loop = asyncio.get_running_loop()
+        if after_index < self.sm.applied_index:
+            # Only in async mode: entries this replica applied are not on the new primary.
+            # The state must go back to before them: reload from a snapshot at or below the
+            # cut (or from empty) and replay the log up to it as the commit index allows.
+            await loop.run_in_executor(self.agent.io, self._rewind_state, after_index)
+        dropped = await loop.run_in_executor(self.agent.io, self.wal.truncate_after, after_index)
+        while self._unapplied and self._unapplied[-1].index > after_index:
+            self._unapplied.pop()
+        self._next_index = self.wal.last_index + 1
+        self.truncated_entries = dropped
+        if dropped:
+            log.warning("%s: truncated %d divergent entries after index %d", self.service,
+                        dropped, after_index)
+        return self._ack("ok", truncated=dropped)
+
+    def _rewind_state(self, index: int) -> None:
+        """Replaces the applied state with one at or below `index` (runs on an I/O thread)."""
+        fresh = ReplicatedStateMachine(self.kind_cls())
+        for path in reversed(self.snapshots.paths()):
+            header = read_header(path)
+            if header.applied_index <= index:
+                load_snapshot(path, _KindView(fresh))
+                break
+            path.unlink()  # holds entries that are being truncated
+        if fresh.applied_index < self.wal.first_index - 1:
+            raise StorageError(
+                f"{self.service}: cannot rewind to index {index}: no snapshot at or below it "
+                "and the log before it was compacted; discard this replica to rebuild it")
+        log.warning("%s: rewound applied state from %d to %d to drop a divergent tail",
+                    self.service, self.sm.applied_index, fresh.applied_index)
+        self.sm = fresh
+        self._last_snapshot_index = fresh.applied_index
+        self._unapplied.clear()
+
+    async def receive_batch(self, epoch: int, batch_id: int, prev: LogPosition,
+                            first_index: int, last_index: int, records: bytes,
+                            commit_index: int) -> dict[str, Any]:
+        duplica = self._duplica_for(epoch)
+        if duplica is None:
+            return self._ack("stale_epoch", batch_id)
+        actions = duplica.on_batch(epoch, prev, last_index, commit_index, self._log_info(),
+                                   monotonic_ms())
+        refused = await self._adopt(actions)
+        if refused:
+            return self._ack(refused, batch_id)
+        if any(isinstance(a, Append) for a in actions):
+            loop = asyncio.get_running_loop()
+            try:
+                entries = await loop.run_in_executor(
+                    self.agent.io, self._append_shipped, records, first_index, last_index)
+            except LogCorruptError as exc:
+                return self._ack("corrupt", batch_id, str(exc))
+            except (DiskFullError, StorageError, OSError) as exc:
+                self.last_error = str(exc)
+                return self._ack("storage_error", batch_id, str(exc))
+            self._unapplied.extend(entries)
+            self._next_index = self.wal.last_index + 1
+        self._apply_committed()
+        return self._ack("ok", batch_id)
+
+    def _append_shipped(self, records: bytes, first: int, last: int) -> list[Entry]:
+        entries = decode_records(records, where=f"batch for {self.service}")
+        self.wal.append_records(records, first, last)
+        return entries
+
+    def hears_primary(self, now_ms: int) -> tuple[bool, int]:
+        """Whether the primary's stream reached us within a failure timeout, and how long ago."""
+        heard = self.duplica.last_heard_ms if self.duplica is not None else None
+        if heard is None:
+            return False, 0
+        silent = max(0, now_ms - heard)
+        return silent < defaults.FAILURE_TIMEOUT_MS, silent
+
+    # --- snapshots received --------------------------------------------------------------
+
+    def install_snapshot(self, header: SnapshotHeader, frames: Iterable[bytes]) -> None:
+        """Replaces state and log with a snapshot from the primary (runs on an I/O thread:
+        the caller must hold the replica still meanwhile)."""
+        path = self.snapshots.save_compressed(header, frames)
+        fresh = ReplicatedStateMachine(self.kind_cls())
+        load_snapshot(path, _KindView(fresh))
+        # The old log is behind or diverged from the snapshot: start the log at its index.
+        self.wal.truncate_after(max(self.wal.first_index - 1, min(self.wal.last_index,
+                                                                   self.sm.applied_index)))
+        self.wal.compact(header.applied_index, header.epoch)
+        self.sm = fresh
+        self._last_snapshot_index = header.applied_index
+        self._unapplied.clear()
+        self._next_index = self.wal.last_index + 1
+        if self.duplica is not None:
+            self.duplica.verified_index = header.applied_index
+            self.duplica.commit_index = max(self.duplica.commit_index, header.applied_index)
+
+    # --- status --------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        # A duplica's lag as far as it knows: committed on the primary, not yet on our disk.
+        lag = 0 if self.primary is not None else max(0, self.commit_index - self.wal.durable_index)
+        return {
+            "service": self.service, "kind": self.meta.kind, "role": self.role,
+            "epoch": self.epoch, "mode": self.meta.mode,
+            "durable_index": self.wal.durable_index, "commit_index": self.commit_index,
+            "applied_index": self.sm.applied_index, "lag_entries": lag,
+            "truncated_entries": self.truncated_entries, "last_error": self.last_error,
+        }
+
+    def _fail_waiters(self, error: Exception) -> None:
+        for future in self._waiters.values():
+            if not future.done():
+                future.set_exception(error)
+        self._waiters.clear()
+
+
+class _KindView:
+    """Lets `load_snapshot` restore a whole replicated state machine as if it were a kind
+    (with the kind's name and version, so a snapshot of another kind is refused)."""
+
+    def __init__(self, sm: ReplicatedStateMachine) -> None:
+        self._sm = sm
+        self.name = sm.kind.name
+        self.version = sm.kind.version
+
+    def restore(self, chunks: Iterable[bytes]) -> None:
+        self._sm.restore(chunks)
+
+    def digest(self) -> bytes:
+        return self._sm.digest()
+

@@ -1,0 +1,236 @@
+"""The application's smart client: finds the primary, retries safely, follows redirects.
+
+Every call gets a request id (this client's id and a sequence number) that stays the same
+across retries and reroutes, so the replicated state applies it at most once and a retry
+gets the recorded reply (design.md, invariant 5).
+
+    async with Client(agents="127.0.0.1:7101,127.0.0.1:7102") as client:
+        await client.call("accounts", {"op": "transfer", "from": "a", "to": "b", "amount": 5})
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import grpc
+import grpc.aio
+import msgpack
+
+from failover import defaults
+from failover.errors import (
+    ConfigError,
+    DiskFullError,
+    InvalidRequest,
+    RequestRejected,
+    Unavailable,
+)
+from failover.net import channels
+from failover.net.address import parse_address_list
+from failover.v1 import common_pb2, data_pb2, data_pb2_grpc
+
+_RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.NOT_FOUND,  # this host does not hold the service: try another
+    grpc.StatusCode.FAILED_PRECONDITION,  # not the primary: follow the hint
+    grpc.StatusCode.UNKNOWN,
+}
+
+
+def _addresses(value: str | Sequence[str] | None, what: str) -> list[str]:
+    if value is None:
+        return []
+    text = value if isinstance(value, str) else ",".join(value)
+    return [str(a) for a in parse_address_list(text, what=what)]
+
+
+class Client:
+    """Calls services by name; `call` retries until the deadline without applying twice.
+
+    `agents` is a list of agent addresses to find primaries by asking (a non-primary answers
+    with a redirect to the primary). `coordinator` is accepted for the routes push that the
+    coordinator provides; until then, give `agents`.
+    """
+
+    def __init__(
+        self,
+        coordinator: str | Sequence[str] | None = None,
+        *,
+        agents: str | Sequence[str] | None = None,
+        client_id: str | None = None,
+        deadline_ms: int = defaults.CALL_DEADLINE_MS,
+    ) -> None:
+        self._seeds = _addresses(agents, "agents")
+        self._coordinators = _addresses(coordinator, "coordinator")
+        if not self._seeds:
+            raise ConfigError(
+                "Client needs agents=HOST:PORT[,...] to find primaries (routes pushed by the "
+                "coordinator arrive with the coordinator)")
+        if deadline_ms <= 0:
+            raise ConfigError(f"deadline_ms must be > 0, not {deadline_ms}")
+        self.client_id = client_id or uuid.uuid4().hex
+        if not 0 < len(self.client_id.encode()) <= defaults.CLIENT_ID_BYTES_MAX:
+            raise ConfigError(f"client_id must be 1-{defaults.CLIENT_ID_BYTES_MAX} bytes")
+        self.deadline_ms = deadline_ms
+        self._seq = itertools.count(1)
+        self._routes: dict[str, tuple[str, int]] = {}  # service -> (primary address, epoch)
+        self._stubs: dict[str, data_pb2_grpc.DataStub] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._seed_cursor = random.randrange(len(self._seeds))
+        self.retries = 0  # attempts beyond the first, over the client's life (for reports)
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Closes every channel."""
+        channels_ = list(self._channels.values())
+        self._channels.clear()
+        self._stubs.clear()
+        for channel in channels_:
+            await channel.close()
+
+    def _stub(self, address: str) -> data_pb2_grpc.DataStub:
+        stub = self._stubs.get(address)
+        if stub is None:
+            channel = channels.insecure_channel(address)
+            self._channels[address] = channel
+            stub = self._stubs[address] = data_pb2_grpc.DataStub(channel)
+        return stub
+
+    def _target(self, service: str) -> tuple[str, int]:
+        route = self._routes.get(service)
+        if route is not None:
+            return route
+        self._seed_cursor = (self._seed_cursor + 1) % len(self._seeds)
+        return self._seeds[self._seed_cursor], 0
+
+    async def call(self, service: str, request: dict[str, Any], *,
+                   deadline_ms: int | None = None) -> dict[str, Any]:
+        """Runs one request on the service's primary and returns its result.
+
+        Raises `RequestRejected` when the service refuses it, `InvalidRequest` when it is
+        malformed, and `Unavailable` when no primary answered before the deadline (then the
+        request may or may not have been applied).
+        """
+        if not isinstance(request, dict):
+            raise InvalidRequest(f"a request is a dict, not {type(request).__name__}")
+        payload = msgpack.packb(request, use_bin_type=True)
+        if len(payload) > defaults.REQUEST_BYTES_MAX:
+            raise InvalidRequest(f"request of {len(payload)} bytes is over request_bytes_max "
+                                 f"({defaults.REQUEST_BYTES_MAX})")
+        seq = next(self._seq)
+        budget_ms = deadline_ms or self.deadline_ms
+        deadline = time.monotonic() + budget_ms / 1000
+        backoff_ms = float(defaults.CLIENT_BACKOFF_MIN_MS)
+        last_error = "no attempt made"
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Unavailable(f"{service}: no answer within {budget_ms} ms "
+                                  f"({attempt} attempts); last error: {last_error}")
+            address, epoch = self._target(service)
+            attempt += 1
+            if attempt > 1:
+                self.retries += 1
+            message = data_pb2.ExecuteRequest(
+                service=service, epoch_seen=epoch,
+                request_id=common_pb2.RequestId(client_id=self.client_id, seq=seq),
+                payload=payload, deadline_ms=int(remaining * 1000))
+            try:
+                reply = await self._stub(address).Execute(message, timeout=remaining)
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                last_error = f"{address}: {code.name}: {exc.details()}"
+                if code == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise InvalidRequest(exc.details() or "invalid request") from None
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise DiskFullError(exc.details() or "the service's disk is full") from None
+                if code not in _RETRYABLE:
+                    raise Unavailable(f"{service}: {last_error}") from None
+                if self._follow_redirect(service, address, exc):
+                    continue  # a fresh hint: go there at once
+                self._routes.pop(service, None)
+                await asyncio.sleep(min(backoff_ms / 1000, max(0.0, deadline - time.monotonic())))
+                backoff_ms = min(backoff_ms * 2, defaults.CLIENT_BACKOFF_MAX_MS)
+                continue
+            self._routes[service] = (address, max(epoch, reply.epoch))
+            return _result(reply)
+
+    def _follow_redirect(self, service: str, address: str, exc: grpc.aio.AioRpcError) -> bool:
+        """Takes a redirect hint from a non-primary; True if it names a new address."""
+        if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+            return False
+        for key, value in exc.trailing_metadata() or ():
+            if key == channels.REDIRECT_METADATA_KEY:
+                redirect = common_pb2.Redirect.FromString(value)
+                if redirect.primary_address and redirect.primary_address != address:
+                    self._routes[service] = (redirect.primary_address, redirect.epoch)
+                    return True
+        return False
+
+
+def _result(reply: data_pb2.ExecuteReply) -> dict[str, Any]:
+    if reply.WhichOneof("outcome") == "rejected":
+        if reply.rejected.error_type == "RequestRejected":
+            raise RequestRejected(reply.rejected.message)
+        raise InvalidRequest(reply.rejected.message)
+    result = msgpack.unpackb(reply.result, raw=False)
+    assert isinstance(result, dict), result
+    return result
+
+
+class SyncClient:
+    """A blocking wrapper of `Client` for scripts: runs the client's loop on its own thread."""
+
+    def __init__(self, coordinator: str | Sequence[str] | None = None, **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="failover-client",
+                                        daemon=True)
+        self._thread.start()
+        self._client: Client = self._run(self._make(coordinator, kwargs))
+
+    async def _make(self, coordinator: str | Sequence[str] | None,
+                    kwargs: dict[str, Any]) -> Client:
+        return Client(coordinator, **kwargs)
+
+    def _run(self, coro: Any) -> Any:
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return future.result()
+
+    @property
+    def client_id(self) -> str:
+        return self._client.client_id
+
+    def call(self, service: str, request: dict[str, Any], *,
+             deadline_ms: int | None = None) -> dict[str, Any]:
+        """Blocking `Client.call`."""
+        return self._run(self._client.call(service, request, deadline_ms=deadline_ms))
+
+    def close(self) -> None:
+        """Closes the client and stops its thread."""
+        if self._loop.is_closed():
+            return
+        self._run(self._client.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._loop.close()
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,234 @@
+"""A cluster of real agent processes on 127.0.0.1, for tests, demos, benchmarks and chaos runs.
+
+Each agent is its own process in its own session (so a signal reaches it alone), with a free
+port and a data dir under one root. Waits poll a condition under a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from failover.errors import FailoverError
+from failover.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+
+T = TypeVar("T")
+
+READY_TIMEOUT_S = 20.0
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], T], timeout_s: float, what: str,
+             interval_s: float = 0.02) -> T:
+    """Polls `condition` until it returns something truthy; raises TimeoutError naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    last_exc: Exception | None = None
+    while True:
+        try:
+            value = condition()
+            if value:
+                return value
+        except Exception as exc:  # the condition may fail while a process starts
+            last_exc = exc
+        if time.monotonic() >= deadline:
+            detail = f" (last error: {last_exc})" if last_exc else ""
+            raise TimeoutError(f"timed out after {timeout_s:.1f} s waiting for {what}{detail}")
+        time.sleep(interval_s)
+
+
+class AgentProcess:
+    """One `failover-agent` process."""
+
+    def __init__(self, root: Path, host_id: str, *, fsync_policy: str = "batch",
+                 extra: dict[str, Any] | None = None) -> None:
+        self.host_id = host_id
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.data_dir = root / host_id
+        self.log_path = root / f"{host_id}.log"
+        self.fsync_policy = fsync_policy
+        self.extra = dict(extra or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._channel: grpc.Channel | None = None
+        self.restarts = 0
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "failover.agent", "--host-id", self.host_id,
+               "--listen", self.address, "--data-dir", str(self.data_dir),
+               "--fsync-policy", self.fsync_policy]
+        for key, value in self.extra.items():
+            cmd += [f"--{key.replace('_', '-')}", str(value)]
+        return cmd
+
+    def start(self, wait: bool = True) -> None:
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log_file:
+            self.proc = subprocess.Popen(
+                self.command(), stdout=log_file, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise FailoverError(f"agent {self.host_id} exited with {self.proc.returncode}; "
+                                    f"log tail:\n{self.log_tail()}")
+            self.control().GetStatus(agent_pb2.GetStatusRequest(), timeout=0.5)
+            return True
+
+        wait_for(ready, timeout_s, f"agent {self.host_id} to serve on {self.address}")
+
+    def control(self) -> agent_pb2_grpc.AgentControlStub:
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(self.address)
+        return agent_pb2_grpc.AgentControlStub(self._channel)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL, and wait for the process to be gone."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL if it does not exit in time."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def restart(self) -> None:
+        self.kill()
+        self.restarts += 1
+        self.start()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    # --- control shortcuts ---------------------------------------------------------------
+
+    def status(self) -> agent_pb2.AgentStatus:
+        return self.control().GetStatus(agent_pb2.GetStatusRequest(), timeout=5)
+
+    def replica(self, service: str) -> agent_pb2.ReplicaStatus | None:
+        for r in self.status().replicas:
+            if r.service == service:
+                return r
+        return None
+
+    def digest(self, service: str) -> agent_pb2.GetDigestReply:
+        return self.control().GetDigest(agent_pb2.GetDigestRequest(service=service), timeout=5)
+
+
+class LocalCluster:
+    """Agents under one root dir; closing it kills every process it started."""
+
+    def __init__(self, root: Path, hosts: int = 3, *, fsync_policy: str = "batch",
+                 extra: dict[str, Any] | None = None) -> None:
+        self.root = root
+        self.agents = {
+            f"host{i}": AgentProcess(root, f"host{i}", fsync_policy=fsync_policy, extra=extra)
+            for i in range(1, hosts + 1)
+        }
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        for agent in self.agents.values():
+            agent.start(wait=False)
+        for agent in self.agents.values():
+            agent.wait_ready()
+
+    def close(self) -> None:
+        for agent in self.agents.values():
+            with contextlib.suppress(Exception):
+                agent.kill()
+            agent.close()
+
+    def __iter__(self) -> Iterator[AgentProcess]:
+        return iter(self.agents.values())
+
+    def __getitem__(self, host_id: str) -> AgentProcess:
+        return self.agents[host_id]
+
+    @property
+    def addresses(self) -> str:
+        return ",".join(a.address for a in self.agents.values())
+
+    def form(self, service: str, kind: str, primary: str, duplicas: list[str], *,
+             epoch: int = 1, mode: str = "sync", in_sync: list[str] | None = None) -> None:
+        """Forms a replica set by assigning roles directly (the coordinator does this later)."""
+        in_sync = duplicas if in_sync is None else in_sync
+        mode_pb = (common_pb2.REPLICATION_MODE_ASYNC if mode == "async"
+                   else common_pb2.REPLICATION_MODE_SYNC)
+        p = self.agents[primary]
+        for host in duplicas:
+            self.agents[host].control().AssignRole(agent_pb2.AssignRoleRequest(
+                service=service, kind=kind, role=common_pb2.ROLE_DUPLICA, epoch=epoch,
+                mode=mode_pb, primary=agent_pb2.ReplicaPeer(host_id=primary, address=p.address),
+            ), timeout=10)
+        p.control().AssignRole(agent_pb2.AssignRoleRequest(
+            service=service, kind=kind, role=common_pb2.ROLE_PRIMARY, epoch=epoch, mode=mode_pb,
+            duplicas=[agent_pb2.ReplicaPeer(host_id=h, address=self.agents[h].address)
+                      for h in duplicas],
+            in_sync=in_sync,
+        ), timeout=10)
+
+    def wait_converged(self, service: str, hosts: list[str], timeout_s: float = 30.0) -> bytes:
+        """Waits until every named replica applied the same index with the same digest."""
+
+        def same() -> bytes | None:
+            digests = [self.agents[h].digest(service) for h in hosts]
+            first = digests[0]
+            if first.applied_index and all(
+                d.applied_index == first.applied_index and d.digest == first.digest
+                for d in digests
+            ):
+                return first.digest
+            return None
+
+        return wait_for(same, timeout_s, f"{service} to converge on {hosts}", interval_s=0.05)

@@ -1,0 +1,279 @@
+"""The agent's gRPC servicers: thin adapters between the wire and `failover.agent.host.Agent`.
+
+Errors map to status codes one way everywhere: a malformed request is INVALID_ARGUMENT with a
+message, a non-primary is FAILED_PRECONDITION with a redirect hint in trailing metadata, an
+unknown outcome is UNAVAILABLE (retry with the same request id), a full disk is
+RESOURCE_EXHAUSTED.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, NoReturn
+
+import grpc
+import grpc.aio
+import psutil
+
+from failover import defaults
+from failover.core.sessions import Reply, ReplyStatus
+from failover.errors import (
+    DiskFullError,
+    InvalidRequest,
+    NotPrimaryError,
+    StaleEpochError,
+    Unavailable,
+)
+from failover.net.channels import REDIRECT_METADATA_KEY
+from failover.v1 import (
+    agent_pb2,
+    agent_pb2_grpc,
+    common_pb2,
+    data_pb2,
+    data_pb2_grpc,
+    replication_pb2,
+    replication_pb2_grpc,
+)
+
+if TYPE_CHECKING:
+    from failover.agent.host import Agent
+    from failover.agent.replica import Replica
+
+log = logging.getLogger(__name__)
+
+ROLE_TO_PROTO = {
+    "primary": common_pb2.ROLE_PRIMARY,
+    "duplica": common_pb2.ROLE_DUPLICA,
+    "building": common_pb2.ROLE_BUILDING,
+    "retired": common_pb2.ROLE_RETIRED,
+}
+ROLE_FROM_PROTO = {v: k for k, v in ROLE_TO_PROTO.items()}
+MODE_TO_PROTO = {"sync": common_pb2.REPLICATION_MODE_SYNC,
+                 "async": common_pb2.REPLICATION_MODE_ASYNC}
+MODE_FROM_PROTO = {common_pb2.REPLICATION_MODE_UNSPECIFIED: "sync",
+                   common_pb2.REPLICATION_MODE_SYNC: "sync",
+                   common_pb2.REPLICATION_MODE_ASYNC: "async"}
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
+    """Turns a typed error into the status code the client library understands."""
+    if isinstance(exc, NotPrimaryError):
+        redirect = common_pb2.Redirect(service=exc.service, primary_address=exc.primary_address,
+                                       epoch=exc.epoch)
+        context.set_trailing_metadata(((REDIRECT_METADATA_KEY, redirect.SerializeToString()),))
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+    if isinstance(exc, InvalidRequest):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, StaleEpochError):
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+    if isinstance(exc, DiskFullError):
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+    if isinstance(exc, Unavailable):
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+    if isinstance(exc, KeyError):
+        await context.abort(grpc.StatusCode.NOT_FOUND,
+                            f"this host holds no replica of {exc.args[0]!r}")
+    raise exc
+
+
+_HANDLED = (NotPrimaryError, InvalidRequest, StaleEpochError, DiskFullError, Unavailable,
+            KeyError)
+
+
+def _check_execute(request: data_pb2.ExecuteRequest) -> None:
+    if not request.service:
+        raise InvalidRequest("service is required")
+    rid = request.request_id
+    if not rid.client_id or not 0 < rid.seq < 1 << 63:
+        raise InvalidRequest("request_id needs a client_id and a seq >= 1")
+    raw = rid.client_id.encode()
+    if len(raw) > defaults.CLIENT_ID_BYTES_MAX or b"\x00" in raw:
+        raise InvalidRequest(f"client_id must be 1-{defaults.CLIENT_ID_BYTES_MAX} bytes, no NUL")
+    if len(request.payload) > defaults.REQUEST_BYTES_MAX:
+        raise InvalidRequest(f"request of {len(request.payload)} bytes is over "
+                             f"request_bytes_max ({defaults.REQUEST_BYTES_MAX})")
+
+
+def _timeout_s(deadline_ms: int, context: grpc.aio.ServicerContext) -> float:
+    remaining = context.time_remaining()
+    budget = deadline_ms / 1000 if deadline_ms else defaults.CALL_DEADLINE_MS / 1000
+    if remaining is not None:
+        budget = min(budget, remaining)
+    return max(0.001, budget)
+
+
+def _rejection(reply: Reply) -> data_pb2.Rejection:
+    kind = "RequestRejected" if reply.status == ReplyStatus.REJECTED else "InvalidRequest"
+    return data_pb2.Rejection(error_type=kind, message=reply.data.decode(errors="replace"))
+
+
+class DataServicer(data_pb2_grpc.DataServicer):
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    async def Execute(self, request: data_pb2.ExecuteRequest,
+                      context: grpc.aio.ServicerContext) -> data_pb2.ExecuteReply:
+        try:
+            _check_execute(request)
+            replica = self.agent.data_replica(request.service)
+            reply, duplicate = await replica.execute(
+                request.epoch_seen, request.request_id.client_id, request.request_id.seq,
+                request.payload, _timeout_s(request.deadline_ms, context))
+        except _HANDLED as exc:
+            await _abort(context, exc)
+        out = data_pb2.ExecuteReply(index=reply.index, commit_index=replica.commit_index,
+                                    epoch=replica.epoch, duplicate=duplicate)
+        if reply.status == ReplyStatus.OK:
+            out.result = reply.data
+        else:
+            out.rejected.CopyFrom(_rejection(reply))
+        return out
+
+    async def Query(self, request: data_pb2.QueryRequest,
+                    context: grpc.aio.ServicerContext) -> data_pb2.QueryReply:
+        try:
+            if not request.service:
+                raise InvalidRequest("service is required")
+            replica = self.agent.data_replica(request.service)
+            reply = await replica.query(request.payload, request.epoch_seen)
+        except _HANDLED as exc:
+            await _abort(context, exc)
+        out = data_pb2.QueryReply(applied_index=reply.index, epoch=replica.epoch)
+        if reply.status == ReplyStatus.OK:
+            out.result = reply.data
+        else:
+            out.rejected.CopyFrom(_rejection(reply))
+        return out
+
+
+class ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    async def Ship(self, request_iterator: AsyncIterator[replication_pb2.ShipMessage],
+                   context: grpc.aio.ServicerContext) -> AsyncIterator[replication_pb2.ShipReply]:
+        # One reply per message, in order: the sender pairs them up by batch id.
+        async for message in request_iterator:
+            yield await self.agent.receive(message)
+
+    async def InstallSnapshot(
+        self, request_iterator: AsyncIterator[replication_pb2.SnapshotChunk],
+        context: grpc.aio.ServicerContext,
+    ) -> replication_pb2.SnapshotInstalled:
+        try:
+            return await self.agent.receive_snapshot(request_iterator)
+        except _HANDLED as exc:
+            await _abort(context, exc)
+
+
+def replica_status(replica: Replica) -> agent_pb2.ReplicaStatus:
+    s = replica.status()
+    return agent_pb2.ReplicaStatus(
+        service=s["service"], kind=s["kind"], role=ROLE_TO_PROTO[s["role"]], epoch=s["epoch"],
+        indexes=common_pb2.ReplicaIndexes(durable_index=s["durable_index"],
+                                          commit_index=s["commit_index"],
+                                          applied_index=s["applied_index"]),
+        lag_entries=s["lag_entries"], mode=MODE_TO_PROTO[s["mode"]],
+        truncated_entries=s["truncated_entries"], last_error=s["last_error"],
+    )
+
+
+def host_metrics(data_dir: str) -> agent_pb2.HostMetrics:
+    """psutil's view of this host (cpu_percent since the previous call)."""
+    disk = psutil.disk_usage(data_dir)
+    memory = psutil.virtual_memory()
+    return agent_pb2.HostMetrics(
+        cpu_percent=psutil.cpu_percent(interval=None), memory_percent=memory.percent,
+        disk_free_bytes=disk.free, memory_total_bytes=memory.total,
+        cpu_count=psutil.cpu_count() or 1,
+    )
+
+
+class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    async def AssignRole(self, request: agent_pb2.AssignRoleRequest,
+                         context: grpc.aio.ServicerContext) -> agent_pb2.AssignRoleReply:
+        try:
+            if request.role not in ROLE_FROM_PROTO:
+                raise InvalidRequest("role is required (primary, duplica, building, retired)")
+            primary = ((request.primary.host_id, request.primary.address)
+                       if request.primary.host_id else None)
+            duplicas = {p.host_id: p.address for p in request.duplicas}
+            if any(not h or not a for h, a in duplicas.items()):
+                raise InvalidRequest("every duplica needs a host_id and an address")
+            replica = await self.agent.assign_role(
+                request.service, request.kind, ROLE_FROM_PROTO[request.role], request.epoch,
+                MODE_FROM_PROTO.get(request.mode, "sync"), primary, duplicas,
+                set(request.in_sync))
+        except _HANDLED as exc:
+            await _abort(context, exc)
+        status = replica_status(replica)
+        return agent_pb2.AssignRoleReply(
+            service=replica.service, role=status.role, epoch=replica.epoch,
+            indexes=status.indexes,
+            last=common_pb2.LogPosition(epoch=replica.wal.last_epoch,
+                                        index=replica.wal.last_index))
+
+    async def StepDown(self, request: agent_pb2.StepDownRequest,
+                       context: grpc.aio.ServicerContext) -> agent_pb2.StepDownReply:
+        try:
+            replica = await self.agent.step_down(request.service, request.epoch)
+        except _HANDLED as exc:
+            await _abort(context, exc)
+        return agent_pb2.StepDownReply(service=replica.service, epoch=replica.epoch,
+                                       indexes=replica_status(replica).indexes)
+
+    async def DropReplica(self, request: agent_pb2.DropReplicaRequest,
+                          context: grpc.aio.ServicerContext) -> agent_pb2.DropReplicaReply:
+        try:
+            await self.agent.drop_replica(request.service, request.epoch, request.delete_data)
+        except _HANDLED as exc:
+            await _abort(context, exc)
+        return agent_pb2.DropReplicaReply()
+
+    async def GetStatus(self, request: agent_pb2.GetStatusRequest,
+                        context: grpc.aio.ServicerContext) -> agent_pb2.AgentStatus:
+        a = self.agent
+        return agent_pb2.AgentStatus(
+            host_id=a.host_id, address=a.config.address, zone=a.config.zone, version=a.version,
+            started_at=a.started_at, metrics=host_metrics(str(a.config.data_dir)),
+            replicas=[replica_status(r) for r in a.replicas.values()],
+        )
+
+    async def HearsPrimary(self, request: agent_pb2.HearsPrimaryRequest,
+                           context: grpc.aio.ServicerContext) -> agent_pb2.HearsPrimaryReply:
+        try:
+            replica = self.agent.replica(request.service)
+        except _HANDLED as exc:
+            await _abort(context, exc)
+        hears, silent_ms = replica.hears_primary(time.monotonic_ns() // 1_000_000)
+        return agent_pb2.HearsPrimaryReply(hears=hears, silent_ms=silent_ms, epoch=replica.epoch)
+
+    async def Compact(self, request: agent_pb2.CompactRequest,
+                      context: grpc.aio.ServicerContext) -> agent_pb2.CompactReply:
+        try:
+            index, first = await self.agent.compact(request.service, request.retain_entries)
+        except _HANDLED as exc:
+            await _abort(context, exc)
+        return agent_pb2.CompactReply(snapshot_index=index, first_index=first)
+
+    async def GetDigest(self, request: agent_pb2.GetDigestRequest,
+                        context: grpc.aio.ServicerContext) -> agent_pb2.GetDigestReply:
+        try:
+            replica = self.agent.replica(request.service)
+        except _HANDLED as exc:
+            await _abort(context, exc)
+        return agent_pb2.GetDigestReply(digest=replica.sm.digest(),
+                                        applied_index=replica.sm.applied_index,
+                                        epoch=replica.epoch)
+
+
+def add_to_server(server: grpc.aio.Server, agent: Agent) -> None:
+    data_pb2_grpc.add_DataServicer_to_server(DataServicer(agent), server)
+    replication_pb2_grpc.add_ReplicationServicer_to_server(ReplicationServicer(agent), server)
+    agent_pb2_grpc.add_AgentControlServicer_to_server(AgentControlServicer(agent), server)
+
