@@ -52,12 +52,13 @@ class MemLog:
 class Cluster:
     """One primary core, several duplica cores, messages delivered in order."""
 
-    def __init__(self, mode: Mode = Mode.SYNC, limits: ShipLimits = ShipLimits()) -> None:
+    def __init__(self, mode: Mode = Mode.SYNC, limits: ShipLimits | None = None) -> None:
         self.plog = MemLog()
         self.epoch = 1
         self.dlogs: dict[str, MemLog] = {"b": MemLog(), "c": MemLog()}
         self.dups = {h: DuplicaReplication(epoch=1, applied_index=0) for h in self.dlogs}
-        self.primary = PrimaryReplication(1, mode, ["b", "c"], {"b", "c"}, self.plog.info(), limits)
+        self.primary = PrimaryReplication(1, mode, ["b", "c"], {"b", "c"}, self.plog.info(),
+                                          limits or ShipLimits())
         self.now = 0
         self.max_inflight = 0
         self.truncated: dict[str, int] = {}
@@ -98,7 +99,8 @@ class Cluster:
             self.max_inflight = max(self.max_inflight, len(p.peers[action.host_id].inflight))
             log = self.dlogs[action.host_id]
             d = self.dups[action.host_id]
-            out = d.on_batch(self.epoch, action.prev, last, action.commit_index, log.info(), self.now)
+            out = d.on_batch(self.epoch, action.prev, last, action.commit_index, log.info(),
+                             self.now)
             if any(isinstance(a, Refuse) for a in out):
                 status = next(a.status for a in out if isinstance(a, Refuse))
                 pos = LogPosition(log.epoch_of(log.last) if log.last > log.base else 0, log.last)
@@ -111,7 +113,8 @@ class Cluster:
                          self.now)
         if isinstance(action, SendSnapshot):
             log = self.dlogs[action.host_id]
-            log.epochs, log.base, log.base_epoch = [], self.plog.last, self.plog.epoch_of(self.plog.last)
+            log.epochs, log.base = [], self.plog.last
+            log.base_epoch = self.plog.epoch_of(self.plog.last)
             return p.snapshot_installed(action.host_id, self.plog.last)
         raise AssertionError(action)
 
