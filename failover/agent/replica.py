@@ -291,8 +291,11 @@ class Replica:
     # --- the write path (primary) --------------------------------------------------------
 
     async def execute(self, epoch_seen: int, client_id: str, seq: int, payload: bytes,
-                      timeout_s: float) -> tuple[Reply, bool]:
-        """Logs, ships, commits and applies one request; returns (reply, was_duplicate)."""
+                      timeout_s: float | None) -> tuple[Reply, bool]:
+        """Logs, ships, commits and applies one request; returns (reply, was_duplicate).
+
+        `timeout_s` bounds the wait when the caller has no deadline of its own (None: the
+        caller's deadline, enforced by gRPC, bounds it)."""
         self._check_primary(epoch_seen)
         request = decode_request(payload)
         if self.kind_cls.is_read_only(request):
@@ -314,6 +317,10 @@ class Replica:
             pending = self._enqueue(entry)
             self._pending_ids[rid] = pending
             pending.add_done_callback(lambda _f, rid=rid: self._pending_ids.pop(rid, None))
+        if timeout_s is None:
+            # gRPC cancels this handler when the client's deadline passes; shield keeps that
+            # from cancelling the entry's future, which a retry of the same id may share.
+            return await asyncio.shield(pending), False
         try:
             reply = await asyncio.wait_for(asyncio.shield(pending), timeout_s)
         except TimeoutError:
@@ -555,7 +562,9 @@ class Replica:
             "batch_id": batch_id, "durable_index": w.durable_index,
             "applied_index": self.sm.applied_index,
             "last": LogPosition(w.last_epoch, w.last_index),
-            "history": list(w.epoch_history), "truncated": truncated,
+            # Only a position answer needs the history (to find the divergence point).
+            "history": list(w.epoch_history) if status != "ok" else [],
+            "truncated": truncated,
             "first_index": w.first_index, "message": message,
         }
 

@@ -9,6 +9,7 @@ both evictions depend only on the applied sequence, so every replica evicts alik
 from __future__ import annotations
 
 import hashlib
+import heapq
 import struct
 from collections import OrderedDict
 from enum import IntEnum
@@ -58,10 +59,11 @@ def decode_request_id(request_id: bytes) -> tuple[str, int]:
 
 
 class _Client:
-    __slots__ = ("replies", "floor_seq")
+    __slots__ = ("replies", "seqs", "floor_seq")
 
     def __init__(self) -> None:
         self.replies: dict[int, Reply] = {}
+        self.seqs: list[int] = []  # heap of the seqs in `replies`: the smallest goes first
         self.floor_seq = 0  # every seq <= floor_seq was applied and its reply dropped
 
 
@@ -102,8 +104,9 @@ class ClientSessions:
             self._clients.move_to_end(client_id)
         assert seq not in client.replies and seq > client.floor_seq, (client_id, seq)
         client.replies[seq] = reply
+        heapq.heappush(client.seqs, seq)
         if len(client.replies) > self.replies_per_client_max:
-            oldest = min(client.replies)
+            oldest = heapq.heappop(client.seqs)
             del client.replies[oldest]
             client.floor_seq = max(client.floor_seq, oldest)
         if len(self._clients) > self.clients_max:
@@ -130,6 +133,7 @@ class ClientSessions:
             client = _Client()
             client.floor_seq = floor_seq
             client.replies = {s: Reply(ReplyStatus(st), d, i) for s, st, d, i in replies}
+            client.seqs = sorted(client.replies)  # a sorted list is a heap
             sessions._clients[cid] = client
         return sessions
 

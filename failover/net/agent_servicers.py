@@ -8,6 +8,7 @@ RESOURCE_EXHAUSTED.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
     from failover.agent.replica import Replica
 
 log = logging.getLogger(__name__)
+
+SHIP_READ_AHEAD_MAX = 64  # messages read ahead of handling on one Ship stream
 
 ROLE_TO_PROTO = {
     "primary": common_pb2.ROLE_PRIMARY,
@@ -96,11 +99,12 @@ def _check_execute(request: data_pb2.ExecuteRequest) -> None:
                              f"request_bytes_max ({defaults.REQUEST_BYTES_MAX})")
 
 
-def _timeout_s(deadline_ms: int, context: grpc.aio.ServicerContext) -> float:
-    remaining = context.time_remaining()
+def _timeout_s(deadline_ms: int, context: grpc.aio.ServicerContext) -> float | None:
+    """None when the call has a gRPC deadline (gRPC cancels the handler at it); otherwise
+    the request's own budget, or the default call deadline, so no wait is unbounded."""
+    if context.time_remaining() is not None:
+        return None
     budget = deadline_ms / 1000 if deadline_ms else defaults.CALL_DEADLINE_MS / 1000
-    if remaining is not None:
-        budget = min(budget, remaining)
     return max(0.001, budget)
 
 
@@ -154,9 +158,34 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
 
     async def Ship(self, request_iterator: AsyncIterator[replication_pb2.ShipMessage],
                    context: grpc.aio.ServicerContext) -> AsyncIterator[replication_pb2.ShipReply]:
-        # One reply per message, in order: the sender pairs them up by batch id.
-        async for message in request_iterator:
-            yield await self.agent.receive(message)
+        # Messages are read ahead into a bounded queue; whatever arrived while one was being
+        # handled is answered in the same reply, so a busy stream sends few large replies.
+        queue: asyncio.Queue[replication_pb2.ShipMessage | None] = asyncio.Queue(
+            maxsize=SHIP_READ_AHEAD_MAX)
+
+        async def read_ahead() -> None:
+            try:
+                async for message in request_iterator:
+                    await queue.put(message)
+            finally:
+                await queue.put(None)
+
+        reader = asyncio.ensure_future(read_ahead())
+        try:
+            while (message := await queue.get()) is not None:
+                acks = list((await self.agent.receive(message)).acks)
+                ended = False
+                while not queue.empty():
+                    more = queue.get_nowait()
+                    if more is None:
+                        ended = True
+                        break
+                    acks.extend((await self.agent.receive(more)).acks)
+                yield replication_pb2.ShipReply(acks=acks)
+                if ended:
+                    return
+        finally:
+            reader.cancel()
 
     async def InstallSnapshot(
         self, request_iterator: AsyncIterator[replication_pb2.SnapshotChunk],
