@@ -53,7 +53,7 @@ from failover.errors import (
 )
 from failover.storage.atomic import write_atomic
 from failover.storage.snapshot import SnapshotHeader, SnapshotStore, load_snapshot, read_header
-from failover.storage.wal import Entry, WriteAheadLog, decode_records
+from failover.storage.wal import Entry, WriteAheadLog
 
 if TYPE_CHECKING:
     from failover.agent.host import Agent
@@ -656,8 +656,8 @@ class Replica:
         return self._ack("ok", batch_id)
 
     def _append_shipped(self, records: bytes, first: int, last: int) -> list[Entry]:
-        entries = decode_records(records, where=f"batch for {self.service}")
-        self.wal.append_records(records, first, last)
+        entries: list[Entry] = []
+        self.wal.append_records(records, first, last, out=entries)
         return entries
 
     def hears_primary(self, now_ms: int) -> tuple[bool, int]:

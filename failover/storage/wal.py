@@ -721,7 +721,13 @@ class WriteAheadLog:
             raise
         return self._append_framed(blob, lengths, first, count, changes)
 
-    def append_records(self, records: bytes, first_index: int, last_index: int) -> int:
+    def append_records(
+        self,
+        records: bytes,
+        first_index: int,
+        last_index: int,
+        out: list[Entry] | None = None,
+    ) -> int:
         """Appends pre-framed records (another replica's ``read_records``) byte for byte.
 
         Every frame is checked (CRC32C, body, consecutive indexes ``first_index..last_index``,
@@ -735,8 +741,12 @@ class WriteAheadLog:
             with self._lock:
                 self._check_open_locked()
                 return self._last_index
+        # The check decodes every record anyway: `out` receives them, so a caller that
+        # applies them does not decode twice.
+        decoded: list[Entry] = [] if out is None else out
         scan = _scan(
-            records, 0, len(records), next_index=first_index, prev_epoch=-1, check_order=True
+            records, 0, len(records), next_index=first_index, prev_epoch=-1, check_order=True,
+            out=decoded,
         )
         if scan.problem is not None:
             offset, reason, _ = scan.problem

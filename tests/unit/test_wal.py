@@ -814,3 +814,13 @@ def test_random_operations_match_a_model(ops: list[tuple[str, int, bool]], polic
 
 def test_segment_name_format() -> None:
     assert segment_name(1) == "00000000000000000001.wal"
+
+
+def test_append_records_hands_back_the_entries_it_checked(tmp_path: Path) -> None:
+    source = WriteAheadLog.open(tmp_path / "a")
+    source.append([Entry(2, i, b"r%d" % i, b"p" * i) for i in range(1, 40)])
+    records, first, last = source.read_records(1, entries_max=100, bytes_max=1 << 20)
+    target = WriteAheadLog.open(tmp_path / "b")
+    out: list[Entry] = []
+    assert target.append_records(records, first, last, out=out) == 39
+    assert out == decode_records(records) == target.read(1, 39)
