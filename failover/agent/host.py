@@ -65,6 +65,10 @@ class Agent:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._tick_task: asyncio.Task[None] | None = None
         self._replicas_dir = Path(config.data_dir) / "replicas"
+        # Ship messages received and not yet answered; appliers yield while there are any.
+        self.receiving = 0
+        self.receive_idle = asyncio.Event()
+        self.receive_idle.set()
         # Control calls that change one replica's role or data run one at a time.
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -183,6 +187,15 @@ class Agent:
         return link
 
     # --- receiving shipped logs ----------------------------------------------------------
+
+    def receive_queued(self, count: int) -> None:
+        """Ship messages arrived (count > 0) or were answered (count < 0)."""
+        self.receiving += count
+        assert self.receiving >= 0, self.receiving
+        if self.receiving:
+            self.receive_idle.clear()
+        else:
+            self.receive_idle.set()
 
     async def receive(self, message: replication_pb2.ShipMessage) -> replication_pb2.ShipReply:
         """Handles one message of a Ship stream; answers every item in it."""

@@ -24,6 +24,10 @@ Give the settings as flags, or as the same keys in a TOML file with --config (fl
 @click.option("--zone", help="Failure zone of this host, for placement.")
 @click.option("--fsync-policy", type=click.Choice(["always", "batch", "never"]),
               help="When appends reach the disk (default: batch, group commit).")
+@click.option("--snapshot-every-entries", type=int,
+              help="Snapshot after this many applied entries (0: never on its own).")
+@click.option("--log-retain-entries", type=int,
+              help="Log entries kept behind a snapshot for lagging duplicas.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="TOML file with the same keys (host_id, listen, data_dir, ...).")
 def agent_command(config_path: str | None, **flags: Any) -> None:

@@ -53,7 +53,7 @@ from failover.errors import (
 )
 from failover.storage.atomic import write_atomic
 from failover.storage.snapshot import SnapshotHeader, SnapshotStore, load_snapshot, read_header
-from failover.storage.wal import Entry, WriteAheadLog
+from failover.storage.wal import Entry, WriteAheadLog, decode_records
 
 if TYPE_CHECKING:
     from failover.agent.host import Agent
@@ -112,6 +112,9 @@ class Replica:
         self.duplica_addresses: dict[str, str] = dict(meta.duplicas)
         # Entries logged (or being logged) but not applied, oldest first.
         self._unapplied: deque[Entry] = deque()
+        # Shipped records on disk but not decoded yet, as (first, last, records): a duplica
+        # checks frames on arrival and decodes only when applying, off the ack path.
+        self._undecoded: deque[tuple[int, int, bytes]] = deque()
         self._to_log: list[Entry] = []
         self._next_index = 1
         self._waiters: dict[int, asyncio.Future[Reply]] = {}
@@ -459,11 +462,16 @@ class Replica:
     # --- applying ------------------------------------------------------------------------
 
     def _apply_limit(self) -> int:
+        # Never past what this loop has queued (`_next_index - 1`): the log's durable index
+        # moves on an I/O thread a moment before shipped entries are queued here, and
+        # applying in that gap would read them back from disk for nothing.
         if self.primary is not None:
-            return min(self.primary.commit_index, self.wal.durable_index)
-        if self.duplica is not None:
-            return self.duplica.apply_limit(self.wal.durable_index)
-        return self.sm.applied_index
+            limit = min(self.primary.commit_index, self.wal.durable_index)
+        elif self.duplica is not None:
+            limit = self.duplica.apply_limit(self.wal.durable_index)
+        else:
+            return self.sm.applied_index
+        return min(limit, self._next_index - 1)
 
     def _apply_committed(self) -> None:
         """Applies committed entries in index order and answers their waiters.
@@ -475,9 +483,23 @@ class Replica:
         if self._apply_chunk() and (self._applier is None or self._applier.done()):
             self._applier = self.agent.spawn(self._apply_rest())
 
+    def _schedule_apply(self) -> None:
+        """Applies on the background task only: a duplica acks what it has on disk without
+        waiting for its state machine, which may lag (hot standby) but never blocks acks."""
+        if self._applier is None or self._applier.done():
+            self._applier = self.agent.spawn(self._apply_rest())
+
     async def _apply_rest(self) -> None:
+        agent = self.agent
         while self._apply_chunk():
-            await asyncio.sleep(0)
+            if agent.receiving:
+                # Shipped batches are waiting: taking them onto disk comes first (acks and
+                # in-sync membership depend on it); apply keeps a chunk per APPLY_YIELD_MS.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(agent.receive_idle.wait(),
+                                           defaults.APPLY_YIELD_MS / 1000)
+            else:
+                await asyncio.sleep(0)
 
     def _apply_chunk(self) -> bool:
         """Applies up to APPLY_CHUNK_ENTRIES; True if committed entries remain."""
@@ -500,8 +522,19 @@ class Replica:
         return sm.applied_index < self._apply_limit()
 
     def _reload_unapplied(self, limit: int) -> None:
-        """Reads entries to apply from the log (after a restart, or when not kept in memory)."""
+        """Finds the next entries to apply: in shipped records not decoded yet, else in the
+        log (after a restart, or when they were not kept in memory)."""
         first = self.sm.applied_index + 1
+        while self._undecoded and self._undecoded[0][1] < first:
+            self._undecoded.popleft()
+        if self._undecoded and self._undecoded[0][0] <= first:
+            _, _, records = self._undecoded.popleft()
+            entries = [e for e in decode_records(records, where=f"log of {self.service}")
+                       if e.index >= first]
+            kept = [e for e in self._unapplied if e.index > entries[-1].index]
+            self._unapplied = deque(entries)
+            self._unapplied.extend(kept)
+            return
         last = min(limit, first + defaults.APPLY_CHUNK_ENTRIES - 1)
         kept = [e for e in self._unapplied if e.index > last]
         self._unapplied = deque(self.wal.read(first, last))
@@ -599,10 +632,23 @@ class Replica:
             # Only in async mode: entries this replica applied are not on the new primary.
             # The state must go back to before them: reload from a snapshot at or below the
             # cut (or from empty) and replay the log up to it as the commit index allows.
-            await loop.run_in_executor(self.agent.io, self._rewind_state, after_index)
+            fresh = await loop.run_in_executor(self.agent.io, self._rewound_state, after_index)
+            log.warning("%s: rewound applied state from %d to %d to drop a divergent tail",
+                        self.service, self.sm.applied_index, fresh.applied_index)
+            # Swapped here, on the loop, so the applier never sees a half-replaced state.
+            self.sm = fresh
+            self._last_snapshot_index = fresh.applied_index
+            self._unapplied.clear()
+            self._undecoded.clear()
         dropped = await loop.run_in_executor(self.agent.io, self.wal.truncate_after, after_index)
         while self._unapplied and self._unapplied[-1].index > after_index:
             self._unapplied.pop()
+        # Batches past the cut go, and one straddling it too: its kept part is read back
+        # from the log when it is applied.
+        while self._undecoded and self._undecoded[-1][0] > after_index:
+            self._undecoded.pop()
+        if self._undecoded and self._undecoded[-1][1] > after_index:
+            self._undecoded.pop()
         self._next_index = self.wal.last_index + 1
         self.truncated_entries = dropped
         if dropped:
@@ -610,8 +656,9 @@ class Replica:
                         dropped, after_index)
         return self._ack("ok", truncated=dropped)
 
-    def _rewind_state(self, index: int) -> None:
-        """Replaces the applied state with one at or below `index` (runs on an I/O thread)."""
+    def _rewound_state(self, index: int) -> ReplicatedStateMachine:
+        """A state at or below `index`: the newest snapshot there, or empty (runs on an I/O
+        thread; the log replays the rest as the commit index allows)."""
         fresh = ReplicatedStateMachine(self.kind_cls())
         for path in reversed(self.snapshots.paths()):
             header = read_header(path)
@@ -623,11 +670,7 @@ class Replica:
             raise StorageError(
                 f"{self.service}: cannot rewind to index {index}: no snapshot at or below it "
                 "and the log before it was compacted; discard this replica to rebuild it")
-        log.warning("%s: rewound applied state from %d to %d to drop a divergent tail",
-                    self.service, self.sm.applied_index, fresh.applied_index)
-        self.sm = fresh
-        self._last_snapshot_index = fresh.applied_index
-        self._unapplied.clear()
+        return fresh
 
     async def receive_batch(self, epoch: int, batch_id: int, prev: LogPosition,
                             first_index: int, last_index: int, records: bytes,
@@ -643,22 +686,17 @@ class Replica:
         if any(isinstance(a, Append) for a in actions):
             loop = asyncio.get_running_loop()
             try:
-                entries = await loop.run_in_executor(
-                    self.agent.io, self._append_shipped, records, first_index, last_index)
+                await loop.run_in_executor(
+                    self.agent.io, self.wal.append_records, records, first_index, last_index)
             except LogCorruptError as exc:
                 return self._ack("corrupt", batch_id, str(exc))
             except (DiskFullError, StorageError, OSError) as exc:
                 self.last_error = str(exc)
                 return self._ack("storage_error", batch_id, str(exc))
-            self._unapplied.extend(entries)
+            self._undecoded.append((first_index, last_index, records))
             self._next_index = self.wal.last_index + 1
-        self._apply_committed()
+        self._schedule_apply()
         return self._ack("ok", batch_id)
-
-    def _append_shipped(self, records: bytes, first: int, last: int) -> list[Entry]:
-        entries: list[Entry] = []
-        self.wal.append_records(records, first, last, out=entries)
-        return entries
 
     def hears_primary(self, now_ms: int) -> tuple[bool, int]:
         """Whether the primary's stream reached us within a failure timeout, and how long ago."""
@@ -683,6 +721,7 @@ class Replica:
         self.sm = fresh
         self._last_snapshot_index = header.applied_index
         self._unapplied.clear()
+        self._undecoded.clear()
         self._next_index = self.wal.last_index + 1
         if self.duplica is not None:
             self.duplica.verified_index = header.applied_index

@@ -163,9 +163,15 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
         queue: asyncio.Queue[replication_pb2.ShipMessage | None] = asyncio.Queue(
             maxsize=SHIP_READ_AHEAD_MAX)
 
+        agent = self.agent
+        pending = 0  # read ahead and not yet answered, counted in agent.receiving too
+
         async def read_ahead() -> None:
+            nonlocal pending
             try:
                 async for message in request_iterator:
+                    pending += 1
+                    agent.receive_queued(1)
                     await queue.put(message)
             finally:
                 await queue.put(None)
@@ -173,19 +179,24 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
         reader = asyncio.ensure_future(read_ahead())
         try:
             while (message := await queue.get()) is not None:
-                acks = list((await self.agent.receive(message)).acks)
+                acks = list((await agent.receive(message)).acks)
+                handled = 1
                 ended = False
                 while not queue.empty():
                     more = queue.get_nowait()
                     if more is None:
                         ended = True
                         break
-                    acks.extend((await self.agent.receive(more)).acks)
+                    acks.extend((await agent.receive(more)).acks)
+                    handled += 1
+                pending -= handled
+                agent.receive_queued(-handled)
                 yield replication_pb2.ShipReply(acks=acks)
                 if ended:
                     return
         finally:
             reader.cancel()
+            agent.receive_queued(-pending)
 
     async def InstallSnapshot(
         self, request_iterator: AsyncIterator[replication_pb2.SnapshotChunk],

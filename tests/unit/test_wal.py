@@ -824,3 +824,28 @@ def test_append_records_hands_back_the_entries_it_checked(tmp_path: Path) -> Non
     out: list[Entry] = []
     assert target.append_records(records, first, last, out=out) == 39
     assert out == decode_records(records) == target.read(1, 39)
+
+
+def test_append_records_fast_path_keeps_epoch_changes_and_refuses_bad_batches(
+    tmp_path: Path,
+) -> None:
+    source = WriteAheadLog.open(tmp_path / "a")
+    source.append([Entry(1, i, b"", b"x") for i in range(1, 6)])
+    source.append([Entry(3, i, b"", b"y") for i in range(6, 11)])
+    records, first, last = source.read_records(1, entries_max=100, bytes_max=1 << 20)
+    target = WriteAheadLog.open(tmp_path / "b")
+    with pytest.raises(LogCorruptError, match="claimed"):
+        target.append_records(records, 1, 11)  # one record short of the claim
+    flipped = bytearray(records)
+    flipped[len(records) // 2] ^= 0x40
+    with pytest.raises(LogCorruptError):
+        target.append_records(bytes(flipped), first, last)
+    assert target.last_index == 0
+    assert target.append_records(records, first, last) == 10
+    assert target.epoch_history == source.epoch_history == [(1, 1), (3, 6)]
+    one_epoch, f2, l2 = source.read_records(6, entries_max=100, bytes_max=1 << 20)
+    other = WriteAheadLog.open(tmp_path / "c")
+    other.compact(5, 1)
+    assert other.append_records(one_epoch, f2, l2) == 10
+    assert other.read(6, 10) == source.read(6, 10)
+    assert other.epoch_at(6) == 3

@@ -1,0 +1,514 @@
+"""Replication throughput and latency on real agent processes; prints one JSON line.
+
+Three client-driven runs, each on a fresh two-agent LocalCluster (fsync policy ``batch``) at
+the same concurrency: CLIENT_PROCS client processes x TASKS_PER_PROC asyncio tasks, each
+process with its own ``failover.client.Client``, doing kv puts of distinct keys with
+100-byte values:
+
+* ``unreplicated``: a primary with no duplicas;
+* ``sync``: a primary and one in-sync duplica (the write is acknowledged once on both disks);
+* ``async``: a primary and one duplica outside the in-sync set (``mode="async"``).
+
+The client processes are this script re-invoked with ``--worker``; they start together on a
+wall-clock barrier, warm up, then count completions for a fixed duration and report their
+counts and per-request latencies (monotonic clock) as JSON on stdout.
+
+Then pure log shipping: a primary's log is pre-filled with SHIP_ENTRIES valid kv puts written
+straight into its WAL directory (with the agent stopped), the agent is restarted and applies
+them, and a fresh duplica is added in sync; ``shipping_entries_s`` is the number of entries
+over the time from that AssignRole until the duplica's durable index reaches the primary's
+last index. Automatic snapshots are off on both agents for this run (otherwise the primary
+would compact its log while applying, and the duplica would get a snapshot install rather
+than log shipping); the duplica applies concurrently as the commit index advances.
+
+Run: ``.venv/bin/python benchmarks/replication.py`` (progress on stderr, JSON on stdout).
+``--profile DIR`` also records py-spy profiles (raw collapsed stacks) of the agents during
+each measured window and the shipping run; the numbers of a profiled run are perturbed by py-spy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import msgpack  # noqa: E402
+
+SERVICE = "kv1"
+VALUE_BYTES = 100
+CLIENT_PROCS = 4
+TASKS_PER_PROC = 16
+DURATION_S = 5.0
+WARMUP_S = 1.0
+LEAD_S = 4.0  # time the client processes get to start (import grpc, connect) before warm-up
+FSYNC_POLICY = "batch"
+SHIP_ENTRIES = 500_000
+PREFILL_CHUNK = 4096
+POLL_S = 0.010
+MODES = ("unreplicated", "sync", "async")
+
+
+def progress(message: str) -> None:
+    print(f"[replication] {message}", file=sys.stderr, flush=True)
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile of an ascending list."""
+    if not sorted_values:
+        return None
+    rank = max(1, int(-(-q * len(sorted_values) // 100)))  # ceil(q/100 * n)
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def value_for(tag: str) -> str:
+    """A VALUE_BYTES-long ASCII value that starts with `tag` (so values differ)."""
+    return (tag + "-" + "v" * VALUE_BYTES)[:VALUE_BYTES]
+
+
+# --- the client processes --------------------------------------------------------------------
+
+
+async def worker_main(args: argparse.Namespace) -> dict[str, Any]:
+    from failover.client import Client
+
+    counts = {"ops": 0, "errors": 0}
+    latencies_ms: list[float] = []
+    first_error = ""
+    prefix = f"{args.mode}-w{args.worker_id}"
+    async with Client(agents=args.address, client_id=f"bench-{prefix}-{uuid.uuid4().hex[:8]}",
+                      deadline_ms=args.deadline_ms) as client:
+        # Connect and find the primary before the barrier.
+        await client.call(SERVICE, {"op": "put", "key": f"{prefix}-hello",
+                                    "value": value_for("hello")})
+        warm_at_wall = args.start_at - args.warmup
+        late_s = max(0.0, time.time() - warm_at_wall)
+        await asyncio.sleep(max(0.0, warm_at_wall - time.time()))
+        # The window in this process's monotonic clock.
+        measure_start = time.monotonic() + (args.start_at - time.time())
+        measure_end = measure_start + args.duration
+
+        async def task(t: int) -> None:
+            nonlocal first_error
+            i = 0
+            call = client.call
+            monotonic = time.monotonic
+            while True:
+                t0 = monotonic()
+                if t0 >= measure_end:
+                    return
+                key = f"{prefix}-t{t}-{i}"
+                i += 1
+                try:
+                    await call(SERVICE, {"op": "put", "key": key, "value": value_for(key)})
+                except Exception as exc:  # counted and reported, never hidden
+                    t1 = monotonic()
+                    if measure_start <= t1 <= measure_end:
+                        counts["errors"] += 1
+                    if not first_error:
+                        first_error = f"{type(exc).__name__}: {exc}"
+                    continue
+                t1 = monotonic()
+                if measure_start <= t1 <= measure_end:
+                    counts["ops"] += 1
+                    latencies_ms.append(round((t1 - t0) * 1000, 3))
+
+        cpu: list[float] = []
+
+        async def cpu_meter() -> None:
+            # CPU seconds of this whole process (grpc threads included) over the window.
+            await asyncio.sleep(max(0.0, measure_start - time.monotonic()))
+            cpu.append(time.process_time())
+            await asyncio.sleep(max(0.0, measure_end - time.monotonic()))
+            cpu.append(time.process_time())
+
+        await asyncio.gather(cpu_meter(), *(task(t) for t in range(args.tasks)))
+        retries = client.retries
+    return {"worker": args.worker_id, "ops": counts["ops"], "errors": counts["errors"],
+            "retries": retries, "late_s": round(late_s, 3), "first_error": first_error,
+            "cpu_s": round(cpu[1] - cpu[0], 3),
+            "latencies_ms": latencies_ms}
+
+
+# --- the parent ------------------------------------------------------------------------------
+
+
+def py_spy_path() -> str | None:
+    candidate = Path(sys.executable).parent / "py-spy"
+    return str(candidate) if candidate.exists() else shutil.which("py-spy")
+
+
+class Profiler:
+    """py-spy record (raw collapsed stacks) of some agent processes until `finish`."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.directory = directory
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, pids: dict[str, int]) -> None:
+        if self.directory is None:
+            return
+        spy = py_spy_path()
+        if spy is None:
+            progress("py-spy not found: no profile")
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for host, pid in pids.items():
+            self.procs.append(subprocess.Popen(
+                [spy, "record", "--pid", str(pid), "--rate", "100", "--format", "raw",
+                 "--nonblocking", "--output", str(self.directory / f"{name}-{host}.txt")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL, start_new_session=True))
+        progress(f"profiling {name}: {', '.join(f'{h}={p}' for h, p in pids.items())}")
+
+    def finish(self) -> None:
+        """Stops the samplers (SIGINT makes py-spy write its output)."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+
+
+def agent_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process used so far (all its threads)."""
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+def spawn_workers(mode: str, address: str, start_at: float, args: argparse.Namespace
+                  ) -> list[subprocess.Popen[bytes]]:
+    procs = []
+    for k in range(args.client_procs):
+        procs.append(subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--worker", "--mode", mode,
+             "--worker-id", str(k), "--address", address, "--tasks", str(args.tasks),
+             "--start-at", repr(start_at), "--warmup", str(args.warmup),
+             "--duration", str(args.duration)],
+            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True,
+            cwd=str(REPO)))
+    return procs
+
+
+def collect_workers(procs: list[subprocess.Popen[bytes]], timeout_s: float
+                    ) -> list[dict[str, Any]]:
+    results = []
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        if proc.returncode != 0:
+            raise RuntimeError(f"client process {proc.pid} exited with {proc.returncode}")
+        lines = [line for line in out.decode().splitlines() if line.strip()]
+        results.append(json.loads(lines[-1]))
+    return results
+
+
+def kill_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=5)
+
+
+def run_clients(mode: str, root: Path, args: argparse.Namespace,
+                profiler: Profiler) -> dict[str, Any]:
+    from failover.localcluster import LocalCluster, wait_for
+
+    progress(f"{mode}: starting a fresh cluster")
+    with LocalCluster(root / mode, hosts=2, fsync_policy=FSYNC_POLICY) as cluster:
+        cluster.start()
+        primary, duplica = cluster["host1"], cluster["host2"]
+        if mode == "unreplicated":
+            cluster.form(SERVICE, "kv", "host1", [])
+        elif mode == "sync":
+            cluster.form(SERVICE, "kv", "host1", ["host2"])
+        else:
+            cluster.form(SERVICE, "kv", "host1", ["host2"], mode="async", in_sync=[])
+        # Ready when the primary applied its epoch's first entry (and, replicated, the duplica
+        # holds it: the link is up and streaming).
+        wait_for(lambda: (r := primary.replica(SERVICE)) and r.indexes.applied_index >= 1, 20,
+                 "the primary to open its epoch")
+        if mode != "unreplicated":
+            wait_for(lambda: (r := duplica.replica(SERVICE)) and r.indexes.durable_index >= 1,
+                     20, "the duplica to receive the log")
+        before = primary.replica(SERVICE).indexes.applied_index  # type: ignore[union-attr]
+        start_at = time.time() + args.lead
+        workers = spawn_workers(mode, primary.address, start_at, args)
+        agents = {"primary": primary, "duplica": duplica}
+        try:
+            time.sleep(max(0.0, start_at - time.time()))
+            cpu0 = {role: agent_cpu_s(a.proc.pid) for role, a in agents.items()}
+            profiler.start(mode, {"host1": primary.proc.pid, "host2": duplica.proc.pid})
+            time.sleep(max(0.0, start_at + args.duration - time.time()))
+            agents_cpu = {role: round(agent_cpu_s(a.proc.pid) - cpu0[role], 2)
+                          for role, a in agents.items()}
+            results = collect_workers(workers, args.warmup + args.duration + 60)
+        finally:
+            kill_all(workers)
+            profiler.finish()
+        after = primary.replica(SERVICE).indexes.applied_index  # type: ignore[union-attr]
+        converged = None
+        if mode != "unreplicated":
+            try:
+                cluster.wait_converged(SERVICE, ["host1", "host2"], timeout_s=30)
+                converged = True
+            except TimeoutError as exc:
+                progress(f"{mode}: replicas did not converge: {exc}")
+                converged = False
+    ops = sum(r["ops"] for r in results)
+    errors = sum(r["errors"] for r in results)
+    latencies = sorted(x for r in results for x in r["latencies_ms"])
+    late = max(r["late_s"] for r in results)
+    if late > 0:
+        progress(f"{mode}: a client process reached the warm-up barrier {late:.2f} s late")
+    first_errors = sorted({r["first_error"] for r in results if r["first_error"]})
+    summary = {
+        "ops_s": round(ops / args.duration, 1),
+        "ops": ops,
+        "errors": errors,
+        "retries": sum(r["retries"] for r in results),
+        "p50_ms": percentile(latencies, 50),
+        "p99_ms": percentile(latencies, 99),
+        "max_ms": latencies[-1] if latencies else None,
+        "per_process_ops": [r["ops"] for r in results],
+        # CPU seconds used during the measured window (the machine has os.cpu_count() cores
+        # for duration_s each); the duplica is idle in the unreplicated run.
+        "cpu_s_primary": agents_cpu["primary"],
+        "cpu_s_duplica": agents_cpu["duplica"],
+        "cpu_s_clients": round(sum(r["cpu_s"] for r in results), 2),
+        "barrier_late_s_max": late,
+        "primary_applied_during_run": after - before,
+        "replicas_converged": converged,
+    }
+    if first_errors:
+        summary["first_errors"] = first_errors[:3]
+    progress(f"{mode}: {summary['ops_s']} ops/s, p50 {summary['p50_ms']} ms, "
+             f"p99 {summary['p99_ms']} ms, errors {errors}")
+    return summary
+
+
+def prefill(wal_dir: Path, entries: int) -> tuple[int, int, float, int]:
+    """Appends `entries` valid kv puts after the log's last entry; returns (first, last,
+    seconds, bytes of the log's segment files)."""
+    from failover.core.sessions import encode_request_id
+    from failover.storage.wal import Entry, WriteAheadLog
+
+    started = time.perf_counter()
+    pack = msgpack.Packer(use_bin_type=True).pack
+    with WriteAheadLog.open(wal_dir, fsync_policy="never") as wal:
+        epoch = wal.last_epoch
+        first = wal.last_index + 1
+        assert epoch >= 1, "the log should hold the epoch's first entry"
+        index = first
+        for start in range(0, entries, PREFILL_CHUNK):
+            batch = []
+            for i in range(start, min(entries, start + PREFILL_CHUNK)):
+                key = f"ship-{i:08d}"
+                payload = pack({"op": "put", "key": key, "value": value_for(key)})
+                batch.append(Entry(epoch, index, encode_request_id("prefill", i + 1), payload))
+                index += 1
+            wal.append(batch)
+        wal.sync()
+        last = wal.last_index
+    record_bytes = sum(f.stat().st_size for f in Path(wal_dir).glob("*.wal"))
+    return first, last, time.perf_counter() - started, record_bytes
+
+
+def run_shipping(root: Path, args: argparse.Namespace, profiler: Profiler) -> dict[str, Any]:
+    from failover.localcluster import LocalCluster, wait_for
+    from failover.v1 import agent_pb2, common_pb2
+
+    config = root / "ship-agent.toml"
+    config.write_text("snapshot_every_entries = 0\n")
+    progress(f"shipping: pre-filling a primary's log with {args.ship_entries} entries")
+    with LocalCluster(root / "ship", hosts=2, fsync_policy=FSYNC_POLICY,
+                      extra={"config": str(config)}) as cluster:
+        cluster.start()
+        p, d = cluster["host1"], cluster["host2"]
+        sync_pb = common_pb2.REPLICATION_MODE_SYNC
+
+        def assign_primary(epoch: int, duplicas: list[str]) -> None:
+            p.control().AssignRole(agent_pb2.AssignRoleRequest(
+                service=SERVICE, kind="kv", role=common_pb2.ROLE_PRIMARY, epoch=epoch,
+                mode=sync_pb,
+                duplicas=[agent_pb2.ReplicaPeer(host_id=h, address=cluster[h].address)
+                          for h in duplicas],
+                in_sync=duplicas), timeout=30)
+
+        assign_primary(1, [])
+        wait_for(lambda: (r := p.replica(SERVICE)) and r.indexes.applied_index >= 1, 20,
+                 "the primary to open epoch 1")
+        p.stop()
+        wal_dir = p.data_dir / "replicas" / SERVICE / "wal"
+        first, last, prefill_s, log_bytes = prefill(wal_dir, args.ship_entries)
+        progress(f"shipping: wrote entries {first}..{last} in {prefill_s:.1f} s; restarting")
+        t = time.monotonic()
+        p.start()
+        restart_s = time.monotonic() - t
+        # A new epoch with no duplicas: the primary logs the epoch's first entry, which
+        # commits (and so applies) everything before it. Then its state is what a primary
+        # that served those writes would hold.
+        t = time.monotonic()
+        assign_primary(2, [])
+        target = last + 1
+        wait_for(lambda: (r := p.replica(SERVICE)) and r.indexes.applied_index >= target, 300,
+                 "the primary to apply the pre-filled log", interval_s=0.05)
+        primary_apply_s = time.monotonic() - t
+        progress(f"shipping: primary restarted in {restart_s:.1f} s, applied {target} entries "
+                 f"in {primary_apply_s:.1f} s; adding a fresh duplica")
+        status = p.replica(SERVICE)
+        assert status is not None and status.indexes.durable_index == target, status
+        d.control().AssignRole(agent_pb2.AssignRoleRequest(
+            service=SERVICE, kind="kv", role=common_pb2.ROLE_DUPLICA, epoch=2, mode=sync_pb,
+            primary=agent_pb2.ReplicaPeer(host_id="host1", address=p.address)), timeout=30)
+        profiler.start("shipping", {"host1": p.proc.pid, "host2": d.proc.pid})
+        try:
+            t0 = time.monotonic()
+            assign_primary(2, ["host2"])
+            durable_s = applied_s = None
+            deadline = t0 + 300
+            samples = []
+            while time.monotonic() < deadline:
+                r = d.replica(SERVICE)
+                now = time.monotonic()
+                if r is not None:
+                    samples.append((now - t0, r.indexes.durable_index, r.indexes.applied_index))
+                    if durable_s is None and r.indexes.durable_index >= target:
+                        durable_s = now - t0
+                    if applied_s is None and r.indexes.applied_index >= target:
+                        applied_s = now - t0
+                    if durable_s is not None and applied_s is not None:
+                        break
+                time.sleep(POLL_S)
+            if durable_s is None:
+                raise TimeoutError(f"the duplica did not reach durable index {target} in 300 s "
+                                   f"(last: {samples[-1] if samples else None})")
+        finally:
+            profiler.finish()
+        cluster.wait_converged(SERVICE, ["host1", "host2"], timeout_s=120)
+    # Durable index at each whole second, to show whether the rate is steady.
+    timeline = []
+    for elapsed, durable, applied in samples:
+        if not timeline or elapsed >= len(timeline):
+            timeline.append([round(elapsed, 2), durable, applied])
+    result = {
+        "entries": args.ship_entries,
+        "entries_shipped_incl_epoch_markers": target,
+        "to_durable_s": round(durable_s, 3),
+        "to_applied_s": round(applied_s, 3) if applied_s is not None else None,
+        "entries_s_applied": round(args.ship_entries / applied_s) if applied_s else None,
+        "log_bytes": log_bytes,
+        "record_bytes_avg": round(log_bytes / target, 1),
+        "prefill_s": round(prefill_s, 2),
+        "primary_restart_s": round(restart_s, 2),
+        "primary_apply_s": round(primary_apply_s, 2),
+        "replicas_converged": True,
+        "timeline_s_durable_applied": timeline,
+    }
+    progress(f"shipping: durable in {durable_s:.2f} s "
+             f"({args.ship_entries / durable_s:,.0f} entries/s), applied in "
+             f"{applied_s if applied_s is None else round(applied_s, 2)} s")
+    return result
+
+
+def main(args: argparse.Namespace) -> None:
+    began = time.monotonic()
+    profiler = Profiler(Path(args.profile).resolve() if args.profile else None)
+    modes = [m for m in MODES if m in args.modes.split(",")]
+    details: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="failover-repl-bench-") as tmp:
+        root = Path(tmp)
+        for mode in modes:
+            details[mode] = run_clients(mode, root, args, profiler)
+        if args.ship_entries > 0:
+            details["shipping"] = run_shipping(root, args, profiler)
+
+    def ops(mode: str) -> float | None:
+        return details[mode]["ops_s"] if mode in details else None
+
+    unrep, sync, asyn = ops("unreplicated"), ops("sync"), ops("async")
+    ship = details.get("shipping")
+    result = {
+        "unreplicated_ops_s": unrep,
+        "sync_ops_s": sync,
+        "async_ops_s": asyn,
+        "sync_ratio": round(sync / unrep, 3) if sync is not None and unrep else None,
+        "write_p50_ms": details["sync"]["p50_ms"] if "sync" in details else None,
+        "write_p99_ms": details["sync"]["p99_ms"] if "sync" in details else None,
+        "shipping_entries_s": round(ship["entries"] / ship["to_durable_s"]) if ship else None,
+        "settings": {
+            "client_processes": args.client_procs,
+            "tasks_per_process": args.tasks,
+            "concurrency": args.client_procs * args.tasks,
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "fsync_policy": FSYNC_POLICY,
+            "value_bytes": VALUE_BYTES,
+            "request": "kv put, distinct keys",
+            "agents_per_cluster": 2,
+            "fresh_cluster_per_mode": True,
+            "ship_entries": args.ship_entries,
+            "ship_payload": "msgpack kv put, 100-byte value, with request id",
+            "ship_batch_entries_max": 4096,
+            "ship_snapshots": "off (snapshot_every_entries=0) on both agents",
+            "ship_timed": "AssignRole(primary, duplica in sync) -> duplica durable_index "
+                          f">= primary last index, polled every {POLL_S * 1000:.0f} ms",
+            "ship_applied_concurrently": True,
+            "cpus": os.cpu_count(),
+            "profiled": bool(args.profile),
+            "run_s": round(time.monotonic() - began, 1),
+        },
+        "details": details,
+    }
+    print(json.dumps(result, separators=(",", ":")))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=DURATION_S)
+    parser.add_argument("--warmup", type=float, default=WARMUP_S)
+    parser.add_argument("--lead", type=float, default=LEAD_S)
+    parser.add_argument("--client-procs", type=int, default=CLIENT_PROCS)
+    parser.add_argument("--tasks", type=int, default=TASKS_PER_PROC,
+                        help="in-flight requests per client process")
+    parser.add_argument("--ship-entries", type=int, default=SHIP_ENTRIES)
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--profile", metavar="DIR", help="py-spy the agents into DIR")
+    # Worker (client process) arguments.
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-id", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--address", help=argparse.SUPPRESS)
+    parser.add_argument("--start-at", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--deadline-ms", type=int, default=5000, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()
+    if ARGS.worker:
+        print(json.dumps(asyncio.run(worker_main(ARGS)), separators=(",", ":")))
+    else:
+        main(ARGS)
