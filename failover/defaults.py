@@ -55,3 +55,8 @@ LINK_BACKOFF_MIN_MS = 20
 LINK_BACKOFF_MAX_MS = 1000
 CLIENT_BACKOFF_MIN_MS = 5
 CLIENT_BACKOFF_MAX_MS = 250
+
+# Coordinator store (cluster state and its history).
+HISTORY_EVENTS_MAX = 100_000  # history rows kept; the oldest are deleted in the same commit
+STORE_KEY_BYTES_MAX = 1024  # a state key, UTF-8
+STORE_VALUE_BYTES_MAX = 16 << 20  # a state value or one history event's encoded details

@@ -123,3 +123,25 @@ class StateCorruptError(FailoverError):
 class KindLoadError(FailoverError):
     """A registered service kind cannot be used: its module fails to import, the entry point
     names no ServiceKind, or two packages register different kinds under one name."""
+
+
+# --- coordinator store ---------------------------------------------------------------------
+
+
+class StoreConflictError(StorageError):
+    """A commit named the store revision it expected and the store has moved past it (another
+    commit came first); nothing was applied: load again, decide again, commit again."""
+
+    def __init__(self, expected: int, actual: int) -> None:
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            f"store commit expected revision {expected} but the store is at {actual}: another "
+            "commit came first and nothing was applied; load the state again and retry"
+        )
+
+
+class LeadershipLostError(StorageError):
+    """This coordinator's leadership term is over (a store shared by several coordinators, such
+    as etcd, elected another leader); the commit was not applied. The coordinator must stop
+    acting as leader at once and campaign again."""

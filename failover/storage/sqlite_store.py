@@ -1,0 +1,404 @@
+"""The coordinator's store in one SQLite file in its data dir (the default store).
+
+Layout (schema version 1, kept in ``PRAGMA user_version``)::
+
+    state(key TEXT PRIMARY KEY, value BLOB NOT NULL)        the cluster state map
+    history(seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL,  the event history; AUTOINCREMENT
+            service TEXT, kind TEXT, message TEXT,           so a seq is never reused, even
+            details BLOB)                                     after the oldest rows are deleted
+    history_service_seq ON history(service, seq)
+    meta(name TEXT PRIMARY KEY, value INTEGER NOT NULL)     "revision" and "term"
+
+The database runs in WAL mode with ``synchronous=FULL``: a commit is fsynced before `commit`
+returns and survives power loss. The stdlib `sqlite3` connection lives on one dedicated thread
+(a single-worker executor) and is created, used and closed only there, so calls from the event
+loop never block it and run one at a time in the order they were made.
+
+One coordinator owns the file: `open` takes an exclusive ``flock`` on ``<path>.lock`` and keeps
+it until `close` (or process exit); a second opener is refused with a ConfigError. The history is
+bounded: a commit that records events deletes, in the same transaction, the rows more than
+`history_max` seqs behind the newest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from failover import defaults
+from failover.errors import ConfigError, DiskFullError, StorageError, StoreConflictError
+from failover.storage.atomic import fsync_dir
+from failover.storage.store import (
+    HistoryEvent,
+    HistoryRecord,
+    Store,
+    check_event,
+    check_key,
+    check_value,
+    decode_details,
+)
+
+__all__ = ["SCHEMA_VERSION", "SqliteStore", "lock_path_for"]
+
+SCHEMA_VERSION = 1
+_BUSY_TIMEOUT_S = 5.0  # only an operator's read-only sqlite3 shell can contend with us
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS history (seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL, "
+    "service TEXT, kind TEXT, message TEXT, details BLOB)",
+    "CREATE INDEX IF NOT EXISTS history_service_seq ON history (service, seq)",
+    "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+    f"PRAGMA user_version = {SCHEMA_VERSION}",
+)
+
+_T = TypeVar("_T")
+
+
+def lock_path_for(path: str | os.PathLike[str]) -> Path:
+    """The lock file that marks the SQLite database at `path` as owned: ``<path>.lock``."""
+    db = Path(path)
+    return db.with_name(db.name + ".lock")
+
+
+class SqliteStore(Store):
+    """The cluster state in the SQLite file at `path` (its directory is created if missing).
+
+    `history_max` bounds the history rows kept (tests make it small); `clock` gives the
+    wall-clock time stamped on history events.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        history_max: int = defaults.HISTORY_EVENTS_MAX,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if history_max < 1:
+            raise ConfigError(f"history_max is {history_max}: keep at least one history event")
+        self.path = Path(path).absolute()
+        self.lock_path = lock_path_for(self.path)
+        self.description = f"sqlite://{self.path}"  # the path starts with "/": sqlite:///...
+        self._history_max = history_max
+        self._clock = clock
+        self._executor: ThreadPoolExecutor | None = None
+        self._revision = 0
+        self._term = 0
+        # Touched only on the worker thread:
+        self._conn: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
+
+    # --- Store -------------------------------------------------------------------------------
+
+    @property
+    def revision(self) -> int:
+        """The revision as of this handle's last open, load or commit (commits count from 1)."""
+        return self._revision
+
+    @property
+    def term(self) -> int:
+        """The term of this open: one more than the previous open's, persisted."""
+        return self._term
+
+    async def open(self) -> None:
+        """Takes the lock, opens (creating if missing) the database and upgrades its schema.
+
+        Raises ConfigError when another coordinator holds the lock or the schema is newer than
+        this code, StorageError when the file is not a usable SQLite database.
+        """
+        if self._executor is not None:
+            raise RuntimeError(f"{self.description} is already open")
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        self._executor = executor
+        try:
+            self._revision, self._term = await asyncio.get_running_loop().run_in_executor(
+                executor, self._open_sync
+            )
+        except BaseException:
+            # _open_sync cleans up after its own failures; this covers a cancelled open whose
+            # _open_sync still runs: the close queues behind it on the one worker.
+            self._executor = None
+            executor.submit(self._close_sync)
+            executor.shutdown(wait=False)
+            raise
+
+    async def close(self) -> None:
+        """Closes the database and releases the lock, after the calls already made finish."""
+        executor = self._executor
+        if executor is None:
+            return
+        self._executor = None
+        try:
+            await asyncio.get_running_loop().run_in_executor(executor, self._close_sync)
+        finally:
+            executor.shutdown(wait=False)
+
+    async def load(self) -> dict[str, bytes]:
+        """Every key and value, read in one transaction."""
+        state, revision = await self._run(self._load_sync)
+        self._revision = max(self._revision, revision)
+        return state
+
+    async def commit(
+        self,
+        puts: Mapping[str, bytes],
+        deletes: Iterable[str] = (),
+        history: Sequence[HistoryEvent] = (),
+        *,
+        expect_revision: int | None = None,
+    ) -> list[int]:
+        """One transaction: check `expect_revision`, put, delete, record events, trim the
+        history, raise the revision; fsynced before it returns. See `Store.commit`."""
+        if isinstance(deletes, str | bytes):
+            raise ValueError(f"deletes is the single string {deletes!r}: pass a list of keys")
+        # Copied here, on the loop, so a caller changing its containers later changes nothing.
+        put_items = list(puts.items())
+        delete_keys = list(deletes)
+        events = list(history)
+        if not (put_items or delete_keys or events):
+            if expect_revision is not None:
+                # Nothing to apply (no new revision); still answer the compare-and-set.
+                await self._run(self._check_revision_sync, expect_revision)
+            return []
+        seqs, revision = await self._run(
+            self._commit_sync, put_items, delete_keys, events, expect_revision
+        )
+        self._revision = max(self._revision, revision)
+        return seqs
+
+    async def history(
+        self, service: str | None = None, limit: int = 100, kind: str | None = None
+    ) -> list[HistoryRecord]:
+        """The newest `limit` matching events, newest last. See `Store.history`."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"history limit {limit!r} is not a count of events (an int >= 0)")
+        if limit == 0:
+            return []
+        return await self._run(self._history_sync, service, limit, kind)
+
+    # --- the worker thread -------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        executor = self._executor
+        if executor is None:
+            raise RuntimeError(f"{self.description} is not open: call open() first")
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+
+    def _open_sync(self) -> tuple[int, int]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
+        try:
+            existed = self.path.exists()
+            conn = sqlite3.connect(
+                self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=True
+            )
+            self._conn = conn
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise ConfigError(
+                    f"{self.path}: SQLite cannot use write-ahead logging here (journal mode "
+                    f"stays {mode!r}); put the coordinator's data dir on a local filesystem"
+                )
+            conn.execute("PRAGMA synchronous=FULL")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise ConfigError(
+                    f"{self.path} has store schema version {version}, newer than this "
+                    f"coordinator understands ({SCHEMA_VERSION}): run the newer "
+                    "failover-coordinator that wrote it, or start from another data dir"
+                )
+            with _transaction(conn):
+                if version < SCHEMA_VERSION:
+                    for statement in _SCHEMA:
+                        conn.execute(statement)
+                term = _meta(conn, "term") + 1
+                _set_meta(conn, "term", term)
+                revision = _meta(conn, "revision")
+            if not existed:
+                fsync_dir(self.path.parent)  # the new file's name survives power loss too
+            return revision, term
+        except sqlite3.Error as exc:
+            self._close_sync()
+            raise StorageError(
+                f"{self.path} is not a usable SQLite database ({exc}): restore it from a copy, "
+                "or move it away to start the cluster state afresh"
+            ) from exc
+        except BaseException:
+            self._close_sync()
+            raise
+
+    def _take_lock(self) -> None:
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = ""
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(os.pread(fd, 32, 0).decode("ascii").strip())
+                holder = f" (pid {pid})"
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise ConfigError(
+                f"another coordinator{holder} uses this data dir ({self.path.parent}): it holds "
+                f"the lock {self.lock_path}; stop it first, or give this coordinator its own "
+                "--data-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        self._lock_fd = fd
+
+    def _close_sync(self) -> None:
+        conn, self._conn = self._conn, None
+        fd, self._lock_fd = self._lock_fd, None
+        try:
+            if conn is not None:
+                conn.close()
+        finally:
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError(f"{self.description} is not open: call open() first")
+        return self._conn
+
+    def _load_sync(self) -> tuple[dict[str, bytes], int]:
+        conn = self._connection()
+        with _storage_errors(self.path), _transaction(conn, "BEGIN"):
+            state = {
+                key: bytes(value) for key, value in conn.execute("SELECT key, value FROM state")
+            }
+            return state, _meta(conn, "revision")
+
+    def _check_revision_sync(self, expect_revision: int) -> None:
+        conn = self._connection()
+        with _storage_errors(self.path):
+            revision = _meta(conn, "revision")
+        if revision != expect_revision:
+            raise StoreConflictError(expect_revision, revision)
+
+    def _commit_sync(
+        self,
+        puts: list[tuple[str, bytes]],
+        deletes: list[str],
+        events: list[HistoryEvent],
+        expect_revision: int | None,
+    ) -> tuple[list[int], int]:
+        conn = self._connection()
+        # Each item is checked just before it is written, so an invalid one found midway rolls
+        # back the ones written before it: the transaction is the only guard of atomicity.
+        with _storage_errors(self.path), _transaction(conn):
+            revision = _meta(conn, "revision")
+            if expect_revision is not None and revision != expect_revision:
+                raise StoreConflictError(expect_revision, revision)
+            put_keys: set[str] = set()
+            for key, value in puts:
+                check_key(key)
+                conn.execute(
+                    "INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)",
+                    (key, check_value(key, value)),
+                )
+                put_keys.add(key)
+            for key in deletes:
+                if check_key(key) in put_keys:
+                    raise ValueError(
+                        f"store key {key!r} is both put and deleted in one commit: do one"
+                    )
+                conn.execute("DELETE FROM state WHERE key = ?", (key,))
+            seqs: list[int] = []
+            at = float(self._clock())
+            for event in events:
+                service, kind, message, details = check_event(event)
+                cursor = conn.execute(
+                    "INSERT INTO history (at, service, kind, message, details) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (at, service, kind, message, details),
+                )
+                assert cursor.lastrowid is not None
+                seqs.append(cursor.lastrowid)
+            if seqs:
+                conn.execute("DELETE FROM history WHERE seq <= ?", (seqs[-1] - self._history_max,))
+            revision += 1
+            _set_meta(conn, "revision", revision)
+        return seqs, revision
+
+    def _history_sync(
+        self, service: str | None, limit: int, kind: str | None
+    ) -> list[HistoryRecord]:
+        conn = self._connection()
+        clauses: list[str] = []
+        params: list[object] = []
+        if service is not None:
+            clauses.append("service = ?")
+            params.append(service)
+        if kind is not None:
+            clauses.append("kind = ?")
+            params.append(kind)
+        where = f"WHERE {' AND '.join(clauses)} " if clauses else ""
+        sql = (
+            "SELECT seq, at, service, kind, message, details FROM history "
+            f"{where}ORDER BY seq DESC LIMIT ?"
+        )
+        with _storage_errors(self.path):
+            rows = conn.execute(sql, (*params, limit)).fetchall()
+        return [
+            HistoryRecord(
+                seq=seq,
+                at=at if at is not None else 0.0,
+                service=svc or "",
+                kind=knd or "",
+                message=message or "",
+                details=decode_details(details),
+            )
+            for seq, at, svc, knd, message, details in reversed(rows)
+        ]
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE") -> Iterator[None]:
+    """Commits what the block did, or rolls all of it back if the block raises."""
+    conn.execute(begin)
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):  # the first error is the one to report
+                conn.execute("ROLLBACK")
+        raise
+
+
+@contextlib.contextmanager
+def _storage_errors(path: Path) -> Iterator[None]:
+    """Turns sqlite3 errors into this package's storage errors."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            raise DiskFullError(
+                f"{path}: no space left for the coordinator's store; nothing of the commit was "
+                "applied: free space in its data dir"
+            ) from exc
+        raise StorageError(f"{path}: the coordinator's store failed: {exc}") from exc
+
+
+def _meta(conn: sqlite3.Connection, name: str) -> int:
+    row = conn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _set_meta(conn: sqlite3.Connection, name: str, value: int) -> None:
+    conn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, value))

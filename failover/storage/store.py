@@ -1,0 +1,261 @@
+"""The coordinator's durable store: cluster state as a small map of keys to msgpack blobs, and an
+append-only history of events.
+
+The coordinator keeps hosts, services, replicas, epochs, in-sync sets and the routes version
+under keys of its choosing; the store neither knows nor parses them. A change is one `commit`:
+its puts, deletes and history events are applied together or not at all, and are durable when
+the call returns, so the coordinator can persist a new epoch before any agent hears of it
+(design.md, Invariants 1).
+
+Built now: `SqliteStore` (one coordinator, its data dir). The interface already carries what a
+store shared by several coordinators (etcd) needs:
+
+- `revision`: every commit that changes something raises it; `commit(expect_revision=...)`
+  applies only if no other commit came in between (compare-and-set), else raises
+  `StoreConflictError` with nothing applied;
+- `term`: the leadership term this handle holds; a store that can lose leadership raises
+  `LeadershipLostError` from a commit made after the term ended, with nothing applied.
+
+Keys are non-empty strings of at most `defaults.STORE_KEY_BYTES_MAX` UTF-8 bytes; values are
+`bytes` of at most `defaults.STORE_VALUE_BYTES_MAX`. A key may not be both put and deleted in one
+commit (etcd refuses that in one transaction, so no store accepts it).
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import msgpack
+
+from failover import defaults
+from failover.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_DB_NAME",
+    "HistoryEvent",
+    "HistoryRecord",
+    "Store",
+    "check_event",
+    "check_key",
+    "check_value",
+    "decode_details",
+    "encode_details",
+    "open_store",
+]
+
+DEFAULT_DB_NAME = "cluster.db"
+
+HistoryEvent = tuple[str, str, str, dict[str, Any]]
+"""One event to record: (service, kind, message, details); service "" is cluster-wide."""
+
+_ACCEPTED_FORMS = (
+    "leave it unset for sqlite:///DATA-DIR/cluster.db, or give sqlite:///ABSOLUTE/PATH, or "
+    "sqlite://PATH (relative to the data dir)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRecord:
+    """One recorded event, as `Store.history` returns it."""
+
+    seq: int
+    """Assigned by the store when the event is committed; increases, never reused."""
+    at: float
+    """Wall-clock seconds since the epoch at commit (for people; never for ordering)."""
+    service: str
+    """The service the event is about; "" for cluster-wide events."""
+    kind: str
+    """"failover", "switchover", "suspicion", "host", "service", ..."""
+    message: str
+    """One line for people."""
+    details: dict[str, Any]
+    """Structured data (msgpack round trip: tuples come back as lists)."""
+
+
+class Store(abc.ABC):
+    """Durable cluster state. Every method is async; commit is atomic and durable on return
+    (the coordinator persists a new epoch before any agent hears of it).
+
+    A store is used as ``await store.open() ... await store.close()`` or as
+    ``async with store:``. A caller cancelled while awaiting `commit` does not know whether
+    the commit was applied: load again to find out.
+    """
+
+    description: str
+    """Where the state lives, for status and logs, e.g. ``sqlite:///var/lib/fo/cluster.db``."""
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Opens (creating it if missing) and takes ownership of the store.
+
+        Raises `ConfigError` when the store cannot be used by this coordinator (another one
+        owns it, its format is newer than this code).
+        """
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Releases the store; calls that were already waiting finish first. Idempotent."""
+
+    @abc.abstractmethod
+    async def load(self) -> dict[str, bytes]:
+        """The whole state map (it is small), as of one revision, which `revision` then gives."""
+
+    @abc.abstractmethod
+    async def commit(
+        self,
+        puts: Mapping[str, bytes],
+        deletes: Iterable[str] = (),
+        history: Sequence[HistoryEvent] = (),
+        *,
+        expect_revision: int | None = None,
+    ) -> list[int]:
+        """Applies `puts`, `deletes` and records `history` events in one atomic, durable
+        transaction; returns the events' seqs in order.
+
+        With `expect_revision`, applies only if the store is still at that revision, else raises
+        `StoreConflictError`. An invalid key, value or event raises `ValueError` naming it.
+        Whatever it raises, nothing of the commit was applied.
+        """
+
+    @abc.abstractmethod
+    async def history(
+        self, service: str | None = None, limit: int = 100, kind: str | None = None
+    ) -> list[HistoryRecord]:
+        """The newest `limit` events (newest last), of one service ("" for cluster-wide ones)
+        or of all when `service` is None, and of one kind when `kind` is given."""
+
+    @property
+    @abc.abstractmethod
+    def revision(self) -> int:
+        """The store's revision as of this handle's last open, load or commit."""
+
+    @property
+    @abc.abstractmethod
+    def term(self) -> int:
+        """The leadership term this handle holds (> 0 once open); a new one at every open."""
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.description}>"
+
+
+def check_key(key: object) -> str:
+    """Returns `key` if it is a valid state key, else raises ValueError naming the problem."""
+    if not isinstance(key, str):
+        raise ValueError(f"store key {key!r} is a {type(key).__name__}, not a str")
+    if not key:
+        raise ValueError("store key is empty: every key needs a name")
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"store key {key!r} is not valid UTF-8 text: {exc.reason}") from None
+    if size > defaults.STORE_KEY_BYTES_MAX:
+        raise ValueError(
+            f"store key {key[:40]!r}... is {size} bytes of UTF-8, above the limit of "
+            f"{defaults.STORE_KEY_BYTES_MAX}"
+        )
+    return key
+
+
+def check_value(key: str, value: object) -> bytes:
+    """Returns `value` if it is a valid state value for `key`, else raises ValueError."""
+    if not isinstance(value, bytes):
+        raise ValueError(
+            f"store value for key {key!r} is a {type(value).__name__}, not bytes "
+            "(encode it with msgpack first)"
+        )
+    if len(value) > defaults.STORE_VALUE_BYTES_MAX:
+        raise ValueError(
+            f"store value for key {key!r} is {len(value)} bytes, above the limit of "
+            f"{defaults.STORE_VALUE_BYTES_MAX}"
+        )
+    return value
+
+
+def encode_details(details: object) -> bytes:
+    """A history event's details as msgpack, or ValueError when they are not a msgpack-able
+    dict within `defaults.STORE_VALUE_BYTES_MAX`."""
+    if not isinstance(details, dict):
+        raise ValueError(f"history event details are a {type(details).__name__}, not a dict")
+    try:
+        blob = msgpack.packb(details, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"history event details cannot be encoded with msgpack: {exc}") from None
+    if len(blob) > defaults.STORE_VALUE_BYTES_MAX:
+        raise ValueError(
+            f"history event details are {len(blob)} bytes encoded, above the limit of "
+            f"{defaults.STORE_VALUE_BYTES_MAX}"
+        )
+    return blob
+
+
+def decode_details(blob: bytes | None) -> dict[str, Any]:
+    """The details dict stored by `encode_details`."""
+    if not blob:
+        return {}
+    details = msgpack.unpackb(blob, raw=False, strict_map_key=False)
+    return details if isinstance(details, dict) else {"value": details}
+
+
+def check_event(event: object) -> tuple[str, str, str, bytes]:
+    """(service, kind, message, encoded details) of a valid history event, else ValueError."""
+    if not isinstance(event, tuple | list) or len(event) != 4:
+        raise ValueError(
+            f"history event {event!r} is not a (service, kind, message, details) tuple"
+        )
+    service, kind, message, details = event
+    for name, text in (("service", service), ("kind", kind), ("message", message)):
+        if not isinstance(text, str):
+            raise ValueError(f"history event {name} {text!r} is a {type(text).__name__}, not a str")
+    if not kind:
+        raise ValueError(f"history event {message!r} has an empty kind")
+    return service, kind, message, encode_details(details)
+
+
+def open_store(url: str | None, data_dir: str | os.PathLike[str]) -> Store:
+    """The store named by `url`, not yet opened (no I/O happens here).
+
+    - None: ``sqlite:///<data_dir>/cluster.db``;
+    - ``sqlite:///ABS/PATH``: the SQLite file at that absolute path;
+    - ``sqlite://REL/PATH``: the SQLite file at that path relative to `data_dir`;
+    - ``etcd://...``: ConfigError, the etcd store is not built yet;
+    - anything else: ConfigError listing the accepted forms.
+    """
+    from failover.storage.sqlite_store import SqliteStore  # the sqlite module imports this one
+
+    base = Path(data_dir).absolute()
+    if url is None:
+        return SqliteStore(base / DEFAULT_DB_NAME)
+    if not isinstance(url, str):
+        raise ConfigError(f"store URL {url!r} is not text: {_ACCEPTED_FORMS}")
+    text = url.strip()
+    scheme, sep, rest = text.partition("://")
+    scheme = scheme.lower()
+    if sep and scheme.startswith("etcd"):
+        raise ConfigError(
+            f"store URL {url!r} names an etcd store, which is not built yet: use the SQLite "
+            f"store meanwhile ({_ACCEPTED_FORMS})"
+        )
+    if not sep or scheme != "sqlite":
+        raise ConfigError(f"store URL {url!r} is not understood: {_ACCEPTED_FORMS}")
+    if not rest or rest.endswith("/") or rest in (".", "..") or "\x00" in rest:
+        raise ConfigError(f"store URL {url!r} names no database file: {_ACCEPTED_FORMS}")
+    path = Path(rest)
+    return SqliteStore(path if path.is_absolute() else base / path)
