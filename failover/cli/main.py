@@ -24,9 +24,11 @@ def cli(ctx: click.Context, coordinator: str, output_format: str) -> None:
 
 
 def _register_commands() -> None:
-    from failover.cli import demo
+    from failover.cli import admin, demo
 
     cli.add_command(demo.demo_command)
+    for command in admin.COMMANDS:
+        cli.add_command(command)
 
 
 _register_commands()

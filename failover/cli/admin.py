@@ -1,0 +1,321 @@
+"""`failoverctl` operator commands that talk to the coordinator: status, create, delete,
+switchover, history, and call (one request to a service through the smart client).
+
+Every coordinator call has a deadline (`--timeout-ms`, default 5 s, per coordinator address).
+With several `--coordinator` addresses they are tried in order; a coordinator that is
+UNAVAILABLE (and, for read-only calls, one that does not answer in time) passes the call to
+the next. Exit status: 0 done; 2 bad arguments, or the coordinator refused the request
+(INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ALREADY_EXISTS, OUT_OF_RANGE); 1 no
+coordinator answered or the call failed otherwise. Every failure is one line on stderr.
+What is printed, and the JSON contract for scripts, is in `failover.cli.output`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+import grpc
+import grpc.aio
+from google.protobuf.message import Message
+
+from failover import defaults
+from failover.cli import output
+from failover.client import Client
+from failover.errors import (
+    ConfigError,
+    FailoverError,
+    InvalidRequest,
+    RequestRejected,
+)
+from failover.net import channels
+from failover.net.address import parse_address_list
+from failover.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_UINT32_MAX = 2**32 - 1
+
+# The coordinator understood the request and refused it: the operator has to change it.
+_REFUSALS = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.OUT_OF_RANGE,
+}
+
+
+class CoordinatorRefused(click.UsageError):
+    """The coordinator refused the request (exit 2); the message is the server's, one line."""
+
+
+class CommandFailed(FailoverError):
+    """A command could not be done (exit 1); the message is one line."""
+
+
+def one_line(text: str) -> str:
+    """`text` with every run of whitespace (newlines too) made one space."""
+    return " ".join(text.split())
+
+
+def _timeout_option(function: F) -> F:
+    return click.option(
+        "--timeout-ms", type=click.IntRange(min=1), default=defaults.CALL_DEADLINE_MS,
+        show_default=True, help="Deadline of the call, per coordinator address.",
+    )(function)
+
+
+def _settings(ctx: click.Context) -> tuple[list[str], bool]:
+    """The coordinator addresses and whether JSON was asked for, from the group's options."""
+    obj = ctx.obj or {}
+    text = obj.get("coordinator") or ""
+    addresses = [str(a) for a in parse_address_list(text, what="--coordinator")]
+    return addresses, obj.get("format") == "json"
+
+
+class CoordinatorCaller:
+    """Calls one `Coordinator` method on the first of `addresses` that answers."""
+
+    def __init__(self, addresses: list[str]) -> None:
+        if not addresses:
+            raise ConfigError("--coordinator is empty: give at least one HOST:PORT")
+        self.addresses = addresses
+
+    def call(self, method: str, request: Message, *, timeout_ms: int,
+             idempotent: bool) -> Any:
+        """Runs `method` and returns its reply.
+
+        Raises `CoordinatorRefused` when the coordinator refuses the request and
+        `CommandFailed` when no coordinator answered or the call failed otherwise.
+        `idempotent` calls also move on to the next address after a missed deadline; others
+        do not, since the first coordinator may have done the change.
+        """
+        return asyncio.run(self._call(method, request, timeout_ms, idempotent))
+
+    async def _call(self, method: str, request: Message, timeout_ms: int,
+                    idempotent: bool) -> Any:
+        tried: list[str] = []
+        for address in self.addresses:
+            channel = channels.insecure_channel(address)
+            try:
+                stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+                return await getattr(stub, method)(request, timeout=timeout_ms / 1000)
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                details = one_line(exc.details() or "")
+                if code in _REFUSALS:
+                    raise CoordinatorRefused(
+                        f"{details or code.name.lower()} ({code.name} from coordinator "
+                        f"{address})") from None
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    tried.append(f"{address} (unavailable)")
+                    continue
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    if idempotent:
+                        tried.append(f"{address} (no answer within {timeout_ms} ms)")
+                        continue
+                    raise CommandFailed(
+                        f"coordinator {address} did not answer {method} within {timeout_ms} "
+                        "ms: it may or may not have been done; check `failoverctl status`"
+                    ) from None
+                if code == grpc.StatusCode.UNIMPLEMENTED:
+                    raise CommandFailed(
+                        f"coordinator {address} does not implement {method} (an older "
+                        "version?)") from None
+                raise CommandFailed(
+                    f"coordinator {address} failed {method}: {code.name}: {details}") from None
+            finally:
+                await channel.close()
+        raise CommandFailed(
+            f"no coordinator answered {method}; tried {', '.join(tried)}; check that a "
+            "coordinator runs there, or set --coordinator / FAILOVER_COORDINATOR")
+
+
+def _echo_json(document: Any) -> None:
+    click.echo(json.dumps(document))
+
+
+def _stdin_is_interactive() -> bool:
+    """True when a person can answer a prompt on stdin."""
+    try:
+        return sys.stdin is not None and sys.stdin.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+# --- commands ------------------------------------------------------------------------------
+
+
+@click.command("status")
+@_timeout_option
+@click.pass_context
+def status_command(ctx: click.Context, timeout_ms: int) -> None:
+    """Show hosts and services with their replicas."""
+    addresses, as_json = _settings(ctx)
+    reply = CoordinatorCaller(addresses).call(
+        "GetClusterStatus", coordinator_pb2.ClusterStatusRequest(), timeout_ms=timeout_ms,
+        idempotent=True)
+    document = output.cluster_status_json(reply)
+    if as_json:
+        _echo_json(document)
+    else:
+        output.render_status(output.make_console(), document)
+
+
+@click.command("create")
+@click.argument("service")
+@click.option("--kind", required=True, help="Service kind: kv, bank, kvcache or a plug-in.")
+@click.option("--replicas", type=click.IntRange(min=1), default=2,
+              show_default=True, help="Desired replicas, the primary included.")
+@click.option("--mode", type=click.Choice(sorted(output.MODE_VALUES)), default="sync",
+              show_default=True, help="sync: a write is acknowledged once every in-sync "
+              "duplica has it on disk; async: once the primary has.")
+@_timeout_option
+@click.pass_context
+def create_command(ctx: click.Context, service: str, kind: str, replicas: int, mode: str,
+                   timeout_ms: int) -> None:
+    """Create SERVICE, a replica set of one kind."""
+    addresses, as_json = _settings(ctx)
+    if not service.strip():
+        raise click.UsageError("SERVICE is empty: give the service a name")
+    if not kind.strip():
+        raise click.UsageError("--kind is empty: give a kind such as kv or bank")
+    if replicas > _UINT32_MAX:
+        raise click.UsageError(f"--replicas {replicas} is over {_UINT32_MAX}")
+    request = coordinator_pb2.CreateServiceRequest(
+        name=service, kind=kind, replicas=replicas, mode=output.MODE_VALUES[mode])
+    reply = CoordinatorCaller(addresses).call("CreateService", request, timeout_ms=timeout_ms,
+                                              idempotent=False)
+    document = output.service_json(reply.service)
+    if as_json:
+        _echo_json(document)
+        return
+    console = output.make_console()
+    console.print(f"created service {service}", markup=False)
+    console.print(output.services_table([document]))
+
+
+@click.command("delete")
+@click.argument("service")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@_timeout_option
+@click.pass_context
+def delete_command(ctx: click.Context, service: str, yes: bool, timeout_ms: int) -> None:
+    """Delete SERVICE and its replicas (asks unless --yes)."""
+    addresses, as_json = _settings(ctx)
+    if not yes:
+        if not _stdin_is_interactive():
+            raise click.UsageError(
+                f"delete {service}: stdin is not a terminal, so nobody can confirm; "
+                "pass --yes to delete without asking")
+        click.confirm(f"Delete service {service!r} and every replica of it?", abort=True,
+                      err=True)
+    CoordinatorCaller(addresses).call(
+        "DeleteService", coordinator_pb2.DeleteServiceRequest(name=service),
+        timeout_ms=timeout_ms, idempotent=False)
+    if as_json:
+        _echo_json({"deleted": service})
+    else:
+        click.echo(f"deleted service {service}")
+
+
+@click.command("switchover")
+@click.argument("service")
+@click.option("--to", "to_host", default="", metavar="HOST",
+              help="Host to hand the primary role to (default: the coordinator picks an "
+              "in-sync duplica).")
+@_timeout_option
+@click.pass_context
+def switchover_command(ctx: click.Context, service: str, to_host: str, timeout_ms: int) -> None:
+    """Hand SERVICE's primary role to a duplica (planned).
+
+    Clients see a short stall, no failed request.
+    """
+    addresses, as_json = _settings(ctx)
+    request = coordinator_pb2.SwitchoverRequest(service=service, to_host_id=to_host)
+    reply = CoordinatorCaller(addresses).call("Switchover", request, timeout_ms=timeout_ms,
+                                              idempotent=False)
+    document = output.switchover_json(service, reply)
+    if as_json:
+        _echo_json(document)
+    else:
+        click.echo(f"switched over {service}: primary {reply.primary_host_id}, epoch "
+                   f"{reply.epoch}, stall {reply.stall_ms} ms")
+
+
+@click.command("history")
+@click.argument("service", required=False, default="")
+@click.option("--limit", type=click.IntRange(min=1, max=10_000), default=50,
+              show_default=True, help="Most recent events to show.")
+@_timeout_option
+@click.pass_context
+def history_command(ctx: click.Context, service: str, limit: int, timeout_ms: int) -> None:
+    """Show recent events (failovers, switchovers, ...).
+
+    Events of SERVICE, or of every service when none is given.
+    """
+    addresses, as_json = _settings(ctx)
+    request = coordinator_pb2.HistoryRequest(service=service, limit=limit)
+    reply = CoordinatorCaller(addresses).call("GetHistory", request, timeout_ms=timeout_ms,
+                                              idempotent=True)
+    events = output.history_json(reply)
+    if as_json:
+        _echo_json(events)
+    elif not events:
+        click.echo(f"no events{' of ' + service if service else ''}")
+    else:
+        output.make_console().print(output.history_table(events))
+
+
+async def _call_service(addresses: list[str], service: str, request: dict[str, Any],
+                        timeout_ms: int) -> dict[str, Any]:
+    async with Client(coordinator=addresses, deadline_ms=timeout_ms) as client:
+        return await client.call(service, request)
+
+
+@click.command("call")
+@click.argument("service")
+@click.argument("request_json", metavar="JSON")
+@click.option("--timeout-ms", type=click.IntRange(min=1), default=defaults.CALL_DEADLINE_MS,
+              show_default=True, help="Deadline of the request, retries included.")
+@click.pass_context
+def call_command(ctx: click.Context, service: str, request_json: str, timeout_ms: int) -> None:
+    """Run one JSON request on SERVICE and print the result.
+
+    The request goes to the primary through the smart client; the result is printed as
+    JSON whatever --format says.
+
+    Example: failoverctl call kv '{"op": "get", "key": "user:1"}'
+    """
+    addresses, _ = _settings(ctx)
+    try:
+        request = json.loads(request_json)
+    except json.JSONDecodeError as exc:
+        raise click.UsageError(
+            f"JSON is not valid: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    if not isinstance(request, dict):
+        raise click.UsageError(
+            f"JSON must be an object such as '{{\"op\": \"get\"}}', not {type(request).__name__}")
+    try:
+        result = asyncio.run(_call_service(addresses, service, request, timeout_ms))
+    except ConfigError:
+        raise
+    except InvalidRequest as exc:
+        raise click.UsageError(f"{service}: invalid request: {one_line(str(exc))}") from None
+    except RequestRejected as exc:
+        raise CommandFailed(f"{service} refused the request: {one_line(str(exc))}") from None
+    except FailoverError as exc:
+        raise CommandFailed(one_line(str(exc))) from None
+    _echo_json(output.jsonable(result))
+
+
+COMMANDS: tuple[click.Command, ...] = (
+    status_command, create_command, delete_command, switchover_command, history_command,
+    call_command,
+)
+"""The commands this module adds to `failoverctl`."""

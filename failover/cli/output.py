@@ -1,0 +1,342 @@
+"""What `failoverctl` prints: JSON documents for scripts, and rich tables for people.
+
+The JSON is built here, from the coordinator's replies, by pure functions (`*_json`); the
+tables are rendered from those same documents (`render_*`), so both show the same facts.
+
+JSON contract (`--format json`)
+-------------------------------
+This is a documented, stable contract for scripts. Keys may be ADDED in later versions;
+no key is renamed or removed, and no value changes type. Read what you need and ignore
+keys you do not know.
+
+`failoverctl --format json status` prints one object::
+
+    {
+      "hosts": [
+        {
+          "host_id": str,
+          "address": str,             # HOST:PORT of the host's agent
+          "zone": str,
+          "draining": bool,           # being patched: primaries are moved off it
+          "alive": bool,              # heartbeats arrive within failure_timeout_ms
+          "version": str,             # the agent's software version
+          "started_at": float,        # wall-clock seconds since the Unix epoch; 0 unknown
+          "cpu_percent": float,
+          "memory_percent": float,
+          "disk_free_bytes": int,     # free bytes in the agent's data dir
+          "heartbeat_age_ms": int     # since the coordinator last heard from the host
+        }
+      ],
+      "services": [
+        {
+          "name": str,
+          "kind": str,                # "kv", "bank", "kvcache" or a plug-in kind
+          "mode": "sync" | "async",
+          "epoch": int,
+          "desired_replicas": int,
+          "replicas": [
+            {
+              "host_id": str,
+              "role": "primary" | "duplica" | "building" | "retired",
+              "durable_index": int,   # last entry on disk
+              "commit_index": int,    # last entry on every in-sync replica
+              "applied_index": int,   # last entry in the state machine
+              "lag_entries": int,     # behind the primary's durable index
+              "in_sync": bool
+            }
+          ]
+        }
+      ]
+    }
+
+A role the coordinator sends that this version does not know is printed as
+`"unknown(N)"`, an unset one as `"unspecified"`; an unset mode is `"sync"` (as on the wire).
+
+Other commands, also stable in the same sense:
+
+- `create`: the created service, one object shaped like an item of `"services"` above.
+- `delete`: `{"deleted": str}`.
+- `switchover`: `{"service": str, "epoch": int, "primary_host_id": str, "stall_ms": int}`.
+- `history`: a list, oldest event first as the coordinator returns them, of
+  `{"seq": int, "at": float, "service": str, "kind": str, "message": str, "details": {...}}`;
+  `at` is wall-clock seconds; `details` is the event's msgpack dict decoded (`{}` when
+  empty). For `"failover"` events it may hold `detection_ms`, `promotion_ms`,
+  `unavailability_ms`, `old_primary`, `new_primary`, `epoch`, `truncated_entries`. Byte
+  strings in details are given as hex; details that do not decode to a dict are given as
+  `{"undecodable_hex": str}`.
+- `call`: the service's result object, whatever `--format` says.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import msgpack
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from failover.v1 import common_pb2, coordinator_pb2
+
+_ROLE_WORDS = {
+    common_pb2.ROLE_UNSPECIFIED: "unspecified",
+    common_pb2.ROLE_PRIMARY: "primary",
+    common_pb2.ROLE_DUPLICA: "duplica",
+    common_pb2.ROLE_BUILDING: "building",
+    common_pb2.ROLE_RETIRED: "retired",
+}
+
+_MODE_WORDS = {
+    common_pb2.REPLICATION_MODE_UNSPECIFIED: "sync",  # unset is treated as sync
+    common_pb2.REPLICATION_MODE_SYNC: "sync",
+    common_pb2.REPLICATION_MODE_ASYNC: "async",
+}
+
+MODE_VALUES = {"sync": common_pb2.REPLICATION_MODE_SYNC,
+               "async": common_pb2.REPLICATION_MODE_ASYNC}
+"""The `--mode` words and the wire values they stand for."""
+
+FAILOVER_DETAIL_KEYS = ("detection_ms", "promotion_ms", "unavailability_ms", "old_primary",
+                        "new_primary", "epoch", "truncated_entries")
+"""Details of a `failover` event that `history` shows as columns, in this order."""
+
+
+# --- JSON building (pure) ------------------------------------------------------------------
+
+
+def role_word(role: int) -> str:
+    """The word for a replica role, as used in the JSON contract and the tables."""
+    return _ROLE_WORDS.get(role, f"unknown({role})")
+
+
+def mode_word(mode: int) -> str:
+    """`sync` or `async` for a replication mode (unset is sync)."""
+    return _MODE_WORDS.get(mode, f"unknown({mode})")
+
+
+def host_json(host: coordinator_pb2.HostStatus) -> dict[str, Any]:
+    """One item of `status`'s `"hosts"` list."""
+    return {
+        "host_id": host.host_id,
+        "address": host.address,
+        "zone": host.zone,
+        "draining": host.draining,
+        "alive": host.alive,
+        "version": host.version,
+        "started_at": host.started_at,
+        "cpu_percent": host.metrics.cpu_percent,
+        "memory_percent": host.metrics.memory_percent,
+        "disk_free_bytes": host.metrics.disk_free_bytes,
+        "heartbeat_age_ms": host.heartbeat_age_ms,
+    }
+
+
+def replica_json(replica: coordinator_pb2.ReplicaView) -> dict[str, Any]:
+    """One item of a service's `"replicas"` list."""
+    return {
+        "host_id": replica.host_id,
+        "role": role_word(replica.role),
+        "durable_index": replica.indexes.durable_index,
+        "commit_index": replica.indexes.commit_index,
+        "applied_index": replica.indexes.applied_index,
+        "lag_entries": replica.lag_entries,
+        "in_sync": replica.in_sync,
+    }
+
+
+def service_json(service: coordinator_pb2.ServiceStatus) -> dict[str, Any]:
+    """One item of `status`'s `"services"` list; also what `create` prints."""
+    return {
+        "name": service.name,
+        "kind": service.kind,
+        "mode": mode_word(service.mode),
+        "epoch": service.epoch,
+        "desired_replicas": service.desired_replicas,
+        "replicas": [replica_json(r) for r in service.replicas],
+    }
+
+
+def cluster_status_json(status: coordinator_pb2.ClusterStatus) -> dict[str, Any]:
+    """The document `failoverctl --format json status` prints (see the module docstring)."""
+    return {
+        "hosts": [host_json(h) for h in status.hosts],
+        "services": [service_json(s) for s in status.services],
+    }
+
+
+def switchover_json(service: str, reply: coordinator_pb2.SwitchoverReply) -> dict[str, Any]:
+    """What `switchover` prints for scripts."""
+    return {
+        "service": service,
+        "epoch": reply.epoch,
+        "primary_host_id": reply.primary_host_id,
+        "stall_ms": reply.stall_ms,
+    }
+
+
+def jsonable(value: Any) -> Any:
+    """`value` with byte strings as hex and every dict key a string, so json.dumps takes it."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).hex()
+    if isinstance(value, Mapping):
+        return {k if isinstance(k, str) else str(jsonable(k)): jsonable(v)
+                for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def decode_details(details: bytes) -> dict[str, Any]:
+    """An event's msgpack `details` as a JSON-ready dict (`{}` when empty)."""
+    if not details:
+        return {}
+    try:
+        decoded = msgpack.unpackb(details, raw=False, strict_map_key=False)
+    except (ValueError, msgpack.UnpackException):
+        decoded = None
+    if not isinstance(decoded, dict):
+        return {"undecodable_hex": details.hex()}
+    result = jsonable(decoded)
+    assert isinstance(result, dict)
+    return result
+
+
+def history_event_json(event: coordinator_pb2.HistoryEvent) -> dict[str, Any]:
+    """One item of what `history` prints for scripts."""
+    return {
+        "seq": event.seq,
+        "at": event.at,
+        "service": event.service,
+        "kind": event.kind,
+        "message": event.message,
+        "details": decode_details(event.details),
+    }
+
+
+def history_json(reply: coordinator_pb2.HistoryReply) -> list[dict[str, Any]]:
+    """The list `failoverctl --format json history` prints."""
+    return [history_event_json(e) for e in reply.events]
+
+
+# --- rendering for people ------------------------------------------------------------------
+
+
+def make_console() -> Console:
+    """A console on stdout; piped output is not squeezed to 80 columns."""
+    probe = Console()
+    if probe.is_terminal:
+        return probe
+    return Console(width=max(probe.width, 200))
+
+
+def human_bytes(count: int) -> str:
+    """`count` bytes for people: `512 B`, `1.5 KiB`, `20.0 GiB`."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if value < 1024 or unit == "PiB":
+            return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def wall_time(seconds: float, *, millis: bool = False) -> str:
+    """Wall-clock seconds as local `YYYY-MM-DD HH:MM:SS[.mmm]`; `-` when unknown (0)."""
+    if seconds <= 0:
+        return "-"
+    text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+    if millis:
+        text += f".{int(seconds * 1000) % 1000:03d}"
+    return text
+
+
+def _yes_no(value: bool, *, bad_when: bool) -> str:
+    word = "yes" if value else "no"
+    return f"[red]{word}[/red]" if value == bad_when else word
+
+
+def _cell(value: Any) -> str:
+    return escape(str(value))
+
+
+def hosts_table(hosts: Sequence[Mapping[str, Any]]) -> Table:
+    """The hosts part of `status`, from `host_json` documents."""
+    table = Table()
+    for name, justify in (("host", "left"), ("address", "left"), ("zone", "left"),
+                          ("alive", "left"), ("draining", "left"), ("version", "left"),
+                          ("started", "left"), ("cpu %", "right"), ("mem %", "right"),
+                          ("disk free", "right"), ("heartbeat age ms", "right")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for h in hosts:
+        table.add_row(
+            _cell(h["host_id"]), _cell(h["address"]), _cell(h["zone"] or "-"),
+            _yes_no(h["alive"], bad_when=False), _yes_no(h["draining"], bad_when=True),
+            _cell(h["version"] or "-"), wall_time(h["started_at"]),
+            f"{h['cpu_percent']:.1f}", f"{h['memory_percent']:.1f}",
+            human_bytes(h["disk_free_bytes"]), f"{h['heartbeat_age_ms']:,}",
+        )
+    return table
+
+
+def services_table(services: Sequence[Mapping[str, Any]]) -> Table:
+    """Services and their replicas, from `service_json` documents: a section per service."""
+    table = Table()
+    for name, justify in (("service", "left"), ("kind", "left"), ("mode", "left"),
+                          ("epoch", "right"), ("desired", "right"), ("host", "left"),
+                          ("role", "left"), ("durable", "right"), ("commit", "right"),
+                          ("applied", "right"), ("lag", "right"), ("in sync", "left")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for s in services:
+        head = [_cell(s["name"]), _cell(s["kind"]), s["mode"], f"{s['epoch']:,}",
+                str(s["desired_replicas"])]
+        replicas = s["replicas"]
+        if not replicas:
+            table.add_row(*head, "-", "-", "", "", "", "", "", end_section=True)
+            continue
+        for i, r in enumerate(replicas):
+            role = r["role"]
+            table.add_row(
+                *(head if i == 0 else [""] * len(head)),
+                _cell(r["host_id"]), f"[bold]{role}[/bold]" if role == "primary" else role,
+                f"{r['durable_index']:,}", f"{r['commit_index']:,}", f"{r['applied_index']:,}",
+                f"{r['lag_entries']:,}",
+                "yes" if r["in_sync"] else "no",
+                end_section=i == len(replicas) - 1,
+            )
+    return table
+
+
+def render_status(console: Console, document: Mapping[str, Any]) -> None:
+    """Prints `status` for people from a `cluster_status_json` document."""
+    console.print("[bold]Hosts[/bold]" if document["hosts"] else "no hosts registered")
+    if document["hosts"]:
+        console.print(hosts_table(document["hosts"]))
+    console.print("[bold]Services[/bold]" if document["services"] else "no services")
+    if document["services"]:
+        console.print(services_table(document["services"]))
+
+
+def detail_columns(events: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The failover detail keys present in any `failover` event, in the documented order."""
+    present: set[str] = set()
+    for e in events:
+        if e["kind"] == "failover":
+            present.update(k for k in FAILOVER_DETAIL_KEYS if k in e["details"])
+    return [k for k in FAILOVER_DETAIL_KEYS if k in present]
+
+
+def history_table(events: Sequence[Mapping[str, Any]]) -> Table:
+    """`history` for people, from `history_event_json` documents."""
+    extra = detail_columns(events)
+    table = Table()
+    for name in ("time", "service", "kind", "message"):
+        table.add_column(name)
+    for key in extra:
+        table.add_column(key, justify="left" if key.endswith("primary") else "right")
+    for e in events:
+        details = e["details"] if e["kind"] == "failover" else {}
+        table.add_row(wall_time(e["at"], millis=True), _cell(e["service"] or "-"),
+                      _cell(e["kind"]), _cell(e["message"]),
+                      *(_cell(details.get(k, "")) for k in extra))
+    return table
