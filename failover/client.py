@@ -11,6 +11,7 @@ gets the recorded reply (design.md, invariant 5).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
 import threading
@@ -34,7 +35,9 @@ from failover.errors import (
 )
 from failover.net import channels
 from failover.net.address import parse_address_list
-from failover.v1 import common_pb2, data_pb2, data_pb2_grpc
+from failover.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, data_pb2, data_pb2_grpc
+
+ROUTES_BACKOFF_MAX_MS = 1000
 
 _RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
@@ -56,9 +59,9 @@ def _addresses(value: str | Sequence[str] | None, what: str) -> list[str]:
 class Client:
     """Calls services by name; `call` retries until the deadline without applying twice.
 
-    `agents` is a list of agent addresses to find primaries by asking (a non-primary answers
-    with a redirect to the primary). `coordinator` is accepted for the routes push that the
-    coordinator provides; until then, give `agents`.
+    With `coordinator` (a comma list of coordinators) the client subscribes to the pushed
+    routes table and follows it. `agents` (agent addresses) is the other way to find
+    primaries: by asking, a non-primary answers with a redirect hint. Either or both.
     """
 
     def __init__(
@@ -71,10 +74,8 @@ class Client:
     ) -> None:
         self._seeds = _addresses(agents, "agents")
         self._coordinators = _addresses(coordinator, "coordinator")
-        if not self._seeds:
-            raise ConfigError(
-                "Client needs agents=HOST:PORT[,...] to find primaries (routes pushed by the "
-                "coordinator arrive with the coordinator)")
+        if not self._seeds and not self._coordinators:
+            raise ConfigError("Client needs coordinator=HOST:PORT[,...] or agents=HOST:PORT[,...]")
         if deadline_ms <= 0:
             raise ConfigError(f"deadline_ms must be > 0, not {deadline_ms}")
         self.client_id = client_id or uuid.uuid4().hex
@@ -85,8 +86,11 @@ class Client:
         self._routes: dict[str, tuple[str, int]] = {}  # service -> (primary address, epoch)
         self._stubs: dict[str, data_pb2_grpc.DataStub] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self._seed_cursor = random.randrange(len(self._seeds))
+        self._seed_cursor = random.randrange(len(self._seeds)) if self._seeds else 0
         self.retries = 0  # attempts beyond the first, over the client's life (for reports)
+        self._watcher: asyncio.Task[None] | None = None
+        self._routes_changed = asyncio.Event()
+        self._routes_version = -1
 
     async def __aenter__(self) -> Client:
         return self
@@ -95,7 +99,12 @@ class Client:
         await self.close()
 
     async def close(self) -> None:
-        """Closes every channel."""
+        """Stops following routes and closes every channel."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watcher
+            self._watcher = None
         channels_ = list(self._channels.values())
         self._channels.clear()
         self._stubs.clear()
@@ -110,12 +119,58 @@ class Client:
             stub = self._stubs[address] = data_pb2_grpc.DataStub(channel)
         return stub
 
-    def _target(self, service: str) -> tuple[str, int]:
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        self._stub(address)
+        return self._channels[address]
+
+    async def _watch_routes(self) -> None:
+        """Follows the coordinators' routes push, moving to the next one when a stream ends."""
+        backoff_ms = float(defaults.CLIENT_BACKOFF_MIN_MS)
+        cursor = random.randrange(len(self._coordinators))
+        while True:
+            address = self._coordinators[cursor]
+            try:
+                stub = coordinator_pb2_grpc.CoordinatorStub(self._channel(address))
+                stream = stub.WatchRoutes(coordinator_pb2.WatchRoutesRequest())
+                async for update in stream:
+                    self._apply_routes(update)
+                    backoff_ms = float(defaults.CLIENT_BACKOFF_MIN_MS)
+            except grpc.aio.AioRpcError:
+                pass
+            cursor = (cursor + 1) % len(self._coordinators)
+            await asyncio.sleep(backoff_ms / 1000)
+            backoff_ms = min(backoff_ms * 2, ROUTES_BACKOFF_MAX_MS)
+
+    def _apply_routes(self, update: coordinator_pb2.RoutesUpdate) -> None:
+        for route in update.routes:
+            known = self._routes.get(route.service)
+            # Epochs only grow: an older table (another coordinator, a reordering) never
+            # replaces a newer route, e.g. one learnt from a redirect.
+            if route.primary_address and (known is None or route.epoch >= known[1]):
+                self._routes[route.service] = (route.primary_address, route.epoch)
+        self._routes_version = update.version
+        event, self._routes_changed = self._routes_changed, asyncio.Event()
+        event.set()
+
+    async def _target(self, service: str, deadline: float) -> tuple[str, int]:
+        if self._coordinators and self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_routes())
         route = self._routes.get(service)
         if route is not None:
             return route
-        self._seed_cursor = (self._seed_cursor + 1) % len(self._seeds)
-        return self._seeds[self._seed_cursor], 0
+        if self._seeds:
+            self._seed_cursor = (self._seed_cursor + 1) % len(self._seeds)
+            return self._seeds[self._seed_cursor], 0
+        # Only a coordinator to ask: wait for a routes table that names the service.
+        while (route := self._routes.get(service)) is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Unavailable(f"{service}: no route from the coordinators "
+                                  f"{', '.join(self._coordinators)} before the deadline; is "
+                                  "the service created?")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._routes_changed.wait(), remaining)
+        return route
 
     async def call(self, service: str, request: dict[str, Any], *,
                    deadline_ms: int | None = None) -> dict[str, Any]:
@@ -142,7 +197,7 @@ class Client:
             if remaining <= 0:
                 raise Unavailable(f"{service}: no answer within {budget_ms} ms "
                                   f"({attempt} attempts); last error: {last_error}")
-            address, epoch = self._target(service)
+            address, epoch = await self._target(service, deadline)
             attempt += 1
             if attempt > 1:
                 self.retries += 1
@@ -163,7 +218,16 @@ class Client:
                     raise Unavailable(f"{service}: {last_error}") from None
                 if self._follow_redirect(service, address, exc):
                     continue  # a fresh hint: go there at once
-                self._routes.pop(service, None)
+                if self._seeds:
+                    self._routes.pop(service, None)  # ask the seeds around
+                elif self._routes.get(service, ("", 0))[0] == address:
+                    # Wait briefly for a newer routes table rather than hammering this one.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._routes_changed.wait(),
+                                               max(0.001, min(backoff_ms / 1000,
+                                                              deadline - time.monotonic())))
+                    if self._routes.get(service, ("", 0))[0] != address:
+                        continue
                 await asyncio.sleep(min(backoff_ms / 1000, max(0.0, deadline - time.monotonic())))
                 backoff_ms = min(backoff_ms * 2, defaults.CLIENT_BACKOFF_MAX_MS)
                 continue

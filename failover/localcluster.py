@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import grpc
 
 from failover.errors import FailoverError
-from failover.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+from failover.v1 import agent_pb2, agent_pb2_grpc, common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 T = TypeVar("T")
 
@@ -160,12 +160,94 @@ class AgentProcess:
         return self.control().GetDigest(agent_pb2.GetDigestRequest(service=service), timeout=5)
 
 
+class CoordinatorProcess:
+    """One `failover-coordinator` process with its data dir (the SQLite store) under root."""
+
+    def __init__(self, root: Path) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.data_dir = root / "coordinator"
+        self.log_path = root / "coordinator.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._channel: grpc.Channel | None = None
+        self.restarts = 0
+
+    def start(self, wait: bool = True) -> None:
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        with open(self.log_path, "ab") as log_file:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "failover.coordinator", "--listen", self.address,
+                 "--data-dir", str(self.data_dir)],
+                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise FailoverError(f"coordinator exited with {self.proc.returncode}; log "
+                                    f"tail:\n{self.log_tail()}")
+            self.stub().GetClusterStatus(coordinator_pb2.ClusterStatusRequest(), timeout=0.5)
+            return True
+
+        wait_for(ready, timeout_s, f"the coordinator to serve on {self.address}")
+
+    def stub(self) -> coordinator_pb2_grpc.CoordinatorStub:
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(self.address)
+        return coordinator_pb2_grpc.CoordinatorStub(self._channel)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def restart(self) -> None:
+        self.kill()
+        self.restarts += 1
+        self.start()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def status(self) -> coordinator_pb2.ClusterStatus:
+        return self.stub().GetClusterStatus(coordinator_pb2.ClusterStatusRequest(), timeout=5)
+
+    def history(self, service: str = "") -> list[coordinator_pb2.HistoryEvent]:
+        return list(self.stub().GetHistory(
+            coordinator_pb2.HistoryRequest(service=service, limit=1000), timeout=5).events)
+
+
 class LocalCluster:
-    """Agents under one root dir; closing it kills every process it started."""
+    """Agents (and optionally a coordinator) under one root dir; closing it kills every
+    process it started."""
 
     def __init__(self, root: Path, hosts: int = 3, *, fsync_policy: str = "batch",
-                 extra: dict[str, Any] | None = None) -> None:
+                 extra: dict[str, Any] | None = None, coordinator: bool = False) -> None:
         self.root = root
+        self.coordinator = CoordinatorProcess(root) if coordinator else None
+        if self.coordinator is not None:
+            extra = {**(extra or {}), "coordinator": self.coordinator.address}
         self.agents = {
             f"host{i}": AgentProcess(root, f"host{i}", fsync_policy=fsync_policy, extra=extra)
             for i in range(1, hosts + 1)
@@ -178,16 +260,56 @@ class LocalCluster:
         self.close()
 
     def start(self) -> None:
+        if self.coordinator is not None:
+            self.coordinator.start(wait=False)
         for agent in self.agents.values():
             agent.start(wait=False)
+        if self.coordinator is not None:
+            self.coordinator.wait_ready()
         for agent in self.agents.values():
             agent.wait_ready()
+        if self.coordinator is not None:
+            coordinator = self.coordinator
+            wait_for(lambda: sum(h.alive for h in coordinator.status().hosts)
+                     == len(self.agents), READY_TIMEOUT_S, "every agent to register")
 
     def close(self) -> None:
+        if self.coordinator is not None:
+            with contextlib.suppress(Exception):
+                self.coordinator.kill()
+            self.coordinator.close()
         for agent in self.agents.values():
             with contextlib.suppress(Exception):
                 agent.kill()
             agent.close()
+
+    def create(self, service: str, kind: str, replicas: int = 2, mode: str = "sync") -> None:
+        """Creates a service through the coordinator and waits until its primary serves."""
+        assert self.coordinator is not None, "create needs a coordinator"
+        self.coordinator.stub().CreateService(coordinator_pb2.CreateServiceRequest(
+            name=service, kind=kind, replicas=replicas,
+            mode=(common_pb2.REPLICATION_MODE_ASYNC if mode == "async"
+                  else common_pb2.REPLICATION_MODE_SYNC)), timeout=10)
+        wait_for(lambda: self.primary_of(service) is not None, READY_TIMEOUT_S,
+                 f"{service} to have a serving primary")
+
+    def primary_of(self, service: str) -> str | None:
+        """The host whose replica of `service` is primary at the coordinator's epoch."""
+        assert self.coordinator is not None
+        status = self.coordinator.status()
+        view = next((s for s in status.services if s.name == service), None)
+        if view is None:
+            return None
+        for replica in view.replicas:
+            if replica.role == common_pb2.ROLE_PRIMARY:
+                agent = self.agents[replica.host_id]
+                if not agent.alive:
+                    return None
+                report = agent.replica(service)
+                if (report is not None and report.role == common_pb2.ROLE_PRIMARY
+                        and report.epoch == view.epoch):
+                    return replica.host_id
+        return None
 
     def __iter__(self) -> Iterator[AgentProcess]:
         return iter(self.agents.values())

@@ -13,6 +13,7 @@ from typing import Any
 
 from failover import __version__
 from failover.agent.config import AgentConfig
+from failover.agent.coordinator_link import CoordinatorLink
 from failover.agent.links import PeerLink
 from failover.agent.replica import (
     DUPLICA,
@@ -65,6 +66,7 @@ class Agent:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._tick_task: asyncio.Task[None] | None = None
         self._replicas_dir = Path(config.data_dir) / "replicas"
+        self.coordinator_link: CoordinatorLink | None = None
         # Ship messages received and not yet answered; appliers yield while there are any.
         self.receiving = 0
         self.receive_idle = asyncio.Event()
@@ -86,10 +88,16 @@ class Agent:
                      meta.service, meta.kind, meta.role, meta.epoch, replica.wal.first_index,
                      replica.wal.last_index, replica.sm.applied_index)
         self._tick_task = asyncio.get_running_loop().create_task(self._tick_loop())
+        if self.config.coordinators:
+            self.coordinator_link = CoordinatorLink(self, [str(a) for a in
+                                                           self.config.coordinators])
+            self.coordinator_link.start()
 
     async def stop(self) -> None:
         if self._tick_task is not None:
             self._tick_task.cancel()
+        if self.coordinator_link is not None:
+            await self.coordinator_link.stop()
         for link in self.links.values():
             await link.stop()
         for replica in self.replicas.values():
@@ -348,6 +356,14 @@ class Agent:
                 await replica.destroy()
             else:
                 await replica.close()
+
+    async def prepare_switchover(self, service: str, epoch: int, target: str,
+                                 timeout_ms: int, release: bool) -> tuple[int, int]:
+        replica = self.replica(service)
+        if release:
+            replica.release_hold()
+            return replica.wal.last_index, 0
+        return await replica.prepare_switchover(epoch, target, timeout_ms)
 
     async def compact(self, service: str, retain_entries: int) -> tuple[int, int]:
         replica = self.replica(service)

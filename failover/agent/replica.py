@@ -127,6 +127,13 @@ class Replica:
         self.truncated_entries = 0
         self.last_error = ""
         self.closed = False
+        # Monotonic ms until which this primary may answer reads alone (a coordinator grant).
+        self.lease_expiry_ms = 0
+        # Set while a switchover holds new writes; released when the role changes or the
+        # switchover is abandoned.
+        self._hold: asyncio.Event | None = None
+        # Replaced and set on every ack, append and apply: waiters for progress use it.
+        self._progress = asyncio.Event()
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -246,6 +253,8 @@ class Replica:
             self._run(self._link_ups())
             self._apply_committed()
         else:
+            self.release_hold()
+            self.lease_expiry_ms = 0
             if previous is not None:
                 self._fail_waiters(Unavailable(
                     f"{self.service}: this replica stopped being the primary (epoch {epoch}); "
@@ -303,6 +312,11 @@ class Replica:
         request = decode_request(payload)
         if self.kind_cls.is_read_only(request):
             return await self.query(payload, epoch_seen), False
+        while self._hold is not None:
+            # A switchover holds new writes: they go on here, or are redirected to the new
+            # primary once this replica becomes a duplica.
+            await self._hold.wait()
+            self._check_primary(epoch_seen)
         rid = encode_request_id(client_id, seq)
         seen = self.sm.sessions.lookup(client_id, seq)
         if isinstance(seen, Reply):
@@ -332,9 +346,90 @@ class Replica:
         return reply, False
 
     async def query(self, payload: bytes, epoch_seen: int = 0) -> Reply:
-        """Answers a read from applied state, which holds every acknowledged write."""
+        """Answers a read from applied state, which holds every acknowledged write.
+
+        Inside its lease a primary answers alone; outside it, it first confirms with its
+        in-sync duplicas that no newer epoch exists (invariant 6), and stops serving reads
+        when it cannot.
+        """
         self._check_primary(epoch_seen)
+        if monotonic_ms() >= self.lease_expiry_ms:
+            await self._confirm_epoch()
         return self.sm.query(payload)
+
+    def grant_lease(self, epoch: int, lease_ms: int, sent_ms: int) -> None:
+        """A coordinator granted a lease in answer to a heartbeat sent at `sent_ms`: counting
+        from the send keeps our lease ending before the coordinator's view of it."""
+        if self.role == PRIMARY and epoch == self.epoch:
+            self.lease_expiry_ms = max(self.lease_expiry_ms, sent_ms + lease_ms)
+
+    async def _confirm_epoch(self) -> None:
+        primary = self.primary
+        assert primary is not None
+        actions, token = primary.confirm(monotonic_ms())
+        self._run(actions)
+        deadline = monotonic_ms() + defaults.FAILURE_TIMEOUT_MS
+        while not primary.confirmed(token):
+            if self.primary is not primary or primary.fenced:
+                raise NotPrimaryError(self.service, self.meta.primary_address, self.epoch)
+            if not await self._wait_progress(deadline):
+                raise Unavailable(
+                    f"{self.service}: the primary's lease ran out and its duplicas did not "
+                    "confirm its epoch in time; it stops serving reads until they do")
+
+    def _notify_progress(self) -> None:
+        event, self._progress = self._progress, asyncio.Event()
+        event.set()
+
+    async def _wait_progress(self, deadline_ms: int) -> bool:
+        """Waits for the next ack, append or apply; False once the deadline has passed."""
+        remaining_ms = deadline_ms - monotonic_ms()
+        if remaining_ms <= 0:
+            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._progress.wait(), remaining_ms / 1000)
+        return True
+
+    async def prepare_switchover(self, epoch: int, target: str,
+                                 timeout_ms: int) -> tuple[int, int]:
+        """Holds new writes until `target` has durably logged everything logged here and every
+        logged write is committed and answered; returns (last index, target's durable index).
+        On timeout the hold is released and the primary serves on."""
+        self._check_primary(0)
+        primary = self.primary
+        assert primary is not None
+        if epoch != self.epoch:
+            raise StaleEpochError(f"{self.service}: switchover for epoch {epoch}, but this "
+                                  f"primary is at epoch {self.epoch}")
+        if target not in primary.peers:
+            raise InvalidRequest(f"{self.service}: {target} is not a duplica of this primary")
+        if self._hold is None:
+            self._hold = asyncio.Event()
+        deadline = monotonic_ms() + timeout_ms
+        while True:
+            last = self._next_index - 1
+            peer = primary.peers.get(target)
+            if peer is None or self.primary is not primary:
+                self.release_hold()
+                raise NotPrimaryError(self.service, self.meta.primary_address, self.epoch)
+            if (
+                not self._to_log and self.wal.last_index == last
+                and peer.match_index >= last and primary.commit_index >= last
+                and self.sm.applied_index >= last
+            ):
+                return last, peer.match_index
+            if not await self._wait_progress(deadline):
+                self.release_hold()
+                raise Unavailable(
+                    f"{self.service}: {target} did not catch up within {timeout_ms} ms "
+                    f"(it has {peer.match_index} of {last}); switchover abandoned, this "
+                    "primary serves on")
+
+    def release_hold(self) -> None:
+        """Lets held writes go on (or be redirected, once the role has changed)."""
+        if self._hold is not None:
+            self._hold.set()
+            self._hold = None
 
     def _check_primary(self, epoch_seen: int) -> None:
         if self.role != PRIMARY or self.primary is None or self.primary.fenced:
@@ -375,6 +470,7 @@ class Replica:
             if self.primary is not None and not self.primary.fenced:
                 self._run(self.primary.log_changed(self._log_info()))
                 self._apply_committed()
+                self._notify_progress()
 
     def _refuse_unlogged(self, batch: list[Entry], exc: Exception) -> None:
         """The append failed: nothing of it (or after it) is in the log; refuse those writes."""
@@ -429,6 +525,7 @@ class Replica:
             return
         self._run(self.primary.ack(host_id, ack, monotonic_ms()))
         self._apply_committed()
+        self._notify_progress()
 
     def on_link_up(self, host_id: str) -> None:
         if self.primary is not None:
@@ -704,7 +801,10 @@ class Replica:
         if heard is None:
             return False, 0
         silent = max(0, now_ms - heard)
-        return silent < defaults.FAILURE_TIMEOUT_MS, silent
+        # A live primary speaks at least every heartbeat interval (data or keepalive); two
+        # missed intervals is silence. This must be well under the coordinator's failure
+        # timeout, or a duplica asked right after a crash would still claim to hear.
+        return silent < 2 * self.agent.config.heartbeat_ms, silent
 
     # --- snapshots received --------------------------------------------------------------
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from failover.cli.errors import fail_usage, run_click
+from failover.cli.errors import run_click
 from failover.net.address import parse_address
 
 _HELP = """Watches every host, detects a dead primary, promotes an in-sync duplica under a new
@@ -19,11 +19,8 @@ SQLite in DATA-DIR by default (sqlite:///PATH), or etcd (etcd://HOST:PORT[,HOST:
 @click.option("--store", default=None, help="Store URL (default: sqlite:///DATA-DIR/cluster.db).")
 def coordinator_command(listen: str, data_dir: str, store: str | None) -> None:
     parse_address(listen, what="listen")
-    try:
-        from failover.coordinator.daemon import run  # type: ignore[import-not-found]
-    except ImportError:
-        fail_usage("failover-coordinator", "the coordinator daemon is not built yet (issue 4); "
-                   "form replica sets with the agent's AssignRole call meanwhile")
+    from failover.coordinator.daemon import run  # imported late: --help stays fast
+
     run(listen=listen, data_dir=data_dir, store=store)
 
 

@@ -120,6 +120,8 @@ class DuplicaProgress:
     last_heard_ms: int = 0
     truncated_entries: int = 0
     last_error: str = ""
+    acked_batch_id: int = 0  # highest batch id answered ok in this epoch
+    keepalive_due: bool = False  # send a keepalive as soon as the window is empty
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +275,30 @@ class PrimaryReplication:
             peer.state = PeerState.FAILED
             peer.last_error = message
 
+    def confirm(self, now_ms: int) -> tuple[list[PrimaryAction], dict[str, int]]:
+        """Starts confirming the epoch with every in-sync duplica (a read outside the lease):
+        returns the keepalives to send and a token for `confirmed`. A batch sent from now on
+        and answered ok proves the duplica still follows this epoch at or after `now_ms`."""
+        actions: list[PrimaryAction] = []
+        token: dict[str, int] = {}
+        for host in self.in_sync:
+            peer = self.peers[host]
+            token[host] = peer.next_batch_id
+            if peer.state == PeerState.STREAMING and not peer.inflight:
+                actions.append(self._batch(peer, 0, now_ms))
+            else:
+                # A keepalive behind batches in flight would not match the duplica's log yet:
+                # send it when the window empties (or the stream is back).
+                peer.keepalive_due = True
+        return actions, token
+
+    def confirmed(self, token: dict[str, int]) -> bool:
+        """Whether every duplica in the token answered a batch sent after it was taken."""
+        return not self.fenced and all(
+            host in self.peers and self.peers[host].acked_batch_id >= batch_id
+            for host, batch_id in token.items()
+        )
+
     # --- queries -------------------------------------------------------------------------
 
     def lag_entries(self, host_id: str) -> int:
@@ -291,6 +317,7 @@ class PrimaryReplication:
             return []  # a late answer from before a restart of the stream
         while peer.inflight and peer.inflight[0][0] <= ack.batch_id:
             peer.inflight.popleft()
+        peer.acked_batch_id = max(peer.acked_batch_id, ack.batch_id)
         if ack.durable_index > peer.match_index:
             assert ack.durable_index <= self.log.last_index, (ack, self.log)
             peer.match_index = ack.durable_index
@@ -346,9 +373,11 @@ class PrimaryReplication:
         if (
             not actions
             and not peer.inflight
-            and peer.commit_sent < self.commit_index
+            and (peer.commit_sent < self.commit_index or peer.keepalive_due)
         ):
-            # Idle duplica behind on the commit index: tell it so it applies (hot standby).
+            # Idle duplica behind on the commit index (tell it, so it applies: hot standby),
+            # or a keepalive was asked for to confirm the epoch.
+            peer.keepalive_due = False
             actions.append(self._batch(peer, 0, peer.last_send_ms))
         return actions
 

@@ -293,6 +293,18 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         hears, silent_ms = replica.hears_primary(time.monotonic_ns() // 1_000_000)
         return agent_pb2.HearsPrimaryReply(hears=hears, silent_ms=silent_ms, epoch=replica.epoch)
 
+    async def PrepareSwitchover(
+        self, request: agent_pb2.PrepareSwitchoverRequest, context: grpc.aio.ServicerContext,
+    ) -> agent_pb2.PrepareSwitchoverReply:
+        try:
+            last, target_durable = await self.agent.prepare_switchover(
+                request.service, request.epoch, request.target_host_id,
+                request.timeout_ms or defaults.CALL_DEADLINE_MS, request.release)
+        except _HANDLED as exc:
+            await _abort(context, exc)
+        return agent_pb2.PrepareSwitchoverReply(last_index=last,
+                                                target_durable_index=target_durable)
+
     async def Compact(self, request: agent_pb2.CompactRequest,
                       context: grpc.aio.ServicerContext) -> agent_pb2.CompactReply:
         try:

@@ -198,3 +198,25 @@ class RestartRequest(_message.Message):
 class RestartReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class PrepareSwitchoverRequest(_message.Message):
+    __slots__ = ("service", "epoch", "target_host_id", "timeout_ms", "release")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    TARGET_HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    epoch: int
+    target_host_id: str
+    timeout_ms: int
+    release: bool
+    def __init__(self, service: _Optional[str] = ..., epoch: _Optional[int] = ..., target_host_id: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., release: _Optional[bool] = ...) -> None: ...
+
+class PrepareSwitchoverReply(_message.Message):
+    __slots__ = ("last_index", "target_durable_index")
+    LAST_INDEX_FIELD_NUMBER: _ClassVar[int]
+    TARGET_DURABLE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    last_index: int
+    target_durable_index: int
+    def __init__(self, last_index: _Optional[int] = ..., target_durable_index: _Optional[int] = ...) -> None: ...

@@ -74,6 +74,11 @@ class AgentControlStub:
                 request_serializer=failover_dot_v1_dot_agent__pb2.RestartRequest.SerializeToString,
                 response_deserializer=failover_dot_v1_dot_agent__pb2.RestartReply.FromString,
                 _registered_method=True)
+        self.PrepareSwitchover = channel.unary_unary(
+                '/failover.v1.AgentControl/PrepareSwitchover',
+                request_serializer=failover_dot_v1_dot_agent__pb2.PrepareSwitchoverRequest.SerializeToString,
+                response_deserializer=failover_dot_v1_dot_agent__pb2.PrepareSwitchoverReply.FromString,
+                _registered_method=True)
 
 
 class AgentControlServicer:
@@ -131,6 +136,16 @@ class AgentControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrepareSwitchover(self, request, context):
+        """Switchover, step 1, on the primary: hold new writes and answer once `target_host_id`
+        has durably logged everything this primary logged. The held writes are released
+        (redirected) by the AssignRole that makes this replica a duplica, or resume when
+        `release` is sent because the switchover was abandoned.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -173,6 +188,11 @@ def add_AgentControlServicer_to_server(servicer, server):
                     servicer.Restart,
                     request_deserializer=failover_dot_v1_dot_agent__pb2.RestartRequest.FromString,
                     response_serializer=failover_dot_v1_dot_agent__pb2.RestartReply.SerializeToString,
+            ),
+            'PrepareSwitchover': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareSwitchover,
+                    request_deserializer=failover_dot_v1_dot_agent__pb2.PrepareSwitchoverRequest.FromString,
+                    response_serializer=failover_dot_v1_dot_agent__pb2.PrepareSwitchoverReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -391,6 +411,33 @@ class AgentControl:
             '/failover.v1.AgentControl/Restart',
             failover_dot_v1_dot_agent__pb2.RestartRequest.SerializeToString,
             failover_dot_v1_dot_agent__pb2.RestartReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareSwitchover(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/failover.v1.AgentControl/PrepareSwitchover',
+            failover_dot_v1_dot_agent__pb2.PrepareSwitchoverRequest.SerializeToString,
+            failover_dot_v1_dot_agent__pb2.PrepareSwitchoverReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -211,3 +211,30 @@ def test_random_interleavings_converge() -> None:
                 c.run(c.primary.link_up(host, 0))
         assert c.dlogs["b"].epochs == c.plog.epochs == c.dlogs["c"].epochs, seed
         assert c.primary.commit_index == c.plog.last, seed
+
+
+def test_epoch_confirmation_needs_an_answer_to_a_batch_sent_after_the_read() -> None:
+    c = Cluster()
+    c.run(c.primary.link_up("b", 0) + c.primary.link_up("c", 0))
+    c.write(3)
+    actions, token = c.primary.confirm(10)
+    assert not c.primary.confirmed(token)
+    assert {a.host_id for a in actions} == {"b", "c"} and all(a.entries_max == 0 for a in actions)
+    c.run(actions)
+    assert c.primary.confirmed(token)
+
+
+def test_epoch_confirmation_fails_once_a_duplica_holds_a_newer_epoch() -> None:
+    c = Cluster()
+    c.run(c.primary.link_up("b", 0) + c.primary.link_up("c", 0))
+    c.write(3)
+    c.dups["b"].epoch = 2  # b follows a newer primary now
+    actions, token = c.primary.confirm(10)
+    for action in actions:
+        if action.host_id == "b":
+            d = c.dups["b"]
+            out = d.on_batch(1, action.prev, action.first_index - 1, 0, c.dlogs["b"].info(), 0)
+            assert out == [Refuse("stale_epoch")]
+            assert c.primary.ack("b", AckView("stale_epoch", 2, action.batch_id), 0) == [
+                StepDown(2)]
+    assert not c.primary.confirmed(token)

@@ -1,0 +1,5 @@
+"""`python -m failover.coordinator` is `failover-coordinator`."""
+
+from failover.coordinator.main import main
+
+main()

@@ -1,0 +1,349 @@
+"""The coordinator daemon's I/O: the store, calls to agents, route watchers, the clock.
+
+`failover.core.coordinator.CoordinatorCore` decides; this carries its actions out. Every call
+into the core and the `Persist` actions it returns happen under one lock, so decisions are
+serialised and durable before anyone hears of them. Calls to an agent go through a queue per
+host, in order: two assignments of one epoch (an in-sync set shrinking, then growing) must
+never arrive the other way round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from failover.core.coordinator import (
+    Action,
+    AskHearsPrimary,
+    AssignRole,
+    CoordinatorCore,
+    DropReplica,
+    HearsAnswer,
+    HostInfo,
+    Persist,
+    PushRoutes,
+    ReplicaReport,
+    StepDown,
+    Timing,
+)
+from failover.errors import InvalidRequest, Unavailable
+from failover.net import channels
+from failover.storage.store import Store
+from failover.v1 import agent_pb2, agent_pb2_grpc, common_pb2, coordinator_pb2
+
+log = logging.getLogger(__name__)
+
+AGENT_CALL_TIMEOUT_S = 2.0
+HEARS_PRIMARY_TIMEOUT_S = 0.2
+HOST_QUEUE_MAX = 10_000
+ROUTE_WATCHERS_MAX = 10_000
+SWITCHOVER_TIMEOUT_MS = 5_000
+
+_ROLE = {"primary": common_pb2.ROLE_PRIMARY, "duplica": common_pb2.ROLE_DUPLICA,
+         "building": common_pb2.ROLE_BUILDING, "retired": common_pb2.ROLE_RETIRED}
+_ROLE_NAME = {v: k for k, v in _ROLE.items()}
+_MODE = {"sync": common_pb2.REPLICATION_MODE_SYNC, "async": common_pb2.REPLICATION_MODE_ASYNC}
+
+
+def monotonic_ms() -> int:
+    return time.monotonic_ns() // 1_000_000
+
+
+class _HostCaller:
+    """Calls one agent, in order, from a bounded queue; failures are logged (heartbeats
+    re-send what a host missed)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channel = channels.insecure_channel(address)
+        self.stub = agent_pb2_grpc.AgentControlStub(self.channel)
+        self.queue: asyncio.Queue[Action] = asyncio.Queue(maxsize=HOST_QUEUE_MAX)
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            action = await self.queue.get()
+            try:
+                await self._call(action)
+            except grpc.aio.AioRpcError as exc:
+                log.info("%s to %s failed: %s %s", type(action).__name__, self.address,
+                         exc.code().name, exc.details())
+            except Exception:
+                log.exception("%s to %s failed", type(action).__name__, self.address)
+
+    async def _call(self, action: Action) -> None:
+        if isinstance(action, AssignRole):
+            await self.stub.AssignRole(assign_request(action), timeout=AGENT_CALL_TIMEOUT_S)
+        elif isinstance(action, StepDown):
+            await self.stub.StepDown(agent_pb2.StepDownRequest(
+                service=action.service, epoch=action.epoch), timeout=AGENT_CALL_TIMEOUT_S)
+        elif isinstance(action, DropReplica):
+            await self.stub.DropReplica(agent_pb2.DropReplicaRequest(
+                service=action.service, epoch=action.epoch, delete_data=True),
+                timeout=AGENT_CALL_TIMEOUT_S)
+        else:
+            raise AssertionError(action)
+
+    async def close(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        await self.channel.close()
+
+
+def assign_request(action: AssignRole) -> agent_pb2.AssignRoleRequest:
+    request = agent_pb2.AssignRoleRequest(
+        service=action.service, kind=action.kind, role=_ROLE[action.role], epoch=action.epoch,
+        mode=_MODE[action.mode],
+        duplicas=[agent_pb2.ReplicaPeer(host_id=h, address=a)
+                  for h, a in sorted(action.duplicas.items())],
+        in_sync=list(action.in_sync),
+    )
+    if action.primary is not None:
+        request.primary.CopyFrom(agent_pb2.ReplicaPeer(host_id=action.primary[0],
+                                                       address=action.primary[1]))
+    return request
+
+
+class Coordinator:
+    """The running coordinator: core + store + agents + route watchers."""
+
+    def __init__(self, store: Store, timing: Timing | None = None) -> None:
+        self.store = store
+        self.timing = timing or Timing()
+        self.core = CoordinatorCore(self.timing)
+        self._lock = asyncio.Lock()
+        self._callers: dict[str, _HostCaller] = {}
+        self._watchers: set[asyncio.Queue[coordinator_pb2.RoutesUpdate]] = set()
+        self._routes = coordinator_pb2.RoutesUpdate()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tick_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.store.open()
+        state = await self.store.load()
+        async with self._lock:
+            await self._execute(self.core.restore(state, monotonic_ms()))
+        log.info("coordinator resumed: %d hosts, %d services, routes version %d",
+                 len(self.core.hosts), len(self.core.services), self.core.routes_version)
+        self._tick_task = asyncio.get_running_loop().create_task(self._tick_loop())
+
+    async def stop(self) -> None:
+        if self._tick_task is not None:
+            self._tick_task.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        for caller in self._callers.values():
+            await caller.close()
+        await self.store.close()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _tick_loop(self) -> None:
+        period_s = self.timing.heartbeat_ms / 4000
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                async with self._lock:
+                    await self._execute(self.core.tick(monotonic_ms()))
+            except Exception:
+                log.exception("tick failed")
+
+    # --- carrying out actions --------------------------------------------------------------
+
+    async def _execute(self, actions: list[Action]) -> None:
+        """Runs under the lock: persists in order, queues agent calls, pushes routes."""
+        assert self._lock.locked()
+        for action in actions:
+            if isinstance(action, Persist):
+                await self.store.commit(action.puts, action.deletes, action.history)
+            elif isinstance(action, (AssignRole, StepDown, DropReplica)):
+                self._caller(action.address).queue.put_nowait(action)
+            elif isinstance(action, AskHearsPrimary):
+                self._spawn(self._ask_hears_primary(action))
+            elif isinstance(action, PushRoutes):
+                self._push_routes(action)
+            else:
+                raise AssertionError(f"unknown action {action!r}")
+
+    def _caller(self, address: str) -> _HostCaller:
+        caller = self._callers.get(address)
+        if caller is None:
+            caller = self._callers[address] = _HostCaller(address)
+        return caller
+
+    async def _ask_hears_primary(self, action: AskHearsPrimary) -> None:
+        async def ask(host_id: str, address: str) -> HearsAnswer:
+            try:
+                reply = await self._caller(address).stub.HearsPrimary(
+                    agent_pb2.HearsPrimaryRequest(service=action.service),
+                    timeout=HEARS_PRIMARY_TIMEOUT_S)
+            except grpc.aio.AioRpcError:
+                return HearsAnswer(host_id, reachable=False)
+            status = await self._caller(address).stub.GetStatus(
+                agent_pb2.GetStatusRequest(), timeout=HEARS_PRIMARY_TIMEOUT_S)
+            durable = next((r.indexes.durable_index for r in status.replicas
+                            if r.service == action.service), 0)
+            return HearsAnswer(host_id, True, reply.hears, durable, reply.epoch)
+
+        answers = await asyncio.gather(*(ask(h, a) for h, a in action.hosts.items()),
+                                       return_exceptions=True)
+        clean = [a if isinstance(a, HearsAnswer) else HearsAnswer(h, reachable=False)
+                 for a, h in zip(answers, action.hosts, strict=True)]
+        async with self._lock:
+            await self._execute(self.core.hears_primary(action.service, clean, monotonic_ms()))
+
+    def _push_routes(self, action: PushRoutes) -> None:
+        self._routes = coordinator_pb2.RoutesUpdate(version=action.version, routes=[
+            coordinator_pb2.Route(service=r.service, kind=r.kind, epoch=r.epoch,
+                                  primary_address=r.primary_address,
+                                  primary_host_id=r.primary_host_id)
+            for r in action.routes
+        ])
+        for queue in list(self._watchers):
+            # Each update is the whole table: a slow watcher only needs the newest.
+            while queue.full():
+                queue.get_nowait()
+            queue.put_nowait(self._routes)
+
+    # --- the calls the servicer makes ------------------------------------------------------
+
+    async def register(self, info: HostInfo) -> None:
+        async with self._lock:
+            await self._execute(self.core.register(info, monotonic_ms()))
+
+    async def heartbeat(self, host_id: str, metrics: dict[str, float],
+                        replicas: list[ReplicaReport]) -> list[tuple[str, int, int]]:
+        async with self._lock:
+            leases, actions = self.core.heartbeat(host_id, metrics, replicas, monotonic_ms())
+            await self._execute(actions)
+        return leases
+
+    async def watch_routes(self) -> AsyncIterator[coordinator_pb2.RoutesUpdate]:
+        if len(self._watchers) >= ROUTE_WATCHERS_MAX:
+            raise Unavailable(f"{ROUTE_WATCHERS_MAX} route watchers already; try another "
+                              "coordinator")
+        queue: asyncio.Queue[coordinator_pb2.RoutesUpdate] = asyncio.Queue(maxsize=4)
+        self._watchers.add(queue)
+        try:
+            yield self._routes
+            while True:
+                yield await queue.get()
+        finally:
+            self._watchers.discard(queue)
+
+    async def create_service(self, name: str, kind: str, replicas: int, mode: str) -> None:
+        async with self._lock:
+            await self._execute(self.core.create_service(name, kind, replicas, mode,
+                                                         monotonic_ms()))
+
+    async def delete_service(self, name: str) -> None:
+        async with self._lock:
+            await self._execute(self.core.delete_service(name))
+
+    async def switchover(self, name: str, to_host: str) -> tuple[int, str, int]:
+        """Planned hand-over: hold writes on the primary until the target has everything,
+        raise the epoch, promote the target. Returns (epoch, new primary, stall ms)."""
+        async with self._lock:
+            target = self.core.switchover_target(name, to_host)
+            service = self.core.services[name]
+            primary, epoch = service.primary, service.epoch
+            address = self.core.hosts[primary].address
+            self.core.switchover_begin(name, target)
+        started = monotonic_ms()
+        stub = self._caller(address).stub
+        try:
+            await stub.PrepareSwitchover(agent_pb2.PrepareSwitchoverRequest(
+                service=name, epoch=epoch, target_host_id=target,
+                timeout_ms=SWITCHOVER_TIMEOUT_MS), timeout=SWITCHOVER_TIMEOUT_MS / 1000 + 1)
+        except grpc.aio.AioRpcError as exc:
+            async with self._lock:
+                self.core.switchover_abort(name)
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await stub.PrepareSwitchover(agent_pb2.PrepareSwitchoverRequest(
+                    service=name, epoch=epoch, release=True), timeout=AGENT_CALL_TIMEOUT_S)
+            raise Unavailable(f"switchover of {name} abandoned, {primary} serves on: "
+                              f"{exc.details() or exc.code().name}") from None
+        async with self._lock:
+            stall_ms = monotonic_ms() - started
+            await self._execute(self.core.switchover_complete(name, target, stall_ms))
+            return self.core.services[name].epoch, target, stall_ms
+
+    async def history(self, service: str, limit: int) -> list[Any]:
+        return await self.store.history(service or None, max(1, min(limit or 100, 10_000)))
+
+    def status(self) -> coordinator_pb2.ClusterStatus:
+        now = monotonic_ms()
+        core = self.core
+        out = coordinator_pb2.ClusterStatus()
+        for host_id, info in sorted(core.hosts.items()):
+            live = core.live.get(host_id)
+            m = live.metrics if live else {}
+            out.hosts.append(coordinator_pb2.HostStatus(
+                host_id=host_id, address=info.address, zone=info.zone, draining=info.draining,
+                alive=bool(live and live.alive), version=info.version,
+                started_at=info.started_at,
+                metrics=agent_pb2.HostMetrics(
+                    cpu_percent=m.get("cpu_percent", 0.0),
+                    memory_percent=m.get("memory_percent", 0.0),
+                    disk_free_bytes=int(m.get("disk_free_bytes", 0))),
+                heartbeat_age_ms=max(0, now - live.last_heartbeat_ms) if live else 0,
+            ))
+        for name, service in sorted(core.services.items()):
+            primary_report = _report(core, service.primary, name)
+            view = coordinator_pb2.ServiceStatus(
+                name=name, kind=service.kind, mode=_MODE[service.mode], epoch=service.epoch,
+                desired_replicas=service.desired_replicas)
+            for host_id, role in sorted(service.replicas.items()):
+                report = _report(core, host_id, name)
+                durable = report.durable_index if report else 0
+                lag = max(0, primary_report.durable_index - durable) if primary_report else 0
+                view.replicas.append(coordinator_pb2.ReplicaView(
+                    host_id=host_id, role=_ROLE[role],
+                    indexes=common_pb2.ReplicaIndexes(
+                        durable_index=durable,
+                        commit_index=report.commit_index if report else 0,
+                        applied_index=report.applied_index if report else 0),
+                    lag_entries=0 if host_id == service.primary else lag,
+                    in_sync=host_id in service.in_sync,
+                ))
+            out.services.append(view)
+        return out
+
+
+def _report(core: CoordinatorCore, host_id: str, service: str) -> ReplicaReport | None:
+    live = core.live.get(host_id)
+    return live.replicas.get(service) if live else None
+
+
+def replica_reports(request: coordinator_pb2.HeartbeatRequest) -> list[ReplicaReport]:
+    return [
+        ReplicaReport(
+            service=r.service, role=_ROLE_NAME.get(r.role, "retired"), epoch=r.epoch,
+            durable_index=r.indexes.durable_index, commit_index=r.indexes.commit_index,
+            applied_index=r.indexes.applied_index, truncated_entries=r.truncated_entries)
+        for r in request.replicas
+    ]
+
+
+def metrics_dict(metrics: agent_pb2.HostMetrics) -> dict[str, float]:
+    return {"cpu_percent": metrics.cpu_percent, "memory_percent": metrics.memory_percent,
+            "disk_free_bytes": float(metrics.disk_free_bytes),
+            "memory_total_bytes": float(metrics.memory_total_bytes),
+            "cpu_count": float(metrics.cpu_count)}
+
+
+def check_name(name: str, what: str) -> None:
+    if not name:
+        raise InvalidRequest(f"{what} is required")
+

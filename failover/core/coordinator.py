@@ -1,0 +1,599 @@
+"""The coordinator's policy as a pure state machine (design.md, Failure detection).
+
+Events go in (a host registers, a heartbeat, a tick with the monotonic time, the duplicas'
+answers, an operator's command) and actions come out (persist, assign a role, step down,
+ask duplicas, push routes). The daemon carries the actions out in order; a `Persist` must be
+durable before any later action of the same list is carried out, which is how a new epoch
+reaches the store before any agent hears of it (invariant 1).
+
+What is persisted: hosts (address, zone, draining) and services (kind, mode, desired
+replicas, epoch, primary, replica roles, in-sync set). What is not: liveness, indexes and
+leases, which heartbeats rebuild within a heartbeat interval after a restart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import msgpack
+
+from failover import defaults
+from failover.errors import InvalidRequest
+
+PRIMARY, DUPLICA, BUILDING, RETIRED = "primary", "duplica", "building", "retired"
+
+HOST_PREFIX = "host/"
+SERVICE_PREFIX = "service/"
+ROUTES_VERSION_KEY = "meta/routes_version"
+
+
+# --- persisted records ------------------------------------------------------------------------
+
+
+@dataclass
+class HostInfo:
+    host_id: str
+    address: str
+    zone: str = ""
+    draining: bool = False
+    version: str = ""
+    started_at: float = 0.0
+
+
+@dataclass
+class ServiceInfo:
+    name: str
+    kind: str
+    mode: str  # "sync" or "async"
+    desired_replicas: int
+    epoch: int
+    primary: str  # host id
+    replicas: dict[str, str] = field(default_factory=dict)  # host id -> role
+    in_sync: list[str] = field(default_factory=list)
+
+    def duplicas(self) -> list[str]:
+        return sorted(h for h, r in self.replicas.items() if r != PRIMARY and h != self.primary)
+
+
+def _pack(record: Any) -> bytes:
+    return msgpack.packb(asdict(record), use_bin_type=True)
+
+
+# --- volatile views ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaReport:
+    """What a heartbeat says of one replica."""
+
+    service: str
+    role: str
+    epoch: int
+    durable_index: int
+    commit_index: int
+    applied_index: int
+    truncated_entries: int = 0
+
+
+@dataclass
+class HostLive:
+    last_heartbeat_ms: int
+    alive: bool = True
+    metrics: dict[str, float] = field(default_factory=dict)
+    replicas: dict[str, ReplicaReport] = field(default_factory=dict)
+
+
+@dataclass
+class Failover:
+    """A failover in progress (volatile: after a coordinator restart detection starts over,
+    which never contradicts a decision, since decisions are persisted before acted on)."""
+
+    service: str
+    old_primary: str
+    last_heartbeat_ms: int
+    suspected_ms: int
+    state: str = "asking"  # "asking" -> "waiting_lease" -> done
+    chosen: str = ""
+    lease_expiry_ms: int = 0
+
+
+# --- actions ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Persist:
+    puts: dict[str, bytes]
+    deletes: tuple[str, ...] = ()
+    history: tuple[tuple[str, str, str, dict[str, Any]], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AssignRole:
+    host_id: str
+    address: str
+    service: str
+    kind: str
+    role: str
+    epoch: int
+    mode: str
+    primary: tuple[str, str] | None  # (host id, address), for a duplica
+    duplicas: dict[str, str]  # host id -> address, for a primary
+    in_sync: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StepDown:
+    host_id: str
+    address: str
+    service: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class DropReplica:
+    host_id: str
+    address: str
+    service: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class AskHearsPrimary:
+    """Ask these duplicas whether the primary's stream still reaches them."""
+
+    service: str
+    epoch: int
+    hosts: dict[str, str]  # host id -> address
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    service: str
+    kind: str
+    primary_host_id: str
+    primary_address: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class PushRoutes:
+    version: int
+    routes: tuple[Route, ...]
+
+
+Action = Persist | AssignRole | StepDown | DropReplica | AskHearsPrimary | PushRoutes
+
+
+@dataclass(frozen=True, slots=True)
+class HearsAnswer:
+    """A duplica's answer to AskHearsPrimary; `reachable` False when the call failed."""
+
+    host_id: str
+    reachable: bool
+    hears: bool = False
+    durable_index: int = 0
+    epoch: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    heartbeat_ms: int = defaults.HEARTBEAT_MS
+    failure_timeout_ms: int = defaults.FAILURE_TIMEOUT_MS
+    lease_ms: int = defaults.LEASE_MS
+
+
+class CoordinatorCore:
+    """Cluster policy: detection, fenced promotion, in-sync set, routes, switchover."""
+
+    def __init__(self, timing: Timing = Timing()) -> None:
+        self.timing = timing
+        self.hosts: dict[str, HostInfo] = {}
+        self.live: dict[str, HostLive] = {}
+        self.services: dict[str, ServiceInfo] = {}
+        self.routes_version = 0
+        self.failovers: dict[str, Failover] = {}
+        # service -> (host, monotonic ms when its lease runs out, as the coordinator sees it)
+        self.leases: dict[str, tuple[str, int]] = {}
+        self.switchovers: dict[str, str] = {}  # service -> target host, while in progress
+        # (host, service) -> when a heartbeat last made us re-send its assignment
+        self._reassigned_ms: dict[tuple[str, str], int] = {}
+        # service -> when its silent primary's duplicas were last asked
+        self._asked_ms: dict[str, int] = {}
+        # (host, service) -> truncated count last reported, to record each repair once
+        self._truncated_seen: dict[tuple[str, str], int] = {}
+
+    # --- restore ---------------------------------------------------------------------------
+
+    def restore(self, state: dict[str, bytes], now_ms: int) -> list[Action]:
+        """Loads persisted state after a (re)start. Every host counts as alive for one
+        failure timeout (their heartbeats arrive meanwhile), and every replica is told its
+        role again: assignments are idempotent, and one may have been persisted but not
+        delivered when the last coordinator stopped."""
+        for key, value in state.items():
+            record = msgpack.unpackb(value, raw=False)
+            if key.startswith(HOST_PREFIX):
+                host = HostInfo(**record)
+                self.hosts[host.host_id] = host
+                self.live[host.host_id] = HostLive(last_heartbeat_ms=now_ms)
+            elif key.startswith(SERVICE_PREFIX):
+                service = ServiceInfo(**record)
+                self.services[service.name] = service
+            elif key == ROUTES_VERSION_KEY:
+                self.routes_version = int(record)
+        actions: list[Action] = []
+        for service in self.services.values():
+            actions.extend(self._assignments(service))
+        actions.append(self._routes())
+        return actions
+
+    # --- hosts -----------------------------------------------------------------------------
+
+    def register(self, info: HostInfo, now_ms: int) -> list[Action]:
+        """A host's agent started (or re-registers)."""
+        if not info.host_id or not info.address:
+            raise InvalidRequest("register needs a host_id and an address")
+        known = self.hosts.get(info.host_id)
+        actions: list[Action] = []
+        if known is not None:
+            info.draining = known.draining
+        if known != info:
+            self.hosts[info.host_id] = info
+            actions.append(Persist({HOST_PREFIX + info.host_id: _pack(info)},
+                                   history=(("", "host", f"host {info.host_id} registered at "
+                                             f"{info.address}", {"host_id": info.host_id}),)))
+        self.live[info.host_id] = HostLive(last_heartbeat_ms=now_ms)
+        # Tell the host what it holds (it recovers from disk, but may have missed a change).
+        for service in self.services.values():
+            if info.host_id in service.replicas:
+                actions.extend(self._assignments(service, only=info.host_id))
+        if known is not None and known.address != info.address:
+            actions.extend(self._bump_routes())
+        return actions
+
+    def heartbeat(self, host_id: str, metrics: dict[str, float],
+                  replicas: list[ReplicaReport], now_ms: int) -> tuple[list[tuple[str, int, int]],
+                                                                        list[Action]]:
+        """A host is alive; returns the leases granted [(service, epoch, lease_ms)] and
+        actions (re-assignments of replicas that disagree with the record, in-sync changes)."""
+        if host_id not in self.hosts:
+            raise InvalidRequest(f"host {host_id!r} is not registered: register first")
+        live = self.live.setdefault(host_id, HostLive(last_heartbeat_ms=now_ms))
+        live.last_heartbeat_ms = now_ms
+        live.alive = True
+        live.metrics = metrics
+        live.replicas = {r.service: r for r in replicas}
+        actions: list[Action] = []
+        leases: list[tuple[str, int, int]] = []
+        for service in self.services.values():
+            role = service.replicas.get(host_id)
+            if role is None:
+                continue
+            report = live.replicas.get(service.name)
+            wanted = PRIMARY if service.primary == host_id else role
+            key = (host_id, service.name)
+            if report is None or report.epoch != service.epoch or report.role != wanted:
+                # It missed (or has not yet carried out) its assignment: send it again, at
+                # most once per failure timeout.
+                last = self._reassigned_ms.get(key)
+                if service.name not in self.switchovers and (
+                    last is None or now_ms - last >= self.timing.failure_timeout_ms
+                ):
+                    self._reassigned_ms[key] = now_ms
+                    actions.extend(self._assignments(service, only=host_id))
+                continue
+            self._reassigned_ms.pop(key, None)
+            if wanted == PRIMARY and service.name not in self.failovers:
+                self.leases[service.name] = (host_id, now_ms + self.timing.lease_ms)
+                leases.append((service.name, service.epoch, self.timing.lease_ms))
+            if report.truncated_entries != self._truncated_seen.get(key, 0):
+                self._truncated_seen[key] = report.truncated_entries
+                if report.truncated_entries:
+                    actions.append(Persist({}, history=((
+                        service.name, "rejoin",
+                        f"{host_id} rejoined {service.name} as duplica, dropping "
+                        f"{report.truncated_entries} divergent entries",
+                        {"host_id": host_id, "truncated_entries": report.truncated_entries}),)))
+        actions.extend(self._grow_in_sync(now_ms))
+        return leases, actions
+
+    def set_draining(self, host_id: str, draining: bool) -> list[Action]:
+        host = self.hosts.get(host_id)
+        if host is None:
+            raise InvalidRequest(f"unknown host {host_id!r}")
+        host.draining = draining
+        return [Persist({HOST_PREFIX + host_id: _pack(host)})]
+
+    # --- time ------------------------------------------------------------------------------
+
+    def tick(self, now_ms: int) -> list[Action]:
+        """Detects silent hosts, shrinks in-sync sets, and moves failovers along."""
+        actions: list[Action] = []
+        timeout = self.timing.failure_timeout_ms
+        for host_id, live in self.live.items():
+            if live.alive and now_ms - live.last_heartbeat_ms > timeout:
+                live.alive = False
+                actions.extend(self._host_suspected(host_id))
+        for service in self.services.values():
+            # A primary whose host is silent: ask its duplicas, again every failure timeout
+            # for as long as it stays silent (an answer "we still hear it" may go stale).
+            if service.name in self.failovers or service.name in self.switchovers:
+                continue
+            live = self.live.get(service.primary)
+            if live is None or live.alive:
+                continue
+            asked = self._asked_ms.get(service.name)
+            if asked is not None and now_ms - asked < timeout:
+                continue
+            self._asked_ms[service.name] = now_ms
+            self.failovers[service.name] = Failover(
+                service.name, service.primary, live.last_heartbeat_ms, now_ms)
+            hosts = {h: self.hosts[h].address for h in service.duplicas() if h in self.hosts}
+            actions.append(AskHearsPrimary(service.name, service.epoch, hosts))
+        for failover in list(self.failovers.values()):
+            if failover.state == "waiting_lease" and now_ms >= failover.lease_expiry_ms:
+                actions.extend(self._promote(failover, now_ms))
+        return actions
+
+    def _host_suspected(self, host_id: str) -> list[Action]:
+        """A silent host leaves the in-sync sets it is in (its primaries are handled by the
+        failover check in `tick`)."""
+        actions: list[Action] = []
+        for service in self.services.values():
+            if host_id in service.in_sync and service.primary != host_id:
+                actions.extend(self._shrink_in_sync(service, host_id, "stopped heartbeating"))
+        return actions
+
+    # --- in-sync set ------------------------------------------------------------------------
+
+    def _shrink_in_sync(self, service: ServiceInfo, host_id: str, why: str) -> list[Action]:
+        """Removes a duplica from the in-sync set: persisted first, then the primary is told,
+        so the primary never acknowledges without a member before that is durable."""
+        service.in_sync = [h for h in service.in_sync if h != host_id]
+        persist = Persist({SERVICE_PREFIX + service.name: _pack(service)}, history=((
+            service.name, "in_sync", f"{host_id} left the in-sync set of {service.name}: {why}",
+            {"host_id": host_id, "in_sync": list(service.in_sync)}),))
+        return [persist, *self._assignments(service, only=service.primary)]
+
+    def _grow_in_sync(self, now_ms: int) -> list[Action]:
+        """Adds back a live duplica that has caught up with its primary's commit index."""
+        actions: list[Action] = []
+        for service in self.services.values():
+            if service.name in self.failovers or service.name in self.switchovers:
+                continue
+            primary_live = self.live.get(service.primary)
+            if primary_live is None or not primary_live.alive:
+                continue
+            primary_report = primary_live.replicas.get(service.name)
+            if primary_report is None or primary_report.epoch != service.epoch:
+                continue
+            for host in service.duplicas():
+                if host in service.in_sync:
+                    continue
+                live = self.live.get(host)
+                report = live.replicas.get(service.name) if live else None
+                if (
+                    live is not None and live.alive and report is not None
+                    and report.epoch == service.epoch and report.role == DUPLICA
+                    and report.durable_index >= primary_report.commit_index
+                ):
+                    service.in_sync = sorted({*service.in_sync, host})
+                    actions.append(Persist(
+                        {SERVICE_PREFIX + service.name: _pack(service)}, history=((
+                            service.name, "in_sync",
+                            f"{host} joined the in-sync set of {service.name}",
+                            {"host_id": host, "in_sync": list(service.in_sync)}),)))
+                    actions.extend(self._assignments(service, only=service.primary))
+        return actions
+
+    # --- failover --------------------------------------------------------------------------
+
+    def hears_primary(self, service_name: str, answers: list[HearsAnswer],
+                      now_ms: int) -> list[Action]:
+        """The duplicas answered whether they still hear the suspected primary."""
+        failover = self.failovers.get(service_name)
+        service = self.services.get(service_name)
+        if failover is None or service is None or failover.state != "asking":
+            return []
+        if self.live.get(failover.old_primary, HostLive(0, alive=False)).alive:
+            del self.failovers[service_name]  # it heartbeated again meanwhile
+            return []
+        hearing = [a.host_id for a in answers if a.reachable and a.hears]
+        if hearing:
+            del self.failovers[service_name]
+            return [Persist({}, history=((
+                service_name, "suspicion",
+                f"{failover.old_primary} missed heartbeats but {', '.join(hearing)} still "
+                "hear it: the coordinator's link is at fault, no failover",
+                {"old_primary": failover.old_primary, "hearing": hearing}),))]
+        candidates = [a for a in answers if a.reachable and a.host_id in service.in_sync
+                      and a.epoch <= service.epoch]
+        if not candidates:
+            del self.failovers[service_name]
+            return [Persist({}, history=((
+                service_name, "failover_blocked",
+                f"{failover.old_primary} is unreachable and no in-sync duplica of "
+                f"{service_name} answered; asking again after a failure timeout",
+                {"old_primary": failover.old_primary, "in_sync": list(service.in_sync)}),))]
+        # The in-sync duplica with the most of the log: it holds every committed entry.
+        chosen = max(candidates, key=lambda a: (a.durable_index, a.host_id))
+        failover.chosen = chosen.host_id
+        holder, expiry = self.leases.get(service_name, ("", 0))
+        failover.lease_expiry_ms = expiry if holder == failover.old_primary else 0
+        failover.state = "waiting_lease"
+        if now_ms >= failover.lease_expiry_ms:
+            return self._promote(failover, now_ms)
+        return []
+
+    def _promote(self, failover: Failover, now_ms: int) -> list[Action]:
+        service = self.services[failover.service]
+        del self.failovers[failover.service]
+        self.leases.pop(service.name, None)
+        old, new = failover.old_primary, failover.chosen
+        service.epoch += 1
+        service.primary = new
+        service.replicas[new] = PRIMARY
+        if old in service.replicas:
+            service.replicas[old] = DUPLICA  # rejoins as duplica when it comes back
+        service.in_sync = sorted(h for h in service.in_sync if h not in (old, new))
+        details = {
+            "old_primary": old, "new_primary": new, "epoch": service.epoch,
+            "detection_ms": failover.suspected_ms - failover.last_heartbeat_ms,
+            "promotion_ms": now_ms - failover.suspected_ms,
+        }
+        actions: list[Action] = [
+            Persist({SERVICE_PREFIX + service.name: _pack(service)}, history=((
+                service.name, "failover",
+                f"{service.name}: {old} failed; {new} promoted at epoch {service.epoch}",
+                details),)),
+            *self._assignments(service),
+        ]
+        old_host = self.hosts.get(old)
+        if old_host is not None:
+            actions.append(StepDown(old, old_host.address, service.name, service.epoch))
+        actions.extend(self._bump_routes())
+        return actions
+
+    # --- operator commands ------------------------------------------------------------------
+
+    def create_service(self, name: str, kind: str, replicas: int, mode: str,
+                       now_ms: int) -> list[Action]:
+        if name in self.services:
+            raise InvalidRequest(f"service {name!r} exists already")
+        if mode not in ("sync", "async"):
+            raise InvalidRequest(f"mode {mode!r}: choose sync or async")
+        if not 1 <= replicas <= 16:
+            raise InvalidRequest(f"replicas must be 1..16, not {replicas}")
+        hosts = self._placeable_hosts()
+        if len(hosts) < replicas:
+            raise InvalidRequest(
+                f"{name} needs {replicas} hosts but {len(hosts)} are alive and not draining: "
+                "start more agents or ask for fewer replicas")
+        chosen = hosts[:replicas]
+        service = ServiceInfo(
+            name=name, kind=kind, mode=mode, desired_replicas=replicas, epoch=1,
+            primary=chosen[0], replicas={h: (PRIMARY if i == 0 else DUPLICA)
+                                         for i, h in enumerate(chosen)},
+            in_sync=sorted(chosen[1:]),
+        )
+        self.services[name] = service
+        return [
+            Persist({SERVICE_PREFIX + name: _pack(service)}, history=((
+                name, "service", f"created {name} ({kind}, {mode}) on {', '.join(chosen)}",
+                {"kind": kind, "mode": mode, "hosts": chosen}),)),
+            *self._assignments(service),
+            *self._bump_routes(),
+        ]
+
+    def _placeable_hosts(self) -> list[str]:
+        """Alive, not draining, fewest replicas first (placement policies come later)."""
+        load = {h: 0 for h, info in self.hosts.items()
+                if not info.draining and self.live.get(h, HostLive(0, False)).alive}
+        for service in self.services.values():
+            for host in service.replicas:
+                if host in load:
+                    load[host] += 1
+        return sorted(load, key=lambda h: (load[h], h))
+
+    def delete_service(self, name: str) -> list[Action]:
+        service = self.services.pop(name, None)
+        if service is None:
+            raise InvalidRequest(f"no service {name!r}")
+        self.failovers.pop(name, None)
+        self.leases.pop(name, None)
+        actions: list[Action] = [Persist({}, deletes=(SERVICE_PREFIX + name,), history=((
+            name, "service", f"deleted {name}", {}),))]
+        for host in service.replicas:
+            info = self.hosts.get(host)
+            if info is not None:
+                actions.append(DropReplica(host, info.address, name, service.epoch))
+        actions.extend(self._bump_routes())
+        return actions
+
+    def switchover_target(self, name: str, to_host: str) -> str:
+        """Validates a switchover and returns its target (an in-sync, live duplica)."""
+        service = self.services.get(name)
+        if service is None:
+            raise InvalidRequest(f"no service {name!r}")
+        if name in self.failovers or name in self.switchovers:
+            raise InvalidRequest(f"{name} is already changing primary; try again shortly")
+        candidates = [h for h in service.in_sync
+                      if self.live.get(h, HostLive(0, False)).alive]
+        if to_host:
+            if to_host == service.primary:
+                raise InvalidRequest(f"{to_host} is already the primary of {name}")
+            if to_host not in candidates:
+                raise InvalidRequest(f"{to_host} is not a live in-sync duplica of {name}; "
+                                     f"choose one of {candidates or 'none'}")
+            return to_host
+        if not candidates:
+            raise InvalidRequest(f"{name} has no live in-sync duplica to switch over to")
+        reports = {h: self.live[h].replicas.get(name) for h in candidates}
+        return max(candidates, key=lambda h: (reports[h].durable_index if reports[h] else 0, h))
+
+    def switchover_begin(self, name: str, to_host: str) -> None:
+        self.switchovers[name] = to_host
+
+    def switchover_abort(self, name: str) -> None:
+        self.switchovers.pop(name, None)
+
+    def switchover_complete(self, name: str, to_host: str, stall_ms: int) -> list[Action]:
+        """The old primary holds writes and the target has its whole log: raise the epoch
+        and hand over (the old primary becomes a duplica of the target)."""
+        self.switchovers.pop(name, None)
+        service = self.services[name]
+        old = service.primary
+        service.epoch += 1
+        service.primary = to_host
+        service.replicas[to_host] = PRIMARY
+        service.replicas[old] = DUPLICA
+        service.in_sync = sorted({*service.in_sync, old} - {to_host})
+        self.leases.pop(name, None)
+        return [
+            Persist({SERVICE_PREFIX + name: _pack(service)}, history=((
+                name, "switchover",
+                f"{name}: primary moved from {old} to {to_host} at epoch {service.epoch}",
+                {"old_primary": old, "new_primary": to_host, "epoch": service.epoch,
+                 "stall_ms": stall_ms}),)),
+            *self._assignments(service),
+            *self._bump_routes(),
+        ]
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _assignments(self, service: ServiceInfo, only: str | None = None) -> list[Action]:
+        """What each replica of the service should hold; the duplicas first, so they accept
+        the new primary's stream when it starts."""
+        addresses = {h: self.hosts[h].address for h in service.replicas if h in self.hosts}
+        primary_address = addresses.get(service.primary, "")
+        duplicas = {h: addresses[h] for h in service.duplicas() if h in addresses}
+        actions: list[Action] = []
+        for host in [*sorted(duplicas), service.primary]:
+            if (only is not None and host != only) or host not in addresses:
+                continue
+            is_primary = host == service.primary
+            actions.append(AssignRole(
+                host_id=host, address=addresses[host], service=service.name, kind=service.kind,
+                role=PRIMARY if is_primary else service.replicas.get(host, DUPLICA),
+                epoch=service.epoch, mode=service.mode,
+                primary=None if is_primary else (service.primary, primary_address),
+                duplicas=duplicas if is_primary else {},
+                in_sync=tuple(h for h in service.in_sync if h in duplicas) if is_primary else (),
+            ))
+        return actions
+
+    def routes(self) -> tuple[Route, ...]:
+        out = []
+        for service in sorted(self.services.values(), key=lambda s: s.name):
+            host = self.hosts.get(service.primary)
+            out.append(Route(service.name, service.kind, service.primary,
+                             host.address if host else "", service.epoch))
+        return tuple(out)
+
+    def _routes(self) -> PushRoutes:
+        return PushRoutes(self.routes_version, self.routes())
+
+    def _bump_routes(self) -> list[Action]:
+        self.routes_version += 1
+        return [Persist({ROUTES_VERSION_KEY: msgpack.packb(self.routes_version)}),
+                PushRoutes(self.routes_version, self.routes())]

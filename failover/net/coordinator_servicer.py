@@ -1,0 +1,128 @@
+"""The coordinator's gRPC servicer: a thin adapter over `failover.coordinator.server`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, NoReturn
+
+import grpc
+import grpc.aio
+import msgpack
+
+from failover.coordinator.server import check_name, metrics_dict, replica_reports
+from failover.core.coordinator import HostInfo
+from failover.errors import InvalidRequest, Unavailable
+from failover.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+
+if TYPE_CHECKING:
+    from failover.coordinator.server import Coordinator
+
+_MODE_NAME = {common_pb2.REPLICATION_MODE_UNSPECIFIED: "sync",
+              common_pb2.REPLICATION_MODE_SYNC: "sync",
+              common_pb2.REPLICATION_MODE_ASYNC: "async"}
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
+    if isinstance(exc, InvalidRequest):
+        code = grpc.StatusCode.FAILED_PRECONDITION if "not registered" in str(exc) \
+            else grpc.StatusCode.INVALID_ARGUMENT
+        await context.abort(code, str(exc))
+    if isinstance(exc, Unavailable):
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+    raise exc
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.c = coordinator
+
+    async def Register(self, request: coordinator_pb2.RegisterRequest,
+                       context: grpc.aio.ServicerContext) -> coordinator_pb2.RegisterReply:
+        try:
+            check_name(request.host_id, "host_id")
+            check_name(request.address, "address")
+            await self.c.register(HostInfo(request.host_id, request.address, request.zone,
+                                           False, request.version, request.started_at))
+        except (InvalidRequest, Unavailable) as exc:
+            await _abort(context, exc)
+        return coordinator_pb2.RegisterReply(heartbeat_ms=self.c.timing.heartbeat_ms,
+                                             lease_ms=self.c.timing.lease_ms)
+
+    async def Heartbeat(self, request: coordinator_pb2.HeartbeatRequest,
+                        context: grpc.aio.ServicerContext) -> coordinator_pb2.HeartbeatReply:
+        try:
+            leases = await self.c.heartbeat(request.host_id, metrics_dict(request.metrics),
+                                            replica_reports(request))
+        except (InvalidRequest, Unavailable) as exc:
+            await _abort(context, exc)
+        return coordinator_pb2.HeartbeatReply(leases=[
+            coordinator_pb2.LeaseGrant(service=s, epoch=e, lease_ms=ms) for s, e, ms in leases])
+
+    async def WatchRoutes(self, request: coordinator_pb2.WatchRoutesRequest,
+                          context: grpc.aio.ServicerContext,
+                          ) -> AsyncIterator[coordinator_pb2.RoutesUpdate]:
+        try:
+            async for update in self.c.watch_routes():
+                yield update
+        except Unavailable as exc:
+            await _abort(context, exc)
+
+    async def GetClusterStatus(self, request: coordinator_pb2.ClusterStatusRequest,
+                               context: grpc.aio.ServicerContext) -> coordinator_pb2.ClusterStatus:
+        return self.c.status()
+
+    async def CreateService(self, request: coordinator_pb2.CreateServiceRequest,
+                            context: grpc.aio.ServicerContext,
+                            ) -> coordinator_pb2.CreateServiceReply:
+        try:
+            check_name(request.name, "name")
+            check_name(request.kind, "kind")
+            from failover.agent.host import check_service_name
+            from failover.kinds import load_kind
+
+            check_service_name(request.name)
+            try:
+                load_kind(request.kind)
+            except Exception as exc:
+                raise InvalidRequest(str(exc)) from None
+            await self.c.create_service(request.name, request.kind, request.replicas or 2,
+                                        _MODE_NAME.get(request.mode, "sync"))
+        except (InvalidRequest, Unavailable) as exc:
+            await _abort(context, exc)
+        status = self.c.status()
+        view = next(s for s in status.services if s.name == request.name)
+        return coordinator_pb2.CreateServiceReply(service=view)
+
+    async def DeleteService(self, request: coordinator_pb2.DeleteServiceRequest,
+                            context: grpc.aio.ServicerContext,
+                            ) -> coordinator_pb2.DeleteServiceReply:
+        try:
+            await self.c.delete_service(request.name)
+        except (InvalidRequest, Unavailable) as exc:
+            await _abort(context, exc)
+        return coordinator_pb2.DeleteServiceReply()
+
+    async def Switchover(self, request: coordinator_pb2.SwitchoverRequest,
+                         context: grpc.aio.ServicerContext) -> coordinator_pb2.SwitchoverReply:
+        try:
+            epoch, primary, stall_ms = await self.c.switchover(request.service,
+                                                               request.to_host_id)
+        except (InvalidRequest, Unavailable) as exc:
+            await _abort(context, exc)
+        return coordinator_pb2.SwitchoverReply(epoch=epoch, primary_host_id=primary,
+                                               stall_ms=stall_ms)
+
+    async def GetHistory(self, request: coordinator_pb2.HistoryRequest,
+                         context: grpc.aio.ServicerContext) -> coordinator_pb2.HistoryReply:
+        records = await self.c.history(request.service, request.limit)
+        return coordinator_pb2.HistoryReply(events=[
+            coordinator_pb2.HistoryEvent(
+                seq=r.seq, at=r.at, service=r.service, kind=r.kind, message=r.message,
+                details=msgpack.packb(r.details, use_bin_type=True))
+            for r in records
+        ])
+
+
+def add_to_server(server: grpc.aio.Server, coordinator: Coordinator) -> None:
+    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coordinator),
+                                                           server)
