@@ -1,0 +1,5 @@
+"""`python -m failover.cli` is `failoverctl`."""
+
+from failover.cli.main import main
+
+main()
