@@ -96,7 +96,7 @@ async def test_killed_primary_fails_over_and_no_acked_write_is_lost(
             await asyncio.sleep(1.0)
             cluster[old].kill()
             await asyncio.to_thread(
-                wait_for, lambda: (p := cluster.primary_of("kv")) not in (None, old), 15,
+                wait_for, lambda: cluster.primary_of("kv") not in (None, old), 15,
                 "a new primary")
             await asyncio.sleep(1.0)
 
