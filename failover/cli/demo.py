@@ -1,28 +1,36 @@
-"""`failoverctl demo`: a local cluster of real agent processes, shown working.
+"""`failoverctl demo`: a local cluster of real processes, a crash, a switchover, a report.
 
-Three agents on 127.0.0.1 in a temp dir; a `kv` and a `bank` replica set; a client workload;
-a duplica killed with SIGKILL mid-stream and restarted; every copy converging to the same
-digest; a retried transfer applied once; and the write-ahead log recovering a torn tail.
-Exits 0 only if every check held, and leaves no process behind.
+A coordinator and three agents on 127.0.0.1 in a temp dir; a `kv` service (3 replicas) and a
+`bank` service (2 replicas); clients writing to both; SIGKILL of the kv primary; what the
+cluster did about it (detection, promotion, the gap the clients saw); a switchover under load;
+then the proof: every acknowledged write still readable, the bank total unchanged, every
+replica with the same digest. Exits 0 only if every check held; leaves no process behind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import random
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
+import msgpack
 from rich.console import Console
 from rich.table import Table
 
 from failover.client import Client
+from failover.errors import FailoverError, RequestRejected
 from failover.localcluster import LocalCluster, wait_for
-from failover.storage.wal import Entry, WriteAheadLog
+from failover.v1 import coordinator_pb2
+
+ACCOUNTS = 10
+OPENING_BALANCE = 1_000
 
 
 class DemoFailed(Exception):
@@ -34,120 +42,161 @@ def check(condition: bool, message: str) -> None:
         raise DemoFailed(message)
 
 
-async def _workload(cluster: LocalCluster, console: Console, report: dict[str, Any]) -> None:
-    async with Client(agents=cluster.addresses, deadline_ms=15_000) as client:
-        started = time.monotonic()
-        keys = iter(range(3_000))
+@dataclass
+class Clients:
+    """The demo's workload: kv writers and bank transfers, with what they saw."""
 
-        async def writer() -> None:
-            for i in keys:
-                await client.call("kv", {"op": "put", "key": f"user:{i}", "value": f"v{i}"})
+    client: Client
+    acked: dict[str, str] = field(default_factory=dict)
+    completions: list[float] = field(default_factory=list)  # monotonic time of each kv ok
+    failures: list[str] = field(default_factory=list)
+    transfers: int = 0
+    refused: int = 0
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
 
-        await asyncio.gather(*(writer() for _ in range(16)))
-        elapsed = time.monotonic() - started
-        report["kv_puts"] = 3_000
-        report["kv_puts_per_s"] = round(3_000 / elapsed)
-        console.print(f"  3,000 kv puts, 16 in flight: {report['kv_puts_per_s']:,} puts/s "
-                      "(sync mode: every put on disk on host2 before it is acknowledged)")
+    async def kv_writer(self, name: str) -> None:
+        i = 0
+        while not self.stop.is_set():
+            i += 1
+            key, value = f"{name}:{i}", f"value-{i}"
+            try:
+                await self.client.call("kv", {"op": "put", "key": key, "value": value})
+            except FailoverError as exc:
+                self.failures.append(f"kv put {key}: {exc}")
+                continue
+            self.acked[key] = value
+            self.completions.append(time.monotonic())
 
-        console.print("[bold]SIGKILL host3 (a duplica) while writes go on, then restart it")
-        more = iter(range(3_000, 5_000))
+    async def bank_teller(self, seed: int) -> None:
+        rnd = random.Random(seed)
+        while not self.stop.is_set():
+            a, b = rnd.sample(range(ACCOUNTS), 2)
+            try:
+                await self.client.call("bank", {"op": "transfer", "from": f"acct{a}",
+                                                "to": f"acct{b}", "amount": rnd.randint(1, 400)})
+                self.transfers += 1
+            except RequestRejected:
+                self.refused += 1  # an overdraw, refused as it must be
+            except FailoverError as exc:
+                self.failures.append(f"bank transfer: {exc}")
 
-        async def writer2() -> None:
-            for i in more:
-                await client.call("kv", {"op": "put", "key": f"user:{i}", "value": f"v{i}"})
+    def gap_around(self, moment: float) -> float:
+        """Client-visible unavailability: last kv success before `moment` to first after."""
+        before = max((t for t in self.completions if t <= moment), default=moment)
+        after = min((t for t in self.completions if t > moment), default=moment)
+        return after - before
 
-        load = asyncio.gather(*(writer2() for _ in range(8)))
-        await asyncio.sleep(0.2)
-        cluster["host3"].kill()
-        await asyncio.sleep(0.5)
-        cluster["host3"].start()
-        await load
-        console.print("  2,000 more puts, none failed; host3 restarted and caught up")
 
-        for account, balance in (("alice", 100), ("bob", 50)):
-            await client.call("bank", {"op": "open", "account": account, "balance": balance})
-        transfers = 0
-        for amount in (10, 20, 30):
-            await client.call("bank", {"op": "transfer", "from": "alice", "to": "bob",
-                                       "amount": amount})
-            transfers += 1
-        refused = ""
-        try:
-            await client.call("bank", {"op": "transfer", "from": "bob", "to": "alice",
-                                       "amount": 10_000})
-        except Exception as exc:
-            refused = f"{type(exc).__name__}: {exc}"
+async def _scenario(cluster: LocalCluster, console: Console, report: dict[str, Any]) -> None:
+    coordinator = cluster.coordinator
+    assert coordinator is not None
+    async with Client(coordinator=coordinator.address, deadline_ms=10_000) as client:
+        for n in range(ACCOUNTS):
+            await client.call("bank", {"op": "open", "account": f"acct{n}",
+                                       "balance": OPENING_BALANCE})
+        clients = Clients(client)
+        tasks = [asyncio.create_task(clients.kv_writer(f"writer{n}")) for n in range(8)]
+        tasks += [asyncio.create_task(clients.bank_teller(n)) for n in range(2)]
+        await asyncio.sleep(2.0)
+
+        victim = cluster.primary_of("kv")
+        assert victim is not None
+        console.print(f"[bold]SIGKILL {victim}[/bold], the kv primary, under load "
+                      f"({len(clients.acked):,} puts acknowledged so far)")
+        killed_at = time.monotonic()
+        cluster[victim].kill()
+        new = await asyncio.to_thread(
+            wait_for, lambda: (p := cluster.primary_of("kv")) not in (None, victim) and p,
+            15, "a new kv primary")
+        await asyncio.sleep(1.0)
+        gap_ms = clients.gap_around(killed_at) * 1000
+        failover = next(e for e in reversed(coordinator.history("kv")) if e.kind == "failover")
+        details = msgpack.unpackb(failover.details, raw=False)
+        report["failover"] = {"killed": victim, "promoted": new, **details,
+                              "client_gap_ms": round(gap_ms)}
+        console.print(f"  detected after {details['detection_ms']} ms of silence, {new} "
+                      f"promoted {details['promotion_ms']} ms later at epoch "
+                      f"{details['epoch']}; clients saw a {gap_ms:.0f} ms gap, no error")
+
+        console.print(f"[bold]Restart {victim}[/bold]: it rejoins as a duplica and catches up")
+        cluster[victim].start()
+        await asyncio.to_thread(cluster.wait_converged, "kv", list(cluster.agents), 30)
+
+        console.print("[bold]Switchover[/bold] of kv, under the same load")
+        failures_before = len(clients.failures)
+        reply = await asyncio.to_thread(
+            coordinator.stub().Switchover, coordinator_pb2.SwitchoverRequest(service="kv"),
+            timeout=15)
+        await asyncio.sleep(1.0)
+        report["switchover"] = {"to": reply.primary_host_id, "epoch": reply.epoch,
+                                "stall_ms": reply.stall_ms,
+                                "failed_requests": len(clients.failures) - failures_before}
+        console.print(f"  primary moved to {reply.primary_host_id} at epoch {reply.epoch}; "
+                      f"writes held for {reply.stall_ms} ms, "
+                      f"{report['switchover']['failed_requests']} failed requests")
+
+        clients.stop.set()
+        await asyncio.gather(*tasks)
+        console.print("[bold]Checking[/bold] every acknowledged write and the bank total")
+        for key, value in clients.acked.items():
+            got = await client.call("kv", {"op": "get", "key": key})
+            check(got.get("value") == value, f"acknowledged put {key} lost: {got}")
         total = (await client.call("bank", {"op": "total"}))["total"]
-        check(total == 150, f"bank total is {total}, expected 150")
-        check(refused.startswith("RequestRejected"), f"overdraw was not refused: {refused!r}")
-        report["bank_total"] = total
-        console.print(f"  bank: {transfers} transfers, total stays {total}; overdraw refused "
-                      f"({refused.split(':', 1)[0]})")
+        check(total == ACCOUNTS * OPENING_BALANCE, f"bank total is {total}")
+        check(not clients.failures, f"failed requests: {clients.failures[:3]}")
+        report.update(kv_puts_acknowledged=len(clients.acked), lost_acked_writes=0,
+                      bank_transfers=clients.transfers, bank_overdraws_refused=clients.refused,
+                      bank_total=total, failed_requests=0)
+        console.print(f"  {len(clients.acked):,} acknowledged puts all readable, 0 lost; "
+                      f"{clients.transfers:,} transfers ({clients.refused} overdraws refused), "
+                      f"total still {total:,}")
 
 
-def _wal_torn_tail(root: Path, console: Console, report: dict[str, Any]) -> None:
-    console.print("[bold]Write-ahead log: cut the last record in half, reopen")
-    directory = root / "wal-demo"
-    wal = WriteAheadLog.open(directory)
-    wal.append([Entry(1, i, b"", b"x" * 100) for i in range(1, 1001)])
-    wal.close()
-    segment = sorted(directory.glob("*.wal"))[-1]
-    size = segment.stat().st_size
-    with open(segment, "r+b") as f:
-        f.truncate(size - 50)
-    wal = WriteAheadLog.open(directory)
-    dropped = wal.open_report.torn_bytes_dropped
-    check(wal.last_index == 999, f"expected 999 entries after the cut, found {wal.last_index}")
-    wal.close()
-    report["torn_tail_bytes_dropped"] = dropped
-    console.print(f"  torn record dropped ({dropped} bytes), entries 1..999 intact")
+def _replica_table(cluster: LocalCluster) -> Table:
+    table = Table(title="Replicas at the end")
+    for column in ("service", "host", "role", "epoch", "applied", "digest"):
+        table.add_column(column)
+    roles = ("?", "primary", "duplica", "building", "retired")
+    for agent in cluster:
+        for r in agent.status().replicas:
+            d = agent.digest(r.service)
+            table.add_row(r.service, agent.host_id, roles[r.role], str(r.epoch),
+                          f"{d.applied_index:,}", d.digest.hex()[:16])
+    return table
 
 
 @click.command("demo")
 @click.option("--keep", is_flag=True, help="Keep the temp dir (logs, data) for a look.")
 @click.pass_context
 def demo_command(ctx: click.Context, keep: bool) -> None:
-    """Run a local cluster of real processes and show replication, a crash and recovery."""
-    as_json = ctx.obj and ctx.obj.get("format") == "json"
+    """Run a local cluster of real processes through a crash and a switchover."""
+    as_json = bool(ctx.obj) and ctx.obj.get("format") == "json"
     console = Console(stderr=as_json)
     root = Path(tempfile.mkdtemp(prefix="failover-demo-"))
     report: dict[str, Any] = {}
     started = time.monotonic()
-    console.print(f"[bold]Starting 3 agents on 127.0.0.1[/bold] (data in {root})")
+    console.print(f"[bold]Starting a coordinator and 3 agents on 127.0.0.1[/bold] ({root})")
     try:
-        with LocalCluster(root, hosts=3) as cluster:
+        with LocalCluster(root, hosts=3, coordinator=True) as cluster:
             cluster.start()
-            cluster.form("kv", "kv", "host1", ["host2", "host3"], in_sync=["host2"])
-            cluster.form("bank", "bank", "host1", ["host2"])
-            console.print("  kv: primary host1, duplicas host2 (in-sync) and host3; "
-                          "bank: primary host1, duplica host2")
-            asyncio.run(_workload(cluster, console, report))
-            digests = {
-                "kv": cluster.wait_converged("kv", ["host1", "host2", "host3"]),
-                "bank": cluster.wait_converged("bank", ["host1", "host2"]),
-            }
-            table = Table(title="Replicas")
-            for column in ("service", "host", "role", "epoch", "applied", "digest"):
-                table.add_column(column)
-            for agent in cluster:
-                for r in agent.status().replicas:
-                    d = agent.digest(r.service)
-                    table.add_row(r.service, agent.host_id, ("?", "primary", "duplica",
-                                  "building", "retired")[r.role], str(r.epoch),
-                                  f"{d.applied_index:,}", d.digest.hex()[:16])
-            console.print(table)
+            cluster.create("kv", "kv", replicas=3)
+            cluster.create("bank", "bank", replicas=2)
+            console.print("  kv: 3 replicas, bank: 2 replicas, sync mode (a write is "
+                          "acknowledged once every in-sync duplica has it on disk)")
+            asyncio.run(_scenario(cluster, console, report))
+            digests = {s: cluster.wait_converged(s, hosts, 30).hex() for s, hosts in (
+                ("kv", list(cluster.agents)),
+                ("bank", [h for h in cluster.agents
+                          if cluster[h].replica("bank") is not None]))}
+            report["digests"] = digests
+            console.print(_replica_table(cluster))
             console.print("  every replica of a service: same applied index, same digest")
-            report["digests"] = {k: v.hex() for k, v in digests.items()}
-            wait_for(lambda: not cluster["host3"].log_path.read_text().count("Traceback"),
-                     5, "host3's log to be free of tracebacks")
-        _wal_torn_tail(root, console, report)
-    except DemoFailed as exc:
+    except (DemoFailed, TimeoutError, FailoverError) as exc:
         console.print(f"[bold red]demo failed:[/bold red] {exc}")
+        console.print(f"logs kept in {root}")
         raise SystemExit(1) from None
-    finally:
-        if not keep:
-            shutil.rmtree(root, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(root, ignore_errors=True)
     report["seconds"] = round(time.monotonic() - started, 1)
     console.print(f"[bold green]demo passed[/bold green] in {report['seconds']} s")
     if as_json:
