@@ -37,8 +37,6 @@ from failover.net import channels
 from failover.net.address import parse_address_list
 from failover.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, data_pb2, data_pb2_grpc
 
-ROUTES_BACKOFF_MAX_MS = 1000
-
 _RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -139,7 +137,7 @@ class Client:
                 pass
             cursor = (cursor + 1) % len(self._coordinators)
             await asyncio.sleep(backoff_ms / 1000)
-            backoff_ms = min(backoff_ms * 2, ROUTES_BACKOFF_MAX_MS)
+            backoff_ms = min(backoff_ms * 2, defaults.CLIENT_ROUTES_BACKOFF_MAX_MS)
 
     def _apply_routes(self, update: coordinator_pb2.RoutesUpdate) -> None:
         for route in update.routes:

@@ -60,3 +60,16 @@ CLIENT_BACKOFF_MAX_MS = 250
 HISTORY_EVENTS_MAX = 100_000  # history rows kept; the oldest are deleted in the same commit
 STORE_KEY_BYTES_MAX = 1024  # a state key, UTF-8
 STORE_VALUE_BYTES_MAX = 16 << 20  # a state value or one history event's encoded details
+
+# Links, streams and clients.
+LINK_OUTBOX_BYTES_MAX = 256 << 20  # queued for one peer host; beyond it the link restarts
+SHIP_READ_AHEAD_MAX = 64  # Ship messages read ahead of handling on one stream
+CLIENT_ROUTES_BACKOFF_MAX_MS = 1000
+PAGED_ARENA_BYTES_MAX = 1 << 30
+
+# Coordinator.
+AGENT_CALL_TIMEOUT_MS = 2000
+HEARS_PRIMARY_TIMEOUT_MS = 200
+COORDINATOR_HOST_QUEUE_MAX = 10_000  # calls queued for one agent
+ROUTE_WATCHERS_MAX = 10_000
+SWITCHOVER_TIMEOUT_MS = 5000

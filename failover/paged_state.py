@@ -23,7 +23,6 @@ from failover.errors import PagedStateFullError
 # Default bound on the arena, in bytes, when the caller names no `pages_max`. Growing past it
 # raises PagedStateFullError instead of exhausting the host's memory.
 # TODO(defaults): belongs in failover/defaults.py as PAGED_STATE_BYTES_MAX.
-ARENA_BYTES_MAX = 1 << 30
 
 _DIGEST_HEAD = struct.Struct("<QQ")  # page_bytes, page_count: the arena's shape is state too
 
@@ -49,12 +48,12 @@ class PagedState:
     ) -> None:
         """Create an arena of `page_count` zero pages.
 
-        `pages_max` bounds growth; it defaults to ARENA_BYTES_MAX // page_bytes.
+        `pages_max` bounds growth; it defaults to `defaults.PAGED_ARENA_BYTES_MAX // page_bytes`.
         """
         if page_bytes <= 0 or page_bytes & (page_bytes - 1):
             raise ValueError(f"page_bytes must be a positive power of two, got {page_bytes}")
         if pages_max is None:
-            pages_max = max(1, ARENA_BYTES_MAX // page_bytes)
+            pages_max = max(1, defaults.PAGED_ARENA_BYTES_MAX // page_bytes)
         if pages_max <= 0:
             raise ValueError(f"pages_max must be positive, got {pages_max}")
         if page_count < 0:

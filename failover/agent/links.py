@@ -27,9 +27,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# All replica sets' windows together; beyond this the peer is not keeping up at all, and the
-# link is restarted (everything is re-probed) rather than growing without bound.
-OUTBOX_BYTES_MAX = 256 << 20
 
 
 class PeerLink:
@@ -146,7 +143,7 @@ class PeerLink:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            if self._outbox_bytes > OUTBOX_BYTES_MAX:
+            if self._outbox_bytes > defaults.LINK_OUTBOX_BYTES_MAX:
                 raise ConnectionError(
                     f"{self._outbox_bytes} bytes queued for {self.host_id}: restarting the link")
             if not (self._batches or self._probes or self._truncates):

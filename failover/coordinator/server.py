@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from failover import defaults
 from failover.core.coordinator import (
     Action,
     AskHearsPrimary,
@@ -40,11 +41,8 @@ from failover.v1 import agent_pb2, agent_pb2_grpc, common_pb2, coordinator_pb2
 
 log = logging.getLogger(__name__)
 
-AGENT_CALL_TIMEOUT_S = 2.0
-HEARS_PRIMARY_TIMEOUT_S = 0.2
-HOST_QUEUE_MAX = 10_000
-ROUTE_WATCHERS_MAX = 10_000
-SWITCHOVER_TIMEOUT_MS = 5_000
+AGENT_CALL_TIMEOUT_S = defaults.AGENT_CALL_TIMEOUT_MS / 1000
+HEARS_PRIMARY_TIMEOUT_S = defaults.HEARS_PRIMARY_TIMEOUT_MS / 1000
 
 _ROLE = {"primary": common_pb2.ROLE_PRIMARY, "duplica": common_pb2.ROLE_DUPLICA,
          "building": common_pb2.ROLE_BUILDING, "retired": common_pb2.ROLE_RETIRED}
@@ -64,7 +62,8 @@ class _HostCaller:
         self.address = address
         self.channel = channels.insecure_channel(address)
         self.stub = agent_pb2_grpc.AgentControlStub(self.channel)
-        self.queue: asyncio.Queue[Action] = asyncio.Queue(maxsize=HOST_QUEUE_MAX)
+        self.queue: asyncio.Queue[Action] = asyncio.Queue(
+            maxsize=defaults.COORDINATOR_HOST_QUEUE_MAX)
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
@@ -230,8 +229,8 @@ class Coordinator:
         return leases
 
     async def watch_routes(self) -> AsyncIterator[coordinator_pb2.RoutesUpdate]:
-        if len(self._watchers) >= ROUTE_WATCHERS_MAX:
-            raise Unavailable(f"{ROUTE_WATCHERS_MAX} route watchers already; try another "
+        if len(self._watchers) >= defaults.ROUTE_WATCHERS_MAX:
+            raise Unavailable(f"{defaults.ROUTE_WATCHERS_MAX} route watchers already; try another "
                               "coordinator")
         queue: asyncio.Queue[coordinator_pb2.RoutesUpdate] = asyncio.Queue(maxsize=4)
         self._watchers.add(queue)
@@ -265,7 +264,8 @@ class Coordinator:
         try:
             await stub.PrepareSwitchover(agent_pb2.PrepareSwitchoverRequest(
                 service=name, epoch=epoch, target_host_id=target,
-                timeout_ms=SWITCHOVER_TIMEOUT_MS), timeout=SWITCHOVER_TIMEOUT_MS / 1000 + 1)
+                timeout_ms=defaults.SWITCHOVER_TIMEOUT_MS),
+                timeout=defaults.SWITCHOVER_TIMEOUT_MS / 1000 + 1)
         except grpc.aio.AioRpcError as exc:
             async with self._lock:
                 self.core.switchover_abort(name)

@@ -44,8 +44,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SHIP_READ_AHEAD_MAX = 64  # messages read ahead of handling on one Ship stream
-
 ROLE_TO_PROTO = {
     "primary": common_pb2.ROLE_PRIMARY,
     "duplica": common_pb2.ROLE_DUPLICA,
@@ -161,7 +159,7 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
         # Messages are read ahead into a bounded queue; whatever arrived while one was being
         # handled is answered in the same reply, so a busy stream sends few large replies.
         queue: asyncio.Queue[replication_pb2.ShipMessage | None] = asyncio.Queue(
-            maxsize=SHIP_READ_AHEAD_MAX)
+            maxsize=defaults.SHIP_READ_AHEAD_MAX)
 
         agent = self.agent
         pending = 0  # read ahead and not yet answered, counted in agent.receiving too
