@@ -52,33 +52,36 @@ def wait_for(condition: Callable[[], T], timeout_s: float, what: str,
         time.sleep(interval_s)
 
 
-class AgentProcess:
-    """One `failover-agent` process."""
+class ManagedProcess:
+    """A daemon of ours as a process in its own session, logging to a file under the root."""
 
-    def __init__(self, root: Path, host_id: str, *, fsync_policy: str = "batch",
-                 extra: dict[str, Any] | None = None) -> None:
-        self.host_id = host_id
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.data_dir = root / host_id
-        self.log_path = root / f"{host_id}.log"
-        self.fsync_policy = fsync_policy
-        self.extra = dict(extra or {})
+    what = "process"
+
+    def __init__(self, address: str, log_path: Path) -> None:
+        self.address = address
+        self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self._channel: grpc.Channel | None = None
         self.restarts = 0
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "failover.agent", "--host-id", self.host_id,
-               "--listen", self.address, "--data-dir", str(self.data_dir),
-               "--fsync-policy", self.fsync_policy]
-        for key, value in self.extra.items():
-            cmd += [f"--{key.replace('_', '-')}", str(value)]
-        return cmd
+        raise NotImplementedError
+
+    def probe(self) -> None:
+        """One cheap call that succeeds once the daemon serves."""
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Runs before each start (e.g. making the data dir)."""
+
+    def channel(self) -> grpc.Channel:
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(self.address)
+        return self._channel
 
     def start(self, wait: bool = True) -> None:
         assert self.proc is None or self.proc.poll() is not None, "already running"
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.prepare()
         with open(self.log_path, "ab") as log_file:
             self.proc = subprocess.Popen(
                 self.command(), stdout=log_file, stderr=subprocess.STDOUT,
@@ -91,17 +94,12 @@ class AgentProcess:
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         def ready() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
-                raise FailoverError(f"agent {self.host_id} exited with {self.proc.returncode}; "
+                raise FailoverError(f"{self.what} exited with {self.proc.returncode}; "
                                     f"log tail:\n{self.log_tail()}")
-            self.control().GetStatus(agent_pb2.GetStatusRequest(), timeout=0.5)
+            self.probe()
             return True
 
-        wait_for(ready, timeout_s, f"agent {self.host_id} to serve on {self.address}")
-
-    def control(self) -> agent_pb2_grpc.AgentControlStub:
-        if self._channel is None:
-            self._channel = grpc.insecure_channel(self.address)
-        return agent_pb2_grpc.AgentControlStub(self._channel)
+        wait_for(ready, timeout_s, f"{self.what} to serve on {self.address}")
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
@@ -145,6 +143,36 @@ class AgentProcess:
         except OSError:
             return "(no log)"
 
+
+class AgentProcess(ManagedProcess):
+    """One `failover-agent` process."""
+
+    def __init__(self, root: Path, host_id: str, *, fsync_policy: str = "batch",
+                 extra: dict[str, Any] | None = None) -> None:
+        super().__init__(f"127.0.0.1:{free_port()}", root / f"{host_id}.log")
+        self.what = f"agent {host_id}"
+        self.host_id = host_id
+        self.data_dir = root / host_id
+        self.fsync_policy = fsync_policy
+        self.extra = dict(extra or {})
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "failover.agent", "--host-id", self.host_id,
+               "--listen", self.address, "--data-dir", str(self.data_dir),
+               "--fsync-policy", self.fsync_policy]
+        for key, value in self.extra.items():
+            cmd += [f"--{key.replace('_', '-')}", str(value)]
+        return cmd
+
+    def prepare(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+
+    def probe(self) -> None:
+        self.control().GetStatus(agent_pb2.GetStatusRequest(), timeout=0.5)
+
+    def control(self) -> agent_pb2_grpc.AgentControlStub:
+        return agent_pb2_grpc.AgentControlStub(self.channel())
+
     # --- control shortcuts ---------------------------------------------------------------
 
     def status(self) -> agent_pb2.AgentStatus:
@@ -160,75 +188,24 @@ class AgentProcess:
         return self.control().GetDigest(agent_pb2.GetDigestRequest(service=service), timeout=5)
 
 
-class CoordinatorProcess:
+class CoordinatorProcess(ManagedProcess):
     """One `failover-coordinator` process with its data dir (the SQLite store) under root."""
 
+    what = "the coordinator"
+
     def __init__(self, root: Path) -> None:
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
+        super().__init__(f"127.0.0.1:{free_port()}", root / "coordinator.log")
         self.data_dir = root / "coordinator"
-        self.log_path = root / "coordinator.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._channel: grpc.Channel | None = None
-        self.restarts = 0
 
-    def start(self, wait: bool = True) -> None:
-        assert self.proc is None or self.proc.poll() is not None, "already running"
-        with open(self.log_path, "ab") as log_file:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "failover.coordinator", "--listen", self.address,
-                 "--data-dir", str(self.data_dir)],
-                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        if wait:
-            self.wait_ready()
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "failover.coordinator", "--listen", self.address,
+                "--data-dir", str(self.data_dir)]
 
-    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
-        def ready() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise FailoverError(f"coordinator exited with {self.proc.returncode}; log "
-                                    f"tail:\n{self.log_tail()}")
-            self.stub().GetClusterStatus(coordinator_pb2.ClusterStatusRequest(), timeout=0.5)
-            return True
-
-        wait_for(ready, timeout_s, f"the coordinator to serve on {self.address}")
+    def probe(self) -> None:
+        self.stub().GetClusterStatus(coordinator_pb2.ClusterStatusRequest(), timeout=0.5)
 
     def stub(self) -> coordinator_pb2_grpc.CoordinatorStub:
-        if self._channel is None:
-            self._channel = grpc.insecure_channel(self.address)
-        return coordinator_pb2_grpc.CoordinatorStub(self._channel)
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.proc.pid, sig)
-
-    def kill(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def restart(self) -> None:
-        self.kill()
-        self.restarts += 1
-        self.start()
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def close(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return coordinator_pb2_grpc.CoordinatorStub(self.channel())
 
     def status(self) -> coordinator_pb2.ClusterStatus:
         return self.stub().GetClusterStatus(coordinator_pb2.ClusterStatusRequest(), timeout=5)
