@@ -234,3 +234,16 @@ def test_failoverctl_against_a_real_coordinator(cluster: LocalCluster) -> None:
     assert [e["kind"] for e in history][-1] == "switchover"
     bad = run("create", "x", "--kind", "nosuchkind")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_sync_client_for_scripts(cluster: LocalCluster) -> None:
+    from failover.client import SyncClient
+    from failover.errors import InvalidRequest
+
+    assert cluster.coordinator is not None
+    with SyncClient(coordinator=cluster.coordinator.address) as client:
+        assert client.call("kv", {"op": "put", "key": "a", "value": b"\x00bytes"})["ok"]
+        got = client.call("kv", {"op": "get", "key": "a"})
+        assert got["value"] == b"\x00bytes"  # bytes stay bytes end to end
+        with pytest.raises(InvalidRequest):
+            client.call("kv", {"op": "frobnicate"})
