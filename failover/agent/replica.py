@@ -129,6 +129,10 @@ class Replica:
         self.closed = False
         # Monotonic ms until which this primary may answer reads alone (a coordinator grant).
         self.lease_expiry_ms = 0
+        # A replica that recovers from disk as primary, in a cluster with a coordinator,
+        # serves nothing until the coordinator confirms it (a lease or an assignment at its
+        # epoch): it may have been failed over while it was down.
+        self.confirmed = not (agent.config.coordinators and meta.role == PRIMARY)
         # Set while a switchover holds new writes; released when the role changes or the
         # switchover is abandoned.
         self._hold: asyncio.Event | None = None
@@ -219,6 +223,7 @@ class Replica:
                 f"epoch {self.epoch}; ask the coordinator for the current assignment"
             )
         changed = role != self.role or epoch != self.epoch
+        self.confirmed = True  # told by whoever assigns roles (the coordinator, or a test)
         self._persist_meta(
             role=role, epoch=epoch, mode=mode,
             primary_host_id=primary[0] if primary else "",
@@ -361,6 +366,7 @@ class Replica:
         """A coordinator granted a lease in answer to a heartbeat sent at `sent_ms`: counting
         from the send keeps our lease ending before the coordinator's view of it."""
         if self.role == PRIMARY and epoch == self.epoch:
+            self.confirmed = True
             self.lease_expiry_ms = max(self.lease_expiry_ms, sent_ms + lease_ms)
 
     async def _confirm_epoch(self) -> None:
@@ -434,6 +440,9 @@ class Replica:
     def _check_primary(self, epoch_seen: int) -> None:
         if self.role != PRIMARY or self.primary is None or self.primary.fenced:
             raise NotPrimaryError(self.service, self.meta.primary_address, self.epoch)
+        if not self.confirmed:
+            raise Unavailable(f"{self.service}: this primary restarted and waits for the "
+                              "coordinator to confirm it is still the primary")
         if epoch_seen > self.epoch:
             # The client saw a newer epoch: we are a fenced primary that has not heard yet.
             raise NotPrimaryError(self.service, "", epoch_seen)

@@ -90,6 +90,14 @@ class _HostCaller:
         else:
             raise AssertionError(action)
 
+    def reconnect(self) -> None:
+        """A fresh channel: the old one may sit in reconnect backoff after the host was down,
+        failing calls for up to a second although the host serves again."""
+        old = self.channel
+        self.channel = channels.insecure_channel(self.address)
+        self.stub = agent_pb2_grpc.AgentControlStub(self.channel)
+        asyncio.get_running_loop().create_task(old.close())
+
     async def close(self) -> None:
         self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -219,6 +227,9 @@ class Coordinator:
 
     async def register(self, info: HostInfo) -> None:
         async with self._lock:
+            caller = self._callers.get(info.address)
+            if caller is not None:
+                caller.reconnect()  # the host just proved it is reachable
             await self._execute(self.core.register(info, monotonic_ms()))
 
     async def heartbeat(self, host_id: str, metrics: dict[str, float],

@@ -247,3 +247,44 @@ def test_sync_client_for_scripts(cluster: LocalCluster) -> None:
         assert got["value"] == b"\x00bytes"  # bytes stay bytes end to end
         with pytest.raises(InvalidRequest):
             client.call("kv", {"op": "frobnicate"})
+
+
+async def test_restarted_primary_serves_only_once_the_coordinator_confirms_it(
+    cluster: LocalCluster,
+) -> None:
+    import grpc
+    import msgpack
+
+    from failover.v1 import common_pb2, data_pb2, data_pb2_grpc
+
+    assert cluster.coordinator is not None
+    primary = cluster.primary_of("kv")
+    assert primary is not None
+    cluster.coordinator.kill()
+    cluster[primary].kill()
+    cluster[primary].start()
+    channel = grpc.aio.insecure_channel(cluster[primary].address)
+    try:
+        stub = data_pb2_grpc.DataStub(channel)
+        request = data_pb2.ExecuteRequest(
+            service="kv", request_id=common_pb2.RequestId(client_id="probe", seq=1),
+            payload=msgpack.packb({"op": "put", "key": "k", "value": "v"}))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Execute(request, timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "confirm" in (info.value.details() or "")
+        cluster.coordinator.start()
+        reply = await asyncio.wait_for(_retry_until_ok(stub, request), 20)
+        assert reply.epoch == 1  # confirmed: it was still the primary
+    finally:
+        await channel.close()
+
+
+async def _retry_until_ok(stub, request):  # type: ignore[no-untyped-def]
+    import grpc
+
+    while True:
+        try:
+            return await stub.Execute(request, timeout=2)
+        except grpc.aio.AioRpcError:
+            await asyncio.sleep(0.05)
