@@ -7,7 +7,11 @@ Requests (account names are non-empty str; amounts are int, never bool):
 ``{"op": "transfer", "from", "to", "amount"}``  ``{"ok": True, "from_balance", "to_balance"}``
 ``{"op": "balance", "account"}`` (read-only)    ``{"ok": True, "account", "balance"}``
 ``{"op": "total"}`` (read-only)                 ``{"ok": True, "total", "accounts"}``
+``{"op": "read_all"}`` (read-only)              ``{"ok": True, "balances": {...}, "total"}``
 ==============================================  =============================================
+
+``read_all`` is one consistent cut of every balance (checkers use it after each fault); it
+grows with the number of accounts, so it is meant for tests and audits, not hot paths.
 
 Refusals (RequestRejected): reopening an account, an unknown account, a transfer to the same
 account, an overdraw, and an open that would take the total past the int64 range (kept so that
@@ -35,7 +39,7 @@ BALANCE_MAX = (1 << 63) - 1  # int64: msgpack's signed range, so totals stay enc
 _SNAP_MAGIC = "failover.bank"
 _SNAP_FORMAT = 1
 
-_OPS = frozenset({"open", "transfer", "balance", "total"})
+_OPS = frozenset({"open", "transfer", "balance", "total", "read_all"})
 
 
 def _account(request: dict, field: str) -> str:
@@ -50,7 +54,7 @@ class BankService(ServiceKind):
 
     name = "bank"
     version = 1
-    read_only_ops = frozenset({"balance", "total"})
+    read_only_ops = frozenset({"balance", "total", "read_all"})
 
     def __init__(self) -> None:
         """No accounts."""
@@ -169,4 +173,6 @@ class BankService(ServiceKind):
         if op == "balance":
             name = _account(request, "account")
             return {"ok": True, "account": name, "balance": self._existing(name)}
+        if op == "read_all":
+            return {"ok": True, "balances": dict(self._accounts), "total": self._total}
         return {"ok": True, "total": self._total, "accounts": len(self._accounts)}

@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -178,6 +179,11 @@ class Client:
         malformed, and `Unavailable` when no primary answered before the deadline (then the
         request may or may not have been applied).
         """
+        return (await self.call_detailed(service, request, deadline_ms=deadline_ms)).result
+
+    async def call_detailed(self, service: str, request: dict[str, Any], *,
+                            deadline_ms: int | None = None) -> CallResult:
+        """`call`, also returning where and when the request was applied (for checkers)."""
         if not isinstance(request, dict):
             raise InvalidRequest(f"a request is a dict, not {type(request).__name__}")
         payload = msgpack.packb(request, use_bin_type=True)
@@ -230,7 +236,8 @@ class Client:
                 backoff_ms = min(backoff_ms * 2, defaults.CLIENT_BACKOFF_MAX_MS)
                 continue
             self._routes[service] = (address, max(epoch, reply.epoch))
-            return _result(reply)
+            return CallResult(_result(reply), reply.epoch, reply.index, address,
+                              reply.duplicate, attempt)
 
     def _follow_redirect(self, service: str, address: str, exc: grpc.aio.AioRpcError) -> bool:
         """Takes a redirect hint from a non-primary; True if it names a new address."""
@@ -243,6 +250,18 @@ class Client:
                     self._routes[service] = (redirect.primary_address, redirect.epoch)
                     return True
         return False
+
+
+@dataclass(frozen=True, slots=True)
+class CallResult:
+    """A request's result and where it was applied."""
+
+    result: dict[str, Any]
+    epoch: int  # the primary's epoch when it answered
+    index: int  # the log index it was applied at (0 for reads)
+    address: str  # the primary that answered
+    duplicate: bool  # the recorded reply of an earlier attempt with the same request id
+    attempts: int
 
 
 def _result(reply: data_pb2.ExecuteReply) -> dict[str, Any]:

@@ -308,15 +308,18 @@ class Replica:
     # --- the write path (primary) --------------------------------------------------------
 
     async def execute(self, epoch_seen: int, client_id: str, seq: int, payload: bytes,
-                      timeout_s: float | None) -> tuple[Reply, bool]:
-        """Logs, ships, commits and applies one request; returns (reply, was_duplicate).
+                      timeout_s: float | None) -> tuple[Reply, bool, int]:
+        """Logs, ships, commits and applies one request; returns (reply, was_duplicate,
+        epoch): the epoch the entry was written in (this primary's, for a recorded reply),
+        which is what checkers pair with the answering primary; the replica's own epoch may
+        have moved on by the time the caller looks.
 
         `timeout_s` bounds the wait when the caller has no deadline of its own (None: the
         caller's deadline, enforced by gRPC, bounds it)."""
         self._check_primary(epoch_seen)
         request = decode_request(payload)
         if self.kind_cls.is_read_only(request):
-            return await self.query(payload, epoch_seen), False
+            return await self.query(payload, epoch_seen), False, self.epoch
         while self._hold is not None:
             # A switchover holds new writes: they go on here, or are redirected to the new
             # primary once this replica becomes a duplica.
@@ -325,11 +328,12 @@ class Replica:
         rid = encode_request_id(client_id, seq)
         seen = self.sm.sessions.lookup(client_id, seq)
         if isinstance(seen, Reply):
-            return seen, True
+            return seen, True, self.epoch
         if isinstance(seen, TooOld):
             raise InvalidRequest(
                 f"request {client_id}:{seq} is older than the retry window; its outcome can no "
                 "longer be told: read the state to check")
+        epoch = self.epoch
         pending = self._pending_ids.get(rid)
         if pending is None:
             if len(self._waiters) >= defaults.PENDING_REQUESTS_MAX:
@@ -342,13 +346,13 @@ class Replica:
         if timeout_s is None:
             # gRPC cancels this handler when the client's deadline passes; shield keeps that
             # from cancelling the entry's future, which a retry of the same id may share.
-            return await asyncio.shield(pending), False
+            return await asyncio.shield(pending), False, epoch
         try:
             reply = await asyncio.wait_for(asyncio.shield(pending), timeout_s)
         except TimeoutError:
             raise Unavailable(f"{self.service}: not committed within the deadline; the outcome "
                               "is unknown: retry with the same request id") from None
-        return reply, False
+        return reply, False, epoch
 
     async def query(self, payload: bytes, epoch_seen: int = 0) -> Reply:
         """Answers a read from applied state, which holds every acknowledged write.

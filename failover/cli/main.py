@@ -24,9 +24,10 @@ def cli(ctx: click.Context, coordinator: str, output_format: str) -> None:
 
 
 def _register_commands() -> None:
-    from failover.cli import admin, demo
+    from failover.cli import admin, chaos, demo
 
     cli.add_command(demo.demo_command)
+    cli.add_command(chaos.chaos_command)
     for command in admin.COMMANDS:
         cli.add_command(command)
 

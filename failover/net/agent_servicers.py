@@ -120,13 +120,13 @@ class DataServicer(data_pb2_grpc.DataServicer):
         try:
             _check_execute(request)
             replica = self.agent.data_replica(request.service)
-            reply, duplicate = await replica.execute(
+            reply, duplicate, epoch = await replica.execute(
                 request.epoch_seen, request.request_id.client_id, request.request_id.seq,
                 request.payload, _timeout_s(request.deadline_ms, context))
         except _HANDLED as exc:
             await _abort(context, exc)
         out = data_pb2.ExecuteReply(index=reply.index, commit_index=replica.commit_index,
-                                    epoch=replica.epoch, duplicate=duplicate)
+                                    epoch=epoch, duplicate=duplicate)
         if reply.status == ReplyStatus.OK:
             out.result = reply.data
         else:

@@ -1,0 +1,338 @@
+"""A chaos run: a local cluster of real processes, a recorded workload, a seeded nemesis, and
+the checkers' verdict on what the clients saw.
+
+The workload's clients record every operation (invoke, ok, fail, unknown, with monotonic
+times); the nemesis injects faults on its seeded schedule, waiting for the cluster to heal
+after each; at the end the cluster heals, every replica must converge, the final state is
+read, and the history is checked (linearizability per kv key, bank totals and exactly-once,
+no acknowledged write lost, one writer per epoch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from failover.chaos.checkers import verdict
+from failover.chaos.faults import FaultInjector, FaultRecord, now_ms
+from failover.chaos.history import HistoryRecorder, Op, dump_ops
+from failover.chaos.nemesis import schedule
+from failover.client import Client
+from failover.errors import FailoverError, InvalidRequest, RequestRejected, Unavailable
+from failover.localcluster import LocalCluster
+
+KV_SERVICE = "chaos-kv"
+BANK_SERVICE = "chaos-bank"
+
+
+@dataclass(frozen=True)
+class ChaosConfig:
+    """What a run does; `failoverctl chaos` builds it from its flags."""
+
+    duration_s: float = 60.0
+    seed: int = 1
+    hosts: int = 3
+    faults: tuple[str, ...] = ("kill", "pause")
+    workload: str = "both"  # "kv", "bank" or "both"
+    mode: str = "sync"
+    report_dir: Path | None = None
+    keys: int = 100  # kv keyspace shared by the workers (contention without hot spots)
+    kv_workers: int = 6
+    bank_workers: int = 3
+    accounts: int = 8
+    opening_balance: int = 1000
+    op_deadline_ms: int = 3000
+
+    def services(self) -> list[str]:
+        return ([KV_SERVICE] if self.workload in ("kv", "both") else []) + \
+               ([BANK_SERVICE] if self.workload in ("bank", "both") else [])
+
+
+@dataclass
+class _Run:
+    config: ChaosConfig
+    recorder: HistoryRecorder = field(default_factory=HistoryRecorder)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    bank_snapshots: list[tuple[str, dict[str, int]]] = field(default_factory=list)
+    addresses: dict[str, str] = field(default_factory=dict)  # agent address -> host id
+
+
+async def _record(run: _Run, client: Client, process: int, service: str, kind: str,
+                  key: str, request: dict[str, Any], args: dict[str, Any]) -> None:
+    """Runs one operation and records its outcome: ok, fail (surely not applied), or
+    unknown (may or may not have been applied)."""
+    handle = run.recorder.invoke(process, kind, key, args, now_ms(), service=service)
+    try:
+        out = await client.call_detailed(service, request,
+                                         deadline_ms=run.config.op_deadline_ms)
+    except (RequestRejected, InvalidRequest):
+        run.recorder.complete(handle, now_ms(), "fail")
+    except (Unavailable, FailoverError):
+        run.recorder.complete(handle, now_ms(), "unknown")
+    else:
+        run.recorder.complete(handle, now_ms(), "ok", out.result, epoch=out.epoch,
+                              index=out.index, primary=run.addresses.get(out.address, ""))
+
+
+async def _kv_worker(run: _Run, client: Client, process: int) -> None:
+    rnd = random.Random(run.config.seed * 1000 + process)
+    n = 0
+    while not run.stop.is_set():
+        n += 1
+        key = f"k{rnd.randrange(run.config.keys)}"
+        value = f"p{process}-{n}"
+        roll = rnd.random()
+        if roll < 0.5:
+            await _record(run, client, process, KV_SERVICE, "put", key,
+                          {"op": "put", "key": key, "value": value}, {"value": value})
+        elif roll < 0.9:
+            await _record(run, client, process, KV_SERVICE, "get", key,
+                          {"op": "get", "key": key}, {})
+        else:
+            # A cas against the value this worker last wrote anywhere: mostly misses, which
+            # is fine: a miss is a result the checker must explain too.
+            expected = f"p{process}-{n - 1}"
+            await _record(run, client, process, KV_SERVICE, "cas", key,
+                          {"op": "cas", "key": key, "expected": expected, "value": value},
+                          {"expected": expected, "value": value})
+
+
+async def _bank_worker(run: _Run, client: Client, process: int) -> None:
+    rnd = random.Random(run.config.seed * 1000 + process)
+    accounts = run.config.accounts
+    while not run.stop.is_set():
+        a, b = rnd.sample(range(accounts), 2)
+        amount = rnd.randint(1, run.config.opening_balance // 2)
+        args = {"from": f"a{a}", "to": f"a{b}", "amount": amount}
+        await _record(run, client, process, BANK_SERVICE, "transfer", "",
+                      {"op": "transfer", **args}, args)
+
+
+async def _bank_snapshot(run: _Run, client: Client, label: str) -> None:
+    """A consistent cut of every balance (one read), for the total/negative checks."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            reply = await client.call(BANK_SERVICE, {"op": "read_all"}, deadline_ms=5000)
+            run.bank_snapshots.append((label, dict(reply["balances"])))
+            return
+        except FailoverError:
+            if time.monotonic() > deadline:
+                raise
+
+
+def _unavailability(ops: list[Op], records: list[FaultRecord],
+                    primaries: dict[float, set[str]]) -> list[dict[str, Any]]:
+    """For each fault that hit a primary: last ok before it to first ok after, per service
+    (the client-visible gap)."""
+    out = []
+    for record in records:
+        if record.skipped or record.fault.kind not in ("kill", "pause", "partition"):
+            continue
+        if record.host not in primaries.get(record.start_ms, set()):
+            continue
+        for service in {op.service for op in ops}:
+            done = sorted(op.complete_ms for op in ops if op.service == service
+                          and op.outcome == "ok" and op.complete_ms is not None)
+            before = [t for t in done if t <= record.start_ms]
+            after = [t for t in done if t > record.start_ms]
+            if before and after:
+                out.append({"fault": record.fault.describe(), "host": record.host,
+                            "service": service, "unavailability_ms": round(after[0] - before[-1])})
+    return out
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+async def run_chaos(config: ChaosConfig, progress: Callable[[str], None] = print,
+                    ) -> dict[str, Any]:
+    """Runs one chaos run and returns its report (see `failoverctl chaos --help`)."""
+    root = Path(tempfile.mkdtemp(prefix="failover-chaos-"))
+    started = time.monotonic()
+    run = _Run(config)
+    services = config.services()
+    replicas = min(3, config.hosts)
+    progress(f"chaos: seed {config.seed}, {config.duration_s:.0f} s, {config.hosts} hosts, "
+             f"faults {','.join(config.faults)}, workload {config.workload}, {config.mode} mode")
+    try:
+        with LocalCluster(root, hosts=config.hosts, coordinator=True) as cluster:
+            await asyncio.to_thread(cluster.start)
+            for service in services:
+                kind = "kv" if service == KV_SERVICE else "bank"
+                await asyncio.to_thread(cluster.create, service, kind, replicas, config.mode)
+            run.addresses = {a.address: a.host_id for a in cluster}
+            injector = FaultInjector(cluster, services)
+            assert cluster.coordinator is not None
+            async with Client(coordinator=cluster.coordinator.address) as client:
+                if BANK_SERVICE in services:
+                    for n in range(config.accounts):
+                        await client.call(BANK_SERVICE, {"op": "open", "account": f"a{n}",
+                                                         "balance": config.opening_balance})
+                    await _bank_snapshot(run, client, "start")
+                workers = [asyncio.create_task(_kv_worker(run, client, p))
+                           for p in range(config.kv_workers) if KV_SERVICE in services]
+                workers += [asyncio.create_task(_bank_worker(run, client, 100 + p))
+                            for p in range(config.bank_workers) if BANK_SERVICE in services]
+                records, primaries = await _nemesis(run, injector, client, cluster, progress)
+                run.stop.set()
+                await asyncio.gather(*workers)
+                progress("chaos: workload stopped; healing and checking")
+                await asyncio.to_thread(injector.wait_healed)
+                for service in services:
+                    hosts = [h for h in cluster.agents
+                             if cluster[h].replica(service) is not None]
+                    await asyncio.to_thread(cluster.wait_converged, service, hosts, 60)
+                final_kv: dict[Any, Any] = {}
+                if KV_SERVICE in services:
+                    for n in range(config.keys):
+                        got = await client.call(KV_SERVICE, {"op": "get", "key": f"k{n}"})
+                        final_kv[(KV_SERVICE, f"k{n}")] = got["value"] if got["found"] else None
+                if BANK_SERVICE in services:
+                    await _bank_snapshot(run, client, "end")
+            history = cluster.coordinator.history()
+    except BaseException:
+        progress(f"chaos: the run itself failed; logs kept in {root}")
+        raise
+    ops = run.recorder.ops()
+    result = verdict(
+        ops, final_kv=final_kv if KV_SERVICE in services else None,
+        bank_snapshots=run.bank_snapshots if BANK_SERVICE in services else None,
+        bank_initial_total=config.accounts * config.opening_balance
+        if BANK_SERVICE in services else None,
+        bank_initial_balances={f"a{n}": config.opening_balance for n in range(config.accounts)}
+        if BANK_SERVICE in services else None,
+        replication_mode=config.mode,  # type: ignore[arg-type]
+    )
+    gaps = _unavailability(ops, records, primaries)
+    failovers = [e for e in history if e.kind == "failover"]
+    faults_by_kind: dict[str, int] = {}
+    for record in records:
+        if not record.skipped:
+            faults_by_kind[record.fault.kind] = faults_by_kind.get(record.fault.kind, 0) + 1
+    report: dict[str, Any] = {
+        "seed": config.seed, "duration_s": config.duration_s, "hosts": config.hosts,
+        "mode": config.mode, "workload": config.workload,
+        "ops_ok": sum(op.outcome == "ok" for op in ops),
+        "ops_failed": sum(op.outcome == "fail" for op in ops),
+        "ops_unknown": sum(op.outcome == "unknown" for op in ops),
+        "faults": faults_by_kind,
+        "faults_skipped": dict(injector.skipped_kinds),
+        "failovers": len(failovers),
+        "failover_details": [msgpack.unpackb(e.details, raw=False) for e in failovers],
+        "unavailability_ms": [g["unavailability_ms"] for g in gaps],
+        "unavailability_ms_p50": _percentile([g["unavailability_ms"] for g in gaps], 0.5),
+        "unavailability_ms_p99": _percentile([g["unavailability_ms"] for g in gaps], 0.99),
+        "unavailability_ms_max": max((g["unavailability_ms"] for g in gaps), default=0),
+        "lost_acked_writes": result["lost_acked_writes"],
+        "linearizable": result["linearizable"],
+        "bank_invariant": result["bank_invariant"],
+        "exactly_once": result["exactly_once"],
+        "violations": result["violations"],
+        "passed": result["passed"] is True,
+        "keys_unknown": result.get("keys_unknown", []),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    if config.report_dir is not None:
+        _write_report_dir(config.report_dir, report, ops, records, run)
+        report["report_dir"] = str(config.report_dir)
+    shutil.rmtree(root, ignore_errors=True)
+    return report
+
+
+async def _nemesis(run: _Run, injector: FaultInjector, client: Client, cluster: LocalCluster,
+                   progress: Callable[[str], None],
+                   ) -> tuple[list[FaultRecord], dict[float, set[str]]]:
+    config = run.config
+    start = time.monotonic()
+    records: list[FaultRecord] = []
+    primaries: dict[float, set[str]] = {}  # fault start -> primaries at that moment
+    for fault in schedule(config.seed, config.duration_s, config.faults):
+        wait = start + fault.at_s - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        if time.monotonic() - start > config.duration_s - 1:
+            break  # healing took the time this fault was scheduled in
+        before = set(await asyncio.to_thread(injector.hosts_with, "primary"))
+        record = await injector.run(fault)
+        primaries[record.start_ms] = before
+        records.append(record)
+        if record.skipped:
+            progress(f"chaos: {fault.describe()}: skipped ({record.skipped})")
+            continue
+        progress(f"chaos: {fault.describe()} on {record.host} "
+                 f"(healed {record.healed_ms - record.start_ms:.0f} ms after)")
+        if BANK_SERVICE in config.services():
+            await _bank_snapshot(run, client, f"after {fault.describe()} on {record.host}")
+    remaining = start + config.duration_s - time.monotonic()
+    if remaining > 0:
+        await asyncio.sleep(remaining)
+    return records, primaries
+
+
+def _write_report_dir(directory: Path, report: dict[str, Any], ops: list[Op],
+                      records: list[FaultRecord], run: _Run) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (directory / "history.jsonl").write_text(dump_ops(ops))
+    (directory / "faults.json").write_text(
+        json.dumps([r.to_dict() for r in records], indent=2, default=str))
+    (directory / "bank_snapshots.json").write_text(json.dumps(run.bank_snapshots, indent=2))
+    try:
+        _timeline_png(directory / "timeline.png", ops, records)
+    except ImportError:
+        report["timeline"] = "not drawn: pip install 'failover[chaos]' for matplotlib"
+
+
+def _timeline_png(path: Path, ops: list[Op], records: list[FaultRecord]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [op for op in ops if op.outcome == "ok" and op.complete_ms is not None]
+    if not done:
+        return
+    t0 = min(op.invoke_ms for op in ops)
+    seconds = [((op.complete_ms or 0) - t0) / 1000 for op in done]
+    latency = [((op.complete_ms or 0) - op.invoke_ms) for op in done]
+    width = max(1, int(max(seconds)) + 1)
+    per_second = [0] * (width * 10)
+    for s in seconds:
+        per_second[min(len(per_second) - 1, int(s * 10))] += 10
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(12, 6), sharex=True)
+    ax1.plot([i / 10 for i in range(len(per_second))], per_second, lw=0.8)
+    ax1.set_ylabel("ok ops/s")
+    ax2.scatter(seconds, latency, s=1, alpha=0.4)
+    ax2.set_ylabel("latency ms")
+    ax2.set_yscale("log")
+    ax2.set_xlabel("seconds")
+    unknown = [(op.invoke_ms - t0) / 1000 for op in ops if op.outcome == "unknown"]
+    ax2.scatter(unknown, [max(latency)] * len(unknown), s=8, marker="x", color="red",
+                label="unknown outcome")
+    for record in records:
+        if record.skipped:
+            continue
+        x0 = (record.start_ms - t0) / 1000
+        x1 = ((record.end_ms or record.start_ms) - t0) / 1000
+        for ax in (ax1, ax2):
+            ax.axvspan(x0, max(x1, x0 + 0.05), color="orange", alpha=0.3)
+        ax1.text(x0, max(per_second) * 0.95, f"{record.fault.kind}\n{record.host}", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+

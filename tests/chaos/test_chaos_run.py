@@ -1,0 +1,36 @@
+"""The 60-second chaos run of `make test`: kill and pause faults in sync mode must pass."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from failover.chaos.history import load_ops
+
+
+@pytest.mark.timeout(240)
+def test_sixty_second_chaos_run_passes(tmp_path: Path) -> None:
+    report_dir = tmp_path / "report"
+    done = subprocess.run(
+        [sys.executable, "-m", "failover.cli", "--format", "json", "chaos", "--duration", "60",
+         "--seed", "7", "--faults", "kill,pause", "--mode", "sync",
+         "--report", str(report_dir)],
+        capture_output=True, text=True, timeout=230)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert done.returncode == 0, (report.get("violations"), done.stderr[-3000:])
+    assert report["passed"] is True
+    assert report["linearizable"] is True and report["bank_invariant"] is True
+    assert report["exactly_once"] is True and report["lost_acked_writes"] == 0
+    assert report["violations"] == []
+    assert report["ops_ok"] > 5_000
+    assert sum(report["faults"].values()) >= 10, report["faults"]
+    assert report["failovers"] >= 1
+    # The report dir holds what is needed to re-check the run offline.
+    ops = load_ops((report_dir / "history.jsonl").read_text())
+    assert len(ops) == report["ops_ok"] + report["ops_failed"] + report["ops_unknown"]
+    assert json.loads((report_dir / "report.json").read_text())["seed"] == 7
+    assert (report_dir / "timeline.png").stat().st_size > 10_000
