@@ -24,10 +24,11 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from failover.chaos.history import BANK_KINDS, KV_KINDS, WRITE_KINDS, Op, op_to_dict
+from failover.core.log_position import epoch_at
 
 __all__ = [
     "DEFAULT_TIME_BUDGET_STEPS",
@@ -751,6 +752,50 @@ def _single_transfer_hint(residual: dict[str, int], ok: list[Op]) -> list[str]:
     return []
 
 
+# --- async mode: writes the log provably lost -------------------------------------------
+
+
+def provably_truncated(
+    ops: Iterable[Op],
+    final_histories: Mapping[str, Sequence[tuple[int, int]]] | None = None,
+) -> list[Op]:
+    """Acknowledged writes whose log entry was overwritten by a later epoch.
+
+    An entry written at (epoch e, index i) survives only if the final log holds epoch e at
+    index i. With the service's final epoch history (epoch, first index) that is exact.
+    Without it, from the replies alone: every epoch's first entry is the new primary's empty
+    entry, so an acknowledged op at (e2 > e, i2) shows epoch e2 started at or before i2 - 1;
+    an entry of epoch e at an index >= i2 - 1 was overwritten. In async mode this is the
+    loss the mode allows; in sync mode it must never happen to an acknowledged write.
+    """
+    by_service: dict[str, list[Op]] = defaultdict(list)
+    for op in ops:
+        if op.outcome == "ok" and op.epoch > 0 and op.index > 0:
+            by_service[op.service].append(op)
+    lost: list[Op] = []
+    for service, service_ops in by_service.items():
+        history = (final_histories or {}).get(service)
+        if history:
+            lost.extend(op for op in service_ops
+                        if op.kind in WRITE_KINDS and epoch_at(history, op.index) != op.epoch)
+            continue
+        epochs = sorted({op.epoch for op in service_ops})
+        lowest_index = {e: min(op.index for op in service_ops if op.epoch == e) for e in epochs}
+        # For each epoch, the lowest index acknowledged in any later epoch.
+        later_min: dict[int, float] = {}
+        running = math.inf
+        for e in reversed(epochs):
+            later_min[e] = running
+            running = min(running, lowest_index[e])
+        lost.extend(op for op in service_ops
+                    if op.kind in WRITE_KINDS and later_min[op.epoch] - 1 <= op.index)
+    return lost
+
+
+def _written_value(op: Op) -> Any:
+    return None if op.kind == "delete" else op.args.get("value")
+
+
 # --- fencing -----------------------------------------------------------------------------
 
 
@@ -795,6 +840,7 @@ def verdict(
     bank_initial_total: int | None = None,
     bank_initial_balances: Mapping[str, int] | None = None,
     replication_mode: Literal["sync", "async"] = "sync",
+    final_histories: Mapping[str, Sequence[tuple[int, int]]] | None = None,
     time_budget_steps: int = DEFAULT_TIME_BUDGET_STEPS,
     unknown_transfers_max: int = DEFAULT_UNKNOWN_TRANSFERS_MAX,
 ) -> dict[str, Any]:
@@ -815,7 +861,27 @@ def verdict(
         raise ValueError(f"replication_mode must be 'sync' or 'async', not {replication_mode!r}")
     violations: list[dict[str, Any]] = []
 
-    kv = check_linearizable_kv(ops, time_budget_steps)
+    async_excluded: list[Op] = []
+    kv_ops: Sequence[Op] = ops
+    if replication_mode == "async":
+        # Writes the log provably lost in a failover are the async trade: they count as lost
+        # and as never applied, and reads that saw their (unique) values saw data the mode
+        # later lost. What remains must still be linearizable.
+        truncated_kv = [op for op in provably_truncated(ops, final_histories)
+                        if op.kind in KV_KINDS]
+        lost_values = {(op.service, op.key, _written_value(op)) for op in truncated_kv}
+        gone = {id(op) for op in truncated_kv}
+        kv_ops = []
+        for op in ops:
+            if id(op) in gone:
+                kv_ops.append(replace(op, outcome="fail"))
+            elif (op.outcome == "ok" and op.result is not None
+                  and (op.service, op.key, op.result.get("value")) in lost_values):
+                async_excluded.append(op)
+            else:
+                kv_ops.append(op)
+        async_excluded.extend(truncated_kv)
+    kv = check_linearizable_kv(kv_ops, time_budget_steps)
     for v in kv.violations:
         violations.append({"kind": "not_linearizable", "detail": v.explanation, **v.to_dict()})
 
@@ -828,6 +894,14 @@ def verdict(
 
     has_bank = bank_snapshots is not None or any(op.kind in BANK_KINDS for op in ops)
     bank: BankVerdict | None = None
+    truncated: list[Op] = []
+    if has_bank and replication_mode == "async":
+        # Acknowledged transfers the log provably lost in a failover: the async trade. They
+        # are counted and listed as lost, and the exactly-once check runs without them.
+        truncated = [op for op in provably_truncated(ops, final_histories)
+                     if op.kind == "transfer"]
+        gone = {id(op) for op in truncated}
+        ops = [replace(op, outcome="fail") if id(op) in gone else op for op in ops]
     if has_bank:
         if bank_initial_total is None:
             raise ValueError("a run with a bank needs bank_initial_total")
@@ -841,6 +915,13 @@ def verdict(
         violations.extend(bank.violations)
 
     violations.extend(check_one_writer_per_epoch(ops))
+    if replication_mode == "sync":
+        # Sync mode acknowledges only what every in-sync duplica has: nothing acknowledged
+        # may ever be overwritten by a later epoch (invariant 9).
+        for op in provably_truncated(ops, final_histories):
+            violations.append({"kind": "lost_acked_write",
+                               "detail": f"{op.describe()} was acknowledged at epoch "
+                                         f"{op.epoch}, index {op.index}, then overwritten"})
 
     tri: list[Any] = [kv.linearizable]
     if bank is not None:
@@ -850,9 +931,11 @@ def verdict(
         "linearizable": kv.linearizable,
         "bank_invariant": bank.invariant if bank is not None else None,
         "exactly_once": bank.exactly_once if bank is not None else None,
-        "lost_acked_writes": len(lost),
+        "async_excluded_ops": len(async_excluded),
+        "lost_acked_writes": len(lost) + len(truncated),
         "lost_checked": final_kv is not None,
-        "lost_writes": [item.to_dict() for item in lost],
+        "lost_writes": [item.to_dict() for item in lost]
+        + [{"kind": "truncated_transfer", "detail": op.describe()} for op in truncated],
         "violations": violations,
         "passed": passed,
         "replication_mode": replication_mode,

@@ -197,6 +197,13 @@ async def run_chaos(config: ChaosConfig, progress: Callable[[str], None] = print
                     hosts = [h for h in cluster.agents
                              if cluster[h].replica(service) is not None]
                     await asyncio.to_thread(cluster.wait_converged, service, hosts, 60)
+                final_histories: dict[str, list[tuple[int, int]]] = {}
+                for service in services:
+                    primary = cluster.primary_of(service)
+                    assert primary is not None
+                    reply = cluster[primary].digest(service)
+                    final_histories[service] = [(h.epoch, h.first_index)
+                                                for h in reply.epoch_history]
                 final_kv: dict[Any, Any] = {}
                 if KV_SERVICE in services:
                     for n in range(config.keys):
@@ -217,6 +224,7 @@ async def run_chaos(config: ChaosConfig, progress: Callable[[str], None] = print
         bank_initial_balances={f"a{n}": config.opening_balance for n in range(config.accounts)}
         if BANK_SERVICE in services else None,
         replication_mode=config.mode,  # type: ignore[arg-type]
+        final_histories=final_histories,
     )
     gaps = _unavailability(ops, records, primaries)
     failovers = [e for e in history if e.kind == "failover"]

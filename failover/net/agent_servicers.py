@@ -317,9 +317,11 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
             replica = self.agent.replica(request.service)
         except _HANDLED as exc:
             await _abort(context, exc)
-        return agent_pb2.GetDigestReply(digest=replica.sm.digest(),
-                                        applied_index=replica.sm.applied_index,
-                                        epoch=replica.epoch)
+        return agent_pb2.GetDigestReply(
+            digest=replica.sm.digest(), applied_index=replica.sm.applied_index,
+            epoch=replica.epoch,
+            epoch_history=[common_pb2.EpochStart(epoch=e, first_index=i)
+                           for e, i in replica.wal.epoch_history])
 
 
 def add_to_server(server: grpc.aio.Server, agent: Agent) -> None:

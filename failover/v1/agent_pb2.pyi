@@ -180,14 +180,16 @@ class GetDigestRequest(_message.Message):
     def __init__(self, service: _Optional[str] = ...) -> None: ...
 
 class GetDigestReply(_message.Message):
-    __slots__ = ("digest", "applied_index", "epoch")
+    __slots__ = ("digest", "applied_index", "epoch", "epoch_history")
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     APPLIED_INDEX_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_HISTORY_FIELD_NUMBER: _ClassVar[int]
     digest: bytes
     applied_index: int
     epoch: int
-    def __init__(self, digest: _Optional[bytes] = ..., applied_index: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+    epoch_history: _containers.RepeatedCompositeFieldContainer[_common_pb2.EpochStart]
+    def __init__(self, digest: _Optional[bytes] = ..., applied_index: _Optional[int] = ..., epoch: _Optional[int] = ..., epoch_history: _Optional[_Iterable[_Union[_common_pb2.EpochStart, _Mapping]]] = ...) -> None: ...
 
 class RestartRequest(_message.Message):
     __slots__ = ("command",)
