@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import grpc
 
 from failover.errors import FailoverError
+from failover.netns import HostNetwork
 from failover.v1 import agent_pb2, agent_pb2_grpc, common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 T = TypeVar("T")
@@ -148,8 +149,10 @@ class AgentProcess(ManagedProcess):
     """One `failover-agent` process."""
 
     def __init__(self, root: Path, host_id: str, *, fsync_policy: str = "batch",
-                 extra: dict[str, Any] | None = None) -> None:
-        super().__init__(f"127.0.0.1:{free_port()}", root / f"{host_id}.log")
+                 extra: dict[str, Any] | None = None, ip: str = "127.0.0.1",
+                 prefix: list[str] | None = None) -> None:
+        super().__init__(f"{ip}:{free_port()}", root / f"{host_id}.log")
+        self.prefix = list(prefix or [])  # e.g. `ip netns exec NS` for a partitionable host
         self.what = f"agent {host_id}"
         self.host_id = host_id
         self.data_dir = root / host_id
@@ -157,7 +160,7 @@ class AgentProcess(ManagedProcess):
         self.extra = dict(extra or {})
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "failover.agent", "--host-id", self.host_id,
+        cmd = [*self.prefix, sys.executable, "-m", "failover.agent", "--host-id", self.host_id,
                "--listen", self.address, "--data-dir", str(self.data_dir),
                "--fsync-policy", self.fsync_policy]
         for key, value in self.extra.items():
@@ -193,8 +196,8 @@ class CoordinatorProcess(ManagedProcess):
 
     what = "the coordinator"
 
-    def __init__(self, root: Path) -> None:
-        super().__init__(f"127.0.0.1:{free_port()}", root / "coordinator.log")
+    def __init__(self, root: Path, ip: str = "127.0.0.1") -> None:
+        super().__init__(f"{ip}:{free_port()}", root / "coordinator.log")
         self.data_dir = root / "coordinator"
 
     def command(self) -> list[str]:
@@ -220,14 +223,25 @@ class LocalCluster:
     process it started."""
 
     def __init__(self, root: Path, hosts: int = 3, *, fsync_policy: str = "batch",
-                 extra: dict[str, Any] | None = None, coordinator: bool = False) -> None:
+                 extra: dict[str, Any] | None = None, coordinator: bool = False,
+                 netns: bool = False) -> None:
+        """With `netns`, every agent runs in its own network namespace (root only; see
+        `failover.netns`), so that `partition(host)` can cut it off for real."""
         self.root = root
-        self.coordinator = CoordinatorProcess(root) if coordinator else None
+        host_ids = [f"host{i}" for i in range(1, hosts + 1)]
+        self.net = HostNetwork(host_ids) if netns else None
+        if self.net is not None:
+            self.net.setup()
+        gateway = self.net.gateway if self.net is not None else "127.0.0.1"
+        self.coordinator = CoordinatorProcess(root, gateway) if coordinator else None
         if self.coordinator is not None:
             extra = {**(extra or {}), "coordinator": self.coordinator.address}
         self.agents = {
-            f"host{i}": AgentProcess(root, f"host{i}", fsync_policy=fsync_policy, extra=extra)
-            for i in range(1, hosts + 1)
+            h: AgentProcess(
+                root, h, fsync_policy=fsync_policy, extra=extra,
+                ip=self.net.addresses[h] if self.net is not None else "127.0.0.1",
+                prefix=self.net.command_prefix(h) if self.net is not None else None)
+            for h in host_ids
         }
 
     def __enter__(self) -> LocalCluster:
@@ -259,6 +273,17 @@ class LocalCluster:
             with contextlib.suppress(Exception):
                 agent.kill()
             agent.close()
+        if self.net is not None:
+            self.net.close()
+
+    def partition(self, host_id: str) -> None:
+        """Cuts a host off from every other host and the coordinator (needs `netns`)."""
+        assert self.net is not None, "partitions need LocalCluster(netns=True)"
+        self.net.partition(host_id)
+
+    def heal(self, host_id: str) -> None:
+        assert self.net is not None
+        self.net.heal(host_id)
 
     def create(self, service: str, kind: str, replicas: int = 2, mode: str = "sync") -> None:
         """Creates a service through the coordinator and waits until its primary serves."""

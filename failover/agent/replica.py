@@ -310,9 +310,9 @@ class Replica:
     async def execute(self, epoch_seen: int, client_id: str, seq: int, payload: bytes,
                       timeout_s: float | None) -> tuple[Reply, bool, int]:
         """Logs, ships, commits and applies one request; returns (reply, was_duplicate,
-        epoch): the epoch the entry was written in (this primary's, for a recorded reply),
-        which is what checkers pair with the answering primary; the replica's own epoch may
-        have moved on by the time the caller looks.
+        epoch). For a write, `epoch` is that of the log entry that applied the request
+        (`reply.index` is its index): a retry logged again after a failover gets the reply of
+        the first entry, written in an earlier epoch, and the pair must name that entry.
 
         `timeout_s` bounds the wait when the caller has no deadline of its own (None: the
         caller's deadline, enforced by gRPC, bounds it)."""
@@ -328,7 +328,7 @@ class Replica:
         rid = encode_request_id(client_id, seq)
         seen = self.sm.sessions.lookup(client_id, seq)
         if isinstance(seen, Reply):
-            return seen, True, self.epoch
+            return seen, True, seen.epoch
         if isinstance(seen, TooOld):
             raise InvalidRequest(
                 f"request {client_id}:{seq} is older than the retry window; its outcome can no "
@@ -346,13 +346,16 @@ class Replica:
         if timeout_s is None:
             # gRPC cancels this handler when the client's deadline passes; shield keeps that
             # from cancelling the entry's future, which a retry of the same id may share.
-            return await asyncio.shield(pending), False, epoch
+            reply = await asyncio.shield(pending)
+            # Applied by an entry of an earlier epoch (the same request logged before a
+            # failover): a recorded reply, not a write of ours.
+            return reply, reply.epoch != epoch, reply.epoch or epoch
         try:
             reply = await asyncio.wait_for(asyncio.shield(pending), timeout_s)
         except TimeoutError:
             raise Unavailable(f"{self.service}: not committed within the deadline; the outcome "
                               "is unknown: retry with the same request id") from None
-        return reply, False, epoch
+        return reply, reply.epoch != epoch, reply.epoch or epoch
 
     async def query(self, payload: bytes, epoch_seen: int = 0) -> Reply:
         """Answers a read from applied state, which holds every acknowledged write.
@@ -845,10 +848,13 @@ class Replica:
     def status(self) -> dict[str, Any]:
         # A duplica's lag as far as it knows: committed on the primary, not yet on our disk.
         lag = 0 if self.primary is not None else max(0, self.commit_index - self.wal.durable_index)
+        durable = self.wal.durable_index
+        matched = durable if self.primary is not None else (
+            min(durable, self.duplica.verified_index) if self.duplica is not None else 0)
         return {
             "service": self.service, "kind": self.meta.kind, "role": self.role,
-            "epoch": self.epoch, "mode": self.meta.mode,
-            "durable_index": self.wal.durable_index, "commit_index": self.commit_index,
+            "epoch": self.epoch, "mode": self.meta.mode, "matched_index": matched,
+            "durable_index": durable, "commit_index": self.commit_index,
             "applied_index": self.sm.applied_index, "lag_entries": lag,
             "truncated_entries": self.truncated_entries, "last_error": self.last_error,
         }

@@ -80,8 +80,11 @@ async def _record(run: _Run, client: Client, process: int, service: str, kind: s
     except (Unavailable, FailoverError):
         run.recorder.complete(handle, now_ms(), "unknown")
     else:
+        # A duplicate's entry was written by an earlier attempt's primary, not this one:
+        # leave the writer blank so the one-writer-per-epoch check does not pair them.
+        writer = "" if out.duplicate else run.addresses.get(out.address, "")
         run.recorder.complete(handle, now_ms(), "ok", out.result, epoch=out.epoch,
-                              index=out.index, primary=run.addresses.get(out.address, ""))
+                              index=out.index, primary=writer)
 
 
 async def _kv_worker(run: _Run, client: Client, process: int) -> None:
@@ -253,6 +256,7 @@ async def run_chaos(config: ChaosConfig, progress: Callable[[str], None] = print
         "violations": result["violations"],
         "passed": result["passed"] is True,
         "keys_unknown": result.get("keys_unknown", []),
+        "final_histories": final_histories,
         "seconds": round(time.monotonic() - started, 1),
     }
     if config.report_dir is not None:

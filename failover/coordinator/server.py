@@ -199,7 +199,9 @@ class Coordinator:
                 return HearsAnswer(host_id, reachable=False)
             status = await self._caller(address).stub.GetStatus(
                 agent_pb2.GetStatusRequest(), timeout=HEARS_PRIMARY_TIMEOUT_S)
-            durable = next((r.indexes.durable_index for r in status.replicas
+            # The matched index, not the durable one: the promoted duplica must hold every
+            # committed entry, and an unverified durable tail may be a fenced primary's.
+            durable = next((r.matched_index for r in status.replicas
                             if r.service == action.service), 0)
             return HearsAnswer(host_id, True, reply.hears, durable, reply.epoch)
 
@@ -342,7 +344,8 @@ def replica_reports(request: coordinator_pb2.HeartbeatRequest) -> list[ReplicaRe
         ReplicaReport(
             service=r.service, role=_ROLE_NAME.get(r.role, "retired"), epoch=r.epoch,
             durable_index=r.indexes.durable_index, commit_index=r.indexes.commit_index,
-            applied_index=r.indexes.applied_index, truncated_entries=r.truncated_entries)
+            applied_index=r.indexes.applied_index, truncated_entries=r.truncated_entries,
+            matched_index=r.matched_index)
         for r in request.replicas
     ]
 

@@ -74,6 +74,7 @@ class ReplicaReport:
     commit_index: int
     applied_index: int
     truncated_entries: int = 0
+    matched_index: int = 0  # durable and known to equal the current primary's log
 
 
 @dataclass
@@ -375,7 +376,8 @@ class CoordinatorCore:
                 if (
                     live is not None and live.alive and report is not None
                     and report.epoch == service.epoch and report.role == DUPLICA
-                    and report.durable_index >= primary_report.commit_index
+                    # Not the durable index: a tail the primary has not checked may diverge.
+                    and report.matched_index >= primary_report.commit_index
                 ):
                     service.in_sync = sorted({*service.in_sync, host})
                     actions.append(Persist(

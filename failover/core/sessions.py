@@ -31,11 +31,14 @@ class ReplyStatus(IntEnum):
 
 
 class Reply(NamedTuple):
-    """A recorded reply: `data` is the msgpack result for OK, else the error message."""
+    """A recorded reply: `data` is the msgpack result for OK, else the error message;
+    (epoch, index) name the log entry that applied the request, whichever attempt of it
+    the reply goes back to."""
 
     status: ReplyStatus
     data: bytes
     index: int
+    epoch: int = 0
 
 
 class TooOld(NamedTuple):
@@ -115,7 +118,8 @@ class ClientSessions:
     def to_bytes(self) -> bytes:
         """Serialises the table (in eviction order) for snapshots."""
         table = [
-            [cid, c.floor_seq, [[s, int(r.status), r.data, r.index] for s, r in c.replies.items()]]
+            [cid, c.floor_seq,
+             [[s, int(r.status), r.data, r.index, r.epoch] for s, r in c.replies.items()]]
             for cid, c in self._clients.items()
         ]
         return msgpack.packb(table, use_bin_type=True)
@@ -132,7 +136,7 @@ class ClientSessions:
         for cid, floor_seq, replies in msgpack.unpackb(data, raw=False):
             client = _Client()
             client.floor_seq = floor_seq
-            client.replies = {s: Reply(ReplyStatus(st), d, i) for s, st, d, i in replies}
+            client.replies = {s: Reply(ReplyStatus(st), d, i, e) for s, st, d, i, e in replies}
             client.seqs = sorted(client.replies)  # a sorted list is a heap
             sessions._clients[cid] = client
         return sessions

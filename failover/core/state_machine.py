@@ -56,14 +56,15 @@ class ReplicatedStateMachine:
         assert epoch >= self.applied_epoch, (epoch, self.applied_epoch)
         self.applied_index, self.applied_epoch = index, epoch
         if not request_id:
-            return self._execute(payload, index)
+            return self._execute(payload, index, epoch)
         client_id, seq = decode_request_id(request_id)
         seen = self.sessions.lookup(client_id, seq)
         if isinstance(seen, Reply):
             return seen  # logged twice (a retry that raced a failover): applied once
         if isinstance(seen, TooOld):
-            return Reply(ReplyStatus.INVALID, _too_old(client_id, seq, seen).encode(), index)
-        reply = self._execute(payload, index)
+            return Reply(ReplyStatus.INVALID, _too_old(client_id, seq, seen).encode(), index,
+                         epoch)
+        reply = self._execute(payload, index, epoch)
         self.sessions.record(client_id, seq, reply)
         return reply
 
@@ -72,26 +73,29 @@ class ReplicatedStateMachine:
         assert index == self.applied_index + 1, (index, self.applied_index)
         assert epoch >= self.applied_epoch, (epoch, self.applied_epoch)
         self.applied_index, self.applied_epoch = index, epoch
-        return Reply(ReplyStatus.OK, encode_result({}), index)
+        return Reply(ReplyStatus.OK, encode_result({}), index, epoch)
 
-    def _execute(self, payload: bytes, index: int) -> Reply:
+    def _execute(self, payload: bytes, index: int, epoch: int) -> Reply:
         try:
             result = self.kind.apply(decode_request(payload))
         except RequestRejected as exc:
-            return Reply(ReplyStatus.REJECTED, str(exc).encode(), index)
+            return Reply(ReplyStatus.REJECTED, str(exc).encode(), index, epoch)
         except InvalidRequest as exc:
-            return Reply(ReplyStatus.INVALID, str(exc).encode(), index)
-        return Reply(ReplyStatus.OK, encode_result(result), index)
+            return Reply(ReplyStatus.INVALID, str(exc).encode(), index, epoch)
+        return Reply(ReplyStatus.OK, encode_result(result), index, epoch)
 
     def query(self, payload: bytes) -> Reply:
         """Answers a read-only request from applied state."""
         try:
             result = self.kind.query(decode_request(payload))
         except RequestRejected as exc:
-            return Reply(ReplyStatus.REJECTED, str(exc).encode(), self.applied_index)
+            return Reply(ReplyStatus.REJECTED, str(exc).encode(), self.applied_index,
+                         self.applied_epoch)
         except InvalidRequest as exc:
-            return Reply(ReplyStatus.INVALID, str(exc).encode(), self.applied_index)
-        return Reply(ReplyStatus.OK, encode_result(result), self.applied_index)
+            return Reply(ReplyStatus.INVALID, str(exc).encode(), self.applied_index,
+                         self.applied_epoch)
+        return Reply(ReplyStatus.OK, encode_result(result), self.applied_index,
+                     self.applied_epoch)
 
     def digest(self) -> bytes:
         """Digest of the kind's state and the sessions (equal on replicas at equal index)."""
