@@ -320,11 +320,7 @@ class Replica:
         request = decode_request(payload)
         if self.kind_cls.is_read_only(request):
             return await self.query(payload, epoch_seen), False, self.epoch
-        while self._hold is not None:
-            # A switchover holds new writes: they go on here, or are redirected to the new
-            # primary once this replica becomes a duplica.
-            await self._hold.wait()
-            self._check_primary(epoch_seen)
+        await self._wait_hold(epoch_seen)
         rid = encode_request_id(client_id, seq)
         seen = self.sm.sessions.lookup(client_id, seq)
         if isinstance(seen, Reply):
@@ -365,9 +361,19 @@ class Replica:
         when it cannot.
         """
         self._check_primary(epoch_seen)
+        await self._wait_hold(epoch_seen)
         if monotonic_ms() >= self.lease_expiry_ms:
             await self._confirm_epoch()
         return self.sm.query(payload)
+
+    async def _wait_hold(self, epoch_seen: int) -> None:
+        """A switchover holds reads and writes alike: the target is promoted without waiting
+        for this primary's lease to run out, so a read answered here meanwhile could miss a
+        write the new primary has acknowledged. They go on here if the switchover is
+        abandoned, or are redirected to the new primary once this replica is a duplica."""
+        while self._hold is not None:
+            await self._hold.wait()
+            self._check_primary(epoch_seen)
 
     def grant_lease(self, epoch: int, lease_ms: int, sent_ms: int) -> None:
         """A coordinator granted a lease in answer to a heartbeat sent at `sent_ms`: counting

@@ -131,24 +131,29 @@ class FaultInjector:
         deadline = time.monotonic() + timeout_s
         cluster = self.cluster
 
-        def healed() -> bool:
-            if not all(a.alive for a in cluster) or not cluster.coordinator.alive:  # type: ignore[union-attr]
-                return False
+        def unhealthy() -> str:
+            """What is not healed yet ("" when everything is)."""
+            down = [a.host_id for a in cluster if not a.alive]
+            if down or not cluster.coordinator.alive:  # type: ignore[union-attr]
+                return f"processes down: {down or 'coordinator'}"
             status = cluster.coordinator.status()  # type: ignore[union-attr]
             for service in status.services:
                 if service.name not in self.services:
                     continue
                 if cluster.primary_of(service.name) is None:
-                    return False
-                if sum(r.in_sync for r in service.replicas) < len(service.replicas) - 1:
-                    return False
-            return True
+                    return f"{service.name} has no serving primary at epoch {service.epoch}"
+                in_sync = sum(r.in_sync for r in service.replicas)
+                if in_sync < len(service.replicas) - 1:
+                    return f"{service.name} has {in_sync} in-sync duplicas"
+            return ""
 
+        reason = "not checked yet"
         while time.monotonic() < deadline:
             try:
-                if healed():
+                reason = unhealthy()
+                if not reason:
                     return
-            except Exception:  # the coordinator may be restarting
-                pass
+            except Exception as exc:  # the coordinator may be restarting
+                reason = f"{type(exc).__name__}: {exc}"
             time.sleep(0.05)
-        raise TimeoutError(f"the cluster did not heal within {timeout_s:.0f} s")
+        raise TimeoutError(f"the cluster did not heal within {timeout_s:.0f} s: {reason}")
