@@ -217,6 +217,14 @@ class Agent:
         return replication_pb2.ShipReply(acks=acks)
 
     async def _receive_one(self, service: str, what: str, item: Any) -> replication_pb2.ReplicaAck:
+        # Under the replica's lock: a role change (AssignRole, StepDown) must never land
+        # while a shipped batch is half appended, or a new primary would start its log at an
+        # index the append is about to fill.
+        async with self.lock(service):
+            return await self._receive_locked(service, what, item)
+
+    async def _receive_locked(self, service: str, what: str,
+                              item: Any) -> replication_pb2.ReplicaAck:
         replica = self.replicas.get(service)
         if replica is None or replica.role not in (DUPLICA, PRIMARY, "building"):
             return replication_pb2.ReplicaAck(

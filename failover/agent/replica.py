@@ -242,6 +242,9 @@ class Replica:
     def _become(self, role: str, epoch: int, in_sync: Iterable[str] = ()) -> None:
         previous = self.primary
         if role == PRIMARY:
+            if previous is None and not self._to_log:
+                # From duplica: the log's end is where this primary's entries start.
+                self._next_index = self.wal.last_index + 1
             commit = self.sm.applied_index
             if self.duplica is not None:
                 commit = max(commit, self.duplica.apply_limit(self.wal.durable_index))
@@ -487,6 +490,12 @@ class Replica:
             try:
                 await loop.run_in_executor(self.agent.io, self.wal.append, batch)
             except (DiskFullError, StorageError, OSError) as exc:
+                self._refuse_unlogged(batch, exc)
+                continue
+            except Exception as exc:
+                # A bug (say, entries that do not continue the log): never let the writer die
+                # silently, which would leave every later write hanging.
+                log.exception("%s: log append failed unexpectedly", self.service)
                 self._refuse_unlogged(batch, exc)
                 continue
             if self.primary is not None and not self.primary.fenced:
@@ -860,6 +869,7 @@ class Replica:
         return {
             "service": self.service, "kind": self.meta.kind, "role": self.role,
             "epoch": self.epoch, "mode": self.meta.mode, "matched_index": matched,
+            "in_sync": sorted(self.primary.in_sync) if self.primary is not None else [],
             "durable_index": durable, "commit_index": self.commit_index,
             "applied_index": self.sm.applied_index, "lag_entries": lag,
             "truncated_entries": self.truncated_entries, "last_error": self.last_error,

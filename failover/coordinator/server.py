@@ -96,7 +96,10 @@ class _HostCaller:
         old = self.channel
         self.channel = channels.insecure_channel(self.address)
         self.stub = agent_pb2_grpc.AgentControlStub(self.channel)
-        asyncio.get_running_loop().create_task(old.close())
+        # Calls in flight on the old channel finish (or time out) first: closing it at once
+        # would cancel an assignment mid-call.
+        loop = asyncio.get_running_loop()
+        loop.call_later(AGENT_CALL_TIMEOUT_S + 1, lambda: loop.create_task(old.close()))
 
     async def close(self) -> None:
         self.task.cancel()
@@ -345,7 +348,8 @@ def replica_reports(request: coordinator_pb2.HeartbeatRequest) -> list[ReplicaRe
             service=r.service, role=_ROLE_NAME.get(r.role, "retired"), epoch=r.epoch,
             durable_index=r.indexes.durable_index, commit_index=r.indexes.commit_index,
             applied_index=r.indexes.applied_index, truncated_entries=r.truncated_entries,
-            matched_index=r.matched_index)
+            matched_index=r.matched_index,
+            in_sync=tuple(r.in_sync) if r.role == common_pb2.ROLE_PRIMARY else None)
         for r in request.replicas
     ]
 

@@ -75,6 +75,7 @@ class ReplicaReport:
     applied_index: int
     truncated_entries: int = 0
     matched_index: int = 0  # durable and known to equal the current primary's log
+    in_sync: tuple[str, ...] | None = None  # a primary's in-sync set as it applies it
 
 
 @dataclass
@@ -273,7 +274,12 @@ class CoordinatorCore:
             report = live.replicas.get(service.name)
             wanted = PRIMARY if service.primary == host_id else role
             key = (host_id, service.name)
-            if report is None or report.epoch != service.epoch or report.role != wanted:
+            stale_members = (
+                wanted == PRIMARY and report is not None and report.in_sync is not None
+                and set(report.in_sync) != set(service.in_sync)
+            )
+            if (report is None or report.epoch != service.epoch or report.role != wanted
+                    or stale_members):
                 # It missed (or has not yet carried out) its assignment: send it again, at
                 # most once per failure timeout.
                 last = self._reassigned_ms.get(key)
