@@ -268,8 +268,12 @@ class Replica:
                     f"{self.service}: this replica stopped being the primary (epoch {epoch}); "
                     "the outcome is unknown: retry with the same request id"
                 ))
+                # Entries that never reached the log must not be applied: the new primary's
+                # entries at those indexes will be (invariant 4).
                 self._to_log.clear()
                 self._next_index = self.wal.last_index + 1
+                while self._unapplied and self._unapplied[-1].index >= self._next_index:
+                    self._unapplied.pop()
             self.primary = None
             self.duplica = DuplicaReplication(epoch, self.sm.applied_index)
 
@@ -439,6 +443,10 @@ class Replica:
                 and peer.match_index >= last and primary.commit_index >= last
                 and self.sm.applied_index >= last
             ):
+                # The coordinator now raises the epoch and reassigns roles; should it die
+                # first, the hold must not last forever: it ends after the switchover timeout.
+                asyncio.get_running_loop().call_later(
+                    defaults.SWITCHOVER_TIMEOUT_MS / 1000, self._release_hold_if, self._hold)
                 return last, peer.match_index
             if not await self._wait_progress(deadline):
                 self.release_hold()
@@ -446,6 +454,12 @@ class Replica:
                     f"{self.service}: {target} did not catch up within {timeout_ms} ms "
                     f"(it has {peer.match_index} of {last}); switchover abandoned, this "
                     "primary serves on")
+
+    def _release_hold_if(self, hold: asyncio.Event | None) -> None:
+        if hold is not None and self._hold is hold:
+            log.warning("%s: switchover not completed in time: writes resume here",
+                        self.service)
+            self.release_hold()
 
     def release_hold(self) -> None:
         """Lets held writes go on (or be redirected, once the role has changed)."""

@@ -51,6 +51,10 @@ class ServiceInfo:
     primary: str  # host id
     replicas: dict[str, str] = field(default_factory=dict)  # host id -> role
     in_sync: list[str] = field(default_factory=list)
+    # In-sync members the primary has confirmed it counts (from its heartbeats). A duplica
+    # just added to `in_sync` is not counted until the primary hears of it, so it may lack
+    # writes the primary acknowledged meanwhile: only these may be promoted.
+    promotable: list[str] = field(default_factory=list)
 
     def duplicas(self) -> list[str]:
         return sorted(h for h, r in self.replicas.items() if r != PRIMARY and h != self.primary)
@@ -290,6 +294,11 @@ class CoordinatorCore:
                     actions.extend(self._assignments(service, only=host_id))
                 continue
             self._reassigned_ms.pop(key, None)
+            if wanted == PRIMARY and report.in_sync is not None:
+                confirmed = sorted(set(service.in_sync) & set(report.in_sync))
+                if confirmed != service.promotable:
+                    service.promotable = confirmed
+                    actions.append(Persist({SERVICE_PREFIX + service.name: _pack(service)}))
             if wanted == PRIMARY and service.name not in self.failovers:
                 self.leases[service.name] = (host_id, now_ms + self.timing.lease_ms)
                 leases.append((service.name, service.epoch, self.timing.lease_ms))
@@ -357,6 +366,7 @@ class CoordinatorCore:
         """Removes a duplica from the in-sync set: persisted first, then the primary is told,
         so the primary never acknowledges without a member before that is durable."""
         service.in_sync = [h for h in service.in_sync if h != host_id]
+        service.promotable = [h for h in service.promotable if h != host_id]
         persist = Persist({SERVICE_PREFIX + service.name: _pack(service)}, history=((
             service.name, "in_sync", f"{host_id} left the in-sync set of {service.name}: {why}",
             {"host_id": host_id, "in_sync": list(service.in_sync)}),))
@@ -415,7 +425,7 @@ class CoordinatorCore:
                 "hear it: the coordinator's link is at fault, no failover",
                 {"old_primary": failover.old_primary, "hearing": hearing}),))]
         candidates = [a for a in answers if a.reachable and a.host_id in service.in_sync
-                      and a.epoch <= service.epoch]
+                      and a.host_id in service.promotable and a.epoch <= service.epoch]
         if not candidates:
             del self.failovers[service_name]
             return [Persist({}, history=((
@@ -444,6 +454,7 @@ class CoordinatorCore:
         if old in service.replicas:
             service.replicas[old] = DUPLICA  # rejoins as duplica when it comes back
         service.in_sync = sorted(h for h in service.in_sync if h not in (old, new))
+        service.promotable = [h for h in service.promotable if h in service.in_sync]
         details = {
             "old_primary": old, "new_primary": new, "epoch": service.epoch,
             "detection_ms": failover.suspected_ms - failover.last_heartbeat_ms,
@@ -482,7 +493,7 @@ class CoordinatorCore:
             name=name, kind=kind, mode=mode, desired_replicas=replicas, epoch=1,
             primary=chosen[0], replicas={h: (PRIMARY if i == 0 else DUPLICA)
                                          for i, h in enumerate(chosen)},
-            in_sync=sorted(chosen[1:]),
+            in_sync=sorted(chosen[1:]), promotable=sorted(chosen[1:]),
         )
         self.services[name] = service
         return [
@@ -556,6 +567,8 @@ class CoordinatorCore:
         service.replicas[to_host] = PRIMARY
         service.replicas[old] = DUPLICA
         service.in_sync = sorted({*service.in_sync, old} - {to_host})
+        # The old primary holds every write (it held them until the target had them all).
+        service.promotable = sorted({*service.promotable, old} & set(service.in_sync))
         self.leases.pop(name, None)
         return [
             Persist({SERVICE_PREFIX + name: _pack(service)}, history=((

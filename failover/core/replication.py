@@ -121,6 +121,7 @@ class DuplicaProgress:
     truncated_entries: int = 0
     last_error: str = ""
     acked_batch_id: int = 0  # highest batch id answered ok in this epoch
+    stream_start_batch_id: int = 0  # first batch id of the current stream (after a restart)
     keepalive_due: bool = False  # send a keepalive as soon as the window is empty
 
 
@@ -222,6 +223,10 @@ class PrimaryReplication:
         if ack.epoch > self.epoch:
             self.fenced = True
             return [StepDown(ack.epoch)]
+        if ack.epoch < self.epoch:
+            # A late answer to a message an earlier core of this replica sent (the duplica
+            # answers with the epoch it then had): it says nothing about this epoch.
+            return []
         if ack.status == "ok":
             return self._on_ok(peer, ack)
         if ack.status == "mismatch":
@@ -236,10 +241,10 @@ class PrimaryReplication:
             peer.last_error = ack.message or ack.status
             return []
         if ack.status == "stale_epoch":
-            # The duplica holds our epoch or higher yet refused: it has been told of a newer
-            # epoch than it reports; treat as fenced to be safe.
-            self.fenced = True
-            return [StepDown(max(ack.epoch, self.epoch + 1))]
+            # At our own epoch a duplica cannot find our batches stale: a late or confused
+            # answer. Never fence on it, and never invent an epoch the coordinator did not
+            # issue; a real newer epoch shows as ack.epoch > ours, handled above.
+            return []
         raise AssertionError(f"unknown ack status {ack.status!r}")
 
     def tick(self, now_ms: int) -> list[PrimaryAction]:
@@ -281,7 +286,7 @@ class PrimaryReplication:
         and answered ok proves the duplica still follows this epoch at or after `now_ms`."""
         actions: list[PrimaryAction] = []
         token: dict[str, int] = {}
-        for host in self.in_sync:
+        for host in sorted(self.in_sync):  # sorted: the same actions in the same order
             peer = self.peers[host]
             token[host] = peer.next_batch_id
             if peer.state == PeerState.STREAMING and not peer.inflight:
@@ -325,7 +330,16 @@ class PrimaryReplication:
         return self._pump(peer)
 
     def _on_position(self, peer: DuplicaProgress, ack: AckView) -> list[PrimaryAction]:
-        """A probe answer or a mismatch: find the divergence point and resume from it."""
+        """A probe answer or a mismatch: find the divergence point and resume from it.
+
+        Answers that predate the current stream are ignored: a mismatch for a batch sent
+        before the last restart, or a second answer to a re-sent probe. Each restart sends a
+        whole window, so acting on them would multiply the batches in flight."""
+        if ack.batch_id:
+            if peer.state != PeerState.STREAMING or ack.batch_id < peer.stream_start_batch_id:
+                return []
+        elif peer.state != PeerState.PROBING:
+            return []
         matched = match_index(self.log.history, self.log.last_index, ack.history, ack.last.index)
         peer.inflight.clear()
         if ack.last.index > matched:
@@ -336,6 +350,7 @@ class PrimaryReplication:
 
     def _restart_stream(self, peer: DuplicaProgress) -> list[PrimaryAction]:
         peer.inflight.clear()
+        peer.stream_start_batch_id = peer.next_batch_id
         peer.next_index = peer.match_index + 1
         if peer.next_index < self.log.first_index:
             peer.state = PeerState.SNAPSHOT
