@@ -30,6 +30,7 @@ from failover.chaos.nemesis import schedule
 from failover.client import Client
 from failover.errors import FailoverError, InvalidRequest, RequestRejected, Unavailable
 from failover.localcluster import LocalCluster
+from failover.netns import unavailable_reason
 
 KV_SERVICE = "chaos-kv"
 BANK_SERVICE = "chaos-bank"
@@ -172,14 +173,22 @@ async def run_chaos(config: ChaosConfig, progress: Callable[[str], None] = print
     replicas = min(3, config.hosts)
     progress(f"chaos: seed {config.seed}, {config.duration_s:.0f} s, {config.hosts} hosts, "
              f"faults {','.join(config.faults)}, workload {config.workload}, {config.mode} mode")
+    partition_unavailable = ""
+    if "partition" in config.faults:
+        partition_unavailable = unavailable_reason() or ""
+        if partition_unavailable:
+            progress(f"chaos: partitions skipped: {partition_unavailable}")
     try:
-        with LocalCluster(root, hosts=config.hosts, coordinator=True) as cluster:
+        with LocalCluster(root, hosts=config.hosts, coordinator=True,
+                          netns="partition" in config.faults
+                          and not partition_unavailable) as cluster:
             await asyncio.to_thread(cluster.start)
             for service in services:
                 kind = "kv" if service == KV_SERVICE else "bank"
                 await asyncio.to_thread(cluster.create, service, kind, replicas, config.mode)
             run.addresses = {a.address: a.host_id for a in cluster}
             injector = FaultInjector(cluster, services)
+            injector.partition_unavailable = partition_unavailable
             assert cluster.coordinator is not None
             async with Client(coordinator=cluster.coordinator.address) as client:
                 if BANK_SERVICE in services:
