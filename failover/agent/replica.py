@@ -431,6 +431,16 @@ class Replica:
             raise InvalidRequest(f"{self.service}: {target} is not a duplica of this primary")
         if self._hold is None:
             self._hold = asyncio.Event()
+        try:
+            return await self._await_switchover_target(primary, target, timeout_ms)
+        except asyncio.CancelledError:
+            # The coordinator went away mid-prepare (gRPC cancels this handler): nobody will
+            # complete the switchover, so the writes held for it resume here.
+            self.release_hold()
+            raise
+
+    async def _await_switchover_target(self, primary: PrimaryReplication, target: str,
+                                       timeout_ms: int) -> tuple[int, int]:
         deadline = monotonic_ms() + timeout_ms
         while True:
             last = self._next_index - 1
