@@ -236,6 +236,10 @@ class Replica:
         elif role == PRIMARY and self.primary is not None:
             self._run(self.primary.set_members(sorted(duplicas), set(in_sync)))
             self._run(self._link_ups())
+            # A smaller in-sync set may commit writes that waited on the member that left:
+            # apply and answer them now, not at the next ack.
+            self._apply_committed()
+            self._notify_progress()
         if role == PRIMARY:
             self.agent.ensure_links(duplicas)
 

@@ -204,6 +204,10 @@ class CoordinatorCore:
         self.switchovers: dict[str, str] = {}  # service -> target host, while in progress
         # (host, service) -> when a heartbeat last made us re-send its assignment
         self._reassigned_ms: dict[tuple[str, str], int] = {}
+        # (service, host) -> the primary's durable index when it first reported counting
+        # this in-sync duplica: once the duplica's matched index reaches it, it holds every
+        # write the primary acknowledged before counting it, and becomes promotable.
+        self._promotable_at: dict[tuple[str, str], int] = {}
         # service -> when its silent primary's duplicas were last asked
         self._asked_ms: dict[str, int] = {}
         # (host, service) -> truncated count last reported, to record each repair once
@@ -295,10 +299,16 @@ class CoordinatorCore:
                 continue
             self._reassigned_ms.pop(key, None)
             if wanted == PRIMARY and report.in_sync is not None:
-                confirmed = sorted(set(service.in_sync) & set(report.in_sync))
-                if confirmed != service.promotable:
-                    service.promotable = confirmed
-                    actions.append(Persist({SERVICE_PREFIX + service.name: _pack(service)}))
+                counted = set(service.in_sync) & set(report.in_sync)
+                for member in counted:
+                    # The primary's durable index bounds every write it acknowledged, also
+                    # before a restart (its reported commit index starts again from zero).
+                    self._promotable_at.setdefault((service.name, member),
+                                                   report.durable_index)
+                for key in [k for k in self._promotable_at
+                            if k[0] == service.name and k[1] not in counted]:
+                    del self._promotable_at[key]
+            actions.extend(self._update_promotable(service))
             if wanted == PRIMARY and service.name not in self.failovers:
                 self.leases[service.name] = (host_id, now_ms + self.timing.lease_ms)
                 leases.append((service.name, service.epoch, self.timing.lease_ms))
@@ -312,6 +322,30 @@ class CoordinatorCore:
                         {"host_id": host_id, "truncated_entries": report.truncated_entries}),)))
         actions.extend(self._grow_in_sync(now_ms))
         return leases, actions
+
+    def _update_promotable(self, service: ServiceInfo) -> list[Action]:
+        """Promotable: in sync, counted by the primary, and holding everything the primary
+        had acknowledged when it started counting (persisted when it changes)."""
+        promotable = []
+        for member in service.in_sync:
+            threshold = self._promotable_at.get((service.name, member))
+            live = self.live.get(member)
+            report = live.replicas.get(service.name) if live else None
+            if (member in service.promotable
+                    or (threshold is not None and report is not None
+                        and report.epoch == service.epoch
+                        and report.matched_index >= threshold)):
+                promotable.append(member)
+        promotable.sort()
+        if promotable == service.promotable:
+            return []
+        service.promotable = promotable
+        return [Persist({SERVICE_PREFIX + service.name: _pack(service)})]
+
+    def _forget_thresholds(self, service: str) -> None:
+        """Thresholds were the old primary's durable index: a new primary sets its own."""
+        for key in [k for k in self._promotable_at if k[0] == service]:
+            del self._promotable_at[key]
 
     def set_draining(self, host_id: str, draining: bool) -> list[Action]:
         host = self.hosts.get(host_id)
@@ -367,6 +401,7 @@ class CoordinatorCore:
         so the primary never acknowledges without a member before that is durable."""
         service.in_sync = [h for h in service.in_sync if h != host_id]
         service.promotable = [h for h in service.promotable if h != host_id]
+        self._promotable_at.pop((service.name, host_id), None)
         persist = Persist({SERVICE_PREFIX + service.name: _pack(service)}, history=((
             service.name, "in_sync", f"{host_id} left the in-sync set of {service.name}: {why}",
             {"host_id": host_id, "in_sync": list(service.in_sync)}),))
@@ -455,6 +490,7 @@ class CoordinatorCore:
             service.replicas[old] = DUPLICA  # rejoins as duplica when it comes back
         service.in_sync = sorted(h for h in service.in_sync if h not in (old, new))
         service.promotable = [h for h in service.promotable if h in service.in_sync]
+        self._forget_thresholds(service.name)
         details = {
             "old_primary": old, "new_primary": new, "epoch": service.epoch,
             "detection_ms": failover.suspected_ms - failover.last_heartbeat_ms,
@@ -569,6 +605,7 @@ class CoordinatorCore:
         service.in_sync = sorted({*service.in_sync, old} - {to_host})
         # The old primary holds every write (it held them until the target had them all).
         service.promotable = sorted({*service.promotable, old} & set(service.in_sync))
+        self._forget_thresholds(name)
         self.leases.pop(name, None)
         return [
             Persist({SERVICE_PREFIX + name: _pack(service)}, history=((

@@ -1,0 +1,2147 @@
+"""A deterministic simulation of a whole cluster in one process (design.md, Layers).
+
+The coordinator's policy core (`CoordinatorCore`) and, on every simulated host, the
+primary/duplica protocol cores (`PrimaryReplication`, `DuplicaReplication`) over a real
+`ReplicatedStateMachine` of the `kv` kind run under one seeded scheduler: a heap of
+(time ms, sequence, event). Nothing reads a clock, there are no threads and no asyncio; one
+`random.Random(seed)` decides every latency, loss, duplicate, crash and partition, so a seed
+replays exactly.
+
+What is modelled, and how faithfully:
+
+* `SimAgent` / `SimReplica` mirror what `failover/agent/host.py` and
+  `failover/agent/replica.py` do with the cores: role, epoch and membership persisted
+  before use (`ReplicaMeta`), the primary's write queue (`_to_log`), group commit with a
+  non-durable window (a crash loses the log's non-durable suffix), the `_unapplied` /
+  `_undecoded` apply caches, the empty barrier entry of a new epoch, divergent-tail
+  truncation, leases granted in heartbeat answers, hold-and-catch-up for a switchover, the
+  answers to HearsPrimary, AssignRole and StepDown with their epoch checks.
+* Ship streams (`ShipLink`) behave like the gRPC stream between two hosts: one per
+  (sender, receiver) pair, in order, items queued while the writer is busy go out as one
+  message (probes, then truncates, then batches, as `ShipMessage` orders them), acks come
+  back in order on the same stream; a lost message breaks the stream, both ends see it, and
+  the sender reconnects with the agent's backoff. Unary calls (heartbeats, client requests,
+  route pushes, HearsPrimary) may be dropped, delayed, reordered and duplicated. The
+  coordinator's calls to one agent keep their order (its per-host queue) but may be lost.
+* Faults: agent crashes and restarts (volatile state lost, durable log and meta kept),
+  coordinator crashes and restarts (`restore` from the persisted store), partitions between
+  any two nodes, stream breaks, slow messages; an operator's switchover now and then.
+* Not modelled: snapshots and log compaction (so no snapshot installs), live migration,
+  reads (`get` and invariant 6), disk errors, torn records, clock drift (one clock), the
+  agent's concurrent I/O threads (an append on a duplica is atomic with its ack; the
+  primary's append has a window between write and fsync).
+
+A run that ships or schedules orders of magnitude more than usual is reported as a
+liveness violation (a message storm) instead of running for minutes.
+
+Invariants checked (design.md numbers): epochs persisted before any agent hears of them
+and never going back (1, 2); one writer per (service, epoch); in sync mode no acknowledged
+write lost (3, 9); identical apply order on every replica (4); each request id executed at
+most once and a retry answered with the recorded reply (5); after healing every replica
+converges to the primary's digest at the same applied index, and a write goes through.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import random
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import msgpack
+
+from demo_services.kv import KvService
+from failover.core.coordinator import (
+    Action,
+    AskHearsPrimary,
+    AssignRole,
+    CoordinatorCore,
+    DropReplica,
+    HearsAnswer,
+    HostInfo,
+    Persist,
+    PushRoutes,
+    ReplicaReport,
+    Timing,
+)
+from failover.core.coordinator import StepDown as CoordStepDown
+from failover.core.log_position import LogPosition, check_history
+from failover.core.replication import (
+    AckView,
+    AdoptEpoch,
+    Append,
+    DuplicaReplication,
+    LogInfo,
+    Mode,
+    PrimaryAction,
+    PrimaryReplication,
+    Refuse,
+    SendBatch,
+    SendProbe,
+    SendSnapshot,
+    SendTruncate,
+    ShipLimits,
+    StepDown,
+)
+from failover.core.sessions import Reply, ReplyStatus, TooOld, decode_request_id, encode_request_id
+from failover.core.state_machine import ReplicatedStateMachine
+from failover.errors import InvalidRequest
+from failover.storage.wal import Entry
+
+PRIMARY, DUPLICA = "primary", "duplica"
+HEARTBEAT_MS = 100
+FAILURE_TIMEOUT_MS = 400
+LEASE_MS = 300
+TICK_MS = HEARTBEAT_MS // 4  # agent and coordinator tick loops run 4 times a heartbeat
+LINK_BACKOFF_MIN_MS = 20
+LINK_BACKOFF_MAX_MS = 1000
+CLIENT_BACKOFF_MIN_MS = 5
+CLIENT_BACKOFF_MAX_MS = 250
+HEARS_TIMEOUT_MS = 200
+SWITCHOVER_TIMEOUT_MS = 5000
+COORD = "coord"
+
+
+class InvariantViolation(AssertionError):
+    """A design invariant failed in the simulation."""
+
+
+# Known bugs that the sweeps keep fixed in the model (so that they look for new ones); the
+# xfail tests in test_simulation.py leave the fix out to show the bug:
+#
+# "switchover_hold_on_cancel": replica.py `prepare_switchover()` sets `_hold` and, once the
+#   target has caught up, arms a timer that ends it; but if the coordinator dies while the
+#   prepare still waits (gRPC cancels the handler), nothing ends the hold: the primary holds
+#   every write until its role changes. The fix releases the hold when the call is cancelled.
+#
+# "promotable_after_catch_up": CoordinatorCore makes an in-sync duplica promotable once the
+#   primary's heartbeat lists it in the in-sync set it applies. That set only guarantees the
+#   writes acknowledged from then on: the duplica may still lack writes the primary
+#   acknowledged before it counted it (alone, with an empty in-sync set; or with members
+#   since lost), and it may have joined on a commit index that is stale or, right after the
+#   primary restarted, 0 (PrimaryReplication starts from min(applied, durable) and reports
+#   that until something recomputes it). If the primary fails before the duplica catches
+#   up, its promotion loses acknowledged writes (invariant 3). The emulated fix
+#   (PatchedCoordinatorCore) makes it promotable only once its matched index reaches the
+#   primary's durable index in the first report that listed it.
+#
+# "apply_after_set_members": replica.py `assign()` hands a changed in-sync set to the
+#   primary core (`set_members`), which may advance the commit index (a shrink), but does
+#   not apply what became committed: those writes are neither applied nor answered until
+#   another write or ack comes along, and a client retrying the same request id only waits
+#   on the same entry again. The fix applies committed entries after `set_members`.
+KNOWN_FIXES = frozenset({"switchover_hold_on_cancel", "promotable_after_catch_up",
+                         "apply_after_set_members"})
+
+
+# --- scenario -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Everything a run depends on besides the seed (derived from the seed by the makers)."""
+
+    name: str
+    hosts: int = 3
+    services: int = 1
+    mode: str = "sync"
+    clients: int = 2
+    fault_ms: int = 1200  # length of the fault phase
+    heal_ms: int = 600  # clients keep writing this long after healing
+    settle_ms_max: int = 6000  # bound on waiting for convergence after that
+    drop_p: float = 0.02  # unary calls and replies lost
+    dup_p: float = 0.02  # unary calls delivered twice
+    slow_p: float = 0.05  # a message takes 10-150 ms
+    ship_break_p: float = 0.003  # a shipped message breaks its stream
+    fault_gap_ms: tuple[int, int] = (100, 500)
+    agent_down_ms: tuple[int, int] = (50, 1200)
+    coord_down_ms: tuple[int, int] = (50, 900)
+    partition_ms: tuple[int, int] = (100, 1200)
+    max_agents_down: int = 1
+    weights: tuple[tuple[str, int], ...] = (
+        ("crash_agent", 2), ("crash_primary", 3), ("crash_coordinator", 2), ("partition", 2),
+        ("isolate", 2), ("break_link", 2), ("switchover", 1), ("nothing", 1),
+    )
+    batch_entries_max: int = 4
+    inflight_batches_max: int = 2
+    think_ms: tuple[int, int] = (5, 40)
+    keys: int = 4
+    # Fixes of known agent bugs that the model applies, so that the sweeps look for new
+    # bugs; the xfail tests in test_simulation.py leave one out each to show its bug.
+    fixes: frozenset[str] = frozenset()
+
+
+def short_scenario(seed: int) -> Scenario:
+    """A short run: boot, about a second of faults, heal, converge."""
+    r = random.Random(f"short-{seed}")
+    return Scenario(
+        name="short",
+        fixes=KNOWN_FIXES,
+        hosts=4 if r.random() < 0.25 else 3,
+        services=2 if r.random() < 0.3 else 1,
+        mode="async" if r.random() < 0.15 else "sync",
+        clients=r.choice((1, 2, 2, 3)),
+        fault_ms=r.choice((800, 1200, 1600)),
+        heal_ms=400,
+        think_ms=(10, 50),
+        batch_entries_max=r.choice((1, 2, 4, 16)),
+        inflight_batches_max=r.choice((1, 2, 4)),
+    )
+
+
+def long_scenario(seed: int) -> Scenario:
+    """A longer run: several seconds of faults, more clients, sometimes two agents down."""
+    r = random.Random(f"long-{seed}")
+    return Scenario(
+        name="long",
+        fixes=KNOWN_FIXES,
+        hosts=r.choice((3, 4, 4)),
+        services=r.choice((1, 2)),
+        mode="async" if r.random() < 0.15 else "sync",
+        clients=3,
+        fault_ms=r.choice((5000, 8000)),
+        heal_ms=1000,
+        drop_p=r.choice((0.01, 0.03, 0.06)),
+        dup_p=r.choice((0.01, 0.03)),
+        max_agents_down=r.choice((1, 1, 2)),
+        batch_entries_max=r.choice((1, 3, 8, 64)),
+        inflight_batches_max=r.choice((1, 2, 8)),
+    )
+
+
+SCENARIOS: dict[str, Callable[[int], Scenario]] = {"short": short_scenario, "long": long_scenario}
+
+
+# --- scheduler and network ----------------------------------------------------------------
+
+
+class Kernel:
+    """Simulated time, the event heap, the seeded random source and the trace."""
+
+    # A run takes a few thousand events and ship items; far more means a message storm (a
+    # liveness bug), reported as a violation rather than left to run for minutes.
+    MAX_EVENTS = 300_000
+    MAX_SHIPPED = 300_000
+
+    def __init__(self, seed: int, keep_lines: int = 300, full_trace: bool = False) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.now = 0
+        self.events = 0
+        self._heap: list[tuple[int, int, Callable[..., None], tuple[Any, ...]]] = []
+        self._seq = 0
+        self._hash = hashlib.blake2b(digest_size=16)
+        self.shipped = 0  # probes, truncates and batches put on ship streams
+        self.recent: deque[str] = deque(maxlen=keep_lines)
+        self.full: list[str] | None = [] if full_trace else None
+
+    def after(self, delay_ms: int, fn: Callable[..., None], *args: Any) -> None:
+        """Runs fn(*args) delay_ms from now (after every event already due then)."""
+        self._seq += 1
+        heapq.heappush(self._heap, (self.now + max(0, delay_ms), self._seq, fn, args))
+
+    def note(self, text: str) -> None:
+        """Adds a line to the trace (and its hash)."""
+        line = f"{self.now:>6} {text}"
+        self._hash.update(line.encode())
+        self.recent.append(line)
+        if self.full is not None:
+            self.full.append(line)
+
+    def run_until(self, until_ms: int) -> None:
+        heap = self._heap
+        h = self._hash
+        while heap and heap[0][0] <= until_ms:
+            when, seq, fn, args = heapq.heappop(heap)
+            self.now = when
+            self.events += 1
+            if self.events > self.MAX_EVENTS:
+                self.note("VIOLATION runaway")
+                raise InvariantViolation(
+                    f"liveness: more than {self.MAX_EVENTS} events by {when} ms: a message "
+                    "storm (see the trace's last lines)")
+            h.update(fn.__qualname__.encode())
+            fn(*args)
+        self.now = max(self.now, until_ms)
+
+    def trace_hash(self) -> str:
+        return self._hash.copy().hexdigest()
+
+
+class Network:
+    """Latency, loss, duplication and partitions between named nodes."""
+
+    def __init__(self, kernel: Kernel, scenario: Scenario) -> None:
+        self.k = kernel
+        self.drop_p = scenario.drop_p
+        self.dup_p = scenario.dup_p
+        self.slow_p = scenario.slow_p
+        self.ship_break_p = scenario.ship_break_p
+        self.cuts: dict[frozenset[str], int] = {}  # node pair -> partitioned until (ms)
+        self._fifo: dict[tuple[str, str], int] = {}
+
+    def heal(self) -> None:
+        self.drop_p = self.dup_p = self.slow_p = self.ship_break_p = 0.0
+        self.cuts.clear()
+
+    def latency(self) -> int:
+        rng = self.k.rng
+        ms = rng.randint(1, 4)
+        if self.slow_p and rng.random() < self.slow_p:
+            ms += rng.randint(10, 150)
+        return ms
+
+    def cut(self, a: str, b: str) -> bool:
+        until = self.cuts.get(frozenset((a, b)))
+        return until is not None and self.k.now < until
+
+    def send(self, src: str, dst: str, fn: Callable[..., None], *args: Any,
+             dup: bool = True) -> bool:
+        """A unary call or reply: may be lost, delayed, reordered or (if dup) delivered
+        twice. Returns whether it left (False: lost at once)."""
+        k = self.k
+        if self.cut(src, dst) or (self.drop_p and k.rng.random() < self.drop_p):
+            return False
+        k.after(self.latency(), self._arrive, src, dst, fn, args)
+        if dup and self.dup_p and k.rng.random() < self.dup_p:
+            k.after(self.latency(), self._arrive, src, dst, fn, args)
+        return True
+
+    def send_fifo(self, src: str, dst: str, fn: Callable[..., None], *args: Any) -> bool:
+        """Like send, but in order with the earlier fifo sends from src to dst."""
+        k = self.k
+        if self.cut(src, dst) or (self.drop_p and k.rng.random() < self.drop_p):
+            return False
+        key = (src, dst)
+        when = max(k.now + self.latency(), self._fifo.get(key, 0))
+        self._fifo[key] = when
+        k.after(when - k.now, self._arrive, src, dst, fn, args)
+        return True
+
+    def _arrive(self, src: str, dst: str, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+        if self.cut(src, dst):
+            return  # a partition started while it travelled
+        fn(*args)
+
+
+# --- the in-memory write-ahead log --------------------------------------------------------
+
+
+class MemWal:
+    """A replica's log: entries from index 1, a durable prefix, the epoch history."""
+
+    __slots__ = ("entries", "durable_index", "history")
+
+    first_index = 1  # no compaction in the simulation
+
+    def __init__(self) -> None:
+        self.entries: list[Entry] = []
+        self.durable_index = 0
+        self.history: list[tuple[int, int]] = []
+
+    @property
+    def last_index(self) -> int:
+        return len(self.entries)
+
+    @property
+    def last_epoch(self) -> int:
+        return self.entries[-1].epoch if self.entries else 0
+
+    def append(self, entries: list[Entry] | tuple[Entry, ...]) -> None:
+        """Writes entries (not yet durable); the WAL's preconditions are asserted."""
+        for e in entries:
+            if e.index != len(self.entries) + 1:
+                raise InvariantViolation(
+                    f"log append at {e.index}, log ends at {len(self.entries)}")
+            if e.epoch < self.last_epoch:
+                raise InvariantViolation(f"log append of epoch {e.epoch} after {self.last_epoch}")
+            if not self.history or self.history[-1][0] != e.epoch:
+                self.history.append((e.epoch, e.index))
+            self.entries.append(e)
+
+    def sync(self) -> None:
+        self.durable_index = len(self.entries)
+
+    def truncate_after(self, index: int) -> int:
+        dropped = len(self.entries) - index
+        if dropped <= 0:
+            return 0
+        del self.entries[index:]
+        self.history = [h for h in self.history if h[1] <= index]
+        self.durable_index = index  # the truncation's fsync covers what is left
+        return dropped
+
+    def crash(self) -> int:
+        """Loses the non-durable suffix; returns how many entries went."""
+        lost = len(self.entries) - self.durable_index
+        if lost > 0:
+            del self.entries[self.durable_index:]
+            self.history = [h for h in self.history if h[1] <= self.durable_index]
+        return max(0, lost)
+
+    def read(self, first: int, last: int) -> list[Entry]:
+        return self.entries[first - 1:last]
+
+    def info(self) -> LogInfo:
+        return LogInfo(1, len(self.entries), self.durable_index, tuple(self.history))
+
+
+@dataclass
+class ReplicaDisk:
+    """What survives a crash of one replica: its meta file and its log."""
+
+    meta: dict[str, Any]
+    wal: MemWal = field(default_factory=MemWal)
+
+
+# --- a core with the proposed fix of a known bug ------------------------------------------
+
+
+class PatchedCoordinatorCore(CoordinatorCore):
+    """CoordinatorCore with the emulated fix "promotable_after_catch_up": a duplica that the
+    primary reports counting becomes promotable only once its matched index reaches the
+    primary's durable index in the first report that listed it (covering whatever the
+    primary may have acknowledged before counting it). Marks are volatile; the promotable
+    set itself is persisted with the service, as the core does."""
+
+    def __init__(self, timing: Timing) -> None:
+        super().__init__(timing)
+        self.marks: dict[tuple[str, str, int], int] = {}  # (service, host, epoch) -> index
+
+    def heartbeat(self, host_id: str, metrics: dict[str, float],
+                  replicas: list[ReplicaReport],
+                  now_ms: int) -> tuple[list[tuple[str, int, int]], list[Action]]:
+        before = {name: set(service.promotable) for name, service in self.services.items()}
+        leases, actions = super().heartbeat(host_id, metrics, replicas, now_ms)
+        for name, service in self.services.items():
+            members = set(service.in_sync)
+            safe = before.get(name, set()) & members
+            primary = self._report(service.primary, name)
+            counted: set[str] = set()
+            if (primary is not None and primary.epoch == service.epoch
+                    and primary.in_sync is not None):
+                counted = set(primary.in_sync) & members
+                for host in sorted(counted):
+                    self.marks.setdefault((name, host, service.epoch), primary.durable_index)
+            for key in [k for k in self.marks if k[0] == name and (
+                    k[2] != service.epoch or k[1] not in members
+                    or (primary is not None and k[1] not in counted))]:
+                del self.marks[key]  # it left the set, or the primary stopped counting it
+            for host in sorted(members - safe):
+                mark = self.marks.get((name, host, service.epoch))
+                report = self._report(host, name)
+                if (mark is not None and report is not None and report.epoch == service.epoch
+                        and report.matched_index >= mark):
+                    safe.add(host)
+            if sorted(safe) != service.promotable:
+                service.promotable = sorted(safe)
+                actions.append(Persist({"service/" + name: msgpack.packb(
+                    asdict(service), use_bin_type=True)}))
+        return leases, actions
+
+    def _report(self, host_id: str, service: str) -> ReplicaReport | None:
+        live = self.live.get(host_id)
+        return live.replicas.get(service) if live is not None and live.alive else None
+
+
+# --- the checker --------------------------------------------------------------------------
+
+
+@dataclass
+class Op:
+    """One client operation, as the checker sees it."""
+
+    client: str
+    seq: int
+    service: str
+    key: str
+    value: str
+    invoke_ms: int
+    outcome: str = "pending"  # ok, fail, unknown
+    index: int = 0
+    complete_ms: int = 0
+
+
+class Checker:
+    """Asserts the invariants as the simulation runs, and at the end."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.c = cluster
+        self.persisted_epoch: dict[str, int] = {}
+        self.writers: dict[tuple[str, int], str] = {}  # (service, epoch) -> host that wrote
+        self.ackers: dict[tuple[str, int], str] = {}  # (service, epoch) -> host that acked
+        # service -> index -> (epoch, request id, payload) applied there by some replica
+        self.applied: dict[str, dict[int, tuple[int, bytes, bytes]]] = {}
+        self.replied_index: dict[bytes, int] = {}  # request id -> index of its OK reply
+        self.ops: list[Op] = []
+        self.rewinds = 0
+        self.truncated = 0
+        self.async_lost = 0
+        self.failovers = 0
+        self.switchovers = 0
+
+    def fail(self, text: str) -> None:
+        self.c.k.note(f"VIOLATION {text}")
+        raise InvariantViolation(text)
+
+    # invariant 1: epochs grow and are persisted before anyone hears of them
+    def on_persist(self, key: str, value: bytes) -> None:
+        if not key.startswith("service/"):
+            return
+        record = msgpack.unpackb(value, raw=False)
+        name, epoch = record["name"], record["epoch"]
+        old = self.persisted_epoch.get(name, 0)
+        if epoch < old:
+            self.fail(f"inv1: {name}'s persisted epoch went back from {old} to {epoch}")
+        self.persisted_epoch[name] = epoch
+
+    def on_coordinator_says(self, service: str, epoch: int, what: str) -> None:
+        if epoch > self.persisted_epoch.get(service, 0):
+            self.fail(f"inv1: {what} names epoch {epoch} of {service} before it was persisted "
+                      f"(store has {self.persisted_epoch.get(service, 0)})")
+
+    def on_meta_epoch(self, host: str, service: str, old: int, new: int) -> None:
+        if new < old:
+            self.fail(f"inv2: {host}/{service} persisted epoch went back from {old} to {new}")
+
+    # one writer per epoch
+    def on_entry_created(self, host: str, service: str, entry: Entry) -> None:
+        key = (service, entry.epoch)
+        writer = self.writers.setdefault(key, host)
+        if writer != host:
+            self.fail(f"two writers in one epoch: {writer} and {host} both wrote {service} "
+                      f"entries at epoch {entry.epoch} (now index {entry.index})")
+        if entry.epoch > self.persisted_epoch.get(service, 0):
+            self.fail(f"inv1: {host} wrote {service} at epoch {entry.epoch} the coordinator "
+                      "never persisted")
+
+    def on_acknowledge(self, host: str, service: str, epoch: int, index: int,
+                       rid: bytes) -> None:
+        key = (service, epoch)
+        acker = self.ackers.setdefault(key, host)
+        if acker != host:
+            self.fail(f"two primaries acknowledged {service} writes at epoch {epoch}: "
+                      f"{acker} and {host}")
+        known = self.replied_index.setdefault(rid, index)
+        if known != index:
+            if self.c.scenario.mode == "sync":
+                self.fail(f"inv5: request {_rid(rid)} answered with index {index}, earlier "
+                          f"with {known}")
+            # Async mode: the first answer's entry was lost in a failover (by design), and
+            # the retry was applied anew.
+            self.async_lost += 1
+            self.replied_index[rid] = index
+
+    # invariant 4: apply order identical everywhere (checked live in sync mode)
+    def on_apply(self, replica: SimReplica, entry: Entry) -> None:
+        if self.c.scenario.mode != "sync":
+            return
+        table = self.applied.setdefault(replica.service, {})
+        mine = (entry.epoch, entry.request_id, entry.payload)
+        seen = table.setdefault(entry.index, mine)
+        if seen != mine:
+            acked = seen[1] and self.replied_index.get(seen[1]) == entry.index
+            what = "inv3: acknowledged write lost" if acked else "inv4: apply order differs"
+            self.fail(f"{what}: {replica.agent.host_id}/{replica.service} applied "
+                      f"{_entry(entry)} at {entry.index}, another replica applied "
+                      f"(epoch {seen[0]}, {_rid(seen[1])}) there")
+
+    def on_execute(self, replica: SimReplica, rid: bytes) -> None:
+        if rid in replica.executed:
+            self.fail(f"inv5: {replica.agent.host_id}/{replica.service} executed "
+                      f"{_rid(rid)} twice")
+        replica.executed.add(rid)
+
+
+def _rid(rid: bytes) -> str:
+    if not rid:
+        return "barrier"
+    cid, seq = decode_request_id(rid)
+    return f"{cid}:{seq}"
+
+
+def _entry(e: Entry) -> str:
+    return f"(e{e.epoch} i{e.index} {_rid(e.request_id)})"
+
+
+# --- a replica on a simulated host (mirrors failover/agent/replica.py) ---------------------
+
+
+@dataclass
+class ClientRequest:
+    """An Execute call as it reaches an agent."""
+
+    client: str
+    seq: int
+    attempt: int
+    service: str
+    epoch_seen: int
+    payload: bytes
+
+    @property
+    def request_id(self) -> bytes:
+        return encode_request_id(self.client, self.seq)
+
+
+def new_state_machine() -> ReplicatedStateMachine:
+    return ReplicatedStateMachine(KvService())
+
+
+class SimReplica:
+    """One replica of one service on a simulated host: drives the protocol cores the way
+    `failover.agent.replica.Replica` does, over an in-memory log."""
+
+    def __init__(self, agent: SimAgent, disk: ReplicaDisk) -> None:
+        self.agent = agent
+        self.c = agent.c
+        self.k = agent.k
+        self.disk = disk
+        self.meta: dict[str, Any] = _copy_meta(disk.meta)
+        self.service: str = self.meta["service"]
+        self.wal = disk.wal
+        self.sm = new_state_machine()
+        self.executed: set[bytes] = set()  # request ids this state machine instance ran
+        self.primary: PrimaryReplication | None = None
+        self.duplica: DuplicaReplication | None = None
+        self.duplica_addresses: dict[str, str] = dict(self.meta["duplicas"])
+        self._unapplied: deque[Entry] = deque()
+        self._undecoded: deque[tuple[int, int, tuple[Entry, ...]]] = deque()
+        self._to_log: list[Entry] = []
+        self._next_index = 1
+        self._waiters: dict[int, tuple[bytes, list[ClientRequest]]] = {}
+        self._pending_ids: dict[bytes, int] = {}
+        self._writing = False
+        self._write_scheduled = False
+        self._apply_scheduled = False
+        self.truncated_entries = 0
+        self.lease_expiry_ms = 0
+        self.closed = False
+        self.hold: int | None = None  # a switchover holds new writes (an id per hold)
+        # Recovered from disk as primary: serves nothing until the coordinator confirms it
+        # (a lease or an assignment at its epoch); it may have been failed over meanwhile.
+        self.confirmed = self.meta["role"] != PRIMARY
+        self.held: list[ClientRequest] = []
+        self.switch_wait: dict[str, Any] | None = None
+
+    # --- lifecycle and role --------------------------------------------------------------
+
+    @property
+    def role(self) -> str:
+        return self.meta["role"]
+
+    @property
+    def epoch(self) -> int:
+        return self.meta["epoch"]
+
+    def open(self) -> None:
+        self._next_index = self.wal.last_index + 1
+        self._become(self.role, self.epoch, self.meta["in_sync"])
+        if self.role == PRIMARY:
+            self.agent.ensure_links(self.duplica_addresses)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def _persist_meta(self, **changes: Any) -> None:
+        if "epoch" in changes:
+            self.c.check.on_meta_epoch(self.agent.host_id, self.service, self.meta["epoch"],
+                                       changes["epoch"])
+        self.meta.update(changes)
+        self.disk.meta = _copy_meta(self.meta)
+
+    def assign(self, role: str, epoch: int, mode: str, primary: tuple[str, str] | None,
+               duplicas: dict[str, str], in_sync: set[str]) -> str:
+        """AssignRole; returns "" or the error the call fails with."""
+        if epoch < self.epoch:
+            return f"stale epoch {epoch} < {self.epoch}"
+        changed = role != self.role or epoch != self.epoch
+        self.confirmed = True
+        self._persist_meta(
+            role=role, epoch=epoch, mode=mode,
+            primary_host_id=primary[0] if primary else "",
+            primary_address=primary[1] if primary else "",
+            duplicas=dict(duplicas), in_sync=sorted(in_sync),
+        )
+        self.duplica_addresses = dict(duplicas)
+        if changed or (role == PRIMARY and self.primary is None):
+            self._become(role, epoch, in_sync)
+        elif role == PRIMARY and self.primary is not None:
+            self._run(self.primary.set_members(sorted(duplicas), set(in_sync)))
+            self._run(self._link_ups())
+            if "apply_after_set_members" in self.c.scenario.fixes:
+                self._apply_committed()
+        if role == PRIMARY:
+            self.agent.ensure_links(duplicas)
+        return ""
+
+    def _become(self, role: str, epoch: int, in_sync: Any = ()) -> None:
+        previous = self.primary
+        self.k.note(f"{self.agent.host_id}/{self.service} becomes {role} e{epoch} "
+                    f"log {self.wal.last_index}/{self.wal.durable_index} "
+                    f"applied {self.sm.applied_index}")
+        if role == PRIMARY:
+            commit = self.sm.applied_index
+            if self.duplica is not None:
+                commit = max(commit, self.duplica.apply_limit(self.wal.durable_index))
+            self.duplica = None
+            limits = self.agent.limits
+            self.primary = PrimaryReplication(
+                epoch, Mode(self.meta["mode"]), sorted(self.duplica_addresses),
+                set(in_sync) & set(self.duplica_addresses), self._log_info(), limits,
+                commit_index=commit,
+            )
+            if self.wal.last_epoch < epoch and not self._to_log:
+                self._enqueue(Entry(epoch, self._next_index, b"", b""))
+            self._run(self._link_ups())
+            self._apply_committed()
+        else:
+            self.release_hold()
+            self.lease_expiry_ms = 0
+            if previous is not None:
+                self._fail_waiters("stopped being the primary")
+                self._to_log.clear()
+                self._next_index = self.wal.last_index + 1
+                # Entries that never reached the log are not applied either (invariant 4).
+                while self._unapplied and self._unapplied[-1].index >= self._next_index:
+                    self._unapplied.pop()
+            self.primary = None
+            self.duplica = DuplicaReplication(epoch, self.sm.applied_index)
+        self._check_switchover()
+
+    def step_down(self, epoch: int) -> None:
+        if epoch <= self.epoch and self.role != PRIMARY:
+            return
+        self._persist_meta(role=DUPLICA, epoch=max(epoch, self.epoch))
+        self._become(DUPLICA, self.epoch)
+
+    def _link_ups(self) -> list[PrimaryAction]:
+        assert self.primary is not None
+        actions: list[PrimaryAction] = []
+        for host in self.primary.peers:
+            if self.agent.link_is_up(host):
+                actions.extend(self.primary.link_up(host, self.k.now))
+        return actions
+
+    def _log_info(self) -> LogInfo:
+        return self.wal.info()
+
+    @property
+    def commit_index(self) -> int:
+        if self.primary is not None:
+            return self.primary.commit_index
+        if self.duplica is not None:
+            return self.duplica.commit_index
+        return self.sm.applied_index
+
+    # --- the write path (primary) --------------------------------------------------------
+
+    def _not_primary(self, epoch_seen: int) -> tuple[str, str, int] | None:
+        if self.role != PRIMARY or self.primary is None or self.primary.fenced:
+            return ("not_primary", self.meta["primary_address"], self.epoch)
+        if not self.confirmed:
+            return ("unavailable", "restarted primary waits for the coordinator", 0)
+        if epoch_seen > self.epoch:
+            return ("not_primary", "", epoch_seen)
+        return None
+
+    def execute(self, req: ClientRequest) -> None:
+        refused = self._not_primary(req.epoch_seen)
+        if refused is not None:
+            self.agent.answer(req, refused)
+            return
+        if self.hold is not None:
+            self.held.append(req)  # answered (or redirected) when the hold is released
+            return
+        rid = req.request_id
+        seen = self.sm.sessions.lookup(req.client, req.seq)
+        if isinstance(seen, Reply):
+            self._answer_ok(req, rid, seen, duplicate=True)
+            return
+        if isinstance(seen, TooOld):
+            self.agent.answer(req, ("invalid", "too old", 0))
+            return
+        index = self._pending_ids.get(rid)
+        if index is None:
+            index = self._enqueue(Entry(self.epoch, self._next_index, rid, req.payload))
+            self._pending_ids[rid] = index
+        self._waiters[index][1].append(req)
+
+    def _answer_ok(self, req: ClientRequest, rid: bytes, reply: Reply, duplicate: bool) -> None:
+        if reply.status == ReplyStatus.OK:
+            self.c.check.on_acknowledge(self.agent.host_id, self.service, self.epoch,
+                                        reply.index, rid)
+        # The reply names the epoch of the entry that applied the request (replica.py).
+        epoch = getattr(reply, "epoch", 0) or self.epoch
+        self.agent.answer(req, ("ok", reply.index, int(reply.status), epoch, duplicate))
+
+    def _enqueue(self, entry: Entry) -> int:
+        assert entry.index == self._next_index, (entry.index, self._next_index)
+        self.c.check.on_entry_created(self.agent.host_id, self.service, entry)
+        self.k.note(f"{self.agent.host_id}/{self.service} queues {_entry(entry)}")
+        self._next_index += 1
+        self._to_log.append(entry)
+        self._unapplied.append(entry)
+        self._waiters[entry.index] = (entry.request_id, [])
+        self._kick_writer()
+        return entry.index
+
+    def _kick_writer(self) -> None:
+        if self._to_log and not self._writing and not self._write_scheduled:
+            self._write_scheduled = True
+            self.k.after(self.k.rng.choice((0, 0, 0, 1)), self._write)
+
+    def _write(self) -> None:
+        """The write loop takes what accumulated: written now, durable after the fsync."""
+        if self.closed:
+            return
+        self._write_scheduled = False
+        batch, self._to_log = self._to_log, []
+        if not batch:
+            return
+        self._writing = True
+        self.wal.append(batch)
+        self.k.after(self.k.rng.randint(0, 3), self._fsynced)
+
+    def _fsynced(self) -> None:
+        if self.closed:
+            return
+        self._writing = False
+        self.wal.sync()
+        if self.primary is not None and not self.primary.fenced:
+            self._run(self.primary.log_changed(self._log_info()))
+            self._apply_committed()
+            self._notify_progress()
+        self._kick_writer()
+
+    def _fail_waiters(self, why: str) -> None:
+        for _, reqs in self._waiters.values():
+            for req in reqs:
+                self.agent.answer(req, ("unavailable", why, 0))
+        self._waiters.clear()
+        self._pending_ids.clear()
+
+    # --- shipping (primary side) ---------------------------------------------------------
+
+    def _run(self, actions: list[PrimaryAction]) -> None:
+        for action in actions:
+            if isinstance(action, SendBatch):
+                self._send_batch(action)
+            elif isinstance(action, SendProbe):
+                self.agent.ship(action.host_id, ("probe", self.service, self.epoch))
+            elif isinstance(action, SendTruncate):
+                self.agent.ship(action.host_id,
+                                ("truncate", self.service, self.epoch, action.after_index))
+            elif isinstance(action, SendSnapshot):
+                self.c.check.fail(f"{self.agent.host_id}/{self.service}: snapshot asked for "
+                                  f"{action.host_id}, but nothing was ever compacted")
+            elif isinstance(action, StepDown):
+                self.k.note(f"{self.agent.host_id}/{self.service} fenced by epoch {action.epoch}")
+                self.step_down(action.epoch)
+            else:
+                raise AssertionError(f"unknown action {action!r}")
+
+    def _send_batch(self, action: SendBatch) -> None:
+        assert self.primary is not None
+        if action.entries_max == 0:
+            records: tuple[Entry, ...] = ()
+            last = action.first_index - 1
+        else:
+            want = min(action.first_index + action.entries_max - 1, self.wal.last_index)
+            records = tuple(self.wal.read(action.first_index, want))
+            last = action.first_index - 1 + len(records)
+            self.primary.batch_read(action.host_id, action.batch_id, last)
+        self.agent.ship(action.host_id, ("batch", self.service, self.epoch, action.batch_id,
+                                         action.prev, action.first_index, last, records,
+                                         action.commit_index))
+
+    def on_ack(self, host_id: str, ack: AckView) -> None:
+        if self.primary is None:
+            return
+        self._run(self.primary.ack(host_id, ack, self.k.now))
+        self._apply_committed()
+        self._notify_progress()
+
+    def on_link_up(self, host_id: str) -> None:
+        if self.primary is not None:
+            self._run(self.primary.link_up(host_id, self.k.now))
+
+    def on_link_down(self, host_id: str) -> None:
+        if self.primary is not None:
+            self.primary.link_down(host_id)
+
+    def tick(self, now_ms: int) -> None:
+        if self.primary is not None:
+            self._run(self.primary.tick(now_ms))
+
+    # --- applying ------------------------------------------------------------------------
+
+    def _apply_limit(self) -> int:
+        if self.primary is not None:
+            limit = min(self.primary.commit_index, self.wal.durable_index)
+        elif self.duplica is not None:
+            limit = self.duplica.apply_limit(self.wal.durable_index)
+        else:
+            return self.sm.applied_index
+        return min(limit, self._next_index - 1)
+
+    def _apply_committed(self) -> None:
+        limit = self._apply_limit()
+        sm = self.sm
+        while sm.applied_index < limit:
+            if not self._unapplied or self._unapplied[0].index != sm.applied_index + 1:
+                self._reload_unapplied(limit)
+            entry = self._unapplied.popleft()
+            if entry.index != sm.applied_index + 1:
+                self.c.check.fail(f"{self.agent.host_id}/{self.service} would apply "
+                                  f"{entry.index} after {sm.applied_index}")
+            self.c.check.on_apply(self, entry)
+            if entry.payload:
+                cid, seq = decode_request_id(entry.request_id)
+                if sm.sessions.lookup(cid, seq) is None:
+                    self.c.check.on_execute(self, entry.request_id)
+                reply = sm.apply(entry.epoch, entry.index, entry.request_id, entry.payload)
+            else:
+                reply = sm.apply_barrier(entry.epoch, entry.index)
+            waiting = self._waiters.pop(entry.index, None)
+            if waiting is not None:
+                rid, reqs = waiting
+                self._pending_ids.pop(rid, None)
+                for req in reqs:
+                    self._answer_ok(req, rid, reply, duplicate=False)
+        self._check_switchover()
+
+    def _schedule_apply(self) -> None:
+        """A duplica applies on a background task, after it has answered the stream."""
+        if not self._apply_scheduled:
+            self._apply_scheduled = True
+            self.k.after(self.k.rng.randint(0, 5), self._apply_later)
+
+    def _apply_later(self) -> None:
+        if self.closed:
+            return
+        self._apply_scheduled = False
+        self._apply_committed()
+
+    def _reload_unapplied(self, limit: int) -> None:
+        first = self.sm.applied_index + 1
+        while self._undecoded and self._undecoded[0][1] < first:
+            self._undecoded.popleft()
+        if self._undecoded and self._undecoded[0][0] <= first:
+            _, _, records = self._undecoded.popleft()
+            entries = [e for e in records if e.index >= first]
+            kept = [e for e in self._unapplied if e.index > entries[-1].index]
+            self._unapplied = deque(entries)
+            self._unapplied.extend(kept)
+            return
+        last = min(limit, first + 63)
+        kept = [e for e in self._unapplied if e.index > last]
+        self._unapplied = deque(self.wal.read(first, last))
+        self._unapplied.extend(kept)
+
+    # --- the receive path (duplica side) -------------------------------------------------
+
+    def _duplica_for(self, epoch: int) -> DuplicaReplication | None:
+        if self.role == PRIMARY:
+            if epoch <= self.epoch:
+                return None
+            self.step_down(epoch)
+        return self.duplica
+
+    def _ack(self, status: str, batch_id: int = 0, truncated: int = -1) -> AckView:
+        w = self.wal
+        return AckView(status, self.epoch, batch_id, w.durable_index,
+                       LogPosition(w.last_epoch, w.last_index),
+                       tuple(w.history) if status != "ok" else (), truncated)
+
+    def _adopt(self, actions: list[Any]) -> str | None:
+        for action in actions:
+            if isinstance(action, AdoptEpoch):
+                self._persist_meta(epoch=action.epoch)
+            elif isinstance(action, Refuse):
+                return action.status
+        return None
+
+    def receive_probe(self, epoch: int) -> AckView:
+        duplica = self._duplica_for(epoch)
+        if duplica is None:
+            return self._ack("stale_epoch")
+        refused = self._adopt(duplica.on_probe(epoch, self.k.now))
+        return self._ack(refused or "mismatch")
+
+    def receive_truncate(self, epoch: int, after_index: int) -> AckView:
+        duplica = self._duplica_for(epoch)
+        if duplica is None:
+            return self._ack("stale_epoch")
+        if self.meta["mode"] == Mode.SYNC.value and after_index < duplica.commit_index:
+            self.c.check.fail(f"inv3: {self.agent.host_id}/{self.service} told to truncate "
+                              f"after {after_index} below its commit index "
+                              f"{duplica.commit_index} in sync mode")
+        refused = self._adopt(duplica.on_truncate(epoch, after_index, self.k.now))
+        if refused:
+            return self._ack(refused)
+        if after_index < self.sm.applied_index:
+            # Async mode only: rewind to an empty state and replay (no snapshots here).
+            self.k.note(f"{self.agent.host_id}/{self.service} rewinds from "
+                        f"{self.sm.applied_index} to {after_index}")
+            self.c.check.rewinds += 1
+            self.sm = new_state_machine()
+            self.executed = set()
+            self._unapplied.clear()
+            self._undecoded.clear()
+        dropped = self.wal.truncate_after(after_index)
+        while self._unapplied and self._unapplied[-1].index > after_index:
+            self._unapplied.pop()
+        while self._undecoded and self._undecoded[-1][0] > after_index:
+            self._undecoded.pop()
+        if self._undecoded and self._undecoded[-1][1] > after_index:
+            self._undecoded.pop()
+        self._next_index = self.wal.last_index + 1
+        self.truncated_entries = dropped
+        self.c.check.truncated += dropped
+        if dropped:
+            self.k.note(f"{self.agent.host_id}/{self.service} truncated {dropped} after "
+                        f"{after_index}")
+        return self._ack("ok", truncated=dropped)
+
+    def receive_batch(self, epoch: int, batch_id: int, prev: LogPosition, first_index: int,
+                      last_index: int, records: tuple[Entry, ...], commit_index: int) -> AckView:
+        duplica = self._duplica_for(epoch)
+        if duplica is None:
+            return self._ack("stale_epoch", batch_id)
+        actions = duplica.on_batch(epoch, prev, last_index, commit_index, self._log_info(),
+                                   self.k.now)
+        refused = self._adopt(actions)
+        if refused:
+            return self._ack(refused, batch_id)
+        if any(isinstance(a, Append) for a in actions):
+            if first_index != self.wal.last_index + 1:
+                self.c.check.fail(f"{self.agent.host_id}/{self.service}: append at "
+                                  f"{first_index} to a log ending at {self.wal.last_index}")
+            self.wal.append(records)
+            self.wal.sync()
+            self._undecoded.append((first_index, last_index, records))
+            self._next_index = self.wal.last_index + 1
+        self._schedule_apply()
+        return self._ack("ok", batch_id)
+
+    def hears_primary(self, now_ms: int) -> tuple[bool, int]:
+        heard = self.duplica.last_heard_ms if self.duplica is not None else None
+        if heard is None:
+            return False, 0
+        silent = max(0, now_ms - heard)
+        return silent < 2 * HEARTBEAT_MS, silent
+
+    # --- leases, reports, switchover -----------------------------------------------------
+
+    def grant_lease(self, epoch: int, lease_ms: int, sent_ms: int) -> None:
+        if self.role == PRIMARY and epoch == self.epoch:
+            self.confirmed = True
+            self.lease_expiry_ms = max(self.lease_expiry_ms, sent_ms + lease_ms)
+
+    @property
+    def matched_index(self) -> int:
+        """The durable part of the log known to equal the current primary's (replica.py
+        `status()`): only this may count towards joining the in-sync set or promotion."""
+        durable = self.wal.durable_index
+        if self.primary is not None:
+            return durable
+        return min(durable, self.duplica.verified_index) if self.duplica is not None else 0
+
+    def report(self) -> ReplicaReport:
+        """This replica in a heartbeat (agent_servicers.replica_status, as the coordinator
+        decodes it): a primary also says which in-sync set it applies."""
+        in_sync = None
+        if self.role == PRIMARY:
+            in_sync = tuple(sorted(self.primary.in_sync)) if self.primary is not None else ()
+        return ReplicaReport(
+            service=self.service, role=self.role, epoch=self.epoch,
+            durable_index=self.wal.durable_index, commit_index=self.commit_index,
+            applied_index=self.sm.applied_index, truncated_entries=self.truncated_entries,
+            matched_index=self.matched_index, in_sync=in_sync)
+
+    def prepare_switchover(self, epoch: int, target: str, timeout_ms: int,
+                           token: tuple[int, int]) -> tuple[str, Any] | None:
+        """Holds writes until target has everything; None while waiting (answered later)."""
+        refused = self._not_primary(0)
+        if refused is not None:
+            return (refused[0], None)
+        assert self.primary is not None
+        if epoch != self.epoch:
+            return ("stale_epoch", None)
+        if target not in self.primary.peers:
+            return ("invalid", None)
+        if self.hold is None:
+            self.hold = token[1]
+        self.switch_wait = {"target": target, "token": token, "core": self.primary,
+                            "deadline": self.k.now + timeout_ms}
+        self.k.after(timeout_ms, self._switchover_deadline, token)
+        self._check_switchover()
+        return None
+
+    def release_hold(self) -> None:
+        if self.hold is not None:
+            self.hold = None
+            held, self.held = self.held, []
+            for req in held:
+                self.execute(req)
+
+    def _notify_progress(self) -> None:
+        self._check_switchover()
+
+    def _check_switchover(self) -> None:
+        wait = self.switch_wait
+        if wait is None:
+            return
+        token = wait["token"]
+        coord = self.c.coord
+        if coord.incarnation != token[0]:
+            # The caller died: gRPC cancels the handler, which leaves the hold in place.
+            self.switch_wait = None
+            if "switchover_hold_on_cancel" in self.c.scenario.fixes:
+                self.release_hold()
+            return
+        primary = self.primary
+        peer = primary.peers.get(wait["target"]) if primary is not None else None
+        if peer is None or primary is not wait["core"]:
+            self.switch_wait = None
+            self.release_hold()
+            self.agent.switchover_answer(token, "not_primary", 0)
+            return
+        assert primary is not None
+        last = self._next_index - 1
+        if (not self._to_log and self.wal.last_index == last and peer.match_index >= last
+                and primary.commit_index >= last and self.sm.applied_index >= last):
+            self.switch_wait = None
+            # Should the coordinator die before completing it, the hold ends after the
+            # switchover timeout.
+            self.k.after(SWITCHOVER_TIMEOUT_MS, self._release_hold_if, self.hold)
+            self.agent.switchover_answer(token, "ok", last)
+
+    def _release_hold_if(self, hold: int | None) -> None:
+        if not self.closed and hold is not None and self.hold == hold:
+            self.k.note(f"{self.agent.host_id}/{self.service}: switchover not completed in "
+                        "time: writes resume here")
+            self.release_hold()
+
+    def _switchover_deadline(self, token: tuple[int, int]) -> None:
+        if self.closed or self.switch_wait is None or self.switch_wait["token"] != token:
+            return
+        self.switch_wait = None
+        self.release_hold()
+        self.agent.switchover_answer(token, "unavailable", 0)
+
+
+def _copy_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    out = dict(meta)
+    out["duplicas"] = dict(meta["duplicas"])
+    out["in_sync"] = list(meta["in_sync"])
+    return out
+
+
+# --- ship streams -------------------------------------------------------------------------
+
+_ITEM_ORDER = {"probe": 0, "truncate": 1, "batch": 2}
+
+
+class ShipLink:
+    """The sending side of the Ship stream from one host to a peer (agent/links.py)."""
+
+    def __init__(self, owner: SimAgent, peer: str) -> None:
+        self.owner = owner
+        self.c = owner.c
+        self.k = owner.k
+        self.peer = peer
+        self.up = False
+        self.dead = False
+        self.session = 0
+        self.peer_incarnation = 0
+        self.outbox: list[tuple[Any, ...]] = []
+        self.flush_scheduled = False
+        self.send_at = 0  # the stream is in order: deliveries never overtake each other
+        self.reply_at = 0
+        self.backoff_ms = LINK_BACKOFF_MIN_MS
+
+    def start(self) -> None:
+        self.k.after(0, self._connect, self.session)
+
+    def _connect(self, session: int) -> None:
+        if self.dead or self.up or session != self.session:
+            return
+        peer = self.c.agents[self.peer]
+        net = self.c.net
+        rtt = net.latency() + net.latency()
+        if peer.up and not net.cut(self.owner.host_id, self.peer):
+            self.k.after(rtt, self._established, session, peer.incarnation)
+        else:
+            self.k.after(rtt, self._retry, session)
+
+    def _established(self, session: int, peer_incarnation: int) -> None:
+        if self.dead or self.up or session != self.session:
+            return
+        peer = self.c.agents[self.peer]
+        if (not peer.up or peer.incarnation != peer_incarnation
+                or self.c.net.cut(self.owner.host_id, self.peer)):
+            self._retry(session)
+            return
+        self.session += 1
+        self.up = True
+        self.peer_incarnation = peer_incarnation
+        self.outbox = []
+        self.send_at = self.reply_at = self.k.now
+        self.k.note(f"link {self.owner.host_id}->{self.peer} up")
+        self.owner.on_link_up(self.peer)
+
+    def _retry(self, session: int) -> None:
+        if self.dead or session != self.session:
+            return
+        # The agent's link doubles its backoff on every broken session and never resets it.
+        delay = int(self.backoff_ms * self.k.rng.uniform(0.5, 1.0))
+        self.backoff_ms = min(self.backoff_ms * 2, LINK_BACKOFF_MAX_MS)
+        self.k.after(delay, self._connect, session)
+
+    def brk(self, why: str) -> None:
+        """The stream broke: nothing in flight arrives, the owner hears of it, reconnects."""
+        if self.dead or not self.up:
+            return
+        self.up = False
+        self.session += 1
+        self.outbox = []
+        self.k.note(f"link {self.owner.host_id}->{self.peer} broke: {why}")
+        self.owner.on_link_down(self.peer)
+        self._retry(self.session)
+
+    def destroy(self) -> None:
+        self.dead = True
+        self.up = False
+        self.session += 1
+
+    def send(self, item: tuple[Any, ...]) -> None:
+        if not self.up:
+            return  # link_up re-probes everything anyway
+        self.outbox.append(item)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.k.after(self.k.rng.choice((0, 0, 0, 1, 2)), self._flush, self.session)
+
+    def _flush(self, session: int) -> None:
+        self.flush_scheduled = False
+        if session != self.session or not self.up or not self.outbox:
+            return
+        items = sorted(self.outbox, key=lambda item: _ITEM_ORDER[item[0]])  # stable
+        self.outbox = []
+        self.k.shipped += len(items)
+        if self.k.shipped > self.k.MAX_SHIPPED:
+            self.k.note("VIOLATION runaway")
+            raise InvariantViolation(
+                f"liveness: more than {self.k.MAX_SHIPPED} items shipped by {self.k.now} ms: "
+                "a message storm (see the trace's last lines)")
+        net = self.c.net
+        if net.ship_break_p and self.k.rng.random() < net.ship_break_p:
+            self.brk("message lost")
+            return
+        when = max(self.k.now + net.latency(), self.send_at)
+        self.send_at = when
+        self.k.after(when - self.k.now, self._deliver, session, items)
+
+    def _deliver(self, session: int, items: list[tuple[Any, ...]]) -> None:
+        if session != self.session or not self.up:
+            return
+        peer = self.c.agents[self.peer]
+        if (not peer.up or peer.incarnation != self.peer_incarnation
+                or self.c.net.cut(self.owner.host_id, self.peer)):
+            self.brk("peer unreachable")
+            return
+        acks = peer.receive(self.owner.host_id, items)
+        when = max(self.k.now + self.c.net.latency(), self.reply_at)
+        self.reply_at = when
+        self.k.after(when - self.k.now, self._acks, session, acks)
+
+    def _acks(self, session: int, acks: list[tuple[str, AckView]]) -> None:
+        if session != self.session or not self.up:
+            return
+        if self.c.net.cut(self.owner.host_id, self.peer):
+            self.brk("reply lost")
+            return
+        self.owner.on_acks(self.peer, acks)
+
+
+# --- a simulated host (mirrors failover/agent/host.py) -------------------------------------
+
+
+class SimAgent:
+    """One host's agent: its replicas (durable parts survive a crash), links, heartbeats."""
+
+    def __init__(self, cluster: Cluster, host_id: str) -> None:
+        self.c = cluster
+        self.k = cluster.k
+        self.host_id = host_id
+        self.address = host_id
+        self.up = False
+        self.incarnation = 0
+        self.started_at = 0
+        self.disks: dict[str, ReplicaDisk] = {}
+        self.replicas: dict[str, SimReplica] = {}
+        self.links: dict[str, ShipLink] = {}
+        self.registered = False
+        self.beat_id = 0
+        self.beat_pending: int | None = None
+        s = cluster.scenario
+        self.limits = ShipLimits(batch_entries_max=s.batch_entries_max,
+                                 inflight_batches_max=s.inflight_batches_max,
+                                 keepalive_ms=HEARTBEAT_MS)
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.up = True
+        self.incarnation += 1
+        self.started_at = self.k.now
+        self.registered = False
+        self.beat_pending = None
+        self.k.note(f"{self.host_id} starts (incarnation {self.incarnation})")
+        for name in sorted(self.disks):
+            replica = SimReplica(self, self.disks[name])
+            self.replicas[name] = replica
+            replica.open()
+        inc = self.incarnation
+        self.k.after(self.k.rng.randint(0, HEARTBEAT_MS), self._beat, inc)
+        self.k.after(self.k.rng.randint(1, TICK_MS), self._tick, inc)
+
+    def crash(self) -> None:
+        lost = {name: disk.wal.crash() for name, disk in sorted(self.disks.items())}
+        self.k.note(f"{self.host_id} crashes, losing unsynced entries {lost}")
+        self.up = False
+        self.incarnation += 1
+        for replica in self.replicas.values():
+            replica.close()
+            wait = replica.switch_wait
+            if wait is not None:  # the coordinator's call fails at once
+                self.switchover_answer(wait["token"], "unavailable", 0, force=True)
+        self.replicas = {}
+        for link in self.links.values():
+            link.destroy()
+        self.links = {}
+        for other in self.c.agents.values():
+            link = other.links.get(self.host_id)
+            if link is not None and link.up:
+                self.k.after(self.k.rng.randint(1, 10), link.brk, "peer crashed")
+
+    def _tick(self, inc: int) -> None:
+        if inc != self.incarnation or not self.up:
+            return
+        now = self.k.now
+        for replica in list(self.replicas.values()):
+            replica.tick(now)
+        self.k.after(TICK_MS, self._tick, inc)
+
+    # --- heartbeats ----------------------------------------------------------------------
+
+    def _beat(self, inc: int) -> None:
+        if inc != self.incarnation or not self.up:
+            return
+        self.beat_id += 1
+        bid = self.beat_id
+        info = None if self.registered else HostInfo(
+            self.host_id, self.address, version="sim", started_at=float(self.started_at))
+        reports = [r.report() for r in self.replicas.values()]
+        self.beat_pending = bid
+        self.c.net.send(self.host_id, COORD, self.c.coord.on_beat, self.host_id, inc, bid, info,
+                        reports, self.k.now)
+        self.k.after(2 * HEARTBEAT_MS, self._beat_timeout, inc, bid)
+
+    def on_beat_reply(self, inc: int, bid: int, ok: bool, leases: list[tuple[str, int, int]],
+                      sent_ms: int) -> None:
+        if inc != self.incarnation or not self.up or self.beat_pending != bid:
+            return
+        self.beat_pending = None
+        self.registered = ok
+        for service, epoch, lease_ms in leases:
+            replica = self.replicas.get(service)
+            if replica is not None:
+                replica.grant_lease(epoch, lease_ms, sent_ms)
+        self.k.after(max(0, sent_ms + HEARTBEAT_MS - self.k.now), self._beat, inc)
+
+    def _beat_timeout(self, inc: int, bid: int) -> None:
+        if inc != self.incarnation or not self.up or self.beat_pending != bid:
+            return
+        self.beat_pending = None
+        self.registered = False
+        self._beat(inc)
+
+    # --- links ---------------------------------------------------------------------------
+
+    def ensure_links(self, peers: dict[str, str]) -> None:
+        for host_id in peers:
+            if host_id not in self.links:
+                link = ShipLink(self, host_id)
+                self.links[host_id] = link
+                link.start()
+
+    def link_is_up(self, host_id: str) -> bool:
+        link = self.links.get(host_id)
+        return link is not None and link.up
+
+    def on_link_up(self, host_id: str) -> None:
+        for replica in list(self.replicas.values()):
+            replica.on_link_up(host_id)
+
+    def on_link_down(self, host_id: str) -> None:
+        for replica in list(self.replicas.values()):
+            replica.on_link_down(host_id)
+
+    def ship(self, host_id: str, item: tuple[Any, ...]) -> None:
+        link = self.links.get(host_id)
+        assert link is not None, f"{self.host_id} has no link to {host_id}"
+        link.send(item)
+
+    def on_acks(self, host_id: str, acks: list[tuple[str, AckView]]) -> None:
+        for service, ack in acks:
+            replica = self.replicas.get(service)
+            if replica is not None:
+                replica.on_ack(host_id, ack)
+
+    def receive(self, src: str, items: list[tuple[Any, ...]]) -> list[tuple[str, AckView]]:
+        """Handles one message of a Ship stream; answers every item."""
+        acks: list[tuple[str, AckView]] = []
+        for item in items:
+            what, service, epoch = item[0], item[1], item[2]
+            replica = self.replicas.get(service)
+            if replica is None or replica.role not in (DUPLICA, PRIMARY, "building"):
+                batch_id = item[3] if what == "batch" else 0
+                acks.append((service, AckView("unknown_service", 0, batch_id)))
+            elif what == "probe":
+                acks.append((service, replica.receive_probe(epoch)))
+            elif what == "truncate":
+                acks.append((service, replica.receive_truncate(epoch, item[3])))
+            else:
+                acks.append((service, replica.receive_batch(epoch, *item[3:])))
+        return acks
+
+    # --- control calls -------------------------------------------------------------------
+
+    def on_assign(self, action: AssignRole) -> None:
+        if not self.up:
+            return
+        error = self._assign(action)
+        self.k.note(f"{self.host_id} AssignRole {action.service} {action.role} e{action.epoch} "
+                    f"in_sync={list(action.in_sync)}{' FAILED ' + error if error else ''}")
+
+    def _assign(self, a: AssignRole) -> str:
+        if self.host_id in a.duplicas:
+            return "own duplica"
+        if set(a.in_sync) - set(a.duplicas):
+            return "in-sync hosts are not duplicas"
+        replica = self.replicas.get(a.service)
+        if replica is None:
+            disk = ReplicaDisk({"service": a.service, "kind": a.kind, "role": a.role,
+                                "epoch": a.epoch, "mode": a.mode, "primary_host_id": "",
+                                "primary_address": "", "duplicas": {}, "in_sync": []})
+            self.disks[a.service] = disk
+            replica = SimReplica(self, disk)
+            replica.open()
+            self.replicas[a.service] = replica
+        return replica.assign(a.role, a.epoch, a.mode, a.primary, dict(a.duplicas),
+                              set(a.in_sync))
+
+    def on_step_down(self, action: CoordStepDown) -> None:
+        if not self.up:
+            return
+        replica = self.replicas.get(action.service)
+        if replica is None or action.epoch < replica.epoch:
+            return
+        self.k.note(f"{self.host_id} StepDown {action.service} e{action.epoch}")
+        replica.step_down(action.epoch)
+
+    def on_hears(self, token: tuple[int, int], service: str) -> None:
+        if not self.up:
+            return
+        replica = self.replicas.get(service)
+        if replica is None:
+            answer = HearsAnswer(self.host_id, reachable=False)
+        else:
+            hears, _ = replica.hears_primary(self.k.now)
+            # server.py asks GetStatus for the matched index, not the durable one.
+            answer = HearsAnswer(self.host_id, True, hears, replica.matched_index,
+                                 replica.epoch)
+        self.c.net.send(self.host_id, COORD, self.c.coord.on_hears_answer, token, answer)
+
+    def on_prepare_switchover(self, token: tuple[int, int], service: str, epoch: int,
+                              target: str, release: bool) -> None:
+        if not self.up:
+            self.switchover_answer(token, "unavailable", 0, force=True)
+            return
+        replica = self.replicas.get(service)
+        if replica is None:
+            self.switchover_answer(token, "not_found", 0)
+            return
+        if release:
+            replica.release_hold()
+            return
+        answer = replica.prepare_switchover(epoch, target, SWITCHOVER_TIMEOUT_MS, token)
+        if answer is not None:
+            self.switchover_answer(token, answer[0], 0)
+
+    def switchover_answer(self, token: tuple[int, int], status: str, last: int,
+                          force: bool = False) -> None:
+        if self.up or force:
+            self.c.net.send(self.host_id, COORD, self.c.coord.on_switchover_answer, token,
+                            status, dup=False)
+
+    # --- the data path -------------------------------------------------------------------
+
+    def on_execute(self, req: ClientRequest) -> None:
+        if not self.up:
+            # The connection is refused: the client hears so at once.
+            self.c.net.send(self.host_id, req.client, self.c.clients[req.client].on_reply,
+                            req.seq, req.attempt, self.host_id, ("unavailable", "down", 0),
+                            dup=False)
+            return
+        replica = self.replicas.get(req.service)
+        if replica is None:
+            self.answer(req, ("not_primary", "", 0))
+            return
+        replica.execute(req)
+
+    def answer(self, req: ClientRequest, reply: tuple[Any, ...]) -> None:
+        client = self.c.clients[req.client]
+        self.c.net.send(self.host_id, req.client, client.on_reply, req.seq, req.attempt,
+                        self.host_id, reply, dup=False)
+
+
+# --- the coordinator (mirrors failover/coordinator/server.py) -------------------------------
+
+
+class SimCoordinator:
+    """CoordinatorCore plus a dict standing in for its store; restarts restore from it."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.c = cluster
+        self.k = cluster.k
+        self.store: dict[str, bytes] = {}
+        self.up = False
+        self.incarnation = 0
+        self.core: CoordinatorCore | None = None
+        self._asks: dict[tuple[int, int], dict[str, Any]] = {}
+        self._next_token = 0
+        self.switchover: dict[str, Any] | None = None
+        self.created: set[str] = set()
+
+    def boot(self) -> None:
+        self.up = True
+        self.incarnation += 1
+        self.k.note(f"coordinator starts (incarnation {self.incarnation})")
+        timing = Timing(HEARTBEAT_MS, FAILURE_TIMEOUT_MS, LEASE_MS)
+        fixed = "promotable_after_catch_up" in self.c.scenario.fixes
+        self.core = (PatchedCoordinatorCore if fixed else CoordinatorCore)(timing)
+        self.execute(self.core.restore(dict(self.store), self.k.now))
+        self.k.after(self.k.rng.randint(1, TICK_MS), self._tick, self.incarnation)
+
+    def crash(self) -> None:
+        self.k.note("coordinator crashes")
+        self.up = False
+        self.incarnation += 1
+        self.core = None
+        self._asks = {}
+        self.switchover = None
+
+    def _tick(self, inc: int) -> None:
+        if inc != self.incarnation or not self.up:
+            return
+        assert self.core is not None
+        self.execute(self.core.tick(self.k.now))
+        self.k.after(TICK_MS, self._tick, inc)
+
+    def _token(self) -> tuple[int, int]:
+        self._next_token += 1
+        return (self.incarnation, self._next_token)
+
+    def execute(self, actions: list[Action]) -> None:
+        """Carries out actions in order; a Persist is durable before the next one."""
+        check = self.c.check
+        for action in actions:
+            if isinstance(action, Persist):
+                for key, value in action.puts.items():
+                    check.on_persist(key, value)
+                    self.store[key] = value
+                for key in action.deletes:
+                    self.store.pop(key, None)
+                for _service, kind, text, _ in action.history:
+                    if kind in ("failover", "switchover", "in_sync", "rejoin",
+                                "failover_blocked", "suspicion"):
+                        self.k.note(f"coordinator: {text}")
+                    if kind == "failover":
+                        check.failovers += 1
+                    elif kind == "switchover":
+                        check.switchovers += 1
+            elif isinstance(action, AssignRole):
+                check.on_coordinator_says(action.service, action.epoch, "AssignRole")
+                agent = self.c.agents[action.host_id]
+                self.c.net.send_fifo(COORD, action.host_id, agent.on_assign, action)
+            elif isinstance(action, CoordStepDown):
+                check.on_coordinator_says(action.service, action.epoch, "StepDown")
+                agent = self.c.agents[action.host_id]
+                self.c.net.send_fifo(COORD, action.host_id, agent.on_step_down, action)
+            elif isinstance(action, DropReplica):
+                raise AssertionError("the simulation deletes no service")
+            elif isinstance(action, AskHearsPrimary):
+                self._ask(action)
+            elif isinstance(action, PushRoutes):
+                for route in action.routes:
+                    check.on_coordinator_says(route.service, route.epoch, "PushRoutes")
+                for client in self.c.clients.values():
+                    self.c.net.send(COORD, client.name, client.on_routes, action)
+            else:
+                raise AssertionError(f"unknown action {action!r}")
+
+    # --- calls from agents and operators -------------------------------------------------
+
+    def on_beat(self, host: str, inc: int, bid: int, info: HostInfo | None,
+                reports: list[ReplicaReport], sent_ms: int) -> None:
+        if not self.up:
+            return
+        assert self.core is not None
+        ok = True
+        leases: list[tuple[str, int, int]] = []
+        try:
+            if info is not None:
+                self.execute(self.core.register(info, self.k.now))
+            leases, actions = self.core.heartbeat(host, {}, reports, self.k.now)
+            self.execute(actions)
+        except InvalidRequest:
+            ok = False
+        agent = self.c.agents[host]
+        self.c.net.send(COORD, host, agent.on_beat_reply, inc, bid, ok, leases, sent_ms,
+                        dup=False)
+
+    def _ask(self, action: AskHearsPrimary) -> None:
+        token = self._token()
+        self._asks[token] = {"action": action, "answers": {}}
+        for host in action.hosts:
+            self.c.net.send(COORD, host, self.c.agents[host].on_hears, token, action.service)
+        self.k.after(HEARS_TIMEOUT_MS, self._ask_done, token)
+
+    def on_hears_answer(self, token: tuple[int, int], answer: HearsAnswer) -> None:
+        ask = self._asks.get(token)
+        if ask is None or not self.up:
+            return
+        ask["answers"][answer.host_id] = answer
+        if len(ask["answers"]) == len(ask["action"].hosts):
+            self._ask_done(token)
+
+    def _ask_done(self, token: tuple[int, int]) -> None:
+        ask = self._asks.pop(token, None)
+        if ask is None or not self.up:
+            return
+        assert self.core is not None
+        action: AskHearsPrimary = ask["action"]
+        answers = [ask["answers"].get(h, HearsAnswer(h, reachable=False)) for h in action.hosts]
+        self.execute(self.core.hears_primary(action.service, answers, self.k.now))
+
+    def create_services(self) -> bool:
+        """The operator creates the services once every host is registered."""
+        if not self.up:
+            return False
+        assert self.core is not None
+        s = self.c.scenario
+        for i in range(1, s.services + 1):
+            name = f"s{i}"
+            if name in self.created:
+                continue
+            if len(self.core.hosts) < s.hosts:
+                return False
+            try:
+                actions = self.core.create_service(name, "kv", min(3, s.hosts), s.mode,
+                                                   self.k.now)
+            except InvalidRequest:
+                return False
+            self.created.add(name)
+            self.execute(actions)
+        return True
+
+    def start_switchover(self, name: str = "", to_host: str = "") -> None:
+        """An operator's switchover (server.py `switchover`): hold writes on the primary
+        until the target has everything, then raise the epoch and hand over."""
+        if not self.up or self.switchover is not None:
+            return
+        assert self.core is not None
+        name = name or self.k.rng.choice(sorted(self.core.services))
+        try:
+            target = self.core.switchover_target(name, to_host)
+        except InvalidRequest:
+            return
+        service = self.core.services[name]
+        primary, epoch = service.primary, service.epoch
+        self.core.switchover_begin(name, target)
+        token = self._token()
+        self.switchover = {"token": token, "service": name, "target": target,
+                           "primary": primary, "epoch": epoch, "started": self.k.now}
+        self.k.note(f"coordinator: switchover of {name} from {primary} to {target} begins")
+        agent = self.c.agents[primary]
+        self.c.net.send(COORD, primary, agent.on_prepare_switchover, token, name, epoch, target,
+                        False, dup=False)
+        self.k.after(SWITCHOVER_TIMEOUT_MS + 1000, self.on_switchover_answer, token, "timeout")
+
+    def on_switchover_answer(self, token: tuple[int, int], status: str) -> None:
+        sw = self.switchover
+        if not self.up or sw is None or sw["token"] != token:
+            return
+        assert self.core is not None
+        self.switchover = None
+        name = sw["service"]
+        if status != "ok":
+            self.k.note(f"coordinator: switchover of {name} abandoned ({status})")
+            self.core.switchover_abort(name)
+            agent = self.c.agents[sw["primary"]]
+            self.c.net.send(COORD, sw["primary"], agent.on_prepare_switchover, self._token(),
+                            name, sw["epoch"], "", True, dup=False)
+            return
+        self.execute(self.core.switchover_complete(name, sw["target"],
+                                                   self.k.now - sw["started"]))
+
+
+# --- clients ------------------------------------------------------------------------------
+
+
+class SimClient:
+    """A client issuing kv puts with request ids, retrying like `failover.client.Client`:
+    routes pushed by the coordinator, redirects from non-primaries, the agents as seeds."""
+
+    ATTEMPT_TIMEOUT_MS = 500
+    BUDGET_MS = 3000
+
+    def __init__(self, cluster: Cluster, name: str) -> None:
+        self.c = cluster
+        self.k = cluster.k
+        self.name = name
+        self.routes: dict[str, tuple[str, int]] = {}
+        self.seq = 0
+        self.op: Op | None = None
+        self.attempt = 0
+        self.target = ""
+        self.epoch_seen = 0
+        self.backoff_ms = CLIENT_BACKOFF_MIN_MS
+        self.active = False
+        self.seed_cursor = 0
+        self.done_ops: list[Op] = []
+
+    @property
+    def idle(self) -> bool:
+        return self.op is None
+
+    def start(self) -> None:
+        self.active = True
+        self.k.after(self.k.rng.randint(*self.c.scenario.think_ms), self._next_op)
+
+    def _next_op(self) -> None:
+        if not self.active or self.op is not None:
+            return
+        s = self.c.scenario
+        service = f"s{self.k.rng.randint(1, s.services)}"
+        self.begin(service, f"k{self.k.rng.randint(1, s.keys)}")
+
+    def begin(self, service: str, key: str) -> Op:
+        self.seq += 1
+        op = Op(self.name, self.seq, service, key, f"{self.name}.{self.seq}", self.k.now)
+        self.c.check.ops.append(op)
+        self.op = op
+        self.attempt = 0
+        self.backoff_ms = CLIENT_BACKOFF_MIN_MS
+        self._try()
+        return op
+
+    def _payload(self, op: Op) -> bytes:
+        return msgpack.packb({"op": "put", "key": op.key, "value": op.value}, use_bin_type=True)
+
+    def _try(self) -> None:
+        op = self.op
+        if op is None:
+            return
+        if self.k.now - op.invoke_ms >= self.BUDGET_MS:
+            self._finish("unknown", 0)
+            return
+        route = self.routes.get(op.service)
+        if route is None:
+            hosts = sorted(self.c.agents)
+            self.seed_cursor = (self.seed_cursor + 1) % len(hosts)
+            route = (hosts[self.seed_cursor], 0)
+        self.target, self.epoch_seen = route
+        self.attempt += 1
+        req = ClientRequest(self.name, op.seq, self.attempt, op.service, self.epoch_seen,
+                            self._payload(op))
+        self.c.net.send(self.name, self.target, self.c.agents[self.target].on_execute, req)
+        self.k.after(self.ATTEMPT_TIMEOUT_MS, self._attempt_timeout, op.seq, self.attempt)
+
+    def _attempt_timeout(self, seq: int, attempt: int) -> None:
+        if self.op is not None and self.op.seq == seq and self.attempt == attempt:
+            self._retry(self.target)
+
+    def _retry(self, address: str) -> None:
+        assert self.op is not None
+        self.routes.pop(self.op.service, None)  # with seeds: ask around
+        self.attempt += 1  # answers to the abandoned attempt are ignored
+        delay = self.backoff_ms
+        self.backoff_ms = min(self.backoff_ms * 2, CLIENT_BACKOFF_MAX_MS)
+        self.k.after(delay, self._try_if, self.op.seq, self.attempt)
+
+    def _try_if(self, seq: int, attempt: int) -> None:
+        if self.op is not None and self.op.seq == seq and self.attempt == attempt:
+            self._try()
+
+    def on_reply(self, seq: int, attempt: int, host: str, reply: tuple[Any, ...]) -> None:
+        op = self.op
+        if op is None or op.seq != seq or attempt != self.attempt:
+            return
+        kind = reply[0]
+        if kind == "ok":
+            _, index, status, epoch, _duplicate = reply
+            self.routes[op.service] = (host, max(self.epoch_seen, epoch))
+            self._finish("ok" if status == int(ReplyStatus.OK) else "fail", index)
+        elif kind == "invalid":
+            self._finish("fail", 0)
+        elif kind == "not_primary" and reply[1] and reply[1] != host:
+            self.routes[op.service] = (reply[1], reply[2])
+            self._try()
+        else:
+            self._retry(host)
+
+    def _finish(self, outcome: str, index: int) -> None:
+        op = self.op
+        assert op is not None
+        op.outcome, op.index, op.complete_ms = outcome, index, self.k.now
+        self.k.note(f"{self.name} {op.service} put {op.key}={op.value}: {outcome} "
+                    f"{'@' + str(index) if index else ''}")
+        self.op = None
+        self.done_ops.append(op)
+        if self.active:
+            self.k.after(self.k.rng.randint(*self.c.scenario.think_ms), self._next_op)
+
+    def on_routes(self, update: PushRoutes) -> None:
+        for route in update.routes:
+            known = self.routes.get(route.service)
+            if route.primary_address and (known is None or route.epoch >= known[1]):
+                self.routes[route.service] = (route.primary_address, route.epoch)
+
+
+# --- faults -------------------------------------------------------------------------------
+
+
+class Nemesis:
+    """Seeded faults during the fault phase: crashes, partitions, broken streams,
+    switchovers; spaced so that the cluster can make progress between them."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.c = cluster
+        self.k = cluster.k
+        self.active = False
+        self.crashes = 0
+        names, weights = zip(*cluster.scenario.weights, strict=True)
+        self._names = list(names)
+        self._weights = list(weights)
+
+    def start(self) -> None:
+        self.active = True
+        self._next()
+
+    def _next(self) -> None:
+        if self.active:
+            self.k.after(self.k.rng.randint(*self.c.scenario.fault_gap_ms), self._strike)
+
+    def _strike(self) -> None:
+        if not self.active:
+            return
+        what = self.k.rng.choices(self._names, self._weights)[0]
+        getattr(self, "_" + what)()
+        self._next()
+
+    def _crash_agent(self, only_primaries: bool = False) -> None:
+        s = self.c.scenario
+        up = [a for a in self.c.agents.values() if a.up]
+        if len(self.c.agents) - len(up) >= s.max_agents_down:
+            return
+        if only_primaries:
+            up = [a for a in up if any(r.role == PRIMARY for r in a.replicas.values())]
+            if not up:
+                return
+        agent = self.k.rng.choice(up)
+        agent.crash()
+        self.crashes += 1
+        self.k.after(self.k.rng.randint(*s.agent_down_ms), self._restart_agent, agent,
+                     agent.incarnation)
+
+    def _restart_agent(self, agent: SimAgent, inc: int) -> None:
+        if not agent.up and agent.incarnation == inc:
+            agent.start()
+
+    def _crash_primary(self) -> None:
+        self._crash_agent(only_primaries=True)
+
+    def _crash_coordinator(self) -> None:
+        coord = self.c.coord
+        if not coord.up:
+            return
+        coord.crash()
+        self.crashes += 1
+        self.k.after(self.k.rng.randint(*self.c.scenario.coord_down_ms), self._restart_coord,
+                     coord.incarnation)
+
+    def _restart_coord(self, inc: int) -> None:
+        coord = self.c.coord
+        if not coord.up and coord.incarnation == inc:
+            coord.boot()
+
+    def _partition(self) -> None:
+        nodes = [COORD, *sorted(self.c.agents)]
+        a, b = self.k.rng.sample(nodes, 2)
+        until = self.k.now + self.k.rng.randint(*self.c.scenario.partition_ms)
+        self.c.net.cuts[frozenset((a, b))] = until
+        self.k.note(f"partition {a} | {b} until {until}")
+
+    def _isolate(self) -> None:
+        """Cuts a host (a primary's, more often than not) off from the coordinator and the
+        other hosts; clients still reach it."""
+        agents = sorted(self.c.agents)
+        primaries = [h for h in agents
+                     if any(r.role == PRIMARY for r in self.c.agents[h].replicas.values())]
+        host = self.k.rng.choice(primaries if primaries and self.k.rng.random() < 0.7
+                                 else agents)
+        until = self.k.now + self.k.rng.randint(*self.c.scenario.partition_ms)
+        for other in [COORD, *agents]:
+            if other != host:
+                self.c.net.cuts[frozenset((host, other))] = until
+        self.k.note(f"isolate {host} until {until}")
+
+    def _break_link(self) -> None:
+        links = [link for agent in self.c.agents.values() for link in agent.links.values()
+                 if link.up]
+        if links:
+            self.k.rng.choice(links).brk("nemesis")
+
+    def _switchover(self) -> None:
+        self.c.coord.start_switchover()
+
+    def _nothing(self) -> None:
+        pass
+
+    def heal(self) -> None:
+        """Stops faults: the network becomes reliable, everything down starts again."""
+        self.active = False
+        self.k.note("heal")
+        self.c.net.heal()
+        if not self.c.coord.up:
+            self.c.coord.boot()
+        for agent in self.c.agents.values():
+            if not agent.up:
+                agent.start()
+
+
+# --- the cluster and a run ----------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    """What one seeded run found."""
+
+    seed: int
+    scenario: Scenario
+    ok: bool
+    message: str
+    trace_hash: str
+    trace_tail: list[str]
+    stats: dict[str, int]
+    full_trace: list[str] | None = None
+
+    def replay_hint(self) -> str:
+        """The command that replays this run exactly."""
+        if self.scenario.name not in SCENARIOS:
+            return "rerun the test: its scenario is scripted, not made from the seed"
+        fixes = ""
+        if self.scenario.fixes != KNOWN_FIXES:
+            fixes = f"SIM_FIXES={','.join(sorted(self.scenario.fixes)) or 'none'} "
+        return (f"SIM_SEED={self.seed} SIM_SCENARIO={self.scenario.name} {fixes}"
+                ".venv/bin/pytest tests/sim -k replay")
+
+
+class Cluster:
+    """A coordinator, N agents and some clients under one seeded scheduler."""
+
+    BOOT_MS = 200
+    CLIENTS_MS = 300
+    FAULTS_MS = 400
+
+    def __init__(self, seed: int, scenario: Scenario, full_trace: bool = False) -> None:
+        self.seed = seed
+        self.scenario = scenario
+        self.k = Kernel(seed, full_trace=full_trace)
+        self.net = Network(self.k, scenario)
+        self.check = Checker(self)
+        self.coord = SimCoordinator(self)
+        self.agents = {f"h{i}": SimAgent(self, f"h{i}") for i in range(1, scenario.hosts + 1)}
+        self.clients = {f"c{i}": SimClient(self, f"c{i}")
+                        for i in range(1, scenario.clients + 1)}
+        self.nemesis = Nemesis(self)
+
+    # --- phases --------------------------------------------------------------------------
+
+    def boot(self) -> None:
+        self.coord.boot()
+        for agent in self.agents.values():
+            self.k.after(self.k.rng.randint(0, 20), agent.start)
+        self.k.run_until(self.BOOT_MS)
+        while not self.coord.create_services():
+            self.k.run_until(self.k.now + 50)
+        self.k.run_until(self.CLIENTS_MS)
+        for client in self.clients.values():
+            client.start()
+
+    def run(self, script: Callable[[Cluster], None] | None = None) -> Result:
+        """Boot, faults (the nemesis, or `script` for a directed test), heal, settle and
+        the final checks; a violation ends the run early."""
+        s = self.scenario
+        try:
+            self.boot()
+            self.k.run_until(self.FAULTS_MS)
+            if script is not None:
+                script(self)
+            else:
+                self.nemesis.start()
+                self.k.run_until(self.FAULTS_MS + s.fault_ms)
+            self.nemesis.heal()
+            self.k.run_until(self.k.now + s.heal_ms)
+            for client in self.clients.values():
+                client.active = False
+            self.settle()
+            self.final_checks()
+        except InvariantViolation as exc:
+            return self._result(False, str(exc))
+        except Exception as exc:  # a core's own assertion, or a harness error
+            import traceback
+
+            tb = traceback.format_exc(limit=-6)
+            return self._result(False, f"{type(exc).__name__}: {exc}\n{tb}")
+        return self._result(True, "")
+
+    def _result(self, ok: bool, message: str) -> Result:
+        ops = self.check.ops
+        stats = {
+            "events": self.k.events, "shipped": self.k.shipped, "end_ms": self.k.now,
+            "ops_ok": sum(op.outcome == "ok" for op in ops),
+            "ops_unknown": sum(op.outcome == "unknown" for op in ops),
+            "crashes": self.nemesis.crashes, "failovers": self.check.failovers,
+            "switchovers": self.check.switchovers, "rewinds": self.check.rewinds,
+            "truncated": self.check.truncated, "async_lost": self.check.async_lost,
+        }
+        self.k.note(f"end {stats}")
+        return Result(self.seed, self.scenario, ok, message, self.k.trace_hash(),
+                      list(self.k.recent), stats, self.k.full)
+
+    def settle(self) -> None:
+        """Runs until every replica agrees and a probe write per service goes through."""
+        deadline = self.k.now + self.scenario.settle_ms_max
+        probe: SimClient | None = None
+        probe_ops: list[Op] = []
+        while True:
+            self.k.run_until(self.k.now + 50)
+            clients_idle = all(c.idle for c in self.clients.values())
+            if probe is None and clients_idle and self.converged() is None:
+                probe = SimClient(self, "probe")
+                self.clients["probe"] = probe
+                probe.routes = {}
+                for i in range(1, self.scenario.services + 1):
+                    probe_ops.append(probe.begin(f"s{i}", "probe"))
+                    while probe.op is not None and self.k.now < deadline:
+                        self.k.run_until(self.k.now + 20)
+            if probe is not None and probe.idle:
+                failed = [op for op in probe_ops if op.outcome != "ok"]
+                if failed:
+                    self.check.fail(f"liveness: after healing, a write to {failed[0].service} "
+                                    f"ended {failed[0].outcome}")
+                why = self.converged()
+                if why is None:
+                    return
+            if self.k.now >= deadline:
+                why = self.converged() or "clients still busy"
+                self.check.fail(f"liveness: no convergence {self.scenario.settle_ms_max} ms "
+                                f"after healing: {why}")
+
+    def converged(self) -> str | None:
+        """None when every service's replicas agree with its primary; else why not."""
+        coord = self.coord
+        if not coord.up or coord.core is None or coord.switchover is not None:
+            return "coordinator busy"
+        for name in sorted(coord.core.services):
+            record = coord.core.services[name]
+            primary_agent = self.agents[record.primary]
+            p = primary_agent.replicas.get(name)
+            if p is None or p.role != PRIMARY or p.epoch != record.epoch or p.primary is None:
+                return f"{name}: {record.primary} is not yet primary at epoch {record.epoch}"
+            last = p.wal.last_index
+            if p.sm.applied_index != last or p.wal.durable_index != last or p._to_log:
+                return f"{name}: primary {record.primary} has not applied its log"
+            for host in sorted(record.replicas):
+                r = self.agents[host].replicas.get(name)
+                if r is None:
+                    return f"{name}: {host} holds no replica"
+                if r.epoch != record.epoch or r.role != record.replicas[host]:
+                    return f"{name}: {host} is {r.role} at {r.epoch}"
+                if r.wal.last_index != last or r.sm.applied_index != last:
+                    return (f"{name}: {host} at {r.wal.last_index}/{r.sm.applied_index}, "
+                            f"primary at {last}")
+        return None
+
+    def final_checks(self) -> None:
+        check = self.check
+        core = self.coord.core
+        assert core is not None
+        acked: dict[str, list[Op]] = {}
+        for op in check.ops:
+            if op.outcome == "ok":
+                acked.setdefault(op.service, []).append(op)
+        for name in sorted(core.services):
+            record = core.services[name]
+            p = self.agents[record.primary].replicas[name]
+            digest = p.sm.digest()
+            # The kv state the primary's log implies, each request id applied once.
+            expected: dict[str, str] = {}
+            seen: set[bytes] = set()
+            for e in p.wal.entries:
+                if e.payload and e.request_id not in seen:
+                    seen.add(e.request_id)
+                    command = msgpack.unpackb(e.payload, raw=False)
+                    expected[command["key"]] = command["value"]
+            for host in sorted(record.replicas):
+                r = self.agents[host].replicas[name]
+                check_history(r.wal.history, r.wal.last_index)
+                if r.wal.entries != p.wal.entries:
+                    check.fail(f"{name}: {host}'s log differs from the primary's")
+                if r.sm.digest() != digest:
+                    check.fail(f"{name}: {host}'s digest differs from the primary's at "
+                               f"index {r.sm.applied_index}")
+                for key, value in expected.items():
+                    got = r.sm.query(msgpack.packb({"op": "get", "key": key}))
+                    if msgpack.unpackb(got.data, raw=False)["value"] != value:
+                        check.fail(f"{name}: {host} holds a wrong value for {key}")
+            if self.scenario.mode != "sync":
+                continue
+            for op in acked.get(name, []):
+                rid = encode_request_id(op.client, op.seq)
+                payload = msgpack.packb({"op": "put", "key": op.key, "value": op.value},
+                                        use_bin_type=True)
+                entry = p.wal.entries[op.index - 1] if 0 < op.index <= p.wal.last_index else None
+                if entry is None or entry.request_id != rid or entry.payload != payload:
+                    check.fail(f"inv3: acknowledged write {op.client}:{op.seq} "
+                               f"({op.key}={op.value} at index {op.index}) is not in the "
+                               f"final log of {name}")
+                recorded = p.sm.sessions.lookup(op.client, op.seq)
+                if isinstance(recorded, Reply) and recorded.index != op.index:
+                    check.fail(f"inv5: {op.client}:{op.seq} recorded at {recorded.index}, "
+                               f"acknowledged at {op.index}")
+
+
+def run_seed(seed: int, scenario: Scenario | str = "short", full_trace: bool = False) -> Result:
+    """Runs one seed of a scenario (a Scenario, or the name of a scenario maker)."""
+    if isinstance(scenario, str):
+        scenario = SCENARIOS[scenario](seed)
+    return Cluster(seed, scenario, full_trace=full_trace).run()
