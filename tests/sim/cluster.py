@@ -14,8 +14,10 @@ What is modelled, and how faithfully:
   before use (`ReplicaMeta`), the primary's write queue (`_to_log`), group commit with a
   non-durable window (a crash loses the log's non-durable suffix), the `_unapplied` /
   `_undecoded` apply caches, the empty barrier entry of a new epoch, divergent-tail
-  truncation, leases granted in heartbeat answers, hold-and-catch-up for a switchover, the
-  answers to HearsPrimary, AssignRole and StepDown with their epoch checks.
+  truncation, heartbeats reporting the matched index and a primary's in-sync set, leases
+  granted in their answers, a restarted primary serving only once the coordinator confirms
+  it, hold-and-catch-up for a switchover, the answers to HearsPrimary (matched index),
+  AssignRole and StepDown with their epoch checks.
 * Ship streams (`ShipLink`) behave like the gRPC stream between two hosts: one per
   (sender, receiver) pair, in order, items queued while the writer is busy go out as one
   message (probes, then truncates, then batches, as `ShipMessage` orders them), acks come
@@ -48,7 +50,7 @@ import heapq
 import random
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -109,32 +111,23 @@ class InvariantViolation(AssertionError):
     """A design invariant failed in the simulation."""
 
 
-# Known bugs that the sweeps keep fixed in the model (so that they look for new ones); the
-# xfail tests in test_simulation.py leave the fix out to show the bug:
+# The model agent mirrors failover/agent/replica.py, so the fixes of the agent bugs the
+# simulation found are mirrored here too, each behind a switch that is on by default (as
+# the code is). A test turns one off to show that the simulation catches the bug; the code
+# itself is only exercised by tests of the real agent. The core bugs it found are fixed in
+# the cores, which the simulation runs as they are.
 #
-# "switchover_hold_on_cancel": replica.py `prepare_switchover()` sets `_hold` and, once the
-#   target has caught up, arms a timer that ends it; but if the coordinator dies while the
-#   prepare still waits (gRPC cancels the handler), nothing ends the hold: the primary holds
-#   every write until its role changes. The fix releases the hold when the call is cancelled.
-#
-# "promotable_after_catch_up": CoordinatorCore makes an in-sync duplica promotable once the
-#   primary's heartbeat lists it in the in-sync set it applies. That set only guarantees the
-#   writes acknowledged from then on: the duplica may still lack writes the primary
-#   acknowledged before it counted it (alone, with an empty in-sync set; or with members
-#   since lost), and it may have joined on a commit index that is stale or, right after the
-#   primary restarted, 0 (PrimaryReplication starts from min(applied, durable) and reports
-#   that until something recomputes it). If the primary fails before the duplica catches
-#   up, its promotion loses acknowledged writes (invariant 3). The emulated fix
-#   (PatchedCoordinatorCore) makes it promotable only once its matched index reaches the
-#   primary's durable index in the first report that listed it.
-#
-# "apply_after_set_members": replica.py `assign()` hands a changed in-sync set to the
-#   primary core (`set_members`), which may advance the commit index (a shrink), but does
-#   not apply what became committed: those writes are neither applied nor answered until
-#   another write or ack comes along, and a client retrying the same request id only waits
-#   on the same entry again. The fix applies committed entries after `set_members`.
-KNOWN_FIXES = frozenset({"switchover_hold_on_cancel", "promotable_after_catch_up",
-                         "apply_after_set_members"})
+# "unlogged_on_step_down": `_become()` to duplica also drops the `_to_log` entries from
+#   `_unapplied`; before, a request that never reached the log was applied in place of the
+#   new primary's entry at that index (invariant 4).
+# "switchover_hold_bounded": a successful `prepare_switchover()` arms a timer ending the hold;
+#   before, a coordinator dying before `switchover_complete` left every write held forever.
+# "switchover_hold_on_cancel": a prepare cancelled mid-wait (its coordinator died) releases
+#   the hold; before, nothing did.
+# "apply_after_set_members": `assign()` applies and answers what a smaller in-sync set
+#   committed; before, those writes waited for the next write or ack.
+KNOWN_FIXES = frozenset({"unlogged_on_step_down", "switchover_hold_bounded",
+                         "switchover_hold_on_cancel", "apply_after_set_members"})
 
 
 # --- scenario -----------------------------------------------------------------------------
@@ -397,56 +390,6 @@ class ReplicaDisk:
     wal: MemWal = field(default_factory=MemWal)
 
 
-# --- a core with the proposed fix of a known bug ------------------------------------------
-
-
-class PatchedCoordinatorCore(CoordinatorCore):
-    """CoordinatorCore with the emulated fix "promotable_after_catch_up": a duplica that the
-    primary reports counting becomes promotable only once its matched index reaches the
-    primary's durable index in the first report that listed it (covering whatever the
-    primary may have acknowledged before counting it). Marks are volatile; the promotable
-    set itself is persisted with the service, as the core does."""
-
-    def __init__(self, timing: Timing) -> None:
-        super().__init__(timing)
-        self.marks: dict[tuple[str, str, int], int] = {}  # (service, host, epoch) -> index
-
-    def heartbeat(self, host_id: str, metrics: dict[str, float],
-                  replicas: list[ReplicaReport],
-                  now_ms: int) -> tuple[list[tuple[str, int, int]], list[Action]]:
-        before = {name: set(service.promotable) for name, service in self.services.items()}
-        leases, actions = super().heartbeat(host_id, metrics, replicas, now_ms)
-        for name, service in self.services.items():
-            members = set(service.in_sync)
-            safe = before.get(name, set()) & members
-            primary = self._report(service.primary, name)
-            counted: set[str] = set()
-            if (primary is not None and primary.epoch == service.epoch
-                    and primary.in_sync is not None):
-                counted = set(primary.in_sync) & members
-                for host in sorted(counted):
-                    self.marks.setdefault((name, host, service.epoch), primary.durable_index)
-            for key in [k for k in self.marks if k[0] == name and (
-                    k[2] != service.epoch or k[1] not in members
-                    or (primary is not None and k[1] not in counted))]:
-                del self.marks[key]  # it left the set, or the primary stopped counting it
-            for host in sorted(members - safe):
-                mark = self.marks.get((name, host, service.epoch))
-                report = self._report(host, name)
-                if (mark is not None and report is not None and report.epoch == service.epoch
-                        and report.matched_index >= mark):
-                    safe.add(host)
-            if sorted(safe) != service.promotable:
-                service.promotable = sorted(safe)
-                actions.append(Persist({"service/" + name: msgpack.packb(
-                    asdict(service), use_bin_type=True)}))
-        return leases, actions
-
-    def _report(self, host_id: str, service: str) -> ReplicaReport | None:
-        live = self.live.get(host_id)
-        return live.replicas.get(service) if live is not None and live.alive else None
-
-
 # --- the checker --------------------------------------------------------------------------
 
 
@@ -671,8 +614,10 @@ class SimReplica:
         elif role == PRIMARY and self.primary is not None:
             self._run(self.primary.set_members(sorted(duplicas), set(in_sync)))
             self._run(self._link_ups())
+            # A smaller in-sync set may commit waiting writes: apply and answer them now.
             if "apply_after_set_members" in self.c.scenario.fixes:
                 self._apply_committed()
+                self._notify_progress()
         if role == PRIMARY:
             self.agent.ensure_links(duplicas)
         return ""
@@ -705,8 +650,9 @@ class SimReplica:
                 self._to_log.clear()
                 self._next_index = self.wal.last_index + 1
                 # Entries that never reached the log are not applied either (invariant 4).
-                while self._unapplied and self._unapplied[-1].index >= self._next_index:
-                    self._unapplied.pop()
+                if "unlogged_on_step_down" in self.c.scenario.fixes:
+                    while self._unapplied and self._unapplied[-1].index >= self._next_index:
+                        self._unapplied.pop()
             self.primary = None
             self.duplica = DuplicaReplication(epoch, self.sm.applied_index)
         self._check_switchover()
@@ -1098,7 +1044,7 @@ class SimReplica:
         token = wait["token"]
         coord = self.c.coord
         if coord.incarnation != token[0]:
-            # The caller died: gRPC cancels the handler, which leaves the hold in place.
+            # The caller died: gRPC cancels the handler, which releases the hold.
             self.switch_wait = None
             if "switchover_hold_on_cancel" in self.c.scenario.fixes:
                 self.release_hold()
@@ -1117,7 +1063,8 @@ class SimReplica:
             self.switch_wait = None
             # Should the coordinator die before completing it, the hold ends after the
             # switchover timeout.
-            self.k.after(SWITCHOVER_TIMEOUT_MS, self._release_hold_if, self.hold)
+            if "switchover_hold_bounded" in self.c.scenario.fixes:
+                self.k.after(SWITCHOVER_TIMEOUT_MS, self._release_hold_if, self.hold)
             self.agent.switchover_answer(token, "ok", last)
 
     def _release_hold_if(self, hold: int | None) -> None:
@@ -1533,9 +1480,7 @@ class SimCoordinator:
         self.up = True
         self.incarnation += 1
         self.k.note(f"coordinator starts (incarnation {self.incarnation})")
-        timing = Timing(HEARTBEAT_MS, FAILURE_TIMEOUT_MS, LEASE_MS)
-        fixed = "promotable_after_catch_up" in self.c.scenario.fixes
-        self.core = (PatchedCoordinatorCore if fixed else CoordinatorCore)(timing)
+        self.core = CoordinatorCore(Timing(HEARTBEAT_MS, FAILURE_TIMEOUT_MS, LEASE_MS))
         self.execute(self.core.restore(dict(self.store), self.k.now))
         self.k.after(self.k.rng.randint(1, TICK_MS), self._tick, self.incarnation)
 

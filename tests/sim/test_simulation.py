@@ -6,14 +6,15 @@ A failing seed replays exactly; the failure message prints the command, e.g.
 
     SIM_SEED=1234 SIM_SCENARIO=short .venv/bin/pytest tests/sim -k replay
 
-(add SIM_TRACE=/tmp/trace.txt to write the whole trace, SIM_FIXES=none to run the model
-without the fixes of the known bugs). SIM_SHORT_SEEDS / SIM_LONG_SEEDS change how many seeds
-the sweeps run (default 2000 and 50); SIM_FIRST_SEED moves the range.
+(add SIM_TRACE=/tmp/trace.txt to write the whole trace). SIM_SHORT_SEEDS / SIM_LONG_SEEDS
+change how many seeds the sweeps run (default 2000 and 50); SIM_FIRST_SEED moves the range.
 
-The bugs the simulation found have regression tests (directed scenarios and core-level
-drivers). A bug still open is shown by an xfail(strict=True) test, a directed scenario run
-without the model's fix of it; the sweeps run the model with every known fix applied
-(cluster.KNOWN_FIXES), so that they look for new bugs.
+Every bug the simulation found has a regression test below: a directed scenario (a script
+driving the cluster, robust to changes of the random schedule) or a core-level driver. The
+fixes of the agent's bugs are mirrored in the model agent behind switches
+(cluster.KNOWN_FIXES, all on by default); SIM_FIXES=none|a,b replays a seed with other
+switches, and a test shows that the simulation catches each agent bug with its switch off.
+A new bug that cannot be fixed at once belongs in an xfail(strict=True) test.
 """
 
 from __future__ import annotations
@@ -575,46 +576,48 @@ def test_catch_up_stays_linear_after_a_late_probe_answer() -> None:
     assert _catch_up(PrimaryReplication, 64, 8) == (65, 64)
 
 
-# --- bugs found late: fixed in the code; the model keeps a switch for each ---------------
-# The agent's I/O is modelled here, so for the two replica.py bugs the tests below show that
-# the simulation catches each one when the model runs without its fix; the code itself was
-# fixed in failover/agent/replica.py (Replica.prepare_switchover, Replica.assign).
-
-
-def test_simulation_catches_a_switchover_hold_left_by_a_cancelled_prepare() -> None:
-    result = run_directed(switchover_cancelled, KNOWN_FIXES - {"switchover_hold_on_cancel"})
-    assert not result.ok, "the simulation no longer sees a hold outliving its coordinator"
-
-
-def test_duplica_promotable_only_once_it_holds_earlier_acknowledged_writes() -> None:
-    """Runs the real CoordinatorCore without the model's own workaround: a duplica counted
-    by a restarted primary (whose first report says commit 0) must not be promotable before
-    it holds the primary's log as of that report (invariant 3)."""
-    result = run_directed(restarted_primary_join,
-                          KNOWN_FIXES - {"promotable_after_catch_up"})
+def test_switchover_hold_ends_when_the_prepare_is_cancelled() -> None:
+    """Found by sweep seeds short/210, 742, 1965 (before the fix): when the coordinator died
+    while a prepare still waited for the target, gRPC cancelled the handler and nothing
+    ended the write hold; the primary held every write until its role changed."""
+    result = run_directed(switchover_cancelled)
     assert result.ok, _describe([result])
 
 
-def test_restarted_primary_join_passes_with_the_fix() -> None:
-    """The directed scenario above passes when a duplica is promotable only once it holds
-    the primary's log as of the first report that counted it."""
+def test_duplica_promotable_only_once_it_holds_earlier_acknowledged_writes() -> None:
+    """Found by sweep seeds long/259, 450 (before the fix): a duplica became promotable as
+    soon as the primary reported counting it, though it could still lack writes the primary
+    had acknowledged before (alone; or before a restart, after which the primary reported
+    commit 0 and the duplica joined the in-sync set without them). A failover to it lost
+    them (invariant 3)."""
     result = run_directed(restarted_primary_join)
     assert result.ok, _describe([result])
 
 
-def test_simulation_catches_a_write_committed_by_a_shrink_left_unanswered() -> None:
-    result = run_directed(shrink_commits_a_waiting_write,
-                          KNOWN_FIXES - {"apply_after_set_members"})
-    assert not result.ok, "the simulation no longer sees a committed write left unanswered"
-
-
-def test_shrink_commits_a_waiting_write_passes_with_the_fix() -> None:
+def test_write_committed_by_an_in_sync_shrink_is_answered_at_once() -> None:
+    """Found while writing the scenario above (before the fix): Replica.assign() handed a
+    smaller in-sync set to the primary core, which committed the writes waiting on the
+    member that left, but did not apply them: they were neither applied nor answered until
+    another write or ack arrived."""
     result = run_directed(shrink_commits_a_waiting_write)
     assert result.ok, _describe([result])
 
 
-def test_cancelled_prepare_passes_with_the_fix() -> None:
-    """The directed scenario above passes when a cancelled prepare releases its hold (so the
-    xfail fails for that bug and no other reason)."""
-    result = run_directed(switchover_cancelled)
-    assert result.ok, _describe([result])
+# --- the agent bugs: the simulation catches each when its mirrored fix is off -------------
+# The agent's I/O is modelled here, so the regression tests above guard the model's mirror
+# of failover/agent/replica.py; these show that the simulation would catch each of its bugs.
+
+AGENT_BUGS = {
+    "unlogged_on_step_down": (unlogged_step_down, "inv4"),
+    "switchover_hold_bounded": (switchover_answer_lost, "liveness"),
+    "switchover_hold_on_cancel": (switchover_cancelled, "liveness"),
+    "apply_after_set_members": (shrink_commits_a_waiting_write, "AssertionError"),
+}
+
+
+@pytest.mark.parametrize("fix", sorted(AGENT_BUGS))
+def test_simulation_catches_the_agent_bug_without_its_fix(fix: str) -> None:
+    script, expected = AGENT_BUGS[fix]
+    result = run_directed(script, KNOWN_FIXES - {fix})
+    assert not result.ok, f"the simulation no longer sees the bug {fix} fixes"
+    assert expected in result.message, result.message
