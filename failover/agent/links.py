@@ -92,7 +92,6 @@ class PeerLink:
         while not self._stopping:
             try:
                 await self._session()
-                backoff_ms = defaults.LINK_BACKOFF_MIN_MS
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as exc:
@@ -102,6 +101,9 @@ class PeerLink:
                 log.exception("link to %s failed", self.host_id)
             finally:
                 if self.up:
+                    # The stream was up, so the peer is reachable again: a session only ends
+                    # by an error, and the next attempt starts from the shortest backoff.
+                    backoff_ms = defaults.LINK_BACKOFF_MIN_MS
                     self.up = False
                     self._clear()
                     self.agent.on_link_down(self.host_id)
