@@ -1,0 +1,62 @@
+"""The real agent's replica, in process (no gRPC server; its one duplica is unreachable), for
+fixes the deterministic simulation found in the agent's I/O layer."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from failover.agent.config import AgentConfig
+from failover.agent.host import Agent
+from failover.agent.replica import Replica
+
+UNREACHABLE = "127.0.0.1:1"  # nothing listens on port 1: the duplica never acks
+
+
+@pytest.fixture
+async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
+    config = AgentConfig.from_mapping(
+        {"host_id": "a", "listen": "127.0.0.1:7999", "data_dir": str(tmp_path)})
+    agent = Agent(config)
+    await agent.start()
+    yield agent
+    await agent.stop()
+
+
+async def primary_waiting_on_b(agent: Agent) -> Replica:
+    return await agent.assign_role("kv1", "kv", "primary", 1, "sync", None,
+                                   {"b": UNREACHABLE}, {"b"})
+
+
+def put(key: str) -> bytes:
+    return msgpack.packb({"op": "put", "key": key, "value": "v"})
+
+
+async def test_a_cancelled_switchover_prepare_releases_the_write_hold(agent: Agent) -> None:
+    replica = await primary_waiting_on_b(agent)
+    prepare = asyncio.create_task(replica.prepare_switchover(1, "b", 10_000))
+    await asyncio.sleep(0.05)
+    assert replica._hold is not None  # writes are held while b catches up
+    prepare.cancel()  # the coordinator went away: gRPC cancels the handler
+    with pytest.raises(asyncio.CancelledError):
+        await prepare
+    assert replica._hold is None
+
+
+async def test_a_write_committed_by_an_in_sync_shrink_is_answered_at_once(
+    agent: Agent,
+) -> None:
+    replica = await primary_waiting_on_b(agent)
+    write = asyncio.create_task(replica.execute(0, "c", 1, put("k"), 10.0))
+    await asyncio.sleep(0.1)
+    assert not write.done()  # sync mode: it waits for b, which never acks
+    # The coordinator drops b from the in-sync set: the write commits and must be answered
+    # now, not at some later ack.
+    await agent.assign_role("kv1", "kv", "primary", 1, "sync", None, {"b": UNREACHABLE},
+                            set())
+    reply, duplicate, epoch = await asyncio.wait_for(write, 1.0)
+    assert not duplicate and epoch == 1 and reply.index >= 2
