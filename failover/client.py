@@ -88,6 +88,11 @@ class Client:
         self._seed_cursor = random.randrange(len(self._seeds)) if self._seeds else 0
         self.retries = 0  # attempts beyond the first, over the client's life (for reports)
         self._watcher: asyncio.Task[None] | None = None
+        # Attempts in flight per service, and those cancelled because the routes moved the
+        # service elsewhere: an attempt to a partitioned primary would otherwise wait out
+        # its whole deadline before the client tried the new one.
+        self._attempts: dict[str, set[tuple[str, grpc.aio.UnaryUnaryCall]]] = {}
+        self._rerouted: set[int] = set()
         self._routes_changed = asyncio.Event()
         self._routes_version = -1
 
@@ -147,6 +152,10 @@ class Client:
             # replaces a newer route, e.g. one learnt from a redirect.
             if route.primary_address and (known is None or route.epoch >= known[1]):
                 self._routes[route.service] = (route.primary_address, route.epoch)
+                for address, call in list(self._attempts.get(route.service, ())):
+                    if address != route.primary_address and not call.done():
+                        self._rerouted.add(id(call))
+                        call.cancel()
         self._routes_version = update.version
         event, self._routes_changed = self._routes_changed, asyncio.Event()
         event.set()
@@ -209,8 +218,18 @@ class Client:
                 service=service, epoch_seen=epoch,
                 request_id=common_pb2.RequestId(client_id=self.client_id, seq=seq),
                 payload=payload, deadline_ms=int(remaining * 1000))
+            call = self._stub(address).Execute(message, timeout=remaining)
+            in_flight = (address, call)
+            attempts = self._attempts.setdefault(service, set())
+            attempts.add(in_flight)
             try:
-                reply = await self._stub(address).Execute(message, timeout=remaining)
+                reply = await call
+            except asyncio.CancelledError:
+                if id(call) not in self._rerouted:
+                    raise  # the caller cancelled this call
+                self._rerouted.discard(id(call))
+                last_error = f"{address}: rerouted by the coordinator"
+                continue  # same request id at the new primary: applied at most once
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 last_error = f"{address}: {code.name}: {exc.details()}"
@@ -235,6 +254,8 @@ class Client:
                 await asyncio.sleep(min(backoff_ms / 1000, max(0.0, deadline - time.monotonic())))
                 backoff_ms = min(backoff_ms * 2, defaults.CLIENT_BACKOFF_MAX_MS)
                 continue
+            finally:
+                attempts.discard(in_flight)
             self._routes[service] = (address, max(epoch, reply.epoch))
             return CallResult(_result(reply), reply.epoch, reply.index, address,
                               reply.duplicate, attempt)
