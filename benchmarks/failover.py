@@ -60,8 +60,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-
 import msgpack  # noqa: E402
+
+from failover.percentile import percentile  # noqa: E402
 
 SERVICE = "kv"
 REPLICAS = 3
@@ -90,14 +91,6 @@ STATUS = struct.Struct("<dqq")
 
 def progress(message: str) -> None:
     print(f"[failover] {message}", file=sys.stderr, flush=True)
-
-
-def percentile(sorted_values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile of an ascending list."""
-    if not sorted_values:
-        return None
-    rank = max(1, int(-(-q * len(sorted_values) // 100)))  # ceil(q/100 * n)
-    return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
 def value_for(key: str) -> str:

@@ -45,8 +45,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-
 import msgpack  # noqa: E402
+
+from failover.percentile import percentile  # noqa: E402
 
 SERVICE = "kv1"
 VALUE_BYTES = 100
@@ -64,14 +65,6 @@ MODES = ("unreplicated", "sync", "async")
 
 def progress(message: str) -> None:
     print(f"[replication] {message}", file=sys.stderr, flush=True)
-
-
-def percentile(sorted_values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile of an ascending list."""
-    if not sorted_values:
-        return None
-    rank = max(1, int(-(-q * len(sorted_values) // 100)))  # ceil(q/100 * n)
-    return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
 def value_for(tag: str) -> str:

@@ -94,7 +94,6 @@ class Client:
         self._attempts: dict[str, set[tuple[str, grpc.aio.UnaryUnaryCall]]] = {}
         self._rerouted: set[int] = set()
         self._routes_changed = asyncio.Event()
-        self._routes_version = -1
 
     async def __aenter__(self) -> Client:
         return self
@@ -156,7 +155,6 @@ class Client:
                     if address != route.primary_address and not call.done():
                         self._rerouted.add(id(call))
                         call.cancel()
-        self._routes_version = update.version
         event, self._routes_changed = self._routes_changed, asyncio.Event()
         event.set()
 

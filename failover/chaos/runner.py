@@ -31,6 +31,7 @@ from failover.client import Client
 from failover.errors import FailoverError, InvalidRequest, RequestRejected, Unavailable
 from failover.localcluster import LocalCluster
 from failover.netns import unavailable_reason
+from failover.percentile import percentile
 
 KV_SERVICE = "chaos-kv"
 BANK_SERVICE = "chaos-bank"
@@ -130,7 +131,9 @@ async def _bank_snapshot(run: _Run, client: Client, label: str) -> None:
             reply = await client.call(BANK_SERVICE, {"op": "read_all"}, deadline_ms=5000)
             run.bank_snapshots.append((label, dict(reply["balances"])))
             return
-        except FailoverError:
+        except Unavailable:
+            # call() already retried with backoff until its own deadline; anything other
+            # than unavailability is a real failure and is not retried.
             if time.monotonic() > deadline:
                 raise
 
@@ -154,13 +157,6 @@ def _unavailability(ops: list[Op], records: list[FaultRecord],
                 out.append({"fault": record.fault.describe(), "host": record.host,
                             "service": service, "unavailability_ms": round(after[0] - before[-1])})
     return out
-
-
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 async def run_chaos(config: ChaosConfig, progress: Callable[[str], None] = print,
@@ -239,6 +235,7 @@ async def run_chaos(config: ChaosConfig, progress: Callable[[str], None] = print
         final_histories=final_histories,
     )
     gaps = _unavailability(ops, records, primaries)
+    gap_ms = sorted(g["unavailability_ms"] for g in gaps)
     failovers = [e for e in history if e.kind == "failover"]
     faults_by_kind: dict[str, int] = {}
     for record in records:
@@ -255,8 +252,8 @@ async def run_chaos(config: ChaosConfig, progress: Callable[[str], None] = print
         "failovers": len(failovers),
         "failover_details": [msgpack.unpackb(e.details, raw=False) for e in failovers],
         "unavailability_ms": [g["unavailability_ms"] for g in gaps],
-        "unavailability_ms_p50": _percentile([g["unavailability_ms"] for g in gaps], 0.5),
-        "unavailability_ms_p99": _percentile([g["unavailability_ms"] for g in gaps], 0.99),
+        "unavailability_ms_p50": percentile(gap_ms, 50) or 0,
+        "unavailability_ms_p99": percentile(gap_ms, 99) or 0,
         "unavailability_ms_max": max((g["unavailability_ms"] for g in gaps), default=0),
         "lost_acked_writes": result["lost_acked_writes"],
         "linearizable": result["linearizable"],

@@ -347,13 +347,6 @@ class CoordinatorCore:
         for key in [k for k in self._promotable_at if k[0] == service]:
             del self._promotable_at[key]
 
-    def set_draining(self, host_id: str, draining: bool) -> list[Action]:
-        host = self.hosts.get(host_id)
-        if host is None:
-            raise InvalidRequest(f"unknown host {host_id!r}")
-        host.draining = draining
-        return [Persist({HOST_PREFIX + host_id: _pack(host)})]
-
     # --- time ------------------------------------------------------------------------------
 
     def tick(self, now_ms: int) -> list[Action]:

@@ -304,12 +304,6 @@ class PrimaryReplication:
             for host, batch_id in token.items()
         )
 
-    # --- queries -------------------------------------------------------------------------
-
-    def lag_entries(self, host_id: str) -> int:
-        peer = self.peers[host_id]
-        return max(0, self.log.durable_index - peer.match_index)
-
     # --- internals -----------------------------------------------------------------------
 
     def _on_ok(self, peer: DuplicaProgress, ack: AckView) -> list[PrimaryAction]:
