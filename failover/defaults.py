@@ -50,6 +50,7 @@ CLIENT_ID_BYTES_MAX = 128
 # Agent request handling.
 PENDING_REQUESTS_MAX = 16_384  # writes logged or waiting to be, per replica; more are refused
 APPLY_CHUNK_ENTRIES = 64  # entries applied before yielding the event loop (~0.6 ms of kv)
+UNDECODED_BYTES_MAX = 64 << 20  # shipped records kept in memory to apply; beyond, re-read
 APPLY_YIELD_MS = 5  # while shipped batches wait, a duplica applies one chunk per this long
 LINK_BACKOFF_MIN_MS = 20
 LINK_BACKOFF_MAX_MS = 1000

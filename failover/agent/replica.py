@@ -115,6 +115,7 @@ class Replica:
         # Shipped records on disk but not decoded yet, as (first, last, records): a duplica
         # checks frames on arrival and decodes only when applying, off the ack path.
         self._undecoded: deque[tuple[int, int, bytes]] = deque()
+        self._undecoded_bytes = 0  # bounded: past it, applying re-reads from the log
         self._to_log: list[Entry] = []
         self._next_index = 1
         self._waiters: dict[int, asyncio.Future[Reply]] = {}
@@ -682,9 +683,10 @@ class Replica:
         log (after a restart, or when they were not kept in memory)."""
         first = self.sm.applied_index + 1
         while self._undecoded and self._undecoded[0][1] < first:
-            self._undecoded.popleft()
+            self._undecoded_bytes -= len(self._undecoded.popleft()[2])
         if self._undecoded and self._undecoded[0][0] <= first:
             _, _, records = self._undecoded.popleft()
+            self._undecoded_bytes -= len(records)
             entries = [e for e in decode_records(records, where=f"log of {self.service}")
                        if e.index >= first]
             kept = [e for e in self._unapplied if e.index > entries[-1].index]
@@ -796,15 +798,16 @@ class Replica:
             self._last_snapshot_index = fresh.applied_index
             self._unapplied.clear()
             self._undecoded.clear()
+            self._undecoded_bytes = 0
         dropped = await loop.run_in_executor(self.agent.io, self.wal.truncate_after, after_index)
         while self._unapplied and self._unapplied[-1].index > after_index:
             self._unapplied.pop()
         # Batches past the cut go, and one straddling it too: its kept part is read back
         # from the log when it is applied.
         while self._undecoded and self._undecoded[-1][0] > after_index:
-            self._undecoded.pop()
+            self._undecoded_bytes -= len(self._undecoded.pop()[2])
         if self._undecoded and self._undecoded[-1][1] > after_index:
-            self._undecoded.pop()
+            self._undecoded_bytes -= len(self._undecoded.pop()[2])
         self._next_index = self.wal.last_index + 1
         self.truncated_entries = dropped
         if dropped:
@@ -849,7 +852,9 @@ class Replica:
             except (DiskFullError, StorageError, OSError) as exc:
                 self.last_error = str(exc)
                 return self._ack("storage_error", batch_id, str(exc))
-            self._undecoded.append((first_index, last_index, records))
+            if self._undecoded_bytes + len(records) <= defaults.UNDECODED_BYTES_MAX:
+                self._undecoded.append((first_index, last_index, records))
+                self._undecoded_bytes += len(records)
             self._next_index = self.wal.last_index + 1
         self._schedule_apply()
         return self._ack("ok", batch_id)
@@ -881,6 +886,7 @@ class Replica:
         self._last_snapshot_index = header.applied_index
         self._unapplied.clear()
         self._undecoded.clear()
+        self._undecoded_bytes = 0
         self._next_index = self.wal.last_index + 1
         if self.duplica is not None:
             self.duplica.verified_index = header.applied_index

@@ -80,6 +80,14 @@ class Clients:
             except FailoverError as exc:
                 self.failures.append(f"bank transfer: {exc}")
 
+    async def served_after(self, moment: float, timeout_s: float = 15.0) -> None:
+        """Waits (bounded) until some kv put completed after `moment`."""
+        deadline = time.monotonic() + timeout_s
+        while not (self.completions and self.completions[-1] > moment):
+            if time.monotonic() > deadline:
+                raise DemoFailed(f"no kv put completed within {timeout_s:.0f} s")
+            await asyncio.sleep(0.01)
+
     def gap_around(self, moment: float) -> float:
         """Client-visible unavailability: last kv success before `moment` to first after."""
         before = max((t for t in self.completions if t <= moment), default=moment)
@@ -108,7 +116,7 @@ async def _scenario(cluster: LocalCluster, console: Console, report: dict[str, A
         new = await asyncio.to_thread(
             wait_for, lambda: (p := cluster.primary_of("kv")) not in (None, victim) and p,
             15, "a new kv primary")
-        await asyncio.sleep(1.0)
+        await clients.served_after(killed_at)
         gap_ms = clients.gap_around(killed_at) * 1000
         failover = next(e for e in reversed(coordinator.history("kv")) if e.kind == "failover")
         details = msgpack.unpackb(failover.details, raw=False)
@@ -127,7 +135,7 @@ async def _scenario(cluster: LocalCluster, console: Console, report: dict[str, A
         reply = await asyncio.to_thread(
             coordinator.stub().Switchover, coordinator_pb2.SwitchoverRequest(service="kv"),
             timeout=15)
-        await asyncio.sleep(1.0)
+        await clients.served_after(time.monotonic())
         report["switchover"] = {"to": reply.primary_host_id, "epoch": reply.epoch,
                                 "stall_ms": reply.stall_ms,
                                 "failed_requests": len(clients.failures) - failures_before}

@@ -4,7 +4,7 @@ fixes the deterministic simulation found in the agent's I/O layer."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import msgpack
@@ -32,6 +32,13 @@ async def primary_waiting_on_b(agent: Agent) -> Replica:
                                    {"b": UNREACHABLE}, {"b"})
 
 
+async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
 def put(key: str) -> bytes:
     return msgpack.packb({"op": "put", "key": key, "value": "v"})
 
@@ -39,8 +46,8 @@ def put(key: str) -> bytes:
 async def test_a_cancelled_switchover_prepare_releases_the_write_hold(agent: Agent) -> None:
     replica = await primary_waiting_on_b(agent)
     prepare = asyncio.create_task(replica.prepare_switchover(1, "b", 10_000))
-    await asyncio.sleep(0.05)
-    assert replica._hold is not None  # writes are held while b catches up
+    await until(lambda: replica._hold is not None)  # writes are held while b catches up
+    assert not prepare.done()
     prepare.cancel()  # the coordinator went away: gRPC cancels the handler
     with pytest.raises(asyncio.CancelledError):
         await prepare
@@ -52,8 +59,8 @@ async def test_a_write_committed_by_an_in_sync_shrink_is_answered_at_once(
 ) -> None:
     replica = await primary_waiting_on_b(agent)
     write = asyncio.create_task(replica.execute(0, "c", 1, put("k"), 10.0))
-    await asyncio.sleep(0.1)
-    assert not write.done()  # sync mode: it waits for b, which never acks
+    await until(lambda: replica.wal.durable_index >= 2)  # the barrier, then the write
+    assert not write.done()  # logged, but sync mode waits for b, which never acks
     # The coordinator drops b from the in-sync set: the write commits and must be answered
     # now, not at some later ack.
     await agent.assign_role("kv1", "kv", "primary", 1, "sync", None, {"b": UNREACHABLE},
