@@ -74,3 +74,10 @@ HEARS_PRIMARY_TIMEOUT_MS = 200
 COORDINATOR_HOST_QUEUE_MAX = 10_000  # calls queued for one agent
 ROUTE_WATCHERS_MAX = 10_000
 SWITCHOVER_TIMEOUT_MS = 5000
+
+# Redundancy: rebuilds and placement.
+HOST_DEAD_MS = 10_000  # a host silent this long is dead: its replicas are rebuilt elsewhere
+PLACEMENT_POLICY = "worst-fit"  # first-fit, best-fit or worst-fit (failover.core.placement)
+KIND_NEEDS_CPU = 0.1  # cores one replica reserves, unless its kind declares otherwise
+KIND_NEEDS_MEMORY_BYTES = 64 << 20
+KIND_NEEDS_DISK_BYTES = 256 << 20

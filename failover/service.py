@@ -19,6 +19,7 @@ import abc
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
+from failover import defaults
 from failover.errors import InvalidRequest
 from failover.paged_state import PagedState
 
@@ -48,6 +49,12 @@ class ServiceKind(abc.ABC):
 
     #: The ops that only read. The default `is_read_only` routes exactly these to `query`.
     read_only_ops: ClassVar[frozenset[str]] = frozenset()
+
+    #: What one replica of this kind needs on its host, which placement reserves: CPU in
+    #: cores, memory and disk in bytes. Override with the kind's real footprint.
+    needs_cpu: ClassVar[float] = defaults.KIND_NEEDS_CPU
+    needs_memory_bytes: ClassVar[int] = defaults.KIND_NEEDS_MEMORY_BYTES
+    needs_disk_bytes: ClassVar[int] = defaults.KIND_NEEDS_DISK_BYTES
 
     @classmethod
     def is_read_only(cls, request: dict) -> bool:

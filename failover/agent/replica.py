@@ -223,7 +223,9 @@ class Replica:
                 f"{self.service}: assignment at epoch {epoch} is older than this replica's "
                 f"epoch {self.epoch}; ask the coordinator for the current assignment"
             )
-        changed = role != self.role or epoch != self.epoch
+        # A building replica that joins as a duplica keeps its stream and position: only
+        # becoming or leaving primary, or a new epoch, starts the protocol core afresh.
+        changed = (role == PRIMARY) != (self.role == PRIMARY) or epoch != self.epoch
         self.confirmed = True  # told by whoever assigns roles (the coordinator, or a test)
         self._persist_meta(
             role=role, epoch=epoch, mode=mode,

@@ -9,17 +9,20 @@ import signal
 import sys
 from pathlib import Path
 
+from failover import defaults
 from failover.coordinator.server import Coordinator
+from failover.core.coordinator import Timing
 from failover.net import channels, coordinator_servicer
 from failover.storage.store import open_store
 
 log = logging.getLogger("failover.coordinator")
 
 
-async def serve(listen: str, data_dir: str, store_url: str | None) -> None:
+async def serve(listen: str, data_dir: str, store_url: str | None, host_dead_ms: int,
+                placement: str) -> None:
     Path(data_dir).mkdir(parents=True, exist_ok=True)
     store = open_store(store_url, data_dir)
-    coordinator = Coordinator(store)
+    coordinator = Coordinator(store, Timing(host_dead_ms=host_dead_ms), placement)
     await coordinator.start()
     server = channels.server()
     coordinator_servicer.add_to_server(server, coordinator)
@@ -41,11 +44,13 @@ async def serve(listen: str, data_dir: str, store_url: str | None) -> None:
     await coordinator.stop()
 
 
-def run(listen: str, data_dir: str, store: str | None) -> None:
+def run(listen: str, data_dir: str, store: str | None,
+        host_dead_ms: int = defaults.HOST_DEAD_MS,
+        placement: str = defaults.PLACEMENT_POLICY) -> None:
     """Blocking entry point used by `failover-coordinator`."""
     logging.basicConfig(
         level=os.environ.get("FAILOVER_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s coordinator %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    asyncio.run(serve(listen, data_dir, store))
+    asyncio.run(serve(listen, data_dir, store, host_dead_ms, placement))

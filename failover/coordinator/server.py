@@ -31,9 +31,11 @@ from failover.core.coordinator import (
     Persist,
     PushRoutes,
     ReplicaReport,
+    StartSwitchover,
     StepDown,
     Timing,
 )
+from failover.core.placement import Resources
 from failover.errors import InvalidRequest, Unavailable
 from failover.net import channels
 from failover.storage.store import Store
@@ -125,10 +127,11 @@ def assign_request(action: AssignRole) -> agent_pb2.AssignRoleRequest:
 class Coordinator:
     """The running coordinator: core + store + agents + route watchers."""
 
-    def __init__(self, store: Store, timing: Timing | None = None) -> None:
+    def __init__(self, store: Store, timing: Timing | None = None,
+                 placement_policy: str = defaults.PLACEMENT_POLICY) -> None:
         self.store = store
         self.timing = timing or Timing()
-        self.core = CoordinatorCore(self.timing)
+        self.core = CoordinatorCore(self.timing, placement_policy)
         self._lock = asyncio.Lock()
         self._callers: dict[str, _HostCaller] = {}
         self._watchers: set[asyncio.Queue[coordinator_pb2.RoutesUpdate]] = set()
@@ -183,6 +186,8 @@ class Coordinator:
                 self._spawn(self._ask_hears_primary(action))
             elif isinstance(action, PushRoutes):
                 self._push_routes(action)
+            elif isinstance(action, StartSwitchover):
+                self._spawn(self._drain_switchover(action))
             else:
                 raise AssertionError(f"unknown action {action!r}")
 
@@ -215,6 +220,16 @@ class Coordinator:
         async with self._lock:
             await self._execute(self.core.hears_primary(action.service, clean, monotonic_ms()))
 
+    async def _drain_switchover(self, action: StartSwitchover) -> None:
+        """Moves a primary off a draining host; a failure is recorded and tried again."""
+        try:
+            await self.switchover(action.service, action.to_host)
+        except (InvalidRequest, Unavailable) as exc:
+            async with self._lock:
+                await self.store.commit({}, (), ((
+                    action.service, "drain", f"moving {action.service} off its draining "
+                    f"primary failed, trying again: {exc}", {"to_host": action.to_host}),))
+
     def _push_routes(self, action: PushRoutes) -> None:
         self._routes = coordinator_pb2.RoutesUpdate(version=action.version, routes=[
             coordinator_pb2.Route(service=r.service, kind=r.kind, epoch=r.epoch,
@@ -230,12 +245,12 @@ class Coordinator:
 
     # --- the calls the servicer makes ------------------------------------------------------
 
-    async def register(self, info: HostInfo) -> None:
+    async def register(self, info: HostInfo, metrics: dict[str, float] | None = None) -> None:
         async with self._lock:
             caller = self._callers.get(info.address)
             if caller is not None:
                 caller.reconnect()  # the host just proved it is reachable
-            await self._execute(self.core.register(info, monotonic_ms()))
+            await self._execute(self.core.register(info, monotonic_ms(), metrics))
 
     async def heartbeat(self, host_id: str, metrics: dict[str, float],
                         replicas: list[ReplicaReport]) -> list[tuple[str, int, int]]:
@@ -257,10 +272,15 @@ class Coordinator:
         finally:
             self._watchers.discard(queue)
 
-    async def create_service(self, name: str, kind: str, replicas: int, mode: str) -> None:
+    async def create_service(self, name: str, kind: str, replicas: int, mode: str,
+                             needs: Resources | None = None, policy: str = "") -> None:
         async with self._lock:
             await self._execute(self.core.create_service(name, kind, replicas, mode,
-                                                         monotonic_ms()))
+                                                         monotonic_ms(), needs, policy))
+
+    async def set_draining(self, host_id: str, draining: bool) -> None:
+        async with self._lock:
+            await self._execute(self.core.set_draining(host_id, draining))
 
     async def delete_service(self, name: str) -> None:
         async with self._lock:
@@ -312,14 +332,20 @@ class Coordinator:
                 metrics=agent_pb2.HostMetrics(
                     cpu_percent=m.get("cpu_percent", 0.0),
                     memory_percent=m.get("memory_percent", 0.0),
-                    disk_free_bytes=int(m.get("disk_free_bytes", 0))),
+                    disk_free_bytes=int(m.get("disk_free_bytes", 0)),
+                    disk_total_bytes=int(m.get("disk_total_bytes", 0)),
+                    memory_total_bytes=int(m.get("memory_total_bytes", 0)),
+                    cpu_count=int(m.get("cpu_count", 0))),
                 heartbeat_age_ms=max(0, now - live.last_heartbeat_ms) if live else 0,
+                dead=bool(live and live.dead),
             ))
         for name, service in sorted(core.services.items()):
             primary_report = _report(core, service.primary, name)
             view = coordinator_pb2.ServiceStatus(
                 name=name, kind=service.kind, mode=_MODE[service.mode], epoch=service.epoch,
-                desired_replicas=service.desired_replicas)
+                desired_replicas=service.desired_replicas,
+                placement=service.placement or core.placement_policy,
+                unplaced=core.unplaced.get(name, ""))
             for host_id, role in sorted(service.replicas.items()):
                 report = _report(core, host_id, name)
                 durable = report.durable_index if report else 0
@@ -357,6 +383,7 @@ def replica_reports(request: coordinator_pb2.HeartbeatRequest) -> list[ReplicaRe
 def metrics_dict(metrics: agent_pb2.HostMetrics) -> dict[str, float]:
     return {"cpu_percent": metrics.cpu_percent, "memory_percent": metrics.memory_percent,
             "disk_free_bytes": float(metrics.disk_free_bytes),
+            "disk_total_bytes": float(metrics.disk_total_bytes),
             "memory_total_bytes": float(metrics.memory_total_bytes),
             "cpu_count": float(metrics.cpu_count)}
 

@@ -19,6 +19,8 @@ from typing import Any
 import msgpack
 
 from failover import defaults
+from failover.core import placement
+from failover.core.placement import HostView, Resources
 from failover.errors import InvalidRequest
 
 PRIMARY, DUPLICA, BUILDING, RETIRED = "primary", "duplica", "building", "retired"
@@ -55,6 +57,10 @@ class ServiceInfo:
     # just added to `in_sync` is not counted until the primary hears of it, so it may lack
     # writes the primary acknowledged meanwhile: only these may be promoted.
     promotable: list[str] = field(default_factory=list)
+    # What one replica reserves on its host (placement.RESOURCES), and the placement policy
+    # ("" follows the cluster's).
+    needs: dict[str, float] = field(default_factory=dict)
+    placement: str = ""
 
     def duplicas(self) -> list[str]:
         return sorted(h for h, r in self.replicas.items() if r != PRIMARY and h != self.primary)
@@ -86,6 +92,7 @@ class ReplicaReport:
 class HostLive:
     last_heartbeat_ms: int
     alive: bool = True
+    dead: bool = False  # silent for host_dead_ms: its replicas no longer count
     metrics: dict[str, float] = field(default_factory=dict)
     replicas: dict[str, ReplicaReport] = field(default_factory=dict)
 
@@ -168,7 +175,16 @@ class PushRoutes:
     routes: tuple[Route, ...]
 
 
-Action = Persist | AssignRole | StepDown | DropReplica | AskHearsPrimary | PushRoutes
+@dataclass(frozen=True, slots=True)
+class StartSwitchover:
+    """Move a primary off a draining host (the daemon runs the switchover protocol)."""
+
+    service: str
+    to_host: str
+
+
+Action = (Persist | AssignRole | StepDown | DropReplica | AskHearsPrimary | PushRoutes
+          | StartSwitchover)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,13 +203,18 @@ class Timing:
     heartbeat_ms: int = defaults.HEARTBEAT_MS
     failure_timeout_ms: int = defaults.FAILURE_TIMEOUT_MS
     lease_ms: int = defaults.LEASE_MS
+    host_dead_ms: int = defaults.HOST_DEAD_MS
 
 
 class CoordinatorCore:
-    """Cluster policy: detection, fenced promotion, in-sync set, routes, switchover."""
+    """Cluster policy: detection, fenced promotion, in-sync set, routes, switchover,
+    redundancy (placement, rebuild, retirement) and draining."""
 
-    def __init__(self, timing: Timing = Timing()) -> None:
+    def __init__(self, timing: Timing = Timing(),
+                 placement_policy: str = defaults.PLACEMENT_POLICY) -> None:
+        assert timing.host_dead_ms >= timing.failure_timeout_ms, timing
         self.timing = timing
+        self.placement_policy = placement.check_policy(placement_policy)
         self.hosts: dict[str, HostInfo] = {}
         self.live: dict[str, HostLive] = {}
         self.services: dict[str, ServiceInfo] = {}
@@ -212,6 +233,16 @@ class CoordinatorCore:
         self._asked_ms: dict[str, int] = {}
         # (host, service) -> truncated count last reported, to record each repair once
         self._truncated_seen: dict[tuple[str, str], int] = {}
+        # (service, host): a primary deposed by a failover, silent since; it does not count
+        # toward the desired replicas until it heartbeats again.
+        self._deposed: set[tuple[str, str]] = set()
+        # service -> why its missing replicas found no host (shown in status, retried)
+        self.unplaced: dict[str, str] = {}
+        self._unplaced_logged_ms: dict[str, int] = {}
+        # (service, host) -> when a building replica was placed
+        self._building_since: dict[tuple[str, str], int] = {}
+        # service -> when a drain last asked to move its primary
+        self._drain_moved_ms: dict[str, int] = {}
 
     # --- restore ---------------------------------------------------------------------------
 
@@ -239,7 +270,8 @@ class CoordinatorCore:
 
     # --- hosts -----------------------------------------------------------------------------
 
-    def register(self, info: HostInfo, now_ms: int) -> list[Action]:
+    def register(self, info: HostInfo, now_ms: int,
+                 metrics: dict[str, float] | None = None) -> list[Action]:
         """A host's agent started (or re-registers)."""
         if not info.host_id or not info.address:
             raise InvalidRequest("register needs a host_id and an address")
@@ -252,7 +284,8 @@ class CoordinatorCore:
             actions.append(Persist({HOST_PREFIX + info.host_id: _pack(info)},
                                    history=(("", "host", f"host {info.host_id} registered at "
                                              f"{info.address}", {"host_id": info.host_id}),)))
-        self.live[info.host_id] = HostLive(last_heartbeat_ms=now_ms)
+        self.live[info.host_id] = HostLive(last_heartbeat_ms=now_ms, metrics=dict(metrics or {}))
+        self._deposed = {k for k in self._deposed if k[1] != info.host_id}
         # Tell the host what it holds (it recovers from disk, but may have missed a change).
         for service in self.services.values():
             if info.host_id in service.replicas:
@@ -269,12 +302,18 @@ class CoordinatorCore:
         if host_id not in self.hosts:
             raise InvalidRequest(f"host {host_id!r} is not registered: register first")
         live = self.live.setdefault(host_id, HostLive(last_heartbeat_ms=now_ms))
+        actions: list[Action] = []
+        if live.dead:
+            actions.append(Persist({}, history=(("", "host", f"host {host_id} is back after "
+                                                 "being declared dead", {"host_id": host_id}),)))
         live.last_heartbeat_ms = now_ms
         live.alive = True
+        live.dead = False
         live.metrics = metrics
         live.replicas = {r.service: r for r in replicas}
-        actions: list[Action] = []
+        self._deposed = {k for k in self._deposed if k[1] != host_id}
         leases: list[tuple[str, int, int]] = []
+        actions.extend(self._drop_unknown(host_id, replicas, now_ms))
         for service in self.services.values():
             role = service.replicas.get(host_id)
             if role is None:
@@ -323,6 +362,26 @@ class CoordinatorCore:
         actions.extend(self._grow_in_sync(now_ms))
         return leases, actions
 
+    def _drop_unknown(self, host_id: str, replicas: list[ReplicaReport],
+                      now_ms: int) -> list[Action]:
+        """A host reports a replica the records do not give it (retired while the host was
+        away, or of a deleted service): tell it to drop it, at most once per failure
+        timeout. It serves nothing meanwhile: it holds no role the coordinator confirms."""
+        actions: list[Action] = []
+        for report in replicas:
+            service = self.services.get(report.service)
+            if service is not None and host_id in service.replicas:
+                continue
+            key = (host_id, report.service)
+            last = self._reassigned_ms.get(key)
+            if last is not None and now_ms - last < self.timing.failure_timeout_ms:
+                continue
+            self._reassigned_ms[key] = now_ms
+            epoch = max(report.epoch, service.epoch if service is not None else 0)
+            actions.append(DropReplica(host_id, self.hosts[host_id].address, report.service,
+                                       epoch))
+        return actions
+
     def _update_promotable(self, service: ServiceInfo) -> list[Action]:
         """Promotable: in sync, counted by the primary, and holding everything the primary
         had acknowledged when it started counting (persisted when it changes)."""
@@ -357,6 +416,14 @@ class CoordinatorCore:
             if live.alive and now_ms - live.last_heartbeat_ms > timeout:
                 live.alive = False
                 actions.extend(self._host_suspected(host_id))
+            if (not live.alive and not live.dead
+                    and now_ms - live.last_heartbeat_ms > self.timing.host_dead_ms):
+                live.dead = True
+                held = sorted(s.name for s in self.services.values() if host_id in s.replicas)
+                actions.append(Persist({}, history=(("", "host", (
+                    f"host {host_id} declared dead after {self.timing.host_dead_ms} ms of "
+                    f"silence; rebuilding its replicas elsewhere: {', '.join(held) or 'none'}"),
+                    {"host_id": host_id, "services": held}),)))
         for service in self.services.values():
             # A primary whose host is silent: ask its duplicas, again every failure timeout
             # for as long as it stays silent (an answer "we still hear it" may go stale).
@@ -376,6 +443,9 @@ class CoordinatorCore:
         for failover in list(self.failovers.values()):
             if failover.state == "waiting_lease" and now_ms >= failover.lease_expiry_ms:
                 actions.extend(self._promote(failover, now_ms))
+        for service in list(self.services.values()):
+            actions.extend(self._restore_redundancy(service, now_ms))
+            actions.extend(self._drain_primary(service, now_ms))
         return actions
 
     def _host_suspected(self, host_id: str) -> list[Action]:
@@ -417,20 +487,198 @@ class CoordinatorCore:
                     continue
                 live = self.live.get(host)
                 report = live.replicas.get(service.name) if live else None
+                role = service.replicas[host]
                 if (
                     live is not None and live.alive and report is not None
-                    and report.epoch == service.epoch and report.role == DUPLICA
+                    and report.epoch == service.epoch and report.role == role
+                    and role in (DUPLICA, BUILDING)
                     # Not the durable index: a tail the primary has not checked may diverge.
                     and report.matched_index >= primary_report.commit_index
                 ):
                     service.in_sync = sorted({*service.in_sync, host})
-                    actions.append(Persist(
-                        {SERVICE_PREFIX + service.name: _pack(service)}, history=((
-                            service.name, "in_sync",
-                            f"{host} joined the in-sync set of {service.name}",
-                            {"host_id": host, "in_sync": list(service.in_sync)}),)))
+                    if role == BUILDING:
+                        # Built: it holds the whole committed log, and joins as a duplica.
+                        service.replicas[host] = DUPLICA
+                        since = self._building_since.pop((service.name, host), None)
+                        event: tuple[str, str, str, dict[str, Any]] = (
+                            service.name, "rebuilt",
+                            f"{host} was built for {service.name} up to index "
+                            f"{report.matched_index} and joined the in-sync set",
+                            {"host_id": host, "in_sync": list(service.in_sync),
+                             "matched_index": report.matched_index,
+                             "build_ms": now_ms - since if since is not None else None})
+                    else:
+                        event = (service.name, "in_sync",
+                                 f"{host} joined the in-sync set of {service.name}",
+                                 {"host_id": host, "in_sync": list(service.in_sync)})
+                    actions.append(Persist({SERVICE_PREFIX + service.name: _pack(service)},
+                                           history=(event,)))
+                    if role == BUILDING:
+                        actions.extend(self._assignments(service, only=host))
                     actions.extend(self._assignments(service, only=service.primary))
         return actions
+
+    # --- redundancy: rebuild, retire, drain ---------------------------------------------------
+
+    def _counts(self, service: ServiceInfo, host_id: str) -> bool:
+        """Whether this replica counts toward the desired number: not on a dead or draining
+        host, and not a primary deposed by a failover that has stayed silent since."""
+        live = self.live.get(host_id)
+        info = self.hosts.get(host_id)
+        return (live is not None and not live.dead and info is not None and not info.draining
+                and (service.name, host_id) not in self._deposed)
+
+    def _restore_redundancy(self, service: ServiceInfo, now_ms: int) -> list[Action]:
+        """Brings the service back to its desired replica count: places building replicas
+        for the missing ones; once enough replicas are in sync, retires the rest (a copy on a
+        dead or draining host, a building replica that lost the race to a returning one)."""
+        if service.name in self.failovers or service.name in self.switchovers:
+            return []
+        primary_live = self.live.get(service.primary)
+        primary_report = primary_live.replicas.get(service.name) if primary_live else None
+        if (primary_live is None or not primary_live.alive or primary_report is None
+                or primary_report.epoch != service.epoch
+                or primary_report.role != PRIMARY):
+            return []  # a replica is built from a serving primary only
+        counted = [h for h in service.replicas if self._counts(service, h)]
+        missing = service.desired_replicas - len(counted)
+        if missing > 0:
+            return self._place(service, missing, now_ms)
+        actions: list[Action] = []
+        if self.unplaced.pop(service.name, None) is not None:
+            actions.append(Persist({}, history=((
+                service.name, "placement", f"{service.name} has its "
+                f"{service.desired_replicas} replicas again", {}),)))
+        # Good: serving or in sync, alive, and counted. Retire only once enough are good,
+        # so a copy is never dropped before its replacement holds everything.
+        good = [h for h in sorted(counted) if h == service.primary or (
+            h in service.in_sync and self.live[h].alive)]
+        if len(good) < service.desired_replicas:
+            return actions
+        extra = [h for h in service.replicas if h not in good and h != service.primary]
+        spare = [h for h in good if h != service.primary]
+        surplus = len(good) - service.desired_replicas
+        if surplus > 0:
+            # Keep zones spread: first retire where the zone holds another good replica.
+            zones = [self.hosts[h].zone for h in good]
+            spare.sort(key=lambda h: (zones.count(self.hosts[h].zone) > 1, h), reverse=True)
+            extra.extend(spare[:surplus])
+        for host in sorted(extra):
+            actions.extend(self._retire(service, host))
+        return actions
+
+    def _place(self, service: ServiceInfo, missing: int, now_ms: int) -> list[Action]:
+        policy = service.placement or self.placement_policy
+        holding = {h: self.hosts[h].zone if h in self.hosts else "" for h in service.replicas}
+        found = placement.place(policy, Resources.from_dict(service.needs), missing,
+                                self._host_views(), holding)
+        actions: list[Action] = []
+        for host in found.hosts:
+            service.replicas[host] = BUILDING
+            self._building_since[(service.name, host)] = now_ms
+        if found.hosts:
+            actions.append(Persist({SERVICE_PREFIX + service.name: _pack(service)}, history=((
+                service.name, "placement",
+                f"{service.name}: building a new replica on {', '.join(found.hosts)} "
+                f"({policy}) to restore {service.desired_replicas} replicas",
+                {"hosts": list(found.hosts), "policy": policy}),)))
+            actions.extend(self._assignments(service, only=None))
+        if not found.reason:
+            self.unplaced.pop(service.name, None)
+            return actions
+        first = service.name not in self.unplaced
+        self.unplaced[service.name] = found.reason
+        # Free room changes with every heartbeat: one event when it starts, then at most one
+        # per host_dead_ms while it lasts (status always shows the newest reason).
+        last = self._unplaced_logged_ms.get(service.name)
+        if first or last is None or now_ms - last >= self.timing.host_dead_ms:
+            self._unplaced_logged_ms[service.name] = now_ms
+            actions.append(Persist({}, history=((
+                service.name, "placement_failed", f"{service.name}: {found.reason}; "
+                "retried as hosts change", {"reason": found.reason, "policy": policy}),)))
+        return actions
+
+    def _host_views(self) -> list[HostView]:
+        """Every host as placement sees it, with the needs of the replicas placed on it."""
+        placed: dict[str, Resources] = {}
+        pending: dict[str, Resources] = {}
+        for service in self.services.values():
+            needs = Resources.from_dict(service.needs)
+            for host in service.replicas:
+                placed[host] = placed.get(host, Resources()).plus(needs)
+                live = self.live.get(host)
+                if live is None or service.name not in live.replicas:
+                    pending[host] = pending.get(host, Resources()).plus(needs)
+        views = []
+        for host_id, info in sorted(self.hosts.items()):
+            live = self.live.get(host_id)
+            measured = placement.capacity_and_free(live.metrics) if live else None
+            views.append(HostView(
+                host_id=host_id, zone=info.zone, alive=bool(live and live.alive),
+                draining=info.draining,
+                capacity=measured[0] if measured else None, free=measured[1] if measured else None,
+                placed=placed.get(host_id, Resources()), pending=pending.get(host_id, Resources()),
+            ))
+        return views
+
+    def _retire(self, service: ServiceInfo, host: str) -> list[Action]:
+        """Removes a replica from the service (persisted first) and tells its host to drop
+        it; the primary stops shipping to it. A host that does not hear it now is told again
+        when it next reports the replica."""
+        assert host != service.primary, (service.name, host)
+        role = service.replicas.pop(host)
+        service.in_sync = [h for h in service.in_sync if h != host]
+        service.promotable = [h for h in service.promotable if h != host]
+        self._promotable_at.pop((service.name, host), None)
+        self._building_since.pop((service.name, host), None)
+        self._deposed.discard((service.name, host))
+        live = self.live.get(host)
+        why = ("its host is dead" if live is None or live.dead
+               else "its host is draining" if self.hosts[host].draining
+               else f"{service.desired_replicas} other replicas are in sync")
+        actions: list[Action] = [Persist({SERVICE_PREFIX + service.name: _pack(service)},
+                                         history=((
+            service.name, "retired", f"{host} ({role}) retired from {service.name}: {why}",
+            {"host_id": host, "role": role}),))]
+        info = self.hosts.get(host)
+        if info is not None:
+            actions.append(DropReplica(host, info.address, service.name, service.epoch))
+        actions.extend(self._assignments(service, only=service.primary))
+        return actions
+
+    def _drain_primary(self, service: ServiceInfo, now_ms: int) -> list[Action]:
+        """A primary on a draining host moves, by switchover, to a live, promotable in-sync
+        duplica on a host that is not draining (asked again every failure timeout)."""
+        info = self.hosts.get(service.primary)
+        if (info is None or not info.draining or service.name in self.failovers
+                or service.name in self.switchovers):
+            return []
+        last = self._drain_moved_ms.get(service.name)
+        if last is not None and now_ms - last < self.timing.failure_timeout_ms:
+            return []
+        targets = [h for h in service.in_sync if h in service.promotable
+                   and self.live.get(h, HostLive(0, False)).alive
+                   and not self.hosts[h].draining]
+        if not targets:
+            return []
+        self._drain_moved_ms[service.name] = now_ms
+        return [StartSwitchover(service.name, max(targets, key=lambda h: (
+            self.live[h].replicas[service.name].matched_index
+            if service.name in self.live[h].replicas else 0, h)))]
+
+    def set_draining(self, host_id: str, draining: bool) -> list[Action]:
+        """Marks a host draining (no new replicas; its primaries move off by switchover and
+        its replicas are rebuilt elsewhere, then retired) or not."""
+        info = self.hosts.get(host_id)
+        if info is None:
+            raise InvalidRequest(f"no host {host_id!r}; `failoverctl hosts` lists them")
+        if info.draining == draining:
+            return []
+        info.draining = draining
+        verb = "draining" if draining else "no longer draining"
+        return [Persist({HOST_PREFIX + host_id: _pack(info)}, history=((
+            "", "host", f"host {host_id} is {verb}", {"host_id": host_id,
+                                                      "draining": draining}),))]
 
     # --- failover --------------------------------------------------------------------------
 
@@ -484,6 +732,7 @@ class CoordinatorCore:
         service.in_sync = sorted(h for h in service.in_sync if h not in (old, new))
         service.promotable = [h for h in service.promotable if h in service.in_sync]
         self._forget_thresholds(service.name)
+        self._deposed.add((service.name, old))
         details = {
             "old_primary": old, "new_primary": new, "epoch": service.epoch,
             "detection_ms": failover.suspected_ms - failover.last_heartbeat_ms,
@@ -504,25 +753,30 @@ class CoordinatorCore:
 
     # --- operator commands ------------------------------------------------------------------
 
-    def create_service(self, name: str, kind: str, replicas: int, mode: str,
-                       now_ms: int) -> list[Action]:
+    def create_service(self, name: str, kind: str, replicas: int, mode: str, now_ms: int,
+                       needs: Resources | None = None, policy: str = "") -> list[Action]:
+        """Places and creates a service: the first host chosen holds the primary."""
         if name in self.services:
             raise InvalidRequest(f"service {name!r} exists already")
         if mode not in ("sync", "async"):
             raise InvalidRequest(f"mode {mode!r}: choose sync or async")
         if not 1 <= replicas <= 16:
             raise InvalidRequest(f"replicas must be 1..16, not {replicas}")
-        hosts = self._placeable_hosts()
-        if len(hosts) < replicas:
-            raise InvalidRequest(
-                f"{name} needs {replicas} hosts but {len(hosts)} are alive and not draining: "
-                "start more agents or ask for fewer replicas")
-        chosen = hosts[:replicas]
+        if policy:
+            placement.check_policy(policy)
+        needs = needs or Resources()
+        found = placement.place(policy or self.placement_policy, needs, replicas,
+                                self._host_views(), {})
+        if found.reason:
+            raise InvalidRequest(f"cannot place {name}: {found.reason}; start more agents, "
+                                 "undrain a host or ask for fewer replicas")
+        chosen = list(found.hosts)
         service = ServiceInfo(
             name=name, kind=kind, mode=mode, desired_replicas=replicas, epoch=1,
             primary=chosen[0], replicas={h: (PRIMARY if i == 0 else DUPLICA)
                                          for i, h in enumerate(chosen)},
             in_sync=sorted(chosen[1:]), promotable=sorted(chosen[1:]),
+            needs=needs.to_dict(), placement=policy,
         )
         self.services[name] = service
         return [
@@ -532,16 +786,6 @@ class CoordinatorCore:
             *self._assignments(service),
             *self._bump_routes(),
         ]
-
-    def _placeable_hosts(self) -> list[str]:
-        """Alive, not draining, fewest replicas first (placement policies come later)."""
-        load = {h: 0 for h, info in self.hosts.items()
-                if not info.draining and self.live.get(h, HostLive(0, False)).alive}
-        for service in self.services.values():
-            for host in service.replicas:
-                if host in load:
-                    load[host] += 1
-        return sorted(load, key=lambda h: (load[h], h))
 
     def delete_service(self, name: str) -> list[Action]:
         service = self.services.pop(name, None)
@@ -566,7 +810,8 @@ class CoordinatorCore:
         if name in self.failovers or name in self.switchovers:
             raise InvalidRequest(f"{name} is already changing primary; try again shortly")
         candidates = [h for h in service.in_sync
-                      if self.live.get(h, HostLive(0, False)).alive]
+                      if self.live.get(h, HostLive(0, False)).alive
+                      and not self.hosts[h].draining]
         if to_host:
             if to_host == service.primary:
                 raise InvalidRequest(f"{to_host} is already the primary of {name}")

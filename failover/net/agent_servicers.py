@@ -226,7 +226,7 @@ def host_metrics(data_dir: str) -> agent_pb2.HostMetrics:
     return agent_pb2.HostMetrics(
         cpu_percent=psutil.cpu_percent(interval=None), memory_percent=memory.percent,
         disk_free_bytes=disk.free, memory_total_bytes=memory.total,
-        cpu_count=psutil.cpu_count() or 1,
+        cpu_count=psutil.cpu_count() or 1, disk_total_bytes=disk.total,
     )
 
 

@@ -11,6 +11,7 @@ import msgpack
 
 from failover.coordinator.server import check_name, metrics_dict, replica_reports
 from failover.core.coordinator import HostInfo
+from failover.core.placement import Resources
 from failover.errors import InvalidRequest, Unavailable
 from failover.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
@@ -42,7 +43,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             check_name(request.host_id, "host_id")
             check_name(request.address, "address")
             await self.c.register(HostInfo(request.host_id, request.address, request.zone,
-                                           False, request.version, request.started_at))
+                                           False, request.version, request.started_at),
+                                  metrics_dict(request.metrics))
         except (InvalidRequest, Unavailable) as exc:
             await _abort(context, exc)
         return coordinator_pb2.RegisterReply(heartbeat_ms=self.c.timing.heartbeat_ms,
@@ -82,11 +84,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
             check_service_name(request.name)
             try:
-                load_kind(request.kind)
+                kind = load_kind(request.kind)
             except Exception as exc:
                 raise InvalidRequest(str(exc)) from None
+            needs = Resources(kind.needs_cpu, kind.needs_memory_bytes, kind.needs_disk_bytes)
             await self.c.create_service(request.name, request.kind, request.replicas or 2,
-                                        _MODE_NAME.get(request.mode, "sync"))
+                                        _MODE_NAME.get(request.mode, "sync"), needs,
+                                        request.placement)
         except (InvalidRequest, Unavailable) as exc:
             await _abort(context, exc)
         status = self.c.status()
@@ -111,6 +115,16 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             await _abort(context, exc)
         return coordinator_pb2.SwitchoverReply(epoch=epoch, primary_host_id=primary,
                                                stall_ms=stall_ms)
+
+    async def DrainHost(self, request: coordinator_pb2.DrainHostRequest,
+                        context: grpc.aio.ServicerContext) -> coordinator_pb2.DrainHostReply:
+        try:
+            check_name(request.host_id, "host_id")
+            await self.c.set_draining(request.host_id, request.draining)
+        except (InvalidRequest, Unavailable) as exc:
+            await _abort(context, exc)
+        host = next(h for h in self.c.status().hosts if h.host_id == request.host_id)
+        return coordinator_pb2.DrainHostReply(host=host)
 
     async def GetHistory(self, request: coordinator_pb2.HistoryRequest,
                          context: grpc.aio.ServicerContext) -> coordinator_pb2.HistoryReply:

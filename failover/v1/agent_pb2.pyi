@@ -114,18 +114,20 @@ class ReplicaStatus(_message.Message):
     def __init__(self, service: _Optional[str] = ..., kind: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., epoch: _Optional[int] = ..., indexes: _Optional[_Union[_common_pb2.ReplicaIndexes, _Mapping]] = ..., lag_entries: _Optional[int] = ..., mode: _Optional[_Union[_common_pb2.ReplicationMode, str]] = ..., truncated_entries: _Optional[int] = ..., last_error: _Optional[str] = ..., matched_index: _Optional[int] = ..., in_sync: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HostMetrics(_message.Message):
-    __slots__ = ("cpu_percent", "memory_percent", "disk_free_bytes", "memory_total_bytes", "cpu_count")
+    __slots__ = ("cpu_percent", "memory_percent", "disk_free_bytes", "memory_total_bytes", "cpu_count", "disk_total_bytes")
     CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
     MEMORY_PERCENT_FIELD_NUMBER: _ClassVar[int]
     DISK_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     CPU_COUNT_FIELD_NUMBER: _ClassVar[int]
+    DISK_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     cpu_percent: float
     memory_percent: float
     disk_free_bytes: int
     memory_total_bytes: int
     cpu_count: int
-    def __init__(self, cpu_percent: _Optional[float] = ..., memory_percent: _Optional[float] = ..., disk_free_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., cpu_count: _Optional[int] = ...) -> None: ...
+    disk_total_bytes: int
+    def __init__(self, cpu_percent: _Optional[float] = ..., memory_percent: _Optional[float] = ..., disk_free_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., cpu_count: _Optional[int] = ..., disk_total_bytes: _Optional[int] = ...) -> None: ...
 
 class AgentStatus(_message.Message):
     __slots__ = ("host_id", "address", "zone", "version", "started_at", "metrics", "replicas")

@@ -26,7 +26,7 @@ from failover.v1 import agent_pb2 as failover_dot_v1_dot_agent__pb2
 from failover.v1 import common_pb2 as failover_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x61ilover/v1/coordinator.proto\x12\x0b\x66\x61ilover.v1\x1a\x17\x66\x61ilover/v1/agent.proto\x1a\x18\x66\x61ilover/v1/common.proto\"\x91\x01\n\x0fRegisterRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04zone\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x12\n\nstarted_at\x18\x05 \x01(\x01\x12)\n\x07metrics\x18\x06 \x01(\x0b\x32\x18.failover.v1.HostMetrics\"7\n\rRegisterReply\x12\x14\n\x0cheartbeat_ms\x18\x01 \x01(\x04\x12\x10\n\x08lease_ms\x18\x02 \x01(\x04\"|\n\x10HeartbeatRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12)\n\x07metrics\x18\x02 \x01(\x0b\x32\x18.failover.v1.HostMetrics\x12,\n\x08replicas\x18\x03 \x03(\x0b\x32\x1a.failover.v1.ReplicaStatus\">\n\nLeaseGrant\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x10\n\x08lease_ms\x18\x03 \x01(\x04\"n\n\x0eHeartbeatReply\x12\'\n\x06leases\x18\x01 \x03(\x0b\x32\x17.failover.v1.LeaseGrant\x12\x33\n\x0b\x61ssignments\x18\x02 \x03(\x0b\x32\x1e.failover.v1.AssignRoleRequest\"+\n\x12WatchRoutesRequest\x12\x15\n\rknown_version\x18\x01 \x01(\x04\"g\n\x05Route\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x17\n\x0fprimary_address\x18\x03 \x01(\t\x12\x17\n\x0fprimary_host_id\x18\x04 \x01(\t\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\"C\n\x0cRoutesUpdate\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\"\n\x06routes\x18\x02 \x03(\x0b\x32\x12.failover.v1.Route\"\x16\n\x14\x43lusterStatusRequest\"\xc7\x01\n\nHostStatus\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04zone\x18\x03 \x01(\t\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12\r\n\x05\x61live\x18\x05 \x01(\x08\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x12\n\nstarted_at\x18\x07 \x01(\x01\x12)\n\x07metrics\x18\x08 \x01(\x0b\x32\x18.failover.v1.HostMetrics\x12\x18\n\x10heartbeat_age_ms\x18\t \x01(\x04\"\x93\x01\n\x0bReplicaView\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x1f\n\x04role\x18\x02 \x01(\x0e\x32\x11.failover.v1.Role\x12,\n\x07indexes\x18\x03 \x01(\x0b\x32\x1b.failover.v1.ReplicaIndexes\x12\x13\n\x0blag_entries\x18\x04 \x01(\x04\x12\x0f\n\x07in_sync\x18\x05 \x01(\x08\"\xac\x01\n\rServiceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12*\n\x04mode\x18\x03 \x01(\x0e\x32\x1c.failover.v1.ReplicationMode\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x18\n\x10\x64\x65sired_replicas\x18\x05 \x01(\r\x12*\n\x08replicas\x18\x06 \x03(\x0b\x32\x18.failover.v1.ReplicaView\"e\n\rClusterStatus\x12&\n\x05hosts\x18\x01 \x03(\x0b\x32\x17.failover.v1.HostStatus\x12,\n\x08services\x18\x02 \x03(\x0b\x32\x1a.failover.v1.ServiceStatus\"p\n\x14\x43reateServiceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x10\n\x08replicas\x18\x03 \x01(\r\x12*\n\x04mode\x18\x04 \x01(\x0e\x32\x1c.failover.v1.ReplicationMode\"A\n\x12\x43reateServiceReply\x12+\n\x07service\x18\x01 \x01(\x0b\x32\x1a.failover.v1.ServiceStatus\"$\n\x14\x44\x65leteServiceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x14\n\x12\x44\x65leteServiceReply\"8\n\x11SwitchoverRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x12\n\nto_host_id\x18\x02 \x01(\t\"K\n\x0fSwitchoverReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x17\n\x0fprimary_host_id\x18\x02 \x01(\t\x12\x10\n\x08stall_ms\x18\x03 \x01(\x04\"0\n\x0eHistoryRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"h\n\x0cHistoryEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\n\n\x02\x61t\x18\x02 \x01(\x01\x12\x0f\n\x07service\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x0f\n\x07\x64\x65tails\x18\x06 \x01(\x0c\"9\n\x0cHistoryReply\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.failover.v1.HistoryEvent2\xf8\x04\n\x0b\x43oordinator\x12\x44\n\x08Register\x12\x1c.failover.v1.RegisterRequest\x1a\x1a.failover.v1.RegisterReply\x12G\n\tHeartbeat\x12\x1d.failover.v1.HeartbeatRequest\x1a\x1b.failover.v1.HeartbeatReply\x12K\n\x0bWatchRoutes\x12\x1f.failover.v1.WatchRoutesRequest\x1a\x19.failover.v1.RoutesUpdate0\x01\x12Q\n\x10GetClusterStatus\x12!.failover.v1.ClusterStatusRequest\x1a\x1a.failover.v1.ClusterStatus\x12S\n\rCreateService\x12!.failover.v1.CreateServiceRequest\x1a\x1f.failover.v1.CreateServiceReply\x12S\n\rDeleteService\x12!.failover.v1.DeleteServiceRequest\x1a\x1f.failover.v1.DeleteServiceReply\x12J\n\nSwitchover\x12\x1e.failover.v1.SwitchoverRequest\x1a\x1c.failover.v1.SwitchoverReply\x12\x44\n\nGetHistory\x12\x1b.failover.v1.HistoryRequest\x1a\x19.failover.v1.HistoryReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x61ilover/v1/coordinator.proto\x12\x0b\x66\x61ilover.v1\x1a\x17\x66\x61ilover/v1/agent.proto\x1a\x18\x66\x61ilover/v1/common.proto\"\x91\x01\n\x0fRegisterRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04zone\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x12\n\nstarted_at\x18\x05 \x01(\x01\x12)\n\x07metrics\x18\x06 \x01(\x0b\x32\x18.failover.v1.HostMetrics\"7\n\rRegisterReply\x12\x14\n\x0cheartbeat_ms\x18\x01 \x01(\x04\x12\x10\n\x08lease_ms\x18\x02 \x01(\x04\"|\n\x10HeartbeatRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12)\n\x07metrics\x18\x02 \x01(\x0b\x32\x18.failover.v1.HostMetrics\x12,\n\x08replicas\x18\x03 \x03(\x0b\x32\x1a.failover.v1.ReplicaStatus\">\n\nLeaseGrant\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x10\n\x08lease_ms\x18\x03 \x01(\x04\"n\n\x0eHeartbeatReply\x12\'\n\x06leases\x18\x01 \x03(\x0b\x32\x17.failover.v1.LeaseGrant\x12\x33\n\x0b\x61ssignments\x18\x02 \x03(\x0b\x32\x1e.failover.v1.AssignRoleRequest\"+\n\x12WatchRoutesRequest\x12\x15\n\rknown_version\x18\x01 \x01(\x04\"g\n\x05Route\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x17\n\x0fprimary_address\x18\x03 \x01(\t\x12\x17\n\x0fprimary_host_id\x18\x04 \x01(\t\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\"C\n\x0cRoutesUpdate\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\"\n\x06routes\x18\x02 \x03(\x0b\x32\x12.failover.v1.Route\"\x16\n\x14\x43lusterStatusRequest\"\xd5\x01\n\nHostStatus\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04zone\x18\x03 \x01(\t\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12\r\n\x05\x61live\x18\x05 \x01(\x08\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x12\n\nstarted_at\x18\x07 \x01(\x01\x12)\n\x07metrics\x18\x08 \x01(\x0b\x32\x18.failover.v1.HostMetrics\x12\x18\n\x10heartbeat_age_ms\x18\t \x01(\x04\x12\x0c\n\x04\x64\x65\x61\x64\x18\n \x01(\x08\"\x93\x01\n\x0bReplicaView\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x1f\n\x04role\x18\x02 \x01(\x0e\x32\x11.failover.v1.Role\x12,\n\x07indexes\x18\x03 \x01(\x0b\x32\x1b.failover.v1.ReplicaIndexes\x12\x13\n\x0blag_entries\x18\x04 \x01(\x04\x12\x0f\n\x07in_sync\x18\x05 \x01(\x08\"\xd1\x01\n\rServiceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12*\n\x04mode\x18\x03 \x01(\x0e\x32\x1c.failover.v1.ReplicationMode\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x18\n\x10\x64\x65sired_replicas\x18\x05 \x01(\r\x12*\n\x08replicas\x18\x06 \x03(\x0b\x32\x18.failover.v1.ReplicaView\x12\x11\n\tplacement\x18\x07 \x01(\t\x12\x10\n\x08unplaced\x18\x08 \x01(\t\"e\n\rClusterStatus\x12&\n\x05hosts\x18\x01 \x03(\x0b\x32\x17.failover.v1.HostStatus\x12,\n\x08services\x18\x02 \x03(\x0b\x32\x1a.failover.v1.ServiceStatus\"\x83\x01\n\x14\x43reateServiceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x10\n\x08replicas\x18\x03 \x01(\r\x12*\n\x04mode\x18\x04 \x01(\x0e\x32\x1c.failover.v1.ReplicationMode\x12\x11\n\tplacement\x18\x05 \x01(\t\"A\n\x12\x43reateServiceReply\x12+\n\x07service\x18\x01 \x01(\x0b\x32\x1a.failover.v1.ServiceStatus\"$\n\x14\x44\x65leteServiceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x14\n\x12\x44\x65leteServiceReply\"8\n\x11SwitchoverRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x12\n\nto_host_id\x18\x02 \x01(\t\"K\n\x0fSwitchoverReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x17\n\x0fprimary_host_id\x18\x02 \x01(\t\x12\x10\n\x08stall_ms\x18\x03 \x01(\x04\"5\n\x10\x44rainHostRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\"7\n\x0e\x44rainHostReply\x12%\n\x04host\x18\x01 \x01(\x0b\x32\x17.failover.v1.HostStatus\"0\n\x0eHistoryRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"h\n\x0cHistoryEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\n\n\x02\x61t\x18\x02 \x01(\x01\x12\x0f\n\x07service\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x0f\n\x07\x64\x65tails\x18\x06 \x01(\x0c\"9\n\x0cHistoryReply\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.failover.v1.HistoryEvent2\xc1\x05\n\x0b\x43oordinator\x12\x44\n\x08Register\x12\x1c.failover.v1.RegisterRequest\x1a\x1a.failover.v1.RegisterReply\x12G\n\tHeartbeat\x12\x1d.failover.v1.HeartbeatRequest\x1a\x1b.failover.v1.HeartbeatReply\x12K\n\x0bWatchRoutes\x12\x1f.failover.v1.WatchRoutesRequest\x1a\x19.failover.v1.RoutesUpdate0\x01\x12Q\n\x10GetClusterStatus\x12!.failover.v1.ClusterStatusRequest\x1a\x1a.failover.v1.ClusterStatus\x12S\n\rCreateService\x12!.failover.v1.CreateServiceRequest\x1a\x1f.failover.v1.CreateServiceReply\x12S\n\rDeleteService\x12!.failover.v1.DeleteServiceRequest\x1a\x1f.failover.v1.DeleteServiceReply\x12J\n\nSwitchover\x12\x1e.failover.v1.SwitchoverRequest\x1a\x1c.failover.v1.SwitchoverReply\x12\x44\n\nGetHistory\x12\x1b.failover.v1.HistoryRequest\x1a\x19.failover.v1.HistoryReply\x12G\n\tDrainHost\x12\x1d.failover.v1.DrainHostRequest\x1a\x1b.failover.v1.DrainHostReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -52,31 +52,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLUSTERSTATUSREQUEST']._serialized_start=823
   _globals['_CLUSTERSTATUSREQUEST']._serialized_end=845
   _globals['_HOSTSTATUS']._serialized_start=848
-  _globals['_HOSTSTATUS']._serialized_end=1047
-  _globals['_REPLICAVIEW']._serialized_start=1050
-  _globals['_REPLICAVIEW']._serialized_end=1197
-  _globals['_SERVICESTATUS']._serialized_start=1200
-  _globals['_SERVICESTATUS']._serialized_end=1372
-  _globals['_CLUSTERSTATUS']._serialized_start=1374
-  _globals['_CLUSTERSTATUS']._serialized_end=1475
-  _globals['_CREATESERVICEREQUEST']._serialized_start=1477
-  _globals['_CREATESERVICEREQUEST']._serialized_end=1589
-  _globals['_CREATESERVICEREPLY']._serialized_start=1591
-  _globals['_CREATESERVICEREPLY']._serialized_end=1656
-  _globals['_DELETESERVICEREQUEST']._serialized_start=1658
-  _globals['_DELETESERVICEREQUEST']._serialized_end=1694
-  _globals['_DELETESERVICEREPLY']._serialized_start=1696
-  _globals['_DELETESERVICEREPLY']._serialized_end=1716
-  _globals['_SWITCHOVERREQUEST']._serialized_start=1718
-  _globals['_SWITCHOVERREQUEST']._serialized_end=1774
-  _globals['_SWITCHOVERREPLY']._serialized_start=1776
-  _globals['_SWITCHOVERREPLY']._serialized_end=1851
-  _globals['_HISTORYREQUEST']._serialized_start=1853
-  _globals['_HISTORYREQUEST']._serialized_end=1901
-  _globals['_HISTORYEVENT']._serialized_start=1903
-  _globals['_HISTORYEVENT']._serialized_end=2007
-  _globals['_HISTORYREPLY']._serialized_start=2009
-  _globals['_HISTORYREPLY']._serialized_end=2066
-  _globals['_COORDINATOR']._serialized_start=2069
-  _globals['_COORDINATOR']._serialized_end=2701
+  _globals['_HOSTSTATUS']._serialized_end=1061
+  _globals['_REPLICAVIEW']._serialized_start=1064
+  _globals['_REPLICAVIEW']._serialized_end=1211
+  _globals['_SERVICESTATUS']._serialized_start=1214
+  _globals['_SERVICESTATUS']._serialized_end=1423
+  _globals['_CLUSTERSTATUS']._serialized_start=1425
+  _globals['_CLUSTERSTATUS']._serialized_end=1526
+  _globals['_CREATESERVICEREQUEST']._serialized_start=1529
+  _globals['_CREATESERVICEREQUEST']._serialized_end=1660
+  _globals['_CREATESERVICEREPLY']._serialized_start=1662
+  _globals['_CREATESERVICEREPLY']._serialized_end=1727
+  _globals['_DELETESERVICEREQUEST']._serialized_start=1729
+  _globals['_DELETESERVICEREQUEST']._serialized_end=1765
+  _globals['_DELETESERVICEREPLY']._serialized_start=1767
+  _globals['_DELETESERVICEREPLY']._serialized_end=1787
+  _globals['_SWITCHOVERREQUEST']._serialized_start=1789
+  _globals['_SWITCHOVERREQUEST']._serialized_end=1845
+  _globals['_SWITCHOVERREPLY']._serialized_start=1847
+  _globals['_SWITCHOVERREPLY']._serialized_end=1922
+  _globals['_DRAINHOSTREQUEST']._serialized_start=1924
+  _globals['_DRAINHOSTREQUEST']._serialized_end=1977
+  _globals['_DRAINHOSTREPLY']._serialized_start=1979
+  _globals['_DRAINHOSTREPLY']._serialized_end=2034
+  _globals['_HISTORYREQUEST']._serialized_start=2036
+  _globals['_HISTORYREQUEST']._serialized_end=2084
+  _globals['_HISTORYEVENT']._serialized_start=2086
+  _globals['_HISTORYEVENT']._serialized_end=2190
+  _globals['_HISTORYREPLY']._serialized_start=2192
+  _globals['_HISTORYREPLY']._serialized_end=2249
+  _globals['_COORDINATOR']._serialized_start=2252
+  _globals['_COORDINATOR']._serialized_end=2957
 # @@protoc_insertion_point(module_scope)

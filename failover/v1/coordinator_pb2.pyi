@@ -93,7 +93,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HostStatus(_message.Message):
-    __slots__ = ("host_id", "address", "zone", "draining", "alive", "version", "started_at", "metrics", "heartbeat_age_ms")
+    __slots__ = ("host_id", "address", "zone", "draining", "alive", "version", "started_at", "metrics", "heartbeat_age_ms", "dead")
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ZONE_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,7 @@ class HostStatus(_message.Message):
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_AGE_MS_FIELD_NUMBER: _ClassVar[int]
+    DEAD_FIELD_NUMBER: _ClassVar[int]
     host_id: str
     address: str
     zone: str
@@ -112,7 +113,8 @@ class HostStatus(_message.Message):
     started_at: float
     metrics: _agent_pb2.HostMetrics
     heartbeat_age_ms: int
-    def __init__(self, host_id: _Optional[str] = ..., address: _Optional[str] = ..., zone: _Optional[str] = ..., draining: _Optional[bool] = ..., alive: _Optional[bool] = ..., version: _Optional[str] = ..., started_at: _Optional[float] = ..., metrics: _Optional[_Union[_agent_pb2.HostMetrics, _Mapping]] = ..., heartbeat_age_ms: _Optional[int] = ...) -> None: ...
+    dead: bool
+    def __init__(self, host_id: _Optional[str] = ..., address: _Optional[str] = ..., zone: _Optional[str] = ..., draining: _Optional[bool] = ..., alive: _Optional[bool] = ..., version: _Optional[str] = ..., started_at: _Optional[float] = ..., metrics: _Optional[_Union[_agent_pb2.HostMetrics, _Mapping]] = ..., heartbeat_age_ms: _Optional[int] = ..., dead: _Optional[bool] = ...) -> None: ...
 
 class ReplicaView(_message.Message):
     __slots__ = ("host_id", "role", "indexes", "lag_entries", "in_sync")
@@ -129,20 +131,24 @@ class ReplicaView(_message.Message):
     def __init__(self, host_id: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., indexes: _Optional[_Union[_common_pb2.ReplicaIndexes, _Mapping]] = ..., lag_entries: _Optional[int] = ..., in_sync: _Optional[bool] = ...) -> None: ...
 
 class ServiceStatus(_message.Message):
-    __slots__ = ("name", "kind", "mode", "epoch", "desired_replicas", "replicas")
+    __slots__ = ("name", "kind", "mode", "epoch", "desired_replicas", "replicas", "placement", "unplaced")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     DESIRED_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    UNPLACED_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     mode: _common_pb2.ReplicationMode
     epoch: int
     desired_replicas: int
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaView]
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., mode: _Optional[_Union[_common_pb2.ReplicationMode, str]] = ..., epoch: _Optional[int] = ..., desired_replicas: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaView, _Mapping]]] = ...) -> None: ...
+    placement: str
+    unplaced: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., mode: _Optional[_Union[_common_pb2.ReplicationMode, str]] = ..., epoch: _Optional[int] = ..., desired_replicas: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaView, _Mapping]]] = ..., placement: _Optional[str] = ..., unplaced: _Optional[str] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
     __slots__ = ("hosts", "services")
@@ -153,16 +159,18 @@ class ClusterStatus(_message.Message):
     def __init__(self, hosts: _Optional[_Iterable[_Union[HostStatus, _Mapping]]] = ..., services: _Optional[_Iterable[_Union[ServiceStatus, _Mapping]]] = ...) -> None: ...
 
 class CreateServiceRequest(_message.Message):
-    __slots__ = ("name", "kind", "replicas", "mode")
+    __slots__ = ("name", "kind", "replicas", "mode", "placement")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     replicas: int
     mode: _common_pb2.ReplicationMode
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., replicas: _Optional[int] = ..., mode: _Optional[_Union[_common_pb2.ReplicationMode, str]] = ...) -> None: ...
+    placement: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., replicas: _Optional[int] = ..., mode: _Optional[_Union[_common_pb2.ReplicationMode, str]] = ..., placement: _Optional[str] = ...) -> None: ...
 
 class CreateServiceReply(_message.Message):
     __slots__ = ("service",)
@@ -197,6 +205,20 @@ class SwitchoverReply(_message.Message):
     primary_host_id: str
     stall_ms: int
     def __init__(self, epoch: _Optional[int] = ..., primary_host_id: _Optional[str] = ..., stall_ms: _Optional[int] = ...) -> None: ...
+
+class DrainHostRequest(_message.Message):
+    __slots__ = ("host_id", "draining")
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    host_id: str
+    draining: bool
+    def __init__(self, host_id: _Optional[str] = ..., draining: _Optional[bool] = ...) -> None: ...
+
+class DrainHostReply(_message.Message):
+    __slots__ = ("host",)
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    host: HostStatus
+    def __init__(self, host: _Optional[_Union[HostStatus, _Mapping]] = ...) -> None: ...
 
 class HistoryRequest(_message.Message):
     __slots__ = ("service", "limit")

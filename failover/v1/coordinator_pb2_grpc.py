@@ -74,6 +74,11 @@ class CoordinatorStub:
                 request_serializer=failover_dot_v1_dot_coordinator__pb2.HistoryRequest.SerializeToString,
                 response_deserializer=failover_dot_v1_dot_coordinator__pb2.HistoryReply.FromString,
                 _registered_method=True)
+        self.DrainHost = channel.unary_unary(
+                '/failover.v1.Coordinator/DrainHost',
+                request_serializer=failover_dot_v1_dot_coordinator__pb2.DrainHostRequest.SerializeToString,
+                response_deserializer=failover_dot_v1_dot_coordinator__pb2.DrainHostReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -128,6 +133,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DrainHost(self, request, context):
+        """Draining: no new replicas; primaries move off by switchover, replicas are rebuilt
+        elsewhere and then retired. draining=false takes the host back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -170,6 +183,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetHistory,
                     request_deserializer=failover_dot_v1_dot_coordinator__pb2.HistoryRequest.FromString,
                     response_serializer=failover_dot_v1_dot_coordinator__pb2.HistoryReply.SerializeToString,
+            ),
+            'DrainHost': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainHost,
+                    request_deserializer=failover_dot_v1_dot_coordinator__pb2.DrainHostRequest.FromString,
+                    response_serializer=failover_dot_v1_dot_coordinator__pb2.DrainHostReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -388,6 +406,33 @@ class Coordinator:
             '/failover.v1.Coordinator/GetHistory',
             failover_dot_v1_dot_coordinator__pb2.HistoryRequest.SerializeToString,
             failover_dot_v1_dot_coordinator__pb2.HistoryReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainHost(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/failover.v1.Coordinator/DrainHost',
+            failover_dot_v1_dot_coordinator__pb2.DrainHostRequest.SerializeToString,
+            failover_dot_v1_dot_coordinator__pb2.DrainHostReply.FromString,
             options,
             channel_credentials,
             insecure,

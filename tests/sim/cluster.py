@@ -98,6 +98,14 @@ HEARTBEAT_MS = 100
 FAILURE_TIMEOUT_MS = 400
 LEASE_MS = 300
 TICK_MS = HEARTBEAT_MS // 4  # agent and coordinator tick loops run 4 times a heartbeat
+# Short enough that a crashed agent is now and then declared dead, so that rebuilds on a
+# spare host and retirements run under faults too.
+HOST_DEAD_MS = 900
+# Every simulated host reports roomy, idle metrics: placement then decides by anti-affinity
+# and reservations (its policies have their own unit tests).
+SIM_METRICS = {"cpu_count": 8.0, "memory_total_bytes": float(16 << 30),
+               "disk_free_bytes": float(100 << 30), "disk_total_bytes": float(200 << 30),
+               "cpu_percent": 10.0, "memory_percent": 10.0}
 LINK_BACKOFF_MIN_MS = 20
 LINK_BACKOFF_MAX_MS = 1000
 CLIENT_BACKOFF_MIN_MS = 5
@@ -425,6 +433,8 @@ class Checker:
         self.async_lost = 0
         self.failovers = 0
         self.switchovers = 0
+        self.rebuilt = 0
+        self.retired = 0
 
     def fail(self, text: str) -> None:
         self.c.k.note(f"VIOLATION {text}")
@@ -600,7 +610,9 @@ class SimReplica:
         """AssignRole; returns "" or the error the call fails with."""
         if epoch < self.epoch:
             return f"stale epoch {epoch} < {self.epoch}"
-        changed = role != self.role or epoch != self.epoch
+        # A building replica that joins as a duplica keeps its stream and position: only
+        # becoming or leaving primary, or a new epoch, starts the protocol core afresh.
+        changed = (role == PRIMARY) != (self.role == PRIMARY) or epoch != self.epoch
         self.confirmed = True
         self._persist_meta(
             role=role, epoch=epoch, mode=mode,
@@ -1393,6 +1405,19 @@ class SimAgent:
         return replica.assign(a.role, a.epoch, a.mode, a.primary, dict(a.duplicas),
                               set(a.in_sync))
 
+    def on_drop(self, action: DropReplica) -> None:
+        """Mirrors `Agent.drop_replica`: refused at an older epoch, else the replica and its
+        data are gone."""
+        if not self.up:
+            return
+        replica = self.replicas.get(action.service)
+        if replica is None or action.epoch < replica.epoch:
+            return
+        self.k.note(f"{self.host_id} DropReplica {action.service} e{action.epoch}")
+        replica.close()
+        del self.replicas[action.service]
+        del self.disks[action.service]
+
     def on_step_down(self, action: CoordStepDown) -> None:
         if not self.up:
             return
@@ -1480,7 +1505,8 @@ class SimCoordinator:
         self.up = True
         self.incarnation += 1
         self.k.note(f"coordinator starts (incarnation {self.incarnation})")
-        self.core = CoordinatorCore(Timing(HEARTBEAT_MS, FAILURE_TIMEOUT_MS, LEASE_MS))
+        self.core = CoordinatorCore(Timing(HEARTBEAT_MS, FAILURE_TIMEOUT_MS, LEASE_MS,
+                                           HOST_DEAD_MS))
         self.execute(self.core.restore(dict(self.store), self.k.now))
         self.k.after(self.k.rng.randint(1, TICK_MS), self._tick, self.incarnation)
 
@@ -1515,12 +1541,17 @@ class SimCoordinator:
                     self.store.pop(key, None)
                 for _service, kind, text, _ in action.history:
                     if kind in ("failover", "switchover", "in_sync", "rejoin",
-                                "failover_blocked", "suspicion"):
+                                "failover_blocked", "suspicion", "placement", "rebuilt",
+                                "retired"):
                         self.k.note(f"coordinator: {text}")
                     if kind == "failover":
                         check.failovers += 1
                     elif kind == "switchover":
                         check.switchovers += 1
+                    elif kind == "rebuilt":
+                        check.rebuilt += 1
+                    elif kind == "retired":
+                        check.retired += 1
             elif isinstance(action, AssignRole):
                 check.on_coordinator_says(action.service, action.epoch, "AssignRole")
                 agent = self.c.agents[action.host_id]
@@ -1530,7 +1561,9 @@ class SimCoordinator:
                 agent = self.c.agents[action.host_id]
                 self.c.net.send_fifo(COORD, action.host_id, agent.on_step_down, action)
             elif isinstance(action, DropReplica):
-                raise AssertionError("the simulation deletes no service")
+                check.on_coordinator_says(action.service, action.epoch, "DropReplica")
+                agent = self.c.agents[action.host_id]
+                self.c.net.send_fifo(COORD, action.host_id, agent.on_drop, action)
             elif isinstance(action, AskHearsPrimary):
                 self._ask(action)
             elif isinstance(action, PushRoutes):
@@ -1552,8 +1585,8 @@ class SimCoordinator:
         leases: list[tuple[str, int, int]] = []
         try:
             if info is not None:
-                self.execute(self.core.register(info, self.k.now))
-            leases, actions = self.core.heartbeat(host, {}, reports, self.k.now)
+                self.execute(self.core.register(info, self.k.now, SIM_METRICS))
+            leases, actions = self.core.heartbeat(host, SIM_METRICS, reports, self.k.now)
             self.execute(actions)
         except InvalidRequest:
             ok = False
@@ -1976,6 +2009,7 @@ class Cluster:
             "ops_unknown": sum(op.outcome == "unknown" for op in ops),
             "crashes": self.nemesis.crashes, "failovers": self.check.failovers,
             "switchovers": self.check.switchovers, "rewinds": self.check.rewinds,
+            "rebuilt": self.check.rebuilt, "retired": self.check.retired,
             "truncated": self.check.truncated, "async_lost": self.check.async_lost,
         }
         self.k.note(f"end {stats}")

@@ -101,7 +101,8 @@ def test_long_scenario_seeds(chunk: int) -> None:
 
 def test_sweeps_exercise_the_interesting_paths() -> None:
     """The simulation is only as good as the faults it reaches: sixty seeds must crash
-    hosts, fail over, switch over, truncate divergent tails and acknowledge many writes."""
+    hosts, fail over, switch over, truncate divergent tails, rebuild a lost replica on a
+    spare host and retire the copy it replaced, and acknowledge many writes."""
     totals: dict[str, int] = {}
     for seed in range(60):
         r = run_seed(seed, "short")
@@ -112,6 +113,8 @@ def test_sweeps_exercise_the_interesting_paths() -> None:
     assert totals["switchovers"] >= 3, totals
     assert totals["crashes"] >= 30, totals
     assert totals["truncated"] >= 1, totals
+    assert totals["rebuilt"] >= 2, totals
+    assert totals["retired"] >= 2, totals
     assert totals["ops_ok"] >= 1000, totals
 
 

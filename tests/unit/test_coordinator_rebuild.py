@@ -1,0 +1,264 @@
+"""The coordinator core restores redundancy: rebuilds, retirements, draining (issue 6).
+
+A small driver stands in for the agents: each host reports what the core last assigned it,
+with indexes the test sets, so every decision is deterministic and checked step by step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from failover.core.coordinator import (
+    BUILDING,
+    DUPLICA,
+    PRIMARY,
+    Action,
+    AskHearsPrimary,
+    AssignRole,
+    CoordinatorCore,
+    DropReplica,
+    HearsAnswer,
+    HostInfo,
+    Persist,
+    ReplicaReport,
+    StartSwitchover,
+    Timing,
+)
+from failover.core.placement import Resources
+from failover.errors import InvalidRequest
+
+HB, FAIL, LEASE, DEAD = 100, 400, 300, 2000
+GIB = 1 << 30
+METRICS = {"cpu_count": 8.0, "memory_total_bytes": float(16 * GIB),
+           "disk_free_bytes": float(100 * GIB), "disk_total_bytes": float(200 * GIB),
+           "cpu_percent": 5.0, "memory_percent": 5.0}
+NEEDS = Resources(0.5, 1 * GIB, 1 * GIB)
+
+
+class Driver:
+    def __init__(self, hosts: list[str], zones: dict[str, str] | None = None) -> None:
+        self.core = CoordinatorCore(Timing(HB, FAIL, LEASE, DEAD))
+        self.now = 1000
+        self.roles: dict[tuple[str, str], tuple[str, int]] = {}  # (host, svc) -> role, epoch
+        self.index: dict[tuple[str, str], int] = {}
+        self.up = set(hosts)
+        self.events: list[tuple[str, str, str, dict[str, Any]]] = []
+        self.actions: list[Action] = []
+        for h in hosts:
+            self.run(self.core.register(HostInfo(h, f"{h}:1", (zones or {}).get(h, "")),
+                                        self.now, METRICS))
+
+    def run(self, actions: list[Action]) -> list[Action]:
+        for a in actions:
+            self.actions.append(a)
+            if isinstance(a, Persist):
+                self.events.extend(a.history)
+            elif isinstance(a, AssignRole) and a.host_id in self.up:
+                self.roles[(a.host_id, a.service)] = (a.role, a.epoch)
+            elif isinstance(a, DropReplica) and a.host_id in self.up:
+                self.roles.pop((a.host_id, a.service), None)
+                self.index.pop((a.host_id, a.service), None)
+        return actions
+
+    def beat(self, host: str) -> None:
+        reports = []
+        for (h, svc), (role, epoch) in sorted(self.roles.items()):
+            if h != host:
+                continue
+            idx = self.index.get((h, svc), 0)
+            service = self.core.services.get(svc)
+            in_sync = tuple(service.in_sync) if role == PRIMARY and service else None
+            reports.append(ReplicaReport(svc, role, epoch, idx, idx if role == PRIMARY else 0,
+                                         idx, matched_index=idx, in_sync=in_sync))
+        _, actions = self.core.heartbeat(host, METRICS, reports, self.now)
+        self.run(actions)
+
+    def step(self, ms: int = HB) -> None:
+        """Time passes in heartbeat steps: live hosts beat, the core ticks."""
+        end = self.now + ms
+        while self.now < end:
+            self.now += min(HB // 4, end - self.now)
+            if self.now % HB == 0:
+                for h in sorted(self.up):
+                    self.beat(h)
+            self.run(self.core.tick(self.now))
+            for a in [a for a in self.actions if isinstance(a, AskHearsPrimary)]:
+                self.actions.remove(a)
+                answers = [HearsAnswer(h, h in self.up, False, self.index.get((h, a.service), 0),
+                                       a.epoch) for h in a.hosts]
+                self.run(self.core.hears_primary(a.service, answers, self.now))
+
+    def kinds(self) -> list[str]:
+        return [e[1] for e in self.events]
+
+    def create(self, name: str = "s", replicas: int = 2) -> None:
+        self.run(self.core.create_service(name, "kv", replicas, "sync", self.now, NEEDS))
+        self.step(2 * HB)
+
+    def write(self, name: str, count: int) -> None:
+        """The primary and every in-sync duplica reach `count` more entries."""
+        service = self.core.services[name]
+        for h in [service.primary, *service.in_sync]:
+            self.index[(h, name)] = self.index.get((h, name), 0) + count
+
+    def catch_up(self, name: str, host: str) -> None:
+        service = self.core.services[name]
+        self.index[(host, name)] = self.index.get((service.primary, name), 0)
+
+
+def test_dead_duplica_host_is_rebuilt_elsewhere_then_retired() -> None:
+    d = Driver(["h1", "h2", "h3"])
+    d.create()
+    s = d.core.services["s"]
+    assert (s.primary, s.duplicas()) == ("h1", ["h2"])
+    d.write("s", 50)
+    d.up.discard("h2")
+    d.step(DEAD - HB)
+    # Suspected, out of the in-sync set, but not yet dead: no rebuild for a short outage.
+    assert s.in_sync == [] and "h3" not in s.replicas
+    d.step(3 * HB)
+    assert s.replicas["h3"] == BUILDING and s.in_sync == []
+    assert "placement" in d.kinds()
+    # Building until it has everything the primary committed.
+    d.step(3 * HB)
+    assert s.replicas["h3"] == BUILDING
+    d.catch_up("s", "h3")
+    d.step(2 * HB)
+    assert s.replicas["h3"] == DUPLICA and s.in_sync == ["h3"]
+    assert "rebuilt" in d.kinds()
+    # Now the dead host's copy is retired, and it is told to drop it when it hears.
+    assert "h2" not in s.replicas
+    assert any(isinstance(a, DropReplica) and a.host_id == "h2" for a in d.actions)
+    retired = [e for e in d.events if e[1] == "retired"]
+    assert retired and "its host is dead" in retired[0][2]
+    # A primary's assignment names the new duplica set.
+    last = [a for a in d.actions if isinstance(a, AssignRole) and a.host_id == "h1"][-1]
+    assert last.duplicas == {"h3": "h3:1"} and last.in_sync == ("h3",)
+
+
+def test_a_retired_host_that_returns_is_told_to_drop_its_copy() -> None:
+    d = Driver(["h1", "h2", "h3"])
+    d.create()
+    d.up.discard("h2")
+    d.step(DEAD + 2 * HB)
+    d.catch_up("s", "h3")
+    d.step(3 * HB)
+    assert "h2" not in d.core.services["s"].replicas
+    d.actions.clear()
+    d.up.add("h2")  # it still holds its old copy
+    d.step(2 * HB)
+    drops = [a for a in d.actions if isinstance(a, DropReplica) and a.host_id == "h2"]
+    assert len(drops) == 1 and ("h2", "s") not in d.roles
+    assert d.core.live["h2"].dead is False
+
+
+def test_failover_rebuilds_at_once_and_the_first_in_sync_copy_wins() -> None:
+    d = Driver(["h1", "h2", "h3"])
+    d.create()
+    d.write("s", 10)
+    d.up.discard("h1")
+    d.step(FAIL + LEASE + 3 * HB)
+    s = d.core.services["s"]
+    assert s.primary == "h2" and s.epoch == 2
+    # No waiting for host_dead_ms: the deposed primary does not count.
+    assert s.replicas.get("h3") == BUILDING
+    # The old primary comes back and catches up first: the building copy is retired.
+    d.up.add("h1")
+    d.step(2 * HB)
+    d.catch_up("s", "h1")
+    d.step(3 * HB)
+    assert "h1" in s.in_sync
+    assert "h3" not in s.replicas and set(s.replicas) == {"h1", "h2"}
+    assert any(isinstance(a, DropReplica) and a.host_id == "h3" for a in d.actions)
+
+
+def test_no_spare_host_records_one_event_and_retries_when_hosts_change() -> None:
+    d = Driver(["h1", "h2"])
+    d.create()
+    d.write("s", 5)
+    d.up.discard("h2")
+    d.step(DEAD + 5 * HB)
+    failed = [e for e in d.events if e[1] == "placement_failed"]
+    assert len(failed) == 1
+    assert "h1: holds a replica of it already" in failed[0][2]
+    assert "h2: holds a replica of it already" in failed[0][2]
+    assert "found no host" in d.core.unplaced["s"]
+    # A new host arrives: placement is retried without anyone asking.
+    d.up.add("h3")
+    d.run(d.core.register(HostInfo("h3", "h3:1"), d.now, METRICS))
+    d.step(2 * HB)
+    assert d.core.services["s"].replicas["h3"] == BUILDING
+    assert "s" not in d.core.unplaced
+
+
+def test_drain_moves_the_primary_and_rebuilds_its_replicas_elsewhere() -> None:
+    d = Driver(["h1", "h2", "h3"])
+    d.create()
+    s = d.core.services["s"]
+    d.write("s", 5)
+    d.run(d.core.set_draining("h1", True))
+    assert d.core.hosts["h1"].draining
+    d.step(2 * HB)
+    # The primary's host does not count: a third copy is built first (surge).
+    assert s.replicas["h3"] == BUILDING
+    moves = [a for a in d.actions if isinstance(a, StartSwitchover)]
+    assert moves == [StartSwitchover("s", "h2")]
+    # The daemon runs the switchover protocol; here it succeeds at once.
+    d.core.switchover_begin("s", "h2")
+    d.run(d.core.switchover_complete("s", "h2", stall_ms=3))
+    d.step(2 * HB)
+    assert s.primary == "h2"
+    d.catch_up("s", "h3")
+    d.catch_up("s", "h1")
+    d.step(3 * HB)
+    assert set(s.replicas) == {"h2", "h3"} and s.in_sync == ["h3"]
+    retired = [e for e in d.events if e[1] == "retired"]
+    assert retired and "draining" in retired[0][2]
+    # Undrain: the host takes new replicas again.
+    d.run(d.core.set_draining("h1", False))
+    assert not d.core.hosts["h1"].draining
+    with pytest.raises(InvalidRequest, match="no host 'h9'"):
+        d.core.set_draining("h9", True)
+
+
+def test_switchover_never_targets_a_draining_host() -> None:
+    d = Driver(["h1", "h2", "h3"])
+    d.create(replicas=3)
+    d.run(d.core.set_draining("h3", True))
+    assert d.core.switchover_target("s", "") == "h2"
+    with pytest.raises(InvalidRequest, match="not a live in-sync duplica"):
+        d.core.switchover_target("s", "h3")
+
+
+def test_create_places_by_policy_and_refuses_with_the_reason() -> None:
+    d = Driver(["h1", "h2", "h3"], zones={"h1": "a", "h2": "a", "h3": "b"})
+    d.run(d.core.create_service("s", "kv", 2, "sync", d.now, NEEDS))
+    # Zones spread: one replica in each zone.
+    assert set(d.core.services["s"].replicas) == {"h1", "h3"}
+    with pytest.raises(InvalidRequest, match="cannot place t: 1 of 4 replicas found no host"):
+        d.core.create_service("t", "kv", 4, "sync", d.now, NEEDS)
+    with pytest.raises(InvalidRequest, match="placement policy 'nope'"):
+        d.core.create_service("t", "kv", 1, "sync", d.now, NEEDS, policy="nope")
+    d.run(d.core.create_service("t", "kv", 1, "sync", d.now, NEEDS, policy="first-fit"))
+    assert d.core.services["t"].placement == "first-fit"
+
+
+def test_placed_state_survives_a_coordinator_restart() -> None:
+    d = Driver(["h1", "h2", "h3"])
+    d.create()
+    d.write("s", 5)
+    d.up.discard("h2")
+    d.step(DEAD + 2 * HB)
+    store: dict[str, bytes] = {}
+    for a in d.actions:
+        if isinstance(a, Persist):
+            store.update(a.puts)
+    again = CoordinatorCore(Timing(HB, FAIL, LEASE, DEAD))
+    actions = again.restore(store, d.now)
+    assert again.services["s"].replicas["h3"] == BUILDING
+    assert again.services["s"].needs == NEEDS.to_dict()
+    # The building replica is told its role again.
+    assert any(isinstance(a, AssignRole) and a.host_id == "h3" and a.role == BUILDING
+               for a in actions)
