@@ -735,7 +735,12 @@ class Replica:
         base = self._last_snapshot_index - retain_entries
         if base < self.wal.first_index:
             return self.wal.first_index
-        return self.wal.compact(base, self.wal.epoch_at(base))
+        first = self.wal.compact(base, self.wal.epoch_at(base))
+        if self.primary is not None:
+            # The core must know where the log starts now, or a duplica that reconnects
+            # before the next write is streamed entries that are gone instead of a snapshot.
+            self._run(self.primary.log_changed(self._log_info()))
+        return first
 
     # --- the receive path (duplica side) -------------------------------------------------
 
