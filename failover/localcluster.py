@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -196,13 +196,15 @@ class CoordinatorProcess(ManagedProcess):
 
     what = "the coordinator"
 
-    def __init__(self, root: Path, ip: str = "127.0.0.1") -> None:
+    def __init__(self, root: Path, ip: str = "127.0.0.1",
+                 args: Sequence[str] = ()) -> None:
         super().__init__(f"{ip}:{free_port()}", root / "coordinator.log")
         self.data_dir = root / "coordinator"
+        self.args = list(args)
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "failover.coordinator", "--listen", self.address,
-                "--data-dir", str(self.data_dir)]
+                "--data-dir", str(self.data_dir), *self.args]
 
     def probe(self) -> None:
         self.stub().GetClusterStatus(coordinator_pb2.ClusterStatusRequest(), timeout=0.5)
@@ -224,16 +226,18 @@ class LocalCluster:
 
     def __init__(self, root: Path, hosts: int = 3, *, fsync_policy: str = "batch",
                  extra: dict[str, Any] | None = None, coordinator: bool = False,
-                 netns: bool = False) -> None:
+                 netns: bool = False, coordinator_args: Sequence[str] = ()) -> None:
         """With `netns`, every agent runs in its own network namespace (root only; see
-        `failover.netns`), so that `partition(host)` can cut it off for real."""
+        `failover.netns`), so that `partition(host)` can cut it off for real.
+        `coordinator_args` are extra flags of `failover-coordinator` (--host-dead-ms ...)."""
         self.root = root
         host_ids = [f"host{i}" for i in range(1, hosts + 1)]
         self.net = HostNetwork(host_ids) if netns else None
         if self.net is not None:
             self.net.setup()
         gateway = self.net.gateway if self.net is not None else "127.0.0.1"
-        self.coordinator = CoordinatorProcess(root, gateway) if coordinator else None
+        self.coordinator = (CoordinatorProcess(root, gateway, coordinator_args)
+                            if coordinator else None)
         if self.coordinator is not None:
             extra = {**(extra or {}), "coordinator": self.coordinator.address}
         self.agents = {

@@ -1,5 +1,6 @@
-"""`failoverctl` operator commands that talk to the coordinator: status, create, delete,
-switchover, history, and call (one request to a service through the smart client).
+"""`failoverctl` operator commands that talk to the coordinator: status, hosts, create,
+delete, switchover, drain, undrain, history, and call (one request to a service through the
+smart client).
 
 Every coordinator call has a deadline (`--timeout-ms`, default 5 s, per coordinator address).
 With several `--coordinator` addresses they are tried in order; a coordinator that is
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -26,6 +28,7 @@ from google.protobuf.message import Message
 from failover import defaults
 from failover.cli import output
 from failover.client import Client
+from failover.core.placement import POLICIES
 from failover.errors import (
     ConfigError,
     FailoverError,
@@ -175,10 +178,12 @@ def status_command(ctx: click.Context, timeout_ms: int) -> None:
 @click.option("--mode", type=click.Choice(sorted(output.MODE_VALUES)), default="sync",
               show_default=True, help="sync: a write is acknowledged once every in-sync "
               "duplica has it on disk; async: once the primary has.")
+@click.option("--placement", type=click.Choice(POLICIES), default=None,
+              help="Where its replicas go (default: the coordinator's --placement).")
 @_timeout_option
 @click.pass_context
 def create_command(ctx: click.Context, service: str, kind: str, replicas: int, mode: str,
-                   timeout_ms: int) -> None:
+                   placement: str | None, timeout_ms: int) -> None:
     """Create SERVICE, a replica set of one kind."""
     addresses, as_json = _settings(ctx)
     if not service.strip():
@@ -188,7 +193,8 @@ def create_command(ctx: click.Context, service: str, kind: str, replicas: int, m
     if replicas > _UINT32_MAX:
         raise click.UsageError(f"--replicas {replicas} is over {_UINT32_MAX}")
     request = coordinator_pb2.CreateServiceRequest(
-        name=service, kind=kind, replicas=replicas, mode=output.MODE_VALUES[mode])
+        name=service, kind=kind, replicas=replicas, mode=output.MODE_VALUES[mode],
+        placement=placement or "")
     reply = CoordinatorCaller(addresses).call("CreateService", request, timeout_ms=timeout_ms,
                                               idempotent=False)
     document = output.service_json(reply.service)
@@ -246,6 +252,84 @@ def switchover_command(ctx: click.Context, service: str, to_host: str, timeout_m
     else:
         click.echo(f"switched over {service}: primary {reply.primary_host_id}, epoch "
                    f"{reply.epoch}, stall {reply.stall_ms} ms")
+
+
+@click.command("hosts")
+@_timeout_option
+@click.pass_context
+def hosts_command(ctx: click.Context, timeout_ms: int) -> None:
+    """Show hosts: resources, zone, state, draining and the replicas each holds."""
+    addresses, as_json = _settings(ctx)
+    reply = CoordinatorCaller(addresses).call(
+        "GetClusterStatus", coordinator_pb2.ClusterStatusRequest(), timeout_ms=timeout_ms,
+        idempotent=True)
+    documents = output.hosts_json(reply)
+    if as_json:
+        _echo_json(documents)
+    elif not documents:
+        click.echo("no hosts registered")
+    else:
+        output.make_console().print(output.hosts_detail_table(documents))
+
+
+def _set_draining(ctx: click.Context, host: str, draining: bool, timeout_ms: int) -> Any:
+    addresses, _ = _settings(ctx)
+    if not host.strip():
+        raise click.UsageError("HOST is empty: give a host id (see `failoverctl hosts`)")
+    return CoordinatorCaller(addresses).call(
+        "DrainHost", coordinator_pb2.DrainHostRequest(host_id=host, draining=draining),
+        timeout_ms=timeout_ms, idempotent=True)
+
+
+def _held(ctx: click.Context, host: str, timeout_ms: int) -> list[dict[str, Any]]:
+    addresses, _ = _settings(ctx)
+    reply = CoordinatorCaller(addresses).call(
+        "GetClusterStatus", coordinator_pb2.ClusterStatusRequest(), timeout_ms=timeout_ms,
+        idempotent=True)
+    document = next((h for h in output.hosts_json(reply) if h["host_id"] == host), None)
+    return document["services"] if document else []
+
+
+@click.command("drain")
+@click.argument("host")
+@click.option("--wait", "wait_s", type=click.IntRange(min=0), default=0, metavar="SECONDS",
+              help="Wait up to SECONDS until the host holds no replica (exit 1 if not).")
+@_timeout_option
+@click.pass_context
+def drain_command(ctx: click.Context, host: str, wait_s: int, timeout_ms: int) -> None:
+    """Drain HOST: no new replicas go there, its primaries move off by switchover, and its
+    replicas are rebuilt on other hosts, then retired (redundancy never drops)."""
+    _, as_json = _settings(ctx)
+    reply = _set_draining(ctx, host, True, timeout_ms)
+    deadline = time.monotonic() + wait_s
+    held = _held(ctx, host, timeout_ms) if wait_s else []
+    while held and time.monotonic() < deadline:
+        time.sleep(0.2)  # polling the coordinator's status, under the deadline above
+        held = _held(ctx, host, timeout_ms)
+    if held:
+        left = ", ".join(f"{h['service']} ({h['role']})" for h in held)
+        raise CommandFailed(f"{host} still holds {left} after {wait_s} s; it stays draining: "
+                            "see `failoverctl status` and `failoverctl history`")
+    if as_json:
+        _echo_json(output.host_json(reply.host))
+    elif wait_s:
+        click.echo(f"{host} is drained: it holds no replica")
+    else:
+        click.echo(f"{host} is draining; `failoverctl hosts` shows what it still holds")
+
+
+@click.command("undrain")
+@click.argument("host")
+@_timeout_option
+@click.pass_context
+def undrain_command(ctx: click.Context, host: str, timeout_ms: int) -> None:
+    """Take HOST back: new replicas may be placed on it again."""
+    _, as_json = _settings(ctx)
+    reply = _set_draining(ctx, host, False, timeout_ms)
+    if as_json:
+        _echo_json(output.host_json(reply.host))
+    else:
+        click.echo(f"{host} takes replicas again")
 
 
 @click.command("history")
@@ -315,7 +399,7 @@ def call_command(ctx: click.Context, service: str, request_json: str, timeout_ms
 
 
 COMMANDS: tuple[click.Command, ...] = (
-    status_command, create_command, delete_command, switchover_command, history_command,
-    call_command,
+    status_command, hosts_command, create_command, delete_command, switchover_command,
+    drain_command, undrain_command, history_command, call_command,
 )
 """The commands this module adds to `failoverctl`."""

@@ -17,13 +17,17 @@ keys you do not know.
           "host_id": str,
           "address": str,             # HOST:PORT of the host's agent
           "zone": str,
-          "draining": bool,           # being patched: primaries are moved off it
+          "draining": bool,           # no new replicas; its primaries and replicas move off
           "alive": bool,              # heartbeats arrive within failure_timeout_ms
+          "dead": bool,               # silent for host_dead_ms: its replicas are rebuilt
           "version": str,             # the agent's software version
           "started_at": float,        # wall-clock seconds since the Unix epoch; 0 unknown
           "cpu_percent": float,
           "memory_percent": float,
           "disk_free_bytes": int,     # free bytes in the agent's data dir
+          "disk_total_bytes": int,
+          "memory_total_bytes": int,
+          "cpu_count": int,
           "heartbeat_age_ms": int     # since the coordinator last heard from the host
         }
       ],
@@ -34,6 +38,8 @@ keys you do not know.
           "mode": "sync" | "async",
           "epoch": int,
           "desired_replicas": int,
+          "placement": str,           # first-fit | best-fit | worst-fit
+          "unplaced": str,            # why missing replicas found no host; "" when none
           "replicas": [
             {
               "host_id": str,
@@ -55,6 +61,10 @@ A role the coordinator sends that this version does not know is printed as
 Other commands, also stable in the same sense:
 
 - `create`: the created service, one object shaped like an item of `"services"` above.
+- `hosts`: a list of the `"hosts"` items above, each with two more keys: `"replicas"`
+  (`{"primary": int, "duplica": int, "building": int}`, counts on that host) and
+  `"services"` (`[{"service": str, "role": str}]`).
+- `drain` / `undrain`: the host, one object shaped like an item of `hosts`.
 - `delete`: `{"deleted": str}`.
 - `switchover`: `{"service": str, "epoch": int, "primary_host_id": str, "stall_ms": int}`.
 - `history`: a list, oldest event first as the coordinator returns them, of
@@ -129,8 +139,26 @@ def host_json(host: coordinator_pb2.HostStatus) -> dict[str, Any]:
         "cpu_percent": host.metrics.cpu_percent,
         "memory_percent": host.metrics.memory_percent,
         "disk_free_bytes": host.metrics.disk_free_bytes,
+        "disk_total_bytes": host.metrics.disk_total_bytes,
+        "memory_total_bytes": host.metrics.memory_total_bytes,
+        "cpu_count": host.metrics.cpu_count,
         "heartbeat_age_ms": host.heartbeat_age_ms,
+        "dead": host.dead,
     }
+
+
+def hosts_json(status: coordinator_pb2.ClusterStatus) -> list[dict[str, Any]]:
+    """What `hosts` prints: every host with the replicas it holds."""
+    documents = []
+    for host in status.hosts:
+        document = host_json(host)
+        held = [{"service": s.name, "role": role_word(r.role)}
+                for s in status.services for r in s.replicas if r.host_id == host.host_id]
+        document["replicas"] = {role: sum(1 for h in held if h["role"] == role)
+                                for role in ("primary", "duplica", "building")}
+        document["services"] = held
+        documents.append(document)
+    return documents
 
 
 def replica_json(replica: coordinator_pb2.ReplicaView) -> dict[str, Any]:
@@ -154,6 +182,8 @@ def service_json(service: coordinator_pb2.ServiceStatus) -> dict[str, Any]:
         "mode": mode_word(service.mode),
         "epoch": service.epoch,
         "desired_replicas": service.desired_replicas,
+        "placement": service.placement,
+        "unplaced": service.unplaced,
         "replicas": [replica_json(r) for r in service.replicas],
     }
 
@@ -315,6 +345,33 @@ def render_status(console: Console, document: Mapping[str, Any]) -> None:
     console.print("[bold]Services[/bold]" if document["services"] else "no services")
     if document["services"]:
         console.print(services_table(document["services"]))
+    for s in document["services"]:
+        if s.get("unplaced"):
+            console.print(f"[red]{escape(s['name'])}: {escape(s['unplaced'])}[/red]")
+
+
+def hosts_detail_table(hosts: Sequence[Mapping[str, Any]]) -> Table:
+    """`hosts`: resources, state and replicas per host, from `hosts_json` documents."""
+    table = Table()
+    for name, justify in (("host", "left"), ("zone", "left"), ("state", "left"),
+                          ("draining", "left"), ("cpus", "right"), ("cpu %", "right"),
+                          ("memory", "right"), ("mem %", "right"), ("disk free", "right"),
+                          ("disk total", "right"), ("primary", "right"), ("duplica", "right"),
+                          ("building", "right")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for h in hosts:
+        state = ("[red]dead[/red]" if h["dead"] else "alive" if h["alive"]
+                 else "[red]suspected[/red]")
+        counts = h["replicas"]
+        table.add_row(
+            _cell(h["host_id"]), _cell(h["zone"] or "-"), state,
+            _yes_no(h["draining"], bad_when=True), str(h["cpu_count"]),
+            f"{h['cpu_percent']:.1f}", human_bytes(h["memory_total_bytes"]),
+            f"{h['memory_percent']:.1f}", human_bytes(h["disk_free_bytes"]),
+            human_bytes(h["disk_total_bytes"]), str(counts["primary"]),
+            str(counts["duplica"]), str(counts["building"]),
+        )
+    return table
 
 
 def detail_columns(events: Iterable[Mapping[str, Any]]) -> list[str]:

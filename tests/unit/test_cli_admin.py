@@ -19,8 +19,10 @@ from failover.errors import RequestRejected, Unavailable
 from failover.v1 import agent_pb2, common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 HOST_KEYS = ["host_id", "address", "zone", "draining", "alive", "version", "started_at",
-             "cpu_percent", "memory_percent", "disk_free_bytes", "heartbeat_age_ms"]
-SERVICE_KEYS = ["name", "kind", "mode", "epoch", "desired_replicas", "replicas"]
+             "cpu_percent", "memory_percent", "disk_free_bytes", "disk_total_bytes",
+             "memory_total_bytes", "cpu_count", "heartbeat_age_ms", "dead"]
+SERVICE_KEYS = ["name", "kind", "mode", "epoch", "desired_replicas", "placement", "unplaced",
+                "replicas"]
 REPLICA_KEYS = ["host_id", "role", "durable_index", "commit_index", "applied_index",
                 "lag_entries", "in_sync"]
 
@@ -111,6 +113,13 @@ class FakeCoordinator(coordinator_pb2_grpc.CoordinatorServicer):
         self._record("GetHistory", request, context)
         return HISTORY
 
+    def DrainHost(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._record("DrainHost", request, context)
+        host = coordinator_pb2.HostStatus()
+        host.CopyFrom(next(h for h in CLUSTER.hosts if h.host_id == request.host_id))
+        host.draining = request.draining
+        return coordinator_pb2.DrainHostReply(host=host)
+
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[tuple[FakeCoordinator, str]]:
@@ -185,11 +194,13 @@ def test_status_json_is_the_documented_contract(capsys, coordinator) -> None:
         "host_id": "host1", "address": "127.0.0.1:7101", "zone": "a", "draining": False,
         "alive": True, "version": "0.1.0", "started_at": 1_700_000_000.5,
         "cpu_percent": 12.5, "memory_percent": 40.25, "disk_free_bytes": 5 * 1024**3,
-        "heartbeat_age_ms": 42,
+        "disk_total_bytes": 0, "memory_total_bytes": 0, "cpu_count": 0,
+        "heartbeat_age_ms": 42, "dead": False,
     }
     kv = document["services"][0]
     assert {k: kv[k] for k in SERVICE_KEYS[:-1]} == {
-        "name": "kv", "kind": "kv", "mode": "sync", "epoch": 7, "desired_replicas": 2}
+        "name": "kv", "kind": "kv", "mode": "sync", "epoch": 7, "desired_replicas": 2,
+        "placement": "", "unplaced": ""}
     assert kv["replicas"][1] == {
         "host_id": "host2", "role": "duplica", "durable_index": 110, "commit_index": 110,
         "applied_index": 109, "lag_entries": 10, "in_sync": False}
@@ -425,3 +436,50 @@ def test_call_failures_are_one_line(capsys, fake_client) -> None:
     code, _, err = run(capsys, "call", "kv", "{}")
     assert code == 1
     assert "no answer" in assert_one_error_line(err, "failoverctl: ")
+
+
+# --- hosts, drain, undrain -------------------------------------------------------------------
+
+
+def test_hosts_lists_resources_and_the_replicas_each_holds(capsys, coordinator) -> None:
+    _, address = coordinator
+    code, out, err = run(capsys, "--coordinator", address, "--format", "json", "hosts")
+    assert (code, err) == (0, "")
+    hosts = json.loads(out)
+    assert [list(h) for h in hosts] == [HOST_KEYS + ["replicas", "services"]] * 2
+    assert hosts[0]["replicas"] == {"primary": 2, "duplica": 0, "building": 0}
+    assert hosts[1]["replicas"] == {"primary": 0, "duplica": 2, "building": 0}
+    assert hosts[0]["services"] == [{"service": "kv", "role": "primary"},
+                                    {"service": "ledger", "role": "primary"}]
+    code, out, err = run(capsys, "--coordinator", address, "hosts")
+    assert code == 0
+    for text in ("host1", "host2", "suspected", "building"):
+        assert text in out, text
+
+
+def test_drain_and_undrain_send_the_flag(capsys, coordinator) -> None:
+    fake, address = coordinator
+    code, out, err = run(capsys, "--coordinator", address, "drain", "host1")
+    assert (code, err) == (0, "")
+    assert "host1 is draining" in out
+    assert fake.requests[-1][1].host_id == "host1" and fake.requests[-1][1].draining
+    code, out, _ = run(capsys, "--coordinator", address, "--format", "json", "undrain", "host1")
+    assert code == 0 and json.loads(out)["draining"] is False
+    assert not fake.requests[-1][1].draining
+
+
+def test_drain_wait_fails_in_one_line_while_replicas_remain(capsys, coordinator) -> None:
+    _, address = coordinator
+    code, out, err = run(capsys, "--coordinator", address, "drain", "host2", "--wait", "1")
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1
+    assert "host2 still holds kv (duplica), ledger (duplica) after 1 s" in err
+
+
+def test_drain_refusals_are_one_line_exit_2(capsys, coordinator) -> None:
+    fake, address = coordinator
+    fake.failures["DrainHost"] = (grpc.StatusCode.INVALID_ARGUMENT, "no host 'nope'")
+    code, _, err = run(capsys, "--coordinator", address, "drain", "nope")
+    assert code == 2 and "no host 'nope'" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(capsys, "--coordinator", address, "drain", " ")
+    assert code == 2 and "HOST is empty" in err
