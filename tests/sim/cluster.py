@@ -67,6 +67,7 @@ from failover.core.coordinator import (
     Persist,
     PushRoutes,
     ReplicaReport,
+    StartSwitchover,
     Timing,
 )
 from failover.core.coordinator import StepDown as CoordStepDown
@@ -164,7 +165,7 @@ class Scenario:
     max_agents_down: int = 1
     weights: tuple[tuple[str, int], ...] = (
         ("crash_agent", 2), ("crash_primary", 3), ("crash_coordinator", 2), ("partition", 2),
-        ("isolate", 2), ("break_link", 2), ("switchover", 1), ("nothing", 1),
+        ("isolate", 2), ("break_link", 2), ("switchover", 1), ("drain", 1), ("nothing", 1),
     )
     batch_entries_max: int = 4
     inflight_batches_max: int = 2
@@ -1566,6 +1567,9 @@ class SimCoordinator:
                 self.c.net.send_fifo(COORD, action.host_id, agent.on_drop, action)
             elif isinstance(action, AskHearsPrimary):
                 self._ask(action)
+            elif isinstance(action, StartSwitchover):
+                # A drain moves a primary off (server.py `_drain_switchover`).
+                self.start_switchover(action.service, action.to_host)
             elif isinstance(action, PushRoutes):
                 for route in action.routes:
                     check.on_coordinator_says(route.service, route.epoch, "PushRoutes")
@@ -1900,6 +1904,27 @@ class Nemesis:
     def _switchover(self) -> None:
         self.c.coord.start_switchover()
 
+    def _drain(self) -> None:
+        """An operator drains a host for a while (its primaries move off, its replicas are
+        rebuilt on a spare host if there is one), then takes it back."""
+        coord = self.c.coord
+        if not coord.up:
+            return
+        assert coord.core is not None
+        host = self.k.rng.choice(sorted(self.c.agents))
+        self.k.note(f"drain {host}")
+        coord.execute(coord.core.set_draining(host, True))
+        self.k.after(self.k.rng.randint(300, 1500), self._undrain, host)
+
+    def _undrain(self, host: str) -> None:
+        coord = self.c.coord
+        if not coord.up:
+            self.k.after(100, self._undrain, host)  # the operator tries again
+            return
+        assert coord.core is not None
+        self.k.note(f"undrain {host}")
+        coord.execute(coord.core.set_draining(host, False))
+
     def _nothing(self) -> None:
         pass
 
@@ -1910,6 +1935,10 @@ class Nemesis:
         self.c.net.heal()
         if not self.c.coord.up:
             self.c.coord.boot()
+        core = self.c.coord.core
+        assert core is not None
+        for host in sorted(core.hosts):
+            self.c.coord.execute(core.set_draining(host, False))
         for agent in self.c.agents.values():
             if not agent.up:
                 agent.start()
