@@ -38,6 +38,9 @@ from failover.net import channels
 from failover.net.address import parse_address_list
 from failover.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, data_pb2, data_pb2_grpc
 
+# Answers after which the request may or may not be in the primary's log.
+_AMBIGUOUS = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+              grpc.StatusCode.CANCELLED}
 _RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -203,9 +206,16 @@ class Client:
         backoff_ms = float(defaults.CLIENT_BACKOFF_MIN_MS)
         last_error = "no attempt made"
         attempt = 0
+        # A full disk on the primary is retried (the coordinator moves the primary off); it
+        # is a definite refusal only if no attempt may have reached the log.
+        disk_full = ""
+        ambiguous = False
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                if disk_full and not ambiguous:
+                    raise DiskFullError(f"{service}: {disk_full} (refused for {budget_ms} ms "
+                                        f"over {attempt} attempts; nothing was applied)")
                 raise Unavailable(f"{service}: no answer within {budget_ms} ms "
                                   f"({attempt} attempts); last error: {last_error}")
             address, epoch = await self._target(service, deadline)
@@ -227,6 +237,7 @@ class Client:
                     raise  # the caller cancelled this call
                 self._rerouted.discard(id(call))
                 last_error = f"{address}: rerouted by the coordinator"
+                ambiguous = True
                 continue  # same request id at the new primary: applied at most once
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
@@ -234,9 +245,11 @@ class Client:
                 if code == grpc.StatusCode.INVALID_ARGUMENT:
                     raise InvalidRequest(exc.details() or "invalid request") from None
                 if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    raise DiskFullError(exc.details() or "the service's disk is full") from None
-                if code not in _RETRYABLE:
+                    disk_full = exc.details() or "the primary's disk is full"
+                elif code not in _RETRYABLE:
                     raise Unavailable(f"{service}: {last_error}") from None
+                elif code in _AMBIGUOUS:
+                    ambiguous = True  # it may have reached the primary's log
                 if self._follow_redirect(service, address, exc):
                     continue  # a fresh hint: go there at once
                 if self._seeds:

@@ -81,3 +81,5 @@ PLACEMENT_POLICY = "worst-fit"  # first-fit, best-fit or worst-fit (failover.cor
 KIND_NEEDS_CPU = 0.1  # cores one replica reserves, unless its kind declares otherwise
 KIND_NEEDS_MEMORY_BYTES = 64 << 20
 KIND_NEEDS_DISK_BYTES = 256 << 20
+CHAOS_DISK_BYTES = 1 << 30  # each agent's tmpfs data dir in a chaos run with disk faults (room
+# for the replicas' reserved disk; filling it writes this much to memory)

@@ -21,6 +21,7 @@ import grpc
 
 from failover.errors import FailoverError
 from failover.netns import HostNetwork
+from failover.smalldisk import SmallDisk
 from failover.v1 import agent_pb2, agent_pb2_grpc, common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 T = TypeVar("T")
@@ -226,9 +227,12 @@ class LocalCluster:
 
     def __init__(self, root: Path, hosts: int = 3, *, fsync_policy: str = "batch",
                  extra: dict[str, Any] | None = None, coordinator: bool = False,
-                 netns: bool = False, coordinator_args: Sequence[str] = ()) -> None:
+                 netns: bool = False, coordinator_args: Sequence[str] = (),
+                 disk_bytes: int = 0) -> None:
         """With `netns`, every agent runs in its own network namespace (root only; see
-        `failover.netns`), so that `partition(host)` can cut it off for real.
+        `failover.netns`), so that `partition(host)` can cut it off for real. With
+        `disk_bytes`, every agent's data dir is a tmpfs of that size (root only; see
+        `failover.smalldisk`), so that `disks[host].fill()` fills it for real.
         `coordinator_args` are extra flags of `failover-coordinator` (--host-dead-ms ...)."""
         self.root = root
         host_ids = [f"host{i}" for i in range(1, hosts + 1)]
@@ -247,6 +251,8 @@ class LocalCluster:
                 prefix=self.net.command_prefix(h) if self.net is not None else None)
             for h in host_ids
         }
+        self.disks = {h: SmallDisk(a.data_dir, disk_bytes)
+                      for h, a in self.agents.items()} if disk_bytes else {}
 
     def __enter__(self) -> LocalCluster:
         return self
@@ -255,6 +261,9 @@ class LocalCluster:
         self.close()
 
     def start(self) -> None:
+        for disk in self.disks.values():
+            if not disk.mounted:
+                disk.mount()
         if self.coordinator is not None:
             self.coordinator.start(wait=False)
         for agent in self.agents.values():
@@ -277,6 +286,8 @@ class LocalCluster:
             with contextlib.suppress(Exception):
                 agent.kill()
             agent.close()
+        for disk in self.disks.values():
+            disk.unmount()
         if self.net is not None:
             self.net.close()
 

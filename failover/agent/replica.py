@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import errno
 import logging
 import shutil
 import time
@@ -127,6 +129,9 @@ class Replica:
         self._last_snapshot_index = 0
         self.truncated_entries = 0
         self.last_error = ""
+        # The last log append failed for want of space (reported in heartbeats: the
+        # coordinator takes a full duplica out of the in-sync set, moves a full primary off).
+        self.disk_full = False
         self.closed = False
         # Monotonic ms until which this primary may answer reads alone (a coordinator grant).
         self.lease_expiry_ms = 0
@@ -204,9 +209,19 @@ class Replica:
         return self.meta.epoch
 
     def _persist_meta(self, **changes: Any) -> None:
-        for key, value in changes.items():
-            setattr(self.meta, key, value)
-        write_atomic(self.root / _META, self.meta.to_bytes())
+        """Writes the changed meta, then adopts it: memory never runs ahead of the disk (a
+        failed write leaves the replica as it was, so a retried assignment is a change)."""
+        meta = dataclasses.replace(self.meta, **changes)
+        try:
+            write_atomic(self.root / _META, meta.to_bytes())
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                self.disk_full = True
+                raise DiskFullError(
+                    f"{self.service}: no space left to record role {meta.role} at epoch "
+                    f"{meta.epoch}; nothing changed: free space in the data dir") from None
+            raise
+        self.meta = meta
 
     def assign(
         self,
@@ -288,7 +303,14 @@ class Replica:
         """A newer epoch exists: stop serving writes and wait to be told the new primary."""
         if epoch <= self.epoch and self.role != PRIMARY:
             return
-        self._persist_meta(role=DUPLICA, epoch=max(epoch, self.epoch))
+        changes = {"role": DUPLICA, "epoch": max(epoch, self.epoch)}
+        try:
+            self._persist_meta(**changes)
+        except DiskFullError as exc:
+            # Giving up authority may run ahead of the disk: a primary restarted from the
+            # old meta serves nothing until the coordinator confirms it.
+            log.error("%s: stepping down without recording it: %s", self.service, exc)
+            self.meta = dataclasses.replace(self.meta, **changes)
         self._become(DUPLICA, self.meta.epoch)
 
     def _limits(self) -> ShipLimits:
@@ -529,6 +551,7 @@ class Replica:
                 log.exception("%s: log append failed unexpectedly", self.service)
                 self._refuse_unlogged(batch, exc)
                 continue
+            self.disk_full = False
             if self.primary is not None and not self.primary.fenced:
                 self._run(self.primary.log_changed(self._log_info()))
                 self._apply_committed()
@@ -537,6 +560,7 @@ class Replica:
     def _refuse_unlogged(self, batch: list[Entry], exc: Exception) -> None:
         """The append failed: nothing of it (or after it) is in the log; refuse those writes."""
         self.last_error = str(exc)
+        self.disk_full = isinstance(exc, DiskFullError)
         log.error("%s: log append failed: %s", self.service, exc)
         refused = batch + self._to_log
         self._to_log = []
@@ -858,7 +882,11 @@ class Replica:
                 return self._ack("corrupt", batch_id, str(exc))
             except (DiskFullError, StorageError, OSError) as exc:
                 self.last_error = str(exc)
+                self.disk_full = isinstance(exc, DiskFullError)
+                if self.disk_full:
+                    log.warning("%s: cannot take shipped entries: %s", self.service, exc)
                 return self._ack("storage_error", batch_id, str(exc))
+            self.disk_full = False
             if self._undecoded_bytes + len(records) <= defaults.UNDECODED_BYTES_MAX:
                 self._undecoded.append((first_index, last_index, records))
                 self._undecoded_bytes += len(records)
@@ -914,6 +942,7 @@ class Replica:
             "durable_index": durable, "commit_index": self.commit_index,
             "applied_index": self.sm.applied_index, "lag_entries": lag,
             "truncated_entries": self.truncated_entries, "last_error": self.last_error,
+            "disk_full": self.disk_full,
         }
 
     def _fail_waiters(self, error: Exception) -> None:

@@ -21,8 +21,6 @@ HEAL_TIMEOUT_S = 30.0
 
 # Fault kinds that need parts not built yet; skipped with this reason.
 NOT_BUILT = {
-    "disk": "a full disk needs a small tmpfs per agent and in-sync handling of a full "
-            "duplica, not built yet",
     "migrate": "live migration is not built yet",
     "patch": "patching is not built yet",
 }
@@ -59,6 +57,7 @@ class FaultInjector:
         self.services = services
         self.skipped_kinds: dict[str, str] = {}
         self.partition_unavailable = ""  # why partitions are skipped, when they are
+        self.disk_unavailable = ""  # why full disks are skipped, when they are
 
     def hosts_with(self, role: str) -> list[str]:
         status = self.cluster.coordinator.status()  # type: ignore[union-attr]
@@ -82,8 +81,12 @@ class FaultInjector:
             record.skipped = self.partition_unavailable or "the cluster has no namespaces"
             self.skipped_kinds[fault.kind] = record.skipped
             return record
+        if fault.kind == "disk" and not self.cluster.disks:
+            record.skipped = self.disk_unavailable or "the agents have no small disks"
+            self.skipped_kinds[fault.kind] = record.skipped
+            return record
         record.start_ms = now_ms()
-        if fault.kind in ("kill", "pause", "partition"):
+        if fault.kind in ("kill", "pause", "partition", "disk"):
             candidates = await asyncio.to_thread(self.hosts_with, fault.target)
             if not candidates:
                 record.skipped = f"no live {fault.target} to {fault.kind}"
@@ -102,6 +105,15 @@ class FaultInjector:
                 await asyncio.sleep(fault.duration_s)
                 await asyncio.to_thread(self.cluster.heal, host)
                 record.end_ms = now_ms()
+            elif fault.kind == "disk":
+                # Writes on it must be refused cleanly; a full duplica leaves the in-sync
+                # set and a full primary is moved off, so the service goes on.
+                disk = self.cluster.disks[host]
+                filled = await asyncio.to_thread(disk.fill)
+                await asyncio.sleep(fault.duration_s)
+                await asyncio.to_thread(disk.free)
+                record.end_ms = now_ms()
+                record.detail = {"filled_bytes": filled}
             else:
                 agent.signal(signal.SIGSTOP)
                 await asyncio.sleep(fault.duration_s)

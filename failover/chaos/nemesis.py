@@ -81,5 +81,6 @@ def _fault(rnd: random.Random, kind: str, at_s: float) -> Fault:
     if kind == "coordinator":
         return Fault(at_s, kind, "coordinator", round(rnd.uniform(0.5, 3.0), 3), pick)
     if kind == "disk":
-        return Fault(at_s, kind, "duplica", round(rnd.uniform(0.5, 2.0), 3), pick)
+        target = "primary" if rnd.random() < 0.5 else "duplica"
+        return Fault(at_s, kind, target, round(rnd.uniform(0.5, 2.0), 3), pick)
     return Fault(at_s, kind, "service", 0.0, pick)  # switchover, migrate, patch

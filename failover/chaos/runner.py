@@ -23,12 +23,19 @@ from typing import Any
 
 import msgpack
 
+from failover import defaults, smalldisk
 from failover.chaos.checkers import verdict
 from failover.chaos.faults import FaultInjector, FaultRecord, now_ms
 from failover.chaos.history import HistoryRecorder, Op, dump_ops
 from failover.chaos.nemesis import schedule
 from failover.client import Client
-from failover.errors import FailoverError, InvalidRequest, RequestRejected, Unavailable
+from failover.errors import (
+    DiskFullError,
+    FailoverError,
+    InvalidRequest,
+    RequestRejected,
+    Unavailable,
+)
 from failover.localcluster import LocalCluster
 from failover.netns import unavailable_reason
 from failover.percentile import percentile
@@ -77,7 +84,8 @@ async def _record(run: _Run, client: Client, process: int, service: str, kind: s
     try:
         out = await client.call_detailed(service, request,
                                          deadline_ms=run.config.op_deadline_ms)
-    except (RequestRejected, InvalidRequest):
+    except (RequestRejected, InvalidRequest, DiskFullError):
+        # DiskFullError: the client saw only full-disk refusals, none ambiguous.
         run.recorder.complete(handle, now_ms(), "fail")
     except (Unavailable, FailoverError):
         run.recorder.complete(handle, now_ms(), "unknown")
@@ -144,7 +152,7 @@ def _unavailability(ops: list[Op], records: list[FaultRecord],
     (the client-visible gap)."""
     out = []
     for record in records:
-        if record.skipped or record.fault.kind not in ("kill", "pause", "partition"):
+        if record.skipped or record.fault.kind not in ("kill", "pause", "partition", "disk"):
             continue
         if record.host not in primaries.get(record.start_ms, set()):
             continue
@@ -174,10 +182,16 @@ async def run_chaos(config: ChaosConfig, progress: Callable[[str], None] = print
         partition_unavailable = unavailable_reason() or ""
         if partition_unavailable:
             progress(f"chaos: partitions skipped: {partition_unavailable}")
+    disk_unavailable = ""
+    if "disk" in config.faults:
+        disk_unavailable = smalldisk.unavailable_reason() or ""
+        if disk_unavailable:
+            progress(f"chaos: full disks skipped: {disk_unavailable}")
     try:
         with LocalCluster(root, hosts=config.hosts, coordinator=True,
-                          netns="partition" in config.faults
-                          and not partition_unavailable) as cluster:
+                          netns="partition" in config.faults and not partition_unavailable,
+                          disk_bytes=defaults.CHAOS_DISK_BYTES if "disk" in config.faults
+                          and not disk_unavailable else 0) as cluster:
             await asyncio.to_thread(cluster.start)
             for service in services:
                 kind = "kv" if service == KV_SERVICE else "bank"
@@ -185,6 +199,7 @@ async def run_chaos(config: ChaosConfig, progress: Callable[[str], None] = print
             run.addresses = {a.address: a.host_id for a in cluster}
             injector = FaultInjector(cluster, services)
             injector.partition_unavailable = partition_unavailable
+            injector.disk_unavailable = disk_unavailable
             assert cluster.coordinator is not None
             async with Client(coordinator=cluster.coordinator.address) as client:
                 if BANK_SERVICE in services:

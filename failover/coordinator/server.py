@@ -374,7 +374,7 @@ def replica_reports(request: coordinator_pb2.HeartbeatRequest) -> list[ReplicaRe
             service=r.service, role=_ROLE_NAME.get(r.role, "retired"), epoch=r.epoch,
             durable_index=r.indexes.durable_index, commit_index=r.indexes.commit_index,
             applied_index=r.indexes.applied_index, truncated_entries=r.truncated_entries,
-            matched_index=r.matched_index,
+            matched_index=r.matched_index, disk_full=r.disk_full,
             in_sync=tuple(r.in_sync) if r.role == common_pb2.ROLE_PRIMARY else None)
         for r in request.replicas
     ]

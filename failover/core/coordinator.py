@@ -86,6 +86,7 @@ class ReplicaReport:
     truncated_entries: int = 0
     matched_index: int = 0  # durable and known to equal the current primary's log
     in_sync: tuple[str, ...] | None = None  # a primary's in-sync set as it applies it
+    disk_full: bool = False  # its last log append failed for want of space
 
 
 @dataclass
@@ -347,6 +348,10 @@ class CoordinatorCore:
                 for key in [k for k in self._promotable_at
                             if k[0] == service.name and k[1] not in counted]:
                     del self._promotable_at[key]
+            if (wanted != PRIMARY and report.disk_full and host_id in service.in_sync
+                    and service.name not in self.switchovers):
+                # It cannot take the primary's entries: sync writes would wait on it.
+                actions.extend(self._shrink_in_sync(service, host_id, "its disk is full"))
             actions.extend(self._update_promotable(service))
             if wanted == PRIMARY and service.name not in self.failovers:
                 self.leases[service.name] = (host_id, now_ms + self.timing.lease_ms)
@@ -445,7 +450,7 @@ class CoordinatorCore:
                 actions.extend(self._promote(failover, now_ms))
         for service in list(self.services.values()):
             actions.extend(self._restore_redundancy(service, now_ms))
-            actions.extend(self._drain_primary(service, now_ms))
+            actions.extend(self._move_primary(service, now_ms))
         return actions
 
     def _host_suspected(self, host_id: str) -> list[Action]:
@@ -491,7 +496,7 @@ class CoordinatorCore:
                 if (
                     live is not None and live.alive and report is not None
                     and report.epoch == service.epoch and report.role == role
-                    and role in (DUPLICA, BUILDING)
+                    and role in (DUPLICA, BUILDING) and not report.disk_full
                     # Not the durable index: a tail the primary has not checked may diverge.
                     and report.matched_index >= primary_report.commit_index
                 ):
@@ -646,11 +651,16 @@ class CoordinatorCore:
         actions.extend(self._assignments(service, only=service.primary))
         return actions
 
-    def _drain_primary(self, service: ServiceInfo, now_ms: int) -> list[Action]:
-        """A primary on a draining host moves, by switchover, to a live, promotable in-sync
-        duplica on a host that is not draining (asked again every failure timeout)."""
+    def _move_primary(self, service: ServiceInfo, now_ms: int) -> list[Action]:
+        """A primary on a draining host, or whose disk is full (it refuses every write),
+        moves by switchover to a live, promotable in-sync duplica on a host that is not
+        draining (asked again every failure timeout)."""
         info = self.hosts.get(service.primary)
-        if (info is None or not info.draining or service.name in self.failovers
+        live = self.live.get(service.primary)
+        report = live.replicas.get(service.name) if live else None
+        full = (report is not None and report.disk_full and report.role == PRIMARY
+                and report.epoch == service.epoch)
+        if (info is None or not (info.draining or full) or service.name in self.failovers
                 or service.name in self.switchovers):
             return []
         last = self._drain_moved_ms.get(service.name)

@@ -215,6 +215,7 @@ def replica_status(replica: Replica) -> agent_pb2.ReplicaStatus:
                                           applied_index=s["applied_index"]),
         lag_entries=s["lag_entries"], mode=MODE_TO_PROTO[s["mode"]],
         truncated_entries=s["truncated_entries"], last_error=s["last_error"],
+        disk_full=s["disk_full"],
         matched_index=s["matched_index"], in_sync=s["in_sync"],
     )
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from failover.v1 import common_pb2 as failover_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66\x61ilover/v1/agent.proto\x12\x0b\x66\x61ilover.v1\x1a\x18\x66\x61ilover/v1/common.proto\"/\n\x0bReplicaPeer\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\x88\x02\n\x11\x41ssignRoleRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x1f\n\x04role\x18\x03 \x01(\x0e\x32\x11.failover.v1.Role\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12*\n\x04mode\x18\x05 \x01(\x0e\x32\x1c.failover.v1.ReplicationMode\x12)\n\x07primary\x18\x06 \x01(\x0b\x32\x18.failover.v1.ReplicaPeer\x12*\n\x08\x64uplicas\x18\x07 \x03(\x0b\x32\x18.failover.v1.ReplicaPeer\x12\x0f\n\x07in_sync\x18\x08 \x03(\t\x12\x10\n\x08lease_ms\x18\t \x01(\x04\"\xa8\x01\n\x0f\x41ssignRoleReply\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x1f\n\x04role\x18\x02 \x01(\x0e\x32\x11.failover.v1.Role\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12,\n\x07indexes\x18\x04 \x01(\x0b\x32\x1b.failover.v1.ReplicaIndexes\x12&\n\x04last\x18\x05 \x01(\x0b\x32\x18.failover.v1.LogPosition\"1\n\x0fStepDownRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"]\n\rStepDownReply\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12,\n\x07indexes\x18\x03 \x01(\x0b\x32\x1b.failover.v1.ReplicaIndexes\"I\n\x12\x44ropReplicaRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x13\n\x0b\x64\x65lete_data\x18\x03 \x01(\x08\"\x12\n\x10\x44ropReplicaReply\"\x12\n\x10GetStatusRequest\"\xa4\x02\n\rReplicaStatus\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x1f\n\x04role\x18\x03 \x01(\x0e\x32\x11.failover.v1.Role\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12,\n\x07indexes\x18\x05 \x01(\x0b\x32\x1b.failover.v1.ReplicaIndexes\x12\x13\n\x0blag_entries\x18\x06 \x01(\x04\x12*\n\x04mode\x18\x07 \x01(\x0e\x32\x1c.failover.v1.ReplicationMode\x12\x19\n\x11truncated_entries\x18\x08 \x01(\x04\x12\x12\n\nlast_error\x18\t \x01(\t\x12\x15\n\rmatched_index\x18\n \x01(\x04\x12\x0f\n\x07in_sync\x18\x0b \x03(\t\"\x9c\x01\n\x0bHostMetrics\x12\x13\n\x0b\x63pu_percent\x18\x01 \x01(\x01\x12\x16\n\x0ememory_percent\x18\x02 \x01(\x01\x12\x17\n\x0f\x64isk_free_bytes\x18\x03 \x01(\x04\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x04\x12\x11\n\tcpu_count\x18\x05 \x01(\r\x12\x18\n\x10\x64isk_total_bytes\x18\x06 \x01(\x04\"\xbb\x01\n\x0b\x41gentStatus\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04zone\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x12\n\nstarted_at\x18\x05 \x01(\x01\x12)\n\x07metrics\x18\x06 \x01(\x0b\x32\x18.failover.v1.HostMetrics\x12,\n\x08replicas\x18\x07 \x03(\x0b\x32\x1a.failover.v1.ReplicaStatus\"&\n\x13HearsPrimaryRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\"D\n\x11HearsPrimaryReply\x12\r\n\x05hears\x18\x01 \x01(\x08\x12\x11\n\tsilent_ms\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"9\n\x0e\x43ompactRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x16\n\x0eretain_entries\x18\x02 \x01(\x04\";\n\x0c\x43ompactReply\x12\x16\n\x0esnapshot_index\x18\x01 \x01(\x04\x12\x13\n\x0b\x66irst_index\x18\x02 \x01(\x04\"#\n\x10GetDigestRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\"v\n\x0eGetDigestReply\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x0c\x12\x15\n\rapplied_index\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12.\n\repoch_history\x18\x04 \x03(\x0b\x32\x17.failover.v1.EpochStart\"!\n\x0eRestartRequest\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\t\"\x0e\n\x0cRestartReply\"w\n\x18PrepareSwitchoverRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x16\n\x0etarget_host_id\x18\x03 \x01(\t\x12\x12\n\ntimeout_ms\x18\x04 \x01(\r\x12\x0f\n\x07release\x18\x05 \x01(\x08\"J\n\x16PrepareSwitchoverReply\x12\x12\n\nlast_index\x18\x01 \x01(\x04\x12\x1c\n\x14target_durable_index\x18\x02 \x01(\x04\x32\xb7\x05\n\x0c\x41gentControl\x12J\n\nAssignRole\x12\x1e.failover.v1.AssignRoleRequest\x1a\x1c.failover.v1.AssignRoleReply\x12\x44\n\x08StepDown\x12\x1c.failover.v1.StepDownRequest\x1a\x1a.failover.v1.StepDownReply\x12M\n\x0b\x44ropReplica\x12\x1f.failover.v1.DropReplicaRequest\x1a\x1d.failover.v1.DropReplicaReply\x12\x44\n\tGetStatus\x12\x1d.failover.v1.GetStatusRequest\x1a\x18.failover.v1.AgentStatus\x12P\n\x0cHearsPrimary\x12 .failover.v1.HearsPrimaryRequest\x1a\x1e.failover.v1.HearsPrimaryReply\x12\x41\n\x07\x43ompact\x12\x1b.failover.v1.CompactRequest\x1a\x19.failover.v1.CompactReply\x12G\n\tGetDigest\x12\x1d.failover.v1.GetDigestRequest\x1a\x1b.failover.v1.GetDigestReply\x12\x41\n\x07Restart\x12\x1b.failover.v1.RestartRequest\x1a\x19.failover.v1.RestartReply\x12_\n\x11PrepareSwitchover\x12%.failover.v1.PrepareSwitchoverRequest\x1a#.failover.v1.PrepareSwitchoverReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66\x61ilover/v1/agent.proto\x12\x0b\x66\x61ilover.v1\x1a\x18\x66\x61ilover/v1/common.proto\"/\n\x0bReplicaPeer\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\x88\x02\n\x11\x41ssignRoleRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x1f\n\x04role\x18\x03 \x01(\x0e\x32\x11.failover.v1.Role\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12*\n\x04mode\x18\x05 \x01(\x0e\x32\x1c.failover.v1.ReplicationMode\x12)\n\x07primary\x18\x06 \x01(\x0b\x32\x18.failover.v1.ReplicaPeer\x12*\n\x08\x64uplicas\x18\x07 \x03(\x0b\x32\x18.failover.v1.ReplicaPeer\x12\x0f\n\x07in_sync\x18\x08 \x03(\t\x12\x10\n\x08lease_ms\x18\t \x01(\x04\"\xa8\x01\n\x0f\x41ssignRoleReply\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x1f\n\x04role\x18\x02 \x01(\x0e\x32\x11.failover.v1.Role\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12,\n\x07indexes\x18\x04 \x01(\x0b\x32\x1b.failover.v1.ReplicaIndexes\x12&\n\x04last\x18\x05 \x01(\x0b\x32\x18.failover.v1.LogPosition\"1\n\x0fStepDownRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"]\n\rStepDownReply\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12,\n\x07indexes\x18\x03 \x01(\x0b\x32\x1b.failover.v1.ReplicaIndexes\"I\n\x12\x44ropReplicaRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x13\n\x0b\x64\x65lete_data\x18\x03 \x01(\x08\"\x12\n\x10\x44ropReplicaReply\"\x12\n\x10GetStatusRequest\"\xb7\x02\n\rReplicaStatus\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x1f\n\x04role\x18\x03 \x01(\x0e\x32\x11.failover.v1.Role\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12,\n\x07indexes\x18\x05 \x01(\x0b\x32\x1b.failover.v1.ReplicaIndexes\x12\x13\n\x0blag_entries\x18\x06 \x01(\x04\x12*\n\x04mode\x18\x07 \x01(\x0e\x32\x1c.failover.v1.ReplicationMode\x12\x19\n\x11truncated_entries\x18\x08 \x01(\x04\x12\x12\n\nlast_error\x18\t \x01(\t\x12\x15\n\rmatched_index\x18\n \x01(\x04\x12\x0f\n\x07in_sync\x18\x0b \x03(\t\x12\x11\n\tdisk_full\x18\x0c \x01(\x08\"\x9c\x01\n\x0bHostMetrics\x12\x13\n\x0b\x63pu_percent\x18\x01 \x01(\x01\x12\x16\n\x0ememory_percent\x18\x02 \x01(\x01\x12\x17\n\x0f\x64isk_free_bytes\x18\x03 \x01(\x04\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x04\x12\x11\n\tcpu_count\x18\x05 \x01(\r\x12\x18\n\x10\x64isk_total_bytes\x18\x06 \x01(\x04\"\xbb\x01\n\x0b\x41gentStatus\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04zone\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x12\n\nstarted_at\x18\x05 \x01(\x01\x12)\n\x07metrics\x18\x06 \x01(\x0b\x32\x18.failover.v1.HostMetrics\x12,\n\x08replicas\x18\x07 \x03(\x0b\x32\x1a.failover.v1.ReplicaStatus\"&\n\x13HearsPrimaryRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\"D\n\x11HearsPrimaryReply\x12\r\n\x05hears\x18\x01 \x01(\x08\x12\x11\n\tsilent_ms\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"9\n\x0e\x43ompactRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x16\n\x0eretain_entries\x18\x02 \x01(\x04\";\n\x0c\x43ompactReply\x12\x16\n\x0esnapshot_index\x18\x01 \x01(\x04\x12\x13\n\x0b\x66irst_index\x18\x02 \x01(\x04\"#\n\x10GetDigestRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\"v\n\x0eGetDigestReply\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x0c\x12\x15\n\rapplied_index\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12.\n\repoch_history\x18\x04 \x03(\x0b\x32\x17.failover.v1.EpochStart\"!\n\x0eRestartRequest\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\t\"\x0e\n\x0cRestartReply\"w\n\x18PrepareSwitchoverRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x16\n\x0etarget_host_id\x18\x03 \x01(\t\x12\x12\n\ntimeout_ms\x18\x04 \x01(\r\x12\x0f\n\x07release\x18\x05 \x01(\x08\"J\n\x16PrepareSwitchoverReply\x12\x12\n\nlast_index\x18\x01 \x01(\x04\x12\x1c\n\x14target_durable_index\x18\x02 \x01(\x04\x32\xb7\x05\n\x0c\x41gentControl\x12J\n\nAssignRole\x12\x1e.failover.v1.AssignRoleRequest\x1a\x1c.failover.v1.AssignRoleReply\x12\x44\n\x08StepDown\x12\x1c.failover.v1.StepDownRequest\x1a\x1a.failover.v1.StepDownReply\x12M\n\x0b\x44ropReplica\x12\x1f.failover.v1.DropReplicaRequest\x1a\x1d.failover.v1.DropReplicaReply\x12\x44\n\tGetStatus\x12\x1d.failover.v1.GetStatusRequest\x1a\x18.failover.v1.AgentStatus\x12P\n\x0cHearsPrimary\x12 .failover.v1.HearsPrimaryRequest\x1a\x1e.failover.v1.HearsPrimaryReply\x12\x41\n\x07\x43ompact\x12\x1b.failover.v1.CompactRequest\x1a\x19.failover.v1.CompactReply\x12G\n\tGetDigest\x12\x1d.failover.v1.GetDigestRequest\x1a\x1b.failover.v1.GetDigestReply\x12\x41\n\x07Restart\x12\x1b.failover.v1.RestartRequest\x1a\x19.failover.v1.RestartReply\x12_\n\x11PrepareSwitchover\x12%.failover.v1.PrepareSwitchoverRequest\x1a#.failover.v1.PrepareSwitchoverReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,31 +49,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSTATUSREQUEST']._serialized_start=794
   _globals['_GETSTATUSREQUEST']._serialized_end=812
   _globals['_REPLICASTATUS']._serialized_start=815
-  _globals['_REPLICASTATUS']._serialized_end=1107
-  _globals['_HOSTMETRICS']._serialized_start=1110
-  _globals['_HOSTMETRICS']._serialized_end=1266
-  _globals['_AGENTSTATUS']._serialized_start=1269
-  _globals['_AGENTSTATUS']._serialized_end=1456
-  _globals['_HEARSPRIMARYREQUEST']._serialized_start=1458
-  _globals['_HEARSPRIMARYREQUEST']._serialized_end=1496
-  _globals['_HEARSPRIMARYREPLY']._serialized_start=1498
-  _globals['_HEARSPRIMARYREPLY']._serialized_end=1566
-  _globals['_COMPACTREQUEST']._serialized_start=1568
-  _globals['_COMPACTREQUEST']._serialized_end=1625
-  _globals['_COMPACTREPLY']._serialized_start=1627
-  _globals['_COMPACTREPLY']._serialized_end=1686
-  _globals['_GETDIGESTREQUEST']._serialized_start=1688
-  _globals['_GETDIGESTREQUEST']._serialized_end=1723
-  _globals['_GETDIGESTREPLY']._serialized_start=1725
-  _globals['_GETDIGESTREPLY']._serialized_end=1843
-  _globals['_RESTARTREQUEST']._serialized_start=1845
-  _globals['_RESTARTREQUEST']._serialized_end=1878
-  _globals['_RESTARTREPLY']._serialized_start=1880
-  _globals['_RESTARTREPLY']._serialized_end=1894
-  _globals['_PREPARESWITCHOVERREQUEST']._serialized_start=1896
-  _globals['_PREPARESWITCHOVERREQUEST']._serialized_end=2015
-  _globals['_PREPARESWITCHOVERREPLY']._serialized_start=2017
-  _globals['_PREPARESWITCHOVERREPLY']._serialized_end=2091
-  _globals['_AGENTCONTROL']._serialized_start=2094
-  _globals['_AGENTCONTROL']._serialized_end=2789
+  _globals['_REPLICASTATUS']._serialized_end=1126
+  _globals['_HOSTMETRICS']._serialized_start=1129
+  _globals['_HOSTMETRICS']._serialized_end=1285
+  _globals['_AGENTSTATUS']._serialized_start=1288
+  _globals['_AGENTSTATUS']._serialized_end=1475
+  _globals['_HEARSPRIMARYREQUEST']._serialized_start=1477
+  _globals['_HEARSPRIMARYREQUEST']._serialized_end=1515
+  _globals['_HEARSPRIMARYREPLY']._serialized_start=1517
+  _globals['_HEARSPRIMARYREPLY']._serialized_end=1585
+  _globals['_COMPACTREQUEST']._serialized_start=1587
+  _globals['_COMPACTREQUEST']._serialized_end=1644
+  _globals['_COMPACTREPLY']._serialized_start=1646
+  _globals['_COMPACTREPLY']._serialized_end=1705
+  _globals['_GETDIGESTREQUEST']._serialized_start=1707
+  _globals['_GETDIGESTREQUEST']._serialized_end=1742
+  _globals['_GETDIGESTREPLY']._serialized_start=1744
+  _globals['_GETDIGESTREPLY']._serialized_end=1862
+  _globals['_RESTARTREQUEST']._serialized_start=1864
+  _globals['_RESTARTREQUEST']._serialized_end=1897
+  _globals['_RESTARTREPLY']._serialized_start=1899
+  _globals['_RESTARTREPLY']._serialized_end=1913
+  _globals['_PREPARESWITCHOVERREQUEST']._serialized_start=1915
+  _globals['_PREPARESWITCHOVERREQUEST']._serialized_end=2034
+  _globals['_PREPARESWITCHOVERREPLY']._serialized_start=2036
+  _globals['_PREPARESWITCHOVERREPLY']._serialized_end=2110
+  _globals['_AGENTCONTROL']._serialized_start=2113
+  _globals['_AGENTCONTROL']._serialized_end=2808
 # @@protoc_insertion_point(module_scope)

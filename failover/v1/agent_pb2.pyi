@@ -88,7 +88,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ReplicaStatus(_message.Message):
-    __slots__ = ("service", "kind", "role", "epoch", "indexes", "lag_entries", "mode", "truncated_entries", "last_error", "matched_index", "in_sync")
+    __slots__ = ("service", "kind", "role", "epoch", "indexes", "lag_entries", "mode", "truncated_entries", "last_error", "matched_index", "in_sync", "disk_full")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,7 @@ class ReplicaStatus(_message.Message):
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     MATCHED_INDEX_FIELD_NUMBER: _ClassVar[int]
     IN_SYNC_FIELD_NUMBER: _ClassVar[int]
+    DISK_FULL_FIELD_NUMBER: _ClassVar[int]
     service: str
     kind: str
     role: _common_pb2.Role
@@ -111,7 +112,8 @@ class ReplicaStatus(_message.Message):
     last_error: str
     matched_index: int
     in_sync: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, service: _Optional[str] = ..., kind: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., epoch: _Optional[int] = ..., indexes: _Optional[_Union[_common_pb2.ReplicaIndexes, _Mapping]] = ..., lag_entries: _Optional[int] = ..., mode: _Optional[_Union[_common_pb2.ReplicationMode, str]] = ..., truncated_entries: _Optional[int] = ..., last_error: _Optional[str] = ..., matched_index: _Optional[int] = ..., in_sync: _Optional[_Iterable[str]] = ...) -> None: ...
+    disk_full: bool
+    def __init__(self, service: _Optional[str] = ..., kind: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., epoch: _Optional[int] = ..., indexes: _Optional[_Union[_common_pb2.ReplicaIndexes, _Mapping]] = ..., lag_entries: _Optional[int] = ..., mode: _Optional[_Union[_common_pb2.ReplicationMode, str]] = ..., truncated_entries: _Optional[int] = ..., last_error: _Optional[str] = ..., matched_index: _Optional[int] = ..., in_sync: _Optional[_Iterable[str]] = ..., disk_full: _Optional[bool] = ...) -> None: ...
 
 class HostMetrics(_message.Message):
     __slots__ = ("cpu_percent", "memory_percent", "disk_free_bytes", "memory_total_bytes", "cpu_count", "disk_total_bytes")

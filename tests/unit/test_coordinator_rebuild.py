@@ -44,6 +44,7 @@ class Driver:
         self.roles: dict[tuple[str, str], tuple[str, int]] = {}  # (host, svc) -> role, epoch
         self.index: dict[tuple[str, str], int] = {}
         self.up = set(hosts)
+        self.full: set[str] = set()  # hosts whose disk is full
         self.events: list[tuple[str, str, str, dict[str, Any]]] = []
         self.actions: list[Action] = []
         for h in hosts:
@@ -71,7 +72,8 @@ class Driver:
             service = self.core.services.get(svc)
             in_sync = tuple(service.in_sync) if role == PRIMARY and service else None
             reports.append(ReplicaReport(svc, role, epoch, idx, idx if role == PRIMARY else 0,
-                                         idx, matched_index=idx, in_sync=in_sync))
+                                         idx, matched_index=idx, in_sync=in_sync,
+                                         disk_full=h in self.full))
         _, actions = self.core.heartbeat(host, METRICS, reports, self.now)
         self.run(actions)
 
@@ -262,3 +264,35 @@ def test_placed_state_survives_a_coordinator_restart() -> None:
     # The building replica is told its role again.
     assert any(isinstance(a, AssignRole) and a.host_id == "h3" and a.role == BUILDING
                for a in actions)
+
+
+def test_a_full_duplica_leaves_the_in_sync_set_until_it_has_room_again() -> None:
+    d = Driver(["h1", "h2", "h3"])
+    d.create(replicas=3)
+    s = d.core.services["s"]
+    assert s.in_sync == ["h2", "h3"]
+    d.write("s", 10)
+    d.full.add("h3")
+    d.step(2 * HB)
+    assert s.in_sync == ["h2"]
+    shrink = [e for e in d.events if e[1] == "in_sync" and "h3" in e[2]]
+    assert "its disk is full" in shrink[-1][2]
+    # Caught up but still full: it stays out.
+    d.catch_up("s", "h3")
+    d.step(3 * HB)
+    assert s.in_sync == ["h2"]
+    d.full.discard("h3")
+    d.step(2 * HB)
+    assert s.in_sync == ["h2", "h3"]
+    # A full duplica is not replaced: it still holds the data, and will catch up.
+    assert set(s.replicas) == {"h1", "h2", "h3"}
+
+
+def test_a_full_primary_is_moved_off_by_switchover() -> None:
+    d = Driver(["h1", "h2", "h3"])
+    d.create(replicas=3)
+    d.write("s", 10)
+    d.full.add("h1")
+    d.step(2 * HB)
+    moves = [a for a in d.actions if isinstance(a, StartSwitchover)]
+    assert moves and moves[0].service == "s" and moves[0].to_host in ("h2", "h3")
