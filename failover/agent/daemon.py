@@ -10,13 +10,15 @@ import sys
 
 from failover.agent.config import AgentConfig
 from failover.agent.host import Agent
+from failover.agent.restart import reexec
 from failover.net import agent_servicers, channels
 
 log = logging.getLogger("failover.agent")
 
 
-async def serve(config: AgentConfig) -> None:
-    """Serves until SIGTERM/SIGINT; replicas are recovered before the port opens."""
+async def serve(config: AgentConfig) -> bool:
+    """Serves until SIGTERM/SIGINT (returns False) or an answered Restart (returns True);
+    replicas are recovered before the port opens."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
     agent = Agent(config)
     await agent.start()
@@ -35,10 +37,15 @@ async def serve(config: AgentConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("agent %s stopping", config.host_id)
+    waits = [loop.create_task(stop.wait()), loop.create_task(agent.restart_requested.wait())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for task in waits:
+        task.cancel()
+    restarting = agent.restart_requested.is_set() and not stop.is_set()
+    log.info("agent %s %s", config.host_id, "re-executing" if restarting else "stopping")
     await server.stop(grace=1.0)
     await agent.stop()
+    return restarting
 
 
 def run(config: AgentConfig) -> None:
@@ -48,4 +55,5 @@ def run(config: AgentConfig) -> None:
         format=f"%(asctime)s {config.host_id} %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    asyncio.run(serve(config))
+    if asyncio.run(serve(config)):
+        reexec()  # the event loop, its threads and the port are gone: a clean slate

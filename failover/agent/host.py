@@ -60,6 +60,8 @@ class Agent:
         self.host_id = config.host_id
         self.started_at = time.time()
         self.version = __version__
+        # Set once a Restart was answered: the daemon stops serving and re-executes.
+        self.restart_requested = asyncio.Event()
         self.io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="agent-io")
         self.replicas: dict[str, Replica] = {}
         self.links: dict[str, PeerLink] = {}

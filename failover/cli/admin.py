@@ -100,6 +100,44 @@ class CoordinatorCaller:
         """
         return asyncio.run(self._call(method, request, timeout_ms, idempotent))
 
+    def stream(self, method: str, request: Message, on_message: Callable[[Any], None], *,
+               timeout_ms: int) -> None:
+        """Runs a server-streaming `method` on the first coordinator that answers and hands
+        each message to `on_message`; errors as for `call`. Not retried elsewhere once a
+        message arrived (the operation is under way there)."""
+        asyncio.run(self._stream(method, request, on_message, timeout_ms))
+
+    async def _stream(self, method: str, request: Message, on_message: Callable[[Any], None],
+                      timeout_ms: int) -> None:
+        tried: list[str] = []
+        for address in self.addresses:
+            channel = channels.insecure_channel(address)
+            received = False
+            try:
+                stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+                async for message in getattr(stub, method)(request, timeout=timeout_ms / 1000):
+                    received = True
+                    on_message(message)
+                return
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                details = one_line(exc.details() or "")
+                if code in _REFUSALS:
+                    raise CoordinatorRefused(
+                        f"{details or code.name.lower()} ({code.name} from coordinator "
+                        f"{address})") from None
+                if code == grpc.StatusCode.UNAVAILABLE and not received and \
+                        "failed to connect" in details.lower():
+                    tried.append(f"{address} (unavailable)")
+                    continue
+                raise CommandFailed(f"{method} on coordinator {address} failed: "
+                                    f"{details or code.name}") from None
+            finally:
+                await channel.close()
+        raise CommandFailed(
+            f"no coordinator answered {method}; tried {', '.join(tried)}; check that a "
+            "coordinator runs there, or set --coordinator / FAILOVER_COORDINATOR")
+
     async def _call(self, method: str, request: Message, timeout_ms: int,
                     idempotent: bool) -> Any:
         tried: list[str] = []
@@ -332,6 +370,93 @@ def undrain_command(ctx: click.Context, host: str, timeout_ms: int) -> None:
         click.echo(f"{host} takes replicas again")
 
 
+@click.command("migrate")
+@click.argument("service")
+@click.option("--to", "to_host", required=True, metavar="HOST", help="Host to move to.")
+@click.option("--replica", type=click.Choice(["primary", "duplica"]), default="primary",
+              show_default=True, help="Which replica moves (a primary moves by migrating a "
+              "new duplica, switching over to it and retiring the source).")
+@click.option("--from", "from_host", default="", metavar="HOST",
+              help="With --replica duplica: which duplica (default: any).")
+@click.option("--max-downtime-ms", type=click.IntRange(min=1, max=60_000),
+              default=defaults.MAX_DOWNTIME_MS, show_default=True,
+              help="Pre-copy rounds go on until the last one is predicted to fit this.")
+@click.option("--method", type=click.Choice(["precopy", "stopcopy", "replay"]),
+              default="precopy", show_default=True,
+              help="precopy: rounds of dirty pages, then a short pause; stopcopy: pause and "
+              "copy everything; replay: build the copy from a snapshot and the log.")
+@click.option("--timeout-ms", type=click.IntRange(min=1), default=defaults.MIGRATION_TIMEOUT_MS,
+              show_default=True, help="Deadline of the whole move.")
+@click.pass_context
+def migrate_command(ctx: click.Context, service: str, to_host: str, replica: str,
+                    from_host: str, max_downtime_ms: int, method: str, timeout_ms: int) -> None:
+    """Move a replica of SERVICE to another host, live: clients see no failed request."""
+    addresses, as_json = _settings(ctx)
+    request = coordinator_pb2.MigrateRequest(
+        service=service, to_host_id=to_host, replica=replica, from_host_id=from_host,
+        max_downtime_ms=max_downtime_ms, method=method)
+    final: dict[str, Any] = {}
+    with output.MigrationProgressView(enabled=not as_json) as view:
+        def on_message(progress: Any) -> None:
+            view.update(progress)
+            if progress.phase == "done":
+                final.update(json.loads(progress.stats_json or b"{}"))
+
+        CoordinatorCaller(addresses).stream("Migrate", request, on_message,
+                                            timeout_ms=timeout_ms)
+    if not final:
+        raise CommandFailed(f"the coordinator ended the migration of {service} without a "
+                            "result; see `failoverctl history`")
+    if as_json:
+        _echo_json(final)
+    else:
+        output.make_console().print(output.migration_stats_table(service, final))
+
+
+@click.command("patch")
+@click.argument("hosts", nargs=-1)
+@click.option("--all", "everything", is_flag=True, help="Every host, one at a time.")
+@click.option("--command", default="", help="Run on each host before its agent re-executes "
+              "(e.g. a package upgrade); a non-zero exit stops the patch.")
+@click.option("--failback", is_flag=True, help="Move its primaries back afterwards.")
+@click.option("--method", type=click.Choice(["precopy", "switchover"]), default="precopy",
+              show_default=True, help="How primaries leave: surge-migrate them to a spare "
+              "host (redundancy never drops), or switch over to an in-sync duplica.")
+@click.option("--command-timeout-ms", type=click.IntRange(min=1),
+              default=defaults.PATCH_COMMAND_TIMEOUT_MS, show_default=True)
+@click.option("--timeout-ms", type=click.IntRange(min=1), default=3_600_000,
+              show_default=True, help="Deadline of the whole patch.")
+@click.pass_context
+def patch_command(ctx: click.Context, hosts: tuple[str, ...], everything: bool, command: str,
+                  failback: bool, method: str, command_timeout_ms: int,
+                  timeout_ms: int) -> None:
+    """Restart HOSTS on new code with no failed request: move primaries off, run the
+    command, re-execute the agent, let its replicas catch up."""
+    addresses, as_json = _settings(ctx)
+    if bool(hosts) == everything:
+        raise click.UsageError("name the hosts to patch, or give --all (not both)")
+    request = coordinator_pb2.PatchRequest(
+        host_ids=list(hosts), all=everything, command=command, failback=failback,
+        method=method, command_timeout_ms=command_timeout_ms)
+    steps: list[dict[str, Any]] = []
+    console = output.make_console()
+
+    def on_message(progress: Any) -> None:
+        steps.append({"host_id": progress.host_id, "step": progress.step,
+                      "message": progress.message, "ok": progress.ok})
+        if not as_json:
+            mark = "[red]x[/red]" if progress.step == "failed" else (
+                "[green]ok[/green]" if progress.step == "done" else "..")
+            console.print(f"{mark} {output.escape(progress.message)}")
+
+    CoordinatorCaller(addresses).stream("Patch", request, on_message, timeout_ms=timeout_ms)
+    failed = [s for s in steps if s["step"] == "failed"]
+    if as_json:
+        _echo_json({"ok": not failed, "steps": steps})
+    if failed:
+        raise CommandFailed(failed[0]["message"])
+
+
 @click.command("history")
 @click.argument("service", required=False, default="")
 @click.option("--limit", type=click.IntRange(min=1, max=10_000), default=50,
@@ -400,6 +525,7 @@ def call_command(ctx: click.Context, service: str, request_json: str, timeout_ms
 
 COMMANDS: tuple[click.Command, ...] = (
     status_command, hosts_command, create_command, delete_command, switchover_command,
-    drain_command, undrain_command, history_command, call_command,
+    drain_command, undrain_command, migrate_command, patch_command, history_command,
+    call_command,
 )
 """The commands this module adds to `failoverctl`."""

@@ -75,6 +75,12 @@ Other commands, also stable in the same sense:
   strings in details are given as hex; details that do not decode to a dict are given as
   `{"undecodable_hex": str}`.
 - `call`: the service's result object, whatever `--format` says.
+- `migrate`: the migration's stats: `{"method": str, "total_ms": float, "setup_ms": float,
+  "downtime_ms": float, "rounds": int, "state_bytes": int, "raw_bytes": int,
+  "wire_bytes": int, "compression_ratio": float, "per_round": [...], "move_ms": int, ...}`
+  (keys may be added).
+- `patch`: `{"ok": bool, "steps": [{"host_id": str, "step": str, "message": str,
+  "ok": bool}]}`.
 """
 
 from __future__ import annotations
@@ -86,6 +92,14 @@ from typing import Any
 import msgpack
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from failover.v1 import common_pb2, coordinator_pb2
@@ -396,4 +410,57 @@ def history_table(events: Sequence[Mapping[str, Any]]) -> Table:
         table.add_row(wall_time(e["at"], millis=True), _cell(e["service"] or "-"),
                       _cell(e["kind"]), _cell(e["message"]),
                       *(_cell(details.get(k, "")) for k in extra))
+    return table
+
+
+# --- migrate ---------------------------------------------------------------------------------
+
+
+class MigrationProgressView:
+    """A live progress bar for `migrate`: bytes copied against the state size, with the
+    round, the dirty pages and the throttle (nothing is shown when disabled, for JSON)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+
+    def __enter__(self) -> MigrationProgressView:
+        if self.enabled:
+            self._progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                TransferSpeedColumn(), TextColumn("{task.fields[detail]}"),
+                console=make_console(), transient=False)
+            self._progress.start()
+            self._task = self._progress.add_task("setup", total=None, detail="")
+        return self
+
+    def update(self, progress: Any) -> None:
+        if self._progress is None or self._task is None:
+            return
+        detail = (f"round {progress.round}, {progress.dirty_pages:,} dirty pages "
+                  f"({progress.dirty_pages_s:,.0f}/s)"
+                  + (f", throttle {progress.throttle_ms} ms" if progress.throttle_ms else ""))
+        self._progress.update(
+            self._task, description=escape(progress.phase),
+            completed=progress.raw_bytes, total=progress.state_bytes or None,
+            detail=escape(progress.message or detail))
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def migration_stats_table(service: str, stats: Mapping[str, Any]) -> Table:
+    """`migrate`'s summary for people, from the stats the coordinator returns."""
+    table = Table(title=f"migration of {escape(service)} ({escape(str(stats.get('method')))})")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key in ("total_ms", "setup_ms", "downtime_ms", "rounds", "state_bytes", "raw_bytes",
+                "wire_bytes", "compression_ratio", "move_ms"):
+        if key in stats:
+            value = stats[key]
+            text = f"{value:,.3f}" if isinstance(value, float) else f"{value:,}" \
+                if isinstance(value, int) else escape(str(value))
+            table.add_row(key, text)
     return table

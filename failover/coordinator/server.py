@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -50,6 +52,9 @@ _ROLE = {"primary": common_pb2.ROLE_PRIMARY, "duplica": common_pb2.ROLE_DUPLICA,
          "building": common_pb2.ROLE_BUILDING, "retired": common_pb2.ROLE_RETIRED}
 _ROLE_NAME = {v: k for k, v in _ROLE.items()}
 _MODE = {"sync": common_pb2.REPLICATION_MODE_SYNC, "async": common_pb2.REPLICATION_MODE_ASYNC}
+
+
+MIGRATION_METHODS = ("precopy", "stopcopy", "replay")
 
 
 def monotonic_ms() -> int:
@@ -314,6 +319,246 @@ class Coordinator:
             stall_ms = monotonic_ms() - started
             await self._execute(self.core.switchover_complete(name, target, stall_ms))
             return self.core.services[name].epoch, target, stall_ms
+
+    # --- migration -----------------------------------------------------------------------
+
+    async def migrate(self, name: str, to_host: str, replica: str, max_downtime_ms: int,
+                      method: str, from_host: str = "",
+                      ) -> AsyncIterator[agent_pb2.MigrationProgress]:
+        """Moves a replica of `name` to `to_host` (design.md, Live migration): the source
+        agent copies its live state (pre-copy or stop-and-copy; nothing for "replay", which
+        builds the target from a snapshot and the log), then the target catches up as a
+        building replica and joins the in-sync set; a moving primary is switched over to it;
+        the source is retired. Yields progress; the last message has phase "done"."""
+        if method not in MIGRATION_METHODS:
+            raise InvalidRequest(f"method {method!r}: choose one of {', '.join(MIGRATION_METHODS)}")
+        if max_downtime_ms < 0 or max_downtime_ms > defaults.MIGRATION_DOWNTIME_MS_MAX:
+            raise InvalidRequest(f"max_downtime_ms must be 0..{defaults.MIGRATION_DOWNTIME_MS_MAX}")
+        async with self._lock:
+            source = self.core.migration_source(name, to_host, replica or "primary", from_host)
+            service = self.core.services[name]
+            epoch = service.epoch
+            source_address = self.core.hosts[source].address
+            target_address = self.core.hosts[to_host].address
+            self.core.migration_begin(name, source, to_host)
+        migration_id = f"{name}-{uuid.uuid4().hex[:8]}"
+        started = monotonic_ms()
+        stats: dict[str, Any] = {"method": method}
+        done = False
+        try:
+            if method != "replay":
+                stream = self._caller(source_address).stub.MigrateOut(
+                    agent_pb2.MigrateOutRequest(
+                        service=name, epoch=epoch, migration_id=migration_id,
+                        target_host_id=to_host, target_address=target_address,
+                        max_downtime_ms=max_downtime_ms, method=method),
+                    timeout=defaults.MIGRATION_TIMEOUT_MS / 1000)
+                async for progress in stream:
+                    if progress.phase == "done":
+                        stats = json.loads(progress.stats_json or b"{}")
+                        done = True
+                    else:
+                        yield progress
+                if not done:
+                    raise Unavailable("the source ended the copy without a result")
+            done = True
+        except grpc.aio.AioRpcError as exc:
+            why = exc.details() or exc.code().name
+            async with self._lock:
+                await self._execute(self.core.migration_abort(name, why))
+            raise Unavailable(f"migration of {name} to {to_host} aborted, {source} serves on: "
+                              f"{why}") from None
+        finally:
+            if not done:
+                async with self._lock:
+                    await self._execute(self.core.migration_abort(name, "interrupted"))
+        async with self._lock:
+            await self._execute(self.core.migration_complete(name, stats, monotonic_ms()))
+        yield agent_pb2.MigrationProgress(migration_id=migration_id, phase="catching_up",
+                                          message=f"{to_host} catches up from the log")
+
+        def settled() -> str:
+            current = self.core.services.get(name)
+            if current is None:
+                return "deleted"
+            if current.replicas.get(to_host) != "duplica" or to_host not in current.in_sync:
+                return ""
+            return "" if source in current.replicas else "done"
+
+        state = await self._wait(settled, defaults.MIGRATION_TIMEOUT_MS)
+        if state != "done":
+            raise Unavailable(f"{name}: {to_host} holds the copy but did not take over from "
+                              f"{source} within {defaults.MIGRATION_TIMEOUT_MS} ms; see "
+                              "`failoverctl history`")
+        stats["total_ms"] = stats.get("total_ms", 0)
+        stats["move_ms"] = monotonic_ms() - started
+        yield agent_pb2.MigrationProgress(
+            migration_id=migration_id, phase="done", stats_json=json.dumps(stats).encode(),
+            message=f"{name}: {source} -> {to_host}")
+
+    async def _wait(self, condition: Callable[[], str], timeout_ms: int) -> str:
+        """Polls a condition on the core's state until it says something, under a deadline
+        (returns "" when the deadline passed)."""
+        deadline = monotonic_ms() + timeout_ms
+        while monotonic_ms() < deadline:
+            async with self._lock:
+                said = condition()
+            if said:
+                return said
+            await asyncio.sleep(defaults.COORDINATOR_POLL_MS / 1000)
+        return ""
+
+    # --- patch ----------------------------------------------------------------------------
+
+    async def patch(self, hosts: list[str], everything: bool, command: str, failback: bool,
+                    method: str, command_timeout_ms: int,
+                    ) -> AsyncIterator[coordinator_pb2.PatchProgress]:
+        """Restarts hosts on new code, one at a time, without failed requests (design.md,
+        Patch). A failed step stops the patch with the cluster serving."""
+        if method not in ("precopy", "switchover"):
+            raise InvalidRequest(f"method {method!r}: choose precopy or switchover")
+        async with self._lock:
+            if everything:
+                hosts = sorted(self.core.hosts)
+            if not hosts:
+                raise InvalidRequest("name a host, or ask for --all")
+            unknown = [h for h in hosts if h not in self.core.hosts]
+            if unknown:
+                raise InvalidRequest(f"no host {unknown[0]!r}; `failoverctl hosts` lists them")
+        for host in hosts:
+            async for step in self._patch_host(host, command, failback, method,
+                                               command_timeout_ms):
+                yield step
+                if step.step == "failed":
+                    return
+
+    async def _patch_host(self, host: str, command: str, failback: bool, method: str,
+                          command_timeout_ms: int,
+                          ) -> AsyncIterator[coordinator_pb2.PatchProgress]:
+        def step(name: str, message: str, ok: bool = True) -> coordinator_pb2.PatchProgress:
+            return coordinator_pb2.PatchProgress(host_id=host, step=name, message=message,
+                                                 ok=ok)
+
+        async def record(kind: str, message: str, **details: Any) -> None:
+            async with self._lock:
+                await self.store.commit({}, (), (("", kind, message,
+                                                  {"host_id": host, **details}),))
+
+        async with self._lock:
+            self.core.patching.add(host)
+            before = self.core.hosts[host].started_at
+        moved: list[str] = []
+        try:
+            await record("patch", f"patching {host}: moving its primaries off")
+            yield step("drain", f"{host}: no new replicas; moving its primaries off")
+            async with self._lock:
+                primaries = sorted(s.name for s in self.core.services.values()
+                                   if s.primary == host)
+            for name in primaries:
+                try:
+                    async for message in self._move_primary_off(name, host, method):
+                        yield step("move", message)
+                except (InvalidRequest, Unavailable) as exc:
+                    await record("patch_failed", f"patch of {host} stopped: {exc}")
+                    yield step("failed", f"{host}: moving {name} off failed: {exc}; the "
+                               "cluster serves, the host was not restarted", ok=False)
+                    return
+                moved.append(name)
+            async with self._lock:
+                await self._execute(self.core.restart_planned(host))
+                address = self.core.hosts[host].address
+            yield step("restart", f"{host}: running the patch command and re-executing"
+                       if command else f"{host}: re-executing")
+            try:
+                reply = await self._caller(address).stub.Restart(
+                    agent_pb2.RestartRequest(command=command,
+                                             command_timeout_ms=command_timeout_ms),
+                    timeout=(command_timeout_ms or defaults.PATCH_COMMAND_TIMEOUT_MS) / 1000
+                    + AGENT_CALL_TIMEOUT_S)
+            except grpc.aio.AioRpcError as exc:
+                why = exc.details() or exc.code().name
+                await record("patch_failed", f"patch of {host} stopped: {why}")
+                yield step("failed", f"{host}: restart refused: {why}; the cluster serves",
+                           ok=False)
+                return
+            await record("patch", f"{host} re-executes (was version {reply.version})",
+                         exit_code=reply.exit_code)
+
+            def restarted() -> str:
+                info = self.core.hosts.get(host)
+                live = self.core.live.get(host)
+                if info is None or live is None or not live.alive:
+                    return ""
+                return "yes" if info.started_at != before else ""
+
+            if not await self._wait(restarted, defaults.PATCH_RESTART_TIMEOUT_MS):
+                await record("patch_failed", f"{host} did not come back after its restart")
+                yield step("failed", f"{host} did not come back within "
+                           f"{defaults.PATCH_RESTART_TIMEOUT_MS} ms; the cluster serves "
+                           "without it", ok=False)
+                return
+            async with self._lock:
+                self.core.patching.discard(host)
+                version = self.core.hosts[host].version
+            yield step("recover", f"{host} is back on version {version}; its replicas "
+                       "catch up from their logs")
+
+            def recovered() -> str:
+                for service in self.core.services.values():
+                    if host in service.replicas and host != service.primary and (
+                            host not in service.in_sync):
+                        return ""
+                return "yes"
+
+            if not await self._wait(recovered, defaults.PATCH_RESTART_TIMEOUT_MS):
+                yield step("failed", f"{host}'s replicas did not catch up within "
+                           f"{defaults.PATCH_RESTART_TIMEOUT_MS} ms", ok=False)
+                return
+            if failback:
+                for name in moved:
+                    try:
+                        async for message in self._move_primary_back(name, host, method):
+                            yield step("failback", message)
+                    except (InvalidRequest, Unavailable) as exc:
+                        yield step("failed", f"failback of {name} to {host} failed: {exc}; "
+                                   "the cluster serves", ok=False)
+                        return
+            await record("patch", f"{host} patched", moved=moved)
+            yield step("done", f"{host} patched", ok=True)
+        finally:
+            async with self._lock:
+                self.core.patching.discard(host)
+
+    async def _move_primary_off(self, name: str, host: str,
+                                method: str) -> AsyncIterator[str]:
+        """Moves `name`'s primary off `host`: surge-migrate it to a spare host (so that
+        redundancy never drops), else switch over to an in-sync duplica."""
+        async with self._lock:
+            spare = self.core.spare_host(name) if method == "precopy" else ""
+        if spare:
+            yield f"{name}: pre-copy migration of the primary from {host} to {spare}"
+            async for progress in self.migrate(name, spare, "primary", 0, "precopy"):
+                if progress.phase == "round":
+                    yield (f"{name}: round {progress.round}, {progress.pages} pages, "
+                           f"{progress.dirty_pages} dirty")
+            yield f"{name}: primary now on {spare}"
+            return
+        epoch, primary, stall_ms = await self.switchover(name, "")
+        yield f"{name}: switched over to {primary} (epoch {epoch}, stall {stall_ms} ms)"
+
+    async def _move_primary_back(self, name: str, host: str,
+                                 method: str) -> AsyncIterator[str]:
+        async with self._lock:
+            service = self.core.services.get(name)
+            holds = service is not None and host in service.in_sync
+        if holds:
+            epoch, primary, stall_ms = await self.switchover(name, host)
+            yield f"{name}: switched back to {primary} (stall {stall_ms} ms)"
+            return
+        async for progress in self.migrate(name, host, "primary", 0,
+                                           "precopy" if method == "precopy" else "replay"):
+            if progress.phase == "done":
+                yield f"{name}: primary back on {host}"
 
     async def history(self, service: str, limit: int) -> list[Any]:
         return await self.store.history(service or None, max(1, min(limit or 100, 10_000)))

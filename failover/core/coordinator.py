@@ -61,6 +61,10 @@ class ServiceInfo:
     # ("" follows the cluster's).
     needs: dict[str, float] = field(default_factory=dict)
     placement: str = ""
+    # Replicas being moved away (a migration or a patch): they do not count toward the
+    # desired replicas, a primary among them is switched over, and each is retired once the
+    # replicas that replace it are in sync.
+    leaving: list[str] = field(default_factory=list)
 
     def duplicas(self) -> list[str]:
         return sorted(h for h, r in self.replicas.items() if r != PRIMARY and h != self.primary)
@@ -244,6 +248,12 @@ class CoordinatorCore:
         self._building_since: dict[tuple[str, str], int] = {}
         # service -> when a drain last asked to move its primary
         self._drain_moved_ms: dict[str, int] = {}
+        # service -> (source host, target host) while a live migration copies its state
+        self.migrations: dict[str, tuple[str, str]] = {}
+        # service -> the host a leaving primary should hand over to (a migration's target)
+        self._move_to: dict[str, str] = {}
+        # hosts being patched: no new replicas go there (their replicas stay)
+        self.patching: set[str] = set()
 
     # --- restore ---------------------------------------------------------------------------
 
@@ -488,8 +498,8 @@ class CoordinatorCore:
             if primary_report is None or primary_report.epoch != service.epoch:
                 continue
             for host in service.duplicas():
-                if host in service.in_sync:
-                    continue
+                if host in service.in_sync or host in self.patching:
+                    continue  # a host being patched rejoins once it has restarted
                 live = self.live.get(host)
                 report = live.replicas.get(service.name) if live else None
                 role = service.replicas[host]
@@ -531,13 +541,15 @@ class CoordinatorCore:
         live = self.live.get(host_id)
         info = self.hosts.get(host_id)
         return (live is not None and not live.dead and info is not None and not info.draining
-                and (service.name, host_id) not in self._deposed)
+                and (service.name, host_id) not in self._deposed
+                and host_id not in service.leaving)
 
     def _restore_redundancy(self, service: ServiceInfo, now_ms: int) -> list[Action]:
         """Brings the service back to its desired replica count: places building replicas
         for the missing ones; once enough replicas are in sync, retires the rest (a copy on a
         dead or draining host, a building replica that lost the race to a returning one)."""
-        if service.name in self.failovers or service.name in self.switchovers:
+        if (service.name in self.failovers or service.name in self.switchovers
+                or service.name in self.migrations):
             return []
         primary_live = self.live.get(service.primary)
         primary_report = primary_live.replicas.get(service.name) if primary_live else None
@@ -620,7 +632,7 @@ class CoordinatorCore:
             measured = placement.capacity_and_free(live.metrics) if live else None
             views.append(HostView(
                 host_id=host_id, zone=info.zone, alive=bool(live and live.alive),
-                draining=info.draining,
+                draining=info.draining or host_id in self.patching,
                 capacity=measured[0] if measured else None, free=measured[1] if measured else None,
                 placed=placed.get(host_id, Resources()), pending=pending.get(host_id, Resources()),
             ))
@@ -637,8 +649,13 @@ class CoordinatorCore:
         self._promotable_at.pop((service.name, host), None)
         self._building_since.pop((service.name, host), None)
         self._deposed.discard((service.name, host))
+        leaving = host in service.leaving
+        service.leaving = [h for h in service.leaving if h != host]
+        if not service.leaving:
+            self._move_to.pop(service.name, None)
         live = self.live.get(host)
         why = ("its host is dead" if live is None or live.dead
+               else "it moved to another host" if leaving
                else "its host is draining" if self.hosts[host].draining
                else f"{service.desired_replicas} other replicas are in sync")
         actions: list[Action] = [Persist({SERVICE_PREFIX + service.name: _pack(service)},
@@ -660,21 +677,116 @@ class CoordinatorCore:
         report = live.replicas.get(service.name) if live else None
         full = (report is not None and report.disk_full and report.role == PRIMARY
                 and report.epoch == service.epoch)
-        if (info is None or not (info.draining or full) or service.name in self.failovers
-                or service.name in self.switchovers):
+        leaving = service.primary in service.leaving
+        if (info is None or not (info.draining or full or leaving)
+                or service.name in self.failovers or service.name in self.switchovers):
             return []
         last = self._drain_moved_ms.get(service.name)
         if last is not None and now_ms - last < self.timing.failure_timeout_ms:
             return []
         targets = [h for h in service.in_sync if h in service.promotable
                    and self.live.get(h, HostLive(0, False)).alive
-                   and not self.hosts[h].draining]
+                   and not self.hosts[h].draining and h not in service.leaving]
         if not targets:
             return []
         self._drain_moved_ms[service.name] = now_ms
+        preferred = self._move_to.get(service.name)
+        if preferred in targets:
+            return [StartSwitchover(service.name, preferred)]
         return [StartSwitchover(service.name, max(targets, key=lambda h: (
             self.live[h].replicas[service.name].matched_index
             if service.name in self.live[h].replicas else 0, h)))]
+
+    # --- migration ----------------------------------------------------------------------------
+
+    def migration_source(self, name: str, to_host: str, replica: str, from_host: str) -> str:
+        """Validates a migration of one of `name`'s replicas to `to_host`; returns the host
+        whose replica is the source (the primary, or a duplica)."""
+        service = self.services.get(name)
+        if service is None:
+            raise InvalidRequest(f"no service {name!r}")
+        if replica not in ("primary", "duplica"):
+            raise InvalidRequest(f"replica {replica!r}: choose primary or duplica")
+        busy = (name in self.failovers or name in self.switchovers or name in self.migrations
+                or service.leaving)
+        if busy:
+            raise InvalidRequest(f"{name} is already changing replicas; try again shortly")
+        info = self.hosts.get(to_host)
+        if info is None:
+            raise InvalidRequest(f"no host {to_host!r}; `failoverctl hosts` lists them")
+        if to_host in service.replicas:
+            raise InvalidRequest(f"{to_host} already holds a replica of {name}")
+        if info.draining or not self.live.get(to_host, HostLive(0, False)).alive:
+            raise InvalidRequest(f"{to_host} is draining or not alive")
+        if replica == "primary":
+            source = service.primary
+        else:
+            duplicas = [h for h in service.duplicas() if service.replicas[h] == DUPLICA]
+            if from_host and from_host not in duplicas:
+                raise InvalidRequest(f"{from_host} holds no duplica of {name}; choose one of "
+                                     f"{duplicas or 'none'}")
+            if not duplicas:
+                raise InvalidRequest(f"{name} has no duplica to move")
+            source = from_host or duplicas[0]
+        if not self.live.get(source, HostLive(0, False)).alive:
+            raise InvalidRequest(f"the source {source} is not alive")
+        return source
+
+    def spare_host(self, name: str) -> str:
+        """A host placement would choose for one more replica of `name`, or "" if none."""
+        service = self.services[name]
+        holding = {h: self.hosts[h].zone if h in self.hosts else "" for h in service.replicas}
+        found = placement.place(service.placement or self.placement_policy,
+                                Resources.from_dict(service.needs), 1, self._host_views(),
+                                holding)
+        return found.hosts[0] if found.hosts else ""
+
+    def migration_begin(self, name: str, source: str, target: str) -> None:
+        self.migrations[name] = (source, target)
+
+    def migration_abort(self, name: str, why: str) -> list[Action]:
+        moving = self.migrations.pop(name, None)
+        if moving is None:
+            return []
+        return [Persist({}, history=((name, "migration_aborted", (
+            f"migration of {name} from {moving[0]} to {moving[1]} aborted, {moving[0]} "
+            f"still serves: {why}"), {"source": moving[0], "target": moving[1],
+                                     "why": why}),))]
+
+    def migration_complete(self, name: str, stats: dict[str, Any],
+                           now_ms: int) -> list[Action]:
+        """The target holds a checked, durable copy (or, for a rebuild by replay, is to be
+        built): it becomes a building replica, and the source is leaving. The rest is the
+        usual machinery: the target catches up and joins the in-sync set, a leaving primary
+        is switched over, and the source is retired."""
+        source, target = self.migrations.pop(name)
+        service = self.services[name]
+        assert target not in service.replicas, (name, target)
+        service.replicas[target] = BUILDING
+        self._building_since[(name, target)] = now_ms
+        if source in service.replicas and source not in service.leaving:
+            service.leaving = sorted({*service.leaving, source})
+        if source == service.primary:
+            self._move_to[name] = target
+        method = stats.get("method", "")
+        return [
+            Persist({SERVICE_PREFIX + name: _pack(service)}, history=((
+                name, "migration",
+                f"{name}: {method} copy from {source} to {target} done; {target} catches up, "
+                f"then {source} is retired",
+                {"source": source, "target": target, **stats}),)),
+            *self._assignments(service),
+        ]
+
+    def restart_planned(self, host_id: str) -> list[Action]:
+        """A host is about to restart (a patch): its duplicas leave the in-sync sets first,
+        so that no sync write waits on them; they rejoin once caught up."""
+        actions: list[Action] = []
+        for service in self.services.values():
+            if host_id in service.in_sync and service.primary != host_id:
+                actions.extend(self._shrink_in_sync(service, host_id, "its host restarts for "
+                                                    "a patch"))
+        return actions
 
     def set_draining(self, host_id: str, draining: bool) -> list[Action]:
         """Marks a host draining (no new replicas; its primaries move off by switchover and

@@ -19,6 +19,7 @@ import grpc.aio
 import psutil
 
 from failover import defaults
+from failover.agent.restart import run_patch_command
 from failover.core.sessions import Reply, ReplyStatus
 from failover.errors import (
     DiskFullError,
@@ -304,6 +305,28 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
             await _abort(context, exc)
         return agent_pb2.PrepareSwitchoverReply(last_index=last,
                                                 target_durable_index=target_durable)
+
+    async def Restart(self, request: agent_pb2.RestartRequest,
+                      context: grpc.aio.ServicerContext) -> agent_pb2.RestartReply:
+        """Runs the patch command (a non-zero exit refuses the restart), answers, then the
+        daemon stops serving and re-executes the agent."""
+        agent = self.agent
+        code, output = 0, ""
+        try:
+            if request.command:
+                code, output = await run_patch_command(
+                    request.command,
+                    request.command_timeout_ms or defaults.PATCH_COMMAND_TIMEOUT_MS)
+        except _HANDLED as exc:
+            await _abort(context, exc)
+        if code != 0:
+            tail = " ".join(output.split())[-300:]
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"the patch command exited with {code}; the agent keeps "
+                                f"running its old code: {tail}")
+        loop = asyncio.get_running_loop()
+        loop.call_later(defaults.AGENT_RESTART_DELAY_MS / 1000, agent.restart_requested.set)
+        return agent_pb2.RestartReply(exit_code=code, output=output, version=agent.version)
 
     async def Compact(self, request: agent_pb2.CompactRequest,
                       context: grpc.aio.ServicerContext) -> agent_pb2.CompactReply:

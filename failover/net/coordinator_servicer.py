@@ -13,7 +13,7 @@ from failover.coordinator.server import check_name, metrics_dict, replica_report
 from failover.core.coordinator import HostInfo
 from failover.core.placement import Resources
 from failover.errors import InvalidRequest, Unavailable
-from failover.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+from failover.v1 import agent_pb2, common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 if TYPE_CHECKING:
     from failover.coordinator.server import Coordinator
@@ -125,6 +125,31 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             await _abort(context, exc)
         host = next(h for h in self.c.status().hosts if h.host_id == request.host_id)
         return coordinator_pb2.DrainHostReply(host=host)
+
+    async def Migrate(self, request: coordinator_pb2.MigrateRequest,
+                      context: grpc.aio.ServicerContext,
+                      ) -> AsyncIterator[agent_pb2.MigrationProgress]:
+        try:
+            check_name(request.service, "service")
+            check_name(request.to_host_id, "to_host_id")
+            async for progress in self.c.migrate(
+                    request.service, request.to_host_id, request.replica or "primary",
+                    request.max_downtime_ms, request.method or "precopy",
+                    request.from_host_id):
+                yield progress
+        except (InvalidRequest, Unavailable) as exc:
+            await _abort(context, exc)
+
+    async def Patch(self, request: coordinator_pb2.PatchRequest,
+                    context: grpc.aio.ServicerContext,
+                    ) -> AsyncIterator[coordinator_pb2.PatchProgress]:
+        try:
+            async for progress in self.c.patch(
+                    list(request.host_ids), request.all, request.command, request.failback,
+                    request.method or "precopy", request.command_timeout_ms):
+                yield progress
+        except (InvalidRequest, Unavailable) as exc:
+            await _abort(context, exc)
 
     async def GetHistory(self, request: coordinator_pb2.HistoryRequest,
                          context: grpc.aio.ServicerContext) -> coordinator_pb2.HistoryReply:

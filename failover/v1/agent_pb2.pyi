@@ -200,14 +200,70 @@ class GetDigestReply(_message.Message):
     def __init__(self, digest: _Optional[bytes] = ..., applied_index: _Optional[int] = ..., epoch: _Optional[int] = ..., epoch_history: _Optional[_Iterable[_Union[_common_pb2.EpochStart, _Mapping]]] = ...) -> None: ...
 
 class RestartRequest(_message.Message):
-    __slots__ = ("command",)
+    __slots__ = ("command", "command_timeout_ms")
     COMMAND_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     command: str
-    def __init__(self, command: _Optional[str] = ...) -> None: ...
+    command_timeout_ms: int
+    def __init__(self, command: _Optional[str] = ..., command_timeout_ms: _Optional[int] = ...) -> None: ...
 
 class RestartReply(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("exit_code", "output", "version")
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    exit_code: int
+    output: str
+    version: str
+    def __init__(self, exit_code: _Optional[int] = ..., output: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class MigrateOutRequest(_message.Message):
+    __slots__ = ("service", "epoch", "migration_id", "target_host_id", "target_address", "max_downtime_ms", "method")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MAX_DOWNTIME_MS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    epoch: int
+    migration_id: str
+    target_host_id: str
+    target_address: str
+    max_downtime_ms: int
+    method: str
+    def __init__(self, service: _Optional[str] = ..., epoch: _Optional[int] = ..., migration_id: _Optional[str] = ..., target_host_id: _Optional[str] = ..., target_address: _Optional[str] = ..., max_downtime_ms: _Optional[int] = ..., method: _Optional[str] = ...) -> None: ...
+
+class MigrationProgress(_message.Message):
+    __slots__ = ("migration_id", "phase", "round", "pages", "raw_bytes", "wire_bytes", "dirty_pages", "dirty_pages_s", "throttle_ms", "state_bytes", "message", "stats_json", "applied_index")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    PAGES_FIELD_NUMBER: _ClassVar[int]
+    RAW_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WIRE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DIRTY_PAGES_FIELD_NUMBER: _ClassVar[int]
+    DIRTY_PAGES_S_FIELD_NUMBER: _ClassVar[int]
+    THROTTLE_MS_FIELD_NUMBER: _ClassVar[int]
+    STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    STATS_JSON_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_INDEX_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    phase: str
+    round: int
+    pages: int
+    raw_bytes: int
+    wire_bytes: int
+    dirty_pages: int
+    dirty_pages_s: float
+    throttle_ms: int
+    state_bytes: int
+    message: str
+    stats_json: bytes
+    applied_index: int
+    def __init__(self, migration_id: _Optional[str] = ..., phase: _Optional[str] = ..., round: _Optional[int] = ..., pages: _Optional[int] = ..., raw_bytes: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., dirty_pages: _Optional[int] = ..., dirty_pages_s: _Optional[float] = ..., throttle_ms: _Optional[int] = ..., state_bytes: _Optional[int] = ..., message: _Optional[str] = ..., stats_json: _Optional[bytes] = ..., applied_index: _Optional[int] = ...) -> None: ...
 
 class PrepareSwitchoverRequest(_message.Message):
     __slots__ = ("service", "epoch", "target_host_id", "timeout_ms", "release")

@@ -79,6 +79,11 @@ class AgentControlStub:
                 request_serializer=failover_dot_v1_dot_agent__pb2.PrepareSwitchoverRequest.SerializeToString,
                 response_deserializer=failover_dot_v1_dot_agent__pb2.PrepareSwitchoverReply.FromString,
                 _registered_method=True)
+        self.MigrateOut = channel.unary_stream(
+                '/failover.v1.AgentControl/MigrateOut',
+                request_serializer=failover_dot_v1_dot_agent__pb2.MigrateOutRequest.SerializeToString,
+                response_deserializer=failover_dot_v1_dot_agent__pb2.MigrationProgress.FromString,
+                _registered_method=True)
 
 
 class AgentControlServicer:
@@ -146,6 +151,16 @@ class AgentControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MigrateOut(self, request, context):
+        """On the source replica: copies its live state to another host by pre-copy (or
+        stop-and-copy) over Migration.MigratePages, streaming progress; the last message has
+        the stats. The source keeps serving throughout; on any failure before the cut the target
+        copy is discarded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -193,6 +208,11 @@ def add_AgentControlServicer_to_server(servicer, server):
                     servicer.PrepareSwitchover,
                     request_deserializer=failover_dot_v1_dot_agent__pb2.PrepareSwitchoverRequest.FromString,
                     response_serializer=failover_dot_v1_dot_agent__pb2.PrepareSwitchoverReply.SerializeToString,
+            ),
+            'MigrateOut': grpc.unary_stream_rpc_method_handler(
+                    servicer.MigrateOut,
+                    request_deserializer=failover_dot_v1_dot_agent__pb2.MigrateOutRequest.FromString,
+                    response_serializer=failover_dot_v1_dot_agent__pb2.MigrationProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -438,6 +458,33 @@ class AgentControl:
             '/failover.v1.AgentControl/PrepareSwitchover',
             failover_dot_v1_dot_agent__pb2.PrepareSwitchoverRequest.SerializeToString,
             failover_dot_v1_dot_agent__pb2.PrepareSwitchoverReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MigrateOut(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/failover.v1.AgentControl/MigrateOut',
+            failover_dot_v1_dot_agent__pb2.MigrateOutRequest.SerializeToString,
+            failover_dot_v1_dot_agent__pb2.MigrationProgress.FromString,
             options,
             channel_credentials,
             insecure,

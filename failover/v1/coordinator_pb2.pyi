@@ -220,6 +220,50 @@ class DrainHostReply(_message.Message):
     host: HostStatus
     def __init__(self, host: _Optional[_Union[HostStatus, _Mapping]] = ...) -> None: ...
 
+class MigrateRequest(_message.Message):
+    __slots__ = ("service", "to_host_id", "replica", "max_downtime_ms", "method", "from_host_id")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    TO_HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    MAX_DOWNTIME_MS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    FROM_HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    to_host_id: str
+    replica: str
+    max_downtime_ms: int
+    method: str
+    from_host_id: str
+    def __init__(self, service: _Optional[str] = ..., to_host_id: _Optional[str] = ..., replica: _Optional[str] = ..., max_downtime_ms: _Optional[int] = ..., method: _Optional[str] = ..., from_host_id: _Optional[str] = ...) -> None: ...
+
+class PatchRequest(_message.Message):
+    __slots__ = ("host_ids", "all", "command", "failback", "method", "command_timeout_ms")
+    HOST_IDS_FIELD_NUMBER: _ClassVar[int]
+    ALL_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    FAILBACK_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    host_ids: _containers.RepeatedScalarFieldContainer[str]
+    all: bool
+    command: str
+    failback: bool
+    method: str
+    command_timeout_ms: int
+    def __init__(self, host_ids: _Optional[_Iterable[str]] = ..., all: _Optional[bool] = ..., command: _Optional[str] = ..., failback: _Optional[bool] = ..., method: _Optional[str] = ..., command_timeout_ms: _Optional[int] = ...) -> None: ...
+
+class PatchProgress(_message.Message):
+    __slots__ = ("host_id", "step", "message", "ok")
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    host_id: str
+    step: str
+    message: str
+    ok: bool
+    def __init__(self, host_id: _Optional[str] = ..., step: _Optional[str] = ..., message: _Optional[str] = ..., ok: _Optional[bool] = ...) -> None: ...
+
 class HistoryRequest(_message.Message):
     __slots__ = ("service", "limit")
     SERVICE_FIELD_NUMBER: _ClassVar[int]

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from failover.v1 import agent_pb2 as failover_dot_v1_dot_agent__pb2
 from failover.v1 import coordinator_pb2 as failover_dot_v1_dot_coordinator__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -79,6 +80,16 @@ class CoordinatorStub:
                 request_serializer=failover_dot_v1_dot_coordinator__pb2.DrainHostRequest.SerializeToString,
                 response_deserializer=failover_dot_v1_dot_coordinator__pb2.DrainHostReply.FromString,
                 _registered_method=True)
+        self.Migrate = channel.unary_stream(
+                '/failover.v1.Coordinator/Migrate',
+                request_serializer=failover_dot_v1_dot_coordinator__pb2.MigrateRequest.SerializeToString,
+                response_deserializer=failover_dot_v1_dot_agent__pb2.MigrationProgress.FromString,
+                _registered_method=True)
+        self.Patch = channel.unary_stream(
+                '/failover.v1.Coordinator/Patch',
+                request_serializer=failover_dot_v1_dot_coordinator__pb2.PatchRequest.SerializeToString,
+                response_deserializer=failover_dot_v1_dot_coordinator__pb2.PatchProgress.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -141,6 +152,22 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Migrate(self, request, context):
+        """Moves a replica to another host: pre-copy live migration (or stop-and-copy, or a
+        rebuild by replay); moving the primary then switches over to the copy and retires the
+        source. Streams progress; the last message has the stats.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Patch(self, request, context):
+        """Restarts hosts on new code without failed requests; streams each step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -188,6 +215,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.DrainHost,
                     request_deserializer=failover_dot_v1_dot_coordinator__pb2.DrainHostRequest.FromString,
                     response_serializer=failover_dot_v1_dot_coordinator__pb2.DrainHostReply.SerializeToString,
+            ),
+            'Migrate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Migrate,
+                    request_deserializer=failover_dot_v1_dot_coordinator__pb2.MigrateRequest.FromString,
+                    response_serializer=failover_dot_v1_dot_agent__pb2.MigrationProgress.SerializeToString,
+            ),
+            'Patch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Patch,
+                    request_deserializer=failover_dot_v1_dot_coordinator__pb2.PatchRequest.FromString,
+                    response_serializer=failover_dot_v1_dot_coordinator__pb2.PatchProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -433,6 +470,60 @@ class Coordinator:
             '/failover.v1.Coordinator/DrainHost',
             failover_dot_v1_dot_coordinator__pb2.DrainHostRequest.SerializeToString,
             failover_dot_v1_dot_coordinator__pb2.DrainHostReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Migrate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/failover.v1.Coordinator/Migrate',
+            failover_dot_v1_dot_coordinator__pb2.MigrateRequest.SerializeToString,
+            failover_dot_v1_dot_agent__pb2.MigrationProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Patch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/failover.v1.Coordinator/Patch',
+            failover_dot_v1_dot_coordinator__pb2.PatchRequest.SerializeToString,
+            failover_dot_v1_dot_coordinator__pb2.PatchProgress.FromString,
             options,
             channel_credentials,
             insecure,

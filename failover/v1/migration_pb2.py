@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from failover.v1 import common_pb2 as failover_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x61ilover/v1/migration.proto\x12\x0b\x66\x61ilover.v1\x1a\x18\x66\x61ilover/v1/common.proto\"\xb1\x02\n\tPageBatch\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\r\n\x05round\x18\x04 \x01(\r\x12\x18\n\x0cpage_numbers\x18\x05 \x03(\rB\x02\x10\x01\x12\x30\n\tencodings\x18\x06 \x03(\x0e\x32\x19.failover.v1.PageEncodingB\x02\x10\x01\x12\x11\n\tpages_lz4\x18\x07 \x01(\x0c\x12\x12\n\npage_bytes\x18\x08 \x01(\r\x12\x13\n\x0b\x61rena_pages\x18\t \x01(\x04\x12\r\n\x05\x66inal\x18\n \x01(\x08\x12)\n\x07\x61pplied\x18\x0b \x01(\x0b\x32\x18.failover.v1.LogPosition\x12\x0e\n\x06\x64igest\x18\x0c \x01(\x0c\x12\r\n\x05setup\x18\r \x01(\x0c\"\x80\x01\n\x0fMigrationResult\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x0e\n\x06\x64igest\x18\x03 \x01(\x0c\x12\x16\n\x0epages_received\x18\x04 \x01(\x04\x12\x12\n\nwire_bytes\x18\x05 \x01(\x04\x12\x0f\n\x07message\x18\x06 \x01(\t*y\n\x0cPageEncoding\x12\x1d\n\x19PAGE_ENCODING_UNSPECIFIED\x10\x00\x12\x15\n\x11PAGE_ENCODING_RAW\x10\x01\x12\x16\n\x12PAGE_ENCODING_ZERO\x10\x02\x12\x1b\n\x17PAGE_ENCODING_XOR_DELTA\x10\x03\x32S\n\tMigration\x12\x46\n\x0cMigratePages\x12\x16.failover.v1.PageBatch\x1a\x1c.failover.v1.MigrationResult(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x61ilover/v1/migration.proto\x12\x0b\x66\x61ilover.v1\x1a\x18\x66\x61ilover/v1/common.proto\"\xf6\x02\n\tPageBatch\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\r\n\x05round\x18\x04 \x01(\r\x12\x18\n\x0cpage_numbers\x18\x05 \x03(\rB\x02\x10\x01\x12\x30\n\tencodings\x18\x06 \x03(\x0e\x32\x19.failover.v1.PageEncodingB\x02\x10\x01\x12\x11\n\tpages_lz4\x18\x07 \x01(\x0c\x12\x12\n\npage_bytes\x18\x08 \x01(\r\x12\x13\n\x0b\x61rena_pages\x18\t \x01(\x04\x12\r\n\x05\x66inal\x18\n \x01(\x08\x12)\n\x07\x61pplied\x18\x0b \x01(\x0b\x32\x18.failover.v1.LogPosition\x12\x0e\n\x06\x64igest\x18\x0c \x01(\x0c\x12\r\n\x05setup\x18\r \x01(\x0c\x12\x13\n\x0b\x66inal_state\x18\x0e \x01(\x0c\x12.\n\repoch_history\x18\x0f \x03(\x0b\x32\x17.failover.v1.EpochStart\"\x8f\x01\n\x0fMigrationResult\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x0e\n\x06\x64igest\x18\x03 \x01(\x0c\x12\x16\n\x0epages_received\x18\x04 \x01(\x04\x12\x12\n\nwire_bytes\x18\x05 \x01(\x04\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\r\n\x05stage\x18\x07 \x01(\t*y\n\x0cPageEncoding\x12\x1d\n\x19PAGE_ENCODING_UNSPECIFIED\x10\x00\x12\x15\n\x11PAGE_ENCODING_RAW\x10\x01\x12\x16\n\x12PAGE_ENCODING_ZERO\x10\x02\x12\x1b\n\x17PAGE_ENCODING_XOR_DELTA\x10\x03\x32U\n\tMigration\x12H\n\x0cMigratePages\x12\x16.failover.v1.PageBatch\x1a\x1c.failover.v1.MigrationResult(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,12 +36,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PAGEBATCH'].fields_by_name['page_numbers']._serialized_options = b'\020\001'
   _globals['_PAGEBATCH'].fields_by_name['encodings']._loaded_options = None
   _globals['_PAGEBATCH'].fields_by_name['encodings']._serialized_options = b'\020\001'
-  _globals['_PAGEENCODING']._serialized_start=509
-  _globals['_PAGEENCODING']._serialized_end=630
+  _globals['_PAGEENCODING']._serialized_start=593
+  _globals['_PAGEENCODING']._serialized_end=714
   _globals['_PAGEBATCH']._serialized_start=71
-  _globals['_PAGEBATCH']._serialized_end=376
-  _globals['_MIGRATIONRESULT']._serialized_start=379
-  _globals['_MIGRATIONRESULT']._serialized_end=507
-  _globals['_MIGRATION']._serialized_start=632
-  _globals['_MIGRATION']._serialized_end=715
+  _globals['_PAGEBATCH']._serialized_end=445
+  _globals['_MIGRATIONRESULT']._serialized_start=448
+  _globals['_MIGRATIONRESULT']._serialized_end=591
+  _globals['_MIGRATION']._serialized_start=716
+  _globals['_MIGRATION']._serialized_end=801
 # @@protoc_insertion_point(module_scope)

@@ -34,7 +34,7 @@ class MigrationStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.MigratePages = channel.stream_unary(
+        self.MigratePages = channel.stream_stream(
                 '/failover.v1.Migration/MigratePages',
                 request_serializer=failover_dot_v1_dot_migration__pb2.PageBatch.SerializeToString,
                 response_deserializer=failover_dot_v1_dot_migration__pb2.MigrationResult.FromString,
@@ -45,7 +45,11 @@ class MigrationServicer:
     """Missing associated documentation comment in .proto file."""
 
     def MigratePages(self, request_iterator, context):
-        """Missing associated documentation comment in .proto file."""
+        """Source to target. The target answers the final batch once the copy checks out
+        (stage "cut"; the source then resumes applying) and again once the copy is durable
+        (stage "persisted"). Any other answer, or a broken stream, aborts: the target copy is
+        discarded and the source stays the owner.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -53,7 +57,7 @@ class MigrationServicer:
 
 def add_MigrationServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'MigratePages': grpc.stream_unary_rpc_method_handler(
+            'MigratePages': grpc.stream_stream_rpc_method_handler(
                     servicer.MigratePages,
                     request_deserializer=failover_dot_v1_dot_migration__pb2.PageBatch.FromString,
                     response_serializer=failover_dot_v1_dot_migration__pb2.MigrationResult.SerializeToString,
@@ -80,7 +84,7 @@ class Migration:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.stream_unary(
+        return grpc.experimental.stream_stream(
             request_iterator,
             target,
             '/failover.v1.Migration/MigratePages',
