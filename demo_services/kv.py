@@ -27,18 +27,23 @@ The allocator is deterministic (same commands, same bytes): a record goes into t
 that fits it (four classes per doubling, so at most 25% slack); a free list per class (last
 freed, first reused) serves before the bump offset moves; an overwrite stays in place when the
 new record needs the same class; freed bytes are zeroed. The in-memory index (key -> slot
-offset) is derived: `restore` and `reload_paged` rebuild it by walking the slots.
+offset) is derived: `restore` and `reload_paged` rebuild it by walking the slots (a run of
+same-class slots at a time). `apply_batch` applies a log's worth of commands with the same
+results and bytes as `apply` one by one, faster (the replay path).
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
+import sys
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import compress, repeat
+from operator import add, not_
 
 from failover import defaults
-from failover.errors import InvalidRequest, RequestRejected, StateCorruptError
+from failover.errors import FailoverError, InvalidRequest, RequestRejected, StateCorruptError
 from failover.paged_state import PagedState
 from failover.service import ServiceKind, require, require_op
 
@@ -52,6 +57,7 @@ _ARENA_MAGIC = b"FOKV"
 _ARENA_FORMAT = 1
 _ARENA_HEAD = struct.Struct("<4sIQQI4x")  # magic, format, bump, live count, class count
 _SLOT_HEAD = struct.Struct("<BBBxIIQ")  # state, class, tag, key len, value len, next free
+_SLOT_HEAD_BYTES = _SLOT_HEAD.size
 _SNAP_MAGIC = b"FKVS"
 _SNAP_HEAD = struct.Struct("<4sIII")  # magic, format, page_bytes, page_count
 
@@ -112,7 +118,19 @@ def _corrupt(reason: str) -> StateCorruptError:
 
 
 def _parse_arena(buf: bytes | bytearray) -> _Layout:
-    """Check every structural invariant of an arena and rebuild its index."""
+    """Check every structural invariant of an arena and rebuild its index.
+
+    Runs of slots of one size class are checked and indexed by C-level slicing of the whole
+    run at once (`_parse_runs`); an arena that fails any check there is walked again slot by
+    slot (`_parse_arena_walk`), which names the first problem. Both accept exactly the same
+    arenas and give the same layout.
+    """
+    layout = _parse_runs(buf)
+    return layout if layout is not None else _parse_arena_walk(buf)
+
+
+def _parse_arena_walk(buf: bytes | bytearray) -> _Layout:
+    """`_parse_arena`, one slot at a time (raises naming the first problem)."""
     if len(buf) < _DATA_START:
         raise _corrupt(f"{len(buf)} bytes is smaller than the arena header")
     magic, fmt, bump, live, class_count = _ARENA_HEAD.unpack_from(buf, 0)
@@ -171,6 +189,114 @@ def _parse_arena(buf: bytes | bytearray) -> _Layout:
     return _Layout(bump, live, heads, index)
 
 
+_RUN_SLOTS_MAX = 1 << 16  # slots checked per step of a run (bounds the temporary lists)
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+def _parse_runs(buf: bytes | bytearray) -> _Layout | None:
+    """`_parse_arena` for a valid arena, a run of same-class slots at a time; None when any
+    check fails (then the walk says which). See `_check_run` for what a run must hold."""
+    if not _LITTLE_ENDIAN or len(buf) < _DATA_START:
+        return None
+    magic, fmt, bump, live, class_count = _ARENA_HEAD.unpack_from(buf, 0)
+    if (magic != _ARENA_MAGIC or fmt != _ARENA_FORMAT or class_count != len(_SIZES)
+            or not _DATA_START <= bump <= len(buf) or buf.count(0, bump) != len(buf) - bump):
+        return None
+    heads = list(_HEADS.unpack_from(buf, _ARENA_HEAD.size))
+    index: dict[str, int] = {}
+    free: dict[int, int] = {}
+    view = memoryview(buf)
+    offset = _DATA_START
+    while offset < bump:
+        if offset + _SLOT_HEAD_BYTES > bump:
+            return None
+        cls = buf[offset + 1]
+        if cls >= len(_SIZES):
+            return None
+        size = _SIZES[cls]
+        # The slots that follow while each one's class byte says `cls`: slot k of the run
+        # starts at offset + k * size exactly because every slot before it is of that size.
+        fit = min((bump - offset) // size, _RUN_SLOTS_MAX)
+        if not fit:
+            return None
+        classes = bytes(buf[offset + 1 : offset + 1 + fit * size : size])
+        count = fit - len(classes.lstrip(classes[:1]))
+        end = offset + count * size
+        if not _check_run(buf, view[offset:end], offset, count, cls, index, free):
+            return None
+        offset = end
+    for cls, head in enumerate(heads):
+        node = head
+        while node:
+            if free.pop(node, None) != cls:
+                return None
+            node = _SLOT_HEAD.unpack_from(buf, node)[5]
+    if free or live != len(index):
+        return None
+    return _Layout(bump, live, heads, index)
+
+
+def _check_run(buf: bytes | bytearray, run: memoryview, offset: int, count: int, cls: int,
+               index: dict[str, int], free: dict[int, int]) -> bool:
+    """Checks `count` slots of class `cls` starting at `offset` (`run` views their bytes)
+    and adds their keys to `index` and free slots to `free`; False if any check fails.
+
+    As the walk: each slot is live or free; a live one has a known value tag, no free-list
+    link, a record whose size class is `cls` and a UTF-8 key not seen before; a free one has
+    an all-zero record header apart from its link.
+    """
+    size = _SIZES[cls]
+    stride = size // 4  # sizes are multiples of 8, slots 4-aligned: a u32 view fits them
+    words = run.cast("I")
+    key_lens = words[1::stride].tolist()
+    value_lens = words[2::stride].tolist()
+    links = words[3::stride].tolist()
+    links_high = words[4::stride].tolist()
+    states = bytes(run[0::size])
+    tags = bytes(run[2::size])
+    offsets = range(offset, offset + count * size, size)
+    lives = states.count(_LIVE)
+    if lives + states.count(_FREE) != count:
+        return False
+    if lives == count:
+        live_offsets: Sequence[int] = offsets
+        live_keys, live_values = key_lens, value_lens
+        if tags.count(_TAG_STR) + tags.count(_TAG_BYTES) != count or any(links) or any(
+                links_high):
+            return False
+    else:
+        is_live = list(map(_LIVE.__eq__, states))
+        is_free = list(map(not_, is_live))
+        live_offsets = list(compress(offsets, is_live))
+        live_keys = list(compress(key_lens, is_live))
+        live_values = list(compress(value_lens, is_live))
+        live_tags = bytes(compress(tags, is_live))
+        if (live_tags.count(_TAG_STR) + live_tags.count(_TAG_BYTES) != lives
+                or any(compress(links, is_live)) or any(compress(links_high, is_live))):
+            return False
+        if (any(compress(tags, is_free)) or any(compress(key_lens, is_free))
+                or any(compress(value_lens, is_free))):
+            return False
+        free.update(zip(compress(offsets, is_free), repeat(cls)))
+    if not lives:
+        return True
+    # Each record needs exactly this class: more than the class below holds, at most its own.
+    needs = list(map(add, live_keys, live_values))
+    floor = _SIZES[cls - 1] if cls else 0
+    if not floor < min(needs) + _SLOT_HEAD_BYTES or max(needs) + _SLOT_HEAD_BYTES > size:
+        return False
+    starts = list(map(add, live_offsets, repeat(_SLOT_HEAD_BYTES)))
+    try:
+        keys = list(map(str, map(buf.__getitem__, map(slice, starts, map(add, starts,
+                                                                          live_keys))),
+                        repeat("utf-8"), repeat("surrogatepass")))
+    except UnicodeDecodeError:
+        return False
+    before = len(index)
+    index.update(zip(keys, live_offsets, strict=True))
+    return len(index) == before + lives
+
+
 class KvService(ServiceKind):
     """The `kv` kind: str keys to str or bytes values, stored in a `PagedState`."""
 
@@ -217,6 +343,84 @@ class KvService(ServiceKind):
             return {"ok": True, "found": self._delete(key)}
         return self._cas(command)
 
+    def apply_batch(self, commands: Sequence[dict]) -> list[dict | FailoverError]:
+        """`apply` on each command in order, a refusal (InvalidRequest, RequestRejected)
+        taken as that command's outcome; the same outcomes and state as one by one.
+
+        A put of a str key and a str or bytes value within the bounds (the bulk of a log)
+        takes a fast path that checks exactly what `apply` checks (a dict of exactly those
+        three fields) and, for a new key, allocates from the bump offset inline; anything else
+        goes through `apply`. The arena header is written once at the end rather than after
+        each put. Equal results are the same dict object (the framework encodes it once).
+        """
+        outcomes: list[dict | FailoverError] = []
+        append = outcomes.append
+        found_results = ({"ok": True, "found": False}, {"ok": True, "found": True})
+        created = found_results[0]
+        index = self._index
+        heads = self._heads
+        paged = self._paged
+        write = paged.write
+        put = self._put_record
+        pack_head = _SLOT_HEAD.pack
+        sizes = _SIZES
+        head_bytes = _SLOT_HEAD_BYTES
+        key_max, value_max = KEY_BYTES_MAX, VALUE_BYTES_MAX
+        tag_str, tag_bytes, live_state = _TAG_STR, _TAG_BYTES, _LIVE
+        header_stale = False
+        try:
+            for command in commands:
+                if type(command) is dict and len(command) == 3 and command.get("op") == "put":
+                    key = command.get("key")
+                    value = command.get("value")
+                    value_type = type(value)
+                    if type(key) is str and (value_type is str or value_type is bytes):
+                        key_bytes = key.encode("utf-8", "surrogatepass")
+                        if value_type is str:
+                            tag, value_bytes = tag_str, value.encode("utf-8", "surrogatepass")
+                        else:
+                            tag, value_bytes = tag_bytes, value
+                        key_len = len(key_bytes)
+                        value_len = len(value_bytes)
+                        if key_len <= key_max and value_len <= value_max:
+                            cls = bisect_left(sizes, head_bytes + key_len + value_len)
+                            offset = self._bump
+                            # A new key (every stored one lies below the bump offset) and no
+                            # free slot of its class: the record goes at the bump offset.
+                            if not heads[cls] and index.setdefault(key, offset) == offset:
+                                end = offset + sizes[cls]
+                                if end <= paged.size_bytes:
+                                    self._bump = end
+                                else:
+                                    try:
+                                        self._allocate(cls)  # grows the arena, or refuses
+                                    except RequestRejected as exc:
+                                        del index[key]
+                                        append(exc)
+                                        continue
+                                write(offset, pack_head(live_state, cls, tag, key_len, value_len,
+                                                        0) + key_bytes + value_bytes)
+                                self._live += 1
+                                header_stale = True
+                                append(created)
+                                continue
+                            try:
+                                found, moved = put(key, key_bytes, tag, value_bytes)
+                            except RequestRejected as exc:
+                                append(exc)
+                                continue
+                            header_stale = header_stale or moved
+                            append(found_results[found])
+                            continue
+                try:
+                    append(self.apply(command))
+                except (InvalidRequest, RequestRejected) as exc:
+                    append(exc)
+        finally:
+            if header_stale:
+                self._write_header()
+        return outcomes
+
     def query(self, request: dict) -> dict:
         """Answer a get."""
         op = require_op(request, _OPS)
@@ -241,28 +445,38 @@ class KvService(ServiceKind):
         return chunks()
 
     def restore(self, chunks: Iterable[bytes]) -> None:
-        """Replace the state by a snapshot's; StateCorruptError leaves the old state in place."""
-        limit = _SNAP_HEAD.size + self._paged.pages_max * self._paged.page_bytes
-        buf = bytearray()
+        """Replace the state by a snapshot's; StateCorruptError leaves the old state in place.
+
+        The arena is assembled as the chunks arrive (no copy of it afterwards), then
+        checked and indexed in one pass (`_parse_arena`)."""
+        page_bytes_here = self._paged.page_bytes
+        limit = _SNAP_HEAD.size + self._paged.pages_max * page_bytes_here
+        head = bytearray()
+        arena = bytearray()
+        received = 0
         for chunk in chunks:
-            buf += chunk
-            if len(buf) > limit:
+            received += len(chunk)
+            if received > limit:
                 raise _corrupt(f"snapshot is larger than the arena bound of {limit} bytes")
-        if len(buf) < _SNAP_HEAD.size:
-            raise _corrupt(f"snapshot of {len(buf)} bytes has no header")
-        magic, fmt, page_bytes, page_count = _SNAP_HEAD.unpack_from(buf, 0)
+            if len(head) < _SNAP_HEAD.size:
+                take = _SNAP_HEAD.size - len(head)
+                head += chunk[:take]
+                arena += chunk[take:]
+            else:
+                arena += chunk
+        if len(head) < _SNAP_HEAD.size:
+            raise _corrupt(f"snapshot of {received} bytes has no header")
+        magic, fmt, page_bytes, page_count = _SNAP_HEAD.unpack_from(head, 0)
         if magic != _SNAP_MAGIC or not 1 <= fmt <= self.version:
             raise _corrupt(f"not a kv snapshot of a known format ({magic!r}, format {fmt})")
-        if page_bytes != self._paged.page_bytes:
+        if page_bytes != page_bytes_here:
             raise _corrupt(
-                f"snapshot pages are {page_bytes} bytes, this replica's are "
-                f"{self._paged.page_bytes}"
+                f"snapshot pages are {page_bytes} bytes, this replica's are {page_bytes_here}"
             )
-        del buf[: _SNAP_HEAD.size]
-        if len(buf) != page_bytes * page_count:
-            raise _corrupt(f"{len(buf)} arena bytes, the header says {page_count} pages")
-        layout = _parse_arena(buf)
-        self._paged.load(buf)
+        if len(arena) != page_bytes * page_count:
+            raise _corrupt(f"{len(arena)} arena bytes, the header says {page_count} pages")
+        layout = _parse_arena(arena)
+        self._paged.adopt(arena)
         self._adopt(layout)
 
     def reload_paged(self) -> None:
@@ -320,7 +534,7 @@ class KvService(ServiceKind):
         )
 
     def _slot_head(self, offset: int) -> tuple[int, int, int, int, int, int]:
-        return _SLOT_HEAD.unpack(self._paged.read(offset, _SLOT_HEAD.size))
+        return self._paged.unpack_from(_SLOT_HEAD, offset)  # type: ignore[return-value]
 
     def _lookup(self, key: str) -> str | bytes | None:
         offset = self._index.get(key)
@@ -349,21 +563,31 @@ class KvService(ServiceKind):
 
     def _store(self, key: str, key_bytes: bytes, tag: int, value_bytes: bytes) -> bool:
         """Put a record; whether the key existed before."""
-        need = _SLOT_HEAD.size + len(key_bytes) + len(value_bytes)
-        cls = _class_for(need)
-        record = (
-            _SLOT_HEAD.pack(_LIVE, cls, tag, len(key_bytes), len(value_bytes), 0)
-            + key_bytes
-            + value_bytes
-        )
+        found, moved = self._put_record(key, key_bytes, tag, value_bytes)
+        if moved:
+            self._write_header()
+        return found
+
+    def _put_record(
+        self, key: str, key_bytes: bytes, tag: int, value_bytes: bytes
+    ) -> tuple[bool, bool]:
+        """Put a record without writing the arena header; (whether the key existed before,
+        whether the header is now stale: the caller writes it)."""
+        key_len = len(key_bytes)
+        value_len = len(value_bytes)
+        need = _SLOT_HEAD_BYTES + key_len + value_len
+        cls = bisect_left(_SIZES, need)
+        record = _SLOT_HEAD.pack(_LIVE, cls, tag, key_len, value_len, 0) + key_bytes + value_bytes
         old = self._index.get(key)
         if old is not None:
-            _, old_cls, _, old_key_len, old_value_len, _ = self._slot_head(old)
+            _, old_cls, _, old_key_len, old_value_len, _ = self._paged.unpack_from(_SLOT_HEAD, old)
             if old_cls == cls:
-                old_need = _SLOT_HEAD.size + old_key_len + old_value_len
+                old_need = _SLOT_HEAD_BYTES + old_key_len + old_value_len
                 # Zero what the old record used beyond the new one: slack is always zero.
-                self._paged.write(old, record + bytes(max(0, old_need - need)))
-                return True
+                if old_need > need:
+                    record += bytes(old_need - need)
+                self._paged.write(old, record)
+                return True, False
         offset = self._allocate(cls)
         self._paged.write(offset, record)
         self._index[key] = offset
@@ -371,8 +595,7 @@ class KvService(ServiceKind):
             self._live += 1
         else:
             self._release(old)
-        self._write_header()
-        return old is not None
+        return old is not None, True
 
     def _delete(self, key: str) -> bool:
         offset = self._index.pop(key, None)

@@ -16,6 +16,7 @@ import hashlib
 import struct
 from collections.abc import Iterable
 from itertools import compress
+from typing import Any
 
 from failover import defaults
 from failover.errors import PagedStateFullError
@@ -114,7 +115,10 @@ class PagedState:
             raise PagedStateFullError(page_count, self._pages_max, self._page_bytes)
         extra_pages = page_count - current
         try:
-            self._arena.extend(bytes(extra_pages * self._page_bytes))
+            # One page at a time is the common growth (an allocator's bump): the shared zero
+            # page spares a temporary.
+            self._arena += (self._zero_page if extra_pages == 1
+                            else bytes(extra_pages * self._page_bytes))
         except BufferError:
             # A `page()` view is still alive and pins the bytearray's size. Move to a new
             # bytearray instead: the old views keep reading the old (now frozen) pages.
@@ -140,6 +144,23 @@ class PagedState:
         self._arena = bytearray(data)
         self._dirty = bytearray(b"\x01" * page_count)
 
+    def adopt(self, arena: bytearray) -> None:
+        """Replace the whole arena by `arena` itself, without copying it, and mark every page
+        dirty. The caller hands the bytearray over: it must not use it afterwards.
+
+        `arena` must be a whole number of pages within `pages_max`; otherwise nothing changes.
+        """
+        if len(arena) % self._page_bytes:
+            raise ValueError(
+                f"arena data of {len(arena)} bytes is not a whole number of "
+                f"{self._page_bytes}-byte pages"
+            )
+        page_count = len(arena) // self._page_bytes
+        if page_count > self._pages_max:
+            raise PagedStateFullError(page_count, self._pages_max, self._page_bytes)
+        self._arena = arena
+        self._dirty = bytearray(b"\x01" * page_count)
+
     # --- bytes ---------------------------------------------------------------------------
 
     def _check_range(self, offset: int, length: int) -> None:
@@ -154,6 +175,11 @@ class PagedState:
         self._check_range(offset, length)
         return bytes(self._arena[offset : offset + length])
 
+    def unpack_from(self, layout: struct.Struct, offset: int) -> tuple[Any, ...]:
+        """`layout` unpacked from the bytes at `offset`, without copying them out first."""
+        self._check_range(offset, layout.size)
+        return layout.unpack_from(self._arena, offset)
+
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write `data` at `offset` and mark every page it touches dirty.
 
@@ -161,13 +187,18 @@ class PagedState:
         decision, so that every replica grows alike.
         """
         length = len(data)
-        self._check_range(offset, length)
+        end = offset + length
+        if offset < 0 or end > len(self._arena):
+            self._check_range(offset, length)  # raises, naming the range
         if not length:
             return
-        self._arena[offset : offset + length] = data
+        self._arena[offset:end] = data
         first = offset // self._page_bytes
-        last = (offset + length - 1) // self._page_bytes
-        self._dirty[first : last + 1] = b"\x01" * (last + 1 - first)
+        last = (end - 1) // self._page_bytes
+        if first == last:
+            self._dirty[first] = 1
+        else:
+            self._dirty[first : last + 1] = b"\x01" * (last + 1 - first)
 
     # --- pages ---------------------------------------------------------------------------
 

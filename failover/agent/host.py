@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from failover import __version__
+from failover import __version__, defaults
 from failover.agent.config import AgentConfig
 from failover.agent.coordinator_link import CoordinatorLink
 from failover.agent.links import PeerLink
@@ -25,7 +27,7 @@ from failover.agent.replica import (
 )
 from failover.core.log_position import LogPosition
 from failover.core.replication import AckView, Mode, SendBatch
-from failover.errors import InvalidRequest, NotPrimaryError, StaleEpochError
+from failover.errors import InvalidRequest, NotPrimaryError, StaleEpochError, Unavailable
 from failover.storage.snapshot import SnapshotHeader, iter_compressed_chunks, read_header
 from failover.v1 import common_pb2, replication_pb2, replication_pb2_grpc
 
@@ -247,22 +249,30 @@ class Agent:
 
     async def install_snapshot(self, host_id: str, service: str, epoch: int,
                                path: Path) -> tuple[SnapshotHeader, int]:
-        """Streams a snapshot file's lz4 frames to a peer host's replica."""
-        header = read_header(path)
+        """Streams a snapshot file's lz4 frames to a peer host's replica (read from the file
+        on an I/O thread, one frame ahead of the stream)."""
+        loop = asyncio.get_running_loop()
+        header = await loop.run_in_executor(self.io, read_header, path)
         link = self._link(host_id)
 
         async def chunks() -> AsyncIterator[replication_pb2.SnapshotChunk]:
-            first = True
-            for frame in iter_compressed_chunks(path):
-                chunk = replication_pb2.SnapshotChunk(service=service, epoch=epoch, data=frame)
+            frames = iter_compressed_chunks(path)
+            try:
+                first = True
+                while (frame := await loop.run_in_executor(self.io, next, frames, None)
+                       ) is not None:
+                    chunk = replication_pb2.SnapshotChunk(service=service, epoch=epoch,
+                                                          data=frame)
+                    if first:
+                        chunk.header.CopyFrom(_header_to_proto(header))
+                        first = False
+                    yield chunk
+                last = replication_pb2.SnapshotChunk(service=service, epoch=epoch, last=True)
                 if first:
-                    chunk.header.CopyFrom(_header_to_proto(header))
-                    first = False
-                yield chunk
-            last = replication_pb2.SnapshotChunk(service=service, epoch=epoch, last=True)
-            if first:
-                last.header.CopyFrom(_header_to_proto(header))
-            yield last
+                    last.header.CopyFrom(_header_to_proto(header))
+                yield last
+            finally:
+                await loop.run_in_executor(self.io, frames.close)
 
         stub = replication_pb2_grpc.ReplicationStub(link.channel())
         reply = await stub.InstallSnapshot(chunks(), timeout=600)
@@ -273,21 +283,18 @@ class Agent:
     async def receive_snapshot(
         self, chunks: AsyncIterator[replication_pb2.SnapshotChunk]
     ) -> replication_pb2.SnapshotInstalled:
-        """Receives a snapshot for one of our replicas (as a whole, then installs it)."""
-        header_pb: replication_pb2.SnapshotHeader | None = None
-        service, epoch = "", 0
-        frames: list[bytes] = []
-        received = 0
-        async for chunk in chunks:
-            if header_pb is None:
-                if not chunk.HasField("header"):
-                    raise InvalidRequest("the first snapshot chunk must carry the header")
-                header_pb, service, epoch = chunk.header, chunk.service, chunk.epoch
-            if chunk.data:
-                frames.append(chunk.data)
-                received += len(chunk.data)
-        if header_pb is None:
-            raise InvalidRequest("empty snapshot stream")
+        """Receives a snapshot for one of our replicas and restores it as it arrives: the
+        frames go to an I/O thread that writes and decompresses them into a fresh state
+        while the rest is still on the way; the replica's state and log are replaced, under
+        its lock, only once the whole snapshot checked out (digest included)."""
+        stream = chunks.__aiter__()
+        try:
+            first = await anext(stream)
+        except StopAsyncIteration:
+            raise InvalidRequest("empty snapshot stream") from None
+        if not first.HasField("header"):
+            raise InvalidRequest("the first snapshot chunk must carry the header")
+        header_pb, service, epoch = first.header, first.service, first.epoch
         replica = self.replicas.get(service)
         if replica is None:
             raise InvalidRequest(f"host {self.host_id} holds no replica of {service!r}")
@@ -299,13 +306,50 @@ class Agent:
             digest=header_pb.digest, raw_bytes=header_pb.raw_bytes,
             extra={"history": [[h.epoch, h.first_index] for h in header_pb.epoch_history]},
         )
-        async with self.lock(service):
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self.io, replica.install_snapshot, header, frames)
-        log.info("%s: installed a snapshot at index %d (%d bytes)", service,
-                 header.applied_index, received)
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        feed = FrameFeed(loop, defaults.SNAPSHOT_FRAMES_QUEUED_MAX,
+                         defaults.SNAPSHOT_FRAME_TIMEOUT_MS / 1000)
+        restore = loop.run_in_executor(self.io, replica.receive_snapshot, header, feed.frames())
+        received = 0
+        try:
+            chunk = first
+            while True:
+                if chunk.data:
+                    received += len(chunk.data)
+                    if not await feed.put(chunk.data, restore):
+                        break  # the restore stopped early (damage): its error says why
+                if chunk.last:
+                    break
+                try:
+                    chunk = await anext(stream)
+                except StopAsyncIteration:
+                    raise InvalidRequest(f"{service}: the snapshot stream ended without its "
+                                         "last chunk") from None
+            await feed.put(None, restore)
+            fresh, shipped = await restore
+        except BaseException as exc:
+            feed.abort(exc)
+            with contextlib.suppress(BaseException):
+                await restore  # it sees the abort and deletes its file
+            raise
+        try:
+            async with self.lock(service):
+                if self.replicas.get(service) is not replica or replica.epoch > epoch:
+                    raise StaleEpochError(f"{service}: the replica changed while a snapshot "
+                                          f"from epoch {epoch} was received; not installed")
+                await replica.install_snapshot(header, fresh, shipped)
+        except BaseException:
+            shipped.discard()
+            raise
+        elapsed_ms = (time.monotonic() - started) * 1000
+        log.info("%s: installed a snapshot at index %d (%d bytes); snapshot install of %d raw "
+                 "bytes done in %.1f ms", service, header.applied_index, received,
+                 header.raw_bytes, elapsed_ms)
+        # The installed state's digest was computed and checked against the header's while
+        # it was restored (and nothing ran since): no need to hash the state a second time.
         return replication_pb2.SnapshotInstalled(
-            service=service, applied_index=header.applied_index, digest=replica.sm.digest(),
+            service=service, applied_index=header.applied_index, digest=header.digest,
             bytes_received=received)
 
     # --- control -------------------------------------------------------------------------
@@ -394,6 +438,59 @@ class Agent:
         if replica is None:
             raise NotPrimaryError(service)
         return replica
+
+
+class FrameFeed:
+    """Hands snapshot frames from the event loop that receives them to the I/O thread that
+    installs them, at most `frames_max` waiting (the stream is read no faster than that).
+
+    The loop side calls `put` (None ends the stream) or `abort`; the thread iterates
+    `frames()`, which raises the abort's error, or Unavailable when no frame came within
+    `timeout_s`.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, frames_max: int,
+                 timeout_s: float) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(frames_max)
+        self._timeout_s = timeout_s
+        self._aborted: BaseException | None = None
+
+    async def put(self, frame: bytes | None, consumer: asyncio.Future[Any]) -> bool:
+        """Queues a frame (None: the end); False if `consumer` finished first, without it."""
+        put = asyncio.ensure_future(self._queue.put(frame))
+        done, _ = await asyncio.wait({put, consumer}, timeout=self._timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if put in done:
+            return True
+        put.cancel()
+        if consumer in done:
+            return False
+        raise Unavailable(f"the snapshot install took no frame for {self._timeout_s:.0f} s")
+
+    def abort(self, error: BaseException) -> None:
+        """Makes the consumer stop with `error` at its next frame (loop side)."""
+        self._aborted = error
+        with contextlib.suppress(asyncio.QueueFull):
+            self._queue.put_nowait(error)  # wakes a consumer waiting on an empty queue
+
+    def frames(self) -> Iterator[bytes]:
+        """The frames, in order, until the end (consumer side: an I/O thread)."""
+        while True:
+            if self._aborted is not None:
+                raise Unavailable(f"the snapshot stream broke: {self._aborted!r}")
+            future = asyncio.run_coroutine_threadsafe(self._queue.get(), self._loop)
+            try:
+                item = future.result(self._timeout_s)
+            except concurrent.futures.TimeoutError:
+                future.cancel()
+                raise Unavailable(f"no snapshot frame arrived for {self._timeout_s:.0f} s; the "
+                                  "stream stalled") from None
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise Unavailable(f"the snapshot stream broke: {item!r}")
+            yield item
 
 
 def _ack_to_proto(ack: dict[str, Any]) -> replication_pb2.ReplicaAck:

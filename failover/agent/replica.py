@@ -9,6 +9,7 @@ here in index order.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import dataclasses
 import errno
@@ -18,6 +19,8 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import accumulate
+from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,8 +57,14 @@ from failover.errors import (
     Unavailable,
 )
 from failover.storage.atomic import write_atomic
-from failover.storage.snapshot import SnapshotHeader, SnapshotStore, load_snapshot, read_header
-from failover.storage.wal import Entry, WriteAheadLog, decode_records
+from failover.storage.snapshot import (
+    ShippedSnapshot,
+    SnapshotHeader,
+    SnapshotStore,
+    load_snapshot,
+    read_header,
+)
+from failover.storage.wal import Entry, WriteAheadLog, decode_records, skip_records
 
 if TYPE_CHECKING:
     from failover.agent.host import Agent
@@ -66,6 +75,9 @@ PRIMARY, DUPLICA, BUILDING, RETIRED = "primary", "duplica", "building", "retired
 ROLES = (PRIMARY, DUPLICA, BUILDING, RETIRED)
 
 _META = "replica.meta"
+
+
+_payload_of = itemgetter(3)
 
 
 def monotonic_ms() -> int:
@@ -116,7 +128,7 @@ class Replica:
         self._unapplied: deque[Entry] = deque()
         # Shipped records on disk but not decoded yet, as (first, last, records): a duplica
         # checks frames on arrival and decodes only when applying, off the ack path.
-        self._undecoded: deque[tuple[int, int, bytes]] = deque()
+        self._undecoded: deque[tuple[int, int, bytes | memoryview]] = deque()
         self._undecoded_bytes = 0  # bounded: past it, applying re-reads from the log
         self._to_log: list[Entry] = []
         self._next_index = 1
@@ -685,43 +697,78 @@ class Replica:
                 await asyncio.sleep(0)
 
     def _apply_chunk(self) -> bool:
-        """Applies up to APPLY_CHUNK_ENTRIES; True if committed entries remain."""
+        """Applies the next committed entries, up to APPLY_CHUNK_ENTRIES of them and
+        APPLY_CHUNK_BYTES of payload (at least one), as one batch; True if committed entries
+        remain."""
         limit = self._apply_limit()
         sm = self.sm
-        end = min(limit, sm.applied_index + defaults.APPLY_CHUNK_ENTRIES)
-        while sm.applied_index < end:
-            if not self._unapplied or self._unapplied[0].index != sm.applied_index + 1:
-                self._reload_unapplied(end)
-            entry = self._unapplied.popleft()
-            assert entry.index == sm.applied_index + 1, (entry.index, sm.applied_index)
-            if entry.payload:
-                reply = sm.apply(entry.epoch, entry.index, entry.request_id, entry.payload)
-            else:
-                reply = sm.apply_barrier(entry.epoch, entry.index)
-            future = self._waiters.pop(entry.index, None)
-            if future is not None and not future.done():
-                future.set_result(reply)
-        self._maybe_snapshot()
+        if sm.applied_index < limit:
+            first = sm.applied_index + 1
+            unapplied = self._unapplied
+            if not unapplied or unapplied[0].index != first:
+                self._reload_unapplied(limit)
+                unapplied = self._unapplied
+            batch = self._take_batch(first, min(limit - first + 1, defaults.APPLY_CHUNK_ENTRIES))
+            replies = sm.apply_many(batch)
+            waiters = self._waiters
+            if waiters:
+                for entry, reply in zip(batch, replies, strict=True):
+                    future = waiters.pop(entry.index, None)
+                    if future is not None and not future.done():
+                        future.set_result(reply)
+            self._maybe_snapshot()
         return sm.applied_index < self._apply_limit()
 
+    def _take_batch(self, first: int, count: int) -> list[Entry]:
+        """Takes from the front of `_unapplied` (which starts at `first`) the consecutive
+        entries to apply next: at most `count`, and APPLY_CHUNK_BYTES of payload."""
+        unapplied = self._unapplied
+        if count >= len(unapplied):
+            batch = list(unapplied)
+            unapplied.clear()
+        else:
+            popleft = unapplied.popleft
+            batch = [popleft() for _ in range(count)]
+        if batch[-1].index != first + len(batch) - 1:
+            # A gap (not seen in practice): apply up to it; the next chunk reloads after it.
+            keep = next(k for k, e in enumerate(batch) if e.index != first + k)
+            unapplied.extendleft(reversed(batch[keep:]))
+            del batch[keep:]
+        if sum(map(len, map(_payload_of, batch))) > defaults.APPLY_CHUNK_BYTES:
+            sizes = list(accumulate(map(len, map(_payload_of, batch))))
+            keep = max(1, bisect.bisect_right(sizes, defaults.APPLY_CHUNK_BYTES))
+            unapplied.extendleft(reversed(batch[keep:]))
+            del batch[keep:]
+        assert batch and batch[0].index == first, (first, batch[:1])
+        return batch
+
     def _reload_unapplied(self, limit: int) -> None:
-        """Finds the next entries to apply: in shipped records not decoded yet, else in the
-        log (after a restart, or when they were not kept in memory)."""
+        """Finds the next entries to apply, up to `limit`: in shipped records not decoded yet,
+        else in the log (after a restart, or when they were not kept in memory), reading
+        ahead up to APPLY_READ_ENTRIES."""
         first = self.sm.applied_index + 1
         while self._undecoded and self._undecoded[0][1] < first:
             self._undecoded_bytes -= len(self._undecoded.popleft()[2])
         if self._undecoded and self._undecoded[0][0] <= first:
-            _, _, records = self._undecoded.popleft()
+            # A part of a shipped batch at a time (a batch holds up to BATCH_ENTRIES_MAX
+            # entries): decoding it whole would hold the loop, and the cache, for long.
+            records_first, records_last, records = self._undecoded.popleft()
             self._undecoded_bytes -= len(records)
-            entries = [e for e in decode_records(records, where=f"log of {self.service}")
-                       if e.index >= first]
-            kept = [e for e in self._unapplied if e.index > entries[-1].index]
-            self._unapplied = deque(entries)
-            self._unapplied.extend(kept)
-            return
-        last = min(limit, first + defaults.APPLY_CHUNK_ENTRIES - 1)
+            start = skip_records(records, first - records_first)
+            cut = skip_records(records, defaults.APPLY_READ_ENTRIES, start)
+            entries = decode_records(memoryview(records)[start:cut],
+                                     where=f"log of {self.service}")
+            assert entries and entries[0].index == first, (first, records_first)
+            last = entries[-1].index
+            if cut < len(records):
+                rest = memoryview(records)[cut:]
+                self._undecoded.appendleft((last + 1, records_last, rest))
+                self._undecoded_bytes += len(rest)
+        else:
+            last = min(limit, first + defaults.APPLY_READ_ENTRIES - 1)
+            entries = self.wal.read(first, last)
         kept = [e for e in self._unapplied if e.index > last]
-        self._unapplied = deque(self.wal.read(first, last))
+        self._unapplied = deque(entries)
         self._unapplied.extend(kept)
 
     def _maybe_snapshot(self) -> None:
@@ -907,16 +954,25 @@ class Replica:
 
     # --- snapshots received --------------------------------------------------------------
 
-    def install_snapshot(self, header: SnapshotHeader, frames: Iterable[bytes]) -> None:
-        """Replaces state and log with a snapshot from the primary (runs on an I/O thread:
-        the caller must hold the replica still meanwhile)."""
-        path = self.snapshots.save_compressed(header, frames)
+    def receive_snapshot(
+        self, header: SnapshotHeader, frames: Iterable[bytes]
+    ) -> tuple[ReplicatedStateMachine, ShippedSnapshot]:
+        """Restores a snapshot from the primary into a fresh state machine as its frames
+        arrive, writing them to a file that is not a snapshot yet (runs on an I/O thread;
+        touches nothing of this replica, so a damaged or interrupted stream leaves its state
+        and log as they were). `install_snapshot` then puts both in place."""
         fresh = ReplicatedStateMachine(self.kind_cls())
-        load_snapshot(path, _KindView(fresh))
-        # The old log is behind or diverged from the snapshot: start the log at its index.
-        self.wal.truncate_after(max(self.wal.first_index - 1, min(self.wal.last_index,
-                                                                   self.sm.applied_index)))
-        self.wal.compact(header.applied_index, header.epoch)
+        shipped = self.snapshots.receive(header)
+        shipped.receive(frames, _KindView(fresh))
+        return fresh, shipped
+
+    async def install_snapshot(self, header: SnapshotHeader, fresh: ReplicatedStateMachine,
+                               shipped: ShippedSnapshot) -> None:
+        """Replaces state and log with a received snapshot (the caller holds the replica's
+        lock): the file and the log change on an I/O thread, the state here, on the loop,
+        so the applier never sees a half-replaced state."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.agent.io, self._install_snapshot_files, header, shipped)
         self.sm = fresh
         self._last_snapshot_index = header.applied_index
         self._unapplied.clear()
@@ -926,6 +982,13 @@ class Replica:
         if self.duplica is not None:
             self.duplica.verified_index = header.applied_index
             self.duplica.commit_index = max(self.duplica.commit_index, header.applied_index)
+
+    def _install_snapshot_files(self, header: SnapshotHeader, shipped: ShippedSnapshot) -> None:
+        shipped.publish()
+        # The old log is behind or diverged from the snapshot: start the log at its index.
+        self.wal.truncate_after(max(self.wal.first_index - 1, min(self.wal.last_index,
+                                                                   self.sm.applied_index)))
+        self.wal.compact(header.applied_index, header.epoch)
 
     # --- status --------------------------------------------------------------------------
 

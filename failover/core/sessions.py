@@ -12,6 +12,7 @@ import hashlib
 import heapq
 import struct
 from collections import OrderedDict
+from collections.abc import Sequence
 from enum import IntEnum
 from typing import NamedTuple
 
@@ -65,9 +66,19 @@ class _Client:
     __slots__ = ("replies", "seqs", "floor_seq")
 
     def __init__(self) -> None:
-        self.replies: dict[int, Reply] = {}
+        # seq -> its reply; while `claim_many` applies a batch, the position of a request in
+        # it may stand where its reply will be (`settle` replaces it).
+        self.replies: dict[int, Reply | int] = {}
         self.seqs: list[int] = []  # heap of the seqs in `replies`: the smallest goes first
         self.floor_seq = 0  # every seq <= floor_seq was applied and its reply dropped
+
+
+class Claims(NamedTuple):
+    """Where `ClientSessions.claim_many` recorded claims, in order: the i-th request to
+    execute is seq `seqs[i]` of the client `clients[i]`."""
+
+    clients: list[_Client]
+    seqs: list[int]
 
 
 class ClientSessions:
@@ -106,14 +117,104 @@ class ClientSessions:
         else:
             self._clients.move_to_end(client_id)
         assert seq not in client.replies and seq > client.floor_seq, (client_id, seq)
-        client.replies[seq] = reply
-        heapq.heappush(client.seqs, seq)
-        if len(client.replies) > self.replies_per_client_max:
-            oldest = heapq.heappop(client.seqs)
-            del client.replies[oldest]
-            client.floor_seq = max(client.floor_seq, oldest)
+        self._admit(client, seq, reply)
+
+    def _admit(self, client: _Client, seq: int, reply: Reply | int) -> None:
+        """Records `reply` for a new `seq` of `client` (already the most recently applied)
+        and evicts what the bounds require: the client's oldest seq, the least recent client.
+        """
+        replies = client.replies
+        replies[seq] = reply
+        if len(replies) > self.replies_per_client_max:
+            oldest = heapq.heappushpop(client.seqs, seq)
+            del replies[oldest]
+            if oldest > client.floor_seq:
+                client.floor_seq = oldest
+        else:
+            heapq.heappush(client.seqs, seq)
         if len(self._clients) > self.clients_max:
             self._clients.popitem(last=False)
+
+    def claim_many(
+        self, request_ids: Sequence[bytes]
+    ) -> tuple[dict[int, Reply | TooOld | int], Claims]:
+        """Looks up and records a batch of requests, as applying them one by one would.
+
+        Walks the request ids (see `encode_request_id`) in order. A request that `lookup`
+        would find at that point goes into the dict returned first, by its position in the
+        batch, with what `lookup` would return: a Reply recorded before the batch, TooOld, or
+        an int (the position of the same request earlier in this batch). Every other request
+        is to be executed: a claim (its position) is recorded where `record` would record its
+        reply, with the same evictions, and the `Claims` returned second say where, in order.
+        Pass them with the replies to `settle` before anything else reads the table.
+        """
+        found: dict[int, Reply | TooOld | int] = {}
+        claims = Claims([], [])
+        claimed_clients = claims.clients.append
+        claimed_seqs = claims.seqs.append
+        clients = self._clients
+        get = clients.get
+        move_to_end = clients.move_to_end
+        replies_max = self.replies_per_client_max
+        clients_max = self.clients_max
+        heappush = heapq.heappush
+        heappushpop = heapq.heappushpop
+        from_bytes = int.from_bytes
+        # The client of the previous request, while the requests come from one client:
+        # it needs no lookup, and once recorded it is the most recent client already.
+        last_raw = b""
+        client = _Client()
+        at_end = False
+        for position, request_id in enumerate(request_ids):
+            assert len(request_id) >= 10 and request_id[-9] == 0, request_id
+            raw = request_id[:-9]
+            seq = from_bytes(request_id[-8:], "big")
+            if raw != last_raw:
+                last_raw = raw
+                client_id = raw.decode()
+                existing = get(client_id)
+                if existing is None:
+                    client = clients[client_id] = _Client()
+                    at_end = True
+                    if len(clients) > clients_max:
+                        clients.popitem(last=False)
+                else:
+                    client = existing
+                    at_end = False
+            replies = client.replies
+            seen = replies.get(seq)
+            if seen is not None:
+                found[position] = seen
+                continue
+            if seq <= client.floor_seq:
+                found[position] = TooOld(client.floor_seq)
+                continue
+            if not at_end:
+                move_to_end(client_id)
+                at_end = True
+            # As `_admit` (inlined: this is the replay's hot path); the client count only
+            # changes above, where a new client is added.
+            replies[seq] = position
+            if len(replies) > replies_max:
+                oldest = heappushpop(client.seqs, seq)
+                del replies[oldest]
+                if oldest > client.floor_seq:
+                    client.floor_seq = oldest
+            else:
+                heappush(client.seqs, seq)
+            claimed_clients(client)
+            claimed_seqs(seq)
+        return found, claims
+
+    @staticmethod
+    def settle(claims: Claims, replies: Sequence[Reply]) -> None:
+        """Puts each claim's reply where `claim_many` recorded the claim, unless evicted since
+        (a client evicted from the table keeps no replies: setting them there is harmless)."""
+        assert len(claims.seqs) == len(replies), (len(claims.seqs), len(replies))
+        for client, seq, reply in zip(claims.clients, claims.seqs, replies, strict=True):
+            replies_of = client.replies
+            if seq in replies_of:
+                replies_of[seq] = reply
 
     def to_bytes(self) -> bytes:
         """Serialises the table (in eviction order) for snapshots."""

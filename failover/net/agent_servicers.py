@@ -26,6 +26,7 @@ from failover.errors import (
     InvalidRequest,
     NotPrimaryError,
     StaleEpochError,
+    StorageError,
     Unavailable,
 )
 from failover.net.channels import REDIRECT_METADATA_KEY
@@ -205,6 +206,8 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
             return await self.agent.receive_snapshot(request_iterator)
         except _HANDLED as exc:
             await _abort(context, exc)
+        except StorageError as exc:  # a damaged snapshot (or one the disk could not take)
+            await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
 
 
 def replica_status(replica: Replica) -> agent_pb2.ReplicaStatus:

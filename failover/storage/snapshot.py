@@ -17,10 +17,11 @@ reordered chunks and truncation; bytes after the trailer are damage too. A lengt
 `defaults.SNAPSHOT_CHUNK_BYTES_MAX` is damage, never an allocation.
 
 Chunks are stored as the lz4 frames they are shipped as (`iter_compressed_chunks`), so sending
-a snapshot to a duplica and installing it there (`write_compressed_snapshot`) recompresses
-nothing. A file is written under a temporary name in its directory, fsynced, renamed into
-place and the directory fsynced: a crash leaves the old file set or the new one, never half a
-file under a snapshot name.
+a snapshot to a duplica and installing it there recompresses nothing. The duplica writes the
+frames and restores them as they arrive (`ShippedSnapshot`), each decompressed once.
+A file is written under a temporary name in its directory, fsynced, renamed into place and the
+directory fsynced: a crash leaves the old file set or the new one, never half a file under a
+snapshot name.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from failover.service import ServiceKind
 
 __all__ = [
     "Restorable",
+    "ShippedSnapshot",
     "SnapshotHeader",
     "SnapshotStore",
     "iter_chunks",
@@ -168,49 +170,110 @@ def _check_frames(frames: Iterable[bytes]) -> Iterator[tuple[bytes, int]]:
         yield bytes(frame), len(_decompress(frame, _CHUNK_RAW_MAX))
 
 
+class _Writer:
+    """Writes one snapshot file under a temporary name, chunk by chunk; `finish` completes
+    and syncs it, `publish` renames it into place, `discard` deletes it. A writer that is not
+    published leaves nothing behind once discarded."""
+
+    def __init__(self, directory: Path, header: SnapshotHeader) -> None:
+        self.directory = directory
+        self.header = header
+        directory.mkdir(parents=True, exist_ok=True)
+        self._head = _encode_header(header)
+        fd, temp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX, dir=directory)
+        self.temp = Path(temp_name)
+        try:
+            f = os.fdopen(fd, "w+b")
+        except BaseException:
+            os.close(fd)
+            self.temp.unlink()
+            raise
+        self._file: BinaryIO | None = f
+        try:
+            f.write(self._head)  # raw_bytes is a placeholder until the end
+        except BaseException:
+            self.discard()
+            raise
+        self.count = self.raw_total = 0
+        self._chunks_crc = 0
+        self.finished = False
+
+    def add(self, frame: bytes, raw_len: int) -> None:
+        """Appends one chunk record: an lz4 frame that decodes to `raw_len` bytes."""
+        f = self._file
+        assert f is not None, "the snapshot file is closed"
+        record_head = _CHUNK_HEAD.pack(b"C", len(frame), raw_len, 0)[:-4]
+        crc = crc32c.crc32c(frame, value=crc32c.crc32c(record_head))
+        record_head += _U32.pack(crc)
+        f.write(record_head)
+        f.write(frame)
+        self._chunks_crc = crc32c.crc32c(frame, value=crc32c.crc32c(record_head,
+                                                                    self._chunks_crc))
+        self.count += 1
+        self.raw_total += raw_len
+
+    def finish(self) -> None:
+        """Writes the trailer and the final header, and syncs the file (still unpublished)."""
+        f = self._file
+        assert f is not None, "the snapshot file is closed"
+        trailer = _TRAILER.pack(b"T", self.count, self.raw_total, self._chunks_crc, _END_MAGIC)
+        f.write(trailer + _U32.pack(crc32c.crc32c(trailer)))
+        if self.header.raw_bytes and self.header.raw_bytes != self.raw_total:
+            # Only a shipped snapshot names its raw size up front: a mismatch means the
+            # chunks were lost or damaged on the way.
+            raise SnapshotCorruptError(
+                str(self.temp),
+                f"its header says {self.header.raw_bytes} raw bytes, the chunks hold "
+                f"{self.raw_total}",
+            )
+        final_head = _encode_header(dataclasses.replace(self.header, raw_bytes=self.raw_total))
+        assert len(final_head) == len(self._head)  # fixed-width fields: same length
+        f.seek(0)
+        f.write(final_head)
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        self._file = None
+        self.finished = True
+
+    def publish(self) -> Path:
+        """Renames the finished file into place (replacing one of the same index) and syncs
+        the directory; returns the final path."""
+        assert self.finished, "finish() the snapshot before publishing it"
+        final = self.directory / snapshot_name(self.header.applied_index)
+        os.replace(self.temp, final)
+        _fsync_dir(self.directory)
+        return final
+
+    def discard(self) -> None:
+        """Closes and deletes the unpublished file (idempotent)."""
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+        with contextlib.suppress(FileNotFoundError):
+            self.temp.unlink()
+
+
 def _write(directory: Path, header: SnapshotHeader, frames: Iterable[tuple[bytes, int]]) -> Path:
     """Write header, chunk records and trailer atomically; returns the final path."""
-    directory.mkdir(parents=True, exist_ok=True)
-    head = _encode_header(header)
-    fd, temp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX, dir=directory)
-    temp = Path(temp_name)
+    writer = _Writer(directory, header)
     try:
-        with os.fdopen(fd, "w+b") as f:
-            f.write(head)  # raw_bytes is a placeholder until every chunk has been counted
-            count = raw_total = 0
-            chunks_crc = 0
-            for frame, raw_len in frames:
-                record_head = _CHUNK_HEAD.pack(b"C", len(frame), raw_len, 0)[:-4]
-                crc = crc32c.crc32c(frame, value=crc32c.crc32c(record_head))
-                record_head += _U32.pack(crc)
-                f.write(record_head)
-                f.write(frame)
-                chunks_crc = crc32c.crc32c(frame, value=crc32c.crc32c(record_head, chunks_crc))
-                count += 1
-                raw_total += raw_len
-            trailer = _TRAILER.pack(b"T", count, raw_total, chunks_crc, _END_MAGIC)
-            f.write(trailer + _U32.pack(crc32c.crc32c(trailer)))
-            if header.raw_bytes and header.raw_bytes != raw_total:
-                # Only a shipped snapshot names its raw size up front: a mismatch means the
-                # chunks were lost or damaged on the way.
-                raise SnapshotCorruptError(
-                    str(temp),
-                    f"its header says {header.raw_bytes} raw bytes, the chunks hold {raw_total}",
-                )
-            final_head = _encode_header(dataclasses.replace(header, raw_bytes=raw_total))
-            assert len(final_head) == len(head)  # fixed-width fields: same length
-            f.seek(0)
-            f.write(final_head)
-            f.flush()
-            os.fsync(f.fileno())
-        final = directory / snapshot_name(header.applied_index)
-        os.replace(temp, final)
+        for frame, raw_len in frames:
+            writer.add(frame, raw_len)
+        writer.finish()
+        return writer.publish()
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
+        writer.discard()
         raise
-    _fsync_dir(directory)
-    return final
+
+
+class Restorable(Protocol):
+    """What `load_snapshot` needs of the object it restores into."""
+
+    def restore(self, chunks: Iterable[bytes]) -> None: ...
+
+    def digest(self) -> bytes: ...
 
 
 def write_snapshot(
@@ -255,12 +318,86 @@ def write_compressed_snapshot(
     return _write(Path(directory), header, _check_frames(frames))
 
 
-class Restorable(Protocol):
-    """What `load_snapshot` needs of the object it restores into."""
+class _FramesFailed(Exception):
+    """The frames' source failed (an interrupted stream): passed through, not damage."""
 
-    def restore(self, chunks: Iterable[bytes]) -> None: ...
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
-    def digest(self) -> bytes: ...
+
+class ShippedSnapshot:
+    """A snapshot arriving from another replica as lz4 frames, written and restored in one
+    pass: each frame is checked, written to a temporary file in `directory` and decompressed
+    into the restore as it arrives, so nothing is decompressed twice or read back.
+
+    `receive` does the whole pass and checks, as `load_snapshot` does, the kind, the raw size,
+    every frame and the digest of the restored state; any damage or an interrupted stream
+    raises (SnapshotCorruptError for damage) and deletes the temporary file. Only `publish`
+    puts the file in place as a snapshot: until then a crash or a `discard` leaves the
+    directory as it was.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], header: SnapshotHeader) -> None:
+        self.header = header
+        self._writer = _Writer(Path(directory), header)
+
+    @property
+    def temp_path(self) -> Path:
+        """Where the file is written until it is published."""
+        return self._writer.temp
+
+    def receive(self, frames: Iterable[bytes], kind: Restorable) -> None:
+        """Writes `frames` and restores them into `kind` (a fresh one: discard it when this
+        raises), checking the digest at the end."""
+        header, writer = self.header, self._writer
+        # Errors name the snapshot and where it was going (the temporary file goes away).
+        where = f"{snapshot_name(header.applied_index)} shipped into {writer.directory}"
+        try:
+            _check_kind(where, header, kind)
+
+            def chunks() -> Iterator[bytes]:
+                source = iter(frames)
+                index = 0
+                while True:
+                    try:
+                        frame = next(source)
+                    except StopIteration:
+                        return
+                    except Exception as exc:  # the stream's own failure, not damage
+                        raise _FramesFailed(exc) from exc
+                    if len(frame) > _CHUNK_COMPRESSED_MAX:
+                        raise SnapshotCorruptError(
+                            where, f"chunk {index}: an lz4 frame of {len(frame)} bytes passes "
+                                   "the chunk bound")
+                    try:
+                        raw = _decompress(frame, _CHUNK_RAW_MAX)
+                    except ValueError as exc:
+                        raise SnapshotCorruptError(where, f"chunk {index}: {exc}") from exc
+                    writer.add(bytes(frame), len(raw))
+                    index += 1
+                    yield raw
+
+            _restore_checked(where, header, kind, chunks())
+            writer.finish()
+        except _FramesFailed as failed:
+            writer.discard()
+            raise failed.error from None
+        except BaseException:
+            writer.discard()
+            raise
+
+    def publish(self) -> Path:
+        """Puts the received snapshot in place; returns its path."""
+        try:
+            return self._writer.publish()
+        except BaseException:
+            self._writer.discard()
+            raise
+
+    def discard(self) -> None:
+        """Deletes the received file (a snapshot that is not to be installed after all)."""
+        self._writer.discard()
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -429,36 +566,50 @@ def load_snapshot(path: str | os.PathLike[str], kind: Restorable) -> SnapshotHea
     """
     path = Path(path)
     header = read_header(path)
+    _check_kind(str(path), header, kind)
+    _restore_checked(str(path), header, kind, iter_chunks(path))
+    return header
+
+
+def _check_kind(where: str, header: SnapshotHeader, kind: Restorable) -> None:
+    """Refuses a snapshot of another kind, or of a newer version of the kind."""
     name = getattr(kind, "name", None)
     if name is not None and header.kind != name:
-        raise SnapshotCorruptError(str(path), f"it holds kind {header.kind!r}, not {name!r}")
+        raise SnapshotCorruptError(where, f"it holds kind {header.kind!r}, not {name!r}")
     version = getattr(kind, "version", None)
     if version is not None and header.kind_version > version:
         raise SnapshotCorruptError(
-            str(path),
+            where,
             f"it was written by version {header.kind_version} of kind {header.kind!r}; this "
             f"code knows versions up to {version}",
         )
-    chunks = iter_chunks(path)
+
+
+def _restore_checked(
+    where: str, header: SnapshotHeader, kind: Restorable, chunks: Iterator[bytes]
+) -> None:
+    """`kind.restore(chunks)`, every chunk consumed, then the digest compared with the
+    header's; any failure is SnapshotCorruptError."""
     try:
         kind.restore(chunks)
         # Drive the reader to its end even if the kind stopped early, so that the trailer
         # is checked; a chunk the kind did not read is damage as well.
         for _ in chunks:
-            raise SnapshotCorruptError(str(path), "the kind's restore left chunks unread")
-    except SnapshotCorruptError:
+            raise SnapshotCorruptError(where, "the kind's restore left chunks unread")
+    except (SnapshotCorruptError, _FramesFailed):
         raise
     except Exception as exc:  # a kind's restore may fail in any way on bad data
         raise SnapshotCorruptError(
-            str(path), f"restoring it failed: {type(exc).__name__}: {exc}"
+            where, f"restoring it failed: {type(exc).__name__}: {exc}"
         ) from exc
     finally:
-        chunks.close()
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
     if kind.digest() != header.digest:
         raise SnapshotCorruptError(
-            str(path), "the restored state's digest differs from the one recorded"
+            where, "the restored state's digest differs from the one recorded"
         )
-    return header
 
 
 # --- the per-replica directory -------------------------------------------------------------
@@ -527,6 +678,11 @@ class SnapshotStore:
     def save_compressed(self, header: SnapshotHeader, frames: Iterable[bytes]) -> Path:
         """Write a snapshot shipped by another replica (see `write_compressed_snapshot`)."""
         return write_compressed_snapshot(self._directory, header, frames)
+
+    def receive(self, header: SnapshotHeader) -> ShippedSnapshot:
+        """A snapshot to receive from another replica into this directory (`ShippedSnapshot`).
+        """
+        return ShippedSnapshot(self._directory, header)
 
     def paths(self) -> list[Path]:
         """Every snapshot file's path, newest (highest index) first, unchecked."""
