@@ -96,3 +96,4 @@ PATCH_COMMAND_TIMEOUT_MS = 300_000  # a patch command run on a host before it re
 PATCH_RESTART_TIMEOUT_MS = 120_000  # a restarted host back, and its replicas caught up
 PATCH_COMMAND_CHARS_MAX = 8192  # a patch command's length (longer: put it in a script)
 AGENT_RESTART_DELAY_MS = 100  # between answering Restart and re-executing (the reply leaves)
+SHIP_MESSAGE_BYTES_MAX = 4 << 20  # shipped records in one Ship message (under the gRPC bound)

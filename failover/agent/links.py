@@ -150,11 +150,25 @@ class PeerLink:
                     f"{self._outbox_bytes} bytes queued for {self.host_id}: restarting the link")
             if not (self._batches or self._probes or self._truncates):
                 continue
-            message = replication_pb2.ShipMessage(
-                source_host_id=self.agent.host_id, batches=self._batches,
-                probes=self._probes, truncates=self._truncates)
+            batches, probes, truncates = self._batches, self._probes, self._truncates
             self._clear()
-            await call.write(message)
+            # Queued items go out together, but one message stays under the gRPC message
+            # bound: batches of several replica sets (or of large entries) can add up past it.
+            start = 0
+            while True:
+                end, size = start, 0
+                while end < len(batches) and (
+                        end == start or size + len(batches[end].records)
+                        <= defaults.SHIP_MESSAGE_BYTES_MAX):
+                    size += len(batches[end].records)
+                    end += 1
+                await call.write(replication_pb2.ShipMessage(
+                    source_host_id=self.agent.host_id, batches=batches[start:end],
+                    probes=probes if start == 0 else (),
+                    truncates=truncates if start == 0 else ()))
+                start = end
+                if start >= len(batches):
+                    break
 
     def _clear(self) -> None:
         self._batches, self._probes, self._truncates = [], [], []

@@ -614,7 +614,11 @@ class Replica:
         else:
             records, _first, last = self.wal.read_records(
                 action.first_index, entries_max=action.entries_max, bytes_max=action.bytes_max)
-            self.primary.batch_read(action.host_id, action.batch_id, last)
+            following = self.primary.batch_read(action.host_id, action.batch_id, last)
+            self.agent.ship_batch(action.host_id, self.service, self.epoch, action, records,
+                                  last)
+            self._run(following)  # the window's next batch, now that this one's end is known
+            return
         self.agent.ship_batch(action.host_id, self.service, self.epoch, action, records, last)
 
     def on_ack(self, host_id: str, ack: AckView) -> None:

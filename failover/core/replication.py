@@ -66,8 +66,10 @@ class SendTruncate:
 class SendBatch:
     """Read entries first_index.. (at most entries_max, bytes_max) and ship them.
 
-    The agent reports what it actually read with `PrimaryReplication.batch_read`. An empty
-    batch (entries_max == 0) is a keepalive carrying the commit index.
+    The agent reports what it actually read with `PrimaryReplication.batch_read`, ships the
+    batch, then carries out what `batch_read` returns (the next batch of the window: only then
+    is its first index known, since `bytes_max` may cut this one short). An empty batch
+    (entries_max == 0) is a keepalive carrying the commit index.
     """
 
     host_id: str
@@ -205,14 +207,17 @@ class PrimaryReplication:
         self._advance_commit()
         return self._pump_all()
 
-    def batch_read(self, host_id: str, batch_id: int, last_index: int) -> None:
-        """The agent read entries up to last_index for this batch and sent them."""
+    def batch_read(self, host_id: str, batch_id: int, last_index: int) -> list[PrimaryAction]:
+        """The agent read entries up to last_index for this batch; returns the window's next
+        batch, to carry out after shipping this one."""
         peer = self.peers.get(host_id)
         if peer is None or not peer.inflight or peer.inflight[-1][0] != batch_id:
-            return
-        assert last_index >= peer.next_index - 1, (last_index, peer.next_index)
+            return []
+        # bytes_max may cut the read short, never make it longer than asked.
+        assert last_index <= peer.inflight[-1][1], (last_index, peer.inflight[-1])
         peer.inflight[-1] = (batch_id, last_index)
         peer.next_index = last_index + 1
+        return self._pump(peer)
 
     def ack(self, host_id: str, ack: AckView, now_ms: int) -> list[PrimaryAction]:
         """A duplica answered a probe, batch or truncate."""
@@ -365,12 +370,16 @@ class PrimaryReplication:
         return actions
 
     def _pump(self, peer: DuplicaProgress) -> list[PrimaryAction]:
-        """Fills the duplica's window with batches of what it has not been sent."""
+        """The next batch of what the duplica has not been sent, if its window has room.
+
+        One batch at a time: `bytes_max` may cut it short, so where the next one starts is
+        known only from `batch_read`, which asks for the next batch in turn (until the window
+        is full), so that several batches are in flight."""
         actions: list[PrimaryAction] = []
         if peer.state != PeerState.STREAMING or self.fenced:
             return actions
         limits = self.limits
-        while (
+        if (
             len(peer.inflight) < limits.inflight_batches_max
             and peer.next_index <= self.log.last_index
         ):

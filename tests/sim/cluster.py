@@ -811,7 +811,12 @@ class SimReplica:
             want = min(action.first_index + action.entries_max - 1, self.wal.last_index)
             records = tuple(self.wal.read(action.first_index, want))
             last = action.first_index - 1 + len(records)
-            self.primary.batch_read(action.host_id, action.batch_id, last)
+            following = self.primary.batch_read(action.host_id, action.batch_id, last)
+            self.agent.ship(action.host_id, ("batch", self.service, self.epoch,
+                                             action.batch_id, action.prev, action.first_index,
+                                             last, records, action.commit_index))
+            self._run(following)
+            return
         self.agent.ship(action.host_id, ("batch", self.service, self.epoch, action.batch_id,
                                          action.prev, action.first_index, last, records,
                                          action.commit_index))

@@ -534,11 +534,13 @@ def _catch_up(cls: type[PrimaryReplication], entries: int, window: int,
                 wire.append((None, 0))
             elif isinstance(a, SendBatch):
                 last = a.first_index - 1
+                following: list[object] = []
                 if a.entries_max:
                     last = min(a.first_index + a.entries_max - 1, log.last_index)
-                    p.batch_read("b", a.batch_id, last)
+                    following = list(p.batch_read("b", a.batch_id, last))
                 wire.append((a, last))
                 sent += 1
+                send(following)
             else:
                 raise AssertionError(a)
 

@@ -62,6 +62,7 @@ class Cluster:
         self.now = 0
         self.max_inflight = 0
         self.truncated: dict[str, int] = {}
+        self.read_max = 1 << 30  # entries the agent's read returns (bytes_max cuts it short)
 
     def write(self, n: int) -> None:
         self.plog.epochs.extend([self.epoch] * n)
@@ -94,29 +95,48 @@ class Cluster:
             return p.ack(action.host_id, AckView("ok", self.epoch, last=pos,
                                                  truncated_entries=dropped), self.now)
         if isinstance(action, SendBatch):
-            last = min(self.plog.last, action.first_index + action.entries_max - 1)
-            p.batch_read(action.host_id, action.batch_id, last)
+            last = min(self.plog.last, action.first_index + action.entries_max - 1,
+                       action.first_index + self.read_max - 1)
+            following = p.batch_read(action.host_id, action.batch_id, last)
             self.max_inflight = max(self.max_inflight, len(p.peers[action.host_id].inflight))
-            log = self.dlogs[action.host_id]
-            d = self.dups[action.host_id]
-            out = d.on_batch(self.epoch, action.prev, last, action.commit_index, log.info(),
-                             self.now)
-            if any(isinstance(a, Refuse) for a in out):
-                status = next(a.status for a in out if isinstance(a, Refuse))
-                pos = LogPosition(log.epoch_of(log.last) if log.last > log.base else 0, log.last)
-                return p.ack(action.host_id, AckView(status, d.epoch, action.batch_id, log.last,
-                                                     last=pos, history=log.history()), self.now)
-            if any(isinstance(a, Append) for a in out):
-                for i in range(action.first_index, last + 1):
-                    log.epochs.append(self.plog.epoch_of(i))
-            return p.ack(action.host_id, AckView("ok", d.epoch, action.batch_id, log.last),
-                         self.now)
+            # The window's next batch goes out right behind this one.
+            return following + self._deliver_batch(action, last)
         if isinstance(action, SendSnapshot):
             log = self.dlogs[action.host_id]
             log.epochs, log.base = [], self.plog.last
             log.base_epoch = self.plog.epoch_of(self.plog.last)
             return p.snapshot_installed(action.host_id, self.plog.last)
         raise AssertionError(action)
+
+    def _deliver_batch(self, action: SendBatch, last: int) -> list:
+        p = self.primary
+        log = self.dlogs[action.host_id]
+        d = self.dups[action.host_id]
+        out = d.on_batch(self.epoch, action.prev, last, action.commit_index, log.info(),
+                         self.now)
+        if any(isinstance(a, Refuse) for a in out):
+            status = next(a.status for a in out if isinstance(a, Refuse))
+            pos = LogPosition(log.epoch_of(log.last) if log.last > log.base else 0, log.last)
+            return p.ack(action.host_id, AckView(status, d.epoch, action.batch_id, log.last,
+                                                 last=pos, history=log.history()), self.now)
+        if any(isinstance(a, Append) for a in out):
+            for i in range(action.first_index, last + 1):
+                log.epochs.append(self.plog.epoch_of(i))
+        return p.ack(action.host_id, AckView("ok", d.epoch, action.batch_id, log.last),
+                     self.now)
+
+
+def test_batches_cut_short_by_bytes_are_followed_by_the_rest_in_order() -> None:
+    # Large entries: the agent's read stops at bytes_max after 3 of the 8 entries asked for.
+    # Each next batch must start right after what was read, with the window still filled.
+    c = Cluster(limits=ShipLimits(batch_entries_max=8, inflight_batches_max=4))
+    c.read_max = 3
+    c.run(c.primary.link_up("b", 0) + c.primary.link_up("c", 0))
+    c.write(100)
+    assert c.primary.commit_index == 100
+    assert c.dlogs["b"].epochs == c.plog.epochs == c.dlogs["c"].epochs
+    # Pipelined: the next batch leaves before the last one is answered.
+    assert c.max_inflight >= 2
 
 
 def test_streams_and_commits_on_every_in_sync_duplica() -> None:
