@@ -97,3 +97,12 @@ PATCH_RESTART_TIMEOUT_MS = 120_000  # a restarted host back, and its replicas ca
 PATCH_COMMAND_CHARS_MAX = 8192  # a patch command's length (longer: put it in a script)
 AGENT_RESTART_DELAY_MS = 100  # between answering Restart and re-executing (the reply leaves)
 SHIP_MESSAGE_BYTES_MAX = 4 << 20  # shipped records in one Ship message (under the gRPC bound)
+
+# The kvcache demo kind (demo_services/kvcache.py): inference sessions of token blocks.
+KVCACHE_BLOCK_BYTES_MAX = 1 << 20  # one block's bytes (typical blocks are 16-64 KiB)
+KVCACHE_SESSION_BLOCKS_MAX = 65_536  # blocks in one session
+KVCACHE_SESSIONS_MAX = 16_384  # sessions held at once (each costs at least 8 KiB of arena)
+KVCACHE_SESSION_NAME_BYTES_MAX = 256  # a session name, UTF-8
+KVCACHE_READ_BYTES_MAX = 4 << 20  # block bytes in one read_session reply (the rest: page on)
+KVCACHE_NEEDS_MEMORY_BYTES = 512 << 20  # what placement reserves per kvcache replica
+KVCACHE_NEEDS_DISK_BYTES = 512 << 20  # its log and snapshots
