@@ -96,7 +96,6 @@ PATCH_COMMAND_TIMEOUT_MS = 300_000  # a patch command run on a host before it re
 PATCH_RESTART_TIMEOUT_MS = 120_000  # a restarted host back, and its replicas caught up
 PATCH_COMMAND_CHARS_MAX = 8192  # a patch command's length (longer: put it in a script)
 AGENT_RESTART_DELAY_MS = 100  # between answering Restart and re-executing (the reply leaves)
-SHIP_MESSAGE_BYTES_MAX = 4 << 20  # shipped records in one Ship message (under the gRPC bound)
 
 # The kvcache demo kind (demo_services/kvcache.py): inference sessions of token blocks.
 KVCACHE_BLOCK_BYTES_MAX = 1 << 20  # one block's bytes (typical blocks are 16-64 KiB)
@@ -106,3 +105,17 @@ KVCACHE_SESSION_NAME_BYTES_MAX = 256  # a session name, UTF-8
 KVCACHE_READ_BYTES_MAX = 4 << 20  # block bytes in one read_session reply (the rest: page on)
 KVCACHE_NEEDS_MEMORY_BYTES = 512 << 20  # what placement reserves per kvcache replica
 KVCACHE_NEEDS_DISK_BYTES = 512 << 20  # its log and snapshots
+
+# Live migration: page batches, codecs and the pre-copy planner (failover/migration/).
+MIGRATION_BATCH_BYTES = 1 << 20  # raw page bytes per PageBatch message (256 pages of 4 KiB)
+MIGRATION_LZ4_LEVEL = -1  # lz4.frame level of pages_lz4: measured ~10% faster than 0, same ratio
+MIGRATION_DELTA_CHANGED_BITS_FRACTION_MAX = 0.1  # a re-sent page goes as an XOR delta when at
+# most this fraction of its bits changed, else RAW (measured break-even on token-like pages)
+MIGRATION_BANDWIDTH_EWMA_WEIGHT = 0.5  # weight of the newest round in the bandwidth estimate
+MIGRATION_DIRTY_SHRINK_FRACTION_MIN = 0.1  # a round whose dirty set shrank less than this
+# (against the pages it sent) grows the auto-converge throttle
+MIGRATION_THROTTLE_INITIAL_MS = 1.0  # delay per source write when auto-converge starts
+MIGRATION_THROTTLE_MAX_MS = 32.0  # the throttle doubles per non-shrinking round up to this
+MIGRATION_CUT_TIMEOUT_MS = 10_000  # the target's verdict on the cut, while the source is paused
+SHIP_MESSAGE_BYTES_MAX = 4 << 20  # shipped records in one Ship message (under the gRPC bound)
+MIGRATION_ENCODE_AHEAD = 2  # batches a migration encodes ahead of what its stream has sent

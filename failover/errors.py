@@ -145,3 +145,13 @@ class LeadershipLostError(StorageError):
     """This coordinator's leadership term is over (a store shared by several coordinators, such
     as etcd, elected another leader); the commit was not applied. The coordinator must stop
     acting as leader at once and campaign again."""
+
+
+# --- live migration ------------------------------------------------------------------------
+
+
+class MigrationError(FailoverError):
+    """A live migration cannot go on: a page batch does not decode (unknown encoding, wrong
+    length, a delta for a page never received, a corrupt lz4 frame), or its steps came out of
+    order. The migration aborts before cutover, so the source never stopped being the owner;
+    start a new migration with a fresh encoder, decoder and planner."""

@@ -426,6 +426,10 @@ class Agent:
             first = replica.compact(retain_entries)
             return read_header(path).applied_index, first
 
+    def replica_root(self, service: str) -> Path:
+        """Where a replica of `service` keeps its meta, log and snapshots."""
+        return self._replicas_dir / service
+
     def replica(self, service: str) -> Replica:
         replica = self.replicas.get(service)
         if replica is None:

@@ -144,6 +144,9 @@ class Replica:
         # The last log append failed for want of space (reported in heartbeats: the
         # coordinator takes a full duplica out of the in-sync set, moves a full primary off).
         self.disk_full = False
+        # A migration's cut holds applying; its auto-converge delays each write.
+        self._apply_held = False
+        self.write_throttle_ms = 0.0
         self.closed = False
         # Monotonic ms until which this primary may answer reads alone (a coordinator grant).
         self.lease_expiry_ms = 0
@@ -369,6 +372,9 @@ class Replica:
         if self.kind_cls.is_read_only(request):
             return await self.query(payload, epoch_seen), False, self.epoch
         await self._wait_hold(epoch_seen)
+        if self.write_throttle_ms:
+            # A migration's auto-converge: writes slow down until the copy catches up.
+            await asyncio.sleep(self.write_throttle_ms / 1000)
         rid = encode_request_id(client_id, seq)
         seen = self.sm.sessions.lookup(client_id, seq)
         if isinstance(seen, Reply):
@@ -660,7 +666,21 @@ class Replica:
 
     # --- applying ------------------------------------------------------------------------
 
+    def hold_apply(self) -> None:
+        """Stops applying (a migration's cut): the state stays at its applied index, while
+        the log keeps taking entries, until `release_apply`."""
+        self._apply_held = True
+
+    def release_apply(self) -> None:
+        self._apply_held = False
+        if self.primary is not None:
+            self._apply_committed()
+        else:
+            self._schedule_apply()
+
     def _apply_limit(self) -> int:
+        if self._apply_held:
+            return self.sm.applied_index
         # Never past what this loop has queued (`_next_index - 1`): the log's durable index
         # moves on an I/O thread a moment before shipped entries are queued here, and
         # applying in that gap would read them back from disk for nothing.

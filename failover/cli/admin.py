@@ -385,16 +385,20 @@ def undrain_command(ctx: click.Context, host: str, timeout_ms: int) -> None:
               default="precopy", show_default=True,
               help="precopy: rounds of dirty pages, then a short pause; stopcopy: pause and "
               "copy everything; replay: build the copy from a snapshot and the log.")
+@click.option("--max-bandwidth-mib-s", type=click.FloatRange(min=0), default=0.0,
+              help="Cap the copy at this many MiB per second on the wire (0: no cap).")
 @click.option("--timeout-ms", type=click.IntRange(min=1), default=defaults.MIGRATION_TIMEOUT_MS,
               show_default=True, help="Deadline of the whole move.")
 @click.pass_context
 def migrate_command(ctx: click.Context, service: str, to_host: str, replica: str,
-                    from_host: str, max_downtime_ms: int, method: str, timeout_ms: int) -> None:
+                    from_host: str, max_downtime_ms: int, method: str,
+                    max_bandwidth_mib_s: float, timeout_ms: int) -> None:
     """Move a replica of SERVICE to another host, live: clients see no failed request."""
     addresses, as_json = _settings(ctx)
     request = coordinator_pb2.MigrateRequest(
         service=service, to_host_id=to_host, replica=replica, from_host_id=from_host,
-        max_downtime_ms=max_downtime_ms, method=method)
+        max_downtime_ms=max_downtime_ms, method=method,
+        max_bandwidth_bytes_s=int(max_bandwidth_mib_s * (1 << 20)))
     final: dict[str, Any] = {}
     with output.MigrationProgressView(enabled=not as_json) as view:
         def on_message(progress: Any) -> None:

@@ -323,7 +323,7 @@ class Coordinator:
     # --- migration -----------------------------------------------------------------------
 
     async def migrate(self, name: str, to_host: str, replica: str, max_downtime_ms: int,
-                      method: str, from_host: str = "",
+                      method: str, from_host: str = "", max_bandwidth_bytes_s: int = 0,
                       ) -> AsyncIterator[agent_pb2.MigrationProgress]:
         """Moves a replica of `name` to `to_host` (design.md, Live migration): the source
         agent copies its live state (pre-copy or stop-and-copy; nothing for "replay", which
@@ -351,7 +351,8 @@ class Coordinator:
                     agent_pb2.MigrateOutRequest(
                         service=name, epoch=epoch, migration_id=migration_id,
                         target_host_id=to_host, target_address=target_address,
-                        max_downtime_ms=max_downtime_ms, method=method),
+                        max_downtime_ms=max_downtime_ms, method=method,
+                        max_bandwidth_bytes_s=max_bandwidth_bytes_s),
                     timeout=defaults.MIGRATION_TIMEOUT_MS / 1000)
                 async for progress in stream:
                     if progress.phase == "done":
@@ -381,9 +382,9 @@ class Coordinator:
             current = self.core.services.get(name)
             if current is None:
                 return "deleted"
-            if current.replicas.get(to_host) != "duplica" or to_host not in current.in_sync:
-                return ""
-            return "" if source in current.replicas else "done"
+            settled_there = to_host == current.primary or (
+                current.replicas.get(to_host) == "duplica" and to_host in current.in_sync)
+            return "done" if settled_there and source not in current.replicas else ""
 
         state = await self._wait(settled, defaults.MIGRATION_TIMEOUT_MS)
         if state != "done":

@@ -693,6 +693,8 @@ class CoordinatorCore:
         preferred = self._move_to.get(service.name)
         if preferred in targets:
             return [StartSwitchover(service.name, preferred)]
+        if preferred in service.replicas:
+            return []  # a migration's copy: hand over to it once it is in sync
         return [StartSwitchover(service.name, max(targets, key=lambda h: (
             self.live[h].replicas[service.name].matched_index
             if service.name in self.live[h].replicas else 0, h)))]

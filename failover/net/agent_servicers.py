@@ -24,11 +24,14 @@ from failover.core.sessions import Reply, ReplyStatus
 from failover.errors import (
     DiskFullError,
     InvalidRequest,
+    MigrationError,
     NotPrimaryError,
     StaleEpochError,
     StorageError,
     Unavailable,
 )
+from failover.migration.source import MigrationSource
+from failover.migration.target import MigrationTarget
 from failover.net.channels import REDIRECT_METADATA_KEY
 from failover.v1 import (
     agent_pb2,
@@ -36,6 +39,8 @@ from failover.v1 import (
     common_pb2,
     data_pb2,
     data_pb2_grpc,
+    migration_pb2,
+    migration_pb2_grpc,
     replication_pb2,
     replication_pb2_grpc,
 )
@@ -331,6 +336,22 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         loop.call_later(defaults.AGENT_RESTART_DELAY_MS / 1000, agent.restart_requested.set)
         return agent_pb2.RestartReply(exit_code=code, output=output, version=agent.version)
 
+    async def MigrateOut(self, request: agent_pb2.MigrateOutRequest,
+                         context: grpc.aio.ServicerContext,
+                         ) -> AsyncIterator[agent_pb2.MigrationProgress]:
+        """Copies a replica to another host, streaming progress (failover.migration)."""
+        try:
+            if not request.target_address or not request.migration_id:
+                raise InvalidRequest("target_address and migration_id are required")
+            replica = self.agent.replica(request.service)
+            source = MigrationSource(replica, request, self.agent.host_id)
+            async for progress in source.run():
+                yield progress
+        except MigrationError as exc:
+            await context.abort(grpc.StatusCode.ABORTED, str(exc))
+        except _HANDLED as exc:
+            await _abort(context, exc)
+
     async def Compact(self, request: agent_pb2.CompactRequest,
                       context: grpc.aio.ServicerContext) -> agent_pb2.CompactReply:
         try:
@@ -352,8 +373,22 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
                            for e, i in replica.wal.epoch_history])
 
 
+class MigrationServicer(migration_pb2_grpc.MigrationServicer):
+    """The target side of live migrations into this host."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    async def MigratePages(self, request_iterator: AsyncIterator[migration_pb2.PageBatch],
+                           context: grpc.aio.ServicerContext,
+                           ) -> AsyncIterator[migration_pb2.MigrationResult]:
+        async for result in MigrationTarget(self.agent).run(request_iterator):
+            yield result
+
+
 def add_to_server(server: grpc.aio.Server, agent: Agent) -> None:
     data_pb2_grpc.add_DataServicer_to_server(DataServicer(agent), server)
+    migration_pb2_grpc.add_MigrationServicer_to_server(MigrationServicer(agent), server)
     replication_pb2_grpc.add_ReplicationServicer_to_server(ReplicationServicer(agent), server)
     agent_pb2_grpc.add_AgentControlServicer_to_server(AgentControlServicer(agent), server)
 

@@ -135,7 +135,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             async for progress in self.c.migrate(
                     request.service, request.to_host_id, request.replica or "primary",
                     request.max_downtime_ms, request.method or "precopy",
-                    request.from_host_id):
+                    request.from_host_id, request.max_bandwidth_bytes_s):
                 yield progress
         except (InvalidRequest, Unavailable) as exc:
             await _abort(context, exc)

@@ -218,7 +218,7 @@ class RestartReply(_message.Message):
     def __init__(self, exit_code: _Optional[int] = ..., output: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class MigrateOutRequest(_message.Message):
-    __slots__ = ("service", "epoch", "migration_id", "target_host_id", "target_address", "max_downtime_ms", "method")
+    __slots__ = ("service", "epoch", "migration_id", "target_host_id", "target_address", "max_downtime_ms", "method", "max_bandwidth_bytes_s")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -226,6 +226,7 @@ class MigrateOutRequest(_message.Message):
     TARGET_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MAX_DOWNTIME_MS_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
+    MAX_BANDWIDTH_BYTES_S_FIELD_NUMBER: _ClassVar[int]
     service: str
     epoch: int
     migration_id: str
@@ -233,7 +234,8 @@ class MigrateOutRequest(_message.Message):
     target_address: str
     max_downtime_ms: int
     method: str
-    def __init__(self, service: _Optional[str] = ..., epoch: _Optional[int] = ..., migration_id: _Optional[str] = ..., target_host_id: _Optional[str] = ..., target_address: _Optional[str] = ..., max_downtime_ms: _Optional[int] = ..., method: _Optional[str] = ...) -> None: ...
+    max_bandwidth_bytes_s: int
+    def __init__(self, service: _Optional[str] = ..., epoch: _Optional[int] = ..., migration_id: _Optional[str] = ..., target_host_id: _Optional[str] = ..., target_address: _Optional[str] = ..., max_downtime_ms: _Optional[int] = ..., method: _Optional[str] = ..., max_bandwidth_bytes_s: _Optional[int] = ...) -> None: ...
 
 class MigrationProgress(_message.Message):
     __slots__ = ("migration_id", "phase", "round", "pages", "raw_bytes", "wire_bytes", "dirty_pages", "dirty_pages_s", "throttle_ms", "state_bytes", "message", "stats_json", "applied_index")

@@ -221,20 +221,22 @@ class DrainHostReply(_message.Message):
     def __init__(self, host: _Optional[_Union[HostStatus, _Mapping]] = ...) -> None: ...
 
 class MigrateRequest(_message.Message):
-    __slots__ = ("service", "to_host_id", "replica", "max_downtime_ms", "method", "from_host_id")
+    __slots__ = ("service", "to_host_id", "replica", "max_downtime_ms", "method", "from_host_id", "max_bandwidth_bytes_s")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     TO_HOST_ID_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     MAX_DOWNTIME_MS_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     FROM_HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_BANDWIDTH_BYTES_S_FIELD_NUMBER: _ClassVar[int]
     service: str
     to_host_id: str
     replica: str
     max_downtime_ms: int
     method: str
     from_host_id: str
-    def __init__(self, service: _Optional[str] = ..., to_host_id: _Optional[str] = ..., replica: _Optional[str] = ..., max_downtime_ms: _Optional[int] = ..., method: _Optional[str] = ..., from_host_id: _Optional[str] = ...) -> None: ...
+    max_bandwidth_bytes_s: int
+    def __init__(self, service: _Optional[str] = ..., to_host_id: _Optional[str] = ..., replica: _Optional[str] = ..., max_downtime_ms: _Optional[int] = ..., method: _Optional[str] = ..., from_host_id: _Optional[str] = ..., max_bandwidth_bytes_s: _Optional[int] = ...) -> None: ...
 
 class PatchRequest(_message.Message):
     __slots__ = ("host_ids", "all", "command", "failback", "method", "command_timeout_ms")

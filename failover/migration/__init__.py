@@ -1,0 +1,11 @@
+"""Pre-copy live migration of a paged state (design.md, Live migration).
+
+* `failover.migration.planner`: the pure planner that decides, round after round from the
+  caller's measurements, whether to copy again or cut over, and how hard to throttle writes.
+* `failover.migration.codec`: page batch encoders and decoders (zero elision, XOR deltas, lz4)
+  and the page digests checked at cutover.
+* `failover.migration.stats`: per-migration statistics, as JSON-ready dicts.
+
+Import the submodules themselves: this package imports nothing, so that the planner stays free
+of I/O modules.
+"""
