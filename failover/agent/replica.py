@@ -1012,7 +1012,9 @@ class Replica:
         # The old log is behind or diverged from the snapshot: start the log at its index.
         self.wal.truncate_after(max(self.wal.first_index - 1, min(self.wal.last_index,
                                                                    self.sm.applied_index)))
-        self.wal.compact(header.applied_index, header.epoch)
+        history = header.extra.get("history") if header.extra else None
+        self.wal.compact(header.applied_index, header.epoch,
+                         [(int(e), int(i)) for e, i in history] if history else None)
 
     # --- status --------------------------------------------------------------------------
 

@@ -8,23 +8,19 @@ machine or this build cannot do is skipped with a reason, once, and the reason i
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+import grpc
 
 from failover.chaos.nemesis import Fault
 from failover.localcluster import LocalCluster
 from failover.v1 import common_pb2, coordinator_pb2
 
 HEAL_TIMEOUT_S = 30.0
-
-# Fault kinds that need parts not built yet; skipped with this reason.
-NOT_BUILT = {
-    "migrate": "live migration is not built yet",
-    "patch": "patching is not built yet",
-}
-
 
 @dataclass
 class FaultRecord:
@@ -73,10 +69,6 @@ class FaultInjector:
 
     async def run(self, fault: Fault) -> FaultRecord:
         record = FaultRecord(fault)
-        if fault.kind in NOT_BUILT:
-            record.skipped = NOT_BUILT[fault.kind]
-            self.skipped_kinds[fault.kind] = record.skipped
-            return record
         if fault.kind == "partition" and self.cluster.net is None:
             record.skipped = self.partition_unavailable or "the cluster has no namespaces"
             self.skipped_kinds[fault.kind] = record.skipped
@@ -127,6 +119,23 @@ class FaultInjector:
             await asyncio.sleep(fault.duration_s)
             record.end_ms = now_ms()
             await asyncio.to_thread(coordinator.start)
+        elif fault.kind == "migrate":
+            # A live migration of a primary under load, to a host holding no replica of it.
+            service = self.services[fault.pick % len(self.services)]
+            record.host = service
+            record.detail = await asyncio.to_thread(self._migrate, service)
+            record.end_ms = now_ms()
+            if record.detail.get("skipped"):
+                record.skipped = record.detail["skipped"]
+                return record
+        elif fault.kind == "patch":
+            # A rolling restart of one host on its code, under load.
+            status = await asyncio.to_thread(self.cluster.coordinator.status)  # type: ignore
+            hosts = sorted(h.host_id for h in status.hosts)
+            host = hosts[fault.pick % len(hosts)]
+            record.host = host
+            record.detail = await asyncio.to_thread(self._patch, host)
+            record.end_ms = now_ms()
         elif fault.kind == "switchover":
             service = self.services[fault.pick % len(self.services)]
             record.host = service
@@ -144,6 +153,41 @@ class FaultInjector:
         await asyncio.to_thread(self.wait_healed)
         record.healed_ms = now_ms()
         return record
+
+    def _migrate(self, service: str) -> dict[str, Any]:
+        coordinator = self.cluster.coordinator
+        assert coordinator is not None
+        status = coordinator.status()
+        holding = {r.host_id for s in status.services if s.name == service
+                   for r in s.replicas}
+        spares = [h.host_id for h in status.hosts if h.alive and not h.draining
+                  and h.host_id not in holding]
+        if not spares:
+            return {"skipped": f"no host without a replica of {service} to migrate to"}
+        try:
+            stats: dict[str, Any] = {}
+            for progress in coordinator.stub().Migrate(coordinator_pb2.MigrateRequest(
+                    service=service, to_host_id=spares[0]), timeout=HEAL_TIMEOUT_S * 2):
+                if progress.phase == "done":
+                    stats = json.loads(progress.stats_json or b"{}")
+            return {"to": spares[0], "downtime_ms": stats.get("downtime_ms"),
+                    "rounds": stats.get("rounds")}
+        except grpc.RpcError as exc:  # an aborted migration is an outcome, not a crash
+            return {"to": spares[0], "error": exc.details() or exc.code().name}
+
+    def _patch(self, host: str) -> dict[str, Any]:
+        coordinator = self.cluster.coordinator
+        assert coordinator is not None
+        steps: list[str] = []
+        try:
+            for progress in coordinator.stub().Patch(coordinator_pb2.PatchRequest(
+                    host_ids=[host]), timeout=HEAL_TIMEOUT_S * 4):
+                steps.append(progress.step)
+                if progress.step == "failed":
+                    return {"error": progress.message}
+            return {"steps": steps}
+        except grpc.RpcError as exc:
+            return {"error": exc.details() or exc.code().name}
 
     def wait_healed(self, timeout_s: float = HEAL_TIMEOUT_S) -> None:
         """Every process up, every service with a serving primary and every replica in sync

@@ -175,6 +175,8 @@ async def run_chaos(config: ChaosConfig, progress: Callable[[str], None] = print
     run = _Run(config)
     services = config.services()
     replicas = min(3, config.hosts)
+    if "migrate" in config.faults and replicas == config.hosts and replicas > 2:
+        replicas -= 1  # a migration needs a host without a replica to move to
     progress(f"chaos: seed {config.seed}, {config.duration_s:.0f} s, {config.hosts} hosts, "
              f"faults {','.join(config.faults)}, workload {config.workload}, {config.mode} mode")
     partition_unavailable = ""

@@ -57,6 +57,16 @@ _MODE = {"sync": common_pb2.REPLICATION_MODE_SYNC, "async": common_pb2.REPLICATI
 MIGRATION_METHODS = ("precopy", "stopcopy", "replay")
 
 
+def _pages(kind: str) -> bool:
+    """Whether `kind` keeps its state in a paged arena (so it migrates page by page)."""
+    from failover.kinds import load_kind
+
+    try:
+        return load_kind(kind)().paged is not None
+    except Exception:  # an unknown kind here: the source agent will say what is wrong
+        return True
+
+
 def monotonic_ms() -> int:
     return time.monotonic_ns() // 1_000_000
 
@@ -334,6 +344,13 @@ class Coordinator:
             raise InvalidRequest(f"method {method!r}: choose one of {', '.join(MIGRATION_METHODS)}")
         if max_downtime_ms < 0 or max_downtime_ms > defaults.MIGRATION_DOWNTIME_MS_MAX:
             raise InvalidRequest(f"max_downtime_ms must be 0..{defaults.MIGRATION_DOWNTIME_MS_MAX}")
+        known = self.core.services.get(name)
+        fallback = ""
+        if known is not None and method != "replay" and not _pages(known.kind):
+            # A kind without a paged arena cannot be copied page by page: build the copy
+            # from a snapshot and the log instead, and say so.
+            fallback = f"kind {known.kind} keeps no paged arena: the copy is built by replay"
+            method = "replay"
         async with self._lock:
             source = self.core.migration_source(name, to_host, replica or "primary", from_host)
             service = self.core.services[name]
@@ -344,6 +361,10 @@ class Coordinator:
         migration_id = f"{name}-{uuid.uuid4().hex[:8]}"
         started = monotonic_ms()
         stats: dict[str, Any] = {"method": method}
+        if fallback:
+            stats["fallback"] = fallback
+            yield agent_pb2.MigrationProgress(migration_id=migration_id, phase="setup",
+                                              message=fallback)
         done = False
         try:
             if method != "replay":
@@ -538,12 +559,17 @@ class Coordinator:
             spare = self.core.spare_host(name) if method == "precopy" else ""
         if spare:
             yield f"{name}: pre-copy migration of the primary from {host} to {spare}"
-            async for progress in self.migrate(name, spare, "primary", 0, "precopy"):
-                if progress.phase == "round":
-                    yield (f"{name}: round {progress.round}, {progress.pages} pages, "
-                           f"{progress.dirty_pages} dirty")
-            yield f"{name}: primary now on {spare}"
-            return
+            try:
+                async for progress in self.migrate(name, spare, "primary", 0, "precopy"):
+                    if progress.phase == "round":
+                        yield (f"{name}: round {progress.round}, {progress.pages} pages, "
+                               f"{progress.dirty_pages} dirty")
+                yield f"{name}: primary now on {spare}"
+                return
+            except Unavailable as exc:
+                # The copy failed before its cut (the source serves on): a switchover to an
+                # in-sync duplica still moves the primary off, without the surge.
+                yield f"{name}: migration to {spare} failed ({exc}); switching over instead"
         epoch, primary, stall_ms = await self.switchover(name, "")
         yield f"{name}: switched over to {primary} (epoch {epoch}, stall {stall_ms} ms)"
 

@@ -189,7 +189,7 @@ class MigrationTarget:
                 SnapshotStore(root / "snapshots").save(header, chunks)
                 wal = WriteAheadLog.open(root / "wal", fsync_policy=agent.config.fsync_policy)
                 try:
-                    wal.compact(index, applied_epoch)
+                    wal.compact(index, applied_epoch, history)
                 finally:
                     wal.close()
 

@@ -349,6 +349,10 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
                 yield progress
         except MigrationError as exc:
             await context.abort(grpc.StatusCode.ABORTED, str(exc))
+        except grpc.aio.AioRpcError as exc:  # the stream to the target broke
+            await context.abort(grpc.StatusCode.ABORTED, f"the copy to "
+                                f"{request.target_host_id} broke off: "
+                                f"{exc.details() or exc.code().name}")
         except _HANDLED as exc:
             await _abort(context, exc)
 

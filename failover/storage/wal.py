@@ -1395,13 +1395,17 @@ class WriteAheadLog:
         self._layout_gen += 1
         self._cond.notify_all()
 
-    def compact(self, snapshot_index: int, snapshot_epoch: int) -> int:
+    def compact(self, snapshot_index: int, snapshot_epoch: int,
+                snapshot_history: Sequence[tuple[int, int]] | None = None) -> int:
         """Drops whole segments whose entries are all ``<= snapshot_index``.
 
         ``(snapshot_index, snapshot_epoch)`` becomes the base, so ``epoch_at(base)`` keeps
         working for divergence checks. ``snapshot_index`` may lie beyond ``last_index`` (a
         replica that installed a snapshot): the log is then empty and the next append must
-        be ``snapshot_index + 1``. Returns the new ``first_index``.
+        be ``snapshot_index + 1``; `snapshot_history`, the epoch history of the log the
+        snapshot was taken from, then becomes this log's history up to the base (without it,
+        the snapshot's epoch is recorded as starting at the base). Returns the new
+        ``first_index``.
         """
         if snapshot_index < 0 or snapshot_epoch < 0:
             raise ValueError(f"bad snapshot position ({snapshot_index}, {snapshot_epoch})")
@@ -1422,7 +1426,13 @@ class WriteAheadLog:
                 # any of its entries, so starts up to the snapshot's epoch stay true; later
                 # epochs of this log were on a diverged branch. If the snapshot's epoch is
                 # new here, it is recorded as starting at the base (it started at or before).
-                history = [h for h in history if h[0] <= snapshot_epoch and h[1] <= snapshot_index]
+                if snapshot_history:
+                    # The source's history is the truth up to the snapshot: who wrote what.
+                    history = [(int(e), int(i)) for e, i in snapshot_history
+                               if i <= snapshot_index]
+                else:
+                    history = [h for h in history
+                               if h[0] <= snapshot_epoch and h[1] <= snapshot_index]
                 if not history or history[-1][0] != snapshot_epoch:
                     history.append((snapshot_epoch, snapshot_index))
             # The base is durable before any segment goes, so a crash in between leaves

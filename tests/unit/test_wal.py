@@ -849,3 +849,28 @@ def test_append_records_fast_path_keeps_epoch_changes_and_refuses_bad_batches(
     assert other.append_records(one_epoch, f2, l2) == 10
     assert other.read(6, 10) == source.read(6, 10)
     assert other.epoch_at(6) == 3
+
+
+def test_compaction_to_an_installed_snapshot_adopts_the_snapshot_history(tmp_path) -> None:
+    # A replica that installs a snapshot (or receives a migrated copy) at index 500 of a log
+    # whose epoch 1 began at 1 and epoch 2 at 300 must say so, not that epoch 2 began at 500:
+    # checkers and divergence checks read who wrote what from this history.
+    wal = WriteAheadLog.open(tmp_path / "wal")
+    try:
+        wal.compact(500, 2, [(1, 1), (2, 300), (3, 700)])
+        assert wal.epoch_history == [(1, 1), (2, 300)]
+        assert (wal.first_index, wal.last_index) == (501, 500)
+    finally:
+        wal.close()
+    again = WriteAheadLog.open(tmp_path / "wal")
+    try:
+        assert again.epoch_history == [(1, 1), (2, 300)]
+    finally:
+        again.close()
+    # Without it, the snapshot's epoch is recorded as starting at the base.
+    other = WriteAheadLog.open(tmp_path / "other")
+    try:
+        other.compact(500, 2)
+        assert other.epoch_history == [(2, 500)]
+    finally:
+        other.close()
