@@ -34,3 +34,20 @@ def test_sixty_second_chaos_run_passes(tmp_path: Path) -> None:
     assert len(ops) == report["ops_ok"] + report["ops_failed"] + report["ops_unknown"]
     assert json.loads((report_dir / "report.json").read_text())["seed"] == 7
     assert (report_dir / "timeline.png").stat().st_size > 10_000
+
+
+@pytest.mark.timeout(240)
+def test_chaos_run_with_migrations_and_patches_passes(tmp_path: Path) -> None:
+    """Live migrations and rolling restarts under load, among kills: no violation, and the
+    planned moves themselves fail no request outcome the checkers can see."""
+    done = subprocess.run(
+        [sys.executable, "-m", "failover.cli", "--format", "json", "chaos", "--duration", "30",
+         "--seed", "1", "--faults", "kill,migrate,patch", "--mode", "sync",
+         "--report", str(tmp_path / "report")],
+        capture_output=True, text=True, timeout=230)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert done.returncode == 0, (report.get("violations"), done.stderr[-3000:])
+    assert report["violations"] == [] and report["passed"] is True
+    assert report["lost_acked_writes"] == 0 and report["exactly_once"] is True
+    assert report["faults"].get("migrate", 0) >= 2 and report["faults"].get("patch", 0) >= 1
+    assert not report["faults_skipped"], report["faults_skipped"]
