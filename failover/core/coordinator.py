@@ -387,6 +387,9 @@ class CoordinatorCore:
             service = self.services.get(report.service)
             if service is not None and host_id in service.replicas:
                 continue
+            moving = self.migrations.get(report.service)
+            if moving is not None and moving[1] == host_id:
+                continue  # a migration's copy, not yet a member: it is added when done
             key = (host_id, report.service)
             last = self._reassigned_ms.get(key)
             if last is not None and now_ms - last < self.timing.failure_timeout_ms:

@@ -296,3 +296,17 @@ def test_a_full_primary_is_moved_off_by_switchover() -> None:
     d.step(2 * HB)
     moves = [a for a in d.actions if isinstance(a, StartSwitchover)]
     assert moves and moves[0].service == "s" and moves[0].to_host in ("h2", "h3")
+
+
+def test_a_migration_copy_is_not_dropped_before_it_joins() -> None:
+    d = Driver(["h1", "h2", "h3"])
+    d.create()
+    source = d.core.migration_source("s", "h3", "primary", "")
+    d.core.migration_begin("s", source, "h3")
+    # The target already holds the copy and reports it before the coordinator adds it.
+    d.roles[("h3", "s")] = ("building", d.core.services["s"].epoch)
+    d.actions.clear()
+    d.step(3 * HB)
+    assert not any(isinstance(a, DropReplica) and a.host_id == "h3" for a in d.actions)
+    d.run(d.core.migration_complete("s", {"method": "precopy"}, d.now))
+    assert d.core.services["s"].replicas["h3"] == BUILDING
