@@ -44,7 +44,7 @@ from operator import add, not_
 
 from failover import defaults
 from failover.errors import FailoverError, InvalidRequest, RequestRejected, StateCorruptError
-from failover.paged_state import PagedState
+from failover.paged_state import ARENA_SNAPSHOT_HEAD, PagedState, assemble_arena_snapshot
 from failover.service import ServiceKind, require, require_op
 
 __all__ = ["KEY_BYTES_MAX", "VALUE_BYTES_MAX", "KvService"]
@@ -59,7 +59,7 @@ _ARENA_HEAD = struct.Struct("<4sIQQI4x")  # magic, format, bump, live count, cla
 _SLOT_HEAD = struct.Struct("<BBBxIIQ")  # state, class, tag, key len, value len, next free
 _SLOT_HEAD_BYTES = _SLOT_HEAD.size
 _SNAP_MAGIC = b"FKVS"
-_SNAP_HEAD = struct.Struct("<4sIII")  # magic, format, page_bytes, page_count
+_SNAP_HEAD = ARENA_SNAPSHOT_HEAD
 
 _FREE = 2
 _LIVE = 1
@@ -450,31 +450,10 @@ class KvService(ServiceKind):
         The arena is assembled as the chunks arrive (no copy of it afterwards), then
         checked and indexed in one pass (`_parse_arena`)."""
         page_bytes_here = self._paged.page_bytes
-        limit = _SNAP_HEAD.size + self._paged.pages_max * page_bytes_here
-        head = bytearray()
-        arena = bytearray()
-        received = 0
-        for chunk in chunks:
-            received += len(chunk)
-            if received > limit:
-                raise _corrupt(f"snapshot is larger than the arena bound of {limit} bytes")
-            if len(head) < _SNAP_HEAD.size:
-                take = _SNAP_HEAD.size - len(head)
-                head += chunk[:take]
-                arena += chunk[take:]
-            else:
-                arena += chunk
-        if len(head) < _SNAP_HEAD.size:
-            raise _corrupt(f"snapshot of {received} bytes has no header")
-        magic, fmt, page_bytes, page_count = _SNAP_HEAD.unpack_from(head, 0)
-        if magic != _SNAP_MAGIC or not 1 <= fmt <= self.version:
-            raise _corrupt(f"not a kv snapshot of a known format ({magic!r}, format {fmt})")
-        if page_bytes != page_bytes_here:
-            raise _corrupt(
-                f"snapshot pages are {page_bytes} bytes, this replica's are {page_bytes_here}"
-            )
-        if len(arena) != page_bytes * page_count:
-            raise _corrupt(f"{len(arena)} arena bytes, the header says {page_count} pages")
+        arena = assemble_arena_snapshot(chunks, magic=_SNAP_MAGIC, kind="kv",
+                                        format_max=self.version,
+                                        page_bytes=page_bytes_here,
+                                        pages_max=self._paged.pages_max)
         layout = _parse_arena(arena)
         self._paged.adopt(arena)
         self._adopt(layout)

@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 
 from failover import defaults
 from failover.errors import InvalidRequest, RequestRejected, StateCorruptError
-from failover.paged_state import PagedState
+from failover.paged_state import ARENA_SNAPSHOT_HEAD, PagedState, assemble_arena_snapshot
 from failover.service import ServiceKind, require, require_int, require_op
 
 __all__ = ["UNIT_BYTES", "KvCacheService"]
@@ -87,7 +87,7 @@ _REF_UNIT_HEAD_BYTES = 8  # next ref unit (u32), 4 zero bytes
 _REFS_PER_UNIT = (UNIT_BYTES - _REF_UNIT_HEAD_BYTES) // _REF.size
 _REF_UNIT = struct.Struct(f"<II{2 * _REFS_PER_UNIT}I")  # next, zero, then the refs
 _SNAP_MAGIC = b"FKCS"
-_SNAP_HEAD = struct.Struct("<4sIII")  # magic, format, page_bytes, page_count
+_SNAP_HEAD = ARENA_SNAPSHOT_HEAD
 _NAME_AREA_BYTES = UNIT_BYTES - _SESSION_HEAD.size
 _ZEROS = bytes(1 << 20)  # written over freed units and compared against, a slice at a time
 _ZEROS_VIEW = memoryview(_ZEROS)
@@ -491,33 +491,11 @@ class KvCacheService(ServiceKind):
 
     def restore(self, chunks: Iterable[bytes]) -> None:
         """Replace the state by a snapshot's; StateCorruptError leaves the old state in place."""
-        page_bytes_here = self._paged.page_bytes
+        page_bytes = self._paged.page_bytes
         pages_max = self._paged.pages_max
-        limit = _SNAP_HEAD.size + pages_max * page_bytes_here
-        head = bytearray()
-        arena = bytearray()
-        received = 0
-        for chunk in chunks:
-            received += len(chunk)
-            if received > limit:
-                raise _corrupt(f"snapshot is larger than the arena bound of {limit} bytes")
-            if len(head) < _SNAP_HEAD.size:
-                take = _SNAP_HEAD.size - len(head)
-                head += chunk[:take]
-                arena += chunk[take:]
-            else:
-                arena += chunk
-        if len(head) < _SNAP_HEAD.size:
-            raise _corrupt(f"snapshot of {received} bytes has no header")
-        magic, fmt, page_bytes, page_count = _SNAP_HEAD.unpack_from(head, 0)
-        if magic != _SNAP_MAGIC or not 1 <= fmt <= self.version:
-            raise _corrupt(f"not a kvcache snapshot of a known format ({magic!r}, format {fmt})")
-        if page_bytes != page_bytes_here:
-            raise _corrupt(
-                f"snapshot pages are {page_bytes} bytes, this replica's are {page_bytes_here}"
-            )
-        if len(arena) != page_bytes * page_count:
-            raise _corrupt(f"{len(arena)} arena bytes, the header says {page_count} pages")
+        arena = assemble_arena_snapshot(chunks, magic=_SNAP_MAGIC, kind="kvcache",
+                                        format_max=self.version, page_bytes=page_bytes,
+                                        pages_max=pages_max)
         # Parsed in a scratch PagedState sharing the buffer, so a bad one changes nothing here.
         scratch = PagedState(0, page_bytes=page_bytes, pages_max=pages_max)
         scratch.adopt(arena)

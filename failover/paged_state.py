@@ -19,7 +19,7 @@ from itertools import compress
 from typing import Any
 
 from failover import defaults
-from failover.errors import PagedStateFullError
+from failover.errors import PagedStateFullError, StateCorruptError
 
 # Default bound on the arena, in bytes, when the caller names no `pages_max`. Growing past it
 # raises PagedStateFullError instead of exhausting the host's memory.
@@ -281,3 +281,47 @@ class PagedState:
             f"PagedState(page_count={self.page_count}, page_bytes={self._page_bytes}, "
             f"pages_max={self._pages_max}, dirty={self.dirty_count()})"
         )
+
+
+# --- arena snapshots -------------------------------------------------------------------------
+
+# The snapshot of a kind whose whole state is its arena: this head, then the arena's bytes.
+ARENA_SNAPSHOT_HEAD = struct.Struct("<4sIII")  # magic, format, page_bytes, page_count
+
+
+def assemble_arena_snapshot(chunks: Iterable[bytes], *, magic: bytes, kind: str,
+                            format_max: int, page_bytes: int, pages_max: int) -> bytearray:
+    """The arena bytes of an arena snapshot, assembled as its chunks arrive (no second copy).
+
+    Checks the head (magic, a format up to `format_max`, this replica's `page_bytes`) and the
+    size, bounded by `pages_max` while reading; raises StateCorruptError naming `kind`
+    otherwise. The caller still checks that the bytes form a valid state of its kind.
+    """
+    def corrupt(reason: str) -> StateCorruptError:
+        return StateCorruptError(f"{kind} arena is not a valid state: {reason}")
+
+    limit = ARENA_SNAPSHOT_HEAD.size + pages_max * page_bytes
+    head = bytearray()
+    arena = bytearray()
+    received = 0
+    for chunk in chunks:
+        received += len(chunk)
+        if received > limit:
+            raise corrupt(f"snapshot is larger than the arena bound of {limit} bytes")
+        if len(head) < ARENA_SNAPSHOT_HEAD.size:
+            take = ARENA_SNAPSHOT_HEAD.size - len(head)
+            head += chunk[:take]
+            arena += chunk[take:]
+        else:
+            arena += chunk
+    if len(head) < ARENA_SNAPSHOT_HEAD.size:
+        raise corrupt(f"snapshot of {received} bytes has no header")
+    found, fmt, their_page_bytes, page_count = ARENA_SNAPSHOT_HEAD.unpack_from(head, 0)
+    if found != magic or not 1 <= fmt <= format_max:
+        raise corrupt(f"not a {kind} snapshot of a known format ({found!r}, format {fmt})")
+    if their_page_bytes != page_bytes:
+        raise corrupt(f"snapshot pages are {their_page_bytes} bytes, this replica's are "
+                      f"{page_bytes}")
+    if len(arena) != their_page_bytes * page_count:
+        raise corrupt(f"{len(arena)} arena bytes, the header says {page_count} pages")
+    return arena

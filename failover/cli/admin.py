@@ -192,16 +192,20 @@ def _stdin_is_interactive() -> bool:
 # --- commands ------------------------------------------------------------------------------
 
 
+def _cluster_status(ctx: click.Context, timeout_ms: int) -> Any:
+    addresses, _ = _settings(ctx)
+    return CoordinatorCaller(addresses).call(
+        "GetClusterStatus", coordinator_pb2.ClusterStatusRequest(), timeout_ms=timeout_ms,
+        idempotent=True)
+
+
 @click.command("status")
 @_timeout_option
 @click.pass_context
 def status_command(ctx: click.Context, timeout_ms: int) -> None:
     """Show hosts and services with their replicas."""
-    addresses, as_json = _settings(ctx)
-    reply = CoordinatorCaller(addresses).call(
-        "GetClusterStatus", coordinator_pb2.ClusterStatusRequest(), timeout_ms=timeout_ms,
-        idempotent=True)
-    document = output.cluster_status_json(reply)
+    _, as_json = _settings(ctx)
+    document = output.cluster_status_json(_cluster_status(ctx, timeout_ms))
     if as_json:
         _echo_json(document)
     else:
@@ -297,11 +301,8 @@ def switchover_command(ctx: click.Context, service: str, to_host: str, timeout_m
 @click.pass_context
 def hosts_command(ctx: click.Context, timeout_ms: int) -> None:
     """Show hosts: resources, zone, state, draining and the replicas each holds."""
-    addresses, as_json = _settings(ctx)
-    reply = CoordinatorCaller(addresses).call(
-        "GetClusterStatus", coordinator_pb2.ClusterStatusRequest(), timeout_ms=timeout_ms,
-        idempotent=True)
-    documents = output.hosts_json(reply)
+    _, as_json = _settings(ctx)
+    documents = output.hosts_json(_cluster_status(ctx, timeout_ms))
     if as_json:
         _echo_json(documents)
     elif not documents:
@@ -320,11 +321,8 @@ def _set_draining(ctx: click.Context, host: str, draining: bool, timeout_ms: int
 
 
 def _held(ctx: click.Context, host: str, timeout_ms: int) -> list[dict[str, Any]]:
-    addresses, _ = _settings(ctx)
-    reply = CoordinatorCaller(addresses).call(
-        "GetClusterStatus", coordinator_pb2.ClusterStatusRequest(), timeout_ms=timeout_ms,
-        idempotent=True)
-    document = next((h for h in output.hosts_json(reply) if h["host_id"] == host), None)
+    document = next((h for h in output.hosts_json(_cluster_status(ctx, timeout_ms))
+                     if h["host_id"] == host), None)
     return document["services"] if document else []
 
 
