@@ -54,6 +54,7 @@ PENDING_REQUESTS_MAX = 16_384  # writes logged or waiting to be, per replica; mo
 # Entries applied as one batch before yielding the event loop: ~1 ms of kv puts (measured:
 # about 4 us each with the log read; larger batches run slower, out of the CPU's caches).
 APPLY_CHUNK_ENTRIES = 256
+APPLY_CHUNK_ENTRIES_RECEIVING = 64  # the same while shipped batches wait (they come first)
 APPLY_CHUNK_BYTES = 1 << 20  # and at most this much payload per batch (at least one entry)
 APPLY_READ_ENTRIES = 256  # entries read (or taken from a shipped batch) and decoded at a time
 UNDECODED_BYTES_MAX = 64 << 20  # shipped records kept in memory to apply; beyond, re-read

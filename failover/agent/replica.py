@@ -732,7 +732,11 @@ class Replica:
             if not unapplied or unapplied[0].index != first:
                 self._reload_unapplied(limit)
                 unapplied = self._unapplied
-            batch = self._take_batch(first, min(limit - first + 1, defaults.APPLY_CHUNK_ENTRIES))
+            # While shipped batches wait, smaller chunks: taking them onto disk (and acking)
+            # comes first, and a long apply turn holds the loop they arrive on.
+            chunk = (defaults.APPLY_CHUNK_ENTRIES_RECEIVING if self.agent.receiving
+                     else defaults.APPLY_CHUNK_ENTRIES)
+            batch = self._take_batch(first, min(limit - first + 1, chunk))
             replies = sm.apply_many(batch)
             waiters = self._waiters
             if waiters:
