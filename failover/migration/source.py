@@ -289,7 +289,7 @@ class MigrationSource:
         try:
             for i, numbers in enumerate(chunks):
                 # Copied on the loop: no write can change a page while it is copied.
-                copies = [(n, bytes(paged.page(n))) for n in numbers]
+                copies = _copy_pages(paged, numbers)
                 future = loop.run_in_executor(self._encoding, encoder.encode, copies)
                 pending.append((i, numbers, paged.page_count, future))
                 if len(pending) > defaults.MIGRATION_ENCODE_AHEAD:
@@ -342,3 +342,21 @@ class MigrationSource:
 
 def _json(document: dict[str, Any]) -> bytes:
     return json.dumps(document).encode()
+
+
+def _copy_pages(paged: Any, numbers: list[int]) -> list[tuple[int, memoryview]]:
+    """Copies the pages out of the arena (on the loop, so no write changes one midway), a run
+    of consecutive pages per memcpy; each page is a view into its run's copy."""
+    page_bytes = paged.page_bytes
+    out: list[tuple[int, memoryview]] = []
+    start = 0
+    while start < len(numbers):
+        end = start + 1
+        while end < len(numbers) and numbers[end] == numbers[end - 1] + 1:
+            end += 1
+        first = numbers[start]
+        block = memoryview(paged.read(first * page_bytes, (end - start) * page_bytes))
+        out.extend((first + i, block[i * page_bytes:(i + 1) * page_bytes])
+                   for i in range(end - start))
+        start = end
+    return out

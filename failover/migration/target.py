@@ -31,6 +31,7 @@ from failover.core.state_machine import ReplicatedStateMachine
 from failover.errors import FailoverError, MigrationError
 from failover.migration.codec import PageDecoder
 from failover.migration.source import SETUP_FORMAT
+from failover.paged_state import PagedState
 from failover.storage.snapshot import SnapshotHeader, SnapshotStore
 from failover.storage.wal import WriteAheadLog
 from failover.v1 import migration_pb2
@@ -94,8 +95,7 @@ class MigrationTarget:
                     ),
                 )
                 paged.grow(batch.arena_pages)
-                for number, data in pages:
-                    paged.set_page(number, data)
+                _write_pages(paged, pages)
                 if batch.final:
                     final = batch
                     break
@@ -208,3 +208,21 @@ class MigrationTarget:
         if self.created and self.root is not None:
             with contextlib.suppress(OSError):
                 await asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, self.root)
+
+
+def _write_pages(paged: PagedState, pages: list[tuple[int, bytes]]) -> None:
+    """Writes decoded pages into the arena, a run of consecutive pages per slice (a round-0
+    batch is one run: one copy instead of one call per page)."""
+    page_bytes = paged.page_bytes
+    start = 0
+    while start < len(pages):
+        end = start + 1
+        while end < len(pages) and pages[end][0] == pages[end - 1][0] + 1:
+            end += 1
+        first = pages[start][0]
+        if end - start == 1:
+            paged.set_page(first, pages[start][1])
+        else:
+            paged.grow(pages[end - 1][0] + 1)
+            paged.write(first * page_bytes, b"".join(data for _, data in pages[start:end]))
+        start = end
