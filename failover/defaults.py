@@ -120,3 +120,5 @@ MIGRATION_THROTTLE_MAX_MS = 32.0  # the throttle doubles per non-shrinking round
 MIGRATION_CUT_TIMEOUT_MS = 10_000  # the target's verdict on the cut, while the source is paused
 SHIP_MESSAGE_BYTES_MAX = 4 << 20  # shipped records in one Ship message (under the gRPC bound)
 MIGRATION_ENCODE_AHEAD = 2  # batches a migration encodes ahead of what its stream has sent
+MIGRATION_CUT_OVERHEAD_MS = 3.0  # fixed cost of a migration's paused round, in its prediction
+MIGRATION_CUT_BANDWIDTH_FRACTION = 0.5  # its rate against the live rounds' (measured ~half)

@@ -86,6 +86,13 @@ def config(**kwargs: object) -> PlannerConfig:
 # --- convergence ---------------------------------------------------------------------------
 
 
+def cut_ms(pages: int, decision: Decision) -> float:
+    """The paused round's predicted length for `pages` dirty pages (see the planner doc)."""
+    assert decision.bandwidth_bytes_per_ms is not None
+    return defaults.MIGRATION_CUT_OVERHEAD_MS + pages * PB / (
+        decision.bandwidth_bytes_per_ms * defaults.MIGRATION_CUT_BANDWIDTH_FRACTION)
+
+
 def test_a_slowing_writer_converges_by_fits_without_throttle() -> None:
     # 1 GB/s link; the writer dirties fewer pages each round (halving its rate).
     sim = Sim(25_600, 1_000_000.0, lambda r: 100.0 / (2**r))
@@ -97,11 +104,10 @@ def test_a_slowing_writer_converges_by_fits_without_throttle() -> None:
     assert decision.throttle_ms == 0.0
     assert all(d.throttle_ms == 0.0 for d in sim.decisions)
     assert 2 <= decision.round < defaults.MIGRATION_ROUNDS_MAX - 1
-    # The prediction is the dirty bytes over the estimate it reports.
+    # The prediction is the cut's fixed cost plus the dirty bytes at a fraction of the
+    # estimate it reports.
     assert decision.bandwidth_bytes_per_ms is not None
-    assert math.isclose(
-        decision.predicted_downtime_ms, pages * PB / decision.bandwidth_bytes_per_ms
-    )
+    assert math.isclose(decision.predicted_downtime_ms, cut_ms(pages, decision))
     sim.finish(planner, decision, pages)
     stats = planner.stats(total_ms=200.0, setup_ms=3.0, downtime_ms=4.5)
     assert stats.cutover_reason == FITS and stats.method == PRECOPY
@@ -251,7 +257,7 @@ def test_bandwidth_is_an_ewma_of_raw_bytes_per_ms() -> None:
     d = planner.round_done(RoundReport(1, 50, 50 * PB, 7, 25.0, 40))  # sample 8192
     w = defaults.MIGRATION_BANDWIDTH_EWMA_WEIGHT
     assert d.bandwidth_bytes_per_ms == pytest.approx(w * 8192 + (1 - w) * 4096)
-    assert d.predicted_downtime_ms == pytest.approx(40 * PB / d.bandwidth_bytes_per_ms)
+    assert d.predicted_downtime_ms == pytest.approx(cut_ms(40, d))
     # A round without bytes leaves the estimate alone.
     d = planner.round_done(RoundReport(2, 0, 0, 0, 5.0, 40))
     assert d.bandwidth_bytes_per_ms == pytest.approx(w * 8192 + (1 - w) * 4096)
