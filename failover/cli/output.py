@@ -438,6 +438,12 @@ class MigrationProgressView:
     def update(self, progress: Any) -> None:
         if self._progress is None or self._task is None:
             return
+        if progress.phase == "done":
+            task = self._progress.tasks[0]
+            self._progress.update(self._task, description="done",
+                                  completed=task.total or task.completed,
+                                  detail=escape(progress.message))
+            return
         detail = (f"round {progress.round}, {progress.dirty_pages:,} dirty pages "
                   f"({progress.dirty_pages_s:,.0f}/s)"
                   + (f", throttle {progress.throttle_ms} ms" if progress.throttle_ms else ""))
