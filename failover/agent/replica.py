@@ -174,9 +174,13 @@ class Replica:
     def load_meta(cls, root: Path) -> ReplicaMeta:
         return ReplicaMeta.from_bytes((root / _META).read_bytes())
 
-    def open(self) -> None:
+    def open(self, state: ReplicatedStateMachine | None = None) -> None:
         """Recovers from disk: newest good snapshot, then the log (replay happens as the
-        commit index becomes known; up to the snapshot is known committed)."""
+        commit index becomes known; up to the snapshot is known committed).
+
+        `state`, when given, is the state of the newest snapshot, already in memory (a
+        migration's copy, just written down): it is used instead of reading the snapshot
+        back, which would hold the event loop for as long as the state is large."""
         policy = self.agent.config.fsync_policy
         self.wal = WriteAheadLog.open(self.root / "wal", fsync_policy=policy)
         report = self.wal.open_report
@@ -184,7 +188,11 @@ class Replica:
             log.warning("%s: dropped a torn log tail of %d bytes in %s", self.service,
                         report.torn_bytes_dropped, report.torn_segment)
         path = self.snapshots.latest()
-        if path is not None:
+        if state is not None:
+            assert path is not None and read_header(path).applied_index == state.applied_index
+            self.sm = state
+            self._last_snapshot_index = state.applied_index
+        elif path is not None:
             fresh = ReplicatedStateMachine(self.kind_cls())
             header = load_snapshot(path, _KindView(fresh))
             self.sm = fresh

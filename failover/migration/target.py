@@ -120,7 +120,8 @@ class MigrationTarget:
             )
             if fmt != SETUP_FORMAT:
                 raise MigrationError(f"unknown cut format {fmt}")
-            kind.reload_paged()
+            # The index is rebuilt off the loop: nothing else touches this kind instance.
+            await loop.run_in_executor(None, kind.reload_paged)
             sm = ReplicatedStateMachine(kind)
             sm.sessions = ClientSessions.from_bytes(
                 sessions, sm.sessions.replies_per_client_max, sm.sessions.clients_max
@@ -173,20 +174,21 @@ class MigrationTarget:
                 mode=str(setup.get("mode") or Mode.SYNC.value),
             )
             index, applied_epoch = sm.applied_index, sm.applied_epoch
-            header = SnapshotHeader(
-                kind=meta.kind,
-                kind_version=sm.kind.version,
-                applied_index=index,
-                epoch=applied_epoch,
-                digest=sm.digest(),
-                extra={"history": [list(h) for h in history if h[1] <= index]},
-            )
-            chunks = list(sm.snapshot())
             loop = asyncio.get_running_loop()
 
             def write() -> None:
+                # On an I/O thread: nothing else touches `sm` until the replica is registered,
+                # and hashing and copying hundreds of MiB must not hold the agent's loop.
+                header = SnapshotHeader(
+                    kind=meta.kind,
+                    kind_version=sm.kind.version,
+                    applied_index=index,
+                    epoch=applied_epoch,
+                    digest=sm.digest(),
+                    extra={"history": [list(h) for h in history if h[1] <= index]},
+                )
                 root.mkdir(parents=True)
-                SnapshotStore(root / "snapshots").save(header, chunks)
+                SnapshotStore(root / "snapshots").save(header, list(sm.snapshot()))
                 wal = WriteAheadLog.open(root / "wal", fsync_policy=agent.config.fsync_policy)
                 try:
                     wal.compact(index, applied_epoch, history)
@@ -195,7 +197,10 @@ class MigrationTarget:
 
             await loop.run_in_executor(agent.io, write)
             replica = Replica.create(agent, root, meta)
-            replica.open()  # on the loop: it starts the replica's tasks
+            # On the loop (it starts the replica's tasks), with the state in memory: reading
+            # the snapshot back would hold this agent's loop, and its other replicas, for
+            # seconds with hundreds of MiB.
+            replica.open(sm)
             agent.replicas[service] = replica
             log.info(
                 "%s: migrated copy kept at index %d (epoch %d), as building",
