@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -29,8 +30,30 @@ T = TypeVar("T")
 READY_TIMEOUT_S = 20.0
 
 
+_PORTS_LOW = 10_000  # local daemons listen between this and the ephemeral range
+_PORT_TRIES_MAX = 200
+
+
 def free_port() -> int:
-    """A port nothing listens on right now (the OS picks it)."""
+    """A port nothing listens on right now, below the kernel's ephemeral range.
+
+    A port the OS hands out for port 0 comes from the ephemeral range, which outgoing
+    connections also draw from: one of them could take it between this check and the daemon's
+    bind ("address already in use"). Below that range only another listener can."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 0
+    rng = random.Random()
+    for _ in range(_PORT_TRIES_MAX if ephemeral_low > _PORTS_LOW + 1000 else 0):
+        port = rng.randrange(_PORTS_LOW, ephemeral_low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
