@@ -92,7 +92,6 @@ CHAOS_DISK_BYTES = 1 << 30  # each agent's tmpfs data dir in a chaos run with di
 # for the replicas' reserved disk; filling it writes this much to memory)
 MIGRATION_TIMEOUT_MS = 600_000  # a whole migration, copy and catch-up, before it is abandoned
 MIGRATION_DOWNTIME_MS_MAX = 60_000  # the largest max_downtime_ms an operator may ask for
-COORDINATOR_POLL_MS = 50  # how often a long coordinator command re-reads cluster state
 PATCH_COMMAND_TIMEOUT_MS = 300_000  # a patch command run on a host before it restarts
 PATCH_RESTART_TIMEOUT_MS = 120_000  # a restarted host back, and its replicas caught up
 PATCH_COMMAND_CHARS_MAX = 8192  # a patch command's length (longer: put it in a script)

@@ -148,6 +148,9 @@ class Coordinator:
         self.timing = timing or Timing()
         self.core = CoordinatorCore(self.timing, placement_policy)
         self._lock = asyncio.Lock()
+        # Notified whenever the core's actions were carried out (every heartbeat and tick
+        # too): long commands (migrate, patch) wait on it for the state they need.
+        self._changed = asyncio.Condition(self._lock)
         self._callers: dict[str, _HostCaller] = {}
         self._watchers: set[asyncio.Queue[coordinator_pb2.RoutesUpdate]] = set()
         self._routes = coordinator_pb2.RoutesUpdate()
@@ -205,6 +208,7 @@ class Coordinator:
                 self._spawn(self._drain_switchover(action))
             else:
                 raise AssertionError(f"unknown action {action!r}")
+        self._changed.notify_all()
 
     def _caller(self, address: str) -> _HostCaller:
         caller = self._callers.get(address)
@@ -419,16 +423,14 @@ class Coordinator:
             message=f"{name}: {source} -> {to_host}")
 
     async def _wait(self, condition: Callable[[], str], timeout_ms: int) -> str:
-        """Polls a condition on the core's state until it says something, under a deadline
-        (returns "" when the deadline passed)."""
-        deadline = monotonic_ms() + timeout_ms
-        while monotonic_ms() < deadline:
-            async with self._lock:
-                said = condition()
-            if said:
-                return said
-            await asyncio.sleep(defaults.COORDINATOR_POLL_MS / 1000)
-        return ""
+        """Waits until a condition on the core's state says something (checked each time the
+        core's decisions are carried out), under a deadline; "" when the deadline passed."""
+        async with self._lock:
+            try:
+                return await asyncio.wait_for(self._changed.wait_for(condition),
+                                              timeout_ms / 1000)
+            except TimeoutError:
+                return ""
 
     # --- patch ----------------------------------------------------------------------------
 
