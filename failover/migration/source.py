@@ -153,6 +153,11 @@ class MigrationSource:
                     decision.throttle_ms,
                 )
             replica.write_throttle_ms = 0.0
+            if replica.sm.kind.paged is not paged:
+                # A snapshot install replaced the state while it was being copied: the pages
+                # sent and the sessions at the cut would come from two different states.
+                raise MigrationError(f"{replica.service}: its state was replaced during the "
+                                     "copy (a snapshot install); migrate again")
             # The cut: no entry is applied from here until the target confirms the copy.
             paused = now_ms()
             replica.hold_apply()
