@@ -396,7 +396,7 @@ class Agent:
             if epoch < replica.epoch:
                 raise StaleEpochError(f"{service}: step-down at epoch {epoch} is older than "
                                       f"{replica.epoch}")
-            replica.step_down(epoch)
+            replica.step_down(epoch, "the coordinator asked")
             return replica
 
     async def drop_replica(self, service: str, epoch: int, delete_data: bool) -> None:

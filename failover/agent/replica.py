@@ -201,6 +201,8 @@ class Replica:
         # Entries after the snapshot are applied once the commit index covers them: as primary
         # from the duplicas' acks, as duplica from the primary's batches.
         self._ensure_writer()
+        log.info("%s: opened as %s at epoch %d (recorded role; the coordinator confirms it)",
+                 self.service, self.role, self.epoch)
         self._become(self.meta.role, self.meta.epoch, self.meta.in_sync)
         if self.role == PRIMARY:
             self.agent.ensure_links(self.duplica_addresses)
@@ -254,8 +256,11 @@ class Replica:
         primary: tuple[str, str] | None,
         duplicas: dict[str, str],
         in_sync: set[str],
+        why: str = "assigned by the coordinator",
     ) -> None:
-        """Sets role, epoch and peers (idempotent). The epoch is persisted before any use."""
+        """Sets role, epoch and peers (idempotent). The epoch is persisted before any use.
+
+        `why` is logged with the role change, if there is one."""
         if epoch < self.epoch:
             raise StaleEpochError(
                 f"{self.service}: assignment at epoch {epoch} is older than this replica's "
@@ -264,6 +269,7 @@ class Replica:
         # A building replica that joins as a duplica keeps its stream and position: only
         # becoming or leaving primary, or a new epoch, starts the protocol core afresh.
         changed = (role == PRIMARY) != (self.role == PRIMARY) or epoch != self.epoch
+        was = (self.role, self.epoch)
         self.confirmed = True  # told by whoever assigns roles (the coordinator, or a test)
         self._persist_meta(
             role=role, epoch=epoch, mode=mode,
@@ -272,6 +278,9 @@ class Replica:
             duplicas=dict(duplicas), in_sync=sorted(in_sync),
         )
         self.duplica_addresses = dict(duplicas)
+        if was != (role, epoch):
+            log.info("%s: role %s -> %s at epoch %d (was epoch %d): %s", self.service, was[0],
+                     role, epoch, was[1], why)
         if changed or (role == PRIMARY and self.primary is None):
             self._become(role, epoch, in_sync)
         elif role == PRIMARY and self.primary is not None:
@@ -322,10 +331,14 @@ class Replica:
             self.primary = None
             self.duplica = DuplicaReplication(epoch, self.sm.applied_index)
 
-    def step_down(self, epoch: int) -> None:
-        """A newer epoch exists: stop serving writes and wait to be told the new primary."""
+    def step_down(self, epoch: int, why: str) -> None:
+        """A newer epoch exists: stop serving writes and wait to be told the new primary.
+
+        `why` says who or what showed the newer epoch; it is logged with the change."""
         if epoch <= self.epoch and self.role != PRIMARY:
             return
+        log.warning("%s: role %s -> %s at epoch %d (was epoch %d): %s", self.service,
+                    self.role, DUPLICA, max(epoch, self.epoch), self.epoch, why)
         changes = {"role": DUPLICA, "epoch": max(epoch, self.epoch)}
         try:
             self._persist_meta(**changes)
@@ -617,7 +630,7 @@ class Replica:
             elif isinstance(action, StepDown):
                 log.warning("%s: a duplica holds epoch %d > %d: stepping down", self.service,
                             action.epoch, self.epoch)
-                self.step_down(action.epoch)
+                self.step_down(action.epoch, "a duplica holds a newer epoch")
             else:
                 raise AssertionError(f"unknown action {action!r}")
 
@@ -856,7 +869,7 @@ class Replica:
         if self.role == PRIMARY:
             if epoch <= self.epoch:
                 return None  # two primaries in one epoch cannot be: refuse as stale
-            self.step_down(epoch)
+            self.step_down(epoch, "a primary at a newer epoch ships to this replica")
         return self.duplica
 
     def _ack(self, status: str, batch_id: int = 0, message: str = "",
