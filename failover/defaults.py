@@ -81,6 +81,9 @@ HEARS_PRIMARY_TIMEOUT_MS = 200
 COORDINATOR_HOST_QUEUE_MAX = 10_000  # calls queued for one agent
 ROUTE_WATCHERS_MAX = 10_000
 SWITCHOVER_TIMEOUT_MS = 5000
+# How long a read on a new (or restarted) primary waits for the log it inherited to be
+# committed and applied before it is refused as Unavailable (the client retries).
+READ_FLOOR_TIMEOUT_MS = 1000
 
 # Redundancy: rebuilds and placement.
 HOST_DEAD_MS = 10_000  # a host silent this long is dead: its replicas are rebuilt elsewhere

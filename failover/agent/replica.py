@@ -159,6 +159,10 @@ class Replica:
         self._hold: asyncio.Event | None = None
         # Replaced and set on every ack, append and apply: waiters for progress use it.
         self._progress = asyncio.Event()
+        # A primary answers reads only once commit and apply reach this index: the last
+        # entry it inherited when it took the role (invariant 10; Raft commits an entry of
+        # its own term before serving reads). Set each time the replica becomes primary.
+        self.read_floor = 0
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -312,6 +316,14 @@ class Replica:
                 # An empty entry opens the new epoch in the log: it marks the epoch's first
                 # index in the history and commits the entries inherited from the last one.
                 self._enqueue(Entry(epoch, self._next_index, b"", b""))
+            # Whatever is in the log (or queued for it) now may have been acknowledged by an
+            # earlier primary, or by this one before a restart: reads wait until it is
+            # committed and applied here (invariant 10).
+            self.read_floor = self._next_index - 1
+            # The commit index of a primary with no in-sync duplica is its durable index:
+            # computed now, not at the next write (after a restart, the log's tail would
+            # otherwise stay unapplied until a client writes).
+            self._run(self.primary.log_changed(self._log_info()))
             self._run(self._link_ups())
             self._apply_committed()
         else:
@@ -437,9 +449,24 @@ class Replica:
         """
         self._check_primary(epoch_seen)
         await self._wait_hold(epoch_seen)
+        await self._wait_read_floor(epoch_seen)
         if monotonic_ms() >= self.lease_expiry_ms:
             await self._confirm_epoch()
         return self.sm.query(payload)
+
+    async def _wait_read_floor(self, epoch_seen: int) -> None:
+        """Waits until the entries this primary inherited are committed and applied: until
+        then its state may lack writes an earlier primary acknowledged (invariant 10)."""
+        if self.sm.applied_index >= self.read_floor:
+            return
+        deadline = monotonic_ms() + defaults.READ_FLOOR_TIMEOUT_MS
+        while self.sm.applied_index < self.read_floor:
+            self._check_primary(epoch_seen)
+            if not await self._wait_progress(deadline):
+                raise Unavailable(
+                    f"{self.service}: this primary has applied {self.sm.applied_index} of the "
+                    f"{self.read_floor} entries it inherited; it serves reads once its in-sync "
+                    "duplicas have them: retry shortly")
 
     async def _wait_hold(self, epoch_seen: int) -> None:
         """A switchover holds reads and writes alike: the target is promoted without waiting
@@ -765,6 +792,8 @@ class Replica:
                     future = waiters.pop(entry.index, None)
                     if future is not None and not future.done():
                         future.set_result(reply)
+            if self.read_floor >= first:
+                self._notify_progress()  # reads held below the read floor may go on
             self._maybe_snapshot()
         return sm.applied_index < self._apply_limit()
 
