@@ -210,6 +210,13 @@ class SqliteStore(Store):
                     f"stays {mode!r}); put the coordinator's data dir on a local filesystem"
                 )
             conn.execute("PRAGMA synchronous=FULL")
+            if existed:
+                # A damaged file is refused now, before the coordinator acts on what it read,
+                # not at the first write (invariant 15).
+                problems = [row[0] for row in conn.execute("PRAGMA integrity_check(8)")]
+                if problems != ["ok"]:
+                    raise sqlite3.DatabaseError("integrity check failed: "
+                                                + "; ".join(map(str, problems)))
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise ConfigError(

@@ -413,6 +413,23 @@ async def test_a_file_that_is_not_a_database_is_refused(db_path: Path) -> None:
         await SqliteStore(db_path).open()
 
 
+async def test_a_damaged_database_is_refused_at_open_not_at_the_first_write(
+    db_path: Path,
+) -> None:
+    async with SqliteStore(db_path) as store:
+        for batch in range(20):
+            await store.commit({f"service/s{batch}-{i}": bytes(200) for i in range(20)})
+    with sqlite3.connect(db_path) as conn:
+        (root,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'state'").fetchone()
+    data = bytearray(db_path.read_bytes())
+    page_bytes = int.from_bytes(data[16:18], "big")
+    start = (root - 1) * page_bytes
+    data[start:start + 8] = b"\x5a" * 8  # the state table's root page header: unreadable
+    db_path.write_bytes(bytes(data))
+    with pytest.raises(StorageError, match="integrity check failed"):
+        await SqliteStore(db_path).open()
+
+
 async def test_use_outside_open_is_an_error(db_path: Path) -> None:
     store = SqliteStore(db_path)
     with pytest.raises(RuntimeError, match="not open"):
