@@ -412,12 +412,13 @@ class Agent:
                 await replica.close()
 
     async def prepare_switchover(self, service: str, epoch: int, target: str,
-                                 timeout_ms: int, release: bool) -> tuple[int, int]:
+                                 timeout_ms: int, release: bool,
+                                 switchover_id: str = "") -> tuple[int, int]:
         replica = self.replica(service)
         if release:
-            replica.release_hold()
+            replica.release_switchover(epoch, switchover_id)
             return replica.wal.last_index, 0
-        return await replica.prepare_switchover(epoch, target, timeout_ms)
+        return await replica.prepare_switchover(epoch, target, timeout_ms, switchover_id)
 
     async def compact(self, service: str, retain_entries: int) -> tuple[int, int]:
         replica = self.replica(service)

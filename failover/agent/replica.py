@@ -157,6 +157,7 @@ class Replica:
         # Set while a switchover holds new writes; released when the role changes or the
         # switchover is abandoned.
         self._hold: asyncio.Event | None = None
+        self._hold_id = ""  # the switchover that holds them: only its release ends the hold
         # Replaced and set on every ack, append and apply: waiters for progress use it.
         self._progress = asyncio.Event()
         # A primary answers reads only once commit and apply reach this index: the last
@@ -511,11 +512,12 @@ class Replica:
             await asyncio.wait_for(self._progress.wait(), remaining_ms / 1000)
         return True
 
-    async def prepare_switchover(self, epoch: int, target: str,
-                                 timeout_ms: int) -> tuple[int, int]:
+    async def prepare_switchover(self, epoch: int, target: str, timeout_ms: int,
+                                 switchover_id: str = "") -> tuple[int, int]:
         """Holds new writes until `target` has durably logged everything logged here and every
         logged write is committed and answered; returns (last index, target's durable index).
-        On timeout the hold is released and the primary serves on."""
+        On timeout the hold is released and the primary serves on. One switchover holds at a
+        time: another one (another id) is refused while the hold lasts."""
         self._check_primary(0)
         primary = self.primary
         assert primary is not None
@@ -524,8 +526,12 @@ class Replica:
                                   f"primary is at epoch {self.epoch}")
         if target not in primary.peers:
             raise InvalidRequest(f"{self.service}: {target} is not a duplica of this primary")
+        if self._hold is not None and self._hold_id != switchover_id:
+            raise Unavailable(f"{self.service}: another switchover ({self._hold_id or 'unnamed'}) "
+                              "holds writes here; try again once it has ended")
         if self._hold is None:
             self._hold = asyncio.Event()
+            self._hold_id = switchover_id
         try:
             return await self._await_switchover_target(primary, target, timeout_ms)
         except asyncio.CancelledError:
@@ -571,6 +577,17 @@ class Replica:
         if self._hold is not None:
             self._hold.set()
             self._hold = None
+            self._hold_id = ""
+
+    def release_switchover(self, epoch: int, switchover_id: str) -> None:
+        """The coordinator abandoned switchover `switchover_id` at `epoch`: end its hold. A
+        release for another switchover or epoch (late, or forged) changes nothing."""
+        if self._hold is None or epoch != self.epoch or switchover_id != self._hold_id:
+            log.info("%s: ignored a release of switchover %r at epoch %d (holding: %r, epoch %d)",
+                     self.service, switchover_id, epoch, self._hold_id if self._hold else None,
+                     self.epoch)
+            return
+        self.release_hold()
 
     def _check_primary(self, epoch_seen: int) -> None:
         if self.role != PRIMARY or self.primary is None or self.primary.fenced:

@@ -39,9 +39,13 @@ async def serve(listen: str, data_dir: str, store_url: str | None, host_dead_ms:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    stopped = loop.create_task(stop.wait())
+    fatal = loop.create_task(coordinator.fatal.wait())
+    await asyncio.wait((stopped, fatal), return_when=asyncio.FIRST_COMPLETED)
     await server.stop(grace=1.0)
     await coordinator.stop()
+    if coordinator.fatal.is_set():
+        raise SystemExit("failover-coordinator: the store cannot be read; see the log above")
 
 
 def run(listen: str, data_dir: str, store: str | None,

@@ -156,6 +156,8 @@ class Coordinator:
         self._routes = coordinator_pb2.RoutesUpdate()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._tick_task: asyncio.Task[None] | None = None
+        # Set when the store can no longer be read: the daemon exits (see `_reload`).
+        self.fatal = asyncio.Event()
 
     async def start(self) -> None:
         await self.store.open()
@@ -193,11 +195,42 @@ class Coordinator:
     # --- carrying out actions --------------------------------------------------------------
 
     async def _execute(self, actions: list[Action]) -> None:
-        """Runs under the lock: persists in order, queues agent calls, pushes routes."""
+        """Runs under the lock: persists in order, queues agent calls, pushes routes.
+
+        The core has already changed its memory when it returns a `Persist`: the store and
+        the memory must agree before anything else acts (invariant 15). So the actions are
+        carried out to the end even when the caller is cancelled (a CLI deadline, a dropped
+        stream), and a commit that fails makes the coordinator reload its state from the
+        store, dropping the actions that depended on it."""
         assert self._lock.locked()
+        carried = asyncio.ensure_future(self._carry_out(actions))
+        cancelled = False
+        while not carried.done():
+            try:
+                await asyncio.shield(carried)
+            except asyncio.CancelledError:
+                cancelled = True  # finish first; the cancellation is passed on below
+            except Exception:
+                break  # the failure is raised below
+        if cancelled:
+            if not carried.cancelled() and carried.exception() is not None:
+                log.error("carrying out actions failed while cancelled: %s",
+                          carried.exception())
+            raise asyncio.CancelledError
+        carried.result()
+        self._changed.notify_all()
+
+    async def _carry_out(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, Persist):
-                await self.store.commit(action.puts, action.deletes, action.history)
+                try:
+                    await self.store.commit(action.puts, action.deletes, action.history)
+                except Exception as exc:
+                    await self._reload(exc)
+                    raise Unavailable(
+                        f"the coordinator's store refused a commit ({exc}); the coordinator "
+                        "reloaded its state from the store and did not act on it: retry"
+                    ) from exc
             elif isinstance(action, (AssignRole, StepDown, DropReplica)):
                 self._caller(action.address).queue.put_nowait(action)
             elif isinstance(action, AskHearsPrimary):
@@ -208,7 +241,23 @@ class Coordinator:
                 self._spawn(self._drain_switchover(action))
             else:
                 raise AssertionError(f"unknown action {action!r}")
-        self._changed.notify_all()
+
+    async def _reload(self, why: Exception) -> None:
+        """Replaces the core with one restored from the store: what a failed commit changed
+        in memory is gone, as after a restart. A store that cannot even be read ends the
+        process (its supervisor restarts it), rather than acting on memory it cannot trust."""
+        log.error("store commit failed (%s): reloading the cluster state from the store", why)
+        try:
+            state = await self.store.load()
+        except Exception as exc:
+            log.critical("cannot reload the cluster state from the store (%s): exiting", exc)
+            self.fatal.set()
+            raise
+        core = CoordinatorCore(self.timing, self.core.placement_policy)
+        actions = core.restore(state, monotonic_ms())
+        assert not any(isinstance(a, Persist) for a in actions), actions
+        self.core = core
+        await self._carry_out(actions)
 
     def _caller(self, address: str) -> _HostCaller:
         caller = self._callers.get(address)
@@ -307,32 +356,55 @@ class Coordinator:
 
     async def switchover(self, name: str, to_host: str) -> tuple[int, str, int]:
         """Planned hand-over: hold writes on the primary until the target has everything,
-        raise the epoch, promote the target. Returns (epoch, new primary, stall ms)."""
+        raise the epoch, promote the target. Returns (epoch, new primary, stall ms).
+
+        However this ends short of the hand-over (the agent refused, the caller's deadline
+        passed, the CLI was interrupted), the switchover is abandoned in the core and the
+        primary is told to release its hold: a switchover left marked in progress would stop
+        failure detection and rebuilds for the service."""
         async with self._lock:
             target = self.core.switchover_target(name, to_host)
             service = self.core.services[name]
             primary, epoch = service.primary, service.epoch
             address = self.core.hosts[primary].address
             self.core.switchover_begin(name, target)
+        switchover_id = uuid.uuid4().hex
         started = monotonic_ms()
         stub = self._caller(address).stub
+        completed = False
         try:
-            await stub.PrepareSwitchover(agent_pb2.PrepareSwitchoverRequest(
-                service=name, epoch=epoch, target_host_id=target,
-                timeout_ms=defaults.SWITCHOVER_TIMEOUT_MS),
-                timeout=defaults.SWITCHOVER_TIMEOUT_MS / 1000 + 1)
-        except grpc.aio.AioRpcError as exc:
-            async with self._lock:
-                self.core.switchover_abort(name)
-            with contextlib.suppress(grpc.aio.AioRpcError):
+            try:
                 await stub.PrepareSwitchover(agent_pb2.PrepareSwitchoverRequest(
-                    service=name, epoch=epoch, release=True), timeout=AGENT_CALL_TIMEOUT_S)
-            raise Unavailable(f"switchover of {name} abandoned, {primary} serves on: "
-                              f"{exc.details() or exc.code().name}") from None
-        async with self._lock:
-            stall_ms = monotonic_ms() - started
-            await self._execute(self.core.switchover_complete(name, target, stall_ms))
-            return self.core.services[name].epoch, target, stall_ms
+                    service=name, epoch=epoch, target_host_id=target,
+                    timeout_ms=defaults.SWITCHOVER_TIMEOUT_MS, switchover_id=switchover_id),
+                    timeout=defaults.SWITCHOVER_TIMEOUT_MS / 1000 + 1)
+            except grpc.aio.AioRpcError as exc:
+                raise Unavailable(f"switchover of {name} abandoned, {primary} serves on: "
+                                  f"{exc.details() or exc.code().name}") from None
+            async with self._lock:
+                stall_ms = monotonic_ms() - started
+                await self._execute(self.core.switchover_complete(name, target, stall_ms))
+                completed = True
+                return self.core.services[name].epoch, target, stall_ms
+        finally:
+            if not completed:
+                self._abandon_switchover(name, target, address, epoch, switchover_id)
+
+    def _abandon_switchover(self, name: str, target: str, address: str, epoch: int,
+                            switchover_id: str) -> None:
+        """Ends a switchover that did not complete: no await here, so a cancelled caller
+        cannot stop it halfway; the release is sent by a task of its own."""
+        if self.core.switchovers.get(name) == target:
+            self.core.switchover_abort(name)
+
+        async def release() -> None:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await self._caller(address).stub.PrepareSwitchover(
+                    agent_pb2.PrepareSwitchoverRequest(
+                        service=name, epoch=epoch, release=True, switchover_id=switchover_id),
+                    timeout=AGENT_CALL_TIMEOUT_S)
+
+        self._spawn(release())
 
     # --- migration -----------------------------------------------------------------------
 

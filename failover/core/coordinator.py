@@ -936,18 +936,23 @@ class CoordinatorCore:
             raise InvalidRequest(f"no service {name!r}")
         if name in self.failovers or name in self.switchovers:
             raise InvalidRequest(f"{name} is already changing primary; try again shortly")
+        # Promotable, not only in sync: a member the primary counts but that may not hold
+        # every write acknowledged before it was counted must not become the primary.
         candidates = [h for h in service.in_sync
-                      if self.live.get(h, HostLive(0, False)).alive
+                      if h in service.promotable
+                      and self.live.get(h, HostLive(0, False)).alive
                       and not self.hosts[h].draining]
         if to_host:
             if to_host == service.primary:
                 raise InvalidRequest(f"{to_host} is already the primary of {name}")
             if to_host not in candidates:
-                raise InvalidRequest(f"{to_host} is not a live in-sync duplica of {name}; "
+                raise InvalidRequest(f"{to_host} is not a live in-sync duplica of {name} "
+                                     "known to hold every acknowledged write (promotable); "
                                      f"choose one of {candidates or 'none'}")
             return to_host
         if not candidates:
-            raise InvalidRequest(f"{name} has no live in-sync duplica to switch over to")
+            raise InvalidRequest(f"{name} has no live, promotable in-sync duplica to switch "
+                                 "over to")
         reports = {h: self.live[h].replicas.get(name) for h in candidates}
         return max(candidates, key=lambda h: (reports[h].durable_index if reports[h] else 0, h))
 

@@ -308,7 +308,8 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         try:
             last, target_durable = await self.agent.prepare_switchover(
                 request.service, request.epoch, request.target_host_id,
-                request.timeout_ms or defaults.CALL_DEADLINE_MS, request.release)
+                request.timeout_ms or defaults.CALL_DEADLINE_MS, request.release,
+                request.switchover_id)
         except _HANDLED as exc:
             await _abort(context, exc)
         return agent_pb2.PrepareSwitchoverReply(last_index=last,

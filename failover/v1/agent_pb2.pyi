@@ -268,18 +268,20 @@ class MigrationProgress(_message.Message):
     def __init__(self, migration_id: _Optional[str] = ..., phase: _Optional[str] = ..., round: _Optional[int] = ..., pages: _Optional[int] = ..., raw_bytes: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., dirty_pages: _Optional[int] = ..., dirty_pages_s: _Optional[float] = ..., throttle_ms: _Optional[int] = ..., state_bytes: _Optional[int] = ..., message: _Optional[str] = ..., stats_json: _Optional[bytes] = ..., applied_index: _Optional[int] = ...) -> None: ...
 
 class PrepareSwitchoverRequest(_message.Message):
-    __slots__ = ("service", "epoch", "target_host_id", "timeout_ms", "release")
+    __slots__ = ("service", "epoch", "target_host_id", "timeout_ms", "release", "switchover_id")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     TARGET_HOST_ID_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
+    SWITCHOVER_ID_FIELD_NUMBER: _ClassVar[int]
     service: str
     epoch: int
     target_host_id: str
     timeout_ms: int
     release: bool
-    def __init__(self, service: _Optional[str] = ..., epoch: _Optional[int] = ..., target_host_id: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., release: _Optional[bool] = ...) -> None: ...
+    switchover_id: str
+    def __init__(self, service: _Optional[str] = ..., epoch: _Optional[int] = ..., target_host_id: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., release: _Optional[bool] = ..., switchover_id: _Optional[str] = ...) -> None: ...
 
 class PrepareSwitchoverReply(_message.Message):
     __slots__ = ("last_index", "target_durable_index")

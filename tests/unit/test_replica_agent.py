@@ -67,3 +67,25 @@ async def test_a_write_committed_by_an_in_sync_shrink_is_answered_at_once(
                             set())
     reply, duplicate, epoch = await asyncio.wait_for(write, 1.0)
     assert not duplicate and epoch == 1 and reply.index >= 2
+
+
+async def test_a_switchover_release_ends_only_the_hold_of_its_own_switchover(
+    agent: Agent,
+) -> None:
+    replica = await primary_waiting_on_b(agent)
+    prepare = asyncio.create_task(replica.prepare_switchover(1, "b", 10_000, "sw-2"))
+    await until(lambda: replica._hold is not None)
+    # A late release of an earlier, abandoned switchover, or one at another epoch: ignored.
+    await agent.prepare_switchover("kv1", 1, "", 0, True, "sw-1")
+    await agent.prepare_switchover("kv1", 2, "", 0, True, "sw-2")
+    assert replica._hold is not None and not prepare.done()
+    # Another switchover cannot take over the hold meanwhile.
+    from failover.errors import Unavailable
+
+    with pytest.raises(Unavailable, match="another switchover"):
+        await replica.prepare_switchover(1, "b", 10_000, "sw-3")
+    await agent.prepare_switchover("kv1", 1, "", 0, True, "sw-2")
+    assert replica._hold is None
+    prepare.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await prepare
