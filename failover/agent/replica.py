@@ -17,7 +17,7 @@ import logging
 import shutil
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import accumulate
 from operator import itemgetter
@@ -32,6 +32,7 @@ from failover.core.replication import (
     AckView,
     AdoptEpoch,
     Append,
+    DuplicaAction,
     DuplicaReplication,
     LogInfo,
     Mode,
@@ -932,19 +933,35 @@ class Replica:
             "first_index": w.first_index, "message": message,
         }
 
-    async def _adopt(self, actions: list[Any]) -> str | None:
-        for action in actions:
-            if isinstance(action, AdoptEpoch):
-                self._persist_meta(epoch=action.epoch)
-            elif isinstance(action, Refuse):
-                return action.status
-        return None
+    async def _adopt(self, duplica: DuplicaReplication,
+                     event: Callable[[], list[DuplicaAction]],
+                     ) -> tuple[list[DuplicaAction], str | None]:
+        """Feeds one event to the duplica core; returns its actions and the refusal, if any.
+
+        A newer epoch is written to disk before the core takes it (`epoch_persisted`), and
+        the event is then fed again: memory never runs ahead of the disk. When the write
+        fails the replica stays at its epoch and answers "storage_error"; the primary's
+        next probe or batch tries again."""
+        actions = event()
+        if actions and isinstance(actions[0], AdoptEpoch):
+            epoch = actions[0].epoch
+            try:
+                self._persist_meta(epoch=epoch)
+            except (StorageError, OSError) as exc:
+                self.last_error = str(exc)
+                log.warning("%s: cannot record epoch %d, staying at %d: %s", self.service,
+                            epoch, self.epoch, exc)
+                return [], "storage_error"
+            duplica.epoch_persisted(epoch)
+            actions = event()
+        refused = next((a.status for a in actions if isinstance(a, Refuse)), None)
+        return actions, refused
 
     async def receive_probe(self, epoch: int) -> dict[str, Any]:
         duplica = self._duplica_for(epoch)
         if duplica is None:
             return self._ack("stale_epoch")
-        refused = await self._adopt(duplica.on_probe(epoch, monotonic_ms()))
+        _, refused = await self._adopt(duplica, lambda: duplica.on_probe(epoch, monotonic_ms()))
         return self._ack(refused or "mismatch")
 
     async def receive_truncate(self, epoch: int, after_index: int) -> dict[str, Any]:
@@ -955,7 +972,8 @@ class Replica:
             f"{self.service}: sync mode, yet a primary asked to truncate committed entries "
             f"(after {after_index}, commit {duplica.commit_index})"
         )
-        refused = await self._adopt(duplica.on_truncate(epoch, after_index, monotonic_ms()))
+        _, refused = await self._adopt(
+            duplica, lambda: duplica.on_truncate(epoch, after_index, monotonic_ms()))
         if refused:
             return self._ack(refused)
         loop = asyncio.get_running_loop()
@@ -1010,9 +1028,8 @@ class Replica:
         duplica = self._duplica_for(epoch)
         if duplica is None:
             return self._ack("stale_epoch", batch_id)
-        actions = duplica.on_batch(epoch, prev, last_index, commit_index, self._log_info(),
-                                   monotonic_ms())
-        refused = await self._adopt(actions)
+        actions, refused = await self._adopt(duplica, lambda: duplica.on_batch(
+            epoch, prev, last_index, commit_index, self._log_info(), monotonic_ms()))
         if refused:
             return self._ack(refused, batch_id)
         if any(isinstance(a, Append) for a in actions):

@@ -443,7 +443,9 @@ class Refuse:
 
 @dataclass(frozen=True, slots=True)
 class AdoptEpoch:
-    """Persist this epoch before anything else (a new primary has been promoted)."""
+    """A new primary has been promoted: persist this epoch, report it with
+    `DuplicaReplication.epoch_persisted`, then feed the event again. The core takes nothing
+    of the event before that, so its epoch never runs ahead of the disk."""
 
     epoch: int
 
@@ -463,35 +465,44 @@ class DuplicaReplication:
         self.last_heard_ms: int | None = None
 
     def _check_epoch(self, epoch: int) -> list[DuplicaAction] | None:
+        """A refusal, or the epoch to persist first; None when the event is at our epoch."""
         if epoch < self.epoch:
             return [Refuse("stale_epoch")]
         if epoch > self.epoch:
-            self.epoch = epoch
-            # A new primary: nothing past what we applied is known to match its log.
+            # A new primary: nothing past what we applied is known to match its log. Lowering
+            # the verified index only delays applying, so it need not wait for the disk; the
+            # epoch itself is ours only once persisted (`epoch_persisted`).
             self.verified_index = min(self.verified_index, self.commit_index)
             return [AdoptEpoch(epoch)]
         return None
 
+    def epoch_persisted(self, epoch: int) -> None:
+        """The driver wrote `epoch` (asked for by `AdoptEpoch`) to disk: it is ours now, and
+        the event that carried it is to be fed again."""
+        if epoch > self.epoch:  # epochs only grow (invariant 1)
+            self.epoch = epoch
+            self.verified_index = min(self.verified_index, self.commit_index)
+
     def on_probe(self, epoch: int, now_ms: int) -> list[DuplicaAction]:
         """A probe: answer with our position and history (the agent does that)."""
-        adopted = self._check_epoch(epoch)
-        if adopted and isinstance(adopted[0], Refuse):
-            return adopted
+        checked = self._check_epoch(epoch)
+        if checked:
+            return checked
         self.last_heard_ms = now_ms
-        return adopted or []
+        return []
 
     def on_truncate(self, epoch: int, after_index: int, now_ms: int) -> list[DuplicaAction]:
         """The primary found our log diverges after `after_index`."""
-        adopted = self._check_epoch(epoch)
-        if adopted and isinstance(adopted[0], Refuse):
-            return adopted
+        checked = self._check_epoch(epoch)
+        if checked:
+            return checked
         self.last_heard_ms = now_ms
         # In sync mode this never cuts below the commit index (the new primary was in sync);
         # in async mode it may: those are the acknowledged writes async mode can lose, and
         # the agent counts and reports them (invariant 7).
         self.commit_index = min(self.commit_index, after_index)
         self.verified_index = after_index
-        return adopted or []
+        return []
 
     def on_batch(
         self,
@@ -503,9 +514,10 @@ class DuplicaReplication:
         now_ms: int,
     ) -> list[DuplicaAction]:
         """A batch (or keepalive when last_index == prev.index) arrived."""
-        actions = self._check_epoch(epoch) or []
-        if actions and isinstance(actions[0], Refuse):
-            return actions
+        checked = self._check_epoch(epoch)
+        if checked:
+            return checked
+        actions: list[DuplicaAction] = []
         self.last_heard_ms = now_ms
         if (
             prev.index > log.last_index  # a gap: entries before this batch are missing
@@ -513,7 +525,7 @@ class DuplicaReplication:
             or epoch_at(log.history, prev.index) != prev.epoch  # diverged at prev
             or (last_index > prev.index and prev.index < log.last_index)  # overlap: resync
         ):
-            return [*actions, Refuse("mismatch")]
+            return [Refuse("mismatch")]
         # prev matches our log at prev.index: everything up to it equals the primary's.
         self.verified_index = max(self.verified_index, prev.index)
         if last_index > prev.index:

@@ -920,19 +920,22 @@ class SimReplica:
                        LogPosition(w.last_epoch, w.last_index),
                        tuple(w.history) if status != "ok" else (), truncated)
 
-    def _adopt(self, actions: list[Any]) -> str | None:
-        for action in actions:
-            if isinstance(action, AdoptEpoch):
-                self._persist_meta(epoch=action.epoch)
-            elif isinstance(action, Refuse):
-                return action.status
-        return None
+    def _adopt(self, duplica: DuplicaReplication,
+               event: Callable[[], list[Any]]) -> tuple[list[Any], str | None]:
+        """As the agent: a newer epoch is persisted, reported to the core, and the event fed
+        again; returns the actions and the refusal, if any."""
+        actions = event()
+        if actions and isinstance(actions[0], AdoptEpoch):
+            self._persist_meta(epoch=actions[0].epoch)
+            duplica.epoch_persisted(actions[0].epoch)
+            actions = event()
+        return actions, next((a.status for a in actions if isinstance(a, Refuse)), None)
 
     def receive_probe(self, epoch: int) -> AckView:
         duplica = self._duplica_for(epoch)
         if duplica is None:
             return self._ack("stale_epoch")
-        refused = self._adopt(duplica.on_probe(epoch, self.k.now))
+        _, refused = self._adopt(duplica, lambda: duplica.on_probe(epoch, self.k.now))
         return self._ack(refused or "mismatch")
 
     def receive_truncate(self, epoch: int, after_index: int) -> AckView:
@@ -943,7 +946,8 @@ class SimReplica:
             self.c.check.fail(f"inv3: {self.agent.host_id}/{self.service} told to truncate "
                               f"after {after_index} below its commit index "
                               f"{duplica.commit_index} in sync mode")
-        refused = self._adopt(duplica.on_truncate(epoch, after_index, self.k.now))
+        _, refused = self._adopt(
+            duplica, lambda: duplica.on_truncate(epoch, after_index, self.k.now))
         if refused:
             return self._ack(refused)
         if after_index < self.sm.applied_index:
@@ -975,9 +979,8 @@ class SimReplica:
         duplica = self._duplica_for(epoch)
         if duplica is None:
             return self._ack("stale_epoch", batch_id)
-        actions = duplica.on_batch(epoch, prev, last_index, commit_index, self._log_info(),
-                                   self.k.now)
-        refused = self._adopt(actions)
+        actions, refused = self._adopt(duplica, lambda: duplica.on_batch(
+            epoch, prev, last_index, commit_index, self._log_info(), self.k.now))
         if refused:
             return self._ack(refused, batch_id)
         if any(isinstance(a, Append) for a in actions):

@@ -4,6 +4,7 @@ fixes the deterministic simulation found in the agent's I/O layer."""
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from failover.agent.config import AgentConfig
 from failover.agent.host import Agent
 from failover.agent.replica import Replica
+from failover.core.log_position import LogPosition
 
 UNREACHABLE = "127.0.0.1:1"  # nothing listens on port 1: the duplica never acks
 
@@ -89,3 +91,28 @@ async def test_a_switchover_release_ends_only_the_hold_of_its_own_switchover(
     prepare.cancel()
     with pytest.raises(asyncio.CancelledError):
         await prepare
+
+
+async def test_a_newer_epoch_that_cannot_be_recorded_is_not_taken_in_memory(
+    agent: Agent, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Issue 11 item 9: the duplica core took a primary's newer epoch before the agent wrote
+    # it down; with the disk full the write failed and memory ran ahead of the disk.
+    replica = await agent.assign_role("kv1", "kv", "duplica", 1, "sync",
+                                      ("b", UNREACHABLE), {}, set())
+
+    def disk_full(path: Path, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr("failover.agent.replica.write_atomic", disk_full)
+    keepalive = (1, LogPosition(0, 0), 1, 0, b"", 0)
+    for answer in (await replica.receive_probe(2), await replica.receive_batch(2, *keepalive),
+                   await replica.receive_probe(2)):
+        assert (answer["status"], answer["epoch"]) == ("storage_error", 1)
+        assert replica.epoch == 1 and replica.duplica is not None
+        assert replica.duplica.epoch == 1  # and the next message asks to record it again
+    assert Replica.load_meta(replica.root).epoch == 1
+    monkeypatch.undo()  # space again: the next probe records the epoch, then takes it
+    answer = await replica.receive_probe(2)
+    assert (answer["status"], answer["epoch"]) == ("mismatch", 2)
+    assert replica.duplica.epoch == 2 and Replica.load_meta(replica.root).epoch == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 from failover.core.log_position import LogPosition
 from failover.core.replication import (
@@ -21,6 +22,16 @@ from failover.core.replication import (
     ShipLimits,
     StepDown,
 )
+
+
+def feed(d: DuplicaReplication, event: Callable[[], list]) -> list:
+    """Feeds an event to a duplica core as the agent does: a newer epoch is persisted (here,
+    at once), reported with `epoch_persisted`, and the event fed again."""
+    out = event()
+    if out and isinstance(out[0], AdoptEpoch):
+        d.epoch_persisted(out[0].epoch)
+        out = event()
+    return out
 
 
 class MemLog:
@@ -79,7 +90,7 @@ class Cluster:
         if isinstance(action, SendProbe):
             log = self.dlogs[action.host_id]
             d = self.dups[action.host_id]
-            out = d.on_probe(self.epoch, self.now)
+            out = feed(d, lambda: d.on_probe(self.epoch, self.now))
             if out and isinstance(out[0], Refuse):
                 return p.ack(action.host_id, AckView("stale_epoch", d.epoch), self.now)
             pos = LogPosition(log.history()[-1][0] if log.last else 0, log.last)
@@ -90,7 +101,8 @@ class Cluster:
             dropped = log.last - action.after_index
             del log.epochs[action.after_index - log.base:]
             self.truncated[action.host_id] = dropped
-            self.dups[action.host_id].on_truncate(self.epoch, action.after_index, self.now)
+            d = self.dups[action.host_id]
+            feed(d, lambda: d.on_truncate(self.epoch, action.after_index, self.now))
             pos = LogPosition(log.epoch_of(log.last) if log.last > log.base else 0, log.last)
             return p.ack(action.host_id, AckView("ok", self.epoch, last=pos,
                                                  truncated_entries=dropped), self.now)
@@ -112,8 +124,8 @@ class Cluster:
         p = self.primary
         log = self.dlogs[action.host_id]
         d = self.dups[action.host_id]
-        out = d.on_batch(self.epoch, action.prev, last, action.commit_index, log.info(),
-                         self.now)
+        out = feed(d, lambda: d.on_batch(self.epoch, action.prev, last, action.commit_index,
+                                         log.info(), self.now))
         if any(isinstance(a, Refuse) for a in out):
             status = next(a.status for a in out if isinstance(a, Refuse))
             pos = LogPosition(log.epoch_of(log.last) if log.last > log.base else 0, log.last)
@@ -191,7 +203,28 @@ def test_stale_epoch_batch_is_refused_and_fences_the_sender() -> None:
 def test_higher_epoch_is_adopted_before_anything_else() -> None:
     d = DuplicaReplication(epoch=1, applied_index=0)
     out = d.on_batch(2, LogPosition(0, 0), 2, 0, MemLog().info(), 0)
-    assert out == [AdoptEpoch(2), Append()]
+    # Nothing of the batch is taken before the epoch is on disk.
+    assert out == [AdoptEpoch(2)]
+    d.epoch_persisted(2)
+    assert d.on_batch(2, LogPosition(0, 0), 2, 0, MemLog().info(), 0) == [Append()]
+
+
+def test_a_newer_epoch_is_not_taken_until_it_is_persisted() -> None:
+    # Issue 11 item 9: the agent's write of the epoch may fail (disk full). Until the driver
+    # reports it persisted, the core stays at the epoch on disk and takes nothing of the
+    # event, so the next event asks again for the epoch to be written.
+    d = DuplicaReplication(epoch=1, applied_index=0)
+    events = [lambda: d.on_probe(2, 5), lambda: d.on_truncate(2, 0, 5),
+              lambda: d.on_batch(2, LogPosition(0, 0), 2, 3, MemLog().info(), 5)]
+    for event in events * 2:
+        assert event() == [AdoptEpoch(2)]
+        assert (d.epoch, d.last_heard_ms, d.commit_index) == (1, None, 0)
+    d.epoch_persisted(2)
+    assert d.epoch == 2
+    assert d.on_probe(2, 6) == [] and d.last_heard_ms == 6
+    assert d.on_probe(1, 7) == [Refuse("stale_epoch")]
+    d.epoch_persisted(1)  # a late report of an older write never lowers the epoch
+    assert d.epoch == 2
 
 
 def test_unverified_tail_is_not_applied_after_a_new_epoch() -> None:
