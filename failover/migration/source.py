@@ -83,6 +83,9 @@ class MigrationSource:
         self.replica = replica
         self.request = request
         self.host_id = host_id
+        # What the replica was when the copy began: the cut checks it still is (a step-down
+        # or a newer epoch meanwhile makes the copy the state of a replica that is gone).
+        self.role, self.epoch = replica.role, replica.epoch
         self.paged = paged
         self.encoder = PageEncoder(paged.page_bytes)
         self.id = request.migration_id
@@ -162,6 +165,7 @@ class MigrationSource:
             paused = now_ms()
             replica.hold_apply()
             held = True
+            self._check_unchanged()
             if request.method == STOPCOPY:
                 paged.take_dirty()
                 pages = list(range(paged.page_count))
@@ -182,6 +186,7 @@ class MigrationSource:
                 loop,
                 final=migration_pb2.PageBatch(
                     final=True,
+                    epoch=self.epoch,
                     final_state=final_state,
                     epoch_history=history,
                     applied=common_pb2.LogPosition(epoch=applied_epoch, index=applied_index),
@@ -250,6 +255,19 @@ class MigrationSource:
             call.cancel()
             await channel.close()
             self._encoding.shutdown(wait=False, cancel_futures=True)
+
+    def _check_unchanged(self) -> None:
+        """At the cut, with applying held: the replica must still hold the role and epoch
+        the copy began with, or the copy is dropped (the abort path: this replica keeps
+        serving as it is, the target discards what it received)."""
+        replica = self.replica
+        current = replica.agent.replicas.get(replica.service)
+        if (replica.role, replica.epoch) != (self.role, self.epoch) or current is not replica:
+            raise MigrationError(
+                f"{replica.service}: the copy began from the {self.role} at epoch "
+                f"{self.epoch}, but at the cut this replica is {replica.role} at epoch "
+                f"{replica.epoch}{'' if current is replica else ' and was dropped'}; the copy "
+                "is discarded: migrate again")
 
     async def _send_round(
         self,

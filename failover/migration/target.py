@@ -6,8 +6,9 @@ digest of everything the source sent: the target compares it with the digest of 
 received (invariant 8) and answers "cut" (the source resumes), then writes the copy down as
 a replica of its own: a snapshot at the applied index and a log that starts right after it,
 with the source log's epoch history, so that the primary's probe finds the copy where the
-source left it and streams the rest. Only then does it answer "persisted" and hold the
-replica (as `building`, outside any in-sync set until the coordinator adds it).
+source left it and streams the rest, and at the source's epoch, so that no fenced primary
+can. Only then does it answer "persisted" and hold the replica (as `building`, outside any
+in-sync set until the coordinator adds it).
 
 A broken stream, a bad batch or a digest mismatch discards everything received.
 """
@@ -101,6 +102,7 @@ class MigrationTarget:
                     break
             if final is None:
                 raise MigrationError("the source ended the stream before the cut")
+            epoch = _source_epoch(first, final)
             got = decoder.digest(final.arena_pages, final.final_state)
             if got != final.digest:
                 raise MigrationError(
@@ -128,7 +130,7 @@ class MigrationTarget:
             )
             sm.applied_index, sm.applied_epoch = applied_index, applied_epoch
             history = [(h.epoch, h.first_index) for h in final.epoch_history]
-            await self._persist(sm, setup, final.epoch, history)
+            await self._persist(sm, setup, epoch, history)
             kept = True
             yield migration_pb2.MigrationResult(
                 migration_id=migration_id, ok=True, stage="persisted"
@@ -213,6 +215,18 @@ class MigrationTarget:
         if self.created and self.root is not None:
             with contextlib.suppress(OSError):
                 await asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, self.root)
+
+
+def _source_epoch(first: migration_pb2.PageBatch, final: migration_pb2.PageBatch) -> int:
+    """The source replica's epoch, which the copy keeps (epoch 0 would let any fenced
+    primary ship to it, invariant 2). The cut names it; a source that predates that names
+    it only in the first batch."""
+    epoch = final.epoch or first.epoch
+    if not epoch or (final.epoch and first.epoch and final.epoch != first.epoch):
+        raise MigrationError(
+            f"the source named epoch {first.epoch} at the start and {final.epoch} at the "
+            "cut: the copy has no epoch it can keep; migrate again")
+    return epoch
 
 
 def _write_pages(paged: PagedState, pages: list[tuple[int, bytes]]) -> None:
