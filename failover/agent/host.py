@@ -359,7 +359,7 @@ class Agent:
 
     async def assign_role(self, service: str, kind: str, role: str, epoch: int, mode: str,
                           primary: tuple[str, str] | None, duplicas: dict[str, str],
-                          in_sync: set[str]) -> Replica:
+                          in_sync: set[str], in_sync_generation: int = 0) -> Replica:
         """Creates the replica if missing, then sets its role, epoch and peers."""
         check_service_name(service)
         if role not in ROLES:
@@ -387,7 +387,8 @@ class Agent:
             elif kind and kind != replica.meta.kind:
                 raise InvalidRequest(f"{service} is a {replica.meta.kind!r} replica here, "
                                      f"not {kind!r}")
-            replica.assign(role, epoch, mode, primary, duplicas, in_sync)
+            replica.assign(role, epoch, mode, primary, duplicas, in_sync,
+                           in_sync_generation=in_sync_generation)
             return replica
 
     async def step_down(self, service: str, epoch: int) -> Replica:

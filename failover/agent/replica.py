@@ -100,6 +100,8 @@ class ReplicaMeta:
     # committing alone.
     duplicas: dict[str, str] = field(default_factory=dict)
     in_sync: list[str] = field(default_factory=list)
+    # The coordinator's generation of `in_sync`, echoed in heartbeats (see ServiceInfo).
+    in_sync_generation: int = 0
 
     def to_bytes(self) -> bytes:
         return msgpack.packb(self.__dict__, use_bin_type=True)
@@ -263,6 +265,7 @@ class Replica:
         duplicas: dict[str, str],
         in_sync: set[str],
         why: str = "assigned by the coordinator",
+        in_sync_generation: int = 0,
     ) -> None:
         """Sets role, epoch and peers (idempotent). The epoch is persisted before any use.
 
@@ -282,6 +285,7 @@ class Replica:
             primary_host_id=primary[0] if primary else "",
             primary_address=primary[1] if primary else "",
             duplicas=dict(duplicas), in_sync=sorted(in_sync),
+            in_sync_generation=in_sync_generation,
         )
         self.duplica_addresses = dict(duplicas)
         if was != (role, epoch):
@@ -1116,6 +1120,7 @@ class Replica:
             "service": self.service, "kind": self.meta.kind, "role": self.role,
             "epoch": self.epoch, "mode": self.meta.mode, "matched_index": matched,
             "in_sync": sorted(self.primary.in_sync) if self.primary is not None else [],
+            "in_sync_generation": self.meta.in_sync_generation if self.primary is not None else 0,
             "durable_index": durable, "commit_index": self.commit_index,
             "applied_index": self.sm.applied_index, "lag_entries": lag,
             "truncated_entries": self.truncated_entries, "last_error": self.last_error,

@@ -131,7 +131,7 @@ def assign_request(action: AssignRole) -> agent_pb2.AssignRoleRequest:
         mode=_MODE[action.mode],
         duplicas=[agent_pb2.ReplicaPeer(host_id=h, address=a)
                   for h, a in sorted(action.duplicas.items())],
-        in_sync=list(action.in_sync),
+        in_sync=list(action.in_sync), in_sync_generation=action.in_sync_generation,
     )
     if action.primary is not None:
         request.primary.CopyFrom(agent_pb2.ReplicaPeer(host_id=action.primary[0],
@@ -721,7 +721,8 @@ def replica_reports(request: coordinator_pb2.HeartbeatRequest) -> list[ReplicaRe
             durable_index=r.indexes.durable_index, commit_index=r.indexes.commit_index,
             applied_index=r.indexes.applied_index, truncated_entries=r.truncated_entries,
             matched_index=r.matched_index, disk_full=r.disk_full,
-            in_sync=tuple(r.in_sync) if r.role == common_pb2.ROLE_PRIMARY else None)
+            in_sync=tuple(r.in_sync) if r.role == common_pb2.ROLE_PRIMARY else None,
+            in_sync_generation=r.in_sync_generation)
         for r in request.replicas
     ]
 

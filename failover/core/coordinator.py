@@ -57,6 +57,10 @@ class ServiceInfo:
     # just added to `in_sync` is not counted until the primary hears of it, so it may lack
     # writes the primary acknowledged meanwhile: only these may be promoted.
     promotable: list[str] = field(default_factory=list)
+    # Raised at every change of `in_sync`, sent with it to the primary and echoed in its
+    # heartbeats: what a primary reports counts only at the current generation (a heartbeat
+    # built before a change must not set a promotion threshold after it).
+    in_sync_generation: int = 0
     # What one replica reserves on its host (placement.RESOURCES), and the placement policy
     # ("" follows the cluster's).
     needs: dict[str, float] = field(default_factory=dict)
@@ -68,6 +72,12 @@ class ServiceInfo:
 
     def duplicas(self) -> list[str]:
         return sorted(h for h, r in self.replicas.items() if r != PRIMARY and h != self.primary)
+
+
+def _set_in_sync(service: ServiceInfo, members: list[str]) -> None:
+    """Every change of the in-sync set goes through here: it raises the generation."""
+    service.in_sync = members
+    service.in_sync_generation += 1
 
 
 def _pack(record: Any) -> bytes:
@@ -91,6 +101,7 @@ class ReplicaReport:
     matched_index: int = 0  # durable and known to equal the current primary's log
     in_sync: tuple[str, ...] | None = None  # a primary's in-sync set as it applies it
     disk_full: bool = False  # its last log append failed for want of space
+    in_sync_generation: int = 0  # a primary: the generation of the in-sync set it applies
 
 
 @dataclass
@@ -138,6 +149,7 @@ class AssignRole:
     primary: tuple[str, str] | None  # (host id, address), for a duplica
     duplicas: dict[str, str]  # host id -> address, for a primary
     in_sync: tuple[str, ...]
+    in_sync_generation: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,7 +346,8 @@ class CoordinatorCore:
             key = (host_id, service.name)
             stale_members = (
                 wanted == PRIMARY and report is not None and report.in_sync is not None
-                and set(report.in_sync) != set(service.in_sync)
+                and (set(report.in_sync) != set(service.in_sync)
+                     or report.in_sync_generation != service.in_sync_generation)
             )
             if (report is None or report.epoch != service.epoch or report.role != wanted
                     or stale_members):
@@ -358,6 +371,16 @@ class CoordinatorCore:
                 for key in [k for k in self._promotable_at
                             if k[0] == service.name and k[1] not in counted]:
                     del self._promotable_at[key]
+                uncounted = [h for h in service.promotable if h not in counted]
+                if uncounted:
+                    # The primary (at the current generation) does not count them: it may
+                    # acknowledge writes they lack, so they must not be promoted.
+                    service.promotable = [h for h in service.promotable if h in counted]
+                    actions.append(Persist({SERVICE_PREFIX + service.name: _pack(service)},
+                                           history=((
+                        service.name, "in_sync", f"{', '.join(uncounted)} no longer "
+                        f"promotable for {service.name}: its primary does not count them",
+                        {"hosts": uncounted, "promotable": list(service.promotable)}),)))
             if (wanted != PRIMARY and report.disk_full and host_id in service.in_sync
                     and service.name not in self.switchovers):
                 # It cannot take the primary's entries: sync writes would wait on it.
@@ -480,7 +503,7 @@ class CoordinatorCore:
     def _shrink_in_sync(self, service: ServiceInfo, host_id: str, why: str) -> list[Action]:
         """Removes a duplica from the in-sync set: persisted first, then the primary is told,
         so the primary never acknowledges without a member before that is durable."""
-        service.in_sync = [h for h in service.in_sync if h != host_id]
+        _set_in_sync(service, [h for h in service.in_sync if h != host_id])
         service.promotable = [h for h in service.promotable if h != host_id]
         self._promotable_at.pop((service.name, host_id), None)
         persist = Persist({SERVICE_PREFIX + service.name: _pack(service)}, history=((
@@ -513,7 +536,7 @@ class CoordinatorCore:
                     # Not the durable index: a tail the primary has not checked may diverge.
                     and report.matched_index >= primary_report.commit_index
                 ):
-                    service.in_sync = sorted({*service.in_sync, host})
+                    _set_in_sync(service, sorted({*service.in_sync, host}))
                     if role == BUILDING:
                         # Built: it holds the whole committed log, and joins as a duplica.
                         service.replicas[host] = DUPLICA
@@ -647,7 +670,7 @@ class CoordinatorCore:
         when it next reports the replica."""
         assert host != service.primary, (service.name, host)
         role = service.replicas.pop(host)
-        service.in_sync = [h for h in service.in_sync if h != host]
+        _set_in_sync(service, [h for h in service.in_sync if h != host])
         service.promotable = [h for h in service.promotable if h != host]
         self._promotable_at.pop((service.name, host), None)
         self._building_since.pop((service.name, host), None)
@@ -856,7 +879,7 @@ class CoordinatorCore:
         service.replicas[new] = PRIMARY
         if old in service.replicas:
             service.replicas[old] = DUPLICA  # rejoins as duplica when it comes back
-        service.in_sync = sorted(h for h in service.in_sync if h not in (old, new))
+        _set_in_sync(service, sorted(h for h in service.in_sync if h not in (old, new)))
         service.promotable = [h for h in service.promotable if h in service.in_sync]
         self._forget_thresholds(service.name)
         self._deposed.add((service.name, old))
@@ -902,7 +925,7 @@ class CoordinatorCore:
             name=name, kind=kind, mode=mode, desired_replicas=replicas, epoch=1,
             primary=chosen[0], replicas={h: (PRIMARY if i == 0 else DUPLICA)
                                          for i, h in enumerate(chosen)},
-            in_sync=sorted(chosen[1:]), promotable=sorted(chosen[1:]),
+            in_sync=sorted(chosen[1:]), promotable=sorted(chosen[1:]), in_sync_generation=1,
             needs=needs.to_dict(), placement=policy,
         )
         self.services[name] = service
@@ -972,7 +995,7 @@ class CoordinatorCore:
         service.primary = to_host
         service.replicas[to_host] = PRIMARY
         service.replicas[old] = DUPLICA
-        service.in_sync = sorted({*service.in_sync, old} - {to_host})
+        _set_in_sync(service, sorted({*service.in_sync, old} - {to_host}))
         # The old primary holds every write (it held them until the target had them all).
         service.promotable = sorted({*service.promotable, old} & set(service.in_sync))
         self._forget_thresholds(name)
@@ -1007,6 +1030,7 @@ class CoordinatorCore:
                 primary=None if is_primary else (service.primary, primary_address),
                 duplicas=duplicas if is_primary else {},
                 in_sync=tuple(h for h in service.in_sync if h in duplicas) if is_primary else (),
+                in_sync_generation=service.in_sync_generation if is_primary else 0,
             ))
         return actions
 

@@ -226,6 +226,7 @@ def replica_status(replica: Replica) -> agent_pb2.ReplicaStatus:
         truncated_entries=s["truncated_entries"], last_error=s["last_error"],
         disk_full=s["disk_full"],
         matched_index=s["matched_index"], in_sync=s["in_sync"],
+        in_sync_generation=s["in_sync_generation"],
     )
 
 
@@ -257,7 +258,7 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
             replica = await self.agent.assign_role(
                 request.service, request.kind, ROLE_FROM_PROTO[request.role], request.epoch,
                 MODE_FROM_PROTO.get(request.mode, "sync"), primary, duplicas,
-                set(request.in_sync))
+                set(request.in_sync), request.in_sync_generation)
         except _HANDLED as exc:
             await _abort(context, exc)
         status = replica_status(replica)

@@ -16,7 +16,7 @@ class ReplicaPeer(_message.Message):
     def __init__(self, host_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class AssignRoleRequest(_message.Message):
-    __slots__ = ("service", "kind", "role", "epoch", "mode", "primary", "duplicas", "in_sync", "lease_ms")
+    __slots__ = ("service", "kind", "role", "epoch", "mode", "primary", "duplicas", "in_sync", "lease_ms", "in_sync_generation")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class AssignRoleRequest(_message.Message):
     DUPLICAS_FIELD_NUMBER: _ClassVar[int]
     IN_SYNC_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    IN_SYNC_GENERATION_FIELD_NUMBER: _ClassVar[int]
     service: str
     kind: str
     role: _common_pb2.Role
@@ -35,7 +36,8 @@ class AssignRoleRequest(_message.Message):
     duplicas: _containers.RepeatedCompositeFieldContainer[ReplicaPeer]
     in_sync: _containers.RepeatedScalarFieldContainer[str]
     lease_ms: int
-    def __init__(self, service: _Optional[str] = ..., kind: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., epoch: _Optional[int] = ..., mode: _Optional[_Union[_common_pb2.ReplicationMode, str]] = ..., primary: _Optional[_Union[ReplicaPeer, _Mapping]] = ..., duplicas: _Optional[_Iterable[_Union[ReplicaPeer, _Mapping]]] = ..., in_sync: _Optional[_Iterable[str]] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+    in_sync_generation: int
+    def __init__(self, service: _Optional[str] = ..., kind: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., epoch: _Optional[int] = ..., mode: _Optional[_Union[_common_pb2.ReplicationMode, str]] = ..., primary: _Optional[_Union[ReplicaPeer, _Mapping]] = ..., duplicas: _Optional[_Iterable[_Union[ReplicaPeer, _Mapping]]] = ..., in_sync: _Optional[_Iterable[str]] = ..., lease_ms: _Optional[int] = ..., in_sync_generation: _Optional[int] = ...) -> None: ...
 
 class AssignRoleReply(_message.Message):
     __slots__ = ("service", "role", "epoch", "indexes", "last")
@@ -88,7 +90,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ReplicaStatus(_message.Message):
-    __slots__ = ("service", "kind", "role", "epoch", "indexes", "lag_entries", "mode", "truncated_entries", "last_error", "matched_index", "in_sync", "disk_full")
+    __slots__ = ("service", "kind", "role", "epoch", "indexes", "lag_entries", "mode", "truncated_entries", "last_error", "matched_index", "in_sync", "disk_full", "in_sync_generation")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +103,7 @@ class ReplicaStatus(_message.Message):
     MATCHED_INDEX_FIELD_NUMBER: _ClassVar[int]
     IN_SYNC_FIELD_NUMBER: _ClassVar[int]
     DISK_FULL_FIELD_NUMBER: _ClassVar[int]
+    IN_SYNC_GENERATION_FIELD_NUMBER: _ClassVar[int]
     service: str
     kind: str
     role: _common_pb2.Role
@@ -113,7 +116,8 @@ class ReplicaStatus(_message.Message):
     matched_index: int
     in_sync: _containers.RepeatedScalarFieldContainer[str]
     disk_full: bool
-    def __init__(self, service: _Optional[str] = ..., kind: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., epoch: _Optional[int] = ..., indexes: _Optional[_Union[_common_pb2.ReplicaIndexes, _Mapping]] = ..., lag_entries: _Optional[int] = ..., mode: _Optional[_Union[_common_pb2.ReplicationMode, str]] = ..., truncated_entries: _Optional[int] = ..., last_error: _Optional[str] = ..., matched_index: _Optional[int] = ..., in_sync: _Optional[_Iterable[str]] = ..., disk_full: _Optional[bool] = ...) -> None: ...
+    in_sync_generation: int
+    def __init__(self, service: _Optional[str] = ..., kind: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., epoch: _Optional[int] = ..., indexes: _Optional[_Union[_common_pb2.ReplicaIndexes, _Mapping]] = ..., lag_entries: _Optional[int] = ..., mode: _Optional[_Union[_common_pb2.ReplicationMode, str]] = ..., truncated_entries: _Optional[int] = ..., last_error: _Optional[str] = ..., matched_index: _Optional[int] = ..., in_sync: _Optional[_Iterable[str]] = ..., disk_full: _Optional[bool] = ..., in_sync_generation: _Optional[int] = ...) -> None: ...
 
 class HostMetrics(_message.Message):
     __slots__ = ("cpu_percent", "memory_percent", "disk_free_bytes", "memory_total_bytes", "cpu_count", "disk_total_bytes")

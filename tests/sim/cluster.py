@@ -607,7 +607,7 @@ class SimReplica:
         self.disk.meta = _copy_meta(self.meta)
 
     def assign(self, role: str, epoch: int, mode: str, primary: tuple[str, str] | None,
-               duplicas: dict[str, str], in_sync: set[str]) -> str:
+               duplicas: dict[str, str], in_sync: set[str], in_sync_generation: int = 0) -> str:
         """AssignRole; returns "" or the error the call fails with."""
         if epoch < self.epoch:
             return f"stale epoch {epoch} < {self.epoch}"
@@ -620,6 +620,7 @@ class SimReplica:
             primary_host_id=primary[0] if primary else "",
             primary_address=primary[1] if primary else "",
             duplicas=dict(duplicas), in_sync=sorted(in_sync),
+            in_sync_generation=in_sync_generation,
         )
         self.duplica_addresses = dict(duplicas)
         if changed or (role == PRIMARY and self.primary is None):
@@ -1027,7 +1028,9 @@ class SimReplica:
             service=self.service, role=self.role, epoch=self.epoch,
             durable_index=self.wal.durable_index, commit_index=self.commit_index,
             applied_index=self.sm.applied_index, truncated_entries=self.truncated_entries,
-            matched_index=self.matched_index, in_sync=in_sync)
+            matched_index=self.matched_index, in_sync=in_sync,
+            in_sync_generation=self.meta.get("in_sync_generation", 0) if in_sync is not None
+            else 0)
 
     def prepare_switchover(self, epoch: int, target: str, timeout_ms: int,
                            token: tuple[int, int]) -> tuple[str, Any] | None:
@@ -1412,7 +1415,7 @@ class SimAgent:
             replica.open()
             self.replicas[a.service] = replica
         return replica.assign(a.role, a.epoch, a.mode, a.primary, dict(a.duplicas),
-                              set(a.in_sync))
+                              set(a.in_sync), a.in_sync_generation)
 
     def on_drop(self, action: DropReplica) -> None:
         """Mirrors `Agent.drop_replica`: refused at an older epoch, else the replica and its

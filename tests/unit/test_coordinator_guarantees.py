@@ -191,3 +191,60 @@ def test_a_switchover_targets_only_promotable_members() -> None:
     with pytest.raises(InvalidRequest, match="promotable"):
         core.switchover_target("s", member)
     assert core.switchover_target("s", "") != member
+
+
+def test_a_heartbeat_built_before_an_in_sync_change_sets_no_promotion_threshold() -> None:
+    """Item 8: a primary's heartbeat that was built before a queued in-sync shrink arrived
+    after the member rejoined; its (equal-looking) in-sync set made the member promotable
+    from the old report's durable index, though the primary had acknowledged later writes
+    without it."""
+    from failover.core.coordinator import CoordinatorCore, ReplicaReport
+
+    core = CoordinatorCore(Timing())
+    now = 1_000
+    for host in ("h1", "h2", "h3"):
+        core.register(HostInfo(host, f"{host}:1"), now, METRICS)
+    core.create_service("s", "kv", 3, "sync", now)
+    service = core.services["s"]
+    primary, (d1, d2) = service.primary, service.in_sync
+
+    def primary_report(durable: int, in_sync: tuple[str, ...], generation: int) -> ReplicaReport:
+        return ReplicaReport("s", "primary", 1, durable, durable, durable, matched_index=durable,
+                             in_sync=in_sync, in_sync_generation=generation)
+
+    def duplica_report(matched: int) -> ReplicaReport:
+        return ReplicaReport("s", "duplica", 1, matched, matched, matched, matched_index=matched)
+
+    def beat(host: str, report: ReplicaReport) -> None:
+        core.heartbeat(host, METRICS, [report], now)
+
+    generation = service.in_sync_generation
+    beat(primary, primary_report(10, (d1, d2), generation))
+    stale = primary_report(10, (d1, d2), generation)  # built now, delivered late
+    beat(d1, duplica_report(10))
+    beat(d2, duplica_report(10))
+    # d1 goes silent and leaves the in-sync set; the primary acknowledges writes without it.
+    for _ in range(6):
+        now += 100
+        beat(primary, primary_report(10, tuple(service.in_sync), service.in_sync_generation))
+        beat(d2, duplica_report(10))
+        core.tick(now)
+    assert d1 not in service.in_sync and d1 not in service.promotable
+    beat(primary, primary_report(50, (d2,), service.in_sync_generation))
+    beat(d2, duplica_report(50))
+    # d1 catches up to 50 and rejoins; the primary has not applied that yet and goes on
+    # acknowledging without it (up to 80).
+    beat(d1, duplica_report(50))
+    assert d1 in service.in_sync and d1 not in service.promotable
+    beat(d2, duplica_report(80))
+    # The stale heartbeat arrives: it must not make d1 promotable (d1 lacks 51..80).
+    beat(primary, stale)
+    beat(d1, duplica_report(50))
+    assert d1 not in service.promotable
+    # Once the primary reports counting d1 at the current generation, d1 is promotable
+    # when it holds what the primary had then acknowledged.
+    beat(primary, primary_report(80, (d1, d2), service.in_sync_generation))
+    beat(d1, duplica_report(79))
+    assert d1 not in service.promotable
+    beat(d1, duplica_report(80))
+    assert d1 in service.promotable

@@ -42,6 +42,8 @@ class Driver:
         self.core = CoordinatorCore(Timing(HB, FAIL, LEASE, DEAD))
         self.now = 1000
         self.roles: dict[tuple[str, str], tuple[str, int]] = {}  # (host, svc) -> role, epoch
+        # (host, svc) -> the in-sync set and its generation a primary was last assigned
+        self.members: dict[tuple[str, str], tuple[tuple[str, ...], int]] = {}
         self.index: dict[tuple[str, str], int] = {}
         self.up = set(hosts)
         self.full: set[str] = set()  # hosts whose disk is full
@@ -58,6 +60,7 @@ class Driver:
                 self.events.extend(a.history)
             elif isinstance(a, AssignRole) and a.host_id in self.up:
                 self.roles[(a.host_id, a.service)] = (a.role, a.epoch)
+                self.members[(a.host_id, a.service)] = (a.in_sync, a.in_sync_generation)
             elif isinstance(a, DropReplica) and a.host_id in self.up:
                 self.roles.pop((a.host_id, a.service), None)
                 self.index.pop((a.host_id, a.service), None)
@@ -69,11 +72,13 @@ class Driver:
             if h != host:
                 continue
             idx = self.index.get((h, svc), 0)
-            service = self.core.services.get(svc)
-            in_sync = tuple(service.in_sync) if role == PRIMARY and service else None
+            # A primary reports the in-sync set it applies: the one it was last assigned.
+            in_sync, generation = self.members.get((h, svc), ((), 0))
             reports.append(ReplicaReport(svc, role, epoch, idx, idx if role == PRIMARY else 0,
-                                         idx, matched_index=idx, in_sync=in_sync,
-                                         disk_full=h in self.full))
+                                         idx, matched_index=idx,
+                                         in_sync=in_sync if role == PRIMARY else None,
+                                         disk_full=h in self.full,
+                                         in_sync_generation=generation))
         _, actions = self.core.heartbeat(host, METRICS, reports, self.now)
         self.run(actions)
 
