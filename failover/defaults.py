@@ -9,6 +9,9 @@ from __future__ import annotations
 # Failure detection and leases.
 HEARTBEAT_MS = 100
 FAILURE_TIMEOUT_MS = 400
+# An in-sync duplica that has taken no entry for this long while lacking some (it heartbeats
+# but cannot take the stream) leaves the in-sync set, so sync writes stop waiting on it.
+INSYNC_LAG_MS = 2000
 LEASE_MS = 300
 
 # Replication batching: bounds per replica set on one host-to-host stream.

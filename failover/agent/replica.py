@@ -1119,6 +1119,8 @@ class Replica:
         return {
             "service": self.service, "kind": self.meta.kind, "role": self.role,
             "epoch": self.epoch, "mode": self.meta.mode, "matched_index": matched,
+            "in_sync_lag_ms": (self.primary.lag_ms(monotonic_ms()) if self.primary is not None
+                               else {}),
             "in_sync": sorted(self.primary.in_sync) if self.primary is not None else [],
             "in_sync_generation": self.meta.in_sync_generation if self.primary is not None else 0,
             "durable_index": durable, "commit_index": self.commit_index,

@@ -102,6 +102,8 @@ class ReplicaReport:
     in_sync: tuple[str, ...] | None = None  # a primary's in-sync set as it applies it
     disk_full: bool = False  # its last log append failed for want of space
     in_sync_generation: int = 0  # a primary: the generation of the in-sync set it applies
+    # a primary: per in-sync member, how long a sync write may have waited on it
+    in_sync_lag_ms: dict[str, int] | None = None
 
 
 @dataclass
@@ -221,6 +223,7 @@ class Timing:
     failure_timeout_ms: int = defaults.FAILURE_TIMEOUT_MS
     lease_ms: int = defaults.LEASE_MS
     host_dead_ms: int = defaults.HOST_DEAD_MS
+    insync_lag_ms: int = defaults.INSYNC_LAG_MS
 
 
 class CoordinatorCore:
@@ -371,6 +374,15 @@ class CoordinatorCore:
                 for key in [k for k in self._promotable_at
                             if k[0] == service.name and k[1] not in counted]:
                     del self._promotable_at[key]
+                lagging = sorted(h for h, lag in (report.in_sync_lag_ms or {}).items()
+                                 if lag > self.timing.insync_lag_ms and h in service.in_sync)
+                if lagging and service.name not in self.switchovers:
+                    for member in lagging:
+                        lag = (report.in_sync_lag_ms or {})[member]
+                        actions.extend(self._shrink_in_sync(service, member, (
+                            f"its primary has waited {lag} ms for it to take entries "
+                            f"(insync_lag_ms={self.timing.insync_lag_ms})")))
+                    counted -= set(lagging)
                 uncounted = [h for h in service.promotable if h not in counted]
                 if uncounted:
                     # The primary (at the current generation) does not count them: it may
@@ -521,7 +533,10 @@ class CoordinatorCore:
             if primary_live is None or not primary_live.alive:
                 continue
             primary_report = primary_live.replicas.get(service.name)
-            if primary_report is None or primary_report.epoch != service.epoch:
+            if (primary_report is None or primary_report.epoch != service.epoch
+                    or primary_report.in_sync_generation != service.in_sync_generation):
+                # Its commit index must be that of the current set: one from before a
+                # member left for lagging is still held back by it, and would let it back.
                 continue
             for host in service.duplicas():
                 if host in service.in_sync or host in self.patching:

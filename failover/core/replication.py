@@ -125,6 +125,9 @@ class DuplicaProgress:
     acked_batch_id: int = 0  # highest batch id answered ok in this epoch
     stream_start_batch_id: int = 0  # first batch id of the current stream (after a restart)
     keepalive_due: bool = False  # send a keepalive as soon as the window is empty
+    # When it last took entries (its match index moved) or held everything durable here;
+    # None until the first tick. How long a sync write can have waited on it (`lag_ms`).
+    progress_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +262,8 @@ class PrimaryReplication:
         if self.fenced:
             return actions
         for peer in self.peers.values():
+            if peer.progress_ms is None or peer.match_index >= self.log.durable_index:
+                peer.progress_ms = now_ms
             if now_ms - peer.last_send_ms < self.limits.keepalive_ms:
                 continue
             if peer.state == PeerState.STREAMING and not peer.inflight:
@@ -284,6 +289,19 @@ class PrimaryReplication:
         if peer is not None:
             peer.state = PeerState.FAILED
             peer.last_error = message
+
+    def lag_ms(self, now_ms: int) -> dict[str, int]:
+        """For each in-sync duplica, how long it has taken no entry while lacking some that
+        are durable here (0 when it holds them all): a sync write may have waited that long on
+        it. The coordinator takes a member past `insync_lag_ms` out of the in-sync set, so a
+        duplica that heartbeats but cannot take the stream does not block writes forever."""
+        lags: dict[str, int] = {}
+        for host in sorted(self.in_sync):
+            peer = self.peers[host]
+            behind = peer.match_index < self.log.durable_index
+            lags[host] = max(0, now_ms - peer.progress_ms) if (
+                behind and peer.progress_ms is not None) else 0
+        return lags
 
     def confirm(self, now_ms: int) -> tuple[list[PrimaryAction], dict[str, int]]:
         """Starts confirming the epoch with every in-sync duplica (a read outside the lease):
@@ -325,6 +343,7 @@ class PrimaryReplication:
         if ack.durable_index > peer.match_index:
             assert ack.durable_index <= self.log.last_index, (ack, self.log)
             peer.match_index = ack.durable_index
+            peer.progress_ms = peer.last_heard_ms  # this ack's time
             self._advance_commit()
         return self._pump(peer)
 

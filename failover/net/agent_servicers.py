@@ -226,7 +226,7 @@ def replica_status(replica: Replica) -> agent_pb2.ReplicaStatus:
         truncated_entries=s["truncated_entries"], last_error=s["last_error"],
         disk_full=s["disk_full"],
         matched_index=s["matched_index"], in_sync=s["in_sync"],
-        in_sync_generation=s["in_sync_generation"],
+        in_sync_generation=s["in_sync_generation"], in_sync_lag_ms=s["in_sync_lag_ms"],
     )
 
 

@@ -25,13 +25,15 @@ _sym_db = _symbol_database.Default()
 from failover.v1 import common_pb2 as failover_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66\x61ilover/v1/agent.proto\x12\x0b\x66\x61ilover.v1\x1a\x18\x66\x61ilover/v1/common.proto\"/\n\x0bReplicaPeer\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\xa4\x02\n\x11\x41ssignRoleRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x1f\n\x04role\x18\x03 \x01(\x0e\x32\x11.failover.v1.Role\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12*\n\x04mode\x18\x05 \x01(\x0e\x32\x1c.failover.v1.ReplicationMode\x12)\n\x07primary\x18\x06 \x01(\x0b\x32\x18.failover.v1.ReplicaPeer\x12*\n\x08\x64uplicas\x18\x07 \x03(\x0b\x32\x18.failover.v1.ReplicaPeer\x12\x0f\n\x07in_sync\x18\x08 \x03(\t\x12\x10\n\x08lease_ms\x18\t \x01(\x04\x12\x1a\n\x12in_sync_generation\x18\n \x01(\x04\"\xa8\x01\n\x0f\x41ssignRoleReply\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x1f\n\x04role\x18\x02 \x01(\x0e\x32\x11.failover.v1.Role\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12,\n\x07indexes\x18\x04 \x01(\x0b\x32\x1b.failover.v1.ReplicaIndexes\x12&\n\x04last\x18\x05 \x01(\x0b\x32\x18.failover.v1.LogPosition\"1\n\x0fStepDownRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"]\n\rStepDownReply\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12,\n\x07indexes\x18\x03 \x01(\x0b\x32\x1b.failover.v1.ReplicaIndexes\"I\n\x12\x44ropReplicaRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x13\n\x0b\x64\x65lete_data\x18\x03 \x01(\x08\"\x12\n\x10\x44ropReplicaReply\"\x12\n\x10GetStatusRequest\"\xd3\x02\n\rReplicaStatus\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x1f\n\x04role\x18\x03 \x01(\x0e\x32\x11.failover.v1.Role\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12,\n\x07indexes\x18\x05 \x01(\x0b\x32\x1b.failover.v1.ReplicaIndexes\x12\x13\n\x0blag_entries\x18\x06 \x01(\x04\x12*\n\x04mode\x18\x07 \x01(\x0e\x32\x1c.failover.v1.ReplicationMode\x12\x19\n\x11truncated_entries\x18\x08 \x01(\x04\x12\x12\n\nlast_error\x18\t \x01(\t\x12\x15\n\rmatched_index\x18\n \x01(\x04\x12\x0f\n\x07in_sync\x18\x0b \x03(\t\x12\x11\n\tdisk_full\x18\x0c \x01(\x08\x12\x1a\n\x12in_sync_generation\x18\r \x01(\x04\"\x9c\x01\n\x0bHostMetrics\x12\x13\n\x0b\x63pu_percent\x18\x01 \x01(\x01\x12\x16\n\x0ememory_percent\x18\x02 \x01(\x01\x12\x17\n\x0f\x64isk_free_bytes\x18\x03 \x01(\x04\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x04\x12\x11\n\tcpu_count\x18\x05 \x01(\r\x12\x18\n\x10\x64isk_total_bytes\x18\x06 \x01(\x04\"\xbb\x01\n\x0b\x41gentStatus\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04zone\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x12\n\nstarted_at\x18\x05 \x01(\x01\x12)\n\x07metrics\x18\x06 \x01(\x0b\x32\x18.failover.v1.HostMetrics\x12,\n\x08replicas\x18\x07 \x03(\x0b\x32\x1a.failover.v1.ReplicaStatus\"&\n\x13HearsPrimaryRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\"D\n\x11HearsPrimaryReply\x12\r\n\x05hears\x18\x01 \x01(\x08\x12\x11\n\tsilent_ms\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"9\n\x0e\x43ompactRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x16\n\x0eretain_entries\x18\x02 \x01(\x04\";\n\x0c\x43ompactReply\x12\x16\n\x0esnapshot_index\x18\x01 \x01(\x04\x12\x13\n\x0b\x66irst_index\x18\x02 \x01(\x04\"#\n\x10GetDigestRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\"v\n\x0eGetDigestReply\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x0c\x12\x15\n\rapplied_index\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12.\n\repoch_history\x18\x04 \x03(\x0b\x32\x17.failover.v1.EpochStart\"=\n\x0eRestartRequest\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\t\x12\x1a\n\x12\x63ommand_timeout_ms\x18\x02 \x01(\r\"B\n\x0cRestartReply\x12\x11\n\texit_code\x18\x01 \x01(\x05\x12\x0e\n\x06output\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"\xc1\x01\n\x11MigrateOutRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x14\n\x0cmigration_id\x18\x03 \x01(\t\x12\x16\n\x0etarget_host_id\x18\x04 \x01(\t\x12\x16\n\x0etarget_address\x18\x05 \x01(\t\x12\x17\n\x0fmax_downtime_ms\x18\x06 \x01(\r\x12\x0e\n\x06method\x18\x07 \x01(\t\x12\x1d\n\x15max_bandwidth_bytes_s\x18\x08 \x01(\x04\"\x8f\x02\n\x11MigrationProgress\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\r\n\x05pages\x18\x04 \x01(\x04\x12\x11\n\traw_bytes\x18\x05 \x01(\x04\x12\x12\n\nwire_bytes\x18\x06 \x01(\x04\x12\x13\n\x0b\x64irty_pages\x18\x07 \x01(\x04\x12\x15\n\rdirty_pages_s\x18\x08 \x01(\x01\x12\x13\n\x0bthrottle_ms\x18\t \x01(\r\x12\x13\n\x0bstate_bytes\x18\n \x01(\x04\x12\x0f\n\x07message\x18\x0b \x01(\t\x12\x12\n\nstats_json\x18\x0c \x01(\x0c\x12\x15\n\rapplied_index\x18\r \x01(\x04\"\x8e\x01\n\x18PrepareSwitchoverRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x16\n\x0etarget_host_id\x18\x03 \x01(\t\x12\x12\n\ntimeout_ms\x18\x04 \x01(\r\x12\x0f\n\x07release\x18\x05 \x01(\x08\x12\x15\n\rswitchover_id\x18\x06 \x01(\t\"J\n\x16PrepareSwitchoverReply\x12\x12\n\nlast_index\x18\x01 \x01(\x04\x12\x1c\n\x14target_durable_index\x18\x02 \x01(\x04\x32\x87\x06\n\x0c\x41gentControl\x12J\n\nAssignRole\x12\x1e.failover.v1.AssignRoleRequest\x1a\x1c.failover.v1.AssignRoleReply\x12\x44\n\x08StepDown\x12\x1c.failover.v1.StepDownRequest\x1a\x1a.failover.v1.StepDownReply\x12M\n\x0b\x44ropReplica\x12\x1f.failover.v1.DropReplicaRequest\x1a\x1d.failover.v1.DropReplicaReply\x12\x44\n\tGetStatus\x12\x1d.failover.v1.GetStatusRequest\x1a\x18.failover.v1.AgentStatus\x12P\n\x0cHearsPrimary\x12 .failover.v1.HearsPrimaryRequest\x1a\x1e.failover.v1.HearsPrimaryReply\x12\x41\n\x07\x43ompact\x12\x1b.failover.v1.CompactRequest\x1a\x19.failover.v1.CompactReply\x12G\n\tGetDigest\x12\x1d.failover.v1.GetDigestRequest\x1a\x1b.failover.v1.GetDigestReply\x12\x41\n\x07Restart\x12\x1b.failover.v1.RestartRequest\x1a\x19.failover.v1.RestartReply\x12_\n\x11PrepareSwitchover\x12%.failover.v1.PrepareSwitchoverRequest\x1a#.failover.v1.PrepareSwitchoverReply\x12N\n\nMigrateOut\x12\x1e.failover.v1.MigrateOutRequest\x1a\x1e.failover.v1.MigrationProgress0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66\x61ilover/v1/agent.proto\x12\x0b\x66\x61ilover.v1\x1a\x18\x66\x61ilover/v1/common.proto\"/\n\x0bReplicaPeer\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\xa4\x02\n\x11\x41ssignRoleRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x1f\n\x04role\x18\x03 \x01(\x0e\x32\x11.failover.v1.Role\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12*\n\x04mode\x18\x05 \x01(\x0e\x32\x1c.failover.v1.ReplicationMode\x12)\n\x07primary\x18\x06 \x01(\x0b\x32\x18.failover.v1.ReplicaPeer\x12*\n\x08\x64uplicas\x18\x07 \x03(\x0b\x32\x18.failover.v1.ReplicaPeer\x12\x0f\n\x07in_sync\x18\x08 \x03(\t\x12\x10\n\x08lease_ms\x18\t \x01(\x04\x12\x1a\n\x12in_sync_generation\x18\n \x01(\x04\"\xa8\x01\n\x0f\x41ssignRoleReply\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x1f\n\x04role\x18\x02 \x01(\x0e\x32\x11.failover.v1.Role\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12,\n\x07indexes\x18\x04 \x01(\x0b\x32\x1b.failover.v1.ReplicaIndexes\x12&\n\x04last\x18\x05 \x01(\x0b\x32\x18.failover.v1.LogPosition\"1\n\x0fStepDownRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"]\n\rStepDownReply\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12,\n\x07indexes\x18\x03 \x01(\x0b\x32\x1b.failover.v1.ReplicaIndexes\"I\n\x12\x44ropReplicaRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x13\n\x0b\x64\x65lete_data\x18\x03 \x01(\x08\"\x12\n\x10\x44ropReplicaReply\"\x12\n\x10GetStatusRequest\"\xcc\x03\n\rReplicaStatus\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x1f\n\x04role\x18\x03 \x01(\x0e\x32\x11.failover.v1.Role\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12,\n\x07indexes\x18\x05 \x01(\x0b\x32\x1b.failover.v1.ReplicaIndexes\x12\x13\n\x0blag_entries\x18\x06 \x01(\x04\x12*\n\x04mode\x18\x07 \x01(\x0e\x32\x1c.failover.v1.ReplicationMode\x12\x19\n\x11truncated_entries\x18\x08 \x01(\x04\x12\x12\n\nlast_error\x18\t \x01(\t\x12\x15\n\rmatched_index\x18\n \x01(\x04\x12\x0f\n\x07in_sync\x18\x0b \x03(\t\x12\x11\n\tdisk_full\x18\x0c \x01(\x08\x12\x1a\n\x12in_sync_generation\x18\r \x01(\x04\x12\x43\n\x0ein_sync_lag_ms\x18\x0e \x03(\x0b\x32+.failover.v1.ReplicaStatus.InSyncLagMsEntry\x1a\x32\n\x10InSyncLagMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x9c\x01\n\x0bHostMetrics\x12\x13\n\x0b\x63pu_percent\x18\x01 \x01(\x01\x12\x16\n\x0ememory_percent\x18\x02 \x01(\x01\x12\x17\n\x0f\x64isk_free_bytes\x18\x03 \x01(\x04\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x04\x12\x11\n\tcpu_count\x18\x05 \x01(\r\x12\x18\n\x10\x64isk_total_bytes\x18\x06 \x01(\x04\"\xbb\x01\n\x0b\x41gentStatus\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04zone\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x12\n\nstarted_at\x18\x05 \x01(\x01\x12)\n\x07metrics\x18\x06 \x01(\x0b\x32\x18.failover.v1.HostMetrics\x12,\n\x08replicas\x18\x07 \x03(\x0b\x32\x1a.failover.v1.ReplicaStatus\"&\n\x13HearsPrimaryRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\"D\n\x11HearsPrimaryReply\x12\r\n\x05hears\x18\x01 \x01(\x08\x12\x11\n\tsilent_ms\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"9\n\x0e\x43ompactRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x16\n\x0eretain_entries\x18\x02 \x01(\x04\";\n\x0c\x43ompactReply\x12\x16\n\x0esnapshot_index\x18\x01 \x01(\x04\x12\x13\n\x0b\x66irst_index\x18\x02 \x01(\x04\"#\n\x10GetDigestRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\"v\n\x0eGetDigestReply\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x0c\x12\x15\n\rapplied_index\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12.\n\repoch_history\x18\x04 \x03(\x0b\x32\x17.failover.v1.EpochStart\"=\n\x0eRestartRequest\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\t\x12\x1a\n\x12\x63ommand_timeout_ms\x18\x02 \x01(\r\"B\n\x0cRestartReply\x12\x11\n\texit_code\x18\x01 \x01(\x05\x12\x0e\n\x06output\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"\xc1\x01\n\x11MigrateOutRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x14\n\x0cmigration_id\x18\x03 \x01(\t\x12\x16\n\x0etarget_host_id\x18\x04 \x01(\t\x12\x16\n\x0etarget_address\x18\x05 \x01(\t\x12\x17\n\x0fmax_downtime_ms\x18\x06 \x01(\r\x12\x0e\n\x06method\x18\x07 \x01(\t\x12\x1d\n\x15max_bandwidth_bytes_s\x18\x08 \x01(\x04\"\x8f\x02\n\x11MigrationProgress\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\r\n\x05pages\x18\x04 \x01(\x04\x12\x11\n\traw_bytes\x18\x05 \x01(\x04\x12\x12\n\nwire_bytes\x18\x06 \x01(\x04\x12\x13\n\x0b\x64irty_pages\x18\x07 \x01(\x04\x12\x15\n\rdirty_pages_s\x18\x08 \x01(\x01\x12\x13\n\x0bthrottle_ms\x18\t \x01(\r\x12\x13\n\x0bstate_bytes\x18\n \x01(\x04\x12\x0f\n\x07message\x18\x0b \x01(\t\x12\x12\n\nstats_json\x18\x0c \x01(\x0c\x12\x15\n\rapplied_index\x18\r \x01(\x04\"\x8e\x01\n\x18PrepareSwitchoverRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x16\n\x0etarget_host_id\x18\x03 \x01(\t\x12\x12\n\ntimeout_ms\x18\x04 \x01(\r\x12\x0f\n\x07release\x18\x05 \x01(\x08\x12\x15\n\rswitchover_id\x18\x06 \x01(\t\"J\n\x16PrepareSwitchoverReply\x12\x12\n\nlast_index\x18\x01 \x01(\x04\x12\x1c\n\x14target_durable_index\x18\x02 \x01(\x04\x32\x87\x06\n\x0c\x41gentControl\x12J\n\nAssignRole\x12\x1e.failover.v1.AssignRoleRequest\x1a\x1c.failover.v1.AssignRoleReply\x12\x44\n\x08StepDown\x12\x1c.failover.v1.StepDownRequest\x1a\x1a.failover.v1.StepDownReply\x12M\n\x0b\x44ropReplica\x12\x1f.failover.v1.DropReplicaRequest\x1a\x1d.failover.v1.DropReplicaReply\x12\x44\n\tGetStatus\x12\x1d.failover.v1.GetStatusRequest\x1a\x18.failover.v1.AgentStatus\x12P\n\x0cHearsPrimary\x12 .failover.v1.HearsPrimaryRequest\x1a\x1e.failover.v1.HearsPrimaryReply\x12\x41\n\x07\x43ompact\x12\x1b.failover.v1.CompactRequest\x1a\x19.failover.v1.CompactReply\x12G\n\tGetDigest\x12\x1d.failover.v1.GetDigestRequest\x1a\x1b.failover.v1.GetDigestReply\x12\x41\n\x07Restart\x12\x1b.failover.v1.RestartRequest\x1a\x19.failover.v1.RestartReply\x12_\n\x11PrepareSwitchover\x12%.failover.v1.PrepareSwitchoverRequest\x1a#.failover.v1.PrepareSwitchoverReply\x12N\n\nMigrateOut\x12\x1e.failover.v1.MigrateOutRequest\x1a\x1e.failover.v1.MigrationProgress0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'failover.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_REPLICASTATUS_INSYNCLAGMSENTRY']._loaded_options = None
+  _globals['_REPLICASTATUS_INSYNCLAGMSENTRY']._serialized_options = b'8\001'
   _globals['_REPLICAPEER']._serialized_start=66
   _globals['_REPLICAPEER']._serialized_end=113
   _globals['_ASSIGNROLEREQUEST']._serialized_start=116
@@ -49,35 +51,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSTATUSREQUEST']._serialized_start=822
   _globals['_GETSTATUSREQUEST']._serialized_end=840
   _globals['_REPLICASTATUS']._serialized_start=843
-  _globals['_REPLICASTATUS']._serialized_end=1182
-  _globals['_HOSTMETRICS']._serialized_start=1185
-  _globals['_HOSTMETRICS']._serialized_end=1341
-  _globals['_AGENTSTATUS']._serialized_start=1344
-  _globals['_AGENTSTATUS']._serialized_end=1531
-  _globals['_HEARSPRIMARYREQUEST']._serialized_start=1533
-  _globals['_HEARSPRIMARYREQUEST']._serialized_end=1571
-  _globals['_HEARSPRIMARYREPLY']._serialized_start=1573
-  _globals['_HEARSPRIMARYREPLY']._serialized_end=1641
-  _globals['_COMPACTREQUEST']._serialized_start=1643
-  _globals['_COMPACTREQUEST']._serialized_end=1700
-  _globals['_COMPACTREPLY']._serialized_start=1702
-  _globals['_COMPACTREPLY']._serialized_end=1761
-  _globals['_GETDIGESTREQUEST']._serialized_start=1763
-  _globals['_GETDIGESTREQUEST']._serialized_end=1798
-  _globals['_GETDIGESTREPLY']._serialized_start=1800
-  _globals['_GETDIGESTREPLY']._serialized_end=1918
-  _globals['_RESTARTREQUEST']._serialized_start=1920
-  _globals['_RESTARTREQUEST']._serialized_end=1981
-  _globals['_RESTARTREPLY']._serialized_start=1983
-  _globals['_RESTARTREPLY']._serialized_end=2049
-  _globals['_MIGRATEOUTREQUEST']._serialized_start=2052
-  _globals['_MIGRATEOUTREQUEST']._serialized_end=2245
-  _globals['_MIGRATIONPROGRESS']._serialized_start=2248
-  _globals['_MIGRATIONPROGRESS']._serialized_end=2519
-  _globals['_PREPARESWITCHOVERREQUEST']._serialized_start=2522
-  _globals['_PREPARESWITCHOVERREQUEST']._serialized_end=2664
-  _globals['_PREPARESWITCHOVERREPLY']._serialized_start=2666
-  _globals['_PREPARESWITCHOVERREPLY']._serialized_end=2740
-  _globals['_AGENTCONTROL']._serialized_start=2743
-  _globals['_AGENTCONTROL']._serialized_end=3518
+  _globals['_REPLICASTATUS']._serialized_end=1303
+  _globals['_REPLICASTATUS_INSYNCLAGMSENTRY']._serialized_start=1253
+  _globals['_REPLICASTATUS_INSYNCLAGMSENTRY']._serialized_end=1303
+  _globals['_HOSTMETRICS']._serialized_start=1306
+  _globals['_HOSTMETRICS']._serialized_end=1462
+  _globals['_AGENTSTATUS']._serialized_start=1465
+  _globals['_AGENTSTATUS']._serialized_end=1652
+  _globals['_HEARSPRIMARYREQUEST']._serialized_start=1654
+  _globals['_HEARSPRIMARYREQUEST']._serialized_end=1692
+  _globals['_HEARSPRIMARYREPLY']._serialized_start=1694
+  _globals['_HEARSPRIMARYREPLY']._serialized_end=1762
+  _globals['_COMPACTREQUEST']._serialized_start=1764
+  _globals['_COMPACTREQUEST']._serialized_end=1821
+  _globals['_COMPACTREPLY']._serialized_start=1823
+  _globals['_COMPACTREPLY']._serialized_end=1882
+  _globals['_GETDIGESTREQUEST']._serialized_start=1884
+  _globals['_GETDIGESTREQUEST']._serialized_end=1919
+  _globals['_GETDIGESTREPLY']._serialized_start=1921
+  _globals['_GETDIGESTREPLY']._serialized_end=2039
+  _globals['_RESTARTREQUEST']._serialized_start=2041
+  _globals['_RESTARTREQUEST']._serialized_end=2102
+  _globals['_RESTARTREPLY']._serialized_start=2104
+  _globals['_RESTARTREPLY']._serialized_end=2170
+  _globals['_MIGRATEOUTREQUEST']._serialized_start=2173
+  _globals['_MIGRATEOUTREQUEST']._serialized_end=2366
+  _globals['_MIGRATIONPROGRESS']._serialized_start=2369
+  _globals['_MIGRATIONPROGRESS']._serialized_end=2640
+  _globals['_PREPARESWITCHOVERREQUEST']._serialized_start=2643
+  _globals['_PREPARESWITCHOVERREQUEST']._serialized_end=2785
+  _globals['_PREPARESWITCHOVERREPLY']._serialized_start=2787
+  _globals['_PREPARESWITCHOVERREPLY']._serialized_end=2861
+  _globals['_AGENTCONTROL']._serialized_start=2864
+  _globals['_AGENTCONTROL']._serialized_end=3639
 # @@protoc_insertion_point(module_scope)
