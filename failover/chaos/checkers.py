@@ -7,8 +7,10 @@ ops involved) or, where the check is bounded, an explicit "unknown", never a fal
 What is checked (design.md, Invariants):
 
 - `check_linearizable_kv`: every kv key's history is linearizable against a register
-  (put, get, cas, delete). Invariants 4, 5, 6 and 9 all show up here: a lost, reordered,
-  twice-applied or stale operation makes some key's history non-linearizable.
+  (put, get, cas, delete). Invariants 4, 5, 6, 9 and 10 all show up here: a lost,
+  reordered, twice-applied or stale operation makes some key's history non-linearizable.
+  Keys whose writes are unique are decided exactly in polynomial time
+  (`failover.chaos.register`); the others are searched within a budget.
 - `check_acked_puts`: no acknowledged write is missing from the final state (invariant 9;
   in async mode the loss is counted and shown, not hidden).
 - `check_bank`: the bank's total is constant and no balance is negative at every snapshot
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from failover.chaos.history import BANK_KINDS, KV_KINDS, WRITE_KINDS, Op, op_to_dict
+from failover.chaos.register import RegisterViolation, decide_unique_register, group_by_key
 from failover.core.log_position import epoch_at
 
 __all__ = [
@@ -148,6 +151,8 @@ class KvViolation:
     service: str
     explanation: str
     ops: list[dict[str, Any]]
+    anomaly: str = "not_linearizable"  # see `RegisterViolation.anomaly` for decided keys
+    details: dict[str, Any] = field(default_factory=dict)  # the read, the write it missed
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -156,6 +161,8 @@ class KvViolation:
             "service": self.service,
             "explanation": self.explanation,
             "ops": self.ops,
+            "anomaly": self.anomaly,
+            "details": self.details,
         }
 
 
@@ -165,7 +172,9 @@ class KvVerdict:
 
     `linearizable` is False when any key is violated, else "unknown" when any key's search
     ran out of budget, else True. `keys_unknown` lists those keys (as "service/key" when the
-    op names a service). `steps` is the search work done, summed over keys.
+    op names a service) and `unknown_reasons` says, per key, why it was not decided.
+    `keys_decided` counts the keys decided by the unique-value method; the others were
+    searched. `steps` is the search work done, summed over keys.
     """
 
     linearizable: Tri
@@ -173,6 +182,8 @@ class KvVerdict:
     keys_unknown: list[str]
     violations: list[KvViolation]
     steps: int
+    unknown_reasons: dict[str, str] = field(default_factory=dict)
+    keys_decided: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -182,6 +193,8 @@ class KvVerdict:
             "keys_unknown": list(self.keys_unknown),
             "violations": [v.to_dict() for v in self.violations],
             "steps": self.steps,
+            "unknown_reasons": dict(self.unknown_reasons),
+            "keys_decided": self.keys_decided,
         }
 
 
@@ -350,25 +363,37 @@ def check_linearizable_kv(
     histories compose per key: P-compositionality), starting from `initial[key]` (absent by
     default). Failed ops never took effect and are dropped; unknown ops may take effect at
     any time after their invocation, or never. A get of a missing key returns found=False.
+    An op's id in a violation is its position in `ops` (its line in history.jsonl, from 0).
 
-    `time_budget_steps` bounds the search of each key, counted in deterministic search
-    steps (no wall clock): a key that needs more is reported in `keys_unknown` and makes the
-    verdict "unknown", never a pass. Each violation names the key, explains which op no
-    order explains, and lists the ops involved (that op, the ops overlapping it, the last
-    ops of the longest consistent order found).
+    A key whose writes are unique (the chaos workload's) is decided by
+    `failover.chaos.register.decide_unique_register`: exact, polynomial, never "unknown".
+    Other keys (deletes, a value written twice) go to the general search, bounded by
+    `time_budget_steps` deterministic steps (no wall clock): a key that needs more is
+    reported in `keys_unknown`, with the reason in `unknown_reasons`, and makes the verdict
+    "unknown", never a pass. Each violation names the key and explains which op no order
+    explains; a decided one names the read, the value it saw and the write it missed.
     """
     if time_budget_steps < 1:
         raise ValueError("time_budget_steps must be at least 1")
-    by_key: dict[tuple[str, str], list[Op]] = defaultdict(list)
-    for op in ops:
-        if op.kind in KV_KINDS:
-            by_key[(op.service, op.key)].append(op)
+    all_ops = list(ops)
     start = dict(initial or {})
     violations: list[KvViolation] = []
     unknown: list[str] = []
+    reasons: dict[str, str] = {}
     steps = 0
-    for (service, key), key_ops in sorted(by_key.items()):
+    decided = 0
+    by_key = group_by_key(all_ops)
+    for (service, key), numbered in sorted(by_key.items()):
         first = start.get(key)
+        decision = decide_unique_register(numbered, first)
+        if decision.applicable:
+            decided += 1
+            violations.extend(
+                KvViolation(key, service, v.explanation, _numbered_shown(all_ops, v.ops),
+                            anomaly=v.anomaly, details=_violation_details(v))
+                for v in decision.violations)
+            continue
+        key_ops = [op for _, op in numbered]
         bad = _never_written(key_ops, first)
         if bad is not None:
             op, value = bad
@@ -378,17 +403,32 @@ def check_linearizable_kv(
                     service,
                     f"{op.describe()} read {value!r}, a value no put or cas on the key wrote",
                     _ops_shown([op]),
+                    anomaly="never_written",
                 )
             )
             continue
         res = _check_key(key_ops, first, time_budget_steps)
         steps += res.steps
         if res.outcome == "unknown":
-            unknown.append(_key_label(service, key))
+            label = _key_label(service, key)
+            unknown.append(label)
+            reasons[label] = (f"not decided in polynomial time ({decision.reason}), and the "
+                              f"general search ran out of its budget of {time_budget_steps:,} "
+                              f"steps over {len(key_ops):,} ops")
         elif res.outcome is False:
             violations.append(KvViolation(key, service, res.explanation, _ops_shown(res.ops)))
     overall: Tri = False if violations else ("unknown" if unknown else True)
-    return KvVerdict(overall, len(by_key), unknown, violations, steps)
+    return KvVerdict(overall, len(by_key), unknown, violations, steps, reasons, decided)
+
+
+def _numbered_shown(ops: Sequence[Op], ids: Iterable[int]) -> list[dict[str, Any]]:
+    return [{"id": i, **op_to_dict(ops[i])} for i in list(ids)[:_OPS_SHOWN_MAX]]
+
+
+def _violation_details(v: RegisterViolation) -> dict[str, Any]:
+    out: dict[str, Any] = {"read_id": v.read, "value": v.value, "missed_write_id": v.missed_write}
+    out.update(v.details)
+    return out
 
 
 # --- kv: acknowledged writes -------------------------------------------------------------
@@ -852,7 +892,8 @@ def verdict(
     ``lost_writes`` (each lost write, shown in both modes), ``violations`` (list of
     ``{"kind", "detail", ...}``), ``passed`` (True only when every check holds, False when
     any is violated, else "unknown"), and the details ``keys_checked``, ``keys_unknown``,
-    ``kv_steps``, ``bank``.
+    ``keys_unknown_why`` (key -> why it was not decided), ``keys_decided`` (by the
+    unique-value method), ``kv_steps``, ``bank``. Op ids in violations are positions in `ops`.
 
     In sync mode a lost acknowledged write breaks invariant 9 and is a violation. In async
     mode the loss is allowed but still counted and listed in ``lost_writes``, never hidden.
@@ -878,6 +919,8 @@ def verdict(
             elif (op.outcome == "ok" and op.result is not None
                   and (op.service, op.key, op.result.get("value")) in lost_values):
                 async_excluded.append(op)
+                # Judged as never answered; kept in place so that op ids stay positions.
+                kv_ops.append(replace(op, outcome="fail"))
             else:
                 kv_ops.append(op)
         async_excluded.extend(truncated_kv)
@@ -941,6 +984,8 @@ def verdict(
         "replication_mode": replication_mode,
         "keys_checked": kv.keys_checked,
         "keys_unknown": kv.keys_unknown,
+        "keys_unknown_why": kv.unknown_reasons,
+        "keys_decided": kv.keys_decided,
         "kv_steps": kv.steps,
         "bank": bank.to_dict() if bank is not None else None,
     }

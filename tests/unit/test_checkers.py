@@ -52,8 +52,9 @@ def put(
     return op(p, "put", key, {"value": value}, t0, t1, result, outcome, **extra)
 
 
-def get(p: int, key: str, value: Any, t0: float, t1: float | None) -> Op:
-    return op(p, "get", key, {}, t0, t1, {"ok": True, "found": value is not None, "value": value})
+def get(p: int, key: str, value: Any, t0: float, t1: float | None, **extra: Any) -> Op:
+    result = {"ok": True, "found": value is not None, "value": value}
+    return op(p, "get", key, {}, t0, t1, result, **extra)
 
 
 def cas(
@@ -218,13 +219,16 @@ def test_non_monotonic_reads_are_a_violation() -> None:
 
 def test_budget_exhaustion_gives_unknown_never_pass() -> None:
     n = 10
-    puts = [put(i, "k", f"v{i}", 0, 100) for i in range(n)]
+    # One value written twice: outside the unique-value method, so the search decides.
+    puts = [put(i, "k", f"v{i}", 0, 100) for i in range(n)] + [put(n + 1, "k", "v0", 0, 100)]
     # After all the puts, "v0" then "v1": impossible, but only an exhaustive search of the
     # puts' orders proves it.
     h = [*puts, get(n, "k", "v0", 101, 102), get(n, "k", "v1", 103, 104)]
     small = check_linearizable_kv(h, time_budget_steps=200)
     assert small.linearizable == "unknown" and small.keys_unknown == ["k"]
     assert not small.violations
+    assert "not unique" in small.unknown_reasons["k"]
+    assert "budget of 200 steps" in small.unknown_reasons["k"]
     full = check_linearizable_kv(h)
     assert full.linearizable is False and full.steps > 200
     # A violation elsewhere outranks an unknown key.
@@ -545,6 +549,7 @@ def test_verdict_assembles_every_check() -> None:
 
     unsure = verdict(
         [put(i, "k", f"v{i}", 0, 9) for i in range(8)]
+        + [put(8, "k", "v0", 0, 9)]  # a value written twice: only the search can judge it
         + [get(9, "k", "v0", 10, 11), get(9, "k", "v1", 12, 13)],
         time_budget_steps=50,
     )
@@ -601,3 +606,245 @@ def test_async_mode_counts_a_provably_truncated_transfer_as_lost_not_as_a_violat
     assert async_verdict["lost_acked_writes"] == 1
     sync_verdict = verdict(ops, replication_mode="sync", **args)
     assert sync_verdict["exactly_once"] is False and sync_verdict["passed"] is False
+
+
+# --- unique values: decided in polynomial time -------------------------------------------
+
+
+def _decide(history: list[Op]) -> Any:
+    from failover.chaos.register import decide_unique_register
+
+    decision = decide_unique_register(list(enumerate(history)))
+    assert decision.applicable, decision.reason
+    return decision
+
+
+def test_stale_read_is_decided_and_names_the_read_and_the_missed_write() -> None:
+    h = [
+        put(0, "k", "old", 0, 10, epoch=3, index=40, primary="host1"),
+        put(1, "k", "new", 20, 30, epoch=3, index=41, primary="host1"),
+        # Thousands of concurrent, legal ops around it must not hide it or make it "unknown".
+        *[put(2 + i % 10, "k", f"noise{i}", 40 + i, 60 + i) for i in range(10)],
+        get(20, "k", "old", 1000, 1010, epoch=4, primary="host3"),
+    ]
+    v = check_linearizable_kv(h)
+    assert v.linearizable is False and v.keys_unknown == [] and v.keys_decided == 1
+    (bad,) = v.violations
+    assert bad.anomaly == "stale_read"
+    d = bad.details
+    assert d["read_id"] == len(h) - 1 and d["value"] == "old"
+    assert d["read"]["epoch"] == 4 and d["read"]["primary"] == "host3"
+    assert d["read"]["invoke_ms"] == 1000
+    # The write it missed is one written after "old" and acknowledged before the read began.
+    missed = d["missed_write"]
+    assert missed["kind"] == "put" and missed["complete_ms"] < 1000
+    assert missed["args"]["value"] != "old"
+    assert d["read_value_written_by"]["id"] == 0
+    assert "stale read: op #12" in bad.explanation and "epoch 4 on host3" in bad.explanation
+    assert "'old'" in bad.explanation
+    # The simplest case names exactly the write of "new".
+    (simple,) = check_linearizable_kv(h[:2] + [h[-1]]).violations
+    assert simple.details["missed_write"]["id"] == 1
+    assert simple.details["missed_write"]["epoch"] == 3
+    assert simple.details["missed_write"]["primary"] == "host1"
+    assert "op #1 (p1 put [20.0, 30.0], epoch 3 on host1 at index 41)" in simple.explanation
+
+
+def test_read_of_a_value_never_written_is_decided() -> None:
+    d = _decide([put(0, "k", "a", 0, 1), get(1, "k", "zzz", 2, 3)])
+    assert d.linearizable is False
+    (bad,) = d.violations
+    assert bad.anomaly == "never_written" and bad.read == 1 and bad.value == "zzz"
+    d = _decide([put(0, "k", "a", 0, 1, outcome="fail"), get(1, "k", "a", 2, 3)])
+    assert [v.anomaly for v in d.violations] == ["failed_write_seen"]
+
+
+def test_read_before_its_write_was_invoked_is_decided() -> None:
+    d = _decide([get(1, "k", "a", 0, 1), put(0, "k", "a", 2, 3)])
+    assert d.linearizable is False
+    (bad,) = d.violations
+    assert bad.anomaly == "read_before_write" and bad.read == 0 and bad.value == "a"
+    assert "op #0" in bad.explanation and "op #1" in bad.explanation
+    # Equal stamps are concurrent: the read may complete the instant the write is invoked.
+    assert _decide([get(1, "k", "a", 0, 2), put(0, "k", "a", 2, 3)]).linearizable is True
+    # The same through a cas chain: "c" comes after "a", whose write began after "c" was read.
+    h = [get(1, "k", "c", 0, 1), put(0, "k", "a", 2, 3),
+         cas(0, "k", "a", "c", 4, 5, swapped=True)]
+    assert [v.anomaly for v in _decide(h).violations] == ["read_before_write"]
+
+
+def test_unknown_writes_observed_or_not() -> None:
+    late = put(0, "k", "late", 0, None, outcome="unknown")
+    # Never observed: it may never have taken effect.
+    assert _decide([late, put(1, "k", "a", 5, 6), get(2, "k", "a", 7, 8)]).linearizable
+    # Observed long after its client gave up: it took effect late, which is allowed.
+    h = [late, put(1, "k", "a", 5, 6), get(2, "k", "a", 7, 8), get(2, "k", "late", 9, 10),
+         get(2, "k", "late", 11, 12)]
+    assert _decide(h).linearizable is True
+    # Once observed it stays until overwritten: back to "a" is a stale read.
+    h.append(get(2, "k", "a", 13, 14))
+    d = _decide(h)
+    assert d.linearizable is False and d.violations[0].anomaly == "stale_read"
+    assert d.violations[0].read == 5 and d.violations[0].value == "a"
+    # An unknown cas is seen through the value it wrote, and then it read its expected.
+    h = [put(0, "k", "a", 0, 1), cas(1, "k", "a", "b", 2, None, outcome="unknown"),
+         put(0, "k", "c", 3, 4), get(2, "k", "b", 5, 6)]
+    d = _decide(h)  # "b" replaced "a" atomically, yet "c" was written (acked) before
+    assert d.linearizable is False
+    h[2] = put(0, "k", "c", 3, 4, outcome="fail")
+    assert _decide(h).linearizable is True
+    # found=True on the first acknowledged put is explained by an unseen unknown write.
+    assert _decide([late, put(1, "k", "a", 5, 6, found=True)]).linearizable is True
+    d = _decide([put(1, "k", "a", 5, 6, found=True)])
+    assert [v.anomaly for v in d.violations] == ["found_flag"]
+
+
+def test_cas_chains() -> None:
+    chain = [
+        put(0, "k", "v0", 0, 1, found=False),
+        get(1, "k", "v0", 2, 3),
+        cas(1, "k", "v0", "v1", 4, 5, swapped=True),
+        cas(2, "k", "v0", "x", 4.5, 6, swapped=False),  # too late: sees v1
+        cas(0, "k", "v1", "v2", 6, 8, swapped=True),
+        get(2, "k", "v2", 7, 9),
+        cas(1, "k", "v2", "v3", 10, 11, swapped=True),
+    ]
+    chain[3] = op(2, "cas", "k", {"expected": "v0", "value": "x"}, 4.5, 6,
+                  {"ok": True, "swapped": False, "value": "v1"})
+    assert _decide(chain).linearizable is True
+    # A read of v1 after v2 was acknowledged is stale, inside the chain.
+    d = _decide([*chain, get(3, "k", "v1", 12, 13)])
+    assert d.linearizable is False
+    (bad,) = d.violations
+    assert bad.anomaly == "stale_read" and bad.read == 7 and bad.value == "v1"
+    # Two cas cannot both replace v1.
+    d = _decide([*chain, cas(3, "k", "v1", "w", 6, 7, swapped=True)])
+    assert "replaced_twice" in [v.anomaly for v in d.violations]
+    # A cas that reports it did not swap although it saw its expected value is wrong.
+    d = _decide([put(0, "k", "a", 0, 1),
+                 op(1, "cas", "k", {"expected": "a", "value": "b"}, 2, 3,
+                    {"ok": True, "swapped": False, "value": "a"})])
+    assert [v.anomaly for v in d.violations] == ["bad_reply"]
+    # A put's value cannot be replaced atomically by a cas and also overwritten in between.
+    d = _decide([put(0, "k", "a", 0, 1), cas(1, "k", "a", "b", 5, 6, swapped=True),
+                 put(2, "k", "c", 2, 3)])
+    assert d.linearizable is False
+
+
+def _simulated_register(rng: random.Random, keys: int, workers: int, n: int,
+                        unknown_rate: float = 0.02) -> list[Op]:
+    """A real register run by concurrent workers: each op takes effect at one instant inside
+    its interval; some outcomes are lost (unknown) and some of those never apply."""
+    planned = []
+    clock = [0.0] * workers
+    for seq in range(n):
+        p = rng.randrange(workers)
+        key = f"k{rng.randrange(keys)}"
+        roll = rng.random()
+        kind = "get" if roll < 0.5 else "put" if roll < 0.75 else "cas"
+        invoke = clock[p] + rng.uniform(0, 2)
+        effect = invoke + rng.uniform(0, 5)
+        complete = effect + rng.uniform(0, 5)
+        outcome = "unknown" if rng.random() < unknown_rate else "ok"
+        applied = outcome == "ok" or rng.random() < 0.5
+        clock[p] = complete
+        planned.append([effect, seq, p, key, kind, invoke, complete, outcome, applied])
+    state: dict[str, Any] = {}
+    ops: dict[int, Op] = {}
+    for _effect, seq, p, key, kind, invoke, complete, outcome, applied in sorted(planned):
+        cur = state.get(key)
+        end = None if outcome == "unknown" else complete
+        if kind == "get":
+            res = {"ok": True, "found": cur is not None, "value": cur}
+            ops[seq] = Op(p, "get", key, {}, invoke, end, outcome,
+                          res if outcome == "ok" else None)
+        elif kind == "put":
+            value = f"p{p}-{seq}"
+            if applied:
+                state[key] = value
+            ops[seq] = Op(p, "put", key, {"value": value}, invoke, end, outcome,
+                          {"ok": True, "found": cur is not None} if outcome == "ok" else None)
+        else:  # a cas from the value the worker read just before (often still current)
+            expected = cur if rng.random() < 0.7 else f"p{p}-{seq - 1}"
+            value = f"p{p}-{seq}"
+            hit = expected == cur
+            if applied and hit:
+                state[key] = value
+            res = {"ok": True, "swapped": hit, "value": value if hit else cur}
+            ops[seq] = Op(p, "cas", key, {"expected": expected, "value": value}, invoke, end,
+                          outcome, res if outcome == "ok" else None)
+    return [ops[s] for s in sorted(ops)]
+
+
+def test_thousands_of_concurrent_ops_on_two_hot_keys_are_decided_fast() -> None:
+    import time
+
+    h = _simulated_register(random.Random(11), keys=2, workers=12, n=20_000)
+    assert sum(o.outcome == "unknown" for o in h) > 100
+    assert sum(o.kind == "cas" and o.result is not None and o.result["swapped"]
+               for o in h) > 1000
+    started = time.perf_counter()
+    v = check_linearizable_kv(h)
+    elapsed = time.perf_counter() - started
+    assert v.linearizable is True, v.violations[:1]
+    assert v.keys_decided == 2 and v.steps == 0
+    assert elapsed < 5.0, elapsed  # about 0.3 s here; the search would not finish at all
+    # One stale read among them is found, named, and still fast.
+    last = max(o.complete_ms or 0 for o in h)
+    first_put = next(i for i, o in enumerate(h) if o.kind == "put" and o.outcome == "ok"
+                     and o.key == "k0")
+    stale = get(99, "k0", h[first_put].args["value"], last + 1, last + 2)
+    v = check_linearizable_kv([*h, stale])
+    assert v.linearizable is False
+    (bad,) = v.violations
+    assert bad.anomaly == "stale_read" and bad.details["read_id"] == len(h)
+
+
+def _unique_histories(rng: random.Random, n: int) -> list[Op]:
+    h = _simulated_register(rng, keys=1, workers=3, n=n, unknown_rate=0.2)
+    return [o if rng.random() > 0.1 else Op(o.process, o.kind, o.key, o.args, o.invoke_ms,
+                                             o.complete_ms, "fail", None) for o in h]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(0, 2**32), st.integers(1, 7), st.data())
+def test_unique_value_method_agrees_with_brute_force(seed: int, n: int,
+                                                     data: st.DataObject) -> None:
+    rng = random.Random(seed)
+    history = _unique_histories(rng, n)
+    written = [None, "never"] + [o.args["value"] for o in history if o.kind != "get"]
+    reads = [i for i, o in enumerate(history) if o.outcome == "ok" and o.kind != "cas"]
+    if reads and data.draw(st.booleans()):  # corrupt a get's value or a put's found flag
+        i = data.draw(st.sampled_from(reads))
+        old = history[i]
+        if old.kind == "get":
+            value = data.draw(st.sampled_from(written))
+            res = {"ok": True, "found": value is not None, "value": value}
+        else:
+            res = {"ok": True, "found": not old.result["found"]}  # type: ignore[index]
+        history[i] = Op(old.process, old.kind, "k0", old.args, old.invoke_ms, old.complete_ms,
+                        "ok", res)
+    expected = _brute_force_linearizable(history)
+    assert _decide(history).linearizable is expected
+
+
+def test_unique_value_method_agrees_with_the_search_on_longer_histories() -> None:
+    from failover.chaos.checkers import _check_key
+
+    rng = random.Random(5)
+    disagreements = 0
+    violated = 0
+    for _ in range(300):
+        history = _unique_histories(rng, 30)
+        reads = [i for i, o in enumerate(history) if o.kind == "get" and o.outcome == "ok"]
+        if reads and rng.random() < 0.7:
+            i = rng.choice(reads)
+            value = rng.choice([o.args["value"] for o in history if o.kind != "get"] or [None])
+            history[i] = get(history[i].process, "k0", value, history[i].invoke_ms,
+                             history[i].complete_ms)
+        searched = _check_key(history, None, 10_000_000).outcome
+        assert searched != "unknown"
+        decided = _decide(history).linearizable
+        violated += decided is False
+        disagreements += decided is not searched
+    assert disagreements == 0 and violated > 50
