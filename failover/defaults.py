@@ -13,6 +13,10 @@ FAILURE_TIMEOUT_MS = 400
 # but cannot take the stream) leaves the in-sync set, so sync writes stop waiting on it.
 INSYNC_LAG_MS = 2000
 LEASE_MS = 300
+# Leases are measured on two hosts' clocks (failover.clock), whose rates differ a little: a
+# primary takes its lease to end this much before it was granted to, and the coordinator
+# promotes another only this much after it sees the lease end.
+LEASE_DRIFT_MARGIN_MS = 30
 
 # Replication batching: bounds per replica set on one host-to-host stream.
 BATCH_ENTRIES_MAX = 4096

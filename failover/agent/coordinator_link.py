@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import grpc
 import grpc.aio
 
-from failover.agent.replica import monotonic_ms
+from failover.clock import monotonic_ms
 from failover.net import channels
 from failover.net.agent_servicers import host_metrics, replica_status
 from failover.v1 import coordinator_pb2, coordinator_pb2_grpc

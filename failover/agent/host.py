@@ -23,8 +23,8 @@ from failover.agent.replica import (
     ROLES,
     Replica,
     ReplicaMeta,
-    monotonic_ms,
 )
+from failover.clock import monotonic_ms
 from failover.core.log_position import LogPosition
 from failover.core.replication import AckView, Mode, SendBatch
 from failover.errors import InvalidRequest, NotPrimaryError, StaleEpochError, Unavailable

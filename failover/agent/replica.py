@@ -15,7 +15,6 @@ import dataclasses
 import errno
 import logging
 import shutil
-import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from failover import defaults, kinds
+from failover.clock import monotonic_ms
 from failover.core.log_position import LogPosition
 from failover.core.replication import (
     AckView,
@@ -79,10 +79,6 @@ _META = "replica.meta"
 
 
 _payload_of = itemgetter(3)
-
-
-def monotonic_ms() -> int:
-    return time.monotonic_ns() // 1_000_000
 
 
 @dataclass
@@ -485,10 +481,12 @@ class Replica:
 
     def grant_lease(self, epoch: int, lease_ms: int, sent_ms: int) -> None:
         """A coordinator granted a lease in answer to a heartbeat sent at `sent_ms`: counting
-        from the send keeps our lease ending before the coordinator's view of it."""
+        from the send, less the drift margin, keeps our lease ending before the coordinator's
+        view of it even when this host's clock runs a little slow."""
         if self.role == PRIMARY and epoch == self.epoch:
             self.confirmed = True
-            self.lease_expiry_ms = max(self.lease_expiry_ms, sent_ms + lease_ms)
+            self.lease_expiry_ms = max(self.lease_expiry_ms,
+                                       sent_ms + lease_ms - defaults.LEASE_DRIFT_MARGIN_MS)
 
     async def _confirm_epoch(self) -> None:
         primary = self.primary

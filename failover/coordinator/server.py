@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -22,6 +21,7 @@ import grpc
 import grpc.aio
 
 from failover import defaults
+from failover.clock import monotonic_ms
 from failover.core.coordinator import (
     Action,
     AskHearsPrimary,
@@ -65,10 +65,6 @@ def _pages(kind: str) -> bool:
         return load_kind(kind)().paged is not None
     except Exception:  # an unknown kind here: the source agent will say what is wrong
         return True
-
-
-def monotonic_ms() -> int:
-    return time.monotonic_ns() // 1_000_000
 
 
 class _HostCaller:

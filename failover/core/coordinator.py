@@ -126,7 +126,7 @@ class Failover:
     suspected_ms: int
     state: str = "asking"  # "asking" -> "waiting_lease" -> done
     chosen: str = ""
-    lease_expiry_ms: int = 0
+    lease_expiry_ms: int = 0  # promote from here: the old lease's end and the drift margin
 
 
 # --- actions ----------------------------------------------------------------------------------
@@ -224,6 +224,9 @@ class Timing:
     lease_ms: int = defaults.LEASE_MS
     host_dead_ms: int = defaults.HOST_DEAD_MS
     insync_lag_ms: int = defaults.INSYNC_LAG_MS
+    # A failover waits this much past the old primary's lease as seen here (the primary
+    # takes its lease to end as much earlier): the two hosts' clocks may drift apart.
+    lease_drift_margin_ms: int = defaults.LEASE_DRIFT_MARGIN_MS
 
 
 class CoordinatorCore:
@@ -878,7 +881,8 @@ class CoordinatorCore:
         chosen = max(candidates, key=lambda a: (a.durable_index, a.host_id))
         failover.chosen = chosen.host_id
         holder, expiry = self.leases.get(service_name, ("", 0))
-        failover.lease_expiry_ms = expiry if holder == failover.old_primary else 0
+        failover.lease_expiry_ms = (expiry + self.timing.lease_drift_margin_ms
+                                    if holder == failover.old_primary else 0)
         failover.state = "waiting_lease"
         if now_ms >= failover.lease_expiry_ms:
             return self._promote(failover, now_ms)

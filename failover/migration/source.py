@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +30,7 @@ import grpc.aio
 import msgpack
 
 from failover import defaults
+from failover.clock import monotonic_ns
 from failover.errors import MigrationError
 from failover.migration.codec import PageEncoder, batches
 from failover.migration.planner import (
@@ -52,7 +52,8 @@ SETUP_FORMAT = 1
 
 
 def now_ms() -> float:
-    return time.monotonic() * 1000
+    """Fractional milliseconds on the project's clock (rounds last a few ms)."""
+    return monotonic_ns() / 1_000_000
 
 
 def encode_final_state(applied_index: int, applied_epoch: int, sessions: bytes) -> bytes:

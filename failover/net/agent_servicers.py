@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, NoReturn
 
@@ -20,6 +19,7 @@ import psutil
 
 from failover import defaults
 from failover.agent.restart import run_patch_command
+from failover.clock import monotonic_ms
 from failover.core.sessions import Reply, ReplyStatus
 from failover.errors import (
     DiskFullError,
@@ -300,7 +300,7 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
             replica = self.agent.replica(request.service)
         except _HANDLED as exc:
             await _abort(context, exc)
-        hears, silent_ms = replica.hears_primary(time.monotonic_ns() // 1_000_000)
+        hears, silent_ms = replica.hears_primary(monotonic_ms())
         return agent_pb2.HearsPrimaryReply(hears=hears, silent_ms=silent_ms, epoch=replica.epoch)
 
     async def PrepareSwitchover(

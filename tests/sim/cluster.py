@@ -56,6 +56,7 @@ from typing import Any
 import msgpack
 
 from demo_services.kv import KvService
+from failover import defaults
 from failover.core.coordinator import (
     Action,
     AskHearsPrimary,
@@ -1007,7 +1008,8 @@ class SimReplica:
     def grant_lease(self, epoch: int, lease_ms: int, sent_ms: int) -> None:
         if self.role == PRIMARY and epoch == self.epoch:
             self.confirmed = True
-            self.lease_expiry_ms = max(self.lease_expiry_ms, sent_ms + lease_ms)
+            self.lease_expiry_ms = max(self.lease_expiry_ms,
+                                       sent_ms + lease_ms - defaults.LEASE_DRIFT_MARGIN_MS)
 
     @property
     def matched_index(self) -> int:
