@@ -73,7 +73,7 @@ class _HostCaller:
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self.channel = channels.insecure_channel(address)
+        self.channel = channels.insecure_channel(address, own_connection=True)
         self.stub = agent_pb2_grpc.AgentControlStub(self.channel)
         self.queue: asyncio.Queue[Action] = asyncio.Queue(
             maxsize=defaults.COORDINATOR_HOST_QUEUE_MAX)
@@ -105,9 +105,12 @@ class _HostCaller:
 
     def reconnect(self) -> None:
         """A fresh channel: the old one may sit in reconnect backoff after the host was down,
-        failing calls for up to a second although the host serves again."""
+        failing calls for up to a second although the host serves again. Its own connection:
+        one shared with the old channel would still be in that backoff, and the returning
+        host's assignment (its new primary and peers) would fail at once and never be sent
+        again, as heartbeats re-send only a role or epoch that differs."""
         old = self.channel
-        self.channel = channels.insecure_channel(self.address)
+        self.channel = channels.insecure_channel(self.address, own_connection=True)
         self.stub = agent_pb2_grpc.AgentControlStub(self.channel)
         # Calls in flight on the old channel finish (or time out) first: closing it at once
         # would cancel an assignment mid-call.

@@ -37,9 +37,17 @@ _SERVER_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
-def insecure_channel(address: str) -> grpc.aio.Channel:
-    """An asyncio channel to `address` with the project's bounds."""
-    return grpc.aio.insecure_channel(address, options=_OPTIONS)
+def insecure_channel(address: str, *, own_connection: bool = False) -> grpc.aio.Channel:
+    """An asyncio channel to `address` with the project's bounds.
+
+    With `own_connection` the channel does not share the process-wide connection to the
+    address: a new channel then really connects anew, where a shared connection still
+    waiting out its reconnect backoff (the peer was down) fails every call at once."""
+    if not own_connection:
+        return grpc.aio.insecure_channel(address, options=_OPTIONS)
+    options = [o for o in _OPTIONS if o[0] != "grpc.use_local_subchannel_pool"]
+    return grpc.aio.insecure_channel(
+        address, options=[*options, ("grpc.use_local_subchannel_pool", 1)])
 
 
 def server() -> grpc.aio.Server:
