@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import random
 import threading
 import time
@@ -37,6 +38,8 @@ from failover.errors import (
 from failover.net import channels
 from failover.net.address import parse_address_list
 from failover.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, data_pb2, data_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 # Answers after which the request may or may not be in the primary's log.
 _AMBIGUOUS = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -135,6 +138,7 @@ class Client:
         cursor = random.randrange(len(self._coordinators))
         while True:
             address = self._coordinators[cursor]
+            stream = None
             try:
                 stub = coordinator_pb2_grpc.CoordinatorStub(self._channel(address))
                 stream = stub.WatchRoutes(coordinator_pb2.WatchRoutesRequest())
@@ -143,6 +147,14 @@ class Client:
                     backoff_ms = float(defaults.CLIENT_BACKOFF_MIN_MS)
             except grpc.aio.AioRpcError:
                 pass
+            except Exception:
+                # The watcher is the client's only news of a failover: whatever went wrong
+                # with this stream, say so and subscribe again. Were it to end here, the
+                # client would call a dead primary until its process restarts.
+                log.warning("routes from coordinator %s: handling the stream failed; "
+                            "subscribing again", address, exc_info=True)
+                if stream is not None:
+                    stream.cancel()
             cursor = (cursor + 1) % len(self._coordinators)
             await asyncio.sleep(backoff_ms / 1000)
             backoff_ms = min(backoff_ms * 2, defaults.CLIENT_ROUTES_BACKOFF_MAX_MS)
