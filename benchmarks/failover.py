@@ -44,7 +44,6 @@ import argparse
 import asyncio
 import bisect
 import contextlib
-import contextvars
 import json
 import mmap
 import os
@@ -108,32 +107,15 @@ def ms(seconds: float | None) -> float | None:
 
 # --- the client processes --------------------------------------------------------------------
 
-# Which address and epoch answered the last call of the current asyncio task. A coroutine
-# awaited directly runs in its caller's context, so what `Execute` sets, `call`'s caller sees.
-SERVED: contextvars.ContextVar[tuple[str, int]] = contextvars.ContextVar("served",
-                                                                        default=("", 0))
-
-
 def instrumented_client_class() -> type:
-    """A `Client` that notes who answered each call and when routes arrive (diagnostics only;
-    it goes through two private methods, and degrades to no notes if they change)."""
+    """A `Client` that notes when routes arrive (diagnostics only; it wraps one private
+    method, and calls it first, so the client's own handling is unchanged). Who answered
+    each call comes from `call_detailed`, not from wrapping the stub: the client cancels
+    its attempts (it needs the gRPC call objects) when a routes push moves the service."""
     from failover.client import Client
-
-    class _StubProxy:
-        def __init__(self, stub: Any, address: str) -> None:
-            self._stub = stub
-            self._address = address
-
-        async def Execute(self, message: Any, **kwargs: Any) -> Any:  # noqa: N802 (grpc name)
-            reply = await self._stub.Execute(message, **kwargs)
-            SERVED.set((self._address, int(reply.epoch)))
-            return reply
 
     class InstrumentedClient(Client):  # type: ignore[misc, valid-type]
         route_log: list[tuple[float, int, str, int]]
-
-        def _stub(self, address: str) -> Any:
-            return _StubProxy(super()._stub(address), address)
 
         def _apply_routes(self, update: Any) -> None:
             super()._apply_routes(update)
@@ -172,16 +154,17 @@ async def worker_main(args: argparse.Namespace) -> dict[str, Any]:
 
     async def task(t: int) -> None:
         i = 0
-        call = client.call
+        call = client.call_detailed
         monotonic = time.monotonic
         while not stop.is_set():
             i += 1
             key = key_for(args.worker_id, t, i)
-            SERVED.set(("", 0))
             start = monotonic()
+            address, epoch = "", 0
             try:
-                await call(SERVICE, {"op": "put", "key": key, "value": value_for(key)})
+                result = await call(SERVICE, {"op": "put", "key": key, "value": value_for(key)})
                 ok = 1
+                address, epoch = result.address, result.epoch
             except Exception as exc:  # counted and reported, never hidden
                 ok = 0
                 kind = type(exc).__name__
@@ -189,7 +172,6 @@ async def worker_main(args: argparse.Namespace) -> dict[str, Any]:
                 if len(error_examples) < 5:
                     error_examples.append(f"{key}: {kind}: {exc}")
             end = monotonic()
-            address, epoch = SERVED.get()
             t0s.append(start)
             t1s.append(end)
             oks.append(ok)
