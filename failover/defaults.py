@@ -100,6 +100,20 @@ KIND_NEEDS_MEMORY_BYTES = 64 << 20
 KIND_NEEDS_DISK_BYTES = 256 << 20
 CHAOS_DISK_BYTES = 1 << 30  # each agent's tmpfs data dir in a chaos run with disk faults (room
 # for the replicas' reserved disk; filling it writes this much to memory)
+# The chaos kv workload: few hot keys, so that operations on a key overlap (a stale read
+# needs a newer write to miss), and deadlines shorter than a failover, so that some
+# operations end with an unknown outcome, which the checker must explain either way.
+CHAOS_KEYS = 4
+CHAOS_KV_WORKERS = 12
+CHAOS_READ_RATIO = 0.5  # plain gets; the rest are puts and cas (each cas after its own get)
+CHAOS_OP_DEADLINE_MS = 500  # one kv request, retries included; then its outcome is unknown
+# (a kill of the primary stops writes for 400-700 ms on two cores, so some do end unknown)
+# Bank transfers keep a longer deadline: exactly-once is checked over subsets of the unknown
+# transfers (failover.chaos.checkers.DEFAULT_UNKNOWN_TRANSFERS_MAX), which must stay few.
+CHAOS_BANK_OP_DEADLINE_MS = 3000
+CHAOS_AFTER_FAULT_READERS = 4  # readers that hammer recent keys during a kill or switchover
+CHAOS_AFTER_FAULT_READ_MS = 2000  # ... and for this long after the cluster healed
+CHAOS_RECENT_KEYS_MAX = 4  # "recently written": the keys of the last writes invoked
 MIGRATION_TIMEOUT_MS = 600_000  # a whole migration, copy and catch-up, before it is abandoned
 MIGRATION_DOWNTIME_MS_MAX = 60_000  # the largest max_downtime_ms an operator may ask for
 PATCH_COMMAND_TIMEOUT_MS = 300_000  # a patch command run on a host before it restarts

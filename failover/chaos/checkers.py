@@ -43,8 +43,10 @@ __all__ = [
     "Tri",
     "check_acked_puts",
     "check_bank",
+    "check_history",
     "check_linearizable_kv",
     "check_one_writer_per_epoch",
+    "snapshots_from_ops",
     "verdict",
 ]
 
@@ -617,7 +619,8 @@ def check_bank(
     Invariant: every snapshot sums to `initial_total` and holds no negative balance; so do
     the acknowledged reads ("total" results, "balance" results, the balances an ok transfer
     reports, and a "read_all" result's ``balances`` or ``accounts`` mapping). Reads invoked
-    before the last open completed are not held to the total.
+    before the last open completed are not held to the total. A read_all whose args name a
+    ``snapshot`` is judged as that snapshot only (`snapshots_from_ops` lists them).
 
     Exactly once (method). The bank keeps no ledger of applied transfer ids, so the check
     goes through balances. Let D = final - initial - (sum of the effects of every ok
@@ -670,7 +673,7 @@ def check_bank(
             and (res["total"] != initial_total)
         ):
             flag("bank_total", f"{op.describe()}: total is not {initial_total}", op=op_to_dict(op))
-        elif op.kind == "read_all":
+        elif op.kind == "read_all" and "snapshot" not in op.args:  # snapshots: see above
             balances = _read_balances(res)
             if balances is not None:
                 seen.update(balances)
@@ -867,6 +870,78 @@ def check_one_writer_per_epoch(ops: Iterable[Op]) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+# --- a recorded history on its own ----------------------------------------------------------
+
+
+def snapshots_from_ops(ops: Iterable[Op]) -> list[tuple[str, dict[str, int]]]:
+    """The bank snapshots recorded as ops (ok read_all with args ``{"snapshot": label}``),
+    in history order: the last one is the final state."""
+    out: list[tuple[str, dict[str, int]]] = []
+    for op in ops:
+        if (op.kind == "read_all" and op.outcome == "ok" and "snapshot" in op.args
+                and op.result is not None):
+            balances = _read_balances(op.result)
+            if balances is not None:
+                out.append((str(op.args["snapshot"]), dict(balances)))
+    return out
+
+
+def check_history(
+    ops: Sequence[Op],
+    *,
+    replication_mode: Literal["sync", "async"] | None = None,
+    time_budget_steps: int = DEFAULT_TIME_BUDGET_STEPS,
+    unknown_transfers_max: int = DEFAULT_UNKNOWN_TRANSFERS_MAX,
+) -> dict[str, Any]:
+    """Judge a chaos history from what it records alone; returns `verdict`'s dict.
+
+    This is what a chaos run reports and what `failoverctl chaos check` re-runs offline, so
+    the two agree. It takes from the history (see `failover.chaos.history`): the mode from
+    the "run" record (`replication_mode` overrides it; "sync" when there is none), the final
+    value of each kv key from its final read (get with args ``{"final": True}``), the bank's
+    initial balances from its opens and its snapshots from the snapshot reads, and each
+    service's final epoch history from its "epoch_history" record.
+    """
+    run = next((op for op in ops if op.kind == "run"), None)
+    mode = replication_mode or (str(run.args.get("mode", "sync")) if run else "sync")
+    if mode not in ("sync", "async"):
+        raise ValueError(f"the history's mode {mode!r} is neither 'sync' nor 'async'")
+    final_kv: dict[Any, Any] = {}
+    for op in ops:
+        if (op.kind == "get" and op.args.get("final") and op.outcome == "ok"
+                and op.result is not None):
+            found = op.result.get("found", op.result.get("value") is not None)
+            final_kv[(op.service, op.key)] = op.result.get("value") if found else None
+    histories = {
+        op.service: [(int(e), int(i)) for e, i in op.result["epoch_history"]]
+        for op in ops
+        if op.kind == "epoch_history" and op.result is not None
+    }
+    has_bank = any(op.kind in BANK_KINDS for op in ops)
+    balances: dict[str, int] | None = None
+    total: int | None = None
+    if has_bank:
+        opens = [op for op in ops if op.kind == "open"]
+        if not opens or any(op.outcome != "ok" for op in opens):
+            raise ValueError(
+                "the history has bank operations but not every account's open was "
+                "acknowledged, so the initial balances are unknown (a history recorded "
+                "before opens were kept cannot be re-checked for the bank)")
+        balances = {str(op.args["account"]): int(op.args["balance"]) for op in opens}
+        total = sum(balances.values())
+    return verdict(
+        ops,
+        final_kv=final_kv or None,
+        bank_snapshots=snapshots_from_ops(ops) if has_bank else None,
+        bank_initial_total=total,
+        bank_initial_balances=balances,
+        replication_mode=mode,  # type: ignore[arg-type]
+        final_histories=histories or None,
+        time_budget_steps=time_budget_steps,
+        unknown_transfers_max=unknown_transfers_max,
+    )
 
 
 # --- all together ------------------------------------------------------------------------

@@ -3,7 +3,10 @@
 A history is what the checkers in `failover.chaos.checkers` judge. It is plain data: this
 module reads no clock and does no I/O. The runner passes the (monotonic) times in, and saves
 the history with `dump_ops` (JSON lines, one op a line) so that a run can be re-checked later
-with `load_ops`.
+with `load_ops` and `failover.chaos.checkers.check_history` (`failoverctl chaos check`).
+Everything the checkers judge is in the history: besides the client requests, the runner's
+own records (process `CHECKER_PROCESS`): the run's settings, the bank's opens and
+snapshots, the final read of every kv key, and each service's final epoch history.
 
 Outcomes, as the client knows them:
 
@@ -28,7 +31,9 @@ from typing import Any
 
 __all__ = [
     "BANK_KINDS",
+    "CHECKER_PROCESS",
     "KV_KINDS",
+    "META_KINDS",
     "OUTCOMES",
     "WRITE_KINDS",
     "HistoryRecorder",
@@ -41,6 +46,13 @@ __all__ = [
 
 KV_KINDS = frozenset({"put", "get", "cas", "delete"})
 BANK_KINDS = frozenset({"open", "transfer", "balance", "total", "read_all"})
+# Records that are not client requests, kept so a history can be re-checked on its own:
+# "run" (args: the run's settings, e.g. the replication mode) and "epoch_history" (result:
+# ``{"epoch_history": [[epoch, first_index], ...]}``, a service's final log epochs).
+META_KINDS = frozenset({"run", "epoch_history"})
+# The process of the runner's own records: meta records, the bank snapshots (read_all with
+# args ``{"snapshot": label}``) and the final read of every kv key (get, ``{"final": True}``).
+CHECKER_PROCESS = -1
 # Kinds that change state when they take effect (a cas only when it swaps).
 WRITE_KINDS = frozenset({"put", "cas", "delete", "open", "transfer"})
 OUTCOMES = frozenset({"ok", "fail", "unknown"})

@@ -2,21 +2,30 @@
 the checkers' verdict on what the clients saw.
 
 The workload's clients record every operation (invoke, ok, fail, unknown, with monotonic
-times); the nemesis injects faults on its seeded schedule, waiting for the cluster to heal
-after each; at the end the cluster heals, every replica must converge, the final state is
-read, and the history is checked (linearizability per kv key, bank totals and exactly-once,
-no acknowledged write lost, one writer per epoch).
+times). The kv workers contend on a few hot keys: puts, gets, and cas that read the current
+value first and swap it for a new unique value, with deadlines short enough that some
+operations end unknown. The nemesis injects faults on its seeded schedule, waiting for the
+cluster to heal after each; during every kill and switchover, and for a while after, extra
+readers hammer the keys written last (a new or restarted primary must not serve stale
+reads). At the end the cluster heals, every replica must converge, the final state is read,
+and the history is checked (linearizability per kv key, bank totals and exactly-once, no
+acknowledged write lost, one writer per epoch). The bank's opens and snapshots, the final
+reads and the final epoch histories are recorded in the history too, so that
+`failover.chaos.checkers.check_history` re-checks a saved history.jsonl with the same result.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import math
 import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,9 +33,9 @@ from typing import Any
 import msgpack
 
 from failover import defaults, smalldisk
-from failover.chaos.checkers import verdict
+from failover.chaos.checkers import check_history, snapshots_from_ops
 from failover.chaos.faults import FaultInjector, FaultRecord, now_ms
-from failover.chaos.history import HistoryRecorder, Op, dump_ops
+from failover.chaos.history import CHECKER_PROCESS, HistoryRecorder, Op, dump_ops
 from failover.chaos.nemesis import schedule
 from failover.client import Client
 from failover.errors import (
@@ -42,6 +51,10 @@ from failover.percentile import percentile
 
 KV_SERVICE = "chaos-kv"
 BANK_SERVICE = "chaos-bank"
+BANK_PROCESS_BASE = 100  # bank workers are processes 100, 101, ...
+READER_PROCESS_BASE = 200  # the after-fault readers are processes 200, 201, ...
+FINAL_READ_TIMEOUT_S = 30.0  # a final read or snapshot retried this long before the run fails
+AFTER_FAULT_KINDS = ("kill", "switchover")  # faults that bring a new or restarted primary
 
 
 @dataclass(frozen=True)
@@ -55,12 +68,35 @@ class ChaosConfig:
     workload: str = "both"  # "kv", "bank" or "both"
     mode: str = "sync"
     report_dir: Path | None = None
-    keys: int = 100  # kv keyspace shared by the workers (contention without hot spots)
-    kv_workers: int = 6
+    keys: int = defaults.CHAOS_KEYS  # kv keyspace shared by the workers: few, hot keys
+    kv_workers: int = defaults.CHAOS_KV_WORKERS
+    read_ratio: float = defaults.CHAOS_READ_RATIO  # plain gets among kv operations
     bank_workers: int = 3
     accounts: int = 8
     opening_balance: int = 1000
-    op_deadline_ms: int = 3000
+    op_deadline_ms: int = defaults.CHAOS_OP_DEADLINE_MS  # a kv request (then: unknown)
+    bank_op_deadline_ms: int = defaults.CHAOS_BANK_OP_DEADLINE_MS
+    after_fault_readers: int = defaults.CHAOS_AFTER_FAULT_READERS
+    after_fault_read_ms: int = defaults.CHAOS_AFTER_FAULT_READ_MS
+
+    def __post_init__(self) -> None:
+        """Refuse settings that make no workload (the CLI checks the same)."""
+        if self.keys < 1 or self.kv_workers < 0 or self.after_fault_readers < 0:
+            raise ValueError("keys must be at least 1, kv_workers and after_fault_readers "
+                             "at least 0")
+        if not 0.0 <= self.read_ratio <= 1.0:
+            raise ValueError(f"read_ratio must be within [0, 1], not {self.read_ratio}")
+        if self.op_deadline_ms <= 0 or self.bank_op_deadline_ms <= 0:
+            raise ValueError("op deadlines must be positive")
+
+    def settings(self) -> dict[str, Any]:
+        """The settings recorded in the history's "run" record."""
+        return {"seed": self.seed, "duration_s": self.duration_s, "hosts": self.hosts,
+                "faults": list(self.faults), "workload": self.workload, "mode": self.mode,
+                "keys": self.keys, "kv_workers": self.kv_workers,
+                "read_ratio": self.read_ratio, "op_deadline_ms": self.op_deadline_ms,
+                "bank_op_deadline_ms": self.bank_op_deadline_ms,
+                "after_fault_readers": self.after_fault_readers}
 
     def services(self) -> list[str]:
         return ([KV_SERVICE] if self.workload in ("kv", "both") else []) + \
@@ -72,52 +108,81 @@ class _Run:
     config: ChaosConfig
     recorder: HistoryRecorder = field(default_factory=HistoryRecorder)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
-    bank_snapshots: list[tuple[str, dict[str, int]]] = field(default_factory=list)
     addresses: dict[str, str] = field(default_factory=dict)  # agent address -> host id
+    # The keys of the last kv writes invoked, for the after-fault readers.
+    recent_keys: deque[str] = field(
+        default_factory=lambda: deque(maxlen=defaults.CHAOS_RECENT_KEYS_MAX))
+    reads_until_ms: float = -math.inf  # the after-fault readers read until then
+    reads_wake: asyncio.Event = field(default_factory=asyncio.Event)  # a burst began, or stop
 
 
 async def _record(run: _Run, client: Client, process: int, service: str, kind: str,
-                  key: str, request: dict[str, Any], args: dict[str, Any]) -> None:
+                  key: str, request: dict[str, Any], args: dict[str, Any], *,
+                  deadline_ms: int | None = None) -> Op:
     """Runs one operation and records its outcome: ok, fail (surely not applied), or
-    unknown (may or may not have been applied)."""
+    unknown (may or may not have been applied). Returns the recorded op."""
+    if deadline_ms is None:
+        deadline_ms = (run.config.op_deadline_ms if service == KV_SERVICE
+                       else run.config.bank_op_deadline_ms)
     handle = run.recorder.invoke(process, kind, key, args, now_ms(), service=service)
     try:
-        out = await client.call_detailed(service, request,
-                                         deadline_ms=run.config.op_deadline_ms)
+        out = await client.call_detailed(service, request, deadline_ms=deadline_ms)
     except (RequestRejected, InvalidRequest, DiskFullError):
         # DiskFullError: the client saw only full-disk refusals, none ambiguous.
-        run.recorder.complete(handle, now_ms(), "fail")
+        return run.recorder.complete(handle, now_ms(), "fail")
     except (Unavailable, FailoverError):
-        run.recorder.complete(handle, now_ms(), "unknown")
-    else:
-        # A duplicate's entry was written by an earlier attempt's primary, not this one:
-        # leave the writer blank so the one-writer-per-epoch check does not pair them.
-        writer = "" if out.duplicate else run.addresses.get(out.address, "")
-        run.recorder.complete(handle, now_ms(), "ok", out.result, epoch=out.epoch,
-                              index=out.index, primary=writer)
+        return run.recorder.complete(handle, now_ms(), "unknown")
+    # A duplicate's entry was written by an earlier attempt's primary, not this one:
+    # leave the writer blank so the one-writer-per-epoch check does not pair them.
+    writer = "" if out.duplicate else run.addresses.get(out.address, "")
+    return run.recorder.complete(handle, now_ms(), "ok", out.result, epoch=out.epoch,
+                                 index=out.index, primary=writer)
 
 
 async def _kv_worker(run: _Run, client: Client, process: int) -> None:
+    """Puts, gets and cas on a few hot keys; every value written is unique ("p<process>-<n>"),
+    which is what lets the checker decide each key's history exactly."""
     rnd = random.Random(run.config.seed * 1000 + process)
     n = 0
     while not run.stop.is_set():
         n += 1
         key = f"k{rnd.randrange(run.config.keys)}"
         value = f"p{process}-{n}"
-        roll = rnd.random()
-        if roll < 0.5:
-            await _record(run, client, process, KV_SERVICE, "put", key,
-                          {"op": "put", "key": key, "value": value}, {"value": value})
-        elif roll < 0.9:
+        if rnd.random() < run.config.read_ratio:
             await _record(run, client, process, KV_SERVICE, "get", key,
                           {"op": "get", "key": key}, {})
-        else:
-            # A cas against the value this worker last wrote anywhere: mostly misses, which
-            # is fine: a miss is a result the checker must explain too.
-            expected = f"p{process}-{n - 1}"
-            await _record(run, client, process, KV_SERVICE, "cas", key,
-                          {"op": "cas", "key": key, "expected": expected, "value": value},
-                          {"expected": expected, "value": value})
+            continue
+        run.recent_keys.append(key)
+        if rnd.random() < 0.5:
+            await _record(run, client, process, KV_SERVICE, "put", key,
+                          {"op": "put", "key": key, "value": value}, {"value": value})
+            continue
+        # A cas that swaps: read the current value, then replace exactly that value. Under
+        # contention another write may land in between; the miss is judged too.
+        seen = await _record(run, client, process, KV_SERVICE, "get", key,
+                             {"op": "get", "key": key}, {})
+        if seen.outcome != "ok" or seen.result is None or run.stop.is_set():
+            continue
+        expected = seen.result.get("value") if seen.result.get("found") else None
+        await _record(run, client, process, KV_SERVICE, "cas", key,
+                      {"op": "cas", "key": key, "expected": expected, "value": value},
+                      {"expected": expected, "value": value})
+
+
+async def _after_fault_reader(run: _Run, client: Client, process: int) -> None:
+    """Gets of the keys written last, back to back, while a burst lasts (`_after_fault`):
+    a new or restarted primary is read the moment it serves."""
+    rnd = random.Random(run.config.seed * 1000 + process)
+    while True:
+        while now_ms() >= run.reads_until_ms and not run.stop.is_set():
+            run.reads_wake.clear()
+            await run.reads_wake.wait()
+        if run.stop.is_set():
+            return
+        recent = list(run.recent_keys)
+        key = rnd.choice(recent) if recent else f"k{rnd.randrange(run.config.keys)}"
+        await _record(run, client, process, KV_SERVICE, "get", key,
+                      {"op": "get", "key": key}, {})
 
 
 async def _bank_worker(run: _Run, client: Client, process: int) -> None:
@@ -131,19 +196,36 @@ async def _bank_worker(run: _Run, client: Client, process: int) -> None:
                       {"op": "transfer", **args}, args)
 
 
+async def _checker_call(run: _Run, client: Client, service: str, kind: str, key: str,
+                        request: dict[str, Any], args: dict[str, Any]) -> Op:
+    """One of the runner's own recorded requests (an open, a snapshot, a final read),
+    retried until acknowledged; each attempt is in the history. Raises Unavailable when
+    none was acknowledged within FINAL_READ_TIMEOUT_S, and whatever a refusal raises."""
+    deadline = time.monotonic() + FINAL_READ_TIMEOUT_S
+    while True:
+        op = await _record(run, client, CHECKER_PROCESS, service, kind, key, request, args,
+                           deadline_ms=defaults.CALL_DEADLINE_MS)
+        if op.outcome == "ok":
+            return op
+        if op.outcome == "fail":
+            raise RequestRejected(f"{service}: the runner's {kind} {key} was refused")
+        if time.monotonic() > deadline:
+            raise Unavailable(f"{service}: the runner's {kind} {key} was not acknowledged "
+                              f"within {FINAL_READ_TIMEOUT_S:.0f} s")
+
+
 async def _bank_snapshot(run: _Run, client: Client, label: str) -> None:
     """A consistent cut of every balance (one read), for the total/negative checks."""
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            reply = await client.call(BANK_SERVICE, {"op": "read_all"}, deadline_ms=5000)
-            run.bank_snapshots.append((label, dict(reply["balances"])))
-            return
-        except Unavailable:
-            # call() already retried with backoff until its own deadline; anything other
-            # than unavailability is a real failure and is not retried.
-            if time.monotonic() > deadline:
-                raise
+    await _checker_call(run, client, BANK_SERVICE, "read_all", "", {"op": "read_all"},
+                        {"snapshot": label})
+
+
+def _meta(run: _Run, kind: str, service: str = "", args: dict[str, Any] | None = None,
+          result: dict[str, Any] | None = None) -> None:
+    """A record that is not a request (see history.META_KINDS)."""
+    handle = run.recorder.invoke(CHECKER_PROCESS, kind, "", args or {}, now_ms(),
+                                 service=service)
+    run.recorder.complete(handle, now_ms(), "ok", result or {})
 
 
 def _unavailability(ops: list[Op], records: list[FaultRecord],
@@ -156,8 +238,9 @@ def _unavailability(ops: list[Op], records: list[FaultRecord],
             continue
         if record.host not in primaries.get(record.start_ms, set()):
             continue
-        for service in {op.service for op in ops}:
+        for service in {op.service for op in ops if op.process != CHECKER_PROCESS}:
             done = sorted(op.complete_ms for op in ops if op.service == service
+                          and op.process != CHECKER_PROCESS
                           and op.outcome == "ok" and op.complete_ms is not None)
             before = [t for t in done if t <= record.start_ms]
             after = [t for t in done if t > record.start_ms]
@@ -204,17 +287,24 @@ async def run_chaos(config: ChaosConfig, progress: Callable[[str], None] = print
             injector.disk_unavailable = disk_unavailable
             assert cluster.coordinator is not None
             async with Client(coordinator=cluster.coordinator.address) as client:
+                _meta(run, "run", args=config.settings())
                 if BANK_SERVICE in services:
                     for n in range(config.accounts):
-                        await client.call(BANK_SERVICE, {"op": "open", "account": f"a{n}",
-                                                         "balance": config.opening_balance})
+                        args = {"account": f"a{n}", "balance": config.opening_balance}
+                        await _checker_call(run, client, BANK_SERVICE, "open", "",
+                                            {"op": "open", **args}, args)
                     await _bank_snapshot(run, client, "start")
                 workers = [asyncio.create_task(_kv_worker(run, client, p))
                            for p in range(config.kv_workers) if KV_SERVICE in services]
-                workers += [asyncio.create_task(_bank_worker(run, client, 100 + p))
+                workers += [asyncio.create_task(_bank_worker(run, client, BANK_PROCESS_BASE + p))
                             for p in range(config.bank_workers) if BANK_SERVICE in services]
+                workers += [asyncio.create_task(
+                                _after_fault_reader(run, client, READER_PROCESS_BASE + p))
+                            for p in range(config.after_fault_readers)
+                            if KV_SERVICE in services]
                 records, primaries = await _nemesis(run, injector, client, cluster, progress)
                 run.stop.set()
+                run.reads_wake.set()
                 await asyncio.gather(*workers)
                 progress("chaos: workload stopped; healing and checking")
                 await asyncio.to_thread(injector.wait_healed)
@@ -229,11 +319,13 @@ async def run_chaos(config: ChaosConfig, progress: Callable[[str], None] = print
                     reply = cluster[primary].digest(service)
                     final_histories[service] = [(h.epoch, h.first_index)
                                                 for h in reply.epoch_history]
-                final_kv: dict[Any, Any] = {}
+                    _meta(run, "epoch_history", service,
+                          result={"epoch_history": [list(h) for h in final_histories[service]]})
                 if KV_SERVICE in services:
                     for n in range(config.keys):
-                        got = await client.call(KV_SERVICE, {"op": "get", "key": f"k{n}"})
-                        final_kv[(KV_SERVICE, f"k{n}")] = got["value"] if got["found"] else None
+                        key = f"k{n}"
+                        await _checker_call(run, client, KV_SERVICE, "get", key,
+                                            {"op": "get", "key": key}, {"final": True})
                 if BANK_SERVICE in services:
                     await _bank_snapshot(run, client, "end")
             history = cluster.coordinator.history()
@@ -241,16 +333,8 @@ async def run_chaos(config: ChaosConfig, progress: Callable[[str], None] = print
         progress(f"chaos: the run itself failed; logs kept in {root}")
         raise
     ops = run.recorder.ops()
-    result = verdict(
-        ops, final_kv=final_kv if KV_SERVICE in services else None,
-        bank_snapshots=run.bank_snapshots if BANK_SERVICE in services else None,
-        bank_initial_total=config.accounts * config.opening_balance
-        if BANK_SERVICE in services else None,
-        bank_initial_balances={f"a{n}": config.opening_balance for n in range(config.accounts)}
-        if BANK_SERVICE in services else None,
-        replication_mode=config.mode,  # type: ignore[arg-type]
-        final_histories=final_histories,
-    )
+    # Judged from the history alone, exactly as `failoverctl chaos check` re-judges it.
+    result = check_history(ops)
     gaps = _unavailability(ops, records, primaries)
     gap_ms = sorted(g["unavailability_ms"] for g in gaps)
     failovers = [e for e in history if e.kind == "failover"]
@@ -279,6 +363,12 @@ async def run_chaos(config: ChaosConfig, progress: Callable[[str], None] = print
         "violations": result["violations"],
         "passed": result["passed"] is True,
         "keys_unknown": result.get("keys_unknown", []),
+        "keys_unknown_why": result.get("keys_unknown_why", {}),
+        "keys_checked": result.get("keys_checked", 0),
+        "keys_decided": result.get("keys_decided", 0),
+        "keys": config.keys, "kv_workers": config.kv_workers, "read_ratio": config.read_ratio,
+        "op_deadline_ms": config.op_deadline_ms,
+        "after_fault_reads": sum(op.process >= READER_PROCESS_BASE for op in ops),
         "final_histories": final_histories,
         "seconds": round(time.monotonic() - started, 1),
     }
@@ -303,7 +393,8 @@ async def _nemesis(run: _Run, injector: FaultInjector, client: Client, cluster: 
         if time.monotonic() - start > config.duration_s - 1:
             break  # healing took the time this fault was scheduled in
         before = set(await asyncio.to_thread(injector.hosts_with, "primary"))
-        record = await injector.run(fault)
+        with _after_fault(run, fault.kind):
+            record = await injector.run(fault)
         primaries[record.start_ms] = before
         records.append(record)
         if record.skipped:
@@ -319,6 +410,22 @@ async def _nemesis(run: _Run, injector: FaultInjector, client: Client, cluster: 
     return records, primaries
 
 
+@contextlib.contextmanager
+def _after_fault(run: _Run, kind: str) -> Iterator[None]:
+    """For a kill or switchover: the after-fault readers hammer the keys written last from
+    the moment the fault starts until `after_fault_read_ms` after the body (the fault and
+    its healing) ended. The nemesis goes on meanwhile."""
+    if kind not in AFTER_FAULT_KINDS:
+        yield
+        return
+    run.reads_until_ms = math.inf
+    run.reads_wake.set()
+    try:
+        yield
+    finally:
+        run.reads_until_ms = now_ms() + run.config.after_fault_read_ms
+
+
 def _write_report_dir(directory: Path, report: dict[str, Any], ops: list[Op],
                       records: list[FaultRecord], run: _Run) -> None:
     directory.mkdir(parents=True, exist_ok=True)
@@ -326,7 +433,8 @@ def _write_report_dir(directory: Path, report: dict[str, Any], ops: list[Op],
     (directory / "history.jsonl").write_text(dump_ops(ops))
     (directory / "faults.json").write_text(
         json.dumps([r.to_dict() for r in records], indent=2, default=str))
-    (directory / "bank_snapshots.json").write_text(json.dumps(run.bank_snapshots, indent=2))
+    (directory / "bank_snapshots.json").write_text(
+        json.dumps(snapshots_from_ops(ops), indent=2))
     try:
         _timeline_png(directory / "timeline.png", ops, records)
     except ImportError:

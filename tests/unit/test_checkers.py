@@ -848,3 +848,98 @@ def test_unique_value_method_agrees_with_the_search_on_longer_histories() -> Non
         violated += decided is False
         disagreements += decided is not searched
     assert disagreements == 0 and violated > 50
+
+
+# --- a saved history, re-checked offline --------------------------------------------------
+
+
+def _recorded_run(*, stale: bool = False, bad_snapshot: bool = False) -> list[Op]:
+    """What the chaos runner records: its settings, the bank's opens and snapshots, the
+    workload, each service's final epoch history and the final read of every key."""
+    from failover.chaos.history import CHECKER_PROCESS as R
+
+    kv, bank = "chaos-kv", "chaos-bank"
+    start = {"ok": True, "balances": {"a0": 100, "a1": 100}}
+    end = {"ok": True, "balances": {"a0": 90, "a1": 110 if not bad_snapshot else 111}}
+    h = [
+        op(R, "run", "", {"mode": "sync", "seed": 7}, 0, 0, {}),
+        op(R, "open", "", {"account": "a0", "balance": 100}, 1, 2, {"ok": True},
+           service=bank, epoch=1, index=2, primary="host1"),
+        op(R, "open", "", {"account": "a1", "balance": 100}, 3, 4, {"ok": True},
+           service=bank, epoch=1, index=3, primary="host1"),
+        op(R, "read_all", "", {"snapshot": "start"}, 5, 6, start, service=bank),
+        transfer(100, "a0", "a1", 10, 7, 8, service=bank, epoch=1, index=4, primary="host1"),
+        put(0, "k0", "p0-1", 10, 11, found=False, service=kv, epoch=1, index=2,
+            primary="host1"),
+        put(1, "k0", "p1-1", 20, 21, found=True, service=kv, epoch=2, index=4,
+            primary="host2"),
+        get(2, "k0", "p0-1" if stale else "p1-1", 30, 31, service=kv, epoch=2,
+            primary="host2"),
+        op(R, "epoch_history", "", {}, 40, 40, {"epoch_history": [[1, 1], [2, 3]]},
+           service=kv),
+        op(R, "epoch_history", "", {}, 40, 40, {"epoch_history": [[1, 1]]}, service=bank),
+        get(R, "k0", "p1-1", 41, 42, service=kv, epoch=2, primary="host2"),
+        op(R, "read_all", "", {"snapshot": "end"}, 43, 44, end, service=bank),
+    ]
+    h[-2] = op(R, "get", "k0", {"final": True}, 41, 42,
+               {"ok": True, "found": True, "value": "p1-1"}, service=kv)
+    return h
+
+
+def _check_file(path: Any) -> tuple[int, dict[str, Any]]:
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "failover.cli", "--format", "json", "chaos", "check", str(path)],
+        capture_output=True, text=True, timeout=60)
+    return done.returncode, json.loads(done.stdout)
+
+
+def test_a_saved_history_is_rechecked_offline(tmp_path: Any) -> None:
+    from failover.chaos.checkers import check_history
+
+    clean = _recorded_run()
+    result = check_history(clean)
+    assert result["passed"] is True, result["violations"]
+    assert result["bank"]["snapshots_checked"] == 2 and result["exactly_once"] is True
+    assert result["lost_checked"] is True and result["keys_decided"] == 1
+    (tmp_path / "history.jsonl").write_text(dump_ops(clean))
+    code, out = _check_file(tmp_path)  # a report dir holds history.jsonl
+    assert code == 0 and out["passed"] is True and out["replication_mode"] == "sync"
+
+    stale = tmp_path / "stale.jsonl"
+    stale.write_text(dump_ops(_recorded_run(stale=True)))
+    code, out = _check_file(stale)
+    assert code == 1 and out["passed"] is False and out["linearizable"] is False
+    (v,) = out["violations"]
+    assert v["anomaly"] == "stale_read" and v["details"]["read_id"] == 7
+    assert v["details"]["missed_write"]["id"] == 6
+    assert v["details"]["missed_write"]["primary"] == "host2"
+
+    # The final reads and the snapshots recorded as ops are what the checkers judge.
+    lost = _recorded_run()
+    lost[-2] = op(lost[-2].process, "get", "k0", {"final": True}, 41, 42,
+                  {"ok": True, "found": True, "value": "p0-1"}, service="chaos-kv")
+    kinds = {v["kind"] for v in check_history(lost)["violations"]}
+    assert kinds == {"not_linearizable", "lost_acked_write"}
+    bad = check_history(_recorded_run(bad_snapshot=True))
+    assert [v["snapshot"] for v in bad["violations"] if v["kind"] == "bank_total"] == ["end"]
+    # An epoch history that overwrote an acknowledged write: lost in sync mode.
+    truncated = _recorded_run()
+    truncated[8] = op(-1, "epoch_history", "", {}, 40, 40,
+                      {"epoch_history": [[1, 1], [2, 2]]}, service="chaos-kv")
+    assert any(v["kind"] == "lost_acked_write" for v in check_history(truncated)["violations"])
+    relaxed = check_history(truncated, replication_mode="async")
+    assert relaxed["async_excluded_ops"] == 1  # the lost put (no read saw it)
+    assert not any(v["kind"] == "lost_acked_write" for v in relaxed["violations"])
+
+    garbage = tmp_path / "garbage.jsonl"
+    garbage.write_text("{not json\n")
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "failover.cli", "chaos", "check", str(garbage)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "history line 1" in done.stderr
