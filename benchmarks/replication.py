@@ -320,7 +320,8 @@ def prefill(wal_dir: Path, entries: int) -> tuple[int, int, float, int]:
             for i in range(start, min(entries, start + PREFILL_CHUNK)):
                 key = f"ship-{i:08d}"
                 payload = pack({"op": "put", "key": key, "value": value_for(key)})
-                batch.append(Entry(epoch, index, encode_request_id("prefill", i + 1), payload))
+                rid = encode_request_id("prefill", i + 1, opens=i == 0)
+                batch.append(Entry(epoch, index, rid, payload))
                 index += 1
             wal.append(batch)
         wal.sync()

@@ -1,8 +1,20 @@
 """The application's smart client: finds the primary, retries safely, follows redirects.
 
-Every call gets a request id (this client's id and a sequence number) that stays the same
+Every call gets a request id (a session id and a sequence number) that stays the same
 across retries and reroutes, so the replicated state applies it at most once and a retry
 gets the recorded reply (design.md, invariant 5).
+
+Sessions (design.md, invariant 11; `failover.core.sessions`). A service remembers a bounded
+number of sessions and only a request that says so may open one, so that a retry whose session
+was evicted is refused (`SessionExpired`) rather than applied again. Per service, this client's
+first session id is its `client_id` and later ones are ``client_id/N``. One call at a time
+opens a session (the others wait for its answer): its attempts carry `opens_session` only
+until one of them may have reached the log, so a session id is opened at most once. A retry is
+recognised as long as its session is among the SESSION_CLIENTS_MAX (10,000) sessions of the
+service applied most recently and its seq among the session's newest
+SESSION_REPLIES_PER_CLIENT_MAX (256); there is no time limit. Past that, the call raises
+`SessionExpired` (it may or may not have been applied before: read the state to check), and
+later calls go under a new session.
 
     async with Client(agents="127.0.0.1:7101,127.0.0.1:7102") as client:
         await client.call("accounts", {"op": "transfer", "from": "a", "to": "b", "amount": 5})
@@ -31,8 +43,11 @@ from failover import defaults
 from failover.errors import (
     ConfigError,
     DiskFullError,
+    FailoverError,
     InvalidRequest,
+    Overloaded,
     RequestRejected,
+    SessionExpired,
     Unavailable,
 )
 from failover.net import channels
@@ -52,6 +67,11 @@ _RETRYABLE = {
     grpc.StatusCode.FAILED_PRECONDITION,  # not the primary: follow the hint
     grpc.StatusCode.UNKNOWN,
 }
+# Refusals given before anything is logged: an attempt that got one surely did not apply.
+_NOT_LOGGED = {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,
+               grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT}
+# A later session's id is the client id, "/" and a number of up to 20 digits.
+_SESSION_SUFFIX_BYTES_MAX = 21
 
 
 def _addresses(value: str | Sequence[str] | None, what: str) -> list[str]:
@@ -84,10 +104,14 @@ class Client:
         if deadline_ms <= 0:
             raise ConfigError(f"deadline_ms must be > 0, not {deadline_ms}")
         self.client_id = client_id or uuid.uuid4().hex
-        if not 0 < len(self.client_id.encode()) <= defaults.CLIENT_ID_BYTES_MAX:
-            raise ConfigError(f"client_id must be 1-{defaults.CLIENT_ID_BYTES_MAX} bytes")
+        id_bytes_max = defaults.CLIENT_ID_BYTES_MAX - _SESSION_SUFFIX_BYTES_MAX
+        if not 0 < len(self.client_id.encode()) <= id_bytes_max or "\x00" in self.client_id:
+            raise ConfigError(f"client_id must be 1-{id_bytes_max} bytes, no NUL (a session "
+                              f"id adds up to {_SESSION_SUFFIX_BYTES_MAX} to it)")
         self.deadline_ms = deadline_ms
         self._seq = itertools.count(1)
+        self._sessions: dict[str, _Session] = {}  # service -> the session requests go under
+        self._session_numbers = itertools.count(1)
         self._routes: dict[str, tuple[str, int]] = {}  # service -> (primary address, epoch)
         self._stubs: dict[str, data_pb2_grpc.DataStub] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -198,8 +222,14 @@ class Client:
         """Runs one request on the service's primary and returns its result.
 
         Raises `RequestRejected` when the service refuses it, `InvalidRequest` when it is
-        malformed, and `Unavailable` when no primary answered before the deadline (then the
-        request may or may not have been applied).
+        malformed (or too large or too deeply nested to log), and `Unavailable` when no
+        primary answered before the deadline (then the request may or may not have been
+        applied). `SessionExpired` (a `RequestRejected`) means the call's session was evicted
+        while it was being retried: this attempt changed nothing, but an earlier one may have
+        been applied, so read the state to check; later calls go under a new session. A
+        primary with too many writes in flight refuses them before logging (RESOURCE_EXHAUSTED):
+        the call retries with backoff, and raises `Overloaded` at its deadline if every
+        attempt was refused so (nothing was applied).
         """
         return (await self.call_detailed(service, request, deadline_ms=deadline_ms)).result
 
@@ -215,18 +245,42 @@ class Client:
         seq = next(self._seq)
         budget_ms = deadline_ms or self.deadline_ms
         deadline = time.monotonic() + budget_ms / 1000
+        session, opener = await self._session(service, deadline)
+        try:
+            reply, address, attempt = await self._attempt_until_answered(
+                service, payload, seq, session, opener, budget_ms, deadline)
+        except BaseException as exc:
+            if opener or isinstance(exc, SessionExpired):
+                # Expired: the service forgot the session. An opening call without an
+                # answer: an attempt may have opened the session unseen, so the id is never
+                # offered for opening again.
+                self._retire(service, session)
+            raise
+        if opener:
+            self._opening_done(session, reply.session_known)
+        return CallResult(_result(reply), reply.epoch, reply.index, address, reply.duplicate,
+                          attempt)
+
+    async def _attempt_until_answered(
+        self, service: str, payload: bytes, seq: int, session: _Session, opener: bool,
+        budget_ms: int, deadline: float,
+    ) -> tuple[data_pb2.ExecuteReply, str, int]:
+        """Attempts a request until a primary answers it (a result or a refusal applied from
+        the log); returns the reply, who answered and the number of attempts."""
         backoff_ms = float(defaults.CLIENT_BACKOFF_MIN_MS)
         last_error = "no attempt made"
         attempt = 0
-        # A full disk on the primary is retried (the coordinator moves the primary off); it
-        # is a definite refusal only if no attempt may have reached the log.
-        disk_full = ""
+        # A full disk or an overloaded primary is retried (the coordinator moves a full
+        # primary off; an overload drains); it is a definite refusal only if no attempt may
+        # have reached the log.
+        refusal: FailoverError | None = None
         ambiguous = False
+        may_have_logged = False  # some attempt may be in the log: none may open the session
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                if disk_full and not ambiguous:
-                    raise DiskFullError(f"{service}: {disk_full} (refused for {budget_ms} ms "
+                if refusal is not None and not ambiguous:
+                    raise type(refusal)(f"{service}: {refusal} (refused for {budget_ms} ms "
                                         f"over {attempt} attempts; nothing was applied)")
                 raise Unavailable(f"{service}: no answer within {budget_ms} ms "
                                   f"({attempt} attempts); last error: {last_error}")
@@ -236,8 +290,9 @@ class Client:
                 self.retries += 1
             message = data_pb2.ExecuteRequest(
                 service=service, epoch_seen=epoch,
-                request_id=common_pb2.RequestId(client_id=self.client_id, seq=seq),
-                payload=payload, deadline_ms=int(remaining * 1000))
+                request_id=common_pb2.RequestId(client_id=session.client_id, seq=seq),
+                payload=payload, deadline_ms=int(remaining * 1000),
+                opens_session=opener and not may_have_logged)
             call = self._stub(address).Execute(message, timeout=remaining)
             in_flight = (address, call)
             attempts = self._attempts.setdefault(service, set())
@@ -249,22 +304,31 @@ class Client:
                     raise  # the caller cancelled this call
                 self._rerouted.discard(id(call))
                 last_error = f"{address}: rerouted by the coordinator"
-                ambiguous = True
+                ambiguous = may_have_logged = True
                 continue  # same request id at the new primary: applied at most once
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 last_error = f"{address}: {code.name}: {exc.details()}"
+                error_type = _error_type(exc)
                 if code == grpc.StatusCode.INVALID_ARGUMENT:
                     raise InvalidRequest(exc.details() or "invalid request") from None
+                if error_type == SessionExpired.__name__:
+                    raise SessionExpired(f"{service}: {exc.details()}") from None
+                if code not in _NOT_LOGGED:
+                    may_have_logged = True
+                overloaded = error_type == Overloaded.__name__
                 if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    disk_full = exc.details() or "the primary's disk is full"
+                    details = exc.details() or "the primary's disk is full"
+                    refusal = Overloaded(details) if overloaded else DiskFullError(details)
                 elif code not in _RETRYABLE:
                     raise Unavailable(f"{service}: {last_error}") from None
                 elif code in _AMBIGUOUS:
                     ambiguous = True  # it may have reached the primary's log
-                if self._follow_redirect(service, address, exc):
+                if overloaded:
+                    pass  # the primary is right, only busy: back off, then ask it again
+                elif self._follow_redirect(service, address, exc):
                     continue  # a fresh hint: go there at once
-                if self._seeds:
+                elif self._seeds:
                     self._routes.pop(service, None)  # ask the seeds around
                 elif self._routes.get(service, ("", 0))[0] == address:
                     # Wait briefly for a newer routes table rather than hammering this one.
@@ -280,8 +344,45 @@ class Client:
             finally:
                 attempts.discard(in_flight)
             self._routes[service] = (address, max(epoch, reply.epoch))
-            return CallResult(_result(reply), reply.epoch, reply.index, address,
-                              reply.duplicate, attempt)
+            return reply, address, attempt
+
+    async def _session(self, service: str, deadline: float) -> tuple[_Session, bool]:
+        """The session a call to `service` goes under, and whether this call opens it (then
+        it must end with `_opening_done` or `_retire`). While one call opens a session, the
+        others wait for its answer."""
+        while True:
+            session = self._sessions.get(service)
+            if session is None:
+                session = self._sessions[service] = _Session(self.client_id)
+            if session.known:
+                return session, False
+            if session.opening is None:
+                session.opening = asyncio.get_running_loop().create_future()
+                return session, True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Unavailable(f"{service}: no answer before the deadline to the call that "
+                                  "opens this client's session")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(session.opening), remaining)
+
+    def _opening_done(self, session: _Session, known: bool) -> None:
+        """The opening call got an answer: the session is known to the service unless that
+        answer came from a read (which logs nothing); then the next call opens it."""
+        session.known = session.known or known
+        opening, session.opening = session.opening, None
+        if opening is not None and not opening.done():
+            opening.set_result(None)
+
+    def _retire(self, service: str, session: _Session) -> None:
+        """Later calls to `service` go under a new session id (this one expired, or may
+        have been opened unseen)."""
+        if self._sessions.get(service) is session:
+            self._sessions[service] = _Session(
+                f"{self.client_id}/{next(self._session_numbers)}")
+        opening, session.opening = session.opening, None
+        if opening is not None and not opening.done():
+            opening.set_result(None)
 
     def _follow_redirect(self, service: str, address: str, exc: grpc.aio.AioRpcError) -> bool:
         """Takes a redirect hint from a non-primary; True if it names a new address."""
@@ -294,6 +395,25 @@ class Client:
                     self._routes[service] = (redirect.primary_address, redirect.epoch)
                     return True
         return False
+
+
+class _Session:
+    """A session of this client with one service."""
+
+    __slots__ = ("client_id", "known", "opening")
+
+    def __init__(self, client_id: str) -> None:
+        self.client_id = client_id  # the session id sent as the request id's client_id
+        self.known = False  # the service said it holds the session: no request opens it
+        self.opening: asyncio.Future[None] | None = None  # set while a call opens it
+
+
+def _error_type(exc: grpc.aio.AioRpcError) -> str:
+    """The typed error a status names in its trailing metadata, or ""."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == channels.ERROR_TYPE_METADATA_KEY:
+            return value if isinstance(value, str) else value.decode()
+    return ""
 
 
 @dataclass(frozen=True, slots=True)

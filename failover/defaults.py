@@ -58,6 +58,9 @@ CLIENT_ID_BYTES_MAX = 128
 
 # Agent request handling.
 PENDING_REQUESTS_MAX = 16_384  # writes logged or waiting to be, per replica; more are refused
+# Payload bytes of those writes, from admission until answered (at least REQUEST_BYTES_MAX,
+# so one request of the largest size always fits); more are refused with RESOURCE_EXHAUSTED.
+PENDING_REQUEST_BYTES_MAX = 64 << 20
 # Entries applied as one batch before yielding the event loop: ~1 ms of kv puts (measured:
 # about 4 us each with the log read; larger batches run slower, out of the CPU's caches).
 APPLY_CHUNK_ENTRIES = 256

@@ -75,6 +75,27 @@ class RequestRejected(FailoverError):
     """
 
 
+class SessionExpired(RequestRejected):
+    """The request's session is no longer known to the service (evicted after
+    `SESSION_CLIENTS_MAX` other clients, see `failover.core.sessions`), so a retry can no longer
+    be told from a new request. This attempt was refused and changed nothing, but an earlier
+    attempt of the same call may have been applied: read the state to check before sending
+    it again. The `Client` opens a new session for its later calls.
+
+    Over gRPC: FAILED_PRECONDITION, its message starting with ``SessionExpired``.
+    """
+
+
+class Overloaded(FailoverError):
+    """The primary holds too many writes, or too many bytes of them, not yet answered
+    (`PENDING_REQUESTS_MAX`, `PENDING_REQUEST_BYTES_MAX`): this request was refused before it
+    was logged, so nothing was applied. Retry after a backoff, or send less at once.
+
+    Over gRPC: RESOURCE_EXHAUSTED, its message starting with ``Overloaded``. The `Client`
+    retries it with backoff until the call's deadline.
+    """
+
+
 # --- cluster -------------------------------------------------------------------------------
 
 

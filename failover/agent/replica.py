@@ -53,6 +53,7 @@ from failover.errors import (
     InvalidRequest,
     LogCorruptError,
     NotPrimaryError,
+    Overloaded,
     StaleEpochError,
     StorageError,
     Unavailable,
@@ -133,6 +134,7 @@ class Replica:
         self._next_index = 1
         self._waiters: dict[int, asyncio.Future[Reply]] = {}
         self._pending_ids: dict[bytes, asyncio.Future[Reply]] = {}
+        self._pending_bytes = 0  # payload bytes of writes admitted and not yet answered
         self._log_wakeup = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._snapshot_task: asyncio.Task[None] | None = None
@@ -394,53 +396,89 @@ class Replica:
     # --- the write path (primary) --------------------------------------------------------
 
     async def execute(self, epoch_seen: int, client_id: str, seq: int, payload: bytes,
-                      timeout_s: float | None) -> tuple[Reply, bool, int]:
+                      timeout_s: float | None, opens_session: bool = True,
+                      ) -> tuple[Reply, bool, int]:
         """Logs, ships, commits and applies one request; returns (reply, was_duplicate,
         epoch). For a write, `epoch` is that of the log entry that applied the request
         (`reply.index` is its index): a retry logged again after a failover gets the reply of
         the first entry, written in an earlier epoch, and the pair must name that entry.
 
         `timeout_s` bounds the wait when the caller has no deadline of its own (None: the
-        caller's deadline, enforced by gRPC, bounds it)."""
+        caller's deadline, enforced by gRPC, bounds it). `opens_session`: the request may open
+        its session (`failover.core.sessions`); the gRPC servicer passes the client's flag,
+        whose default is False. A request whose session is unknown and that does not open it
+        gets a ReplyStatus.EXPIRED reply. A request too large or too deep to log raises
+        InvalidRequest, and one past the bounds on writes in flight raises Overloaded; neither
+        is logged."""
         self._check_primary(epoch_seen)
         request = decode_request(payload)
         if self.kind_cls.is_read_only(request):
             return await self.query(payload, epoch_seen), False, self.epoch
-        await self._wait_hold(epoch_seen)
-        if self.write_throttle_ms:
-            # A migration's auto-converge: writes slow down until the copy catches up.
-            await asyncio.sleep(self.write_throttle_ms / 1000)
-        rid = encode_request_id(client_id, seq)
-        seen = self.sm.sessions.lookup(client_id, seq)
-        if isinstance(seen, Reply):
-            return seen, True, seen.epoch
-        if isinstance(seen, TooOld):
-            raise InvalidRequest(
-                f"request {client_id}:{seq} is older than the retry window; its outcome can no "
-                "longer be told: read the state to check")
-        epoch = self.epoch
-        pending = self._pending_ids.get(rid)
-        if pending is None:
-            if len(self._waiters) >= defaults.PENDING_REQUESTS_MAX:
-                raise Unavailable(f"{self.service}: {len(self._waiters)} writes in flight; "
-                                  "slow down and retry")
-            entry = Entry(self.epoch, self._next_index, rid, payload)
-            pending = self._enqueue(entry)
-            self._pending_ids[rid] = pending
-            pending.add_done_callback(lambda _f, rid=rid: self._pending_ids.pop(rid, None))
-        if timeout_s is None:
-            # gRPC cancels this handler when the client's deadline passes; shield keeps that
-            # from cancelling the entry's future, which a retry of the same id may share.
-            reply = await asyncio.shield(pending)
-            # Applied by an entry of an earlier epoch (the same request logged before a
-            # failover): a recorded reply, not a write of ours.
-            return reply, reply.epoch != epoch, reply.epoch or epoch
+        size = len(payload)
+        self._admit_write(size)
+        handed_to_entry = False  # then the entry's answer releases the bytes, not this call
         try:
-            reply = await asyncio.wait_for(asyncio.shield(pending), timeout_s)
-        except TimeoutError:
-            raise Unavailable(f"{self.service}: not committed within the deadline; the outcome "
-                              "is unknown: retry with the same request id") from None
-        return reply, reply.epoch != epoch, reply.epoch or epoch
+            await self._wait_hold(epoch_seen)
+            if self.write_throttle_ms:
+                # A migration's auto-converge: writes slow down until the copy catches up.
+                await asyncio.sleep(self.write_throttle_ms / 1000)
+            seen = self.sm.sessions.lookup(client_id, seq, opens_session)
+            if isinstance(seen, Reply):
+                return seen, True, seen.epoch
+            if isinstance(seen, TooOld):
+                raise InvalidRequest(
+                    f"request {client_id}:{seq} is older than the retry window; its outcome can "
+                    "no longer be told: read the state to check")
+            # EXPIRED is not refused here: the applied state may lag the log, which may hold
+            # the request that opens the session. The entry's apply decides, on every replica.
+            epoch = self.epoch
+            key = encode_request_id(client_id, seq)  # attempts with and without the open flag
+            pending = self._pending_ids.get(key)
+            if pending is None:
+                if len(self._waiters) >= defaults.PENDING_REQUESTS_MAX:
+                    raise Overloaded(f"Overloaded: {self.service} has {len(self._waiters)} "
+                                     "writes in flight (pending_requests_max); this one was not "
+                                     "logged: retry after a backoff")
+                entry = Entry(self.epoch, self._next_index,
+                              encode_request_id(client_id, seq, opens_session), payload)
+                pending = self._enqueue(entry)
+                self._pending_ids[key] = pending
+                pending.add_done_callback(lambda _f, key=key: self._pending_ids.pop(key, None))
+                pending.add_done_callback(lambda _f, size=size: self._release_write(size))
+                handed_to_entry = True
+            if timeout_s is None:
+                # gRPC cancels this handler when the client's deadline passes; shield keeps
+                # that from cancelling the entry's future, which a retry of the same id may
+                # share.
+                reply = await asyncio.shield(pending)
+                # Applied by an entry of an earlier epoch (the same request logged before a
+                # failover): a recorded reply, not a write of ours.
+                return reply, reply.epoch != epoch, reply.epoch or epoch
+            try:
+                reply = await asyncio.wait_for(asyncio.shield(pending), timeout_s)
+            except TimeoutError:
+                raise Unavailable(f"{self.service}: not committed within the deadline; the "
+                                  "outcome is unknown: retry with the same request id") from None
+            return reply, reply.epoch != epoch, reply.epoch or epoch
+        finally:
+            if not handed_to_entry:
+                self._release_write(size)
+
+    def _admit_write(self, size: int) -> None:
+        """Counts a write's payload against PENDING_REQUEST_BYTES_MAX, or refuses it: what
+        waits in the log pipeline stays bounded in bytes, not only in count (a few hundred
+        4 MiB writes would otherwise hold gigabytes and starve the loop)."""
+        queued = self._pending_bytes
+        if queued + size > defaults.PENDING_REQUEST_BYTES_MAX:
+            raise Overloaded(
+                f"Overloaded: {self.service} holds {queued} bytes of writes not yet answered; "
+                f"this one ({size} bytes) would pass pending_request_bytes_max "
+                f"({defaults.PENDING_REQUEST_BYTES_MAX}) and was not logged: retry after a "
+                "backoff, or send smaller writes")
+        self._pending_bytes = queued + size
+
+    def _release_write(self, size: int) -> None:
+        self._pending_bytes -= size
 
     async def query(self, payload: bytes, epoch_seen: int = 0) -> Reply:
         """Answers a read from applied state, which holds every acknowledged write.

@@ -42,7 +42,9 @@ from failover.errors import (
     DiskFullError,
     FailoverError,
     InvalidRequest,
+    Overloaded,
     RequestRejected,
+    SessionExpired,
     Unavailable,
 )
 from failover.localcluster import LocalCluster
@@ -127,8 +129,11 @@ async def _record(run: _Run, client: Client, process: int, service: str, kind: s
     handle = run.recorder.invoke(process, kind, key, args, now_ms(), service=service)
     try:
         out = await client.call_detailed(service, request, deadline_ms=deadline_ms)
-    except (RequestRejected, InvalidRequest, DiskFullError):
-        # DiskFullError: the client saw only full-disk refusals, none ambiguous.
+    except SessionExpired:
+        # A RequestRejected, but not a definite one: an earlier attempt may have applied.
+        return run.recorder.complete(handle, now_ms(), "unknown")
+    except (RequestRejected, InvalidRequest, DiskFullError, Overloaded):
+        # DiskFullError, Overloaded: the client saw only such refusals, none ambiguous.
         return run.recorder.complete(handle, now_ms(), "fail")
     except (Unavailable, FailoverError):
         return run.recorder.complete(handle, now_ms(), "unknown")

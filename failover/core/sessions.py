@@ -4,6 +4,20 @@ The table is part of the replicated state: every replica records the same replie
 indexes, so a retry after a lost reply or a failover gets the first answer. It is bounded per
 client (a window of the newest seqs) and in clients (the least recently applied is evicted);
 both evictions depend only on the applied sequence, so every replica evicts alike.
+
+A session must be known before requests under it are accepted (Raft dissertation, 6.3): only
+a request marked as opening its session (`encode_request_id(..., opens=True)`) may add a
+client to the table. Any other request of a client the table does not hold is `EXPIRED`,
+never new: its session was evicted, so a retry of a request applied before the eviction would
+otherwise apply again. The client marks only the first attempts of the first request under a
+new session id, and stops marking once an attempt may have reached the log, so a session id is
+opened at most once and an evicted one is never opened again (see `failover.client`).
+
+How long a retry is still recognised as one: until `SESSION_CLIENTS_MAX` (10,000) other
+clients have had a request executed since its client's last executed request (that client is
+then the least recently applied, and evicted), and as long as its seq is among that client's
+`SESSION_REPLIES_PER_CLIENT_MAX` (256) newest seqs. There is no time bound (no clock here).
+Past those bounds a retry is refused (`EXPIRED`, or `TooOld`), never applied again.
 """
 
 from __future__ import annotations
@@ -21,6 +35,9 @@ import msgpack
 from failover import defaults
 
 _SEQ = struct.Struct(">Q")
+# The byte between client id and seq in a logged request id is 1 when the request may open
+# its session; other requests keep the 0 that every request id had before.
+_OPENS = 1
 
 
 class ReplyStatus(IntEnum):
@@ -29,6 +46,7 @@ class ReplyStatus(IntEnum):
     OK = 0
     REJECTED = 1  # the service refused it (RequestRejected)
     INVALID = 2  # malformed (InvalidRequest)
+    EXPIRED = 3  # its session is unknown (SessionExpired); nothing is recorded for it
 
 
 class Reply(NamedTuple):
@@ -48,18 +66,38 @@ class TooOld(NamedTuple):
     floor_seq: int
 
 
-def encode_request_id(client_id: str, seq: int) -> bytes:
-    """The request id as stored in a log entry: client id, NUL, 8-byte big-endian seq."""
+class Expired:
+    """The request's session is not in the table and the request does not open it: the
+    session was evicted (or never opened), so whether the request was applied before can no
+    longer be told. `EXPIRED` is the one instance."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "EXPIRED"
+
+
+EXPIRED = Expired()
+
+
+def encode_request_id(client_id: str, seq: int, opens: bool = False) -> bytes:
+    """The request id as stored in a log entry: client id, a byte (1 when the request opens
+    its session, else 0), 8-byte big-endian seq."""
     raw = client_id.encode()
     assert raw and b"\x00" not in raw and len(raw) <= defaults.CLIENT_ID_BYTES_MAX, client_id
     assert 0 < seq < 1 << 64, seq
-    return raw + b"\x00" + _SEQ.pack(seq)
+    return raw + (b"\x01" if opens else b"\x00") + _SEQ.pack(seq)
 
 
 def decode_request_id(request_id: bytes) -> tuple[str, int]:
-    """Inverse of `encode_request_id`."""
-    assert len(request_id) >= 10 and request_id[-9] == 0, request_id
+    """Inverse of `encode_request_id` (see `opens_session` for the third part)."""
+    assert len(request_id) >= 10 and request_id[-9] <= _OPENS, request_id
     return request_id[:-9].decode(), _SEQ.unpack(request_id[-8:])[0]
+
+
+def opens_session(request_id: bytes) -> bool:
+    """Whether the request (id from `encode_request_id`) may open its session."""
+    return request_id[-9] == _OPENS
 
 
 class _Client:
@@ -97,11 +135,14 @@ class ClientSessions:
     def __len__(self) -> int:
         return len(self._clients)
 
-    def lookup(self, client_id: str, seq: int) -> Reply | TooOld | None:
-        """The recorded reply, `TooOld` when it fell out of the window, or None if unseen."""
+    def lookup(self, client_id: str, seq: int, opens: bool = False
+               ) -> Reply | TooOld | Expired | None:
+        """The recorded reply, `TooOld` when it fell out of the window, `EXPIRED` when the
+        client is unknown and the request does not open its session, or None when the
+        request is to be executed."""
         client = self._clients.get(client_id)
         if client is None:
-            return None
+            return None if opens else EXPIRED
         reply = client.replies.get(seq)
         if reply is not None:
             return reply
@@ -109,8 +150,13 @@ class ClientSessions:
             return TooOld(client.floor_seq)
         return None
 
+    def knows(self, client_id: str) -> bool:
+        """Whether the client's session is in the table."""
+        return client_id in self._clients
+
     def record(self, client_id: str, seq: int, reply: Reply) -> None:
-        """Records the reply of a request just applied."""
+        """Records the reply of a request just applied (adding its client when the request
+        opened its session: `lookup` decides that)."""
         client = self._clients.get(client_id)
         if client is None:
             client = self._clients[client_id] = _Client()
@@ -137,18 +183,19 @@ class ClientSessions:
 
     def claim_many(
         self, request_ids: Sequence[bytes]
-    ) -> tuple[dict[int, Reply | TooOld | int], Claims]:
+    ) -> tuple[dict[int, Reply | TooOld | Expired | int], Claims]:
         """Looks up and records a batch of requests, as applying them one by one would.
 
         Walks the request ids (see `encode_request_id`) in order. A request that `lookup`
         would find at that point goes into the dict returned first, by its position in the
-        batch, with what `lookup` would return: a Reply recorded before the batch, TooOld, or
-        an int (the position of the same request earlier in this batch). Every other request
+        batch, with what `lookup` would return: a Reply recorded before the batch, TooOld,
+        EXPIRED, or an int (the position of the same request earlier in this batch). Every
+        other request
         is to be executed: a claim (its position) is recorded where `record` would record its
         reply, with the same evictions, and the `Claims` returned second say where, in order.
         Pass them with the replies to `settle` before anything else reads the table.
         """
-        found: dict[int, Reply | TooOld | int] = {}
+        found: dict[int, Reply | TooOld | Expired | int] = {}
         claims = Claims([], [])
         claimed_clients = claims.clients.append
         claimed_seqs = claims.seqs.append
@@ -160,20 +207,26 @@ class ClientSessions:
         heappush = heapq.heappush
         heappushpop = heapq.heappushpop
         from_bytes = int.from_bytes
+        opens = _OPENS
         # The client of the previous request, while the requests come from one client:
         # it needs no lookup, and once recorded it is the most recent client already.
         last_raw = b""
         client = _Client()
         at_end = False
         for position, request_id in enumerate(request_ids):
-            assert len(request_id) >= 10 and request_id[-9] == 0, request_id
+            assert len(request_id) >= 10 and request_id[-9] <= opens, request_id
             raw = request_id[:-9]
             seq = from_bytes(request_id[-8:], "big")
             if raw != last_raw:
-                last_raw = raw
                 client_id = raw.decode()
                 existing = get(client_id)
                 if existing is None:
+                    if request_id[-9] != opens:
+                        # Unknown and not opening: expired, never new (Raft, 6.3). The next
+                        # request of this client is looked up again: it may open the session.
+                        found[position] = EXPIRED
+                        last_raw = b""
+                        continue
                     client = clients[client_id] = _Client()
                     at_end = True
                     if len(clients) > clients_max:
@@ -181,6 +234,7 @@ class ClientSessions:
                 else:
                     client = existing
                     at_end = False
+                last_raw = raw
             replies = client.replies
             seen = replies.get(seq)
             if seen is not None:

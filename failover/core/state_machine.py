@@ -16,12 +16,14 @@ from typing import Any
 import msgpack
 
 from failover.core.sessions import (
+    EXPIRED,
     Claims,
     ClientSessions,
     Reply,
     ReplyStatus,
     TooOld,
     decode_request_id,
+    opens_session,
 )
 from failover.errors import InvalidRequest, RequestRejected
 from failover.service import ServiceKind
@@ -99,12 +101,14 @@ class ReplicatedStateMachine:
         if not request_id:
             return self._execute(payload, index, epoch)
         client_id, seq = decode_request_id(request_id)
-        seen = self.sessions.lookup(client_id, seq)
+        seen = self.sessions.lookup(client_id, seq, opens_session(request_id))
         if isinstance(seen, Reply):
             return seen  # logged twice (a retry that raced a failover): applied once
         if isinstance(seen, TooOld):
             return Reply(ReplyStatus.INVALID, _too_old(client_id, seq, seen).encode(), index,
                          epoch)
+        if seen is EXPIRED:
+            return _expired(client_id, seq, index, epoch)
         reply = self._execute(payload, index, epoch)
         self.sessions.record(client_id, seq, reply)
         return reply
@@ -159,6 +163,10 @@ class ReplicatedStateMachine:
                     position = keyed[k]
                     if type(seen) is int:
                         copies.append((position, keyed[seen]))
+                    elif seen is EXPIRED:
+                        entry = entries[position]
+                        replies[position] = _expired(*decode_request_id(entry[2]), entry[1],
+                                                     entry[0])
                     elif isinstance(seen, TooOld):
                         entry = entries[position]
                         client_id, seq = decode_request_id(entry[2])
@@ -305,6 +313,14 @@ def _decode_or_error(payload: bytes) -> Any:
 
 def _not_a_map(request: object) -> InvalidRequest:
     return InvalidRequest(f"request must be a map, not {type(request).__name__}")
+
+
+def _expired(client_id: str, seq: int, index: int, epoch: int) -> Reply:
+    return _new_reply((ReplyStatus.EXPIRED, (
+        f"SessionExpired: request {client_id}:{seq} names a session this service does not "
+        "know (evicted after too many other clients, or never opened) and does not open "
+        "one; it was not applied here, but an earlier attempt of it may have been: read the "
+        "state to check, and send new requests under a new session").encode(), index, epoch))
 
 
 def _too_old(client_id: str, seq: int, seen: TooOld) -> str:

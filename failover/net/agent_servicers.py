@@ -1,9 +1,11 @@
 """The agent's gRPC servicers: thin adapters between the wire and `failover.agent.host.Agent`.
 
-Errors map to status codes one way everywhere: a malformed request is INVALID_ARGUMENT with a
-message, a non-primary is FAILED_PRECONDITION with a redirect hint in trailing metadata, an
-unknown outcome is UNAVAILABLE (retry with the same request id), a full disk is
-RESOURCE_EXHAUSTED.
+Errors map to status codes one way everywhere: a malformed request (or one too large or too
+deep to log) is INVALID_ARGUMENT with a message, a non-primary is FAILED_PRECONDITION with a
+redirect hint in trailing metadata, an expired session is FAILED_PRECONDITION naming
+SessionExpired, an unknown outcome is UNAVAILABLE (retry with the same request id), a full disk
+and too many writes in flight (Overloaded) are RESOURCE_EXHAUSTED. SessionExpired and
+Overloaded also name themselves in trailing metadata (`ERROR_TYPE_METADATA_KEY`).
 """
 
 from __future__ import annotations
@@ -26,13 +28,15 @@ from failover.errors import (
     InvalidRequest,
     MigrationError,
     NotPrimaryError,
+    Overloaded,
+    SessionExpired,
     StaleEpochError,
     StorageError,
     Unavailable,
 )
 from failover.migration.source import MigrationSource
 from failover.migration.target import MigrationTarget
-from failover.net.channels import REDIRECT_METADATA_KEY
+from failover.net.channels import ERROR_TYPE_METADATA_KEY, REDIRECT_METADATA_KEY
 from failover.v1 import (
     agent_pb2,
     agent_pb2_grpc,
@@ -74,6 +78,11 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
     if isinstance(exc, InvalidRequest):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, SessionExpired | Overloaded):
+        context.set_trailing_metadata(((ERROR_TYPE_METADATA_KEY, type(exc).__name__),))
+        code = (grpc.StatusCode.FAILED_PRECONDITION if isinstance(exc, SessionExpired)
+                else grpc.StatusCode.RESOURCE_EXHAUSTED)
+        await context.abort(code, str(exc))
     if isinstance(exc, StaleEpochError):
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
     if isinstance(exc, DiskFullError):
@@ -87,7 +96,7 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
 
 
 _HANDLED = (NotPrimaryError, InvalidRequest, StaleEpochError, DiskFullError, Unavailable,
-            KeyError)
+            Overloaded, KeyError)
 
 
 def _check_execute(request: data_pb2.ExecuteRequest) -> None:
@@ -129,11 +138,16 @@ class DataServicer(data_pb2_grpc.DataServicer):
             replica = self.agent.data_replica(request.service)
             reply, duplicate, epoch = await replica.execute(
                 request.epoch_seen, request.request_id.client_id, request.request_id.seq,
-                request.payload, _timeout_s(request.deadline_ms, context))
+                request.payload, _timeout_s(request.deadline_ms, context),
+                request.opens_session)
         except _HANDLED as exc:
             await _abort(context, exc)
-        out = data_pb2.ExecuteReply(index=reply.index, commit_index=replica.commit_index,
-                                    epoch=epoch, duplicate=duplicate)
+        if reply.status == ReplyStatus.EXPIRED:  # the entry changed nothing: no reply to give
+            await _abort(context, SessionExpired(reply.data.decode(errors="replace")))
+        out = data_pb2.ExecuteReply(
+            index=reply.index, commit_index=replica.commit_index, epoch=epoch,
+            duplicate=duplicate,
+            session_known=replica.sm.sessions.knows(request.request_id.client_id))
         if reply.status == ReplyStatus.OK:
             out.result = reply.data
         else:

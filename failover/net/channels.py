@@ -56,3 +56,6 @@ def server() -> grpc.aio.Server:
 
 
 REDIRECT_METADATA_KEY = "failover-redirect-bin"
+# Trailing metadata naming the typed error (failover.errors) behind a status code that
+# several errors share: SessionExpired (FAILED_PRECONDITION), Overloaded (RESOURCE_EXHAUSTED).
+ERROR_TYPE_METADATA_KEY = "failover-error-type"

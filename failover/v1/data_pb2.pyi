@@ -7,18 +7,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ExecuteRequest(_message.Message):
-    __slots__ = ("service", "epoch_seen", "request_id", "payload", "deadline_ms")
+    __slots__ = ("service", "epoch_seen", "request_id", "payload", "deadline_ms", "opens_session")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_SEEN_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    OPENS_SESSION_FIELD_NUMBER: _ClassVar[int]
     service: str
     epoch_seen: int
     request_id: _common_pb2.RequestId
     payload: bytes
     deadline_ms: int
-    def __init__(self, service: _Optional[str] = ..., epoch_seen: _Optional[int] = ..., request_id: _Optional[_Union[_common_pb2.RequestId, _Mapping]] = ..., payload: _Optional[bytes] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
+    opens_session: bool
+    def __init__(self, service: _Optional[str] = ..., epoch_seen: _Optional[int] = ..., request_id: _Optional[_Union[_common_pb2.RequestId, _Mapping]] = ..., payload: _Optional[bytes] = ..., deadline_ms: _Optional[int] = ..., opens_session: _Optional[bool] = ...) -> None: ...
 
 class Rejection(_message.Message):
     __slots__ = ("error_type", "message")
@@ -29,20 +31,22 @@ class Rejection(_message.Message):
     def __init__(self, error_type: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ExecuteReply(_message.Message):
-    __slots__ = ("result", "rejected", "index", "commit_index", "epoch", "duplicate")
+    __slots__ = ("result", "rejected", "index", "commit_index", "epoch", "duplicate", "session_known")
     RESULT_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     COMMIT_INDEX_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_KNOWN_FIELD_NUMBER: _ClassVar[int]
     result: bytes
     rejected: Rejection
     index: int
     commit_index: int
     epoch: int
     duplicate: bool
-    def __init__(self, result: _Optional[bytes] = ..., rejected: _Optional[_Union[Rejection, _Mapping]] = ..., index: _Optional[int] = ..., commit_index: _Optional[int] = ..., epoch: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+    session_known: bool
+    def __init__(self, result: _Optional[bytes] = ..., rejected: _Optional[_Union[Rejection, _Mapping]] = ..., index: _Optional[int] = ..., commit_index: _Optional[int] = ..., epoch: _Optional[int] = ..., duplicate: _Optional[bool] = ..., session_known: _Optional[bool] = ...) -> None: ...
 
 class QueryRequest(_message.Message):
     __slots__ = ("service", "epoch_seen", "payload", "deadline_ms")

@@ -268,7 +268,7 @@ async def test_restarted_primary_serves_only_once_the_coordinator_confirms_it(
         stub = data_pb2_grpc.DataStub(channel)
         request = data_pb2.ExecuteRequest(
             service="kv", request_id=common_pb2.RequestId(client_id="probe", seq=1),
-            payload=msgpack.packb({"op": "put", "key": "k", "value": "v"}))
+            payload=msgpack.packb({"op": "put", "key": "k", "value": "v"}), opens_session=True)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.Execute(request, timeout=5)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE

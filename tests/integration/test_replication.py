@@ -170,7 +170,7 @@ async def test_same_request_id_twice_applies_once(cluster: LocalCluster) -> None
         transfer = msgpack.packb({"op": "transfer", "from": "a", "to": "b", "amount": 30})
         request = data_pb2.ExecuteRequest(
             service="bank1", request_id=common_pb2.RequestId(client_id="retrier", seq=7),
-            payload=transfer)
+            payload=transfer, opens_session=True)
         first = await stub.Execute(request, timeout=5)
         second = await stub.Execute(request, timeout=5)
         assert not first.duplicate and second.duplicate

@@ -90,7 +90,14 @@ from failover.core.replication import (
     ShipLimits,
     StepDown,
 )
-from failover.core.sessions import Reply, ReplyStatus, TooOld, decode_request_id, encode_request_id
+from failover.core.sessions import (
+    Reply,
+    ReplyStatus,
+    TooOld,
+    decode_request_id,
+    encode_request_id,
+    opens_session,
+)
 from failover.core.state_machine import ReplicatedStateMachine
 from failover.errors import InvalidRequest
 from failover.storage.wal import Entry
@@ -480,6 +487,7 @@ class Checker:
         if acker != host:
             self.fail(f"two primaries acknowledged {service} writes at epoch {epoch}: "
                       f"{acker} and {host}")
+        rid = _plain(rid)  # attempts with and without the open flag are one request
         known = self.replied_index.setdefault(rid, index)
         if known != index:
             if self.c.scenario.mode == "sync":
@@ -498,7 +506,7 @@ class Checker:
         mine = (entry.epoch, entry.request_id, entry.payload)
         seen = table.setdefault(entry.index, mine)
         if seen != mine:
-            acked = seen[1] and self.replied_index.get(seen[1]) == entry.index
+            acked = seen[1] and self.replied_index.get(_plain(seen[1])) == entry.index
             what = "inv3: acknowledged write lost" if acked else "inv4: apply order differs"
             self.fail(f"{what}: {replica.agent.host_id}/{replica.service} applied "
                       f"{_entry(entry)} at {entry.index}, another replica applied "
@@ -509,6 +517,11 @@ class Checker:
             self.fail(f"inv5: {replica.agent.host_id}/{replica.service} executed "
                       f"{_rid(rid)} twice")
         replica.executed.add(rid)
+
+
+def _plain(rid: bytes) -> bytes:
+    """The request id without its open flag (b"" for a barrier)."""
+    return encode_request_id(*decode_request_id(rid)) if rid else rid
 
 
 def _rid(rid: bytes) -> str:
@@ -535,10 +548,16 @@ class ClientRequest:
     service: str
     epoch_seen: int
     payload: bytes
+    opens: bool = True  # the request may open its session (as Replica.execute's default)
+    session: str = ""  # the session id it goes under; "" for the client's name
+
+    @property
+    def session_id(self) -> str:
+        return self.session or self.client
 
     @property
     def request_id(self) -> bytes:
-        return encode_request_id(self.client, self.seq)
+        return encode_request_id(self.session_id, self.seq, self.opens)
 
 
 def new_state_machine() -> ReplicatedStateMachine:
@@ -717,17 +736,19 @@ class SimReplica:
             self.held.append(req)  # answered (or redirected) when the hold is released
             return
         rid = req.request_id
-        seen = self.sm.sessions.lookup(req.client, req.seq)
+        seen = self.sm.sessions.lookup(req.session_id, req.seq, req.opens)
         if isinstance(seen, Reply):
             self._answer_ok(req, rid, seen, duplicate=True)
             return
         if isinstance(seen, TooOld):
             self.agent.answer(req, ("invalid", "too old", 0))
             return
-        index = self._pending_ids.get(rid)
+        # An unknown session is left to apply (replica.py): the log may hold its opening.
+        key = encode_request_id(req.session_id, req.seq)  # with or without the open flag
+        index = self._pending_ids.get(key)
         if index is None:
             index = self._enqueue(Entry(self.epoch, self._next_index, rid, req.payload))
-            self._pending_ids[rid] = index
+            self._pending_ids[key] = index
         self._waiters[index][1].append(req)
 
     def _answer_ok(self, req: ClientRequest, rid: bytes, reply: Reply, duplicate: bool) -> None:
@@ -866,15 +887,15 @@ class SimReplica:
             self.c.check.on_apply(self, entry)
             if entry.payload:
                 cid, seq = decode_request_id(entry.request_id)
-                if sm.sessions.lookup(cid, seq) is None:
-                    self.c.check.on_execute(self, entry.request_id)
+                if sm.sessions.lookup(cid, seq, opens_session(entry.request_id)) is None:
+                    self.c.check.on_execute(self, encode_request_id(cid, seq))
                 reply = sm.apply(entry.epoch, entry.index, entry.request_id, entry.payload)
             else:
                 reply = sm.apply_barrier(entry.epoch, entry.index)
             waiting = self._waiters.pop(entry.index, None)
             if waiting is not None:
                 rid, reqs = waiting
-                self._pending_ids.pop(rid, None)
+                self._pending_ids.pop(_plain(rid), None)
                 for req in reqs:
                     self._answer_ok(req, rid, reply, duplicate=False)
         self._check_switchover()
@@ -1721,6 +1742,13 @@ class SimClient:
         self.active = False
         self.seed_cursor = 0
         self.done_ops: list[Op] = []
+        # Sessions, as failover.client.Client keeps them: per service the session id and
+        # whether the service is known to hold it; an op that opens one marks its attempts
+        # only until one of them may have reached the log.
+        self.sessions: dict[str, tuple[str, bool]] = {}
+        self.session_numbers = 0
+        self.opener = False
+        self.may_have_logged = False
 
     @property
     def idle(self) -> bool:
@@ -1739,7 +1767,9 @@ class SimClient:
 
     def begin(self, service: str, key: str) -> Op:
         self.seq += 1
-        op = Op(self.name, self.seq, service, key, f"{self.name}.{self.seq}", self.k.now)
+        session, known = self.sessions.setdefault(service, (self.name, False))
+        self.opener, self.may_have_logged = not known, False
+        op = Op(session, self.seq, service, key, f"{self.name}.{self.seq}", self.k.now)
         self.c.check.ops.append(op)
         self.op = op
         self.attempt = 0
@@ -1765,7 +1795,8 @@ class SimClient:
         self.target, self.epoch_seen = route
         self.attempt += 1
         req = ClientRequest(self.name, op.seq, self.attempt, op.service, self.epoch_seen,
-                            self._payload(op))
+                            self._payload(op), self.opener and not self.may_have_logged,
+                            op.client)
         self.c.net.send(self.name, self.target, self.c.agents[self.target].on_execute, req)
         self.k.after(self.ATTEMPT_TIMEOUT_MS, self._attempt_timeout, op.seq, self.attempt)
 
@@ -1773,8 +1804,11 @@ class SimClient:
         if self.op is not None and self.op.seq == seq and self.attempt == attempt:
             self._retry(self.target)
 
-    def _retry(self, address: str) -> None:
+    def _retry(self, address: str, may_have_logged: bool = True) -> None:
         assert self.op is not None
+        # A timeout or an unknown outcome: the attempt may be in the log (not so for a
+        # non-primary's refusal).
+        self.may_have_logged = self.may_have_logged or may_have_logged
         self.routes.pop(self.op.service, None)  # with seeds: ask around
         self.attempt += 1  # answers to the abandoned attempt are ignored
         delay = self.backoff_ms
@@ -1793,6 +1827,11 @@ class SimClient:
         if kind == "ok":
             _, index, status, epoch, _duplicate = reply
             self.routes[op.service] = (host, max(self.epoch_seen, epoch))
+            if status == int(ReplyStatus.EXPIRED):  # an earlier attempt may have applied
+                self._finish("unknown", 0, retire=True)
+                return
+            if self.opener:  # every op is a put: answered from the log, it opened the session
+                self.sessions[op.service] = (op.client, True)
             self._finish("ok" if status == int(ReplyStatus.OK) else "fail", index)
         elif kind == "invalid":
             self._finish("fail", 0)
@@ -1800,11 +1839,15 @@ class SimClient:
             self.routes[op.service] = (reply[1], reply[2])
             self._try()
         else:
-            self._retry(host)
+            self._retry(host, kind != "not_primary")
 
-    def _finish(self, outcome: str, index: int) -> None:
+    def _finish(self, outcome: str, index: int, retire: bool = False) -> None:
         op = self.op
         assert op is not None
+        if retire or (self.opener and not self.sessions[op.service][1]):
+            # Expired, or an opening op without an answer from the log: a new session id.
+            self.session_numbers += 1
+            self.sessions[op.service] = (f"{self.name}/{self.session_numbers}", False)
         op.outcome, op.index, op.complete_ms = outcome, index, self.k.now
         self.k.note(f"{self.name} {op.service} put {op.key}={op.value}: {outcome} "
                     f"{'@' + str(index) if index else ''}")
@@ -2124,12 +2167,20 @@ class Cluster:
             record = core.services[name]
             p = self.agents[record.primary].replicas[name]
             digest = p.sm.digest()
-            # The kv state the primary's log implies, each request id applied once.
+            # The kv state the primary's log implies, each request id applied once, and only
+            # once its session was opened (no session is evicted here: few clients).
             expected: dict[str, str] = {}
             seen: set[bytes] = set()
+            opened: set[str] = set()
             for e in p.wal.entries:
-                if e.payload and e.request_id not in seen:
-                    seen.add(e.request_id)
+                if not e.payload:
+                    continue
+                cid, _seq = decode_request_id(e.request_id)
+                if cid not in opened and not opens_session(e.request_id):
+                    continue  # expired: refused, not applied
+                opened.add(cid)
+                if _plain(e.request_id) not in seen:
+                    seen.add(_plain(e.request_id))
                     command = msgpack.unpackb(e.payload, raw=False)
                     expected[command["key"]] = command["value"]
             for host in sorted(record.replicas):
@@ -2151,7 +2202,7 @@ class Cluster:
                 payload = msgpack.packb({"op": "put", "key": op.key, "value": op.value},
                                         use_bin_type=True)
                 entry = p.wal.entries[op.index - 1] if 0 < op.index <= p.wal.last_index else None
-                if entry is None or entry.request_id != rid or entry.payload != payload:
+                if entry is None or _plain(entry.request_id) != rid or entry.payload != payload:
                     check.fail(f"inv3: acknowledged write {op.client}:{op.seq} "
                                f"({op.key}={op.value} at index {op.index}) is not in the "
                                f"final log of {name}")

@@ -195,7 +195,7 @@ def test_checker_catches_a_state_machine_that_forgets_request_ids(
     requests are then executed twice, and the sweep must say so (invariant 5)."""
 
     def patch(mp: pytest.MonkeyPatch) -> None:
-        mp.setattr(ClientSessions, "lookup", lambda self, client_id, seq: None)
+        mp.setattr(ClientSessions, "lookup", lambda self, client_id, seq, opens=False: None)
         mp.setattr(ClientSessions, "record", lambda self, client_id, seq, reply: None)
 
     found = _first_failing_seed(patch, monkeypatch, range(100))

@@ -94,11 +94,13 @@ def bank_payloads(draw: st.DrawFn) -> bytes:
 @st.composite
 def logs(draw: st.DrawFn, payloads: st.SearchStrategy[bytes]) -> list[Entry]:
     """A committed log: barriers opening epochs, requests with ids from a few clients (seqs
-    that repeat, inside and across batches, and go back far), some without an id."""
+    that repeat, inside and across batches, and go back far), some without an id. A client's
+    first request mostly opens its session; any request may, or may not, say it does."""
     entries: list[Entry] = []
     epoch = 1
     next_seq = {"c1": 1, "c2": 1, "c3": 1}
     issued: list[tuple[str, int]] = []
+    opened: set[str] = set()
     for index in range(1, draw(st.integers(1, 70)) + 1):
         what = draw(st.sampled_from(["new", "new", "new", "new", "retry", "old", "barrier",
                                      "no_id"]))
@@ -117,7 +119,10 @@ def logs(draw: st.DrawFn, payloads: st.SearchStrategy[bytes]) -> list[Entry]:
             seq = next_seq[client]
             next_seq[client] += draw(st.integers(1, 2))  # seqs may skip, as clients' do
             issued.append((client, seq))
-        entries.append(Entry(epoch, index, encode_request_id(client, seq), payload))
+        opens = draw(st.sampled_from([True, True, True, False] if client not in opened
+                                     else [False, False, False, False, True]))
+        opened.add(client)
+        entries.append(Entry(epoch, index, encode_request_id(client, seq, opens), payload))
     return entries
 
 
@@ -182,7 +187,7 @@ def test_a_kind_without_apply_batch_goes_one_by_one(entries: list[Entry],
 
 def test_duplicates_in_one_batch_get_the_first_reply_and_apply_once() -> None:
     sm = ReplicatedStateMachine(KvService())
-    rid = encode_request_id("c", 1)
+    rid = encode_request_id("c", 1, opens=True)
     put = _pack({"op": "put", "key": "k", "value": "v"})
     replies = sm.apply_many([Entry(1, 1, b"", b""), Entry(1, 2, rid, put), Entry(1, 3, rid, put),
                              Entry(2, 4, b"", b""), Entry(2, 5, rid, put)])

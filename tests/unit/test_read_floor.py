@@ -63,7 +63,7 @@ async def test_a_promoted_duplica_does_not_read_before_the_inherited_log_is_comm
     replica = await agent.assign_role("kv1", "kv", "duplica", 1, "sync", ("p", UNREACHABLE),
                                       {}, set())
     inherited = [Entry(1, 1, b"", b""),
-                 Entry(1, 2, encode_request_id("c", 1), put("k", "v1"))]
+                 Entry(1, 2, encode_request_id("c", 1, opens=True), put("k", "v1"))]
     ack = await replica.receive_batch(1, 1, LogPosition(0, 0), 1, 2, encode_records(inherited),
                                       commit_index=0)
     assert ack["status"] == "ok" and ack["durable_index"] == 2, ack
@@ -118,7 +118,8 @@ async def test_a_read_below_the_floor_is_refused_once_its_wait_runs_out(
     monkeypatch.setattr(defaults, "READ_FLOOR_TIMEOUT_MS", 100)
     replica = await agent.assign_role("kv1", "kv", "duplica", 1, "sync", ("p", UNREACHABLE),
                                       {}, set())
-    inherited = [Entry(1, 1, b"", b""), Entry(1, 2, encode_request_id("c", 1), put("k", "v"))]
+    inherited = [Entry(1, 1, b"", b""),
+                 Entry(1, 2, encode_request_id("c", 1, opens=True), put("k", "v"))]
     await replica.receive_batch(1, 1, LogPosition(0, 0), 1, 2, encode_records(inherited),
                                 commit_index=0)
     await agent.assign_role("kv1", "kv", "primary", 2, "sync", None, {"b": UNREACHABLE},

@@ -49,7 +49,8 @@ def _requests(first: int, count: int, epoch: int) -> list[Entry]:
         else:
             payload = msgpack.packb({"op": "put", "key": f"k{k}", "value": "v" * (k % 150)})
         rid = b"" if k % 17 == 9 else encode_request_id(f"client{k % 3}",
-                                                        k // 2 if k % 23 == 4 else k + 1)
+                                                        k // 2 if k % 23 == 4 else k + 1,
+                                                        opens=k < 3)
         entries.append(Entry(epoch, index, rid, payload))
     return entries
 

@@ -1,4 +1,5 @@
 from failover.core.sessions import (
+    EXPIRED,
     ClientSessions,
     Reply,
     ReplyStatus,
@@ -33,9 +34,29 @@ def test_least_recently_applied_client_is_evicted_and_round_trip_keeps_state() -
     s.record("b", 1, reply(2))
     s.record("a", 2, reply(3))
     s.record("c", 1, reply(4))  # evicts b, applied least recently
-    assert s.lookup("b", 1) is None and s.lookup("a", 1) == reply(1)
+    # b is unknown now: a request of it is expired, unless it opens the session.
+    assert s.lookup("b", 1) is EXPIRED and s.lookup("b", 1, opens=True) is None
+    assert s.lookup("a", 1) == reply(1)
     copy = ClientSessions.from_bytes(s.to_bytes(), 2, 2)
     assert copy.digest() == s.digest()
     copy.record("a", 3, reply(5))
     s.record("a", 3, reply(5))
     assert copy.digest() == s.digest() and copy.lookup("a", 1) == TooOld(1)
+
+
+def test_only_a_request_that_opens_its_session_adds_a_client() -> None:
+    s = ClientSessions(replies_per_client_max=4, clients_max=2)
+    assert s.lookup("a", 1) is EXPIRED and s.lookup("a", 1, opens=True) is None
+    found, claims = s.claim_many([encode_request_id("a", 1), encode_request_id("a", 2, True),
+                                  encode_request_id("a", 3), encode_request_id("b", 1)])
+    # a:1 comes before a's session is open: expired. a:2 opens it, a:3 goes under it; b is
+    # unknown and does not open one.
+    assert found == {0: EXPIRED, 3: EXPIRED} and claims.seqs == [2, 3]
+    assert s.knows("a") and not s.knows("b") and len(s) == 1
+    # The client evicted, its retries are expired: never new (Raft dissertation, 6.3).
+    s.record("b", 1, reply(1))
+    s.record("c", 1, reply(2))
+    assert not s.knows("a")
+    found, claims = s.claim_many([encode_request_id("a", 3), encode_request_id("a", 2)])
+    assert found == {0: EXPIRED, 1: EXPIRED} and not claims.seqs
+    assert s.lookup("a", 2) is EXPIRED

@@ -35,7 +35,7 @@ def _source(tmp_path: Path, puts: int, tag: str = "v") -> tuple[ReplicatedStateM
     """A kv state of `puts` entries (with request ids) and its snapshot file."""
     sm = ReplicatedStateMachine(KvService())
     entries = [Entry(1, 1, b"", b"")] + [
-        Entry(1, i + 2, encode_request_id("c", i + 1),
+        Entry(1, i + 2, encode_request_id("c", i + 1, opens=i == 0),
               msgpack.packb({"op": "put", "key": f"k{i}", "value": tag * 50}))
         for i in range(puts)]
     sm.apply_many(entries)

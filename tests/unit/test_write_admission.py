@@ -1,0 +1,207 @@
+"""What a primary takes into its log, on the real agent, gRPC servicer and `Client` in process:
+sessions that expired are refused, never re-applied (issue 11, item 3); writes in flight are
+bounded in bytes too (item 10)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import msgpack
+import pytest
+
+from failover import defaults
+from failover.agent.config import AgentConfig
+from failover.agent.host import Agent
+from failover.agent.replica import Replica
+from failover.client import Client
+from failover.core.sessions import ReplyStatus
+from failover.errors import Overloaded, SessionExpired
+from failover.net import agent_servicers, channels
+from failover.v1 import common_pb2, data_pb2, data_pb2_grpc
+
+UNREACHABLE = "127.0.0.1:1"  # nothing listens on port 1: a duplica there never acks
+
+
+def _pack(request: dict[str, Any]) -> bytes:
+    return msgpack.packb(request, use_bin_type=True)
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+class _LossyData(agent_servicers.DataServicer):
+    """The real Execute servicer, except that the reply of a call `lose_next` picks is lost
+    after the write was applied (the client sees UNAVAILABLE), once `meanwhile` has run."""
+
+    def __init__(self, agent: Agent) -> None:
+        super().__init__(agent)
+        self.lose_next: Callable[[data_pb2.ExecuteRequest], bool] = lambda request: False
+        self.meanwhile: Callable[[], Awaitable[None]] | None = None
+        self.requests: list[data_pb2.ExecuteRequest] = []
+
+    async def Execute(self, request: data_pb2.ExecuteRequest,  # noqa: N802 (gRPC name)
+                      context: grpc.aio.ServicerContext) -> data_pb2.ExecuteReply:
+        self.requests.append(request)
+        reply = await super().Execute(request, context)
+        if self.lose_next(request):
+            self.lose_next = lambda request: False
+            if self.meanwhile is not None:
+                await self.meanwhile()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset (test)")
+        return reply
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[tuple[Agent, _LossyData, str]]:
+    """An agent serving Data on a free port: (agent, its servicer, address)."""
+    agent = Agent(AgentConfig.from_mapping({
+        "host_id": "a", "listen": "127.0.0.1:7999", "data_dir": str(tmp_path),
+        "fsync_policy": "never", "snapshot_every_entries": 0}))
+    await agent.start()
+    server = channels.server()
+    servicer = _LossyData(agent)
+    data_pb2_grpc.add_DataServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield agent, servicer, f"127.0.0.1:{port}"
+    finally:
+        await server.stop(grace=None)
+        await agent.stop()
+
+
+async def _other_clients(replica: Replica, count: int) -> None:
+    """`count` other clients each open their session with a write."""
+    for start in range(0, count, 500):
+        replies = await asyncio.gather(*(
+            replica.execute(0, f"other-{k}", 1, _pack({"op": "open", "account": f"o{k}",
+                                                        "balance": 1}), 10.0,
+                            opens_session=True)
+            for k in range(start, min(count, start + 500))))
+        assert all(reply.status == ReplyStatus.OK for reply, _, _ in replies)
+
+
+async def _balance(client: Client, account: str) -> int:
+    result = await client.call("bank1", {"op": "balance", "account": account})
+    return int(result["balance"])
+
+
+async def test_a_transfer_retried_after_ten_thousand_other_clients_is_expired_not_reapplied(
+    served: tuple[Agent, _LossyData, str],
+) -> None:
+    """The issue's scenario: the transfer is applied, its reply is lost, 10,000 other client
+    ids are applied meanwhile (the payer's session is evicted), and the client's retry must
+    be refused as SessionExpired, the balance debited once."""
+    agent, servicer, address = served
+    replica = await agent.assign_role("bank1", "bank", "primary", 1, "sync", None, {}, set())
+    async with Client(agents=address, client_id="payer", deadline_ms=30_000) as client:
+        await client.call("bank1", {"op": "open", "account": "alice", "balance": 90})
+        await client.call("bank1", {"op": "open", "account": "bob", "balance": 0})
+        assert servicer.requests[0].opens_session and not servicer.requests[1].opens_session
+        servicer.lose_next = lambda request: b"transfer" in request.payload
+        servicer.meanwhile = lambda: _other_clients(replica, defaults.SESSION_CLIENTS_MAX)
+        transfer = {"op": "transfer", "from": "alice", "to": "bob", "amount": 10}
+        with pytest.raises(SessionExpired, match="SessionExpired"):
+            await client.call("bank1", transfer)
+        retry = servicer.requests[-1]
+        assert b"transfer" in retry.payload and not retry.opens_session
+        assert not replica.sm.sessions.knows("payer")
+        assert await _balance(client, "alice") == 80  # applied once, by the lost attempt
+        assert await _balance(client, "bob") == 10
+        # Later calls go under a new session, which the first of them opens.
+        await client.call("bank1", transfer)
+        assert servicer.requests[-1].opens_session
+        assert servicer.requests[-1].request_id.client_id == "payer/1"
+        assert await _balance(client, "alice") == 70
+
+
+async def test_an_expired_session_is_failed_precondition_naming_session_expired(
+    served: tuple[Agent, _LossyData, str],
+) -> None:
+    agent, _servicer, address = served
+    replica = await agent.assign_role("bank1", "bank", "primary", 1, "sync", None, {}, set())
+    before = (replica.sm.kind.digest(), replica.sm.sessions.digest())
+    channel = channels.insecure_channel(address)
+    try:
+        stub = data_pb2_grpc.DataStub(channel)
+        request = data_pb2.ExecuteRequest(
+            service="bank1", request_id=common_pb2.RequestId(client_id="never-opened", seq=3),
+            payload=_pack({"op": "open", "account": "carol", "balance": 5}))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Execute(request, timeout=5)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert (refused.value.details() or "").startswith("SessionExpired")
+        assert (channels.ERROR_TYPE_METADATA_KEY, "SessionExpired") in list(
+            refused.value.trailing_metadata() or ())
+        # The refused entry was logged and applied, and changed nothing.
+        assert replica.sm.applied_index == 2
+        assert (replica.sm.kind.digest(), replica.sm.sessions.digest()) == before
+        result = await stub.Execute(data_pb2.ExecuteRequest(
+            service="bank1", request_id=common_pb2.RequestId(client_id="opened", seq=3),
+            payload=_pack({"op": "open", "account": "carol", "balance": 5}), opens_session=True),
+            timeout=5)
+        assert result.session_known and msgpack.unpackb(result.result)["balance"] == 5
+    finally:
+        await channel.close()
+
+
+async def test_writes_in_flight_are_bounded_in_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A primary whose in-sync duplica never acks: its writes stay in flight. Past the bound
+    on their bytes, writes are refused (Overloaded) before they are logged; once the held
+    writes are answered, writes are taken again."""
+    monkeypatch.setattr(defaults, "PENDING_REQUEST_BYTES_MAX", 1 << 20)
+    agent = Agent(AgentConfig.from_mapping({
+        "host_id": "a", "listen": "127.0.0.1:7999", "data_dir": str(tmp_path),
+        "fsync_policy": "never"}))
+    await agent.start()
+    try:
+        replica = await agent.assign_role("kv1", "kv", "primary", 1, "sync", None,
+                                          {"b": UNREACHABLE}, {"b"})
+        value = "v" * (200 << 10)
+        held = [asyncio.create_task(replica.execute(
+            0, "c", seq, _pack({"op": "put", "key": f"k{seq}", "value": value}), 30.0))
+            for seq in range(1, 6)]  # five writes of ~200 KiB: just under 1 MiB
+        await _until(lambda: replica.wal.last_index >= 6)  # the barrier, then the five
+        last = replica.wal.last_index
+        with pytest.raises(Overloaded, match="pending_request_bytes_max"):
+            await replica.execute(0, "c", 6, _pack({"op": "put", "key": "k6",
+                                                    "value": value}), 30.0)
+        assert replica.wal.last_index == last and not any(t.done() for t in held)
+        # The coordinator drops b from the in-sync set: the held writes commit and are
+        # answered, and their bytes are free again.
+        await agent.assign_role("kv1", "kv", "primary", 1, "sync", None,
+                                {"b": UNREACHABLE}, set())
+        await asyncio.wait_for(asyncio.gather(*held), 10.0)
+        await _until(lambda: replica._pending_bytes == 0)
+        reply, _, _ = await replica.execute(0, "c", 6, _pack({"op": "put", "key": "k6",
+                                                             "value": value}), 10.0)
+        assert reply.status == ReplyStatus.OK
+    finally:
+        await agent.stop()
+
+
+async def test_the_client_retries_an_overloaded_primary_and_says_so_at_its_deadline(
+    served: tuple[Agent, _LossyData, str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    agent, servicer, address = served
+    replica = await agent.assign_role("kv1", "kv", "primary", 1, "sync", None, {}, set())
+    monkeypatch.setattr(defaults, "PENDING_REQUEST_BYTES_MAX", 1000)
+    async with Client(agents=address, deadline_ms=300) as client:
+        with pytest.raises(Overloaded, match="nothing was applied"):
+            await client.call("kv1", {"op": "put", "key": "k", "value": "v" * 2000})
+        assert len(servicer.requests) > 1  # retried with backoff, not refused at once
+        assert all(r.opens_session for r in servicer.requests)  # none reached the log
+        monkeypatch.setattr(defaults, "PENDING_REQUEST_BYTES_MAX", 1 << 20)
+        assert (await client.call("kv1", {"op": "put", "key": "k", "value": "v"}))["ok"]
+    assert replica.sm.sessions.knows(servicer.requests[-1].request_id.client_id)
