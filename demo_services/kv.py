@@ -45,7 +45,7 @@ from operator import add, not_
 from failover import defaults
 from failover.errors import FailoverError, InvalidRequest, RequestRejected, StateCorruptError
 from failover.paged_state import ARENA_SNAPSHOT_HEAD, PagedState, assemble_arena_snapshot
-from failover.service import ServiceKind, require, require_op
+from failover.service import ServiceKind, kind_failure, require, require_op
 
 __all__ = ["KEY_BYTES_MAX", "VALUE_BYTES_MAX", "KvService"]
 
@@ -345,7 +345,9 @@ class KvService(ServiceKind):
 
     def apply_batch(self, commands: Sequence[dict]) -> list[dict | FailoverError]:
         """`apply` on each command in order, a refusal (InvalidRequest, RequestRejected)
-        taken as that command's outcome; the same outcomes and state as one by one.
+        taken as that command's outcome (any other exception as `kind_failure` makes it, as
+        `failover.core.state_machine.apply_each` does); the same outcomes and state as one by
+        one.
 
         A put of a str key and a str or bytes value within the bounds (the bulk of a log)
         takes a fast path that checks exactly what `apply` checks (a dict of exactly those
@@ -416,6 +418,8 @@ class KvService(ServiceKind):
                     append(self.apply(command))
                 except (InvalidRequest, RequestRejected) as exc:
                     append(exc)
+                except Exception as exc:
+                    append(kind_failure(self.name, exc))
         finally:
             if header_stale:
                 self._write_header()

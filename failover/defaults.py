@@ -30,6 +30,9 @@ MIGRATION_BYTES_FACTOR_MAX = 3
 
 # Requests.
 REQUEST_BYTES_MAX = 4 << 20
+# Levels of nested lists and maps in one request: deeper ones are refused before they are
+# logged (a kind, or `repr` in an error message, may recurse over a value).
+REQUEST_DEPTH_MAX = 32
 CALL_DEADLINE_MS = 5000
 
 # Write-ahead log.

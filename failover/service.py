@@ -11,6 +11,12 @@ group of its package; `failover.kinds` finds it there.
 
 The helpers at the end (`require_dict`, `require_op`, `require`, `require_int`) validate request
 dicts with messages that name the op and the field, raising InvalidRequest.
+
+Apply is total (design.md, invariant 13): an exception other than InvalidRequest or
+RequestRejected out of `apply` is a bug in the kind, and the framework turns it into the
+refusal `kind_failure` makes, the same on every replica. A request reaches `apply` only after
+the primary checked its size and nesting (`defaults.REQUEST_DEPTH_MAX`), so a kind may recurse
+over a request's values.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from failover.paged_state import PagedState
 
 __all__ = [
     "ServiceKind",
+    "kind_failure",
+    "nesting_depth",
     "require",
     "require_dict",
     "require_int",
@@ -128,9 +136,45 @@ class ServiceKind(abc.ABC):
 # --- request validation --------------------------------------------------------------------
 
 _REPR_CHARS_MAX = 60  # long values are cut in messages so one bad request cannot flood a log
+# Values nested deeper are not shown: `repr` recurses, and where it runs out of stack depends
+# on the caller's stack, which differs between replicas (messages are replicated replies).
+_REPR_DEPTH_MAX = 8
+
+
+def nesting_depth(value: object, depth_max: int) -> int:
+    """How deep lists and maps nest in `value` (a scalar is 0, ``[1]`` is 1), counted up to
+    `depth_max` + 1 at most. Iterative, so that no value can exhaust the stack."""
+    depth = 0
+    level: list[Any] = [value] if type(value) is dict or type(value) is list else []
+    while level and depth <= depth_max:
+        depth += 1
+        inner: list[Any] = []
+        for item in level:
+            children = item.values() if type(item) is dict else item
+            inner.extend(v for v in children if type(v) is dict or type(v) is list)
+        level = inner
+    return depth
+
+
+def kind_failure(kind_name: str, exc: BaseException) -> InvalidRequest:
+    """The refusal a request gets when the kind's `apply` raised `exc`, an exception other
+    than InvalidRequest or RequestRejected (a bug in the kind).
+
+    The message names the exception's type only: its text may hold what differs between
+    replicas (an address, a depth), and replies are part of the replicated state. A
+    MemoryError is raised again: running out of memory is this replica's condition, not the
+    request's, and refusing the request here alone would set this replica apart."""
+    if isinstance(exc, MemoryError):
+        raise exc
+    return InvalidRequest(
+        f"the {kind_name!r} service failed on this request ({type(exc).__name__} in its "
+        "apply, a bug in the service kind); it was refused alike on every replica: report "
+        "it to the kind's authors with the request")
 
 
 def _short_repr(value: object) -> str:
+    if nesting_depth(value, _REPR_DEPTH_MAX) > _REPR_DEPTH_MAX:
+        return f"<a {type(value).__name__} nested over {_REPR_DEPTH_MAX} deep>"
     text = repr(value)
     return text if len(text) <= _REPR_CHARS_MAX else text[: _REPR_CHARS_MAX - 3] + "..."
 

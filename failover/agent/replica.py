@@ -47,7 +47,7 @@ from failover.core.replication import (
     StepDown,
 )
 from failover.core.sessions import Reply, TooOld, encode_request_id
-from failover.core.state_machine import ReplicatedStateMachine, decode_request
+from failover.core.state_machine import ReplicatedStateMachine, check_loggable, decode_request
 from failover.errors import (
     DiskFullError,
     InvalidRequest,
@@ -412,6 +412,7 @@ class Replica:
         is logged."""
         self._check_primary(epoch_seen)
         request = decode_request(payload)
+        check_loggable(payload, request)
         if self.kind_cls.is_read_only(request):
             return await self.query(payload, epoch_seen), False, self.epoch
         size = len(payload)

@@ -15,6 +15,7 @@ from typing import Any
 
 import msgpack
 
+from failover import defaults
 from failover.core.sessions import (
     EXPIRED,
     Claims,
@@ -26,7 +27,7 @@ from failover.core.sessions import (
     opens_session,
 )
 from failover.errors import InvalidRequest, RequestRejected
-from failover.service import ServiceKind
+from failover.service import ServiceKind, kind_failure, nesting_depth
 
 _FORMAT_VERSION = 1
 
@@ -40,6 +41,22 @@ def decode_request(payload: bytes) -> dict[str, Any]:
     if not isinstance(request, dict):
         raise _not_a_map(request)
     return request
+
+
+def check_loggable(payload: bytes, request: object) -> None:
+    """Refuses (InvalidRequest) a write too large or too deeply nested to be logged.
+
+    Runs on the primary before the entry is logged, so such a request never reaches any
+    replica's apply: every replica must be able to apply whatever is logged, and a value
+    nested deep enough to exhaust the stack (in a kind, or in `repr` for an error message)
+    would fail differently on replicas whose stacks differ."""
+    if len(payload) > defaults.REQUEST_BYTES_MAX:
+        raise InvalidRequest(f"request of {len(payload)} bytes is over request_bytes_max "
+                             f"({defaults.REQUEST_BYTES_MAX}); send smaller requests")
+    depth_max = defaults.REQUEST_DEPTH_MAX
+    if nesting_depth(request, depth_max) > depth_max:
+        raise InvalidRequest(f"request nests lists and maps more than {depth_max} deep (the "
+                             "request_depth_max limit); send a flatter request")
 
 
 def encode_result(result: dict[str, Any]) -> bytes:
@@ -59,11 +76,14 @@ Outcome = dict[str, Any] | InvalidRequest | RequestRejected
 
 def apply_each(kind: ServiceKind, commands: Sequence[dict[str, Any]]) -> list[Outcome]:
     """The default batch apply: `kind.apply` on each command in order, a refusal
-    (InvalidRequest, RequestRejected) taken as that command's outcome.
+    (InvalidRequest, RequestRejected) taken as that command's outcome, and any other
+    exception turned into the InvalidRequest `failover.service.kind_failure` makes of it
+    (apply is total: invariant 13).
 
     A kind may define ``apply_batch(commands) -> list[Outcome]`` doing the same faster; it
-    must give exactly these outcomes and leave exactly this state (the digest, and the bytes
-    of a paged arena). Any other exception is a bug: it leaves the state machine unusable.
+    must give exactly these outcomes, unexpected exceptions included, and leave exactly this
+    state (the digest, and the bytes of a paged arena). An exception out of ``apply_batch``
+    itself is a bug that leaves the state machine unusable.
     """
     outcomes: list[Outcome] = []
     append = outcomes.append
@@ -73,6 +93,8 @@ def apply_each(kind: ServiceKind, commands: Sequence[dict[str, Any]]) -> list[Ou
             append(apply(command))
         except (InvalidRequest, RequestRejected) as exc:
             append(exc)
+        except Exception as exc:
+            append(kind_failure(kind.name, exc))
     return outcomes
 
 
@@ -201,24 +223,28 @@ class ReplicatedStateMachine:
         if set(map(type, requests)) == {dict}:
             outcomes = batch_apply_of(self.kind)(requests)
             assert len(outcomes) == len(entries), (len(outcomes), len(entries))
+            name = self.kind.name
             if set(map(type, outcomes)) == {dict}:
                 # Every request succeeded (the common case): the replies are built by C-level
                 # maps. Kinds often return equal results (kv: the same two dicts for every
                 # put), so each result object is encoded once; `outcomes` keeps them alive
                 # meanwhile, so no id is reused.
-                encoded = {key: encode_result(result)
-                           for key, result in dict(zip(map(id, outcomes), outcomes,
-                                                       strict=True)).items()}
+                try:
+                    encoded = {key: encode_result(result)
+                               for key, result in dict(zip(map(id, outcomes), outcomes,
+                                                           strict=True)).items()}
+                except Exception:  # a result that does not encode: `_outcome_reply` says so
+                    return list(map(_outcome_reply, outcomes, entries, repeat(name)))
                 datas = map(encoded.__getitem__, map(id, outcomes))
                 return list(map(_new_reply, zip(repeat(_OK), datas, map(_index_of, entries),
                                                 map(_epoch_of, entries))))
-            return list(map(_outcome_reply, outcomes, entries))
+            return list(map(_outcome_reply, outcomes, entries, repeat(name)))
         replies: list[Reply] = []
         commands = [r for r in requests if type(r) is dict]
         outcomes = iter(batch_apply_of(self.kind)(commands) if commands else ())
         for request, entry in zip(requests, entries, strict=True):
             if type(request) is dict:
-                replies.append(_outcome_reply(next(outcomes), entry))
+                replies.append(_outcome_reply(next(outcomes), entry, self.kind.name))
             else:
                 error = request if isinstance(request, InvalidRequest) else _not_a_map(request)
                 replies.append(_new_reply((ReplyStatus.INVALID, str(error).encode(), entry[1],
@@ -240,7 +266,10 @@ class ReplicatedStateMachine:
             return Reply(ReplyStatus.REJECTED, str(exc).encode(), index, epoch)
         except InvalidRequest as exc:
             return Reply(ReplyStatus.INVALID, str(exc).encode(), index, epoch)
-        return Reply(ReplyStatus.OK, encode_result(result), index, epoch)
+        except Exception as exc:  # a bug in the kind: refused alike on every replica
+            return Reply(ReplyStatus.INVALID, str(kind_failure(self.kind.name, exc)).encode(),
+                         index, epoch)
+        return _outcome_reply(result, (epoch, index, b"", payload), self.kind.name)
 
     def query(self, payload: bytes) -> Reply:
         """Answers a read-only request from applied state."""
@@ -295,13 +324,19 @@ _payload_of = itemgetter(3)
 _new_reply: Callable[[tuple[ReplyStatus, bytes, int, int]], Reply] = partial(tuple.__new__, Reply)
 
 
-def _outcome_reply(outcome: Outcome, entry: LoggedEntry) -> Reply:
-    """The reply `apply` gives for an entry whose request had this outcome."""
+def _outcome_reply(outcome: Outcome, entry: LoggedEntry, kind_name: str) -> Reply:
+    """The reply `apply` gives for an entry whose request had this outcome (a result that
+    does not encode is the kind's bug, refused as `kind_failure` says)."""
     if isinstance(outcome, RequestRejected):
         return _new_reply((ReplyStatus.REJECTED, str(outcome).encode(), entry[1], entry[0]))
     if isinstance(outcome, InvalidRequest):
         return _new_reply((ReplyStatus.INVALID, str(outcome).encode(), entry[1], entry[0]))
-    return _new_reply((_OK, encode_result(outcome), entry[1], entry[0]))
+    try:
+        data = encode_result(outcome)
+    except Exception as exc:
+        data = str(kind_failure(kind_name, exc)).encode()
+        return _new_reply((ReplyStatus.INVALID, data, entry[1], entry[0]))
+    return _new_reply((_OK, data, entry[1], entry[0]))
 
 
 def _decode_or_error(payload: bytes) -> Any:

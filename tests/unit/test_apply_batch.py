@@ -3,9 +3,9 @@
 `ReplicatedStateMachine.apply_many` (and below it `ClientSessions.claim_many` and the kinds'
 batch apply, kv's own `apply_batch` or the default `apply_each`) must give exactly what
 `apply` / `apply_barrier` give entry by entry, whatever the batches: the same replies
-(recorded ones for duplicate request ids, refusals for invalid and too-old requests), the
-same exactly-once table (evictions included), the same digest, and for kv the same arena
-bytes and dirty pages.
+(recorded ones for duplicate request ids, refusals for invalid, too-old and expired requests,
+and for requests a kind fails on), the same exactly-once table (evictions, and sessions
+opened, included), the same digest, and for kv the same arena bytes and dirty pages.
 """
 
 from __future__ import annotations
@@ -44,9 +44,13 @@ def _pack(request: Any) -> bytes:
 def kv_payloads(draw: st.DrawFn) -> bytes:
     """Puts mostly (the fast path, new keys and overwrites, across size classes), the other
     ops, and invalid requests of every sort, including bytes that are not msgpack."""
-    shape = draw(st.sampled_from(
-        ["put", "put", "put", "delete", "cas", "get", "extra", "bad", "not_map", "not_msgpack"]))
+    shape = draw(st.sampled_from(["put", "put", "put", "delete", "cas", "get", "extra", "bad",
+                                  "not_map", "not_msgpack", "deep"]))
     key, value = draw(KEYS), draw(VALUES)
+    if shape == "deep":  # a value nested deeper than any stack: logged before the depth check
+        depth = draw(st.sampled_from([40, 1000, 1400]))
+        return (b"\x83\xa2op\xa3put\xa3key" + _pack(key) + b"\xa5value" + b"\x91" * depth
+                + b"\xa1x")
     if shape == "put":
         return _pack({"op": "put", "key": key, "value": value})
     if shape == "delete":
@@ -272,3 +276,64 @@ def test_kv_apply_batch_equals_apply(payloads: list[bytes]) -> None:
            for o in many.apply_batch(commands)]
     assert got == expected
     assert many.digest() == one.digest()
+
+
+class _Buggy(_Picky):
+    """A kind with bugs: apply raises ZeroDivisionError for n == 0 and, for n == 8, returns a
+    result msgpack cannot encode."""
+
+    name = "buggy"
+
+    def apply(self, command: dict) -> dict:
+        if command.get("n") == 0:
+            raise ZeroDivisionError(f"division by zero at {id(command):#x}")  # differs per run
+        if command.get("n") == 8:
+            self.seen.append(8)
+            return {"ok": True, "n": {8}}
+        return super().apply(command)
+
+
+def _deep_stack(depth: int, call: Any) -> Any:
+    """`call()` run `depth` frames deeper than here: a replica applies from some stack depth
+    of its own, which must not change any reply."""
+    return call() if depth == 0 else _deep_stack(depth - 1, call)
+
+
+def test_a_kind_that_raises_gives_the_same_error_reply_everywhere_and_stays_usable() -> None:
+    rid = encode_request_id
+    entries = [Entry(1, 1, b"", b"")] + [
+        Entry(1, 2 + k, rid("c", k + 1, opens=k == 0), _pack({"n": n}))
+        for k, n in enumerate([2, 0, 4, 8, 3, 0, 6])]
+    one, many = _machines(_Buggy, 8, 4)
+    expected = _one_by_one(one, entries)
+    got = _deep_stack(400, lambda: _batched(many, entries, [3, 5]))
+    _assert_same(one, many, expected, got)
+    failed = [r for r in got if r.status == ReplyStatus.INVALID]
+    assert [r.index for r in failed] == [3, 5, 7]  # n == 0 twice, and the unencodable result
+    assert all(b"'buggy' service failed on this request" in r.data for r in failed)
+    assert b"ZeroDivisionError" in failed[0].data and b"TypeError" in failed[1].data
+    assert b"0x" not in failed[0].data  # nothing of the exception's text, which may differ
+    # The state machine goes on: a retry gets the recorded error, snapshots and digests work.
+    assert one.apply(1, 9, rid("c", 2), _pack({"n": 0})) == failed[0]
+    copy = ReplicatedStateMachine(_Buggy(), ClientSessions(8, 4))
+    copy.restore(one.snapshot())
+    assert copy.digest() == one.digest()
+    assert copy.apply(2, 10, rid("c", 9), _pack({"n": 10})).status == ReplyStatus.OK
+
+
+def test_a_value_nested_too_deep_to_show_is_refused_alike_at_any_stack_depth() -> None:
+    """A put logged before the depth check existed (the issue's poisoned entry): apply answers
+    it with the same refusal whatever the stack, and the state machine stays usable."""
+    deep = b"\x83\xa2op\xa3put\xa3key\xa1k\xa5value" + b"\x91" * 1000 + b"\xa1x"
+    entries = [Entry(1, 1, b"", b""), Entry(1, 2, encode_request_id("c", 1, opens=True), deep),
+               Entry(1, 3, encode_request_id("c", 2), deep)]
+    shallow, nested, batched = (ReplicatedStateMachine(KvService()) for _ in range(3))
+    expected = _one_by_one(shallow, entries)
+    assert _deep_stack(700, lambda: _one_by_one(nested, entries)) == expected
+    assert _deep_stack(300, lambda: batched.apply_many(entries)) == expected
+    assert expected[1].status == expected[2].status == ReplyStatus.INVALID
+    assert b"nested over" in expected[1].data
+    for sm in (nested, batched):
+        assert sm.digest() == shallow.digest()
+        assert sm.sessions.to_bytes() == shallow.sessions.to_bytes()
+        list(sm.snapshot())

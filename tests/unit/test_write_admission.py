@@ -1,6 +1,7 @@
 """What a primary takes into its log, on the real agent, gRPC servicer and `Client` in process:
-sessions that expired are refused, never re-applied (issue 11, item 3); writes in flight are
-bounded in bytes too (item 10)."""
+sessions that expired are refused, never re-applied (issue 11, item 3); requests too deep to
+apply are refused before they are logged (item 5); writes in flight are bounded in bytes too
+(item 10)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from failover.agent.host import Agent
 from failover.agent.replica import Replica
 from failover.client import Client
 from failover.core.sessions import ReplyStatus
-from failover.errors import Overloaded, SessionExpired
+from failover.errors import InvalidRequest, Overloaded, SessionExpired
 from failover.net import agent_servicers, channels
 from failover.v1 import common_pb2, data_pb2, data_pb2_grpc
 
@@ -150,6 +151,41 @@ async def test_an_expired_session_is_failed_precondition_naming_session_expired(
             payload=_pack({"op": "open", "account": "carol", "balance": 5}), opens_session=True),
             timeout=5)
         assert result.session_known and msgpack.unpackb(result.result)["balance"] == 5
+    finally:
+        await channel.close()
+
+
+def _nested(depth: int) -> bytes:
+    """A kv put whose value nests `depth` lists deep (msgpack cannot pack it that deep)."""
+    return (b"\x83\xa2op\xa3put\xa3key\xa1k\xa5value" + b"\x91" * depth + b"\xa1x")
+
+
+async def test_a_request_nested_too_deep_is_refused_before_it_is_logged(
+    served: tuple[Agent, _LossyData, str],
+) -> None:
+    agent, _servicer, address = served
+    replica = await agent.assign_role("kv1", "kv", "primary", 1, "sync", None, {}, set())
+    await _until(lambda: replica.sm.applied_index >= 1)
+    last = replica.wal.last_index
+    with pytest.raises(InvalidRequest, match="request_depth_max"):
+        await replica.execute(0, "c", 1, _nested(1000), 5.0, opens_session=True)
+    channel = channels.insecure_channel(address)
+    try:
+        stub = data_pb2_grpc.DataStub(channel)
+        for depth in (defaults.REQUEST_DEPTH_MAX, 1000):  # the value is one level below the map
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Execute(data_pb2.ExecuteRequest(
+                    service="kv1", request_id=common_pb2.RequestId(client_id="c", seq=2),
+                    payload=_nested(depth), opens_session=True), timeout=5)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "request_depth_max" in (refused.value.details() or "")
+        assert replica.wal.last_index == last  # nothing was logged
+        # One level less is logged (and refused by kv, which wants a str or bytes value).
+        reply, _, _ = await replica.execute(0, "c", 3, _nested(defaults.REQUEST_DEPTH_MAX - 1),
+                                            5.0, opens_session=True)
+        assert reply.status == ReplyStatus.INVALID and replica.wal.last_index == last + 1
+        replica.sm.digest()
+        list(replica.sm.snapshot())
     finally:
         await channel.close()
 
