@@ -20,7 +20,7 @@ def test_sixty_second_chaos_run_passes(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "failover.cli", "--format", "json", "chaos", "--duration", "60",
          "--seed", "7", "--faults", "kill,pause", "--mode", "sync", "--keys", "2",
-         "--workers", "12", "--op-deadline-ms", "500", "--report", str(report_dir)],
+         "--workers", "12", "--op-deadline-ms", "300", "--report", str(report_dir)],
         capture_output=True, text=True, timeout=230)
     assert done.stdout.strip(), done.stderr[-3000:]  # the run itself failed: say why
     report = json.loads(done.stdout.strip().splitlines()[-1])
@@ -35,13 +35,16 @@ def test_sixty_second_chaos_run_passes(tmp_path: Path) -> None:
     assert sum(report["faults"].values()) >= 10, report["faults"]
     assert report["failovers"] >= 1
     assert report["after_fault_reads"] > 100
+    # Deadlines shorter than a failover leave some outcomes unknown (251 in one run here);
+    # the checker explained them either way, and still decided both keys.
+    assert report["ops_unknown"] > 0
     # The report dir holds what is needed to re-check the run offline.
     ops = load_ops((report_dir / "history.jsonl").read_text())
     assert len(ops) == report["ops_ok"] + report["ops_failed"] + report["ops_unknown"]
     swapped = [o for o in ops if o.kind == "cas" and o.result and o.result["swapped"]]
     assert len(swapped) > 20  # the cas read the value first, so some do swap
-    assert sum(o.kind == "get" and o.args.get("final") for o in ops) == 2
-    assert sum(o.kind == "read_all" and "snapshot" in o.args for o in ops) >= 2
+    assert sum(1 for o in ops if o.kind == "get" and o.args.get("final")) == 2
+    assert sum(1 for o in ops if o.kind == "read_all" and "snapshot" in o.args) >= 2
     assert json.loads((report_dir / "report.json").read_text())["seed"] == 7
     assert (report_dir / "timeline.png").stat().st_size > 10_000
     again = subprocess.run(
