@@ -69,8 +69,10 @@ PENDING_REQUEST_BYTES_MAX = 64 << 20
 APPLY_CHUNK_ENTRIES = 256
 APPLY_CHUNK_ENTRIES_RECEIVING = 64  # the same while shipped batches wait (they come first)
 APPLY_CHUNK_BYTES = 1 << 20  # and at most this much payload per batch (at least one entry)
-APPLY_READ_ENTRIES = 256  # entries read (or taken from a shipped batch) and decoded at a time
-UNDECODED_BYTES_MAX = 64 << 20  # shipped records kept in memory to apply; beyond, re-read
+APPLY_READ_ENTRIES = 256  # entries read back from the log and decoded at a time, to apply
+# Shipped entries a duplica keeps decoded in memory to apply (their record bytes plus the
+# Python objects' overhead); beyond, applying re-reads them from the log.
+SHIPPED_KEPT_BYTES_MAX = 64 << 20
 APPLY_YIELD_MS = 5  # while shipped batches wait, a duplica applies one chunk per this long
 LINK_BACKOFF_MIN_MS = 20
 LINK_BACKOFF_MAX_MS = 1000

@@ -36,6 +36,23 @@ class LogCorruptError(StorageError):
         )
 
 
+class ShippedRecordsCorruptError(LogCorruptError):
+    """A shipped batch holds a record that fails its check (frame, CRC32C, body, index or
+    epoch order); the duplica refused the whole batch and wrote none of it."""
+
+    def __init__(self, offset: int, reason: str) -> None:
+        self.path = "<shipped records>"
+        self.offset = offset
+        self.reason = reason
+        StorageError.__init__(
+            self,
+            f"shipped records refused at byte offset {offset}: {reason}; nothing of the batch "
+            "was written and the duplica's log is intact: the primary sends it again; if it "
+            "keeps failing, the primary's own log holds the bad record: rebuild the primary's "
+            "replica from a duplica",
+        )
+
+
 class SnapshotCorruptError(StorageError):
     """A snapshot file is damaged; it is never loaded."""
 

@@ -13,12 +13,13 @@ import bisect
 import contextlib
 import dataclasses
 import errno
+import functools
 import logging
 import shutil
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from itertools import accumulate
+from itertools import accumulate, repeat
 from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,7 +67,7 @@ from failover.storage.snapshot import (
     load_snapshot,
     read_header,
 )
-from failover.storage.wal import Entry, WriteAheadLog, decode_records, skip_records
+from failover.storage.wal import Entry, WriteAheadLog
 
 if TYPE_CHECKING:
     from failover.agent.host import Agent
@@ -80,6 +81,9 @@ _META = "replica.meta"
 
 
 _payload_of = itemgetter(3)
+# What a decoded entry holds in memory beyond its record's bytes (the tuple, two bytes objects'
+# headers, an int): shipped entries kept to apply are counted with it.
+_ENTRY_OVERHEAD_BYTES = 160
 
 
 @dataclass
@@ -126,10 +130,12 @@ class Replica:
         self.duplica_addresses: dict[str, str] = dict(meta.duplicas)
         # Entries logged (or being logged) but not applied, oldest first.
         self._unapplied: deque[Entry] = deque()
-        # Shipped records on disk but not decoded yet, as (first, last, records): a duplica
-        # checks frames on arrival and decodes only when applying, off the ack path.
-        self._undecoded: deque[tuple[int, int, bytes | memoryview]] = deque()
-        self._undecoded_bytes = 0  # bounded: past it, applying re-reads from the log
+        # Shipped entries on disk and not applied yet, as (first, last, fields, bytes): a
+        # duplica decodes and checks every record before it is written (invariant 12), and
+        # keeps what it decoded (plain tuples, which the garbage collector soon stops
+        # tracking) for applying, so nothing is decoded twice.
+        self._shipped: deque[tuple[int, int, list[tuple[int, int, bytes, bytes]], int]] = deque()
+        self._shipped_bytes = 0  # bounded: past it, applying re-reads from the log
         self._to_log: list[Entry] = []
         self._next_index = 1
         self._waiters: dict[int, asyncio.Future[Reply]] = {}
@@ -880,27 +886,26 @@ class Replica:
         return batch
 
     def _reload_unapplied(self, limit: int) -> None:
-        """Finds the next entries to apply, up to `limit`: in shipped records not decoded yet,
+        """Finds the next entries to apply, up to `limit`: in shipped entries kept in memory,
         else in the log (after a restart, or when they were not kept in memory), reading
         ahead up to APPLY_READ_ENTRIES."""
         first = self.sm.applied_index + 1
-        while self._undecoded and self._undecoded[0][1] < first:
-            self._undecoded_bytes -= len(self._undecoded.popleft()[2])
-        if self._undecoded and self._undecoded[0][0] <= first:
-            # A part of a shipped batch at a time (a batch holds up to BATCH_ENTRIES_MAX
-            # entries): decoding it whole would hold the loop, and the cache, for long.
-            records_first, records_last, records = self._undecoded.popleft()
-            self._undecoded_bytes -= len(records)
-            start = skip_records(records, first - records_first)
-            cut = skip_records(records, defaults.APPLY_READ_ENTRIES, start)
-            entries = decode_records(memoryview(records)[start:cut],
-                                     where=f"log of {self.service}")
-            assert entries and entries[0].index == first, (first, records_first)
+        while self._shipped and self._shipped[0][1] < first:
+            self._shipped_bytes -= self._shipped.popleft()[3]
+        if self._shipped and self._shipped[0][0] <= first:
+            # Decoded when it arrived; made entries a part at a time (a batch holds up to
+            # BATCH_ENTRIES_MAX of them), so few entries live long.
+            shipped_first, shipped_last, rows, size = self._shipped.popleft()
+            self._shipped_bytes -= size
+            start = first - shipped_first
+            cut = start + defaults.APPLY_READ_ENTRIES
+            entries = list(map(tuple.__new__, repeat(Entry), rows[start:cut]))
             last = entries[-1].index
-            if cut < len(records):
-                rest = memoryview(records)[cut:]
-                self._undecoded.appendleft((last + 1, records_last, rest))
-                self._undecoded_bytes += len(rest)
+            if cut < len(rows):
+                rest = rows[cut:]
+                rest_size = size * len(rest) // len(rows)
+                self._shipped.appendleft((last + 1, shipped_last, rest, rest_size))
+                self._shipped_bytes += rest_size
         else:
             last = min(limit, first + defaults.APPLY_READ_ENTRIES - 1)
             entries = self.wal.read(first, last)
@@ -1029,17 +1034,17 @@ class Replica:
             self.sm = fresh
             self._last_snapshot_index = fresh.applied_index
             self._unapplied.clear()
-            self._undecoded.clear()
-            self._undecoded_bytes = 0
+            self._shipped.clear()
+            self._shipped_bytes = 0
         dropped = await loop.run_in_executor(self.agent.io, self.wal.truncate_after, after_index)
         while self._unapplied and self._unapplied[-1].index > after_index:
             self._unapplied.pop()
         # Batches past the cut go, and one straddling it too: its kept part is read back
         # from the log when it is applied.
-        while self._undecoded and self._undecoded[-1][0] > after_index:
-            self._undecoded_bytes -= len(self._undecoded.pop()[2])
-        if self._undecoded and self._undecoded[-1][1] > after_index:
-            self._undecoded_bytes -= len(self._undecoded.pop()[2])
+        while self._shipped and self._shipped[-1][0] > after_index:
+            self._shipped_bytes -= self._shipped.pop()[3]
+        if self._shipped and self._shipped[-1][1] > after_index:
+            self._shipped_bytes -= self._shipped.pop()[3]
         self._next_index = self.wal.last_index + 1
         self.truncated_entries = dropped
         if dropped:
@@ -1075,10 +1080,17 @@ class Replica:
             return self._ack(refused, batch_id)
         if any(isinstance(a, Append) for a in actions):
             loop = asyncio.get_running_loop()
+            entries: list[tuple[int, int, bytes, bytes]] = []
             try:
-                await loop.run_in_executor(
-                    self.agent.io, self.wal.append_records, records, first_index, last_index)
+                # Every record is checked before any is written (invariant 12), and none may
+                # claim an epoch after the shipping primary's.
+                await loop.run_in_executor(self.agent.io, functools.partial(
+                    self.wal.append_records, records, first_index, last_index, entries,
+                    epoch_max=epoch))
             except LogCorruptError as exc:
+                self.last_error = str(exc)
+                log.warning("%s: refused a shipped batch %d..%d: %s", self.service,
+                            first_index, last_index, exc)
                 return self._ack("corrupt", batch_id, str(exc))
             except (DiskFullError, StorageError, OSError) as exc:
                 self.last_error = str(exc)
@@ -1087,9 +1099,10 @@ class Replica:
                     log.warning("%s: cannot take shipped entries: %s", self.service, exc)
                 return self._ack("storage_error", batch_id, str(exc))
             self.disk_full = False
-            if self._undecoded_bytes + len(records) <= defaults.UNDECODED_BYTES_MAX:
-                self._undecoded.append((first_index, last_index, records))
-                self._undecoded_bytes += len(records)
+            size = len(records) + len(entries) * _ENTRY_OVERHEAD_BYTES
+            if self._shipped_bytes + size <= defaults.SHIPPED_KEPT_BYTES_MAX:
+                self._shipped.append((first_index, last_index, entries, size))
+                self._shipped_bytes += size
             self._next_index = self.wal.last_index + 1
         self._schedule_apply()
         return self._ack("ok", batch_id)
@@ -1129,8 +1142,8 @@ class Replica:
         self.sm = fresh
         self._last_snapshot_index = header.applied_index
         self._unapplied.clear()
-        self._undecoded.clear()
-        self._undecoded_bytes = 0
+        self._shipped.clear()
+        self._shipped_bytes = 0
         self._next_index = self.wal.last_index + 1
         if self.duplica is not None:
             self.duplica.verified_index = header.applied_index

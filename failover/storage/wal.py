@@ -65,6 +65,7 @@ from failover.errors import (
     DiskFullError,
     LogCorruptError,
     LogGapError,
+    ShippedRecordsCorruptError,
     StorageError,
 )
 
@@ -100,7 +101,6 @@ _TURN_DEADLINE_S = defaults.CALL_DEADLINE_MS / 1000
 # Reads copy bytes without holding the lock and retry when a truncate or compaction changed
 # the files meanwhile; this many retries in a row means something is badly wrong.
 _READ_RETRIES_MAX = 100
-_SHIPPED = "<shipped records>"
 
 _field_epoch = itemgetter(0)
 _field_index = itemgetter(1)
@@ -244,6 +244,9 @@ def _scan(
         if type(epoch) is not int or type(index) is not int:
             problem = (pos, "record epoch or index is not an integer", False)
             break
+        if type(request_id) is not bytes or type(payload) is not bytes:
+            problem = (pos, "record request_id or payload is not bytes", False)
+            break
         if check_order:
             if index != next_index:
                 problem = (pos, f"record has index {index} where {next_index} was expected", False)
@@ -266,66 +269,12 @@ def _scan(
     return result
 
 
-def _scan_frames(records: bytes, first_index: int, last_index: int) -> _Scan | None:
-    """The fast check of shipped records: every frame's length and CRC32C, the record count,
-    and the first and last records decoded for their indexes and epochs.
+def _unpack_frames(data: bytes | memoryview) -> tuple[list[tuple[int, int]], list] | None:
+    """Every frame's header (length, CRC32C) and msgpack-decoded body, with the per-record
+    work done by C-level maps over the batch; None when a frame is off (a bad length, a
+    partial frame at the end, a CRC mismatch, a body that is not msgpack).
 
-    Returns None when the batch spans an epoch change (then the full scan finds where), and
-    a `_Scan` with `problem` set on a bad frame. The middle records' bodies are not decoded
-    here: their CRC proves them as the primary wrote them, and whoever applies them decodes
-    them anyway.
-    """
-    result = _Scan()
-    unpack_header = _HEADER.unpack_from
-    crc = _crc32c
-    mv = memoryview(records)
-    record_bytes_max = defaults.WAL_RECORD_BYTES_MAX
-    offsets_append = result.offsets.append
-    end = len(records)
-    pos = 0
-    while pos < end:
-        if end - pos < _HEADER_BYTES:
-            result.problem = (pos, f"incomplete record header ({end - pos} bytes)", True)
-            return result
-        length, checksum = unpack_header(records, pos)
-        body_end = pos + _HEADER_BYTES + length
-        if length == 0 or length > record_bytes_max or body_end > end:
-            result.problem = (pos, f"bad record length {length}", True)
-            return result
-        if crc(mv[pos + _HEADER_BYTES : body_end]) != checksum:
-            result.problem = (pos, "CRC32C mismatch", True)
-            return result
-        offsets_append(pos)
-        pos = body_end
-    count = len(result.offsets)
-    if count != last_index - first_index + 1:
-        result.problem = (0, f"{count} records where {first_index}..{last_index} was claimed",
-                          False)
-        return result
-    edges = []
-    for k in (0, count - 1):
-        start = result.offsets[k]
-        edge = _scan(records, start, start + _HEADER_BYTES + _HEADER.unpack_from(records, start)[0],
-                     next_index=first_index + k, prev_epoch=-1, check_order=True)
-        if edge.problem is not None:
-            result.problem = edge.problem
-            return result
-        edges.append(edge.changes[0])
-    if edges[0][0] != edges[1][0]:
-        return None
-    result.changes = [edges[0]]
-    result.next_index = last_index + 1
-    result.stop = end
-    return result
-
-
-def _decode_fast(data: bytes | memoryview) -> list[Entry] | None:
-    """Decodes framed records as ``_scan`` does with ``out`` and no order check, with the
-    per-record work done by C-level maps over the batch; None when anything is off (a bad
-    frame, a body of another shape), and then ``_scan`` finds where and why.
-
-    Only the walk from one frame header to the next runs bytecode per record: this is the
-    replay path, where decoding costs as much as applying.
+    Only the walk from one frame header to the next runs bytecode per record.
     """
     end = len(data)
     heads: list[tuple[int, int]] = []
@@ -352,9 +301,57 @@ def _decode_fast(data: bytes | memoryview) -> list[Entry] | None:
     if list(map(_crc32c, bodies)) != list(map(_head_crc, heads)):
         return None
     try:
-        rows = list(map(_unpackb, bodies))
+        return heads, list(map(_unpackb, bodies))
     except Exception:  # msgpack raises several types for bad input
         return None
+
+
+def _check_shipped(records: bytes, first_index: int,
+                   last_index: int) -> tuple[list[int], list[tuple[int, int]], list] | None:
+    """Checks every record of a shipped batch as `_scan` with `check_order` does (frame,
+    CRC32C, body [int epoch, int index, bytes request_id, bytes payload], indexes
+    `first_index..last_index` in order, epochs never going down) before any is written:
+    a record that passed its CRC can still hold a body its primary never meant (a bug), and
+    a duplica that logs it has a log it cannot replay.
+
+    Returns the records' body lengths, the epoch changes and the decoded bodies; None when
+    anything is off (then `_scan` finds where and why). This is the duplica's ack path: the
+    per-record work is C-level maps over the batch, as in `_decode_fast`.
+    """
+    unpacked = _unpack_frames(records)
+    if unpacked is None:
+        return None
+    heads, rows = unpacked
+    if set(map(type, rows)) != {list} or set(map(len, rows)) != {4}:
+        return None
+    epochs, indexes, request_ids, payloads = zip(*rows, strict=True)
+    if (
+        indexes != tuple(range(first_index, last_index + 1))
+        # Compared as numbers above, so check the types too: 5.0 == 5 and True == 1.
+        or set(map(type, indexes)) != {int}
+        or set(map(type, epochs)) != {int}
+        or set(map(type, request_ids)) != {bytes}
+        or set(map(type, payloads)) != {bytes}
+    ):
+        return None
+    try:
+        changes = _epoch_changes(list(epochs), first_index)
+    except ValueError:  # epochs go down
+        return None
+    return list(map(_head_length, heads)), changes, rows
+
+
+def _decode_fast(data: bytes | memoryview) -> list[Entry] | None:
+    """Decodes framed records as ``_scan`` does with ``out`` and no order check, with the
+    per-record work done by C-level maps over the batch; None when anything is off (a bad
+    frame, a body of another shape), and then ``_scan`` finds where and why.
+
+    This is the replay path, where decoding costs as much as applying.
+    """
+    unpacked = _unpack_frames(data)
+    if unpacked is None:
+        return None
+    rows = unpacked[1]
     # Every body must be [int, int, request_id, payload]; then the rows become entries.
     if (
         set(map(type, rows)) != {list}
@@ -850,47 +847,62 @@ class WriteAheadLog:
         records: bytes,
         first_index: int,
         last_index: int,
-        out: list[Entry] | None = None,
+        out: list[tuple[int, int, bytes, bytes]] | None = None,
+        *,
+        epoch_max: int | None = None,
     ) -> int:
         """Appends pre-framed records (another replica's ``read_records``) byte for byte.
 
-        Every frame is checked (CRC32C, body, consecutive indexes ``first_index..last_index``,
-        epoch order) before anything is written: on a bad frame ``LogCorruptError`` and the
-        log is untouched. ``first_index`` must be ``last_index + 1`` of this log, else
-        ``ValueError`` (as for ``append``).
+        Every record is checked (frame, CRC32C, body shape, consecutive indexes
+        ``first_index..last_index``, epoch order, no epoch above ``epoch_max`` when given:
+        the shipping primary's own) before anything is written: on a bad record
+        ``LogCorruptError`` and the log is untouched. The checked records' fields are handed
+        back through ``out`` when given, as plain tuples in ``Entry`` field order (equal to
+        entries; ``Entry._make`` one for attribute access): the garbage collector stops
+        tracking a plain tuple of bytes and ints once it has seen it, so a caller may keep
+        many of them at no cost to every later collection. ``first_index`` must be
+        ``last_index + 1`` of this log, else ``ValueError`` (as for ``append``).
         """
         if last_index < first_index:
             if records:
-                raise LogCorruptError(_SHIPPED, 0, "records given for an empty index range")
+                raise ShippedRecordsCorruptError(0, "records given for an empty index range")
             with self._lock:
                 self._check_open_locked()
                 return self._last_index
-        # Without `out`, only the frames are checked (fast path); with it, or when the batch
-        # spans an epoch change, every record is decoded (and handed back through `out`).
-        scan = _scan_frames(records, first_index, last_index) if out is None else None
-        if scan is None:
+        checked = _check_shipped(records, first_index, last_index)
+        if checked is not None:
+            lengths, changes, rows = checked
+            if out is not None:
+                out.extend(map(tuple, rows))
+        else:
+            # Something is off: the record-by-record scan says where and why.
             scan = _scan(
                 records, 0, len(records), next_index=first_index, prev_epoch=-1,
                 check_order=True, out=out,
             )
-        if scan.problem is not None:
-            offset, reason, _ = scan.problem
-            raise LogCorruptError(_SHIPPED, offset, reason)
-        if scan.next_index - 1 != last_index:
-            raise LogCorruptError(
-                _SHIPPED,
-                len(records),
-                f"records hold indexes {first_index}..{scan.next_index - 1} but the batch "
-                f"claims {first_index}..{last_index}",
-            )
-        offsets = scan.offsets
-        ends = [*offsets[1:], len(records)]
-        lengths = [end - start - _HEADER_BYTES for start, end in zip(offsets, ends, strict=True)]
+            if scan.problem is not None:
+                offset, reason, _ = scan.problem
+                raise ShippedRecordsCorruptError(offset, reason)
+            if scan.next_index - 1 != last_index:
+                raise ShippedRecordsCorruptError(
+                    len(records),
+                    f"records hold indexes {first_index}..{scan.next_index - 1} but the batch "
+                    f"claimed {first_index}..{last_index}",
+                )
+            offsets = scan.offsets
+            ends = [*offsets[1:], len(records)]
+            lengths = [end - start - _HEADER_BYTES
+                       for start, end in zip(offsets, ends, strict=True)]
+            changes = scan.changes
+        if epoch_max is not None and changes[-1][0] > epoch_max:
+            raise ShippedRecordsCorruptError(
+                0, f"a record of epoch {changes[-1][0]} came from the primary of "
+                f"epoch {epoch_max}: a primary ships no entry of a later epoch")
         with self._lock:
             self._check_open_locked()
             self._register_locked(first_index)
         return self._append_framed(
-            records, lengths, first_index, last_index - first_index + 1, scan.changes
+            records, lengths, first_index, last_index - first_index + 1, changes
         )
 
     def _append_framed(
