@@ -225,7 +225,19 @@ class Agent:
         # while a shipped batch is half appended, or a new primary would start its log at an
         # index the append is about to fill.
         async with self.lock(service):
-            return await self._receive_locked(service, what, item)
+            try:
+                return await self._receive_locked(service, what, item)
+            except Exception as exc:
+                # A bug, or damage no check caught, in one replica must not end the stream:
+                # it carries every service this host shares with the sender (invariant 12).
+                # This item alone is refused; the primary probes again later.
+                log.exception("%s: a shipped %s failed", service, what)
+                message = (f"host {self.host_id} could not take a {what} for {service}: "
+                           f"{type(exc).__name__}: {exc}")
+                replica = self.replicas.get(service)
+                if replica is not None:
+                    replica.last_error = message
+                return _refusal(service, item, replica, message)
 
     async def _receive_locked(self, service: str, what: str,
                               item: Any) -> replication_pb2.ReplicaAck:
@@ -497,6 +509,16 @@ class FrameFeed:
             if isinstance(item, BaseException):
                 raise Unavailable(f"the snapshot stream broke: {item!r}")
             yield item
+
+
+def _refusal(service: str, item: Any, replica: Replica | None,
+             message: str) -> replication_pb2.ReplicaAck:
+    """A shipped item this replica cannot take: a storage error, at the replica's epoch so
+    that its primary acts on it (marks the duplica failed and probes again later)."""
+    return replication_pb2.ReplicaAck(
+        service=service, epoch=replica.epoch if replica is not None else 0,
+        status=replication_pb2.ACK_STATUS_STORAGE_ERROR,
+        batch_id=getattr(item, "batch_id", 0), message=message)
 
 
 def _ack_to_proto(ack: dict[str, Any]) -> replication_pb2.ReplicaAck:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import crc32c
+import grpc
 import msgpack
 import pytest
 
@@ -113,3 +114,33 @@ async def test_a_shipped_batch_with_a_bad_middle_record_is_refused_and_the_strea
         await stream.done_writing()
     await until(lambda: kv1.sm.applied_index == 5 and kv2.sm.applied_index == 10)
     assert kv1.wal.read(1, 5) == good  # exactly the good batch, nothing of the bad one
+
+
+async def test_one_replica_failing_on_a_shipped_item_never_ends_the_shared_stream(
+    served_duplicas: tuple[Agent, str],
+) -> None:
+    # The failure the issue saw: a primary asked a sync-mode duplica to truncate entries it
+    # had committed; the duplica's assertion ended the Ship stream of every service.
+    agent, address = served_duplicas
+    async with channels.insecure_channel(address) as channel:
+        stream = replication_pb2_grpc.ReplicationStub(channel).Ship()
+        await stream.write(replication_pb2.ShipMessage(batches=[
+            _batch("kv1", _entries(1, 5, "a"), (0, 0)),
+            _batch("kv2", _entries(1, 5, "b"), (0, 0))]))
+        assert {a.status for a in (await stream.read()).acks} == {replication_pb2.ACK_STATUS_OK}
+        await stream.write(replication_pb2.ShipMessage(
+            truncates=[replication_pb2.Truncate(service="kv1", epoch=1, after_index=2)],
+            batches=[_batch("kv2", _entries(6, 5, "b"), (1, 5), batch_id=2)]))
+        acks = {a.service: a for a in (await stream.read()).acks}
+        assert acks["kv1"].status == replication_pb2.ACK_STATUS_STORAGE_ERROR
+        assert "truncate committed entries" in acks["kv1"].message
+        assert acks["kv2"].status == replication_pb2.ACK_STATUS_OK
+        # Still open, for both.
+        await stream.write(replication_pb2.ShipMessage(batches=[
+            _batch("kv1", _entries(6, 1, "a"), (1, 5), batch_id=3),
+            _batch("kv2", _entries(11, 1, "b"), (1, 10), batch_id=3)]))
+        acks = {a.service: a for a in (await stream.read()).acks}
+        assert [acks[s].durable_index for s in ("kv1", "kv2")] == [6, 11]
+        await stream.done_writing()
+        assert await stream.code() == grpc.StatusCode.OK
+    assert agent.replicas["kv1"].wal.last_index == 6  # nothing was truncated
