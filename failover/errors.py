@@ -121,6 +121,13 @@ class Unavailable(FailoverError):
     have been applied: retry with the same client (same request id) to find out."""
 
 
+class ReplicaBrokenError(Unavailable):
+    """This host's replica of the service cannot read its own snapshot or log (damaged or
+    unreadable): it serves nothing, takes no batch, is not promotable, and says why in its
+    status until the coordinator rebuilds it from a peer. Retry: the coordinator moves its
+    role to another replica."""
+
+
 class StaleEpochError(FailoverError):
     """A message carries an epoch lower than the receiver's: the sender has been fenced."""
 

@@ -84,10 +84,25 @@ class Agent:
         """Recovers every replica from its data dir before serving."""
         self._replicas_dir.mkdir(parents=True, exist_ok=True)
         for root in sorted(p for p in self._replicas_dir.iterdir() if p.is_dir()):
-            meta = Replica.load_meta(root)
-            replica = Replica(self, root, meta)
-            replica.open()
+            # One replica that cannot be recovered never stops the others (invariant 12).
+            try:
+                meta = Replica.load_meta(root)
+                replica = Replica(self, root, meta)
+            except Exception as exc:  # an unreadable meta, a kind whose code is gone
+                log.error("cannot recover the replica in %s (%s: %s); it is left as it is for "
+                          "an operator, and the coordinator rebuilds the service's replica",
+                          root, type(exc).__name__, exc)
+                continue
+            try:
+                replica.open()  # damage on disk marks it broken; this is for anything else
+            except Exception as exc:
+                log.exception("%s: recovery failed", meta.service)
+                replica.mark_broken(f"recovery failed: {type(exc).__name__}: {exc}")
             self.replicas[meta.service] = replica
+            if replica.broken:
+                log.error("recovered %s (%s) as %s at epoch %d, broken: %s", meta.service,
+                          meta.kind, meta.role, meta.epoch, replica.broken)
+                continue
             log.info("recovered %s (%s) as %s at epoch %d: log %d..%d, applied %d",
                      meta.service, meta.kind, meta.role, meta.epoch, replica.wal.first_index,
                      replica.wal.last_index, replica.sm.applied_index)
@@ -247,6 +262,8 @@ class Agent:
                 service=service, status=replication_pb2.ACK_STATUS_UNKNOWN_SERVICE,
                 batch_id=getattr(item, "batch_id", 0),
                 message=f"host {self.host_id} holds no replica of {service!r}")
+        if replica.broken:
+            return _refusal(service, item, replica, str(replica.broken_error()))
         if what == "probe":
             ack = await replica.receive_probe(item.epoch)
         elif what == "truncate":
@@ -310,6 +327,7 @@ class Agent:
         replica = self.replicas.get(service)
         if replica is None:
             raise InvalidRequest(f"host {self.host_id} holds no replica of {service!r}")
+        replica.check_not_broken()
         if epoch < replica.epoch:
             raise StaleEpochError(f"{service}: snapshot from epoch {epoch} < {replica.epoch}")
         header = SnapshotHeader(
@@ -435,6 +453,7 @@ class Agent:
 
     async def compact(self, service: str, retain_entries: int) -> tuple[int, int]:
         replica = self.replica(service)
+        replica.check_not_broken()  # its state may not be what it acked: no snapshot of it
         async with self.lock(service):
             path = await replica.take_snapshot()
             first = replica.compact(retain_entries)

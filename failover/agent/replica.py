@@ -53,8 +53,11 @@ from failover.errors import (
     DiskFullError,
     InvalidRequest,
     LogCorruptError,
+    LogGapError,
     NotPrimaryError,
     Overloaded,
+    ReplicaBrokenError,
+    SnapshotCorruptError,
     StaleEpochError,
     StorageError,
     Unavailable,
@@ -148,6 +151,10 @@ class Replica:
         self._last_snapshot_index = 0
         self.truncated_entries = 0
         self.last_error = ""
+        # Why this replica cannot read its own snapshot or log ("" while it can). A broken
+        # replica serves nothing, acks nothing that counts and is not promotable; it says so
+        # in its status until the coordinator rebuilds it from a peer (invariant 12).
+        self.broken = ""
         # The last log append failed for want of space (reported in heartbeats: the
         # coordinator takes a full duplica out of the in-sync set, moves a full primary off).
         self.disk_full = False
@@ -194,21 +201,22 @@ class Replica:
         migration's copy, just written down): it is used instead of reading the snapshot
         back, which would hold the event loop for as long as the state is large."""
         policy = self.agent.config.fsync_policy
-        self.wal = WriteAheadLog.open(self.root / "wal", fsync_policy=policy)
-        report = self.wal.open_report
-        if report.torn_bytes_dropped:
-            log.warning("%s: dropped a torn log tail of %d bytes in %s", self.service,
-                        report.torn_bytes_dropped, report.torn_segment)
-        path = self.snapshots.latest()
-        if state is not None:
-            assert path is not None and read_header(path).applied_index == state.applied_index
-            self.sm = state
-            self._last_snapshot_index = state.applied_index
-        elif path is not None:
-            fresh = ReplicatedStateMachine(self.kind_cls())
-            header = load_snapshot(path, _KindView(fresh))
-            self.sm = fresh
-            self._last_snapshot_index = header.applied_index
+        try:
+            self.wal = WriteAheadLog.open(self.root / "wal", fsync_policy=policy)
+            report = self.wal.open_report
+            if report.torn_bytes_dropped:
+                log.warning("%s: dropped a torn log tail of %d bytes in %s", self.service,
+                            report.torn_bytes_dropped, report.torn_segment)
+            if state is not None:
+                path = self.snapshots.latest()
+                assert path is not None and read_header(path).applied_index == state.applied_index
+                self.sm = state
+                self._last_snapshot_index = state.applied_index
+            else:
+                self._recover_state()
+        except (StorageError, OSError) as exc:
+            self.mark_broken(str(exc))
+            return
         self._next_index = self.wal.last_index + 1
         # Entries after the snapshot are applied once the commit index covers them: as primary
         # from the duplicas' acks, as duplica from the primary's batches.
@@ -218,6 +226,61 @@ class Replica:
         self._become(self.meta.role, self.meta.epoch, self.meta.in_sync)
         if self.role == PRIMARY:
             self.agent.ensure_links(self.duplica_addresses)
+
+    def _recover_state(self) -> None:
+        """Loads the newest snapshot that reads back whole and that the log continues from.
+
+        A damaged snapshot is skipped for an older one only when the log still holds every
+        entry after the older one: starting from a state at index S with a log that begins
+        after S + 1 would silently lose the entries in between, and a replica that did so
+        would go on to report a matched index it cannot back. That is `LogGapError`."""
+        first = self.wal.first_index
+        for path in self.snapshots.paths():
+            fresh = ReplicatedStateMachine(self.kind_cls())
+            try:
+                header = load_snapshot(path, _KindView(fresh))
+            except (SnapshotCorruptError, OSError) as exc:
+                log.error("%s: skipping snapshot %s: %s", self.service, path.name, exc)
+                continue
+            index = header.applied_index
+            break
+        else:
+            fresh, index = None, 0
+        if first > index + 1:
+            state = (f"the snapshot at index {index}" if fresh is not None
+                     else "empty (no snapshot reads back whole)")
+            raise LogGapError(
+                f"{self.service}: its newest readable state is {state}, but its log starts at "
+                f"index {first}: entries {index + 1}..{first - 1} are lost here; it cannot "
+                "recover on its own and is rebuilt from a peer")
+        if fresh is not None:
+            self.sm = fresh
+            self._last_snapshot_index = index
+
+    def mark_broken(self, reason: str) -> None:
+        """This replica cannot read its own snapshot or log: from now on it serves nothing,
+        takes no shipped batch, and reports itself broken (with `reason`), never in sync,
+        so that the coordinator never promotes it and rebuilds it from a peer."""
+        if self.broken:
+            return
+        self.broken = self.last_error = reason
+        log.error("%s: replica broken, it serves nothing until the coordinator rebuilds it "
+                  "from a peer: %s", self.service, reason)
+        self._fail_waiters(self.broken_error())
+        self.release_hold()
+        self.lease_expiry_ms = 0
+
+    def broken_error(self) -> ReplicaBrokenError:
+        """The error a broken replica answers every call with."""
+        return ReplicaBrokenError(
+            f"{self.service}: this replica cannot read its own snapshot or log ({self.broken}); "
+            "it serves nothing until the coordinator rebuilds it from a peer: retry, the "
+            "coordinator moves its role")
+
+    def check_not_broken(self) -> None:
+        """Raises `ReplicaBrokenError` if this replica is broken."""
+        if self.broken:
+            raise self.broken_error()
 
     async def close(self) -> None:
         self.closed = True
@@ -291,6 +354,10 @@ class Replica:
             duplicas=dict(duplicas), in_sync=sorted(in_sync),
             in_sync_generation=in_sync_generation,
         )
+        if self.broken:
+            # Recorded, so that its report matches the coordinator's record; but a replica
+            # that cannot read its own data takes no role (invariant 12).
+            raise self.broken_error()
         self.duplica_addresses = dict(duplicas)
         if was != (role, epoch):
             log.info("%s: role %s -> %s at epoch %d (was epoch %d): %s", self.service, was[0],
@@ -369,7 +436,8 @@ class Replica:
             # old meta serves nothing until the coordinator confirms it.
             log.error("%s: stepping down without recording it: %s", self.service, exc)
             self.meta = dataclasses.replace(self.meta, **changes)
-        self._become(DUPLICA, self.meta.epoch)
+        if not self.broken:
+            self._become(DUPLICA, self.meta.epoch)
 
     def _limits(self) -> ShipLimits:
         c = self.agent.config
@@ -638,6 +706,7 @@ class Replica:
         self.release_hold()
 
     def _check_primary(self, epoch_seen: int) -> None:
+        self.check_not_broken()
         if self.role != PRIMARY or self.primary is None or self.primary.fenced:
             raise NotPrimaryError(self.service, self.meta.primary_address, self.epoch)
         if not self.confirmed:
@@ -742,14 +811,14 @@ class Replica:
 
     def on_ack(self, host_id: str, ack: AckView) -> None:
         """An answer from a duplica's host."""
-        if self.primary is None:
+        if self.primary is None or self.broken:
             return
         self._run(self.primary.ack(host_id, ack, monotonic_ms()))
         self._apply_committed()
         self._notify_progress()
 
     def on_link_up(self, host_id: str) -> None:
-        if self.primary is not None:
+        if self.primary is not None and not self.broken:
             self._run(self.primary.link_up(host_id, monotonic_ms()))
 
     def on_link_down(self, host_id: str) -> None:
@@ -757,7 +826,9 @@ class Replica:
             self.primary.link_down(host_id)
 
     def tick(self, now_ms: int) -> None:
-        if self.primary is not None:
+        # A broken primary ships nothing more: its duplicas stop hearing it, which lets the
+        # coordinator fail over.
+        if self.primary is not None and not self.broken:
             self._run(self.primary.tick(now_ms))
 
     async def _send_snapshot(self, host_id: str) -> None:
@@ -792,7 +863,7 @@ class Replica:
             self._schedule_apply()
 
     def _apply_limit(self) -> int:
-        if self._apply_held:
+        if self._apply_held or self.broken:
             return self.sm.applied_index
         # Never past what this loop has queued (`_next_index - 1`): the log's durable index
         # moves on an I/O thread a moment before shipped entries are queued here, and
@@ -843,7 +914,12 @@ class Replica:
             first = sm.applied_index + 1
             unapplied = self._unapplied
             if not unapplied or unapplied[0].index != first:
-                self._reload_unapplied(limit)
+                try:
+                    self._reload_unapplied(limit)
+                except (StorageError, OSError) as exc:
+                    # What it acked cannot be read back to apply: it must not count.
+                    self.mark_broken(f"reading its log to apply index {first} failed: {exc}")
+                    return False
                 unapplied = self._unapplied
             # While shipped batches wait, smaller chunks: taking them onto disk (and acking)
             # comes first, and a long apply turn holds the loop they arrive on.
@@ -1161,22 +1237,25 @@ class Replica:
     # --- status --------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
+        # A broken replica vouches for nothing it holds: no durable or matched index (its log
+        # may not even open), so nobody counts it in sync or promotes it (invariant 12).
+        durable = 0 if self.broken else self.wal.durable_index
         # A duplica's lag as far as it knows: committed on the primary, not yet on our disk.
-        lag = 0 if self.primary is not None else max(0, self.commit_index - self.wal.durable_index)
-        durable = self.wal.durable_index
-        matched = durable if self.primary is not None else (
+        lag = 0 if self.primary is not None or self.broken else max(
+            0, self.commit_index - durable)
+        matched = 0 if self.broken else durable if self.primary is not None else (
             min(durable, self.duplica.verified_index) if self.duplica is not None else 0)
         return {
             "service": self.service, "kind": self.meta.kind, "role": self.role,
             "epoch": self.epoch, "mode": self.meta.mode, "matched_index": matched,
-            "in_sync_lag_ms": (self.primary.lag_ms(monotonic_ms()) if self.primary is not None
-                               else {}),
             "in_sync": sorted(self.primary.in_sync) if self.primary is not None else [],
             "in_sync_generation": self.meta.in_sync_generation if self.primary is not None else 0,
+            "in_sync_lag_ms": (self.primary.lag_ms(monotonic_ms()) if self.primary is not None
+                               else {}),
             "durable_index": durable, "commit_index": self.commit_index,
             "applied_index": self.sm.applied_index, "lag_entries": lag,
             "truncated_entries": self.truncated_entries, "last_error": self.last_error,
-            "disk_full": self.disk_full,
+            "disk_full": self.disk_full, "broken": bool(self.broken),
         }
 
     def _fail_waiters(self, error: Exception) -> None:

@@ -720,6 +720,7 @@ def replica_reports(request: coordinator_pb2.HeartbeatRequest) -> list[ReplicaRe
             durable_index=r.indexes.durable_index, commit_index=r.indexes.commit_index,
             applied_index=r.indexes.applied_index, truncated_entries=r.truncated_entries,
             matched_index=r.matched_index, disk_full=r.disk_full,
+            broken=(r.last_error or "it cannot read its snapshot or log") if r.broken else "",
             in_sync=tuple(r.in_sync) if r.role == common_pb2.ROLE_PRIMARY else None,
             in_sync_generation=r.in_sync_generation,
             in_sync_lag_ms=dict(r.in_sync_lag_ms) if r.role == common_pb2.ROLE_PRIMARY else None)

@@ -101,6 +101,9 @@ class ReplicaReport:
     matched_index: int = 0  # durable and known to equal the current primary's log
     in_sync: tuple[str, ...] | None = None  # a primary's in-sync set as it applies it
     disk_full: bool = False  # its last log append failed for want of space
+    # Why it cannot read its own snapshot or log ("" when it can): it serves nothing, never
+    # counts as in sync, is never promoted, and is rebuilt from a peer (invariant 12).
+    broken: str = ""
     in_sync_generation: int = 0  # a primary: the generation of the in-sync set it applies
     # a primary: per in-sync member, how long a sync write may have waited on it
     in_sync_lag_ms: dict[str, int] | None = None
@@ -370,6 +373,14 @@ class CoordinatorCore:
                     actions.extend(self._assignments(service, only=host_id))
                 continue
             self._reassigned_ms.pop(key, None)
+            if report.broken:
+                # No lease, no threshold, no promotion: a broken primary is failed over by
+                # `tick`, a broken duplica leaves the in-sync set now and is rebuilt.
+                if (wanted != PRIMARY and host_id in service.in_sync
+                        and service.name not in self.switchovers):
+                    actions.extend(self._shrink_in_sync(service, host_id, (
+                        f"it cannot read its own snapshot or log: {report.broken}")))
+                continue
             if wanted == PRIMARY and report.in_sync is not None:
                 counted = set(service.in_sync) & set(report.in_sync)
                 for member in counted:
@@ -489,7 +500,8 @@ class CoordinatorCore:
             if service.name in self.failovers or service.name in self.switchovers:
                 continue
             live = self.live.get(service.primary)
-            if live is None or live.alive:
+            # A live primary that cannot read its own data serves nothing: fail it over too.
+            if live is None or (live.alive and not self._broken(service, service.primary)):
                 continue
             asked = self._asked_ms.get(service.name)
             if asked is not None and now_ms - asked < timeout:
@@ -554,6 +566,7 @@ class CoordinatorCore:
                     live is not None and live.alive and report is not None
                     and report.epoch == service.epoch and report.role == role
                     and role in (DUPLICA, BUILDING) and not report.disk_full
+                    and not report.broken
                     # Not the durable index: a tail the primary has not checked may diverge.
                     and report.matched_index >= primary_report.commit_index
                 ):
@@ -584,12 +597,21 @@ class CoordinatorCore:
 
     def _counts(self, service: ServiceInfo, host_id: str) -> bool:
         """Whether this replica counts toward the desired number: not on a dead or draining
-        host, and not a primary deposed by a failover that has stayed silent since."""
+        host, not a primary deposed by a failover that has stayed silent since, and not
+        broken."""
         live = self.live.get(host_id)
         info = self.hosts.get(host_id)
         return (live is not None and not live.dead and info is not None and not info.draining
                 and (service.name, host_id) not in self._deposed
-                and host_id not in service.leaving)
+                and host_id not in service.leaving
+                and not self._broken(service, host_id))
+
+    def _broken(self, service: ServiceInfo, host_id: str) -> str:
+        """Why this host's replica of `service` cannot read its own snapshot or log, as its
+        host last reported; "" when it can (or its host has not said)."""
+        live = self.live.get(host_id)
+        report = live.replicas.get(service.name) if live is not None else None
+        return report.broken if report is not None else ""
 
     def _restore_redundancy(self, service: ServiceInfo, now_ms: int) -> list[Action]:
         """Brings the service back to its desired replica count: places building replicas
@@ -602,8 +624,15 @@ class CoordinatorCore:
         primary_report = primary_live.replicas.get(service.name) if primary_live else None
         if (primary_live is None or not primary_live.alive or primary_report is None
                 or primary_report.epoch != service.epoch
-                or primary_report.role != PRIMARY):
+                or primary_report.role != PRIMARY or primary_report.broken):
             return []  # a replica is built from a serving primary only
+        broken = [h for h in sorted(service.replicas)
+                  if h != service.primary and self._broken(service, h)]
+        if broken:
+            # A broken copy holds nothing anyone can use, and the serving primary holds every
+            # write: it is dropped now, so that its own host can take a fresh copy when no
+            # other host can (invariant 12); the next tick places the missing replica.
+            return [a for h in broken for a in self._retire(service, h)]
         counted = [h for h in service.replicas if self._counts(service, h)]
         missing = service.desired_replicas - len(counted)
         if missing > 0:
@@ -701,7 +730,10 @@ class CoordinatorCore:
         if not service.leaving:
             self._move_to.pop(service.name, None)
         live = self.live.get(host)
+        broken = self._broken(service, host)
         why = ("its host is dead" if live is None or live.dead
+               else f"it cannot read its own snapshot or log ({broken}); it is rebuilt from "
+                    "the primary" if broken
                else "it moved to another host" if leaving
                else "its host is draining" if self.hosts[host].draining
                else f"{service.desired_replicas} other replicas are in sync")
@@ -860,7 +892,8 @@ class CoordinatorCore:
         service = self.services.get(service_name)
         if failover is None or service is None or failover.state != "asking":
             return []
-        if self.live.get(failover.old_primary, HostLive(0, alive=False)).alive:
+        if (self.live.get(failover.old_primary, HostLive(0, alive=False)).alive
+                and not self._broken(service, failover.old_primary)):
             del self.failovers[service_name]  # it heartbeated again meanwhile
             return []
         hearing = [a.host_id for a in answers if a.reachable and a.hears]
@@ -872,7 +905,8 @@ class CoordinatorCore:
                 "hear it: the coordinator's link is at fault, no failover",
                 {"old_primary": failover.old_primary, "hearing": hearing}),))]
         candidates = [a for a in answers if a.reachable and a.host_id in service.in_sync
-                      and a.host_id in service.promotable and a.epoch <= service.epoch]
+                      and a.host_id in service.promotable and a.epoch <= service.epoch
+                      and not self._broken(service, a.host_id)]
         if not candidates:
             del self.failovers[service_name]
             return [Persist({}, history=((

@@ -238,7 +238,7 @@ def replica_status(replica: Replica) -> agent_pb2.ReplicaStatus:
                                           applied_index=s["applied_index"]),
         lag_entries=s["lag_entries"], mode=MODE_TO_PROTO[s["mode"]],
         truncated_entries=s["truncated_entries"], last_error=s["last_error"],
-        disk_full=s["disk_full"],
+        disk_full=s["disk_full"], broken=s["broken"],
         matched_index=s["matched_index"], in_sync=s["in_sync"],
         in_sync_generation=s["in_sync_generation"], in_sync_lag_ms=s["in_sync_lag_ms"],
     )
@@ -312,6 +312,8 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
                            context: grpc.aio.ServicerContext) -> agent_pb2.HearsPrimaryReply:
         try:
             replica = self.agent.replica(request.service)
+            # A broken replica is no candidate for promotion: it answers nothing here.
+            replica.check_not_broken()
         except _HANDLED as exc:
             await _abort(context, exc)
         hears, silent_ms = replica.hears_primary(monotonic_ms())
@@ -360,6 +362,7 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
             if not request.target_address or not request.migration_id:
                 raise InvalidRequest("target_address and migration_id are required")
             replica = self.agent.replica(request.service)
+            replica.check_not_broken()
             source = MigrationSource(replica, request, self.agent.host_id)
             async for progress in source.run():
                 yield progress
@@ -384,6 +387,7 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
                         context: grpc.aio.ServicerContext) -> agent_pb2.GetDigestReply:
         try:
             replica = self.agent.replica(request.service)
+            replica.check_not_broken()  # its state is not one it can vouch for
         except _HANDLED as exc:
             await _abort(context, exc)
         return agent_pb2.GetDigestReply(

@@ -47,6 +47,8 @@ class Driver:
         self.index: dict[tuple[str, str], int] = {}
         self.up = set(hosts)
         self.full: set[str] = set()  # hosts whose disk is full
+        # (host, svc) -> why that replica cannot read its own snapshot or log
+        self.broken: dict[tuple[str, str], str] = {}
         self.events: list[tuple[str, str, str, dict[str, Any]]] = []
         self.actions: list[Action] = []
         for h in hosts:
@@ -64,6 +66,7 @@ class Driver:
             elif isinstance(a, DropReplica) and a.host_id in self.up:
                 self.roles.pop((a.host_id, a.service), None)
                 self.index.pop((a.host_id, a.service), None)
+                self.broken.pop((a.host_id, a.service), None)  # its data is gone with it
         return actions
 
     def beat(self, host: str) -> None:
@@ -78,6 +81,7 @@ class Driver:
                                          idx, matched_index=idx,
                                          in_sync=in_sync if role == PRIMARY else None,
                                          disk_full=h in self.full,
+                                         broken=self.broken.get((h, svc), ""),
                                          in_sync_generation=generation))
         _, actions = self.core.heartbeat(host, METRICS, reports, self.now)
         self.run(actions)
