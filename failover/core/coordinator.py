@@ -239,12 +239,12 @@ class CoordinatorCore:
     def __init__(self, timing: Timing = Timing(),
                  placement_policy: str = defaults.PLACEMENT_POLICY) -> None:
         assert timing.host_dead_ms >= timing.failure_timeout_ms, timing
-        self.timing = timing
-        self.placement_policy = placement.check_policy(placement_policy)
-        self.hosts: dict[str, HostInfo] = {}
         # A restarted coordinator knows no leases: a failover right after it is safe only
         # because a primary is suspected no sooner than any lease it held can have ended.
         assert timing.failure_timeout_ms >= timing.lease_ms + timing.lease_drift_margin_ms, timing
+        self.timing = timing
+        self.placement_policy = placement.check_policy(placement_policy)
+        self.hosts: dict[str, HostInfo] = {}
         self.live: dict[str, HostLive] = {}
         self.services: dict[str, ServiceInfo] = {}
         self.routes_version = 0
