@@ -1,1 +1,3 @@
-"""cli."""
+"""`failoverctl`, the operator's command line: status, hosts, create, delete, switchover,
+migrate, patch, drain, undrain, history, call, demo and chaos. See docs/operations.md.
+"""
