@@ -2,9 +2,9 @@
 
 Every call gets a request id (a session id and a sequence number) that stays the same
 across retries and reroutes, so the replicated state applies it at most once and a retry
-gets the recorded reply (design.md, invariant 5).
+gets the recorded reply (docs/design.md, invariant 5).
 
-Sessions (design.md, invariant 11; `failover.core.sessions`). A service remembers a bounded
+Sessions (docs/design.md, invariant 11; `failover.core.sessions`). A service remembers a bounded
 number of sessions and only a request that says so may open one, so that a retry whose session
 was evicted is refused (`SessionExpired`) rather than applied again. Per service, this client's
 first session id is its `client_id` and later ones are ``client_id/N``. One call at a time

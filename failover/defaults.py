@@ -1,4 +1,4 @@
-"""Every default and hard limit, in one place (design.md, Defaults and limits).
+"""Every default and hard limit, in one place (docs/design.md, Defaults and limits).
 
 Units are the last part of each name. Code that needs a default imports it from here; nothing
 else spells a default number.

@@ -1,6 +1,6 @@
 """A paged arena with a dirty map: the state of kinds that migrate fast.
 
-Pre-copy live migration (design.md, Live migration) sends every page in round 0 and then, in
+Pre-copy live migration (docs/design.md, Live migration) sends every page in round 0 and then, in
 each next round, the pages written during the last one. `PagedState` keeps the state in one
 `bytearray` cut into fixed-size pages and remembers which pages were written since the last
 `take_dirty()`; the migration code swaps that set out once per round.

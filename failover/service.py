@@ -3,7 +3,7 @@
 A kind is a deterministic state machine. The framework feeds it committed log entries in index
 order through `apply`, answers reads through `query`, and moves or persists its state through
 `snapshot` / `restore` (and, for kinds with a paged arena, page by page in a live migration).
-Replicas compare `digest` values to prove they hold the same state (design.md, invariant 8).
+Replicas compare `digest` values to prove they hold the same state (docs/design.md, invariant 8).
 
 Requests and results are plain dicts of msgpack-able values (str keys; None, bool, int, float,
 str, bytes, lists and dicts of those). Register a kind under the `failover.services` entry-point
@@ -12,7 +12,7 @@ group of its package; `failover.kinds` finds it there.
 The helpers at the end (`require_dict`, `require_op`, `require`, `require_int`) validate request
 dicts with messages that name the op and the field, raising InvalidRequest.
 
-Apply is total (design.md, invariant 13): an exception other than InvalidRequest or
+Apply is total (docs/design.md, invariant 13): an exception other than InvalidRequest or
 RequestRejected out of `apply` is a bug in the kind, and the framework turns it into the
 refusal `kind_failure` makes, the same on every replica. A request reaches `apply` only after
 the primary checked its size and nesting (`defaults.REQUEST_DEPTH_MAX`), so a kind may recurse

@@ -1,5 +1,5 @@
 """One long-lived Ship stream from this host to a peer host, shared by every replica set the
-two hosts share (design.md, Replication).
+two hosts share (docs/design.md, Replication).
 
 Whatever the replicas queued while the last message was being written goes out as one
 message, so a busy host sends few large messages rather than many small ones. The per

@@ -1,4 +1,4 @@
-"""Restarting an agent on new code (design.md, Patch): run the patch command, then
+"""Restarting an agent on new code (docs/design.md, Patch): run the patch command, then
 re-execute the agent's own command line so that new code loads.
 
 The agent answers the Restart call first, then stops serving cleanly (logs closed, the

@@ -4,7 +4,7 @@ They are pure: they take ops and observed states and return verdicts, with no I/
 asyncio or grpc. Every verdict is one of "holds", "violated" (with an explanation and the
 ops involved) or, where the check is bounded, an explicit "unknown", never a false pass.
 
-What is checked (design.md, Invariants):
+What is checked (docs/design.md, Invariants):
 
 - `check_linearizable_kv`: every kv key's history is linearizable against a register
   (put, get, cas, delete). Invariants 4, 5, 6, 9 and 10 all show up here: a lost,

@@ -410,7 +410,7 @@ class Coordinator:
     async def migrate(self, name: str, to_host: str, replica: str, max_downtime_ms: int,
                       method: str, from_host: str = "", max_bandwidth_bytes_s: int = 0,
                       ) -> AsyncIterator[agent_pb2.MigrationProgress]:
-        """Moves a replica of `name` to `to_host` (design.md, Live migration): the source
+        """Moves a replica of `name` to `to_host` (docs/design.md, Live migration): the source
         agent copies its live state (pre-copy or stop-and-copy; nothing for "replay", which
         builds the target from a snapshot and the log), then the target catches up as a
         building replica and joins the in-sync set; a moving primary is switched over to it;
@@ -508,7 +508,7 @@ class Coordinator:
     async def patch(self, hosts: list[str], everything: bool, command: str, failback: bool,
                     method: str, command_timeout_ms: int,
                     ) -> AsyncIterator[coordinator_pb2.PatchProgress]:
-        """Restarts hosts on new code, one at a time, without failed requests (design.md,
+        """Restarts hosts on new code, one at a time, without failed requests (docs/design.md,
         Patch). A failed step stops the patch with the cluster serving."""
         if method not in ("precopy", "switchover"):
             raise InvalidRequest(f"method {method!r}: choose precopy or switchover")

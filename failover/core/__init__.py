@@ -1,4 +1,4 @@
-"""Pure protocol and policy: no grpc, asyncio, sockets, files or clocks (design.md, Layers).
+"""Pure protocol and policy: no grpc, asyncio, sockets, files or clocks (docs/design.md, Layers).
 
 Each core object takes events and returns actions; time comes in as an argument.
 """

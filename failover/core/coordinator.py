@@ -1,4 +1,4 @@
-"""The coordinator's policy as a pure state machine (design.md, Failure detection).
+"""The coordinator's policy as a pure state machine (docs/design.md, Failure detection).
 
 Events go in (a host registers, a heartbeat, a tick with the monotonic time, the duplicas'
 answers, an operator's command) and actions come out (persist, assign a role, step down,

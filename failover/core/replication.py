@@ -1,4 +1,4 @@
-"""The primary/duplica log-shipping protocol as pure state machines (design.md, Replication).
+"""The primary/duplica log-shipping protocol as pure state machines (docs/design.md, Replication).
 
 `PrimaryReplication` tracks, for one replica set on its primary, how far each duplica has
 durably logged, decides what to send next within the per-replica-set bounds, and computes

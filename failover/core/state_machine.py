@@ -1,7 +1,7 @@
 """The replicated state machine: a service kind plus the exactly-once sessions.
 
 Committed entries are applied here, in index order, identically on every replica
-(design.md, invariant 4). Pure: no I/O, no clock; the agent feeds it entries.
+(docs/design.md, invariant 4). Pure: no I/O, no clock; the agent feeds it entries.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Pre-copy live migration of a paged state (design.md, Live migration).
+"""Pre-copy live migration of a paged state (docs/design.md, Live migration).
 
 * `failover.migration.planner`: the pure planner that decides, round after round from the
   caller's measurements, whether to copy again or cut over, and how hard to throttle writes.

@@ -1,4 +1,4 @@
-"""Page batch codecs for pre-copy live migration (design.md, Live migration).
+"""Page batch codecs for pre-copy live migration (docs/design.md, Live migration).
 
 The source keeps one `PageEncoder` for the whole migration and the target one `PageDecoder`;
 each batch goes over the wire as a `PageBatch` (proto/failover/v1/migration.proto):

@@ -5,7 +5,7 @@ The coordinator keeps hosts, services, replicas, epochs, in-sync sets and the ro
 under keys of its choosing; the store neither knows nor parses them. A change is one `commit`:
 its puts, deletes and history events are applied together or not at all, and are durable when
 the call returns, so the coordinator can persist a new epoch before any agent hears of it
-(design.md, Invariants 1).
+(docs/design.md, Invariants 1).
 
 Built now: `SqliteStore` (one coordinator, its data dir). The interface already carries what a
 store shared by several coordinators (etcd) needs:

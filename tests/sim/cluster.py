@@ -1,4 +1,4 @@
-"""A deterministic simulation of a whole cluster in one process (design.md, Layers).
+"""A deterministic simulation of a whole cluster in one process (docs/design.md, Layers).
 
 The coordinator's policy core (`CoordinatorCore`) and, on every simulated host, the
 primary/duplica protocol cores (`PrimaryReplication`, `DuplicaReplication`) over a real
@@ -36,7 +36,7 @@ What is modelled, and how faithfully:
 A run that ships or schedules orders of magnitude more than usual is reported as a
 liveness violation (a message storm) instead of running for minutes.
 
-Invariants checked (design.md numbers): epochs persisted before any agent hears of them
+Invariants checked (docs/design.md numbers): epochs persisted before any agent hears of them
 and never going back (1, 2); one writer per (service, epoch); in sync mode no acknowledged
 write lost (3, 9); identical apply order on every replica (4); each request id executed at
 most once and a retry answered with the recorded reply (5); after healing every replica
