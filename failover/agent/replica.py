@@ -70,7 +70,7 @@ from failover.storage.snapshot import (
     load_snapshot,
     read_header,
 )
-from failover.storage.wal import Entry, WriteAheadLog
+from failover.storage.wal import CheckedRecords, Entry, WriteAheadLog
 
 if TYPE_CHECKING:
     from failover.agent.host import Agent
@@ -1146,7 +1146,11 @@ class Replica:
 
     async def receive_batch(self, epoch: int, batch_id: int, prev: LogPosition,
                             first_index: int, last_index: int, records: bytes,
-                            commit_index: int) -> dict[str, Any]:
+                            commit_index: int,
+                            check: asyncio.Future[CheckedRecords | None] | None = None,
+                            ) -> dict[str, Any]:
+        """Takes a shipped batch. `check` is `check_records` of its records, started when it
+        arrived (`Agent.precheck`); without it the records are checked here."""
         duplica = self._duplica_for(epoch)
         if duplica is None:
             return self._ack("stale_epoch", batch_id)
@@ -1157,12 +1161,13 @@ class Replica:
         if any(isinstance(a, Append) for a in actions):
             loop = asyncio.get_running_loop()
             entries: list[tuple[int, int, bytes, bytes]] = []
+            # Every record is checked before any is written (invariant 12), and none may
+            # claim an epoch after the shipping primary's.
+            checked = await check if check is not None else None
             try:
-                # Every record is checked before any is written (invariant 12), and none may
-                # claim an epoch after the shipping primary's.
                 await loop.run_in_executor(self.agent.io, functools.partial(
                     self.wal.append_records, records, first_index, last_index, entries,
-                    epoch_max=epoch))
+                    epoch_max=epoch, checked=checked))
             except LogCorruptError as exc:
                 self.last_error = str(exc)
                 log.warning("%s: refused a shipped batch %d..%d: %s", self.service,

@@ -50,7 +50,7 @@ from failover.v1 import (
 )
 
 if TYPE_CHECKING:
-    from failover.agent.host import Agent
+    from failover.agent.host import Agent, Precheck
     from failover.agent.replica import Replica
 
 log = logging.getLogger(__name__)
@@ -179,8 +179,9 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
                    context: grpc.aio.ServicerContext) -> AsyncIterator[replication_pb2.ShipReply]:
         # Messages are read ahead into a bounded queue; whatever arrived while one was being
         # handled is answered in the same reply, so a busy stream sends few large replies.
-        queue: asyncio.Queue[replication_pb2.ShipMessage | None] = asyncio.Queue(
-            maxsize=defaults.SHIP_READ_AHEAD_MAX)
+        # Each message comes with its batches' record checks, started as it is read.
+        queue: asyncio.Queue[tuple[replication_pb2.ShipMessage, list[Precheck]] | None] = (
+            asyncio.Queue(maxsize=defaults.SHIP_READ_AHEAD_MAX))
 
         agent = self.agent
         pending = 0  # read ahead and not yet answered, counted in agent.receiving too
@@ -191,14 +192,14 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
                 async for message in request_iterator:
                     pending += 1
                     agent.receive_queued(1)
-                    await queue.put(message)
+                    await queue.put((message, agent.precheck(message)))
             finally:
                 await queue.put(None)
 
         reader = asyncio.ensure_future(read_ahead())
         try:
-            while (message := await queue.get()) is not None:
-                acks = list((await agent.receive(message)).acks)
+            while (item := await queue.get()) is not None:
+                acks = list((await agent.receive(*item)).acks)
                 handled = 1
                 ended = False
                 while not queue.empty():
@@ -206,7 +207,7 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
                     if more is None:
                         ended = True
                         break
-                    acks.extend((await agent.receive(more)).acks)
+                    acks.extend((await agent.receive(*more)).acks)
                     handled += 1
                 pending -= handled
                 agent.receive_queued(-handled)

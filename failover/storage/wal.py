@@ -43,6 +43,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
+import functools
 import logging
 import os
 import re
@@ -50,11 +51,11 @@ import struct
 import threading
 import time
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, repeat
 from operator import add, itemgetter
-from typing import NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import crc32c as _crc32c_module
 import msgpack
@@ -72,9 +73,11 @@ from failover.errors import (
 __all__ = [
     "META_NAME",
     "SEGMENT_MAGIC",
+    "CheckedRecords",
     "Entry",
     "OpenReport",
     "WriteAheadLog",
+    "check_records",
     "decode_records",
     "encode_records",
     "segment_name",
@@ -104,9 +107,12 @@ _READ_RETRIES_MAX = 100
 
 _field_epoch = itemgetter(0)
 _field_index = itemgetter(1)
+_field_request_id = itemgetter(2)
+_field_payload = itemgetter(3)
 _head_length = itemgetter(0)  # of a frame header (length, CRC32C)
 _head_crc = itemgetter(1)
 _unpackb = msgpack.unpackb
+_unpackb_tuple = functools.partial(msgpack.unpackb, use_list=False)
 
 
 class Entry(NamedTuple):
@@ -266,10 +272,12 @@ def _scan(
     return result
 
 
-def _unpack_frames(data: bytes | memoryview) -> tuple[list[tuple[int, int]], list] | None:
-    """Every frame's header (length, CRC32C) and msgpack-decoded body, with the per-record
-    work done by C-level maps over the batch; None when a frame is off (a bad length, a
-    partial frame at the end, a CRC mismatch, a body that is not msgpack).
+def _unpack_frames(data: bytes | memoryview,
+                   unpack: Callable[[bytes], Any] = _unpackb,
+                   ) -> tuple[list[tuple[int, int]], list] | None:
+    """Every frame's header (length, CRC32C) and body decoded by `unpack`, with the
+    per-record work done by C-level maps over the batch; None when a frame is off (a bad
+    length, a partial frame at the end, a CRC mismatch, a body that is not msgpack).
 
     Only the walk from one frame header to the next runs bytecode per record.
     """
@@ -298,44 +306,59 @@ def _unpack_frames(data: bytes | memoryview) -> tuple[list[tuple[int, int]], lis
     if list(map(_crc32c, bodies)) != list(map(_head_crc, heads)):
         return None
     try:
-        return heads, list(map(_unpackb, bodies))
+        return heads, list(map(unpack, bodies))
     except Exception:  # msgpack raises several types for bad input
         return None
 
 
-def _check_shipped(records: bytes, first_index: int,
-                   last_index: int) -> tuple[list[int], list[tuple[int, int]], list] | None:
+class CheckedRecords(NamedTuple):
+    """Shipped records that passed `check_records`, for `WriteAheadLog.append_records`."""
+
+    first_index: int
+    last_index: int
+    lengths: list[int]  # each record's body length
+    changes: list[tuple[int, int]]  # (epoch, first index) at the start and at each change
+    # Each record's fields in `Entry` order, as plain tuples: the garbage collector stops
+    # tracking a tuple of ints and bytes the first time it sees it, so these may be kept.
+    fields: list[tuple[int, int, bytes, bytes]]
+
+
+def check_records(records: bytes, first_index: int,
+                  last_index: int) -> CheckedRecords | None:
     """Checks every record of a shipped batch as `_scan` with `check_order` does (frame,
     CRC32C, body [int epoch, int index, bytes request_id, bytes payload], indexes
-    `first_index..last_index` in order, epochs never going down) before any is written:
-    a record that passed its CRC can still hold a body its primary never meant (a bug), and
-    a duplica that logs it has a log it cannot replay.
+    `first_index..last_index` in order, epochs never going down): a record that passed its
+    CRC can still hold a body its primary never meant (a bug), and a duplica that logs it
+    holds a log it cannot replay. None when anything is off (`append_records` then says
+    where and why).
 
-    Returns the records' body lengths, the epoch changes and the decoded bodies; None when
-    anything is off (then `_scan` finds where and why). This is the duplica's ack path: the
-    per-record work is C-level maps over the batch, as in `_decode_fast`.
+    Thread-safe and touching no log: a duplica runs it on a batch as soon as it arrives,
+    while the batches before it are still being written and synced. The per-record work is
+    C-level maps over the batch, as in `_decode_fast`.
     """
-    unpacked = _unpack_frames(records)
+    unpacked = _unpack_frames(records, _unpackb_tuple)
     if unpacked is None:
         return None
-    heads, rows = unpacked
-    if set(map(type, rows)) != {list} or set(map(len, rows)) != {4}:
+    heads, fields = unpacked
+    if set(map(type, fields)) != {tuple} or set(map(len, fields)) != {4}:
         return None
-    epochs, indexes, request_ids, payloads = zip(*rows, strict=True)
+    epochs = list(map(_field_epoch, fields))
+    indexes = list(map(_field_index, fields))
     if (
-        indexes != tuple(range(first_index, last_index + 1))
+        indexes != list(range(first_index, last_index + 1))
         # Compared as numbers above, so check the types too: 5.0 == 5 and True == 1.
         or set(map(type, indexes)) != {int}
         or set(map(type, epochs)) != {int}
-        or set(map(type, request_ids)) != {bytes}
-        or set(map(type, payloads)) != {bytes}
+        or set(map(type, map(_field_request_id, fields))) != {bytes}
+        or set(map(type, map(_field_payload, fields))) != {bytes}
     ):
         return None
     try:
-        changes = _epoch_changes(list(epochs), first_index)
+        changes = _epoch_changes(epochs, first_index)
     except ValueError:  # epochs go down
         return None
-    return list(map(_head_length, heads)), changes, rows
+    return CheckedRecords(first_index, last_index, list(map(_head_length, heads)), changes,
+                          fields)
 
 
 def _decode_fast(data: bytes | memoryview) -> list[Entry] | None:
@@ -847,18 +870,18 @@ class WriteAheadLog:
         out: list[tuple[int, int, bytes, bytes]] | None = None,
         *,
         epoch_max: int | None = None,
+        checked: CheckedRecords | None = None,
     ) -> int:
         """Appends pre-framed records (another replica's ``read_records``) byte for byte.
 
-        Every record is checked (frame, CRC32C, body shape, consecutive indexes
-        ``first_index..last_index``, epoch order, no epoch above ``epoch_max`` when given:
-        the shipping primary's own) before anything is written: on a bad record
-        ``LogCorruptError`` and the log is untouched. The checked records' fields are handed
-        back through ``out`` when given, as plain tuples in ``Entry`` field order (equal to
-        entries; ``Entry._make`` one for attribute access): the garbage collector stops
-        tracking a plain tuple of bytes and ints once it has seen it, so a caller may keep
-        many of them at no cost to every later collection. ``first_index`` must be
-        ``last_index + 1`` of this log, else ``ValueError`` (as for ``append``).
+        Every record is checked (`check_records`: frame, CRC32C, body shape, consecutive
+        indexes ``first_index..last_index``, epoch order), and no epoch may pass
+        ``epoch_max`` (the shipping primary's own), before anything is written: on a bad
+        record ``ShippedRecordsCorruptError`` and the log is untouched. ``checked`` is
+        `check_records`' result for these same records when the caller already has it.
+        The records' fields are added to ``out`` when given (plain tuples in ``Entry``
+        order). ``first_index`` must be ``last_index + 1`` of this log, else ``ValueError``
+        (as for ``append``).
         """
         if last_index < first_index:
             if records:
@@ -866,35 +889,43 @@ class WriteAheadLog:
             with self._lock:
                 self._check_open_locked()
                 return self._last_index
-        checked = _check_shipped(records, first_index, last_index)
         if checked is None:
-            # Something is off: the record-by-record scan says where and why.
-            scan = _scan(records, 0, len(records), next_index=first_index, prev_epoch=-1,
-                         check_order=True)
-            if scan.problem is not None:
-                offset, reason, _ = scan.problem
-                raise ShippedRecordsCorruptError(offset, reason)
-            if scan.next_index - 1 != last_index:
-                raise ShippedRecordsCorruptError(
-                    len(records),
-                    f"records hold indexes {first_index}..{scan.next_index - 1} but the batch "
-                    f"claimed {first_index}..{last_index}",
-                )
-            # The one check `_scan` leaves out (it runs on every open, where each one costs).
-            raise ShippedRecordsCorruptError(0, "a record's request_id or payload is not bytes")
-        lengths, changes, rows = checked
-        if out is not None:
-            out.extend(map(tuple, rows))
+            checked = check_records(records, first_index, last_index)
+            if checked is None:
+                self._raise_why_refused(records, first_index, last_index)
+        assert (checked.first_index, checked.last_index) == (first_index, last_index), (
+            "checked records are not these", checked.first_index, first_index)
+        changes = checked.changes
         if epoch_max is not None and changes[-1][0] > epoch_max:
             raise ShippedRecordsCorruptError(
                 0, f"a record of epoch {changes[-1][0]} came from the primary of "
                 f"epoch {epoch_max}: a primary ships no entry of a later epoch")
+        if out is not None:
+            out.extend(checked.fields)
         with self._lock:
             self._check_open_locked()
             self._register_locked(first_index)
         return self._append_framed(
-            records, lengths, first_index, last_index - first_index + 1, changes
+            records, checked.lengths, first_index, last_index - first_index + 1, changes
         )
+
+    @staticmethod
+    def _raise_why_refused(records: bytes, first_index: int, last_index: int) -> NoReturn:
+        """`check_records` refused these records: the record-by-record scan says where and
+        why."""
+        scan = _scan(records, 0, len(records), next_index=first_index, prev_epoch=-1,
+                     check_order=True)
+        if scan.problem is not None:
+            offset, reason, _ = scan.problem
+            raise ShippedRecordsCorruptError(offset, reason)
+        if scan.next_index - 1 != last_index:
+            raise ShippedRecordsCorruptError(
+                len(records),
+                f"records hold indexes {first_index}..{scan.next_index - 1} but the batch "
+                f"claimed {first_index}..{last_index}",
+            )
+        # The one check `_scan` leaves out (it runs on every open, where each one costs).
+        raise ShippedRecordsCorruptError(0, "a record's request_id or payload is not bytes")
 
     def _append_framed(
         self,
