@@ -214,7 +214,8 @@ class Client:
                                   f"{', '.join(self._coordinators)} before the deadline; is "
                                   "the service created?")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._routes_changed.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._routes_changed.wait()
         return route
 
     async def call(self, service: str, request: dict[str, Any], *,
@@ -333,9 +334,9 @@ class Client:
                 elif self._routes.get(service, ("", 0))[0] == address:
                     # Wait briefly for a newer routes table rather than hammering this one.
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._routes_changed.wait(),
-                                               max(0.001, min(backoff_ms / 1000,
-                                                              deadline - time.monotonic())))
+                        async with asyncio.timeout(max(0.001, min(
+                                backoff_ms / 1000, deadline - time.monotonic()))):
+                            await self._routes_changed.wait()
                     if self._routes.get(service, ("", 0))[0] != address:
                         continue
                 await asyncio.sleep(min(backoff_ms / 1000, max(0.0, deadline - time.monotonic())))
@@ -364,7 +365,8 @@ class Client:
                 raise Unavailable(f"{service}: no answer before the deadline to the call that "
                                   "opens this client's session")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(session.opening), remaining)
+                async with asyncio.timeout(remaining):
+                    await asyncio.shield(session.opening)
 
     def _opening_done(self, session: _Session, known: bool) -> None:
         """The opening call got an answer: the session is known to the service unless that

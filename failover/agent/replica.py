@@ -530,7 +530,8 @@ class Replica:
                 # failover): a recorded reply, not a write of ours.
                 return reply, reply.epoch != epoch, reply.epoch or epoch
             try:
-                reply = await asyncio.wait_for(asyncio.shield(pending), timeout_s)
+                async with asyncio.timeout(timeout_s):
+                    reply = await asyncio.shield(pending)
             except TimeoutError:
                 raise Unavailable(f"{self.service}: not committed within the deadline; the "
                                   "outcome is unknown: retry with the same request id") from None
@@ -624,8 +625,12 @@ class Replica:
         remaining_ms = deadline_ms - monotonic_ms()
         if remaining_ms <= 0:
             return False
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancellation that
+        # arrives as the event is set, and a cancelled switchover prepare would then hold
+        # writes until its own deadline.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._progress.wait(), remaining_ms / 1000)
+            async with asyncio.timeout(remaining_ms / 1000):
+                await self._progress.wait()
         return True
 
     async def prepare_switchover(self, epoch: int, target: str, timeout_ms: int,
@@ -899,8 +904,8 @@ class Replica:
                 # Shipped batches are waiting: taking them onto disk comes first (acks and
                 # in-sync membership depend on it); apply keeps a chunk per APPLY_YIELD_MS.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(agent.receive_idle.wait(),
-                                           defaults.APPLY_YIELD_MS / 1000)
+                    async with asyncio.timeout(defaults.APPLY_YIELD_MS / 1000):
+                        await agent.receive_idle.wait()
             else:
                 await asyncio.sleep(0)
 

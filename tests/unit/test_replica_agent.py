@@ -116,3 +116,18 @@ async def test_a_newer_epoch_that_cannot_be_recorded_is_not_taken_in_memory(
     answer = await replica.receive_probe(2)
     assert (answer["status"], answer["epoch"]) == ("mismatch", 2)
     assert replica.duplica.epoch == 2 and Replica.load_meta(replica.root).epoch == 2
+
+
+async def test_a_prepare_cancelled_as_progress_arrives_still_ends_its_hold(agent: Agent) -> None:
+    # Python 3.11's wait_for returned the inner result, dropping the cancellation, when the
+    # awaited event was set in the same loop turn as the cancel: the coordinator had gone,
+    # yet the hold lasted until the prepare's own deadline.
+    replica = await primary_waiting_on_b(agent)
+    prepare = asyncio.create_task(replica.prepare_switchover(1, "b", 10_000, "sw"))
+    await until(lambda: replica._hold is not None)
+    await asyncio.sleep(0.01)  # the prepare waits for progress
+    replica._notify_progress()  # an ack or an apply, just as gRPC cancels the handler
+    prepare.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(prepare, 2.0)
+    assert replica._hold is None
