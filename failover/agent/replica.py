@@ -178,6 +178,10 @@ class Replica:
         # entry it inherited when it took the role (invariant 10; Raft commits an entry of
         # its own term before serving reads). Set each time the replica becomes primary.
         self.read_floor = 0
+        # The highest index known committed in sync mode (told by a sync primary, or
+        # committed by this replica as one): a sync primary never truncates below it. What
+        # this replica applied as an async primary is not in it: a failover may drop that.
+        self._sync_commit_index = 0
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -417,6 +421,8 @@ class Replica:
                 self._next_index = self.wal.last_index + 1
                 while self._unapplied and self._unapplied[-1].index >= self._next_index:
                     self._unapplied.pop()
+            if previous is not None and previous.mode == Mode.SYNC:
+                self._sync_commit_index = max(self._sync_commit_index, previous.commit_index)
             self.primary = None
             self.duplica = DuplicaReplication(epoch, self.sm.applied_index)
 
@@ -1095,9 +1101,9 @@ class Replica:
         duplica = self._duplica_for(epoch)
         if duplica is None:
             return self._ack("stale_epoch")
-        assert self.meta.mode != Mode.SYNC.value or after_index >= duplica.commit_index, (
+        assert self.meta.mode != Mode.SYNC.value or after_index >= self._sync_commit_index, (
             f"{self.service}: sync mode, yet a primary asked to truncate committed entries "
-            f"(after {after_index}, commit {duplica.commit_index})"
+            f"(after {after_index}, committed in sync mode {self._sync_commit_index})"
         )
         _, refused = await self._adopt(
             duplica, lambda: duplica.on_truncate(epoch, after_index, monotonic_ms()))
@@ -1163,6 +1169,8 @@ class Replica:
             epoch, prev, last_index, commit_index, self._log_info(), monotonic_ms()))
         if refused:
             return self._ack(refused, batch_id)
+        if self.meta.mode == Mode.SYNC.value:
+            self._sync_commit_index = max(self._sync_commit_index, commit_index)
         if any(isinstance(a, Append) for a in actions):
             loop = asyncio.get_running_loop()
             entries: list[tuple[int, int, bytes, bytes]] = []

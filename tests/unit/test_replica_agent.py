@@ -131,3 +131,25 @@ async def test_a_prepare_cancelled_as_progress_arrives_still_ends_its_hold(agent
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(prepare, 2.0)
     assert replica._hold is None
+
+
+async def test_an_async_primary_rejoining_in_sync_mode_drops_its_unreplicated_tail(
+    agent: Agent,
+) -> None:
+    # An async primary acknowledged writes alone; after a failover the service runs in sync
+    # mode and the new primary lacks them. Truncating them is the repair (counted), not a
+    # breach of sync mode: they were never committed in sync mode. The check used to count
+    # everything applied as committed and failed when the sync assignment came first.
+    replica = await agent.assign_role("kv1", "kv", "primary", 1, "async", None, {}, set())
+    for seq in range(1, 4):
+        await replica.execute(0, "c", seq, put(f"k{seq}"), 5.0)
+    assert replica.sm.applied_index == 4  # the barrier and three writes
+    await agent.assign_role("kv1", "kv", "duplica", 2, "sync", ("p", UNREACHABLE), {}, set())
+    ack = await replica.receive_truncate(2, 2)
+    assert ack["status"] == "ok" and ack["truncated"] == 2, ack
+    assert replica.wal.last_index == 2
+    # What a sync primary said was committed is never truncated.
+    keepalive = (1, LogPosition(1, 2), 3, 2, b"", 2)
+    assert (await replica.receive_batch(2, *keepalive))["status"] == "ok"
+    with pytest.raises(AssertionError, match="truncate committed entries"):
+        await replica.receive_truncate(2, 1)
