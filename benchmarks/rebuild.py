@@ -342,8 +342,8 @@ def main(args: argparse.Namespace) -> None:
             "request": "kv put, distinct keys, 100-byte str values, with request ids",
             "state_produced_by": "prefill: records written into the primary's WAL directory "
                                  "with the agent stopped (benchmarks/replication.py)",
-            "replay": "in-process Agent, primary without duplicas, epoch 2 commits the log; "
-                      "automatic snapshots off",
+            "replay": "in-process Agent, primary without duplicas restarted on its log (it "
+                      "commits the log as it opens); automatic snapshots off",
             "rebuild_timed": "AssignRole(duplica) + AssignRole(primary, duplica in sync) -> "
                              f"duplica applied_index >= primary's last index, polled every "
                              f"{POLL_S * 1000:.0f} ms",
