@@ -7,9 +7,11 @@ gets the recorded reply (docs/design.md, invariant 5).
 Sessions (docs/design.md, invariant 11; `failover.core.sessions`). A service remembers a bounded
 number of sessions and only a request that says so may open one, so that a retry whose session
 was evicted is refused (`SessionExpired`) rather than applied again. Per service, this client's
-first session id is its `client_id` and later ones are ``client_id/N``. One call at a time
-opens a session (the others wait for its answer): its attempts carry `opens_session` only
-until one of them may have reached the log, so a session id is opened at most once. A retry is
+first session id is its `client_id` and later ones are ``client_id/N``. Before its first call
+to a service the client opens its session with a logged request that does nothing else
+(Raft's RegisterClient); no real request ever opens one, so none can fail for a lost open.
+The open's attempts carry `opens_session` only until one of them may have reached the log, so
+a session id is opened at most once (an open left without an answer retires the id). A retry is
 recognised as long as its session is among the SESSION_CLIENTS_MAX (10,000) sessions of the
 service applied most recently and its seq among the session's newest
 SESSION_REPLIES_PER_CLIENT_MAX (256); there is no time limit. Past that, the call raises
@@ -40,6 +42,7 @@ import grpc.aio
 import msgpack
 
 from failover import defaults
+from failover.core.state_machine import SESSION_OPEN_PAYLOAD
 from failover.errors import (
     ConfigError,
     DiskFullError,
@@ -246,19 +249,13 @@ class Client:
         seq = next(self._seq)
         budget_ms = deadline_ms or self.deadline_ms
         deadline = time.monotonic() + budget_ms / 1000
-        session, opener = await self._session(service, deadline)
+        session = await self._session(service, budget_ms, deadline)
         try:
             reply, address, attempt = await self._attempt_until_answered(
-                service, payload, seq, session, opener, budget_ms, deadline)
-        except BaseException as exc:
-            if opener or isinstance(exc, SessionExpired):
-                # Expired: the service forgot the session. An opening call without an
-                # answer: an attempt may have opened the session unseen, so the id is never
-                # offered for opening again.
-                self._retire(service, session)
+                service, payload, seq, session, False, budget_ms, deadline)
+        except SessionExpired:
+            self._retire(service, session)  # the service forgot the session: a new one
             raise
-        if opener:
-            self._opening_done(session, reply.session_known)
         return CallResult(_result(reply), reply.epoch, reply.index, address, reply.duplicate,
                           attempt)
 
@@ -347,34 +344,55 @@ class Client:
             self._routes[service] = (address, max(epoch, reply.epoch))
             return reply, address, attempt
 
-    async def _session(self, service: str, deadline: float) -> tuple[_Session, bool]:
-        """The session a call to `service` goes under, and whether this call opens it (then
-        it must end with `_opening_done` or `_retire`). While one call opens a session, the
-        others wait for its answer."""
+    async def _session(self, service: str, budget_ms: int, deadline: float) -> _Session:
+        """The session a call to `service` goes under, opened first if the service does not
+        know it yet (Raft's RegisterClient: a logged request that only opens the session).
+        One call at a time opens it; the others wait for it, and then all run at once."""
         while True:
             session = self._sessions.get(service)
             if session is None:
                 session = self._sessions[service] = _Session(self.client_id)
             if session.known:
-                return session, False
+                return session
             if session.opening is None:
                 session.opening = asyncio.get_running_loop().create_future()
-                return session, True
+                try:
+                    await self._open(service, session, budget_ms, deadline)
+                finally:
+                    opening, session.opening = session.opening, None
+                    if opening is not None and not opening.done():
+                        opening.set_result(None)
+                continue  # opened, or a fresh session id to open
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise Unavailable(f"{service}: no answer before the deadline to the call that "
-                                  "opens this client's session")
+                raise Unavailable(f"{service}: no answer before the deadline to the request "
+                                  "that opens this client's session")
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(remaining):
                     await asyncio.shield(session.opening)
 
-    def _opening_done(self, session: _Session, known: bool) -> None:
-        """The opening call got an answer: the session is known to the service unless that
-        answer came from a read (which logs nothing); then the next call opens it."""
-        session.known = session.known or known
-        opening, session.opening = session.opening, None
-        if opening is not None and not opening.done():
-            opening.set_result(None)
+    async def _open(self, service: str, session: _Session, budget_ms: int,
+                    deadline: float) -> None:
+        """Opens `session` on `service`. Only the first attempt that may reach the log carries
+        the open flag: a session id is opened at most once, so a retry whose session was
+        evicted can never find it re-opened and be applied again. An open that ends without
+        an answer, or whose unflagged retry finds the session unknown, retires the id (the
+        open itself changes nothing else, so a fresh id costs nothing)."""
+        try:
+            reply, _address, _attempts = await self._attempt_until_answered(
+                service, SESSION_OPEN_PAYLOAD, next(self._seq), session, True, budget_ms,
+                deadline)
+        except SessionExpired:
+            self._retire(service, session)  # the flagged attempt never landed: try a new id
+            return
+        except BaseException:
+            self._retire(service, session)  # it may have opened the id unseen
+            raise
+        if reply.WhichOneof("outcome") != "result":
+            self._retire(service, session)
+            raise InvalidRequest(f"{service}: the service refused to open a session: "
+                                 f"{reply.rejected.message}")
+        session.known = True
 
     def _retire(self, service: str, session: _Session) -> None:
         """Later calls to `service` go under a new session id (this one expired, or may
@@ -382,9 +400,6 @@ class Client:
         if self._sessions.get(service) is session:
             self._sessions[service] = _Session(
                 f"{self.client_id}/{next(self._session_numbers)}")
-        opening, session.opening = session.opening, None
-        if opening is not None and not opening.done():
-            opening.set_result(None)
 
     def _follow_redirect(self, service: str, address: str, exc: grpc.aio.AioRpcError) -> bool:
         """Takes a redirect hint from a non-primary; True if it names a new address."""

@@ -48,7 +48,12 @@ from failover.core.replication import (
     StepDown,
 )
 from failover.core.sessions import Reply, TooOld, encode_request_id
-from failover.core.state_machine import ReplicatedStateMachine, check_loggable, decode_request
+from failover.core.state_machine import (
+    SESSION_OPEN_PAYLOAD,
+    ReplicatedStateMachine,
+    check_loggable,
+    decode_request,
+)
 from failover.errors import (
     DiskFullError,
     InvalidRequest,
@@ -491,10 +496,11 @@ class Replica:
         InvalidRequest, and one past the bounds on writes in flight raises Overloaded; neither
         is logged."""
         self._check_primary(epoch_seen)
-        request = decode_request(payload)
-        check_loggable(payload, request)
-        if self.kind_cls.is_read_only(request):
-            return await self.query(payload, epoch_seen), False, self.epoch
+        if payload != SESSION_OPEN_PAYLOAD:  # that one is logged as it is (no kind sees it)
+            request = decode_request(payload)
+            check_loggable(payload, request)
+            if self.kind_cls.is_read_only(request):
+                return await self.query(payload, epoch_seen), False, self.epoch
         size = len(payload)
         self._admit_write(size)
         handed_to_entry = False  # then the entry's answer releases the bytes, not this call

@@ -64,6 +64,13 @@ def encode_result(result: dict[str, Any]) -> bytes:
     return msgpack.packb(result, use_bin_type=True)
 
 
+#: The payload of a request that only opens its session (Raft's RegisterClient, dissertation
+#: 6.3): msgpack nil, which no kind takes as a request (requests are maps). It is logged like
+#: any write, with the open flag in its request id, and answers OK without calling the kind;
+#: a client sends it before its first request, so no real request ever opens a session.
+SESSION_OPEN_PAYLOAD = b"\xc0"
+
+
 #: A committed log entry as `apply_many` takes it: (epoch, index, request_id, payload), as
 #: `failover.storage.wal.Entry` is. An empty payload is the barrier a new primary writes
 #: first in its epoch; an empty request id, a request outside the exactly-once sessions.
@@ -245,6 +252,8 @@ class ReplicatedStateMachine:
         for request, entry in zip(requests, entries, strict=True):
             if type(request) is dict:
                 replies.append(_outcome_reply(next(outcomes), entry, self.kind.name))
+            elif entry[3] == SESSION_OPEN_PAYLOAD:
+                replies.append(_new_reply((_OK, _EMPTY_RESULT, entry[1], entry[0])))
             else:
                 error = request if isinstance(request, InvalidRequest) else _not_a_map(request)
                 replies.append(_new_reply((ReplyStatus.INVALID, str(error).encode(), entry[1],
@@ -260,6 +269,8 @@ class ReplicatedStateMachine:
         return Reply(ReplyStatus.OK, encode_result({}), index, epoch)
 
     def _execute(self, payload: bytes, index: int, epoch: int) -> Reply:
+        if payload == SESSION_OPEN_PAYLOAD:
+            return Reply(ReplyStatus.OK, _EMPTY_RESULT, index, epoch)
         try:
             result = self.kind.apply(decode_request(payload))
         except RequestRejected as exc:

@@ -21,6 +21,7 @@ from failover.agent.host import Agent
 from failover.agent.replica import Replica
 from failover.client import Client
 from failover.core.sessions import ReplyStatus
+from failover.core.state_machine import SESSION_OPEN_PAYLOAD
 from failover.errors import InvalidRequest, Overloaded, SessionExpired
 from failover.net import agent_servicers, channels
 from failover.v1 import common_pb2, data_pb2, data_pb2_grpc
@@ -46,12 +47,17 @@ class _LossyData(agent_servicers.DataServicer):
     def __init__(self, agent: Agent) -> None:
         super().__init__(agent)
         self.lose_next: Callable[[data_pb2.ExecuteRequest], bool] = lambda request: False
+        # A call `drop_next` picks never reaches the primary (the client sees UNAVAILABLE).
+        self.drop_next: Callable[[data_pb2.ExecuteRequest], bool] = lambda request: False
         self.meanwhile: Callable[[], Awaitable[None]] | None = None
         self.requests: list[data_pb2.ExecuteRequest] = []
 
     async def Execute(self, request: data_pb2.ExecuteRequest,  # noqa: N802 (gRPC name)
                       context: grpc.aio.ServicerContext) -> data_pb2.ExecuteReply:
         self.requests.append(request)
+        if self.drop_next(request):
+            self.drop_next = lambda request: False
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset (test)")
         reply = await super().Execute(request, context)
         if self.lose_next(request):
             self.lose_next = lambda request: False
@@ -107,7 +113,10 @@ async def test_a_transfer_retried_after_ten_thousand_other_clients_is_expired_no
     async with Client(agents=address, client_id="payer", deadline_ms=30_000) as client:
         await client.call("bank1", {"op": "open", "account": "alice", "balance": 90})
         await client.call("bank1", {"op": "open", "account": "bob", "balance": 0})
-        assert servicer.requests[0].opens_session and not servicer.requests[1].opens_session
+        # The session is opened by a request that does nothing else; no real request opens.
+        assert servicer.requests[0].opens_session
+        assert servicer.requests[0].payload == SESSION_OPEN_PAYLOAD
+        assert not any(r.opens_session for r in servicer.requests[1:])
         servicer.lose_next = lambda request: b"transfer" in request.payload
         servicer.meanwhile = lambda: _other_clients(replica, defaults.SESSION_CLIENTS_MAX)
         transfer = {"op": "transfer", "from": "alice", "to": "bob", "amount": 10}
@@ -118,10 +127,12 @@ async def test_a_transfer_retried_after_ten_thousand_other_clients_is_expired_no
         assert not replica.sm.sessions.knows("payer")
         assert await _balance(client, "alice") == 80  # applied once, by the lost attempt
         assert await _balance(client, "bob") == 10
-        # Later calls go under a new session, which the first of them opens.
+        # Later calls go under a new session, opened first.
         await client.call("bank1", transfer)
-        assert servicer.requests[-1].opens_session
         assert servicer.requests[-1].request_id.client_id == "payer/1"
+        opens = [r for r in servicer.requests if r.opens_session]
+        assert [r.request_id.client_id for r in opens] == ["payer", "payer/1"]
+        assert all(r.payload == SESSION_OPEN_PAYLOAD for r in opens)
         assert await _balance(client, "alice") == 70
 
 
@@ -236,8 +247,30 @@ async def test_the_client_retries_an_overloaded_primary_and_says_so_at_its_deadl
     async with Client(agents=address, deadline_ms=300) as client:
         with pytest.raises(Overloaded, match="nothing was applied"):
             await client.call("kv1", {"op": "put", "key": "k", "value": "v" * 2000})
-        assert len(servicer.requests) > 1  # retried with backoff, not refused at once
-        assert all(r.opens_session for r in servicer.requests)  # none reached the log
+        puts = [r for r in servicer.requests if r.payload != SESSION_OPEN_PAYLOAD]
+        assert len(puts) > 1  # retried with backoff, not refused at once
+        assert replica.wal.last_index == 2  # the barrier and the session open: no put logged
         monkeypatch.setattr(defaults, "PENDING_REQUEST_BYTES_MAX", 1 << 20)
         assert (await client.call("kv1", {"op": "put", "key": "k", "value": "v"}))["ok"]
     assert replica.sm.sessions.knows(servicer.requests[-1].request_id.client_id)
+
+
+async def test_a_call_whose_session_open_went_unanswered_still_succeeds(
+    served: tuple[Agent, _LossyData, str],
+) -> None:
+    """A lost open used to surface as SessionExpired on the client's first call (its first
+    attempt opened the session, its unflagged retry found it unknown), though nothing had
+    been applied. The open is now a request of its own: lost, it is retried under a fresh
+    session id, and the call goes through."""
+    agent, servicer, address = served
+    replica = await agent.assign_role("kv1", "kv", "primary", 1, "sync", None, {}, set())
+    servicer.drop_next = lambda request: request.opens_session
+    async with Client(agents=address, client_id="first", deadline_ms=10_000) as client:
+        assert (await client.call("kv1", {"op": "put", "key": "k", "value": "v"}))["ok"]
+        # Reads and writes of a known session run at once, none of them opening anything.
+        await asyncio.gather(*(client.call("kv1", {"op": "get", "key": "k"}) for _ in range(20)))
+    opened = [r.request_id.client_id for r in servicer.requests if r.opens_session]
+    assert opened == ["first", "first/1"]
+    assert not any(r.opens_session for r in servicer.requests
+                   if r.payload != SESSION_OPEN_PAYLOAD)
+    assert replica.sm.sessions.knows("first/1") and not replica.sm.sessions.knows("first")
