@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from failover.agent.config import AgentConfig, load_toml
-from failover.cli.errors import run_click
+from failover.commandline import run_click
 
 _HELP = """Hosts replicas on this host: keeps each one's write-ahead log and snapshots in
 DATA-DIR, ships logs to duplicas, applies shipped logs, and reports to the coordinator.

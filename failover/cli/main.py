@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from failover.cli.errors import run_click
+from failover.commandline import run_click
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from failover import defaults
-from failover.cli.errors import run_click
+from failover.commandline import run_click
 from failover.core.placement import POLICIES
 from failover.net.address import parse_address
 

@@ -1,4 +1,5 @@
-"""How the three commands report bad input: exit code 2 and one line saying what is wrong."""
+"""How the three commands (failoverctl and both daemons) report bad input: exit code 2 and one
+line saying what is wrong. Outside failover/cli so the daemons need not import the CLI."""
 
 from __future__ import annotations
 
