@@ -306,7 +306,8 @@ def prefill(wal_dir: Path, entries: int) -> tuple[int, int, float, int]:
     """Appends `entries` valid kv puts after the log's last entry; returns (first, last,
     seconds, bytes of the log's segment files)."""
     from failover.core.sessions import encode_request_id
-    from failover.storage.wal import Entry, WriteAheadLog
+    from failover.storage.records import Entry
+    from failover.storage.wal import WriteAheadLog
 
     started = time.perf_counter()
     pack = msgpack.Packer(use_bin_type=True).pack

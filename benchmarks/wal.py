@@ -32,7 +32,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from failover.storage.wal import Entry, WriteAheadLog, encode_records  # noqa: E402
+from failover.storage.records import Entry, encode_records  # noqa: E402
+from failover.storage.wal import WriteAheadLog  # noqa: E402
 
 PAYLOAD_BYTES = 100
 REQUEST_ID_BYTES = 16

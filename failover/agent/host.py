@@ -28,8 +28,8 @@ from failover.clock import monotonic_ms
 from failover.core.log_position import LogPosition
 from failover.core.replication import AckView, Mode, SendBatch
 from failover.errors import InvalidRequest, NotPrimaryError, StaleEpochError, Unavailable
+from failover.storage.records import CheckedRecords, check_records
 from failover.storage.snapshot import SnapshotHeader, iter_compressed_chunks, read_header
-from failover.storage.wal import CheckedRecords, check_records
 from failover.v1 import common_pb2, replication_pb2, replication_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -68,6 +68,7 @@ from failover.errors import (
     Unavailable,
 )
 from failover.storage.atomic import write_atomic
+from failover.storage.records import CheckedRecords, Entry
 from failover.storage.snapshot import (
     ShippedSnapshot,
     SnapshotHeader,
@@ -75,7 +76,7 @@ from failover.storage.snapshot import (
     load_snapshot,
     read_header,
 )
-from failover.storage.wal import CheckedRecords, Entry, WriteAheadLog
+from failover.storage.wal import WriteAheadLog
 
 if TYPE_CHECKING:
     from failover.agent.host import Agent

@@ -72,7 +72,7 @@ SESSION_OPEN_PAYLOAD = b"\xc0"
 
 
 #: A committed log entry as `apply_many` takes it: (epoch, index, request_id, payload), as
-#: `failover.storage.wal.Entry` is. An empty payload is the barrier a new primary writes
+#: `failover.storage.records.Entry` is. An empty payload is the barrier a new primary writes
 #: first in its epoch; an empty request id, a request outside the exactly-once sessions.
 LoggedEntry = tuple[int, int, bytes, bytes]
 

@@ -1,17 +1,15 @@
-"""Durable write-ahead log: segment files of framed records, one directory per replica.
+"""Durable write-ahead log with group commit: segment files of framed records, one directory
+per replica.
 
 Directory layout::
 
     00000000000000000001.wal   segments, each named by the index of its first record
     epochs.meta                epoch history and compaction base, replaced atomically
 
-A segment is an 8-byte magic header followed by records. A record is::
-
-    <u32 LE body length> <u32 LE CRC32C of the body> <body>
-    body = msgpack [epoch, index, request_id (bytes), payload (bytes)]
-
-The same framing is what replication ships (``encode_records``/``read_records`` on the
-primary, ``append_records`` on the duplica), so a shipped batch is written byte for byte.
+How a segment file is laid out and named is ``failover.storage.segments``; how a record is
+framed (the same bytes replication ships, so a shipped batch is written byte for byte) is
+``failover.storage.records``. This module is the log over them: ordering, durability,
+reads, truncation, compaction and the epoch history.
 
 Durability (``fsync_policy``):
 
@@ -43,21 +41,17 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
-import functools
 import logging
 import os
-import re
-import struct
 import threading
 import time
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import accumulate, repeat
-from operator import add, itemgetter
-from typing import Any, NamedTuple, NoReturn
+from itertools import repeat
+from operator import add
+from typing import NoReturn
 
-import crc32c as _crc32c_module
 import msgpack
 
 from failover import defaults
@@ -69,33 +63,41 @@ from failover.errors import (
     ShippedRecordsCorruptError,
     StorageError,
 )
+from failover.storage.records import (
+    _HEADER,
+    _HEADER_BYTES,
+    CheckedRecords,
+    Entry,
+    _crc32c,
+    _decode_fast,
+    _epoch_changes,
+    _field_epoch,
+    _field_index,
+    _frame_rows,
+    _record_starts,
+    _scan,
+    _valid_record_follows,
+    check_records,
+)
+from failover.storage.segments import (
+    _SEGMENT_BYTES_MIN,
+    _SEGMENT_NAME_RE,
+    SEGMENT_MAGIC,
+    _fsync_dir,
+    _pread_exact,
+    _Segment,
+    _ShortRead,
+    _write_all,
+    segment_name,
+)
 
-__all__ = [
-    "META_NAME",
-    "SEGMENT_MAGIC",
-    "CheckedRecords",
-    "Entry",
-    "OpenReport",
-    "WriteAheadLog",
-    "check_records",
-    "decode_records",
-    "encode_records",
-    "segment_name",
-    "skip_records",
-]
+__all__ = ["META_NAME", "OpenReport", "WriteAheadLog"]
 
 _log = logging.getLogger(__name__)
 
-_crc32c = _crc32c_module.crc32c
-_HEADER = struct.Struct("<II")
-_HEADER_BYTES = _HEADER.size
-SEGMENT_MAGIC = b"FOWAL\x00\x00\x01"  # "failover WAL", format version 1
-_SEGMENT_NAME_RE = re.compile(r"^(\d{20})\.wal$")
 META_NAME = "epochs.meta"
 _META_TMP_NAME = META_NAME + ".tmp"
 _META_MAGIC = b"FOWALM\x00\x01"
-# A segment must hold its header plus at least one small record; anything smaller is a typo.
-_SEGMENT_BYTES_MIN = 256
 # An append whose first index is ahead of the log waits this long for the appends that fill
 # the gap to show up (executor threads may start in any order), and at most the call
 # deadline while such appends are in flight. A gap with nobody to fill it is a caller bug.
@@ -104,28 +106,6 @@ _TURN_DEADLINE_S = defaults.CALL_DEADLINE_MS / 1000
 # Reads copy bytes without holding the lock and retry when a truncate or compaction changed
 # the files meanwhile; this many retries in a row means something is badly wrong.
 _READ_RETRIES_MAX = 100
-
-_field_epoch = itemgetter(0)
-_field_index = itemgetter(1)
-_field_request_id = itemgetter(2)
-_field_payload = itemgetter(3)
-_head_length = itemgetter(0)  # of a frame header (length, CRC32C)
-_head_crc = itemgetter(1)
-_unpackb = msgpack.unpackb
-_unpackb_tuple = functools.partial(msgpack.unpackb, use_list=False)
-
-
-class Entry(NamedTuple):
-    """One log entry: written at ``index`` by the primary of ``epoch``.
-
-    A tuple in field order is exactly the msgpack body of its record, so framing a batch
-    packs the entries themselves, with no per-entry attribute access.
-    """
-
-    epoch: int
-    index: int
-    request_id: bytes  # b"" when none
-    payload: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,362 +117,6 @@ class OpenReport:
     entries: int  # entries held after open
 
 
-def segment_name(first_index: int) -> str:
-    """File name of the segment whose first record has ``first_index``."""
-    return f"{first_index:020d}.wal"
-
-
-# --- framing --------------------------------------------------------------------------------
-
-_packers = threading.local()
-
-
-def _packer() -> msgpack.Packer:
-    # A Packer keeps an internal buffer, so each thread gets its own; reusing it is what
-    # makes packing fast.
-    try:
-        return _packers.packer
-    except AttributeError:
-        packer = _packers.packer = msgpack.Packer()
-        return packer
-
-
-def _frame_rows(rows: list[tuple]) -> tuple[bytes, list[int]]:
-    """Frames field tuples; returns the bytes and each record's body length.
-
-    Every step is a C-level ``map`` over the batch and the result is one ``join``: per entry
-    no Python bytecode runs, which is what keeps encoding below the cost of the fsync.
-    """
-    bodies = list(map(_packer().pack, rows))
-    lengths = list(map(len, bodies))
-    parts: list[bytes] = [b""] * (2 * len(bodies))
-    parts[0::2] = map(_HEADER.pack, lengths, map(_crc32c, bodies))
-    parts[1::2] = bodies
-    return b"".join(parts), lengths
-
-
-def encode_records(entries: Sequence[Entry]) -> bytes:
-    """Frames ``entries`` exactly as the log stores them (and replication ships them)."""
-    if not entries:
-        return b""
-    return _frame_rows(list(entries))[0]
-
-
-class _Scan:
-    """What one pass over framed bytes found."""
-
-    __slots__ = ("changes", "next_index", "offsets", "problem", "prev_epoch", "stop")
-
-    def __init__(self) -> None:
-        self.offsets = array("Q")  # start of each valid record, relative to the buffer
-        self.changes: list[tuple[int, int]] = []  # (epoch, index) where the epoch changed
-        self.next_index = 0
-        self.prev_epoch = -1
-        self.stop = 0  # end of the last valid record
-        # (offset, reason, may_be_torn): may_be_torn is False when the frame itself is whole
-        # and checks out, so only a bug (never a crash) can have written it.
-        self.problem: tuple[int, str, bool] | None = None
-
-
-def _scan(
-    buf: bytes | bytearray | memoryview,
-    start: int,
-    end: int,
-    *,
-    next_index: int,
-    prev_epoch: int,
-    check_order: bool,
-    out: list[Entry] | None = None,
-) -> _Scan:
-    """Walks the frames in ``buf[start:end]``, checking each; stops at the first bad one.
-
-    With ``check_order`` every record must carry ``next_index`` (then +1 each) and epochs
-    must not go down from ``prev_epoch``. Decoded entries go to ``out`` when given.
-    """
-    result = _Scan()
-    mv = memoryview(buf)
-    unpack_header = _HEADER.unpack_from
-    crc = _crc32c
-    unpackb = msgpack.unpackb
-    record_bytes_max = defaults.WAL_RECORD_BYTES_MAX
-    offsets_append = result.offsets.append
-    changes = result.changes
-    pos = start
-    problem = None
-    while pos < end:
-        if end - pos < _HEADER_BYTES:
-            problem = (pos, f"incomplete record header ({end - pos} bytes)", True)
-            break
-        length, checksum = unpack_header(buf, pos)
-        if length == 0:
-            problem = (pos, "record length is zero", True)
-            break
-        if length > record_bytes_max:
-            problem = (pos, f"record length {length} exceeds {record_bytes_max}", True)
-            break
-        body_end = pos + _HEADER_BYTES + length
-        if body_end > end:
-            problem = (pos, f"record of {length} bytes cut off after {end - pos - 8}", True)
-            break
-        body = mv[pos + _HEADER_BYTES : body_end]
-        if crc(body) != checksum:
-            problem = (pos, "CRC32C mismatch", True)
-            break
-        try:
-            fields = unpackb(body)
-        except Exception as exc:  # msgpack raises several types for bad input
-            problem = (pos, f"record body is not valid msgpack ({exc})", False)
-            break
-        if type(fields) is not list or len(fields) != 4:
-            problem = (pos, "record body is not [epoch, index, request_id, payload]", False)
-            break
-        epoch, index, request_id, payload = fields
-        if type(epoch) is not int or type(index) is not int:
-            problem = (pos, "record epoch or index is not an integer", False)
-            break
-        if check_order:
-            if index != next_index:
-                problem = (pos, f"record has index {index} where {next_index} was expected", False)
-                break
-            next_index += 1
-            if epoch != prev_epoch:
-                if epoch < prev_epoch:
-                    problem = (pos, f"epoch goes down from {prev_epoch} to {epoch}", False)
-                    break
-                changes.append((epoch, index))
-                prev_epoch = epoch
-        if out is not None:
-            out.append(Entry(epoch, index, request_id, payload))
-        offsets_append(pos)
-        pos = body_end
-    result.next_index = next_index
-    result.prev_epoch = prev_epoch
-    result.stop = pos
-    result.problem = problem
-    return result
-
-
-def _unpack_frames(data: bytes | memoryview,
-                   unpack: Callable[[bytes], Any] = _unpackb,
-                   ) -> tuple[list[tuple[int, int]], list] | None:
-    """Every frame's header (length, CRC32C) and body decoded by `unpack`, with the
-    per-record work done by C-level maps over the batch; None when a frame is off (a bad
-    length, a partial frame at the end, a CRC mismatch, a body that is not msgpack).
-
-    Only the walk from one frame header to the next runs bytecode per record.
-    """
-    end = len(data)
-    heads: list[tuple[int, int]] = []
-    append = heads.append
-    unpack_header = _HEADER.unpack_from
-    record_bytes_max = defaults.WAL_RECORD_BYTES_MAX
-    pos = 0
-    try:
-        while pos < end:
-            head = unpack_header(data, pos)
-            append(head)
-            length = head[0]
-            if not 0 < length <= record_bytes_max:
-                return None
-            pos += _HEADER_BYTES + length
-    except struct.error:  # an incomplete header at the end
-        return None
-    if pos != end or not heads:
-        return None
-    starts = list(accumulate(map(add, map(_head_length, heads), repeat(_HEADER_BYTES)),
-                             initial=0))
-    bodies = list(map(data.__getitem__,
-                      map(slice, map(add, starts, repeat(_HEADER_BYTES)), starts[1:])))
-    if list(map(_crc32c, bodies)) != list(map(_head_crc, heads)):
-        return None
-    try:
-        return heads, list(map(unpack, bodies))
-    except Exception:  # msgpack raises several types for bad input
-        return None
-
-
-class CheckedRecords(NamedTuple):
-    """Shipped records that passed `check_records`, for `WriteAheadLog.append_records`."""
-
-    first_index: int
-    last_index: int
-    lengths: list[int]  # each record's body length
-    changes: list[tuple[int, int]]  # (epoch, first index) at the start and at each change
-    # Each record's fields in `Entry` order, as plain tuples: the garbage collector stops
-    # tracking a tuple of ints and bytes the first time it sees it, so these may be kept.
-    fields: list[tuple[int, int, bytes, bytes]]
-
-
-def check_records(records: bytes, first_index: int,
-                  last_index: int) -> CheckedRecords | None:
-    """Checks every record of a shipped batch as `_scan` with `check_order` does (frame,
-    CRC32C, body [int epoch, int index, bytes request_id, bytes payload], indexes
-    `first_index..last_index` in order, epochs never going down): a record that passed its
-    CRC can still hold a body its primary never meant (a bug), and a duplica that logs it
-    holds a log it cannot replay. None when anything is off (`append_records` then says
-    where and why).
-
-    Thread-safe and touching no log: a duplica runs it on a batch as soon as it arrives,
-    while the batches before it are still being written and synced. The per-record work is
-    C-level maps over the batch, as in `_decode_fast`.
-    """
-    unpacked = _unpack_frames(records, _unpackb_tuple)
-    if unpacked is None:
-        return None
-    heads, fields = unpacked
-    if set(map(type, fields)) != {tuple} or set(map(len, fields)) != {4}:
-        return None
-    epochs = list(map(_field_epoch, fields))
-    indexes = list(map(_field_index, fields))
-    if (
-        indexes != list(range(first_index, last_index + 1))
-        # Compared as numbers above, so check the types too: 5.0 == 5 and True == 1.
-        or set(map(type, indexes)) != {int}
-        or set(map(type, epochs)) != {int}
-        or set(map(type, map(_field_request_id, fields))) != {bytes}
-        or set(map(type, map(_field_payload, fields))) != {bytes}
-    ):
-        return None
-    try:
-        changes = _epoch_changes(epochs, first_index)
-    except ValueError:  # epochs go down
-        return None
-    return CheckedRecords(first_index, last_index, list(map(_head_length, heads)), changes,
-                          fields)
-
-
-def _decode_fast(data: bytes | memoryview) -> list[Entry] | None:
-    """Decodes framed records as ``_scan`` does with ``out`` and no order check, with the
-    per-record work done by C-level maps over the batch; None when anything is off (a bad
-    frame, a body of another shape), and then ``_scan`` finds where and why.
-
-    This is the replay path, where decoding costs as much as applying.
-    """
-    unpacked = _unpack_frames(data)
-    if unpacked is None:
-        return None
-    rows = unpacked[1]
-    # Every body must be [int, int, request_id, payload]; then the rows become entries.
-    if (
-        set(map(type, rows)) != {list}
-        or set(map(len, rows)) != {4}
-        or set(map(type, map(_field_epoch, rows))) != {int}
-        or set(map(type, map(_field_index, rows))) != {int}
-    ):
-        return None
-    return list(map(tuple.__new__, repeat(Entry), rows))
-
-
-def skip_records(data: bytes | memoryview, count: int, start: int = 0) -> int:
-    """The offset just past `count` frames from `start` in `data` (its end, if it holds
-    fewer): where to cut records already checked, to decode them a part at a time.
-
-    Only the frames' lengths are read; `decode_records` checks the parts.
-    """
-    end = len(data)
-    unpack_header = _HEADER.unpack_from
-    pos = start
-    while count > 0 and pos + _HEADER_BYTES <= end:
-        pos += _HEADER_BYTES + unpack_header(data, pos)[0]
-        count -= 1
-    return min(pos, end) if count == 0 else end
-
-
-def decode_records(data: bytes | memoryview, *, where: str = "<stream>") -> list[Entry]:
-    """Decodes framed records, checking every frame (length bound, CRC32C, body shape).
-
-    Raises ``LogCorruptError(where, offset, reason)`` on any bad frame, including a partial
-    frame at the end.
-    """
-    if not len(data):
-        return []
-    fast = _decode_fast(data)
-    if fast is not None:
-        return fast
-    out: list[Entry] = []
-    scan = _scan(data, 0, len(data), next_index=0, prev_epoch=-1, check_order=False, out=out)
-    if scan.problem is not None:
-        offset, reason, _ = scan.problem
-        raise LogCorruptError(where, offset, reason)
-    return out
-
-
-def _valid_record_follows(buf: bytes, after: int, end: int, indexes: tuple[int, ...]) -> bool:
-    """True when a whole, valid record carrying one of ``indexes`` starts after ``after``.
-
-    Decides torn tail versus corruption: a crash leaves garbage only in its last write, so
-    a later record that checks out means the bad frame is damage inside the log. Every body
-    starts with 0x94 (a 4-element msgpack array), so only those positions are tried.
-    """
-    unpack_header = _HEADER.unpack_from
-    record_bytes_max = defaults.WAL_RECORD_BYTES_MAX
-    mv = memoryview(buf)
-    at = buf.find(b"\x94", after + 1 + _HEADER_BYTES, end)
-    while at >= 0:
-        pos = at - _HEADER_BYTES
-        length, checksum = unpack_header(buf, pos)
-        body_end = at + length
-        if 0 < length <= record_bytes_max and body_end <= end:
-            body = mv[at:body_end]
-            if _crc32c(body) == checksum:
-                try:
-                    fields = msgpack.unpackb(body)
-                except Exception:  # not a record after all
-                    fields = None
-                if type(fields) is list and len(fields) == 4 and fields[1] in indexes:
-                    return True
-        at = buf.find(b"\x94", at + 1, end)
-    return False
-
-
-# --- file helpers ---------------------------------------------------------------------------
-
-
-def _record_starts(lengths: list[int], base: int) -> array:
-    """File offsets of records with these body lengths written at ``base``, plus the end."""
-    return array("Q", accumulate(map(add, lengths, repeat(_HEADER_BYTES)), initial=base))
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    done = 0
-    total = len(view)
-    while done < total:
-        done += os.write(fd, view[done:])
-
-
-def _fsync_dir(path: str) -> None:
-    # A created, renamed or deleted file is durable only once its directory is synced.
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class _ShortRead(Exception):
-    """A segment was shorter than the index says: truncated or deleted meanwhile."""
-
-
-def _pread_exact(path: str, offset: int, size: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        data = os.pread(fd, size, offset)
-        if len(data) == size:
-            return data
-        parts = [data]
-        got = len(data)
-        while got < size:
-            more = os.pread(fd, size - got, offset + got)
-            if not more:
-                raise _ShortRead(path)
-            parts.append(more)
-            got += len(more)
-        return b"".join(parts)
-    finally:
-        os.close(fd)
-
-
 def _storage_error(exc: OSError, what: str) -> StorageError:
     if exc.errno == errno.ENOSPC:
         return DiskFullError(
@@ -500,27 +124,6 @@ def _storage_error(exc: OSError, what: str) -> StorageError:
             "unchanged; free space in the data dir, then retry"
         )
     return StorageError(f"I/O error while {what}: {exc}; the log is unchanged")
-
-
-class _Segment:
-    """One segment file and the in-memory index of its records."""
-
-    __slots__ = ("first_index", "name", "offsets", "path", "size")
-
-    def __init__(self, directory: str, first_index: int, offsets: array, size: int) -> None:
-        self.first_index = first_index
-        self.name = segment_name(first_index)
-        self.path = os.path.join(directory, self.name)
-        self.offsets = offsets  # file offset of each record, so reads seek directly
-        self.size = size  # bytes of valid data, header included
-
-    @property
-    def last_index(self) -> int:
-        return self.first_index + len(self.offsets) - 1
-
-    def end_of(self, k: int) -> int:
-        """File offset just past the record at position ``k`` in this segment."""
-        return self.offsets[k + 1] if k + 1 < len(self.offsets) else self.size
 
 
 # --- the log --------------------------------------------------------------------------------
@@ -1536,25 +1139,3 @@ class WriteAheadLog:
             f"first={self._first_index_locked()}, last={self._last_index}, "
             f"durable={self._durable_index})"
         )
-
-
-def _epoch_changes(epochs: list[int], first: int) -> list[tuple[int, int]]:
-    """``(epoch, index)`` at the batch start and wherever the epoch changes inside it.
-
-    ``ValueError`` if epochs go down within the batch.
-    """
-    e0 = epochs[0]
-    if epochs.count(e0) == len(epochs):  # the usual case: one epoch, checked in C
-        return [(e0, first)]
-    changes = [(e0, first)]
-    prev = e0
-    for offset, epoch in enumerate(epochs):
-        if epoch != prev:
-            if epoch < prev:
-                raise ValueError(
-                    f"epochs must not go down within a batch: index {first + offset} has "
-                    f"epoch {epoch} after {prev}"
-                )
-            changes.append((epoch, first + offset))
-            prev = epoch
-    return changes

@@ -15,8 +15,8 @@ import pytest
 
 from failover.client import Client
 from failover.localcluster import LocalCluster, wait_for
+from failover.storage.segments import segment_name
 from failover.storage.snapshot import SnapshotStore
-from failover.storage.wal import segment_name
 from failover.v1 import agent_pb2, common_pb2
 
 from . import test_rebuild

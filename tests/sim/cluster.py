@@ -100,7 +100,7 @@ from failover.core.sessions import (
 )
 from failover.core.state_machine import ReplicatedStateMachine
 from failover.errors import InvalidRequest
-from failover.storage.wal import Entry
+from failover.storage.records import Entry
 
 PRIMARY, DUPLICA = "primary", "duplica"
 HEARTBEAT_MS = 100

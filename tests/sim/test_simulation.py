@@ -43,7 +43,7 @@ from failover.core.replication import (
     ShipLimits,
 )
 from failover.core.sessions import ClientSessions
-from failover.storage.wal import Entry
+from failover.storage.records import Entry
 from tests.sim import cluster as sim
 from tests.sim.cluster import (
     KNOWN_FIXES,

@@ -23,7 +23,7 @@ from failover.core.sessions import ClientSessions, Reply, ReplyStatus, encode_re
 from failover.core.state_machine import ReplicatedStateMachine, apply_each
 from failover.errors import InvalidRequest, RequestRejected
 from failover.service import ServiceKind
-from failover.storage.wal import Entry
+from failover.storage.records import Entry
 
 SETTINGS = settings(max_examples=150, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -18,8 +18,8 @@ from failover.agent.replica import Replica
 from failover.core.coordinator import BUILDING, DUPLICA, DropReplica
 from failover.errors import ReplicaBrokenError
 from failover.net.agent_servicers import replica_status
+from failover.storage.segments import segment_name
 from failover.storage.snapshot import SnapshotStore
-from failover.storage.wal import segment_name
 from failover.v1 import replication_pb2
 
 from .test_coordinator_rebuild import FAIL, HB, LEASE, Driver

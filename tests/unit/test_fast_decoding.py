@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 from demo_services import kv as kv_module
 from demo_services.kv import KvService
 from failover.errors import LogCorruptError, StateCorruptError
-from failover.storage import wal as wal_module
-from failover.storage.wal import Entry, WriteAheadLog, decode_records, encode_records
+from failover.storage import records as records_module
+from failover.storage.records import Entry, decode_records, encode_records
+from failover.storage.wal import WriteAheadLog
 
 SETTINGS = settings(max_examples=200, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -31,8 +32,8 @@ ENTRIES = st.lists(
 
 def _slow_decode(data: bytes) -> list[Entry] | tuple[int, str]:
     out: list[Entry] = []
-    scan = wal_module._scan(data, 0, len(data), next_index=0, prev_epoch=-1,
-                            check_order=False, out=out)
+    scan = records_module._scan(data, 0, len(data), next_index=0, prev_epoch=-1,
+                                check_order=False, out=out)
     return out if scan.problem is None else scan.problem[:2]
 
 
@@ -48,7 +49,7 @@ def _decode(data: bytes) -> list[Entry] | tuple[int, str]:
 def test_wal_batch_decode_equals_the_scan_on_damage_too(entries: list[Entry],
                                                         data: st.DataObject) -> None:
     blob = encode_records(entries)
-    assert wal_module._decode_fast(blob) == entries
+    assert records_module._decode_fast(blob) == entries
     assert decode_records(blob) == entries
     damage = data.draw(st.sampled_from(["flip", "cut", "extend", "body"]))
     if damage == "flip":
@@ -64,16 +65,16 @@ def test_wal_batch_decode_equals_the_scan_on_damage_too(entries: list[Entry],
         bad = blob + _frame(body)
     slow = _slow_decode(bad)
     if isinstance(slow, list):
-        assert wal_module._decode_fast(bad) == slow
+        assert records_module._decode_fast(bad) == slow
     else:
-        assert wal_module._decode_fast(bad) is None
+        assert records_module._decode_fast(bad) is None
     assert _decode(bad) == slow
 
 
 def _frame(body: bytes) -> bytes:
     import crc32c
 
-    return wal_module._HEADER.pack(len(body), crc32c.crc32c(body)) + body
+    return records_module._HEADER.pack(len(body), crc32c.crc32c(body)) + body
 
 
 def test_wal_read_uses_the_batch_decoder_and_still_names_damage(tmp_path: Any) -> None:
@@ -218,11 +219,12 @@ def test_kv_run_check_refuses_each_kind_of_slot_damage(damage: str,
 def test_skip_records_cuts_checked_records_into_parts() -> None:
     entries = [Entry(1, i, b"r" * (i % 5), b"p" * (i * 7 % 300)) for i in range(1, 41)]
     blob = encode_records(entries)
-    assert wal_module.skip_records(blob, 0) == 0
-    assert wal_module.skip_records(blob, 40) == len(blob) == wal_module.skip_records(blob, 99)
+    assert records_module.skip_records(blob, 0) == 0
+    assert records_module.skip_records(blob, 40) == len(blob)
+    assert records_module.skip_records(blob, 99) == len(blob)
     parts, start = [], 0
     while start < len(blob):
-        cut = wal_module.skip_records(blob, 6, start)
+        cut = records_module.skip_records(blob, 6, start)
         parts.append(decode_records(memoryview(blob)[start:cut]))
         start = cut
     assert [len(p) for p in parts] == [6] * 6 + [4]

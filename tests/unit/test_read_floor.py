@@ -18,7 +18,7 @@ from failover.agent.host import Agent
 from failover.agent.replica import monotonic_ms
 from failover.core.log_position import LogPosition
 from failover.core.sessions import encode_request_id
-from failover.storage.wal import Entry, encode_records
+from failover.storage.records import Entry, encode_records
 
 UNREACHABLE = "127.0.0.1:1"  # nothing listens on port 1: this duplica never acks
 

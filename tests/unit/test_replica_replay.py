@@ -17,7 +17,8 @@ from failover.agent.host import Agent
 from failover.core.log_position import LogPosition
 from failover.core.sessions import encode_request_id
 from failover.core.state_machine import ReplicatedStateMachine
-from failover.storage.wal import Entry, WriteAheadLog, encode_records
+from failover.storage.records import Entry, encode_records
+from failover.storage.wal import WriteAheadLog
 
 UNREACHABLE = "127.0.0.1:1"
 

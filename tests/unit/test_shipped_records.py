@@ -22,7 +22,7 @@ from failover.agent.config import AgentConfig
 from failover.agent.host import Agent
 from failover.net import channels
 from failover.net.agent_servicers import add_to_server
-from failover.storage.wal import Entry, encode_records
+from failover.storage.records import Entry, encode_records
 from failover.v1 import common_pb2, replication_pb2, replication_pb2_grpc
 
 UNREACHABLE = "127.0.0.1:1"  # nothing listens on port 1

@@ -18,6 +18,7 @@ from failover.core.sessions import encode_request_id
 from failover.core.state_machine import ReplicatedStateMachine
 from failover.errors import SnapshotCorruptError, Unavailable
 from failover.storage import snapshot as snapshot_module
+from failover.storage.records import Entry
 from failover.storage.snapshot import (
     ShippedSnapshot,
     SnapshotHeader,
@@ -25,7 +26,6 @@ from failover.storage.snapshot import (
     iter_compressed_chunks,
     read_header,
 )
-from failover.storage.wal import Entry
 from failover.v1 import replication_pb2
 
 UNREACHABLE = "127.0.0.1:1"

@@ -4,7 +4,7 @@ from demo_services.bank import BankService
 from demo_services.kv import KvService
 from failover.core.sessions import ClientSessions, ReplyStatus, encode_request_id
 from failover.core.state_machine import ReplicatedStateMachine
-from failover.storage.wal import Entry
+from failover.storage.records import Entry
 
 
 def put(key: str) -> bytes:

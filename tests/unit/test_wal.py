@@ -22,16 +22,11 @@ from failover.errors import (
     LogGapError,
     StorageError,
 )
+from failover.storage import records as records_module
 from failover.storage import wal as wal_module
-from failover.storage.wal import (
-    META_NAME,
-    SEGMENT_MAGIC,
-    Entry,
-    WriteAheadLog,
-    decode_records,
-    encode_records,
-    segment_name,
-)
+from failover.storage.records import Entry, decode_records, encode_records
+from failover.storage.segments import SEGMENT_MAGIC, segment_name
+from failover.storage.wal import META_NAME, WriteAheadLog
 
 SMALL_SEGMENT_BYTES = 1024
 
@@ -79,7 +74,7 @@ def test_decode_rejects_flipped_byte_and_oversized_length() -> None:
     data[20] ^= 0x01
     with pytest.raises(LogCorruptError, match="CRC32C"):
         decode_records(bytes(data))
-    huge = wal_module._HEADER.pack(defaults.WAL_RECORD_BYTES_MAX + 1, 0) + b"x" * 16
+    huge = records_module._HEADER.pack(defaults.WAL_RECORD_BYTES_MAX + 1, 0) + b"x" * 16
     with pytest.raises(LogCorruptError, match="exceeds"):
         decode_records(huge)
 
