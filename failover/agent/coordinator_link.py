@@ -17,7 +17,7 @@ import grpc.aio
 
 from failover.clock import monotonic_ms
 from failover.net import channels
-from failover.net.agent_servicers import host_metrics, replica_status
+from failover.net.convert import host_metrics, replica_status
 from failover.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 if TYPE_CHECKING:

@@ -47,6 +47,7 @@ from failover.core.replication import (
     ShipLimits,
     StepDown,
 )
+from failover.core.roles import DUPLICA, PRIMARY, ROLES
 from failover.core.sessions import Reply, TooOld, encode_request_id
 from failover.core.state_machine import (
     SESSION_OPEN_PAYLOAD,
@@ -83,8 +84,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PRIMARY, DUPLICA, BUILDING, RETIRED = "primary", "duplica", "building", "retired"
-ROLES = (PRIMARY, DUPLICA, BUILDING, RETIRED)
 
 _META = "replica.meta"
 

@@ -40,6 +40,7 @@ from failover.core.coordinator import (
 from failover.core.placement import Resources
 from failover.errors import InvalidRequest, Unavailable
 from failover.net import channels
+from failover.net.convert import MODE_TO_PROTO, ROLE_TO_PROTO, assign_request
 from failover.storage.store import Store
 from failover.v1 import agent_pb2, agent_pb2_grpc, common_pb2, coordinator_pb2
 
@@ -47,12 +48,6 @@ log = logging.getLogger(__name__)
 
 AGENT_CALL_TIMEOUT_S = defaults.AGENT_CALL_TIMEOUT_MS / 1000
 HEARS_PRIMARY_TIMEOUT_S = defaults.HEARS_PRIMARY_TIMEOUT_MS / 1000
-
-_ROLE = {"primary": common_pb2.ROLE_PRIMARY, "duplica": common_pb2.ROLE_DUPLICA,
-         "building": common_pb2.ROLE_BUILDING, "retired": common_pb2.ROLE_RETIRED}
-_ROLE_NAME = {v: k for k, v in _ROLE.items()}
-_MODE = {"sync": common_pb2.REPLICATION_MODE_SYNC, "async": common_pb2.REPLICATION_MODE_ASYNC}
-
 
 MIGRATION_METHODS = ("precopy", "stopcopy", "replay")
 
@@ -122,20 +117,6 @@ class _HostCaller:
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
         await self.channel.close()
-
-
-def assign_request(action: AssignRole) -> agent_pb2.AssignRoleRequest:
-    request = agent_pb2.AssignRoleRequest(
-        service=action.service, kind=action.kind, role=_ROLE[action.role], epoch=action.epoch,
-        mode=_MODE[action.mode],
-        duplicas=[agent_pb2.ReplicaPeer(host_id=h, address=a)
-                  for h, a in sorted(action.duplicas.items())],
-        in_sync=list(action.in_sync), in_sync_generation=action.in_sync_generation,
-    )
-    if action.primary is not None:
-        request.primary.CopyFrom(agent_pb2.ReplicaPeer(host_id=action.primary[0],
-                                                       address=action.primary[1]))
-    return request
 
 
 class Coordinator:
@@ -687,7 +668,7 @@ class Coordinator:
         for name, service in sorted(core.services.items()):
             primary_report = _report(core, service.primary, name)
             view = coordinator_pb2.ServiceStatus(
-                name=name, kind=service.kind, mode=_MODE[service.mode], epoch=service.epoch,
+                name=name, kind=service.kind, mode=MODE_TO_PROTO[service.mode], epoch=service.epoch,
                 desired_replicas=service.desired_replicas,
                 placement=service.placement or core.placement_policy,
                 unplaced=core.unplaced.get(name, ""))
@@ -696,7 +677,7 @@ class Coordinator:
                 durable = report.durable_index if report else 0
                 lag = max(0, primary_report.durable_index - durable) if primary_report else 0
                 view.replicas.append(coordinator_pb2.ReplicaView(
-                    host_id=host_id, role=_ROLE[role],
+                    host_id=host_id, role=ROLE_TO_PROTO[role],
                     indexes=common_pb2.ReplicaIndexes(
                         durable_index=durable,
                         commit_index=report.commit_index if report else 0,
@@ -711,32 +692,3 @@ class Coordinator:
 def _report(core: CoordinatorCore, host_id: str, service: str) -> ReplicaReport | None:
     live = core.live.get(host_id)
     return live.replicas.get(service) if live else None
-
-
-def replica_reports(request: coordinator_pb2.HeartbeatRequest) -> list[ReplicaReport]:
-    return [
-        ReplicaReport(
-            service=r.service, role=_ROLE_NAME.get(r.role, "retired"), epoch=r.epoch,
-            durable_index=r.indexes.durable_index, commit_index=r.indexes.commit_index,
-            applied_index=r.indexes.applied_index, truncated_entries=r.truncated_entries,
-            matched_index=r.matched_index, disk_full=r.disk_full,
-            broken=(r.last_error or "it cannot read its snapshot or log") if r.broken else "",
-            in_sync=tuple(r.in_sync) if r.role == common_pb2.ROLE_PRIMARY else None,
-            in_sync_generation=r.in_sync_generation,
-            in_sync_lag_ms=dict(r.in_sync_lag_ms) if r.role == common_pb2.ROLE_PRIMARY else None)
-        for r in request.replicas
-    ]
-
-
-def metrics_dict(metrics: agent_pb2.HostMetrics) -> dict[str, float]:
-    return {"cpu_percent": metrics.cpu_percent, "memory_percent": metrics.memory_percent,
-            "disk_free_bytes": float(metrics.disk_free_bytes),
-            "disk_total_bytes": float(metrics.disk_total_bytes),
-            "memory_total_bytes": float(metrics.memory_total_bytes),
-            "cpu_count": float(metrics.cpu_count)}
-
-
-def check_name(name: str, what: str) -> None:
-    if not name:
-        raise InvalidRequest(f"{what} is required")
-

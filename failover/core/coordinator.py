@@ -21,9 +21,8 @@ import msgpack
 from failover import defaults
 from failover.core import placement
 from failover.core.placement import HostView, Resources
+from failover.core.roles import BUILDING, DUPLICA, PRIMARY
 from failover.errors import InvalidRequest
-
-PRIMARY, DUPLICA, BUILDING, RETIRED = "primary", "duplica", "building", "retired"
 
 HOST_PREFIX = "host/"
 SERVICE_PREFIX = "service/"
@@ -786,7 +785,7 @@ class CoordinatorCore:
         service = self.services.get(name)
         if service is None:
             raise InvalidRequest(f"no service {name!r}")
-        if replica not in ("primary", "duplica"):
+        if replica not in (PRIMARY, DUPLICA):
             raise InvalidRequest(f"replica {replica!r}: choose primary or duplica")
         busy = (name in self.failovers or name in self.switchovers or name in self.migrations
                 or service.leaving)

@@ -27,6 +27,7 @@ import msgpack
 
 from failover import kinds
 from failover.core.replication import Mode
+from failover.core.roles import BUILDING
 from failover.core.sessions import ClientSessions
 from failover.core.state_machine import ReplicatedStateMachine
 from failover.errors import FailoverError, MigrationError
@@ -41,8 +42,6 @@ if TYPE_CHECKING:
     from failover.agent.host import Agent
 
 log = logging.getLogger(__name__)
-
-BUILDING = "building"
 
 
 class MigrationTarget:

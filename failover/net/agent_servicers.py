@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, NoReturn
 
 import grpc
 import grpc.aio
-import psutil
 
 from failover import defaults
 from failover.agent.restart import run_patch_command
@@ -37,6 +36,12 @@ from failover.errors import (
 from failover.migration.source import MigrationSource
 from failover.migration.target import MigrationTarget
 from failover.net.channels import ERROR_TYPE_METADATA_KEY, REDIRECT_METADATA_KEY
+from failover.net.convert import (
+    MODE_FROM_PROTO,
+    ROLE_FROM_PROTO,
+    host_metrics,
+    replica_status,
+)
 from failover.v1 import (
     agent_pb2,
     agent_pb2_grpc,
@@ -51,23 +56,8 @@ from failover.v1 import (
 
 if TYPE_CHECKING:
     from failover.agent.host import Agent, Precheck
-    from failover.agent.replica import Replica
 
 log = logging.getLogger(__name__)
-
-ROLE_TO_PROTO = {
-    "primary": common_pb2.ROLE_PRIMARY,
-    "duplica": common_pb2.ROLE_DUPLICA,
-    "building": common_pb2.ROLE_BUILDING,
-    "retired": common_pb2.ROLE_RETIRED,
-}
-ROLE_FROM_PROTO = {v: k for k, v in ROLE_TO_PROTO.items()}
-MODE_TO_PROTO = {"sync": common_pb2.REPLICATION_MODE_SYNC,
-                 "async": common_pb2.REPLICATION_MODE_ASYNC}
-MODE_FROM_PROTO = {common_pb2.REPLICATION_MODE_UNSPECIFIED: "sync",
-                   common_pb2.REPLICATION_MODE_SYNC: "sync",
-                   common_pb2.REPLICATION_MODE_ASYNC: "async"}
-
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
     """Turns a typed error into the status code the client library understands."""
@@ -228,32 +218,6 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
             await _abort(context, exc)
         except StorageError as exc:  # a damaged snapshot (or one the disk could not take)
             await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
-
-
-def replica_status(replica: Replica) -> agent_pb2.ReplicaStatus:
-    s = replica.status()
-    return agent_pb2.ReplicaStatus(
-        service=s["service"], kind=s["kind"], role=ROLE_TO_PROTO[s["role"]], epoch=s["epoch"],
-        indexes=common_pb2.ReplicaIndexes(durable_index=s["durable_index"],
-                                          commit_index=s["commit_index"],
-                                          applied_index=s["applied_index"]),
-        lag_entries=s["lag_entries"], mode=MODE_TO_PROTO[s["mode"]],
-        truncated_entries=s["truncated_entries"], last_error=s["last_error"],
-        disk_full=s["disk_full"], broken=s["broken"],
-        matched_index=s["matched_index"], in_sync=s["in_sync"],
-        in_sync_generation=s["in_sync_generation"], in_sync_lag_ms=s["in_sync_lag_ms"],
-    )
-
-
-def host_metrics(data_dir: str) -> agent_pb2.HostMetrics:
-    """psutil's view of this host (cpu_percent since the previous call)."""
-    disk = psutil.disk_usage(data_dir)
-    memory = psutil.virtual_memory()
-    return agent_pb2.HostMetrics(
-        cpu_percent=psutil.cpu_percent(interval=None), memory_percent=memory.percent,
-        disk_free_bytes=disk.free, memory_total_bytes=memory.total,
-        cpu_count=psutil.cpu_count() or 1, disk_total_bytes=disk.total,
-    )
 
 
 class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):

@@ -9,18 +9,19 @@ import grpc
 import grpc.aio
 import msgpack
 
-from failover.coordinator.server import check_name, metrics_dict, replica_reports
 from failover.core.coordinator import HostInfo
 from failover.core.placement import Resources
 from failover.errors import InvalidRequest, Unavailable
-from failover.v1 import agent_pb2, common_pb2, coordinator_pb2, coordinator_pb2_grpc
+from failover.net.convert import MODE_FROM_PROTO, metrics_dict, replica_reports
+from failover.v1 import agent_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 if TYPE_CHECKING:
     from failover.coordinator.server import Coordinator
 
-_MODE_NAME = {common_pb2.REPLICATION_MODE_UNSPECIFIED: "sync",
-              common_pb2.REPLICATION_MODE_SYNC: "sync",
-              common_pb2.REPLICATION_MODE_ASYNC: "async"}
+
+def check_name(name: str, what: str) -> None:
+    if not name:
+        raise InvalidRequest(f"{what} is required")
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
@@ -89,7 +90,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 raise InvalidRequest(str(exc)) from None
             needs = Resources(kind.needs_cpu, kind.needs_memory_bytes, kind.needs_disk_bytes)
             await self.c.create_service(request.name, request.kind, request.replicas or 2,
-                                        _MODE_NAME.get(request.mode, "sync"), needs,
+                                        MODE_FROM_PROTO.get(request.mode, "sync"), needs,
                                         request.placement)
         except (InvalidRequest, Unavailable) as exc:
             await _abort(context, exc)

@@ -17,7 +17,7 @@ from failover.agent.host import Agent
 from failover.agent.replica import Replica
 from failover.core.coordinator import BUILDING, DUPLICA, DropReplica
 from failover.errors import ReplicaBrokenError
-from failover.net.agent_servicers import replica_status
+from failover.net.convert import replica_status
 from failover.storage.segments import segment_name
 from failover.storage.snapshot import SnapshotStore
 from failover.v1 import replication_pb2
