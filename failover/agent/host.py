@@ -6,7 +6,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +25,7 @@ from failover.agent.replica import (
 )
 from failover.clock import monotonic_ms
 from failover.core.log_position import LogPosition
+from failover.core.names import check_service_name
 from failover.core.replication import AckView, Mode, SendBatch
 from failover.errors import InvalidRequest, NotPrimaryError, StaleEpochError, Unavailable
 from failover.storage.records import CheckedRecords, check_records
@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 # A shipped batch's `check_records` running or done, or None for a batch without records.
 Precheck = asyncio.Future[CheckedRecords | None] | None
 
-SERVICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-
 _STATUS = {
     "ok": replication_pb2.ACK_STATUS_OK,
     "stale_epoch": replication_pb2.ACK_STATUS_STALE_EPOCH,
@@ -48,14 +46,6 @@ _STATUS = {
     "storage_error": replication_pb2.ACK_STATUS_STORAGE_ERROR,
 }
 _STATUS_NAME = {v: k for k, v in _STATUS.items()}
-
-
-def check_service_name(name: str) -> None:
-    """Service names become directory names: keep them to a safe alphabet."""
-    if not SERVICE_NAME_RE.match(name):
-        raise InvalidRequest(
-            f"service name {name!r}: use 1-128 letters, digits, '_', '.', '-' (first a letter "
-            "or digit)")
 
 
 class Agent:

@@ -10,6 +10,7 @@ import grpc.aio
 import msgpack
 
 from failover.core.coordinator import HostInfo
+from failover.core.names import check_service_name
 from failover.core.placement import Resources
 from failover.errors import InvalidRequest, Unavailable
 from failover.net.convert import MODE_FROM_PROTO, metrics_dict, replica_reports
@@ -80,7 +81,6 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         try:
             check_name(request.name, "name")
             check_name(request.kind, "kind")
-            from failover.agent.host import check_service_name
             from failover.kinds import load_kind
 
             check_service_name(request.name)

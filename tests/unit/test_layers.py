@@ -9,7 +9,10 @@ tests fail on
 * failover/core importing anything that does I/O (grpc, asyncio, sockets, files, clocks,
   threads, processes, SQLite, etcd) or any failover module outside the core except the pure
   ones named in PURE_OUTSIDE_CORE,
-* the daemons (failover/agent, failover/coordinator) importing the command line (failover.cli).
+* the daemons (failover/agent, failover/coordinator) importing the command line (failover.cli),
+* a layer importing one it must sit below (FORBIDDEN_EDGES: the wire helpers import no daemon,
+  the coordinator's servicer no daemon code, storage nothing above it, the daemons not each
+  other).
 """
 
 from __future__ import annotations
@@ -256,5 +259,35 @@ def test_daemons_do_not_import_the_command_line():
         if _within(name, ("failover.agent", "failover.coordinator"))
         for module in sorted(imported)
         if _within(module, ("failover.cli",))
+    ]
+    assert not bad, "\n".join(bad)
+
+
+# Runtime imports a layer must not make: (modules, the modules they must not import).
+FORBIDDEN_EDGES = (
+    # The wire helpers sit below every daemon and the client.
+    (("failover.net.address", "failover.net.channels", "failover.net.convert"),
+     ("failover.agent", "failover.coordinator", "failover.migration", "failover.cli",
+      "failover.client", "failover.net.agent_servicers", "failover.net.coordinator_servicer")),
+    # The coordinator's servicer adapts the Coordinator it is handed: it imports no daemon.
+    (("failover.net.coordinator_servicer",), ("failover.agent", "failover.coordinator")),
+    # Storage knows nothing of the network, the daemons or the command line.
+    (("failover.storage",),
+     ("failover.net", "failover.agent", "failover.coordinator", "failover.migration",
+      "failover.cli", "failover.client")),
+    # The two daemons do not import each other.
+    (("failover.agent",), ("failover.coordinator",)),
+    (("failover.coordinator",), ("failover.agent", "failover.migration")),
+)
+
+
+def test_layers_point_one_way():
+    bad = [
+        f"{name} imports {module}"
+        for name, imported in _all_imports().items()
+        for sources, targets in FORBIDDEN_EDGES
+        if _within(name, sources)
+        for module in sorted(imported)
+        if _within(module, targets)
     ]
     assert not bad, "\n".join(bad)
