@@ -10,18 +10,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import Protocol
 
 import grpc
 import grpc.aio
 
+from failover.agent.config import AgentConfig
 from failover.clock import monotonic_ms
 from failover.net import channels
-from failover.net.convert import host_metrics, replica_status
+from failover.net.convert import ReportsStatus, host_metrics, replica_status
 from failover.v1 import coordinator_pb2, coordinator_pb2_grpc
 
-if TYPE_CHECKING:
-    from failover.agent.host import Agent
+
+class LeasedReplica(ReportsStatus, Protocol):
+    """What the link needs of a replica (failover.agent.replica.Replica)."""
+
+    def grant_lease(self, epoch: int, lease_ms: int, sent_ms: int) -> None: ...
+
+
+class HeartbeatingAgent(Protocol):
+    """What the link needs of its agent (failover.agent.host.Agent)."""
+
+    host_id: str
+    version: str
+    started_at: float
+
+    @property
+    def config(self) -> AgentConfig: ...
+    @property
+    def replicas(self) -> Mapping[str, LeasedReplica]: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +48,7 @@ log = logging.getLogger(__name__)
 class CoordinatorLink:
     """Keeps this agent registered with, and heartbeating to, one of the coordinators."""
 
-    def __init__(self, agent: Agent, addresses: list[str]) -> None:
+    def __init__(self, agent: HeartbeatingAgent, addresses: list[str]) -> None:
         assert addresses
         self.agent = agent
         self.addresses = addresses

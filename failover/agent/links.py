@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import grpc
 import grpc.aio
@@ -22,8 +22,16 @@ from failover import defaults
 from failover.net import channels
 from failover.v1 import replication_pb2, replication_pb2_grpc
 
-if TYPE_CHECKING:
-    from failover.agent.host import Agent
+
+class LinkOwner(Protocol):
+    """What a link needs of the agent that owns it (failover.agent.host.Agent)."""
+
+    host_id: str
+
+    def on_link_up(self, host_id: str) -> None: ...
+    def on_link_down(self, host_id: str) -> None: ...
+    def on_acks(self, host_id: str, reply: replication_pb2.ShipReply) -> None: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +40,7 @@ log = logging.getLogger(__name__)
 class PeerLink:
     """The sending side of the Ship stream to one peer host."""
 
-    def __init__(self, agent: Agent, host_id: str, address: str) -> None:
+    def __init__(self, agent: LinkOwner, host_id: str, address: str) -> None:
         self.agent = agent
         self.host_id = host_id
         self.address = address

@@ -6,7 +6,7 @@ status crosses the wire through this module, so each mapping is written once.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import psutil
 
@@ -14,8 +14,11 @@ from failover.core.coordinator import AssignRole, ReplicaReport
 from failover.core.roles import ASYNC, BUILDING, DUPLICA, PRIMARY, RETIRED, SYNC
 from failover.v1 import agent_pb2, common_pb2, coordinator_pb2
 
-if TYPE_CHECKING:
-    from failover.agent.replica import Replica
+
+class ReportsStatus(Protocol):
+    """What replica_status needs of a replica (failover.agent.replica.Replica)."""
+
+    def status(self) -> dict[str, Any]: ...
 
 ROLE_TO_PROTO = {
     PRIMARY: common_pb2.ROLE_PRIMARY,
@@ -71,7 +74,7 @@ def metrics_dict(metrics: agent_pb2.HostMetrics) -> dict[str, float]:
             "cpu_count": float(metrics.cpu_count)}
 
 
-def replica_status(replica: Replica) -> agent_pb2.ReplicaStatus:
+def replica_status(replica: ReportsStatus) -> agent_pb2.ReplicaStatus:
     """A replica's status() as the agent reports it (heartbeats, AssignRole, Status)."""
     s = replica.status()
     return agent_pb2.ReplicaStatus(

@@ -2,10 +2,11 @@
 
 The import graph of the failover package, the top-level migration package and demo_services
 is built from the source with `ast`: every import that runs counts, at module level or inside
-a function; imports under `if TYPE_CHECKING:` are excluded explicitly (annotations only). The
-tests fail on
+a function. Imports under `if TYPE_CHECKING:` (annotations only) are excluded explicitly from
+that graph and checked in a second one that includes them. The tests fail on
 
-* any cycle among those modules (the cycle is reported),
+* any cycle among those modules (the cycle is reported), and, separately, any cycle closed
+  through `if TYPE_CHECKING:` imports (except the known ones, listed with their owner),
 * failover/core importing anything that does I/O (grpc, asyncio, sockets, files, clocks,
   threads, processes, SQLite, etcd) or any failover module outside the core except the pure
   ones named in PURE_OUTSIDE_CORE,
@@ -62,6 +63,12 @@ PURE_OUTSIDE_CORE = (
 KNOWN_CYCLES = (
     frozenset({"failover.storage.store", "failover.storage.sqlite_store"}),
 )
+# Cycles closed only by annotations (`if TYPE_CHECKING:`), known and owned elsewhere: the
+# Replica names the Agent that hosts it; issue 12 item 1 makes replica.py a driver that never
+# imports host.py. Drop the entry then.
+KNOWN_ANNOTATION_CYCLES = KNOWN_CYCLES + (
+    frozenset({"failover.agent.host", "failover.agent.replica"}),
+)
 
 
 def _module_name(path: Path) -> str:
@@ -103,12 +110,13 @@ def _runtime_nodes(tree: ast.AST):
         todo.extend(ast.iter_child_nodes(node))
 
 
-def _imports(name: str, path: Path) -> set[str]:
-    """Every module `name` imports, as absolute dotted names."""
+def _imports(name: str, path: Path, annotations: bool = False) -> set[str]:
+    """Every module `name` imports, as absolute dotted names (with `annotations`, those under
+    `if TYPE_CHECKING:` too)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     is_package = path.name == "__init__.py"
     out: set[str] = set()
-    for node in _runtime_nodes(tree):
+    for node in ast.walk(tree) if annotations else _runtime_nodes(tree):
         if isinstance(node, ast.Import):
             out.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -129,12 +137,12 @@ def _imports(name: str, path: Path) -> set[str]:
     return out
 
 
-def _graph() -> dict[str, set[str]]:
+def _graph(annotations: bool = False) -> dict[str, set[str]]:
     sources = _sources()
     graph: dict[str, set[str]] = {}
     for name, path in sources.items():
         edges = set()
-        for imported in _imports(name, path):
+        for imported in _imports(name, path, annotations):
             if imported in sources and imported != name:
                 edges.add(imported)
         graph[name] = edges
@@ -216,14 +224,32 @@ def test_the_scan_finds_the_packages():
     assert "failover.core.sessions" in graph["failover.core.state_machine"]
 
 
-def test_no_import_cycles():
-    graph = _graph()
-    reports = [
+def _cycle_reports(graph: dict[str, set[str]], known: tuple[frozenset[str], ...]) -> list[str]:
+    return [
         " -> ".join(_a_cycle(graph, c)) + f"  (component: {', '.join(c)})"
         for c in _cycles(graph)
-        if frozenset(c) not in KNOWN_CYCLES
+        if frozenset(c) not in known
     ]
+
+
+def test_no_import_cycles():
+    reports = _cycle_reports(_graph(), KNOWN_CYCLES)
     assert not reports, "import cycles:\n" + "\n".join(reports)
+
+
+def test_no_import_cycles_through_annotations():
+    """Type-only imports order no loading, but a cycle through them is still two modules that
+    know each other: the direction holds for them too (Protocols name what a layer needs)."""
+    reports = _cycle_reports(_graph(annotations=True), KNOWN_ANNOTATION_CYCLES)
+    assert not reports, "import cycles through annotations:\n" + "\n".join(reports)
+
+
+def test_known_cycles_are_still_there():
+    """An entry of the known lists that no longer names a cycle is dropped, not kept."""
+    runtime = {frozenset(c) for c in _cycles(_graph())}
+    annotated = {frozenset(c) for c in _cycles(_graph(annotations=True))}
+    assert set(KNOWN_CYCLES) <= runtime
+    assert set(KNOWN_ANNOTATION_CYCLES) <= annotated
 
 
 def test_core_does_no_io_and_imports_only_the_core():
