@@ -29,6 +29,7 @@ from failover import defaults
 from failover.cli import output
 from failover.client import Client
 from failover.core.placement import POLICIES
+from failover.core.roles import DUPLICA, PRIMARY
 from failover.errors import (
     ConfigError,
     FailoverError,
@@ -371,7 +372,7 @@ def undrain_command(ctx: click.Context, host: str, timeout_ms: int) -> None:
 @click.command("migrate")
 @click.argument("service")
 @click.option("--to", "to_host", required=True, metavar="HOST", help="Host to move to.")
-@click.option("--replica", type=click.Choice(["primary", "duplica"]), default="primary",
+@click.option("--replica", type=click.Choice([PRIMARY, DUPLICA]), default=PRIMARY,
               show_default=True, help="Which replica moves (a primary moves by migrating a "
               "new duplica, switching over to it and retiring the source).")
 @click.option("--from", "from_host", default="", metavar="HOST",

@@ -27,6 +27,7 @@ from rich.table import Table
 from failover.client import Client
 from failover.errors import FailoverError, RequestRejected
 from failover.localcluster import LocalCluster, wait_for
+from failover.net.convert import ROLE_FROM_PROTO
 from failover.v1 import coordinator_pb2
 
 ACCOUNTS = 10
@@ -164,11 +165,10 @@ def _replica_table(cluster: LocalCluster) -> Table:
     table = Table(title="Replicas at the end")
     for column in ("service", "host", "role", "epoch", "applied", "digest"):
         table.add_column(column)
-    roles = ("?", "primary", "duplica", "building", "retired")
     for agent in cluster:
         for r in agent.status().replicas:
             d = agent.digest(r.service)
-            table.add_row(r.service, agent.host_id, roles[r.role], str(r.epoch),
+            table.add_row(r.service, agent.host_id, ROLE_FROM_PROTO.get(r.role, "?"), str(r.epoch),
                           f"{d.applied_index:,}", d.digest.hex()[:16])
     return table
 

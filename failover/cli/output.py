@@ -102,24 +102,15 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from failover.core.roles import BUILDING, DUPLICA, PRIMARY
+from failover.net.convert import MODE_FROM_PROTO, MODE_TO_PROTO, ROLE_FROM_PROTO
 from failover.v1 import common_pb2, coordinator_pb2
 
-_ROLE_WORDS = {
-    common_pb2.ROLE_UNSPECIFIED: "unspecified",
-    common_pb2.ROLE_PRIMARY: "primary",
-    common_pb2.ROLE_DUPLICA: "duplica",
-    common_pb2.ROLE_BUILDING: "building",
-    common_pb2.ROLE_RETIRED: "retired",
-}
+_ROLE_WORDS = {common_pb2.ROLE_UNSPECIFIED: "unspecified", **ROLE_FROM_PROTO}
 
-_MODE_WORDS = {
-    common_pb2.REPLICATION_MODE_UNSPECIFIED: "sync",  # unset is treated as sync
-    common_pb2.REPLICATION_MODE_SYNC: "sync",
-    common_pb2.REPLICATION_MODE_ASYNC: "async",
-}
+_MODE_WORDS = MODE_FROM_PROTO  # unset is treated as sync
 
-MODE_VALUES = {"sync": common_pb2.REPLICATION_MODE_SYNC,
-               "async": common_pb2.REPLICATION_MODE_ASYNC}
+MODE_VALUES = MODE_TO_PROTO
 """The `--mode` words and the wire values they stand for."""
 
 FAILOVER_DETAIL_KEYS = ("detection_ms", "promotion_ms", "unavailability_ms", "old_primary",
@@ -169,7 +160,7 @@ def hosts_json(status: coordinator_pb2.ClusterStatus) -> list[dict[str, Any]]:
         held = [{"service": s.name, "role": role_word(r.role)}
                 for s in status.services for r in s.replicas if r.host_id == host.host_id]
         document["replicas"] = {role: sum(1 for h in held if h["role"] == role)
-                                for role in ("primary", "duplica", "building")}
+                                for role in (PRIMARY, DUPLICA, BUILDING)}
         document["services"] = held
         documents.append(document)
     return documents

@@ -90,6 +90,7 @@ from failover.core.replication import (
     ShipLimits,
     StepDown,
 )
+from failover.core.roles import DUPLICA, PRIMARY
 from failover.core.sessions import (
     Reply,
     ReplyStatus,
@@ -102,7 +103,6 @@ from failover.core.state_machine import ReplicatedStateMachine
 from failover.errors import InvalidRequest
 from failover.storage.records import Entry
 
-PRIMARY, DUPLICA = "primary", "duplica"
 HEARTBEAT_MS = 100
 FAILURE_TIMEOUT_MS = 400
 LEASE_MS = 300
