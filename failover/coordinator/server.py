@@ -40,9 +40,9 @@ from failover.core.coordinator import (
 from failover.core.placement import Resources
 from failover.errors import InvalidRequest, Unavailable
 from failover.net import channels
-from failover.net.convert import MODE_TO_PROTO, ROLE_TO_PROTO, assign_request
+from failover.net.convert import assign_request, cluster_status
 from failover.storage.store import Store
-from failover.v1 import agent_pb2, agent_pb2_grpc, common_pb2, coordinator_pb2
+from failover.v1 import agent_pb2, agent_pb2_grpc, coordinator_pb2
 
 log = logging.getLogger(__name__)
 
@@ -645,50 +645,4 @@ class Coordinator:
         return await self.store.history(service or None, max(1, min(limit or 100, 10_000)))
 
     def status(self) -> coordinator_pb2.ClusterStatus:
-        now = monotonic_ms()
-        core = self.core
-        out = coordinator_pb2.ClusterStatus()
-        for host_id, info in sorted(core.hosts.items()):
-            live = core.live.get(host_id)
-            m = live.metrics if live else {}
-            out.hosts.append(coordinator_pb2.HostStatus(
-                host_id=host_id, address=info.address, zone=info.zone, draining=info.draining,
-                alive=bool(live and live.alive), version=info.version,
-                started_at=info.started_at,
-                metrics=agent_pb2.HostMetrics(
-                    cpu_percent=m.get("cpu_percent", 0.0),
-                    memory_percent=m.get("memory_percent", 0.0),
-                    disk_free_bytes=int(m.get("disk_free_bytes", 0)),
-                    disk_total_bytes=int(m.get("disk_total_bytes", 0)),
-                    memory_total_bytes=int(m.get("memory_total_bytes", 0)),
-                    cpu_count=int(m.get("cpu_count", 0))),
-                heartbeat_age_ms=max(0, now - live.last_heartbeat_ms) if live else 0,
-                dead=bool(live and live.dead),
-            ))
-        for name, service in sorted(core.services.items()):
-            primary_report = _report(core, service.primary, name)
-            view = coordinator_pb2.ServiceStatus(
-                name=name, kind=service.kind, mode=MODE_TO_PROTO[service.mode], epoch=service.epoch,
-                desired_replicas=service.desired_replicas,
-                placement=service.placement or core.placement_policy,
-                unplaced=core.unplaced.get(name, ""))
-            for host_id, role in sorted(service.replicas.items()):
-                report = _report(core, host_id, name)
-                durable = report.durable_index if report else 0
-                lag = max(0, primary_report.durable_index - durable) if primary_report else 0
-                view.replicas.append(coordinator_pb2.ReplicaView(
-                    host_id=host_id, role=ROLE_TO_PROTO[role],
-                    indexes=common_pb2.ReplicaIndexes(
-                        durable_index=durable,
-                        commit_index=report.commit_index if report else 0,
-                        applied_index=report.applied_index if report else 0),
-                    lag_entries=0 if host_id == service.primary else lag,
-                    in_sync=host_id in service.in_sync,
-                ))
-            out.services.append(view)
-        return out
-
-
-def _report(core: CoordinatorCore, host_id: str, service: str) -> ReplicaReport | None:
-    live = core.live.get(host_id)
-    return live.replicas.get(service) if live else None
+        return cluster_status(self.core, monotonic_ms())

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 import psutil
 
-from failover.core.coordinator import AssignRole, ReplicaReport
+from failover.core.coordinator import AssignRole, CoordinatorCore, HostInfo, ReplicaReport
 from failover.core.roles import ASYNC, BUILDING, DUPLICA, PRIMARY, RETIRED, SYNC
 from failover.v1 import agent_pb2, common_pb2, coordinator_pb2
 
@@ -65,6 +65,18 @@ def replica_reports(request: coordinator_pb2.HeartbeatRequest) -> list[ReplicaRe
     ]
 
 
+def host_info(request: coordinator_pb2.RegisterRequest) -> HostInfo:
+    """A registering agent as the coordinator core's HostInfo (not draining)."""
+    return HostInfo(request.host_id, request.address, request.zone, False, request.version,
+                    request.started_at)
+
+
+def heartbeat_reply(leases: list[tuple[str, int, int]]) -> coordinator_pb2.HeartbeatReply:
+    """The leases granted to a heartbeat, as (service, epoch, lease_ms)."""
+    return coordinator_pb2.HeartbeatReply(leases=[
+        coordinator_pb2.LeaseGrant(service=s, epoch=e, lease_ms=ms) for s, e, ms in leases])
+
+
 def metrics_dict(metrics: agent_pb2.HostMetrics) -> dict[str, float]:
     """A host's metrics as the coordinator core's dict."""
     return {"cpu_percent": metrics.cpu_percent, "memory_percent": metrics.memory_percent,
@@ -99,3 +111,52 @@ def host_metrics(data_dir: str) -> agent_pb2.HostMetrics:
         disk_free_bytes=disk.free, memory_total_bytes=memory.total,
         cpu_count=psutil.cpu_count() or 1, disk_total_bytes=disk.total,
     )
+
+
+def cluster_status(core: CoordinatorCore, now: int) -> coordinator_pb2.ClusterStatus:
+    """The coordinator core's hosts and services as GetClusterStatus answers them."""
+    out = coordinator_pb2.ClusterStatus()
+    for host_id, info in sorted(core.hosts.items()):
+        live = core.live.get(host_id)
+        m = live.metrics if live else {}
+        out.hosts.append(coordinator_pb2.HostStatus(
+            host_id=host_id, address=info.address, zone=info.zone, draining=info.draining,
+            alive=bool(live and live.alive), version=info.version,
+            started_at=info.started_at,
+            metrics=agent_pb2.HostMetrics(
+                cpu_percent=m.get("cpu_percent", 0.0),
+                memory_percent=m.get("memory_percent", 0.0),
+                disk_free_bytes=int(m.get("disk_free_bytes", 0)),
+                disk_total_bytes=int(m.get("disk_total_bytes", 0)),
+                memory_total_bytes=int(m.get("memory_total_bytes", 0)),
+                cpu_count=int(m.get("cpu_count", 0))),
+            heartbeat_age_ms=max(0, now - live.last_heartbeat_ms) if live else 0,
+            dead=bool(live and live.dead),
+        ))
+    for name, service in sorted(core.services.items()):
+        primary_report = _report(core, service.primary, name)
+        view = coordinator_pb2.ServiceStatus(
+            name=name, kind=service.kind, mode=MODE_TO_PROTO[service.mode], epoch=service.epoch,
+            desired_replicas=service.desired_replicas,
+            placement=service.placement or core.placement_policy,
+            unplaced=core.unplaced.get(name, ""))
+        for host_id, role in sorted(service.replicas.items()):
+            report = _report(core, host_id, name)
+            durable = report.durable_index if report else 0
+            lag = max(0, primary_report.durable_index - durable) if primary_report else 0
+            view.replicas.append(coordinator_pb2.ReplicaView(
+                host_id=host_id, role=ROLE_TO_PROTO[role],
+                indexes=common_pb2.ReplicaIndexes(
+                    durable_index=durable,
+                    commit_index=report.commit_index if report else 0,
+                    applied_index=report.applied_index if report else 0),
+                lag_entries=0 if host_id == service.primary else lag,
+                in_sync=host_id in service.in_sync,
+            ))
+        out.services.append(view)
+    return out
+
+
+def _report(core: CoordinatorCore, host_id: str, service: str) -> ReplicaReport | None:
+    live = core.live.get(host_id)
+    return live.replicas.get(service) if live else None

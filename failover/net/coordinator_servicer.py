@@ -9,11 +9,17 @@ import grpc
 import grpc.aio
 import msgpack
 
-from failover.core.coordinator import HostInfo
 from failover.core.names import check_service_name
 from failover.core.placement import Resources
+from failover.core.roles import PRIMARY, SYNC
 from failover.errors import InvalidRequest, Unavailable
-from failover.net.convert import MODE_FROM_PROTO, metrics_dict, replica_reports
+from failover.net.convert import (
+    MODE_FROM_PROTO,
+    heartbeat_reply,
+    host_info,
+    metrics_dict,
+    replica_reports,
+)
 from failover.v1 import agent_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 if TYPE_CHECKING:
@@ -44,9 +50,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         try:
             check_name(request.host_id, "host_id")
             check_name(request.address, "address")
-            await self.c.register(HostInfo(request.host_id, request.address, request.zone,
-                                           False, request.version, request.started_at),
-                                  metrics_dict(request.metrics))
+            await self.c.register(host_info(request), metrics_dict(request.metrics))
         except (InvalidRequest, Unavailable) as exc:
             await _abort(context, exc)
         return coordinator_pb2.RegisterReply(heartbeat_ms=self.c.timing.heartbeat_ms,
@@ -59,8 +63,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                                             replica_reports(request))
         except (InvalidRequest, Unavailable) as exc:
             await _abort(context, exc)
-        return coordinator_pb2.HeartbeatReply(leases=[
-            coordinator_pb2.LeaseGrant(service=s, epoch=e, lease_ms=ms) for s, e, ms in leases])
+        return heartbeat_reply(leases)
 
     async def WatchRoutes(self, request: coordinator_pb2.WatchRoutesRequest,
                           context: grpc.aio.ServicerContext,
@@ -90,7 +93,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 raise InvalidRequest(str(exc)) from None
             needs = Resources(kind.needs_cpu, kind.needs_memory_bytes, kind.needs_disk_bytes)
             await self.c.create_service(request.name, request.kind, request.replicas or 2,
-                                        MODE_FROM_PROTO.get(request.mode, "sync"), needs,
+                                        MODE_FROM_PROTO.get(request.mode, SYNC), needs,
                                         request.placement)
         except (InvalidRequest, Unavailable) as exc:
             await _abort(context, exc)
@@ -134,7 +137,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             check_name(request.service, "service")
             check_name(request.to_host_id, "to_host_id")
             async for progress in self.c.migrate(
-                    request.service, request.to_host_id, request.replica or "primary",
+                    request.service, request.to_host_id, request.replica or PRIMARY,
                     request.max_downtime_ms, request.method or "precopy",
                     request.from_host_id, request.max_bandwidth_bytes_s):
                 yield progress
