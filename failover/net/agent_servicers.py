@@ -37,10 +37,9 @@ from failover.migration.source import MigrationSource
 from failover.migration.target import MigrationTarget
 from failover.net.channels import ERROR_TYPE_METADATA_KEY, REDIRECT_METADATA_KEY
 from failover.net.convert import (
-    MODE_FROM_PROTO,
-    ROLE_FROM_PROTO,
     host_metrics,
     replica_status,
+    role_assignment,
 )
 from failover.v1 import (
     agent_pb2,
@@ -227,17 +226,7 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
     async def AssignRole(self, request: agent_pb2.AssignRoleRequest,
                          context: grpc.aio.ServicerContext) -> agent_pb2.AssignRoleReply:
         try:
-            if request.role not in ROLE_FROM_PROTO:
-                raise InvalidRequest("role is required (primary, duplica, building, retired)")
-            primary = ((request.primary.host_id, request.primary.address)
-                       if request.primary.host_id else None)
-            duplicas = {p.host_id: p.address for p in request.duplicas}
-            if any(not h or not a for h, a in duplicas.items()):
-                raise InvalidRequest("every duplica needs a host_id and an address")
-            replica = await self.agent.assign_role(
-                request.service, request.kind, ROLE_FROM_PROTO[request.role], request.epoch,
-                MODE_FROM_PROTO.get(request.mode, "sync"), primary, duplicas,
-                set(request.in_sync), request.in_sync_generation)
+            replica = await self.agent.assign_role(*role_assignment(request))
         except _HANDLED as exc:
             await _abort(context, exc)
         status = replica_status(replica)

@@ -6,12 +6,13 @@ status crosses the wire through this module, so each mapping is written once.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import psutil
 
 from failover.core.coordinator import AssignRole, CoordinatorCore, HostInfo, ReplicaReport
 from failover.core.roles import ASYNC, BUILDING, DUPLICA, PRIMARY, RETIRED, SYNC
+from failover.errors import InvalidRequest
 from failover.v1 import agent_pb2, common_pb2, coordinator_pb2
 
 
@@ -47,6 +48,35 @@ def assign_request(action: AssignRole) -> agent_pb2.AssignRoleRequest:
         request.primary.CopyFrom(agent_pb2.ReplicaPeer(host_id=action.primary[0],
                                                        address=action.primary[1]))
     return request
+
+
+class RoleAssignment(NamedTuple):
+    """An AssignRole request in the arguments of `Agent.assign_role`, in their order."""
+
+    service: str
+    kind: str
+    role: str
+    epoch: int
+    mode: str
+    primary: tuple[str, str] | None
+    duplicas: dict[str, str]
+    in_sync: set[str]
+    in_sync_generation: int
+
+
+def role_assignment(request: agent_pb2.AssignRoleRequest) -> RoleAssignment:
+    """The agent's side of assign_request; InvalidRequest for a role or peer left out."""
+    if request.role not in ROLE_FROM_PROTO:
+        raise InvalidRequest("role is required (primary, duplica, building, retired)")
+    primary = ((request.primary.host_id, request.primary.address)
+               if request.primary.host_id else None)
+    duplicas = {p.host_id: p.address for p in request.duplicas}
+    if any(not h or not a for h, a in duplicas.items()):
+        raise InvalidRequest("every duplica needs a host_id and an address")
+    return RoleAssignment(
+        request.service, request.kind, ROLE_FROM_PROTO[request.role], request.epoch,
+        MODE_FROM_PROTO.get(request.mode, SYNC), primary, duplicas, set(request.in_sync),
+        request.in_sync_generation)
 
 
 def replica_reports(request: coordinator_pb2.HeartbeatRequest) -> list[ReplicaReport]:
