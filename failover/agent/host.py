@@ -16,17 +16,12 @@ from failover import __version__, defaults
 from failover.agent.config import AgentConfig
 from failover.agent.coordinator_link import CoordinatorLink
 from failover.agent.links import PeerLink
-from failover.agent.replica import (
-    DUPLICA,
-    PRIMARY,
-    ROLES,
-    Replica,
-    ReplicaMeta,
-)
+from failover.agent.replica import Replica, ReplicaMeta
 from failover.clock import monotonic_ms
 from failover.core.log_position import LogPosition
 from failover.core.names import check_service_name
 from failover.core.replication import AckView, Mode, SendBatch
+from failover.core.roles import BUILDING, DUPLICA, PRIMARY, ROLES
 from failover.errors import InvalidRequest, NotPrimaryError, StaleEpochError, Unavailable
 from failover.storage.records import CheckedRecords, check_records
 from failover.storage.snapshot import SnapshotHeader, iter_compressed_chunks, read_header
@@ -271,7 +266,7 @@ class Agent:
     async def _receive_locked(self, service: str, what: str, item: Any,
                               check: Precheck = None) -> replication_pb2.ReplicaAck:
         replica = self.replicas.get(service)
-        if replica is None or replica.role not in (DUPLICA, PRIMARY, "building"):
+        if replica is None or replica.role not in (DUPLICA, PRIMARY, BUILDING):
             return replication_pb2.ReplicaAck(
                 service=service, status=replication_pb2.ACK_STATUS_UNKNOWN_SERVICE,
                 batch_id=getattr(item, "batch_id", 0),

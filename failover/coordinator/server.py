@@ -38,6 +38,7 @@ from failover.core.coordinator import (
     Timing,
 )
 from failover.core.placement import Resources
+from failover.core.roles import DUPLICA, PRIMARY
 from failover.errors import InvalidRequest, Unavailable
 from failover.net import channels
 from failover.net.convert import assign_request, cluster_status
@@ -408,7 +409,7 @@ class Coordinator:
             fallback = f"kind {known.kind} keeps no paged arena: the copy is built by replay"
             method = "replay"
         async with self._lock:
-            source = self.core.migration_source(name, to_host, replica or "primary", from_host)
+            source = self.core.migration_source(name, to_host, replica or PRIMARY, from_host)
             service = self.core.services[name]
             epoch = service.epoch
             source_address = self.core.hosts[source].address
@@ -460,7 +461,7 @@ class Coordinator:
             if current is None:
                 return "deleted"
             settled_there = to_host == current.primary or (
-                current.replicas.get(to_host) == "duplica" and to_host in current.in_sync)
+                current.replicas.get(to_host) == DUPLICA and to_host in current.in_sync)
             return "done" if settled_there and source not in current.replicas else ""
 
         state = await self._wait(settled, defaults.MIGRATION_TIMEOUT_MS)
@@ -614,7 +615,7 @@ class Coordinator:
         if spare:
             yield f"{name}: pre-copy migration of the primary from {host} to {spare}"
             try:
-                async for progress in self.migrate(name, spare, "primary", 0, "precopy"):
+                async for progress in self.migrate(name, spare, PRIMARY, 0, "precopy"):
                     if progress.phase == "round":
                         yield (f"{name}: round {progress.round}, {progress.pages} pages, "
                                f"{progress.dirty_pages} dirty")
@@ -636,7 +637,7 @@ class Coordinator:
             epoch, primary, stall_ms = await self.switchover(name, host)
             yield f"{name}: switched back to {primary} (stall {stall_ms} ms)"
             return
-        async for progress in self.migrate(name, host, "primary", 0,
+        async for progress in self.migrate(name, host, PRIMARY, 0,
                                            "precopy" if method == "precopy" else "replay"):
             if progress.phase == "done":
                 yield f"{name}: primary back on {host}"

@@ -798,7 +798,7 @@ class CoordinatorCore:
             raise InvalidRequest(f"{to_host} already holds a replica of {name}")
         if info.draining or not self.live.get(to_host, HostLive(0, False)).alive:
             raise InvalidRequest(f"{to_host} is draining or not alive")
-        if replica == "primary":
+        if replica == PRIMARY:
             source = service.primary
         else:
             duplicas = [h for h in service.duplicas() if service.replicas[h] == DUPLICA]
