@@ -139,7 +139,7 @@ KVCACHE_READ_BYTES_MAX = 4 << 20  # block bytes in one read_session reply (the r
 KVCACHE_NEEDS_MEMORY_BYTES = 512 << 20  # what placement reserves per kvcache replica
 KVCACHE_NEEDS_DISK_BYTES = 512 << 20  # its log and snapshots
 
-# Live migration: page batches, codecs and the pre-copy planner (failover/migration/).
+# Live migration: page batches, codecs and the pre-copy planner (the top-level migration/ package).
 MIGRATION_BATCH_BYTES = 1 << 20  # raw page bytes per PageBatch message (256 pages of 4 KiB)
 MIGRATION_LZ4_LEVEL = -1  # lz4.frame level of pages_lz4: measured ~10% faster than 0, same ratio
 MIGRATION_DELTA_CHANGED_BITS_FRACTION_MAX = 0.1  # a re-sent page goes as an XOR delta when at

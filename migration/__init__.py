@@ -1,3 +1,13 @@
-"""Reserved for the live-migration engine, which lives in `failover.migration` today
-(planner, codecs, source and target); issue 12 moves it here. Nothing imports this package.
+"""Pre-copy live migration of a paged state (docs/design.md, Live migration).
+
+* `migration.planner`: the pure planner that decides, round after round from the caller's
+  measurements, whether to copy again or cut over, and how hard to throttle writes.
+* `migration.codec`: page batch encoders and decoders (zero elision, XOR deltas, lz4) and the
+  page digests checked at cutover.
+* `migration.stats`: per-migration statistics, as JSON-ready dicts.
+* `migration.source`, `migration.target`: the two ends of a migration, run by the agent's
+  servicer (failover/net/agent_servicers.py).
+
+Import the submodules themselves: this package imports nothing, so that the planner stays free
+of I/O modules.
 """

@@ -33,8 +33,6 @@ from failover.errors import (
     StorageError,
     Unavailable,
 )
-from failover.migration.source import MigrationSource
-from failover.migration.target import MigrationTarget
 from failover.net.channels import ERROR_TYPE_METADATA_KEY, REDIRECT_METADATA_KEY
 from failover.net.convert import (
     host_metrics,
@@ -52,6 +50,8 @@ from failover.v1 import (
     replication_pb2,
     replication_pb2_grpc,
 )
+from migration.source import MigrationSource
+from migration.target import MigrationTarget
 
 if TYPE_CHECKING:
     from failover.agent.host import Agent, Precheck
@@ -311,7 +311,7 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
     async def MigrateOut(self, request: agent_pb2.MigrateOutRequest,
                          context: grpc.aio.ServicerContext,
                          ) -> AsyncIterator[agent_pb2.MigrationProgress]:
-        """Copies a replica to another host, streaming progress (failover.migration)."""
+        """Copies a replica to another host, streaming progress (migration/)."""
         try:
             if not request.target_address or not request.migration_id:
                 raise InvalidRequest("target_address and migration_id are required")

@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 
 from failover import defaults
 from failover.errors import MigrationError
-from failover.migration.codec import (
+from failover.paged_state import PagedState
+from failover.v1 import migration_pb2
+from migration.codec import (
     RAW,
     XOR_DELTA,
     ZERO,
@@ -24,8 +26,6 @@ from failover.migration.codec import (
     page_digest,
     whole_arena_digest,
 )
-from failover.paged_state import PagedState
-from failover.v1 import migration_pb2
 
 PB = 4096
 
@@ -429,7 +429,7 @@ def test_the_decoder_reproduces_every_page_across_rounds(
 def test_a_whole_migration_planner_and_codecs_together() -> None:
     """The source loop of planner.py's docstring, with simulated time: the target ends with
     the source's state and the digests agree (invariant 8)."""
-    from failover.migration.planner import FITS, MigrationPlanner, PlannerConfig, RoundReport
+    from migration.planner import FITS, MigrationPlanner, PlannerConfig, RoundReport
 
     rng = random.Random(21)
     source = PagedState(512, page_bytes=PB)

@@ -13,10 +13,10 @@ from failover.agent.config import AgentConfig
 from failover.agent.host import Agent
 from failover.agent.replica import Replica
 from failover.errors import MigrationError
-from failover.migration.source import MigrationSource
 from failover.net import agent_servicers, channels
 from failover.storage.snapshot import read_header
 from failover.v1 import agent_pb2
+from migration.source import MigrationSource
 
 from .test_replica_agent import put
 

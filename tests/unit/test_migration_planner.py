@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 from failover import defaults
 from failover.errors import ConfigError, MigrationError
-from failover.migration import planner as planner_module
-from failover.migration import stats as stats_module
-from failover.migration.planner import (
+from migration import planner as planner_module
+from migration import stats as stats_module
+from migration.planner import (
     BYTES_MAX,
     FITS,
     PRECOPY,
@@ -486,4 +486,4 @@ def test_the_planner_imports_no_io_clock_or_thread(module: object) -> None:
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
     assert not imported & FORBIDDEN
-    assert imported <= {"__future__", "math", "dataclasses", "typing", "failover"}
+    assert imported <= {"__future__", "math", "dataclasses", "typing", "failover", "migration"}

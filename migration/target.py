@@ -31,12 +31,12 @@ from failover.core.roles import BUILDING
 from failover.core.sessions import ClientSessions
 from failover.core.state_machine import ReplicatedStateMachine
 from failover.errors import FailoverError, MigrationError
-from failover.migration.codec import PageDecoder
-from failover.migration.source import SETUP_FORMAT
 from failover.paged_state import PagedState
 from failover.storage.snapshot import SnapshotHeader, SnapshotStore
 from failover.storage.wal import WriteAheadLog
 from failover.v1 import migration_pb2
+from migration.codec import PageDecoder
+from migration.source import SETUP_FORMAT
 
 if TYPE_CHECKING:
     from failover.agent.host import Agent

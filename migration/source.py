@@ -32,16 +32,16 @@ import msgpack
 from failover import defaults
 from failover.clock import monotonic_ns
 from failover.errors import MigrationError
-from failover.migration.codec import PageEncoder, batches
-from failover.migration.planner import (
+from failover.net import channels
+from failover.v1 import agent_pb2, common_pb2, migration_pb2, migration_pb2_grpc
+from migration.codec import PageEncoder, batches
+from migration.planner import (
     PRECOPY,
     STOPCOPY,
     MigrationPlanner,
     PlannerConfig,
     RoundReport,
 )
-from failover.net import channels
-from failover.v1 import agent_pb2, common_pb2, migration_pb2, migration_pb2_grpc
 
 if TYPE_CHECKING:
     from failover.agent.replica import Replica

@@ -68,7 +68,7 @@ from dataclasses import dataclass
 
 from failover import defaults
 from failover.errors import ConfigError, MigrationError
-from failover.migration.stats import MigrationStats, RoundStats
+from migration.stats import MigrationStats, RoundStats
 
 PRECOPY = "precopy"
 STOPCOPY = "stopcopy"
