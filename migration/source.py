@@ -23,7 +23,7 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -35,6 +35,7 @@ from failover.errors import MigrationError
 from failover.net import channels
 from failover.v1 import agent_pb2, common_pb2, migration_pb2, migration_pb2_grpc
 from migration.codec import PageEncoder, batches
+from migration.interface import SourceReplica
 from migration.planner import (
     PRECOPY,
     STOPCOPY,
@@ -42,9 +43,6 @@ from migration.planner import (
     PlannerConfig,
     RoundReport,
 )
-
-if TYPE_CHECKING:
-    from failover.agent.replica import Replica
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +63,7 @@ class MigrationSource:
     """One outgoing migration of `replica` to `target_address`."""
 
     def __init__(
-        self, replica: Replica, request: agent_pb2.MigrateOutRequest, host_id: str
+        self, replica: SourceReplica, request: agent_pb2.MigrateOutRequest, host_id: str
     ) -> None:
         if request.method not in (PRECOPY, STOPCOPY):
             raise MigrationError(f"method {request.method!r}: choose precopy or stopcopy")

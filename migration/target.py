@@ -21,13 +21,11 @@ import logging
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import msgpack
 
 from failover import kinds
 from failover.core.replication import Mode
-from failover.core.roles import BUILDING
 from failover.core.sessions import ClientSessions
 from failover.core.state_machine import ReplicatedStateMachine
 from failover.errors import FailoverError, MigrationError
@@ -36,10 +34,8 @@ from failover.storage.snapshot import SnapshotHeader, SnapshotStore
 from failover.storage.wal import WriteAheadLog
 from failover.v1 import migration_pb2
 from migration.codec import PageDecoder
+from migration.interface import TargetHost
 from migration.source import SETUP_FORMAT
-
-if TYPE_CHECKING:
-    from failover.agent.host import Agent
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +43,7 @@ log = logging.getLogger(__name__)
 class MigrationTarget:
     """One incoming migration into `agent`."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: TargetHost) -> None:
         self.agent = agent
         self.service = ""
         self.root: Path | None = None
@@ -151,10 +147,8 @@ class MigrationTarget:
         epoch: int,
         history: list[tuple[int, int]],
     ) -> None:
-        """Writes the copy as a replica: snapshot, an empty log based at the applied index,
-        meta (building); then opens it like a recovered replica."""
-        from failover.agent.replica import Replica, ReplicaMeta
-
+        """Writes the copy as a replica: snapshot, an empty log based at the applied index;
+        then the host keeps it (meta: building), opened like a recovered replica."""
         agent = self.agent
         service = self.service
         async with agent.lock(service):
@@ -167,13 +161,8 @@ class MigrationTarget:
                 )
             self.root = root
             self.created = True
-            meta = ReplicaMeta(
-                service=service,
-                kind=str(setup["kind"]),
-                role=BUILDING,
-                epoch=epoch,
-                mode=str(setup.get("mode") or Mode.SYNC.value),
-            )
+            kind = str(setup["kind"])
+            mode = str(setup.get("mode") or Mode.SYNC.value)
             index, applied_epoch = sm.applied_index, sm.applied_epoch
             loop = asyncio.get_running_loop()
 
@@ -181,7 +170,7 @@ class MigrationTarget:
                 # On an I/O thread: nothing else touches `sm` until the replica is registered,
                 # and hashing and copying hundreds of MiB must not hold the agent's loop.
                 header = SnapshotHeader(
-                    kind=meta.kind,
+                    kind=kind,
                     kind_version=sm.kind.version,
                     applied_index=index,
                     epoch=applied_epoch,
@@ -197,12 +186,10 @@ class MigrationTarget:
                     wal.close()
 
             await loop.run_in_executor(agent.io, write)
-            replica = Replica.create(agent, root, meta)
             # On the loop (it starts the replica's tasks), with the state in memory: reading
             # the snapshot back would hold this agent's loop, and its other replicas, for
             # seconds with hundreds of MiB.
-            replica.open(sm)
-            agent.replicas[service] = replica
+            agent.keep_migrated_copy(root, service, kind, epoch, mode, sm)
             log.info(
                 "%s: migrated copy kept at index %d (epoch %d), as building",
                 service,

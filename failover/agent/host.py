@@ -22,6 +22,7 @@ from failover.core.log_position import LogPosition
 from failover.core.names import check_service_name
 from failover.core.replication import AckView, Mode, SendBatch
 from failover.core.roles import BUILDING, DUPLICA, PRIMARY, ROLES
+from failover.core.state_machine import ReplicatedStateMachine
 from failover.errors import InvalidRequest, NotPrimaryError, StaleEpochError, Unavailable
 from failover.storage.records import CheckedRecords, check_records
 from failover.storage.snapshot import SnapshotHeader, iter_compressed_chunks, read_header
@@ -471,6 +472,16 @@ class Agent:
     def replica_root(self, service: str) -> Path:
         """Where a replica of `service` keeps its meta, log and snapshots."""
         return self._replicas_dir / service
+
+    def keep_migrated_copy(self, root: Path, service: str, kind: str, epoch: int, mode: str,
+                           state: ReplicatedStateMachine) -> None:
+        """Holds the copy a migration wrote under `root` (snapshot and log) as a `building`
+        replica, opened with `state`, already in memory. migration/target.py calls it on the
+        loop, under `lock(service)`."""
+        meta = ReplicaMeta(service=service, kind=kind, role=BUILDING, epoch=epoch, mode=mode)
+        replica = Replica.create(self, root, meta)
+        replica.open(state)
+        self.replicas[service] = replica
 
     def replica(self, service: str) -> Replica:
         replica = self.replicas.get(service)

@@ -13,7 +13,9 @@ that graph and checked in a second one that includes them. The tests fail on
 * the daemons (failover/agent, failover/coordinator) importing the command line (failover.cli),
 * a layer importing one it must sit below (FORBIDDEN_EDGES: the wire helpers import no daemon,
   the coordinator's servicer no daemon code, storage nothing above it, the daemons not each
-  other).
+  other),
+* the live-migration engine (migration/) importing the agent, the coordinator or the command
+  line, even for annotations, or its planner importing anything that does I/O.
 """
 
 from __future__ import annotations
@@ -266,16 +268,21 @@ def test_core_does_no_io_and_imports_only_the_core():
     assert not bad, "\n".join(bad)
 
 
+def _impure_imports(pure: tuple[str, ...]) -> list[str]:
+    """The imports of the `pure` modules that do I/O or reach past the core and `pure`."""
+    return [
+        f"{name} imports {module}"
+        for name, imported in _all_imports().items()
+        if name in pure
+        for module in sorted(imported)
+        if _within(module, CORE_FORBIDDEN)
+        or (_within(module, ("failover", "migration"))
+            and not (_core_may_use(module) or module in pure))
+    ]
+
+
 def test_the_pure_modules_the_core_uses_are_pure():
-    bad = []
-    for name, imported in _all_imports().items():
-        if name not in PURE_OUTSIDE_CORE:
-            continue
-        for module in sorted(imported):
-            if _within(module, CORE_FORBIDDEN) or (
-                _within(module, ("failover",)) and not _core_may_use(module)
-            ):
-                bad.append(f"{name} imports {module}")
+    bad = _impure_imports(PURE_OUTSIDE_CORE)
     assert not bad, "\n".join(bad)
 
 
@@ -317,4 +324,27 @@ def test_layers_point_one_way():
         for module in sorted(imported)
         if _within(module, targets)
     ]
+    assert not bad, "\n".join(bad)
+
+
+# The pure part of the live-migration engine: it decides from the caller's measurements.
+PURE_MIGRATION = ("migration.planner", "migration.stats")
+
+
+def test_the_migration_engine_does_not_know_the_agent():
+    """migration/ is handed what it uses of a replica and of its host through the Protocols
+    of migration/interface.py; it imports no daemon and no command line, not even for
+    annotations."""
+    bad = [
+        f"{name} imports {module}"
+        for name, path in _sources().items()
+        if _within(name, ("migration",))
+        for module in sorted(_imports(name, path, annotations=True))
+        if _within(module, ("failover.agent", "failover.coordinator", "failover.cli"))
+    ]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_migration_planner_is_pure():
+    bad = _impure_imports(PURE_MIGRATION)
     assert not bad, "\n".join(bad)
