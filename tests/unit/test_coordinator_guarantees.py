@@ -5,7 +5,7 @@ every path, and memory never runs ahead of the store (invariant 15)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from failover.core.coordinator import SERVICE_PREFIX, AssignRole, HostInfo, Timi
 from failover.errors import InvalidRequest, Unavailable
 from failover.storage.sqlite_store import SqliteStore
 from failover.v1 import agent_pb2, agent_pb2_grpc
+from tests.unit.inprocess import until
 
 METRICS = {"cpu_count": 8.0, "memory_total_bytes": float(16 << 30),
            "disk_free_bytes": float(100 << 30), "disk_total_bytes": float(200 << 30),
@@ -70,13 +71,6 @@ class FailingStore(SqliteStore):
 async def stored_services(store: SqliteStore) -> set[str]:
     return {k.removeprefix(SERVICE_PREFIX) for k in await store.load()
             if k.startswith(SERVICE_PREFIX)}
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 @pytest.fixture

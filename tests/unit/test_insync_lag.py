@@ -5,31 +5,17 @@ while lacking some, and the coordinator takes a member past `insync_lag_ms` out 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import msgpack
-import pytest
 
-from failover.agent.config import AgentConfig
 from failover.agent.host import Agent
 from failover.agent.replica import monotonic_ms
 from failover.core.coordinator import CoordinatorCore, HostInfo, ReplicaReport, Timing
+from tests.unit.inprocess import UNREACHABLE
 
-UNREACHABLE = "127.0.0.1:1"  # nothing listens on port 1: this duplica never takes entries
 METRICS = {"cpu_count": 8.0, "memory_total_bytes": float(16 << 30),
            "disk_free_bytes": float(100 << 30), "disk_total_bytes": float(200 << 30),
            "cpu_percent": 5.0, "memory_percent": 5.0}
-
-
-@pytest.fixture
-async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
-    config = AgentConfig.from_mapping(
-        {"host_id": "a", "listen": "127.0.0.1:7999", "data_dir": str(tmp_path)})
-    agent = Agent(config)
-    await agent.start()
-    yield agent
-    await agent.stop()
 
 
 async def test_the_real_primary_reports_how_long_a_member_has_blocked_its_writes(

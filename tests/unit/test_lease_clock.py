@@ -17,7 +17,6 @@ from . import test_replica_agent
 from .test_coordinator_rebuild import HB, Driver
 
 MARGIN = defaults.LEASE_DRIFT_MARGIN_MS
-agent = test_replica_agent.agent  # the fixture: a real agent in process
 
 
 def test_leases_and_silences_are_measured_on_one_clock_that_counts_suspend() -> None:

@@ -7,40 +7,17 @@ the state from before writes that were acknowledged."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import msgpack
 import pytest
 
-from failover.agent.config import AgentConfig
 from failover.agent.host import Agent
 from failover.agent.replica import monotonic_ms
 from failover.core.log_position import LogPosition
 from failover.core.sessions import encode_request_id
 from failover.storage.records import Entry, encode_records
-
-UNREACHABLE = "127.0.0.1:1"  # nothing listens on port 1: this duplica never acks
-
-
-def _config(tmp_path: Path) -> AgentConfig:
-    return AgentConfig.from_mapping(
-        {"host_id": "a", "listen": "127.0.0.1:7999", "data_dir": str(tmp_path)})
-
-
-@pytest.fixture
-async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
-    agent = Agent(_config(tmp_path))
-    await agent.start()
-    yield agent
-    await agent.stop()
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
+from tests.unit.inprocess import UNREACHABLE, agent_config, until
 
 
 def put(key: str, value: str) -> bytes:
@@ -87,7 +64,7 @@ async def test_a_promoted_duplica_does_not_read_before_the_inherited_log_is_comm
 async def test_a_primary_restarted_from_a_snapshot_reads_the_writes_logged_after_it(
     tmp_path: Path,
 ) -> None:
-    agent = Agent(_config(tmp_path))
+    agent = Agent(agent_config(tmp_path))
     await agent.start()
     try:
         replica = await agent.assign_role("kv1", "kv", "primary", 1, "sync", None, {}, set())
@@ -98,7 +75,7 @@ async def test_a_primary_restarted_from_a_snapshot_reads_the_writes_logged_after
     finally:
         await agent.stop()
 
-    restarted = Agent(_config(tmp_path))
+    restarted = Agent(agent_config(tmp_path))
     await restarted.start()
     try:
         replica = restarted.replicas["kv1"]

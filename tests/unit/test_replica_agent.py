@@ -5,40 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import msgpack
 import pytest
 
-from failover.agent.config import AgentConfig
 from failover.agent.host import Agent
 from failover.agent.replica import Replica
 from failover.core.log_position import LogPosition
-
-UNREACHABLE = "127.0.0.1:1"  # nothing listens on port 1: the duplica never acks
-
-
-@pytest.fixture
-async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
-    config = AgentConfig.from_mapping(
-        {"host_id": "a", "listen": "127.0.0.1:7999", "data_dir": str(tmp_path)})
-    agent = Agent(config)
-    await agent.start()
-    yield agent
-    await agent.stop()
+from tests.unit.inprocess import UNREACHABLE, until
 
 
 async def primary_waiting_on_b(agent: Agent) -> Replica:
     return await agent.assign_role("kv1", "kv", "primary", 1, "sync", None,
                                    {"b": UNREACHABLE}, {"b"})
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 def put(key: str) -> bytes:

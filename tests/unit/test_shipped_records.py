@@ -8,9 +8,8 @@ hosts share, keeps serving the others and the next batch.
 
 from __future__ import annotations
 
-import asyncio
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import crc32c
@@ -24,20 +23,12 @@ from failover.net import channels
 from failover.net.agent_servicers import add_to_server
 from failover.storage.records import Entry, encode_records
 from failover.v1 import common_pb2, replication_pb2, replication_pb2_grpc
-
-UNREACHABLE = "127.0.0.1:1"  # nothing listens on port 1
+from tests.unit.inprocess import UNREACHABLE, until
 
 
 def agent_config(data_dir: Path) -> AgentConfig:
     return AgentConfig.from_mapping({"host_id": "a", "listen": "127.0.0.1:7999",
                                      "data_dir": str(data_dir)})
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 def put(key: str, value: str = "v") -> bytes:
@@ -112,7 +103,8 @@ async def test_a_shipped_batch_with_a_bad_middle_record_is_refused_and_the_strea
         assert [acks[s].status for s in ("kv1", "kv2")] == [replication_pb2.ACK_STATUS_OK] * 2
         assert (acks["kv1"].durable_index, acks["kv2"].durable_index) == (5, 10)
         await stream.done_writing()
-    await until(lambda: kv1.sm.applied_index == 5 and kv2.sm.applied_index == 10)
+    await until(lambda: kv1.sm.applied_index == 5 and kv2.sm.applied_index == 10,
+                timeout_s=10.0)
     assert kv1.wal.read(1, 5) == good  # exactly the good batch, nothing of the bad one
 
 

@@ -25,19 +25,11 @@ from failover.core.state_machine import SESSION_OPEN_PAYLOAD
 from failover.errors import InvalidRequest, Overloaded, SessionExpired
 from failover.net import agent_servicers, channels
 from failover.v1 import common_pb2, data_pb2, data_pb2_grpc
-
-UNREACHABLE = "127.0.0.1:1"  # nothing listens on port 1: a duplica there never acks
+from tests.unit.inprocess import UNREACHABLE, until
 
 
 def _pack(request: dict[str, Any]) -> bytes:
     return msgpack.packb(request, use_bin_type=True)
-
-
-async def _until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 class _LossyData(agent_servicers.DataServicer):
@@ -176,7 +168,7 @@ async def test_a_request_nested_too_deep_is_refused_before_it_is_logged(
 ) -> None:
     agent, _servicer, address = served
     replica = await agent.assign_role("kv1", "kv", "primary", 1, "sync", None, {}, set())
-    await _until(lambda: replica.sm.applied_index >= 1)
+    await until(lambda: replica.sm.applied_index >= 1, timeout_s=10.0)
     last = replica.wal.last_index
     with pytest.raises(InvalidRequest, match="request_depth_max"):
         await replica.execute(0, "c", 1, _nested(1000), 5.0, opens_session=True)
@@ -219,7 +211,8 @@ async def test_writes_in_flight_are_bounded_in_bytes(
         held = [asyncio.create_task(replica.execute(
             0, "c", seq, _pack({"op": "put", "key": f"k{seq}", "value": value}), 30.0))
             for seq in range(1, 6)]  # five writes of ~200 KiB: just under 1 MiB
-        await _until(lambda: replica.wal.last_index >= 6)  # the barrier, then the five
+        # the barrier, then the five
+        await until(lambda: replica.wal.last_index >= 6, timeout_s=10.0)
         last = replica.wal.last_index
         with pytest.raises(Overloaded, match="pending_request_bytes_max"):
             await replica.execute(0, "c", 6, _pack({"op": "put", "key": "k6",
@@ -230,7 +223,7 @@ async def test_writes_in_flight_are_bounded_in_bytes(
         await agent.assign_role("kv1", "kv", "primary", 1, "sync", None,
                                 {"b": UNREACHABLE}, set())
         await asyncio.wait_for(asyncio.gather(*held), 10.0)
-        await _until(lambda: replica._pending_bytes == 0)
+        await until(lambda: replica._pending_bytes == 0, timeout_s=10.0)
         reply, _, _ = await replica.execute(0, "c", 6, _pack({"op": "put", "key": "k6",
                                                              "value": value}), 10.0)
         assert reply.status == ReplyStatus.OK
