@@ -138,10 +138,11 @@ async def test_a_failed_commit_is_followed_by_a_reload_not_by_acting_on_memory(
     # the store has, and no agent was told of the service that was never persisted.
     assert "t" not in coordinator.core.services
     assert set(coordinator.core.services) == await stored_services(store)
-    await asyncio.sleep(0)
+    # The reload re-sends what the store holds (assignments are idempotent): s to its three
+    # hosts. Calls to one address go out in order, so once those arrived, any assignment
+    # queued before them would have too.
+    await until(lambda: sum(c[0] == "AssignRole" for c in agent.calls) >= assigned_before + 3)
     assert not any(c[0] == "AssignRole" and c[1].service == "t" for c in agent.calls)
-    # The reload re-sends what the store holds (assignments are idempotent).
-    await until(lambda: sum(c[0] == "AssignRole" for c in agent.calls) > assigned_before)
     # And the coordinator goes on working (once heartbeats have told it the hosts' room
     # again, as after a restart).
     for host in ("h1", "h2", "h3"):
