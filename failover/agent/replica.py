@@ -18,17 +18,15 @@ import logging
 import shutil
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from itertools import accumulate, repeat
 from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import msgpack
-
 from failover import defaults, kinds
 from failover.clock import monotonic_ms
 from failover.core.log_position import LogPosition
+from failover.core.replica import ReplicaMeta
 from failover.core.replication import (
     AckView,
     AdoptEpoch,
@@ -92,32 +90,6 @@ _payload_of = itemgetter(3)
 # What a decoded entry holds in memory beyond its record's bytes (the tuple, two bytes objects'
 # headers, an int): shipped entries kept to apply are counted with it.
 _ENTRY_OVERHEAD_BYTES = 160
-
-
-@dataclass
-class ReplicaMeta:
-    """What must survive a restart besides the log and snapshots; written atomically."""
-
-    service: str
-    kind: str
-    role: str
-    epoch: int
-    mode: str = Mode.SYNC.value
-    primary_host_id: str = ""
-    primary_address: str = ""
-    # A primary's membership survives its restart: in sync mode it must not come back
-    # committing alone.
-    duplicas: dict[str, str] = field(default_factory=dict)
-    in_sync: list[str] = field(default_factory=list)
-    # The coordinator's generation of `in_sync`, echoed in heartbeats (see ServiceInfo).
-    in_sync_generation: int = 0
-
-    def to_bytes(self) -> bytes:
-        return msgpack.packb(self.__dict__, use_bin_type=True)
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> ReplicaMeta:
-        return cls(**msgpack.unpackb(data, raw=False))
 
 
 class Replica:
