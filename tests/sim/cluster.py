@@ -45,6 +45,7 @@ converges to the primary's digest at the same applied index, and a write goes th
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import heapq
 import random
@@ -57,6 +58,8 @@ import msgpack
 
 from demo_services.kv import KvService
 from failover import defaults
+from failover.chaos.checkers import check_acked_puts, check_linearizable_kv
+from failover.chaos.history import Op
 from failover.core.coordinator import (
     Action,
     AskHearsPrimary,
@@ -179,6 +182,7 @@ class Scenario:
     inflight_batches_max: int = 2
     think_ms: tuple[int, int] = (5, 40)
     keys: int = 4
+    read_ratio: float = 0.3  # the share of client calls that are gets
     # Fixes of known agent bugs that the model applies, so that the sweeps look for new
     # bugs; the xfail tests in test_simulation.py leave one out each to show its bug.
     fixes: frozenset[str] = frozenset()
@@ -239,7 +243,7 @@ class Kernel:
     def __init__(self, seed: int, keep_lines: int = 300, full_trace: bool = False) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
-        self.now = 0
+        self.now = 0  # the true time (ms): the checker's, never a process's
         self.events = 0
         self._heap: list[tuple[int, int, Callable[..., None], tuple[Any, ...]]] = []
         self._seq = 0
@@ -247,11 +251,33 @@ class Kernel:
         self.shipped = 0  # probes, truncates and batches put on ship streams
         self.recent: deque[str] = deque(maxlen=keep_lines)
         self.full: list[str] | None = [] if full_trace else None
+        # Each node's clock (failover.clock's CLOCK_BOOTTIME on that host): an offset and a
+        # rate; it keeps running while the process is paused or down.
+        self._clocks: dict[str, tuple[int, float]] = {}
+        # node -> true time until which its process handles nothing (a pause: a stopped VM,
+        # a long GC); its events wait and then run in their order, against its stale views.
+        self.paused: dict[str, int] = {}
+
+    def set_clock(self, node: str, offset_ms: int, rate: float) -> None:
+        self._clocks[node] = (offset_ms, rate)
+
+    def clock(self, node: str) -> int:
+        """What `monotonic_ms()` returns on node now."""
+        offset, rate = self._clocks.get(node, (0, 1.0))
+        return offset + int(self.now * rate)
 
     def after(self, delay_ms: int, fn: Callable[..., None], *args: Any) -> None:
         """Runs fn(*args) delay_ms from now (after every event already due then)."""
         self._seq += 1
         heapq.heappush(self._heap, (self.now + max(0, delay_ms), self._seq, fn, args))
+
+    def _node_of(self, fn: Callable[..., None], args: tuple[Any, ...]) -> str | None:
+        """The process an event runs in: the `node` of the object whose method it is (a
+        message's `_arrive` runs in its destination)."""
+        owner = getattr(fn, "__self__", None)
+        if isinstance(owner, Network):
+            return args[1]
+        return getattr(owner, "node", None)
 
     def note(self, text: str) -> None:
         """Adds a line to the trace (and its hash)."""
@@ -264,8 +290,20 @@ class Kernel:
     def run_until(self, until_ms: int) -> None:
         heap = self._heap
         h = self._hash
+        paused = self.paused
         while heap and heap[0][0] <= until_ms:
             when, seq, fn, args = heapq.heappop(heap)
+            if paused:
+                node = self._node_of(fn, args)
+                resume = paused.get(node) if node is not None else None
+                if resume is not None:
+                    if resume > when:
+                        # Waits for the process to run again; events keep their order.
+                        self._seq += 1
+                        heapq.heappush(heap, (resume, self._seq, fn, args))
+                        continue
+                    if resume <= self.now:
+                        del paused[node]
             self.now = when
             self.events += 1
             if self.events > self.MAX_EVENTS:
@@ -411,18 +449,26 @@ class ReplicaDisk:
 
 
 @dataclass
-class Op:
-    """One client operation, as the checker sees it."""
+class Call:
+    """A client's request in flight (what `failover.client.Client` keeps across retries);
+    when it ends, the client records it in the history as a `failover.chaos.history.Op`."""
 
-    client: str
+    session: str
     seq: int
     service: str
     key: str
-    value: str
+    kind: str  # "put" or "get"
+    value: str  # a put's value (unique in the run), "" for a get
     invoke_ms: int
-    outcome: str = "pending"  # ok, fail, unknown
+    outcome: str = "pending"  # then ok, fail or unknown, as in the history
     index: int = 0
-    complete_ms: int = 0
+    op: Op | None = None  # its history record, once it ended
+
+    def payload(self) -> bytes:
+        request = {"op": self.kind, "key": self.key}
+        if self.kind == "put":
+            request["value"] = self.value
+        return msgpack.packb(request, use_bin_type=True)
 
 
 class Checker:
@@ -436,7 +482,14 @@ class Checker:
         # service -> index -> (epoch, request id, payload) applied there by some replica
         self.applied: dict[str, dict[int, tuple[int, bytes, bytes]]] = {}
         self.replied_index: dict[bytes, int] = {}  # request id -> index of its OK reply
+        # The clients' history, judged at the end by failover.chaos's checkers; `requests`
+        # names each write's request (session, seq) for the checks on the logs.
         self.ops: list[Op] = []
+        self.requests: dict[int, tuple[str, int]] = {}
+        # service -> (true times at which a write's OK reply was sent, the highest index
+        # acknowledged by then): a read begun later must reflect it
+        self.acked: dict[str, tuple[list[int], list[int]]] = {}
+        self.reads = 0
         self.rewinds = 0
         self.truncated = 0
         self.async_lost = 0
@@ -487,6 +540,9 @@ class Checker:
         if acker != host:
             self.fail(f"two primaries acknowledged {service} writes at epoch {epoch}: "
                       f"{acker} and {host}")
+        acks = self.acked.setdefault(service, ([], []))
+        acks[0].append(self.c.k.now)
+        acks[1].append(max(index, acks[1][-1] if acks[1] else 0))
         rid = _plain(rid)  # attempts with and without the open flag are one request
         known = self.replied_index.setdefault(rid, index)
         if known != index:
@@ -497,6 +553,20 @@ class Checker:
             # the retry was applied anew.
             self.async_lost += 1
             self.replied_index[rid] = index
+
+    # invariants 6 and 10: a read reflects every write acknowledged before it began
+    def on_read(self, replica: SimReplica, req: ClientRequest, reply: Reply) -> None:
+        self.reads += 1
+        if self.c.scenario.mode != "sync":
+            return  # async mode may lose acknowledged writes: no read promise to check
+        times, indexes = self.acked.get(req.service, ([], []))
+        n = bisect.bisect_left(times, req.invoke_ms)
+        if n and indexes[n - 1] > replica.sm.applied_index:
+            self.fail(f"stale read: {replica.agent.host_id}/{req.service} (epoch "
+                      f"{replica.epoch}, lease until {replica.lease_expiry_ms} on its clock, "
+                      f"now {replica.agent.now}) answered a read begun at {req.invoke_ms} "
+                      f"from applied index {replica.sm.applied_index}, but index "
+                      f"{indexes[n - 1]} was acknowledged before it began")
 
     # invariant 4: apply order identical everywhere (checked live in sync mode)
     def on_apply(self, replica: SimReplica, entry: Entry) -> None:
@@ -550,6 +620,8 @@ class ClientRequest:
     payload: bytes
     opens: bool = True  # the request may open its session (as Replica.execute's default)
     session: str = ""  # the session id it goes under; "" for the client's name
+    read_floor_deadline: int = 0  # a read: until when it may wait for the read floor
+    invoke_ms: int = 0  # when the client began the call (true time; for the checker only)
 
     @property
     def session_id(self) -> str:
@@ -570,6 +642,7 @@ class SimReplica:
 
     def __init__(self, agent: SimAgent, disk: ReplicaDisk) -> None:
         self.agent = agent
+        self.node = agent.host_id  # the process it runs in (paused with its host)
         self.c = agent.c
         self.k = agent.k
         self.disk = disk
@@ -599,6 +672,10 @@ class SimReplica:
         self.confirmed = self.meta["role"] != PRIMARY
         self.held: list[ClientRequest] = []
         self.switch_wait: dict[str, Any] | None = None
+        # Reads: a primary answers none until commit and apply reach the read floor (the
+        # last index it inherited), and alone only inside its lease (invariants 6, 10).
+        self.read_floor = 0
+        self._reads: list[dict[str, Any]] = []
 
     # --- lifecycle and role --------------------------------------------------------------
 
@@ -662,6 +739,9 @@ class SimReplica:
                     f"log {self.wal.last_index}/{self.wal.durable_index} "
                     f"applied {self.sm.applied_index}")
         if role == PRIMARY:
+            if previous is None and not self._to_log:
+                # From duplica: the log's end is where this primary's entries start.
+                self._next_index = self.wal.last_index + 1
             commit = self.sm.applied_index
             if self.duplica is not None:
                 commit = max(commit, self.duplica.apply_limit(self.wal.durable_index))
@@ -674,6 +754,8 @@ class SimReplica:
             )
             if self.wal.last_epoch < epoch and not self._to_log:
                 self._enqueue(Entry(epoch, self._next_index, b"", b""))
+            self.read_floor = self._next_index - 1
+            self._run(self.primary.log_changed(self._log_info()))
             self._run(self._link_ups())
             self._apply_committed()
         else:
@@ -690,6 +772,57 @@ class SimReplica:
             self.primary = None
             self.duplica = DuplicaReplication(epoch, self.sm.applied_index)
         self._check_switchover()
+        self._pump_reads()
+
+    # --- reads (the read path of Replica.query) ----------------------------------------------
+
+    def query(self, req: ClientRequest) -> None:
+        req.read_floor_deadline = self.agent.now + defaults.READ_FLOOR_TIMEOUT_MS
+        self._reads.append({"req": req, "token": None})
+        self._pump_reads()
+
+    def _pump_reads(self) -> None:
+        """Answers the reads that may be answered now, refuses those past their wait."""
+        if not self._reads:
+            return
+        reads, self._reads = self._reads, []
+        now = self.agent.now
+        for read in reads:
+            req = read["req"]
+            refused = self._not_primary(req.epoch_seen)
+            if refused is not None:
+                self.agent.answer(req, refused)
+                continue
+            primary = self.primary
+            assert primary is not None
+            token = read["token"]
+            if token is None:
+                if self.sm.applied_index < self.read_floor:
+                    if now >= req.read_floor_deadline:
+                        self.agent.answer(req, ("unavailable", "below the read floor", 0))
+                    else:
+                        self._reads.append(read)
+                    continue
+                if now < self.lease_expiry_ms:
+                    self._answer_read(req)
+                    continue
+                actions, token = primary.confirm(now)
+                read.update(token=token, core=primary, deadline=now + FAILURE_TIMEOUT_MS)
+                self._run(actions)
+            if read["core"] is not self.primary or primary.fenced:
+                self.agent.answer(req, ("not_primary", self.meta["primary_address"], self.epoch))
+            elif primary.confirmed(token):
+                self._answer_read(req)
+            elif now >= read["deadline"]:
+                self.agent.answer(req, ("unavailable", "epoch not confirmed", 0))
+            else:
+                self._reads.append(read)
+
+    def _answer_read(self, req: ClientRequest) -> None:
+        reply = self.sm.query(req.payload)
+        self.c.check.on_read(self, req, reply)
+        self.agent.answer(req, ("ok", reply.index, int(reply.status), self.epoch, False,
+                                reply.data))
 
     def step_down(self, epoch: int) -> None:
         if epoch <= self.epoch and self.role != PRIMARY:
@@ -702,7 +835,7 @@ class SimReplica:
         actions: list[PrimaryAction] = []
         for host in self.primary.peers:
             if self.agent.link_is_up(host):
-                actions.extend(self.primary.link_up(host, self.k.now))
+                actions.extend(self.primary.link_up(host, self.agent.now))
         return actions
 
     def _log_info(self) -> LogInfo:
@@ -735,6 +868,9 @@ class SimReplica:
         if self.hold is not None:
             self.held.append(req)  # answered (or redirected) when the hold is released
             return
+        if msgpack.unpackb(req.payload, raw=False).get("op") == "get":
+            self.query(req)
+            return
         rid = req.request_id
         seen = self.sm.sessions.lookup(req.session_id, req.seq, req.opens)
         if isinstance(seen, Reply):
@@ -757,7 +893,8 @@ class SimReplica:
                                         reply.index, rid)
         # The reply names the epoch of the entry that applied the request (replica.py).
         epoch = getattr(reply, "epoch", 0) or self.epoch
-        self.agent.answer(req, ("ok", reply.index, int(reply.status), epoch, duplicate))
+        self.agent.answer(req, ("ok", reply.index, int(reply.status), epoch, duplicate,
+                                reply.data))
 
     def _enqueue(self, entry: Entry) -> int:
         assert entry.index == self._next_index, (entry.index, self._next_index)
@@ -847,13 +984,14 @@ class SimReplica:
     def on_ack(self, host_id: str, ack: AckView) -> None:
         if self.primary is None:
             return
-        self._run(self.primary.ack(host_id, ack, self.k.now))
+        self._run(self.primary.ack(host_id, ack, self.agent.now))
         self._apply_committed()
         self._notify_progress()
+        self._pump_reads()
 
     def on_link_up(self, host_id: str) -> None:
         if self.primary is not None:
-            self._run(self.primary.link_up(host_id, self.k.now))
+            self._run(self.primary.link_up(host_id, self.agent.now))
 
     def on_link_down(self, host_id: str) -> None:
         if self.primary is not None:
@@ -862,6 +1000,7 @@ class SimReplica:
     def tick(self, now_ms: int) -> None:
         if self.primary is not None:
             self._run(self.primary.tick(now_ms))
+        self._pump_reads()
 
     # --- applying ------------------------------------------------------------------------
 
@@ -899,6 +1038,7 @@ class SimReplica:
                 for req in reqs:
                     self._answer_ok(req, rid, reply, duplicate=False)
         self._check_switchover()
+        self._pump_reads()
 
     def _schedule_apply(self) -> None:
         """A duplica applies on a background task, after it has answered the stream."""
@@ -958,7 +1098,7 @@ class SimReplica:
         duplica = self._duplica_for(epoch)
         if duplica is None:
             return self._ack("stale_epoch")
-        _, refused = self._adopt(duplica, lambda: duplica.on_probe(epoch, self.k.now))
+        _, refused = self._adopt(duplica, lambda: duplica.on_probe(epoch, self.agent.now))
         return self._ack(refused or "mismatch")
 
     def receive_truncate(self, epoch: int, after_index: int) -> AckView:
@@ -970,7 +1110,7 @@ class SimReplica:
                               f"after {after_index} below its commit index "
                               f"{duplica.commit_index} in sync mode")
         _, refused = self._adopt(
-            duplica, lambda: duplica.on_truncate(epoch, after_index, self.k.now))
+            duplica, lambda: duplica.on_truncate(epoch, after_index, self.agent.now))
         if refused:
             return self._ack(refused)
         if after_index < self.sm.applied_index:
@@ -1003,7 +1143,7 @@ class SimReplica:
         if duplica is None:
             return self._ack("stale_epoch", batch_id)
         actions, refused = self._adopt(duplica, lambda: duplica.on_batch(
-            epoch, prev, last_index, commit_index, self._log_info(), self.k.now))
+            epoch, prev, last_index, commit_index, self._log_info(), self.agent.now))
         if refused:
             return self._ack(refused, batch_id)
         if any(isinstance(a, Append) for a in actions):
@@ -1069,7 +1209,7 @@ class SimReplica:
         if self.hold is None:
             self.hold = token[1]
         self.switch_wait = {"target": target, "token": token, "core": self.primary,
-                            "deadline": self.k.now + timeout_ms}
+                            "deadline": self.agent.now + timeout_ms}
         self.k.after(timeout_ms, self._switchover_deadline, token)
         self._check_switchover()
         return None
@@ -1145,6 +1285,7 @@ class ShipLink:
 
     def __init__(self, owner: SimAgent, peer: str) -> None:
         self.owner = owner
+        self.node = owner.host_id
         self.c = owner.c
         self.k = owner.k
         self.peer = peer
@@ -1238,7 +1379,9 @@ class ShipLink:
             return
         when = max(self.k.now + net.latency(), self.send_at)
         self.send_at = when
-        self.k.after(when - self.k.now, self._deliver, session, items)
+        # Read by the peer's process: it waits while that process is paused.
+        self.k.after(when - self.k.now, self.c.agents[self.peer].on_ship_message, self,
+                     session, items)
 
     def _deliver(self, session: int, items: list[tuple[Any, ...]]) -> None:
         if session != self.session or not self.up:
@@ -1272,6 +1415,7 @@ class SimAgent:
         self.c = cluster
         self.k = cluster.k
         self.host_id = host_id
+        self.node = host_id
         self.address = host_id
         self.up = False
         self.incarnation = 0
@@ -1287,12 +1431,17 @@ class SimAgent:
                                  inflight_batches_max=s.inflight_batches_max,
                                  keepalive_ms=HEARTBEAT_MS)
 
+    @property
+    def now(self) -> int:
+        """This host's clock (what `failover.clock.monotonic_ms` returns there)."""
+        return self.k.clock(self.node)
+
     # --- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> None:
         self.up = True
         self.incarnation += 1
-        self.started_at = self.k.now
+        self.started_at = self.now
         self.registered = False
         self.beat_pending = None
         self.k.note(f"{self.host_id} starts (incarnation {self.incarnation})")
@@ -1326,7 +1475,7 @@ class SimAgent:
     def _tick(self, inc: int) -> None:
         if inc != self.incarnation or not self.up:
             return
-        now = self.k.now
+        now = self.now
         for replica in list(self.replicas.values()):
             replica.tick(now)
         self.k.after(TICK_MS, self._tick, inc)
@@ -1343,7 +1492,7 @@ class SimAgent:
         reports = [r.report() for r in self.replicas.values()]
         self.beat_pending = bid
         self.c.net.send(self.host_id, COORD, self.c.coord.on_beat, self.host_id, inc, bid, info,
-                        reports, self.k.now)
+                        reports, self.now)
         self.k.after(2 * HEARTBEAT_MS, self._beat_timeout, inc, bid)
 
     def on_beat_reply(self, inc: int, bid: int, ok: bool, leases: list[tuple[str, int, int]],
@@ -1356,7 +1505,7 @@ class SimAgent:
             replica = self.replicas.get(service)
             if replica is not None:
                 replica.grant_lease(epoch, lease_ms, sent_ms)
-        self.k.after(max(0, sent_ms + HEARTBEAT_MS - self.k.now), self._beat, inc)
+        self.k.after(max(0, sent_ms + HEARTBEAT_MS - self.now), self._beat, inc)
 
     def _beat_timeout(self, inc: int, bid: int) -> None:
         if inc != self.incarnation or not self.up or self.beat_pending != bid:
@@ -1396,6 +1545,9 @@ class SimAgent:
             replica = self.replicas.get(service)
             if replica is not None:
                 replica.on_ack(host_id, ack)
+
+    def on_ship_message(self, link: ShipLink, session: int, items: list[tuple[Any, ...]]) -> None:
+        link._deliver(session, items)
 
     def receive(self, src: str, items: list[tuple[Any, ...]]) -> list[tuple[str, AckView]]:
         """Handles one message of a Ship stream; answers every item."""
@@ -1469,7 +1621,7 @@ class SimAgent:
         if replica is None:
             answer = HearsAnswer(self.host_id, reachable=False)
         else:
-            hears, _ = replica.hears_primary(self.k.now)
+            hears, _ = replica.hears_primary(self.now)
             # server.py asks GetStatus for the matched index, not the durable one.
             answer = HearsAnswer(self.host_id, True, hears, replica.matched_index,
                                  replica.epoch)
@@ -1527,6 +1679,7 @@ class SimCoordinator:
     def __init__(self, cluster: Cluster) -> None:
         self.c = cluster
         self.k = cluster.k
+        self.node = COORD
         self.store: dict[str, bytes] = {}
         self.up = False
         self.incarnation = 0
@@ -1536,13 +1689,18 @@ class SimCoordinator:
         self.switchover: dict[str, Any] | None = None
         self.created: set[str] = set()
 
+    @property
+    def now(self) -> int:
+        """The coordinator host's clock."""
+        return self.k.clock(self.node)
+
     def boot(self) -> None:
         self.up = True
         self.incarnation += 1
         self.k.note(f"coordinator starts (incarnation {self.incarnation})")
         self.core = CoordinatorCore(Timing(HEARTBEAT_MS, FAILURE_TIMEOUT_MS, LEASE_MS,
                                            HOST_DEAD_MS))
-        self.execute(self.core.restore(dict(self.store), self.k.now))
+        self.execute(self.core.restore(dict(self.store), self.now))
         self.k.after(self.k.rng.randint(1, TICK_MS), self._tick, self.incarnation)
 
     def crash(self) -> None:
@@ -1557,7 +1715,7 @@ class SimCoordinator:
         if inc != self.incarnation or not self.up:
             return
         assert self.core is not None
-        self.execute(self.core.tick(self.k.now))
+        self.execute(self.core.tick(self.now))
         self.k.after(TICK_MS, self._tick, inc)
 
     def _token(self) -> tuple[int, int]:
@@ -1623,8 +1781,8 @@ class SimCoordinator:
         leases: list[tuple[str, int, int]] = []
         try:
             if info is not None:
-                self.execute(self.core.register(info, self.k.now, SIM_METRICS))
-            leases, actions = self.core.heartbeat(host, SIM_METRICS, reports, self.k.now)
+                self.execute(self.core.register(info, self.now, SIM_METRICS))
+            leases, actions = self.core.heartbeat(host, SIM_METRICS, reports, self.now)
             self.execute(actions)
         except InvalidRequest:
             ok = False
@@ -1654,7 +1812,7 @@ class SimCoordinator:
         assert self.core is not None
         action: AskHearsPrimary = ask["action"]
         answers = [ask["answers"].get(h, HearsAnswer(h, reachable=False)) for h in action.hosts]
-        self.execute(self.core.hears_primary(action.service, answers, self.k.now))
+        self.execute(self.core.hears_primary(action.service, answers, self.now))
 
     def create_services(self) -> bool:
         """The operator creates the services once every host is registered."""
@@ -1670,7 +1828,7 @@ class SimCoordinator:
                 return False
             try:
                 actions = self.core.create_service(name, "kv", min(3, s.hosts), s.mode,
-                                                   self.k.now)
+                                                   self.now)
             except InvalidRequest:
                 return False
             self.created.add(name)
@@ -1693,7 +1851,7 @@ class SimCoordinator:
         self.core.switchover_begin(name, target)
         token = self._token()
         self.switchover = {"token": token, "service": name, "target": target,
-                           "primary": primary, "epoch": epoch, "started": self.k.now}
+                           "primary": primary, "epoch": epoch, "started": self.now}
         self.k.note(f"coordinator: switchover of {name} from {primary} to {target} begins")
         agent = self.c.agents[primary]
         self.c.net.send(COORD, primary, agent.on_prepare_switchover, token, name, epoch, target,
@@ -1715,15 +1873,16 @@ class SimCoordinator:
                             name, sw["epoch"], "", True, dup=False)
             return
         self.execute(self.core.switchover_complete(name, sw["target"],
-                                                   self.k.now - sw["started"]))
+                                                   self.now - sw["started"]))
 
 
 # --- clients ------------------------------------------------------------------------------
 
 
 class SimClient:
-    """A client issuing kv puts with request ids, retrying like `failover.client.Client`:
-    routes pushed by the coordinator, redirects from non-primaries, the agents as seeds."""
+    """A client issuing kv puts and gets with request ids, retrying like
+    `failover.client.Client`: routes pushed by the coordinator, redirects from
+    non-primaries, the agents as seeds. It records every call in the history."""
 
     ATTEMPT_TIMEOUT_MS = 500
     BUDGET_MS = 3000
@@ -1732,16 +1891,17 @@ class SimClient:
         self.c = cluster
         self.k = cluster.k
         self.name = name
+        self.process = int(name[1:]) if name[1:].isdigit() else 0
         self.routes: dict[str, tuple[str, int]] = {}
         self.seq = 0
-        self.op: Op | None = None
+        self.op: Call | None = None
         self.attempt = 0
         self.target = ""
         self.epoch_seen = 0
         self.backoff_ms = CLIENT_BACKOFF_MIN_MS
         self.active = False
         self.seed_cursor = 0
-        self.done_ops: list[Op] = []
+        self.done_ops: list[Call] = []
         # Sessions, as failover.client.Client keeps them: per service the session id and
         # whether the service is known to hold it; an op that opens one marks its attempts
         # only until one of them may have reached the log.
@@ -1762,23 +1922,22 @@ class SimClient:
         if not self.active or self.op is not None:
             return
         s = self.c.scenario
-        service = f"s{self.k.rng.randint(1, s.services)}"
-        self.begin(service, f"k{self.k.rng.randint(1, s.keys)}")
+        rng = self.k.rng
+        service = f"s{rng.randint(1, s.services)}"
+        kind = "get" if s.read_ratio and rng.random() < s.read_ratio else "put"
+        self.begin(service, f"k{rng.randint(1, s.keys)}", kind)
 
-    def begin(self, service: str, key: str) -> Op:
+    def begin(self, service: str, key: str, kind: str = "put") -> Call:
         self.seq += 1
         session, known = self.sessions.setdefault(service, (self.name, False))
-        self.opener, self.may_have_logged = not known, False
-        op = Op(session, self.seq, service, key, f"{self.name}.{self.seq}", self.k.now)
-        self.c.check.ops.append(op)
+        self.opener, self.may_have_logged = kind == "put" and not known, False
+        value = f"{self.name}.{self.seq}" if kind == "put" else ""
+        op = Call(session, self.seq, service, key, kind, value, self.k.now)
         self.op = op
         self.attempt = 0
         self.backoff_ms = CLIENT_BACKOFF_MIN_MS
         self._try()
         return op
-
-    def _payload(self, op: Op) -> bytes:
-        return msgpack.packb({"op": "put", "key": op.key, "value": op.value}, use_bin_type=True)
 
     def _try(self) -> None:
         op = self.op
@@ -1795,8 +1954,8 @@ class SimClient:
         self.target, self.epoch_seen = route
         self.attempt += 1
         req = ClientRequest(self.name, op.seq, self.attempt, op.service, self.epoch_seen,
-                            self._payload(op), self.opener and not self.may_have_logged,
-                            op.client)
+                            op.payload(), self.opener and not self.may_have_logged,
+                            op.session, invoke_ms=op.invoke_ms)
         self.c.net.send(self.name, self.target, self.c.agents[self.target].on_execute, req)
         self.k.after(self.ATTEMPT_TIMEOUT_MS, self._attempt_timeout, op.seq, self.attempt)
 
@@ -1825,14 +1984,16 @@ class SimClient:
             return
         kind = reply[0]
         if kind == "ok":
-            _, index, status, epoch, _duplicate = reply
+            _, index, status, epoch, _duplicate, data = reply
             self.routes[op.service] = (host, max(self.epoch_seen, epoch))
             if status == int(ReplyStatus.EXPIRED):  # an earlier attempt may have applied
                 self._finish("unknown", 0, retire=True)
                 return
-            if self.opener:  # every op is a put: answered from the log, it opened the session
-                self.sessions[op.service] = (op.client, True)
-            self._finish("ok" if status == int(ReplyStatus.OK) else "fail", index)
+            if self.opener:  # every write is a put: answered from the log, it opened the session
+                self.sessions[op.service] = (op.session, True)
+            ok = status == int(ReplyStatus.OK)
+            result = msgpack.unpackb(data, raw=False) if ok else None
+            self._finish("ok" if ok else "fail", index, epoch=epoch, host=host, result=result)
         elif kind == "invalid":
             self._finish("fail", 0)
         elif kind == "not_primary" and reply[1] and reply[1] != host:
@@ -1841,15 +2002,26 @@ class SimClient:
         else:
             self._retry(host, kind != "not_primary")
 
-    def _finish(self, outcome: str, index: int, retire: bool = False) -> None:
+    def _finish(self, outcome: str, index: int, retire: bool = False, epoch: int = 0,
+                host: str = "", result: dict[str, Any] | None = None) -> None:
         op = self.op
         assert op is not None
         if retire or (self.opener and not self.sessions[op.service][1]):
             # Expired, or an opening op without an answer from the log: a new session id.
             self.session_numbers += 1
             self.sessions[op.service] = (f"{self.name}/{self.session_numbers}", False)
-        op.outcome, op.index, op.complete_ms = outcome, index, self.k.now
-        self.k.note(f"{self.name} {op.service} put {op.key}={op.value}: {outcome} "
+        op.outcome, op.index = outcome, index
+        args = {"value": op.value} if op.kind == "put" else {}
+        op.op = Op(self.process, op.kind, op.key, args, op.invoke_ms,
+                   None if outcome == "unknown" else self.k.now, outcome, result,
+                   epoch=epoch, index=index, primary=host, service=op.service)
+        check = self.c.check
+        if op.kind == "put":
+            check.requests[len(check.ops)] = (op.session, op.seq)
+        check.ops.append(op.op)
+        shown = f"={result.get('value')!r}" if op.kind == "get" and result else ""
+        self.k.note(f"{self.name} {op.service} {op.kind} {op.key}"
+                    f"{'=' + op.value if op.value else ''}: {outcome}{shown} "
                     f"{'@' + str(index) if index else ''}")
         self.op = None
         self.done_ops.append(op)
@@ -2092,6 +2264,7 @@ class Cluster:
             "events": self.k.events, "shipped": self.k.shipped, "end_ms": self.k.now,
             "ops_ok": sum(op.outcome == "ok" for op in ops),
             "ops_unknown": sum(op.outcome == "unknown" for op in ops),
+            "reads_ok": sum(op.outcome == "ok" and op.kind == "get" for op in ops),
             "crashes": self.nemesis.crashes, "failovers": self.check.failovers,
             "switchovers": self.check.switchovers, "rewinds": self.check.rewinds,
             "rebuilt": self.check.rebuilt, "retired": self.check.retired,
@@ -2159,10 +2332,11 @@ class Cluster:
         check = self.check
         core = self.coord.core
         assert core is not None
-        acked: dict[str, list[Op]] = {}
-        for op in check.ops:
-            if op.outcome == "ok":
-                acked.setdefault(op.service, []).append(op)
+        acked: dict[str, list[tuple[int, Op]]] = {}
+        for n, op in enumerate(check.ops):
+            if op.outcome == "ok" and op.kind == "put":
+                acked.setdefault(op.service, []).append((n, op))
+        final_read: dict[tuple[str, str], Any] = {}
         for name in sorted(core.services):
             record = core.services[name]
             p = self.agents[record.primary].replicas[name]
@@ -2195,21 +2369,37 @@ class Cluster:
                     got = r.sm.query(msgpack.packb({"op": "get", "key": key}))
                     if msgpack.unpackb(got.data, raw=False)["value"] != value:
                         check.fail(f"{name}: {host} holds a wrong value for {key}")
+            for key in sorted({op.key for op in check.ops if op.service == name}):
+                got = p.sm.query(msgpack.packb({"op": "get", "key": key}))
+                final_read[(name, key)] = msgpack.unpackb(got.data, raw=False)["value"]
             if self.scenario.mode != "sync":
                 continue
-            for op in acked.get(name, []):
-                rid = encode_request_id(op.client, op.seq)
-                payload = msgpack.packb({"op": "put", "key": op.key, "value": op.value},
-                                        use_bin_type=True)
+            for n, op in acked.get(name, []):
+                session, seq = check.requests[n]
+                rid = encode_request_id(session, seq)
                 entry = p.wal.entries[op.index - 1] if 0 < op.index <= p.wal.last_index else None
-                if entry is None or _plain(entry.request_id) != rid or entry.payload != payload:
-                    check.fail(f"inv3: acknowledged write {op.client}:{op.seq} "
-                               f"({op.key}={op.value} at index {op.index}) is not in the "
+                if (entry is None or _plain(entry.request_id) != rid
+                        or msgpack.unpackb(entry.payload, raw=False).get("value")
+                        != op.args["value"]):
+                    check.fail(f"inv3: acknowledged write {session}:{seq} ({op.key}="
+                               f"{op.args['value']} at index {op.index}) is not in the "
                                f"final log of {name}")
-                recorded = p.sm.sessions.lookup(op.client, op.seq)
+                recorded = p.sm.sessions.lookup(session, seq)
                 if isinstance(recorded, Reply) and recorded.index != op.index:
-                    check.fail(f"inv5: {op.client}:{op.seq} recorded at {recorded.index}, "
+                    check.fail(f"inv5: {session}:{seq} recorded at {recorded.index}, "
                                f"acknowledged at {op.index}")
+        if self.scenario.mode != "sync":
+            return  # async mode promises neither linearizability nor every acknowledged write
+        # The whole history, judged by the chaos checkers (failover.chaos): every key
+        # linearizable, every acknowledged put present at the end.
+        verdict = check_linearizable_kv(check.ops)
+        if verdict.linearizable is not True:
+            first = verdict.violations[0] if verdict.violations else None
+            check.fail(f"history not linearizable: {verdict.unknown_reasons or ''} "
+                       f"{first.to_dict() if first else ''}")
+        lost = check_acked_puts(check.ops, final_read)
+        if lost:
+            check.fail(f"inv3: acknowledged write lost: {lost[0].to_dict()}")
 
 
 def run_seed(seed: int, scenario: Scenario | str = "short", full_trace: bool = False) -> Result:

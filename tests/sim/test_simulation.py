@@ -221,7 +221,7 @@ def client(c: Cluster, name: str = "c1") -> SimClient:
 
 
 def write(c: Cluster, who: SimClient, key: str, service: str = "s1",
-          timeout_ms: int = 3000) -> sim.Op:
+          timeout_ms: int = 3000) -> sim.Call:
     op = who.begin(service, key)
     deadline = c.k.now + timeout_ms
     while who.op is not None and c.k.now < deadline:
@@ -449,7 +449,10 @@ def restarted_primary_join(c: Cluster) -> None:
     c.agents[a].start()
     c.k.run_until(c.k.now + 200)
     c.agents[old].start()
-    assert run_until(c, lambda: a in core.services["s1"].in_sync, 1000)
+    # Before the agent computed a restarted primary's commit index at once, its first
+    # heartbeat said 0 and the duplica joined here; now it may not: either way, nothing
+    # acknowledged may be lost.
+    run_until(c, lambda: a in core.services["s1"].in_sync, 1000)
     c.k.run_until(c.k.now + 500)  # the primary counts it and says so in its heartbeats
     c.agents[old].crash()
     c.k.run_until(c.k.now + 1500)
