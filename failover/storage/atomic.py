@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from failover.storage.modes import open_private
+
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
     """Makes a rename or unlink in `directory` durable."""
@@ -16,10 +18,11 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Replaces `path` with `data`; a crash leaves either the old or the new file whole."""
+    """Replaces `path` with `data`; a crash leaves either the old or the new file whole. The
+    new file is 0600 (`failover.storage.modes`)."""
     target = Path(path)
     tmp = target.with_name(f".{target.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = open_private(tmp, os.O_WRONLY | os.O_TRUNC)
     try:
         view = memoryview(data)
         while view:

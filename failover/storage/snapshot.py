@@ -45,6 +45,7 @@ import msgpack
 from failover import defaults
 from failover.errors import SnapshotCorruptError
 from failover.service import ServiceKind
+from failover.storage.modes import FILE_MODE, make_private_dir
 
 __all__ = [
     "Restorable",
@@ -178,11 +179,12 @@ class _Writer:
     def __init__(self, directory: Path, header: SnapshotHeader) -> None:
         self.directory = directory
         self.header = header
-        directory.mkdir(parents=True, exist_ok=True)
+        make_private_dir(directory)
         self._head = _encode_header(header)
         fd, temp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX, dir=directory)
         self.temp = Path(temp_name)
         try:
+            os.fchmod(fd, FILE_MODE)  # mkstemp's 0600 less the umask: exactly 0600
             f = os.fdopen(fd, "w+b")
         except BaseException:
             os.close(fd)
@@ -621,7 +623,7 @@ class SnapshotStore:
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         """Open (creating) `directory` and delete temp files that a crash left behind."""
         self._directory = Path(directory)
-        self._directory.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self._directory)
         for leftover in self._directory.glob(f"{_TEMP_PREFIX}*{_TEMP_SUFFIX}"):
             with contextlib.suppress(FileNotFoundError):
                 leftover.unlink()

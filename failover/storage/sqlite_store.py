@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 from failover import defaults
 from failover.errors import ConfigError, DiskFullError, StorageError, StoreConflictError
 from failover.storage.atomic import fsync_dir
+from failover.storage.modes import make_private_dir, open_private
 from failover.storage.store import (
     HistoryEvent,
     HistoryRecord,
@@ -195,10 +196,14 @@ class SqliteStore(Store):
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
     def _open_sync(self) -> tuple[int, int]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.path.parent)
         self._take_lock()
         try:
             existed = self.path.exists()
+            if not existed:
+                # Created 0600 here, not by SQLite (0644 less the umask); SQLite gives its
+                # -wal and -shm files the database file's mode.
+                os.close(open_private(self.path, os.O_RDWR | os.O_EXCL))
             conn = sqlite3.connect(
                 self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=True
             )
@@ -245,7 +250,7 @@ class SqliteStore(Store):
             raise
 
     def _take_lock(self) -> None:
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = open_private(self.lock_path, os.O_RDWR | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

@@ -63,6 +63,7 @@ from failover.errors import (
     ShippedRecordsCorruptError,
     StorageError,
 )
+from failover.storage.modes import make_private_dir, open_private
 from failover.storage.records import (
     _HEADER,
     _HEADER_BYTES,
@@ -197,7 +198,7 @@ class WriteAheadLog:
         self._sync_error: StorageError | None = None
         self._broken: StorageError | None = None
         self._closed = False
-        os.makedirs(directory, exist_ok=True)
+        make_private_dir(directory)
         self._load()
 
     # -- opening -----------------------------------------------------------------------------
@@ -366,7 +367,7 @@ class WriteAheadLog:
         data = _META_MAGIC + _HEADER.pack(len(body), _crc32c(body)) + body
         tmp = os.path.join(self.directory, _META_TMP_NAME)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = open_private(tmp, os.O_WRONLY | os.O_TRUNC)
             try:
                 _write_all(fd, data)
                 os.fsync(fd)
@@ -666,8 +667,7 @@ class WriteAheadLog:
             while k < count:
                 if seg is None:
                     seg = _Segment(self.directory, first + k, array("Q"), 0)
-                    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL
-                    fd = os.open(seg.path, flags, 0o644)
+                    fd = open_private(seg.path, os.O_RDWR | os.O_APPEND | os.O_EXCL)
                     created.append((seg, fd))
                     if self.fsync_policy != "never":
                         _fsync_dir(self.directory)
