@@ -1,0 +1,251 @@
+"""The coordinator's policy as a pure state machine (docs/design.md, Failure detection,
+Redundancy, Switchover, Patch).
+
+Events go in (a host registers, a heartbeat, a tick with the monotonic time, the duplicas'
+answers, an operator's command, an agent's answer to an operation's call) and actions come
+out (persist, assign a role, step down, ask duplicas, push routes, the calls of an
+operation). The daemon carries the actions out in order; a `Persist` must be durable before
+any later action of the same list is carried out, which is how a new epoch reaches the store
+before any agent hears of it (invariant 1). Nothing here reads a clock or does I/O.
+
+`CoordinatorCore` ties its parts together, each a module of this package: `membership`
+(hosts, heartbeats, the in-sync set), `detector` (suspicion, failover, leases),
+`redundancy` (placement, rebuild, retirement, draining), `handover` (the steps of a
+switchover and a migration), `routes` (assignments and the routes table) and `operations`
+(the plans of switchover, migration and patch, which it starts and steps).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import msgpack
+
+from failover import defaults
+from failover.core import placement
+from failover.core.coordinator.actions import (
+    Action,
+    Answer,
+    DropReplica,
+    Persist,
+    StartSwitchover,
+)
+from failover.core.coordinator.detector import Detector
+from failover.core.coordinator.handover import Handover
+from failover.core.coordinator.membership import Membership
+from failover.core.coordinator.model import (
+    HOST_PREFIX,
+    ROUTES_VERSION_KEY,
+    SERVICE_PREFIX,
+    Failover,
+    HostInfo,
+    HostLive,
+    ServiceInfo,
+    Timing,
+    pack,
+)
+from failover.core.coordinator.operations import MigratePlan, PatchPlan, Plan, SwitchoverPlan
+from failover.core.coordinator.redundancy import Redundancy
+from failover.core.coordinator.routes import Routes
+from failover.core.placement import Resources
+from failover.core.roles import DUPLICA, PRIMARY
+from failover.errors import InvalidRequest
+
+DEFAULT_TIMING = Timing()
+
+
+class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
+    """Cluster policy: detection, fenced promotion, in-sync set, routes, switchover,
+    redundancy (placement, rebuild, retirement), draining, and the operations' plans."""
+
+    def __init__(self, timing: Timing = DEFAULT_TIMING,
+                 placement_policy: str = defaults.PLACEMENT_POLICY,
+                 kind_paged: Callable[[str], bool] = lambda kind: True) -> None:
+        assert timing.host_dead_ms >= timing.failure_timeout_ms, timing
+        # A restarted coordinator knows no leases: a failover right after it is safe only
+        # because a primary is suspected no sooner than any lease it held can have ended.
+        assert timing.failure_timeout_ms >= timing.lease_ms + timing.lease_drift_margin_ms, timing
+        self.timing = timing
+        self.placement_policy = placement.check_policy(placement_policy)
+        # Whether a kind keeps its state in a paged arena (so it migrates page by page);
+        # the daemon knows the kinds installed.
+        self.kind_paged = kind_paged
+        self.hosts: dict[str, HostInfo] = {}
+        self.live: dict[str, HostLive] = {}
+        self.services: dict[str, ServiceInfo] = {}
+        self.routes_version = 0
+        self.failovers: dict[str, Failover] = {}
+        # service -> (host, monotonic ms when its lease runs out, as the coordinator sees it)
+        self.leases: dict[str, tuple[str, int]] = {}
+        self.switchovers: dict[str, str] = {}  # service -> target host, while in progress
+        # (host, service) -> when a heartbeat last made us re-send its assignment
+        self._reassigned_ms: dict[tuple[str, str], int] = {}
+        # (service, host) -> the primary's durable index when it first reported counting
+        # this in-sync duplica: once the duplica's matched index reaches it, it holds every
+        # write the primary acknowledged before counting it, and becomes promotable.
+        self._promotable_at: dict[tuple[str, str], int] = {}
+        # service -> when its silent primary's duplicas were last asked
+        self._asked_ms: dict[str, int] = {}
+        # (host, service) -> truncated count last reported, to record each repair once
+        self._truncated_seen: dict[tuple[str, str], int] = {}
+        # (service, host): a primary deposed by a failover, silent since; it does not count
+        # toward the desired replicas until it heartbeats again.
+        self._deposed: set[tuple[str, str]] = set()
+        # service -> why its missing replicas found no host (shown in status, retried)
+        self.unplaced: dict[str, str] = {}
+        self._unplaced_logged_ms: dict[str, int] = {}
+        # (service, host) -> when a building replica was placed
+        self._building_since: dict[tuple[str, str], int] = {}
+        # service -> when a drain last asked to move its primary
+        self._drain_moved_ms: dict[str, int] = {}
+        # service -> (source host, target host) while a live migration copies its state
+        self.migrations: dict[str, tuple[str, str]] = {}
+        # service -> the host a leaving primary should hand over to (a migration's target)
+        self._move_to: dict[str, str] = {}
+        # hosts being patched: no new replicas go there (their replicas stay)
+        self.patching: set[str] = set()
+        # op id -> the plan of an operation in progress (switchover, migration, patch)
+        self.operations: dict[str, Plan] = {}
+
+    # --- restore ---------------------------------------------------------------------------
+
+    def restore(self, state: dict[str, bytes], now_ms: int) -> list[Action]:
+        """Loads persisted state after a (re)start. Every host counts as alive for one
+        failure timeout (their heartbeats arrive meanwhile), and every replica is told its
+        role again: assignments are idempotent, and one may have been persisted but not
+        delivered when the last coordinator stopped."""
+        for key, value in state.items():
+            record = msgpack.unpackb(value, raw=False)
+            if key.startswith(HOST_PREFIX):
+                host = HostInfo(**record)
+                self.hosts[host.host_id] = host
+                self.live[host.host_id] = HostLive(last_heartbeat_ms=now_ms)
+            elif key.startswith(SERVICE_PREFIX):
+                service = ServiceInfo(**record)
+                self.services[service.name] = service
+            elif key == ROUTES_VERSION_KEY:
+                self.routes_version = int(record)
+        actions: list[Action] = []
+        for service in self.services.values():
+            actions.extend(self._assignments(service))
+        actions.append(self._routes())
+        return actions
+
+    # --- operator commands ------------------------------------------------------------------
+
+    def create_service(self, name: str, kind: str, replicas: int, mode: str, now_ms: int,
+                       needs: Resources | None = None, policy: str = "") -> list[Action]:
+        """Places and creates a service: the first host chosen holds the primary."""
+        if name in self.services:
+            raise InvalidRequest(f"service {name!r} exists already")
+        if mode not in ("sync", "async"):
+            raise InvalidRequest(f"mode {mode!r}: choose sync or async")
+        if not 1 <= replicas <= 16:
+            raise InvalidRequest(f"replicas must be 1..16, not {replicas}")
+        if policy:
+            placement.check_policy(policy)
+        needs = needs or Resources()
+        found = placement.place(policy or self.placement_policy, needs, replicas,
+                                self._host_views(), {})
+        if found.reason:
+            raise InvalidRequest(f"cannot place {name}: {found.reason}; start more agents, "
+                                 "undrain a host or ask for fewer replicas")
+        chosen = list(found.hosts)
+        service = ServiceInfo(
+            name=name, kind=kind, mode=mode, desired_replicas=replicas, epoch=1,
+            primary=chosen[0], replicas={h: (PRIMARY if i == 0 else DUPLICA)
+                                         for i, h in enumerate(chosen)},
+            in_sync=sorted(chosen[1:]), promotable=sorted(chosen[1:]), in_sync_generation=1,
+            needs=needs.to_dict(), placement=policy,
+        )
+        self.services[name] = service
+        return [
+            Persist({SERVICE_PREFIX + name: pack(service)}, history=((
+                name, "service", f"created {name} ({kind}, {mode}) on {', '.join(chosen)}",
+                {"kind": kind, "mode": mode, "hosts": chosen}),)),
+            *self._assignments(service),
+            *self._bump_routes(),
+        ]
+
+    def delete_service(self, name: str) -> list[Action]:
+        service = self.services.pop(name, None)
+        if service is None:
+            raise InvalidRequest(f"no service {name!r}")
+        self.failovers.pop(name, None)
+        self.leases.pop(name, None)
+        actions: list[Action] = [Persist({}, deletes=(SERVICE_PREFIX + name,), history=((
+            name, "service", f"deleted {name}", {}),))]
+        for host in service.replicas:
+            info = self.hosts.get(host)
+            if info is not None:
+                actions.append(DropReplica(host, info.address, name, service.epoch))
+        actions.extend(self._bump_routes())
+        return actions
+
+    # --- time ------------------------------------------------------------------------------
+
+    def tick(self, now_ms: int) -> list[Action]:
+        """Detects silent hosts, moves failovers along, restores redundancy, moves primaries
+        off hosts they must leave, and steps the operations in progress (their waits and
+        deadlines)."""
+        actions = self._detect(now_ms)
+        for service in list(self.services.values()):
+            actions.extend(self._restore_redundancy(service, now_ms))
+            actions.extend(self._move_primary(service, now_ms))
+        for op_id, plan in list(self.operations.items()):
+            actions.extend(plan.tick(now_ms))
+            if plan.finished:
+                self.operations.pop(op_id, None)
+        return actions
+
+    # --- operations (failover.core.coordinator.operations) --------------------------------
+
+    def start_switchover(self, op_id: str, name: str, to_host: str,
+                         now_ms: int) -> list[Action]:
+        """An operator's switchover of `name` to `to_host` ("" lets the core choose)."""
+        return self._start(SwitchoverPlan(self, op_id, name, to_host), now_ms)
+
+    def move_primary(self, op_id: str, action: StartSwitchover, now_ms: int) -> list[Action]:
+        """Carries out `StartSwitchover`: a switchover whose failures are recorded as a
+        drain's and tried again on a later tick; it never raises."""
+        return self._start(SwitchoverPlan(self, op_id, action.service, action.to_host,
+                                          purpose="drain"), now_ms)
+
+    def start_migration(self, op_id: str, name: str, to_host: str, now_ms: int,
+                        replica: str = PRIMARY, max_downtime_ms: int = defaults.MAX_DOWNTIME_MS,
+                        method: str = "precopy", from_host: str = "",
+                        max_bandwidth_bytes_s: int = 0) -> list[Action]:
+        """An operator's move of a replica of `name` to `to_host`."""
+        return self._start(MigratePlan(self, op_id, name, to_host, replica, max_downtime_ms,
+                                       method, from_host, max_bandwidth_bytes_s), now_ms)
+
+    def start_patch(self, op_id: str, hosts: list[str], now_ms: int, everything: bool = False,
+                    command: str = "", failback: bool = False, method: str = "precopy",
+                    command_timeout_ms: int = 0) -> list[Action]:
+        """An operator's patch of `hosts` (or of every host), one at a time."""
+        return self._start(PatchPlan(self, op_id, hosts, everything, command, failback,
+                                     method, command_timeout_ms), now_ms)
+
+    def answer(self, op_id: str, answer: Answer, now_ms: int) -> list[Action]:
+        """An agent answered a call of operation `op_id` (nothing if it has ended)."""
+        plan = self.operations.get(op_id)
+        if plan is None:
+            return []
+        actions = plan.answer(answer, now_ms)
+        if plan.finished:
+            del self.operations[op_id]
+        return actions
+
+    def cancel(self, op_id: str, why: str, now_ms: int) -> list[Action]:
+        """The caller of operation `op_id` went away: it is abandoned now (what it holds in
+        the core at once, the rest by the actions returned)."""
+        plan = self.operations.pop(op_id, None)
+        return plan.cancel(why, now_ms) if plan is not None else []
+
+    def _start(self, plan: Plan, now_ms: int) -> list[Action]:
+        if plan.op_id in self.operations:
+            raise InvalidRequest(f"operation {plan.op_id!r} is already in progress")
+        actions = plan.start(now_ms)
+        if not plan.finished:
+            self.operations[plan.op_id] = plan
+        return actions

@@ -1,0 +1,290 @@
+"""Hosts and the in-sync set (docs/design.md, Failure detection and In-sync set).
+
+Events in: a host registers, a heartbeat with its replicas' reports, a planned restart (a
+patch), each with the monotonic time as an argument. Actions out: the persisted host and
+service records and history rows, re-sent assignments, drops of replicas a host should not
+hold. `Membership` keeps the in-sync set of each service and changes it only here: a member
+leaves (persisted before its primary is told, invariant 3) when its host goes silent, its
+disk is full, it is broken, it lags, or its host restarts for a patch; it rejoins once it
+holds its primary's commit index, and becomes promotable once its primary counts it at the
+current generation and it holds what the primary had acknowledged then.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from failover.core.coordinator.actions import Action, DropReplica, Persist
+from failover.core.coordinator.model import (
+    HOST_PREFIX,
+    SERVICE_PREFIX,
+    CoreState,
+    HostInfo,
+    HostLive,
+    ReplicaReport,
+    ServiceInfo,
+    pack,
+    set_in_sync,
+)
+from failover.core.roles import BUILDING, DUPLICA, PRIMARY
+from failover.errors import InvalidRequest
+
+
+class Membership(CoreState):
+    """Part of `CoordinatorCore`: registration, heartbeats, leases granted, the in-sync
+    set and promotability."""
+
+    def register(self, info: HostInfo, now_ms: int,
+                 metrics: dict[str, float] | None = None) -> list[Action]:
+        """A host's agent started (or re-registers)."""
+        if not info.host_id or not info.address:
+            raise InvalidRequest("register needs a host_id and an address")
+        known = self.hosts.get(info.host_id)
+        actions: list[Action] = []
+        if known is not None:
+            info.draining = known.draining
+        if known != info:
+            self.hosts[info.host_id] = info
+            actions.append(Persist({HOST_PREFIX + info.host_id: pack(info)},
+                                   history=(("", "host", f"host {info.host_id} registered at "
+                                             f"{info.address}", {"host_id": info.host_id}),)))
+        self.live[info.host_id] = HostLive(last_heartbeat_ms=now_ms, metrics=dict(metrics or {}))
+        self._deposed = {k for k in self._deposed if k[1] != info.host_id}
+        # Tell the host what it holds (it recovers from disk, but may have missed a change).
+        for service in self.services.values():
+            if info.host_id in service.replicas:
+                actions.extend(self._assignments(service, only=info.host_id))
+        if known is not None and known.address != info.address:
+            actions.extend(self._bump_routes())
+        return actions
+
+    def heartbeat(self, host_id: str, metrics: dict[str, float],
+                  replicas: list[ReplicaReport], now_ms: int) -> tuple[list[tuple[str, int, int]],
+                                                                        list[Action]]:
+        """A host is alive; returns the leases granted [(service, epoch, lease_ms)] and
+        actions (re-assignments of replicas that disagree with the record, in-sync changes)."""
+        if host_id not in self.hosts:
+            raise InvalidRequest(f"host {host_id!r} is not registered: register first")
+        live = self.live.setdefault(host_id, HostLive(last_heartbeat_ms=now_ms))
+        actions: list[Action] = []
+        if live.dead:
+            actions.append(Persist({}, history=(("", "host", f"host {host_id} is back after "
+                                                 "being declared dead", {"host_id": host_id}),)))
+        live.last_heartbeat_ms = now_ms
+        live.alive = True
+        live.dead = False
+        live.metrics = metrics
+        live.replicas = {r.service: r for r in replicas}
+        self._deposed = {k for k in self._deposed if k[1] != host_id}
+        leases: list[tuple[str, int, int]] = []
+        actions.extend(self._drop_unknown(host_id, replicas, now_ms))
+        for service in self.services.values():
+            role = service.replicas.get(host_id)
+            if role is None:
+                continue
+            report = live.replicas.get(service.name)
+            wanted = PRIMARY if service.primary == host_id else role
+            key = (host_id, service.name)
+            stale_members = (
+                wanted == PRIMARY and report is not None and report.in_sync is not None
+                and (set(report.in_sync) != set(service.in_sync)
+                     or report.in_sync_generation != service.in_sync_generation)
+            )
+            if (report is None or report.epoch != service.epoch or report.role != wanted
+                    or stale_members):
+                # It missed (or has not yet carried out) its assignment: send it again, at
+                # most once per failure timeout.
+                last = self._reassigned_ms.get(key)
+                if service.name not in self.switchovers and (
+                    last is None or now_ms - last >= self.timing.failure_timeout_ms
+                ):
+                    self._reassigned_ms[key] = now_ms
+                    actions.extend(self._assignments(service, only=host_id))
+                continue
+            self._reassigned_ms.pop(key, None)
+            if report.broken:
+                # No lease, no threshold, no promotion: a broken primary is failed over by
+                # `tick`, a broken duplica leaves the in-sync set now and is rebuilt.
+                if (wanted != PRIMARY and host_id in service.in_sync
+                        and service.name not in self.switchovers):
+                    actions.extend(self._shrink_in_sync(service, host_id, (
+                        f"it cannot read its own snapshot or log: {report.broken}")))
+                continue
+            if wanted == PRIMARY and report.in_sync is not None:
+                counted = set(service.in_sync) & set(report.in_sync)
+                for member in counted:
+                    # The primary's durable index bounds every write it acknowledged, also
+                    # before a restart (its reported commit index starts again from zero).
+                    self._promotable_at.setdefault((service.name, member),
+                                                   report.durable_index)
+                for key in [k for k in self._promotable_at
+                            if k[0] == service.name and k[1] not in counted]:
+                    del self._promotable_at[key]
+                lagging = sorted(h for h, lag in (report.in_sync_lag_ms or {}).items()
+                                 if lag > self.timing.insync_lag_ms and h in service.in_sync)
+                if lagging and service.name not in self.switchovers:
+                    for member in lagging:
+                        lag = (report.in_sync_lag_ms or {})[member]
+                        actions.extend(self._shrink_in_sync(service, member, (
+                            f"its primary has waited {lag} ms for it to take entries "
+                            f"(insync_lag_ms={self.timing.insync_lag_ms})")))
+                    counted -= set(lagging)
+                uncounted = [h for h in service.promotable if h not in counted]
+                if uncounted:
+                    # The primary (at the current generation) does not count them: it may
+                    # acknowledge writes they lack, so they must not be promoted.
+                    service.promotable = [h for h in service.promotable if h in counted]
+                    actions.append(Persist({SERVICE_PREFIX + service.name: pack(service)},
+                                           history=((
+                        service.name, "in_sync", f"{', '.join(uncounted)} no longer "
+                        f"promotable for {service.name}: its primary does not count them",
+                        {"hosts": uncounted, "promotable": list(service.promotable)}),)))
+            if (wanted != PRIMARY and report.disk_full and host_id in service.in_sync
+                    and service.name not in self.switchovers):
+                # It cannot take the primary's entries: sync writes would wait on it.
+                actions.extend(self._shrink_in_sync(service, host_id, "its disk is full"))
+            actions.extend(self._update_promotable(service))
+            if wanted == PRIMARY and service.name not in self.failovers:
+                self.leases[service.name] = (host_id, now_ms + self.timing.lease_ms)
+                leases.append((service.name, service.epoch, self.timing.lease_ms))
+            if report.truncated_entries != self._truncated_seen.get(key, 0):
+                self._truncated_seen[key] = report.truncated_entries
+                if report.truncated_entries:
+                    actions.append(Persist({}, history=((
+                        service.name, "rejoin",
+                        f"{host_id} rejoined {service.name} as duplica, dropping "
+                        f"{report.truncated_entries} divergent entries",
+                        {"host_id": host_id, "truncated_entries": report.truncated_entries}),)))
+        actions.extend(self._grow_in_sync(now_ms))
+        return leases, actions
+
+    def _drop_unknown(self, host_id: str, replicas: list[ReplicaReport],
+                      now_ms: int) -> list[Action]:
+        """A host reports a replica the records do not give it (retired while the host was
+        away, or of a deleted service): tell it to drop it, at most once per failure
+        timeout. It serves nothing meanwhile: it holds no role the coordinator confirms."""
+        actions: list[Action] = []
+        for report in replicas:
+            service = self.services.get(report.service)
+            if service is not None and host_id in service.replicas:
+                continue
+            moving = self.migrations.get(report.service)
+            if moving is not None and moving[1] == host_id:
+                continue  # a migration's copy, not yet a member: it is added when done
+            key = (host_id, report.service)
+            last = self._reassigned_ms.get(key)
+            if last is not None and now_ms - last < self.timing.failure_timeout_ms:
+                continue
+            self._reassigned_ms[key] = now_ms
+            epoch = max(report.epoch, service.epoch if service is not None else 0)
+            actions.append(DropReplica(host_id, self.hosts[host_id].address, report.service,
+                                       epoch))
+        return actions
+
+    def _update_promotable(self, service: ServiceInfo) -> list[Action]:
+        """Promotable: in sync, counted by the primary, and holding everything the primary
+        had acknowledged when it started counting (persisted when it changes)."""
+        promotable = []
+        for member in service.in_sync:
+            threshold = self._promotable_at.get((service.name, member))
+            live = self.live.get(member)
+            report = live.replicas.get(service.name) if live else None
+            if (member in service.promotable
+                    or (threshold is not None and report is not None
+                        and report.epoch == service.epoch
+                        and report.matched_index >= threshold)):
+                promotable.append(member)
+        promotable.sort()
+        if promotable == service.promotable:
+            return []
+        service.promotable = promotable
+        return [Persist({SERVICE_PREFIX + service.name: pack(service)})]
+
+    def _forget_thresholds(self, service: str) -> None:
+        """Thresholds were the old primary's durable index: a new primary sets its own."""
+        for key in [k for k in self._promotable_at if k[0] == service]:
+            del self._promotable_at[key]
+
+    def _host_suspected(self, host_id: str) -> list[Action]:
+        """A silent host leaves the in-sync sets it is in (its primaries are handled by the
+        failover check in `tick`)."""
+        actions: list[Action] = []
+        for service in self.services.values():
+            if host_id in service.in_sync and service.primary != host_id:
+                actions.extend(self._shrink_in_sync(service, host_id, "stopped heartbeating"))
+        return actions
+
+    # --- in-sync set ------------------------------------------------------------------------
+
+    def _shrink_in_sync(self, service: ServiceInfo, host_id: str, why: str) -> list[Action]:
+        """Removes a duplica from the in-sync set: persisted first, then the primary is told,
+        so the primary never acknowledges without a member before that is durable."""
+        set_in_sync(service, [h for h in service.in_sync if h != host_id])
+        service.promotable = [h for h in service.promotable if h != host_id]
+        self._promotable_at.pop((service.name, host_id), None)
+        persist = Persist({SERVICE_PREFIX + service.name: pack(service)}, history=((
+            service.name, "in_sync", f"{host_id} left the in-sync set of {service.name}: {why}",
+            {"host_id": host_id, "in_sync": list(service.in_sync)}),))
+        return [persist, *self._assignments(service, only=service.primary)]
+
+    def _grow_in_sync(self, now_ms: int) -> list[Action]:
+        """Adds back a live duplica that has caught up with its primary's commit index."""
+        actions: list[Action] = []
+        for service in self.services.values():
+            if service.name in self.failovers or service.name in self.switchovers:
+                continue
+            primary_live = self.live.get(service.primary)
+            if primary_live is None or not primary_live.alive:
+                continue
+            primary_report = primary_live.replicas.get(service.name)
+            if (primary_report is None or primary_report.epoch != service.epoch
+                    or primary_report.in_sync_generation != service.in_sync_generation):
+                # Its commit index must be that of the current set: one from before a
+                # member left for lagging is still held back by it, and would let it back.
+                continue
+            for host in service.duplicas():
+                if host in service.in_sync or host in self.patching:
+                    continue  # a host being patched rejoins once it has restarted
+                live = self.live.get(host)
+                report = live.replicas.get(service.name) if live else None
+                role = service.replicas[host]
+                if (
+                    live is not None and live.alive and report is not None
+                    and report.epoch == service.epoch and report.role == role
+                    and role in (DUPLICA, BUILDING) and not report.disk_full
+                    and not report.broken
+                    # Not the durable index: a tail the primary has not checked may diverge.
+                    and report.matched_index >= primary_report.commit_index
+                ):
+                    set_in_sync(service, sorted({*service.in_sync, host}))
+                    if role == BUILDING:
+                        # Built: it holds the whole committed log, and joins as a duplica.
+                        service.replicas[host] = DUPLICA
+                        since = self._building_since.pop((service.name, host), None)
+                        event: tuple[str, str, str, dict[str, Any]] = (
+                            service.name, "rebuilt",
+                            f"{host} was built for {service.name} up to index "
+                            f"{report.matched_index} and joined the in-sync set",
+                            {"host_id": host, "in_sync": list(service.in_sync),
+                             "matched_index": report.matched_index,
+                             "build_ms": now_ms - since if since is not None else None})
+                    else:
+                        event = (service.name, "in_sync",
+                                 f"{host} joined the in-sync set of {service.name}",
+                                 {"host_id": host, "in_sync": list(service.in_sync)})
+                    actions.append(Persist({SERVICE_PREFIX + service.name: pack(service)},
+                                           history=(event,)))
+                    if role == BUILDING:
+                        actions.extend(self._assignments(service, only=host))
+                    actions.extend(self._assignments(service, only=service.primary))
+        return actions
+
+    def restart_planned(self, host_id: str) -> list[Action]:
+        """A host is about to restart (a patch): its duplicas leave the in-sync sets first,
+        so that no sync write waits on them; they rejoin once caught up."""
+        actions: list[Action] = []
+        for service in self.services.values():
+            if host_id in service.in_sync and service.primary != host_id:
+                actions.extend(self._shrink_in_sync(service, host_id, "its host restarts for "
+                                                    "a patch"))
+        return actions

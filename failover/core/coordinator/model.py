@@ -1,0 +1,163 @@
+"""What the coordinator knows: the persisted records of hosts and services, and the volatile
+views heartbeats rebuild (docs/design.md, Processes).
+
+What is persisted: hosts (address, zone, draining) and services (kind, mode, desired
+replicas, epoch, primary, replica roles, in-sync set), under `HOST_PREFIX` and
+`SERVICE_PREFIX`, packed with `pack`. What is not: liveness, indexes and leases, which
+heartbeats rebuild within a heartbeat interval after a restart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import msgpack
+
+from failover import defaults
+from failover.core.roles import PRIMARY
+
+HOST_PREFIX = "host/"
+SERVICE_PREFIX = "service/"
+ROUTES_VERSION_KEY = "meta/routes_version"
+
+
+# --- persisted records ------------------------------------------------------------------------
+
+
+@dataclass
+class HostInfo:
+    host_id: str
+    address: str
+    zone: str = ""
+    draining: bool = False
+    version: str = ""
+    started_at: float = 0.0
+
+
+@dataclass
+class ServiceInfo:
+    name: str
+    kind: str
+    mode: str  # "sync" or "async"
+    desired_replicas: int
+    epoch: int
+    primary: str  # host id
+    replicas: dict[str, str] = field(default_factory=dict)  # host id -> role
+    in_sync: list[str] = field(default_factory=list)
+    # In-sync members the primary has confirmed it counts (from its heartbeats). A duplica
+    # just added to `in_sync` is not counted until the primary hears of it, so it may lack
+    # writes the primary acknowledged meanwhile: only these may be promoted.
+    promotable: list[str] = field(default_factory=list)
+    # Raised at every change of `in_sync`, sent with it to the primary and echoed in its
+    # heartbeats: what a primary reports counts only at the current generation (a heartbeat
+    # built before a change must not set a promotion threshold after it).
+    in_sync_generation: int = 0
+    # What one replica reserves on its host (placement.RESOURCES), and the placement policy
+    # ("" follows the cluster's).
+    needs: dict[str, float] = field(default_factory=dict)
+    placement: str = ""
+    # Replicas being moved away (a migration or a patch): they do not count toward the
+    # desired replicas, a primary among them is switched over, and each is retired once the
+    # replicas that replace it are in sync.
+    leaving: list[str] = field(default_factory=list)
+
+    def duplicas(self) -> list[str]:
+        return sorted(h for h, r in self.replicas.items() if r != PRIMARY and h != self.primary)
+
+
+def set_in_sync(service: ServiceInfo, members: list[str]) -> None:
+    """Every change of the in-sync set goes through here: it raises the generation."""
+    service.in_sync = members
+    service.in_sync_generation += 1
+
+
+def pack(record: Any) -> bytes:
+    return msgpack.packb(asdict(record), use_bin_type=True)
+
+
+# --- volatile views ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaReport:
+    """What a heartbeat says of one replica."""
+
+    service: str
+    role: str
+    epoch: int
+    durable_index: int
+    commit_index: int
+    applied_index: int
+    truncated_entries: int = 0
+    matched_index: int = 0  # durable and known to equal the current primary's log
+    in_sync: tuple[str, ...] | None = None  # a primary's in-sync set as it applies it
+    disk_full: bool = False  # its last log append failed for want of space
+    # Why it cannot read its own snapshot or log ("" when it can): it serves nothing, never
+    # counts as in sync, is never promoted, and is rebuilt from a peer (invariant 12).
+    broken: str = ""
+    in_sync_generation: int = 0  # a primary: the generation of the in-sync set it applies
+    # a primary: per in-sync member, how long a sync write may have waited on it
+    in_sync_lag_ms: dict[str, int] | None = None
+
+
+@dataclass
+class HostLive:
+    last_heartbeat_ms: int
+    alive: bool = True
+    dead: bool = False  # silent for host_dead_ms: its replicas no longer count
+    metrics: dict[str, float] = field(default_factory=dict)
+    replicas: dict[str, ReplicaReport] = field(default_factory=dict)
+
+
+@dataclass
+class Failover:
+    """A failover in progress (volatile: after a coordinator restart detection starts over,
+    which never contradicts a decision, since decisions are persisted before acted on)."""
+
+    service: str
+    old_primary: str
+    last_heartbeat_ms: int
+    suspected_ms: int
+    state: str = "asking"  # "asking" -> "waiting_lease" -> done
+    chosen: str = ""
+    lease_expiry_ms: int = 0  # promote from here: the old lease's end and the drift margin
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    heartbeat_ms: int = defaults.HEARTBEAT_MS
+    failure_timeout_ms: int = defaults.FAILURE_TIMEOUT_MS
+    lease_ms: int = defaults.LEASE_MS
+    host_dead_ms: int = defaults.HOST_DEAD_MS
+    insync_lag_ms: int = defaults.INSYNC_LAG_MS
+    # A failover waits this much past the old primary's lease as seen here (the primary
+    # takes its lease to end as much earlier): the two hosts' clocks may drift apart.
+    lease_drift_margin_ms: int = defaults.LEASE_DRIFT_MARGIN_MS
+
+
+class CoreState:
+    """The state of `CoordinatorCore` (set in its `__init__`, described there), as each of
+    its parts sees it."""
+
+    timing: Timing
+    placement_policy: str
+    hosts: dict[str, HostInfo]
+    live: dict[str, HostLive]
+    services: dict[str, ServiceInfo]
+    routes_version: int
+    failovers: dict[str, Failover]
+    leases: dict[str, tuple[str, int]]
+    switchovers: dict[str, str]
+    migrations: dict[str, tuple[str, str]]
+    patching: set[str]
+    unplaced: dict[str, str]
+    _reassigned_ms: dict[tuple[str, str], int]
+    _promotable_at: dict[tuple[str, str], int]
+    _asked_ms: dict[str, int]
+    _truncated_seen: dict[tuple[str, str], int]
+    _deposed: set[tuple[str, str]]
+    _unplaced_logged_ms: dict[str, int]
+    _building_since: dict[tuple[str, str], int]
+    _drain_moved_ms: dict[str, int]
+    _move_to: dict[str, str]

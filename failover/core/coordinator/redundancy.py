@@ -1,0 +1,238 @@
+"""Redundancy: placement, rebuild, retirement and draining (docs/design.md, Redundancy and
+Draining).
+
+Events in: a tick with the monotonic time (`_restore_redundancy` and `_move_primary` for
+every service), an operator's drain (`set_draining`). Actions out: new `building` replicas
+placed by `failover.core.placement` (persisted before their assignments), retirements
+(persisted, then `DropReplica`), history rows when nothing fits, and `StartSwitchover` for a
+primary that must leave its host (draining, disk full, or leaving after a migration). A
+replica is built only from a serving primary, and a copy is retired only once enough others
+are good, so none is dropped before its replacement holds everything.
+"""
+
+from __future__ import annotations
+
+from failover.core import placement
+from failover.core.coordinator.actions import Action, DropReplica, Persist, StartSwitchover
+from failover.core.coordinator.model import (
+    HOST_PREFIX,
+    SERVICE_PREFIX,
+    CoreState,
+    HostLive,
+    ServiceInfo,
+    pack,
+    set_in_sync,
+)
+from failover.core.placement import HostView, Resources
+from failover.core.roles import BUILDING, PRIMARY
+from failover.errors import InvalidRequest
+
+
+class Redundancy(CoreState):
+    """Part of `CoordinatorCore`: how many replicas each service has, and where."""
+
+    def _counts(self, service: ServiceInfo, host_id: str) -> bool:
+        """Whether this replica counts toward the desired number: not on a dead or draining
+        host, not a primary deposed by a failover that has stayed silent since, and not
+        broken."""
+        live = self.live.get(host_id)
+        info = self.hosts.get(host_id)
+        return (live is not None and not live.dead and info is not None and not info.draining
+                and (service.name, host_id) not in self._deposed
+                and host_id not in service.leaving
+                and not self._broken(service, host_id))
+
+    def _broken(self, service: ServiceInfo, host_id: str) -> str:
+        """Why this host's replica of `service` cannot read its own snapshot or log, as its
+        host last reported; "" when it can (or its host has not said)."""
+        live = self.live.get(host_id)
+        report = live.replicas.get(service.name) if live is not None else None
+        return report.broken if report is not None else ""
+
+    def _restore_redundancy(self, service: ServiceInfo, now_ms: int) -> list[Action]:
+        """Brings the service back to its desired replica count: places building replicas
+        for the missing ones; once enough replicas are in sync, retires the rest (a copy on a
+        dead or draining host, a building replica that lost the race to a returning one)."""
+        if (service.name in self.failovers or service.name in self.switchovers
+                or service.name in self.migrations):
+            return []
+        primary_live = self.live.get(service.primary)
+        primary_report = primary_live.replicas.get(service.name) if primary_live else None
+        if (primary_live is None or not primary_live.alive or primary_report is None
+                or primary_report.epoch != service.epoch
+                or primary_report.role != PRIMARY or primary_report.broken):
+            return []  # a replica is built from a serving primary only
+        broken = [h for h in sorted(service.replicas)
+                  if h != service.primary and self._broken(service, h)]
+        if broken:
+            # A broken copy holds nothing anyone can use, and the serving primary holds every
+            # write: it is dropped now, so that its own host can take a fresh copy when no
+            # other host can (invariant 12); the next tick places the missing replica.
+            return [a for h in broken for a in self._retire(service, h)]
+        counted = [h for h in service.replicas if self._counts(service, h)]
+        missing = service.desired_replicas - len(counted)
+        if missing > 0:
+            return self._place(service, missing, now_ms)
+        actions: list[Action] = []
+        if self.unplaced.pop(service.name, None) is not None:
+            actions.append(Persist({}, history=((
+                service.name, "placement", f"{service.name} has its "
+                f"{service.desired_replicas} replicas again", {}),)))
+        # Good: serving or in sync, alive, and counted. Retire only once enough are good,
+        # so a copy is never dropped before its replacement holds everything.
+        good = [h for h in sorted(counted) if h == service.primary or (
+            h in service.in_sync and self.live[h].alive)]
+        if len(good) < service.desired_replicas:
+            return actions
+        extra = [h for h in service.replicas if h not in good and h != service.primary]
+        spare = [h for h in good if h != service.primary]
+        surplus = len(good) - service.desired_replicas
+        if surplus > 0:
+            # Keep zones spread: first retire where the zone holds another good replica.
+            zones = [self.hosts[h].zone for h in good]
+            spare.sort(key=lambda h: (zones.count(self.hosts[h].zone) > 1, h), reverse=True)
+            extra.extend(spare[:surplus])
+        for host in sorted(extra):
+            actions.extend(self._retire(service, host))
+        return actions
+
+    def _place(self, service: ServiceInfo, missing: int, now_ms: int) -> list[Action]:
+        policy = service.placement or self.placement_policy
+        holding = {h: self.hosts[h].zone if h in self.hosts else "" for h in service.replicas}
+        found = placement.place(policy, Resources.from_dict(service.needs), missing,
+                                self._host_views(), holding)
+        actions: list[Action] = []
+        for host in found.hosts:
+            service.replicas[host] = BUILDING
+            self._building_since[(service.name, host)] = now_ms
+        if found.hosts:
+            actions.append(Persist({SERVICE_PREFIX + service.name: pack(service)}, history=((
+                service.name, "placement",
+                f"{service.name}: building a new replica on {', '.join(found.hosts)} "
+                f"({policy}) to restore {service.desired_replicas} replicas",
+                {"hosts": list(found.hosts), "policy": policy}),)))
+            actions.extend(self._assignments(service, only=None))
+        if not found.reason:
+            self.unplaced.pop(service.name, None)
+            return actions
+        first = service.name not in self.unplaced
+        self.unplaced[service.name] = found.reason
+        # Free room changes with every heartbeat: one event when it starts, then at most one
+        # per host_dead_ms while it lasts (status always shows the newest reason).
+        last = self._unplaced_logged_ms.get(service.name)
+        if first or last is None or now_ms - last >= self.timing.host_dead_ms:
+            self._unplaced_logged_ms[service.name] = now_ms
+            actions.append(Persist({}, history=((
+                service.name, "placement_failed", f"{service.name}: {found.reason}; "
+                "retried as hosts change", {"reason": found.reason, "policy": policy}),)))
+        return actions
+
+    def _host_views(self) -> list[HostView]:
+        """Every host as placement sees it, with the needs of the replicas placed on it."""
+        placed: dict[str, Resources] = {}
+        pending: dict[str, Resources] = {}
+        for service in self.services.values():
+            needs = Resources.from_dict(service.needs)
+            for host in service.replicas:
+                placed[host] = placed.get(host, Resources()).plus(needs)
+                live = self.live.get(host)
+                if live is None or service.name not in live.replicas:
+                    pending[host] = pending.get(host, Resources()).plus(needs)
+        views = []
+        for host_id, info in sorted(self.hosts.items()):
+            live = self.live.get(host_id)
+            measured = placement.capacity_and_free(live.metrics) if live else None
+            views.append(HostView(
+                host_id=host_id, zone=info.zone, alive=bool(live and live.alive),
+                draining=info.draining or host_id in self.patching,
+                capacity=measured[0] if measured else None, free=measured[1] if measured else None,
+                placed=placed.get(host_id, Resources()), pending=pending.get(host_id, Resources()),
+            ))
+        return views
+
+    def _retire(self, service: ServiceInfo, host: str) -> list[Action]:
+        """Removes a replica from the service (persisted first) and tells its host to drop
+        it; the primary stops shipping to it. A host that does not hear it now is told again
+        when it next reports the replica."""
+        assert host != service.primary, (service.name, host)
+        role = service.replicas.pop(host)
+        set_in_sync(service, [h for h in service.in_sync if h != host])
+        service.promotable = [h for h in service.promotable if h != host]
+        self._promotable_at.pop((service.name, host), None)
+        self._building_since.pop((service.name, host), None)
+        self._deposed.discard((service.name, host))
+        leaving = host in service.leaving
+        service.leaving = [h for h in service.leaving if h != host]
+        if not service.leaving:
+            self._move_to.pop(service.name, None)
+        live = self.live.get(host)
+        broken = self._broken(service, host)
+        why = ("its host is dead" if live is None or live.dead
+               else f"it cannot read its own snapshot or log ({broken}); it is rebuilt from "
+                    "the primary" if broken
+               else "it moved to another host" if leaving
+               else "its host is draining" if self.hosts[host].draining
+               else f"{service.desired_replicas} other replicas are in sync")
+        actions: list[Action] = [Persist({SERVICE_PREFIX + service.name: pack(service)},
+                                         history=((
+            service.name, "retired", f"{host} ({role}) retired from {service.name}: {why}",
+            {"host_id": host, "role": role}),))]
+        info = self.hosts.get(host)
+        if info is not None:
+            actions.append(DropReplica(host, info.address, service.name, service.epoch))
+        actions.extend(self._assignments(service, only=service.primary))
+        return actions
+
+    def _move_primary(self, service: ServiceInfo, now_ms: int) -> list[Action]:
+        """A primary on a draining host, or whose disk is full (it refuses every write),
+        moves by switchover to a live, promotable in-sync duplica on a host that is not
+        draining (asked again every failure timeout)."""
+        info = self.hosts.get(service.primary)
+        live = self.live.get(service.primary)
+        report = live.replicas.get(service.name) if live else None
+        full = (report is not None and report.disk_full and report.role == PRIMARY
+                and report.epoch == service.epoch)
+        leaving = service.primary in service.leaving
+        if (info is None or not (info.draining or full or leaving)
+                or service.name in self.failovers or service.name in self.switchovers):
+            return []
+        last = self._drain_moved_ms.get(service.name)
+        if last is not None and now_ms - last < self.timing.failure_timeout_ms:
+            return []
+        targets = [h for h in service.in_sync if h in service.promotable
+                   and self.live.get(h, HostLive(0, False)).alive
+                   and not self.hosts[h].draining and h not in service.leaving]
+        if not targets:
+            return []
+        self._drain_moved_ms[service.name] = now_ms
+        preferred = self._move_to.get(service.name)
+        if preferred in targets:
+            return [StartSwitchover(service.name, preferred)]
+        if preferred in service.replicas:
+            return []  # a migration's copy: hand over to it once it is in sync
+        return [StartSwitchover(service.name, max(targets, key=lambda h: (
+            self.live[h].replicas[service.name].matched_index
+            if service.name in self.live[h].replicas else 0, h)))]
+
+    def spare_host(self, name: str) -> str:
+        """A host placement would choose for one more replica of `name`, or "" if none."""
+        service = self.services[name]
+        holding = {h: self.hosts[h].zone if h in self.hosts else "" for h in service.replicas}
+        found = placement.place(service.placement or self.placement_policy,
+                                Resources.from_dict(service.needs), 1, self._host_views(),
+                                holding)
+        return found.hosts[0] if found.hosts else ""
+
+    def set_draining(self, host_id: str, draining: bool) -> list[Action]:
+        """Marks a host draining (no new replicas; its primaries move off by switchover and
+        its replicas are rebuilt elsewhere, then retired) or not."""
+        info = self.hosts.get(host_id)
+        if info is None:
+            raise InvalidRequest(f"no host {host_id!r}; `failoverctl hosts` lists them")
+        if info.draining == draining:
+            return []
+        info.draining = draining
+        verb = "draining" if draining else "no longer draining"
+        return [Persist({HOST_PREFIX + host_id: pack(info)}, history=((
+            "", "host", f"host {host_id} is {verb}", {"host_id": host_id,
+                                                      "draining": draining}),))]
