@@ -5,6 +5,11 @@ into the core and the `Persist` actions it returns happen under one lock, so dec
 serialised and durable before anyone hears of them. Calls to an agent go through a queue per
 host, in order: two assignments of one epoch (an in-sync set shrinking, then growing) must
 never arrive the other way round.
+
+The operations (switchover, migrate, patch, a drain's move of a primary) are plans of the
+core (`failover.core.coordinator.operations`): this starts one, makes the calls its actions
+ask for, feeds each answer back (`CoordinatorCore.answer`), passes its progress and end to
+its caller, and cancels it in the core when the caller goes away. It decides nothing.
 """
 
 from __future__ import annotations
@@ -24,22 +29,36 @@ from failover import defaults
 from failover.clock import monotonic_ms
 from failover.core.coordinator import (
     Action,
+    Answer,
     AskHearsPrimary,
     AssignRole,
     CoordinatorCore,
+    Copied,
+    CopyRound,
+    Done,
     DropReplica,
+    Failed,
     HearsAnswer,
     HostInfo,
+    MigratePlan,
     Persist,
+    Plan,
+    Prepared,
+    PrepareSwitchover,
+    Progress,
     PushRoutes,
+    ReleaseSwitchover,
     ReplicaReport,
+    RestartAgent,
+    Restarted,
+    StartMigration,
     StartSwitchover,
     StepDown,
     Timing,
 )
 from failover.core.placement import Resources
-from failover.core.roles import DUPLICA, PRIMARY
-from failover.errors import InvalidRequest, Unavailable
+from failover.core.roles import PRIMARY
+from failover.errors import Unavailable
 from failover.net import channels
 from failover.net.convert import assign_request, cluster_status
 from failover.storage.store import Store
@@ -49,9 +68,8 @@ log = logging.getLogger(__name__)
 
 AGENT_CALL_TIMEOUT_S = defaults.AGENT_CALL_TIMEOUT_MS / 1000
 HEARS_PRIMARY_TIMEOUT_S = defaults.HEARS_PRIMARY_TIMEOUT_MS / 1000
-
-MIGRATION_METHODS = ("precopy", "stopcopy", "replay")
-
+# Progress messages of one operation waiting for its caller to read them.
+OPERATION_PROGRESS_MAX = 1024
 
 def _pages(kind: str) -> bool:
     """Whether `kind` keeps its state in a paged arena (so it migrates page by page)."""
@@ -120,6 +138,21 @@ class _HostCaller:
         await self.channel.close()
 
 
+class _Operation:
+    """An operation as its caller sees it: what the core reports of it, in order, and the
+    calls in flight for it."""
+
+    def __init__(self, op_id: str) -> None:
+        self.op_id = op_id
+        self.plan: Plan | None = None  # to end it after a reload
+        # Progress is a few messages a step; a caller that stops reading loses progress, never
+        # the end.
+        self.queue: asyncio.Queue[Progress | Done | Failed] = asyncio.Queue(
+            maxsize=OPERATION_PROGRESS_MAX)
+        self.calls: set[asyncio.Task[Any]] = set()
+        self.ended = False
+
+
 class Coordinator:
     """The running coordinator: core + store + agents + route watchers."""
 
@@ -127,11 +160,10 @@ class Coordinator:
                  placement_policy: str = defaults.PLACEMENT_POLICY) -> None:
         self.store = store
         self.timing = timing or Timing()
-        self.core = CoordinatorCore(self.timing, placement_policy)
+        self.core = CoordinatorCore(self.timing, placement_policy, _pages)
         self._lock = asyncio.Lock()
-        # Notified whenever the core's actions were carried out (every heartbeat and tick
-        # too): long commands (migrate, patch) wait on it for the state they need.
-        self._changed = asyncio.Condition(self._lock)
+        # op id -> an operation whose end has not been carried out yet
+        self._operations: dict[str, _Operation] = {}
         self._callers: dict[str, _HostCaller] = {}
         self._watchers: set[asyncio.Queue[coordinator_pb2.RoutesUpdate]] = set()
         self._routes = coordinator_pb2.RoutesUpdate()
@@ -199,7 +231,6 @@ class Coordinator:
                           carried.exception())
             raise asyncio.CancelledError
         carried.result()
-        self._changed.notify_all()
 
     async def _carry_out(self, actions: list[Action]) -> None:
         for action in actions:
@@ -219,7 +250,17 @@ class Coordinator:
             elif isinstance(action, PushRoutes):
                 self._push_routes(action)
             elif isinstance(action, StartSwitchover):
-                self._spawn(self._drain_switchover(action))
+                self._spawn(self._move_primary(action))
+            elif isinstance(action, PrepareSwitchover):
+                self._call(action.op_id, lambda a=action: self._prepare(a))
+            elif isinstance(action, ReleaseSwitchover):
+                self._spawn(self._release(action))
+            elif isinstance(action, StartMigration):
+                self._call(action.op_id, lambda a=action: self._migrate_out(a))
+            elif isinstance(action, RestartAgent):
+                self._call(action.op_id, lambda a=action: self._restart(a))
+            elif isinstance(action, Progress | Done | Failed):
+                self._ended(action)
             else:
                 raise AssertionError(f"unknown action {action!r}")
 
@@ -234,8 +275,14 @@ class Coordinator:
             log.critical("cannot reload the cluster state from the store (%s): exiting", exc)
             self.fatal.set()
             raise
-        core = CoordinatorCore(self.timing, self.core.placement_policy)
+        core = CoordinatorCore(self.timing, self.core.placement_policy, _pages)
         actions = core.restore(state, monotonic_ms())
+        # The operations in progress were plans of the old core: each ends, releasing what
+        # it holds (its caller is told the coordinator reloaded).
+        for op in list(self._operations.values()):
+            if op.plan is not None:
+                actions.extend(op.plan.abandon(f"the coordinator reloaded its state from the "
+                                               f"store after a failed commit ({why})"))
         assert not any(isinstance(a, Persist) for a in actions), actions
         self.core = core
         await self._carry_out(actions)
@@ -268,16 +315,6 @@ class Coordinator:
                  for a, h in zip(answers, action.hosts, strict=True)]
         async with self._lock:
             await self._execute(self.core.hears_primary(action.service, clean, monotonic_ms()))
-
-    async def _drain_switchover(self, action: StartSwitchover) -> None:
-        """Moves a primary off a draining host; a failure is recorded and tried again."""
-        try:
-            await self.switchover(action.service, action.to_host)
-        except (InvalidRequest, Unavailable) as exc:
-            async with self._lock:
-                await self.store.commit({}, (), ((
-                    action.service, "drain", f"moving {action.service} off its draining "
-                    f"primary failed, trying again: {exc}", {"to_host": action.to_host}),))
 
     def _push_routes(self, action: PushRoutes) -> None:
         self._routes = coordinator_pb2.RoutesUpdate(version=action.version, routes=[
@@ -335,312 +372,210 @@ class Coordinator:
         async with self._lock:
             await self._execute(self.core.delete_service(name))
 
+    # --- operations: plans of the core, carried out here ---------------------------------
+
     async def switchover(self, name: str, to_host: str) -> tuple[int, str, int]:
-        """Planned hand-over: hold writes on the primary until the target has everything,
-        raise the epoch, promote the target. Returns (epoch, new primary, stall ms).
+        """Planned hand-over (`SwitchoverPlan`). Returns (epoch, new primary, stall ms).
 
-        However this ends short of the hand-over (the agent refused, the caller's deadline
-        passed, the CLI was interrupted), the switchover is abandoned in the core and the
-        primary is told to release its hold: a switchover left marked in progress would stop
-        failure detection and rebuilds for the service."""
-        async with self._lock:
-            target = self.core.switchover_target(name, to_host)
-            service = self.core.services[name]
-            primary, epoch = service.primary, service.epoch
-            address = self.core.hosts[primary].address
-            self.core.switchover_begin(name, target)
-        switchover_id = uuid.uuid4().hex
-        started = monotonic_ms()
-        stub = self._caller(address).stub
-        completed = False
-        try:
-            try:
-                await stub.PrepareSwitchover(agent_pb2.PrepareSwitchoverRequest(
-                    service=name, epoch=epoch, target_host_id=target,
-                    timeout_ms=defaults.SWITCHOVER_TIMEOUT_MS, switchover_id=switchover_id),
-                    timeout=defaults.SWITCHOVER_TIMEOUT_MS / 1000 + 1)
-            except grpc.aio.AioRpcError as exc:
-                raise Unavailable(f"switchover of {name} abandoned, {primary} serves on: "
-                                  f"{exc.details() or exc.code().name}") from None
-            async with self._lock:
-                stall_ms = monotonic_ms() - started
-                await self._execute(self.core.switchover_complete(name, target, stall_ms))
-                completed = True
-                return self.core.services[name].epoch, target, stall_ms
-        finally:
-            if not completed:
-                self._abandon_switchover(name, target, address, epoch, switchover_id)
-
-    def _abandon_switchover(self, name: str, target: str, address: str, epoch: int,
-                            switchover_id: str) -> None:
-        """Ends a switchover that did not complete: no await here, so a cancelled caller
-        cannot stop it halfway; the release is sent by a task of its own."""
-        if self.core.switchovers.get(name) == target:
-            self.core.switchover_abort(name)
-
-        async def release() -> None:
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                await self._caller(address).stub.PrepareSwitchover(
-                    agent_pb2.PrepareSwitchoverRequest(
-                        service=name, epoch=epoch, release=True, switchover_id=switchover_id),
-                    timeout=AGENT_CALL_TIMEOUT_S)
-
-        self._spawn(release())
-
-    # --- migration -----------------------------------------------------------------------
+        However the caller goes away before it ends (its deadline, an interrupted CLI), the
+        core abandons the switchover at once and the primary is told to release its hold:
+        a switchover left marked in progress would stop failure detection and rebuilds for
+        the service."""
+        op = await self._start(
+            lambda op_id, now: self.core.start_switchover(op_id, name, to_host, now))
+        async with contextlib.aclosing(self._results(op)) as results:
+            async for item in results:
+                if isinstance(item, Done):
+                    return item.result["epoch"], item.result["primary"], item.result["stall_ms"]
+                if isinstance(item, Failed):
+                    raise Unavailable(item.why)
+        raise AssertionError("an operation ends with Done or Failed")
 
     async def migrate(self, name: str, to_host: str, replica: str, max_downtime_ms: int,
                       method: str, from_host: str = "", max_bandwidth_bytes_s: int = 0,
                       ) -> AsyncIterator[agent_pb2.MigrationProgress]:
-        """Moves a replica of `name` to `to_host` (docs/design.md, Live migration): the source
-        agent copies its live state (pre-copy or stop-and-copy; nothing for "replay", which
-        builds the target from a snapshot and the log), then the target catches up as a
-        building replica and joins the in-sync set; a moving primary is switched over to it;
-        the source is retired. Yields progress; the last message has phase "done"."""
-        if method not in MIGRATION_METHODS:
-            raise InvalidRequest(f"method {method!r}: choose one of {', '.join(MIGRATION_METHODS)}")
-        if max_downtime_ms < 0 or max_downtime_ms > defaults.MIGRATION_DOWNTIME_MS_MAX:
-            raise InvalidRequest(f"max_downtime_ms must be 0..{defaults.MIGRATION_DOWNTIME_MS_MAX}")
-        known = self.core.services.get(name)
-        fallback = ""
-        if known is not None and method != "replay" and not _pages(known.kind):
-            # A kind without a paged arena cannot be copied page by page: build the copy
-            # from a snapshot and the log instead, and say so.
-            fallback = f"kind {known.kind} keeps no paged arena: the copy is built by replay"
-            method = "replay"
-        async with self._lock:
-            source = self.core.migration_source(name, to_host, replica or PRIMARY, from_host)
-            service = self.core.services[name]
-            epoch = service.epoch
-            source_address = self.core.hosts[source].address
-            target_address = self.core.hosts[to_host].address
-            self.core.migration_begin(name, source, to_host)
-        migration_id = f"{name}-{uuid.uuid4().hex[:8]}"
-        started = monotonic_ms()
-        stats: dict[str, Any] = {"method": method}
-        if fallback:
-            stats["fallback"] = fallback
-            yield agent_pb2.MigrationProgress(migration_id=migration_id, phase="setup",
-                                              message=fallback)
-        done = False
-        try:
-            if method != "replay":
-                stream = self._caller(source_address).stub.MigrateOut(
-                    agent_pb2.MigrateOutRequest(
-                        service=name, epoch=epoch, migration_id=migration_id,
-                        target_host_id=to_host, target_address=target_address,
-                        max_downtime_ms=max_downtime_ms, method=method,
-                        max_bandwidth_bytes_s=max_bandwidth_bytes_s),
-                    timeout=defaults.MIGRATION_TIMEOUT_MS / 1000)
-                async for progress in stream:
-                    if progress.phase == "done":
-                        stats = json.loads(progress.stats_json or b"{}")
-                        done = True
-                    else:
-                        yield progress
-                if not done:
-                    raise Unavailable("the source ended the copy without a result")
-            done = True
-        except grpc.aio.AioRpcError as exc:
-            why = exc.details() or exc.code().name
-            async with self._lock:
-                await self._execute(self.core.migration_abort(name, why))
-            raise Unavailable(f"migration of {name} to {to_host} aborted, {source} serves on: "
-                              f"{why}") from None
-        finally:
-            if not done:
-                async with self._lock:
-                    await self._execute(self.core.migration_abort(name, "interrupted"))
-        async with self._lock:
-            await self._execute(self.core.migration_complete(name, stats, monotonic_ms()))
-        yield agent_pb2.MigrationProgress(migration_id=migration_id, phase="catching_up",
-                                          message=f"{to_host} catches up from the log")
-
-        def settled() -> str:
-            current = self.core.services.get(name)
-            if current is None:
-                return "deleted"
-            settled_there = to_host == current.primary or (
-                current.replicas.get(to_host) == DUPLICA and to_host in current.in_sync)
-            return "done" if settled_there and source not in current.replicas else ""
-
-        state = await self._wait(settled, defaults.MIGRATION_TIMEOUT_MS)
-        if state != "done":
-            raise Unavailable(f"{name}: {to_host} holds the copy but did not take over from "
-                              f"{source} within {defaults.MIGRATION_TIMEOUT_MS} ms; see "
-                              "`failoverctl history`")
-        stats["total_ms"] = stats.get("total_ms", 0)
-        stats["move_ms"] = monotonic_ms() - started
-        yield agent_pb2.MigrationProgress(
-            migration_id=migration_id, phase="done", stats_json=json.dumps(stats).encode(),
-            message=f"{name}: {source} -> {to_host}")
-
-    async def _wait(self, condition: Callable[[], str], timeout_ms: int) -> str:
-        """Waits until a condition on the core's state says something (checked each time the
-        core's decisions are carried out), under a deadline; "" when the deadline passed."""
-        async with self._lock:
-            try:
-                return await asyncio.wait_for(self._changed.wait_for(condition),
-                                              timeout_ms / 1000)
-            except TimeoutError:
-                return ""
-
-    # --- patch ----------------------------------------------------------------------------
+        """Moves a replica of `name` to `to_host` (`MigratePlan`). Yields progress; the last
+        message has phase "done"."""
+        op = await self._start(lambda op_id, now: self.core.start_migration(
+            op_id, name, to_host, now, replica or PRIMARY, max_downtime_ms, method, from_host,
+            max_bandwidth_bytes_s))
+        migration_id = op.plan.migration_id if isinstance(op.plan, MigratePlan) else ""
+        async with contextlib.aclosing(self._results(op)) as results:
+            async for item in results:
+                if isinstance(item, Progress):
+                    yield (item.detail if item.detail is not None
+                           else agent_pb2.MigrationProgress(
+                               migration_id=migration_id, phase=item.step, message=item.message))
+                elif isinstance(item, Done):
+                    yield agent_pb2.MigrationProgress(
+                        migration_id=migration_id, phase="done",
+                        stats_json=json.dumps(item.result["stats"]).encode(),
+                        message=f"{name}: {item.result['source']} -> {item.result['target']}")
+                else:
+                    raise Unavailable(item.why)
 
     async def patch(self, hosts: list[str], everything: bool, command: str, failback: bool,
                     method: str, command_timeout_ms: int,
                     ) -> AsyncIterator[coordinator_pb2.PatchProgress]:
-        """Restarts hosts on new code, one at a time, without failed requests (docs/design.md,
-        Patch). A failed step stops the patch with the cluster serving."""
-        if method not in ("precopy", "switchover"):
-            raise InvalidRequest(f"method {method!r}: choose precopy or switchover")
-        async with self._lock:
-            if everything:
-                hosts = sorted(self.core.hosts)
-            if not hosts:
-                raise InvalidRequest("name a host, or ask for --all")
-            unknown = [h for h in hosts if h not in self.core.hosts]
-            if unknown:
-                raise InvalidRequest(f"no host {unknown[0]!r}; `failoverctl hosts` lists them")
-        for host in hosts:
-            async for step in self._patch_host(host, command, failback, method,
-                                               command_timeout_ms):
-                yield step
-                if step.step == "failed":
-                    return
+        """Restarts hosts on new code, one at a time (`PatchPlan`). A failed step stops the
+        patch with the cluster serving; its last step says so."""
+        op = await self._start(lambda op_id, now: self.core.start_patch(
+            op_id, hosts, now, everything, command, failback, method, command_timeout_ms))
+        async with contextlib.aclosing(self._results(op)) as results:
+            async for item in results:
+                if isinstance(item, Progress):
+                    yield coordinator_pb2.PatchProgress(host_id=item.host_id, step=item.step,
+                                                        message=item.message, ok=item.ok)
 
-    async def _patch_host(self, host: str, command: str, failback: bool, method: str,
-                          command_timeout_ms: int,
-                          ) -> AsyncIterator[coordinator_pb2.PatchProgress]:
-        def step(name: str, message: str, ok: bool = True) -> coordinator_pb2.PatchProgress:
-            return coordinator_pb2.PatchProgress(host_id=host, step=name, message=message,
-                                                 ok=ok)
-
-        async def record(kind: str, message: str, **details: Any) -> None:
-            async with self._lock:
-                await self.store.commit({}, (), (("", kind, message,
-                                                  {"host_id": host, **details}),))
-
-        async with self._lock:
-            self.core.patching.add(host)
-            before = self.core.hosts[host].started_at
-        moved: list[str] = []
+    async def _move_primary(self, action: StartSwitchover) -> None:
+        """A drain's move of a primary: nobody waits for it, the plan records its end."""
         try:
-            await record("patch", f"patching {host}: moving its primaries off")
-            yield step("drain", f"{host}: no new replicas; moving its primaries off")
+            await self._start(lambda op_id, now: self.core.move_primary(op_id, action, now))
+        except Unavailable as exc:  # a failed commit: the next tick asks again
+            log.error("moving %s off its host: %s", action.service, exc)
+
+    async def _start(self, start: Callable[[str, int], list[Action]]) -> _Operation:
+        """Starts an operation in the core (which may refuse it: InvalidRequest) and
+        carries out its first actions."""
+        op = _Operation(uuid.uuid4().hex)
+        self._operations[op.op_id] = op
+        try:
             async with self._lock:
-                primaries = sorted(s.name for s in self.core.services.values()
-                                   if s.primary == host)
-            for name in primaries:
-                try:
-                    async for message in self._move_primary_off(name, host, method):
-                        yield step("move", message)
-                except (InvalidRequest, Unavailable) as exc:
-                    await record("patch_failed", f"patch of {host} stopped: {exc}")
-                    yield step("failed", f"{host}: moving {name} off failed: {exc}; the "
-                               "cluster serves, the host was not restarted", ok=False)
+                actions = start(op.op_id, monotonic_ms())
+                op.plan = self.core.operations.get(op.op_id)
+                await self._execute(actions)
+        except BaseException:
+            if op.plan is None and not op.ended:  # refused: nothing was started
+                del self._operations[op.op_id]
+            self._drop(op, "interrupted")
+            raise
+        return op
+
+    async def _results(self, op: _Operation) -> AsyncIterator[Progress | Done | Failed]:
+        """What the operation reports, to its end; if its caller stops listening first, the
+        operation is cancelled in the core."""
+        try:
+            while True:
+                item = await op.queue.get()
+                yield item
+                if isinstance(item, Done | Failed):
                     return
-                moved.append(name)
-            async with self._lock:
-                await self._execute(self.core.restart_planned(host))
-                address = self.core.hosts[host].address
-            yield step("restart", f"{host}: running the patch command and re-executing"
-                       if command else f"{host}: re-executing")
-            try:
-                reply = await self._caller(address).stub.Restart(
-                    agent_pb2.RestartRequest(command=command,
-                                             command_timeout_ms=command_timeout_ms),
-                    timeout=(command_timeout_ms or defaults.PATCH_COMMAND_TIMEOUT_MS) / 1000
-                    + AGENT_CALL_TIMEOUT_S)
-            except grpc.aio.AioRpcError as exc:
-                why = exc.details() or exc.code().name
-                await record("patch_failed", f"patch of {host} stopped: {why}")
-                yield step("failed", f"{host}: restart refused: {why}; the cluster serves",
-                           ok=False)
-                return
-            await record("patch", f"{host} re-executes (was version {reply.version})",
-                         exit_code=reply.exit_code)
-
-            def restarted() -> str:
-                info = self.core.hosts.get(host)
-                live = self.core.live.get(host)
-                if info is None or live is None or not live.alive:
-                    return ""
-                return "yes" if info.started_at != before else ""
-
-            if not await self._wait(restarted, defaults.PATCH_RESTART_TIMEOUT_MS):
-                await record("patch_failed", f"{host} did not come back after its restart")
-                yield step("failed", f"{host} did not come back within "
-                           f"{defaults.PATCH_RESTART_TIMEOUT_MS} ms; the cluster serves "
-                           "without it", ok=False)
-                return
-            async with self._lock:
-                self.core.patching.discard(host)
-                version = self.core.hosts[host].version
-            yield step("recover", f"{host} is back on version {version}; its replicas "
-                       "catch up from their logs")
-
-            def recovered() -> str:
-                for service in self.core.services.values():
-                    if host in service.replicas and host != service.primary and (
-                            host not in service.in_sync):
-                        return ""
-                return "yes"
-
-            if not await self._wait(recovered, defaults.PATCH_RESTART_TIMEOUT_MS):
-                yield step("failed", f"{host}'s replicas did not catch up within "
-                           f"{defaults.PATCH_RESTART_TIMEOUT_MS} ms", ok=False)
-                return
-            if failback:
-                for name in moved:
-                    try:
-                        async for message in self._move_primary_back(name, host, method):
-                            yield step("failback", message)
-                    except (InvalidRequest, Unavailable) as exc:
-                        yield step("failed", f"failback of {name} to {host} failed: {exc}; "
-                                   "the cluster serves", ok=False)
-                        return
-            await record("patch", f"{host} patched", moved=moved)
-            yield step("done", f"{host} patched", ok=True)
         finally:
-            async with self._lock:
-                self.core.patching.discard(host)
+            self._drop(op, "its caller went away (a deadline passed, or it was interrupted)")
 
-    async def _move_primary_off(self, name: str, host: str,
-                                method: str) -> AsyncIterator[str]:
-        """Moves `name`'s primary off `host`: surge-migrate it to a spare host (so that
-        redundancy never drops), else switch over to an in-sync duplica."""
-        async with self._lock:
-            spare = self.core.spare_host(name) if method == "precopy" else ""
-        if spare:
-            yield f"{name}: pre-copy migration of the primary from {host} to {spare}"
-            try:
-                async for progress in self.migrate(name, spare, PRIMARY, 0, "precopy"):
-                    if progress.phase == "round":
-                        yield (f"{name}: round {progress.round}, {progress.pages} pages, "
-                               f"{progress.dirty_pages} dirty")
-                yield f"{name}: primary now on {spare}"
-                return
-            except Unavailable as exc:
-                # The copy failed before its cut (the source serves on): a switchover to an
-                # in-sync duplica still moves the primary off, without the surge.
-                yield f"{name}: migration to {spare} failed ({exc}); switching over instead"
-        epoch, primary, stall_ms = await self.switchover(name, "")
-        yield f"{name}: switched over to {primary} (epoch {epoch}, stall {stall_ms} ms)"
-
-    async def _move_primary_back(self, name: str, host: str,
-                                 method: str) -> AsyncIterator[str]:
-        async with self._lock:
-            service = self.core.services.get(name)
-            holds = service is not None and host in service.in_sync
-        if holds:
-            epoch, primary, stall_ms = await self.switchover(name, host)
-            yield f"{name}: switched back to {primary} (stall {stall_ms} ms)"
+    def _drop(self, op: _Operation, why: str) -> None:
+        """The caller of an unfinished operation went away: the core abandons it now (no
+        await here, so a cancelled caller cannot stop it halfway), and what that takes
+        (releasing a hold, recording it) is carried out by a task of its own."""
+        if op.ended:
             return
-        async for progress in self.migrate(name, host, PRIMARY, 0,
-                                           "precopy" if method == "precopy" else "replay"):
-            if progress.phase == "done":
-                yield f"{name}: primary back on {host}"
+        for call in op.calls:
+            call.cancel()
+        actions = self.core.cancel(op.op_id, why, monotonic_ms())
+        if actions:
+            self._spawn(self._execute_later(actions))
+
+    async def _execute_later(self, actions: list[Action]) -> None:
+        async with self._lock:
+            await self._execute(actions)
+
+    def _ended(self, action: Progress | Done | Failed) -> None:
+        op = self._operations.get(action.op_id)
+        if op is None:
+            return
+        if isinstance(action, Progress):
+            if op.queue.full():
+                log.info("operation %s: its caller is not reading; progress dropped", op.op_id)
+                return
+            op.queue.put_nowait(action)
+            return
+        op.ended = True
+        del self._operations[op.op_id]
+        for call in op.calls:
+            if call is not asyncio.current_task():
+                call.cancel()
+        while op.queue.full():
+            op.queue.get_nowait()
+        op.queue.put_nowait(action)
+
+    def _call(self, op_id: str, make: Callable[[], Any]) -> None:
+        """Makes an operation's call in a task of its own, tracked so that the operation's
+        end cancels it."""
+        op = self._operations.get(op_id)
+        task = asyncio.get_running_loop().create_task(make())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        if op is not None:
+            op.calls.add(task)
+            task.add_done_callback(op.calls.discard)
+
+    async def _answer(self, op_id: str, answer: Answer) -> None:
+        """Feeds an agent's answer to the operation's plan, and carries out what it says."""
+        op = self._operations.get(op_id)
+        if op is not None:
+            task = asyncio.current_task()
+            if task is not None and not isinstance(answer, CopyRound):
+                op.calls.discard(task)  # its own end must not cancel the task carrying it
+        try:
+            async with self._lock:
+                await self._execute(self.core.answer(op_id, answer, monotonic_ms()))
+        except Unavailable as exc:  # a failed commit: the reload ended the operation
+            log.error("operation %s: %s", op_id, exc)
+
+    async def _prepare(self, action: PrepareSwitchover) -> None:
+        try:
+            await self._caller(action.address).stub.PrepareSwitchover(
+                agent_pb2.PrepareSwitchoverRequest(
+                    service=action.service, epoch=action.epoch, target_host_id=action.target,
+                    timeout_ms=action.timeout_ms, switchover_id=action.switchover_id),
+                timeout=action.answer_within_ms / 1000)
+            answer = Prepared(True)
+        except grpc.aio.AioRpcError as exc:
+            answer = Prepared(False, exc.details() or exc.code().name)
+        await self._answer(action.op_id, answer)
+
+    async def _release(self, action: ReleaseSwitchover) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await self._caller(action.address).stub.PrepareSwitchover(
+                agent_pb2.PrepareSwitchoverRequest(
+                    service=action.service, epoch=action.epoch, release=True,
+                    switchover_id=action.switchover_id),
+                timeout=AGENT_CALL_TIMEOUT_S)
+
+    async def _migrate_out(self, action: StartMigration) -> None:
+        stats: dict[str, Any] | None = None
+        try:
+            stream = self._caller(action.address).stub.MigrateOut(
+                agent_pb2.MigrateOutRequest(
+                    service=action.service, epoch=action.epoch,
+                    migration_id=action.migration_id, target_host_id=action.target_host_id,
+                    target_address=action.target_address,
+                    max_downtime_ms=action.max_downtime_ms, method=action.method,
+                    max_bandwidth_bytes_s=action.max_bandwidth_bytes_s),
+                timeout=action.timeout_ms / 1000)
+            async for progress in stream:
+                if progress.phase == "done":
+                    stats = json.loads(progress.stats_json or b"{}")
+                else:
+                    await self._answer(action.op_id, CopyRound(
+                        progress.phase, progress.round, progress.pages, progress.dirty_pages,
+                        detail=progress))
+            answer = (Copied(True, stats) if stats is not None
+                      else Copied(False, why="the source ended the copy without a result"))
+        except grpc.aio.AioRpcError as exc:
+            answer = Copied(False, why=exc.details() or exc.code().name)
+        await self._answer(action.op_id, answer)
+
+    async def _restart(self, action: RestartAgent) -> None:
+        try:
+            reply = await self._caller(action.address).stub.Restart(
+                agent_pb2.RestartRequest(command=action.command,
+                                         command_timeout_ms=action.command_timeout_ms),
+                timeout=action.timeout_ms / 1000)
+            answer = Restarted(True, reply.version, reply.exit_code)
+        except grpc.aio.AioRpcError as exc:
+            answer = Restarted(False, why=exc.details() or exc.code().name)
+        await self._answer(action.op_id, answer)
 
     async def history(self, service: str, limit: int) -> list[Any]:
         return await self.store.history(service or None, max(1, min(limit or 100, 10_000)))
