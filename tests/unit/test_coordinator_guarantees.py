@@ -124,6 +124,31 @@ async def test_a_cancelled_switchover_is_abandoned_and_releases_the_primary(
     assert primary == target and epoch == 2
 
 
+async def test_a_switchover_whose_hand_over_fails_to_commit_releases_the_primary(
+    coordinator: Coordinator, agent_server: tuple[ScriptedAgent, str],
+) -> None:
+    """The plan had completed in memory, but its new epoch never reached the store: the
+    reload ends the operation, and the primary is told to release its hold."""
+    agent, _address = agent_server
+    store = coordinator.store
+    assert isinstance(store, FailingStore)
+    primary = coordinator.core.services["s"].primary
+    target = coordinator.core.services["s"].in_sync[0]
+    switchover = asyncio.create_task(coordinator.switchover("s", target))
+    await until(lambda: any(c[0] == "PrepareSwitchover" for c in agent.calls))
+    store.fail_next = True  # the hand-over's commit
+    agent.prepare_may_answer.set()
+    with pytest.raises(Unavailable, match="reloaded its state from the store"):
+        await switchover
+    service = coordinator.core.services["s"]
+    assert (service.primary, service.epoch) == (primary, 1)
+    assert coordinator.core.switchovers == {}
+    await until(lambda: sum(c[0] == "PrepareSwitchover" for c in agent.calls) == 2)
+    prepare, release = [c[1] for c in agent.calls if c[0] == "PrepareSwitchover"]
+    assert release.release and release.switchover_id == prepare.switchover_id
+    assert not any(c[0] == "AssignRole" and c[1].epoch == 2 for c in agent.calls)
+
+
 async def test_a_failed_commit_is_followed_by_a_reload_not_by_acting_on_memory(
     coordinator: Coordinator, agent_server: tuple[ScriptedAgent, str],
 ) -> None:
