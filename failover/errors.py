@@ -200,3 +200,23 @@ class MigrationError(FailoverError):
     length, a delta for a page never received, a corrupt lz4 frame), or its steps came out of
     order. The migration aborts before cutover, so the source never stopped being the owner;
     start a new migration with a fresh encoder, decoder and planner."""
+
+
+# --- trust ---------------------------------------------------------------------------------
+
+
+class PermissionDenied(FailoverError):
+    """The caller's certificate does not grant what it asked for (its role lacks the
+    permission, or an agent acted under a host id other than its own); nothing was done.
+
+    Over gRPC: PERMISSION_DENIED, the message naming the caller and the role it lacks.
+    """
+
+    def __init__(self, caller: str, action: str, needed: str) -> None:
+        self.caller = caller
+        self.action = action
+        self.needed = needed
+        super().__init__(
+            f"permission denied: {caller} may not {action}: it needs {needed}; issue it a "
+            "certificate of that role (failoverctl certs issue) or call with one"
+        )
