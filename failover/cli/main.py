@@ -24,10 +24,11 @@ def cli(ctx: click.Context, coordinator: str, output_format: str) -> None:
 
 
 def _register_commands() -> None:
-    from failover.cli import admin, chaos, demo
+    from failover.cli import admin, certs, chaos, demo
 
     cli.add_command(demo.demo_command)
     cli.add_command(chaos.chaos_command)
+    cli.add_command(certs.certs_command)
     for command in admin.COMMANDS:
         cli.add_command(command)
 
