@@ -1,9 +1,11 @@
-"""One replica of a service on this host: its log, state, snapshots and role.
+"""One replica of a service on this host: the I/O around its protocol core.
 
-The replica drives the pure protocol cores (`failover.core.replication`) and does their I/O:
-log appends run on the agent's I/O threads (the write-ahead log's group commit overlaps
-their fsyncs), shipping goes through the agent's links, and committed entries are applied
-here in index order.
+Every decision is `failover.core.replica.ReplicaCore`'s; this driver feeds it events with the
+time and carries out the actions it returns (the loop is in the core's docstring): log
+appends run on the agent's I/O threads (the write-ahead log's group commit overlaps their
+fsyncs), the meta is written atomically, shipping goes through the agent's links, snapshots
+are taken and installed here, and committed entries are applied in index order, answering
+the futures that writers wait on.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import dataclasses
 import errno
 import functools
 import logging
@@ -21,32 +22,39 @@ from collections.abc import Callable, Iterable
 from itertools import accumulate, repeat
 from operator import itemgetter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from failover import defaults, kinds
+from failover.agent.replica_host import ReplicaHost
 from failover.clock import monotonic_ms
 from failover.core.log_position import LogPosition
-from failover.core.replica import ReplicaMeta
+from failover.core.replica import (
+    APPLY,
+    HOLD_RELEASED,
+    LINK_UPS,
+    ArmTimer,
+    DropUnlogged,
+    EnsureLinks,
+    FailWaiters,
+    LogBarrier,
+    PersistMeta,
+    Refuse,
+    ReplicaAction,
+    ReplicaCore,
+    ReplicaMeta,
+    Truncate,
+)
 from failover.core.replication import (
-    AckView,
-    AdoptEpoch,
-    Append,
-    DuplicaAction,
     DuplicaReplication,
     LogInfo,
-    Mode,
-    PrimaryAction,
     PrimaryReplication,
-    Refuse,
     SendBatch,
     SendProbe,
     SendSnapshot,
     SendTruncate,
     ShipLimits,
-    StepDown,
 )
-from failover.core.roles import DUPLICA, PRIMARY, ROLES
-from failover.core.sessions import Reply, TooOld, encode_request_id
+from failover.core.sessions import Reply, encode_request_id
 from failover.core.state_machine import (
     SESSION_OPEN_PAYLOAD,
     ReplicatedStateMachine,
@@ -55,14 +63,10 @@ from failover.core.state_machine import (
 )
 from failover.errors import (
     DiskFullError,
-    InvalidRequest,
     LogCorruptError,
     LogGapError,
-    NotPrimaryError,
-    Overloaded,
     ReplicaBrokenError,
     SnapshotCorruptError,
-    StaleEpochError,
     StorageError,
     Unavailable,
 )
@@ -77,8 +81,7 @@ from failover.storage.snapshot import (
 )
 from failover.storage.wal import WriteAheadLog
 
-if TYPE_CHECKING:
-    from failover.agent.host import Agent
+__all__ = ["Replica", "ReplicaHost", "ReplicaMeta"]
 
 log = logging.getLogger(__name__)
 
@@ -95,19 +98,19 @@ _ENTRY_OVERHEAD_BYTES = 160
 class Replica:
     """A replica of one service on this host."""
 
-    def __init__(self, agent: Agent, root: Path, meta: ReplicaMeta) -> None:
-        assert meta.role in ROLES, meta.role
+    def __init__(self, agent: ReplicaHost, root: Path, meta: ReplicaMeta) -> None:
         self.agent = agent
         self.root = root
-        self.meta = meta
         self.service = meta.service
         self.kind_cls = kinds.load_kind(meta.kind)
-        self.sm = ReplicatedStateMachine(self.kind_cls())
+        c = agent.config
+        self.core = ReplicaCore(
+            meta, ReplicatedStateMachine(self.kind_cls()),
+            limits=ShipLimits(c.batch_entries_max, c.batch_bytes_max, c.inflight_batches_max,
+                              keepalive_ms=c.heartbeat_ms),
+            heartbeat_ms=c.heartbeat_ms, coordinated=bool(c.coordinators))
         self.snapshots = SnapshotStore(root / "snapshots")
         self.wal: WriteAheadLog = None  # type: ignore[assignment]  # set by open()
-        self.primary: PrimaryReplication | None = None
-        self.duplica: DuplicaReplication | None = None
-        self.duplica_addresses: dict[str, str] = dict(meta.duplicas)
         # Entries logged (or being logged) but not applied, oldest first.
         self._unapplied: deque[Entry] = deque()
         # Shipped entries on disk and not applied yet, as (first, last, fields, bytes): a
@@ -117,53 +120,73 @@ class Replica:
         self._shipped: deque[tuple[int, int, list[tuple[int, int, bytes, bytes]], int]] = deque()
         self._shipped_bytes = 0  # bounded: past it, applying re-reads from the log
         self._to_log: list[Entry] = []
-        self._next_index = 1
         self._waiters: dict[int, asyncio.Future[Reply]] = {}
-        self._pending_ids: dict[bytes, asyncio.Future[Reply]] = {}
-        self._pending_bytes = 0  # payload bytes of writes admitted and not yet answered
         self._log_wakeup = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._snapshot_task: asyncio.Task[None] | None = None
         self._applier: asyncio.Task[None] | None = None
         self._last_snapshot_index = 0
-        self.truncated_entries = 0
-        self.last_error = ""
-        # Why this replica cannot read its own snapshot or log ("" while it can). A broken
-        # replica serves nothing, acks nothing that counts and is not promotable; it says so
-        # in its status until the coordinator rebuilds it from a peer (invariant 12).
-        self.broken = ""
-        # The last log append failed for want of space (reported in heartbeats: the
-        # coordinator takes a full duplica out of the in-sync set, moves a full primary off).
-        self.disk_full = False
-        # A migration's cut holds applying; its auto-converge delays each write.
-        self._apply_held = False
+        # A migration's auto-converge delays each write.
         self.write_throttle_ms = 0.0
         self.closed = False
-        # Monotonic ms until which this primary may answer reads alone (a coordinator grant).
-        self.lease_expiry_ms = 0
-        # A replica that recovers from disk as primary, in a cluster with a coordinator,
-        # serves nothing until the coordinator confirms it (a lease or an assignment at its
-        # epoch): it may have been failed over while it was down.
-        self.confirmed = not (agent.config.coordinators and meta.role == PRIMARY)
-        # Set while a switchover holds new writes; released when the role changes or the
-        # switchover is abandoned.
-        self._hold: asyncio.Event | None = None
-        self._hold_id = ""  # the switchover that holds them: only its release ends the hold
-        # Replaced and set on every ack, append and apply: waiters for progress use it.
+        # Replaced and set on every ack, append, apply and hold release: waiters re-check the
+        # core's predicates then.
         self._progress = asyncio.Event()
-        # A primary answers reads only once commit and apply reach this index: the last
-        # entry it inherited when it took the role (invariant 10; Raft commits an entry of
-        # its own term before serving reads). Set each time the replica becomes primary.
-        self.read_floor = 0
-        # The highest index known committed in sync mode (told by a sync primary, or
-        # committed by this replica as one): a sync primary never truncates below it. What
-        # this replica applied as an async primary is not in it: a failover may drop that.
-        self._sync_commit_index = 0
+
+    # --- what the core holds ---------------------------------------------------------------
+
+    @property
+    def meta(self) -> ReplicaMeta:
+        return self.core.meta
+
+    @property
+    def sm(self) -> ReplicatedStateMachine:
+        return self.core.sm
+
+    @property
+    def role(self) -> str:
+        return self.core.meta.role
+
+    @property
+    def epoch(self) -> int:
+        return self.core.meta.epoch
+
+    @property
+    def commit_index(self) -> int:
+        return self.core.commit_index
+
+    @property
+    def primary(self) -> PrimaryReplication | None:
+        return self.core.primary
+
+    @property
+    def duplica(self) -> DuplicaReplication | None:
+        return self.core.duplica
+
+    @property
+    def broken(self) -> str:
+        return self.core.broken
+
+    @property
+    def last_error(self) -> str:
+        return self.core.last_error
+
+    @last_error.setter
+    def last_error(self, message: str) -> None:
+        self.core.note_error(message)
+
+    @property
+    def read_floor(self) -> int:
+        return self.core.read_floor
+
+    @property
+    def lease_expiry_ms(self) -> int:
+        return self.core.lease_expiry_ms
 
     # --- lifecycle -----------------------------------------------------------------------
 
     @classmethod
-    def create(cls, agent: Agent, root: Path, meta: ReplicaMeta) -> Replica:
+    def create(cls, agent: ReplicaHost, root: Path, meta: ReplicaMeta) -> Replica:
         """Makes a new, empty replica on disk (meta first, so a crash leaves a known kind)."""
         kinds.load_kind(meta.kind)  # refuse an unknown kind before touching the disk
         root.mkdir(parents=True, exist_ok=True)
@@ -191,22 +214,17 @@ class Replica:
             if state is not None:
                 path = self.snapshots.latest()
                 assert path is not None and read_header(path).applied_index == state.applied_index
-                self.sm = state
+                self.core.state_replaced(state)
                 self._last_snapshot_index = state.applied_index
             else:
                 self._recover_state()
         except (StorageError, OSError) as exc:
             self.mark_broken(str(exc))
             return
-        self._next_index = self.wal.last_index + 1
-        # Entries after the snapshot are applied once the commit index covers them: as primary
-        # from the duplicas' acks, as duplica from the primary's batches.
         self._ensure_writer()
         log.info("%s: opened as %s at epoch %d (recorded role; the coordinator confirms it)",
                  self.service, self.role, self.epoch)
-        self._become(self.meta.role, self.meta.epoch, self.meta.in_sync)
-        if self.role == PRIMARY:
-            self.agent.ensure_links(self.duplica_addresses)
+        self._carry_out(self.core.open(self._log_info(), monotonic_ms()))
 
     def _recover_state(self) -> None:
         """Loads the newest snapshot that reads back whole and that the log continues from.
@@ -235,37 +253,31 @@ class Replica:
                 f"index {first}: entries {index + 1}..{first - 1} are lost here; it cannot "
                 "recover on its own and is rebuilt from a peer")
         if fresh is not None:
-            self.sm = fresh
+            self.core.state_replaced(fresh)
             self._last_snapshot_index = index
 
     def mark_broken(self, reason: str) -> None:
         """This replica cannot read its own snapshot or log: from now on it serves nothing,
         takes no shipped batch, and reports itself broken (with `reason`), never in sync,
         so that the coordinator never promotes it and rebuilds it from a peer."""
-        if self.broken:
+        if self.core.broken:
             return
-        self.broken = self.last_error = reason
         log.error("%s: replica broken, it serves nothing until the coordinator rebuilds it "
                   "from a peer: %s", self.service, reason)
-        self._fail_waiters(self.broken_error())
-        self.release_hold()
-        self.lease_expiry_ms = 0
+        self._carry_out(self.core.mark_broken(reason))
 
     def broken_error(self) -> ReplicaBrokenError:
         """The error a broken replica answers every call with."""
-        return ReplicaBrokenError(
-            f"{self.service}: this replica cannot read its own snapshot or log ({self.broken}); "
-            "it serves nothing until the coordinator rebuilds it from a peer: retry, the "
-            "coordinator moves its role")
+        return self.core.broken_error()
 
     def check_not_broken(self) -> None:
         """Raises `ReplicaBrokenError` if this replica is broken."""
-        if self.broken:
-            raise self.broken_error()
+        self.core.check_not_broken()
 
     async def close(self) -> None:
         self.closed = True
         self._fail_waiters(Unavailable(f"replica {self.service!r} is shutting down"))
+        self.core.closed()
         for task in (self._writer, self._snapshot_task, self._applier):
             if task is not None:
                 task.cancel()
@@ -279,30 +291,84 @@ class Replica:
         await self.close()
         shutil.rmtree(self.root, ignore_errors=True)
 
-    # --- role ----------------------------------------------------------------------------
+    # --- carrying out the core's actions -------------------------------------------------
 
-    @property
-    def role(self) -> str:
-        return self.meta.role
+    def _carry_out(self, actions: list[ReplicaAction]) -> None:
+        """Carries out the core's actions in order (the shipping ones first: the hot path)."""
+        for action in actions:
+            if isinstance(action, SendBatch):
+                self._send_batch(action)
+            elif action is APPLY:
+                if self.core.primary is not None:
+                    self._apply_committed()
+                else:
+                    self._schedule_apply()
+                self._notify_progress()
+            elif isinstance(action, SendProbe):
+                self.agent.ship_probe(action.host_id, self.service, self.epoch)
+            elif isinstance(action, SendTruncate):
+                self.agent.ship_truncate(action.host_id, self.service, self.epoch,
+                                         action.after_index)
+            elif isinstance(action, SendSnapshot):
+                self.agent.spawn(self._send_snapshot(action.host_id))
+            elif isinstance(action, PersistMeta):
+                self._persist(action)
+            elif isinstance(action, LogBarrier):
+                self._enqueue(Entry(action.epoch, action.index, b"", b""))
+            elif isinstance(action, FailWaiters):
+                self._fail_waiters(action.error, action.from_index)
+            elif isinstance(action, DropUnlogged):
+                first = action.from_index
+                self._to_log = [e for e in self._to_log if e.index < first]
+                while self._unapplied and self._unapplied[-1].index >= first:
+                    self._unapplied.pop()
+            elif action is LINK_UPS:
+                now = monotonic_ms()
+                for host in self.core.peers:
+                    if self.agent.link_is_up(host):
+                        self._carry_out(self.core.link_up(host, now))
+            elif isinstance(action, EnsureLinks):
+                self.agent.ensure_links(action.peers)
+            elif action is HOLD_RELEASED:
+                self._notify_progress()
+            elif isinstance(action, ArmTimer):
+                delay_s = max(0, action.at_ms - monotonic_ms()) / 1000
+                asyncio.get_running_loop().call_later(delay_s, self._timer, action.token)
+            else:
+                raise AssertionError(f"unknown action {action!r}")
 
-    @property
-    def epoch(self) -> int:
-        return self.meta.epoch
+    def _timer(self, token: int) -> None:
+        actions = self.core.timer(token, monotonic_ms())
+        if actions:
+            log.warning("%s: switchover not completed in time: writes resume here",
+                        self.service)
+        self._carry_out(actions)
 
-    def _persist_meta(self, **changes: Any) -> None:
-        """Writes the changed meta, then adopts it: memory never runs ahead of the disk (a
-        failed write leaves the replica as it was, so a retried assignment is a change)."""
-        meta = dataclasses.replace(self.meta, **changes)
+    def _write_meta(self, meta: ReplicaMeta) -> None:
         try:
             write_atomic(self.root / _META, meta.to_bytes())
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
-                self.disk_full = True
+                self.core.disk_full = True
                 raise DiskFullError(
                     f"{self.service}: no space left to record role {meta.role} at epoch "
                     f"{meta.epoch}; nothing changed: free space in the data dir") from None
             raise
-        self.meta = meta
+
+    def _persist(self, action: PersistMeta) -> None:
+        """Writes the meta, then lets the core take it (raises if a required write fails)."""
+        if action.reason == "step_down":
+            log.warning("%s: role %s -> %s at epoch %d (was epoch %d): %s", self.service,
+                        self.role, action.meta.role, action.meta.epoch, self.epoch, action.why)
+        try:
+            self._write_meta(action.meta)
+        except DiskFullError as exc:
+            if action.required:
+                raise
+            log.error("%s: stepping down without recording it: %s", self.service, exc)
+        self._carry_out(self.core.meta_persisted(action, monotonic_ms()))
+
+    # --- role ----------------------------------------------------------------------------
 
     def assign(
         self,
@@ -318,137 +384,35 @@ class Replica:
         """Sets role, epoch and peers (idempotent). The epoch is persisted before any use.
 
         `why` is logged with the role change, if there is one."""
-        if epoch < self.epoch:
-            raise StaleEpochError(
-                f"{self.service}: assignment at epoch {epoch} is older than this replica's "
-                f"epoch {self.epoch}; ask the coordinator for the current assignment"
-            )
-        # A building replica that joins as a duplica keeps its stream and position: only
-        # becoming or leaving primary, or a new epoch, starts the protocol core afresh.
-        changed = (role == PRIMARY) != (self.role == PRIMARY) or epoch != self.epoch
+        self._sync_log()
+        persist = self.core.assign(role, epoch, mode, primary, duplicas, in_sync,
+                                   in_sync_generation, why)
         was = (self.role, self.epoch)
-        self.confirmed = True  # told by whoever assigns roles (the coordinator, or a test)
-        self._persist_meta(
-            role=role, epoch=epoch, mode=mode,
-            primary_host_id=primary[0] if primary else "",
-            primary_address=primary[1] if primary else "",
-            duplicas=dict(duplicas), in_sync=sorted(in_sync),
-            in_sync_generation=in_sync_generation,
-        )
-        if self.broken:
-            # Recorded, so that its report matches the coordinator's record; but a replica
-            # that cannot read its own data takes no role (invariant 12).
-            raise self.broken_error()
-        self.duplica_addresses = dict(duplicas)
+        self._persist(persist)
         if was != (role, epoch):
             log.info("%s: role %s -> %s at epoch %d (was epoch %d): %s", self.service, was[0],
                      role, epoch, was[1], why)
-        if changed or (role == PRIMARY and self.primary is None):
-            self._become(role, epoch, in_sync)
-        elif role == PRIMARY and self.primary is not None:
-            self._run(self.primary.set_members(sorted(duplicas), set(in_sync)))
-            self._run(self._link_ups())
-            # A smaller in-sync set may commit writes that waited on the member that left:
-            # apply and answer them now, not at the next ack.
-            self._apply_committed()
-            self._notify_progress()
-        if role == PRIMARY:
-            self.agent.ensure_links(duplicas)
-
-    def _become(self, role: str, epoch: int, in_sync: Iterable[str] = ()) -> None:
-        previous = self.primary
-        if role == PRIMARY:
-            if previous is None and not self._to_log:
-                # From duplica: the log's end is where this primary's entries start.
-                self._next_index = self.wal.last_index + 1
-            commit = self.sm.applied_index
-            if self.duplica is not None:
-                commit = max(commit, self.duplica.apply_limit(self.wal.durable_index))
-            self.duplica = None
-            self.primary = PrimaryReplication(
-                epoch, Mode(self.meta.mode), sorted(self.duplica_addresses),
-                set(in_sync) & set(self.duplica_addresses), self._log_info(),
-                self._limits(), commit_index=commit,
-            )
-            if self.wal.last_epoch < epoch and not self._to_log:
-                # An empty entry opens the new epoch in the log: it marks the epoch's first
-                # index in the history and commits the entries inherited from the last one.
-                self._enqueue(Entry(epoch, self._next_index, b"", b""))
-            # Whatever is in the log (or queued for it) now may have been acknowledged by an
-            # earlier primary, or by this one before a restart: reads wait until it is
-            # committed and applied here (invariant 10).
-            self.read_floor = self._next_index - 1
-            # The commit index of a primary with no in-sync duplica is its durable index:
-            # computed now, not at the next write (after a restart, the log's tail would
-            # otherwise stay unapplied until a client writes).
-            self._run(self.primary.log_changed(self._log_info()))
-            self._run(self._link_ups())
-            self._apply_committed()
-        else:
-            self.release_hold()
-            self.lease_expiry_ms = 0
-            if previous is not None:
-                self._fail_waiters(Unavailable(
-                    f"{self.service}: this replica stopped being the primary (epoch {epoch}); "
-                    "the outcome is unknown: retry with the same request id"
-                ))
-                # Entries that never reached the log must not be applied: the new primary's
-                # entries at those indexes will be (invariant 4).
-                self._to_log.clear()
-                self._next_index = self.wal.last_index + 1
-                while self._unapplied and self._unapplied[-1].index >= self._next_index:
-                    self._unapplied.pop()
-            if previous is not None and previous.mode == Mode.SYNC:
-                self._sync_commit_index = max(self._sync_commit_index, previous.commit_index)
-            self.primary = None
-            self.duplica = DuplicaReplication(epoch, self.sm.applied_index)
 
     def step_down(self, epoch: int, why: str) -> None:
         """A newer epoch exists: stop serving writes and wait to be told the new primary.
 
         `why` says who or what showed the newer epoch; it is logged with the change."""
-        if epoch <= self.epoch and self.role != PRIMARY:
-            return
-        log.warning("%s: role %s -> %s at epoch %d (was epoch %d): %s", self.service,
-                    self.role, DUPLICA, max(epoch, self.epoch), self.epoch, why)
-        changes = {"role": DUPLICA, "epoch": max(epoch, self.epoch)}
-        try:
-            self._persist_meta(**changes)
-        except DiskFullError as exc:
-            # Giving up authority may run ahead of the disk: a primary restarted from the
-            # old meta serves nothing until the coordinator confirms it.
-            log.error("%s: stepping down without recording it: %s", self.service, exc)
-            self.meta = dataclasses.replace(self.meta, **changes)
-        if not self.broken:
-            self._become(DUPLICA, self.meta.epoch)
+        self._sync_log()
+        persist = self.core.step_down(epoch, why)
+        if persist is not None:
+            self._persist(persist)
 
-    def _limits(self) -> ShipLimits:
-        c = self.agent.config
-        return ShipLimits(c.batch_entries_max, c.batch_bytes_max, c.inflight_batches_max,
-                          keepalive_ms=c.heartbeat_ms)
-
-    def _link_ups(self) -> list[PrimaryAction]:
-        assert self.primary is not None
-        now = monotonic_ms()
-        actions: list[PrimaryAction] = []
-        for host in self.primary.peers:
-            if self.agent.link_is_up(host):
-                actions.extend(self.primary.link_up(host, now))
-        return actions
-
-    # --- log state -----------------------------------------------------------------------
+    def _sync_log(self) -> None:
+        if self.wal is not None:
+            self.core.set_log(self._log_info())
 
     def _log_info(self) -> LogInfo:
         w = self.wal
         return LogInfo(w.first_index, w.last_index, w.durable_index, tuple(w.epoch_history))
 
-    @property
-    def commit_index(self) -> int:
-        if self.primary is not None:
-            return self.primary.commit_index
-        if self.duplica is not None:
-            return self.duplica.commit_index
-        return self.sm.applied_index
+    def grant_lease(self, epoch: int, lease_ms: int, sent_ms: int) -> None:
+        """A coordinator granted a lease in answer to a heartbeat sent at `sent_ms`."""
+        self.core.grant_lease(epoch, lease_ms, sent_ms)
 
     # --- the write path (primary) --------------------------------------------------------
 
@@ -467,44 +431,33 @@ class Replica:
         gets a ReplyStatus.EXPIRED reply. A request too large or too deep to log raises
         InvalidRequest, and one past the bounds on writes in flight raises Overloaded; neither
         is logged."""
-        self._check_primary(epoch_seen)
+        core = self.core
+        core.check_primary(epoch_seen)
         if payload != SESSION_OPEN_PAYLOAD:  # that one is logged as it is (no kind sees it)
             request = decode_request(payload)
             check_loggable(payload, request)
             if self.kind_cls.is_read_only(request):
                 return await self.query(payload, epoch_seen), False, self.epoch
         size = len(payload)
-        self._admit_write(size)
+        core.admit_bytes(size)
         handed_to_entry = False  # then the entry's answer releases the bytes, not this call
         try:
             await self._wait_hold(epoch_seen)
             if self.write_throttle_ms:
                 # A migration's auto-converge: writes slow down until the copy catches up.
                 await asyncio.sleep(self.write_throttle_ms / 1000)
-            seen = self.sm.sessions.lookup(client_id, seq, opens_session)
-            if isinstance(seen, Reply):
-                return seen, True, seen.epoch
-            if isinstance(seen, TooOld):
-                raise InvalidRequest(
-                    f"request {client_id}:{seq} is older than the retry window; its outcome can "
-                    "no longer be told: read the state to check")
-            # EXPIRED is not refused here: the applied state may lag the log, which may hold
-            # the request that opens the session. The entry's apply decides, on every replica.
-            epoch = self.epoch
-            key = encode_request_id(client_id, seq)  # attempts with and without the open flag
-            pending = self._pending_ids.get(key)
-            if pending is None:
-                if len(self._waiters) >= defaults.PENDING_REQUESTS_MAX:
-                    raise Overloaded(f"Overloaded: {self.service} has {len(self._waiters)} "
-                                     "writes in flight (pending_requests_max); this one was not "
-                                     "logged: retry after a backoff")
-                entry = Entry(self.epoch, self._next_index,
-                              encode_request_id(client_id, seq, opens_session), payload)
-                pending = self._enqueue(entry)
-                self._pending_ids[key] = pending
-                pending.add_done_callback(lambda _f, key=key: self._pending_ids.pop(key, None))
-                pending.add_done_callback(lambda _f, size=size: self._release_write(size))
+            decided = core.write(client_id, seq, opens_session, size)
+            if isinstance(decided, Reply):
+                return decided, True, decided.epoch
+            index, new = decided
+            epoch = core.meta.epoch
+            if new:
+                self._enqueue(Entry(
+                    epoch, index, encode_request_id(client_id, seq, opens_session), payload))
+                pending = self._waiters[index] = asyncio.get_running_loop().create_future()
                 handed_to_entry = True
+            else:
+                pending = self._waiters[index]  # an attempt in flight: share its entry
             if timeout_s is None:
                 # gRPC cancels this handler when the client's deadline passes; shield keeps
                 # that from cancelling the entry's future, which a retry of the same id may
@@ -522,23 +475,7 @@ class Replica:
             return reply, reply.epoch != epoch, reply.epoch or epoch
         finally:
             if not handed_to_entry:
-                self._release_write(size)
-
-    def _admit_write(self, size: int) -> None:
-        """Counts a write's payload against PENDING_REQUEST_BYTES_MAX, or refuses it: what
-        waits in the log pipeline stays bounded in bytes, not only in count (a few hundred
-        4 MiB writes would otherwise hold gigabytes and starve the loop)."""
-        queued = self._pending_bytes
-        if queued + size > defaults.PENDING_REQUEST_BYTES_MAX:
-            raise Overloaded(
-                f"Overloaded: {self.service} holds {queued} bytes of writes not yet answered; "
-                f"this one ({size} bytes) would pass pending_request_bytes_max "
-                f"({defaults.PENDING_REQUEST_BYTES_MAX}) and was not logged: retry after a "
-                "backoff, or send smaller writes")
-        self._pending_bytes = queued + size
-
-    def _release_write(self, size: int) -> None:
-        self._pending_bytes -= size
+                core.release_bytes(size)
 
     async def query(self, payload: bytes, epoch_seen: int = 0) -> Reply:
         """Answers a read from applied state, which holds every acknowledged write.
@@ -547,58 +484,34 @@ class Replica:
         in-sync duplicas that no newer epoch exists (invariant 6), and stops serving reads
         when it cannot.
         """
-        self._check_primary(epoch_seen)
+        core = self.core
+        core.check_primary(epoch_seen)
         await self._wait_hold(epoch_seen)
-        await self._wait_read_floor(epoch_seen)
-        if monotonic_ms() >= self.lease_expiry_ms:
-            await self._confirm_epoch()
+        if not core.read_ready():
+            # Until the entries it inherited are applied, its state may lack writes an
+            # earlier primary acknowledged (invariant 10).
+            deadline = monotonic_ms() + defaults.READ_FLOOR_TIMEOUT_MS
+            while not core.read_ready():
+                core.check_primary(epoch_seen)
+                if not await self._wait_progress(deadline):
+                    raise core.read_floor_error()
+        if not core.lease_valid(monotonic_ms()):
+            actions, token = core.confirm(monotonic_ms())
+            self._carry_out(actions)
+            deadline = monotonic_ms() + defaults.FAILURE_TIMEOUT_MS
+            while not core.confirmed(token):
+                if not await self._wait_progress(deadline):
+                    raise core.confirm_error()
         return self.sm.query(payload)
-
-    async def _wait_read_floor(self, epoch_seen: int) -> None:
-        """Waits until the entries this primary inherited are committed and applied: until
-        then its state may lack writes an earlier primary acknowledged (invariant 10)."""
-        if self.sm.applied_index >= self.read_floor:
-            return
-        deadline = monotonic_ms() + defaults.READ_FLOOR_TIMEOUT_MS
-        while self.sm.applied_index < self.read_floor:
-            self._check_primary(epoch_seen)
-            if not await self._wait_progress(deadline):
-                raise Unavailable(
-                    f"{self.service}: this primary has applied {self.sm.applied_index} of the "
-                    f"{self.read_floor} entries it inherited; it serves reads once its in-sync "
-                    "duplicas have them: retry shortly")
 
     async def _wait_hold(self, epoch_seen: int) -> None:
         """A switchover holds reads and writes alike: the target is promoted without waiting
         for this primary's lease to run out, so a read answered here meanwhile could miss a
         write the new primary has acknowledged. They go on here if the switchover is
         abandoned, or are redirected to the new primary once this replica is a duplica."""
-        while self._hold is not None:
-            await self._hold.wait()
-            self._check_primary(epoch_seen)
-
-    def grant_lease(self, epoch: int, lease_ms: int, sent_ms: int) -> None:
-        """A coordinator granted a lease in answer to a heartbeat sent at `sent_ms`: counting
-        from the send, less the drift margin, keeps our lease ending before the coordinator's
-        view of it even when this host's clock runs a little slow."""
-        if self.role == PRIMARY and epoch == self.epoch:
-            self.confirmed = True
-            self.lease_expiry_ms = max(self.lease_expiry_ms,
-                                       sent_ms + lease_ms - defaults.LEASE_DRIFT_MARGIN_MS)
-
-    async def _confirm_epoch(self) -> None:
-        primary = self.primary
-        assert primary is not None
-        actions, token = primary.confirm(monotonic_ms())
-        self._run(actions)
-        deadline = monotonic_ms() + defaults.FAILURE_TIMEOUT_MS
-        while not primary.confirmed(token):
-            if self.primary is not primary or primary.fenced:
-                raise NotPrimaryError(self.service, self.meta.primary_address, self.epoch)
-            if not await self._wait_progress(deadline):
-                raise Unavailable(
-                    f"{self.service}: the primary's lease ran out and its duplicas did not "
-                    "confirm its epoch in time; it stops serving reads until they do")
+        while self.core.holding:
+            await self._progress.wait()
+            self.core.check_primary(epoch_seen)
 
     def _notify_progress(self) -> None:
         event, self._progress = self._progress, asyncio.Event()
@@ -623,97 +536,42 @@ class Replica:
         logged write is committed and answered; returns (last index, target's durable index).
         On timeout the hold is released and the primary serves on. One switchover holds at a
         time: another one (another id) is refused while the hold lasts."""
-        self._check_primary(0)
-        primary = self.primary
-        assert primary is not None
-        if epoch != self.epoch:
-            raise StaleEpochError(f"{self.service}: switchover for epoch {epoch}, but this "
-                                  f"primary is at epoch {self.epoch}")
-        if target not in primary.peers:
-            raise InvalidRequest(f"{self.service}: {target} is not a duplica of this primary")
-        if self._hold is not None and self._hold_id != switchover_id:
-            raise Unavailable(f"{self.service}: another switchover ({self._hold_id or 'unnamed'}) "
-                              "holds writes here; try again once it has ended")
-        if self._hold is None:
-            self._hold = asyncio.Event()
-            self._hold_id = switchover_id
+        core = self.core
+        core.prepare_switchover(epoch, target, switchover_id)
         try:
-            return await self._await_switchover_target(primary, target, timeout_ms)
-        except asyncio.CancelledError:
-            # The coordinator went away mid-prepare (gRPC cancels this handler): nobody will
-            # complete the switchover, so the writes held for it resume here.
+            deadline = monotonic_ms() + timeout_ms
+            while (ready := core.switchover_ready(target)) is None:
+                if not await self._wait_progress(deadline):
+                    raise core.switchover_timeout_error(target, timeout_ms)
+        except BaseException:
+            # Timed out, no longer the primary, or the coordinator went away mid-prepare
+            # (gRPC cancels this handler): nobody will complete the switchover, so the
+            # writes held for it resume here.
             self.release_hold()
             raise
-
-    async def _await_switchover_target(self, primary: PrimaryReplication, target: str,
-                                       timeout_ms: int) -> tuple[int, int]:
-        deadline = monotonic_ms() + timeout_ms
-        while True:
-            last = self._next_index - 1
-            peer = primary.peers.get(target)
-            if peer is None or self.primary is not primary:
-                self.release_hold()
-                raise NotPrimaryError(self.service, self.meta.primary_address, self.epoch)
-            if (
-                not self._to_log and self.wal.last_index == last
-                and peer.match_index >= last and primary.commit_index >= last
-                and self.sm.applied_index >= last
-            ):
-                # The coordinator now raises the epoch and reassigns roles; should it die
-                # first, the hold must not last forever: it ends after the switchover timeout.
-                asyncio.get_running_loop().call_later(
-                    defaults.SWITCHOVER_TIMEOUT_MS / 1000, self._release_hold_if, self._hold)
-                return last, peer.match_index
-            if not await self._wait_progress(deadline):
-                self.release_hold()
-                raise Unavailable(
-                    f"{self.service}: {target} did not catch up within {timeout_ms} ms "
-                    f"(it has {peer.match_index} of {last}); switchover abandoned, this "
-                    "primary serves on")
-
-    def _release_hold_if(self, hold: asyncio.Event | None) -> None:
-        if hold is not None and self._hold is hold:
-            log.warning("%s: switchover not completed in time: writes resume here",
-                        self.service)
-            self.release_hold()
+        self._carry_out(core.switchover_prepared(monotonic_ms()))
+        return ready
 
     def release_hold(self) -> None:
         """Lets held writes go on (or be redirected, once the role has changed)."""
-        if self._hold is not None:
-            self._hold.set()
-            self._hold = None
-            self._hold_id = ""
+        self._carry_out(self.core.release_hold())
 
     def release_switchover(self, epoch: int, switchover_id: str) -> None:
         """The coordinator abandoned switchover `switchover_id` at `epoch`: end its hold. A
         release for another switchover or epoch (late, or forged) changes nothing."""
-        if self._hold is None or epoch != self.epoch or switchover_id != self._hold_id:
+        actions = self.core.release_switchover(epoch, switchover_id)
+        if actions is None:
             log.info("%s: ignored a release of switchover %r at epoch %d (holding: %r, epoch %d)",
-                     self.service, switchover_id, epoch, self._hold_id if self._hold else None,
-                     self.epoch)
+                     self.service, switchover_id, epoch,
+                     self.core.hold_id if self.core.holding else None, self.epoch)
             return
-        self.release_hold()
+        self._carry_out(actions)
 
-    def _check_primary(self, epoch_seen: int) -> None:
-        self.check_not_broken()
-        if self.role != PRIMARY or self.primary is None or self.primary.fenced:
-            raise NotPrimaryError(self.service, self.meta.primary_address, self.epoch)
-        if not self.confirmed:
-            raise Unavailable(f"{self.service}: this primary restarted and waits for the "
-                              "coordinator to confirm it is still the primary")
-        if epoch_seen > self.epoch:
-            # The client saw a newer epoch: we are a fenced primary that has not heard yet.
-            raise NotPrimaryError(self.service, "", epoch_seen)
-
-    def _enqueue(self, entry: Entry) -> asyncio.Future[Reply]:
-        assert entry.index == self._next_index, (entry.index, self._next_index)
-        self._next_index += 1
+    def _enqueue(self, entry: Entry) -> None:
+        """Queues an entry for the log writer (and keeps it to apply)."""
         self._to_log.append(entry)
         self._unapplied.append(entry)
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._waiters[entry.index] = future
         self._log_wakeup.set()
-        return future
 
     def _ensure_writer(self) -> None:
         if self._writer is None or self._writer.done():
@@ -729,6 +587,7 @@ class Replica:
             batch, self._to_log = self._to_log, []
             if not batch:
                 continue
+            self.core.append_started(batch[-1].index)
             try:
                 await loop.run_in_executor(self.agent.io, self.wal.append, batch)
             except (DiskFullError, StorageError, OSError) as exc:
@@ -740,130 +599,71 @@ class Replica:
                 log.exception("%s: log append failed unexpectedly", self.service)
                 self._refuse_unlogged(batch, exc)
                 continue
-            self.disk_full = False
-            if self.primary is not None and not self.primary.fenced:
-                self._run(self.primary.log_changed(self._log_info()))
-                self._apply_committed()
-                self._notify_progress()
+            self._carry_out(self.core.appended(self._log_info()))
 
     def _refuse_unlogged(self, batch: list[Entry], exc: Exception) -> None:
         """The append failed: nothing of it (or after it) is in the log; refuse those writes."""
-        self.last_error = str(exc)
-        self.disk_full = isinstance(exc, DiskFullError)
         log.error("%s: log append failed: %s", self.service, exc)
-        refused = batch + self._to_log
-        self._to_log = []
-        error = exc if isinstance(exc, DiskFullError) else Unavailable(
-            f"{self.service}: the log could not be written ({exc}); nothing was applied")
-        for entry in refused:
-            future = self._waiters.pop(entry.index, None)
-            if future is not None and not future.done():
+        self._carry_out(self.core.append_failed(batch[0].index, exc, self._log_info()))
+
+    def _fail_waiters(self, error: Exception, from_index: int = 0) -> None:
+        waiters = self._waiters
+        indexes = list(waiters) if from_index <= 0 else [i for i in waiters if i >= from_index]
+        for index in indexes:
+            future = waiters.pop(index)
+            if not future.done():
                 future.set_exception(error)
-        first = refused[0].index
-        while self._unapplied and self._unapplied[-1].index >= first:
-            self._unapplied.pop()
-        self._next_index = self.wal.last_index + 1
 
     # --- shipping (primary side) ---------------------------------------------------------
 
-    def _run(self, actions: list[PrimaryAction]) -> None:
-        for action in actions:
-            if isinstance(action, SendBatch):
-                self._send_batch(action)
-            elif isinstance(action, SendProbe):
-                self.agent.ship_probe(action.host_id, self.service, self.epoch)
-            elif isinstance(action, SendTruncate):
-                self.agent.ship_truncate(action.host_id, self.service, self.epoch,
-                                         action.after_index)
-            elif isinstance(action, SendSnapshot):
-                self.agent.spawn(self._send_snapshot(action.host_id))
-            elif isinstance(action, StepDown):
-                log.warning("%s: a duplica holds epoch %d > %d: stepping down", self.service,
-                            action.epoch, self.epoch)
-                self.step_down(action.epoch, "a duplica holds a newer epoch")
-            else:
-                raise AssertionError(f"unknown action {action!r}")
-
     def _send_batch(self, action: SendBatch) -> None:
-        assert self.primary is not None
         if action.entries_max == 0:
-            records, last = b"", action.first_index - 1
-        else:
-            records, _first, last = self.wal.read_records(
-                action.first_index, entries_max=action.entries_max, bytes_max=action.bytes_max)
-            following = self.primary.batch_read(action.host_id, action.batch_id, last)
-            self.agent.ship_batch(action.host_id, self.service, self.epoch, action, records,
-                                  last)
-            self._run(following)  # the window's next batch, now that this one's end is known
+            self.agent.ship_batch(action.host_id, self.service, self.epoch, action, b"",
+                                  action.first_index - 1)
             return
+        records, _first, last = self.wal.read_records(
+            action.first_index, entries_max=action.entries_max, bytes_max=action.bytes_max)
+        following = self.core.batch_read(action.host_id, action.batch_id, last)
         self.agent.ship_batch(action.host_id, self.service, self.epoch, action, records, last)
+        self._carry_out(following)  # the window's next batch, now that this one's end is known
 
-    def on_ack(self, host_id: str, ack: AckView) -> None:
-        """An answer from a duplica's host."""
-        if self.primary is None or self.broken:
-            return
-        self._run(self.primary.ack(host_id, ack, monotonic_ms()))
-        self._apply_committed()
-        self._notify_progress()
+    def on_ack(self, host_id: str, ack: Any) -> None:
+        """An answer from a duplica's host (an `AckView`)."""
+        self._carry_out(self.core.on_ack(host_id, ack, monotonic_ms()))
 
     def on_link_up(self, host_id: str) -> None:
-        if self.primary is not None and not self.broken:
-            self._run(self.primary.link_up(host_id, monotonic_ms()))
+        self._carry_out(self.core.link_up(host_id, monotonic_ms()))
 
     def on_link_down(self, host_id: str) -> None:
-        if self.primary is not None:
-            self.primary.link_down(host_id)
+        self.core.link_down(host_id)
 
     def tick(self, now_ms: int) -> None:
-        # A broken primary ships nothing more: its duplicas stop hearing it, which lets the
-        # coordinator fail over.
-        if self.primary is not None and not self.broken:
-            self._run(self.primary.tick(now_ms))
+        self._carry_out(self.core.tick(now_ms))
 
     async def _send_snapshot(self, host_id: str) -> None:
         """Installs our newest snapshot on a duplica whose position we compacted away."""
-        assert self.primary is not None
         try:
             path = self.snapshots.latest()
             if path is None or self._last_snapshot_index < self.wal.first_index - 1:
                 path = await self.take_snapshot()
-            header, index = await self.agent.install_snapshot(host_id, self.service,
-                                                              self.epoch, path)
+            _header, index = await self.agent.install_snapshot(host_id, self.service,
+                                                               self.epoch, path)
         except Exception as exc:  # any failure: report it and probe again on the next tick
             log.warning("%s: snapshot install on %s failed: %s", self.service, host_id, exc)
-            if self.primary is not None:
-                self.primary.snapshot_failed(host_id, str(exc))
+            self.core.snapshot_send_failed(host_id, str(exc))
             return
-        if self.primary is not None:
-            self._run(self.primary.snapshot_installed(host_id, index))
+        self._carry_out(self.core.snapshot_sent(host_id, index))
 
     # --- applying ------------------------------------------------------------------------
 
     def hold_apply(self) -> None:
         """Stops applying (a migration's cut): the state stays at its applied index, while
         the log keeps taking entries, until `release_apply`."""
-        self._apply_held = True
+        self.core.apply_held = True
 
     def release_apply(self) -> None:
-        self._apply_held = False
-        if self.primary is not None:
-            self._apply_committed()
-        else:
-            self._schedule_apply()
-
-    def _apply_limit(self) -> int:
-        if self._apply_held or self.broken:
-            return self.sm.applied_index
-        # Never past what this loop has queued (`_next_index - 1`): the log's durable index
-        # moves on an I/O thread a moment before shipped entries are queued here, and
-        # applying in that gap would read them back from disk for nothing.
-        if self.primary is not None:
-            limit = min(self.primary.commit_index, self.wal.durable_index)
-        elif self.duplica is not None:
-            limit = self.duplica.apply_limit(self.wal.durable_index)
-        else:
-            return self.sm.applied_index
-        return min(limit, self._next_index - 1)
+        self.core.apply_held = False
+        self._carry_out([APPLY])
 
     def _apply_committed(self) -> None:
         """Applies committed entries in index order and answers their waiters.
@@ -897,8 +697,9 @@ class Replica:
         """Applies the next committed entries, up to APPLY_CHUNK_ENTRIES of them and
         APPLY_CHUNK_BYTES of payload (at least one), as one batch; True if committed entries
         remain."""
-        limit = self._apply_limit()
-        sm = self.sm
+        core = self.core
+        limit = core.apply_limit(self.wal.durable_index)
+        sm = core.sm
         if sm.applied_index < limit:
             first = sm.applied_index + 1
             unapplied = self._unapplied
@@ -922,10 +723,10 @@ class Replica:
                     future = waiters.pop(entry.index, None)
                     if future is not None and not future.done():
                         future.set_result(reply)
-            if self.read_floor >= first:
+            if core.applied(first, batch[-1].index):
                 self._notify_progress()  # reads held below the read floor may go on
             self._maybe_snapshot()
-        return sm.applied_index < self._apply_limit()
+        return sm.applied_index < core.apply_limit(self.wal.durable_index)
 
     def _take_batch(self, first: int, count: int) -> list[Entry]:
         """Takes from the front of `_unapplied` (which starts at `first`) the consecutive
@@ -978,6 +779,12 @@ class Replica:
         self._unapplied = deque(entries)
         self._unapplied.extend(kept)
 
+    def _forget_kept(self) -> None:
+        """The state was replaced: nothing kept in memory to apply is of use."""
+        self._unapplied.clear()
+        self._shipped.clear()
+        self._shipped_bytes = 0
+
     def _maybe_snapshot(self) -> None:
         every = self.agent.config.snapshot_every_entries
         if (
@@ -1014,21 +821,10 @@ class Replica:
         if base < self.wal.first_index:
             return self.wal.first_index
         first = self.wal.compact(base, self.wal.epoch_at(base))
-        if self.primary is not None:
-            # The core must know where the log starts now, or a duplica that reconnects
-            # before the next write is streamed entries that are gone instead of a snapshot.
-            self._run(self.primary.log_changed(self._log_info()))
+        self._carry_out(self.core.log_compacted(self._log_info()))
         return first
 
     # --- the receive path (duplica side) -------------------------------------------------
-
-    def _duplica_for(self, epoch: int) -> DuplicaReplication | None:
-        """The duplica core, stepping down first if a newer primary is shipping to us."""
-        if self.role == PRIMARY:
-            if epoch <= self.epoch:
-                return None  # two primaries in one epoch cannot be: refuse as stale
-            self.step_down(epoch, "a primary at a newer epoch ships to this replica")
-        return self.duplica
 
     def _ack(self, status: str, batch_id: int = 0, message: str = "",
              truncated: int = -1) -> dict[str, Any]:
@@ -1044,63 +840,53 @@ class Replica:
             "first_index": w.first_index, "message": message,
         }
 
-    async def _adopt(self, duplica: DuplicaReplication,
-                     event: Callable[[], list[DuplicaAction]],
-                     ) -> tuple[list[DuplicaAction], str | None]:
-        """Feeds one event to the duplica core; returns its actions and the refusal, if any.
-
-        A newer epoch is written to disk before the core takes it (`epoch_persisted`), and
-        the event is then fed again: memory never runs ahead of the disk. When the write
-        fails the replica stays at its epoch and answers "storage_error"; the primary's
-        next probe or batch tries again."""
+    def _feed(self, event: Callable[[], list[ReplicaAction]]) -> list[ReplicaAction] | None:
+        """Feeds a shipped item to the core; None when the meta it asked for (a newer epoch)
+        could not be written: the replica stays at its epoch and answers "storage_error",
+        and the primary's next probe or batch tries again. A step-down (a newer primary ships
+        to this one) or an adopted epoch is written first, then the item is fed again."""
         actions = event()
-        if actions and isinstance(actions[0], AdoptEpoch):
-            epoch = actions[0].epoch
-            try:
-                self._persist_meta(epoch=epoch)
-            except (StorageError, OSError) as exc:
-                self.last_error = str(exc)
-                log.warning("%s: cannot record epoch %d, staying at %d: %s", self.service,
-                            epoch, self.epoch, exc)
-                return [], "storage_error"
-            duplica.epoch_persisted(epoch)
+        while actions and isinstance(actions[0], PersistMeta):
+            persist = actions[0]
+            if persist.reason == "adopt_epoch":
+                try:
+                    self._write_meta(persist.meta)
+                except (StorageError, OSError) as exc:
+                    self.core.note_error(str(exc))
+                    log.warning("%s: cannot record epoch %d, staying at %d: %s", self.service,
+                                persist.meta.epoch, self.epoch, exc)
+                    return None
+                self._carry_out(self.core.meta_persisted(persist, monotonic_ms()))
+            else:
+                self._persist(persist)
             actions = event()
-        refused = next((a.status for a in actions if isinstance(a, Refuse)), None)
-        return actions, refused
+        return actions
 
     async def receive_probe(self, epoch: int) -> dict[str, Any]:
-        duplica = self._duplica_for(epoch)
-        if duplica is None:
-            return self._ack("stale_epoch")
-        _, refused = await self._adopt(duplica, lambda: duplica.on_probe(epoch, monotonic_ms()))
-        return self._ack(refused or "mismatch")
+        actions = self._feed(lambda: self.core.on_probe(epoch, monotonic_ms()))
+        if actions is None:
+            return self._ack("storage_error")
+        return self._ack(actions[0].status if actions else "mismatch")  # type: ignore[union-attr]
 
     async def receive_truncate(self, epoch: int, after_index: int) -> dict[str, Any]:
-        duplica = self._duplica_for(epoch)
-        if duplica is None:
-            return self._ack("stale_epoch")
-        assert self.meta.mode != Mode.SYNC.value or after_index >= self._sync_commit_index, (
-            f"{self.service}: sync mode, yet a primary asked to truncate committed entries "
-            f"(after {after_index}, committed in sync mode {self._sync_commit_index})"
-        )
-        _, refused = await self._adopt(
-            duplica, lambda: duplica.on_truncate(epoch, after_index, monotonic_ms()))
-        if refused:
-            return self._ack(refused)
+        actions = self._feed(lambda: self.core.on_truncate(epoch, after_index, monotonic_ms()))
+        if actions is None:
+            return self._ack("storage_error")
+        cut = actions[0]
+        if isinstance(cut, Refuse):
+            return self._ack(cut.status)
+        assert isinstance(cut, Truncate), cut
         loop = asyncio.get_running_loop()
-        if after_index < self.sm.applied_index:
-            # Only in async mode: entries this replica applied are not on the new primary.
-            # The state must go back to before them: reload from a snapshot at or below the
-            # cut (or from empty) and replay the log up to it as the commit index allows.
+        if cut.rewind:
+            # Entries this replica applied are not on the new primary (async mode only): the
+            # state goes back to a snapshot at or below the cut (or to empty).
             fresh = await loop.run_in_executor(self.agent.io, self._rewound_state, after_index)
             log.warning("%s: rewound applied state from %d to %d to drop a divergent tail",
                         self.service, self.sm.applied_index, fresh.applied_index)
             # Swapped here, on the loop, so the applier never sees a half-replaced state.
-            self.sm = fresh
+            self.core.state_replaced(fresh)
             self._last_snapshot_index = fresh.applied_index
-            self._unapplied.clear()
-            self._shipped.clear()
-            self._shipped_bytes = 0
+            self._forget_kept()
         dropped = await loop.run_in_executor(self.agent.io, self.wal.truncate_after, after_index)
         while self._unapplied and self._unapplied[-1].index > after_index:
             self._unapplied.pop()
@@ -1110,8 +896,7 @@ class Replica:
             self._shipped_bytes -= self._shipped.pop()[3]
         if self._shipped and self._shipped[-1][1] > after_index:
             self._shipped_bytes -= self._shipped.pop()[3]
-        self._next_index = self.wal.last_index + 1
-        self.truncated_entries = dropped
+        self.core.truncated(after_index, dropped, self._log_info())
         if dropped:
             log.warning("%s: truncated %d divergent entries after index %d", self.service,
                         dropped, after_index)
@@ -1140,16 +925,14 @@ class Replica:
                             ) -> dict[str, Any]:
         """Takes a shipped batch. `check` is `check_records` of its records, started when it
         arrived (`Agent.precheck`); without it the records are checked here."""
-        duplica = self._duplica_for(epoch)
-        if duplica is None:
-            return self._ack("stale_epoch", batch_id)
-        actions, refused = await self._adopt(duplica, lambda: duplica.on_batch(
+        core = self.core
+        actions = self._feed(lambda: core.on_batch(
             epoch, prev, last_index, commit_index, self._log_info(), monotonic_ms()))
-        if refused:
-            return self._ack(refused, batch_id)
-        if self.meta.mode == Mode.SYNC.value:
-            self._sync_commit_index = max(self._sync_commit_index, commit_index)
-        if any(isinstance(a, Append) for a in actions):
+        if actions is None:
+            return self._ack("storage_error", batch_id)
+        if actions and isinstance(actions[0], Refuse):
+            return self._ack(actions[0].status, batch_id)
+        if actions:  # Append
             loop = asyncio.get_running_loop()
             entries: list[tuple[int, int, bytes, bytes]] = []
             # Every record is checked before any is written (invariant 12), and none may
@@ -1160,35 +943,26 @@ class Replica:
                     self.wal.append_records, records, first_index, last_index, entries,
                     epoch_max=epoch, checked=checked))
             except LogCorruptError as exc:
-                self.last_error = str(exc)
+                core.note_error(str(exc))
                 log.warning("%s: refused a shipped batch %d..%d: %s", self.service,
                             first_index, last_index, exc)
                 return self._ack("corrupt", batch_id, str(exc))
             except (DiskFullError, StorageError, OSError) as exc:
-                self.last_error = str(exc)
-                self.disk_full = isinstance(exc, DiskFullError)
-                if self.disk_full:
+                core.note_error(str(exc), disk_full=isinstance(exc, DiskFullError))
+                if core.disk_full:
                     log.warning("%s: cannot take shipped entries: %s", self.service, exc)
                 return self._ack("storage_error", batch_id, str(exc))
-            self.disk_full = False
             size = len(records) + len(entries) * _ENTRY_OVERHEAD_BYTES
             if self._shipped_bytes + size <= defaults.SHIPPED_KEPT_BYTES_MAX:
                 self._shipped.append((first_index, last_index, entries, size))
                 self._shipped_bytes += size
-            self._next_index = self.wal.last_index + 1
+            core.batch_appended(self._log_info())
         self._schedule_apply()
         return self._ack("ok", batch_id)
 
     def hears_primary(self, now_ms: int) -> tuple[bool, int]:
         """Whether the primary's stream reached us within a failure timeout, and how long ago."""
-        heard = self.duplica.last_heard_ms if self.duplica is not None else None
-        if heard is None:
-            return False, 0
-        silent = max(0, now_ms - heard)
-        # A live primary speaks at least every heartbeat interval (data or keepalive); two
-        # missed intervals is silence. This must be well under the coordinator's failure
-        # timeout, or a duplica asked right after a crash would still claim to hear.
-        return silent < 2 * self.agent.config.heartbeat_ms, silent
+        return self.core.hears_primary(now_ms)
 
     # --- snapshots received --------------------------------------------------------------
 
@@ -1211,15 +985,9 @@ class Replica:
         so the applier never sees a half-replaced state."""
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.agent.io, self._install_snapshot_files, header, shipped)
-        self.sm = fresh
         self._last_snapshot_index = header.applied_index
-        self._unapplied.clear()
-        self._shipped.clear()
-        self._shipped_bytes = 0
-        self._next_index = self.wal.last_index + 1
-        if self.duplica is not None:
-            self.duplica.verified_index = header.applied_index
-            self.duplica.commit_index = max(self.duplica.commit_index, header.applied_index)
+        self._forget_kept()
+        self.core.snapshot_installed_here(fresh, header.applied_index, self._log_info())
 
     def _install_snapshot_files(self, header: SnapshotHeader, shipped: ShippedSnapshot) -> None:
         shipped.publish()
@@ -1233,32 +1001,9 @@ class Replica:
     # --- status --------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        # A broken replica vouches for nothing it holds: no durable or matched index (its log
-        # may not even open), so nobody counts it in sync or promotes it (invariant 12).
-        durable = 0 if self.broken else self.wal.durable_index
-        # A duplica's lag as far as it knows: committed on the primary, not yet on our disk.
-        lag = 0 if self.primary is not None or self.broken else max(
-            0, self.commit_index - durable)
-        matched = 0 if self.broken else durable if self.primary is not None else (
-            min(durable, self.duplica.verified_index) if self.duplica is not None else 0)
-        return {
-            "service": self.service, "kind": self.meta.kind, "role": self.role,
-            "epoch": self.epoch, "mode": self.meta.mode, "matched_index": matched,
-            "in_sync": sorted(self.primary.in_sync) if self.primary is not None else [],
-            "in_sync_generation": self.meta.in_sync_generation if self.primary is not None else 0,
-            "in_sync_lag_ms": (self.primary.lag_ms(monotonic_ms()) if self.primary is not None
-                               else {}),
-            "durable_index": durable, "commit_index": self.commit_index,
-            "applied_index": self.sm.applied_index, "lag_entries": lag,
-            "truncated_entries": self.truncated_entries, "last_error": self.last_error,
-            "disk_full": self.disk_full, "broken": bool(self.broken),
-        }
-
-    def _fail_waiters(self, error: Exception) -> None:
-        for future in self._waiters.values():
-            if not future.done():
-                future.set_exception(error)
-        self._waiters.clear()
+        """What heartbeats report of this replica (the core decides what it vouches for)."""
+        durable = self.wal.durable_index if self.wal is not None else 0
+        return self.core.status(durable, monotonic_ms())
 
 
 class _KindView:
@@ -1275,4 +1020,3 @@ class _KindView:
 
     def digest(self) -> bytes:
         return self._sm.digest()
-

@@ -65,12 +65,8 @@ PURE_OUTSIDE_CORE = (
 KNOWN_CYCLES = (
     frozenset({"failover.storage.store", "failover.storage.sqlite_store"}),
 )
-# Cycles closed only by annotations (`if TYPE_CHECKING:`), known and owned elsewhere: the
-# Replica names the Agent that hosts it; issue 12 item 1 makes replica.py a driver that never
-# imports host.py. Drop the entry then.
-KNOWN_ANNOTATION_CYCLES = KNOWN_CYCLES + (
-    frozenset({"failover.agent.host", "failover.agent.replica"}),
-)
+# Cycles closed only by annotations (`if TYPE_CHECKING:`), known and owned elsewhere.
+KNOWN_ANNOTATION_CYCLES = KNOWN_CYCLES
 
 
 def _module_name(path: Path) -> str:

@@ -105,7 +105,7 @@ async def test_the_cut_aborts_when_the_source_changed_role_or_epoch(
     with pytest.raises(MigrationError, match="at the cut this replica is"):
         await migrate(source, address, changed)
     assert a.replicas["kv1"] is source and source.epoch == EPOCH + 1
-    assert not source._apply_held  # applying resumed
+    assert not source.core.apply_held  # applying resumed
     assert "kv1" not in b.replicas and not b.replica_root("kv1").exists()
     if change == "newer_epoch":
         reply, _, epoch = await source.execute(0, "c", 100, put("after"), 5.0)

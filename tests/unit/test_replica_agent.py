@@ -28,12 +28,12 @@ def put(key: str) -> bytes:
 async def test_a_cancelled_switchover_prepare_releases_the_write_hold(agent: Agent) -> None:
     replica = await primary_waiting_on_b(agent)
     prepare = asyncio.create_task(replica.prepare_switchover(1, "b", 10_000))
-    await until(lambda: replica._hold is not None)  # writes are held while b catches up
+    await until(lambda: replica.core.holding)  # writes are held while b catches up
     assert not prepare.done()
     prepare.cancel()  # the coordinator went away: gRPC cancels the handler
     with pytest.raises(asyncio.CancelledError):
         await prepare
-    assert replica._hold is None
+    assert not replica.core.holding
 
 
 async def test_a_write_committed_by_an_in_sync_shrink_is_answered_at_once(
@@ -56,18 +56,18 @@ async def test_a_switchover_release_ends_only_the_hold_of_its_own_switchover(
 ) -> None:
     replica = await primary_waiting_on_b(agent)
     prepare = asyncio.create_task(replica.prepare_switchover(1, "b", 10_000, "sw-2"))
-    await until(lambda: replica._hold is not None)
+    await until(lambda: replica.core.holding)
     # A late release of an earlier, abandoned switchover, or one at another epoch: ignored.
     await agent.prepare_switchover("kv1", 1, "", 0, True, "sw-1")
     await agent.prepare_switchover("kv1", 2, "", 0, True, "sw-2")
-    assert replica._hold is not None and not prepare.done()
+    assert replica.core.holding and not prepare.done()
     # Another switchover cannot take over the hold meanwhile.
     from failover.errors import Unavailable
 
     with pytest.raises(Unavailable, match="another switchover"):
         await replica.prepare_switchover(1, "b", 10_000, "sw-3")
     await agent.prepare_switchover("kv1", 1, "", 0, True, "sw-2")
-    assert replica._hold is None
+    assert not replica.core.holding
     prepare.cancel()
     with pytest.raises(asyncio.CancelledError):
         await prepare
@@ -104,13 +104,13 @@ async def test_a_prepare_cancelled_as_progress_arrives_still_ends_its_hold(agent
     # yet the hold lasted until the prepare's own deadline.
     replica = await primary_waiting_on_b(agent)
     prepare = asyncio.create_task(replica.prepare_switchover(1, "b", 10_000, "sw"))
-    await until(lambda: replica._hold is not None)
+    await until(lambda: replica.core.holding)
     await asyncio.sleep(0.01)  # the prepare waits for progress
     replica._notify_progress()  # an ack or an apply, just as gRPC cancels the handler
     prepare.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(prepare, 2.0)
-    assert replica._hold is None
+    assert not replica.core.holding
 
 
 async def test_an_async_primary_rejoining_in_sync_mode_drops_its_unreplicated_tail(

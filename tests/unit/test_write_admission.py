@@ -223,7 +223,7 @@ async def test_writes_in_flight_are_bounded_in_bytes(
         await agent.assign_role("kv1", "kv", "primary", 1, "sync", None,
                                 {"b": UNREACHABLE}, set())
         await asyncio.wait_for(asyncio.gather(*held), 10.0)
-        await until(lambda: replica._pending_bytes == 0, timeout_s=10.0)
+        await until(lambda: replica.core.pending_bytes == 0, timeout_s=10.0)
         reply, _, _ = await replica.execute(0, "c", 6, _pack({"op": "put", "key": "k6",
                                                              "value": value}), 10.0)
         assert reply.status == ReplyStatus.OK
