@@ -127,6 +127,15 @@ def test_a_switchover_to_a_member_not_known_to_hold_every_write_is_refused() -> 
     assert prepare.target == "h2"
 
 
+def test_a_switchover_of_a_service_deleted_meanwhile_is_abandoned() -> None:
+    d = ready()
+    [prepare] = d.run(d.core.start_switchover("op", "s", "", d.now))
+    d.run(d.core.delete_service("s"))
+    actions = d.run(d.core.answer("op", Prepared(True), d.now))
+    assert of(actions, ReleaseSwitchover)[0].switchover_id == prepare.switchover_id
+    assert "deleted" in of(actions, Failed)[0].why and not of(actions, AssignRole)
+
+
 def test_a_switchover_abandoned_after_a_reload_releases_without_persisting() -> None:
     """After a failed commit the daemon ends each plan it had not seen end: the switchover
     whose hand-over was never stored still releases the primary, and writes nothing."""

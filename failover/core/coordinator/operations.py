@@ -189,6 +189,8 @@ class SwitchoverPlan(Plan):
             return []
         if not answer.ok:
             return self._abandon(answer.why)
+        if self.name not in self.core.services:
+            return self._abandon(f"{self.name} was deleted meanwhile")
         stall_ms = now_ms - self.started_ms
         actions = self.core.switchover_complete(self.name, self.target, stall_ms)
         self.state = "done"
@@ -312,6 +314,8 @@ class MigratePlan(Plan):
             return []
         if not answer.ok:
             return self._abort(answer.why)
+        if self.name not in self.core.services:
+            return self._abort(f"{self.name} was deleted meanwhile")
         return self._copied(answer.stats, now_ms)
 
     def tick(self, now_ms: int) -> list[Action]:
