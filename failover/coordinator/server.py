@@ -430,7 +430,7 @@ class Coordinator:
     async def _move_primary(self, action: StartSwitchover) -> None:
         """A drain's move of a primary: nobody waits for it, the plan records its end."""
         try:
-            await self._start(lambda op_id, now: self.core.move_primary(op_id, action, now))
+            await self._start(lambda op_id, now: self.core.start_primary_move(op_id, action, now))
         except Unavailable as exc:  # a failed commit: the next tick asks again
             log.error("moving %s off its host: %s", action.service, exc)
 

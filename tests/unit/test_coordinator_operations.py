@@ -159,7 +159,7 @@ def test_a_drain_moves_the_primary_by_switchover_and_retries_after_a_failure() -
     d.step(2 * HB)
     [move] = of(d.actions, StartSwitchover)
     d.actions.clear()
-    [prepare] = d.run(d.core.move_primary("drain-1", move, d.now))
+    [prepare] = d.run(d.core.start_primary_move("drain-1", move, d.now))
     assert isinstance(prepare, PrepareSwitchover) and prepare.target == move.to_host
     d.step(HB)  # no second move while this one is in progress
     assert not of(d.actions, StartSwitchover)
@@ -170,14 +170,14 @@ def test_a_drain_moves_the_primary_by_switchover_and_retries_after_a_failure() -
     # Asked again once a failure timeout has passed since the last attempt.
     d.step(defaults.FAILURE_TIMEOUT_MS)
     [again] = of(d.actions, StartSwitchover)
-    [prepare] = d.run(d.core.move_primary("drain-2", again, d.now))
+    [prepare] = d.run(d.core.start_primary_move("drain-2", again, d.now))
     actions = d.run(d.core.answer("drain-2", Prepared(True), d.now))
     assert of(actions, Done) and d.core.services["s"].primary == again.to_host
 
 
 def test_a_drain_move_that_cannot_start_is_recorded_not_raised() -> None:
     d = ready()
-    actions = d.core.move_primary("drain-1", StartSwitchover("s", "h9"), d.now)
+    actions = d.core.start_primary_move("drain-1", StartSwitchover("s", "h9"), d.now)
     [row] = rows(actions)
     assert row[1] == "drain" and "h9" in row[2]
     assert of(actions, Failed) and d.core.operations == {} and d.core.switchovers == {}

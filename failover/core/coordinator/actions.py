@@ -82,7 +82,7 @@ class PushRoutes:
 @dataclass(frozen=True, slots=True)
 class StartSwitchover:
     """Move a primary off a draining host: the daemon starts a switchover for it with
-    `CoordinatorCore.move_primary(op_id, action, now_ms)`."""
+    `CoordinatorCore.start_primary_move(op_id, action, now_ms)`."""
 
     service: str
     to_host: str

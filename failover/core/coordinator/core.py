@@ -205,7 +205,8 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
         """An operator's switchover of `name` to `to_host` ("" lets the core choose)."""
         return self._start(SwitchoverPlan(self, op_id, name, to_host), now_ms)
 
-    def move_primary(self, op_id: str, action: StartSwitchover, now_ms: int) -> list[Action]:
+    def start_primary_move(self, op_id: str, action: StartSwitchover,
+                           now_ms: int) -> list[Action]:
         """Carries out `StartSwitchover`: a switchover whose failures are recorded as a
         drain's and tried again on a later tick; it never raises."""
         return self._start(SwitchoverPlan(self, op_id, action.service, action.to_host,
