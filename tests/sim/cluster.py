@@ -51,7 +51,7 @@ import heapq
 import random
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgpack
@@ -76,34 +76,55 @@ from failover.core.coordinator import (
 )
 from failover.core.coordinator import StepDown as CoordStepDown
 from failover.core.log_position import LogPosition, check_history
+from failover.core.replica import (
+    APPLY,
+    HOLD_RELEASED,
+    LINK_UPS,
+    Append,
+    ArmTimer,
+    DropUnlogged,
+    EnsureLinks,
+    FailWaiters,
+    LogBarrier,
+    PersistMeta,
+    Refuse,
+    ReplicaCore,
+    ReplicaMeta,
+    Truncate,
+)
 from failover.core.replication import (
     AckView,
-    AdoptEpoch,
-    Append,
-    DuplicaReplication,
     LogInfo,
-    Mode,
-    PrimaryAction,
     PrimaryReplication,
-    Refuse,
     SendBatch,
     SendProbe,
     SendSnapshot,
     SendTruncate,
     ShipLimits,
-    StepDown,
 )
 from failover.core.roles import DUPLICA, PRIMARY
 from failover.core.sessions import (
     Reply,
     ReplyStatus,
-    TooOld,
     decode_request_id,
     encode_request_id,
     opens_session,
 )
-from failover.core.state_machine import ReplicatedStateMachine
-from failover.errors import InvalidRequest
+from failover.core.state_machine import (
+    SESSION_OPEN_PAYLOAD,
+    ReplicatedStateMachine,
+    check_loggable,
+    decode_request,
+)
+from failover.errors import (
+    DiskFullError,
+    InvalidRequest,
+    NotPrimaryError,
+    Overloaded,
+    ReplicaBrokenError,
+    StaleEpochError,
+    Unavailable,
+)
 from failover.storage.records import Entry
 
 HEARTBEAT_MS = 100
@@ -129,25 +150,6 @@ COORD = "coord"
 
 class InvariantViolation(AssertionError):
     """A design invariant failed in the simulation."""
-
-
-# The model agent mirrors failover/agent/replica.py, so the fixes of the agent bugs the
-# simulation found are mirrored here too, each behind a switch that is on by default (as
-# the code is). A test turns one off to show that the simulation catches the bug; the code
-# itself is only exercised by tests of the real agent. The core bugs it found are fixed in
-# the cores, which the simulation runs as they are.
-#
-# "unlogged_on_step_down": `_become()` to duplica also drops the `_to_log` entries from
-#   `_unapplied`; before, a request that never reached the log was applied in place of the
-#   new primary's entry at that index (invariant 4).
-# "switchover_hold_bounded": a successful `prepare_switchover()` arms a timer ending the hold;
-#   before, a coordinator dying before `switchover_complete` left every write held forever.
-# "switchover_hold_on_cancel": a prepare cancelled mid-wait (its coordinator died) releases
-#   the hold; before, nothing did.
-# "apply_after_set_members": `assign()` applies and answers what a smaller in-sync set
-#   committed; before, those writes waited for the next write or ack.
-KNOWN_FIXES = frozenset({"unlogged_on_step_down", "switchover_hold_bounded",
-                         "switchover_hold_on_cancel", "apply_after_set_members"})
 
 
 # --- scenario -----------------------------------------------------------------------------
@@ -183,9 +185,10 @@ class Scenario:
     think_ms: tuple[int, int] = (5, 40)
     keys: int = 4
     read_ratio: float = 0.3  # the share of client calls that are gets
-    # Fixes of known agent bugs that the model applies, so that the sweeps look for new
-    # bugs; the xfail tests in test_simulation.py leave one out each to show its bug.
-    fixes: frozenset[str] = frozenset()
+    # Snapshots: every this many applied entries (0: never), the log compacted behind one
+    # but for `snapshot_retain` entries, so that lagging duplicas need an install.
+    snapshot_every: int = 0
+    snapshot_retain: int = 2
 
 
 def short_scenario(seed: int) -> Scenario:
@@ -193,7 +196,6 @@ def short_scenario(seed: int) -> Scenario:
     r = random.Random(f"short-{seed}")
     return Scenario(
         name="short",
-        fixes=KNOWN_FIXES,
         hosts=4 if r.random() < 0.25 else 3,
         services=2 if r.random() < 0.3 else 1,
         mode="async" if r.random() < 0.15 else "sync",
@@ -211,7 +213,6 @@ def long_scenario(seed: int) -> Scenario:
     r = random.Random(f"long-{seed}")
     return Scenario(
         name="long",
-        fixes=KNOWN_FIXES,
         hosts=r.choice((3, 4, 4)),
         services=r.choice((1, 2)),
         mode="async" if r.random() < 0.15 else "sync",
@@ -375,35 +376,64 @@ class Network:
         fn(*args)
 
 
-# --- the in-memory write-ahead log --------------------------------------------------------
+# --- the in-memory write-ahead log and snapshots --------------------------------------------
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A replica's state as of `index` (what `SnapshotStore` keeps on disk): the state
+    machine's chunks, the log's epoch history up to it, and a digest to check on reading."""
+
+    index: int
+    epoch: int
+    history: tuple[tuple[int, int], ...]
+    chunks: tuple[bytes, ...]
+    digest: bytes
+    damaged: bool = False  # its file no longer reads back whole (a fault)
+
+    def state(self) -> ReplicatedStateMachine:
+        sm = new_state_machine()
+        sm.restore(iter(self.chunks))
+        if sm.digest() != self.digest or sm.applied_index != self.index:
+            raise InvariantViolation(f"snapshot at {self.index} restores another state")
+        return sm
 
 
 class MemWal:
-    """A replica's log: entries from index 1, a durable prefix, the epoch history."""
+    """A replica's log: entries after a compaction base, a durable prefix, the epoch
+    history, and the snapshots the log was compacted against."""
 
-    __slots__ = ("entries", "durable_index", "history")
-
-    first_index = 1  # no compaction in the simulation
+    __slots__ = ("entries", "base", "base_epoch", "durable_index", "history", "snapshots")
 
     def __init__(self) -> None:
         self.entries: list[Entry] = []
+        self.base = 0  # entries up to here were compacted away (covered by a snapshot)
+        self.base_epoch = 0
         self.durable_index = 0
         self.history: list[tuple[int, int]] = []
+        self.snapshots: list[Snapshot] = []  # oldest first
+
+    @property
+    def first_index(self) -> int:
+        return self.base + 1
 
     @property
     def last_index(self) -> int:
-        return len(self.entries)
+        return self.base + len(self.entries)
 
     @property
     def last_epoch(self) -> int:
-        return self.entries[-1].epoch if self.entries else 0
+        return self.entries[-1].epoch if self.entries else self.base_epoch
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        return self.snapshots[-1] if self.snapshots else None
 
     def append(self, entries: list[Entry] | tuple[Entry, ...]) -> None:
         """Writes entries (not yet durable); the WAL's preconditions are asserted."""
         for e in entries:
-            if e.index != len(self.entries) + 1:
-                raise InvariantViolation(
-                    f"log append at {e.index}, log ends at {len(self.entries)}")
+            if e.index != self.last_index + 1:
+                raise InvariantViolation(f"log append at {e.index}, log ends at {self.last_index}")
             if e.epoch < self.last_epoch:
                 raise InvariantViolation(f"log append of epoch {e.epoch} after {self.last_epoch}")
             if not self.history or self.history[-1][0] != e.epoch:
@@ -411,37 +441,112 @@ class MemWal:
             self.entries.append(e)
 
     def sync(self) -> None:
-        self.durable_index = len(self.entries)
+        self.durable_index = self.last_index
 
     def truncate_after(self, index: int) -> int:
-        dropped = len(self.entries) - index
+        if index < self.base:
+            raise InvariantViolation(f"truncate after {index}, below the compacted {self.base}")
+        dropped = self.last_index - index
         if dropped <= 0:
             return 0
-        del self.entries[index:]
+        del self.entries[index - self.base:]
         self.history = [h for h in self.history if h[1] <= index]
         self.durable_index = index  # the truncation's fsync covers what is left
+        # Snapshots past the cut hold entries that are being truncated.
+        self.snapshots = [s for s in self.snapshots if s.index <= index]
         return dropped
 
     def crash(self) -> int:
         """Loses the non-durable suffix; returns how many entries went."""
-        lost = len(self.entries) - self.durable_index
+        lost = self.last_index - self.durable_index
         if lost > 0:
-            del self.entries[self.durable_index:]
+            del self.entries[self.durable_index - self.base:]
             self.history = [h for h in self.history if h[1] <= self.durable_index]
         return max(0, lost)
 
     def read(self, first: int, last: int) -> list[Entry]:
-        return self.entries[first - 1:last]
+        if first <= self.base:
+            raise InvariantViolation(f"log read from {first}, compacted up to {self.base}")
+        return self.entries[first - 1 - self.base:last - self.base]
 
     def info(self) -> LogInfo:
-        return LogInfo(1, len(self.entries), self.durable_index, tuple(self.history))
+        return LogInfo(self.first_index, self.last_index, self.durable_index,
+                       tuple(self.history))
+
+    def epoch_at(self, index: int) -> int:
+        epoch = self.base_epoch if index <= self.base else 0
+        for e, first in self.history:
+            if first <= index:
+                epoch = e
+        return epoch
+
+    # --- snapshots and compaction ---------------------------------------------------------
+
+    def take_snapshot(self, sm: ReplicatedStateMachine) -> Snapshot:
+        index = sm.applied_index
+        snap = Snapshot(index, self.epoch_at(index),
+                        tuple(h for h in self.history if h[1] <= index),
+                        tuple(sm.snapshot()), sm.digest())
+        self.snapshots = [*self.snapshots[-1:], snap]  # the two newest are kept
+        return snap
+
+    def compact(self, upto: int) -> bool:
+        """Drops the entries up to `upto` (durable, and covered by a snapshot)."""
+        upto = min(upto, self.durable_index)
+        if upto <= self.base:
+            return False
+        self.base_epoch = self.epoch_at(upto)
+        del self.entries[:upto - self.base]
+        self.base = upto
+        return True
+
+    def maybe_compact(self, replica: SimReplica, scenario: Scenario) -> None:
+        """Every `snapshot_every` applied entries: a snapshot, and the log compacted behind
+        it but for `snapshot_retain` entries (the agent's SNAPSHOT_EVERY_ENTRIES and
+        compact())."""
+        every = scenario.snapshot_every
+        sm = replica.sm
+        last = self.snapshot.index if self.snapshot is not None else 0
+        if not every or sm.applied_index - last < every:
+            return
+        snap = self.take_snapshot(sm)
+        if self.compact(snap.index - scenario.snapshot_retain):
+            replica.compacted()
+
+    def install(self, snap: Snapshot) -> None:
+        """Replaces the log with an empty one that starts after a received snapshot."""
+        self.entries = []
+        self.base, self.base_epoch = snap.index, snap.epoch
+        self.durable_index = snap.index
+        self.history = list(snap.history)
+        self.snapshots = [snap]
+
+    def recover(self) -> tuple[ReplicatedStateMachine, str]:
+        """After a restart: the newest snapshot that reads back whole and that the log
+        continues from (Replica._recover_state), or why there is none ("": fine)."""
+        for snap in reversed(self.snapshots):
+            if not snap.damaged:
+                if snap.index < self.base:
+                    break
+                return snap.state(), ""
+        if self.base == 0:
+            return new_state_machine(), ""
+        return new_state_machine(), (f"its log starts at {self.first_index} and no snapshot "
+                                     "it can read covers what came before")
+
+    def rewound_state(self, index: int) -> ReplicatedStateMachine | None:
+        """A state at or below `index` that the log continues from (async rewinds)."""
+        for snap in reversed(self.snapshots):
+            if snap.index <= index and snap.index >= self.base and not snap.damaged:
+                return snap.state()
+        return new_state_machine() if self.base == 0 else None
 
 
 @dataclass
 class ReplicaDisk:
-    """What survives a crash of one replica: its meta file and its log."""
+    """What survives a crash of one replica: its meta file, its log and snapshots."""
 
-    meta: dict[str, Any]
+    meta: ReplicaMeta
     wal: MemWal = field(default_factory=MemWal)
 
 
@@ -491,6 +596,7 @@ class Checker:
         self.acked: dict[str, tuple[list[int], list[int]]] = {}
         self.reads = 0
         self.rewinds = 0
+        self.installs = 0
         self.truncated = 0
         self.async_lost = 0
         self.failovers = 0
@@ -582,11 +688,16 @@ class Checker:
                       f"{_entry(entry)} at {entry.index}, another replica applied "
                       f"(epoch {seen[0]}, {_rid(seen[1])}) there")
 
-    def on_execute(self, replica: SimReplica, rid: bytes) -> None:
-        if rid in replica.executed:
+    def on_execute(self, replica: SimReplica, entry: Entry, reply: Reply) -> None:
+        """A request is executed where its reply names its own entry (a retry gets the
+        recorded reply of the first); never twice by one state."""
+        if not entry.payload or reply.status == ReplyStatus.EXPIRED or reply.index != entry.index:
+            return
+        rid = _plain(entry.request_id)
+        first = replica.executed.setdefault(rid, entry.index)
+        if first != entry.index:
             self.fail(f"inv5: {replica.agent.host_id}/{replica.service} executed "
-                      f"{_rid(rid)} twice")
-        replica.executed.add(rid)
+                      f"{_rid(rid)} twice: at {first} and at {entry.index}")
 
 
 def _plain(rid: bytes) -> bytes:
@@ -605,7 +716,7 @@ def _entry(e: Entry) -> str:
     return f"(e{e.epoch} i{e.index} {_rid(e.request_id)})"
 
 
-# --- a replica on a simulated host (mirrors failover/agent/replica.py) ---------------------
+# --- a replica on a simulated host: a driver of the real ReplicaCore ----------------------
 
 
 @dataclass
@@ -620,7 +731,6 @@ class ClientRequest:
     payload: bytes
     opens: bool = True  # the request may open its session (as Replica.execute's default)
     session: str = ""  # the session id it goes under; "" for the client's name
-    read_floor_deadline: int = 0  # a read: until when it may wait for the read floor
     invoke_ms: int = 0  # when the client began the call (true time; for the checker only)
 
     @property
@@ -636,289 +746,267 @@ def new_state_machine() -> ReplicatedStateMachine:
     return ReplicatedStateMachine(KvService())
 
 
-class SimReplica:
-    """One replica of one service on a simulated host: drives the protocol cores the way
-    `failover.agent.replica.Replica` does, over an in-memory log."""
+def _refusal(error: Exception) -> tuple[Any, ...]:
+    """An error of the core as the client hears it (what the servicer's status codes say)."""
+    if isinstance(error, NotPrimaryError):
+        return ("not_primary", error.primary_address, error.epoch)
+    if isinstance(error, InvalidRequest):
+        return ("invalid", str(error), 0)
+    return ("unavailable", str(error), 0)  # Unavailable, Overloaded, DiskFull, broken
 
-    def __init__(self, agent: SimAgent, disk: ReplicaDisk) -> None:
+
+class SimReplica:
+    """One replica of one service on a simulated host: the real `ReplicaCore` and the I/O
+    that `failover.agent.replica.Replica` does for it, over an in-memory log: it feeds the
+    core its events and carries out the actions it returns, in order. Every decision is the
+    core's; what is here is what a driver must do itself (queue and write the log, ship,
+    apply, answer, wait)."""
+
+    def __init__(self, agent: SimAgent, disk: ReplicaDisk, sm: ReplicatedStateMachine) -> None:
         self.agent = agent
         self.node = agent.host_id  # the process it runs in (paused with its host)
         self.c = agent.c
         self.k = agent.k
         self.disk = disk
-        self.meta: dict[str, Any] = _copy_meta(disk.meta)
-        self.service: str = self.meta["service"]
+        self.service = disk.meta.service
         self.wal = disk.wal
-        self.sm = new_state_machine()
-        self.executed: set[bytes] = set()  # request ids this state machine instance ran
-        self.primary: PrimaryReplication | None = None
-        self.duplica: DuplicaReplication | None = None
-        self.duplica_addresses: dict[str, str] = dict(self.meta["duplicas"])
+        self.core = ReplicaCore(disk.meta, sm, limits=agent.limits,
+                                heartbeat_ms=HEARTBEAT_MS, coordinated=True)
+        self.executed: dict[bytes, int] = {}  # request id -> index this state executed it at
+        # The log writer's queue, and the entries logged or queued and not applied, oldest
+        # first (as the agent keeps them, so that what a step-down drops is the core's call).
+        self._queued: list[Entry] = []
         self._unapplied: deque[Entry] = deque()
         self._undecoded: deque[tuple[int, int, tuple[Entry, ...]]] = deque()
-        self._to_log: list[Entry] = []
-        self._next_index = 1
-        self._waiters: dict[int, tuple[bytes, list[ClientRequest]]] = {}
-        self._pending_ids: dict[bytes, int] = {}
+        self._waiters: dict[int, list[ClientRequest]] = {}
         self._writing = False
         self._write_scheduled = False
         self._apply_scheduled = False
-        self.truncated_entries = 0
-        self.lease_expiry_ms = 0
         self.closed = False
-        self.hold: int | None = None  # a switchover holds new writes (an id per hold)
-        # Recovered from disk as primary: serves nothing until the coordinator confirms it
-        # (a lease or an assignment at its epoch); it may have been failed over meanwhile.
-        self.confirmed = self.meta["role"] != PRIMARY
-        self.held: list[ClientRequest] = []
-        self.switch_wait: dict[str, Any] | None = None
-        # Reads: a primary answers none until commit and apply reach the read floor (the
-        # last index it inherited), and alone only inside its lease (invariants 6, 10).
-        self.read_floor = 0
+        self.held: list[ClientRequest] = []  # reads and writes a switchover holds
         self._reads: list[dict[str, Any]] = []
+        self.switch_wait: dict[str, Any] | None = None
 
-    # --- lifecycle and role --------------------------------------------------------------
+    # --- the core's state, as the checks see it --------------------------------------------
 
     @property
     def role(self) -> str:
-        return self.meta["role"]
+        return self.core.role
 
     @property
     def epoch(self) -> int:
-        return self.meta["epoch"]
+        return self.core.epoch
 
-    def open(self) -> None:
-        self._next_index = self.wal.last_index + 1
-        self._become(self.role, self.epoch, self.meta["in_sync"])
-        if self.role == PRIMARY:
-            self.agent.ensure_links(self.duplica_addresses)
+    @property
+    def sm(self) -> ReplicatedStateMachine:
+        return self.core.sm
 
-    def close(self) -> None:
-        self.closed = True
+    @property
+    def primary(self) -> PrimaryReplication | None:
+        return self.core.primary
 
-    def _persist_meta(self, **changes: Any) -> None:
-        if "epoch" in changes:
-            self.c.check.on_meta_epoch(self.agent.host_id, self.service, self.meta["epoch"],
-                                       changes["epoch"])
-        self.meta.update(changes)
-        self.disk.meta = _copy_meta(self.meta)
+    @property
+    def lease_expiry_ms(self) -> int:
+        return self.core.lease_expiry_ms
 
-    def assign(self, role: str, epoch: int, mode: str, primary: tuple[str, str] | None,
-               duplicas: dict[str, str], in_sync: set[str], in_sync_generation: int = 0) -> str:
-        """AssignRole; returns "" or the error the call fails with."""
-        if epoch < self.epoch:
-            return f"stale epoch {epoch} < {self.epoch}"
-        # A building replica that joins as a duplica keeps its stream and position: only
-        # becoming or leaving primary, or a new epoch, starts the protocol core afresh.
-        changed = (role == PRIMARY) != (self.role == PRIMARY) or epoch != self.epoch
-        self.confirmed = True
-        self._persist_meta(
-            role=role, epoch=epoch, mode=mode,
-            primary_host_id=primary[0] if primary else "",
-            primary_address=primary[1] if primary else "",
-            duplicas=dict(duplicas), in_sync=sorted(in_sync),
-            in_sync_generation=in_sync_generation,
-        )
-        self.duplica_addresses = dict(duplicas)
-        if changed or (role == PRIMARY and self.primary is None):
-            self._become(role, epoch, in_sync)
-        elif role == PRIMARY and self.primary is not None:
-            self._run(self.primary.set_members(sorted(duplicas), set(in_sync)))
-            self._run(self._link_ups())
-            # A smaller in-sync set may commit waiting writes: apply and answer them now.
-            if "apply_after_set_members" in self.c.scenario.fixes:
-                self._apply_committed()
-                self._notify_progress()
-        if role == PRIMARY:
-            self.agent.ensure_links(duplicas)
-        return ""
-
-    def _become(self, role: str, epoch: int, in_sync: Any = ()) -> None:
-        previous = self.primary
-        self.k.note(f"{self.agent.host_id}/{self.service} becomes {role} e{epoch} "
-                    f"log {self.wal.last_index}/{self.wal.durable_index} "
-                    f"applied {self.sm.applied_index}")
-        if role == PRIMARY:
-            if previous is None and not self._to_log:
-                # From duplica: the log's end is where this primary's entries start.
-                self._next_index = self.wal.last_index + 1
-            commit = self.sm.applied_index
-            if self.duplica is not None:
-                commit = max(commit, self.duplica.apply_limit(self.wal.durable_index))
-            self.duplica = None
-            limits = self.agent.limits
-            self.primary = PrimaryReplication(
-                epoch, Mode(self.meta["mode"]), sorted(self.duplica_addresses),
-                set(in_sync) & set(self.duplica_addresses), self._log_info(), limits,
-                commit_index=commit,
-            )
-            if self.wal.last_epoch < epoch and not self._to_log:
-                self._enqueue(Entry(epoch, self._next_index, b"", b""))
-            self.read_floor = self._next_index - 1
-            self._run(self.primary.log_changed(self._log_info()))
-            self._run(self._link_ups())
-            self._apply_committed()
-        else:
-            self.release_hold()
-            self.lease_expiry_ms = 0
-            if previous is not None:
-                self._fail_waiters("stopped being the primary")
-                self._to_log.clear()
-                self._next_index = self.wal.last_index + 1
-                # Entries that never reached the log are not applied either (invariant 4).
-                if "unlogged_on_step_down" in self.c.scenario.fixes:
-                    while self._unapplied and self._unapplied[-1].index >= self._next_index:
-                        self._unapplied.pop()
-            self.primary = None
-            self.duplica = DuplicaReplication(epoch, self.sm.applied_index)
-        self._check_switchover()
-        self._pump_reads()
-
-    # --- reads (the read path of Replica.query) ----------------------------------------------
-
-    def query(self, req: ClientRequest) -> None:
-        req.read_floor_deadline = self.agent.now + defaults.READ_FLOOR_TIMEOUT_MS
-        self._reads.append({"req": req, "token": None})
-        self._pump_reads()
-
-    def _pump_reads(self) -> None:
-        """Answers the reads that may be answered now, refuses those past their wait."""
-        if not self._reads:
-            return
-        reads, self._reads = self._reads, []
-        now = self.agent.now
-        for read in reads:
-            req = read["req"]
-            refused = self._not_primary(req.epoch_seen)
-            if refused is not None:
-                self.agent.answer(req, refused)
-                continue
-            primary = self.primary
-            assert primary is not None
-            token = read["token"]
-            if token is None:
-                if self.sm.applied_index < self.read_floor:
-                    if now >= req.read_floor_deadline:
-                        self.agent.answer(req, ("unavailable", "below the read floor", 0))
-                    else:
-                        self._reads.append(read)
-                    continue
-                if now < self.lease_expiry_ms:
-                    self._answer_read(req)
-                    continue
-                actions, token = primary.confirm(now)
-                read.update(token=token, core=primary, deadline=now + FAILURE_TIMEOUT_MS)
-                self._run(actions)
-            if read["core"] is not self.primary or primary.fenced:
-                self.agent.answer(req, ("not_primary", self.meta["primary_address"], self.epoch))
-            elif primary.confirmed(token):
-                self._answer_read(req)
-            elif now >= read["deadline"]:
-                self.agent.answer(req, ("unavailable", "epoch not confirmed", 0))
-            else:
-                self._reads.append(read)
-
-    def _answer_read(self, req: ClientRequest) -> None:
-        reply = self.sm.query(req.payload)
-        self.c.check.on_read(self, req, reply)
-        self.agent.answer(req, ("ok", reply.index, int(reply.status), self.epoch, False,
-                                reply.data))
-
-    def step_down(self, epoch: int) -> None:
-        if epoch <= self.epoch and self.role != PRIMARY:
-            return
-        self._persist_meta(role=DUPLICA, epoch=max(epoch, self.epoch))
-        self._become(DUPLICA, self.epoch)
-
-    def _link_ups(self) -> list[PrimaryAction]:
-        assert self.primary is not None
-        actions: list[PrimaryAction] = []
-        for host in self.primary.peers:
-            if self.agent.link_is_up(host):
-                actions.extend(self.primary.link_up(host, self.agent.now))
-        return actions
+    @property
+    def hold(self) -> bool:
+        return self.core.holding
 
     def _log_info(self) -> LogInfo:
         return self.wal.info()
 
-    @property
-    def commit_index(self) -> int:
-        if self.primary is not None:
-            return self.primary.commit_index
-        if self.duplica is not None:
-            return self.duplica.commit_index
-        return self.sm.applied_index
+    # --- lifecycle -----------------------------------------------------------------------
+
+    @classmethod
+    def recover(cls, agent: SimAgent, disk: ReplicaDisk) -> SimReplica:
+        """Opens a replica from its disk (Replica.open): the newest snapshot that reads back
+        whole and the log after it; a replica that cannot is broken (invariant 12)."""
+        sm, why = disk.wal.recover()
+        replica = cls(agent, disk, sm)
+        if why:
+            agent.k.note(f"{agent.host_id}/{disk.meta.service} is broken: {why}")
+            replica._run(replica.core.mark_broken(why))
+        else:
+            replica._run(replica.core.open(replica._log_info(), agent.now))
+        return replica
+
+    def compacted(self) -> None:
+        """The log dropped entries behind a snapshot: the core must know where it starts."""
+        self._run(self.core.log_compacted(self._log_info()))
+
+    def close(self) -> None:
+        self.closed = True
+        self.core.closed()
+
+    # --- carrying out the core's actions -------------------------------------------------
+
+    def _run(self, actions: list[Any]) -> None:
+        for action in actions:
+            if action is APPLY:
+                self._apply_committed()
+            elif isinstance(action, SendBatch):
+                self._send_batch(action)
+            elif isinstance(action, PersistMeta):
+                if not self._persist(action):
+                    raise DiskFullError(f"{self.agent.host_id}/{self.service}: no space to "
+                                        f"record {action.meta.role} e{action.meta.epoch}")
+            elif isinstance(action, LogBarrier):
+                self._queue(Entry(action.epoch, action.index, b"", b""))
+            elif isinstance(action, FailWaiters):
+                for index in sorted(i for i in self._waiters if i >= action.from_index):
+                    for req in self._waiters.pop(index):
+                        self.agent.answer(req, _refusal(action.error))
+            elif isinstance(action, DropUnlogged):
+                self._queued = [e for e in self._queued if e.index < action.from_index]
+                while self._unapplied and self._unapplied[-1].index >= action.from_index:
+                    self._unapplied.pop()
+            elif action is LINK_UPS:
+                for host in self.core.peers:
+                    if self.agent.link_is_up(host):
+                        self._run(self.core.link_up(host, self.agent.now))
+            elif isinstance(action, EnsureLinks):
+                self.agent.ensure_links(action.peers)
+            elif action is HOLD_RELEASED:
+                held, self.held = self.held, []
+                for req in held:
+                    self.execute(req)
+            elif isinstance(action, ArmTimer):
+                self.k.after(max(0, action.at_ms - self.agent.now), self._timer, action.token)
+            elif isinstance(action, SendProbe):
+                self.agent.ship(action.host_id, ("probe", self.service, self.epoch))
+            elif isinstance(action, SendTruncate):
+                self.agent.ship(action.host_id,
+                                ("truncate", self.service, self.epoch, action.after_index))
+            elif isinstance(action, SendSnapshot):
+                self._send_snapshot(action.host_id)
+            else:
+                raise AssertionError(f"unknown action {action!r}")
+        self._progress()
+
+    def _persist(self, action: PersistMeta) -> bool:
+        """Writes the meta (a full disk refuses it), then tells the core; False when a
+        required write failed (nothing changed)."""
+        if self.agent.disk_full():
+            if action.required:
+                self.core.note_error("no space left for the meta", True)
+                return False
+        else:
+            self.c.check.on_meta_epoch(self.agent.host_id, self.service, self.disk.meta.epoch,
+                                       action.meta.epoch)
+            self.disk.meta = action.meta
+        if action.meta.role != self.core.role or action.meta.epoch != self.core.epoch:
+            self.k.note(f"{self.agent.host_id}/{self.service} becomes {action.meta.role} "
+                        f"e{action.meta.epoch} log {self.wal.last_index}/"
+                        f"{self.wal.durable_index} applied {self.sm.applied_index} "
+                        f"({action.reason})")
+        self._run(self.core.meta_persisted(action, self.agent.now))
+        return True
+
+    def _timer(self, token: int) -> None:
+        if not self.closed:
+            self._run(self.core.timer(token, self.agent.now))
+
+    def _progress(self) -> None:
+        """After every event: the waits that may be over (reads, a switchover prepare)."""
+        self._pump_reads()
+        self._check_switchover()
+
+    # --- role ----------------------------------------------------------------------------
+
+    def assign(self, role: str, epoch: int, mode: str, primary: tuple[str, str] | None,
+               duplicas: dict[str, str], in_sync: set[str], in_sync_generation: int = 0) -> str:
+        """AssignRole; returns "" or the error the call fails with."""
+        try:
+            self._run([self.core.assign(role, epoch, mode, primary, duplicas, in_sync,
+                                        in_sync_generation)])
+        except (StaleEpochError, DiskFullError, ReplicaBrokenError) as exc:
+            return str(exc)
+        return ""
+
+    def step_down(self, epoch: int, why: str) -> None:
+        persist = self.core.step_down(epoch, why)
+        if persist is not None:
+            self._run([persist])
+
+    def grant_lease(self, epoch: int, lease_ms: int, sent_ms: int) -> None:
+        self.core.grant_lease(epoch, lease_ms, sent_ms)
+        self._progress()
 
     # --- the write path (primary) --------------------------------------------------------
 
-    def _not_primary(self, epoch_seen: int) -> tuple[str, str, int] | None:
-        if self.role != PRIMARY or self.primary is None or self.primary.fenced:
-            return ("not_primary", self.meta["primary_address"], self.epoch)
-        if not self.confirmed:
-            return ("unavailable", "restarted primary waits for the coordinator", 0)
-        if epoch_seen > self.epoch:
-            return ("not_primary", "", epoch_seen)
-        return None
-
     def execute(self, req: ClientRequest) -> None:
-        refused = self._not_primary(req.epoch_seen)
-        if refused is not None:
-            self.agent.answer(req, refused)
+        core = self.core
+        try:
+            core.check_primary(req.epoch_seen)
+        except (NotPrimaryError, Unavailable, ReplicaBrokenError) as exc:
+            self.agent.answer(req, _refusal(exc))
             return
-        if self.hold is not None:
+        if req.payload != SESSION_OPEN_PAYLOAD:
+            try:
+                request = decode_request(req.payload)
+                check_loggable(req.payload, request)
+            except InvalidRequest as exc:
+                self.agent.answer(req, _refusal(exc))
+                return
+            if KvService.is_read_only(request):
+                self.query(req)
+                return
+        if core.holding:
             self.held.append(req)  # answered (or redirected) when the hold is released
             return
-        if msgpack.unpackb(req.payload, raw=False).get("op") == "get":
-            self.query(req)
+        size = len(req.payload)
+        try:
+            core.admit_bytes(size)
+        except Overloaded as exc:
+            self.agent.answer(req, _refusal(exc))
             return
-        rid = req.request_id
-        seen = self.sm.sessions.lookup(req.session_id, req.seq, req.opens)
-        if isinstance(seen, Reply):
-            self._answer_ok(req, rid, seen, duplicate=True)
+        try:
+            got = core.write(req.session_id, req.seq, req.opens, size)
+        except (InvalidRequest, Overloaded) as exc:
+            core.release_bytes(size)
+            self.agent.answer(req, _refusal(exc))
             return
-        if isinstance(seen, TooOld):
-            self.agent.answer(req, ("invalid", "too old", 0))
+        if isinstance(got, Reply):
+            core.release_bytes(size)
+            self._answer_write(req, got, duplicate=True)
             return
-        # An unknown session is left to apply (replica.py): the log may hold its opening.
-        key = encode_request_id(req.session_id, req.seq)  # with or without the open flag
-        index = self._pending_ids.get(key)
-        if index is None:
-            index = self._enqueue(Entry(self.epoch, self._next_index, rid, req.payload))
-            self._pending_ids[key] = index
-        self._waiters[index][1].append(req)
+        index, new = got
+        if new:
+            self._queue(Entry(core.epoch, index, req.request_id, req.payload))
+            self._waiters[index] = [req]
+        else:
+            core.release_bytes(size)
+            self._waiters.setdefault(index, []).append(req)
 
-    def _answer_ok(self, req: ClientRequest, rid: bytes, reply: Reply, duplicate: bool) -> None:
-        if reply.status == ReplyStatus.OK:
-            self.c.check.on_acknowledge(self.agent.host_id, self.service, self.epoch,
-                                        reply.index, rid)
-        # The reply names the epoch of the entry that applied the request (replica.py).
-        epoch = getattr(reply, "epoch", 0) or self.epoch
-        self.agent.answer(req, ("ok", reply.index, int(reply.status), epoch, duplicate,
-                                reply.data))
-
-    def _enqueue(self, entry: Entry) -> int:
-        assert entry.index == self._next_index, (entry.index, self._next_index)
+    def _queue(self, entry: Entry) -> None:
         self.c.check.on_entry_created(self.agent.host_id, self.service, entry)
         self.k.note(f"{self.agent.host_id}/{self.service} queues {_entry(entry)}")
-        self._next_index += 1
-        self._to_log.append(entry)
+        self._queued.append(entry)
         self._unapplied.append(entry)
-        self._waiters[entry.index] = (entry.request_id, [])
-        self._kick_writer()
-        return entry.index
-
-    def _kick_writer(self) -> None:
-        if self._to_log and not self._writing and not self._write_scheduled:
+        if not self._writing and not self._write_scheduled:
             self._write_scheduled = True
             self.k.after(self.k.rng.choice((0, 0, 0, 1)), self._write)
 
+    def _answer_write(self, req: ClientRequest, reply: Reply, duplicate: bool) -> None:
+        if reply.status == ReplyStatus.OK:
+            self.c.check.on_acknowledge(self.agent.host_id, self.service, self.epoch,
+                                        reply.index, req.request_id)
+        # The reply names the epoch of the entry that applied the request (replica.py).
+        self.agent.answer(req, ("ok", reply.index, int(reply.status), reply.epoch or self.epoch,
+                                duplicate or reply.epoch != self.epoch, reply.data))
+
     def _write(self) -> None:
-        """The write loop takes what accumulated: written now, durable after the fsync."""
-        if self.closed:
-            return
+        """The log writer takes what accumulated: written now, durable after the fsync."""
         self._write_scheduled = False
-        batch, self._to_log = self._to_log, []
-        if not batch:
+        batch, self._queued = self._queued, []
+        if self.closed or not batch:
+            return
+        self.core.append_started(batch[-1].index)
+        if self.agent.disk_full():
+            self._run(self.core.append_failed(
+                batch[0].index, DiskFullError(f"{self.service}: no space left for the log"),
+                self._log_info()))
             return
         self._writing = True
         self.wal.append(batch)
@@ -929,116 +1017,135 @@ class SimReplica:
             return
         self._writing = False
         self.wal.sync()
-        if self.primary is not None and not self.primary.fenced:
-            self._run(self.primary.log_changed(self._log_info()))
-            self._apply_committed()
-            self._notify_progress()
-        self._kick_writer()
+        self._run(self.core.appended(self._log_info()))
+        if self._queued and not self._write_scheduled:
+            self._write_scheduled = True
+            self.k.after(0, self._write)
 
-    def _fail_waiters(self, why: str) -> None:
-        for _, reqs in self._waiters.values():
-            for req in reqs:
-                self.agent.answer(req, ("unavailable", why, 0))
-        self._waiters.clear()
-        self._pending_ids.clear()
+    # --- reads ---------------------------------------------------------------------------
+
+    def query(self, req: ClientRequest) -> None:
+        if self.core.holding:
+            self.held.append(req)
+            return
+        deadline = self.agent.now + defaults.READ_FLOOR_TIMEOUT_MS
+        self._reads.append({"req": req, "floor_deadline": deadline, "token": None})
+        self._pump_reads()
+
+    def _pump_reads(self) -> None:
+        """The reads' waits (Replica.query): for the read floor, then, outside the lease, for
+        the epoch's confirmation; each wait bounded."""
+        if not self._reads or self.closed:
+            return
+        reads, self._reads = self._reads, []
+        core = self.core
+        now = self.agent.now
+        for read in reads:
+            req = read["req"]
+            try:
+                core.check_primary(req.epoch_seen)
+                token = read["token"]
+                if token is None:
+                    if not core.read_ready():
+                        if now >= read["floor_deadline"]:
+                            raise core.read_floor_error()
+                        self._reads.append(read)
+                        continue
+                    if core.lease_valid(now):
+                        self._answer_read(req)
+                        continue
+                    actions, token = core.confirm(now)
+                    read.update(token=token, deadline=now + FAILURE_TIMEOUT_MS)
+                    self._reads.append(read)
+                    self._run(actions)
+                    continue
+                if core.confirmed(token):
+                    self._answer_read(req)
+                elif now >= read["deadline"]:
+                    raise core.confirm_error()
+                else:
+                    self._reads.append(read)
+            except (NotPrimaryError, Unavailable, ReplicaBrokenError) as exc:
+                self.agent.answer(req, _refusal(exc))
+
+    def _answer_read(self, req: ClientRequest) -> None:
+        reply = self.sm.query(req.payload)
+        self.c.check.on_read(self, req, reply)
+        self.agent.answer(req, ("ok", reply.index, int(reply.status), self.epoch, False,
+                                reply.data))
 
     # --- shipping (primary side) ---------------------------------------------------------
 
-    def _run(self, actions: list[PrimaryAction]) -> None:
-        for action in actions:
-            if isinstance(action, SendBatch):
-                self._send_batch(action)
-            elif isinstance(action, SendProbe):
-                self.agent.ship(action.host_id, ("probe", self.service, self.epoch))
-            elif isinstance(action, SendTruncate):
-                self.agent.ship(action.host_id,
-                                ("truncate", self.service, self.epoch, action.after_index))
-            elif isinstance(action, SendSnapshot):
-                self.c.check.fail(f"{self.agent.host_id}/{self.service}: snapshot asked for "
-                                  f"{action.host_id}, but nothing was ever compacted")
-            elif isinstance(action, StepDown):
-                self.k.note(f"{self.agent.host_id}/{self.service} fenced by epoch {action.epoch}")
-                self.step_down(action.epoch)
-            else:
-                raise AssertionError(f"unknown action {action!r}")
-
     def _send_batch(self, action: SendBatch) -> None:
-        assert self.primary is not None
         if action.entries_max == 0:
             records: tuple[Entry, ...] = ()
             last = action.first_index - 1
+            following: list[Any] = []
         else:
             want = min(action.first_index + action.entries_max - 1, self.wal.last_index)
             records = tuple(self.wal.read(action.first_index, want))
             last = action.first_index - 1 + len(records)
-            following = self.primary.batch_read(action.host_id, action.batch_id, last)
-            self.agent.ship(action.host_id, ("batch", self.service, self.epoch,
-                                             action.batch_id, action.prev, action.first_index,
-                                             last, records, action.commit_index))
-            self._run(following)
-            return
+            following = self.core.batch_read(action.host_id, action.batch_id, last)
         self.agent.ship(action.host_id, ("batch", self.service, self.epoch, action.batch_id,
                                          action.prev, action.first_index, last, records,
                                          action.commit_index))
+        self._run(following)
+
+    def _send_snapshot(self, host_id: str) -> None:
+        """Installs our state on a duplica whose position the log no longer holds (the
+        agent's `install_snapshot`: the state as of the newest snapshot, with its history)."""
+        snap = self.wal.snapshot
+        if snap is None or snap.index < self.wal.first_index - 1:
+            snap = self.wal.take_snapshot(self.sm)
+        self.agent.ship(host_id, ("snapshot", self.service, self.epoch, snap))
+
+    def on_snapshot_answer(self, host_id: str, index: int, error: str) -> None:
+        if error:
+            self.core.snapshot_send_failed(host_id, error)
+        else:
+            self._run(self.core.snapshot_sent(host_id, index))
 
     def on_ack(self, host_id: str, ack: AckView) -> None:
-        if self.primary is None:
-            return
-        self._run(self.primary.ack(host_id, ack, self.agent.now))
-        self._apply_committed()
-        self._notify_progress()
-        self._pump_reads()
+        self._run(self.core.on_ack(host_id, ack, self.agent.now))
 
     def on_link_up(self, host_id: str) -> None:
-        if self.primary is not None:
-            self._run(self.primary.link_up(host_id, self.agent.now))
+        self._run(self.core.link_up(host_id, self.agent.now))
 
     def on_link_down(self, host_id: str) -> None:
-        if self.primary is not None:
-            self.primary.link_down(host_id)
+        self.core.link_down(host_id)
 
     def tick(self, now_ms: int) -> None:
-        if self.primary is not None:
-            self._run(self.primary.tick(now_ms))
-        self._pump_reads()
+        self._run(self.core.tick(now_ms))
 
     # --- applying ------------------------------------------------------------------------
 
-    def _apply_limit(self) -> int:
-        if self.primary is not None:
-            limit = min(self.primary.commit_index, self.wal.durable_index)
-        elif self.duplica is not None:
-            limit = self.duplica.apply_limit(self.wal.durable_index)
-        else:
-            return self.sm.applied_index
-        return min(limit, self._next_index - 1)
-
     def _apply_committed(self) -> None:
-        limit = self._apply_limit()
-        sm = self.sm
-        while sm.applied_index < limit:
-            if not self._unapplied or self._unapplied[0].index != sm.applied_index + 1:
-                self._reload_unapplied(limit)
+        core = self.core
+        sm = core.sm
+        limit = core.apply_limit(self.wal.durable_index)
+        if sm.applied_index >= limit:
+            return
+        first = sm.applied_index + 1
+        entries: list[Entry] = []
+        while len(entries) < limit - first + 1:
+            want = first + len(entries)
+            if not self._unapplied or self._unapplied[0].index != want:
+                self._reload_unapplied(want, limit)
             entry = self._unapplied.popleft()
-            if entry.index != sm.applied_index + 1:
+            if entry.index != want:
                 self.c.check.fail(f"{self.agent.host_id}/{self.service} would apply "
-                                  f"{entry.index} after {sm.applied_index}")
-            self.c.check.on_apply(self, entry)
-            if entry.payload:
-                cid, seq = decode_request_id(entry.request_id)
-                if sm.sessions.lookup(cid, seq, opens_session(entry.request_id)) is None:
-                    self.c.check.on_execute(self, encode_request_id(cid, seq))
-                reply = sm.apply(entry.epoch, entry.index, entry.request_id, entry.payload)
-            else:
-                reply = sm.apply_barrier(entry.epoch, entry.index)
-            waiting = self._waiters.pop(entry.index, None)
-            if waiting is not None:
-                rid, reqs = waiting
-                self._pending_ids.pop(_plain(rid), None)
-                for req in reqs:
-                    self._answer_ok(req, rid, reply, duplicate=False)
-        self._check_switchover()
-        self._pump_reads()
+                                  f"{entry.index} after {want - 1}")
+            entries.append(entry)
+        replies = sm.apply_many(entries)
+        check = self.c.check
+        for entry, reply in zip(entries, replies, strict=True):
+            check.on_apply(self, entry)
+            check.on_execute(self, entry, reply)
+            for req in self._waiters.pop(entry.index, ()):
+                self._answer_write(req, reply, duplicate=False)
+        if core.applied(first, limit):
+            self._pump_reads()
+        self.wal.maybe_compact(self, self.c.scenario)
 
     def _schedule_apply(self) -> None:
         """A duplica applies on a background task, after it has answered the stream."""
@@ -1047,35 +1154,26 @@ class SimReplica:
             self.k.after(self.k.rng.randint(0, 5), self._apply_later)
 
     def _apply_later(self) -> None:
-        if self.closed:
-            return
         self._apply_scheduled = False
-        self._apply_committed()
+        if not self.closed:
+            self._apply_committed()
+            self._progress()
 
-    def _reload_unapplied(self, limit: int) -> None:
-        first = self.sm.applied_index + 1
+    def _reload_unapplied(self, first: int, limit: int) -> None:
+        """Finds the next entries to apply: in shipped batches kept in memory, else in the
+        log (after a restart, or when they were dropped)."""
         while self._undecoded and self._undecoded[0][1] < first:
             self._undecoded.popleft()
         if self._undecoded and self._undecoded[0][0] <= first:
             _, _, records = self._undecoded.popleft()
             entries = [e for e in records if e.index >= first]
-            kept = [e for e in self._unapplied if e.index > entries[-1].index]
-            self._unapplied = deque(entries)
-            self._unapplied.extend(kept)
-            return
-        last = min(limit, first + 63)
-        kept = [e for e in self._unapplied if e.index > last]
-        self._unapplied = deque(self.wal.read(first, last))
+        else:
+            entries = self.wal.read(first, min(limit, first + 63))
+        kept = [e for e in self._unapplied if e.index > entries[-1].index]
+        self._unapplied = deque(entries)
         self._unapplied.extend(kept)
 
     # --- the receive path (duplica side) -------------------------------------------------
-
-    def _duplica_for(self, epoch: int) -> DuplicaReplication | None:
-        if self.role == PRIMARY:
-            if epoch <= self.epoch:
-                return None
-            self.step_down(epoch)
-        return self.duplica
 
     def _ack(self, status: str, batch_id: int = 0, truncated: int = -1) -> AckView:
         w = self.wal
@@ -1083,201 +1181,188 @@ class SimReplica:
                        LogPosition(w.last_epoch, w.last_index),
                        tuple(w.history) if status != "ok" else (), truncated)
 
-    def _adopt(self, duplica: DuplicaReplication,
-               event: Callable[[], list[Any]]) -> tuple[list[Any], str | None]:
-        """As the agent: a newer epoch is persisted, reported to the core, and the event fed
-        again; returns the actions and the refusal, if any."""
+    def _receive(self, event: Callable[[], list[Any]]) -> tuple[list[Any], str | None]:
+        """Feeds a shipped item; a meta to persist first (a newer epoch adopted, or a
+        primary stepping down) is written and the item fed again. Returns the actions and
+        the refusal, if any."""
         actions = event()
-        if actions and isinstance(actions[0], AdoptEpoch):
-            self._persist_meta(epoch=actions[0].epoch)
-            duplica.epoch_persisted(actions[0].epoch)
+        if actions and isinstance(actions[0], PersistMeta):
+            if not self._persist(actions[0]):
+                return [], "storage_error"
             actions = event()
         return actions, next((a.status for a in actions if isinstance(a, Refuse)), None)
 
     def receive_probe(self, epoch: int) -> AckView:
-        duplica = self._duplica_for(epoch)
-        if duplica is None:
-            return self._ack("stale_epoch")
-        _, refused = self._adopt(duplica, lambda: duplica.on_probe(epoch, self.agent.now))
+        _, refused = self._receive(lambda: self.core.on_probe(epoch, self.agent.now))
+        self._progress()
         return self._ack(refused or "mismatch")
 
     def receive_truncate(self, epoch: int, after_index: int) -> AckView:
-        duplica = self._duplica_for(epoch)
-        if duplica is None:
-            return self._ack("stale_epoch")
-        if self.meta["mode"] == Mode.SYNC.value and after_index < duplica.commit_index:
+        duplica = self.core.duplica
+        if (self.role != PRIMARY and duplica is not None and self.core.meta.mode == "sync"
+                and after_index < duplica.commit_index):
             self.c.check.fail(f"inv3: {self.agent.host_id}/{self.service} told to truncate "
                               f"after {after_index} below its commit index "
                               f"{duplica.commit_index} in sync mode")
-        _, refused = self._adopt(
-            duplica, lambda: duplica.on_truncate(epoch, after_index, self.agent.now))
-        if refused:
-            return self._ack(refused)
-        if after_index < self.sm.applied_index:
-            # Async mode only: rewind to an empty state and replay (no snapshots here).
+        actions, refused = self._receive(
+            lambda: self.core.on_truncate(epoch, after_index, self.agent.now))
+        if refused or not actions:
+            self._progress()
+            return self._ack(refused or "mismatch")
+        (cut,) = actions
+        assert isinstance(cut, Truncate), cut
+        if cut.rewind:
+            # Async mode only: back to a state at or below the cut (a snapshot, or empty),
+            # replayed from the log as the commit index allows.
+            fresh = self.wal.rewound_state(cut.after_index)
+            if fresh is None:
+                self.c.check.fail(f"{self.agent.host_id}/{self.service}: cannot rewind to "
+                                  f"{cut.after_index}: no state at or below it")
             self.k.note(f"{self.agent.host_id}/{self.service} rewinds from "
-                        f"{self.sm.applied_index} to {after_index}")
+                        f"{self.sm.applied_index} to {fresh.applied_index}")
             self.c.check.rewinds += 1
-            self.sm = new_state_machine()
-            self.executed = set()
+            self.core.state_replaced(fresh)
+            self.executed = {}
             self._unapplied.clear()
             self._undecoded.clear()
-        dropped = self.wal.truncate_after(after_index)
-        while self._unapplied and self._unapplied[-1].index > after_index:
+        dropped = self.wal.truncate_after(cut.after_index)
+        while self._unapplied and self._unapplied[-1].index > cut.after_index:
             self._unapplied.pop()
-        while self._undecoded and self._undecoded[-1][0] > after_index:
+        while self._undecoded and self._undecoded[-1][0] > cut.after_index:
             self._undecoded.pop()
-        if self._undecoded and self._undecoded[-1][1] > after_index:
+        if self._undecoded and self._undecoded[-1][1] > cut.after_index:
             self._undecoded.pop()
-        self._next_index = self.wal.last_index + 1
-        self.truncated_entries = dropped
+        self.core.truncated(cut.after_index, dropped, self._log_info())
         self.c.check.truncated += dropped
         if dropped:
             self.k.note(f"{self.agent.host_id}/{self.service} truncated {dropped} after "
-                        f"{after_index}")
+                        f"{cut.after_index}")
+        self._progress()
         return self._ack("ok", truncated=dropped)
 
     def receive_batch(self, epoch: int, batch_id: int, prev: LogPosition, first_index: int,
                       last_index: int, records: tuple[Entry, ...], commit_index: int) -> AckView:
-        duplica = self._duplica_for(epoch)
-        if duplica is None:
-            return self._ack("stale_epoch", batch_id)
-        actions, refused = self._adopt(duplica, lambda: duplica.on_batch(
+        actions, refused = self._receive(lambda: self.core.on_batch(
             epoch, prev, last_index, commit_index, self._log_info(), self.agent.now))
         if refused:
+            self._progress()
             return self._ack(refused, batch_id)
-        if any(isinstance(a, Append) for a in actions):
+        if actions and isinstance(actions[0], Append):
             if first_index != self.wal.last_index + 1:
                 self.c.check.fail(f"{self.agent.host_id}/{self.service}: append at "
                                   f"{first_index} to a log ending at {self.wal.last_index}")
+            if self.agent.disk_full():
+                self.core.note_error("no space left for shipped entries", True)
+                return self._ack("storage_error", batch_id)
             self.wal.append(records)
             self.wal.sync()
             self._undecoded.append((first_index, last_index, records))
-            self._next_index = self.wal.last_index + 1
+            self.core.batch_appended(self._log_info())
         self._schedule_apply()
+        self._progress()
         return self._ack("ok", batch_id)
 
-    def hears_primary(self, now_ms: int) -> tuple[bool, int]:
-        heard = self.duplica.last_heard_ms if self.duplica is not None else None
-        if heard is None:
-            return False, 0
-        silent = max(0, now_ms - heard)
-        return silent < 2 * HEARTBEAT_MS, silent
+    def receive_snapshot(self, epoch: int, snap: Snapshot) -> str:
+        """Installs a snapshot from the primary (Agent.receive_snapshot): state and log are
+        replaced once it checked out; "" or the error."""
+        core = self.core
+        if epoch < core.epoch or core.role == PRIMARY or core.duplica is None:
+            return f"stale epoch {epoch} (here {core.role} e{core.epoch})"
+        if self.agent.disk_full():
+            return "no space left for the snapshot"
+        fresh = snap.state()
+        self.wal.install(snap)
+        self._unapplied.clear()
+        self._undecoded.clear()
+        self.executed = {}
+        self.k.note(f"{self.agent.host_id}/{self.service} installs a snapshot at {snap.index}")
+        self.c.check.installs += 1
+        core.snapshot_installed_here(fresh, snap.index, self._log_info())
+        self._progress()
+        return ""
 
     # --- leases, reports, switchover -----------------------------------------------------
 
-    def grant_lease(self, epoch: int, lease_ms: int, sent_ms: int) -> None:
-        if self.role == PRIMARY and epoch == self.epoch:
-            self.confirmed = True
-            self.lease_expiry_ms = max(self.lease_expiry_ms,
-                                       sent_ms + lease_ms - defaults.LEASE_DRIFT_MARGIN_MS)
-
     @property
     def matched_index(self) -> int:
-        """The durable part of the log known to equal the current primary's (replica.py
-        `status()`): only this may count towards joining the in-sync set or promotion."""
-        durable = self.wal.durable_index
-        if self.primary is not None:
-            return durable
-        return min(durable, self.duplica.verified_index) if self.duplica is not None else 0
+        return int(self.core.status(self.wal.durable_index, self.agent.now)["matched_index"])
 
     def report(self) -> ReplicaReport:
-        """This replica in a heartbeat (agent_servicers.replica_status, as the coordinator
-        decodes it): a primary also says which in-sync set it applies."""
-        in_sync = None
-        if self.role == PRIMARY:
-            in_sync = tuple(sorted(self.primary.in_sync)) if self.primary is not None else ()
+        """This replica in a heartbeat (what net/convert.py's replica_reports decodes)."""
+        s = self.core.status(self.wal.durable_index, self.agent.now)
+        primary = s["role"] == PRIMARY
         return ReplicaReport(
-            service=self.service, role=self.role, epoch=self.epoch,
-            durable_index=self.wal.durable_index, commit_index=self.commit_index,
-            applied_index=self.sm.applied_index, truncated_entries=self.truncated_entries,
-            matched_index=self.matched_index, in_sync=in_sync,
-            in_sync_generation=self.meta.get("in_sync_generation", 0) if in_sync is not None
-            else 0)
+            service=self.service, role=s["role"], epoch=s["epoch"],
+            durable_index=s["durable_index"], commit_index=s["commit_index"],
+            applied_index=s["applied_index"], truncated_entries=s["truncated_entries"],
+            matched_index=s["matched_index"], disk_full=s["disk_full"],
+            broken=(s["last_error"] or "broken") if s["broken"] else "",
+            in_sync=tuple(s["in_sync"]) if primary else None,
+            in_sync_generation=s["in_sync_generation"],
+            in_sync_lag_ms=dict(s["in_sync_lag_ms"]) if primary else None)
 
     def prepare_switchover(self, epoch: int, target: str, timeout_ms: int,
-                           token: tuple[int, int]) -> tuple[str, Any] | None:
-        """Holds writes until target has everything; None while waiting (answered later)."""
-        refused = self._not_primary(0)
-        if refused is not None:
-            return (refused[0], None)
-        assert self.primary is not None
-        if epoch != self.epoch:
-            return ("stale_epoch", None)
-        if target not in self.primary.peers:
-            return ("invalid", None)
-        if self.hold is None:
-            self.hold = token[1]
-        self.switch_wait = {"target": target, "token": token, "core": self.primary,
-                            "deadline": self.agent.now + timeout_ms}
+                           token: tuple[int, int]) -> str | None:
+        """Holds reads and writes until target has everything; None while waiting
+        (answered later), else the refusal."""
+        try:
+            self.core.prepare_switchover(epoch, target, _switchover_id(token))
+        except NotPrimaryError:
+            return "not_primary"
+        except StaleEpochError:
+            return "stale_epoch"
+        except InvalidRequest:
+            return "invalid"
+        except (Unavailable, ReplicaBrokenError):
+            return "unavailable"
+        self.switch_wait = {"target": target, "token": token}
         self.k.after(timeout_ms, self._switchover_deadline, token)
         self._check_switchover()
         return None
 
-    def release_hold(self) -> None:
-        if self.hold is not None:
-            self.hold = None
-            held, self.held = self.held, []
-            for req in held:
-                self.execute(req)
-
-    def _notify_progress(self) -> None:
-        self._check_switchover()
+    def release_switchover(self, epoch: int, token: tuple[int, int]) -> None:
+        actions = self.core.release_switchover(epoch, _switchover_id(token))
+        if actions is not None:
+            self._run(actions)
 
     def _check_switchover(self) -> None:
         wait = self.switch_wait
-        if wait is None:
+        if wait is None or self.closed:
             return
         token = wait["token"]
-        coord = self.c.coord
-        if coord.incarnation != token[0]:
+        if self.c.coord.incarnation != token[0]:
             # The caller died: gRPC cancels the handler, which releases the hold.
             self.switch_wait = None
-            if "switchover_hold_on_cancel" in self.c.scenario.fixes:
-                self.release_hold()
+            self._run(self.core.release_hold())
             return
-        primary = self.primary
-        peer = primary.peers.get(wait["target"]) if primary is not None else None
-        if peer is None or primary is not wait["core"]:
+        try:
+            ready = self.core.switchover_ready(wait["target"])
+        except NotPrimaryError:
             self.switch_wait = None
-            self.release_hold()
+            self._run(self.core.release_hold())
             self.agent.switchover_answer(token, "not_primary", 0)
             return
-        assert primary is not None
-        last = self._next_index - 1
-        if (not self._to_log and self.wal.last_index == last and peer.match_index >= last
-                and primary.commit_index >= last and self.sm.applied_index >= last):
+        if ready is not None:
             self.switch_wait = None
-            # Should the coordinator die before completing it, the hold ends after the
-            # switchover timeout.
-            if "switchover_hold_bounded" in self.c.scenario.fixes:
-                self.k.after(SWITCHOVER_TIMEOUT_MS, self._release_hold_if, self.hold)
-            self.agent.switchover_answer(token, "ok", last)
-
-    def _release_hold_if(self, hold: int | None) -> None:
-        if not self.closed and hold is not None and self.hold == hold:
-            self.k.note(f"{self.agent.host_id}/{self.service}: switchover not completed in "
-                        "time: writes resume here")
-            self.release_hold()
+            self._run(self.core.switchover_prepared(self.agent.now))
+            self.agent.switchover_answer(token, "ok", ready[0])
 
     def _switchover_deadline(self, token: tuple[int, int]) -> None:
-        if self.closed or self.switch_wait is None or self.switch_wait["token"] != token:
+        wait = self.switch_wait
+        if self.closed or wait is None or wait["token"] != token:
             return
         self.switch_wait = None
-        self.release_hold()
+        self._run(self.core.release_hold())
         self.agent.switchover_answer(token, "unavailable", 0)
 
 
-def _copy_meta(meta: dict[str, Any]) -> dict[str, Any]:
-    out = dict(meta)
-    out["duplicas"] = dict(meta["duplicas"])
-    out["in_sync"] = list(meta["in_sync"])
-    return out
+def _switchover_id(token: tuple[int, int]) -> str:
+    return f"{token[0]}.{token[1]}"
 
 
 # --- ship streams -------------------------------------------------------------------------
 
-_ITEM_ORDER = {"probe": 0, "truncate": 1, "batch": 2}
+_ITEM_ORDER = {"probe": 0, "truncate": 1, "snapshot": 1, "batch": 2}
 
 
 class ShipLink:
@@ -1426,6 +1511,7 @@ class SimAgent:
         self.registered = False
         self.beat_id = 0
         self.beat_pending: int | None = None
+        self.full_until = 0  # true time until which its data dir has no space left
         s = cluster.scenario
         self.limits = ShipLimits(batch_entries_max=s.batch_entries_max,
                                  inflight_batches_max=s.inflight_batches_max,
@@ -1435,6 +1521,10 @@ class SimAgent:
     def now(self) -> int:
         """This host's clock (what `failover.clock.monotonic_ms` returns there)."""
         return self.k.clock(self.node)
+
+    def disk_full(self) -> bool:
+        """Whether a write to this host's data dir fails for want of space now."""
+        return self.k.now < self.full_until
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -1446,16 +1536,20 @@ class SimAgent:
         self.beat_pending = None
         self.k.note(f"{self.host_id} starts (incarnation {self.incarnation})")
         for name in sorted(self.disks):
-            replica = SimReplica(self, self.disks[name])
-            self.replicas[name] = replica
-            replica.open()
+            self.replicas[name] = SimReplica.recover(self, self.disks[name])
         inc = self.incarnation
         self.k.after(self.k.rng.randint(0, HEARTBEAT_MS), self._beat, inc)
         self.k.after(self.k.rng.randint(1, TICK_MS), self._tick, inc)
 
-    def crash(self) -> None:
+    def crash(self, damage_snapshots: bool = False) -> None:
         lost = {name: disk.wal.crash() for name, disk in sorted(self.disks.items())}
         self.k.note(f"{self.host_id} crashes, losing unsynced entries {lost}")
+        if damage_snapshots:
+            for name, disk in sorted(self.disks.items()):
+                snap = disk.wal.snapshot
+                if snap is not None:
+                    disk.wal.snapshots[-1] = replace(snap, damaged=True)
+                    self.k.note(f"{self.host_id}/{name}: snapshot at {snap.index} damaged")
         self.up = False
         self.incarnation += 1
         for replica in self.replicas.values():
@@ -1540,22 +1634,30 @@ class SimAgent:
         assert link is not None, f"{self.host_id} has no link to {host_id}"
         link.send(item)
 
-    def on_acks(self, host_id: str, acks: list[tuple[str, AckView]]) -> None:
+    def on_acks(self, host_id: str, acks: list[tuple[str, Any]]) -> None:
         for service, ack in acks:
             replica = self.replicas.get(service)
-            if replica is not None:
+            if replica is None:
+                continue
+            if isinstance(ack, AckView):
                 replica.on_ack(host_id, ack)
+            else:  # the answer to a snapshot install
+                replica.on_snapshot_answer(host_id, *ack)
 
     def on_ship_message(self, link: ShipLink, session: int, items: list[tuple[Any, ...]]) -> None:
         link._deliver(session, items)
 
-    def receive(self, src: str, items: list[tuple[Any, ...]]) -> list[tuple[str, AckView]]:
+    def receive(self, src: str, items: list[tuple[Any, ...]]) -> list[tuple[str, Any]]:
         """Handles one message of a Ship stream; answers every item."""
-        acks: list[tuple[str, AckView]] = []
+        acks: list[tuple[str, Any]] = []
         for item in items:
             what, service, epoch = item[0], item[1], item[2]
             replica = self.replicas.get(service)
-            if replica is None or replica.role not in (DUPLICA, PRIMARY, "building"):
+            if what == "snapshot":
+                error = "unknown service" if replica is None else replica.receive_snapshot(
+                    epoch, item[3])
+                acks.append((service, (item[3].index, error)))
+            elif replica is None or replica.role not in (DUPLICA, PRIMARY, "building"):
                 batch_id = item[3] if what == "batch" else 0
                 acks.append((service, AckView("unknown_service", 0, batch_id)))
             elif what == "probe":
@@ -1582,12 +1684,11 @@ class SimAgent:
             return "in-sync hosts are not duplicas"
         replica = self.replicas.get(a.service)
         if replica is None:
-            disk = ReplicaDisk({"service": a.service, "kind": a.kind, "role": a.role,
-                                "epoch": a.epoch, "mode": a.mode, "primary_host_id": "",
-                                "primary_address": "", "duplicas": {}, "in_sync": []})
+            if self.disk_full():
+                return "no space left to create the replica"
+            disk = ReplicaDisk(ReplicaMeta(a.service, a.kind, a.role, a.epoch, a.mode))
             self.disks[a.service] = disk
-            replica = SimReplica(self, disk)
-            replica.open()
+            replica = SimReplica.recover(self, disk)
             self.replicas[a.service] = replica
         return replica.assign(a.role, a.epoch, a.mode, a.primary, dict(a.duplicas),
                               set(a.in_sync), a.in_sync_generation)
@@ -1612,7 +1713,7 @@ class SimAgent:
         if replica is None or action.epoch < replica.epoch:
             return
         self.k.note(f"{self.host_id} StepDown {action.service} e{action.epoch}")
-        replica.step_down(action.epoch)
+        replica.step_down(action.epoch, "told by the coordinator")
 
     def on_hears(self, token: tuple[int, int], service: str) -> None:
         if not self.up:
@@ -1621,7 +1722,7 @@ class SimAgent:
         if replica is None:
             answer = HearsAnswer(self.host_id, reachable=False)
         else:
-            hears, _ = replica.hears_primary(self.now)
+            hears, _ = replica.core.hears_primary(self.now)
             # server.py asks GetStatus for the matched index, not the durable one.
             answer = HearsAnswer(self.host_id, True, hears, replica.matched_index,
                                  replica.epoch)
@@ -1637,11 +1738,11 @@ class SimAgent:
             self.switchover_answer(token, "not_found", 0)
             return
         if release:
-            replica.release_hold()
+            replica.release_switchover(epoch, token)
             return
         answer = replica.prepare_switchover(epoch, target, SWITCHOVER_TIMEOUT_MS, token)
         if answer is not None:
-            self.switchover_answer(token, answer[0], 0)
+            self.switchover_answer(token, answer, 0)
 
     def switchover_answer(self, token: tuple[int, int], status: str, last: int,
                           force: bool = False) -> None:
@@ -1869,7 +1970,7 @@ class SimCoordinator:
             self.k.note(f"coordinator: switchover of {name} abandoned ({status})")
             self.core.switchover_abort(name)
             agent = self.c.agents[sw["primary"]]
-            self.c.net.send(COORD, sw["primary"], agent.on_prepare_switchover, self._token(),
+            self.c.net.send(COORD, sw["primary"], agent.on_prepare_switchover, sw["token"],
                             name, sw["epoch"], "", True, dup=False)
             return
         self.execute(self.core.switchover_complete(name, sw["target"],
@@ -2192,10 +2293,7 @@ class Result:
         """The command that replays this run exactly."""
         if self.scenario.name not in SCENARIOS:
             return "rerun the test: its scenario is scripted, not made from the seed"
-        fixes = ""
-        if self.scenario.fixes != KNOWN_FIXES:
-            fixes = f"SIM_FIXES={','.join(sorted(self.scenario.fixes)) or 'none'} "
-        return (f"SIM_SEED={self.seed} SIM_SCENARIO={self.scenario.name} {fixes}"
+        return (f"SIM_SEED={self.seed} SIM_SCENARIO={self.scenario.name} "
                 ".venv/bin/pytest tests/sim -k replay")
 
 
@@ -2315,7 +2413,7 @@ class Cluster:
             if p is None or p.role != PRIMARY or p.epoch != record.epoch or p.primary is None:
                 return f"{name}: {record.primary} is not yet primary at epoch {record.epoch}"
             last = p.wal.last_index
-            if p.sm.applied_index != last or p.wal.durable_index != last or p._to_log:
+            if p.sm.applied_index != last or p.wal.durable_index != last or p._queued:
                 return f"{name}: primary {record.primary} has not applied its log"
             for host in sorted(record.replicas):
                 r = self.agents[host].replicas.get(name)
@@ -2342,11 +2440,12 @@ class Cluster:
             p = self.agents[record.primary].replicas[name]
             digest = p.sm.digest()
             # The kv state the primary's log implies, each request id applied once, and only
-            # once its session was opened (no session is evicted here: few clients).
+            # once its session was opened (no session is evicted here: few clients); when
+            # the whole log is still there (not compacted behind a snapshot).
             expected: dict[str, str] = {}
             seen: set[bytes] = set()
             opened: set[str] = set()
-            for e in p.wal.entries:
+            for e in p.wal.entries if p.wal.base == 0 else ():
                 if not e.payload:
                     continue
                 cid, _seq = decode_request_id(e.request_id)
@@ -2360,7 +2459,8 @@ class Cluster:
             for host in sorted(record.replicas):
                 r = self.agents[host].replicas[name]
                 check_history(r.wal.history, r.wal.last_index)
-                if r.wal.entries != p.wal.entries:
+                both, last = max(r.wal.first_index, p.wal.first_index), p.wal.last_index
+                if r.wal.last_index != last or r.wal.read(both, last) != p.wal.read(both, last):
                     check.fail(f"{name}: {host}'s log differs from the primary's")
                 if r.sm.digest() != digest:
                     check.fail(f"{name}: {host}'s digest differs from the primary's at "
@@ -2377,7 +2477,9 @@ class Cluster:
             for n, op in acked.get(name, []):
                 session, seq = check.requests[n]
                 rid = encode_request_id(session, seq)
-                entry = p.wal.entries[op.index - 1] if 0 < op.index <= p.wal.last_index else None
+                if op.index <= p.wal.base:
+                    continue  # compacted: the recorded reply below vouches for it
+                entry = p.wal.read(op.index, op.index)[0] if op.index <= p.wal.last_index else None
                 if (entry is None or _plain(entry.request_id) != rid
                         or msgpack.unpackb(entry.payload, raw=False).get("value")
                         != op.args["value"]):

@@ -31,6 +31,7 @@ import msgpack
 import pytest
 
 from failover.core.log_position import LogPosition
+from failover.core.replica import APPLY, PersistMeta, ReplicaCore
 from failover.core.replication import (
     AckView,
     Append,
@@ -43,10 +44,10 @@ from failover.core.replication import (
     ShipLimits,
 )
 from failover.core.sessions import ClientSessions
+from failover.core.state_machine import ReplicatedStateMachine
 from failover.storage.records import Entry
 from tests.sim import cluster as sim
 from tests.sim.cluster import (
-    KNOWN_FIXES,
     PRIMARY,
     ClientRequest,
     Cluster,
@@ -143,16 +144,12 @@ def test_trace_does_not_depend_on_the_hash_seed() -> None:
 
 def test_replay() -> None:
     """Replays one seed: SIM_SEED=N [SIM_SCENARIO=short|long] [SIM_TRACE=path]
-    [SIM_FIXES=none|a,b] pytest tests/sim -k replay."""
+    pytest tests/sim -k replay."""
     raw = os.environ.get("SIM_SEED")
     if raw is None:
         pytest.skip("set SIM_SEED (and SIM_SCENARIO) to replay one seed")
     seed = int(raw)
     scenario = sim.SCENARIOS[os.environ.get("SIM_SCENARIO", "short")](seed)
-    fixes = os.environ.get("SIM_FIXES")
-    if fixes is not None:
-        chosen = frozenset(f for f in fixes.split(",") if f and f != "none")
-        scenario = replace(scenario, fixes=chosen)
     trace_path = os.environ.get("SIM_TRACE")
     result = Cluster(seed, scenario, full_trace=bool(trace_path)).run()
     if trace_path and result.full_trace is not None:
@@ -197,6 +194,10 @@ def test_checker_catches_a_state_machine_that_forgets_request_ids(
     def patch(mp: pytest.MonkeyPatch) -> None:
         mp.setattr(ClientSessions, "lookup", lambda self, client_id, seq, opens=False: None)
         mp.setattr(ClientSessions, "record", lambda self, client_id, seq, reply: None)
+        # apply_many equals apply on each entry in turn (its contract), which goes through
+        # the patched lookup and record
+        mp.setattr(ReplicatedStateMachine, "apply_many", lambda self, entries: [
+            self.apply(*e) if e[3] else self.apply_barrier(e[0], e[1]) for e in entries])
 
     found = _first_failing_seed(patch, monkeypatch, range(100))
     assert found is not None, "no seed noticed a request executed twice"
@@ -206,10 +207,10 @@ def test_checker_catches_a_state_machine_that_forgets_request_ids(
 # --- directed scenarios for the known bugs ------------------------------------------------
 
 
-def directed(fixes: frozenset[str] = KNOWN_FIXES, **changes: object) -> Scenario:
+def directed(**changes: object) -> Scenario:
     """A scenario without random faults or clients: the script decides what happens."""
     base = Scenario(name="directed", hosts=3, services=1, mode="sync", clients=0,
-                    drop_p=0.0, dup_p=0.0, slow_p=0.0, ship_break_p=0.0, fixes=fixes,
+                    drop_p=0.0, dup_p=0.0, slow_p=0.0, ship_break_p=0.0,
                     batch_entries_max=4, inflight_batches_max=2)
     return replace(base, **changes)  # type: ignore[arg-type]
 
@@ -459,9 +460,8 @@ def restarted_primary_join(c: Cluster) -> None:
     c.net.cuts.clear()
 
 
-def run_directed(script: Callable[[Cluster], None],
-                 fixes: frozenset[str] = KNOWN_FIXES) -> Result:
-    return Cluster(1, directed(fixes)).run(script)
+def run_directed(script: Callable[[Cluster], None]) -> Result:
+    return Cluster(1, directed()).run(script)
 
 
 # --- regression tests of the bugs the simulation found (all fixed in failover/) -----------
@@ -611,21 +611,50 @@ def test_write_committed_by_an_in_sync_shrink_is_answered_at_once() -> None:
     assert result.ok, _describe([result])
 
 
-# --- the agent bugs: the simulation catches each when its mirrored fix is off -------------
-# The agent's I/O is modelled here, so the regression tests above guard the model's mirror
-# of failover/agent/replica.py; these show that the simulation would catch each of its bugs.
-
-AGENT_BUGS = {
-    "unlogged_on_step_down": (unlogged_step_down, "inv4"),
-    "switchover_hold_bounded": (switchover_answer_lost, "liveness"),
-    "switchover_hold_on_cancel": (switchover_cancelled, "liveness"),
-    "apply_after_set_members": (shrink_commits_a_waiting_write, "AssertionError"),
-}
+# --- the simulation finds each bug, re-introduced in the real code ---------------------------
+# Each test below patches the real core (ReplicaCore, CoordinatorCore) back to the bug it
+# once had and shows that the simulation reports it: by a directed scenario where one was
+# written when the bug was found, else by the first failing seed of the default sweep.
 
 
-@pytest.mark.parametrize("fix", sorted(AGENT_BUGS))
-def test_simulation_catches_the_agent_bug_without_its_fix(fix: str) -> None:
-    script, expected = AGENT_BUGS[fix]
-    result = run_directed(script, KNOWN_FIXES - {fix})
-    assert not result.ok, f"the simulation no longer sees the bug {fix} fixes"
-    assert expected in result.message, result.message
+def test_reintroduced_switchover_hold_without_a_deadline_is_found(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sweep seeds short/21, 173, 742 found it: a primary that prepared a switchover held
+    every write forever when the coordinator died before completing it. The core now arms
+    a deadline when the target caught up (`switchover_prepared`)."""
+    monkeypatch.setattr(ReplicaCore, "switchover_prepared", lambda self, now_ms: [])
+    result = run_directed(switchover_answer_lost)
+    assert not result.ok, "the simulation no longer sees a hold that never ends"
+    assert "liveness" in result.message, result.message
+
+
+def test_reintroduced_hold_that_nothing_releases_is_found(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sweep seeds short/210, 742, 1965 found it: when the coordinator died while a prepare
+    waited for the target, nothing ended the hold. The driver (the agent's handler, the
+    sim's prepare) releases it through `ReplicaCore.release_hold`; with that broken, the
+    simulation sees the writes held for good."""
+    monkeypatch.setattr(ReplicaCore, "release_hold", lambda self: [])
+    result = run_directed(switchover_cancelled)
+    assert not result.ok, "the simulation no longer sees a hold that is never released"
+    assert "liveness" in result.message, result.message
+
+
+def test_reintroduced_write_left_unapplied_after_an_in_sync_shrink_is_found(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found while writing `shrink_commits_a_waiting_write`: a smaller in-sync set handed to
+    the primary committed the writes waiting on the member that left, but nothing applied
+    or answered them until another write or ack came. The core now returns `Apply`."""
+    persisted = ReplicaCore.meta_persisted
+
+    def meta_persisted(self: ReplicaCore, action: PersistMeta, now_ms: int) -> list[object]:
+        before = self.primary
+        actions = persisted(self, action, now_ms)
+        if before is not None and self.primary is before:  # the set_members branch
+            actions = [a for a in actions if a is not APPLY]
+        return actions  # type: ignore[return-value]
+
+    monkeypatch.setattr(ReplicaCore, "meta_persisted", meta_persisted)
+    result = run_directed(shrink_commits_a_waiting_write)
+    assert not result.ok, "the simulation no longer sees a committed write left waiting"
+    assert "AssertionError" in result.message, result.message
