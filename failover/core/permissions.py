@@ -16,6 +16,7 @@ RPCs) and read their status.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from failover.errors import InvalidRequest, PermissionDenied
@@ -150,10 +151,11 @@ def require(identity: Identity | None, permission: str) -> None:
     raise PermissionDenied(caller, permission, needed)
 
 
-def require_method(identity: Identity | None, method: str) -> None:
-    """`require` for a full gRPC method name; a method not in `METHOD_PERMISSIONS` is refused
-    to everyone."""
-    permission = METHOD_PERMISSIONS.get(method)
+def require_method(identity: Identity | None, method: str,
+                   methods: Mapping[str, str] = METHOD_PERMISSIONS) -> None:
+    """`require` for a full gRPC method name; a method not in `methods` is refused to
+    everyone."""
+    permission = methods.get(method)
     if permission is None:
         caller = str(identity) if identity is not None else "a caller without a certificate"
         raise PermissionDenied(caller, f"call {method}", "a method the servers know")

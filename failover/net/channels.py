@@ -9,6 +9,7 @@ serve in the clear beyond loopback unless told to.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 
 import grpc
 import grpc.aio
@@ -84,9 +85,10 @@ def channel(address: str, tls: TlsMaterial | None = None, *, server_name: str | 
     return secure_channel(address, tls, server_name=server_name, own_connection=own_connection)
 
 
-def server() -> grpc.aio.Server:
-    """An asyncio server with the project's bounds."""
-    return grpc.aio.server(options=_SERVER_OPTIONS)
+def server(*, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
+    """An asyncio server with the project's bounds (and `interceptors`, such as
+    `failover.net.authorization.RoleCheck` on a TLS server)."""
+    return grpc.aio.server(options=_SERVER_OPTIONS, interceptors=list(interceptors) or None)
 
 
 def add_port(server: grpc.aio.Server, address: str, tls: TlsMaterial | None = None) -> int:
