@@ -11,20 +11,17 @@ the futures that writers wait on.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import errno
 import functools
 import logging
 import shutil
-from collections import deque
 from collections.abc import Callable, Iterable
-from itertools import accumulate, repeat
-from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
 from failover import defaults, kinds
+from failover.agent.apply_queue import ApplyQueue
 from failover.agent.replica_host import ReplicaHost
 from failover.clock import monotonic_ms
 from failover.core.log_position import LogPosition
@@ -89,12 +86,6 @@ log = logging.getLogger(__name__)
 _META = "replica.meta"
 
 
-_payload_of = itemgetter(3)
-# What a decoded entry holds in memory beyond its record's bytes (the tuple, two bytes objects'
-# headers, an int): shipped entries kept to apply are counted with it.
-_ENTRY_OVERHEAD_BYTES = 160
-
-
 class Replica:
     """A replica of one service on this host."""
 
@@ -111,14 +102,8 @@ class Replica:
             heartbeat_ms=c.heartbeat_ms, coordinated=bool(c.coordinators))
         self.snapshots = SnapshotStore(root / "snapshots")
         self.wal: WriteAheadLog = None  # type: ignore[assignment]  # set by open()
-        # Entries logged (or being logged) but not applied, oldest first.
-        self._unapplied: deque[Entry] = deque()
-        # Shipped entries on disk and not applied yet, as (first, last, fields, bytes): a
-        # duplica decodes and checks every record before it is written (invariant 12), and
-        # keeps what it decoded (plain tuples, which the garbage collector soon stops
-        # tracking) for applying, so nothing is decoded twice.
-        self._shipped: deque[tuple[int, int, list[tuple[int, int, bytes, bytes]], int]] = deque()
-        self._shipped_bytes = 0  # bounded: past it, applying re-reads from the log
+        # Entries logged (or being logged, or shipped) and not applied, kept to apply.
+        self.kept = ApplyQueue()
         self._to_log: list[Entry] = []
         self._waiters: dict[int, asyncio.Future[Reply]] = {}
         self._log_wakeup = asyncio.Event()
@@ -320,8 +305,7 @@ class Replica:
             elif isinstance(action, DropUnlogged):
                 first = action.from_index
                 self._to_log = [e for e in self._to_log if e.index < first]
-                while self._unapplied and self._unapplied[-1].index >= first:
-                    self._unapplied.pop()
+                self.kept.drop_from(first)
             elif action is LINK_UPS:
                 now = monotonic_ms()
                 for host in self.core.peers:
@@ -570,7 +554,7 @@ class Replica:
     def _enqueue(self, entry: Entry) -> None:
         """Queues an entry for the log writer (and keeps it to apply)."""
         self._to_log.append(entry)
-        self._unapplied.append(entry)
+        self.kept.logged(entry)
         self._log_wakeup.set()
 
     def _ensure_writer(self) -> None:
@@ -702,20 +686,16 @@ class Replica:
         sm = core.sm
         if sm.applied_index < limit:
             first = sm.applied_index + 1
-            unapplied = self._unapplied
-            if not unapplied or unapplied[0].index != first:
-                try:
-                    self._reload_unapplied(limit)
-                except (StorageError, OSError) as exc:
-                    # What it acked cannot be read back to apply: it must not count.
-                    self.mark_broken(f"reading its log to apply index {first} failed: {exc}")
-                    return False
-                unapplied = self._unapplied
             # While shipped batches wait, smaller chunks: taking them onto disk (and acking)
             # comes first, and a long apply turn holds the loop they arrive on.
             chunk = (defaults.APPLY_CHUNK_ENTRIES_RECEIVING if self.agent.receiving
                      else defaults.APPLY_CHUNK_ENTRIES)
-            batch = self._take_batch(first, min(limit - first + 1, chunk))
+            try:
+                batch = self.kept.take(first, limit, chunk, self.wal.read)
+            except (StorageError, OSError) as exc:
+                # What it acked cannot be read back to apply: it must not count.
+                self.mark_broken(f"reading its log to apply index {first} failed: {exc}")
+                return False
             replies = sm.apply_many(batch)
             waiters = self._waiters
             if waiters:
@@ -727,63 +707,6 @@ class Replica:
                 self._notify_progress()  # reads held below the read floor may go on
             self._maybe_snapshot()
         return sm.applied_index < core.apply_limit(self.wal.durable_index)
-
-    def _take_batch(self, first: int, count: int) -> list[Entry]:
-        """Takes from the front of `_unapplied` (which starts at `first`) the consecutive
-        entries to apply next: at most `count`, and APPLY_CHUNK_BYTES of payload."""
-        unapplied = self._unapplied
-        if count >= len(unapplied):
-            batch = list(unapplied)
-            unapplied.clear()
-        else:
-            popleft = unapplied.popleft
-            batch = [popleft() for _ in range(count)]
-        if batch[-1].index != first + len(batch) - 1:
-            # A gap (not seen in practice): apply up to it; the next chunk reloads after it.
-            keep = next(k for k, e in enumerate(batch) if e.index != first + k)
-            unapplied.extendleft(reversed(batch[keep:]))
-            del batch[keep:]
-        if sum(map(len, map(_payload_of, batch))) > defaults.APPLY_CHUNK_BYTES:
-            sizes = list(accumulate(map(len, map(_payload_of, batch))))
-            keep = max(1, bisect.bisect_right(sizes, defaults.APPLY_CHUNK_BYTES))
-            unapplied.extendleft(reversed(batch[keep:]))
-            del batch[keep:]
-        assert batch and batch[0].index == first, (first, batch[:1])
-        return batch
-
-    def _reload_unapplied(self, limit: int) -> None:
-        """Finds the next entries to apply, up to `limit`: in shipped entries kept in memory,
-        else in the log (after a restart, or when they were not kept in memory), reading
-        ahead up to APPLY_READ_ENTRIES."""
-        first = self.sm.applied_index + 1
-        while self._shipped and self._shipped[0][1] < first:
-            self._shipped_bytes -= self._shipped.popleft()[3]
-        if self._shipped and self._shipped[0][0] <= first:
-            # Decoded when it arrived; made entries a part at a time (a batch holds up to
-            # BATCH_ENTRIES_MAX of them), so few entries live long.
-            shipped_first, shipped_last, rows, size = self._shipped.popleft()
-            self._shipped_bytes -= size
-            start = first - shipped_first
-            cut = start + defaults.APPLY_READ_ENTRIES
-            entries = list(map(tuple.__new__, repeat(Entry), rows[start:cut]))
-            last = entries[-1].index
-            if cut < len(rows):
-                rest = rows[cut:]
-                rest_size = size * len(rest) // len(rows)
-                self._shipped.appendleft((last + 1, shipped_last, rest, rest_size))
-                self._shipped_bytes += rest_size
-        else:
-            last = min(limit, first + defaults.APPLY_READ_ENTRIES - 1)
-            entries = self.wal.read(first, last)
-        kept = [e for e in self._unapplied if e.index > last]
-        self._unapplied = deque(entries)
-        self._unapplied.extend(kept)
-
-    def _forget_kept(self) -> None:
-        """The state was replaced: nothing kept in memory to apply is of use."""
-        self._unapplied.clear()
-        self._shipped.clear()
-        self._shipped_bytes = 0
 
     def _maybe_snapshot(self) -> None:
         every = self.agent.config.snapshot_every_entries
@@ -886,16 +809,9 @@ class Replica:
             # Swapped here, on the loop, so the applier never sees a half-replaced state.
             self.core.state_replaced(fresh)
             self._last_snapshot_index = fresh.applied_index
-            self._forget_kept()
+            self.kept.clear()
         dropped = await loop.run_in_executor(self.agent.io, self.wal.truncate_after, after_index)
-        while self._unapplied and self._unapplied[-1].index > after_index:
-            self._unapplied.pop()
-        # Batches past the cut go, and one straddling it too: its kept part is read back
-        # from the log when it is applied.
-        while self._shipped and self._shipped[-1][0] > after_index:
-            self._shipped_bytes -= self._shipped.pop()[3]
-        if self._shipped and self._shipped[-1][1] > after_index:
-            self._shipped_bytes -= self._shipped.pop()[3]
+        self.kept.cut_after(after_index)
         self.core.truncated(after_index, dropped, self._log_info())
         if dropped:
             log.warning("%s: truncated %d divergent entries after index %d", self.service,
@@ -952,10 +868,7 @@ class Replica:
                 if core.disk_full:
                     log.warning("%s: cannot take shipped entries: %s", self.service, exc)
                 return self._ack("storage_error", batch_id, str(exc))
-            size = len(records) + len(entries) * _ENTRY_OVERHEAD_BYTES
-            if self._shipped_bytes + size <= defaults.SHIPPED_KEPT_BYTES_MAX:
-                self._shipped.append((first_index, last_index, entries, size))
-                self._shipped_bytes += size
+            self.kept.shipped_batch(first_index, last_index, entries, len(records))
             core.batch_appended(self._log_info())
         self._schedule_apply()
         return self._ack("ok", batch_id)
@@ -986,7 +899,7 @@ class Replica:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.agent.io, self._install_snapshot_files, header, shipped)
         self._last_snapshot_index = header.applied_index
-        self._forget_kept()
+        self.kept.clear()
         self.core.snapshot_installed_here(fresh, header.applied_index, self._log_info())
 
     def _install_snapshot_files(self, header: SnapshotHeader, shipped: ShippedSnapshot) -> None:

@@ -112,4 +112,4 @@ async def test_a_duplica_applies_shipped_batches_a_part_at_a_time(agent: Agent) 
         assert ack["status"] == "ok", ack
     await _until(lambda: replica.sm.applied_index >= entries[-1].index)
     assert replica.sm.digest() == _one_by_one(entries).digest()
-    assert not replica._shipped and replica._shipped_bytes == 0
+    assert not replica.kept.shipped and replica.kept.shipped_bytes == 0
