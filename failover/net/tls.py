@@ -39,6 +39,21 @@ class TlsFiles:
         for name in ("ca", "cert", "key"):
             object.__setattr__(self, name, Path(getattr(self, name)))
 
+    @classmethod
+    def from_options(cls, ca: str | Path | None, cert: str | Path | None,
+                     key: str | Path | None) -> TlsFiles | None:
+        """The files of ``--tls-ca``, ``--tls-cert`` and ``--tls-key`` (or their TOML keys and
+        environment variables): all three, or None when none is given; ConfigError when only
+        some are."""
+        given = {"--tls-ca": ca, "--tls-cert": cert, "--tls-key": key}
+        missing = [flag for flag, value in given.items() if not value]
+        if len(missing) == len(given):
+            return None
+        if missing:
+            raise ConfigError(f"TLS needs all of --tls-ca, --tls-cert and --tls-key: "
+                              f"{', '.join(missing)} missing")
+        return cls(Path(str(ca)), Path(str(cert)), Path(str(key)))
+
     def load(self, *, now: datetime.datetime | None = None) -> TlsMaterial:
         """Reads and checks the three files: each exists and parses, the key is the
         certificate's, the certificate is signed by the CA, carries a failover identity and is

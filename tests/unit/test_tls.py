@@ -167,6 +167,13 @@ def test_tls_files_refused_by_name(pki: Path, tmp_path: Path) -> None:
         good.load(now=NOW - DAY)
 
 
+def test_tls_options_all_or_none() -> None:
+    assert TlsFiles.from_options(None, "", None) is None
+    assert TlsFiles.from_options("ca", "c", "k") == TlsFiles(Path("ca"), Path("c"), Path("k"))
+    with pytest.raises(ConfigError, match="--tls-cert, --tls-key missing"):
+        TlsFiles.from_options("ca", None, "")
+
+
 def test_a_certificate_without_identity_is_refused(pki: Path, tmp_path: Path) -> None:
     ca_cert, ca_key = certs.load_ca(pki)
     cert, key = certs.issue(ca_cert, ca_key, Identity("client", "c"))
