@@ -339,18 +339,25 @@ class Replica:
                     f"{meta.epoch}; nothing changed: free space in the data dir") from None
             raise
 
-    def _persist(self, action: PersistMeta) -> None:
-        """Writes the meta, then lets the core take it (raises if a required write fails)."""
+    def _persist(self, action: PersistMeta) -> str:
+        """Writes the meta, then lets the core take it; returns the refusal of the shipped
+        item that asked for it ("" if none). Raises when an assignment cannot be written."""
         if action.reason == "step_down":
             log.warning("%s: role %s -> %s at epoch %d (was epoch %d): %s", self.service,
                         self.role, action.meta.role, action.meta.epoch, self.epoch, action.why)
         try:
             self._write_meta(action.meta)
-        except DiskFullError as exc:
-            if action.required:
-                raise
-            log.error("%s: stepping down without recording it: %s", self.service, exc)
-        self._carry_out(self.core.meta_persisted(action, monotonic_ms()))
+        except (StorageError, OSError) as exc:
+            log.warning("%s: cannot record role %s at epoch %d (%s), staying %s at %d: %s",
+                        self.service, action.meta.role, action.meta.epoch, action.reason,
+                        self.role, self.epoch, exc)
+            actions = self.core.meta_write_failed(action, exc, monotonic_ms())
+        else:
+            actions = self.core.meta_persisted(action, monotonic_ms())
+        if actions and isinstance(actions[0], Refuse):
+            return actions[0].status
+        self._carry_out(actions)
+        return ""
 
     # --- role ----------------------------------------------------------------------------
 
@@ -763,38 +770,24 @@ class Replica:
             "first_index": w.first_index, "message": message,
         }
 
-    def _feed(self, event: Callable[[], list[ReplicaAction]]) -> list[ReplicaAction] | None:
-        """Feeds a shipped item to the core; None when the meta it asked for (a newer epoch)
-        could not be written: the replica stays at its epoch and answers "storage_error",
-        and the primary's next probe or batch tries again. A step-down (a newer primary ships
-        to this one) or an adopted epoch is written first, then the item is fed again."""
+    def _feed(self, event: Callable[[], list[ReplicaAction]]) -> list[ReplicaAction]:
+        """Feeds a shipped item to the core. A step-down (a newer primary ships to this one)
+        or an adopted epoch is written first, then the item is fed again; a refusal (the meta
+        could not be written) is the answer."""
         actions = event()
         while actions and isinstance(actions[0], PersistMeta):
-            persist = actions[0]
-            if persist.reason == "adopt_epoch":
-                try:
-                    self._write_meta(persist.meta)
-                except (StorageError, OSError) as exc:
-                    self.core.note_error(str(exc))
-                    log.warning("%s: cannot record epoch %d, staying at %d: %s", self.service,
-                                persist.meta.epoch, self.epoch, exc)
-                    return None
-                self._carry_out(self.core.meta_persisted(persist, monotonic_ms()))
-            else:
-                self._persist(persist)
+            refused = self._persist(actions[0])
+            if refused:
+                return [Refuse(refused)]
             actions = event()
         return actions
 
     async def receive_probe(self, epoch: int) -> dict[str, Any]:
         actions = self._feed(lambda: self.core.on_probe(epoch, monotonic_ms()))
-        if actions is None:
-            return self._ack("storage_error")
         return self._ack(actions[0].status if actions else "mismatch")  # type: ignore[union-attr]
 
     async def receive_truncate(self, epoch: int, after_index: int) -> dict[str, Any]:
         actions = self._feed(lambda: self.core.on_truncate(epoch, after_index, monotonic_ms()))
-        if actions is None:
-            return self._ack("storage_error")
         cut = actions[0]
         if isinstance(cut, Refuse):
             return self._ack(cut.status)
@@ -844,8 +837,6 @@ class Replica:
         core = self.core
         actions = self._feed(lambda: core.on_batch(
             epoch, prev, last_index, commit_index, self._log_info(), monotonic_ms()))
-        if actions is None:
-            return self._ack("storage_error", batch_id)
         if actions and isinstance(actions[0], Refuse):
             return self._ack(actions[0].status, batch_id)
         if actions:  # Append
@@ -858,16 +849,12 @@ class Replica:
                 await loop.run_in_executor(self.agent.io, functools.partial(
                     self.wal.append_records, records, first_index, last_index, entries,
                     epoch_max=epoch, checked=checked))
-            except LogCorruptError as exc:
-                core.note_error(str(exc))
-                log.warning("%s: refused a shipped batch %d..%d: %s", self.service,
-                            first_index, last_index, exc)
-                return self._ack("corrupt", batch_id, str(exc))
-            except (DiskFullError, StorageError, OSError) as exc:
-                core.note_error(str(exc), disk_full=isinstance(exc, DiskFullError))
-                if core.disk_full:
-                    log.warning("%s: cannot take shipped entries: %s", self.service, exc)
-                return self._ack("storage_error", batch_id, str(exc))
+            except (StorageError, OSError) as exc:
+                refused = core.batch_append_failed(exc)
+                if isinstance(exc, (LogCorruptError, DiskFullError)):
+                    log.warning("%s: refused a shipped batch %d..%d: %s", self.service,
+                                first_index, last_index, exc)
+                return self._ack(refused.status, batch_id, str(exc))
             self.kept.shipped_batch(first_index, last_index, entries, len(records))
             core.batch_appended(self._log_info())
         self._schedule_apply()

@@ -47,6 +47,7 @@ from failover.core.state_machine import ReplicatedStateMachine
 from failover.errors import (
     DiskFullError,
     InvalidRequest,
+    LogCorruptError,
     NotPrimaryError,
     Overloaded,
     ReplicaBrokenError,
@@ -97,13 +98,10 @@ class ReplicaMeta:
 @dataclass(frozen=True, slots=True)
 class PersistMeta:
     """Write `meta` atomically, then report it with `ReplicaCore.meta_persisted(action, now)`
-    and carry out what that returns. Nothing of the change is taken before: memory never runs
-    ahead of the disk (invariant 1). If the write fails and `required`, the event that asked
-    fails (the replica stays as it was); if not `required` (giving up authority: a step-down)
-    the driver reports it persisted all the same, since a primary restarted from the old meta
-    serves nothing until the coordinator confirms it. `reason` is "assign", "step_down" or
-    "adopt_epoch"; after "adopt_epoch" (and a "step_down" on the receive path) the driver
-    feeds the shipped item again."""
+    (or, if the write failed, `meta_write_failed`) and carry out what that returns. Nothing of
+    the change is taken before: memory never runs ahead of the disk (invariant 1). `reason`
+    is "assign", "step_down" or "adopt_epoch"; after "adopt_epoch" (and a "step_down" on the
+    receive path) the driver feeds the shipped item again."""
 
     meta: ReplicaMeta
     required: bool
@@ -360,6 +358,21 @@ class ReplicaCore:
             in_sync_generation=in_sync_generation,
         )
         return PersistMeta(meta, required=True, reason="assign", why=why)
+
+    def meta_write_failed(self, action: PersistMeta, error: Exception,
+                          now_ms: int) -> list[ReplicaAction]:
+        """The write of `action.meta` failed. An adopted epoch is not taken: the shipped item
+        that carried it is refused "storage_error" (the primary's next probe or batch tries
+        again). A step-down for want of space is taken all the same: giving up authority may
+        run ahead of the disk, since a primary restarted from the old meta serves nothing
+        until the coordinator confirms it. Anything else raises `error` (an assignment
+        fails, and the replica stays as it was)."""
+        if action.reason == "adopt_epoch":
+            self.last_error = str(error)
+            return [Refuse("storage_error")]
+        if not action.required and isinstance(error, DiskFullError):
+            return self.meta_persisted(action, now_ms)
+        raise error
 
     def step_down(self, epoch: int, why: str) -> PersistMeta | None:
         """A newer epoch exists: the meta to persist to stop serving writes (None: nothing to
@@ -851,6 +864,16 @@ class ReplicaCore:
         self.disk_full = False
         self.next_index = log.last_index + 1
         self.handed_index = log.last_index
+
+    def batch_append_failed(self, error: Exception) -> Refuse:
+        """Appending a shipped batch's records failed: a record damaged in transit is
+        refused "corrupt" (the primary resends from what we hold), anything else
+        "storage_error" (the primary marks us failed and probes again later)."""
+        self.last_error = str(error)
+        if isinstance(error, LogCorruptError):
+            return Refuse("corrupt")
+        self.disk_full = isinstance(error, DiskFullError)
+        return Refuse("storage_error")
 
     def note_error(self, message: str, disk_full: bool | None = None) -> None:
         """An I/O error the replica reports in its status (and, with `disk_full`, whether it

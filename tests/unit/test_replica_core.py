@@ -35,10 +35,12 @@ from failover.core.roles import DUPLICA, PRIMARY
 from failover.core.sessions import Reply, encode_request_id
 from failover.core.state_machine import ReplicatedStateMachine
 from failover.errors import (
+    DiskFullError,
     InvalidRequest,
     NotPrimaryError,
     Overloaded,
     ReplicaBrokenError,
+    ShippedRecordsCorruptError,
     StaleEpochError,
     Unavailable,
 )
@@ -373,3 +375,34 @@ def test_a_duplica_applies_only_what_the_new_primary_verified() -> None:
     node2.core.batch_appended(node2.info())
     node2.run(node2.core.on_batch(2, LogPosition(0, 0), 0, 0, node2.info(), 0)[:1])
     assert node2.core.apply_limit(5) == 0
+
+
+def test_an_epoch_that_cannot_be_recorded_refuses_the_item_and_is_not_taken() -> None:
+    node = Node()
+    persist = node.core.on_probe(2, 0)[0]
+    assert isinstance(persist, PersistMeta) and persist.reason == "adopt_epoch"
+    refusal = node.core.meta_write_failed(persist, DiskFullError("full"), 0)
+    assert refusal == [Refuse("storage_error")] and node.core.epoch == 1
+    assert node.core.duplica is not None and node.core.duplica.epoch == 1
+    assert node.core.last_error == "full"
+
+
+def test_a_step_down_is_taken_without_space_to_record_it_but_an_assignment_is_not() -> None:
+    node = primary_alone()
+    assign = node.core.assign(PRIMARY, 2, "sync", None, {}, set())
+    with pytest.raises(DiskFullError):
+        node.core.meta_write_failed(assign, DiskFullError("full"), 0)
+    assert node.core.epoch == 1
+    step_down = node.core.step_down(3, "test")
+    assert step_down is not None
+    node.run(node.core.meta_write_failed(step_down, DiskFullError("full"), 0))
+    assert node.core.role == DUPLICA and node.core.epoch == 3
+
+
+def test_a_shipped_batch_that_cannot_be_appended_is_refused_by_cause() -> None:
+    node = Node()
+    corrupt = ShippedRecordsCorruptError(0, "bad crc")
+    assert node.core.batch_append_failed(corrupt) == Refuse("corrupt")
+    assert not node.core.disk_full
+    assert node.core.batch_append_failed(DiskFullError("full")) == Refuse("storage_error")
+    assert node.core.disk_full and node.core.status(0, 0)["disk_full"]
