@@ -23,6 +23,7 @@ from typing import Any
 from failover import defaults, kinds
 from failover.agent.apply_queue import ApplyQueue
 from failover.agent.replica_host import ReplicaHost
+from failover.agent.replica_state import ReplicaState
 from failover.clock import monotonic_ms
 from failover.core.log_position import LogPosition
 from failover.core.replica import (
@@ -61,9 +62,7 @@ from failover.core.state_machine import (
 from failover.errors import (
     DiskFullError,
     LogCorruptError,
-    LogGapError,
     ReplicaBrokenError,
-    SnapshotCorruptError,
     StorageError,
     Unavailable,
 )
@@ -73,7 +72,6 @@ from failover.storage.snapshot import (
     ShippedSnapshot,
     SnapshotHeader,
     SnapshotStore,
-    load_snapshot,
     read_header,
 )
 from failover.storage.wal import WriteAheadLog
@@ -101,6 +99,7 @@ class Replica:
                               keepalive_ms=c.heartbeat_ms),
             heartbeat_ms=c.heartbeat_ms, coordinated=bool(c.coordinators))
         self.snapshots = SnapshotStore(root / "snapshots")
+        self.state = ReplicaState(meta.service, self.kind_cls, self.snapshots)
         self.wal: WriteAheadLog = None  # type: ignore[assignment]  # set by open()
         # Entries logged (or being logged, or shipped) and not applied, kept to apply.
         self.kept = ApplyQueue()
@@ -202,7 +201,10 @@ class Replica:
                 self.core.state_replaced(state)
                 self._last_snapshot_index = state.applied_index
             else:
-                self._recover_state()
+                fresh = self.state.recover(self.wal.first_index)
+                if fresh is not None:
+                    self.core.state_replaced(fresh)
+                    self._last_snapshot_index = fresh.applied_index
         except (StorageError, OSError) as exc:
             self.mark_broken(str(exc))
             return
@@ -210,36 +212,6 @@ class Replica:
         log.info("%s: opened as %s at epoch %d (recorded role; the coordinator confirms it)",
                  self.service, self.role, self.epoch)
         self._carry_out(self.core.open(self._log_info(), monotonic_ms()))
-
-    def _recover_state(self) -> None:
-        """Loads the newest snapshot that reads back whole and that the log continues from.
-
-        A damaged snapshot is skipped for an older one only when the log still holds every
-        entry after the older one: starting from a state at index S with a log that begins
-        after S + 1 would silently lose the entries in between, and a replica that did so
-        would go on to report a matched index it cannot back. That is `LogGapError`."""
-        first = self.wal.first_index
-        for path in self.snapshots.paths():
-            fresh = ReplicatedStateMachine(self.kind_cls())
-            try:
-                header = load_snapshot(path, _KindView(fresh))
-            except (SnapshotCorruptError, OSError) as exc:
-                log.error("%s: skipping snapshot %s: %s", self.service, path.name, exc)
-                continue
-            index = header.applied_index
-            break
-        else:
-            fresh, index = None, 0
-        if first > index + 1:
-            state = (f"the snapshot at index {index}" if fresh is not None
-                     else "empty (no snapshot reads back whole)")
-            raise LogGapError(
-                f"{self.service}: its newest readable state is {state}, but its log starts at "
-                f"index {first}: entries {index + 1}..{first - 1} are lost here; it cannot "
-                "recover on its own and is rebuilt from a peer")
-        if fresh is not None:
-            self.core.state_replaced(fresh)
-            self._last_snapshot_index = index
 
     def mark_broken(self, reason: str) -> None:
         """This replica cannot read its own snapshot or log: from now on it serves nothing,
@@ -732,11 +704,7 @@ class Replica:
         """Writes a snapshot of the applied state (serialised here, written on an I/O thread)."""
         sm = self.sm
         index = sm.applied_index
-        header = SnapshotHeader(
-            kind=self.meta.kind, kind_version=self.kind_cls.version, applied_index=index,
-            epoch=sm.applied_epoch, digest=sm.digest(), raw_bytes=0,
-            extra={"history": [list(h) for h in self.wal.epoch_history if h[1] <= index]},
-        )
+        header = self.state.header(sm, self.meta.kind, self.wal.epoch_history)
         # The chunks are taken now, while no entry can be applied in between.
         chunks = list(sm.snapshot())
         loop = asyncio.get_running_loop()
@@ -796,7 +764,8 @@ class Replica:
         if cut.rewind:
             # Entries this replica applied are not on the new primary (async mode only): the
             # state goes back to a snapshot at or below the cut (or to empty).
-            fresh = await loop.run_in_executor(self.agent.io, self._rewound_state, after_index)
+            fresh = await loop.run_in_executor(self.agent.io, self.state.rewound, after_index,
+                                               self.wal.first_index)
             log.warning("%s: rewound applied state from %d to %d to drop a divergent tail",
                         self.service, self.sm.applied_index, fresh.applied_index)
             # Swapped here, on the loop, so the applier never sees a half-replaced state.
@@ -810,22 +779,6 @@ class Replica:
             log.warning("%s: truncated %d divergent entries after index %d", self.service,
                         dropped, after_index)
         return self._ack("ok", truncated=dropped)
-
-    def _rewound_state(self, index: int) -> ReplicatedStateMachine:
-        """A state at or below `index`: the newest snapshot there, or empty (runs on an I/O
-        thread; the log replays the rest as the commit index allows)."""
-        fresh = ReplicatedStateMachine(self.kind_cls())
-        for path in reversed(self.snapshots.paths()):
-            header = read_header(path)
-            if header.applied_index <= index:
-                load_snapshot(path, _KindView(fresh))
-                break
-            path.unlink()  # holds entries that are being truncated
-        if fresh.applied_index < self.wal.first_index - 1:
-            raise StorageError(
-                f"{self.service}: cannot rewind to index {index}: no snapshot at or below it "
-                "and the log before it was compacted; discard this replica to rebuild it")
-        return fresh
 
     async def receive_batch(self, epoch: int, batch_id: int, prev: LogPosition,
                             first_index: int, last_index: int, records: bytes,
@@ -873,10 +826,7 @@ class Replica:
         arrive, writing them to a file that is not a snapshot yet (runs on an I/O thread;
         touches nothing of this replica, so a damaged or interrupted stream leaves its state
         and log as they were). `install_snapshot` then puts both in place."""
-        fresh = ReplicatedStateMachine(self.kind_cls())
-        shipped = self.snapshots.receive(header)
-        shipped.receive(frames, _KindView(fresh))
-        return fresh, shipped
+        return self.state.receive(header, frames)
 
     async def install_snapshot(self, header: SnapshotHeader, fresh: ReplicatedStateMachine,
                                shipped: ShippedSnapshot) -> None:
@@ -884,19 +834,11 @@ class Replica:
         lock): the file and the log change on an I/O thread, the state here, on the loop,
         so the applier never sees a half-replaced state."""
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.agent.io, self._install_snapshot_files, header, shipped)
+        await loop.run_in_executor(self.agent.io, self.state.install, self.wal, header, shipped,
+                                   self.sm.applied_index)
         self._last_snapshot_index = header.applied_index
         self.kept.clear()
         self.core.snapshot_installed_here(fresh, header.applied_index, self._log_info())
-
-    def _install_snapshot_files(self, header: SnapshotHeader, shipped: ShippedSnapshot) -> None:
-        shipped.publish()
-        # The old log is behind or diverged from the snapshot: start the log at its index.
-        self.wal.truncate_after(max(self.wal.first_index - 1, min(self.wal.last_index,
-                                                                   self.sm.applied_index)))
-        history = header.extra.get("history") if header.extra else None
-        self.wal.compact(header.applied_index, header.epoch,
-                         [(int(e), int(i)) for e, i in history] if history else None)
 
     # --- status --------------------------------------------------------------------------
 
@@ -905,18 +847,3 @@ class Replica:
         durable = self.wal.durable_index if self.wal is not None else 0
         return self.core.status(durable, monotonic_ms())
 
-
-class _KindView:
-    """Lets `load_snapshot` restore a whole replicated state machine as if it were a kind
-    (with the kind's name and version, so a snapshot of another kind is refused)."""
-
-    def __init__(self, sm: ReplicatedStateMachine) -> None:
-        self._sm = sm
-        self.name = sm.kind.name
-        self.version = sm.kind.version
-
-    def restore(self, chunks: Iterable[bytes]) -> None:
-        self._sm.restore(chunks)
-
-    def digest(self) -> bytes:
-        return self._sm.digest()
