@@ -93,8 +93,23 @@ PAGED_ARENA_BYTES_MAX = 1 << 30
 # Coordinator.
 AGENT_CALL_TIMEOUT_MS = 2000
 HEARS_PRIMARY_TIMEOUT_MS = 200
-COORDINATOR_HOST_QUEUE_MAX = 10_000  # calls queued for one agent
-ROUTE_WATCHERS_MAX = 10_000
+COORDINATOR_HOST_QUEUE_MAX = 10_000  # calls queued for one agent; more are dropped, logged
+COORDINATOR_QUEUED_CALLS_MAX = 100_000  # calls queued for all agents together; likewise
+ROUTE_WATCHERS_MAX = 10_000  # concurrent WatchRoutes streams; more get RESOURCE_EXHAUSTED
+# Replicas one heartbeat may report (a host holding more is refused: INVALID_ARGUMENT), and
+# DropReplica calls one heartbeat may cause for replicas the records do not give the host
+# (the rest wait for a later heartbeat): a forged report of thousands of unknown services
+# must not fill the host's queue.
+HEARTBEAT_REPLICAS_MAX = 10_000
+HEARTBEAT_DROPS_MAX = 64
+# Host metrics beyond these are not a real host's: such a heartbeat or registration is
+# refused (INVALID_ARGUMENT), so a rogue cannot win placement by claiming them.
+HOST_METRIC_BYTES_MAX = 1 << 50  # disk and memory (1 PiB)
+HOST_METRIC_CPUS_MAX = 4096
+# Of a patch command's output, the last this many characters go back to an admin caller.
+PATCH_OUTPUT_CHARS_MAX = 4000
+# Of an agent's refusal of a patch restart, this many characters go into history.
+PATCH_REFUSAL_CHARS_MAX = 300
 SWITCHOVER_TIMEOUT_MS = 5000
 # How long a read on a new (or restarted) primary waits for the log it inherited to be
 # committed and applied before it is refused as Unavailable (the client retries).

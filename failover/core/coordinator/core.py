@@ -17,7 +17,9 @@ switchover and a migration), `routes` (assignments and the routes table) and `op
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import msgpack
 
@@ -47,11 +49,13 @@ from failover.core.coordinator.model import (
 from failover.core.coordinator.operations import MigratePlan, PatchPlan, Plan, SwitchoverPlan
 from failover.core.coordinator.redundancy import Redundancy
 from failover.core.coordinator.routes import Routes
+from failover.core.names import check_command_name, check_host_id, check_service_name
 from failover.core.placement import Resources
 from failover.core.roles import DUPLICA, PRIMARY
 from failover.errors import InvalidRequest
 
 DEFAULT_TIMING = Timing()
+NOTICES_MAX = 256
 
 
 class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
@@ -106,6 +110,11 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
         self.patching: set[str] = set()
         # op id -> the plan of an operation in progress (switchover, migration, patch)
         self.operations: dict[str, Plan] = {}
+        # What the daemon should log (a report refused or ignored): it takes them after each
+        # call; the oldest go first if nobody does.
+        self.notices: deque[str] = deque(maxlen=NOTICES_MAX)
+        # (duplica, service, epoch) whose unverifiable matched index was noted once
+        self._unverified_noted: set[tuple[str, str, int]] = set()
 
     # --- restore ---------------------------------------------------------------------------
 
@@ -136,6 +145,7 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
     def create_service(self, name: str, kind: str, replicas: int, mode: str, now_ms: int,
                        needs: Resources | None = None, policy: str = "") -> list[Action]:
         """Places and creates a service: the first host chosen holds the primary."""
+        check_service_name(name)
         if name in self.services:
             raise InvalidRequest(f"service {name!r} exists already")
         if mode not in ("sync", "async"):
@@ -168,6 +178,7 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
         ]
 
     def delete_service(self, name: str) -> list[Action]:
+        check_service_name(name)
         service = self.services.pop(name, None)
         if service is None:
             raise InvalidRequest(f"no service {name!r}")
@@ -181,6 +192,22 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
                 actions.append(DropReplica(host, info.address, name, service.epoch))
         actions.extend(self._bump_routes())
         return actions
+
+    def audit(self, caller: str, rpc: str, target: str, outcome: str,
+              service: str = "") -> list[Action]:
+        """Records an admin's or operator's call in history: who (`caller`, the identity in
+        its certificate, or "anonymous (no TLS)"), what (`rpc`, `target`) and how it ended
+        (`outcome`). Durable like every history row: through `Persist`."""
+        details: dict[str, Any] = {"caller": caller, "rpc": rpc, "target": target,
+                                   "outcome": outcome}
+        return [Persist({}, history=((service, "audit",
+                                      f"{caller}: {rpc} {target}: {outcome}", details),))]
+
+    def take_notices(self) -> list[str]:
+        """What happened that the daemon should log, since it last asked."""
+        notices = list(self.notices)
+        self.notices.clear()
+        return notices
 
     # --- time ------------------------------------------------------------------------------
 
@@ -203,6 +230,9 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
     def start_switchover(self, op_id: str, name: str, to_host: str,
                          now_ms: int) -> list[Action]:
         """An operator's switchover of `name` to `to_host` ("" lets the core choose)."""
+        check_service_name(name)
+        if to_host:
+            check_host_id(to_host, "target host")
         return self._start(SwitchoverPlan(self, op_id, name, to_host), now_ms)
 
     def start_primary_move(self, op_id: str, action: StartSwitchover,
@@ -217,13 +247,23 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
                         method: str = "precopy", from_host: str = "",
                         max_bandwidth_bytes_s: int = 0) -> list[Action]:
         """An operator's move of a replica of `name` to `to_host`."""
+        check_service_name(name)
+        check_host_id(to_host, "target host")
+        if from_host:
+            check_host_id(from_host, "source host")
         return self._start(MigratePlan(self, op_id, name, to_host, replica, max_downtime_ms,
                                        method, from_host, max_bandwidth_bytes_s), now_ms)
 
     def start_patch(self, op_id: str, hosts: list[str], now_ms: int, everything: bool = False,
                     command: str = "", failback: bool = False, method: str = "precopy",
                     command_timeout_ms: int = 0) -> list[Action]:
-        """An operator's patch of `hosts` (or of every host), one at a time."""
+        """An operator's patch of `hosts` (or of every host), one at a time. `command` is
+        the name of an entry of each host's allowlist ("" for none), never a command line:
+        what runs on a host is set on the host."""
+        for host in hosts:
+            check_host_id(host)
+        if command:
+            check_command_name(command)
         return self._start(PatchPlan(self, op_id, hosts, everything, command, failback,
                                      method, command_timeout_ms), now_ms)
 

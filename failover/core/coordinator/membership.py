@@ -12,8 +12,10 @@ current generation and it holds what the primary had acknowledged then.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+from failover import defaults
 from failover.core.coordinator.actions import Action, DropReplica, Persist
 from failover.core.coordinator.model import (
     HOST_PREFIX,
@@ -26,8 +28,39 @@ from failover.core.coordinator.model import (
     pack,
     set_in_sync,
 )
+from failover.core.names import check_host_id, check_service_name
 from failover.core.roles import BUILDING, DUPLICA, PRIMARY
 from failover.errors import InvalidRequest
+
+# The metrics a host reports, and the largest value each may take (a larger, negative or
+# non-finite one is not a real host's).
+_METRIC_MAX = {
+    "cpu_percent": 100.0,
+    "memory_percent": 100.0,
+    "disk_free_bytes": float(defaults.HOST_METRIC_BYTES_MAX),
+    "disk_total_bytes": float(defaults.HOST_METRIC_BYTES_MAX),
+    "memory_total_bytes": float(defaults.HOST_METRIC_BYTES_MAX),
+    "cpu_count": float(defaults.HOST_METRIC_CPUS_MAX),
+}
+
+
+def check_metrics(host_id: str, metrics: dict[str, float] | None) -> None:
+    """Raises InvalidRequest unless every metric is finite and within what a real host has
+    (`HOST_METRIC_BYTES_MAX`, `HOST_METRIC_CPUS_MAX`, percentages 0-100), and the free disk
+    is no more than the whole: a rogue claiming 2^60 free bytes must not win placement."""
+    for name, value in (metrics or {}).items():
+        bound = _METRIC_MAX.get(name)
+        if bound is None:
+            raise InvalidRequest(f"host {host_id}: unknown metric {name!r}")
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or \
+                not 0 <= value <= bound:
+            raise InvalidRequest(f"host {host_id}: metric {name} = {value!r} is not a real "
+                                 f"host's (0..{bound:g}); the report was refused")
+    free = (metrics or {}).get("disk_free_bytes", 0.0)
+    total = (metrics or {}).get("disk_total_bytes", 0.0)
+    if total and free > total:
+        raise InvalidRequest(f"host {host_id}: {free:g} free disk bytes of {total:g}; the "
+                             "report was refused")
 
 
 class Membership(CoreState):
@@ -36,12 +69,27 @@ class Membership(CoreState):
 
     def register(self, info: HostInfo, now_ms: int,
                  metrics: dict[str, float] | None = None) -> list[Action]:
-        """A host's agent started (or re-registers)."""
+        """A host's agent started (or re-registers).
+
+        Refused (InvalidRequest, nothing changed): a host id outside the name rule, absurd
+        metrics, and a new address for a host that is alive (it heartbeated within the
+        failure timeout): a host moves only after it stopped, so that a forged registration
+        cannot route its clients elsewhere while it serves."""
         if not info.host_id or not info.address:
             raise InvalidRequest("register needs a host_id and an address")
+        check_host_id(info.host_id)
+        check_metrics(info.host_id, metrics)
         known = self.hosts.get(info.host_id)
         actions: list[Action] = []
         if known is not None:
+            live = self.live.get(info.host_id)
+            if (known.address != info.address and live is not None and live.alive
+                    and now_ms - live.last_heartbeat_ms < self.timing.failure_timeout_ms):
+                raise InvalidRequest(
+                    f"host {info.host_id} is alive at {known.address} (it heartbeated "
+                    f"{now_ms - live.last_heartbeat_ms} ms ago): a host registers at a new "
+                    f"address only after it stopped for failure_timeout_ms "
+                    f"({self.timing.failure_timeout_ms}); stop the old agent first")
             info.draining = known.draining
         if known != info:
             self.hosts[info.host_id] = info
@@ -63,8 +111,16 @@ class Membership(CoreState):
                                                                         list[Action]]:
         """A host is alive; returns the leases granted [(service, epoch, lease_ms)] and
         actions (re-assignments of replicas that disagree with the record, in-sync changes)."""
+        check_host_id(host_id)
         if host_id not in self.hosts:
             raise InvalidRequest(f"host {host_id!r} is not registered: register first")
+        if len(replicas) > defaults.HEARTBEAT_REPLICAS_MAX:
+            raise InvalidRequest(f"host {host_id}: a heartbeat of {len(replicas)} replicas is "
+                                 f"over heartbeat_replicas_max "
+                                 f"({defaults.HEARTBEAT_REPLICAS_MAX}); refused")
+        check_metrics(host_id, metrics)
+        for report in replicas:
+            check_service_name(report.service)
         live = self.live.setdefault(host_id, HostLive(last_heartbeat_ms=now_ms))
         actions: list[Action] = []
         if live.dead:
@@ -76,6 +132,7 @@ class Membership(CoreState):
         live.metrics = metrics
         live.replicas = {r.service: r for r in replicas}
         self._deposed = {k for k in self._deposed if k[1] != host_id}
+        self._note_unverified(host_id, replicas)
         leases: list[tuple[str, int, int]] = []
         actions.extend(self._drop_unknown(host_id, replicas, now_ms))
         for service in self.services.values():
@@ -162,8 +219,11 @@ class Membership(CoreState):
                       now_ms: int) -> list[Action]:
         """A host reports a replica the records do not give it (retired while the host was
         away, or of a deleted service): tell it to drop it, at most once per failure
-        timeout. It serves nothing meanwhile: it holds no role the coordinator confirms."""
+        timeout. It serves nothing meanwhile: it holds no role the coordinator confirms.
+        At most `HEARTBEAT_DROPS_MAX` drops per heartbeat: the others wait for a later one
+        (a forged report of thousands must not fill the host's queue)."""
         actions: list[Action] = []
+        waiting = 0
         for report in replicas:
             service = self.services.get(report.service)
             if service is not None and host_id in service.replicas:
@@ -175,10 +235,18 @@ class Membership(CoreState):
             last = self._reassigned_ms.get(key)
             if last is not None and now_ms - last < self.timing.failure_timeout_ms:
                 continue
+            if len(actions) >= defaults.HEARTBEAT_DROPS_MAX:
+                waiting += 1
+                continue
             self._reassigned_ms[key] = now_ms
             epoch = max(report.epoch, service.epoch if service is not None else 0)
             actions.append(DropReplica(host_id, self.hosts[host_id].address, report.service,
                                        epoch))
+        if waiting:
+            self.notices.append(
+                f"host {host_id} reports {waiting} more replicas the records do not give it "
+                f"than heartbeat_drops_max ({defaults.HEARTBEAT_DROPS_MAX}) drops at once; "
+                "they are dropped on later heartbeats")
         return actions
 
     def _update_promotable(self, service: ServiceInfo) -> list[Action]:
@@ -192,13 +260,47 @@ class Membership(CoreState):
             if (member in service.promotable
                     or (threshold is not None and report is not None
                         and report.epoch == service.epoch
-                        and report.matched_index >= threshold)):
+                        and self._matched(service, member, report) >= threshold)):
                 promotable.append(member)
         promotable.sort()
         if promotable == service.promotable:
             return []
         service.promotable = promotable
         return [Persist({SERVICE_PREFIX + service.name: pack(service)})]
+
+    def _matched(self, service: ServiceInfo, host_id: str, report: ReplicaReport) -> int:
+        """A duplica's matched index as far as its primary's own reports bear it out: one
+        above the durable index the primary last reported (at this epoch) is not acted on,
+        -1, until the primary reports that far; a forged 10^9 never is."""
+        if host_id == service.primary:
+            return report.matched_index
+        live = self.live.get(service.primary)
+        primary = live.replicas.get(service.name) if live is not None else None
+        if primary is None or primary.epoch != report.epoch:
+            return -1
+        if report.matched_index > primary.durable_index:
+            return -1
+        return report.matched_index
+
+    def _note_unverified(self, host_id: str, reports: list[ReplicaReport]) -> None:
+        """A primary just reported: a duplica whose earlier report claimed more than this
+        primary now holds reported an index no primary logged; it is ignored, and said."""
+        for report in reports:
+            service = self.services.get(report.service)
+            if service is None or service.primary != host_id or report.role != PRIMARY:
+                continue
+            for member in service.duplicas():
+                live = self.live.get(member)
+                claim = live.replicas.get(service.name) if live is not None else None
+                if (claim is not None and claim.epoch == report.epoch
+                        and claim.matched_index > report.durable_index):
+                    noted = (member, service.name, report.epoch)
+                    if noted not in self._unverified_noted:
+                        self._unverified_noted.add(noted)
+                        self.notices.append(
+                            f"{member} reports matched index {claim.matched_index} of "
+                            f"{service.name}, beyond what its primary {host_id} logged "
+                            f"({report.durable_index}): ignored until the primary holds it")
 
     def _forget_thresholds(self, service: str) -> None:
         """Thresholds were the old primary's durable index: a new primary sets its own."""
@@ -254,7 +356,7 @@ class Membership(CoreState):
                     and role in (DUPLICA, BUILDING) and not report.disk_full
                     and not report.broken
                     # Not the durable index: a tail the primary has not checked may diverge.
-                    and report.matched_index >= primary_report.commit_index
+                    and self._matched(service, host, report) >= primary_report.commit_index
                 ):
                     set_in_sync(service, sorted({*service.in_sync, host}))
                     if role == BUILDING:

@@ -9,6 +9,7 @@ heartbeats rebuild within a heartbeat interval after a restart.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -161,3 +162,5 @@ class CoreState:
     _building_since: dict[tuple[str, str], int]
     _drain_moved_ms: dict[str, int]
     _move_to: dict[str, str]
+    notices: deque[str]
+    _unverified_noted: set[tuple[str, str, int]]

@@ -23,6 +23,7 @@ from failover.core.coordinator.model import (
     pack,
     set_in_sync,
 )
+from failover.core.names import check_host_id
 from failover.core.placement import HostView, Resources
 from failover.core.roles import BUILDING, PRIMARY
 from failover.errors import InvalidRequest
@@ -226,6 +227,7 @@ class Redundancy(CoreState):
     def set_draining(self, host_id: str, draining: bool) -> list[Action]:
         """Marks a host draining (no new replicas; its primaries move off by switchover and
         its replicas are rebuilt elsewhere, then retired) or not."""
+        check_host_id(host_id)
         info = self.hosts.get(host_id)
         if info is None:
             raise InvalidRequest(f"no host {host_id!r}; `failoverctl hosts` lists them")
