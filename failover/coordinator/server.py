@@ -58,9 +58,10 @@ from failover.core.coordinator import (
 )
 from failover.core.placement import Resources
 from failover.core.roles import PRIMARY
-from failover.errors import Unavailable
+from failover.errors import Overloaded, Unavailable
 from failover.net import channels
 from failover.net.convert import assign_request, cluster_status
+from failover.net.tls import TlsMaterial
 from failover.storage.store import Store
 from failover.v1 import agent_pb2, agent_pb2_grpc, coordinator_pb2
 
@@ -83,11 +84,14 @@ def _pages(kind: str) -> bool:
 
 class _HostCaller:
     """Calls one agent, in order, from a bounded queue; failures are logged (heartbeats
-    re-send what a host missed)."""
+    re-send what a host missed). With TLS the agent must present a certificate naming its
+    host id (`server_name`), whatever address it registered."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, host_id: str, tls: TlsMaterial | None = None) -> None:
         self.address = address
-        self.channel = channels.insecure_channel(address, own_connection=True)
+        self.host_id = host_id
+        self.tls = tls
+        self.channel = self._connect()
         self.stub = agent_pb2_grpc.AgentControlStub(self.channel)
         self.queue: asyncio.Queue[Action] = asyncio.Queue(
             maxsize=defaults.COORDINATOR_HOST_QUEUE_MAX)
@@ -103,6 +107,10 @@ class _HostCaller:
                          exc.code().name, exc.details())
             except Exception:
                 log.exception("%s to %s failed", type(action).__name__, self.address)
+
+    def _connect(self) -> grpc.aio.Channel:
+        return channels.channel(self.address, self.tls, server_name=self.host_id or None,
+                                own_connection=True)
 
     async def _call(self, action: Action) -> None:
         if isinstance(action, AssignRole):
@@ -124,7 +132,7 @@ class _HostCaller:
         host's assignment (its new primary and peers) would fail at once and never be sent
         again, as heartbeats re-send only a role or epoch that differs."""
         old = self.channel
-        self.channel = channels.insecure_channel(self.address, own_connection=True)
+        self.channel = self._connect()
         self.stub = agent_pb2_grpc.AgentControlStub(self.channel)
         # Calls in flight on the old channel finish (or time out) first: closing it at once
         # would cancel an assignment mid-call.
@@ -151,23 +159,29 @@ class _Operation:
             maxsize=OPERATION_PROGRESS_MAX)
         self.calls: set[asyncio.Task[Any]] = set()
         self.ended = False
+        self.show_output = False  # pass what a patch command printed to the caller
 
 
 class Coordinator:
     """The running coordinator: core + store + agents + route watchers."""
 
     def __init__(self, store: Store, timing: Timing | None = None,
-                 placement_policy: str = defaults.PLACEMENT_POLICY) -> None:
+                 placement_policy: str = defaults.PLACEMENT_POLICY,
+                 tls: TlsMaterial | None = None) -> None:
         self.store = store
+        # With TLS, every call to an agent presents this coordinator's certificate and
+        # checks the agent's against its host id.
+        self.tls = tls
         self.timing = timing or Timing()
         self.core = CoordinatorCore(self.timing, placement_policy, _pages)
         self._lock = asyncio.Lock()
         # op id -> an operation whose end has not been carried out yet
         self._operations: dict[str, _Operation] = {}
-        self._callers: dict[str, _HostCaller] = {}
+        self._callers: dict[tuple[str, str], _HostCaller] = {}  # (host id, address) ->
         self._watchers: set[asyncio.Queue[coordinator_pb2.RoutesUpdate]] = set()
         self._routes = coordinator_pb2.RoutesUpdate()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._dropped_calls = 0
         self._tick_task: asyncio.Task[None] | None = None
         # Set when the store can no longer be read: the daemon exits (see `_reload`).
         self.fatal = asyncio.Event()
@@ -186,7 +200,7 @@ class Coordinator:
             self._tick_task.cancel()
         for task in list(self._tasks):
             task.cancel()
-        for caller in self._callers.values():
+        for caller in list(self._callers.values()):
             await caller.close()
         await self.store.close()
 
@@ -225,6 +239,8 @@ class Coordinator:
                 cancelled = True  # finish first; the cancellation is passed on below
             except Exception:
                 break  # the failure is raised below
+        for notice in self.core.take_notices():
+            log.warning("%s", notice)
         if cancelled:
             if not carried.cancelled() and carried.exception() is not None:
                 log.error("carrying out actions failed while cancelled: %s",
@@ -244,7 +260,7 @@ class Coordinator:
                         "reloaded its state from the store and did not act on it: retry"
                     ) from exc
             elif isinstance(action, (AssignRole, StepDown, DropReplica)):
-                self._caller(action.address).queue.put_nowait(action)
+                self._enqueue(action)
             elif isinstance(action, AskHearsPrimary):
                 self._spawn(self._ask_hears_primary(action))
             elif isinstance(action, PushRoutes):
@@ -287,21 +303,39 @@ class Coordinator:
         self.core = core
         await self._carry_out(actions)
 
-    def _caller(self, address: str) -> _HostCaller:
-        caller = self._callers.get(address)
+    def _caller(self, host_id: str, address: str) -> _HostCaller:
+        caller = self._callers.get((host_id, address))
         if caller is None:
-            caller = self._callers[address] = _HostCaller(address)
+            caller = self._callers[(host_id, address)] = _HostCaller(address, host_id, self.tls)
         return caller
+
+    def _enqueue(self, action: AssignRole | StepDown | DropReplica) -> None:
+        """Queues a call to an agent; never blocks, never fails the actions after it. A full
+        queue (`COORDINATOR_HOST_QUEUE_MAX` for the host, `COORDINATOR_QUEUED_CALLS_MAX` for
+        all) drops the call and says so: heartbeats re-send an assignment a host lacks, and
+        the drop of a replica it should not hold."""
+        caller = self._caller(action.host_id, action.address)
+        queued = sum(c.queue.qsize() for c in self._callers.values())
+        if caller.queue.full() or queued >= defaults.COORDINATOR_QUEUED_CALLS_MAX:
+            self._dropped_calls += 1
+            if self._dropped_calls == 1 or self._dropped_calls % 1000 == 0:
+                log.warning("call queue full (%d for %s, %d in all): %s of %s to %s dropped "
+                            "(%d dropped so far); a later heartbeat sends it again",
+                            caller.queue.qsize(), action.host_id, queued,
+                            type(action).__name__, action.service, action.host_id,
+                            self._dropped_calls)
+            return
+        caller.queue.put_nowait(action)
 
     async def _ask_hears_primary(self, action: AskHearsPrimary) -> None:
         async def ask(host_id: str, address: str) -> HearsAnswer:
             try:
-                reply = await self._caller(address).stub.HearsPrimary(
+                reply = await self._caller(host_id, address).stub.HearsPrimary(
                     agent_pb2.HearsPrimaryRequest(service=action.service),
                     timeout=HEARS_PRIMARY_TIMEOUT_S)
             except grpc.aio.AioRpcError:
                 return HearsAnswer(host_id, reachable=False)
-            status = await self._caller(address).stub.GetStatus(
+            status = await self._caller(host_id, address).stub.GetStatus(
                 agent_pb2.GetStatusRequest(), timeout=HEARS_PRIMARY_TIMEOUT_S)
             # The matched index, not the durable one: the promoted duplica must hold every
             # committed entry, and an unverified durable tail may be a fenced primary's.
@@ -333,10 +367,11 @@ class Coordinator:
 
     async def register(self, info: HostInfo, metrics: dict[str, float] | None = None) -> None:
         async with self._lock:
-            caller = self._callers.get(info.address)
+            actions = self.core.register(info, monotonic_ms(), metrics)  # may refuse it
+            caller = self._callers.get((info.host_id, info.address))
             if caller is not None:
                 caller.reconnect()  # the host just proved it is reachable
-            await self._execute(self.core.register(info, monotonic_ms(), metrics))
+            await self._execute(actions)
 
     async def heartbeat(self, host_id: str, metrics: dict[str, float],
                         replicas: list[ReplicaReport]) -> list[tuple[str, int, int]]:
@@ -347,8 +382,8 @@ class Coordinator:
 
     async def watch_routes(self) -> AsyncIterator[coordinator_pb2.RoutesUpdate]:
         if len(self._watchers) >= defaults.ROUTE_WATCHERS_MAX:
-            raise Unavailable(f"{defaults.ROUTE_WATCHERS_MAX} route watchers already; try another "
-                              "coordinator")
+            raise Overloaded(f"{defaults.ROUTE_WATCHERS_MAX} route watchers already "
+                             "(route_watchers_max); try again later or another coordinator")
         queue: asyncio.Queue[coordinator_pb2.RoutesUpdate] = asyncio.Queue(maxsize=4)
         self._watchers.add(queue)
         try:
@@ -415,12 +450,16 @@ class Coordinator:
                     raise Unavailable(item.why)
 
     async def patch(self, hosts: list[str], everything: bool, command: str, failback: bool,
-                    method: str, command_timeout_ms: int,
+                    method: str, command_timeout_ms: int, show_output: bool = False,
                     ) -> AsyncIterator[coordinator_pb2.PatchProgress]:
         """Restarts hosts on new code, one at a time (`PatchPlan`). A failed step stops the
-        patch with the cluster serving; its last step says so."""
+        patch with the cluster serving; its last step says so. `command` names an entry of
+        each host's allowlist. With `show_output` (an admin's call) what each host's command
+        printed (its last `PATCH_OUTPUT_CHARS_MAX` characters) comes back as a step
+        "output"; it never goes into history."""
         op = await self._start(lambda op_id, now: self.core.start_patch(
-            op_id, hosts, now, everything, command, failback, method, command_timeout_ms))
+            op_id, hosts, now, everything, command, failback, method, command_timeout_ms),
+            show_output=show_output)
         async with contextlib.aclosing(self._results(op)) as results:
             async for item in results:
                 if isinstance(item, Progress):
@@ -434,10 +473,12 @@ class Coordinator:
         except Unavailable as exc:  # a failed commit: the next tick asks again
             log.error("moving %s off its host: %s", action.service, exc)
 
-    async def _start(self, start: Callable[[str, int], list[Action]]) -> _Operation:
+    async def _start(self, start: Callable[[str, int], list[Action]],
+                     show_output: bool = False) -> _Operation:
         """Starts an operation in the core (which may refuse it: InvalidRequest) and
         carries out its first actions."""
         op = _Operation(uuid.uuid4().hex)
+        op.show_output = show_output
         self._operations[op.op_id] = op
         try:
             async with self._lock:
@@ -524,7 +565,7 @@ class Coordinator:
 
     async def _prepare(self, action: PrepareSwitchover) -> None:
         try:
-            await self._caller(action.address).stub.PrepareSwitchover(
+            await self._caller(action.host_id, action.address).stub.PrepareSwitchover(
                 agent_pb2.PrepareSwitchoverRequest(
                     service=action.service, epoch=action.epoch, target_host_id=action.target,
                     timeout_ms=action.timeout_ms, switchover_id=action.switchover_id),
@@ -536,7 +577,7 @@ class Coordinator:
 
     async def _release(self, action: ReleaseSwitchover) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError):
-            await self._caller(action.address).stub.PrepareSwitchover(
+            await self._caller(action.host_id, action.address).stub.PrepareSwitchover(
                 agent_pb2.PrepareSwitchoverRequest(
                     service=action.service, epoch=action.epoch, release=True,
                     switchover_id=action.switchover_id),
@@ -545,7 +586,7 @@ class Coordinator:
     async def _migrate_out(self, action: StartMigration) -> None:
         stats: dict[str, Any] | None = None
         try:
-            stream = self._caller(action.address).stub.MigrateOut(
+            stream = self._caller(action.host_id, action.address).stub.MigrateOut(
                 agent_pb2.MigrateOutRequest(
                     service=action.service, epoch=action.epoch,
                     migration_id=action.migration_id, target_host_id=action.target_host_id,
@@ -567,15 +608,47 @@ class Coordinator:
         await self._answer(action.op_id, answer)
 
     async def _restart(self, action: RestartAgent) -> None:
+        """Asks the agent to run the allowlisted command `action.command` (a name) and
+        re-execute. What the command printed goes to an admin caller only, bounded; history
+        keeps the exit code and at most `PATCH_REFUSAL_CHARS_MAX` of a refusal."""
+        output = ""
         try:
-            reply = await self._caller(action.address).stub.Restart(
+            reply = await self._caller(action.host_id, action.address).stub.Restart(
                 agent_pb2.RestartRequest(command=action.command,
                                          command_timeout_ms=action.command_timeout_ms),
                 timeout=action.timeout_ms / 1000)
-            answer = Restarted(True, reply.version, reply.exit_code)
+            output = reply.output
+            if reply.exit_code != 0:
+                answer = Restarted(False, reply.version, reply.exit_code,
+                                   why=f"the patch command {action.command!r} exited with "
+                                   f"{reply.exit_code}")
+            else:
+                answer = Restarted(True, reply.version, reply.exit_code)
         except grpc.aio.AioRpcError as exc:
-            answer = Restarted(False, why=exc.details() or exc.code().name)
+            output = exc.details() or ""
+            why = " ".join((exc.details() or exc.code().name).split())
+            limit = defaults.PATCH_REFUSAL_CHARS_MAX
+            answer = Restarted(False, why=why if len(why) <= limit else why[:limit] + "...")
+        op = self._operations.get(action.op_id)
+        if output and op is not None and op.show_output:
+            self._ended(Progress(action.op_id, "output", output[-defaults.PATCH_OUTPUT_CHARS_MAX:],
+                                 action.host_id))
         await self._answer(action.op_id, answer)
+
+    def audit_later(self, caller: str, rpc: str, target: str, outcome: str,
+                    service: str = "") -> None:
+        """`audit` in a task of its own: for a call that was cancelled."""
+        self._spawn(self.audit(caller, rpc, target, outcome, service))
+
+    async def audit(self, caller: str, rpc: str, target: str, outcome: str,
+                    service: str = "") -> None:
+        """Records an admin's or operator's call in history (`CoordinatorCore.audit`); a
+        commit that fails is logged, and the call's own answer stands."""
+        try:
+            async with self._lock:
+                await self._execute(self.core.audit(caller, rpc, target, outcome, service))
+        except Unavailable as exc:
+            log.error("audit of %s %s by %s not recorded: %s", rpc, target, caller, exc)
 
     async def history(self, service: str, limit: int) -> list[Any]:
         return await self.store.history(service or None, max(1, min(limit or 100, 10_000)))

@@ -1,7 +1,17 @@
-"""The coordinator's gRPC servicer: a thin adapter over `failover.coordinator.server`."""
+"""The coordinator's gRPC servicer: a thin adapter over `failover.coordinator.server`.
+
+Trust (issue 13): with TLS the role check (`failover.net.authorization.RoleCheck`) has run
+before a handler; what depends on the request is checked here: an agent registers and
+heartbeats only as the host id in its certificate (`require_host`), a registered address
+must parse. The names in a request are checked by the core (`failover.core.names`). Every
+admin's and operator's call (create, delete, switchover, migrate, patch, drain, undrain) is
+recorded in history with the caller's identity, its target and its outcome (`_audited`).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, NoReturn
 
@@ -9,10 +19,12 @@ import grpc
 import grpc.aio
 import msgpack
 
-from failover.core.names import check_service_name
+from failover.core.names import check_host_id
+from failover.core.permissions import ADMIN, Identity, require_host
 from failover.core.placement import Resources
 from failover.core.roles import PRIMARY, SYNC
-from failover.errors import InvalidRequest, Unavailable
+from failover.errors import ConfigError, InvalidRequest, Overloaded, PermissionDenied, Unavailable
+from failover.net.address import parse_address
 from failover.net.convert import (
     MODE_FROM_PROTO,
     heartbeat_reply,
@@ -20,7 +32,10 @@ from failover.net.convert import (
     metrics_dict,
     replica_reports,
 )
+from failover.net.tls import peer_identity
 from failover.v1 import agent_pb2, coordinator_pb2, coordinator_pb2_grpc
+
+ANONYMOUS = "anonymous (no TLS)"
 
 if TYPE_CHECKING:
     from failover.coordinator.server import Coordinator
@@ -31,7 +46,14 @@ def check_name(name: str, what: str) -> None:
         raise InvalidRequest(f"{what} is required")
 
 
+_REFUSED = (InvalidRequest, Unavailable, PermissionDenied, Overloaded)
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
+    if isinstance(exc, PermissionDenied):
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+    if isinstance(exc, Overloaded):
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
     if isinstance(exc, InvalidRequest):
         code = grpc.StatusCode.FAILED_PRECONDITION if "not registered" in str(exc) \
             else grpc.StatusCode.INVALID_ARGUMENT
@@ -41,17 +63,60 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
     raise exc
 
 
+def _outcome(exc: BaseException | None) -> str:
+    if exc is None:
+        return "ok"
+    text = " ".join(str(exc).split())[:500]
+    if isinstance(exc, Unavailable):
+        return f"failed: {text}"
+    if isinstance(exc, _REFUSED):
+        return f"refused: {text}"
+    if isinstance(exc, GeneratorExit | asyncio.CancelledError):
+        return "ended: the caller went away"
+    return f"failed: {type(exc).__name__}"
+
+
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     def __init__(self, coordinator: Coordinator) -> None:
         self.c = coordinator
 
+    def _identity(self, context: grpc.aio.ServicerContext) -> Identity | None:
+        return peer_identity(context) if self.c.tls is not None else None
+
+    def _as_host(self, context: grpc.aio.ServicerContext, host_id: str) -> None:
+        """With TLS, an agent speaks only as the host id in its certificate."""
+        check_name(host_id, "host_id")
+        check_host_id(host_id)
+        if self.c.tls is not None:
+            require_host(peer_identity(context), host_id)
+
+    @contextlib.asynccontextmanager
+    async def _audited(self, context: grpc.aio.ServicerContext, rpc: str, target: str,
+                       service: str = "") -> AsyncIterator[None]:
+        """Records the call in history once it ends, however it ends."""
+        identity = self._identity(context)
+        caller = str(identity) if identity is not None else ANONYMOUS
+        try:
+            yield
+        except Exception as exc:
+            await self.c.audit(caller, rpc, target, _outcome(exc), service)
+            raise
+        except BaseException as exc:  # cancelled, or the stream closed: record it later
+            self.c.audit_later(caller, rpc, target, _outcome(exc), service)
+            raise
+        await self.c.audit(caller, rpc, target, _outcome(None), service)
+
     async def Register(self, request: coordinator_pb2.RegisterRequest,
                        context: grpc.aio.ServicerContext) -> coordinator_pb2.RegisterReply:
         try:
-            check_name(request.host_id, "host_id")
+            self._as_host(context, request.host_id)
             check_name(request.address, "address")
+            try:
+                parse_address(request.address, what="registered address")
+            except ConfigError as exc:
+                raise InvalidRequest(str(exc)) from None
             await self.c.register(host_info(request), metrics_dict(request.metrics))
-        except (InvalidRequest, Unavailable) as exc:
+        except _REFUSED as exc:
             await _abort(context, exc)
         return coordinator_pb2.RegisterReply(heartbeat_ms=self.c.timing.heartbeat_ms,
                                              lease_ms=self.c.timing.lease_ms)
@@ -59,9 +124,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def Heartbeat(self, request: coordinator_pb2.HeartbeatRequest,
                         context: grpc.aio.ServicerContext) -> coordinator_pb2.HeartbeatReply:
         try:
+            self._as_host(context, request.host_id)
             leases = await self.c.heartbeat(request.host_id, metrics_dict(request.metrics),
                                             replica_reports(request))
-        except (InvalidRequest, Unavailable) as exc:
+        except _REFUSED as exc:
             await _abort(context, exc)
         return heartbeat_reply(leases)
 
@@ -71,7 +137,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         try:
             async for update in self.c.watch_routes():
                 yield update
-        except Unavailable as exc:
+        except _REFUSED as exc:
             await _abort(context, exc)
 
     async def GetClusterStatus(self, request: coordinator_pb2.ClusterStatusRequest,
@@ -82,20 +148,22 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                             context: grpc.aio.ServicerContext,
                             ) -> coordinator_pb2.CreateServiceReply:
         try:
-            check_name(request.name, "name")
-            check_name(request.kind, "kind")
-            from failover.kinds import load_kind
+            async with self._audited(context, "create", f"{request.name} ({request.kind})",
+                                     request.name):
+                check_name(request.name, "name")
+                check_name(request.kind, "kind")
+                from failover.kinds import load_kind
 
-            check_service_name(request.name)
-            try:
-                kind = load_kind(request.kind)
-            except Exception as exc:
-                raise InvalidRequest(str(exc)) from None
-            needs = Resources(kind.needs_cpu, kind.needs_memory_bytes, kind.needs_disk_bytes)
-            await self.c.create_service(request.name, request.kind, request.replicas or 2,
-                                        MODE_FROM_PROTO.get(request.mode, SYNC), needs,
-                                        request.placement)
-        except (InvalidRequest, Unavailable) as exc:
+                try:
+                    kind = load_kind(request.kind)
+                except Exception as exc:
+                    raise InvalidRequest(str(exc)) from None
+                needs = Resources(kind.needs_cpu, kind.needs_memory_bytes,
+                                  kind.needs_disk_bytes)
+                await self.c.create_service(request.name, request.kind, request.replicas or 2,
+                                            MODE_FROM_PROTO.get(request.mode, SYNC), needs,
+                                            request.placement)
+        except _REFUSED as exc:
             await _abort(context, exc)
         status = self.c.status()
         view = next(s for s in status.services if s.name == request.name)
@@ -105,17 +173,21 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                             context: grpc.aio.ServicerContext,
                             ) -> coordinator_pb2.DeleteServiceReply:
         try:
-            await self.c.delete_service(request.name)
-        except (InvalidRequest, Unavailable) as exc:
+            async with self._audited(context, "delete", request.name, request.name):
+                await self.c.delete_service(request.name)
+        except _REFUSED as exc:
             await _abort(context, exc)
         return coordinator_pb2.DeleteServiceReply()
 
     async def Switchover(self, request: coordinator_pb2.SwitchoverRequest,
                          context: grpc.aio.ServicerContext) -> coordinator_pb2.SwitchoverReply:
         try:
-            epoch, primary, stall_ms = await self.c.switchover(request.service,
-                                                               request.to_host_id)
-        except (InvalidRequest, Unavailable) as exc:
+            async with self._audited(context, "switchover",
+                                     f"{request.service} to {request.to_host_id or 'any'}",
+                                     request.service):
+                epoch, primary, stall_ms = await self.c.switchover(request.service,
+                                                                   request.to_host_id)
+        except _REFUSED as exc:
             await _abort(context, exc)
         return coordinator_pb2.SwitchoverReply(epoch=epoch, primary_host_id=primary,
                                                stall_ms=stall_ms)
@@ -123,9 +195,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def DrainHost(self, request: coordinator_pb2.DrainHostRequest,
                         context: grpc.aio.ServicerContext) -> coordinator_pb2.DrainHostReply:
         try:
-            check_name(request.host_id, "host_id")
-            await self.c.set_draining(request.host_id, request.draining)
-        except (InvalidRequest, Unavailable) as exc:
+            async with self._audited(context, "drain" if request.draining else "undrain",
+                                     request.host_id):
+                check_name(request.host_id, "host_id")
+                await self.c.set_draining(request.host_id, request.draining)
+        except _REFUSED as exc:
             await _abort(context, exc)
         host = next(h for h in self.c.status().hosts if h.host_id == request.host_id)
         return coordinator_pb2.DrainHostReply(host=host)
@@ -134,25 +208,34 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                       context: grpc.aio.ServicerContext,
                       ) -> AsyncIterator[agent_pb2.MigrationProgress]:
         try:
-            check_name(request.service, "service")
-            check_name(request.to_host_id, "to_host_id")
-            async for progress in self.c.migrate(
-                    request.service, request.to_host_id, request.replica or PRIMARY,
-                    request.max_downtime_ms, request.method or "precopy",
-                    request.from_host_id, request.max_bandwidth_bytes_s):
-                yield progress
-        except (InvalidRequest, Unavailable) as exc:
+            async with self._audited(context, "migrate",
+                                     f"{request.service} ({request.replica or PRIMARY}) to "
+                                     f"{request.to_host_id}", request.service):
+                check_name(request.service, "service")
+                check_name(request.to_host_id, "to_host_id")
+                async for progress in self.c.migrate(
+                        request.service, request.to_host_id, request.replica or PRIMARY,
+                        request.max_downtime_ms, request.method or "precopy",
+                        request.from_host_id, request.max_bandwidth_bytes_s):
+                    yield progress
+        except _REFUSED as exc:
             await _abort(context, exc)
 
     async def Patch(self, request: coordinator_pb2.PatchRequest,
                     context: grpc.aio.ServicerContext,
                     ) -> AsyncIterator[coordinator_pb2.PatchProgress]:
+        identity = self._identity(context)
+        hosts = "all hosts" if request.all else ", ".join(request.host_ids[:16]) + (
+            f" and {len(request.host_ids) - 16} more" if len(request.host_ids) > 16 else "")
+        command = f" running {request.command[:64]!r}" if request.command else ""
         try:
-            async for progress in self.c.patch(
-                    list(request.host_ids), request.all, request.command, request.failback,
-                    request.method or "precopy", request.command_timeout_ms):
-                yield progress
-        except (InvalidRequest, Unavailable) as exc:
+            async with self._audited(context, "patch", hosts + command):
+                async for progress in self.c.patch(
+                        list(request.host_ids), request.all, request.command, request.failback,
+                        request.method or "precopy", request.command_timeout_ms,
+                        show_output=identity is not None and identity.role == ADMIN):
+                    yield progress
+        except _REFUSED as exc:
             await _abort(context, exc)
 
     async def GetHistory(self, request: coordinator_pb2.HistoryRequest,
