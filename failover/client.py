@@ -49,12 +49,14 @@ from failover.errors import (
     FailoverError,
     InvalidRequest,
     Overloaded,
+    PermissionDenied,
     RequestRejected,
     SessionExpired,
     Unavailable,
 )
 from failover.net import channels
 from failover.net.address import parse_address_list
+from failover.net.tls import TlsFiles, TlsMaterial
 from failover.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, data_pb2, data_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,10 @@ class Client:
     With `coordinator` (a comma list of coordinators) the client subscribes to the pushed
     routes table and follows it. `agents` (agent addresses) is the other way to find
     primaries: by asking, a non-primary answers with a redirect hint. Either or both.
+
+    With `tls` (`TlsFiles(ca, cert, key)`, checked when the client is made: ConfigError names
+    a bad file) every call to an agent and the routes watch are mutual TLS; a call the
+    certificate's role does not allow raises `PermissionDenied`.
     """
 
     def __init__(
@@ -99,7 +105,9 @@ class Client:
         agents: str | Sequence[str] | None = None,
         client_id: str | None = None,
         deadline_ms: int = defaults.CALL_DEADLINE_MS,
+        tls: TlsFiles | TlsMaterial | None = None,
     ) -> None:
+        self._tls = tls.load() if isinstance(tls, TlsFiles) else tls
         self._seeds = _addresses(agents, "agents")
         self._coordinators = _addresses(coordinator, "coordinator")
         if not self._seeds and not self._coordinators:
@@ -127,6 +135,9 @@ class Client:
         self._attempts: dict[str, set[tuple[str, grpc.aio.UnaryUnaryCall]]] = {}
         self._rerouted: set[int] = set()
         self._routes_changed = asyncio.Event()
+        # The coordinators refused this client's certificate the routes watch: waiting for
+        # a route raises it rather than waiting out the deadline.
+        self._denied: PermissionDenied | None = None
 
     async def __aenter__(self) -> Client:
         return self
@@ -150,7 +161,7 @@ class Client:
     def _stub(self, address: str) -> data_pb2_grpc.DataStub:
         stub = self._stubs.get(address)
         if stub is None:
-            channel = channels.insecure_channel(address)
+            channel = channels.channel(address, self._tls)
             self._channels[address] = channel
             stub = self._stubs[address] = data_pb2_grpc.DataStub(channel)
         return stub
@@ -172,8 +183,10 @@ class Client:
                 async for update in stream:
                     self._apply_routes(update)
                     backoff_ms = float(defaults.CLIENT_BACKOFF_MIN_MS)
-            except grpc.aio.AioRpcError:
-                pass
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
+                    self._denied = PermissionDenied.from_status(exc.details() or "")
+                    self._routes_changed.set()
             except Exception:
                 # The watcher is the client's only news of a failover: whatever went wrong
                 # with this stream, say so and subscribe again. Were it to end here, the
@@ -211,6 +224,8 @@ class Client:
             return self._seeds[self._seed_cursor], 0
         # Only a coordinator to ask: wait for a routes table that names the service.
         while (route := self._routes.get(service)) is None:
+            if self._denied is not None:
+                raise self._denied
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise Unavailable(f"{service}: no route from the coordinators "
@@ -310,6 +325,8 @@ class Client:
                 error_type = _error_type(exc)
                 if code == grpc.StatusCode.INVALID_ARGUMENT:
                     raise InvalidRequest(exc.details() or "invalid request") from None
+                if code == grpc.StatusCode.PERMISSION_DENIED:
+                    raise PermissionDenied.from_status(exc.details() or "") from None
                 if error_type == SessionExpired.__name__:
                     raise SessionExpired(f"{service}: {exc.details()}") from None
                 if code not in _NOT_LOGGED:

@@ -220,3 +220,11 @@ class PermissionDenied(FailoverError):
             f"permission denied: {caller} may not {action}: it needs {needed}; issue it a "
             "certificate of that role (failoverctl certs issue) or call with one"
         )
+
+    @classmethod
+    def from_status(cls, details: str) -> PermissionDenied:
+        """The error a PERMISSION_DENIED status stands for, its message the server's."""
+        error = cls.__new__(cls)
+        error.caller = error.action = error.needed = ""
+        FailoverError.__init__(error, details or "permission denied")
+        return error

@@ -5,10 +5,11 @@ smart client).
 Every coordinator call has a deadline (`--timeout-ms`, default 5 s, per coordinator address).
 With several `--coordinator` addresses they are tried in order; a coordinator that is
 UNAVAILABLE (and, for read-only calls, one that does not answer in time) passes the call to
-the next. Exit status: 0 done; 2 bad arguments, or the coordinator refused the request
-(INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ALREADY_EXISTS, OUT_OF_RANGE); 1 no
-coordinator answered or the call failed otherwise. Every failure is one line on stderr.
-What is printed, and the JSON contract for scripts, is in `failover.cli.output`.
+the next. With `--tls-ca/--tls-cert/--tls-key` every call is mutual TLS. Exit status: 0
+done; 2 bad arguments, or the coordinator refused the request (INVALID_ARGUMENT, NOT_FOUND,
+FAILED_PRECONDITION, ALREADY_EXISTS, OUT_OF_RANGE, PERMISSION_DENIED: the certificate's role
+does not allow it); 1 no coordinator answered or the call failed otherwise. Every failure is
+one line on stderr. What is printed, and the JSON contract for scripts, is in `failover.cli.output`.
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ from failover.errors import (
     ConfigError,
     FailoverError,
     InvalidRequest,
+    PermissionDenied,
     RequestRejected,
 )
 from failover.net import channels
 from failover.net.address import parse_address_list
+from failover.net.tls import TlsFiles, TlsMaterial
 from failover.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -51,6 +54,7 @@ _REFUSALS = {
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.ALREADY_EXISTS,
     grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.PERMISSION_DENIED,  # the caller's certificate lacks the role
 }
 
 
@@ -82,13 +86,30 @@ def _settings(ctx: click.Context) -> tuple[list[str], bool]:
     return addresses, obj.get("format") == "json"
 
 
-class CoordinatorCaller:
-    """Calls one `Coordinator` method on the first of `addresses` that answers."""
+def _tls_files(ctx: click.Context) -> TlsFiles | None:
+    """The files of the group's --tls-ca, --tls-cert and --tls-key (None: no TLS)."""
+    return TlsFiles.from_options(*((ctx.obj or {}).get("tls") or (None, None, None)))
 
-    def __init__(self, addresses: list[str]) -> None:
+
+def _tls(ctx: click.Context) -> TlsMaterial | None:
+    """The TLS material every call presents, loaded and checked once (ConfigError: exit 2,
+    naming the file and what is wrong with it)."""
+    obj = ctx.obj if ctx.obj is not None else {}
+    if "tls_material" not in obj:
+        files = _tls_files(ctx)
+        obj["tls_material"] = files.load() if files is not None else None
+    return obj["tls_material"]
+
+
+class CoordinatorCaller:
+    """Calls one `Coordinator` method on the first of `addresses` that answers (with `tls`,
+    over mutual TLS)."""
+
+    def __init__(self, addresses: list[str], tls: TlsMaterial | None = None) -> None:
         if not addresses:
             raise ConfigError("--coordinator is empty: give at least one HOST:PORT")
         self.addresses = addresses
+        self.tls = tls
 
     def call(self, method: str, request: Message, *, timeout_ms: int,
              idempotent: bool) -> Any:
@@ -112,7 +133,7 @@ class CoordinatorCaller:
                       timeout_ms: int) -> None:
         tried: list[str] = []
         for address in self.addresses:
-            channel = channels.insecure_channel(address)
+            channel = channels.channel(address, self.tls)
             received = False
             try:
                 stub = coordinator_pb2_grpc.CoordinatorStub(channel)
@@ -143,7 +164,7 @@ class CoordinatorCaller:
                     idempotent: bool) -> Any:
         tried: list[str] = []
         for address in self.addresses:
-            channel = channels.insecure_channel(address)
+            channel = channels.channel(address, self.tls)
             try:
                 stub = coordinator_pb2_grpc.CoordinatorStub(channel)
                 return await getattr(stub, method)(request, timeout=timeout_ms / 1000)
@@ -195,7 +216,7 @@ def _stdin_is_interactive() -> bool:
 
 def _cluster_status(ctx: click.Context, timeout_ms: int) -> Any:
     addresses, _ = _settings(ctx)
-    return CoordinatorCaller(addresses).call(
+    return CoordinatorCaller(addresses, _tls(ctx)).call(
         "GetClusterStatus", coordinator_pb2.ClusterStatusRequest(), timeout_ms=timeout_ms,
         idempotent=True)
 
@@ -238,8 +259,8 @@ def create_command(ctx: click.Context, service: str, kind: str, replicas: int, m
     request = coordinator_pb2.CreateServiceRequest(
         name=service, kind=kind, replicas=replicas, mode=output.MODE_VALUES[mode],
         placement=placement or "")
-    reply = CoordinatorCaller(addresses).call("CreateService", request, timeout_ms=timeout_ms,
-                                              idempotent=False)
+    reply = CoordinatorCaller(addresses, _tls(ctx)).call(
+        "CreateService", request, timeout_ms=timeout_ms, idempotent=False)
     document = output.service_json(reply.service)
     if as_json:
         _echo_json(document)
@@ -264,7 +285,7 @@ def delete_command(ctx: click.Context, service: str, yes: bool, timeout_ms: int)
                 "pass --yes to delete without asking")
         click.confirm(f"Delete service {service!r} and every replica of it?", abort=True,
                       err=True)
-    CoordinatorCaller(addresses).call(
+    CoordinatorCaller(addresses, _tls(ctx)).call(
         "DeleteService", coordinator_pb2.DeleteServiceRequest(name=service),
         timeout_ms=timeout_ms, idempotent=False)
     if as_json:
@@ -287,8 +308,8 @@ def switchover_command(ctx: click.Context, service: str, to_host: str, timeout_m
     """
     addresses, as_json = _settings(ctx)
     request = coordinator_pb2.SwitchoverRequest(service=service, to_host_id=to_host)
-    reply = CoordinatorCaller(addresses).call("Switchover", request, timeout_ms=timeout_ms,
-                                              idempotent=False)
+    reply = CoordinatorCaller(addresses, _tls(ctx)).call(
+        "Switchover", request, timeout_ms=timeout_ms, idempotent=False)
     document = output.switchover_json(service, reply)
     if as_json:
         _echo_json(document)
@@ -316,7 +337,7 @@ def _set_draining(ctx: click.Context, host: str, draining: bool, timeout_ms: int
     addresses, _ = _settings(ctx)
     if not host.strip():
         raise click.UsageError("HOST is empty: give a host id (see `failoverctl hosts`)")
-    return CoordinatorCaller(addresses).call(
+    return CoordinatorCaller(addresses, _tls(ctx)).call(
         "DrainHost", coordinator_pb2.DrainHostRequest(host_id=host, draining=draining),
         timeout_ms=timeout_ms, idempotent=True)
 
@@ -405,7 +426,7 @@ def migrate_command(ctx: click.Context, service: str, to_host: str, replica: str
             if progress.phase == "done":
                 final.update(json.loads(progress.stats_json or b"{}"))
 
-        CoordinatorCaller(addresses).stream("Migrate", request, on_message,
+        CoordinatorCaller(addresses, _tls(ctx)).stream("Migrate", request, on_message,
                                             timeout_ms=timeout_ms)
     if not final:
         raise CommandFailed(f"the coordinator ended the migration of {service} without a "
@@ -419,8 +440,11 @@ def migrate_command(ctx: click.Context, service: str, to_host: str, replica: str
 @click.command("patch")
 @click.argument("hosts", nargs=-1)
 @click.option("--all", "everything", is_flag=True, help="Every host, one at a time.")
-@click.option("--command", default="", help="Run on each host before its agent re-executes "
-              "(e.g. a package upgrade); a non-zero exit stops the patch.")
+@click.option("--command", default="", metavar="NAME",
+              help="The name of a command in each host's allowlist ([patch.commands] in the "
+              "agent's TOML), run before its agent re-executes (e.g. a package upgrade); a "
+              "non-zero exit stops the patch. Never a command line: what runs on a host is "
+              "set on the host. Its output is shown to an admin certificate only.")
 @click.option("--failback", is_flag=True, help="Move its primaries back afterwards.")
 @click.option("--method", type=click.Choice(["precopy", "switchover"]), default="precopy",
               show_default=True, help="How primaries leave: surge-migrate them to a spare "
@@ -452,7 +476,8 @@ def patch_command(ctx: click.Context, hosts: tuple[str, ...], everything: bool, 
                 "[green]ok[/green]" if progress.step == "done" else "..")
             console.print(f"{mark} {output.escape(progress.message)}")
 
-    CoordinatorCaller(addresses).stream("Patch", request, on_message, timeout_ms=timeout_ms)
+    CoordinatorCaller(addresses, _tls(ctx)).stream("Patch", request, on_message,
+                                                   timeout_ms=timeout_ms)
     failed = [s for s in steps if s["step"] == "failed"]
     if as_json:
         _echo_json({"ok": not failed, "steps": steps})
@@ -473,8 +498,8 @@ def history_command(ctx: click.Context, service: str, limit: int, timeout_ms: in
     """
     addresses, as_json = _settings(ctx)
     request = coordinator_pb2.HistoryRequest(service=service, limit=limit)
-    reply = CoordinatorCaller(addresses).call("GetHistory", request, timeout_ms=timeout_ms,
-                                              idempotent=True)
+    reply = CoordinatorCaller(addresses, _tls(ctx)).call(
+        "GetHistory", request, timeout_ms=timeout_ms, idempotent=True)
     events = output.history_json(reply)
     if as_json:
         _echo_json(events)
@@ -485,8 +510,8 @@ def history_command(ctx: click.Context, service: str, limit: int, timeout_ms: in
 
 
 async def _call_service(addresses: list[str], service: str, request: dict[str, Any],
-                        timeout_ms: int) -> dict[str, Any]:
-    async with Client(coordinator=addresses, deadline_ms=timeout_ms) as client:
+                        timeout_ms: int, tls: TlsFiles | None = None) -> dict[str, Any]:
+    async with Client(coordinator=addresses, deadline_ms=timeout_ms, tls=tls) as client:
         return await client.call(service, request)
 
 
@@ -514,9 +539,12 @@ def call_command(ctx: click.Context, service: str, request_json: str, timeout_ms
         raise click.UsageError(
             f"JSON must be an object such as '{{\"op\": \"get\"}}', not {type(request).__name__}")
     try:
-        result = asyncio.run(_call_service(addresses, service, request, timeout_ms))
+        result = asyncio.run(_call_service(addresses, service, request, timeout_ms,
+                                           _tls_files(ctx)))
     except ConfigError:
         raise
+    except PermissionDenied as exc:
+        raise click.UsageError(one_line(str(exc))) from None
     except InvalidRequest as exc:
         raise click.UsageError(f"{service}: invalid request: {one_line(str(exc))}") from None
     except RequestRejected as exc:

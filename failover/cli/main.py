@@ -17,10 +17,22 @@ from failover.commandline import run_click
     "--format", "output_format", type=click.Choice(["table", "json"]), default="table",
     show_default=True, help="Tables for people, json for scripts.",
 )
+@click.option("--tls-ca", envvar="FAILOVER_TLS_CA", type=click.Path(dir_okay=False),
+              default=None, help="The cluster CA's certificate (PEM; env FAILOVER_TLS_CA).")
+@click.option("--tls-cert", envvar="FAILOVER_TLS_CERT", type=click.Path(dir_okay=False),
+              default=None, help="Your certificate (PEM; env FAILOVER_TLS_CERT): its role "
+              "(client, operator, admin) says what you may do.")
+@click.option("--tls-key", envvar="FAILOVER_TLS_KEY", type=click.Path(dir_okay=False),
+              default=None, help="The key of --tls-cert (PEM; env FAILOVER_TLS_KEY).")
 @click.pass_context
-def cli(ctx: click.Context, coordinator: str, output_format: str) -> None:
-    """Operate a failover cluster: status, switchover, migration, patches, chaos runs."""
-    ctx.obj = {"coordinator": coordinator, "format": output_format}
+def cli(ctx: click.Context, coordinator: str, output_format: str, tls_ca: str | None,
+        tls_cert: str | None, tls_key: str | None) -> None:
+    """Operate a failover cluster: status, switchover, migration, patches, chaos runs.
+
+    With --tls-ca, --tls-cert and --tls-key every call to the coordinator and the agents is
+    mutual TLS; a call your certificate's role does not allow exits 2 with one line."""
+    ctx.obj = {"coordinator": coordinator, "format": output_format,
+               "tls": (tls_ca, tls_cert, tls_key)}
 
 
 def _register_commands() -> None:

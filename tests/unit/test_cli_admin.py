@@ -414,7 +414,7 @@ def test_call_runs_the_request_through_the_client(capsys, fake_client) -> None:
                          "kv", '{"op": "get", "key": "user:1"}', "--timeout-ms", "1500")
     assert (code, err) == (0, "")
     assert fake_client.made == [{"coordinator": ["127.0.0.1:7000", "127.0.0.1:7001"],
-                                 "deadline_ms": 1500}]
+                                 "deadline_ms": 1500, "tls": None}]
     assert fake_client.calls == [("kv", {"op": "get", "key": "user:1"})]
     assert json.loads(out) == {"value": "v1", "raw": "0102"}
 
