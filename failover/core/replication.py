@@ -397,6 +397,13 @@ class PrimaryReplication:
         actions: list[PrimaryAction] = []
         if peer.state != PeerState.STREAMING or self.fenced:
             return actions
+        if peer.next_index < self.log.first_index:
+            # The log was compacted past what this duplica has been sent (it streams behind,
+            # out of the in-sync set or in async mode): those entries are gone, so it
+            # catches up from a snapshot; late answers to its batches are ignored meanwhile.
+            peer.inflight.clear()
+            peer.state = PeerState.SNAPSHOT
+            return [SendSnapshot(peer.host_id)]
         limits = self.limits
         if (
             len(peer.inflight) < limits.inflight_batches_max

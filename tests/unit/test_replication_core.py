@@ -291,3 +291,31 @@ def test_epoch_confirmation_fails_once_a_duplica_holds_a_newer_epoch() -> None:
             assert c.primary.ack("b", AckView("stale_epoch", 2, action.batch_id), 0) == [
                 StepDown(2)]
     assert not c.primary.confirmed(token)
+
+
+def test_a_streaming_duplica_behind_a_compaction_gets_a_snapshot_not_a_batch_of_gone_entries(
+) -> None:
+    """Found by the simulation (short/45, async mode): the primary compacted its log while an
+    out-of-sync duplica streamed behind the new first index; the next ack pumped a SendBatch
+    of entries that were gone (the agent's log read raised LogGapError) and the duplica never
+    got a snapshot."""
+    c = Cluster(Mode.ASYNC, ShipLimits(batch_entries_max=2, inflight_batches_max=1))
+    c.primary = PrimaryReplication(1, Mode.ASYNC, ["b"], set(), c.plog.info(),
+                                   ShipLimits(batch_entries_max=2, inflight_batches_max=1))
+    c.run(c.primary.link_up("b", 0))
+    c.plog.epochs.extend([1] * 10)
+    sent = c.primary.log_changed(c.plog.info())  # a window of one 2-entry batch: 1..2
+    assert [type(a) for a in sent] == [SendBatch] and sent[0].first_index == 1
+    following = c.primary.batch_read("b", sent[0].batch_id, 2)
+    assert following == []  # the window is full
+    # The primary snapshots at 8 and compacts its log up to 6 while batch 1..2 is in flight.
+    c.plog.epochs, c.plog.base, c.plog.base_epoch = c.plog.epochs[6:], 6, 1
+    actions = c.primary.log_changed(c.plog.info())
+    c.dlogs["b"].epochs.extend([1, 1])  # the duplica took batch 1..2
+    actions += c.primary.ack("b", AckView("ok", 1, sent[0].batch_id, 2), 0)
+    gone = [a for a in actions if isinstance(a, SendBatch) and a.first_index <= 6]
+    assert not gone, gone
+    assert [type(a) for a in actions] == [SendSnapshot], actions
+    c.run(actions)
+    c.write(3)
+    assert c.dlogs["b"].last == c.plog.last == 13
