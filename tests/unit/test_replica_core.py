@@ -406,3 +406,33 @@ def test_a_shipped_batch_that_cannot_be_appended_is_refused_by_cause() -> None:
     assert not node.core.disk_full
     assert node.core.batch_append_failed(DiskFullError("full")) == Refuse("storage_error")
     assert node.core.disk_full and node.core.status(0, 0)["disk_full"]
+
+
+def test_epoch_confirmation_needs_the_in_sync_duplica_and_ends_with_the_role() -> None:
+    node = Node()
+    node.assign(PRIMARY, 1, {"b": "addr"}, {"b"})
+    node.flush()
+    catch_up(node, "b")
+    actions, token = node.core.confirm(10)
+    node.run(actions)
+    assert not node.core.confirmed(token)  # b has not answered a batch sent after the read
+    catch_up(node, "b")
+    assert node.core.confirmed(token)
+    _, token = node.core.confirm(20)
+    node.run([node.core.step_down(2, "test")])
+    with pytest.raises(NotPrimaryError):
+        node.core.confirmed(token)
+
+
+def test_writes_past_the_count_bound_are_refused_before_they_are_logged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    node = primary_alone()
+    monkeypatch.setattr(defaults, "PENDING_REQUESTS_MAX", 2)
+    node.write("c", 1, put("a"))
+    node.write("c", 2, put("b"))
+    assert node.write("c", 2, put("b")) == 3  # a retry in flight shares its entry
+    with pytest.raises(Overloaded):
+        node.core.write("c", 3, True, 1)
+    node.flush()
+    assert node.write("c", 3, put("c")) == 4  # answered writes make room
