@@ -821,13 +821,14 @@ class ReplicaCore:
         duplica = self._duplica_for(epoch)
         if isinstance(duplica, list):
             return duplica
+        actions = self._adopt(duplica.on_truncate(epoch, after_index, now_ms))
+        if actions:
+            return actions  # refused (a late truncate of a deposed primary), or a new epoch
+        # Checked only once the truncate is known to come from the current primary.
         assert self.meta.mode != Mode.SYNC.value or after_index >= self.sync_commit_index, (
             f"{self.service}: sync mode, yet a primary asked to truncate committed entries "
             f"(after {after_index}, committed in sync mode {self.sync_commit_index})"
         )
-        actions = self._adopt(duplica.on_truncate(epoch, after_index, now_ms))
-        if actions:
-            return actions
         # Only in async mode: entries this replica applied are not on the new primary. The
         # state must go back to before them (reloaded from a snapshot at or below the cut,
         # or empty, then replayed from the log as the commit index allows).

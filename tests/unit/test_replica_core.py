@@ -436,3 +436,16 @@ def test_writes_past_the_count_bound_are_refused_before_they_are_logged(
         node.core.write("c", 3, True, 1)
     node.flush()
     assert node.write("c", 3, put("c")) == 4  # answered writes make room
+
+
+def test_a_late_truncate_from_a_deposed_primary_is_refused_as_stale_not_asserted() -> None:
+    """Found by the simulation (long/14, sync mode): a SendTruncate of the epoch-2 primary
+    arrived on its own stream after this duplica adopted epoch 3 and heard commit 13 from
+    the new primary; the sync-mode floor was asserted before the epoch was checked, so a
+    stale message raised AssertionError on the receive path instead of being refused."""
+    node = Node(epoch=2)
+    empty = LogPosition(0, 0)
+    node.run(node.core.on_batch(3, empty, 0, 13, node.info(), 0))  # adopts epoch 3
+    assert node.core.epoch == 3
+    node.core.on_batch(3, empty, 0, 13, node.info(), 0)  # told commit 13 by the new primary
+    assert node.core.on_truncate(2, 9, 0) == [Refuse("stale_epoch")]
