@@ -8,6 +8,7 @@ tests/integration/test_coordinator_tls.py, against a real `failover-coordinator`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -382,3 +383,67 @@ async def test_an_unverifiable_matched_index_does_not_hold_an_honest_one_back() 
     d.step(2 * HB)
     assert d.core.services["s"].in_sync == ["h2", "h3"]
     assert d.core.services["s"].replicas["h1"] == PRIMARY
+
+
+class RestartingAgent(agent_pb2_grpc.AgentControlServicer):
+    """Answers Restart with what its allowlisted command printed, or refuses it."""
+
+    def __init__(self) -> None:
+        self.commands: list[str] = []
+        self.refuse = ""
+
+    async def AssignRole(self, request: Any, context: Any) -> Any:
+        return agent_pb2.AssignRoleReply()
+
+    async def Restart(self, request: Any, context: Any) -> Any:
+        self.commands.append(request.command)
+        if self.refuse:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, self.refuse)
+        return agent_pb2.RestartReply(exit_code=0, output="SECRET " + "x" * 10_000,
+                                      version="1")
+
+
+@pytest.mark.parametrize("admin", [True, False])
+async def test_a_patch_command_output_goes_to_an_admin_only_bounded_never_to_history(
+    tmp_path: Path, admin: bool,
+) -> None:
+    agent = RestartingAgent()
+    server = grpc.aio.server()
+    agent_pb2_grpc.add_AgentControlServicer_to_server(agent, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    coordinator = Coordinator(SqliteStore(tmp_path / "cluster.db"), Timing())
+    await coordinator.store.open()
+    try:
+        await coordinator.register(HostInfo("h1", f"127.0.0.1:{port}"), METRICS)
+        steps: list[Any] = []
+        patch = coordinator.patch(["h1"], False, "upgrade", False, "switchover", 0,
+                                  show_output=admin)
+        async for step in patch:
+            steps.append(step)
+            if step.step == "restart":
+                break
+
+        async def reexecutes() -> bool:
+            return any("re-executes" in r.message for r in await coordinator.history("", 100))
+
+        # The output (if any) is queued before the plan hears the answer and records it.
+        deadline = asyncio.get_running_loop().time() + 5
+        while not await reexecutes():
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+        with contextlib.suppress(TimeoutError):
+            while True:
+                steps.append(await asyncio.wait_for(anext(patch), 0.2))
+        await patch.aclose()
+        assert agent.commands == ["upgrade"]
+        outputs = [s.message for s in steps if s.step == "output"]
+        if admin:
+            assert len(outputs) == 1 and len(outputs[0]) == defaults.PATCH_OUTPUT_CHARS_MAX
+        else:
+            assert outputs == []
+        rows = await coordinator.history("", 100)
+        assert not any("SECRET" in r.message or "xxxx" in str(r.details) for r in rows)
+    finally:
+        await coordinator.stop()
+        await server.stop(0)
