@@ -328,7 +328,8 @@ def test_bad_coordinator_address_exits_2(capsys) -> None:
 @pytest.mark.parametrize("status_code", [grpc.StatusCode.INVALID_ARGUMENT,
                                          grpc.StatusCode.NOT_FOUND,
                                          grpc.StatusCode.FAILED_PRECONDITION,
-                                         grpc.StatusCode.ALREADY_EXISTS])
+                                         grpc.StatusCode.ALREADY_EXISTS,
+                                         grpc.StatusCode.PERMISSION_DENIED])
 def test_refusal_by_the_coordinator_exits_2_with_its_message(capsys, coordinator,
                                                              status_code) -> None:
     fake, address = coordinator
@@ -338,6 +339,27 @@ def test_refusal_by_the_coordinator_exits_2_with_its_message(capsys, coordinator
     line = assert_one_error_line(err)
     assert "service 'kv' cannot be created: reason" in line
     assert status_code.name in line
+
+
+def test_a_call_the_certificate_does_not_allow_raises_permission_denied_in_call(
+        capsys, fake_client) -> None:
+    from failover.errors import PermissionDenied
+
+    fake_client.outcome = PermissionDenied.from_status(
+        "permission denied: agent 'h1' may not execute: it needs role client or operator")
+    code, out, err = run(capsys, "call", "kv", '{"op": "get", "key": "k"}')
+    assert code == 2 and out == ""
+    assert "agent 'h1' may not execute" in assert_one_error_line(err)
+
+
+def test_bad_tls_files_exit_2_naming_the_file(capsys, tmp_path) -> None:
+    missing = tmp_path / "nobody.crt"
+    code, out, err = run(capsys, "--tls-ca", str(tmp_path / "ca.crt"), "--tls-cert",
+                         str(missing), "--tls-key", str(tmp_path / "nobody.key"), "status")
+    assert code == 2 and out == ""
+    assert "ca.crt" in assert_one_error_line(err)
+    code, _, err = run(capsys, "--tls-ca", str(tmp_path / "ca.crt"), "status")
+    assert code == 2 and "--tls-cert, --tls-key missing" in assert_one_error_line(err)
 
 
 def test_other_server_errors_exit_1_with_one_line(capsys, coordinator) -> None:

@@ -447,3 +447,26 @@ async def test_a_patch_command_output_goes_to_an_admin_only_bounded_never_to_his
     finally:
         await coordinator.stop()
         await server.stop(0)
+
+
+async def test_an_agent_refusal_of_a_patch_reaches_history_bounded(tmp_path: Path) -> None:
+    agent = RestartingAgent()
+    agent.refuse = "the patch command exited with 3; its output: " + "SECRET " * 500
+    server = grpc.aio.server()
+    agent_pb2_grpc.add_AgentControlServicer_to_server(agent, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    coordinator = Coordinator(SqliteStore(tmp_path / "cluster.db"), Timing())
+    await coordinator.store.open()
+    try:
+        await coordinator.register(HostInfo("h1", f"127.0.0.1:{port}"), METRICS)
+        steps = [s async for s in coordinator.patch(["h1"], False, "upgrade", False,
+                                                    "switchover", 0, show_output=True)]
+        assert steps[-1].step == "failed" and "exited with 3" in steps[-1].message
+        [output] = [s.message for s in steps if s.step == "output"]
+        assert output.count("SECRET") == 500  # the admin sees what the agent said
+        [failed] = [r for r in await coordinator.history("", 100) if r.kind == "patch_failed"]
+        assert len(failed.message) < defaults.PATCH_REFUSAL_CHARS_MAX + 100
+    finally:
+        await coordinator.stop()
+        await server.stop(0)
