@@ -764,8 +764,15 @@ class Replica:
         if cut.rewind:
             # Entries this replica applied are not on the new primary (async mode only): the
             # state goes back to a snapshot at or below the cut (or to empty).
-            fresh = await loop.run_in_executor(self.agent.io, self.state.rewound, after_index,
-                                               self.wal.first_index)
+            try:
+                fresh = await loop.run_in_executor(self.agent.io, self.state.rewound,
+                                                   after_index, self.wal.first_index)
+            except (StorageError, OSError) as exc:
+                # No state at or below the cut is left (its log was compacted past it):
+                # the replica cannot go back on its own. Broken, it is rebuilt from a peer
+                # (invariant 12) instead of refusing every truncate forever.
+                self.mark_broken(f"cannot rewind to index {after_index}: {exc}")
+                return self._ack("storage_error", message=self.broken)
             log.warning("%s: rewound applied state from %d to %d to drop a divergent tail",
                         self.service, self.sm.applied_index, fresh.applied_index)
             # Swapped here, on the loop, so the applier never sees a half-replaced state.

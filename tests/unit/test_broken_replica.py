@@ -228,3 +228,34 @@ def test_a_broken_duplica_with_no_spare_host_is_rebuilt_on_its_own_host() -> Non
     d.step(3 * HB)
     assert s.replicas["h2"] == DUPLICA and s.in_sync == ["h2"]
     assert s.primary == "h1" and d.core.live["h2"].dead is False
+
+
+# --- a rewind that cannot be done (found by the simulation, short/199) ----------------------
+
+
+async def test_an_async_duplica_that_cannot_rewind_below_its_compacted_log_reports_broken(
+    tmp_path: Path,
+) -> None:
+    """An async primary applied entries the next primary does not have, then compacted its
+    log past the divergence point. Fenced and told to truncate below its only snapshot, it
+    cannot go back: before the fix it refused every truncate (storage_error) forever while
+    heartbeating as a healthy duplica, so the coordinator never rebuilt it and the replica
+    set never converged. Now it reports itself broken, which the coordinator rebuilds."""
+    agent = Agent(agent_config(tmp_path))
+    await agent.start()
+    try:
+        await agent.assign_role("kv1", "kv", "primary", 1, "async", None, {}, set())
+        kv1 = agent.replicas["kv1"]
+        await write(kv1, range(30))
+        snapshot_index, first = await agent.compact("kv1", 0)
+        assert first == snapshot_index + 1 > 20
+        await agent.assign_role("kv1", "kv", "duplica", 2, "async", ("b", "127.0.0.1:1"),
+                                {}, set())
+        cut = snapshot_index - 5  # no snapshot at or below it, and the log starts after it
+        message = replication_pb2.ShipMessage(
+            truncates=[replication_pb2.Truncate(service="kv1", epoch=2, after_index=cut)])
+        ack = (await agent.receive(message)).acks[0]
+        assert ack.status != replication_pb2.ACK_STATUS_OK
+        assert_reports_broken(kv1, f"cannot rewind to index {cut}")
+    finally:
+        await agent.stop()
