@@ -60,6 +60,7 @@ from demo_services.kv import KvService
 from failover import defaults
 from failover.chaos.checkers import check_acked_puts, check_linearizable_kv
 from failover.chaos.history import Op
+from failover.core import state_machine
 from failover.core.coordinator import (
     Action,
     AskHearsPrimary,
@@ -121,7 +122,6 @@ from failover.core.sessions import (
 from failover.core.state_machine import (
     SESSION_OPEN_PAYLOAD,
     ReplicatedStateMachine,
-    check_loggable,
     decode_request,
 )
 from failover.errors import (
@@ -194,6 +194,7 @@ class Scenario:
     think_ms: tuple[int, int] = (5, 40)
     keys: int = 4
     read_ratio: float = 0.3  # the share of client calls that are gets
+    poison_p: float = 0.02  # the share of puts nested too deep to log
     # Snapshots: every this many applied entries (0: never), the log compacted behind one
     # but for `snapshot_retain` entries, so that lagging duplicas need an install.
     snapshot_every: int = 0
@@ -208,22 +209,10 @@ class Scenario:
     clock_drift: float = 0.0
 
 
-# Compaction runs in the short sync-mode runs only, for now: with duplicas further behind
-# (async mode, the long runs) the real cores still ship entries they compacted away, and
-# leave an async duplica that cannot rewind unrebuilt (the strict xfail tests
-# test_compaction_* in test_simulation.py show both). Set True once they are fixed.
-COMPACTION_EVERYWHERE = False
-
-
-def _snapshots(s: Scenario) -> int:
-    return s.snapshot_every if (s.mode == "sync" and s.name == "short") or (
-        COMPACTION_EVERYWHERE) else 0
-
-
 def short_scenario(seed: int) -> Scenario:
     """A short run: boot, about a second of faults, heal, converge."""
     r = random.Random(f"short-{seed}")
-    return _made(Scenario(
+    return Scenario(
         name="short",
         hosts=4 if r.random() < 0.25 else 3,
         services=2 if r.random() < 0.3 else 1,
@@ -238,17 +227,13 @@ def short_scenario(seed: int) -> Scenario:
         damage_p=r.choice((0.0, 0.3)),
         store_fail_p=r.choice((0.0, 0.0, 0.02)),
         clock_drift=0.05,
-    ))
-
-
-def _made(s: Scenario) -> Scenario:
-    return replace(s, snapshot_every=_snapshots(s))
+    )
 
 
 def long_scenario(seed: int) -> Scenario:
     """A longer run: several seconds of faults, more clients, sometimes two agents down."""
     r = random.Random(f"long-{seed}")
-    return _made(Scenario(
+    return Scenario(
         name="long",
         hosts=r.choice((3, 4, 4)),
         services=r.choice((1, 2)),
@@ -265,7 +250,7 @@ def long_scenario(seed: int) -> Scenario:
         damage_p=r.choice((0.0, 0.3)),
         store_fail_p=r.choice((0.0, 0.01)),
         clock_drift=0.05,
-    ))
+    )
 
 
 SCENARIOS: dict[str, Callable[[int], Scenario]] = {"short": short_scenario, "long": long_scenario}
@@ -593,14 +578,18 @@ class Call:
     kind: str  # "put" or "get"
     value: str  # a put's value (unique in the run), "" for a get
     invoke_ms: int
+    depth: int = 0  # a put whose value nests this deep (a poison request), or 0
     outcome: str = "pending"  # then ok, fail or unknown, as in the history
     index: int = 0
     op: Op | None = None  # its history record, once it ended
 
     def payload(self) -> bytes:
-        request = {"op": self.kind, "key": self.key}
+        request: dict[str, Any] = {"op": self.kind, "key": self.key}
         if self.kind == "put":
-            request["value"] = self.value
+            value: Any = self.value
+            for _ in range(self.depth):
+                value = [value]
+            request["value"] = value
         return msgpack.packb(request, use_bin_type=True)
 
 
@@ -659,6 +648,11 @@ class Checker:
 
     # one writer per epoch
     def on_entry_created(self, host: str, service: str, entry: Entry) -> None:
+        if entry.payload and entry.payload != SESSION_OPEN_PAYLOAD:
+            depth = _depth(msgpack.unpackb(entry.payload, raw=False))
+            if depth > defaults.REQUEST_DEPTH_MAX + 1:  # the request dict is one level
+                self.fail(f"inv13: {host} logged {_entry(entry)}, a request nested {depth} "
+                          f"deep (at most {defaults.REQUEST_DEPTH_MAX} may be logged)")
         key = (service, entry.epoch)
         writer = self.writers.setdefault(key, host)
         if writer != host:
@@ -727,6 +721,15 @@ class Checker:
         if first != entry.index:
             self.fail(f"inv5: {replica.agent.host_id}/{replica.service} executed "
                       f"{_rid(rid)} twice: at {first} and at {entry.index}")
+
+
+def _depth(value: Any) -> int:
+    """How deep a decoded request nests (a scalar is 0)."""
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list | tuple):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
 
 
 def _plain(rid: bytes) -> bytes:
@@ -812,6 +815,7 @@ class SimReplica:
         self._write_scheduled = False
         self._apply_scheduled = False
         self._snapshot_scheduled = False
+        self._unrecorded = False  # the core stepped down without its meta written
         self.closed = False
         self.held: list[ClientRequest] = []  # reads and writes a switchover holds
         self._reads: list[dict[str, Any]] = []
@@ -858,7 +862,7 @@ class SimReplica:
             agent.k.note(f"{agent.host_id}/{disk.meta.service} is broken: {why}")
             agent.c.check.broken += 1
             replica._run(replica.core.mark_broken(why))
-        else:
+        if not replica.core.broken:
             replica._run(replica.core.open(replica._log_info(), agent.now))
         return replica
 
@@ -915,11 +919,18 @@ class SimReplica:
     def _persist(self, action: PersistMeta) -> bool:
         """Writes the meta (a full disk refuses it), then tells the core; False when a
         required write failed (nothing changed)."""
+        if self.core.epoch > self.disk.meta.epoch and not self._unrecorded:
+            # Invariant 1 on the agent: only a step-down whose write failed may run ahead.
+            self.c.check.fail(f"inv1: {self.agent.host_id}/{self.service} took epoch "
+                              f"{self.core.epoch} in memory before it was persisted (disk "
+                              f"has {self.disk.meta.epoch}; now {action.reason})")
         if self.agent.disk_full():
             if action.required:
                 self.core.note_error("no space left for the meta", True)
                 return False
+            self._unrecorded = True  # a step-down taken without its write
         else:
+            self._unrecorded = False
             self.c.check.on_meta_epoch(self.agent.host_id, self.service, self.disk.meta.epoch,
                                        action.meta.epoch)
             self.disk.meta = action.meta
@@ -973,7 +984,7 @@ class SimReplica:
         if req.payload != SESSION_OPEN_PAYLOAD:
             try:
                 request = decode_request(req.payload)
-                check_loggable(req.payload, request)
+                state_machine.check_loggable(req.payload, request)
             except InvalidRequest as exc:
                 self.agent.answer(req, _refusal(exc))
                 return
@@ -1827,6 +1838,12 @@ class SimAgent:
 # --- the coordinator (mirrors failover/coordinator/server.py) -------------------------------
 
 
+def _timing() -> Timing:
+    """The coordinator's timing (the margin read now, as the daemon reads its config)."""
+    return Timing(HEARTBEAT_MS, FAILURE_TIMEOUT_MS, LEASE_MS, HOST_DEAD_MS,
+                  lease_drift_margin_ms=defaults.LEASE_DRIFT_MARGIN_MS)
+
+
 class SimCoordinator:
     """CoordinatorCore plus a dict standing in for its store; restarts restore from it, and
     so does a failed commit (server.py `_reload`): the memory the core changed before the
@@ -1857,8 +1874,7 @@ class SimCoordinator:
         self.up = True
         self.incarnation += 1
         self.k.note(f"coordinator starts (incarnation {self.incarnation})")
-        self.core = CoordinatorCore(Timing(HEARTBEAT_MS, FAILURE_TIMEOUT_MS, LEASE_MS,
-                                           HOST_DEAD_MS))
+        self.core = CoordinatorCore(_timing())
         self.execute(self.core.restore(dict(self.store), self.now))
         self.k.after(self.k.rng.randint(1, TICK_MS), self._tick, self.incarnation)
 
@@ -1887,8 +1903,7 @@ class SimCoordinator:
         server's `_reload` does); the operations in flight end, releasing their holds."""
         self.reloads += 1
         self.k.note("coordinator: store commit failed: reloading from the store")
-        self.core = CoordinatorCore(Timing(HEARTBEAT_MS, FAILURE_TIMEOUT_MS, LEASE_MS,
-                                           HOST_DEAD_MS))
+        self.core = CoordinatorCore(_timing())
         actions = self.core.restore(dict(self.store), self.now)
         actions.extend(self._abandon_operations("the coordinator reloaded after a failed commit"))
         assert not any(isinstance(a, Persist) for a in actions), actions
@@ -2146,14 +2161,16 @@ class SimClient:
         rng = self.k.rng
         service = f"s{rng.randint(1, s.services)}"
         kind = "get" if s.read_ratio and rng.random() < s.read_ratio else "put"
-        self.begin(service, f"k{rng.randint(1, s.keys)}", kind)
+        # Now and then a put nested too deep to log (it must be refused before the log).
+        depth = defaults.REQUEST_DEPTH_MAX + 8 if s.poison_p and rng.random() < s.poison_p else 0
+        self.begin(service, f"k{rng.randint(1, s.keys)}", kind, depth)
 
-    def begin(self, service: str, key: str, kind: str = "put") -> Call:
+    def begin(self, service: str, key: str, kind: str = "put", depth: int = 0) -> Call:
         self.seq += 1
         session, known = self.sessions.setdefault(service, (self.name, False))
         self.opener, self.may_have_logged = kind == "put" and not known, False
         value = f"{self.name}.{self.seq}" if kind == "put" else ""
-        op = Call(session, self.seq, service, key, kind, value, self.k.now)
+        op = Call(session, self.seq, service, key, kind, value, self.k.now, depth=depth)
         self.op = op
         self.attempt = 0
         self.backoff_ms = CLIENT_BACKOFF_MIN_MS
@@ -2572,8 +2589,9 @@ class Cluster:
                 if r.epoch != record.epoch or r.role != record.replicas[host]:
                     return f"{name}: {host} is {r.role} at {r.epoch}"
                 if r.wal.last_index != last or r.sm.applied_index != last:
+                    error = f" (its last error: {r.core.last_error})" if r.core.last_error else ""
                     return (f"{name}: {host} at {r.wal.last_index}/{r.sm.applied_index}, "
-                            f"primary at {last}")
+                            f"primary at {last}{error}")
         return None
 
     def final_checks(self) -> None:
