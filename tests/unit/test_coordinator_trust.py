@@ -403,70 +403,67 @@ class RestartingAgent(agent_pb2_grpc.AgentControlServicer):
                                       version="1")
 
 
+@pytest.fixture
+async def patched(tmp_path: Path) -> AsyncIterator[tuple[RestartingAgent, Coordinator]]:
+    """A coordinator (its tick loop not started) with one host, h1, served by a
+    `RestartingAgent`."""
+    agent = RestartingAgent()
+    server = grpc.aio.server()
+    agent_pb2_grpc.add_AgentControlServicer_to_server(agent, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    coordinator = Coordinator(SqliteStore(tmp_path / "cluster.db"), Timing())
+    await coordinator.store.open()
+    await coordinator.register(HostInfo("h1", f"127.0.0.1:{port}"), METRICS)
+    yield agent, coordinator
+    await coordinator.stop()
+    await server.stop(0)
+
+
 @pytest.mark.parametrize("admin", [True, False])
 async def test_a_patch_command_output_goes_to_an_admin_only_bounded_never_to_history(
-    tmp_path: Path, admin: bool,
+    patched: tuple[RestartingAgent, Coordinator], admin: bool,
 ) -> None:
-    agent = RestartingAgent()
-    server = grpc.aio.server()
-    agent_pb2_grpc.add_AgentControlServicer_to_server(agent, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    coordinator = Coordinator(SqliteStore(tmp_path / "cluster.db"), Timing())
-    await coordinator.store.open()
-    try:
-        await coordinator.register(HostInfo("h1", f"127.0.0.1:{port}"), METRICS)
-        steps: list[Any] = []
-        patch = coordinator.patch(["h1"], False, "upgrade", False, "switchover", 0,
-                                  show_output=admin)
-        async for step in patch:
-            steps.append(step)
-            if step.step == "restart":
-                break
+    agent, coordinator = patched
+    steps: list[Any] = []
+    patch = coordinator.patch(["h1"], False, "upgrade", False, "switchover", 0,
+                              show_output=admin)
+    async for step in patch:
+        steps.append(step)
+        if step.step == "restart":
+            break
 
-        async def reexecutes() -> bool:
-            return any("re-executes" in r.message for r in await coordinator.history("", 100))
+    async def reexecutes() -> bool:
+        return any("re-executes" in r.message for r in await coordinator.history("", 100))
 
-        # The output (if any) is queued before the plan hears the answer and records it.
-        deadline = asyncio.get_running_loop().time() + 5
-        while not await reexecutes():
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.01)
-        with contextlib.suppress(TimeoutError):
-            while True:
-                steps.append(await asyncio.wait_for(anext(patch), 0.2))
-        await patch.aclose()
-        assert agent.commands == ["upgrade"]
-        outputs = [s.message for s in steps if s.step == "output"]
-        if admin:
-            assert len(outputs) == 1 and len(outputs[0]) == defaults.PATCH_OUTPUT_CHARS_MAX
-        else:
-            assert outputs == []
-        rows = await coordinator.history("", 100)
-        assert not any("SECRET" in r.message or "xxxx" in str(r.details) for r in rows)
-    finally:
-        await coordinator.stop()
-        await server.stop(0)
+    # The output (if any) is queued before the plan hears the answer and records it.
+    deadline = asyncio.get_running_loop().time() + 5
+    while not await reexecutes():
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.01)
+    with contextlib.suppress(TimeoutError):
+        while True:
+            steps.append(await asyncio.wait_for(anext(patch), 0.2))
+    await patch.aclose()
+    assert agent.commands == ["upgrade"]
+    outputs = [s.message for s in steps if s.step == "output"]
+    if admin:
+        assert len(outputs) == 1 and len(outputs[0]) == defaults.PATCH_OUTPUT_CHARS_MAX
+    else:
+        assert outputs == []
+    rows = await coordinator.history("", 100)
+    assert not any("SECRET" in r.message or "xxxx" in str(r.details) for r in rows)
 
 
-async def test_an_agent_refusal_of_a_patch_reaches_history_bounded(tmp_path: Path) -> None:
-    agent = RestartingAgent()
+async def test_an_agent_refusal_of_a_patch_reaches_history_bounded(
+    patched: tuple[RestartingAgent, Coordinator],
+) -> None:
+    agent, coordinator = patched
     agent.refuse = "the patch command exited with 3; its output: " + "SECRET " * 500
-    server = grpc.aio.server()
-    agent_pb2_grpc.add_AgentControlServicer_to_server(agent, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    coordinator = Coordinator(SqliteStore(tmp_path / "cluster.db"), Timing())
-    await coordinator.store.open()
-    try:
-        await coordinator.register(HostInfo("h1", f"127.0.0.1:{port}"), METRICS)
-        steps = [s async for s in coordinator.patch(["h1"], False, "upgrade", False,
-                                                    "switchover", 0, show_output=True)]
-        assert steps[-1].step == "failed" and "exited with 3" in steps[-1].message
-        [output] = [s.message for s in steps if s.step == "output"]
-        assert output.count("SECRET") == 500  # the admin sees what the agent said
-        [failed] = [r for r in await coordinator.history("", 100) if r.kind == "patch_failed"]
-        assert len(failed.message) < defaults.PATCH_REFUSAL_CHARS_MAX + 100
-    finally:
-        await coordinator.stop()
-        await server.stop(0)
+    steps = [s async for s in coordinator.patch(["h1"], False, "upgrade", False,
+                                                "switchover", 0, show_output=True)]
+    assert steps[-1].step == "failed" and "exited with 3" in steps[-1].message
+    [output] = [s.message for s in steps if s.step == "output"]
+    assert output.count("SECRET") == 500  # the admin sees what the agent said
+    [failed] = [r for r in await coordinator.history("", 100) if r.kind == "patch_failed"]
+    assert len(failed.message) < defaults.PATCH_REFUSAL_CHARS_MAX + 100
