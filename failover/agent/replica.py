@@ -453,15 +453,16 @@ class Replica:
         if not core.read_ready():
             # Until the entries it inherited are applied, its state may lack writes an
             # earlier primary acknowledged (invariant 10).
-            deadline = monotonic_ms() + defaults.READ_FLOOR_TIMEOUT_MS
+            deadline = core.read_floor_deadline_ms(monotonic_ms())
             while not core.read_ready():
                 core.check_primary(epoch_seen)
                 if not await self._wait_progress(deadline):
                     raise core.read_floor_error()
         if not core.lease_valid(monotonic_ms()):
-            actions, token = core.confirm(monotonic_ms())
+            now = monotonic_ms()
+            actions, token = core.confirm(now)
             self._carry_out(actions)
-            deadline = monotonic_ms() + defaults.FAILURE_TIMEOUT_MS
+            deadline = core.confirm_deadline_ms(now)
             while not core.confirmed(token):
                 if not await self._wait_progress(deadline):
                     raise core.confirm_error()
@@ -502,15 +503,14 @@ class Replica:
         core = self.core
         core.prepare_switchover(epoch, target, switchover_id)
         try:
-            deadline = monotonic_ms() + timeout_ms
+            deadline = core.switchover_deadline_ms(monotonic_ms(), timeout_ms)
             while (ready := core.switchover_ready(target)) is None:
                 if not await self._wait_progress(deadline):
                     raise core.switchover_timeout_error(target, timeout_ms)
         except BaseException:
-            # Timed out, no longer the primary, or the coordinator went away mid-prepare
-            # (gRPC cancels this handler): nobody will complete the switchover, so the
-            # writes held for it resume here.
-            self.release_hold()
+            # Timed out, no longer the primary, or cancelled (gRPC cancels this handler
+            # when the coordinator goes away).
+            self._carry_out(core.prepare_failed())
             raise
         self._carry_out(core.switchover_prepared(monotonic_ms()))
         return ready

@@ -601,6 +601,10 @@ class ReplicaCore:
         """Whether the entries this primary inherited are applied (invariant 10)."""
         return self.sm.applied_index >= self.read_floor
 
+    def read_floor_deadline_ms(self, now_ms: int) -> int:
+        """Until when a read that arrived at `now_ms` waits for `read_ready`."""
+        return now_ms + defaults.READ_FLOOR_TIMEOUT_MS
+
     def read_floor_error(self) -> Unavailable:
         return Unavailable(
             f"{self.service}: this primary has applied {self.sm.applied_index} of the "
@@ -635,6 +639,11 @@ class ReplicaCore:
         if self.primary is not primary or primary.fenced:
             raise NotPrimaryError(self.service, self.meta.primary_address, self.meta.epoch)
         return primary.confirmed(token.batches)
+
+    def confirm_deadline_ms(self, now_ms: int) -> int:
+        """Until when a read that started confirming at `now_ms` waits for `confirmed`: a
+        failure timeout, after which the coordinator may have promoted another primary."""
+        return now_ms + defaults.FAILURE_TIMEOUT_MS
 
     def confirm_error(self) -> Unavailable:
         return Unavailable(
@@ -700,6 +709,16 @@ class ReplicaCore:
             f"{self.service}: {target} did not catch up within {timeout_ms} ms "
             f"(it has {peer.match_index if peer else 0} of {self.next_index - 1}); "
             "switchover abandoned, this primary serves on")
+
+    def switchover_deadline_ms(self, now_ms: int, timeout_ms: int) -> int:
+        """Until when a prepare that began at `now_ms` waits for `switchover_ready`."""
+        return now_ms + timeout_ms
+
+    def prepare_failed(self) -> list[ReplicaAction]:
+        """A prepare ended without `switchover_prepared` (timed out, this replica stopped
+        being the primary, or its caller went away): nobody will complete that switchover,
+        so the reads and writes held for it resume here."""
+        return self.release_hold()
 
     def timer(self, token: int, now_ms: int) -> list[ReplicaAction]:
         """An `ArmTimer` fired: a hold whose switchover was not completed in time ends."""
