@@ -55,7 +55,6 @@ from failover.core.roles import DUPLICA, PRIMARY
 from failover.errors import InvalidRequest
 
 DEFAULT_TIMING = Timing()
-NOTICES_MAX = 256
 
 
 class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
@@ -112,7 +111,7 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
         self.operations: dict[str, Plan] = {}
         # What the daemon should log (a report refused or ignored): it takes them after each
         # call; the oldest go first if nobody does.
-        self.notices: deque[str] = deque(maxlen=NOTICES_MAX)
+        self.notices: deque[str] = deque(maxlen=defaults.COORDINATOR_NOTICES_MAX)
         # (duplica, service, epoch) whose unverifiable matched index was noted once
         self._unverified_noted: set[tuple[str, str, int]] = set()
 
