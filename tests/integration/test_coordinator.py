@@ -231,7 +231,10 @@ def test_failoverctl_against_a_real_coordinator(cluster: LocalCluster) -> None:
     switched = run("--format", "json", "switchover", "accounts")
     assert switched.returncode == 0, switched.stderr
     history = json.loads(run("--format", "json", "history", "accounts").stdout)
-    assert [e["kind"] for e in history][-1] == "switchover"
+    assert [e["kind"] for e in history][-2:] == ["switchover", "audit"]
+    audit = history[-1]["details"]
+    assert (audit["caller"], audit["rpc"], audit["outcome"]) == (
+        "anonymous (no TLS)", "switchover", "ok")
     bad = run("create", "x", "--kind", "nosuchkind")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 

@@ -1,10 +1,15 @@
 """Patching with real processes (issue 7): `failoverctl patch --all` restarts every agent
-on its code while a bank workload runs, with no failed request and the totals intact."""
+on its code while a bank workload runs, with no failed request and the totals intact.
+
+A patch command is a name (issue 13), never a command line. The agents' allowlist of names is
+not built yet, and an agent runs the name as a command: the names here are scripts put on the
+agents' PATH (`PATCH_COMMANDS`); with the allowlist they become its entries."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,10 +25,19 @@ pytestmark = pytest.mark.timeout(240)
 
 ACCOUNTS = 8
 OPENING = 100
+# name -> what it runs on a host
+PATCH_COMMANDS = {"patch-ok": "echo patched", "patch-broken": "echo broken >&2; exit 3"}
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalCluster]:
+    commands = tmp_path / "patch-commands"
+    commands.mkdir()
+    for name, script in PATCH_COMMANDS.items():
+        path = commands / name
+        path.write_text(f"#!/bin/sh\n{script}\n")
+        path.chmod(0o700)
+    monkeypatch.setenv("PATH", f"{commands}{os.pathsep}{os.environ.get('PATH', '')}")
     with LocalCluster(tmp_path, hosts=3, coordinator=True) as c:
         c.start()
         c.create("bank", "bank", replicas=3)
@@ -66,7 +80,7 @@ async def test_patch_all_under_a_bank_workload_fails_no_request(cluster: LocalCl
         try:
             result = await asyncio.to_thread(
                 failoverctl, cluster, "--format", "json", "patch", "--all",
-                "--command", "echo patched")
+                "--command", "patch-ok")
         finally:
             stop.set()
             await asyncio.gather(*workers)
@@ -91,7 +105,7 @@ async def test_patch_all_under_a_bank_workload_fails_no_request(cluster: LocalCl
 def test_a_failing_patch_command_stops_with_the_cluster_serving(cluster: LocalCluster) -> None:
     assert cluster.coordinator is not None
     before = {h.host_id: h.started_at for h in cluster.coordinator.status().hosts}
-    result = failoverctl(cluster, "patch", "host2", "--command", "echo broken >&2; exit 3")
+    result = failoverctl(cluster, "patch", "host2", "--command", "patch-broken")
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "exited with 3" in result.stderr and "broken" in result.stderr
@@ -100,3 +114,6 @@ def test_a_failing_patch_command_stops_with_the_cluster_serving(cluster: LocalCl
     assert cluster.primary_of("bank") is not None
     bad = failoverctl(cluster, "patch")
     assert bad.returncode == 2 and "--all" in bad.stderr
+    shell = failoverctl(cluster, "patch", "host2", "--command", "echo broken >&2; exit 3")
+    assert shell.returncode == 2 and "patch command name" in shell.stderr
+    assert {h.host_id: h.started_at for h in cluster.coordinator.status().hosts} == before
