@@ -106,6 +106,7 @@ HEARTBEAT_DROPS_MAX = 64
 # refused (INVALID_ARGUMENT), so a rogue cannot win placement by claiming them.
 HOST_METRIC_BYTES_MAX = 1 << 50  # disk and memory (1 PiB)
 HOST_METRIC_CPUS_MAX = 4096
+COORDINATOR_HOSTS_MAX = 10_000  # hosts registered; a new one past it gets RESOURCE_EXHAUSTED
 COORDINATOR_NOTICES_MAX = 256  # notices the core keeps for the daemon to log (oldest dropped)
 # Of a patch command's output, the last this many characters go back to an admin caller.
 PATCH_OUTPUT_CHARS_MAX = 4000

@@ -467,3 +467,15 @@ async def test_an_agent_refusal_of_a_patch_reaches_history_bounded(
     assert output.count("SECRET") == 500  # the admin sees what the agent said
     [failed] = [r for r in await coordinator.history("", 100) if r.kind == "patch_failed"]
     assert len(failed.message) < defaults.PATCH_REFUSAL_CHARS_MAX + 100
+
+
+def test_registrations_past_the_host_bound_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from failover.errors import Overloaded
+
+    d = ready()
+    monkeypatch.setattr(defaults, "COORDINATOR_HOSTS_MAX", 4)
+    d.run(d.core.register(HostInfo("h4", "h4:1"), d.now, METRICS))
+    with pytest.raises(Overloaded, match="coordinator_hosts_max"):
+        d.core.register(HostInfo("h5", "h5:1"), d.now, METRICS)
+    assert sorted(d.core.hosts) == ["h1", "h2", "h3", "h4"]
+    d.run(d.core.register(HostInfo("h4", "h4:1"), d.now, METRICS))  # a known one: taken

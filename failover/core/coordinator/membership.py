@@ -30,7 +30,7 @@ from failover.core.coordinator.model import (
 )
 from failover.core.names import check_host_id, check_service_name
 from failover.core.roles import BUILDING, DUPLICA, PRIMARY
-from failover.errors import InvalidRequest
+from failover.errors import InvalidRequest, Overloaded
 
 # The metrics a host reports, and the largest value each may take (a larger, negative or
 # non-finite one is not a real host's).
@@ -80,6 +80,9 @@ class Membership(CoreState):
         check_host_id(info.host_id)
         check_metrics(info.host_id, metrics)
         known = self.hosts.get(info.host_id)
+        if known is None and len(self.hosts) >= defaults.COORDINATOR_HOSTS_MAX:
+            raise Overloaded(f"{len(self.hosts)} hosts are registered already "
+                             f"(coordinator_hosts_max); {info.host_id} was not")
         actions: list[Action] = []
         if known is not None:
             live = self.live.get(info.host_id)
