@@ -212,7 +212,7 @@ class Redundancy(CoreState):
         if preferred in service.replicas:
             return []  # a migration's copy: hand over to it once it is in sync
         return [StartSwitchover(service.name, max(targets, key=lambda h: (
-            self.live[h].replicas[service.name].matched_index
+            self._matched(service, h, self.live[h].replicas[service.name])
             if service.name in self.live[h].replicas else 0, h)))]
 
     def spare_host(self, name: str) -> str:
