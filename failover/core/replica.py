@@ -50,6 +50,7 @@ from failover.errors import (
     LogCorruptError,
     NotPrimaryError,
     Overloaded,
+    PermissionDenied,
     ReplicaBrokenError,
     StaleEpochError,
     Unavailable,
@@ -200,6 +201,7 @@ class _Hold:
     switchover_id: str
     token: int
     deadline_ms: int | None = None  # set once the target caught up
+    started_ms: int | None = None  # when it began (None: the driver gave no time)
 
 
 class ReplicaCore:
@@ -267,6 +269,9 @@ class ReplicaCore:
         self.coordinator_confirmed = not (coordinated and meta.role == PRIMARY)
         self._hold: _Hold | None = None
         self._hold_tokens = 0
+        # After a hold that ended without a switchover, no new hold starts before this
+        # (monotonic ms): writes flow at least as long as they were held (issue 13).
+        self.hold_gap_until_ms = 0
         # A primary answers reads only once commit and apply reach this index: the last
         # entry it inherited when it took the role (invariant 10).
         self.read_floor = 0
@@ -661,9 +666,13 @@ class ReplicaCore:
     def hold_id(self) -> str:
         return self._hold.switchover_id if self._hold is not None else ""
 
-    def prepare_switchover(self, epoch: int, target: str, switchover_id: str) -> None:
+    def prepare_switchover(self, epoch: int, target: str, switchover_id: str,
+                           now_ms: int | None = None) -> None:
         """Starts (or joins, for the same id) the hold of new reads and writes for a
-        switchover to `target`. One switchover holds at a time."""
+        switchover to `target`. One switchover holds at a time, and a hold that ended without
+        a switchover (released, failed or past its deadline) keeps the next one off for as
+        long as it held (`hold_gap_until_ms`; checked when the driver gives `now_ms`): a
+        looping caller cannot freeze writes, it holds them at most half of the time."""
         self.check_primary(0)
         primary = self.primary
         assert primary is not None
@@ -677,8 +686,13 @@ class ReplicaCore:
                               f"({self._hold.switchover_id or 'unnamed'}) holds writes here; "
                               "try again once it has ended")
         if self._hold is None:
+            if now_ms is not None and now_ms < self.hold_gap_until_ms:
+                raise Unavailable(
+                    f"{self.service}: a switchover held writes here until recently and ended "
+                    f"without a switchover; writes flow for "
+                    f"{self.hold_gap_until_ms - now_ms} ms more before another may hold them")
             self._hold_tokens += 1
-            self._hold = _Hold(switchover_id, self._hold_tokens)
+            self._hold = _Hold(switchover_id, self._hold_tokens, started_ms=now_ms)
 
     def switchover_ready(self, target: str) -> tuple[int, int] | None:
         """(last index, target's durable index) once `target` holds everything logged here
@@ -700,6 +714,8 @@ class ReplicaCore:
         hold = self._hold
         if hold is None:
             return []
+        if hold.deadline_ms is not None:
+            return []  # joined by the same id again: the first deadline stands, never extended
         hold.deadline_ms = now_ms + defaults.SWITCHOVER_TIMEOUT_MS
         return [ArmTimer(hold.deadline_ms, hold.token)]
 
@@ -714,15 +730,24 @@ class ReplicaCore:
         """Until when a prepare that began at `now_ms` waits for `switchover_ready`."""
         return now_ms + timeout_ms
 
-    def prepare_failed(self) -> list[ReplicaAction]:
+    def prepare_failed(self, now_ms: int | None = None) -> list[ReplicaAction]:
         """A prepare ended without `switchover_prepared` (timed out, this replica stopped
         being the primary, or its caller went away): nobody will complete that switchover,
         so the reads and writes held for it resume here."""
+        self._hold_ended(now_ms)
         return self.release_hold()
+
+    def _hold_ended(self, now_ms: int | None) -> None:
+        """The hold ends at `now_ms` without a switchover: the next may start only after
+        writes flowed as long as it held them."""
+        hold = self._hold
+        if hold is not None and now_ms is not None and hold.started_ms is not None:
+            self.hold_gap_until_ms = now_ms + max(0, now_ms - hold.started_ms)
 
     def timer(self, token: int, now_ms: int) -> list[ReplicaAction]:
         """An `ArmTimer` fired: a hold whose switchover was not completed in time ends."""
         if self._hold is not None and self._hold.token == token:
+            self._hold_ended(now_ms)
             return self.release_hold()
         return []
 
@@ -733,12 +758,14 @@ class ReplicaCore:
         self._hold = None
         return [HOLD_RELEASED]
 
-    def release_switchover(self, epoch: int, switchover_id: str) -> list[ReplicaAction] | None:
+    def release_switchover(self, epoch: int, switchover_id: str,
+                           now_ms: int | None = None) -> list[ReplicaAction] | None:
         """The coordinator abandoned switchover `switchover_id` at `epoch`: end its hold.
         None when it is not the one holding (late, or forged): nothing changes."""
         if self._hold is None or epoch != self.meta.epoch or (
                 switchover_id != self._hold.switchover_id):
             return None
+        self._hold_ended(now_ms)
         return self.release_hold()
 
     # --- shipping (primary side) ---------------------------------------------------------
@@ -770,6 +797,7 @@ class ReplicaCore:
         actions: list[ReplicaAction] = []
         hold = self._hold
         if hold is not None and hold.deadline_ms is not None and now_ms >= hold.deadline_ms:
+            self._hold_ended(now_ms)
             actions.extend(self.release_hold())
         if self.primary is not None and not self.broken:
             actions.extend(self._primary_actions(self.primary.tick(now_ms)))
@@ -807,10 +835,37 @@ class ReplicaCore:
         """The log is now `log` (after any change the driver made outside the events here)."""
         self.log = log
 
-    def _duplica_for(self, epoch: int) -> DuplicaReplication | list[ReplicaAction]:
-        """The duplica core; or the step-down to persist first if a newer primary ships to
-        this primary; or the refusal of a batch at or below a primary's own epoch (two
+    def sender_refusal(self, epoch: int, sender: str | None) -> Refuse | None:
+        """Whether a shipped item (or snapshot) from host `sender` is refused for who sent
+        it (invariant 14): only the primary the coordinator named (`meta.primary_host_id`)
+        ships to a duplica, and only it may carry a newer epoch here; a primary takes no
+        shipped item at all (a newer epoch reaches it from the coordinator, or in its own
+        duplicas' answers). An item at an older epoch than ours is left to the epoch check,
+        whoever sent it: its "stale_epoch" answer fences a deposed primary and changes nothing
+        here. None: not refused (or `sender` None: the driver does not check senders)."""
+        if sender is None or epoch < self.meta.epoch:
+            return None
+        if self.meta.role == PRIMARY or not sender or sender != self.meta.primary_host_id:
+            return Refuse("not_primary")
+        return None
+
+    def sender_error(self, epoch: int, sender: str | None) -> str:
+        """The message of a `not_primary` refusal, for the log and the answer."""
+        named = ("it is the primary itself" if self.meta.role == PRIMARY else
+                 f"its primary is {self.meta.primary_host_id!r}" if self.meta.primary_host_id
+                 else "the coordinator named no primary for it yet")
+        return (f"{self.service}: refused an item at epoch {epoch} from host {sender!r}: "
+                f"{named} (epoch {self.meta.epoch}); nothing was taken")
+
+    def _duplica_for(self, epoch: int,
+                     sender: str | None = None) -> DuplicaReplication | list[ReplicaAction]:
+        """The duplica core; or the refusal of an item from a host other than the named
+        primary (`sender_refusal`); or the step-down to persist first if a newer primary ships
+        to this primary; or the refusal of a batch at or below a primary's own epoch (two
         primaries in one epoch cannot be)."""
+        refused = self.sender_refusal(epoch, sender)
+        if refused is not None:
+            return [refused]
         if self.meta.role == PRIMARY:
             if epoch <= self.meta.epoch:
                 return [Refuse("stale_epoch")]
@@ -826,18 +881,21 @@ class ReplicaCore:
             return [PersistMeta(meta, required=True, reason="adopt_epoch")]
         return actions
 
-    def on_probe(self, epoch: int, now_ms: int) -> list[ReplicaAction]:
+    def on_probe(self, epoch: int, now_ms: int,
+                 sender: str | None = None) -> list[ReplicaAction]:
         """A probe: [] to answer "mismatch" with our position, or [Refuse], or a
-        `PersistMeta` to carry out before feeding the probe again."""
-        duplica = self._duplica_for(epoch)
+        `PersistMeta` to carry out before feeding the probe again. `sender` is the host it
+        came from (None: not checked; see `sender_refusal`), likewise below."""
+        duplica = self._duplica_for(epoch, sender)
         if isinstance(duplica, list):
             return duplica
         return self._adopt(duplica.on_probe(epoch, now_ms))
 
-    def on_truncate(self, epoch: int, after_index: int, now_ms: int) -> list[ReplicaAction]:
+    def on_truncate(self, epoch: int, after_index: int, now_ms: int,
+                    sender: str | None = None) -> list[ReplicaAction]:
         """The primary found our log diverges after `after_index`: [Truncate], [Refuse], or a
         `PersistMeta` to carry out before feeding it again."""
-        duplica = self._duplica_for(epoch)
+        duplica = self._duplica_for(epoch, sender)
         if isinstance(duplica, list):
             return duplica
         actions = self._adopt(duplica.on_truncate(epoch, after_index, now_ms))
@@ -862,12 +920,12 @@ class ReplicaCore:
         self.truncated_entries = dropped
 
     def on_batch(self, epoch: int, prev: LogPosition, last_index: int, commit_index: int,
-                 log: LogInfo, now_ms: int) -> list[ReplicaAction]:
+                 log: LogInfo, now_ms: int, sender: str | None = None) -> list[ReplicaAction]:
         """A shipped batch (a keepalive when last_index == prev.index) against our log `log`:
         [Append] (append its records, then `batch_appended`), [] (nothing to append),
         [Refuse], or a `PersistMeta` to carry out before feeding it again."""
         self.log = log
-        duplica = self._duplica_for(epoch)
+        duplica = self._duplica_for(epoch, sender)
         if isinstance(duplica, list):
             return duplica
         actions = self._adopt(duplica.on_batch(epoch, prev, last_index, commit_index, log,
@@ -911,6 +969,26 @@ class ReplicaCore:
             return False, 0
         silent = max(0, now_ms - heard)
         return silent < 2 * self.heartbeat_ms, silent
+
+    def check_snapshot(self, epoch: int, sender: str | None = None) -> None:
+        """Raises unless a snapshot at `epoch` from host `sender` (None: not checked) may
+        replace this replica's state: never a primary's (its data is the service's), only
+        at this replica's own epoch, and only from the primary the coordinator named
+        (`sender_refusal`)."""
+        self.check_not_broken()
+        caller = f"host {sender!r}" if sender is not None else "a caller"
+        if self.meta.role == PRIMARY:
+            raise PermissionDenied(caller, f"replace the data of {self.service}",
+                                   "a replica that is not the primary (this one is, at "
+                                   f"epoch {self.meta.epoch})")
+        if epoch != self.meta.epoch:
+            raise StaleEpochError(f"{self.service}: a snapshot from epoch {epoch}, but this "
+                                  f"replica is at epoch {self.meta.epoch}; not installed")
+        if self.sender_refusal(epoch, sender) is not None:
+            raise PermissionDenied(caller, f"install a snapshot of {self.service}",
+                                   "to be the primary the coordinator named "
+                                   f"({self.meta.primary_host_id or 'none yet'}) at epoch "
+                                   f"{self.meta.epoch}")
 
     # --- state replaced ------------------------------------------------------------------
 

@@ -243,7 +243,7 @@ class PrimaryReplication:
             # Damaged in transit: resend everything after what the duplica holds.
             peer.last_error = ack.message
             return self._restart_stream(peer)
-        if ack.status in ("unknown_service", "storage_error"):
+        if ack.status in ("unknown_service", "storage_error", "not_primary"):
             peer.state = PeerState.FAILED
             peer.inflight.clear()
             peer.last_error = ack.message or ack.status
@@ -464,7 +464,9 @@ class Append:
 class Refuse:
     """Answer without appending."""
 
-    status: str  # "stale_epoch" or "mismatch"
+    # "stale_epoch", "mismatch", or (ReplicaCore) "not_primary": the sender is not the primary
+    # the coordinator named for this replica.
+    status: str
 
 
 @dataclass(frozen=True, slots=True)
