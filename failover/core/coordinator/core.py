@@ -114,6 +114,9 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
         self.notices: deque[str] = deque(maxlen=defaults.COORDINATOR_NOTICES_MAX)
         # (duplica, service, epoch) whose unverifiable matched index was noted once
         self._unverified_noted: set[tuple[str, str, int]] = set()
+        # service -> (its primary, epoch, when it last reported, its durable index then, how
+        # fast that grew, entries per ms): what bounds its duplicas' matched indexes
+        self._primary_progress: dict[str, tuple[str, int, int, int, float]] = {}
 
     # --- restore ---------------------------------------------------------------------------
 

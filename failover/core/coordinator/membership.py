@@ -135,7 +135,7 @@ class Membership(CoreState):
         live.metrics = metrics
         live.replicas = {r.service: r for r in replicas}
         self._deposed = {k for k in self._deposed if k[1] != host_id}
-        self._note_unverified(host_id, replicas)
+        self._note_primary(host_id, replicas, now_ms)
         leases: list[tuple[str, int, int]] = []
         actions.extend(self._drop_unknown(host_id, replicas, now_ms))
         for service in self.services.values():
@@ -272,38 +272,46 @@ class Membership(CoreState):
         return [Persist({SERVICE_PREFIX + service.name: pack(service)})]
 
     def _matched(self, service: ServiceInfo, host_id: str, report: ReplicaReport) -> int:
-        """A duplica's matched index as far as its primary's own reports bear it out: one
-        above the durable index the primary last reported (at this epoch) is not acted on,
-        -1, until the primary reports that far; a forged 10^9 never is."""
+        """A duplica's matched index as far as its primary's own reports bear it out, or -1
+        (not acted on) beyond that: beyond the durable index the primary last reported at
+        this epoch plus what it can have logged between that report and the duplica's, at
+        twice its recent rate and a batch more. An honest report racing ahead of its
+        primary's heartbeat counts; a forged 10^9 never does, and is noted once."""
         if host_id == service.primary:
             return report.matched_index
-        live = self.live.get(service.primary)
-        primary = live.replicas.get(service.name) if live is not None else None
-        if primary is None or primary.epoch != report.epoch:
+        progress = self._primary_progress.get(service.name)
+        if progress is None or progress[0] != service.primary or progress[1] != report.epoch:
             return -1
-        if report.matched_index > primary.durable_index:
-            return -1
-        return report.matched_index
+        _primary, _epoch, reported_ms, durable, rate = progress
+        live = self.live.get(host_id)
+        since_ms = max(0, (live.last_heartbeat_ms if live is not None else 0) - reported_ms)
+        bound = durable + int(2 * rate * since_ms) + defaults.BATCH_ENTRIES_MAX
+        if report.matched_index <= bound:
+            return report.matched_index
+        noted = (host_id, service.name, report.epoch)
+        if noted not in self._unverified_noted:
+            self._unverified_noted.add(noted)
+            self.notices.append(
+                f"{host_id} reports matched index {report.matched_index} of {service.name}, "
+                f"beyond what its primary {service.primary} can have logged (about {bound}): "
+                "ignored until the primary reports it")
+        return -1
 
-    def _note_unverified(self, host_id: str, reports: list[ReplicaReport]) -> None:
-        """A primary just reported: a duplica whose earlier report claimed more than this
-        primary now holds reported an index no primary logged; it is ignored, and said."""
+    def _note_primary(self, host_id: str, reports: list[ReplicaReport], now_ms: int) -> None:
+        """Remembers each primary's durable index and how fast it grows, the bound of its
+        duplicas' matched indexes (`_matched`)."""
         for report in reports:
             service = self.services.get(report.service)
             if service is None or service.primary != host_id or report.role != PRIMARY:
                 continue
-            for member in service.duplicas():
-                live = self.live.get(member)
-                claim = live.replicas.get(service.name) if live is not None else None
-                if (claim is not None and claim.epoch == report.epoch
-                        and claim.matched_index > report.durable_index):
-                    noted = (member, service.name, report.epoch)
-                    if noted not in self._unverified_noted:
-                        self._unverified_noted.add(noted)
-                        self.notices.append(
-                            f"{member} reports matched index {claim.matched_index} of "
-                            f"{service.name}, beyond what its primary {host_id} logged "
-                            f"({report.durable_index}): ignored until the primary holds it")
+            rate = 0.0
+            last = self._primary_progress.get(service.name)
+            if last is not None and last[0] == host_id and last[1] == report.epoch:
+                elapsed = now_ms - last[2]
+                grown = max(0, report.durable_index - last[3])
+                rate = max(grown / elapsed if elapsed > 0 else last[4], last[4] / 2)
+            self._primary_progress[service.name] = (host_id, report.epoch, now_ms,
+                                                    report.durable_index, rate)
 
     def _forget_thresholds(self, service: str) -> None:
         """Thresholds were the old primary's durable index: a new primary sets its own."""

@@ -164,6 +164,7 @@ class CoreState:
     _move_to: dict[str, str]
     notices: deque[str]
     _unverified_noted: set[tuple[str, str, int]]
+    _primary_progress: dict[str, tuple[str, int, int, int, float]]
 
     def _matched(self, service: ServiceInfo, host_id: str, report: ReplicaReport) -> int:
         """A duplica's matched index as far as its primary bears it out (`Membership`)."""
