@@ -33,6 +33,7 @@ from failover import defaults
 from failover.clock import monotonic_ns
 from failover.errors import MigrationError
 from failover.net import channels
+from failover.net.tls import TlsMaterial
 from failover.v1 import agent_pb2, common_pb2, migration_pb2, migration_pb2_grpc
 from migration.codec import PageEncoder, batches
 from migration.interface import SourceReplica
@@ -63,8 +64,11 @@ class MigrationSource:
     """One outgoing migration of `replica` to `target_address`."""
 
     def __init__(
-        self, replica: SourceReplica, request: agent_pb2.MigrateOutRequest, host_id: str
+        self, replica: SourceReplica, request: agent_pb2.MigrateOutRequest, host_id: str,
+        tls: TlsMaterial | None = None,
     ) -> None:
+        """`tls`: this host's certificate; with it the copy goes over mutual TLS to a target
+        whose certificate names `request.target_host_id`, whatever address it is dialled at."""
         if request.method not in (PRECOPY, STOPCOPY):
             raise MigrationError(f"method {request.method!r}: choose precopy or stopcopy")
         paged = replica.sm.kind.paged
@@ -82,6 +86,7 @@ class MigrationSource:
         self.replica = replica
         self.request = request
         self.host_id = host_id
+        self.tls = tls
         # What the replica was when the copy began: the cut checks it still is (a step-down
         # or a newer epoch meanwhile makes the copy the state of a replica that is gone).
         self.role, self.epoch = replica.role, replica.epoch
@@ -108,7 +113,8 @@ class MigrationSource:
                 max_downtime_ms=request.max_downtime_ms or defaults.MAX_DOWNTIME_MS,
             )
         )
-        channel = channels.insecure_channel(request.target_address)
+        channel = channels.channel(request.target_address, self.tls,
+                                   server_name=request.target_host_id or None)
         stub = migration_pb2_grpc.MigrationStub(channel)
         call = stub.MigratePages(timeout=defaults.MIGRATION_TIMEOUT_MS / 1000)
         held = False

@@ -1,4 +1,5 @@
-"""Agent configuration: command-line flags or a TOML file, validated before any I/O."""
+"""Agent configuration: command-line flags or a TOML file, validated before any I/O (the TLS
+files are read and checked at start, `AgentConfig.load_tls`)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,17 @@ from pathlib import Path
 from typing import Any
 
 from failover import defaults
-from failover.errors import ConfigError
+from failover.core.names import check_command_name, check_host_id
+from failover.core.permissions import AGENT
+from failover.errors import ConfigError, InvalidRequest
 from failover.net.address import Address, parse_address, parse_address_list
+from failover.net.tls import TlsFiles, TlsMaterial
 
 _KEYS = {
     "host_id", "listen", "advertise", "data_dir", "coordinator", "zone", "fsync_policy",
     "heartbeat_ms", "batch_entries_max", "batch_bytes_max", "inflight_batches_max",
     "snapshot_every_entries", "log_retain_entries",
+    "tls_ca", "tls_cert", "tls_key", "insecure", "patch",
 }
 
 
@@ -35,11 +40,32 @@ class AgentConfig:
     inflight_batches_max: int = defaults.INFLIGHT_BATCHES_MAX
     snapshot_every_entries: int = defaults.SNAPSHOT_EVERY_ENTRIES
     log_retain_entries: int = defaults.LOG_RETAIN_ENTRIES
+    # Mutual TLS (all three files, or none) and whether to serve in the clear beyond loopback.
+    tls: TlsFiles | None = None
+    insecure: bool = False
+    # The patch commands this host runs on Restart: name -> argv, run without a shell
+    # (`[patch.commands]` in the TOML; docs/operations.md, Patching).
+    patch_commands: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def address(self) -> str:
         """The address peers and clients dial."""
         return str(self.advertise or self.listen)
+
+    def load_tls(self) -> TlsMaterial | None:
+        """Reads and checks the TLS files (None without TLS): they must hold an agent
+        certificate whose name is this host id, since peers and the coordinator check that
+        name. Raises ConfigError saying what is wrong."""
+        if self.tls is None:
+            return None
+        material = self.tls.load()
+        identity = material.identity
+        if identity.role != AGENT or identity.name != self.host_id:
+            raise ConfigError(
+                f"TLS certificate {self.tls.cert} is for {identity}, but this agent is host "
+                f"{self.host_id!r}: issue it one with failoverctl certs issue DIR --role agent "
+                f"--name {self.host_id}")
+        return material
 
     @classmethod
     def from_mapping(cls, raw: dict[str, Any]) -> AgentConfig:
@@ -52,8 +78,10 @@ class AgentConfig:
             if not raw.get(key):
                 raise ConfigError(f"agent config: {key} is required")
         host_id = str(raw["host_id"])
-        if not host_id.replace("-", "").replace("_", "").replace(".", "").isalnum():
-            raise ConfigError(f"host_id {host_id!r}: use letters, digits, '-', '_' or '.'")
+        try:
+            check_host_id(host_id, "host_id")
+        except InvalidRequest as exc:
+            raise ConfigError(str(exc)) from None
         coordinators = raw.get("coordinator") or []
         if isinstance(coordinators, str):
             coordinators = parse_address_list(coordinators, what="coordinator")
@@ -80,7 +108,14 @@ class AgentConfig:
                                       f"not {value!r}")
                 ints[key] = value
         advertise = raw.get("advertise")
+        insecure = raw.get("insecure", False)
+        if not isinstance(insecure, bool):
+            raise ConfigError(f"insecure must be true or false, not {insecure!r}")
+        tls = TlsFiles.from_options(raw.get("tls_ca"), raw.get("tls_cert"), raw.get("tls_key"))
         return cls(
+            tls=tls,
+            insecure=insecure,
+            patch_commands=_patch_commands(raw.get("patch")),
             host_id=host_id,
             listen=parse_address(str(raw["listen"]), what="listen", allow_port_zero=False),
             data_dir=Path(str(raw["data_dir"])),
@@ -90,6 +125,31 @@ class AgentConfig:
             fsync_policy=policy,
             **ints,
         )
+
+
+def _patch_commands(patch: Any) -> dict[str, tuple[str, ...]]:
+    """`[patch.commands]`: each a name (the one name rule) -> a non-empty list of strings."""
+    if patch is None:
+        return {}
+    if not isinstance(patch, dict) or set(patch) - {"commands"}:
+        raise ConfigError("patch: only the table [patch.commands] (name = [argv...]) is known")
+    commands = patch.get("commands", {})
+    if not isinstance(commands, dict):
+        raise ConfigError("[patch.commands] must be a table of name = [\"program\", \"arg\", ...]")
+    out: dict[str, tuple[str, ...]] = {}
+    for name, argv in commands.items():
+        try:
+            check_command_name(name)
+        except InvalidRequest as exc:
+            raise ConfigError(f"[patch.commands]: {exc}") from None
+        if (not isinstance(argv, list) or not argv
+                or not all(isinstance(a, str) and a and "\x00" not in a for a in argv)):
+            raise ConfigError(
+                f"[patch.commands] {name}: give the program and its arguments as a list of "
+                f"strings (run without a shell), such as [\"/usr/bin/apt-get\", \"-y\", "
+                f"\"upgrade\"], not {argv!r}")
+        out[name] = tuple(argv)
+    return out
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from failover.agent.config import AgentConfig
 from failover.clock import monotonic_ms
 from failover.net import channels
 from failover.net.convert import ReportsStatus, host_metrics, replica_status
+from failover.net.tls import TlsMaterial
 from failover.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 
@@ -35,6 +36,7 @@ class HeartbeatingAgent(Protocol):
     host_id: str
     version: str
     started_at: float
+    tls: TlsMaterial | None
 
     @property
     def config(self) -> AgentConfig: ...
@@ -72,7 +74,8 @@ class CoordinatorLink:
     def _stub(self, address: str) -> coordinator_pb2_grpc.CoordinatorStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = channels.insecure_channel(address)
+            # With TLS the coordinator's certificate must name the host it is dialled at.
+            channel = self._channels[address] = channels.channel(address, self.agent.tls)
         return coordinator_pb2_grpc.CoordinatorStub(channel)
 
     async def _run(self) -> None:

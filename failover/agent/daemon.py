@@ -12,27 +12,34 @@ from failover.agent.config import AgentConfig
 from failover.agent.host import Agent
 from failover.agent.restart import reexec
 from failover.net import agent_servicers, channels
+from failover.net.authorization import RoleCheck
+from failover.net.tls import TlsMaterial
+from failover.storage.modes import make_private_dir
 
 log = logging.getLogger("failover.agent")
 
 
-async def serve(config: AgentConfig) -> bool:
+async def serve(config: AgentConfig, tls: TlsMaterial | None = None) -> bool:
     """Serves until SIGTERM/SIGINT (returns False) or an answered Restart (returns True);
-    replicas are recovered before the port opens."""
-    config.data_dir.mkdir(parents=True, exist_ok=True)
-    agent = Agent(config)
+    replicas are recovered before the port opens. With `tls` (`AgentConfig.load_tls`) every
+    call in and out is mutual TLS, and each call's role is checked (`RoleCheck`) before its
+    handler; without it the port is in the clear (`check_listen` allowed it)."""
+    channels.check_listen(str(config.listen), tls=tls is not None, insecure=config.insecure)
+    make_private_dir(config.data_dir)
+    agent = Agent(config, tls)
     await agent.start()
-    server = channels.server()
+    server = channels.server(interceptors=[RoleCheck()] if tls is not None else ())
     agent_servicers.add_to_server(server, agent)
     try:
-        port = server.add_insecure_port(str(config.listen))
+        port = channels.add_port(server, str(config.listen), tls)
     except RuntimeError as exc:
         raise SystemExit(f"failover-agent: cannot listen on {config.listen}: {exc}") from None
     if port == 0:
         raise SystemExit(f"failover-agent: cannot listen on {config.listen} (in use?)")
     await server.start()
-    log.info("agent %s serving on %s (data dir %s, pid %d)", config.host_id, config.listen,
-             config.data_dir, os.getpid())
+    log.info("agent %s serving on %s with %s (data dir %s, pid %d)", config.host_id,
+             config.listen, "mutual TLS" if tls is not None else "no TLS", config.data_dir,
+             os.getpid())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -48,12 +55,12 @@ async def serve(config: AgentConfig) -> bool:
     return restarting
 
 
-def run(config: AgentConfig) -> None:
+def run(config: AgentConfig, tls: TlsMaterial | None = None) -> None:
     """Blocking entry point used by `failover-agent`."""
     logging.basicConfig(
         level=os.environ.get("FAILOVER_LOG_LEVEL", "INFO").upper(),
         format=f"%(asctime)s {config.host_id} %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if asyncio.run(serve(config)):
+    if asyncio.run(serve(config, tls)):
         reexec()  # the event loop, its threads and the port are gone: a clean slate

@@ -23,7 +23,15 @@ from failover.core.names import check_service_name
 from failover.core.replication import AckView, Mode, SendBatch
 from failover.core.roles import BUILDING, DUPLICA, PRIMARY, ROLES
 from failover.core.state_machine import ReplicatedStateMachine
-from failover.errors import InvalidRequest, NotPrimaryError, StaleEpochError, Unavailable
+from failover.errors import (
+    InvalidRequest,
+    NotPrimaryError,
+    PermissionDenied,
+    StaleEpochError,
+    Unavailable,
+)
+from failover.net.tls import TlsMaterial
+from failover.storage.modes import make_private_dir
 from failover.storage.records import CheckedRecords, check_records
 from failover.storage.snapshot import SnapshotHeader, iter_compressed_chunks, read_header
 from failover.v1 import common_pb2, replication_pb2, replication_pb2_grpc
@@ -47,13 +55,16 @@ _STATUS_NAME = {v: k for k, v in _STATUS.items()}
 class Agent:
     """Hosts replicas; the gRPC servicers in `failover.agent.servicers` call into this."""
 
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, tls: TlsMaterial | None = None) -> None:
         self.config = config
         self.host_id = config.host_id
         self.started_at = time.time()
         self.version = __version__
         # Set once a Restart was answered: the daemon stops serving and re-executes.
         self.restart_requested = asyncio.Event()
+        # This host's certificate (`AgentConfig.load_tls`): every channel it opens is mutual
+        # TLS with it, checking that the peer's certificate names the host id dialled.
+        self.tls = tls
         self.io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="agent-io")
         # Checks shipped records as they arrive (`precheck`): one thread of its own, so that
         # the checks never queue ahead of the appends and syncs on `io`.

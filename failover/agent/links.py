@@ -20,6 +20,7 @@ import grpc.aio
 
 from failover import defaults
 from failover.net import channels
+from failover.net.tls import TlsMaterial
 from failover.v1 import replication_pb2, replication_pb2_grpc
 
 
@@ -27,6 +28,7 @@ class LinkOwner(Protocol):
     """What a link needs of the agent that owns it (failover.agent.host.Agent)."""
 
     host_id: str
+    tls: TlsMaterial | None
 
     def on_link_up(self, host_id: str) -> None: ...
     def on_link_down(self, host_id: str) -> None: ...
@@ -68,9 +70,11 @@ class PeerLink:
             await self._channel.close()
 
     def channel(self) -> grpc.aio.Channel:
-        """The channel to the peer (also used for snapshot installs)."""
+        """The channel to the peer (also used for snapshot installs): with TLS it accepts
+        only a server whose certificate names the peer's host id, whatever its address."""
         if self._channel is None:
-            self._channel = channels.insecure_channel(self.address)
+            self._channel = channels.channel(self.address, self.agent.tls,
+                                             server_name=self.host_id)
         return self._channel
 
     # --- queueing ------------------------------------------------------------------------

@@ -12,7 +12,11 @@ from failover.commandline import run_click
 _HELP = """Hosts replicas on this host: keeps each one's write-ahead log and snapshots in
 DATA-DIR, ships logs to duplicas, applies shipped logs, and reports to the coordinator.
 
-Give the settings as flags, or as the same keys in a TOML file with --config (flags win)."""
+Give the settings as flags, or as the same keys in a TOML file with --config (flags win).
+With --tls-ca, --tls-cert and --tls-key (an agent certificate whose name is --host-id) every
+call in and out is mutual TLS and each caller may do only what its role allows; without them
+the agent serves in the clear on a loopback address only, unless --insecure. The patch
+commands this host may run are the TOML's [patch.commands] (name = [argv...])."""
 
 
 @click.command(help=_HELP, context_settings={"help_option_names": ["-h", "--help"]})
@@ -28,15 +32,26 @@ Give the settings as flags, or as the same keys in a TOML file with --config (fl
               help="Snapshot after this many applied entries (0: never on its own).")
 @click.option("--log-retain-entries", type=int,
               help="Log entries kept behind a snapshot for lagging duplicas.")
+@click.option("--tls-ca", type=click.Path(dir_okay=False),
+              help="The cluster CA's certificate (PEM): peers must present one it signed.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False),
+              help="This agent's certificate (PEM; role agent, name = --host-id).")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="The key of --tls-cert (PEM).")
+@click.option("--insecure", is_flag=True, default=None,
+              help="Serve in the clear on a non-loopback address (anyone reaching it can drive "
+                   "this host).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="TOML file with the same keys (host_id, listen, data_dir, ...).")
 def agent_command(config_path: str | None, **flags: Any) -> None:
     raw: dict[str, Any] = load_toml(config_path) if config_path else {}
     raw.update({k: v for k, v in flags.items() if v is not None})
     config = AgentConfig.from_mapping(raw)
+    tls = config.load_tls()
     from failover.agent.daemon import run  # imported late: --help stays fast
+    from failover.net.channels import check_listen
 
-    run(config)
+    check_listen(str(config.listen), tls=tls is not None, insecure=config.insecure)
+    run(config, tls)
 
 
 def main(argv: list[str] | None = None) -> None:

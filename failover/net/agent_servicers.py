@@ -317,7 +317,7 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
                 raise InvalidRequest("target_address and migration_id are required")
             replica = self.agent.replica(request.service)
             replica.check_not_broken()
-            source = MigrationSource(replica, request, self.agent.host_id)
+            source = MigrationSource(replica, request, self.agent.host_id, self.agent.tls)
             async for progress in source.run():
                 yield progress
         except MigrationError as exc:
