@@ -1,5 +1,10 @@
-"""Restarting an agent on new code (docs/design.md, Patch): run the patch command, then
-re-execute the agent's own command line so that new code loads.
+"""Restarting an agent on new code (docs/design.md, Patch): run a patch command of this host's
+allowlist, then re-execute the agent's own command line so that new code loads.
+
+A patch command is only ever the name of an entry of `[patch.commands]` in the agent's TOML
+(name -> argv): what runs on a host is set on the host, never sent over the wire. It runs
+without a shell (`asyncio.create_subprocess_exec`), in its own session, under a deadline, and
+only the end of its output is kept (`defaults.PATCH_OUTPUT_CHARS_MAX`), however much it prints.
 
 The agent answers the Restart call first, then stops serving cleanly (logs closed, the
 port released) and replaces itself with `os.execv`: the same process id, the same flags, the
@@ -13,25 +18,51 @@ import asyncio
 import contextlib
 import os
 import sys
+from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
 from failover import defaults
+from failover.core.names import check_command_name
 from failover.errors import InvalidRequest
 
-OUTPUT_CHARS_MAX = 4000  # of the command's output kept for the reply (its last part)
+OUTPUT_CHARS_MAX = defaults.PATCH_OUTPUT_CHARS_MAX  # of the output kept for the reply (its end)
+_READ_BYTES = 64 << 10
 
 
-async def run_patch_command(command: str, timeout_ms: int) -> tuple[int, str]:
-    """Runs `command` in a shell, in its own session, under a deadline; returns its exit
-    code and the end of its output (stdout and stderr together)."""
-    if len(command) > defaults.PATCH_COMMAND_CHARS_MAX:
-        raise InvalidRequest(f"the patch command is over {defaults.PATCH_COMMAND_CHARS_MAX} "
-                             "characters; put it in a script")
-    process = await asyncio.create_subprocess_shell(
-        command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+def patch_argv(name: str, commands: Mapping[str, Sequence[str]]) -> tuple[str, ...]:
+    """The argv of allowlist entry `name`; InvalidRequest (naming the known entries) for a
+    name that is not one, or not a name at all (a shell string, say)."""
+    check_command_name(name)
+    argv = commands.get(name)
+    if argv is None:
+        known = ", ".join(sorted(commands)) or "none: this host's TOML has no [patch.commands]"
+        raise InvalidRequest(f"patch command {name!r} is not in this host's allowlist "
+                             f"([patch.commands]); known: {known}")
+    return tuple(argv)
+
+
+async def _tail(stream: asyncio.StreamReader, chars_max: int) -> bytes:
+    """Reads `stream` to its end, keeping only its last `chars_max * 4` bytes."""
+    kept = b""
+    while chunk := await stream.read(_READ_BYTES):
+        kept = (kept + chunk)[-chars_max * 4:]
+    return kept
+
+
+async def run_patch_command(argv: Sequence[str], timeout_ms: int) -> tuple[int, str]:
+    """Runs `argv` (no shell), in its own session, under a deadline; returns its exit code
+    and the end of its output (stdout and stderr together, at most `OUTPUT_CHARS_MAX`)."""
     try:
-        out, _ = await asyncio.wait_for(process.communicate(), timeout_ms / 1000)
+        process = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+    except OSError as exc:
+        return 127, f"the patch command {argv[0]} could not start: {exc.strerror or exc}"
+    assert process.stdout is not None
+    try:
+        async with asyncio.timeout(timeout_ms / 1000):
+            out = await _tail(process.stdout, OUTPUT_CHARS_MAX)
+            await process.wait()
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, 9)

@@ -19,7 +19,7 @@ import grpc
 import grpc.aio
 
 from failover import defaults
-from failover.agent.restart import run_patch_command
+from failover.agent.restart import patch_argv, run_patch_command
 from failover.clock import monotonic_ms
 from failover.core.sessions import Reply, ReplyStatus
 from failover.errors import (
@@ -288,15 +288,16 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
 
     async def Restart(self, request: agent_pb2.RestartRequest,
                       context: grpc.aio.ServicerContext) -> agent_pb2.RestartReply:
-        """Runs the patch command (a non-zero exit refuses the restart), answers, then the
-        daemon stops serving and re-executes the agent."""
+        """Runs the patch command named (an entry of this host's `[patch.commands]`, never a
+        shell string: any other name is INVALID_ARGUMENT naming the known ones; a non-zero
+        exit refuses the restart), answers, then the daemon stops serving and re-executes the
+        agent."""
         agent = self.agent
         code, output = 0, ""
         try:
             if request.command:
                 code, output = await run_patch_command(
-                    request.command,
-                    request.command_timeout_ms or defaults.PATCH_COMMAND_TIMEOUT_MS)
+                    argv, request.command_timeout_ms or defaults.PATCH_COMMAND_TIMEOUT_MS)
         except _HANDLED as exc:
             await _abort(context, exc)
         if code != 0:
@@ -368,5 +369,7 @@ def add_to_server(server: grpc.aio.Server, agent: Agent) -> None:
     data_pb2_grpc.add_DataServicer_to_server(DataServicer(agent), server)
     migration_pb2_grpc.add_MigrationServicer_to_server(MigrationServicer(agent), server)
     replication_pb2_grpc.add_ReplicationServicer_to_server(ReplicationServicer(agent), server)
+                argv = patch_argv(request.command, agent.config.patch_commands)
+                log.info("running patch command %s: %s", request.command, argv)
     agent_pb2_grpc.add_AgentControlServicer_to_server(AgentControlServicer(agent), server)
 

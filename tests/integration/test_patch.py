@@ -1,15 +1,14 @@
 """Patching with real processes (issue 7): `failoverctl patch --all` restarts every agent
 on its code while a bank workload runs, with no failed request and the totals intact.
 
-A patch command is a name (issue 13), never a command line. The agents' allowlist of names is
-not built yet, and an agent runs the name as a command: the names here are scripts put on the
-agents' PATH (`PATCH_COMMANDS`); with the allowlist they become its entries."""
+A patch command is a name (issue 13), never a command line: each name here is an entry of the
+agents' allowlist (`[patch.commands]` in their TOML), which runs a script (`PATCH_COMMANDS`)
+without a shell."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -33,12 +32,15 @@ PATCH_COMMANDS = {"patch-ok": "echo patched", "patch-broken": "echo broken >&2; 
 def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalCluster]:
     commands = tmp_path / "patch-commands"
     commands.mkdir()
+    allowlist = ["[patch.commands]"]
     for name, script in PATCH_COMMANDS.items():
         path = commands / name
         path.write_text(f"#!/bin/sh\n{script}\n")
         path.chmod(0o700)
-    monkeypatch.setenv("PATH", f"{commands}{os.pathsep}{os.environ.get('PATH', '')}")
-    with LocalCluster(tmp_path, hosts=3, coordinator=True) as c:
+        allowlist.append(f'{name} = ["{path}"]')
+    config = tmp_path / "agent.toml"
+    config.write_text("\n".join(allowlist) + "\n")
+    with LocalCluster(tmp_path, hosts=3, coordinator=True, extra={"config": config}) as c:
         c.start()
         c.create("bank", "bank", replicas=3)
         yield c
