@@ -87,6 +87,18 @@ STORE_VALUE_BYTES_MAX = 16 << 20  # a state value or one history event's encoded
 # Links, streams and clients.
 LINK_OUTBOX_BYTES_MAX = 256 << 20  # queued for one peer host; beyond it the link restarts
 SHIP_READ_AHEAD_MAX = 64  # Ship messages read ahead of handling on one stream
+# Streams an agent takes at once (issue 13, floods): per peer (the host id in its certificate;
+# without TLS, its Ship hello's source_host_id or its connection) and in all; one more gets
+# RESOURCE_EXHAUSTED. A peer host keeps one Ship stream (more only while a link restarts).
+AGENT_SHIP_STREAMS_PER_PEER_MAX = 8
+AGENT_SHIP_STREAMS_MAX = 512
+AGENT_SNAPSHOT_STREAMS_PER_PEER_MAX = 4  # InstallSnapshot streams
+AGENT_SNAPSHOT_STREAMS_MAX = 32
+AGENT_MIGRATION_STREAMS_PER_PEER_MAX = 4  # MigratePages streams
+AGENT_MIGRATION_STREAMS_MAX = 16
+# Shipped record bytes read and not yet answered, all Ship streams together: past it a stream
+# reads its next message only once its own are answered (each stream still moves).
+AGENT_SHIP_INFLIGHT_BYTES_MAX = 256 << 20
 CLIENT_ROUTES_BACKOFF_MAX_MS = 1000
 PAGED_ARENA_BYTES_MAX = 1 << 30
 

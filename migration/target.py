@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,11 +26,13 @@ from pathlib import Path
 import msgpack
 
 from failover import kinds
+from failover.core.names import check_service_name
 from failover.core.replication import Mode
 from failover.core.sessions import ClientSessions
 from failover.core.state_machine import ReplicatedStateMachine
 from failover.errors import FailoverError, MigrationError
 from failover.paged_state import PagedState
+from failover.storage.modes import DIR_MODE, make_private_dir
 from failover.storage.snapshot import SnapshotHeader, SnapshotStore
 from failover.storage.wal import WriteAheadLog
 from failover.v1 import migration_pb2
@@ -62,6 +65,7 @@ class MigrationTarget:
             setup = msgpack.unpackb(first.setup, raw=False) if first.setup else None
             if not isinstance(setup, dict) or setup.get("format") != SETUP_FORMAT:
                 raise MigrationError("the first batch carries no setup of a known format")
+            check_service_name(first.service)  # it becomes a directory here
             self.service = first.service
             agent = self.agent
             if self.service in agent.replicas:
@@ -177,7 +181,9 @@ class MigrationTarget:
                     digest=sm.digest(),
                     extra={"history": [list(h) for h in history if h[1] <= index]},
                 )
-                root.mkdir(parents=True)
+                make_private_dir(root.parent)
+                root.mkdir(DIR_MODE)  # fails if it exists: never write into another's dir
+                os.chmod(root, DIR_MODE)  # exactly 0700, whatever the umask
                 SnapshotStore(root / "snapshots").save(header, list(sm.snapshot()))
                 wal = WriteAheadLog.open(root / "wal", fsync_policy=agent.config.fsync_policy)
                 try:

@@ -7,19 +7,20 @@ import concurrent.futures
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from failover import __version__, defaults
+from failover.agent.admission import StreamAdmission
 from failover.agent.config import AgentConfig
 from failover.agent.coordinator_link import CoordinatorLink
 from failover.agent.links import PeerLink
 from failover.agent.replica import Replica, ReplicaMeta
 from failover.clock import monotonic_ms
 from failover.core.log_position import LogPosition
-from failover.core.names import check_service_name
+from failover.core.names import check_host_id, check_service_name
 from failover.core.replication import AckView, Mode, SendBatch
 from failover.core.roles import BUILDING, DUPLICA, PRIMARY, ROLES
 from failover.core.state_machine import ReplicatedStateMachine
@@ -50,6 +51,10 @@ _STATUS = {
     "storage_error": replication_pb2.ACK_STATUS_STORAGE_ERROR,
 }
 _STATUS_NAME = {v: k for k, v in _STATUS.items()}
+# A refusal for who sent the item travels as a storage error (the wire has no status of its
+# own for it): the sender marks this replica failed and probes again later, and the message
+# says why.
+_STATUS["not_primary"] = replication_pb2.ACK_STATUS_STORAGE_ERROR
 
 
 class Agent:
@@ -57,14 +62,14 @@ class Agent:
 
     def __init__(self, config: AgentConfig, tls: TlsMaterial | None = None) -> None:
         self.config = config
+        # This host's certificate (`AgentConfig.load_tls`): every channel it opens is mutual
+        # TLS with it, checking that the peer's certificate names the host id dialled.
+        self.tls = tls
         self.host_id = config.host_id
         self.started_at = time.time()
         self.version = __version__
         # Set once a Restart was answered: the daemon stops serving and re-executes.
         self.restart_requested = asyncio.Event()
-        # This host's certificate (`AgentConfig.load_tls`): every channel it opens is mutual
-        # TLS with it, checking that the peer's certificate names the host id dialled.
-        self.tls = tls
         self.io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="agent-io")
         # Checks shipped records as they arrive (`precheck`): one thread of its own, so that
         # the checks never queue ahead of the appends and syncs on `io`.
@@ -81,12 +86,24 @@ class Agent:
         self.receive_idle.set()
         # Control calls that change one replica's role or data run one at a time.
         self._locks: dict[str, asyncio.Lock] = {}
+        # Inbound streams open at once, per peer and in all (issue 13, floods).
+        self.ship_streams = StreamAdmission(
+            "Ship", defaults.AGENT_SHIP_STREAMS_PER_PEER_MAX, defaults.AGENT_SHIP_STREAMS_MAX)
+        self.snapshot_streams = StreamAdmission(
+            "InstallSnapshot", defaults.AGENT_SNAPSHOT_STREAMS_PER_PEER_MAX,
+            defaults.AGENT_SNAPSHOT_STREAMS_MAX)
+        self.migration_streams = StreamAdmission(
+            "MigratePages", defaults.AGENT_MIGRATION_STREAMS_PER_PEER_MAX,
+            defaults.AGENT_MIGRATION_STREAMS_MAX)
+        # Shipped record bytes read and not yet answered, all Ship streams together.
+        self.ship_inflight_bytes = 0
+        self._ship_bytes_freed = asyncio.Event()
 
     # --- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
         """Recovers every replica from its data dir before serving."""
-        self._replicas_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self._replicas_dir)
         for root in sorted(p for p in self._replicas_dir.iterdir() if p.is_dir()):
             # One replica that cannot be recovered never stops the others (invariant 12).
             try:
@@ -220,6 +237,21 @@ class Agent:
 
     # --- receiving shipped logs ----------------------------------------------------------
 
+    async def ship_bytes_room(self, own_idle: Callable[[], bool]) -> None:
+        """Returns once a Ship stream may read another message: while the streams together
+        hold `AGENT_SHIP_INFLIGHT_BYTES_MAX` bytes unanswered, only a stream with none of its
+        own unanswered (`own_idle`) reads on, so memory stays bounded and each stream moves."""
+        while self.ship_inflight_bytes > defaults.AGENT_SHIP_INFLIGHT_BYTES_MAX and not own_idle():
+            await self._ship_bytes_freed.wait()
+
+    def ship_bytes_taken(self, size: int) -> None:
+        """Shipped record bytes were read (size > 0) or answered (size < 0)."""
+        self.ship_inflight_bytes += size
+        assert self.ship_inflight_bytes >= 0, self.ship_inflight_bytes
+        if size < 0:
+            freed, self._ship_bytes_freed = self._ship_bytes_freed, asyncio.Event()
+            freed.set()
+
     def receive_queued(self, count: int) -> None:
         """Ship messages arrived (count > 0) or were answered (count < 0)."""
         self.receiving += count
@@ -242,27 +274,39 @@ class Agent:
                 if batch.records else None for batch in message.batches]
 
     async def receive(self, message: replication_pb2.ShipMessage,
-                      checks: list[Precheck] | None = None) -> replication_pb2.ShipReply:
+                      checks: list[Precheck] | None = None,
+                      sender: str | None = None) -> replication_pb2.ShipReply:
         """Handles one message of a Ship stream; answers every item in it. `checks` are its
-        batches' `precheck` futures (without them, each batch is checked as it is taken)."""
+        batches' `precheck` futures (without them, each batch is checked as it is taken).
+        `sender` is the host that sent it (the certificate's host id with TLS, else the
+        message's `source_host_id`): a duplica takes items only from the primary the
+        coordinator named (`ReplicaCore.sender_refusal`); None checks no sender."""
         acks: list[replication_pb2.ReplicaAck] = []
         for probe in message.probes:
-            acks.append(await self._receive_one(probe.service, "probe", probe))
+            acks.append(await self._receive_one(probe.service, "probe", probe, None, sender))
         for truncate in message.truncates:
-            acks.append(await self._receive_one(truncate.service, "truncate", truncate))
+            acks.append(await self._receive_one(truncate.service, "truncate", truncate, None,
+                                                sender))
         for i, batch in enumerate(message.batches):
             check = checks[i] if checks else None
-            acks.append(await self._receive_one(batch.service, "batch", batch, check))
+            acks.append(await self._receive_one(batch.service, "batch", batch, check, sender))
         return replication_pb2.ShipReply(acks=acks)
 
     async def _receive_one(self, service: str, what: str, item: Any,
-                           check: Precheck = None) -> replication_pb2.ReplicaAck:
+                           check: Precheck = None,
+                           sender: str | None = None) -> replication_pb2.ReplicaAck:
+        try:
+            check_service_name(service)  # the one name rule, also where no path is made
+        except InvalidRequest as exc:
+            return replication_pb2.ReplicaAck(
+                service=service[:200], status=replication_pb2.ACK_STATUS_UNKNOWN_SERVICE,
+                batch_id=getattr(item, "batch_id", 0), message=str(exc)[:300])
         # Under the replica's lock: a role change (AssignRole, StepDown) must never land
         # while a shipped batch is half appended, or a new primary would start its log at an
         # index the append is about to fill.
         async with self.lock(service):
             try:
-                return await self._receive_locked(service, what, item, check)
+                return await self._receive_locked(service, what, item, check, sender)
             except Exception as exc:
                 # A bug, or damage no check caught, in one replica must not end the stream:
                 # it carries every service this host shares with the sender (invariant 12).
@@ -276,7 +320,8 @@ class Agent:
                 return _refusal(service, item, replica, message)
 
     async def _receive_locked(self, service: str, what: str, item: Any,
-                              check: Precheck = None) -> replication_pb2.ReplicaAck:
+                              check: Precheck = None,
+                              sender: str | None = None) -> replication_pb2.ReplicaAck:
         replica = self.replicas.get(service)
         if replica is None or replica.role not in (DUPLICA, PRIMARY, BUILDING):
             return replication_pb2.ReplicaAck(
@@ -286,13 +331,14 @@ class Agent:
         if replica.broken:
             return _refusal(service, item, replica, str(replica.broken_error()))
         if what == "probe":
-            ack = await replica.receive_probe(item.epoch)
+            ack = await replica.receive_probe(item.epoch, sender)
         elif what == "truncate":
-            ack = await replica.receive_truncate(item.epoch, item.after_index)
+            ack = await replica.receive_truncate(item.epoch, item.after_index, sender)
         else:
             ack = await replica.receive_batch(
                 item.epoch, item.batch_id, LogPosition(item.prev.epoch, item.prev.index),
-                item.first_index, item.last_index, item.records, item.commit_index, check)
+                item.first_index, item.last_index, item.records, item.commit_index, check,
+                sender)
         return _ack_to_proto(ack)
 
     # --- snapshots -----------------------------------------------------------------------
@@ -331,12 +377,16 @@ class Agent:
         return header, reply.applied_index
 
     async def receive_snapshot(
-        self, chunks: AsyncIterator[replication_pb2.SnapshotChunk]
+        self, chunks: AsyncIterator[replication_pb2.SnapshotChunk], sender: str | None = None,
     ) -> replication_pb2.SnapshotInstalled:
         """Receives a snapshot for one of our replicas and restores it as it arrives: the
         frames go to an I/O thread that writes and decompresses them into a fresh state
         while the rest is still on the way; the replica's state and log are replaced, under
-        its lock, only once the whole snapshot checked out (digest included)."""
+        its lock, only once the whole snapshot checked out (digest included).
+
+        Refused before anything is written: a snapshot for a primary, at another epoch than
+        the replica's, or (with `sender`, the host id in the sender's certificate) from any
+        host but the primary the coordinator named (`ReplicaCore.check_snapshot`)."""
         stream = chunks.__aiter__()
         try:
             first = await anext(stream)
@@ -345,12 +395,11 @@ class Agent:
         if not first.HasField("header"):
             raise InvalidRequest("the first snapshot chunk must carry the header")
         header_pb, service, epoch = first.header, first.service, first.epoch
+        check_service_name(service)
         replica = self.replicas.get(service)
         if replica is None:
             raise InvalidRequest(f"host {self.host_id} holds no replica of {service!r}")
-        replica.check_not_broken()
-        if epoch < replica.epoch:
-            raise StaleEpochError(f"{service}: snapshot from epoch {epoch} < {replica.epoch}")
+        replica.core.check_snapshot(epoch, sender)
         header = SnapshotHeader(
             kind=header_pb.kind, kind_version=header_pb.kind_version,
             applied_index=header_pb.applied_index, epoch=header_pb.epoch,
@@ -386,9 +435,10 @@ class Agent:
             raise
         try:
             async with self.lock(service):
-                if self.replicas.get(service) is not replica or replica.epoch > epoch:
+                if self.replicas.get(service) is not replica:
                     raise StaleEpochError(f"{service}: the replica changed while a snapshot "
                                           f"from epoch {epoch} was received; not installed")
+                replica.core.check_snapshot(epoch, sender)  # its role may have changed
                 await replica.install_snapshot(header, fresh, shipped)
         except BaseException:
             shipped.discard()
@@ -413,6 +463,8 @@ class Agent:
                           in_sync: set[str], in_sync_generation: int = 0) -> Replica:
         """Creates the replica if missing, then sets its role, epoch and peers."""
         check_service_name(service)
+        for host in ([primary[0]] if primary else []) + [*duplicas, *in_sync]:
+            check_host_id(host)
         if role not in ROLES:
             raise InvalidRequest(f"role {role!r}: choose one of {', '.join(ROLES)}")
         if epoch < 1:
@@ -443,6 +495,7 @@ class Agent:
             return replica
 
     async def step_down(self, service: str, epoch: int) -> Replica:
+        check_service_name(service)
         replica = self.replica(service)
         async with self.lock(service):
             if epoch < replica.epoch:
@@ -452,11 +505,22 @@ class Agent:
             return replica
 
     async def drop_replica(self, service: str, epoch: int, delete_data: bool) -> None:
+        """Closes a replica and forgets it (and with `delete_data`, deletes its files). A
+        primary's data goes only at its own epoch (its service was deleted): an HA user
+        expects the one copy that serves to survive any other drop, so a primary is demoted
+        (AssignRole or StepDown) before a drop at a newer epoch may delete it; such a call
+        changes nothing, and no epoch is taken from it."""
+        check_service_name(service)
         replica = self.replica(service)
         async with self.lock(service):
             if epoch < replica.epoch:
                 raise StaleEpochError(f"{service}: drop at epoch {epoch} is older than "
                                       f"{replica.epoch}")
+            if delete_data and replica.role == PRIMARY and epoch != replica.epoch:
+                raise PermissionDenied(
+                    f"a drop at epoch {epoch}", f"delete the data of {service}",
+                    f"the primary's own epoch ({replica.epoch}): a primary is demoted before "
+                    "its data is dropped")
             del self.replicas[service]
             if delete_data:
                 await replica.destroy()
@@ -466,10 +530,12 @@ class Agent:
     async def prepare_switchover(self, service: str, epoch: int, target: str,
                                  timeout_ms: int, release: bool,
                                  switchover_id: str = "") -> tuple[int, int]:
+        check_service_name(service)
         replica = self.replica(service)
         if release:
             replica.release_switchover(epoch, switchover_id)
             return replica.wal.last_index, 0
+        check_host_id(target, "switchover target")
         return await replica.prepare_switchover(epoch, target, timeout_ms, switchover_id)
 
     async def compact(self, service: str, retain_entries: int) -> tuple[int, int]:

@@ -67,6 +67,7 @@ from failover.errors import (
     Unavailable,
 )
 from failover.storage.atomic import write_atomic
+from failover.storage.modes import make_private_dir
 from failover.storage.records import CheckedRecords, Entry
 from failover.storage.snapshot import (
     ShippedSnapshot,
@@ -116,6 +117,7 @@ class Replica:
         # Replaced and set on every ack, append, apply and hold release: waiters re-check the
         # core's predicates then.
         self._progress = asyncio.Event()
+        self._refusal_logged_ms = -1000  # when a refused sender was last logged
 
     # --- what the core holds ---------------------------------------------------------------
 
@@ -173,7 +175,7 @@ class Replica:
     def create(cls, agent: ReplicaHost, root: Path, meta: ReplicaMeta) -> Replica:
         """Makes a new, empty replica on disk (meta first, so a crash leaves a known kind)."""
         kinds.load_kind(meta.kind)  # refuse an unknown kind before touching the disk
-        root.mkdir(parents=True, exist_ok=True)
+        make_private_dir(root)
         write_atomic(root / _META, meta.to_bytes())
         return cls(agent, root, meta)
 
@@ -501,7 +503,9 @@ class Replica:
         On timeout the hold is released and the primary serves on. One switchover holds at a
         time: another one (another id) is refused while the hold lasts."""
         core = self.core
-        core.prepare_switchover(epoch, target, switchover_id)
+        # A caller's timeout never holds writes longer than a switchover may take.
+        timeout_ms = max(1, min(timeout_ms, defaults.SWITCHOVER_TIMEOUT_MS))
+        core.prepare_switchover(epoch, target, switchover_id, monotonic_ms())
         try:
             deadline = core.switchover_deadline_ms(monotonic_ms(), timeout_ms)
             while (ready := core.switchover_ready(target)) is None:
@@ -510,7 +514,7 @@ class Replica:
         except BaseException:
             # Timed out, no longer the primary, or cancelled (gRPC cancels this handler
             # when the coordinator goes away).
-            self._carry_out(core.prepare_failed())
+            self._carry_out(core.prepare_failed(monotonic_ms()))
             raise
         self._carry_out(core.switchover_prepared(monotonic_ms()))
         return ready
@@ -522,7 +526,7 @@ class Replica:
     def release_switchover(self, epoch: int, switchover_id: str) -> None:
         """The coordinator abandoned switchover `switchover_id` at `epoch`: end its hold. A
         release for another switchover or epoch (late, or forged) changes nothing."""
-        actions = self.core.release_switchover(epoch, switchover_id)
+        actions = self.core.release_switchover(epoch, switchover_id, monotonic_ms())
         if actions is None:
             log.info("%s: ignored a release of switchover %r at epoch %d (holding: %r, epoch %d)",
                      self.service, switchover_id, epoch,
@@ -750,15 +754,32 @@ class Replica:
             actions = event()
         return actions
 
-    async def receive_probe(self, epoch: int) -> dict[str, Any]:
-        actions = self._feed(lambda: self.core.on_probe(epoch, monotonic_ms()))
-        return self._ack(actions[0].status if actions else "mismatch")  # type: ignore[union-attr]
+    def _refused(self, status: str, epoch: int, sender: str | None,
+                 batch_id: int = 0) -> dict[str, Any]:
+        """The answer to a refused item; a sender that is not the named primary is logged
+        (at most once a second per replica: a flood of forged items must not flood the log)."""
+        message = ""
+        if status == "not_primary":
+            message = self.core.sender_error(epoch, sender)
+            now = monotonic_ms()
+            if now - self._refusal_logged_ms >= 1000:
+                self._refusal_logged_ms = now
+                log.warning("%s", message)
+        return self._ack(status, batch_id, message)
 
-    async def receive_truncate(self, epoch: int, after_index: int) -> dict[str, Any]:
-        actions = self._feed(lambda: self.core.on_truncate(epoch, after_index, monotonic_ms()))
+    async def receive_probe(self, epoch: int, sender: str | None = None) -> dict[str, Any]:
+        actions = self._feed(lambda: self.core.on_probe(epoch, monotonic_ms(), sender))
+        if actions and isinstance(actions[0], Refuse):
+            return self._refused(actions[0].status, epoch, sender)
+        return self._ack("mismatch")
+
+    async def receive_truncate(self, epoch: int, after_index: int,
+                               sender: str | None = None) -> dict[str, Any]:
+        actions = self._feed(lambda: self.core.on_truncate(epoch, after_index, monotonic_ms(),
+                                                           sender))
         cut = actions[0]
         if isinstance(cut, Refuse):
-            return self._ack(cut.status)
+            return self._refused(cut.status, epoch, sender)
         assert isinstance(cut, Truncate), cut
         loop = asyncio.get_running_loop()
         if cut.rewind:
@@ -791,14 +812,15 @@ class Replica:
                             first_index: int, last_index: int, records: bytes,
                             commit_index: int,
                             check: asyncio.Future[CheckedRecords | None] | None = None,
-                            ) -> dict[str, Any]:
+                            sender: str | None = None) -> dict[str, Any]:
         """Takes a shipped batch. `check` is `check_records` of its records, started when it
-        arrived (`Agent.precheck`); without it the records are checked here."""
+        arrived (`Agent.precheck`); without it the records are checked here. `sender` is the
+        host it came from (None: not checked)."""
         core = self.core
         actions = self._feed(lambda: core.on_batch(
-            epoch, prev, last_index, commit_index, self._log_info(), monotonic_ms()))
+            epoch, prev, last_index, commit_index, self._log_info(), monotonic_ms(), sender))
         if actions and isinstance(actions[0], Refuse):
-            return self._ack(actions[0].status, batch_id)
+            return self._refused(actions[0].status, epoch, sender, batch_id)
         if actions:  # Append
             loop = asyncio.get_running_loop()
             entries: list[tuple[int, int, bytes, bytes]] = []

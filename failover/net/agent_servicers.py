@@ -1,5 +1,14 @@
 """The agent's gRPC servicers: thin adapters between the wire and `failover.agent.host.Agent`.
 
+Who may call what: with TLS, `RoleCheck` (`failover.net.authorization`) has checked the
+caller's role before a handler runs (control calls only from a coordinator, Ship,
+InstallSnapshot and MigratePages only from an agent); what depends on the request is checked
+here and in the agent's core: an agent ships only as the host id in its certificate, and a
+duplica takes shipped items and snapshots only from the primary the coordinator named
+(`ReplicaCore.sender_refusal`). Every service name, host id and patch command is checked by
+the one name rule (`failover.core.names`) before it is used. Concurrent inbound streams are
+bounded per peer and in all (`failover.agent.admission`).
+
 Errors map to status codes one way everywhere: a malformed request (or one too large or too
 deep to log) is INVALID_ARGUMENT with a message, a non-primary is FAILED_PRECONDITION with a
 redirect hint in trailing metadata, an expired session is FAILED_PRECONDITION naming
@@ -21,6 +30,8 @@ import grpc.aio
 from failover import defaults
 from failover.agent.restart import patch_argv, run_patch_command
 from failover.clock import monotonic_ms
+from failover.core.names import check_host_id, check_service_name
+from failover.core.permissions import require_host
 from failover.core.sessions import Reply, ReplyStatus
 from failover.errors import (
     DiskFullError,
@@ -28,6 +39,7 @@ from failover.errors import (
     MigrationError,
     NotPrimaryError,
     Overloaded,
+    PermissionDenied,
     SessionExpired,
     StaleEpochError,
     StorageError,
@@ -39,6 +51,7 @@ from failover.net.convert import (
     replica_status,
     role_assignment,
 )
+from failover.net.tls import peer_identity
 from failover.v1 import (
     agent_pb2,
     agent_pb2_grpc,
@@ -67,6 +80,8 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
     if isinstance(exc, InvalidRequest):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, PermissionDenied):
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
     if isinstance(exc, SessionExpired | Overloaded):
         context.set_trailing_metadata(((ERROR_TYPE_METADATA_KEY, type(exc).__name__),))
         code = (grpc.StatusCode.FAILED_PRECONDITION if isinstance(exc, SessionExpired)
@@ -85,12 +100,31 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
 
 
 _HANDLED = (NotPrimaryError, InvalidRequest, StaleEpochError, DiskFullError, Unavailable,
-            Overloaded, KeyError)
+            Overloaded, KeyError, PermissionDenied)
+
+
+def _ship_sender(context: grpc.aio.ServicerContext,
+                 message: replication_pb2.ShipMessage) -> str:
+    """The host a Ship stream comes from: with TLS the host id in the caller's certificate
+    (a message naming another `source_host_id` is refused: an agent ships only as itself),
+    without TLS the `source_host_id` the message names ("" if none, which no duplica takes:
+    without TLS nothing proves who sent anything, bind to a trusted network)."""
+    identity = peer_identity(context)
+    if identity is None:
+        return message.source_host_id
+    if message.source_host_id and message.source_host_id != identity.name:
+        require_host(identity, message.source_host_id)
+    return identity.name
+
+
+def _peer(context: grpc.aio.ServicerContext) -> str:
+    """Who a stream is counted against: the certificate's identity, or the connection."""
+    identity = peer_identity(context)
+    return str(identity) if identity is not None else context.peer()
 
 
 def _check_execute(request: data_pb2.ExecuteRequest) -> None:
-    if not request.service:
-        raise InvalidRequest("service is required")
+    check_service_name(request.service)
     rid = request.request_id
     if not rid.client_id or not 0 < rid.seq < 1 << 63:
         raise InvalidRequest("request_id needs a client_id and a seq >= 1")
@@ -146,8 +180,7 @@ class DataServicer(data_pb2_grpc.DataServicer):
     async def Query(self, request: data_pb2.QueryRequest,
                     context: grpc.aio.ServicerContext) -> data_pb2.QueryReply:
         try:
-            if not request.service:
-                raise InvalidRequest("service is required")
+            check_service_name(request.service)
             replica = self.agent.data_replica(request.service)
             reply = await replica.query(request.payload, request.epoch_seen)
         except _HANDLED as exc:
@@ -173,46 +206,87 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
             asyncio.Queue(maxsize=defaults.SHIP_READ_AHEAD_MAX))
 
         agent = self.agent
+        stream = request_iterator.__aiter__()
+        first = await anext(stream, None)
+        if first is None:
+            return
+        try:
+            sender = _ship_sender(context, first)
+            # Counted per sending host (without TLS, as it names itself, else its connection).
+            admitted = agent.ship_streams.admit(sender or context.peer())
+            admitted.__enter__()
+        except _HANDLED as exc:
+            await _abort(context, exc)
         pending = 0  # read ahead and not yet answered, counted in agent.receiving too
+        mine = 0  # record bytes of those, counted in agent.ship_inflight_bytes too
+
+        async def take(message: replication_pb2.ShipMessage) -> None:
+            nonlocal pending, mine
+            if message is not first and message.source_host_id != first.source_host_id:
+                _ship_sender(context, message)  # with TLS, still only as itself
+            size = sum(len(b.records) for b in message.batches)
+            # Past the bound for all streams, wait for this stream's own to be answered.
+            await agent.ship_bytes_room(lambda: mine == 0)
+            pending += 1
+            mine += size
+            agent.receive_queued(1)
+            agent.ship_bytes_taken(size)
+            await queue.put((message, agent.precheck(message)))
 
         async def read_ahead() -> None:
-            nonlocal pending
             try:
-                async for message in request_iterator:
-                    pending += 1
-                    agent.receive_queued(1)
-                    await queue.put((message, agent.precheck(message)))
+                await take(first)
+                async for message in stream:
+                    await take(message)
             finally:
                 await queue.put(None)
+
+        def answered(items: list[tuple[replication_pb2.ShipMessage, list[Precheck]]]) -> None:
+            nonlocal pending, mine
+            size = sum(len(b.records) for m, _ in items for b in m.batches)
+            pending -= len(items)
+            mine -= size
+            agent.receive_queued(-len(items))
+            agent.ship_bytes_taken(-size)
 
         reader = asyncio.ensure_future(read_ahead())
         try:
             while (item := await queue.get()) is not None:
-                acks = list((await agent.receive(*item)).acks)
-                handled = 1
+                acks = list((await agent.receive(*item, sender=sender)).acks)
+                handled = [item]
                 ended = False
                 while not queue.empty():
                     more = queue.get_nowait()
                     if more is None:
                         ended = True
                         break
-                    acks.extend((await agent.receive(*more)).acks)
-                    handled += 1
-                pending -= handled
-                agent.receive_queued(-handled)
+                    acks.extend((await agent.receive(*more, sender=sender)).acks)
+                    handled.append(more)
+                answered(handled)
                 yield replication_pb2.ShipReply(acks=acks)
                 if ended:
-                    return
+                    break
+            try:
+                await reader
+            except PermissionDenied as exc:  # a later message named another sender
+                await _abort(context, exc)
+            except Exception:  # the stream broke: it just ends
+                log.debug("a Ship stream from %s ended", sender, exc_info=True)
         finally:
             reader.cancel()
             agent.receive_queued(-pending)
+            agent.ship_bytes_taken(-mine)
+            admitted.__exit__(None, None, None)
 
     async def InstallSnapshot(
         self, request_iterator: AsyncIterator[replication_pb2.SnapshotChunk],
         context: grpc.aio.ServicerContext,
     ) -> replication_pb2.SnapshotInstalled:
         try:
-            return await self.agent.receive_snapshot(request_iterator)
+            identity = peer_identity(context)
+            with self.agent.snapshot_streams.admit(_peer(context)):
+                return await self.agent.receive_snapshot(
+                    request_iterator, identity.name if identity is not None else None)
         except _HANDLED as exc:
             await _abort(context, exc)
         except StorageError as exc:  # a damaged snapshot (or one the disk could not take)
@@ -296,6 +370,8 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         code, output = 0, ""
         try:
             if request.command:
+                argv = patch_argv(request.command, agent.config.patch_commands)
+                log.info("running patch command %s: %s", request.command, argv)
                 code, output = await run_patch_command(
                     argv, request.command_timeout_ms or defaults.PATCH_COMMAND_TIMEOUT_MS)
         except _HANDLED as exc:
@@ -316,6 +392,8 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         try:
             if not request.target_address or not request.migration_id:
                 raise InvalidRequest("target_address and migration_id are required")
+            check_service_name(request.service)
+            check_host_id(request.target_host_id, "migration target")
             replica = self.agent.replica(request.service)
             replica.check_not_broken()
             source = MigrationSource(replica, request, self.agent.host_id, self.agent.tls)
@@ -361,15 +439,32 @@ class MigrationServicer(migration_pb2_grpc.MigrationServicer):
     async def MigratePages(self, request_iterator: AsyncIterator[migration_pb2.PageBatch],
                            context: grpc.aio.ServicerContext,
                            ) -> AsyncIterator[migration_pb2.MigrationResult]:
-        async for result in MigrationTarget(self.agent).run(request_iterator):
-            yield result
+        stream = request_iterator.__aiter__()
+        first = await anext(stream, None)
+        if first is None:
+            return
+        try:
+            check_service_name(first.service)  # it becomes a directory here: nothing made
+            admitted = self.agent.migration_streams.admit(_peer(context))
+            admitted.__enter__()
+        except _HANDLED as exc:
+            await _abort(context, exc)
+
+        async def batches() -> AsyncIterator[migration_pb2.PageBatch]:
+            yield first
+            async for batch in stream:
+                yield batch
+
+        try:
+            async for result in MigrationTarget(self.agent).run(batches()):
+                yield result
+        finally:
+            admitted.__exit__(None, None, None)
 
 
 def add_to_server(server: grpc.aio.Server, agent: Agent) -> None:
     data_pb2_grpc.add_DataServicer_to_server(DataServicer(agent), server)
     migration_pb2_grpc.add_MigrationServicer_to_server(MigrationServicer(agent), server)
     replication_pb2_grpc.add_ReplicationServicer_to_server(ReplicationServicer(agent), server)
-                argv = patch_argv(request.command, agent.config.patch_commands)
-                log.info("running patch command %s: %s", request.command, argv)
     agent_pb2_grpc.add_AgentControlServicer_to_server(AgentControlServicer(agent), server)
 

@@ -86,7 +86,7 @@ async def test_a_shipped_batch_with_a_bad_middle_record_is_refused_and_the_strea
     bad = b"".join(encode_records([e]) if e.index != 3 else _frame(garbage) for e in good)
     async with channels.insecure_channel(address) as channel:
         stream = replication_pb2_grpc.ReplicationStub(channel).Ship()
-        await stream.write(replication_pb2.ShipMessage(batches=[
+        await stream.write(replication_pb2.ShipMessage(source_host_id="p", batches=[
             _batch("kv1", good, (0, 0), bad), _batch("kv2", _entries(1, 5, "b"), (0, 0))]))
         acks = {a.service: a for a in (await stream.read()).acks}
         # Before the fix only the first and last records were decoded: this was acked.
@@ -96,7 +96,7 @@ async def test_a_shipped_batch_with_a_bad_middle_record_is_refused_and_the_strea
         assert "refused" in kv1.last_error and not kv1.broken
         assert acks["kv2"].status == replication_pb2.ACK_STATUS_OK
         # The same stream takes the good batch for kv1, and more for kv2.
-        await stream.write(replication_pb2.ShipMessage(batches=[
+        await stream.write(replication_pb2.ShipMessage(source_host_id="p", batches=[
             _batch("kv1", good, (0, 0), batch_id=2),
             _batch("kv2", _entries(6, 5, "b"), (1, 5), batch_id=2)]))
         acks = {a.service: a for a in (await stream.read()).acks}
@@ -116,11 +116,11 @@ async def test_one_replica_failing_on_a_shipped_item_never_ends_the_shared_strea
     agent, address = served_duplicas
     async with channels.insecure_channel(address) as channel:
         stream = replication_pb2_grpc.ReplicationStub(channel).Ship()
-        await stream.write(replication_pb2.ShipMessage(batches=[
+        await stream.write(replication_pb2.ShipMessage(source_host_id="p", batches=[
             _batch("kv1", _entries(1, 5, "a"), (0, 0)),
             _batch("kv2", _entries(1, 5, "b"), (0, 0))]))
         assert {a.status for a in (await stream.read()).acks} == {replication_pb2.ACK_STATUS_OK}
-        await stream.write(replication_pb2.ShipMessage(
+        await stream.write(replication_pb2.ShipMessage(source_host_id="p",
             truncates=[replication_pb2.Truncate(service="kv1", epoch=1, after_index=2)],
             batches=[_batch("kv2", _entries(6, 5, "b"), (1, 5), batch_id=2)]))
         acks = {a.service: a for a in (await stream.read()).acks}
@@ -128,7 +128,7 @@ async def test_one_replica_failing_on_a_shipped_item_never_ends_the_shared_strea
         assert "truncate committed entries" in acks["kv1"].message
         assert acks["kv2"].status == replication_pb2.ACK_STATUS_OK
         # Still open, for both.
-        await stream.write(replication_pb2.ShipMessage(batches=[
+        await stream.write(replication_pb2.ShipMessage(source_host_id="p", batches=[
             _batch("kv1", _entries(6, 1, "a"), (1, 5), batch_id=3),
             _batch("kv2", _entries(11, 1, "b"), (1, 10), batch_id=3)]))
         acks = {a.service: a for a in (await stream.read()).acks}
