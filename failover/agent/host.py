@@ -27,7 +27,6 @@ from failover.core.state_machine import ReplicatedStateMachine
 from failover.errors import (
     InvalidRequest,
     NotPrimaryError,
-    PermissionDenied,
     StaleEpochError,
     Unavailable,
 )
@@ -505,22 +504,12 @@ class Agent:
             return replica
 
     async def drop_replica(self, service: str, epoch: int, delete_data: bool) -> None:
-        """Closes a replica and forgets it (and with `delete_data`, deletes its files). A
-        primary's data goes only at its own epoch (its service was deleted): an HA user
-        expects the one copy that serves to survive any other drop, so a primary is demoted
-        (AssignRole or StepDown) before a drop at a newer epoch may delete it; such a call
-        changes nothing, and no epoch is taken from it."""
+        """Closes a replica and forgets it (and with `delete_data`, deletes its files), if
+        `ReplicaCore.check_drop` allows: a serving primary's data goes only at its own epoch."""
         check_service_name(service)
         replica = self.replica(service)
         async with self.lock(service):
-            if epoch < replica.epoch:
-                raise StaleEpochError(f"{service}: drop at epoch {epoch} is older than "
-                                      f"{replica.epoch}")
-            if delete_data and replica.role == PRIMARY and epoch != replica.epoch:
-                raise PermissionDenied(
-                    f"a drop at epoch {epoch}", f"delete the data of {service}",
-                    f"the primary's own epoch ({replica.epoch}): a primary is demoted before "
-                    "its data is dropped")
+            replica.core.check_drop(epoch, delete_data)
             del self.replicas[service]
             if delete_data:
                 await replica.destroy()

@@ -990,6 +990,24 @@ class ReplicaCore:
                                    f"({self.meta.primary_host_id or 'none yet'}) at epoch "
                                    f"{self.meta.epoch}")
 
+    def check_drop(self, epoch: int, delete_data: bool) -> None:
+        """Raises unless a drop at `epoch` may close this replica (and with `delete_data`,
+        delete its files): never at an older epoch than ours; a serving primary's data only
+        at its own epoch (its service was deleted). An HA user expects the copy that serves to
+        outlive any other drop: a primary is demoted (AssignRole, StepDown) before a drop at
+        a newer epoch may delete it, and such a drop adopts no epoch. A primary that recovered
+        from disk and that the coordinator never confirmed serves nothing: it was deposed
+        while it was down, and its data may go at the coordinator's newer epoch."""
+        if epoch < self.meta.epoch:
+            raise StaleEpochError(f"{self.service}: drop at epoch {epoch} is older than "
+                                  f"{self.meta.epoch}")
+        if (delete_data and self.meta.role == PRIMARY and epoch != self.meta.epoch
+                and self.coordinator_confirmed):
+            raise PermissionDenied(
+                f"a drop at epoch {epoch}", f"delete the data of {self.service}",
+                f"the primary's own epoch ({self.meta.epoch}): a primary is demoted before "
+                "its data is dropped")
+
     # --- state replaced ------------------------------------------------------------------
 
     def state_replaced(self, sm: ReplicatedStateMachine) -> None:

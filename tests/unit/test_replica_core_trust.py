@@ -126,3 +126,24 @@ def test_joining_a_prepared_hold_again_never_extends_its_deadline() -> None:
     with pytest.raises(Unavailable):  # and it held 5100 ms: no new hold for as long
         node.core.prepare_switchover(1, "b", "s1", now_ms=100 + defaults.SWITCHOVER_TIMEOUT_MS)
     assert timer.at_ms == 100 + defaults.SWITCHOVER_TIMEOUT_MS
+
+
+def test_a_serving_primarys_data_is_dropped_only_at_its_own_epoch() -> None:
+    node = Node(role=PRIMARY, coordinated=True)
+    node.core.grant_lease(1, 1000, 0)  # confirmed by the coordinator: it serves
+    for epoch in (2, HUGE):
+        with pytest.raises(PermissionDenied, match="demoted before its data is dropped"):
+            node.core.check_drop(epoch, delete_data=True)
+    node.core.check_drop(2, delete_data=False)  # closing it keeps its data
+    node.core.check_drop(1, delete_data=True)  # its service deleted
+    with pytest.raises(StaleEpochError):
+        duplica_of("p", epoch=3).core.check_drop(2, delete_data=True)
+    duplica_of("p", epoch=3).core.check_drop(HUGE, delete_data=True)
+
+
+def test_a_primary_recovered_and_never_confirmed_may_be_dropped_at_a_newer_epoch() -> None:
+    # Deposed while it was down: it serves nothing, and the coordinator's records no longer
+    # hold it; refusing would leave its data behind for good.
+    zombie = Node(role=PRIMARY, coordinated=True)
+    assert not zombie.core.coordinator_confirmed
+    zombie.core.check_drop(2, delete_data=True)
