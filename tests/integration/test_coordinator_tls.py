@@ -228,6 +228,20 @@ def test_a_caller_without_a_certificate_is_refused_at_the_handshake(
     channel.close()
 
 
+def test_an_admin_certificate_of_another_ca_is_refused_at_the_handshake(
+        coordinator: Running, tmp_path: Path) -> None:
+    other = tmp_path / "other-pki"
+    subprocess.run([sys.executable, "-m", "failover.cli", "certs", "init", str(other)],
+                   check=True, capture_output=True, timeout=60)
+    issue(other, "admin", NAMES["admin"])
+    stub = Running(coordinator.address, other, coordinator.data_dir, coordinator.proc).stub(
+        NAMES["admin"])
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.DeleteService(coordinator_pb2.DeleteServiceRequest(name="kv1"), timeout=2)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert not any(e.kind == "audit" for e in coordinator.history())
+
+
 def test_the_data_dir_is_private(coordinator: Running) -> None:
     assert stat.S_IMODE(coordinator.data_dir.stat().st_mode) == 0o700
     assert stat.S_IMODE(coordinator.data_dir.parent.stat().st_mode) == 0o700
