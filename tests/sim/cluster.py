@@ -289,9 +289,15 @@ class Kernel:
         self._clocks[node] = (offset_ms, rate)
 
     def clock(self, node: str) -> int:
-        """What `monotonic_ms()` returns on node now."""
+        """What `monotonic_ms()` (CLOCK_BOOTTIME) returns on node now: it runs on while the
+        process is paused."""
         offset, rate = self._clocks.get(node, (0, 1.0))
         return offset + int(self.now * rate)
+
+    def pause(self, node: str, until: int) -> None:
+        """Stops node's process from now until `until` (true time)."""
+        if until > self.paused.get(node, 0):
+            self.paused[node] = until
 
     def after(self, delay_ms: int, fn: Callable[..., None], *args: Any) -> None:
         """Runs fn(*args) delay_ms from now (after every event already due then)."""
@@ -1225,6 +1231,10 @@ class SimReplica:
             _, _, records = self._undecoded.popleft()
             entries = [e for e in records if e.index >= first]
         else:
+            if first < self.wal.first_index:
+                self.c.check.fail(
+                    f"inv12: {self.agent.host_id}/{self.service} would apply {first}, but its "
+                    f"log starts at {self.wal.first_index}: its state and log do not meet")
             entries = self.wal.read(first, min(limit, first + 63))
         kept = [e for e in self._unapplied if e.index > entries[-1].index]
         self._unapplied = deque(entries)
@@ -1391,8 +1401,9 @@ class SimReplica:
         if wait is None or self.closed:
             return
         token = wait["token"]
-        if self.c.coord.incarnation != token[0]:
-            # The caller died: gRPC cancels the handler, which releases the hold.
+        if token not in self.c.coord.open_calls:
+            # The call was cancelled (its operation ended, or the coordinator died): gRPC
+            # cancels the handler, which releases the hold.
             self.switch_wait = None
             self._run(self.core.release_hold())
             return
@@ -1859,7 +1870,9 @@ class SimCoordinator:
         self.core: CoordinatorCore | None = None
         self._asks: dict[tuple[int, int], dict[str, Any]] = {}
         self._next_token = 0
-        self._calls: dict[tuple[int, str], bool] = {}  # prepare calls awaiting their answer
+        # Prepare calls awaiting their answer; a call that leaves this (its operation ended,
+        # the coordinator died) is cancelled, and the agent's handler sees that (gRPC).
+        self.open_calls: dict[tuple[int, str], bool] = {}
         self._plans: list[Any] = []  # the core's plans this daemon has started
         self.created: set[str] = set()
         self.store_fail_p = 0.0  # the chance that a commit fails (atomically: nothing written)
@@ -1884,7 +1897,7 @@ class SimCoordinator:
         self.incarnation += 1
         self.core = None
         self._asks = {}
-        self._calls = {}
+        self.open_calls = {}
         self._plans = []
 
     def _tick(self, inc: int) -> None:
@@ -1968,6 +1981,7 @@ class SimCoordinator:
             elif isinstance(action, Progress):
                 pass
             elif isinstance(action, Done | Failed):
+                self.open_calls.pop((self.incarnation, action.op_id), None)
                 self.k.note(f"coordinator: operation {action.op_id} "
                             f"{'done' if isinstance(action, Done) else 'failed: ' + action.why}")
             elif isinstance(action, PushRoutes):
@@ -2080,14 +2094,14 @@ class SimCoordinator:
     def _prepare(self, action: PrepareSwitchover) -> None:
         """The call to the primary, bounded by `answer_within_ms` (an unanswered call fails)."""
         token = (self.incarnation, action.op_id)
-        self._calls[token] = True
+        self.open_calls[token] = True
         agent = self.c.agents[action.host_id]
         self.c.net.send(COORD, action.host_id, agent.on_prepare_switchover, token, action,
                         dup=False)
         self.k.after(action.answer_within_ms, self.on_prepared, token, "deadline exceeded")
 
     def on_prepared(self, token: tuple[int, str], status: str) -> None:
-        if not self.up or token[0] != self.incarnation or not self._calls.pop(token, False):
+        if not self.up or token[0] != self.incarnation or not self.open_calls.pop(token, False):
             return
         assert self.core is not None
         self.execute(self.core.answer(token[1], Prepared(status == "ok", status), self.now))
@@ -2108,7 +2122,7 @@ class SimCoordinator:
             if not plan.finished:
                 actions.extend(plan.abandon(why))
         self._plans = []
-        self._calls = {}
+        self.open_calls = {}
         return actions
 
 
@@ -2372,7 +2386,7 @@ class Nemesis:
         """An operator's switchover; now and then its caller goes away before it ends."""
         rng = self.k.rng
         self.c.coord.start_switchover(
-            cancel_after_ms=rng.randint(5, 400) if rng.random() < 0.3 else None)
+            cancel_after_ms=rng.randint(0, 50) if rng.random() < 0.3 else None)
 
     def _drain(self) -> None:
         """An operator drains a host for a while (its primaries move off, its replicas are
@@ -2400,7 +2414,7 @@ class Nemesis:
         its events wait; it resumes with the views it had."""
         node = self.k.rng.choice([COORD, *sorted(self.c.agents)])
         until = self.k.now + self.k.rng.randint(*self.c.scenario.pause_ms)
-        self.k.paused[node] = max(until, self.k.paused.get(node, 0))
+        self.k.pause(node, until)
         self.k.note(f"pause {node} until {until}")
 
     def _disk_full(self) -> None:
@@ -2420,8 +2434,8 @@ class Nemesis:
         self.c.coord.store_fail_p = 0.0
         for agent in self.c.agents.values():
             agent.full_until = 0
-        for node in list(self.k.paused):
-            self.k.paused[node] = self.k.now
+        # A paused process runs again when its pause ends (cutting it short here would run
+        # what it received meanwhile after what it receives next).
         if not self.c.coord.up:
             self.c.coord.boot()
         core = self.c.coord.core
@@ -2573,12 +2587,16 @@ class Cluster:
         coord = self.coord
         if not coord.up or coord.core is None or coord.core.operations:
             return "coordinator busy"
+        if coord.core.switchovers:  # every switchover ends, done or abandoned
+            return f"switchovers still in progress: {coord.core.switchovers}"
         for name in sorted(coord.core.services):
             record = coord.core.services[name]
             primary_agent = self.agents[record.primary]
             p = primary_agent.replicas.get(name)
             if p is None or p.role != PRIMARY or p.epoch != record.epoch or p.primary is None:
                 return f"{name}: {record.primary} is not yet primary at epoch {record.epoch}"
+            if p.core.holding:  # a switchover's hold whose release was lost ends at its timeout
+                return f"{name}: primary {record.primary} holds writes for a switchover"
             last = p.wal.last_index
             if p.sm.applied_index != last or p.wal.durable_index != last or p._queued:
                 return f"{name}: primary {record.primary} has not applied its log"

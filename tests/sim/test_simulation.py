@@ -30,6 +30,9 @@ from pathlib import Path
 import msgpack
 import pytest
 
+from failover import defaults
+from failover.core import state_machine
+from failover.core.coordinator.operations import SwitchoverPlan
 from failover.core.log_position import LogPosition
 from failover.core.replica import APPLY, PersistMeta, ReplicaCore, ReplicaMeta
 from failover.core.replication import (
@@ -44,7 +47,7 @@ from failover.core.replication import (
     SendProbe,
     ShipLimits,
 )
-from failover.core.sessions import ClientSessions
+from failover.core.sessions import ClientSessions, decode_request_id, encode_request_id
 from failover.core.state_machine import ReplicatedStateMachine
 from failover.storage.records import Entry
 from tests.sim import cluster as sim
@@ -84,16 +87,16 @@ def _describe(results: list[Result]) -> str:
 # fails with one of these as that bug, not as a new failure; test_open_bug_is_still_found
 # proves each is still there (strict xfail: once a bug is fixed, that test fails and its
 # entry goes).
-OPEN_BUGS: dict[str, str] = {
-    "PrimaryReplication._pump ships entries it compacted away (LogGapError on the read)":
-        "compacted up to",
-    "an async duplica that must rewind below its compacted log refuses every truncate and "
-    "is never rebuilt (the set never converges)": "cannot rewind to",
+OPEN_BUGS: dict[str, tuple[str, str]] = {  # name: (the bug, what its failure says)
+    "ship-compacted": ("PrimaryReplication._pump ships entries it compacted away (the read "
+                       "raises LogGapError)", "compacted up to"),
+    "no-rewind": ("an async duplica that must rewind below its compacted log refuses every "
+                  "truncate and is never rebuilt (the set never converges)", "cannot rewind to"),
 }
 
 
 def _open_bug(result: Result) -> str | None:
-    return next((bug for bug, says in OPEN_BUGS.items() if says in result.message), None)
+    return next((bug for bug, (_, says) in OPEN_BUGS.items() if says in result.message), None)
 
 
 def _sweep(scenario: str, first: int, count: int) -> None:
@@ -193,12 +196,14 @@ def test_replay() -> None:
 
 def _first_failing_seed(patch: Callable[[pytest.MonkeyPatch], None],
                         monkeypatch: pytest.MonkeyPatch, seeds: range,
-                        scenario: str = "short") -> Result | None:
+                        scenario: str = "short",
+                        vary: Callable[[Scenario], Scenario] | None = None) -> Result | None:
     """The first seed that fails with the patch in place (a seed that fails with a bug
-    still open, OPEN_BUGS, does not count)."""
+    still open, OPEN_BUGS, does not count); `vary` changes each seed's scenario."""
     patch(monkeypatch)
     for seed in seeds:
-        result = run_seed(seed, scenario)
+        made = sim.SCENARIOS[scenario](seed)
+        result = run_seed(seed, vary(made) if vary is not None else made)
         if not result.ok and _open_bug(result) is None:
             return result
     return None
@@ -710,3 +715,108 @@ def test_reintroduced_write_left_unapplied_after_an_in_sync_shrink_is_found(
     result = run_directed(shrink_commits_a_waiting_write)
     assert not result.ok, "the simulation no longer sees a committed write left waiting"
     assert "AssertionError" in result.message, result.message
+
+
+# --- the bugs of the Guarantees issue (issue 11), re-introduced in the real code ----------
+# Each patch puts one bug back into the real core (or, for the coordinator's reload, into
+# the sim's mirror of the server) and the default sweep must find it: the first failing
+# seed is reported, and the docstring names the seed that finds it today.
+
+
+def _found(patch: Callable[[pytest.MonkeyPatch], None], monkeypatch: pytest.MonkeyPatch,
+           says: tuple[str, ...], scenario: str = "short",
+           vary: Callable[[Scenario], Scenario] | None = None) -> Result:
+    count = SHORT_SEEDS if scenario == "short" else LONG_SEEDS
+    found = _first_failing_seed(patch, monkeypatch, range(FIRST_SEED, FIRST_SEED + count),
+                                scenario, vary)
+    assert found is not None, "no seed of the default sweep finds the re-introduced bug"
+    assert any(s in found.message for s in says), _describe([found])
+    print(f"found by {scenario}/{found.seed}: {found.message.splitlines()[0]}")
+    return found
+
+
+def test_reintroduced_stale_read_without_a_read_floor_is_found(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11.1: a new or restarted primary answered reads before the log it inherited
+    was committed and applied. Patch: `ReplicaCore.read_ready` is always true."""
+    _found(lambda mp: mp.setattr(ReplicaCore, "read_ready", lambda self: True), monkeypatch,
+           ("stale read", "not linearizable"))
+
+
+def test_reintroduced_switchover_left_in_progress_when_its_caller_goes_away_is_found(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11.2: only a failed call abandoned a switchover; when its caller went away
+    (a CLI deadline, Ctrl-C) the core kept it in progress, which stops failure detection
+    and rebuilds for the service, and the primary's hold was never released. Patch:
+    `SwitchoverPlan.cancel` does nothing."""
+    _found(lambda mp: mp.setattr(SwitchoverPlan, "cancel", lambda self, why, now_ms: []),
+           monkeypatch, ("liveness",))
+
+
+def test_reintroduced_retry_applied_again_after_its_session_was_evicted_is_found(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11.3: a retry whose session had been evicted was taken as a new request and
+    applied again. Patch: sessions keep one client (SESSION_CLIENTS_MAX), and a request of
+    an unknown session opens it, whatever its flag says."""
+
+    def patch(mp: pytest.MonkeyPatch) -> None:
+        mp.setattr(defaults, "SESSION_CLIENTS_MAX", 1)
+        claim_many = ClientSessions.claim_many
+
+        def opening(self: ClientSessions, request_ids: list[bytes]) -> object:
+            return claim_many(self, [encode_request_id(*decode_request_id(r), True)
+                                     for r in request_ids])
+
+        mp.setattr(ClientSessions, "claim_many", opening)
+        lookup = ClientSessions.lookup
+        mp.setattr(ClientSessions, "lookup",
+                   lambda self, client_id, seq, opens=False: lookup(self, client_id, seq, True))
+
+    _found(patch, monkeypatch, ("inv5", "holds a wrong value"))
+
+
+def test_reintroduced_broken_replica_taken_as_whole_is_found(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11.4: a replica whose snapshot could not be read started from an empty state
+    and still reported its matched index, so it counted as in sync and could be promoted.
+    Patch: `ReplicaCore.mark_broken` does nothing (the damage is skipped silently)."""
+    _found(lambda mp: mp.setattr(ReplicaCore, "mark_broken", lambda self, reason: []),
+           monkeypatch, ("inv12", "inv3", "inv4", "differs"))
+
+
+def test_reintroduced_poison_request_logged_is_found(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11.5: a request nested too deep for every replica to apply alike was logged.
+    Patch: `state_machine.check_loggable` lets everything through."""
+    _found(lambda mp: mp.setattr(state_machine, "check_loggable", lambda payload, request: None),
+           monkeypatch, ("inv13",))
+
+
+def test_reintroduced_coordinator_acting_on_memory_after_a_failed_commit_is_found(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11.7: after a failed commit the coordinator kept what the core had changed in
+    memory (a raised epoch, a new in-sync set) and acted on it later. The reload is the
+    server's (`_reload`), mirrored by the sim's coordinator: patched to keep the memory."""
+    _found(lambda mp: mp.setattr(sim.SimCoordinator, "_reload", lambda self: None),
+           monkeypatch, ("inv1", "inv3", "not linearizable", "stale read"))
+
+
+def test_reintroduced_epoch_adopted_before_it_is_persisted_is_found(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11.9: a duplica set a newer epoch in memory before `AdoptEpoch` was written.
+    Patch: `ReplicaCore._adopt` takes the epoch at once, then asks for the write."""
+
+    def patch(mp: pytest.MonkeyPatch) -> None:
+        adopt = ReplicaCore._adopt
+
+        def early(self: ReplicaCore, actions: list[object]) -> list[object]:
+            out = adopt(self, actions)
+            if out and isinstance(out[0], PersistMeta) and out[0].reason == "adopt_epoch":
+                self.meta = out[0].meta
+                if self.duplica is not None:
+                    self.duplica.epoch_persisted(out[0].meta.epoch)
+            return out
+
+        mp.setattr(ReplicaCore, "_adopt", early)
+
+    _found(patch, monkeypatch, ("inv1",))
