@@ -478,3 +478,33 @@ def test_patch_commands_load_from_the_toml(tmp_path: Path) -> None:
     config = AgentConfig.from_mapping(load_toml(path))
     assert config.patch_commands == {"upgrade": ("/usr/bin/apt-get", "-y", "upgrade")}
     assert config.insecure is True and config.tls is None
+
+
+def test_stream_admission_bounds_each_peer_and_all() -> None:
+    from failover.agent.admission import StreamAdmission
+    from failover.errors import Overloaded
+
+    admission = StreamAdmission("InstallSnapshot", per_peer_max=2, total_max=3)
+    with admission.admit("agent 'p'"), admission.admit("agent 'p'"):
+        with pytest.raises(Overloaded, match="agent 'p' has 2 InstallSnapshot streams"), \
+                admission.admit("agent 'p'"):
+            pass
+        with admission.admit("agent 'x'"), pytest.raises(
+                Overloaded, match="3 InstallSnapshot streams open"), admission.admit("agent 'y'"):
+            pass
+    assert admission.total == 0 and admission.open == {}
+
+
+async def test_shipped_bytes_in_flight_past_the_bound_hold_a_stream_with_its_own_unanswered(
+    agent: Agent, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(defaults, "AGENT_SHIP_INFLIGHT_BYTES_MAX", 100)
+    agent.ship_bytes_taken(150)
+    idle = asyncio.ensure_future(agent.ship_bytes_room(lambda: True))
+    busy = asyncio.ensure_future(agent.ship_bytes_room(lambda: False))
+    await until(idle.done)  # a stream with nothing unanswered always reads on
+    await asyncio.sleep(0.01)
+    assert not busy.done()
+    agent.ship_bytes_taken(-100)
+    await until(busy.done)
+    assert agent.ship_inflight_bytes == 50
