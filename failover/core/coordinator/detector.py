@@ -24,10 +24,10 @@ from failover.core.coordinator.model import (
     CoreState,
     Failover,
     HostLive,
+    hand_over,
     pack,
     set_in_sync,
 )
-from failover.core.roles import DUPLICA, PRIMARY
 
 
 class Detector(CoreState):
@@ -117,11 +117,7 @@ class Detector(CoreState):
         del self.failovers[failover.service]
         self.leases.pop(service.name, None)
         old, new = failover.old_primary, failover.chosen
-        service.epoch += 1
-        service.primary = new
-        service.replicas[new] = PRIMARY
-        if old in service.replicas:
-            service.replicas[old] = DUPLICA  # rejoins as duplica when it comes back
+        hand_over(service, old, new)
         set_in_sync(service, sorted(h for h in service.in_sync if h not in (old, new)))
         service.promotable = [h for h in service.promotable if h in service.in_sync]
         self._forget_thresholds(service.name)

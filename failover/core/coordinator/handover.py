@@ -19,6 +19,7 @@ from failover.core.coordinator.model import (
     SERVICE_PREFIX,
     CoreState,
     HostLive,
+    hand_over,
     pack,
     set_in_sync,
 )
@@ -138,10 +139,7 @@ class Handover(CoreState):
         self.switchovers.pop(name, None)
         service = self.services[name]
         old = service.primary
-        service.epoch += 1
-        service.primary = to_host
-        service.replicas[to_host] = PRIMARY
-        service.replicas[old] = DUPLICA
+        hand_over(service, old, to_host)
         set_in_sync(service, sorted({*service.in_sync, old} - {to_host}))
         # The old primary holds every write (it held them until the target had them all).
         service.promotable = sorted({*service.promotable, old} & set(service.in_sync))

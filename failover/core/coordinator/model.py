@@ -16,7 +16,7 @@ from typing import Any
 import msgpack
 
 from failover import defaults
-from failover.core.roles import PRIMARY
+from failover.core.roles import DUPLICA, PRIMARY
 
 HOST_PREFIX = "host/"
 SERVICE_PREFIX = "service/"
@@ -71,6 +71,18 @@ def set_in_sync(service: ServiceInfo, members: list[str]) -> None:
     """Every change of the in-sync set goes through here: it raises the generation."""
     service.in_sync = members
     service.in_sync_generation += 1
+
+
+def hand_over(service: ServiceInfo, old: str, new: str) -> None:
+    """Makes `new` the primary under a new epoch, and `old` (if still a replica) a duplica.
+    The one place an epoch is raised (invariant 1): the caller returns the `Persist` of
+    `service` ahead of every action that tells an agent of the new epoch."""
+    assert new != old and new in service.replicas, (old, new, service)
+    service.epoch += 1
+    service.primary = new
+    service.replicas[new] = PRIMARY
+    if old in service.replicas:
+        service.replicas[old] = DUPLICA  # rejoins as a duplica when it comes back
 
 
 def pack(record: Any) -> bytes:
