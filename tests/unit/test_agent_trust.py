@@ -508,3 +508,28 @@ async def test_shipped_bytes_in_flight_past_the_bound_hold_a_stream_with_its_own
     agent.ship_bytes_taken(-100)
     await until(busy.done)
     assert agent.ship_inflight_bytes == 50
+
+
+async def test_a_snapshot_for_a_duplica_only_from_its_named_primary_at_its_epoch(
+    served: Served,
+) -> None:
+    kv1 = served.agent.replicas["kv1"]
+    header = replication_pb2.SnapshotHeader(kind="kv", kind_version=1, applied_index=100,
+                                            epoch=1, digest=b"\0" * 16)
+
+    def chunks(epoch: int) -> AsyncIterator[replication_pb2.SnapshotChunk]:
+        async def gen() -> AsyncIterator[replication_pb2.SnapshotChunk]:
+            yield replication_pb2.SnapshotChunk(service="kv1", epoch=epoch, header=header,
+                                                last=True)
+        return gen()
+
+    for caller, epoch, code in (("x", 1, DENIED), ("p", HUGE, grpc.StatusCode.FAILED_PRECONDITION),
+                                ("coord", 1, DENIED)):
+        async with served.channel(caller) as channel:
+            stub = replication_pb2_grpc.ReplicationStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.InstallSnapshot(chunks(epoch))
+        assert refused.value.code() == code, (caller, refused.value.details())
+    untouched(served.agent, "kv1", DUPLICA)
+    assert kv1.sm.applied_index == 0 and kv1.wal.last_index == 0
+    assert served.agent.snapshot_streams.total == 0
