@@ -48,12 +48,11 @@ _STATUS = {
     "unknown_service": replication_pb2.ACK_STATUS_UNKNOWN_SERVICE,
     "corrupt": replication_pb2.ACK_STATUS_CORRUPT,
     "storage_error": replication_pb2.ACK_STATUS_STORAGE_ERROR,
+    # The sender is not the primary this replica was told of: it marks this replica failed
+    # and probes again later (a real primary is soon told by the coordinator).
+    "not_primary": replication_pb2.ACK_STATUS_NOT_PRIMARY,
 }
 _STATUS_NAME = {v: k for k, v in _STATUS.items()}
-# A refusal for who sent the item travels as a storage error (the wire has no status of its
-# own for it): the sender marks this replica failed and probes again later, and the message
-# says why.
-_STATUS["not_primary"] = replication_pb2.ACK_STATUS_STORAGE_ERROR
 
 
 class Agent:

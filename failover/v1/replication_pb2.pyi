@@ -17,6 +17,7 @@ class AckStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ACK_STATUS_UNKNOWN_SERVICE: _ClassVar[AckStatus]
     ACK_STATUS_CORRUPT: _ClassVar[AckStatus]
     ACK_STATUS_STORAGE_ERROR: _ClassVar[AckStatus]
+    ACK_STATUS_NOT_PRIMARY: _ClassVar[AckStatus]
 ACK_STATUS_UNSPECIFIED: AckStatus
 ACK_STATUS_OK: AckStatus
 ACK_STATUS_STALE_EPOCH: AckStatus
@@ -24,6 +25,7 @@ ACK_STATUS_MISMATCH: AckStatus
 ACK_STATUS_UNKNOWN_SERVICE: AckStatus
 ACK_STATUS_CORRUPT: AckStatus
 ACK_STATUS_STORAGE_ERROR: AckStatus
+ACK_STATUS_NOT_PRIMARY: AckStatus
 
 class ShipMessage(_message.Message):
     __slots__ = ("source_host_id", "batches", "probes", "truncates")

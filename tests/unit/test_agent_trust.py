@@ -200,7 +200,7 @@ async def test_a_same_epoch_ship_from_a_host_that_is_not_the_primary_is_refused(
         acks = await ship(channel, replication_pb2.ShipMessage(
             source_host_id="x", batches=[batch("kv1", 1)],
             probes=[replication_pb2.Probe(service="kv1", epoch=1)]))
-    assert [a.status for a in acks] == [replication_pb2.ACK_STATUS_STORAGE_ERROR] * 2
+    assert [a.status for a in acks] == [replication_pb2.ACK_STATUS_NOT_PRIMARY] * 2
     assert all("from host 'x': its primary is 'p'" in a.message for a in acks)
     assert kv1.wal.last_index == 0 and kv1.core.hears_primary(10**12)[1] == 0  # not acked
     untouched(served.agent, "kv1", DUPLICA)
@@ -221,7 +221,7 @@ async def test_a_ship_at_epoch_2_63_from_another_host_is_not_adopted(
             source_host_id="x", batches=[batch(service, HUGE)],
             probes=[replication_pb2.Probe(service=service, epoch=HUGE)],
             truncates=[replication_pb2.Truncate(service=service, epoch=HUGE, after_index=0)]))
-    assert all(a.status == replication_pb2.ACK_STATUS_STORAGE_ERROR for a in acks), acks
+    assert all(a.status == replication_pb2.ACK_STATUS_NOT_PRIMARY for a in acks), acks
     assert all(a.epoch == 1 for a in acks)
     untouched(served.agent, service, role)
     if service == "kv0":
