@@ -24,6 +24,7 @@ from failover.core.coordinator import (
     Persist,
     ReplicaReport,
     StartSwitchover,
+    StepDown,
     Timing,
 )
 from failover.core.placement import Resources
@@ -319,3 +320,27 @@ def test_a_migration_copy_is_not_dropped_before_it_joins() -> None:
     assert not any(isinstance(a, DropReplica) and a.host_id == "h3" for a in d.actions)
     d.run(d.core.migration_complete("s", {"method": "precopy"}, d.now))
     assert d.core.services["s"].replicas["h3"] == BUILDING
+
+
+def test_a_retired_primary_that_was_cut_off_is_stepped_down_before_it_is_told_to_drop() -> None:
+    """A primary cut off long enough to be failed over, declared dead and retired comes back
+    without a restart, still primary at its old epoch and confirmed: the agent refuses to
+    delete a serving primary's data at another epoch (`ReplicaCore.check_drop`), so a drop
+    alone would leave it a primary on disk forever. It is stepped down at the service's epoch
+    first, on the same ordered queue, then dropped."""
+    d = Driver(["h1", "h2", "h3"])
+    d.create()
+    d.write("s", 10)
+    d.up.discard("h1")
+    d.step(DEAD + FAIL + LEASE + 3 * HB)
+    d.catch_up("s", "h3")
+    d.step(3 * HB)
+    s = d.core.services["s"]
+    assert s.primary != "h1" and "h1" not in s.replicas and s.epoch == 2
+    d.actions.clear()
+    d.up.add("h1")
+    assert d.roles[("h1", "s")] == (PRIMARY, 1)  # it never heard of epoch 2
+    d.step(2 * HB)
+    to_h1 = [a for a in d.actions if isinstance(a, (StepDown, DropReplica)) and a.host_id == "h1"]
+    assert [type(a) for a in to_h1[:2]] == [StepDown, DropReplica], to_h1
+    assert to_h1[0].epoch == to_h1[1].epoch == 2

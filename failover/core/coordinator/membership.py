@@ -16,7 +16,7 @@ import math
 from typing import Any
 
 from failover import defaults
-from failover.core.coordinator.actions import Action, DropReplica, Persist
+from failover.core.coordinator.actions import Action, DropReplica, Persist, StepDown
 from failover.core.coordinator.model import (
     HOST_PREFIX,
     SERVICE_PREFIX,
@@ -243,8 +243,13 @@ class Membership(CoreState):
                 continue
             self._reassigned_ms[key] = now_ms
             epoch = max(report.epoch, service.epoch if service is not None else 0)
-            actions.append(DropReplica(host_id, self.hosts[host_id].address, report.service,
-                                       epoch))
+            address = self.hosts[host_id].address
+            if report.role == PRIMARY and epoch > report.epoch:
+                # A deposed primary that never heard of the newer epoch (cut off, not
+                # restarted): an agent deletes a serving primary's data only at its own
+                # epoch, so it is stepped down first, on the same ordered queue.
+                actions.append(StepDown(host_id, address, report.service, epoch))
+            actions.append(DropReplica(host_id, address, report.service, epoch))
         if waiting:
             self.notices.append(
                 f"host {host_id} reports {waiting} more replicas the records do not give it "
