@@ -178,7 +178,7 @@ async def main() -> None:
         cluster.start()
         cluster.create(SERVICE, "kvcache", replicas=2)
         assert cluster.coordinator is not None
-        async with Client(coordinator=cluster.coordinator.address,
+        async with Client(coordinator=cluster.coordinator.address, tls=cluster.tls_client,
                           deadline_ms=30_000) as client:
             total = args.state_mib << 20
             count = total // BLOCK_BYTES

@@ -279,7 +279,7 @@ def rebuild(root: Path, entries: int, parts: list[str], timeout_s: float) -> dic
                 "snap-*.fsnap"))
 
             async def more_puts() -> None:
-                async with Client(agents=p.address) as client:
+                async with Client(agents=p.address, tls=cluster.tls_client) as client:
                     for i in range(TAIL_PUTS):
                         key = f"tail-{i:06d}"
                         await client.call(SERVICE, {"op": "put", "key": key,

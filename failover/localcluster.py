@@ -2,6 +2,11 @@
 
 Each agent is its own process in its own session (so a signal reaches it alone), with a free
 port and a data dir under one root. Waits poll a condition under a deadline.
+
+Mutual TLS is on by default (issue 13): at its creation the cluster makes a CA and the
+certificates of every identity in ``ROOT/pki`` (`ClusterPki`), starts every daemon with its
+own, and calls each daemon with a certificate of the role that call needs. ``tls=False`` keeps
+the plaintext path (loopback only, or ``--insecure`` in network namespaces).
 """
 
 from __future__ import annotations
@@ -19,8 +24,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import grpc.aio
 
+from failover.core.permissions import ADMIN, AGENT, CLIENT, COORDINATOR, OPERATOR
 from failover.errors import FailoverError
+from failover.net import certs, channels
+from failover.net.tls import TlsFiles, TlsMaterial, channel_credentials
 from failover.netns import HostNetwork
 from failover.smalldisk import SmallDisk
 from failover.v1 import agent_pb2, agent_pb2_grpc, common_pb2, coordinator_pb2, coordinator_pb2_grpc
@@ -77,17 +86,91 @@ def wait_for(condition: Callable[[], T], timeout_s: float, what: str,
         time.sleep(interval_s)
 
 
+# The identities `ClusterPki` issues beside one per agent (by its host id) and the coordinator.
+ADMIN_NAME, OPERATOR_NAME, CLIENT_NAME = "admin", "operator", "client"
+COORDINATOR_NAME = "coordinator"
+# The harness drives agents directly in tests that form replica sets without a coordinator
+# (AssignRole, Compact): only the coordinator role may, so it holds a coordinator certificate
+# of its own name.
+HARNESS_NAME = "harness"
+
+
+class ClusterPki:
+    """A CA and one certificate per identity of a local cluster, in `directory` (0700, keys
+    0600): an agent certificate per host id with its address as IP subject alternative name,
+    the coordinator's, and ``admin``, ``operator``, ``client`` and ``harness`` (a coordinator
+    role, for driving agents directly)."""
+
+    def __init__(self, directory: Path, agents: dict[str, str], coordinator_ip: str) -> None:
+        """`agents`: host id -> the IP it listens on."""
+        self.directory = directory
+        certs.init_ca(directory)
+        for host_id, ip in agents.items():
+            certs.issue_to_dir(directory, AGENT, host_id, sans=[ip])
+        certs.issue_to_dir(directory, COORDINATOR, COORDINATOR_NAME, sans=[coordinator_ip])
+        certs.issue_to_dir(directory, COORDINATOR, HARNESS_NAME)
+        for role, name in ((ADMIN, ADMIN_NAME), (OPERATOR, OPERATOR_NAME),
+                           (CLIENT, CLIENT_NAME)):
+            certs.issue_to_dir(directory, role, name)
+
+    def issue(self, role: str, name: str, sans: Sequence[str] = ()) -> TlsFiles:
+        """One more identity's certificate (e.g. a test's foreign or extra caller)."""
+        certs.issue_to_dir(self.directory, role, name, sans=sans)
+        return self.files(name)
+
+    def files(self, name: str) -> TlsFiles:
+        return TlsFiles(self.directory / certs.CA_CERT, self.directory / f"{name}.crt",
+                        self.directory / f"{name}.key")
+
+
+def tls_flags(files: TlsFiles | None) -> list[str]:
+    """The ``--tls-ca/--tls-cert/--tls-key`` flags of a daemon or failoverctl for `files`."""
+    if files is None:
+        return []
+    return ["--tls-ca", str(files.ca), "--tls-cert", str(files.cert), "--tls-key", str(files.key)]
+
+
+def tls_env(files: TlsFiles | None) -> dict[str, str]:
+    """The FAILOVER_TLS_* environment of failoverctl for `files` (empty without TLS)."""
+    if files is None:
+        return {}
+    return {"FAILOVER_TLS_CA": str(files.ca), "FAILOVER_TLS_CERT": str(files.cert),
+            "FAILOVER_TLS_KEY": str(files.key)}
+
+
+def sync_channel(address: str, tls: TlsFiles | TlsMaterial | None = None) -> grpc.Channel:
+    """A blocking channel to a daemon: mutual TLS with `tls`, in the clear without."""
+    if tls is None:
+        return grpc.insecure_channel(address)
+    material = tls.load() if isinstance(tls, TlsFiles) else tls
+    return grpc.secure_channel(address, channel_credentials(material))
+
+
 class ManagedProcess:
-    """A daemon of ours as a process in its own session, logging to a file under the root."""
+    """A daemon of ours as a process in its own session, logging to a file under the root.
+
+    With `tls` (the daemon's own certificate) it serves mutual TLS; `caller_tls` is the
+    certificate the harness presents on the channel it opens to the daemon."""
 
     what = "process"
 
-    def __init__(self, address: str, log_path: Path) -> None:
+    def __init__(self, address: str, log_path: Path, *, tls: TlsFiles | None = None,
+                 caller_tls: TlsFiles | None = None, insecure: bool = False) -> None:
         self.address = address
         self.log_path = log_path
+        self.tls = tls
+        self.caller_tls = caller_tls
+        self.insecure = insecure  # serve in the clear beyond loopback (netns without TLS)
         self.proc: subprocess.Popen[bytes] | None = None
         self._channel: grpc.Channel | None = None
+        self._caller_material: TlsMaterial | None = None
         self.restarts = 0
+
+    def tls_command(self) -> list[str]:
+        """The daemon's TLS flags (or --insecure when told to serve in the clear)."""
+        if self.tls is not None:
+            return tls_flags(self.tls)
+        return ["--insecure"] if self.insecure else []
 
     def command(self) -> list[str]:
         raise NotImplementedError
@@ -101,7 +184,9 @@ class ManagedProcess:
 
     def channel(self) -> grpc.Channel:
         if self._channel is None:
-            self._channel = grpc.insecure_channel(self.address)
+            if self.caller_tls is not None and self._caller_material is None:
+                self._caller_material = self.caller_tls.load()
+            self._channel = sync_channel(self.address, self._caller_material)
         return self._channel
 
     def start(self, wait: bool = True) -> None:
@@ -174,8 +259,10 @@ class AgentProcess(ManagedProcess):
 
     def __init__(self, root: Path, host_id: str, *, fsync_policy: str = "batch",
                  extra: dict[str, Any] | None = None, ip: str = "127.0.0.1",
-                 prefix: list[str] | None = None) -> None:
-        super().__init__(f"{ip}:{free_port()}", root / f"{host_id}.log")
+                 prefix: list[str] | None = None, tls: TlsFiles | None = None,
+                 caller_tls: TlsFiles | None = None, insecure: bool = False) -> None:
+        super().__init__(f"{ip}:{free_port()}", root / f"{host_id}.log", tls=tls,
+                         caller_tls=caller_tls, insecure=insecure)
         self.prefix = list(prefix or [])  # e.g. `ip netns exec NS` for a partitionable host
         self.what = f"agent {host_id}"
         self.host_id = host_id
@@ -189,7 +276,7 @@ class AgentProcess(ManagedProcess):
                "--fsync-policy", self.fsync_policy]
         for key, value in self.extra.items():
             cmd += [f"--{key.replace('_', '-')}", str(value)]
-        return cmd
+        return cmd + self.tls_command()
 
     def prepare(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -221,14 +308,16 @@ class CoordinatorProcess(ManagedProcess):
     what = "the coordinator"
 
     def __init__(self, root: Path, ip: str = "127.0.0.1",
-                 args: Sequence[str] = ()) -> None:
-        super().__init__(f"{ip}:{free_port()}", root / "coordinator.log")
+                 args: Sequence[str] = (), *, tls: TlsFiles | None = None,
+                 caller_tls: TlsFiles | None = None, insecure: bool = False) -> None:
+        super().__init__(f"{ip}:{free_port()}", root / "coordinator.log", tls=tls,
+                         caller_tls=caller_tls, insecure=insecure)
         self.data_dir = root / "coordinator"
         self.args = list(args)
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "failover.coordinator", "--listen", self.address,
-                "--data-dir", str(self.data_dir), *self.args]
+                "--data-dir", str(self.data_dir), *self.args, *self.tls_command()]
 
     def probe(self) -> None:
         self.stub().GetClusterStatus(coordinator_pb2.ClusterStatusRequest(), timeout=0.5)
@@ -251,27 +340,44 @@ class LocalCluster:
     def __init__(self, root: Path, hosts: int = 3, *, fsync_policy: str = "batch",
                  extra: dict[str, Any] | None = None, coordinator: bool = False,
                  netns: bool = False, coordinator_args: Sequence[str] = (),
-                 disk_bytes: int = 0) -> None:
+                 disk_bytes: int = 0, tls: bool = True) -> None:
         """With `netns`, every agent runs in its own network namespace (root only; see
         `failover.netns`), so that `partition(host)` can cut it off for real. With
         `disk_bytes`, every agent's data dir is a tmpfs of that size (root only; see
         `failover.smalldisk`), so that `disks[host].fill()` fills it for real.
-        `coordinator_args` are extra flags of `failover-coordinator` (--host-dead-ms ...)."""
+        `coordinator_args` are extra flags of `failover-coordinator` (--host-dead-ms ...).
+
+        With `tls` (the default) the certificates go to ``ROOT/pki`` (`pki`): every daemon
+        serves and dials mutual TLS, the harness calls the coordinator as `tls_admin` and the
+        agents as a coordinator identity (`tls_harness`), and `tls_client`, `tls_operator`
+        and `tls_admin` are for the Clients and failoverctl of tests, demos and benchmarks
+        (None each without TLS)."""
         self.root = root
         host_ids = [f"host{i}" for i in range(1, hosts + 1)]
         self.net = HostNetwork(host_ids) if netns else None
         if self.net is not None:
             self.net.setup()
         gateway = self.net.gateway if self.net is not None else "127.0.0.1"
-        self.coordinator = (CoordinatorProcess(root, gateway, coordinator_args)
-                            if coordinator else None)
+        ips = {h: self.net.addresses[h] if self.net is not None else "127.0.0.1"
+               for h in host_ids}
+        self.pki = ClusterPki(root / "pki", ips, gateway) if tls else None
+        pki = self.pki
+        self.tls_admin = pki.files(ADMIN_NAME) if pki else None
+        self.tls_operator = pki.files(OPERATOR_NAME) if pki else None
+        self.tls_client = pki.files(CLIENT_NAME) if pki else None
+        self.tls_harness = pki.files(HARNESS_NAME) if pki else None
+        insecure = not tls and netns  # namespaced daemons listen beyond loopback
+        self.coordinator = (CoordinatorProcess(
+            root, gateway, coordinator_args, tls=pki.files(COORDINATOR_NAME) if pki else None,
+            caller_tls=self.tls_admin, insecure=insecure) if coordinator else None)
         if self.coordinator is not None:
             extra = {**(extra or {}), "coordinator": self.coordinator.address}
         self.agents = {
             h: AgentProcess(
-                root, h, fsync_policy=fsync_policy, extra=extra,
-                ip=self.net.addresses[h] if self.net is not None else "127.0.0.1",
-                prefix=self.net.command_prefix(h) if self.net is not None else None)
+                root, h, fsync_policy=fsync_policy, extra=extra, ip=ips[h],
+                prefix=self.net.command_prefix(h) if self.net is not None else None,
+                tls=pki.files(h) if pki else None, caller_tls=self.tls_harness,
+                insecure=insecure)
             for h in host_ids
         }
         self.disks = {h: SmallDisk(a.data_dir, disk_bytes)
@@ -360,6 +466,27 @@ class LocalCluster:
     @property
     def addresses(self) -> str:
         return ",".join(a.address for a in self.agents.values())
+
+    @property
+    def tls(self) -> bool:
+        return self.pki is not None
+
+    def agent_tls(self, host_id: str) -> TlsFiles | None:
+        """The certificate of agent `host_id` (to call as that agent), None without TLS."""
+        return self.pki.files(host_id) if self.pki is not None else None
+
+    def aio_channel(self, address: str, identity: TlsFiles | None = None) -> grpc.aio.Channel:
+        """An asyncio channel to a daemon of this cluster, presenting `identity` (default
+        `tls_client`) when the cluster has TLS, in the clear when it has not."""
+        files = identity or self.tls_client
+        return channels.channel(address, files.load() if files is not None else None)
+
+    def cli_args(self, identity: TlsFiles | None = None) -> list[str]:
+        """failoverctl's leading flags for this cluster: --coordinator and the TLS flags of
+        `identity` (default `tls_admin`)."""
+        assert self.coordinator is not None
+        return ["--coordinator", self.coordinator.address,
+                *tls_flags(identity or self.tls_admin)]
 
     def form(self, service: str, kind: str, primary: str, duplicas: list[str], *,
              epoch: int = 1, mode: str = "sync", in_sync: list[str] | None = None) -> None:

@@ -291,7 +291,8 @@ async def run_chaos(config: ChaosConfig, progress: Callable[[str], None] = print
             injector.partition_unavailable = partition_unavailable
             injector.disk_unavailable = disk_unavailable
             assert cluster.coordinator is not None
-            async with Client(coordinator=cluster.coordinator.address) as client:
+            async with Client(coordinator=cluster.coordinator.address,
+                              tls=cluster.tls_client) as client:
                 _meta(run, "run", args=config.settings())
                 if BANK_SERVICE in services:
                     for n in range(config.accounts):

@@ -99,7 +99,8 @@ class Clients:
 async def _scenario(cluster: LocalCluster, console: Console, report: dict[str, Any]) -> None:
     coordinator = cluster.coordinator
     assert coordinator is not None
-    async with Client(coordinator=coordinator.address, deadline_ms=10_000) as client:
+    async with Client(coordinator=coordinator.address, deadline_ms=10_000,
+                      tls=cluster.tls_client) as client:
         for n in range(ACCOUNTS):
             await client.call("bank", {"op": "open", "account": f"acct{n}",
                                        "balance": OPENING_BALANCE})
@@ -183,7 +184,8 @@ def demo_command(ctx: click.Context, keep: bool) -> None:
     root = Path(tempfile.mkdtemp(prefix="failover-demo-"))
     report: dict[str, Any] = {}
     started = time.monotonic()
-    console.print(f"[bold]Starting a coordinator and 3 agents on 127.0.0.1[/bold] ({root})")
+    console.print(f"[bold]Starting a coordinator and 3 agents on 127.0.0.1[/bold] ({root}), "
+                  "mutual TLS on every channel (certificates in its pki/)")
     try:
         with LocalCluster(root, hosts=3, coordinator=True) as cluster:
             cluster.start()

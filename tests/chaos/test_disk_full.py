@@ -34,7 +34,8 @@ async def test_full_duplica_leaves_in_sync_and_full_primary_is_moved(tmp_path: P
         primary = cluster.primary_of("kv")
         assert primary is not None
         duplica = next(h for h in cluster.agents if h != primary)
-        async with Client(coordinator=cluster.coordinator.address, deadline_ms=10_000) as client:
+        async with Client(coordinator=cluster.coordinator.address, tls=cluster.tls_client,
+                          deadline_ms=10_000) as client:
             for i in range(100):
                 await client.call("kv", {"op": "put", "key": f"k{i}", "value": "before"})
             # A full duplica: sync writes must not wait on it.

@@ -26,7 +26,8 @@ async def test_partitioned_primary_is_failed_over_and_rejoins(tmp_path: Path) ->
         cluster.create("kv", "kv", replicas=3)
         old = cluster.primary_of("kv")
         assert old is not None
-        async with Client(coordinator=cluster.coordinator.address, deadline_ms=15_000) as client:
+        async with Client(coordinator=cluster.coordinator.address, tls=cluster.tls_client,
+                          deadline_ms=15_000) as client:
             for i in range(50):
                 await client.call("kv", {"op": "put", "key": f"k{i}", "value": "before"})
             cluster.partition(old)

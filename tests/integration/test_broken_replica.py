@@ -54,7 +54,8 @@ async def test_a_damaged_copy_is_reported_never_promoted_and_rebuilt_from_the_pr
     primary = two.primary_of("kv")
     duplica = wait_for(lambda: in_sync_duplica(two, "kv"), 15, "kv's duplica in sync")
     assert primary is not None and duplica != primary
-    async with Client(coordinator=two.coordinator.address, deadline_ms=10_000) as client:
+    async with Client(coordinator=two.coordinator.address, tls=two.tls_client,
+                      deadline_ms=10_000) as client:
         await put_many(client, "kv", range(300))
         await put_many(client, "kv2", range(100))
         root = two[duplica].data_dir / "replicas" / "kv"

@@ -89,7 +89,8 @@ async def test_killed_primary_fails_over_and_no_acked_write_is_lost(
     assert cluster.coordinator is not None
     old = cluster.primary_of("kv")
     assert old is not None
-    async with Client(coordinator=cluster.coordinator.address, deadline_ms=10_000) as client:
+    async with Client(coordinator=cluster.coordinator.address, tls=cluster.tls_client,
+                      deadline_ms=10_000) as client:
         work = Workload(client)
 
         async def kill_then_wait() -> None:
@@ -117,7 +118,7 @@ async def test_killed_primary_fails_over_and_no_acked_write_is_lost(
 async def test_sigstop_of_150_ms_is_not_a_failover(cluster: LocalCluster) -> None:
     primary = cluster.primary_of("kv")
     assert primary is not None
-    async with Client(coordinator=cluster.coordinator.address) as client:  # type: ignore[union-attr]
+    async with Client(coordinator=cluster.coordinator.address, tls=cluster.tls_client) as client:  # type: ignore[union-attr]
         work = Workload(client)
 
         async def pauses() -> None:
@@ -136,7 +137,7 @@ async def test_sigstop_of_150_ms_is_not_a_failover(cluster: LocalCluster) -> Non
 
 async def test_coordinator_outage_of_10_s_fails_no_request(cluster: LocalCluster) -> None:
     assert cluster.coordinator is not None
-    async with Client(coordinator=cluster.coordinator.address) as client:
+    async with Client(coordinator=cluster.coordinator.address, tls=cluster.tls_client) as client:
         work = Workload(client)
 
         async def outage() -> None:
@@ -157,7 +158,7 @@ async def test_coordinator_outage_of_10_s_fails_no_request(cluster: LocalCluster
 async def test_switchover_under_load_fails_no_request(cluster: LocalCluster) -> None:
     assert cluster.coordinator is not None
     stub = cluster.coordinator.stub()
-    async with Client(coordinator=cluster.coordinator.address) as client:
+    async with Client(coordinator=cluster.coordinator.address, tls=cluster.tls_client) as client:
         work = Workload(client)
         replies: list[coordinator_pb2.SwitchoverReply] = []
 
@@ -183,7 +184,8 @@ async def test_coordinator_restart_mid_failover_completes_it(cluster: LocalClust
     assert cluster.coordinator is not None
     old = cluster.primary_of("kv")
     assert old is not None
-    async with Client(coordinator=cluster.coordinator.address, deadline_ms=15_000) as client:
+    async with Client(coordinator=cluster.coordinator.address, tls=cluster.tls_client,
+                      deadline_ms=15_000) as client:
         work = Workload(client)
 
         async def crash_both() -> None:
@@ -211,7 +213,7 @@ async def test_coordinator_restart_mid_failover_completes_it(cluster: LocalClust
 
 def test_failoverctl_against_a_real_coordinator(cluster: LocalCluster) -> None:
     assert cluster.coordinator is not None
-    ctl = [sys.executable, "-m", "failover.cli", "--coordinator", cluster.coordinator.address]
+    ctl = [sys.executable, "-m", "failover.cli", *cluster.cli_args()]
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*ctl, *args], capture_output=True, text=True, timeout=30)
@@ -234,7 +236,7 @@ def test_failoverctl_against_a_real_coordinator(cluster: LocalCluster) -> None:
     assert [e["kind"] for e in history][-2:] == ["switchover", "audit"]
     audit = history[-1]["details"]
     assert (audit["caller"], audit["rpc"], audit["outcome"]) == (
-        "anonymous (no TLS)", "switchover", "ok")
+        "admin 'admin'", "switchover", "ok")
     bad = run("create", "x", "--kind", "nosuchkind")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
@@ -244,7 +246,7 @@ def test_sync_client_for_scripts(cluster: LocalCluster) -> None:
     from failover.errors import InvalidRequest
 
     assert cluster.coordinator is not None
-    with SyncClient(coordinator=cluster.coordinator.address) as client:
+    with SyncClient(coordinator=cluster.coordinator.address, tls=cluster.tls_client) as client:
         assert client.call("kv", {"op": "put", "key": "a", "value": b"\x00bytes"})["ok"]
         got = client.call("kv", {"op": "get", "key": "a"})
         assert got["value"] == b"\x00bytes"  # bytes stay bytes end to end
@@ -266,7 +268,7 @@ async def test_restarted_primary_serves_only_once_the_coordinator_confirms_it(
     cluster.coordinator.kill()
     cluster[primary].kill()
     cluster[primary].start()
-    channel = grpc.aio.insecure_channel(cluster[primary].address)
+    channel = cluster.aio_channel(cluster[primary].address)
     try:
         stub = data_pb2_grpc.DataStub(channel)
         request = data_pb2.ExecuteRequest(

@@ -113,7 +113,8 @@ async def test_a_plugin_kind_fails_over_with_every_acknowledged_increment(
     assert cluster.coordinator is not None
     old = cluster.primary_of("hits")
     assert old is not None
-    async with Client(coordinator=cluster.coordinator.address, deadline_ms=15_000) as client:
+    async with Client(coordinator=cluster.coordinator.address, tls=cluster.tls_client,
+                      deadline_ms=15_000) as client:
         work = Incrementers(client)
         tasks = [asyncio.create_task(work.run()) for _ in range(4)]
         try:

@@ -59,7 +59,7 @@ async def fill(client: Client, total_bytes: int, value_bytes: int = MIB) -> None
 def migrate(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess[str]:
     assert cluster.coordinator is not None
     return subprocess.run(
-        [sys.executable, "-m", "failover.cli", "--coordinator", cluster.coordinator.address,
+        [sys.executable, "-m", "failover.cli", *cluster.cli_args(),
          "--format", "json", "migrate", "kv", *args],
         capture_output=True, text=True, timeout=200, start_new_session=True)
 
@@ -69,7 +69,8 @@ async def test_a_64_mib_primary_moves_under_writes_with_no_failed_request(
 ) -> None:
     assert cluster.coordinator is not None
     old, target = cluster.primary_of("kv"), spare(cluster)
-    async with Client(coordinator=cluster.coordinator.address, deadline_ms=10_000) as client:
+    async with Client(coordinator=cluster.coordinator.address, tls=cluster.tls_client,
+                      deadline_ms=10_000) as client:
         await fill(client, 64 * MIB)
         work = Workload(client)
         result: list[subprocess.CompletedProcess[str]] = []
@@ -100,7 +101,8 @@ async def test_a_writer_that_outruns_the_copy_is_throttled_and_the_move_ends(
 ) -> None:
     assert cluster.coordinator is not None
     target = spare(cluster)
-    async with Client(coordinator=cluster.coordinator.address, deadline_ms=20_000) as client:
+    async with Client(coordinator=cluster.coordinator.address, tls=cluster.tls_client,
+                      deadline_ms=20_000) as client:
         await fill(client, 16 * MIB)
         stop = asyncio.Event()
         failures: list[str] = []
@@ -140,7 +142,8 @@ async def test_killing_the_target_mid_migration_leaves_the_source_serving(
 ) -> None:
     assert cluster.coordinator is not None
     source, target = cluster.primary_of("kv"), spare(cluster)
-    async with Client(coordinator=cluster.coordinator.address, deadline_ms=10_000) as client:
+    async with Client(coordinator=cluster.coordinator.address, tls=cluster.tls_client,
+                      deadline_ms=10_000) as client:
         await fill(client, 32 * MIB)
         work = Workload(client)
 

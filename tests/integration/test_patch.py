@@ -49,15 +49,16 @@ def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalCl
 def failoverctl(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess[str]:
     assert cluster.coordinator is not None
     return subprocess.run(
-        [sys.executable, "-m", "failover.cli", "--coordinator", cluster.coordinator.address,
-         *args], capture_output=True, text=True, timeout=200, start_new_session=True)
+        [sys.executable, "-m", "failover.cli", *cluster.cli_args(), *args],
+        capture_output=True, text=True, timeout=200, start_new_session=True)
 
 
 async def test_patch_all_under_a_bank_workload_fails_no_request(cluster: LocalCluster) -> None:
     assert cluster.coordinator is not None
     before = {h.host_id: h.started_at for h in cluster.coordinator.status().hosts}
     pids = {h: cluster[h].proc.pid for h in cluster.agents}  # type: ignore[union-attr]
-    async with Client(coordinator=cluster.coordinator.address, deadline_ms=10_000) as client:
+    async with Client(coordinator=cluster.coordinator.address, tls=cluster.tls_client,
+                      deadline_ms=10_000) as client:
         for i in range(ACCOUNTS):
             await client.call("bank", {"op": "open", "account": f"a{i}", "balance": OPENING})
         stop = asyncio.Event()

@@ -67,7 +67,8 @@ async def test_a_host_killed_for_good_is_replaced_with_the_same_digest(
 ) -> None:
     assert three.coordinator is not None
     primary, duplica, spare = spare_and_duplica(three)
-    async with Client(coordinator=three.coordinator.address, deadline_ms=10_000) as client:
+    async with Client(coordinator=three.coordinator.address, tls=three.tls_client,
+                      deadline_ms=10_000) as client:
         await put_many(client, "kv", range(2_000))
         work = Workload(client)
 
@@ -89,7 +90,7 @@ async def test_a_host_killed_for_good_is_replaced_with_the_same_digest(
     for kind in ("placement", "rebuilt", "retired"):
         assert kind in events, (kind, events)
     # Writes keep going with the new in-sync duplica.
-    async with Client(coordinator=three.coordinator.address) as client:
+    async with Client(coordinator=three.coordinator.address, tls=three.tls_client) as client:
         await put_many(client, "kv", range(2_000, 2_100), prefix="after")
     three.wait_converged("kv", [primary, spare])
 
@@ -99,7 +100,8 @@ async def test_a_failed_primary_is_replaced_and_its_copy_dropped_when_it_returns
 ) -> None:
     assert three.coordinator is not None
     primary, duplica, spare = spare_and_duplica(three)
-    async with Client(coordinator=three.coordinator.address, deadline_ms=10_000) as client:
+    async with Client(coordinator=three.coordinator.address, tls=three.tls_client,
+                      deadline_ms=10_000) as client:
         await put_many(client, "kv", range(1_000))
         three[primary].kill()
         # A failover rebuilds at once: no waiting for the host to be declared dead.
@@ -133,7 +135,8 @@ async def test_a_host_back_after_ten_thousand_writes_catches_up_by_replay(
     primary = two.primary_of("kv")
     duplica = next(h for h in two.agents if h != primary)
     assert primary is not None
-    async with Client(coordinator=two.coordinator.address, deadline_ms=10_000) as client:
+    async with Client(coordinator=two.coordinator.address, tls=two.tls_client,
+                      deadline_ms=10_000) as client:
         await put_many(client, "kv", range(500))
         two[duplica].kill()
         await put_many(client, "kv", range(500, 10_500))
@@ -152,7 +155,8 @@ async def test_a_host_back_after_compaction_is_rebuilt_from_a_snapshot(
     primary = two.primary_of("kv")
     duplica = next(h for h in two.agents if h != primary)
     assert primary is not None
-    async with Client(coordinator=two.coordinator.address, deadline_ms=10_000) as client:
+    async with Client(coordinator=two.coordinator.address, tls=two.tls_client,
+                      deadline_ms=10_000) as client:
         await put_many(client, "kv", range(500))
         two[duplica].kill()
         await put_many(client, "kv", range(500, 3_000))
@@ -171,15 +175,16 @@ def failoverctl(cluster: LocalCluster, *args: str, timeout_s: float = 90) -> tup
                                                                                   str]:
     assert cluster.coordinator is not None
     done = subprocess.run(
-        [sys.executable, "-m", "failover.cli", "--coordinator", cluster.coordinator.address,
-         *args], capture_output=True, text=True, timeout=timeout_s, start_new_session=True)
+        [sys.executable, "-m", "failover.cli", *cluster.cli_args(), *args],
+        capture_output=True, text=True, timeout=timeout_s, start_new_session=True)
     return done.returncode, done.stdout, done.stderr
 
 
 async def test_drain_empties_a_host_with_no_failed_request(three: LocalCluster) -> None:
     assert three.coordinator is not None
     primary, duplica, spare = spare_and_duplica(three)
-    async with Client(coordinator=three.coordinator.address, deadline_ms=10_000) as client:
+    async with Client(coordinator=three.coordinator.address, tls=three.tls_client,
+                      deadline_ms=10_000) as client:
         await put_many(client, "kv", range(1_000))
         work = Workload(client)
 

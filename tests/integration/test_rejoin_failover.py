@@ -98,7 +98,7 @@ async def seed_only_client_is_served(cluster: LocalCluster, host: str) -> float:
     """How long a client that knows only `host` (a duplica) takes to be served: the duplica
     must name the current primary in its redirect."""
     start = time.monotonic()
-    async with Client(agents=cluster[host].address,
+    async with Client(agents=cluster[host].address, tls=cluster.tls_client,
                       deadline_ms=int(SERVED_AGAIN_S * 1000)) as client:
         await client.call("kv", {"op": "put", "key": f"via-{host}", "value": "redirected"})
     return time.monotonic() - start
@@ -135,7 +135,8 @@ async def test_second_kill_after_the_first_primary_rejoined_is_served_within_bou
     cluster: LocalCluster,
 ) -> None:
     assert cluster.coordinator is not None
-    async with Client(coordinator=cluster.coordinator.address, deadline_ms=5_000) as client:
+    async with Client(coordinator=cluster.coordinator.address, tls=cluster.tls_client,
+                      deadline_ms=5_000) as client:
         await kill_rejoin_kill(cluster, client)
 
 
@@ -157,7 +158,7 @@ async def test_client_follows_routes_after_a_failed_routes_update(
     cluster: LocalCluster,
 ) -> None:
     assert cluster.coordinator is not None
-    async with RoutesFailOnceClient(coordinator=cluster.coordinator.address,
+    async with RoutesFailOnceClient(coordinator=cluster.coordinator.address, tls=cluster.tls_client,
                                     deadline_ms=5_000) as client:
         await kill_rejoin_kill(cluster, client)
         assert client.failed

@@ -51,7 +51,7 @@ async def put_many(client: Client, service: str, keys: range, concurrency: int =
 
 async def test_ten_thousand_writes_replicate_with_equal_digests(cluster: LocalCluster) -> None:
     cluster.form("kv1", "kv", "host1", ["host2", "host3"])
-    async with Client(agents=cluster.addresses) as client:
+    async with Client(agents=cluster.addresses, tls=cluster.tls_client) as client:
         await put_many(client, "kv1", range(10_000))
         for i in (0, 4_999, 9_999):
             assert (await client.call("kv1", {"op": "get", "key": f"k{i}"}))["value"] == f"v{i}"
@@ -67,7 +67,7 @@ async def test_ten_thousand_writes_replicate_with_equal_digests(cluster: LocalCl
 async def test_killed_duplica_catches_up_with_no_gap(cluster: LocalCluster) -> None:
     # host3 is outside the in-sync set, so writes go on while it is down.
     cluster.form("kv1", "kv", "host1", ["host2", "host3"], in_sync=["host2"])
-    async with Client(agents=cluster.addresses) as client:
+    async with Client(agents=cluster.addresses, tls=cluster.tls_client) as client:
         writer = asyncio.create_task(put_many(client, "kv1", range(6_000), concurrency=16))
         await asyncio.to_thread(
             wait_for, lambda: (r := cluster["host3"].replica("kv1")) and
@@ -83,7 +83,8 @@ async def test_killed_in_sync_duplica_stalls_writes_then_they_complete(
     cluster: LocalCluster,
 ) -> None:
     cluster.form("kv1", "kv", "host1", ["host2"])
-    async with Client(agents=cluster.addresses, deadline_ms=20_000) as client:
+    async with Client(agents=cluster.addresses, tls=cluster.tls_client,
+                      deadline_ms=20_000) as client:
         await put_many(client, "kv1", range(200))
         cluster["host2"].kill()
         writer = asyncio.create_task(put_many(client, "kv1", range(200, 400), concurrency=8))
@@ -98,7 +99,7 @@ async def test_rejoining_duplica_is_rebuilt_from_a_snapshot_after_compaction(
     cluster: LocalCluster,
 ) -> None:
     cluster.form("kv1", "kv", "host1", ["host2", "host3"], in_sync=["host2"])
-    async with Client(agents=cluster.addresses) as client:
+    async with Client(agents=cluster.addresses, tls=cluster.tls_client) as client:
         await put_many(client, "kv1", range(500))
         cluster["host3"].kill()
         await put_many(client, "kv1", range(500, 3_000))
@@ -114,7 +115,7 @@ async def test_rejoining_duplica_is_rebuilt_from_a_snapshot_after_compaction(
 async def test_diverged_duplica_truncates_and_reports_the_count(cluster: LocalCluster) -> None:
     # Async mode: host1 acknowledges alone, so it can write ahead of a dead host2.
     cluster.form("kv1", "kv", "host1", ["host2"], mode="async", in_sync=[])
-    async with Client(agents=cluster["host1"].address) as client:
+    async with Client(agents=cluster["host1"].address, tls=cluster.tls_client) as client:
         await put_many(client, "kv1", range(100))
         await asyncio.to_thread(cluster.wait_converged, "kv1", ["host1", "host2"])
         cluster["host2"].kill()
@@ -134,7 +135,7 @@ async def test_diverged_duplica_truncates_and_reports_the_count(cluster: LocalCl
         service="kv1", kind="kv", role=common_pb2.ROLE_DUPLICA, epoch=2,
         mode=common_pb2.REPLICATION_MODE_SYNC,
         primary=agent_pb2.ReplicaPeer(host_id="host2", address=h2.address)), timeout=10)
-    async with Client(agents=h2.address) as client:
+    async with Client(agents=h2.address, tls=cluster.tls_client) as client:
         await put_many(client, "kv1", range(1_000, 1_010), prefix="new")
         assert (await client.call("kv1", {"op": "get", "key": "k120"}))["found"] is False
     status = wait_for(lambda: (r := h1.replica("kv1")) and r.truncated_entries and r, 20,
@@ -145,10 +146,11 @@ async def test_diverged_duplica_truncates_and_reports_the_count(cluster: LocalCl
 
 async def test_stale_epoch_batch_is_rejected(cluster: LocalCluster) -> None:
     cluster.form("kv1", "kv", "host1", ["host2"], epoch=3)
-    channel = grpc.aio.insecure_channel(cluster["host2"].address)
+    # As the primary itself (its certificate), at an epoch the duplica is past.
+    channel = cluster.aio_channel(cluster["host2"].address, cluster.agent_tls("host1"))
     try:
         call = replication_pb2_grpc.ReplicationStub(channel).Ship()
-        await call.write(replication_pb2.ShipMessage(source_host_id="impostor", batches=[
+        await call.write(replication_pb2.ShipMessage(source_host_id="host1", batches=[
             replication_pb2.ShipBatch(service="kv1", epoch=2, batch_id=1,
                                       prev=common_pb2.LogPosition(epoch=0, index=0),
                                       first_index=1, last_index=0)]))
@@ -162,10 +164,10 @@ async def test_stale_epoch_batch_is_rejected(cluster: LocalCluster) -> None:
 
 async def test_same_request_id_twice_applies_once(cluster: LocalCluster) -> None:
     cluster.form("bank1", "bank", "host1", ["host2"])
-    async with Client(agents=cluster.addresses) as client:
+    async with Client(agents=cluster.addresses, tls=cluster.tls_client) as client:
         await client.call("bank1", {"op": "open", "account": "a", "balance": 100})
         await client.call("bank1", {"op": "open", "account": "b", "balance": 0})
-    channel = grpc.aio.insecure_channel(cluster["host1"].address)
+    channel = cluster.aio_channel(cluster["host1"].address)
     try:
         stub = data_pb2_grpc.DataStub(channel)
         transfer = msgpack.packb({"op": "transfer", "from": "a", "to": "b", "amount": 30})
@@ -178,7 +180,7 @@ async def test_same_request_id_twice_applies_once(cluster: LocalCluster) -> None
         assert second.result == first.result and second.index == first.index
     finally:
         await channel.close()
-    async with Client(agents=cluster.addresses) as client:
+    async with Client(agents=cluster.addresses, tls=cluster.tls_client) as client:
         assert (await client.call("bank1", {"op": "balance", "account": "a"}))["balance"] == 70
         assert (await client.call("bank1", {"op": "balance", "account": "b"}))["balance"] == 30
         assert (await client.call("bank1", {"op": "total"}))["total"] == 100
@@ -194,7 +196,7 @@ async def test_non_primary_redirects_and_bad_requests_are_invalid_argument(
     cluster: LocalCluster,
 ) -> None:
     cluster.form("kv1", "kv", "host1", ["host2"])
-    channel = grpc.aio.insecure_channel(cluster["host2"].address)
+    channel = cluster.aio_channel(cluster["host2"].address)
     try:
         stub = data_pb2_grpc.DataStub(channel)
         request = data_pb2.ExecuteRequest(
@@ -214,7 +216,7 @@ async def test_non_primary_redirects_and_bad_requests_are_invalid_argument(
     finally:
         await channel.close()
     # The client starts at a duplica and follows the hint by itself.
-    async with Client(agents=cluster["host2"].address) as client:
+    async with Client(agents=cluster["host2"].address, tls=cluster.tls_client) as client:
         assert (await client.call("kv1", {"op": "put", "key": "x", "value": "y"}))
 
 
@@ -222,7 +224,7 @@ async def test_restarted_agent_recovers_its_replicas_before_serving(
     cluster: LocalCluster,
 ) -> None:
     cluster.form("kv1", "kv", "host1", ["host2"])
-    async with Client(agents=cluster.addresses) as client:
+    async with Client(agents=cluster.addresses, tls=cluster.tls_client) as client:
         await put_many(client, "kv1", range(300))
     before = cluster.wait_converged("kv1", ["host1", "host2"])
     cluster["host2"].signal(signal.SIGTERM)
