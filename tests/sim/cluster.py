@@ -1,46 +1,73 @@
 """A deterministic simulation of a whole cluster in one process (docs/design.md, Layers).
 
-The coordinator's policy core (`CoordinatorCore`) and, on every simulated host, the
-primary/duplica protocol cores (`PrimaryReplication`, `DuplicaReplication`) over a real
-`ReplicatedStateMachine` of the `kv` kind run under one seeded scheduler: a heap of
-(time ms, sequence, event). Nothing reads a clock, there are no threads and no asyncio; one
-`random.Random(seed)` decides every latency, loss, duplicate, crash and partition, so a seed
-replays exactly.
+The real cores run here, under one seeded scheduler (a heap of (time ms, sequence, event)):
+the coordinator's `CoordinatorCore` with its operation plans (`SwitchoverPlan` for an
+operator's switchover and a drain's move of a primary), and on every simulated host one
+`ReplicaCore` per replica, which drives `PrimaryReplication` / `DuplicaReplication` and a real
+`ReplicatedStateMachine` of the `kv` kind. What is here is only what a daemon does around
+them: `SimReplica` is a driver of `ReplicaCore` (it queues and writes the log, ships, applies,
+answers and waits, and carries out the core's actions in order, as failover/agent/replica.py
+does with files), `SimAgent` is the host (links, heartbeats, control calls), `SimCoordinator`
+carries out the coordinator core's actions as failover/coordinator/server.py does. Nothing
+reads a clock, there are no threads and no asyncio; one `random.Random(seed)` decides every
+latency, loss, duplicate, crash, pause and partition, so a seed replays exactly.
 
 What is modelled, and how faithfully:
 
-* `SimAgent` / `SimReplica` mirror what `failover/agent/host.py` and
-  `failover/agent/replica.py` do with the cores: role, epoch and membership persisted
-  before use (`ReplicaMeta`), the primary's write queue (`_to_log`), group commit with a
-  non-durable window (a crash loses the log's non-durable suffix), the `_unapplied` /
-  `_undecoded` apply caches, the empty barrier entry of a new epoch, divergent-tail
-  truncation, heartbeats reporting the matched index and a primary's in-sync set, leases
-  granted in their answers, a restarted primary serving only once the coordinator confirms
-  it, hold-and-catch-up for a switchover, the answers to HearsPrimary (matched index),
-  AssignRole and StepDown with their epoch checks.
+* Storage (`MemWal`, `Snapshot`): an in-memory log with a durable prefix (group commit: a
+  crash loses the non-durable suffix), its epoch history, snapshots every `snapshot_every`
+  applied entries and compaction behind them (`snapshot_retain`), snapshot installs on a
+  duplica whose position was compacted away, recovery from the newest snapshot that reads
+  back whole (a crash may damage a duplica's newest snapshot: the replica then recovers
+  broken and the coordinator rebuilds it), async-mode rewinds from a snapshot or from empty.
+  A full disk (a nemesis fault) fails log appends, meta writes and shipped entries on that
+  host. Not modelled: torn or corrupt records and the checks of shipped record framing.
+* Clients (`SimClient`) put and get with request ids, sessions and the client's retries and
+  reroutes; now and then a put nested too deep to log. Every call is recorded as a
+  `failover.chaos.history.Op`, and the history is judged by failover.chaos's checkers.
+* Reads go through the core's read floor, lease and epoch confirmation, against a clock per
+  host: each node's clock (CLOCK_BOOTTIME) has its own offset and a rate within
+  `clock_drift` (±5%) of the true time, and runs on while its process is paused.
+* The coordinator's store is a dict; a commit may fail (atomically), after which the
+  coordinator reloads a fresh core from the store and abandons the operations in flight, as
+  the server's `_reload` does.
 * Ship streams (`ShipLink`) behave like the gRPC stream between two hosts: one per
   (sender, receiver) pair, in order, items queued while the writer is busy go out as one
-  message (probes, then truncates, then batches, as `ShipMessage` orders them), acks come
-  back in order on the same stream; a lost message breaks the stream, both ends see it, and
+  message, acks come back in order; a lost message breaks the stream, both ends see it, and
   the sender reconnects with the agent's backoff. Unary calls (heartbeats, client requests,
-  route pushes, HearsPrimary) may be dropped, delayed, reordered and duplicated. The
-  coordinator's calls to one agent keep their order (its per-host queue) but may be lost.
-* Faults: agent crashes and restarts (volatile state lost, durable log and meta kept),
-  coordinator crashes and restarts (`restore` from the persisted store), partitions between
-  any two nodes, stream breaks, slow messages; an operator's switchover now and then.
-* Not modelled: snapshots and log compaction (so no snapshot installs), live migration,
-  reads (`get` and invariant 6), disk errors, torn records, clock drift (one clock), the
-  agent's concurrent I/O threads (an append on a duplica is atomic with its ack; the
-  primary's append has a window between write and fsync).
+  route pushes, HearsPrimary, role changes, prepare and release) may be dropped, delayed,
+  reordered and (some) duplicated; the coordinator's calls to one agent keep their order.
+* Faults: agent and coordinator crashes and restarts, process pauses (a paused process
+  handles nothing, then runs what it received in order, with the views it had), partitions
+  between any two nodes, isolated hosts, stream breaks, slow messages, full disks, failed
+  store commits, damaged snapshots, operators' switchovers (whose callers sometimes go away)
+  and drains.
+* Not modelled: live migration and patch (their plans exist in the core but the sim starts
+  neither), the agent's I/O threads (a duplica's append is atomic with its ack), memory
+  bounds on writes in flight, TLS and identities.
+
+Bugs out of the sim's reach (covered by tests with real processes or real files instead):
+the record framing of shipped batches (issue 11.6: the sim ships `Entry` tuples, no bytes,
+so there is nothing to corrupt; tests/unit/test_shipped_records.py), memory bounds on writes
+in flight (11.10: the sim holds no payload bytes worth bounding;
+tests/unit/test_write_admission.py), the client's route watcher dying on an exception
+(11.11: the sim's client is not failover.client; tests/integration/test_rejoin_failover.py),
+and the lease clock's choice of CLOCK_BOOTTIME (the sim's clocks are CLOCK_BOOTTIME by
+construction; tests/unit/test_lease_clock.py).
 
 A run that ships or schedules orders of magnitude more than usual is reported as a
 liveness violation (a message storm) instead of running for minutes.
 
 Invariants checked (docs/design.md numbers): epochs persisted before any agent hears of them
-and never going back (1, 2); one writer per (service, epoch); in sync mode no acknowledged
-write lost (3, 9); identical apply order on every replica (4); each request id executed at
-most once and a retry answered with the recorded reply (5); after healing every replica
-converges to the primary's digest at the same applied index, and a write goes through.
+(the coordinator's store, and each replica's meta: a core never takes an epoch before its
+write) and never going back (1, 2); one writer per (service, epoch); in sync mode no
+acknowledged write lost (3, 9); identical apply order on every replica, and a replica's
+state and log meet (4, 12); each request id executed at most once by a state and a retry
+answered with the recorded reply (5); a read reflects every write acknowledged before it
+began (6, 10); nothing nested past REQUEST_DEPTH_MAX is logged (13); the whole history is
+linearizable per key and every acknowledged put is in the final state (failover.chaos's
+checkers, sync mode); after healing every operation has ended, every replica converges to
+the primary's digest at the same applied index, and a write goes through.
 """
 
 from __future__ import annotations
@@ -126,6 +153,7 @@ from failover.core.state_machine import (
 )
 from failover.errors import (
     DiskFullError,
+    FailoverError,
     InvalidRequest,
     NotPrimaryError,
     Overloaded,
@@ -822,6 +850,7 @@ class SimReplica:
         self._apply_scheduled = False
         self._snapshot_scheduled = False
         self._unrecorded = False  # the core stepped down without its meta written
+        self.refused_sender = False  # the last shipped item was refused for who sent it
         self.closed = False
         self.held: list[ClientRequest] = []  # reads and writes a switchover holds
         self._reads: list[dict[str, Any]] = []
@@ -1073,7 +1102,7 @@ class SimReplica:
         if self.core.holding:
             self.held.append(req)
             return
-        deadline = self.agent.now + defaults.READ_FLOOR_TIMEOUT_MS
+        deadline = self.core.read_floor_deadline_ms(self.agent.now)
         self._reads.append({"req": req, "floor_deadline": deadline, "token": None})
         self._pump_reads()
 
@@ -1100,7 +1129,7 @@ class SimReplica:
                         self._answer_read(req)
                         continue
                     actions, token = core.confirm(now)
-                    read.update(token=token, deadline=now + FAILURE_TIMEOUT_MS)
+                    read.update(token=token, deadline=core.confirm_deadline_ms(now))
                     self._reads.append(read)
                     self._run(actions)
                     continue
@@ -1257,14 +1286,16 @@ class SimReplica:
             if not self._persist(actions[0]):
                 return [], "storage_error"
             actions = event()
-        return actions, next((a.status for a in actions if isinstance(a, Refuse)), None)
+        refused = next((a.status for a in actions if isinstance(a, Refuse)), None)
+        self.refused_sender = refused == "not_primary" and self.role != PRIMARY
+        return actions, refused
 
-    def receive_probe(self, epoch: int) -> AckView:
-        _, refused = self._receive(lambda: self.core.on_probe(epoch, self.agent.now))
+    def receive_probe(self, epoch: int, sender: str) -> AckView:
+        _, refused = self._receive(lambda: self.core.on_probe(epoch, self.agent.now, sender))
         self._progress()
         return self._ack(refused or "mismatch")
 
-    def receive_truncate(self, epoch: int, after_index: int) -> AckView:
+    def receive_truncate(self, epoch: int, after_index: int, sender: str) -> AckView:
         duplica = self.core.duplica
         if (self.role != PRIMARY and duplica is not None and self.core.meta.mode == "sync"
                 and epoch >= self.epoch and after_index < duplica.commit_index):
@@ -1272,7 +1303,7 @@ class SimReplica:
                               f"after {after_index} below its commit index "
                               f"{duplica.commit_index} in sync mode")
         actions, refused = self._receive(
-            lambda: self.core.on_truncate(epoch, after_index, self.agent.now))
+            lambda: self.core.on_truncate(epoch, after_index, self.agent.now, sender))
         if refused or not actions:
             self._progress()
             return self._ack(refused or "mismatch")
@@ -1310,10 +1341,11 @@ class SimReplica:
         self._progress()
         return self._ack("ok", truncated=dropped)
 
-    def receive_batch(self, epoch: int, batch_id: int, prev: LogPosition, first_index: int,
-                      last_index: int, records: tuple[Entry, ...], commit_index: int) -> AckView:
+    def receive_batch(self, sender: str, epoch: int, batch_id: int, prev: LogPosition,
+                      first_index: int, last_index: int, records: tuple[Entry, ...],
+                      commit_index: int) -> AckView:
         actions, refused = self._receive(lambda: self.core.on_batch(
-            epoch, prev, last_index, commit_index, self._log_info(), self.agent.now))
+            epoch, prev, last_index, commit_index, self._log_info(), self.agent.now, sender))
         if refused:
             self._progress()
             return self._ack(refused, batch_id)
@@ -1332,12 +1364,14 @@ class SimReplica:
         self._progress()
         return self._ack("ok", batch_id)
 
-    def receive_snapshot(self, epoch: int, snap: Snapshot) -> str:
+    def receive_snapshot(self, epoch: int, snap: Snapshot, sender: str) -> str:
         """Installs a snapshot from the primary (Agent.receive_snapshot): state and log are
         replaced once it checked out; "" or the error."""
         core = self.core
-        if epoch < core.epoch or core.role == PRIMARY or core.duplica is None:
-            return f"stale epoch {epoch} (here {core.role} e{core.epoch})"
+        try:
+            core.check_snapshot(epoch, sender)
+        except FailoverError as exc:
+            return str(exc)
         if self.agent.disk_full():
             return "no space left for the snapshot"
         fresh = snap.state()
@@ -1376,8 +1410,9 @@ class SimReplica:
         """Holds reads and writes until target has everything; None while waiting
         (answered later), else the refusal. `token` names the call (the coordinator's
         incarnation and operation), for the answer."""
+        now = self.agent.now
         try:
-            self.core.prepare_switchover(epoch, target, switchover_id)
+            self.core.prepare_switchover(epoch, target, switchover_id, now)
         except NotPrimaryError:
             return "not_primary"
         except StaleEpochError:
@@ -1387,7 +1422,8 @@ class SimReplica:
         except (Unavailable, ReplicaBrokenError):
             return "unavailable"
         self.switch_wait = {"target": target, "token": token}
-        self.k.after(timeout_ms, self._switchover_deadline, token)
+        deadline = self.core.switchover_deadline_ms(now, timeout_ms)
+        self.k.after(max(0, deadline - now), self._switchover_deadline, token)
         self._check_switchover()
         return None
 
@@ -1405,13 +1441,13 @@ class SimReplica:
             # The call was cancelled (its operation ended, or the coordinator died): gRPC
             # cancels the handler, which releases the hold.
             self.switch_wait = None
-            self._run(self.core.release_hold())
+            self._run(self.core.prepare_failed(self.agent.now))
             return
         try:
             ready = self.core.switchover_ready(wait["target"])
         except NotPrimaryError:
             self.switch_wait = None
-            self._run(self.core.release_hold())
+            self._run(self.core.prepare_failed(self.agent.now))
             self.agent.switchover_answer(token, "not_primary", 0)
             return
         if ready is not None:
@@ -1424,7 +1460,7 @@ class SimReplica:
         if self.closed or wait is None or wait["token"] != token:
             return
         self.switch_wait = None
-        self._run(self.core.release_hold())
+        self._run(self.core.prepare_failed(self.agent.now))
         self.agent.switchover_answer(token, "unavailable", 0)
 
 
@@ -1725,7 +1761,7 @@ class SimAgent:
             replica = self.replicas.get(service)
             if what == "snapshot":
                 error = "unknown service" if replica is None else replica.receive_snapshot(
-                    epoch, item[3])
+                    epoch, item[3], src)
                 acks.append((service, (item[3].index, error)))
             elif replica is None or replica.role not in (DUPLICA, PRIMARY, "building"):
                 batch_id = item[3] if what == "batch" else 0
@@ -1734,11 +1770,11 @@ class SimAgent:
                 batch_id = item[3] if what == "batch" else 0
                 acks.append((service, AckView("storage_error", replica.epoch, batch_id)))
             elif what == "probe":
-                acks.append((service, replica.receive_probe(epoch)))
+                acks.append((service, replica.receive_probe(epoch, src)))
             elif what == "truncate":
-                acks.append((service, replica.receive_truncate(epoch, item[3])))
+                acks.append((service, replica.receive_truncate(epoch, item[3], src)))
             else:
-                acks.append((service, replica.receive_batch(epoch, *item[3:])))
+                acks.append((service, replica.receive_batch(src, epoch, *item[3:])))
         return acks
 
     # --- control calls -------------------------------------------------------------------
@@ -2608,6 +2644,9 @@ class Cluster:
                     return f"{name}: {host} is {r.role} at {r.epoch}"
                 if r.wal.last_index != last or r.sm.applied_index != last:
                     error = f" (its last error: {r.core.last_error})" if r.core.last_error else ""
+                    if r.refused_sender:
+                        error += (f" (it refuses the primary's items: its named primary is "
+                                  f"{r.core.meta.primary_host_id!r})")
                     return (f"{name}: {host} at {r.wal.last_index}/{r.sm.applied_index}, "
                             f"primary at {last}{error}")
         return None
