@@ -40,11 +40,16 @@ What is modelled, and how faithfully:
 * Faults: agent and coordinator crashes and restarts, process pauses (a paused process
   handles nothing, then runs what it received in order, with the views it had), partitions
   between any two nodes, isolated hosts, stream breaks, slow messages, full disks, failed
-  store commits, damaged snapshots, operators' switchovers (whose callers sometimes go away)
-  and drains.
-* Not modelled: live migration and patch (their plans exist in the core but the sim starts
-  neither), the agent's I/O threads (a duplica's append is atomic with its ack), memory
-  bounds on writes in flight, TLS and identities.
+  store commits, damaged snapshots, operators' switchovers (whose callers sometimes go away),
+  migrations and drains.
+* Migration: an operator moves a replica (the primary or a duplica) to a host that holds
+  none, by the core's `MigratePlan` with method "replay": the target is built as a
+  `building` replica from a snapshot and the log, joins the in-sync set, a moving primary is
+  switched over to it (its cut-over), and the source is retired. The page copy of a live
+  migration (migration/, tested on its own) is not modelled: a copy asked for fails.
+* Not modelled: patch (its plan exists in the core; the sim does not start it), the agent's
+  I/O threads (a duplica's append is atomic with its ack), memory bounds on writes in
+  flight, TLS and identities.
 
 Bugs out of the sim's reach (covered by tests with real processes or real files instead):
 the record framing of shipped batches (issue 11.6: the sim ships `Entry` tuples, no bytes,
@@ -104,12 +109,14 @@ from failover.core.coordinator import (
 )
 from failover.core.coordinator import StepDown as CoordStepDown
 from failover.core.coordinator.actions import (
+    Copied,
     Done,
     Failed,
     Prepared,
     PrepareSwitchover,
     Progress,
     ReleaseSwitchover,
+    StartMigration,
 )
 from failover.core.log_position import LogPosition, check_history
 from failover.core.replica import (
@@ -215,7 +222,7 @@ class Scenario:
     weights: tuple[tuple[str, int], ...] = (
         ("crash_agent", 2), ("crash_primary", 3), ("crash_coordinator", 2), ("partition", 2),
         ("isolate", 2), ("break_link", 2), ("switchover", 1), ("drain", 1), ("pause", 2),
-        ("disk_full", 1), ("nothing", 1),
+        ("disk_full", 1), ("migrate", 1), ("nothing", 1),
     )
     batch_entries_max: int = 4
     inflight_batches_max: int = 2
@@ -649,6 +656,7 @@ class Checker:
         self.rewinds = 0
         self.installs = 0
         self.broken = 0
+        self.migrated = 0
         self.truncated = 0
         self.async_lost = 0
         self.failovers = 0
@@ -1912,6 +1920,7 @@ class SimCoordinator:
         self._plans: list[Any] = []  # the core's plans this daemon has started
         self.created: set[str] = set()
         self.store_fail_p = 0.0  # the chance that a commit fails (atomically: nothing written)
+        self.migrations: set[str] = set()  # migrate operations begun
         self.reloads = 0
 
     @property
@@ -2014,10 +2023,20 @@ class SimCoordinator:
                 agent = self.c.agents[action.host_id]
                 self.c.net.send(COORD, action.host_id, agent.on_release_switchover, action,
                                 dup=False)
+            elif isinstance(action, StartMigration):
+                # The sim has no page copy (the migration engine is tested on its own): the
+                # source answers that it cannot, and the source serves on.
+                assert self.core is not None
+                if not self.execute(self.core.answer(
+                        action.op_id, Copied(False, why="no page copy in the simulation"),
+                        self.now)):
+                    return False
             elif isinstance(action, Progress):
                 pass
             elif isinstance(action, Done | Failed):
                 self.open_calls.pop((self.incarnation, action.op_id), None)
+                if isinstance(action, Done) and action.op_id in self.migrations:
+                    check.migrated += 1
                 self.k.note(f"coordinator: operation {action.op_id} "
                             f"{'done' if isinstance(action, Done) else 'failed: ' + action.why}")
             elif isinstance(action, PushRoutes):
@@ -2118,6 +2137,33 @@ class SimCoordinator:
         self._track(op_id)
         if cancel_after_ms is not None:
             self.k.after(cancel_after_ms, self.cancel, op_id, self.incarnation)
+        self.execute(actions)
+        return op_id
+
+    def start_migration(self) -> str:
+        """An operator moves a replica (the primary or a duplica) of a service to a host
+        that holds none (a `MigratePlan`), by replay: the target is built from a snapshot
+        and the log as a building replica, a moving primary is switched over to it, the
+        source is retired. Returns the operation's id ("" if refused)."""
+        if not self.up:
+            return ""
+        assert self.core is not None
+        rng = self.k.rng
+        name = rng.choice(sorted(self.core.services))
+        free = [h for h in sorted(self.core.hosts) if h not in self.core.services[name].replicas]
+        if not free:
+            return ""
+        to_host, replica = rng.choice(free), rng.choice((PRIMARY, DUPLICA))
+        self._next_token += 1
+        op_id = f"op{self.incarnation}.{self._next_token}"
+        try:
+            actions = self.core.start_migration(op_id, name, to_host, self.now, replica,
+                                                method="replay")
+        except InvalidRequest:
+            return ""
+        self.k.note(f"coordinator: operation {op_id}: {replica} of {name} moves to {to_host}")
+        self.migrations.add(op_id)
+        self._track(op_id)
         self.execute(actions)
         return op_id
 
@@ -2418,6 +2464,9 @@ class Nemesis:
         if links:
             self.k.rng.choice(links).brk("nemesis")
 
+    def _migrate(self) -> None:
+        self.c.coord.start_migration()
+
     def _switchover(self) -> None:
         """An operator's switchover; now and then its caller goes away before it ends."""
         rng = self.k.rng
@@ -2583,7 +2632,7 @@ class Cluster:
             "rebuilt": self.check.rebuilt, "retired": self.check.retired,
             "truncated": self.check.truncated, "async_lost": self.check.async_lost,
             "installs": self.check.installs, "reloads": self.coord.reloads,
-            "broken": self.check.broken,
+            "broken": self.check.broken, "migrated": self.check.migrated,
         }
         self.k.note(f"end {stats}")
         return Result(self.seed, self.scenario, ok, message, self.k.trace_hash(),

@@ -13,8 +13,8 @@ The simulation has teeth: each test_reintroduced_* patches one bug back into the
 and requires the default sweep (or the directed scenario written when the bug was found)
 to report it. From the Guarantees issue (11), with the seed that finds each today:
 1 stale read without a read floor (short/218), 2 a switchover left in progress when its
-caller goes away (short/29), 3 a retry applied again after its session was evicted
-(short/35), 4 a broken replica taken as whole (short/567), 5 a poison request logged
+caller goes away (short/108), 3 a retry applied again after its session was evicted
+(short/35), 4 a broken replica taken as whole (short/124), 5 a poison request logged
 (short/1), 7 acting on memory after a failed commit (short/490; the reload is the server's,
 mirrored in the sim); and the bugs the old model agent carried switches for: a switchover
 hold without a deadline, a hold nothing releases, a committed write left unapplied after an
