@@ -323,6 +323,11 @@ class Kernel:
     def set_clock(self, node: str, offset_ms: int, rate: float) -> None:
         self._clocks[node] = (offset_ms, rate)
 
+    def set_rate(self, node: str, rate: float) -> None:
+        """From now on node's clock runs at `rate` (it reads on from where it is)."""
+        reading = self.clock(node)
+        self._clocks[node] = (reading - int(self.now * rate), rate)
+
     def clock(self, node: str) -> int:
         """What `monotonic_ms()` (CLOCK_BOOTTIME) returns on node now: it runs on while the
         process is paused."""
@@ -2456,7 +2461,16 @@ class Nemesis:
         for other in [COORD, *agents]:
             if other != host:
                 self.c.net.cuts[frozenset((host, other))] = until
-        self.k.note(f"isolate {host} until {until}")
+        # Half the time a client is on the host's side of the partition: it hears no route
+        # push and keeps reading there, which only the lease and its margin make safe.
+        clients = sorted(c for c in self.c.clients if c != "probe")
+        side = ""
+        if clients and self.k.rng.random() < 0.5:
+            side = self.k.rng.choice(clients)
+            for other in [COORD, *agents]:
+                if other != host:
+                    self.c.net.cuts[frozenset((side, other))] = until
+        self.k.note(f"isolate {host}{' with ' + side if side else ''} until {until}")
 
     def _break_link(self) -> None:
         links = [link for agent in self.c.agents.values() for link in agent.links.values()
