@@ -23,8 +23,9 @@ scenario `reads_across_a_failover` (the sweeps' clients follow route pushes at o
 read at a deposed primary; with the failure timeout 100 ms past the lease a few percent of
 drift is hidden, so the test makes them equal, as a zero margin allows). In reach but not
 found within the default seeds (nor in the variants tried): 8 the in-sync generation
-ignored, 9 a switchover to a member that is not promotable, and 9 an epoch taken before it
-is persisted (found by short/8 while
+ignored, 9 a switchover to a member that is not promotable (the prepare still waits until
+the target holds the whole log, so no acknowledged write is lost that the sim could see),
+and 9 an epoch taken before it is persisted (found by short/8 while
 a duplica still took a newer epoch from any shipper; since it takes one only from the
 primary its assignment names, which came with that epoch, the path is hardly reached);
 their unit tests on the real code stand, and the sim checks each invariant as it runs.
