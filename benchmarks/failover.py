@@ -34,6 +34,14 @@ processes x READBACK_TASKS tasks): ``acked_writes_lost`` counts keys missing or 
 another value. Coordinator history (``failover`` events' ``detection_ms``/``promotion_ms``)
 and the clients' routes pushes break each kill's unavailability down in the details.
 
+Mutual TLS (issue 13): the run above is in the clear, so its keys stay comparable with
+earlier runs. Then, unless ``--tls-kills 0``, a second pass of the same script on a fresh
+cluster with mutual TLS on every channel (``--tls``: the agents, the coordinator and the
+client processes all present certificates) does only the kills phase, TLS_KILLS kills (fewer
+than the plaintext pass, to bound the run time) and no pauses or switchovers:
+``tls_unavailability_ms_p99`` is its unavailability p99, measured the same way, and
+``details.tls`` its summary (its acknowledged writes are read back too).
+
 Run: ``.venv/bin/python benchmarks/failover.py`` (progress on stderr, JSON on stdout).
 ``--root DIR`` keeps the cluster's data dirs and logs there (otherwise a temporary dir).
 """
@@ -74,6 +82,7 @@ PAUSES = 20
 PAUSE_MS = 150
 PAUSE_GAP_S = 0.5
 SWITCHOVERS = 10
+TLS_KILLS = 10  # the TLS pass: kills only
 SWITCHOVER_GAP_S = 0.3
 SWITCHOVER_GRACE_S = 0.5
 SETTLE_S = 0.3  # steady running between the cluster being whole again and the next fault
@@ -99,6 +108,20 @@ def value_for(key: str) -> str:
 
 def key_for(worker: int, task: int, i: int) -> str:
     return f"w{worker}-t{task}-{i}"
+
+
+def client_tls(args: argparse.Namespace) -> Any:
+    """The certificate a client process presents (None in a plaintext pass)."""
+    from failover.net.tls import TlsFiles
+
+    return TlsFiles.from_options(args.tls_ca, args.tls_cert, args.tls_key)
+
+
+def tls_args(args: argparse.Namespace) -> list[str]:
+    """The client processes' TLS flags: the cluster's client certificate in a TLS pass."""
+    if not args.tls_cert:
+        return []
+    return ["--tls-ca", args.tls_ca, "--tls-cert", args.tls_cert, "--tls-key", args.tls_key]
 
 
 def ms(seconds: float | None) -> float | None:
@@ -145,7 +168,7 @@ async def worker_main(args: argparse.Namespace) -> dict[str, Any]:
     error_kinds: dict[str, int] = {}
     error_examples: list[str] = []
     client = cls(coordinator=args.coordinator, client_id=f"bench-w{args.worker_id}-"
-                 f"{os.getpid()}", deadline_ms=args.deadline_ms)
+                 f"{os.getpid()}", deadline_ms=args.deadline_ms, tls=client_tls(args))
     client.route_log = []
     stop = asyncio.Event()
 
@@ -216,7 +239,8 @@ async def readback_main(args: argparse.Namespace) -> dict[str, Any]:
     wrong: list[str] = []
     errors: list[str] = []
     queue = iter(mine)
-    async with Client(coordinator=args.coordinator, deadline_ms=args.deadline_ms) as client:
+    async with Client(coordinator=args.coordinator, deadline_ms=args.deadline_ms,
+                      tls=client_tls(args)) as client:
 
         async def reader() -> None:
             for key in queue:
@@ -252,7 +276,8 @@ class Workers:
                 [sys.executable, str(Path(__file__).resolve()), "--worker",
                  "--worker-id", str(k), "--coordinator", coordinator, "--tasks",
                  str(args.tasks), "--status-file", str(path), "--stop-file",
-                 str(self.stop_file), "--deadline-ms", str(args.deadline_ms)],
+                 str(self.stop_file), "--deadline-ms", str(args.deadline_ms),
+                 *tls_args(args)],
                 stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True,
                 cwd=str(REPO)))
         self._maps = []
@@ -515,7 +540,7 @@ def readback(root: Path, coordinator: str, keys: list[str],
         [sys.executable, str(Path(__file__).resolve()), "--readback", "--worker-id", str(k),
          "--readback-procs", str(args.readback_procs), "--coordinator", coordinator,
          "--keys-file", str(keys_file), "--tasks", str(args.readback_tasks),
-         "--deadline-ms", str(args.deadline_ms)],
+         "--deadline-ms", str(args.deadline_ms), *tls_args(args)],
         stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True,
         cwd=str(REPO)) for k in range(args.readback_procs)]
     results = []
@@ -564,6 +589,19 @@ def summarize_kills(kills: list[dict[str, Any]], merged: dict[str, Any],
     return kills
 
 
+def run_tls_pass(args: argparse.Namespace) -> dict[str, Any]:
+    """This script again with --tls on a fresh cluster: kills only. Its JSON line."""
+    progress(f"TLS pass: a fresh cluster with mutual TLS, {args.tls_kills} kills")
+    command = [sys.executable, str(Path(__file__).resolve()), "--tls",
+               "--kills", str(args.tls_kills), "--pauses", "0", "--switchovers", "0",
+               "--seed", str(args.seed), "--client-procs", str(args.client_procs),
+               "--tasks", str(args.tasks), "--deadline-ms", str(args.deadline_ms),
+               "--settle", str(args.settle), "--jitter", str(args.jitter)]
+    done = subprocess.run(command, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                          cwd=str(REPO), timeout=600, check=True)
+    return json.loads(done.stdout.decode().splitlines()[-1])  # type: ignore[no-any-return]
+
+
 def main(args: argparse.Namespace) -> None:
     from failover import defaults
     from failover.localcluster import LocalCluster
@@ -582,7 +620,11 @@ def main(args: argparse.Namespace) -> None:
     offset = time.time() - time.monotonic()  # wall clock -> monotonic, for history times
     details: dict[str, Any] = {}
     try:
-        with LocalCluster(root, hosts=REPLICAS, coordinator=True) as cluster:
+        with LocalCluster(root, hosts=REPLICAS, coordinator=True, tls=args.tls) as cluster:
+            if cluster.tls_client is not None:
+                files = cluster.tls_client
+                args.tls_ca, args.tls_cert, args.tls_key = (
+                    str(files.ca), str(files.cert), str(files.key))
             cluster.start()
             cluster.create(SERVICE, "kv", replicas=REPLICAS, mode="sync")
             wait_whole(cluster, "the service to have every replica in sync")
@@ -727,6 +769,16 @@ def main(args: argparse.Namespace) -> None:
         },
         "history_kinds": kinds,
     })
+    tls_pass = run_tls_pass(args) if not args.tls and args.tls_kills > 0 else None
+    tls_unavail = tls_pass["unavailability_ms_p99"] if tls_pass is not None else None
+    if tls_pass is not None:
+        details["tls"] = {key: tls_pass.get(key) for key in (
+            "kills", "unavailability_ms_p50", "unavailability_ms_p99",
+            "unavailability_ms_max", "acked_writes_lost")}
+        details["tls"]["unavailability_ms"] = tls_pass["details"]["kills"]["unavailability_ms"]
+        details["tls"]["detection_ms"] = tls_pass["details"]["kills"]["detection_ms"]
+        details["tls"]["failed_requests"] = tls_pass["details"]["kills"]["failed_requests"]
+        details["tls"]["run_s"] = tls_pass["settings"]["run_s"]
     result = {
         "kills": len(kills),
         "unavailability_ms_p50": percentile(unavail, 50),
@@ -736,7 +788,13 @@ def main(args: argparse.Namespace) -> None:
         "false_failovers": max(epoch_after_pauses - epoch_before_pauses, len(pause_failovers)),
         "switchover_failed_requests": sw_failed,
         "switchover_stall_ms_max": max(stalls) if stalls else None,
+        "tls_unavailability_ms_p99": tls_unavail,
         "settings": {
+            "tls": "mutual TLS on every channel" if args.tls else
+                   "off: every key above but tls_* is the plaintext pass",
+            "tls_pass": (f"tls_unavailability_ms_p99: a second run with mutual TLS on a fresh "
+                         f"cluster, {args.tls_kills} kills only (no pauses, switchovers)")
+            if tls_pass is not None else None,
             "hosts": REPLICAS, "replicas": REPLICAS, "mode": "sync", "kind": "kv",
             "client_processes": args.client_procs, "tasks_per_process": args.tasks,
             "request": f"kv put, unique keys, {VALUE_BYTES}-byte values",
@@ -779,6 +837,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--readback-procs", type=int, default=READBACK_PROCS)
     parser.add_argument("--readback-tasks", type=int, default=READBACK_TASKS)
     parser.add_argument("--root", help="keep the cluster's dirs and logs here (an empty dir)")
+    parser.add_argument("--tls", action="store_true",
+                        help="this run with mutual TLS on every channel (no second pass)")
+    parser.add_argument("--tls-kills", type=int, default=TLS_KILLS,
+                        help="kills of the second, TLS pass (0: no TLS pass)")
+    parser.add_argument("--tls-ca", help=argparse.SUPPRESS)
+    parser.add_argument("--tls-cert", help=argparse.SUPPRESS)
+    parser.add_argument("--tls-key", help=argparse.SUPPRESS)
     # Client process arguments.
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--readback", action="store_true", help=argparse.SUPPRESS)

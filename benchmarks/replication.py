@@ -7,7 +7,13 @@ process with its own ``failover.client.Client``, doing kv puts of distinct keys 
 
 * ``unreplicated``: a primary with no duplicas;
 * ``sync``: a primary and one in-sync duplica (the write is acknowledged once on both disks);
-* ``async``: a primary and one duplica outside the in-sync set (``mode="async"``).
+* ``async``: a primary and one duplica outside the in-sync set (``mode="async"``);
+* ``sync_tls``: ``sync`` again with mutual TLS on every channel (issue 13): the agents serve
+  and dial TLS, the client processes present a client certificate. The three runs above are
+  in the clear (their keys stay comparable with earlier runs). Then TLS_ROUNDS - 1 more
+  pairs of sync runs, plaintext and TLS, in alternating order; ``tls_sync_ops_ratio`` is the
+  TLS runs' total ops/s over the plaintext runs' (every pair's own ratio is in
+  ``tls_sync_ops_ratio_per_pair``). The shipping run below is in the clear.
 
 The client processes are this script re-invoked with ``--worker``; they start together on a
 wall-clock barrier, warm up, then count completions for a fixed duration and report their
@@ -60,7 +66,8 @@ FSYNC_POLICY = "batch"
 SHIP_ENTRIES = 500_000
 PREFILL_CHUNK = 4096
 POLL_S = 0.010
-MODES = ("unreplicated", "sync", "async")
+TLS_ROUNDS = 2
+MODES = ("unreplicated", "sync", "sync_tls", "async")  # sync and sync_tls back to back
 
 
 def progress(message: str) -> None:
@@ -82,8 +89,11 @@ async def worker_main(args: argparse.Namespace) -> dict[str, Any]:
     latencies_ms: list[float] = []
     first_error = ""
     prefix = f"{args.mode}-w{args.worker_id}"
+    from failover.net.tls import TlsFiles
+
+    tls = TlsFiles.from_options(args.tls_ca, args.tls_cert, args.tls_key)
     async with Client(agents=args.address, client_id=f"bench-{prefix}-{uuid.uuid4().hex[:8]}",
-                      deadline_ms=args.deadline_ms) as client:
+                      deadline_ms=args.deadline_ms, tls=tls) as client:
         # Connect and find the primary before the barrier.
         await client.call(SERVICE, {"op": "put", "key": f"{prefix}-hello",
                                     "value": value_for("hello")})
@@ -189,15 +199,18 @@ def agent_cpu_s(pid: int) -> float:
     return times.user + times.system
 
 
-def spawn_workers(mode: str, address: str, start_at: float, args: argparse.Namespace
-                  ) -> list[subprocess.Popen[bytes]]:
+def spawn_workers(mode: str, address: str, start_at: float, args: argparse.Namespace,
+                  tls: Any = None) -> list[subprocess.Popen[bytes]]:
+    """The client processes; with `tls` (TlsFiles) each presents that certificate."""
+    tls_flags = ([] if tls is None else ["--tls-ca", str(tls.ca), "--tls-cert", str(tls.cert),
+                                         "--tls-key", str(tls.key)])
     procs = []
     for k in range(args.client_procs):
         procs.append(subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--worker", "--mode", mode,
              "--worker-id", str(k), "--address", address, "--tasks", str(args.tasks),
              "--start-at", repr(start_at), "--warmup", str(args.warmup),
-             "--duration", str(args.duration)],
+             "--duration", str(args.duration), *tls_flags],
             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True,
             cwd=str(REPO)))
     return procs
@@ -229,13 +242,14 @@ def run_clients(mode: str, root: Path, args: argparse.Namespace,
                 profiler: Profiler) -> dict[str, Any]:
     from failover.localcluster import LocalCluster, wait_for
 
-    progress(f"{mode}: starting a fresh cluster")
-    with LocalCluster(root / mode, hosts=2, fsync_policy=FSYNC_POLICY) as cluster:
+    tls = "_tls" in mode
+    progress(f"{mode}: starting a fresh cluster{' with mutual TLS' if tls else ''}")
+    with LocalCluster(root / mode, hosts=2, fsync_policy=FSYNC_POLICY, tls=tls) as cluster:
         cluster.start()
         primary, duplica = cluster["host1"], cluster["host2"]
         if mode == "unreplicated":
             cluster.form(SERVICE, "kv", "host1", [])
-        elif mode == "sync":
+        elif mode.startswith("sync"):
             cluster.form(SERVICE, "kv", "host1", ["host2"])
         else:
             cluster.form(SERVICE, "kv", "host1", ["host2"], mode="async", in_sync=[])
@@ -248,7 +262,7 @@ def run_clients(mode: str, root: Path, args: argparse.Namespace,
                      20, "the duplica to receive the log")
         before = primary.replica(SERVICE).indexes.applied_index  # type: ignore[union-attr]
         start_at = time.time() + args.lead
-        workers = spawn_workers(mode, primary.address, start_at, args)
+        workers = spawn_workers(mode, primary.address, start_at, args, cluster.tls_client)
         agents = {"primary": primary, "duplica": duplica}
         try:
             time.sleep(max(0.0, start_at - time.time()))
@@ -339,7 +353,7 @@ def run_shipping(root: Path, args: argparse.Namespace, profiler: Profiler) -> di
     config.write_text("snapshot_every_entries = 0\n")
     progress(f"shipping: pre-filling a primary's log with {args.ship_entries} entries")
     with LocalCluster(root / "ship", hosts=2, fsync_policy=FSYNC_POLICY,
-                      extra={"config": str(config)}) as cluster:
+                      extra={"config": str(config)}, tls=False) as cluster:
         cluster.start()
         p, d = cluster["host1"], cluster["host2"]
         sync_pb = common_pb2.REPLICATION_MODE_SYNC
@@ -437,13 +451,22 @@ def main(args: argparse.Namespace) -> None:
         root = Path(tmp)
         for mode in modes:
             details[mode] = run_clients(mode, root, args, profiler)
+        pairs = [("sync", "sync_tls")] if {"sync", "sync_tls"} <= set(modes) else []
+        for n in range(2, args.tls_rounds + 1 if pairs else 0):
+            # Another pair, the other way round every second time: a machine whose load
+            # drifts over the run favours neither side.
+            pair = (f"sync_r{n}", f"sync_tls_r{n}")
+            for mode in (pair if n % 2 else pair[::-1]):
+                details[mode] = run_clients(mode, root, args, profiler)
+            pairs.append(pair)
         if args.ship_entries > 0:
             details["shipping"] = run_shipping(root, args, profiler)
 
     def ops(mode: str) -> float | None:
         return details[mode]["ops_s"] if mode in details else None
 
-    unrep, sync, asyn = ops("unreplicated"), ops("sync"), ops("async")
+    unrep, sync, asyn, sync_tls = (ops("unreplicated"), ops("sync"), ops("async"),
+                                   ops("sync_tls"))
     ship = details.get("shipping")
     result = {
         "unreplicated_ops_s": unrep,
@@ -453,7 +476,21 @@ def main(args: argparse.Namespace) -> None:
         "write_p50_ms": details["sync"]["p50_ms"] if "sync" in details else None,
         "write_p99_ms": details["sync"]["p99_ms"] if "sync" in details else None,
         "shipping_entries_s": round(ship["entries"] / ship["to_durable_s"]) if ship else None,
+        "tls_sync_ops_s": sync_tls,
+        # Over every pair of runs: the TLS runs' ops over the plaintext runs' ops.
+        "tls_sync_ops_ratio": round(sum(details[t]["ops_s"] for _, t in pairs)
+                                    / sum(details[p]["ops_s"] for p, _ in pairs), 3)
+        if pairs else None,
+        "tls_sync_ops_ratio_per_pair": [round(details[t]["ops_s"] / details[p]["ops_s"], 3)
+                                        for p, t in pairs],
+        "tls_write_p99_ms": details["sync_tls"]["p99_ms"] if "sync_tls" in details else None,
         "settings": {
+            "tls": "every key but tls_* is from a run in the clear; tls_* from sync_tls, the "
+                   "sync run again on a fresh cluster with mutual TLS on every channel; "
+                   "tls_sync_ops_ratio is total TLS over total plaintext ops/s of "
+                   f"{len(pairs)} pair(s) of sync runs (sync, sync_tls; then alternating "
+                   "order), each on a fresh cluster",
+            "tls_rounds": len(pairs),
             "client_processes": args.client_procs,
             "tasks_per_process": args.tasks,
             "concurrency": args.client_procs * args.tasks,
@@ -490,6 +527,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="in-flight requests per client process")
     parser.add_argument("--ship-entries", type=int, default=SHIP_ENTRIES)
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--tls-rounds", type=int, default=TLS_ROUNDS,
+                        help="pairs of sync runs, plaintext and TLS, for tls_sync_ops_ratio")
     parser.add_argument("--profile", metavar="DIR", help="py-spy the agents into DIR")
     # Worker (client process) arguments.
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -498,6 +537,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--address", help=argparse.SUPPRESS)
     parser.add_argument("--start-at", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--deadline-ms", type=int, default=5000, help=argparse.SUPPRESS)
+    parser.add_argument("--tls-ca", help=argparse.SUPPRESS)
+    parser.add_argument("--tls-cert", help=argparse.SUPPRESS)
+    parser.add_argument("--tls-key", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
