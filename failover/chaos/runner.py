@@ -283,6 +283,8 @@ async def run_chaos(config: ChaosConfig, progress: Callable[[str], None] = print
                           disk_bytes=defaults.CHAOS_DISK_BYTES if "disk" in config.faults
                           and not disk_unavailable else 0) as cluster:
             await asyncio.to_thread(cluster.start)
+            tls = cluster.tls
+            progress(f"chaos: cluster up, {'mutual TLS on every channel' if tls else 'no TLS'}")
             for service in services:
                 kind = "kv" if service == KV_SERVICE else "bank"
                 await asyncio.to_thread(cluster.create, service, kind, replicas, config.mode)
@@ -350,7 +352,7 @@ async def run_chaos(config: ChaosConfig, progress: Callable[[str], None] = print
             faults_by_kind[record.fault.kind] = faults_by_kind.get(record.fault.kind, 0) + 1
     report: dict[str, Any] = {
         "seed": config.seed, "duration_s": config.duration_s, "hosts": config.hosts,
-        "mode": config.mode, "workload": config.workload,
+        "mode": config.mode, "workload": config.workload, "tls": tls,
         "ops_ok": sum(op.outcome == "ok" for op in ops),
         "ops_failed": sum(op.outcome == "fail" for op in ops),
         "ops_unknown": sum(op.outcome == "unknown" for op in ops),
