@@ -249,6 +249,7 @@ class Coordinator:
         carried.result()
 
     async def _carry_out(self, actions: list[Action]) -> None:
+        asks: list[AskHearsPrimary] = []
         for action in actions:
             if isinstance(action, Persist):
                 try:
@@ -262,7 +263,7 @@ class Coordinator:
             elif isinstance(action, (AssignRole, StepDown, DropReplica)):
                 self._enqueue(action)
             elif isinstance(action, AskHearsPrimary):
-                self._spawn(self._ask_hears_primary(action))
+                asks.append(action)  # asked together below: their answers are one round
             elif isinstance(action, PushRoutes):
                 self._push_routes(action)
             elif isinstance(action, StartSwitchover):
@@ -279,6 +280,8 @@ class Coordinator:
                 self._ended(action)
             else:
                 raise AssertionError(f"unknown action {action!r}")
+        if asks:
+            self._spawn(self._ask_hears_primary(asks))
 
     async def _reload(self, why: Exception) -> None:
         """Replaces the core with one restored from the store: what a failed commit changed
@@ -327,8 +330,11 @@ class Coordinator:
             return
         caller.queue.put_nowait(action)
 
-    async def _ask_hears_primary(self, action: AskHearsPrimary) -> None:
-        async def ask(host_id: str, address: str) -> HearsAnswer:
+    async def _ask_hears_primary(self, asks: list[AskHearsPrimary]) -> None:
+        """Asks the duplicas of every suspected primary of one round at once, and hands all
+        their answers to the core together (`hears_primary_many`): the failovers of a host's
+        death are one decision round, one store commit."""
+        async def ask(action: AskHearsPrimary, host_id: str, address: str) -> HearsAnswer:
             try:
                 reply = await self._caller(host_id, address).stub.HearsPrimary(
                     agent_pb2.HearsPrimaryRequest(service=action.service),
@@ -343,12 +349,17 @@ class Coordinator:
                             if r.service == action.service), 0)
             return HearsAnswer(host_id, True, reply.hears, durable, reply.epoch)
 
-        answers = await asyncio.gather(*(ask(h, a) for h, a in action.hosts.items()),
-                                       return_exceptions=True)
-        clean = [a if isinstance(a, HearsAnswer) else HearsAnswer(h, reachable=False)
-                 for a, h in zip(answers, action.hosts, strict=True)]
+        async def ask_all(action: AskHearsPrimary) -> list[HearsAnswer]:
+            answers = await asyncio.gather(*(ask(action, h, a) for h, a in action.hosts.items()),
+                                           return_exceptions=True)
+            return [a if isinstance(a, HearsAnswer) else HearsAnswer(h, reachable=False)
+                    for a, h in zip(answers, action.hosts, strict=True)]
+
+        answered = await asyncio.gather(*(ask_all(action) for action in asks))
         async with self._lock:
-            await self._execute(self.core.hears_primary(action.service, clean, monotonic_ms()))
+            await self._execute(self.core.hears_primary_many(
+                {action.service: clean for action, clean in zip(asks, answered, strict=True)},
+                monotonic_ms()))
 
     def _push_routes(self, action: PushRoutes) -> None:
         self._routes = coordinator_pb2.RoutesUpdate(version=action.version, routes=[

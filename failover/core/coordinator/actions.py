@@ -181,6 +181,35 @@ class Failed:
     why: str
 
 
+def merge_persists(actions: list[Action]) -> list[Action]:
+    """One decision round's `Persist`s as one, at the place of the first: its puts (the
+    last of each key wins, as when committed one after another), deletes and history rows in
+    order. Every action that followed a `Persist` still follows it, so nothing is told
+    before what it depends on is durable; those before the first depended on none."""
+    first = -1
+    puts: dict[str, bytes] = {}
+    deletes: dict[str, None] = {}
+    history: list[tuple[str, str, str, dict[str, Any]]] = []
+    out: list[Action] = []
+    for action in actions:
+        if not isinstance(action, Persist):
+            out.append(action)
+            continue
+        for key in action.deletes:
+            puts.pop(key, None)
+            deletes[key] = None
+        for key, value in action.puts.items():
+            deletes.pop(key, None)
+            puts[key] = value
+        history.extend(action.history)
+        if first < 0:
+            first = len(out)
+            out.append(action)
+    if first >= 0:
+        out[first] = Persist(puts, tuple(deletes), tuple(history))
+    return out
+
+
 Action = (Persist | AssignRole | StepDown | DropReplica | AskHearsPrimary | PushRoutes
           | StartSwitchover | PrepareSwitchover | ReleaseSwitchover | StartMigration
           | RestartAgent | Progress | Done | Failed)

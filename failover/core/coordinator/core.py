@@ -18,7 +18,7 @@ switchover and a migration), `routes` (assignments and the routes table) and `op
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgpack
@@ -29,8 +29,10 @@ from failover.core.coordinator.actions import (
     Action,
     Answer,
     DropReplica,
+    HearsAnswer,
     Persist,
     StartSwitchover,
+    merge_persists,
 )
 from failover.core.coordinator.detector import Detector
 from failover.core.coordinator.handover import Handover
@@ -83,10 +85,10 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
         self.switchovers: dict[str, str] = {}  # service -> target host, while in progress
         # (host, service) -> when a heartbeat last made us re-send its assignment
         self._reassigned_ms: dict[tuple[str, str], int] = {}
-        # (service, host) -> the primary's durable index when it first reported counting
+        # service -> host -> the primary's durable index when it first reported counting
         # this in-sync duplica: once the duplica's matched index reaches it, it holds every
         # write the primary acknowledged before counting it, and becomes promotable.
-        self._promotable_at: dict[tuple[str, str], int] = {}
+        self._promotable_at: dict[str, dict[str, int]] = {}
         # service -> when its silent primary's duplicas were last asked
         self._asked_ms: dict[str, int] = {}
         # (host, service) -> truncated count last reported, to record each repair once
@@ -117,6 +119,18 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
         # service -> (its primary, epoch, when it last reported, its durable index then, how
         # fast that grew, entries per ms): what bounds its duplicas' matched indexes
         self._primary_progress: dict[str, tuple[str, int, int, int, float]] = {}
+        # host -> the services with a replica on it (`_track`, `_untrack`, `_holding`), and
+        # service -> its place in the order of `services`: a heartbeat, a host's suspicion
+        # or its registration visits only that host's services.
+        self._held: dict[str, set[str]] = {}
+        self._seq: dict[str, int] = {}
+        self._next_seq = 0
+        # host -> the needs of the replicas placed on it and of those it does not report
+        # yet (`Redundancy._host_views`), dropped when either changes
+        self._loads: dict[str, tuple[Resources, Resources]] = {}
+        # A decision round in progress (`_round`), and whether it changed the routes.
+        self._rounds = 0
+        self._routes_bumped = False
 
     # --- restore ---------------------------------------------------------------------------
 
@@ -134,6 +148,7 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
             elif key.startswith(SERVICE_PREFIX):
                 service = ServiceInfo(**record)
                 self.services[service.name] = service
+                self._track(service)
             elif key == ROUTES_VERSION_KEY:
                 self.routes_version = int(record)
         actions: list[Action] = []
@@ -171,6 +186,7 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
             needs=needs.to_dict(), placement=policy,
         )
         self.services[name] = service
+        self._track(service)
         return [
             Persist({SERVICE_PREFIX + name: pack(service)}, history=((
                 name, "service", f"created {name} ({kind}, {mode}) on {', '.join(chosen)}",
@@ -186,6 +202,10 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
             raise InvalidRequest(f"no service {name!r}")
         self.failovers.pop(name, None)
         self.leases.pop(name, None)
+        self._promotable_at.pop(name, None)
+        for host in service.replicas:
+            self._untrack(name, host)
+        self._seq.pop(name, None)
         actions: list[Action] = [Persist({}, deletes=(SERVICE_PREFIX + name,), history=((
             name, "service", f"deleted {name}", {}),))]
         for host in service.replicas:
@@ -216,7 +236,10 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
     def tick(self, now_ms: int) -> list[Action]:
         """Detects silent hosts, moves failovers along, restores redundancy, moves primaries
         off hosts they must leave, and steps the operations in progress (their waits and
-        deadlines)."""
+        deadlines). One decision round (`_round`): one `Persist`, then the actions."""
+        return self._round(lambda: self._tick(now_ms))
+
+    def _tick(self, now_ms: int) -> list[Action]:
         actions = self._detect(now_ms)
         for service in list(self.services.values()):
             actions.extend(self._restore_redundancy(service, now_ms))
@@ -226,6 +249,38 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
             if plan.finished:
                 self.operations.pop(op_id, None)
         return actions
+
+    def hears_primary(self, service_name: str, answers: list[HearsAnswer],
+                      now_ms: int) -> list[Action]:
+        """The duplicas answered whether they still hear the suspected primary."""
+        return self._round(lambda: Detector.hears_primary(self, service_name, answers, now_ms))
+
+    def hears_primary_many(self, answers: Mapping[str, list[HearsAnswer]],
+                           now_ms: int) -> list[Action]:
+        """The answers of the duplicas of several suspected primaries (service -> answers,
+        those of one tick's `AskHearsPrimary`s): every failover they decide is one round,
+        one `Persist` (the new epochs, in-sync sets, history and the routes version) ahead
+        of every assignment, step-down and the routes pushed once."""
+        return self._round(lambda: [action for name, answered in answers.items()
+                                    for action in Detector.hears_primary(self, name, answered,
+                                                                         now_ms)])
+
+    def _round(self, decide: Callable[[], list[Action]]) -> list[Action]:
+        """Runs one decision round: what it decides is one `Persist` (`merge_persists`: at
+        the place of the first, so it still precedes every action that tells an agent or a
+        client of what it holds), and a routes table changed in it is pushed once, at its
+        end, with the version raised once."""
+        if self._rounds:
+            return decide()
+        self._rounds += 1
+        try:
+            actions = decide()
+            if self._routes_bumped:
+                actions.append(self._routes())
+        finally:
+            self._rounds -= 1
+            self._routes_bumped = False
+        return merge_persists(actions)
 
     # --- operations (failover.core.coordinator.operations) --------------------------------
 

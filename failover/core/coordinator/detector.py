@@ -45,7 +45,7 @@ class Detector(CoreState):
             if (not live.alive and not live.dead
                     and now_ms - live.last_heartbeat_ms > self.timing.host_dead_ms):
                 live.dead = True
-                held = sorted(s.name for s in self.services.values() if host_id in s.replicas)
+                held = sorted(s.name for s in self._holding(host_id))
                 actions.append(Persist({}, history=(("", "host", (
                     f"host {host_id} declared dead after {self.timing.host_dead_ms} ms of "
                     f"silence; rebuilding its replicas elsewhere: {', '.join(held) or 'none'}"),
@@ -74,7 +74,8 @@ class Detector(CoreState):
 
     def hears_primary(self, service_name: str, answers: list[HearsAnswer],
                       now_ms: int) -> list[Action]:
-        """The duplicas answered whether they still hear the suspected primary."""
+        """The duplicas answered whether they still hear the suspected primary (the core's
+        `hears_primary` and `hears_primary_many` run it in a decision round)."""
         failover = self.failovers.get(service_name)
         service = self.services.get(service_name)
         if failover is None or service is None or failover.state != "asking":

@@ -85,6 +85,7 @@ class Handover(CoreState):
         service = self.services[name]
         assert target not in service.replicas, (name, target)
         service.replicas[target] = BUILDING
+        self._track(service)
         self._building_since[(name, target)] = now_ms
         if source in service.replicas and source not in service.leaving:
             service.leaving = sorted({*service.leaving, source})

@@ -100,11 +100,11 @@ class Membership(CoreState):
                                    history=(("", "host", f"host {info.host_id} registered at "
                                              f"{info.address}", {"host_id": info.host_id}),)))
         self.live[info.host_id] = HostLive(last_heartbeat_ms=now_ms, metrics=dict(metrics or {}))
-        self._deposed = {k for k in self._deposed if k[1] != info.host_id}
+        self._loads.pop(info.host_id, None)
+        self._forget_deposed(info.host_id)
         # Tell the host what it holds (it recovers from disk, but may have missed a change).
-        for service in self.services.values():
-            if info.host_id in service.replicas:
-                actions.extend(self._assignments(service, only=info.host_id))
+        for service in self._holding(info.host_id):
+            actions.extend(self._assignments(service, only=info.host_id))
         if known is not None and known.address != info.address:
             actions.extend(self._bump_routes())
         return actions
@@ -133,22 +133,26 @@ class Membership(CoreState):
         live.alive = True
         live.dead = False
         live.metrics = metrics
+        reported = live.replicas
         live.replicas = {r.service: r for r in replicas}
-        self._deposed = {k for k in self._deposed if k[1] != host_id}
+        if reported.keys() != live.replicas.keys():
+            self._loads.pop(host_id, None)  # what it does not report yet changed
+        self._forget_deposed(host_id)
         self._note_primary(host_id, replicas, now_ms)
         leases: list[tuple[str, int, int]] = []
         actions.extend(self._drop_unknown(host_id, replicas, now_ms))
-        for service in self.services.values():
-            role = service.replicas.get(host_id)
-            if role is None:
-                continue
+        # Only this host's services: a heartbeat costs O(replicas on the host).
+        held = self._holding(host_id)
+        for service in held:
+            role = service.replicas[host_id]
             report = live.replicas.get(service.name)
             wanted = PRIMARY if service.primary == host_id else role
             key = (host_id, service.name)
             stale_members = (
                 wanted == PRIMARY and report is not None and report.in_sync is not None
-                and (set(report.in_sync) != set(service.in_sync)
-                     or report.in_sync_generation != service.in_sync_generation)
+                and (report.in_sync_generation != service.in_sync_generation
+                     or (report.in_sync != tuple(service.in_sync)
+                         and set(report.in_sync) != set(service.in_sync)))
             )
             if (report is None or report.epoch != service.epoch or report.role != wanted
                     or stale_members):
@@ -161,7 +165,8 @@ class Membership(CoreState):
                     self._reassigned_ms[key] = now_ms
                     actions.extend(self._assignments(service, only=host_id))
                 continue
-            self._reassigned_ms.pop(key, None)
+            if self._reassigned_ms:
+                self._reassigned_ms.pop(key, None)
             if report.broken:
                 # No lease, no threshold, no promotion: a broken primary is failed over by
                 # `tick`, a broken duplica leaves the in-sync set now and is rebuilt.
@@ -172,16 +177,16 @@ class Membership(CoreState):
                 continue
             if wanted == PRIMARY and report.in_sync is not None:
                 counted = set(service.in_sync) & set(report.in_sync)
+                thresholds = self._promotable_at.setdefault(service.name, {})
                 for member in counted:
                     # The primary's durable index bounds every write it acknowledged, also
                     # before a restart (its reported commit index starts again from zero).
-                    self._promotable_at.setdefault((service.name, member),
-                                                   report.durable_index)
-                for key in [k for k in self._promotable_at
-                            if k[0] == service.name and k[1] not in counted]:
-                    del self._promotable_at[key]
-                lagging = sorted(h for h, lag in (report.in_sync_lag_ms or {}).items()
-                                 if lag > self.timing.insync_lag_ms and h in service.in_sync)
+                    thresholds.setdefault(member, report.durable_index)
+                for member in [m for m in thresholds if m not in counted]:
+                    del thresholds[member]
+                lagging = sorted(h for h, lag in report.in_sync_lag_ms.items()
+                                 if lag > self.timing.insync_lag_ms and h in service.in_sync
+                                 ) if report.in_sync_lag_ms else []
                 if lagging and service.name not in self.switchovers:
                     for member in lagging:
                         lag = (report.in_sync_lag_ms or {})[member]
@@ -215,8 +220,13 @@ class Membership(CoreState):
                         f"{host_id} rejoined {service.name} as duplica, dropping "
                         f"{report.truncated_entries} divergent entries",
                         {"host_id": host_id, "truncated_entries": report.truncated_entries}),)))
-        actions.extend(self._grow_in_sync(now_ms))
+        actions.extend(self._grow_in_sync(now_ms, held))
         return leases, actions
+
+    def _forget_deposed(self, host_id: str) -> None:
+        """A host heard from again: its deposed primaries count again."""
+        if any(k[1] == host_id for k in self._deposed):
+            self._deposed = {k for k in self._deposed if k[1] != host_id}
 
     def _drop_unknown(self, host_id: str, replicas: list[ReplicaReport],
                       now_ms: int) -> list[Action]:
@@ -260,9 +270,12 @@ class Membership(CoreState):
     def _update_promotable(self, service: ServiceInfo) -> list[Action]:
         """Promotable: in sync, counted by the primary, and holding everything the primary
         had acknowledged when it started counting (persisted when it changes)."""
+        if service.promotable == service.in_sync and (
+                len(service.in_sync) < 2 or service.in_sync == sorted(service.in_sync)):
+            return []  # every member is promotable already: what follows would keep it so
         promotable = []
         for member in service.in_sync:
-            threshold = self._promotable_at.get((service.name, member))
+            threshold = self._promotable_at.get(service.name, {}).get(member)
             live = self.live.get(member)
             report = live.replicas.get(service.name) if live else None
             if (member in service.promotable
@@ -320,14 +333,13 @@ class Membership(CoreState):
 
     def _forget_thresholds(self, service: str) -> None:
         """Thresholds were the old primary's durable index: a new primary sets its own."""
-        for key in [k for k in self._promotable_at if k[0] == service]:
-            del self._promotable_at[key]
+        self._promotable_at.pop(service, None)
 
     def _host_suspected(self, host_id: str) -> list[Action]:
         """A silent host leaves the in-sync sets it is in (its primaries are handled by the
         failover check in `tick`)."""
         actions: list[Action] = []
-        for service in self.services.values():
+        for service in self._holding(host_id):
             if host_id in service.in_sync and service.primary != host_id:
                 actions.extend(self._shrink_in_sync(service, host_id, "stopped heartbeating"))
         return actions
@@ -339,16 +351,21 @@ class Membership(CoreState):
         so the primary never acknowledges without a member before that is durable."""
         set_in_sync(service, [h for h in service.in_sync if h != host_id])
         service.promotable = [h for h in service.promotable if h != host_id]
-        self._promotable_at.pop((service.name, host_id), None)
+        self._promotable_at.get(service.name, {}).pop(host_id, None)
         persist = Persist({SERVICE_PREFIX + service.name: pack(service)}, history=((
             service.name, "in_sync", f"{host_id} left the in-sync set of {service.name}: {why}",
             {"host_id": host_id, "in_sync": list(service.in_sync)}),))
         return [persist, *self._assignments(service, only=service.primary)]
 
-    def _grow_in_sync(self, now_ms: int) -> list[Action]:
-        """Adds back a live duplica that has caught up with its primary's commit index."""
+    def _grow_in_sync(self, now_ms: int,
+                      services: list[ServiceInfo] | None = None) -> list[Action]:
+        """Adds back a live duplica that has caught up with its primary's commit index: of
+        `services` (a heartbeat passes its host's; what a join needs is the reports of the
+        primary and of the duplica, so each is looked at when either beats), or of all."""
         actions: list[Action] = []
-        for service in self.services.values():
+        for service in self.services.values() if services is None else services:
+            if all(h in service.in_sync for h in service.replicas if h != service.primary):
+                continue  # every duplica is in sync: nobody to add
             if service.name in self.failovers or service.name in self.switchovers:
                 continue
             primary_live = self.live.get(service.primary)
@@ -401,7 +418,7 @@ class Membership(CoreState):
         """A host is about to restart (a patch): its duplicas leave the in-sync sets first,
         so that no sync write waits on them; they rejoin once caught up."""
         actions: list[Action] = []
-        for service in self.services.values():
+        for service in self._holding(host_id):
             if host_id in service.in_sync and service.primary != host_id:
                 actions.extend(self._shrink_in_sync(service, host_id, "its host restarts for "
                                                     "a patch"))

@@ -166,7 +166,7 @@ class CoreState:
     patching: set[str]
     unplaced: dict[str, str]
     _reassigned_ms: dict[tuple[str, str], int]
-    _promotable_at: dict[tuple[str, str], int]
+    _promotable_at: dict[str, dict[str, int]]
     _asked_ms: dict[str, int]
     _truncated_seen: dict[tuple[str, str], int]
     _deposed: set[tuple[str, str]]
@@ -177,6 +177,46 @@ class CoreState:
     notices: deque[str]
     _unverified_noted: set[tuple[str, str, int]]
     _primary_progress: dict[str, tuple[str, int, int, int, float]]
+    _held: dict[str, set[str]]
+    _seq: dict[str, int]
+    _next_seq: int
+    _loads: dict[str, tuple[Any, Any]]
+    _rounds: int
+    _routes_bumped: bool
+
+    # --- the index of replicas by host (issue 14: work proportional to what changed) -------
+
+    def _track(self, service: ServiceInfo) -> None:
+        """Indexes a service's replicas by host: a service just created or restored, or
+        replicas just added to it. Every replica added to `service.replicas` comes through
+        here (and every one removed through `_untrack`), so a host's services are known
+        without a walk over every service."""
+        if service.name not in self._seq:
+            self._seq[service.name] = self._next_seq
+            self._next_seq += 1
+        for host in service.replicas:
+            held = self._held.setdefault(host, set())
+            if service.name not in held:
+                held.add(service.name)
+                self._loads.pop(host, None)
+
+    def _untrack(self, name: str, host: str) -> None:
+        """A replica of `name` left `host` (retired, or its service deleted)."""
+        held = self._held.get(host)
+        if held is not None and name in held:
+            held.discard(name)
+            self._loads.pop(host, None)
+            if not held:
+                del self._held[host]
+
+    def _holding(self, host_id: str) -> list[ServiceInfo]:
+        """The services with a replica on `host_id`, in the order they were created (that of
+        `services`): O(replicas on the host)."""
+        names = self._held.get(host_id)
+        if not names:
+            return []
+        services = self.services
+        return [services[n] for n in sorted(names, key=self._seq.__getitem__)]
 
     def _matched(self, service: ServiceInfo, host_id: str, report: ReplicaReport) -> int:
         """A duplica's matched index as far as its primary bears it out (`Membership`)."""

@@ -63,6 +63,8 @@ class Redundancy(CoreState):
                 or primary_report.epoch != service.epoch
                 or primary_report.role != PRIMARY or primary_report.broken):
             return []  # a replica is built from a serving primary only
+        if self._complete(service):
+            return []
         broken = [h for h in sorted(service.replicas)
                   if h != service.primary and self._broken(service, h)]
         if broken:
@@ -97,6 +99,27 @@ class Redundancy(CoreState):
             actions.extend(self._retire(service, host))
         return actions
 
+    def _complete(self, service: ServiceInfo) -> bool:
+        """The common case, in one pass over the replicas (a tick visits every service): as
+        many replicas as desired, every one counted and good (alive and in sync, or the
+        primary), none leaving, nothing unplaced. Then nothing is to be placed or retired,
+        as the full rules below would find."""
+        if (len(service.replicas) != service.desired_replicas or service.leaving
+                or service.name in self.unplaced):
+            return False
+        name, primary, in_sync = service.name, service.primary, service.in_sync
+        for host in service.replicas:
+            live = self.live.get(host)
+            info = self.hosts.get(host)
+            if (live is None or live.dead or not live.alive or info is None or info.draining
+                    or (host != primary and host not in in_sync)
+                    or (name, host) in self._deposed):
+                return False
+            report = live.replicas.get(name)
+            if report is not None and report.broken:
+                return False
+        return True
+
     def _place(self, service: ServiceInfo, missing: int, now_ms: int) -> list[Action]:
         policy = service.placement or self.placement_policy
         holding = {h: self.hosts[h].zone if h in self.hosts else "" for h in service.replicas}
@@ -106,6 +129,7 @@ class Redundancy(CoreState):
         for host in found.hosts:
             service.replicas[host] = BUILDING
             self._building_since[(service.name, host)] = now_ms
+        self._track(service)
         if found.hosts:
             actions.append(Persist({SERVICE_PREFIX + service.name: pack(service)}, history=((
                 service.name, "placement",
@@ -129,27 +153,34 @@ class Redundancy(CoreState):
         return actions
 
     def _host_views(self) -> list[HostView]:
-        """Every host as placement sees it, with the needs of the replicas placed on it."""
-        placed: dict[str, Resources] = {}
-        pending: dict[str, Resources] = {}
-        for service in self.services.values():
-            needs = Resources.from_dict(service.needs)
-            for host in service.replicas:
-                placed[host] = placed.get(host, Resources()).plus(needs)
-                live = self.live.get(host)
-                if live is None or service.name not in live.replicas:
-                    pending[host] = pending.get(host, Resources()).plus(needs)
+        """Every host as placement sees it, with the needs of the replicas placed on it:
+        O(hosts), the loads of each kept until its replicas or what it reports change."""
         views = []
         for host_id, info in sorted(self.hosts.items()):
             live = self.live.get(host_id)
             measured = placement.capacity_and_free(live.metrics) if live else None
+            loads = self._loads.get(host_id)
+            if loads is None:
+                loads = self._loads[host_id] = self._host_load(host_id)
             views.append(HostView(
                 host_id=host_id, zone=info.zone, alive=bool(live and live.alive),
                 draining=info.draining or host_id in self.patching,
                 capacity=measured[0] if measured else None, free=measured[1] if measured else None,
-                placed=placed.get(host_id, Resources()), pending=pending.get(host_id, Resources()),
+                placed=loads[0], pending=loads[1],
             ))
         return views
+
+    def _host_load(self, host_id: str) -> tuple[Resources, Resources]:
+        """The needs of every replica placed on the host, and of those it does not report
+        yet, summed in the order of `services` (as a walk over all of them would)."""
+        placed = pending = Resources()
+        live = self.live.get(host_id)
+        for service in self._holding(host_id):
+            needs = Resources.from_dict(service.needs)
+            placed = placed.plus(needs)
+            if live is None or service.name not in live.replicas:
+                pending = pending.plus(needs)
+        return placed, pending
 
     def _retire(self, service: ServiceInfo, host: str) -> list[Action]:
         """Removes a replica from the service (persisted first) and tells its host to drop
@@ -157,9 +188,10 @@ class Redundancy(CoreState):
         when it next reports the replica."""
         assert host != service.primary, (service.name, host)
         role = service.replicas.pop(host)
+        self._untrack(service.name, host)
         set_in_sync(service, [h for h in service.in_sync if h != host])
         service.promotable = [h for h in service.promotable if h != host]
-        self._promotable_at.pop((service.name, host), None)
+        self._promotable_at.get(service.name, {}).pop(host, None)
         self._building_since.pop((service.name, host), None)
         self._deposed.discard((service.name, host))
         leaving = host in service.leaving

@@ -52,6 +52,14 @@ class Routes(CoreState):
         return PushRoutes(self.routes_version, self.routes())
 
     def _bump_routes(self) -> list[Action]:
+        """A new routes version, persisted, then the table pushed. Within a decision round
+        (`CoordinatorCore._round`) the version is raised once and the table pushed once, at
+        the round's end, however many primaries the round changed."""
+        if self._rounds:
+            if not self._routes_bumped:
+                self.routes_version += 1
+                self._routes_bumped = True
+            return [Persist({ROUTES_VERSION_KEY: msgpack.packb(self.routes_version)})]
         self.routes_version += 1
         return [Persist({ROUTES_VERSION_KEY: msgpack.packb(self.routes_version)}),
                 PushRoutes(self.routes_version, self.routes())]
