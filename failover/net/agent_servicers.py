@@ -44,6 +44,7 @@ from failover.errors import (
     StaleEpochError,
     StorageError,
     Unavailable,
+    UnknownKindError,
 )
 from failover.net.channels import ERROR_TYPE_METADATA_KEY, REDIRECT_METADATA_KEY
 from failover.net.convert import (
@@ -78,7 +79,7 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
                                        epoch=exc.epoch)
         context.set_trailing_metadata(((REDIRECT_METADATA_KEY, redirect.SerializeToString()),))
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-    if isinstance(exc, InvalidRequest):
+    if isinstance(exc, InvalidRequest | UnknownKindError):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     if isinstance(exc, PermissionDenied):
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
@@ -100,7 +101,7 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
 
 
 _HANDLED = (NotPrimaryError, InvalidRequest, StaleEpochError, DiskFullError, Unavailable,
-            Overloaded, KeyError, PermissionDenied)
+            Overloaded, KeyError, PermissionDenied, UnknownKindError)
 
 
 def _ship_sender(context: grpc.aio.ServicerContext,

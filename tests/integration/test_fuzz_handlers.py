@@ -492,11 +492,7 @@ def parses(method: MethodDescriptor, payload: list[bytes]) -> bool:
 
 # What the suite found and is not fixed yet: each such case is expected to fail (strictly:
 # once fixed it passes, fails as an xfail, and its entry goes).
-KNOWN_FINDINGS = {
-    "agent-coordinator-AgentControl.AssignRole":
-        "AssignRole with an unknown kind escapes the agent's handler as UNKNOWN "
-        "(UnknownKindError is not mapped to INVALID_ARGUMENT)",
-}
+KNOWN_FINDINGS: dict[str, str] = {}
 
 
 def case_id(daemon: str, role: str, method: MethodDescriptor) -> str:
