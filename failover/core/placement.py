@@ -26,7 +26,7 @@ decision replays exactly.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from failover.errors import InvalidRequest
 
@@ -96,9 +96,17 @@ class HostView:
     free: Resources | None
     placed: Resources = Resources()  # needs of every replica placed on it
     pending: Resources = Resources()  # needs of those it does not report yet
+    # `room()`, worked out once: placement asks it of every host for every replica
+    _room: Resources | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_room", self._free_room())
 
     def room(self) -> Resources | None:
         """Free room for more replicas: the smaller of the measured and the reserved view."""
+        return self._room
+
+    def _free_room(self) -> Resources | None:
         if self.capacity is None or self.free is None:
             return None
         reserved = [self.capacity.get(r) - self.placed.get(r) for r in RESOURCES]
@@ -124,21 +132,25 @@ def place(policy: str, needs: Resources, count: int, hosts: Iterable[HostView],
     check_policy(policy)
     assert count >= 0, count
     views = {h.host_id: h for h in hosts}
+    order = sorted(views)
+    rooms = {h: views[h].room() for h in order}  # once: a view does not change in here
     taken = dict(holding)
     chosen: list[str] = []
     extra: dict[str, Resources] = {}
     refusals: dict[str, str] = {}
+    none = Resources()
     while len(chosen) < count:
         fits: list[tuple[str, Resources]] = []
-        for host_id in sorted(views):
+        for host_id in order:
             view = views[host_id]
-            why = _refusal(view, needs, taken, extra.get(host_id, Resources()))
+            room = rooms[host_id]
+            why = _refusal(view, needs, taken, extra.get(host_id, none), room)
             if why:
                 refusals[host_id] = why
                 continue
-            room = view.room()
             assert room is not None
-            left = Resources(*(room.get(r) - needs.get(r) for r in RESOURCES))
+            left = Resources(room.cpu - needs.cpu, room.memory_bytes - needs.memory_bytes,
+                             room.disk_bytes - needs.disk_bytes)
             fits.append((host_id, left))
         if not fits:
             break
@@ -161,16 +173,20 @@ def place(policy: str, needs: Resources, count: int, hosts: Iterable[HostView],
 
 
 def _refusal(view: HostView, needs: Resources, taken: Mapping[str, str],
-             extra: Resources) -> str:
+             extra: Resources, room: Resources | None) -> str:
+    """Why `view` (whose `room()` is `room`) cannot take one more replica, or ""."""
     if view.host_id in taken:
         return "holds a replica of it already"
     if not view.alive:
         return "not alive"
     if view.draining:
         return "draining"
-    room = view.room()
     if room is None:
         return "no metrics reported yet"
+    if (room.cpu - extra.cpu >= needs.cpu
+            and room.memory_bytes - extra.memory_bytes >= needs.memory_bytes
+            and room.disk_bytes - extra.disk_bytes >= needs.disk_bytes):
+        return ""
     short = [f"{r} {_amount(r, room.get(r) - extra.get(r))} free"
              for r in RESOURCES if room.get(r) - extra.get(r) < needs.get(r)]
     return ", ".join(short)
@@ -184,7 +200,10 @@ def _pick(policy: str, fits: list[tuple[str, Resources]], views: Mapping[str, Ho
         host_id, left = item
         capacity = views[host_id].capacity
         assert capacity is not None
-        return sum(left.get(r) / capacity.get(r) for r in RESOURCES if capacity.get(r) > 0)
+        return sum(part / whole for part, whole in ((left.cpu, capacity.cpu),
+                                                    (left.memory_bytes, capacity.memory_bytes),
+                                                    (left.disk_bytes, capacity.disk_bytes))
+                   if whole > 0)
 
     if policy == BEST_FIT:
         return min(fits, key=lambda item: (left_fraction(item), item[0]))[0]

@@ -52,7 +52,7 @@ from failover.core.coordinator.operations import MigratePlan, PatchPlan, Plan, S
 from failover.core.coordinator.redundancy import Redundancy
 from failover.core.coordinator.routes import Routes
 from failover.core.names import check_command_name, check_host_id, check_service_name
-from failover.core.placement import Resources
+from failover.core.placement import HostView, Resources
 from failover.core.roles import DUPLICA, PRIMARY
 from failover.errors import InvalidRequest
 
@@ -131,6 +131,9 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
         # A decision round in progress (`_round`), and whether it changed the routes.
         self._rounds = 0
         self._routes_bumped = False
+        # host -> its view for placement, kept while a tick visits the services (nothing
+        # but the loads of the hosts it places on or retires from changes meanwhile)
+        self._views_memo: dict[str, HostView] | None = None
 
     # --- restore ---------------------------------------------------------------------------
 
@@ -241,9 +244,15 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
 
     def _tick(self, now_ms: int) -> list[Action]:
         actions = self._detect(now_ms)
-        for service in list(self.services.values()):
-            actions.extend(self._restore_redundancy(service, now_ms))
-            actions.extend(self._move_primary(service, now_ms))
+        self._views_memo = {}  # what placement sees of the hosts, while this loop runs
+        try:
+            for service in list(self.services.values()):
+                if self._settled(service):
+                    continue  # the common case, decided in one pass
+                actions.extend(self._restore_redundancy(service, now_ms))
+                actions.extend(self._move_primary(service, now_ms))
+        finally:
+            self._views_memo = None
         for op_id, plan in list(self.operations.items()):
             actions.extend(plan.tick(now_ms))
             if plan.finished:

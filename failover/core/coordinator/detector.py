@@ -53,11 +53,15 @@ class Detector(CoreState):
         for service in self.services.values():
             # A primary whose host is silent: ask its duplicas, again every failure timeout
             # for as long as it stays silent (an answer "we still hear it" may go stale).
-            if service.name in self.failovers or service.name in self.switchovers:
-                continue
             live = self.live.get(service.primary)
             # A live primary that cannot read its own data serves nothing: fail it over too.
-            if live is None or (live.alive and not self._broken(service, service.primary)):
+            if live is None:
+                continue
+            if live.alive:
+                report = live.replicas.get(service.name)
+                if report is None or not report.broken:
+                    continue
+            if service.name in self.failovers or service.name in self.switchovers:
                 continue
             asked = self._asked_ms.get(service.name)
             if asked is not None and now_ms - asked < timeout:

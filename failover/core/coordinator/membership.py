@@ -12,6 +12,7 @@ current generation and it holds what the primary had acknowledged then.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -61,6 +62,14 @@ def check_metrics(host_id: str, metrics: dict[str, float] | None) -> None:
     if total and free > total:
         raise InvalidRequest(f"host {host_id}: {free:g} free disk bytes of {total:g}; the "
                              "report was refused")
+
+
+@functools.lru_cache(maxsize=defaults.HEARTBEAT_REPLICAS_MAX)
+def _check_name(name: str) -> bool:
+    """`check_service_name`, remembering the names it passed: the same names come in every
+    heartbeat (a refused one raises, and is checked again next time)."""
+    check_service_name(name)
+    return True
 
 
 class Membership(CoreState):
@@ -123,7 +132,7 @@ class Membership(CoreState):
                                  f"({defaults.HEARTBEAT_REPLICAS_MAX}); refused")
         check_metrics(host_id, metrics)
         for report in replicas:
-            check_service_name(report.service)
+            _check_name(report.service)
         live = self.live.setdefault(host_id, HostLive(last_heartbeat_ms=now_ms))
         actions: list[Action] = []
         if live.dead:
@@ -364,7 +373,11 @@ class Membership(CoreState):
         primary and of the duplica, so each is looked at when either beats), or of all."""
         actions: list[Action] = []
         for service in self.services.values() if services is None else services:
-            if all(h in service.in_sync for h in service.replicas if h != service.primary):
+            in_sync, primary = service.in_sync, service.primary
+            for host in service.replicas:
+                if host != primary and host not in in_sync:
+                    break
+            else:
                 continue  # every duplica is in sync: nobody to add
             if service.name in self.failovers or service.name in self.switchovers:
                 continue

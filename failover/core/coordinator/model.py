@@ -182,6 +182,7 @@ class CoreState:
     _next_seq: int
     _loads: dict[str, tuple[Any, Any]]
     _rounds: int
+    _views_memo: dict[str, Any] | None
     _routes_bumped: bool
 
     # --- the index of replicas by host (issue 14: work proportional to what changed) -------

@@ -99,6 +99,21 @@ class Redundancy(CoreState):
             actions.extend(self._retire(service, host))
         return actions
 
+    def _settled(self, service: ServiceInfo) -> bool:
+        """Whether `_restore_redundancy` and `_move_primary` would do nothing for `service`
+        and change nothing, in one pass (a tick asks it of every service first): nothing in
+        progress, a serving primary whose disk is not full, and `_complete`."""
+        name = service.name
+        if name in self.failovers or name in self.switchovers or name in self.migrations:
+            return False
+        live = self.live.get(service.primary)
+        if live is None or not live.alive:
+            return False
+        report = live.replicas.get(name)
+        return (report is not None and report.epoch == service.epoch
+                and report.role == PRIMARY and not report.broken and not report.disk_full
+                and self._complete(service))
+
     def _complete(self, service: ServiceInfo) -> bool:
         """The common case, in one pass over the replicas (a tick visits every service): as
         many replicas as desired, every one counted and good (alive and in sync, or the
@@ -156,18 +171,27 @@ class Redundancy(CoreState):
         """Every host as placement sees it, with the needs of the replicas placed on it:
         O(hosts), the loads of each kept until its replicas or what it reports change."""
         views = []
+        memo = self._views_memo
         for host_id, info in sorted(self.hosts.items()):
-            live = self.live.get(host_id)
-            measured = placement.capacity_and_free(live.metrics) if live else None
             loads = self._loads.get(host_id)
             if loads is None:
                 loads = self._loads[host_id] = self._host_load(host_id)
-            views.append(HostView(
+            if memo is not None:
+                known = memo.get(host_id)
+                if known is not None and known.placed is loads[0] and known.pending is loads[1]:
+                    views.append(known)
+                    continue
+            live = self.live.get(host_id)
+            measured = placement.capacity_and_free(live.metrics) if live else None
+            view = HostView(
                 host_id=host_id, zone=info.zone, alive=bool(live and live.alive),
                 draining=info.draining or host_id in self.patching,
                 capacity=measured[0] if measured else None, free=measured[1] if measured else None,
                 placed=loads[0], pending=loads[1],
-            ))
+            )
+            if memo is not None:
+                memo[host_id] = view
+            views.append(view)
         return views
 
     def _host_load(self, host_id: str) -> tuple[Resources, Resources]:
