@@ -164,7 +164,7 @@ class Membership(CoreState):
                          and set(report.in_sync) != set(service.in_sync)))
             )
             if (report is None or report.epoch != service.epoch or report.role != wanted
-                    or stale_members):
+                    or stale_members or self._stale_peers(service, host_id, report)):
                 # It missed (or has not yet carried out) its assignment: send it again, at
                 # most once per failure timeout.
                 last = self._reassigned_ms.get(key)
@@ -184,7 +184,15 @@ class Membership(CoreState):
                     actions.extend(self._shrink_in_sync(service, host_id, (
                         f"it cannot read its own snapshot or log: {report.broken}")))
                 continue
-            if wanted == PRIMARY and report.in_sync is not None:
+            if wanted == PRIMARY and report.in_sync is not None and not (
+                    # Nothing to change (it reports the current set, every member has its
+                    # threshold, none lags, every promotable member is counted): the rules
+                    # below would keep everything as it is.
+                    not report.in_sync_lag_ms
+                    and (thresholds := self._promotable_at.get(service.name)) is not None
+                    and len(thresholds) == len(service.in_sync)
+                    and all(m in thresholds for m in service.in_sync)
+                    and all(h in service.in_sync for h in service.promotable)):
                 counted = set(service.in_sync) & set(report.in_sync)
                 thresholds = self._promotable_at.setdefault(service.name, {})
                 for member in counted:
@@ -236,6 +244,19 @@ class Membership(CoreState):
         """A host heard from again: its deposed primaries count again."""
         if any(k[1] == host_id for k in self._deposed):
             self._deposed = {k for k in self._deposed if k[1] != host_id}
+
+    def _stale_peers(self, service: ServiceInfo, host_id: str, report: ReplicaReport) -> bool:
+        """Whether the replica holds other peers than its assignment names: a non-primary
+        that knows another primary (or none: it then refuses the primary's stream, taking
+        items only from its named primary), a primary that ships to another duplica set
+        (a new copy would then never be fed). Role and epoch alone do not show an
+        assignment that was lost, or refused for a full disk after a step-down."""
+        if service.primary == host_id:
+            if report.duplicas is None:
+                return False
+            wanted = {h for h in service.duplicas() if h in self.hosts}
+            return set(report.duplicas) != wanted
+        return report.primary_host_id is not None and report.primary_host_id != service.primary
 
     def _drop_unknown(self, host_id: str, replicas: list[ReplicaReport],
                       now_ms: int) -> list[Action]:
