@@ -1083,4 +1083,6 @@ class ReplicaCore:
             "applied_index": self.sm.applied_index, "lag_entries": lag,
             "truncated_entries": self.truncated_entries, "last_error": self.last_error,
             "disk_full": self.disk_full, "broken": bool(self.broken),
+            "primary_host_id": "" if primary is not None else meta.primary_host_id,
+            "duplicas": sorted(meta.duplicas) if primary is not None else [],
         }

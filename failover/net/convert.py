@@ -90,7 +90,9 @@ def replica_reports(request: coordinator_pb2.HeartbeatRequest) -> list[ReplicaRe
             broken=(r.last_error or "it cannot read its snapshot or log") if r.broken else "",
             in_sync=tuple(r.in_sync) if r.role == common_pb2.ROLE_PRIMARY else None,
             in_sync_generation=r.in_sync_generation,
-            in_sync_lag_ms=dict(r.in_sync_lag_ms) if r.role == common_pb2.ROLE_PRIMARY else None)
+            in_sync_lag_ms=dict(r.in_sync_lag_ms) if r.role == common_pb2.ROLE_PRIMARY else None,
+            primary_host_id=r.primary_host_id if r.role != common_pb2.ROLE_PRIMARY else None,
+            duplicas=tuple(r.duplicas) if r.role == common_pb2.ROLE_PRIMARY else None)
         for r in request.replicas
     ]
 
@@ -129,6 +131,7 @@ def replica_status(replica: ReportsStatus) -> agent_pb2.ReplicaStatus:
         disk_full=s["disk_full"], broken=s["broken"],
         matched_index=s["matched_index"], in_sync=s["in_sync"],
         in_sync_generation=s["in_sync_generation"], in_sync_lag_ms=s["in_sync_lag_ms"],
+        primary_host_id=s["primary_host_id"], duplicas=s["duplicas"],
     )
 
 

@@ -90,7 +90,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ReplicaStatus(_message.Message):
-    __slots__ = ("service", "kind", "role", "epoch", "indexes", "lag_entries", "mode", "truncated_entries", "last_error", "matched_index", "in_sync", "disk_full", "in_sync_generation", "in_sync_lag_ms", "broken")
+    __slots__ = ("service", "kind", "role", "epoch", "indexes", "lag_entries", "mode", "truncated_entries", "last_error", "matched_index", "in_sync", "disk_full", "in_sync_generation", "in_sync_lag_ms", "broken", "primary_host_id", "duplicas")
     class InSyncLagMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,8 @@ class ReplicaStatus(_message.Message):
     IN_SYNC_GENERATION_FIELD_NUMBER: _ClassVar[int]
     IN_SYNC_LAG_MS_FIELD_NUMBER: _ClassVar[int]
     BROKEN_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    DUPLICAS_FIELD_NUMBER: _ClassVar[int]
     service: str
     kind: str
     role: _common_pb2.Role
@@ -128,7 +130,9 @@ class ReplicaStatus(_message.Message):
     in_sync_generation: int
     in_sync_lag_ms: _containers.ScalarMap[str, int]
     broken: bool
-    def __init__(self, service: _Optional[str] = ..., kind: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., epoch: _Optional[int] = ..., indexes: _Optional[_Union[_common_pb2.ReplicaIndexes, _Mapping]] = ..., lag_entries: _Optional[int] = ..., mode: _Optional[_Union[_common_pb2.ReplicationMode, str]] = ..., truncated_entries: _Optional[int] = ..., last_error: _Optional[str] = ..., matched_index: _Optional[int] = ..., in_sync: _Optional[_Iterable[str]] = ..., disk_full: _Optional[bool] = ..., in_sync_generation: _Optional[int] = ..., in_sync_lag_ms: _Optional[_Mapping[str, int]] = ..., broken: _Optional[bool] = ...) -> None: ...
+    primary_host_id: str
+    duplicas: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, service: _Optional[str] = ..., kind: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., epoch: _Optional[int] = ..., indexes: _Optional[_Union[_common_pb2.ReplicaIndexes, _Mapping]] = ..., lag_entries: _Optional[int] = ..., mode: _Optional[_Union[_common_pb2.ReplicationMode, str]] = ..., truncated_entries: _Optional[int] = ..., last_error: _Optional[str] = ..., matched_index: _Optional[int] = ..., in_sync: _Optional[_Iterable[str]] = ..., disk_full: _Optional[bool] = ..., in_sync_generation: _Optional[int] = ..., in_sync_lag_ms: _Optional[_Mapping[str, int]] = ..., broken: _Optional[bool] = ..., primary_host_id: _Optional[str] = ..., duplicas: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HostMetrics(_message.Message):
     __slots__ = ("cpu_percent", "memory_percent", "disk_free_bytes", "memory_total_bytes", "cpu_count", "disk_total_bytes")

@@ -344,3 +344,30 @@ def test_a_retired_primary_that_was_cut_off_is_stepped_down_before_it_is_told_to
     to_h1 = [a for a in d.actions if isinstance(a, (StepDown, DropReplica)) and a.host_id == "h1"]
     assert [type(a) for a in to_h1[:2]] == [StepDown, DropReplica], to_h1
     assert to_h1[0].epoch == to_h1[1].epoch == 2
+
+
+def test_an_assignment_whose_peers_the_replica_does_not_hold_is_sent_again() -> None:
+    """Found by the simulation (short/86) and by tests/chaos/test_disk_full.py: a deposed
+    primary took the StepDown (role and epoch, written or not) but its AssignRole naming the
+    new primary failed for a full disk and was never re-sent, since role and epoch matched;
+    knowing no primary, it refused the new primary's stream for good (a duplica takes items
+    only from its named primary). A primary that missed its new duplica set likewise never fed
+    a rebuilt copy. Each replica now reports the peers it holds; a mismatch is re-sent."""
+    d = Driver(["h1", "h2", "h3"])
+    d.create()
+    s = d.core.services["s"]
+    primary, duplica = s.primary, s.duplicas()[0]
+
+    def beat(host: str, role: str, **peers: Any) -> list[Action]:
+        report = ReplicaReport("s", role, s.epoch, 0, 0, 0, **peers)
+        return d.core.heartbeat(host, METRICS, [report], d.now)[1]
+
+    def sent_to(actions: list[Action], host: str) -> list[AssignRole]:
+        return [a for a in actions if isinstance(a, AssignRole) and a.host_id == host]
+
+    assert sent_to(beat(duplica, DUPLICA, primary_host_id=primary), duplica) == []
+    again = sent_to(beat(duplica, DUPLICA, primary_host_id=""), duplica)
+    assert again and again[0].primary is not None and again[0].primary[0] == primary
+    assert sent_to(beat(primary, PRIMARY, duplicas=(duplica,)), primary) == []
+    again = sent_to(beat(primary, PRIMARY, duplicas=()), primary)
+    assert again and set(again[0].duplicas) == {duplica}

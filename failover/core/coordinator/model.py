@@ -112,6 +112,10 @@ class ReplicaReport:
     in_sync_generation: int = 0  # a primary: the generation of the in-sync set it applies
     # a primary: per in-sync member, how long a sync write may have waited on it
     in_sync_lag_ms: dict[str, int] | None = None
+    # The assignment as the replica holds it (None: not reported): a non-primary's primary
+    # ("" when it knows none), a primary's duplicas. A mismatch is an assignment it missed.
+    primary_host_id: str | None = None
+    duplicas: tuple[str, ...] | None = None
 
 
 @dataclass
