@@ -1327,10 +1327,12 @@ class SimReplica:
             # replayed from the log as the commit index allows.
             fresh = self.wal.rewound_state(cut.after_index)
             if fresh is None:
-                # The agent's `_rewound_state` raises StorageError: the item is refused.
+                # As the agent's `receive_truncate`: it cannot go back on its own, so it is
+                # broken, and the coordinator rebuilds it from a peer (invariant 12).
                 why = f"cannot rewind to {cut.after_index}: no state at or below it"
-                self.k.note(f"{self.agent.host_id}/{self.service} {why}")
-                self.core.note_error(why)
+                self.k.note(f"{self.agent.host_id}/{self.service} is broken: {why}")
+                self.c.check.broken += 1
+                self._run(self.core.mark_broken(why))
                 return self._ack("storage_error")
             self.k.note(f"{self.agent.host_id}/{self.service} rewinds from "
                         f"{self.sm.applied_index} to {fresh.applied_index}")
@@ -1416,7 +1418,9 @@ class SimReplica:
             broken=(s["last_error"] or "broken") if s["broken"] else "",
             in_sync=tuple(s["in_sync"]) if primary else None,
             in_sync_generation=s["in_sync_generation"],
-            in_sync_lag_ms=dict(s["in_sync_lag_ms"]) if primary else None)
+            in_sync_lag_ms=dict(s["in_sync_lag_ms"]) if primary else None,
+            primary_host_id=None if primary else s["primary_host_id"],
+            duplicas=tuple(s["duplicas"]) if primary else None)
 
     def prepare_switchover(self, epoch: int, target: str, timeout_ms: int,
                            token: tuple[int, str], switchover_id: str) -> str | None:
