@@ -122,6 +122,9 @@ COORDINATOR_HOSTS_MAX = 10_000  # hosts registered; a new one past it gets RESOU
 COORDINATOR_NOTICES_MAX = 256  # notices the core keeps for the daemon to log (oldest dropped)
 # Of a patch command's output, the last this many characters go back to an admin caller.
 PATCH_OUTPUT_CHARS_MAX = 4000
+# At most one log line per this interval about requests whose bytes do not parse (gRPC logs
+# each at ERROR with a traceback, before any role check: a flood would fill the log).
+DECODE_ERROR_LOG_INTERVAL_MS = 10_000
 # Of an agent's refusal of a patch restart, this many characters go into history.
 PATCH_REFUSAL_CHARS_MAX = 300
 SWITCHOVER_TIMEOUT_MS = 5000

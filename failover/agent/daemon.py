@@ -13,6 +13,7 @@ from failover.agent.host import Agent
 from failover.agent.restart import reexec
 from failover.net import agent_servicers, channels
 from failover.net.authorization import RoleCheck
+from failover.net.grpc_logs import limit_decode_error_logs
 from failover.net.tls import TlsMaterial
 from failover.storage.modes import make_private_dir
 
@@ -62,5 +63,6 @@ def run(config: AgentConfig, tls: TlsMaterial | None = None) -> None:
         format=f"%(asctime)s {config.host_id} %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    limit_decode_error_logs()
     if asyncio.run(serve(config, tls)):
         reexec()  # the event loop, its threads and the port are gone: a clean slate

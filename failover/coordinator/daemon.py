@@ -13,6 +13,7 @@ from failover.coordinator.server import Coordinator
 from failover.core.coordinator import Timing
 from failover.net import channels, coordinator_servicer
 from failover.net.authorization import RoleCheck
+from failover.net.grpc_logs import limit_decode_error_logs
 from failover.net.tls import TlsMaterial
 from failover.storage.modes import make_private_dir
 from failover.storage.store import open_store
@@ -63,4 +64,5 @@ def run(listen: str, data_dir: str, store: str | None,
         format="%(asctime)s coordinator %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    limit_decode_error_logs()
     asyncio.run(serve(listen, data_dir, store, host_dead_ms, placement, tls))
