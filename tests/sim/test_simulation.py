@@ -21,9 +21,11 @@ hold without a deadline, a hold nothing releases, a committed write left unappli
 in-sync shrink (directed scenarios); 9 a lease without drift margin, by the directed
 scenario `reads_across_a_failover` (the sweeps' clients follow route pushes at once and rarely
 read at a deposed primary; with the failure timeout 100 ms past the lease a few percent of
-drift is hidden, so the test makes them equal, as a zero margin allows). In reach but not
-found within the default seeds (nor in the variants tried): 8 the in-sync generation
-ignored, 9 a switchover to a member that is not promotable (the prepare still waits until
+drift is hidden, so the test makes them equal, as a zero margin allows); 8 the in-sync
+generation ignored, by the directed scenario `late_heartbeat_after_a_rejoin` (a heartbeat
+held in the network while its member leaves and rejoins the set; the sweeps never hold one
+that long). In reach but not found within the default seeds (nor in the variants tried):
+9 a switchover to a member that is not promotable (the prepare still waits until
 the target holds the whole log, so no acknowledged write is lost that the sim could see),
 and 9 an epoch taken before it is persisted (found by short/8 while
 a duplica still took a newer epoch from any shipper; since it takes one only from the
@@ -51,6 +53,7 @@ import pytest
 
 from failover import defaults
 from failover.core import state_machine
+from failover.core.coordinator import CoordinatorCore, ReplicaReport
 from failover.core.coordinator.operations import SwitchoverPlan
 from failover.core.log_position import LogPosition
 from failover.core.replica import APPLY, PersistMeta, ReplicaCore, ReplicaMeta
@@ -360,6 +363,20 @@ def unlogged_step_down(c: Cluster) -> None:
     c.k.run_until(c.k.now + 500)
 
 
+def acknowledge_alone_and_crash(c: Cluster, w: SimClient, old: str, b: str) -> None:
+    """The primary old, whose AssignRole calls are being lost (`on_assign` patched), cut
+    off from b, acknowledges a write alone (its in-sync set is empty), then crashes; the
+    next incarnation hears the coordinator again."""
+    c.net.cuts[frozenset((old, b))] = c.k.now + 5000
+    op = write(c, w, "k2")
+    assert op.outcome == "ok", op
+    primary = c.agents[old]
+    primary.crash()
+    del primary.on_assign
+    c.k.run_until(c.k.now + 1500)
+    c.net.cuts.clear()
+
+
 def stale_commit_join(c: Cluster) -> None:
     """Both duplicas crash (the in-sync set empties, the primary commits alone). One comes
     back, the primary's stream verifies it, and the coordinator adds it to the in-sync set
@@ -378,13 +395,7 @@ def stale_commit_join(c: Cluster) -> None:
     primary.on_assign = lambda action: None  # type: ignore[method-assign]  # lost
     c.agents[b].start()
     assert run_until(c, lambda: b in core.services["s1"].in_sync, 3000)
-    c.net.cuts[frozenset((old, b))] = c.k.now + 5000
-    op = write(c, w, "k2")  # acknowledged by the primary alone: its in-sync set is empty
-    assert op.outcome == "ok", op
-    primary.crash()
-    del primary.on_assign  # the next incarnation hears the coordinator again
-    c.k.run_until(c.k.now + 1500)
-    c.net.cuts.clear()
+    acknowledge_alone_and_crash(c, w, old, b)
 
 
 def divergent_join(c: Cluster) -> None:
@@ -531,6 +542,52 @@ def restarted_primary_join(c: Cluster) -> None:
     c.agents[old].crash()
     c.k.run_until(c.k.now + 1500)
     c.net.cuts.clear()
+
+
+def late_heartbeat_after_a_rejoin(c: Cluster) -> None:
+    """One duplica crashes (the in-sync set is the other, b). A heartbeat the primary built
+    while it counted b is held in the network; meanwhile b, cut off from the coordinator,
+    leaves the in-sync set (the primary, told, commits alone), comes back caught up and
+    rejoins, and the AssignRole telling the primary is lost. The held heartbeat arrives
+    now: it names the set {b} again, but of a generation two changes old. The primary, cut
+    off from b, acknowledges a write alone and crashes; b must not be promoted."""
+    w = client(c)
+    write(c, w, "k1")
+    old = primary_of(c)
+    a, b = sorted(h for h in c.agents if h != old)
+    core = c.coord.core
+    assert core is not None
+    primary = c.agents[old]
+    c.agents[a].crash()
+    assert run_until(c, lambda: core.services["s1"].in_sync == [b], 2000)
+
+    def counts_only_b() -> bool:
+        replica = primary.replicas.get("s1")
+        return (replica is not None and replica.primary is not None
+                and replica.primary.in_sync == {b})
+
+    assert run_until(c, counts_only_b, 1000)
+    held: list[tuple[object, ...]] = []
+    on_beat = c.coord.on_beat
+
+    def hold(host: str, *args: object) -> None:
+        if host == old and not held:
+            held.append(args)
+            c.k.note(f"script: a heartbeat of {old} is held in the network")
+            return
+        on_beat(host, *args)  # type: ignore[arg-type]
+
+    c.coord.on_beat = hold  # type: ignore[method-assign]
+    assert run_until(c, lambda: bool(held), 500)
+    c.net.cuts[frozenset((b, sim.COORD))] = c.k.now + 600
+    assert run_until(c, lambda: core.services["s1"].in_sync == [], 1500)
+    assert run_until(c, primary_counts_nobody(c, old), 1000)
+    primary.on_assign = lambda action: None  # type: ignore[method-assign]  # lost
+    assert run_until(c, lambda: core.services["s1"].in_sync == [b], 2000)
+    del c.coord.on_beat
+    c.k.note(f"script: the held heartbeat of {old} arrives")
+    on_beat(old, *held[0])  # type: ignore[arg-type]
+    acknowledge_alone_and_crash(c, w, old, b)
 
 
 def reads_across_a_failover(c: Cluster, slow: float = 1.0, fast: float = 1.0) -> None:
@@ -702,6 +759,14 @@ def test_duplica_promotable_only_once_it_holds_earlier_acknowledged_writes() -> 
     assert result.ok, _describe([result])
 
 
+def test_a_late_heartbeat_of_an_older_in_sync_generation_sets_no_threshold() -> None:
+    """Issue 11.8: a heartbeat built before the in-sync set changed (twice: the member left
+    and rejoined, so the set it names looks current) must not make that member promotable
+    while the primary does not count it."""
+    result = run_directed(late_heartbeat_after_a_rejoin)
+    assert result.ok, _describe([result])
+
+
 def test_write_committed_by_an_in_sync_shrink_is_answered_at_once() -> None:
     """Found while writing the scenario above (before the fix): Replica.assign() handed a
     smaller in-sync set to the primary core, which committed the writes waiting on the
@@ -869,3 +934,25 @@ def test_reintroduced_lease_without_a_drift_margin_is_found(
     monkeypatch.setattr(sim, "LEASE_MS", sim.FAILURE_TIMEOUT_MS)
     result = run_directed(lambda c: reads_across_a_failover(c, 0.92, 1.08))
     assert not result.ok and "stale read" in result.message, _describe([result])
+
+
+def test_reintroduced_in_sync_generation_ignored_is_found(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11.8: a heartbeat built before the in-sync set changed set a member's
+    threshold, so a member the primary no longer counted was promotable; a failover to it
+    lost a write the primary had acknowledged alone. Patch: the core takes every report as
+    being of the current generation (as before generations were carried). The default
+    sweeps do not reach it (a heartbeat must stay in flight while the member leaves and
+    rejoins); the directed scenario `late_heartbeat_after_a_rejoin` does."""
+    heartbeat = CoordinatorCore.heartbeat
+
+    def ignoring(self: CoordinatorCore, host_id: str, metrics: dict[str, float],
+                 replicas: list[ReplicaReport], now_ms: int) -> object:
+        current = [replace(r, in_sync_generation=self.services[r.service].in_sync_generation)
+                   if r.service in self.services else r for r in replicas]
+        return heartbeat(self, host_id, metrics, current, now_ms)
+
+    monkeypatch.setattr(CoordinatorCore, "heartbeat", ignoring)
+    result = run_directed(late_heartbeat_after_a_rejoin)
+    assert not result.ok, "the simulation no longer sees a member promoted it was not counted"
+    assert "inv3" in result.message, result.message
