@@ -41,7 +41,8 @@ What is modelled, and how faithfully:
   handles nothing, then runs what it received in order, with the views it had), partitions
   between any two nodes, isolated hosts, stream breaks, slow messages, full disks, failed
   store commits, damaged snapshots, operators' switchovers (whose callers sometimes go away),
-  migrations and drains.
+  migrations and drains; in a variant sweep (`late_beat_p`), heartbeats held 300-1500 ms
+  in the network, arriving after the in-sync set they name changed.
 * Migration: an operator moves a replica (the primary or a duplica) to a host that holds
   none, by the core's `MigratePlan` with method "replay": the target is built as a
   `building` replica from a snapshot and the log, joins the in-sync set, a moving primary is
@@ -242,6 +243,11 @@ class Scenario:
     # logic tolerates rates whose ratio stays under (LEASE_MS + margin) / (LEASE_MS -
     # margin), about 1.22 with the defaults: 0.05 is well inside, a test goes beyond.
     clock_drift: float = 0.0
+    # The chance (fault phase) that a heartbeat is held in the network for `late_beat_ms`,
+    # arriving after the in-sync set it names changed (and maybe changed back). 0 in the
+    # default sweeps (their traces stay as they are); a test's variant raises it.
+    late_beat_p: float = 0.0
+    late_beat_ms: tuple[int, int] = (300, 1500)
 
 
 def short_scenario(seed: int) -> Scenario:
@@ -420,13 +426,13 @@ class Network:
         return until is not None and self.k.now < until
 
     def send(self, src: str, dst: str, fn: Callable[..., None], *args: Any,
-             dup: bool = True) -> bool:
-        """A unary call or reply: may be lost, delayed, reordered or (if dup) delivered
-        twice. Returns whether it left (False: lost at once)."""
+             dup: bool = True, late_ms: int = 0) -> bool:
+        """A unary call or reply: may be lost, delayed (by `late_ms` more), reordered or
+        (if dup) delivered twice. Returns whether it left (False: lost at once)."""
         k = self.k
         if self.cut(src, dst) or (self.drop_p and k.rng.random() < self.drop_p):
             return False
-        k.after(self.latency(), self._arrive, src, dst, fn, args)
+        k.after(self.latency() + late_ms, self._arrive, src, dst, fn, args)
         if dup and self.dup_p and k.rng.random() < self.dup_p:
             k.after(self.latency(), self._arrive, src, dst, fn, args)
         return True
@@ -1708,8 +1714,13 @@ class SimAgent:
             self.host_id, self.address, version="sim", started_at=float(self.started_at))
         reports = [r.report() for r in self.replicas.values()]
         self.beat_pending = bid
+        s = self.c.scenario
+        late = 0
+        if s.late_beat_p and self.c.nemesis.active and self.k.rng.random() < s.late_beat_p:
+            late = self.k.rng.randint(*s.late_beat_ms)
+            self.k.note(f"{self.host_id}'s heartbeat {bid} is held {late} ms in the network")
         self.c.net.send(self.host_id, COORD, self.c.coord.on_beat, self.host_id, inc, bid, info,
-                        reports, self.now)
+                        reports, self.now, late_ms=late)
         self.k.after(2 * HEARTBEAT_MS, self._beat_timeout, inc, bid)
 
     def on_beat_reply(self, inc: int, bid: int, ok: bool, leases: list[tuple[str, int, int]],
