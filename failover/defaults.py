@@ -135,6 +135,10 @@ READ_FLOOR_TIMEOUT_MS = 1000
 # Redundancy: rebuilds and placement.
 HOST_DEAD_MS = 10_000  # a host silent this long is dead: its replicas are rebuilt elsewhere
 PLACEMENT_POLICY = "worst-fit"  # first-fit, best-fit or worst-fit (failover.core.placement)
+# At most this many `building` replicas at once, cluster-wide (count): after a mass failure
+# the rest wait for a slot, so rebuilds (each a log replay or a snapshot streamed by a live
+# primary) never starve live traffic.
+REBUILD_CONCURRENCY_MAX = 32
 KIND_NEEDS_CPU = 0.1  # cores one replica reserves, unless its kind declares otherwise
 KIND_NEEDS_MEMORY_BYTES = 64 << 20
 KIND_NEEDS_DISK_BYTES = 256 << 20

@@ -18,6 +18,9 @@ holding the fewest of the service's replicas stay (spread). The policy then pick
 * `best-fit`: the least room left after placing (packs hosts, keeps big hosts free);
 * `worst-fit`: the most room left after placing (spreads load; the default).
 
+The host chosen for a new service's primary is first one with the fewest primaries among
+those that fit (`primaries`), so primaries spread evenly whatever the policy.
+
 Room left is the sum over resources of what stays free as a fraction of capacity, so one
 resource in short supply weighs as much as another. Ties go to the smaller host id, so a
 decision replays exactly.
@@ -124,11 +127,14 @@ class Placement:
 
 
 def place(policy: str, needs: Resources, count: int, hosts: Iterable[HostView],
-          holding: Mapping[str, str]) -> Placement:
+          holding: Mapping[str, str], primaries: Mapping[str, int] | None = None) -> Placement:
     """Chooses up to `count` hosts for new replicas of one service.
 
     `holding` maps the hosts that already hold a replica of the service to their zone. The
-    choice of each next host counts the ones chosen before it (zones and room)."""
+    choice of each next host counts the ones chosen before it (zones and room). With
+    `primaries` (host -> how many primaries it holds), the first host chosen is to hold the
+    new service's primary: it is one with the fewest primaries among those that fit (spread
+    primaries: a host that holds most of them is the worst one to lose), then by policy."""
     check_policy(policy)
     assert count >= 0, count
     views = {h.host_id: h for h in hosts}
@@ -161,6 +167,9 @@ def place(policy: str, needs: Resources, count: int, hosts: Iterable[HostView],
                 per_zone[zone] = per_zone.get(zone, 0) + 1
             fewest = min(per_zone.get(views[h].zone, 0) for h, _ in fits)
             fits = [(h, left) for h, left in fits if per_zone.get(views[h].zone, 0) == fewest]
+        if primaries is not None and not chosen:
+            least = min(primaries.get(h, 0) for h, _ in fits)
+            fits = [(h, left) for h, left in fits if primaries.get(h, 0) == least]
         best = _pick(policy, fits, views)
         chosen.append(best)
         taken[best] = views[best].zone

@@ -61,8 +61,8 @@ class Walks(dict[str, Any]):
 
 
 class Cluster:
-    def __init__(self, hosts: int, services: int) -> None:
-        self.core = CoordinatorCore(Timing(HB, FAIL, LEASE, DEAD))
+    def __init__(self, hosts: int, services: int, timing: Timing | None = None) -> None:
+        self.core = CoordinatorCore(timing or Timing(HB, FAIL, LEASE, DEAD))
         self.now = 1000
         self.held: dict[str, dict[str, tuple[str, int, tuple[str, ...], int]]] = {}
         self.index: dict[str, int] = {}
@@ -95,17 +95,20 @@ class Cluster:
         _, actions = self.core.heartbeat(host, dict(METRICS), reports, self.now)
         return self.run(actions)
 
-    def round(self) -> None:
+    def round(self) -> list[Action]:
+        """A heartbeat from every host up, then a tick; returns what the tick decided."""
         self.now += HB
         for svc in self.core.services:
             self.index[svc] = self.index.get(svc, 0) + 1
         for h in sorted(self.up):
             self.beat(h)
-        for a in self.run(self.core.tick(self.now)):
+        ticked = self.run(self.core.tick(self.now))
+        for a in ticked:
             if isinstance(a, AskHearsPrimary):
                 self.run(self.core.hears_primary(a.service, [
                     HearsAnswer(h, h in self.up, False, self.index.get(a.service, 0), a.epoch)
                     for h in a.hosts], self.now))
+        return ticked
 
 
 def reference_loads(core: CoordinatorCore) -> dict[str, tuple[Resources, Resources]]:

@@ -120,3 +120,14 @@ def test_unknown_policy_is_refused() -> None:
         check_policy("random-fit")
     with pytest.raises(InvalidRequest):
         place("random-fit", NEEDS, 1, [host("a")], {})
+
+
+def test_the_first_host_chosen_has_the_fewest_primaries_among_those_that_fit() -> None:
+    """It holds the new service's primary; the policy chooses among those tied, the rest of
+    the replicas are placed as before."""
+    hosts = [host("a", memory_gib=64), host("b", memory_gib=32), host("c", memory_gib=4),
+             host("d", memory_gib=0.5)]
+    counts = {"a": 3, "b": 1, "c": 1}  # d has none but does not fit
+    assert place(WORST_FIT, NEEDS, 2, hosts, {}, counts).hosts == ("b", "a")
+    assert place(BEST_FIT, NEEDS, 1, hosts, {}, counts).hosts == ("c",)
+    assert place(WORST_FIT, NEEDS, 2, hosts, {}).hosts == ("a", "b")  # without: by room

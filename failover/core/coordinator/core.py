@@ -134,6 +134,12 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
         # host -> its view for placement, kept while a tick visits the services (nothing
         # but the loads of the hosts it places on or retires from changes meanwhile)
         self._views_memo: dict[str, HostView] | None = None
+        # service -> the host of its primary, and host -> how many primaries it holds
+        # (`_count_primary`): new primaries go where there are fewest.
+        self._primary_of: dict[str, str] = {}
+        self._primaries: dict[str, int] = {}
+        # services whose missing replicas wait for a rebuild slot (recorded once)
+        self._rebuild_waiting: set[str] = set()
 
     # --- restore ---------------------------------------------------------------------------
 
@@ -164,7 +170,8 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
 
     def create_service(self, name: str, kind: str, replicas: int, mode: str, now_ms: int,
                        needs: Resources | None = None, policy: str = "") -> list[Action]:
-        """Places and creates a service: the first host chosen holds the primary."""
+        """Places and creates a service: the first host chosen holds the primary, one with
+        the fewest primaries among those that fit."""
         check_service_name(name)
         if name in self.services:
             raise InvalidRequest(f"service {name!r} exists already")
@@ -176,7 +183,7 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
             placement.check_policy(policy)
         needs = needs or Resources()
         found = placement.place(policy or self.placement_policy, needs, replicas,
-                                self._host_views(), {})
+                                self._host_views(), {}, self._primaries)
         if found.reason:
             raise InvalidRequest(f"cannot place {name}: {found.reason}; start more agents, "
                                  "undrain a host or ask for fewer replicas")
@@ -209,6 +216,8 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
         for host in service.replicas:
             self._untrack(name, host)
         self._seq.pop(name, None)
+        self._count_primary(name)
+        self._rebuild_waiting.discard(name)
         actions: list[Action] = [Persist({}, deletes=(SERVICE_PREFIX + name,), history=((
             name, "service", f"deleted {name}", {}),))]
         for host in service.replicas:
@@ -289,7 +298,17 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
         finally:
             self._rounds -= 1
             self._routes_bumped = False
-        return merge_persists(actions)
+        return self._noted(merge_persists(actions))
+
+    def _noted(self, actions: list[Action]) -> list[Action]:
+        """Brings the primaries per host up to date with the services these actions write
+        (a primary changes only by a decision, and every decision is persisted)."""
+        for action in actions:
+            if isinstance(action, Persist):
+                for key in action.puts:
+                    if key.startswith(SERVICE_PREFIX):
+                        self._count_primary(key[len(SERVICE_PREFIX):])
+        return actions
 
     # --- operations (failover.core.coordinator.operations) --------------------------------
 
@@ -341,13 +360,13 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
         actions = plan.answer(answer, now_ms)
         if plan.finished:
             del self.operations[op_id]
-        return actions
+        return self._noted(actions)
 
     def cancel(self, op_id: str, why: str, now_ms: int) -> list[Action]:
         """The caller of operation `op_id` went away: it is abandoned now (what it holds in
         the core at once, the rest by the actions returned)."""
         plan = self.operations.pop(op_id, None)
-        return plan.cancel(why, now_ms) if plan is not None else []
+        return self._noted(plan.cancel(why, now_ms)) if plan is not None else []
 
     def _start(self, plan: Plan, now_ms: int) -> list[Action]:
         if plan.op_id in self.operations:
@@ -355,4 +374,4 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
         actions = plan.start(now_ms)
         if not plan.finished:
             self.operations[plan.op_id] = plan
-        return actions
+        return self._noted(actions)

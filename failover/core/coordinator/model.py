@@ -151,6 +151,8 @@ class Timing:
     # A failover waits this much past the old primary's lease as seen here (the primary
     # takes its lease to end as much earlier): the two hosts' clocks may drift apart.
     lease_drift_margin_ms: int = defaults.LEASE_DRIFT_MARGIN_MS
+    # At most this many building replicas at once, cluster-wide; the rest wait.
+    rebuild_concurrency_max: int = defaults.REBUILD_CONCURRENCY_MAX
 
 
 class CoreState:
@@ -188,6 +190,9 @@ class CoreState:
     _rounds: int
     _views_memo: dict[str, Any] | None
     _routes_bumped: bool
+    _primary_of: dict[str, str]
+    _primaries: dict[str, int]
+    _rebuild_waiting: set[str]
 
     # --- the index of replicas by host (issue 14: work proportional to what changed) -------
 
@@ -199,6 +204,7 @@ class CoreState:
         if service.name not in self._seq:
             self._seq[service.name] = self._next_seq
             self._next_seq += 1
+        self._count_primary(service.name)
         for host in service.replicas:
             held = self._held.setdefault(host, set())
             if service.name not in held:
@@ -213,6 +219,26 @@ class CoreState:
             self._loads.pop(host, None)
             if not held:
                 del self._held[host]
+
+    def _count_primary(self, name: str) -> None:
+        """Keeps the count of primaries per host (`_primaries`, for placement) in step with
+        `name`'s primary: called for each service created, restored, deleted or written in a
+        decision (every change of a primary is persisted), so no walk over every service."""
+        service = self.services.get(name)
+        now = service.primary if service is not None else ""
+        was = self._primary_of.get(name, "")
+        if now == was:
+            return
+        if was:
+            left = self._primaries.get(was, 0) - 1
+            if left > 0:
+                self._primaries[was] = left
+            else:
+                self._primaries.pop(was, None)
+            del self._primary_of[name]
+        if now:
+            self._primary_of[name] = now
+            self._primaries[now] = self._primaries.get(now, 0) + 1
 
     def _holding(self, host_id: str) -> list[ServiceInfo]:
         """The services with a replica on `host_id`, in the order they were created (that of

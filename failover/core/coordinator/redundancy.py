@@ -77,6 +77,7 @@ class Redundancy(CoreState):
         if missing > 0:
             return self._place(service, missing, now_ms)
         actions: list[Action] = []
+        self._rebuild_waiting.discard(service.name)
         if self.unplaced.pop(service.name, None) is not None:
             actions.append(Persist({}, history=((
                 service.name, "placement", f"{service.name} has its "
@@ -137,6 +138,20 @@ class Redundancy(CoreState):
 
     def _place(self, service: ServiceInfo, missing: int, now_ms: int) -> list[Action]:
         policy = service.placement or self.placement_policy
+        # Throttled: at most `rebuild_concurrency_max` building replicas cluster-wide; the
+        # rest wait, retried on later ticks, recorded once in history as waiting.
+        slots = self.timing.rebuild_concurrency_max - len(self._building_since)
+        if slots <= 0:
+            if service.name in self._rebuild_waiting:
+                return []
+            self._rebuild_waiting.add(service.name)
+            return [Persist({}, history=((
+                service.name, "placement_waiting", f"{service.name}: {missing} replica(s) "
+                f"wait for a rebuild slot ({self.timing.rebuild_concurrency_max} building at "
+                "most at once)", {"missing": missing,
+                                  "limit": self.timing.rebuild_concurrency_max}),))]
+        self._rebuild_waiting.discard(service.name)
+        missing = min(missing, slots)
         holding = {h: self.hosts[h].zone if h in self.hosts else "" for h in service.replicas}
         found = placement.place(policy, Resources.from_dict(service.needs), missing,
                                 self._host_views(), holding)
