@@ -139,6 +139,11 @@ PLACEMENT_POLICY = "worst-fit"  # first-fit, best-fit or worst-fit (failover.cor
 # the rest wait for a slot, so rebuilds (each a log replay or a snapshot streamed by a live
 # primary) never starve live traffic.
 REBUILD_CONCURRENCY_MAX = 32
+# Background rebalance of primaries (switchovers to hosts with fewer): one at a time, at
+# most one started per REBALANCE_GAP_MS (0: never), and none until REBALANCE_CALM_MS have
+# passed with no failover in progress (a storm settles first).
+REBALANCE_GAP_MS = 1_000
+REBALANCE_CALM_MS = 5_000
 KIND_NEEDS_CPU = 0.1  # cores one replica reserves, unless its kind declares otherwise
 KIND_NEEDS_MEMORY_BYTES = 64 << 20
 KIND_NEEDS_DISK_BYTES = 256 << 20

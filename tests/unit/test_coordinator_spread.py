@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from collections import Counter
 
-from failover.core.coordinator import CoordinatorCore, Persist, Timing
+from failover.core.coordinator import (
+    Action,
+    CoordinatorCore,
+    Persist,
+    PrepareSwitchover,
+    StartSwitchover,
+    Timing,
+)
+from failover.core.coordinator.actions import Prepared
 from failover.core.roles import BUILDING
 from tests.unit.test_coordinator_rebuild import DEAD, FAIL, HB, LEASE
 from tests.unit.test_coordinator_scale import Cluster
@@ -67,3 +75,74 @@ def test_rebuilds_after_a_host_death_are_throttled() -> None:
     assert building(c.core) == 0
     assert all(victim not in s.replicas and len(s.replicas) == s.desired_replicas
                for s in c.core.services.values())
+
+
+class Switching(Cluster):
+    """A cluster whose daemon carries out `StartSwitchover` as the server does (a switchover
+    plan by `start_primary_move`) and whose primaries answer the prepare at once."""
+
+    def __init__(self, hosts: int, services: int, timing: Timing) -> None:
+        self.started: list[tuple[int, str, str]] = []  # (when, service, target)
+        self.ops = 0
+        super().__init__(hosts, services, timing)
+
+    def run(self, actions: list[Action]) -> list[Action]:
+        super().run(actions)
+        for a in actions:
+            if isinstance(a, StartSwitchover):
+                service = self.core.services[a.service]
+                assert a.to_host in service.in_sync and a.to_host in service.promotable
+                assert not self.core.failovers
+                self.started.append((self.now, a.service, a.to_host))
+                self.ops += 1
+                self.run(self.core.start_primary_move(f"op{self.ops}", a, self.now))
+            elif isinstance(a, PrepareSwitchover) and a.host_id in self.up:
+                self.run(self.core.answer(a.op_id, Prepared(True), self.now))
+        return actions
+
+
+def test_rebalance_evens_primaries_after_a_host_returns_at_the_rate_limit() -> None:
+    gap, calm = 500, 1500
+    c = Switching(6, 36, Timing(HB, FAIL, LEASE, DEAD, rebalance_gap_ms=gap,
+                                rebalance_calm_ms=calm))
+    assert set(primaries(c.core).values()) == {6} and not c.started
+    victim = "h000"
+    c.up.discard(victim)
+    last_failover = 0
+    for _ in range(FAIL // HB + 6):  # its primaries fail over; it comes back before dead
+        c.round()
+        if c.core.failovers:
+            last_failover = c.now
+    assert primaries(c.core)[victim] == 0 and not c.core.failovers
+    c.up.add(victim)
+    for _ in range(3):
+        c.round()
+    assert max(primaries(c.core).values()) >= 7
+    for _ in range((calm + 6 * 2 * gap) // HB + 20):
+        c.round()
+        if c.core.failovers:
+            last_failover = c.now
+    counts = primaries(c.core)
+    # Within one of even (6): a move needs a promotable member on a host holding at least
+    # two fewer, so two hosts one above and one below even may stay so.
+    assert max(counts.values()) <= 7 and min(counts[h] for h in c.up) >= 5, counts
+    assert c.core._primaries == dict(counts)
+    assert len(c.started) >= 5
+    times = [when for when, _, _ in c.started]
+    assert times[0] - last_failover >= calm  # not during the failover storm
+    assert all(b - a >= gap for a, b in zip(times, times[1:], strict=False))
+    moved = len(c.started)
+    for _ in range(20):  # even: nothing more moves
+        c.round()
+    assert len(c.started) == moved
+
+
+def test_no_rebalance_when_it_is_off_or_a_failover_is_pending() -> None:
+    c = Switching(6, 36, Timing(HB, FAIL, LEASE, DEAD, rebalance_gap_ms=0))
+    c.up.discard("h000")
+    for _ in range(FAIL // HB + 6):
+        c.round()
+    c.up.add("h000")
+    for _ in range(100):
+        c.round()
+    assert not c.started and primaries(c.core)["h000"] == 0

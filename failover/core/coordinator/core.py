@@ -140,6 +140,12 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
         self._primaries: dict[str, int] = {}
         # services whose missing replicas wait for a rebuild slot (recorded once)
         self._rebuild_waiting: set[str] = set()
+        # Rebalance (`Redundancy._rebalance`): since when no failover has been in progress
+        # (None: not yet seen a tick), when a move was last considered, and the services
+        # whose `StartSwitchover` it emitted (their switchover plans say "rebalance").
+        self._calm_since_ms: int | None = None
+        self._rebalanced_ms: int | None = None
+        self._rebalancing: set[str] = set()
 
     # --- restore ---------------------------------------------------------------------------
 
@@ -247,8 +253,9 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
 
     def tick(self, now_ms: int) -> list[Action]:
         """Detects silent hosts, moves failovers along, restores redundancy, moves primaries
-        off hosts they must leave, and steps the operations in progress (their waits and
-        deadlines). One decision round (`_round`): one `Persist`, then the actions."""
+        off hosts they must leave, evens primaries out (rate limited), and steps the
+        operations in progress (their waits and deadlines). One decision round (`_round`):
+        one `Persist`, then the actions."""
         return self._round(lambda: self._tick(now_ms))
 
     def _tick(self, now_ms: int) -> list[Action]:
@@ -262,6 +269,7 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
                 actions.extend(self._move_primary(service, now_ms))
         finally:
             self._views_memo = None
+        actions.extend(self._rebalance(now_ms))
         for op_id, plan in list(self.operations.items()):
             actions.extend(plan.tick(now_ms))
             if plan.finished:
@@ -324,8 +332,10 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
                            now_ms: int) -> list[Action]:
         """Carries out `StartSwitchover`: a switchover whose failures are recorded as a
         drain's and tried again on a later tick; it never raises."""
+        purpose = "rebalance" if action.service in self._rebalancing else "drain"
+        self._rebalancing.discard(action.service)
         return self._start(SwitchoverPlan(self, op_id, action.service, action.to_host,
-                                          purpose="drain"), now_ms)
+                                          purpose=purpose), now_ms)
 
     def start_migration(self, op_id: str, name: str, to_host: str, now_ms: int,
                         replica: str = PRIMARY, max_downtime_ms: int = defaults.MAX_DOWNTIME_MS,

@@ -153,6 +153,10 @@ class Timing:
     lease_drift_margin_ms: int = defaults.LEASE_DRIFT_MARGIN_MS
     # At most this many building replicas at once, cluster-wide; the rest wait.
     rebuild_concurrency_max: int = defaults.REBUILD_CONCURRENCY_MAX
+    # Rebalance of primaries: at most one switchover started per gap (0: off), none until
+    # this long after the last failover in progress.
+    rebalance_gap_ms: int = defaults.REBALANCE_GAP_MS
+    rebalance_calm_ms: int = defaults.REBALANCE_CALM_MS
 
 
 class CoreState:
@@ -193,6 +197,9 @@ class CoreState:
     _primary_of: dict[str, str]
     _primaries: dict[str, int]
     _rebuild_waiting: set[str]
+    _calm_since_ms: int | None
+    _rebalanced_ms: int | None
+    _rebalancing: set[str]
 
     # --- the index of replicas by host (issue 14: work proportional to what changed) -------
 

@@ -146,7 +146,8 @@ class SwitchoverPlan(Plan):
     handed over. However it ends short of that (the primary refused or did not answer in
     time, the caller went away), it is abandoned: the core forgets it, the primary is told
     to release its hold, and history records why. `purpose` "drain" is a drain's move of a
-    primary off its host: its failures are recorded as such, and the next tick tries again.
+    primary off its host: its failures are recorded as such, and the next tick tries again;
+    "rebalance" is the background move of a primary to a host with fewer (likewise).
     """
 
     def __init__(self, core: CoreSteps, op_id: str, name: str, to_host: str,
@@ -169,7 +170,7 @@ class SwitchoverPlan(Plan):
         try:
             self.target = core.switchover_target(self.name, self.to_host)
         except InvalidRequest as exc:
-            if self.purpose != "drain":
+            if self.purpose not in ("drain", "rebalance"):
                 raise
             return [self._refused(str(exc)), self._failed(str(exc))]
         service = core.services[self.name]
@@ -219,7 +220,7 @@ class SwitchoverPlan(Plan):
         if self.core.switchovers.get(self.name) == self.target:
             self.core.switchover_abort(self.name)
         self.state = "abandoned"
-        if self.purpose == "drain":
+        if self.purpose in ("drain", "rebalance"):
             record = self._refused(why)
         else:
             record = _record(self.name, "switchover_aborted", self._why(why),
@@ -235,6 +236,10 @@ class SwitchoverPlan(Plan):
                                  self.switchover_id)
 
     def _refused(self, why: str) -> Persist:
+        if self.purpose == "rebalance":
+            return _record(self.name, "rebalance", f"moving {self.name}'s primary to "
+                           f"{self.to_host} to even out primaries failed: {why}",
+                           to_host=self.to_host)
         return _record(self.name, "drain", f"moving {self.name} off its draining primary "
                        f"failed, trying again: {why}", to_host=self.to_host)
 

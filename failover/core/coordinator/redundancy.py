@@ -5,9 +5,11 @@ Events in: a tick with the monotonic time (`_restore_redundancy` and `_move_prim
 every service), an operator's drain (`set_draining`). Actions out: new `building` replicas
 placed by `failover.core.placement` (persisted before their assignments), retirements
 (persisted, then `DropReplica`), history rows when nothing fits, and `StartSwitchover` for a
-primary that must leave its host (draining, disk full, or leaving after a migration). A
-replica is built only from a serving primary, and a copy is retired only once enough others
-are good, so none is dropped before its replacement holds everything.
+primary that must leave its host (draining, disk full, or leaving after a migration) or
+that a rebalance moves to a host with fewer primaries (`_rebalance`). At most
+`rebuild_concurrency_max` replicas build at once. A replica is built only from a serving
+primary, and a copy is retired only once enough others are good, so none is dropped before
+its replacement holds everything.
 """
 
 from __future__ import annotations
@@ -285,6 +287,56 @@ class Redundancy(CoreState):
         return [StartSwitchover(service.name, max(targets, key=lambda h: (
             self._matched(service, h, self.live[h].replicas[service.name])
             if service.name in self.live[h].replicas else 0, h)))]
+
+    def _rebalance(self, now_ms: int) -> list[Action]:
+        """Evens out primaries across hosts after hosts come back: a `StartSwitchover` of one
+        primary from a host holding the most to a live, promotable in-sync member on a host
+        holding at least two fewer (so every move narrows the spread, and none undoes
+        another). Rate limited (one at a time, at most one per `rebalance_gap_ms`), never
+        while a failover is in progress or within `rebalance_calm_ms` of one (a storm), nor
+        while a switchover, migration or patch is in progress, and only for a service whose
+        replicas are all in place (`_settled`) and none leaving or draining. O(hosts) plus
+        the replicas on the hosts holding the most, at most once per gap."""
+        gap = self.timing.rebalance_gap_ms
+        if self.failovers or self._calm_since_ms is None:
+            self._calm_since_ms = now_ms
+        if (gap <= 0 or now_ms - self._calm_since_ms < self.timing.rebalance_calm_ms
+                or self.switchovers or self.migrations or self.patching
+                or (self._rebalanced_ms is not None and now_ms - self._rebalanced_ms < gap)):
+            return []
+        self._rebalanced_ms = now_ms
+        counts = self._primaries
+        eligible = sorted(h for h, info in self.hosts.items() if not info.draining
+                          and self.live.get(h, HostLive(0, False)).alive)
+        if len(eligible) < 2:
+            return []
+        fewest = min(counts.get(h, 0) for h in eligible)
+        for source in sorted(eligible, key=lambda h: (-counts.get(h, 0), h)):
+            most = counts.get(source, 0)
+            if most - fewest < 2:
+                return []
+            best: tuple[int, str, str] | None = None
+            for service in self._holding(source):
+                if service.primary != source or service.leaving or not self._settled(service):
+                    continue
+                for target in service.in_sync:
+                    have = counts.get(target, 0)
+                    if (target in service.promotable and have <= most - 2
+                            and self.live.get(target, HostLive(0, False)).alive
+                            and not self.hosts[target].draining
+                            and (best is None or (have, service.name, target) < best)):
+                        best = (have, service.name, target)
+                if best is not None and best[0] == fewest:
+                    break
+            if best is not None:
+                _, name, target = best
+                self._rebalancing = {name}  # its switchover plan is named a rebalance
+                return [Persist({}, history=((
+                    name, "rebalance", f"moving {name}'s primary from {source} ({most} "
+                    f"primaries) to {target} ({best[0]}) to even out primaries",
+                    {"from": source, "to_host": target}),)),
+                    StartSwitchover(name, target)]
+        return []
 
     def spare_host(self, name: str) -> str:
         """A host placement would choose for one more replica of `name`, or "" if none."""
