@@ -75,8 +75,22 @@ class Route:
 
 @dataclass(frozen=True, slots=True)
 class PushRoutes:
+    """The routes table at `version` (`routes`: always the whole table), and what changed
+    since the core's previous push: `changed` (the routes new or different) and `deleted`
+    (services no longer routed). `changed` is None when the core has pushed nothing before
+    (a restore): then only the whole table means anything. The daemon sends watchers the
+    delta, and the whole table when one connects or falls behind."""
+
     version: int
     routes: tuple[Route, ...]
+    changed: tuple[Route, ...] | None = None
+    deleted: tuple[str, ...] = ()
+
+    def entries_pushed(self) -> int:
+        """The route entries a watcher that follows every push receives for this one."""
+        if self.changed is None:
+            return len(self.routes)
+        return len(self.changed) + len(self.deleted)
 
 
 @dataclass(frozen=True, slots=True)

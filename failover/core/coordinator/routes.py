@@ -18,6 +18,10 @@ from failover.core.roles import DUPLICA, PRIMARY
 class Routes(CoreState):
     """Part of `CoordinatorCore`: assignments and the routes table."""
 
+    # The table last pushed (service -> route), to push only what changed; None before the
+    # first push (a restore pushes the whole table). Set on the instance at the first push.
+    _pushed_routes: dict[str, Route] | None = None
+
     def _assignments(self, service: ServiceInfo, only: str | None = None) -> list[Action]:
         """What each replica of the service should hold; the duplicas first, so they accept
         the new primary's stream when it starts."""
@@ -49,7 +53,15 @@ class Routes(CoreState):
         return tuple(out)
 
     def _routes(self) -> PushRoutes:
-        return PushRoutes(self.routes_version, self.routes())
+        """The table at the current version, with what changed since the previous push."""
+        table = self.routes()
+        now = {route.service: route for route in table}
+        before, self._pushed_routes = self._pushed_routes, now
+        if before is None:
+            return PushRoutes(self.routes_version, table)
+        changed = tuple(route for route in table if before.get(route.service) != route)
+        deleted = tuple(sorted(name for name in before if name not in now))
+        return PushRoutes(self.routes_version, table, changed, deleted)
 
     def _bump_routes(self) -> list[Action]:
         """A new routes version, persisted, then the table pushed. Within a decision round
@@ -62,4 +74,4 @@ class Routes(CoreState):
             return [Persist({ROUTES_VERSION_KEY: msgpack.packb(self.routes_version)})]
         self.routes_version += 1
         return [Persist({ROUTES_VERSION_KEY: msgpack.packb(self.routes_version)}),
-                PushRoutes(self.routes_version, self.routes())]
+                self._routes()]
