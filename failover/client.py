@@ -61,6 +61,11 @@ from failover.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, data_
 
 log = logging.getLogger(__name__)
 
+
+class _RoutesGap(Exception):
+    """A routes delta after a version the client never saw: it needs the whole table."""
+
+
 # Answers after which the request may or may not be in the primary's log.
 _AMBIGUOUS = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
               grpc.StatusCode.CANCELLED}
@@ -124,6 +129,8 @@ class Client:
         self._sessions: dict[str, _Session] = {}  # service -> the session requests go under
         self._session_numbers = itertools.count(1)
         self._routes: dict[str, tuple[str, int]] = {}  # service -> (primary address, epoch)
+        # The version of the routes table followed: None until a stream's whole table comes.
+        self._routes_version: int | None = None
         self._stubs: dict[str, data_pb2_grpc.DataStub] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._seed_cursor = random.randrange(len(self._seeds)) if self._seeds else 0
@@ -180,9 +187,18 @@ class Client:
             try:
                 stub = coordinator_pb2_grpc.CoordinatorStub(self._channel(address))
                 stream = stub.WatchRoutes(coordinator_pb2.WatchRoutesRequest())
+                self._routes_version = None  # a new stream starts with the whole table
                 async for update in stream:
                     self._apply_routes(update)
                     backoff_ms = float(defaults.CLIENT_BACKOFF_MIN_MS)
+            except _RoutesGap as gap:
+                # A delta this client cannot apply: subscribe again (to the same
+                # coordinator, at once) for the whole table.
+                log.info("routes from coordinator %s: %s; subscribing again", address, gap)
+                if stream is not None:
+                    stream.cancel()
+                await asyncio.sleep(defaults.CLIENT_BACKOFF_MIN_MS / 1000)
+                continue
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
                     self._denied = PermissionDenied.from_status(exc.details() or "")
@@ -200,6 +216,18 @@ class Client:
             backoff_ms = min(backoff_ms * 2, defaults.CLIENT_ROUTES_BACKOFF_MAX_MS)
 
     def _apply_routes(self, update: coordinator_pb2.RoutesUpdate) -> None:
+        """Applies a routes update: the whole table, or the delta that follows the version
+        this client holds. A delta it already holds is skipped; one after a version it never
+        saw raises `_RoutesGap` (the watcher subscribes again for the whole table)."""
+        if not update.full:
+            if self._routes_version is None or update.version > self._routes_version + 1:
+                raise _RoutesGap(f"routes version {update.version} after "
+                                 f"{self._routes_version}")
+            if update.version <= self._routes_version:
+                return
+            for service in update.deleted:
+                self._routes.pop(service, None)
+        self._routes_version = update.version
         for route in update.routes:
             known = self._routes.get(route.service)
             # Epochs only grow: an older table (another coordinator, a reordering) never
@@ -358,7 +386,13 @@ class Client:
                 continue
             finally:
                 attempts.discard(in_flight)
-            self._routes[service] = (address, max(epoch, reply.epoch))
+            # What answered is the route, unless a newer one came meanwhile (an answer from
+            # the old primary, just before a failover's route arrived): routes are pushed
+            # once, as deltas, so one overwritten here would not come again.
+            epoch = max(epoch, reply.epoch)
+            known = self._routes.get(service)
+            if known is None or epoch >= known[1]:
+                self._routes[service] = (address, epoch)
             return reply, address, attempt
 
     async def _session(self, service: str, budget_ms: int, deadline: float) -> _Session:
@@ -425,6 +459,9 @@ class Client:
         for key, value in exc.trailing_metadata() or ():
             if key == channels.REDIRECT_METADATA_KEY:
                 redirect = common_pb2.Redirect.FromString(value)
+                known = self._routes.get(service)
+                if known is not None and redirect.epoch < known[1]:
+                    return False  # a stale hint: the routes already name a newer primary
                 if redirect.primary_address and redirect.primary_address != address:
                     self._routes[service] = (redirect.primary_address, redirect.epoch)
                     return True

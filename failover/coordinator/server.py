@@ -51,6 +51,7 @@ from failover.core.coordinator import (
     ReplicaReport,
     RestartAgent,
     Restarted,
+    Route,
     StartMigration,
     StartSwitchover,
     StepDown,
@@ -71,6 +72,15 @@ AGENT_CALL_TIMEOUT_S = defaults.AGENT_CALL_TIMEOUT_MS / 1000
 HEARS_PRIMARY_TIMEOUT_S = defaults.HEARS_PRIMARY_TIMEOUT_MS / 1000
 # Progress messages of one operation waiting for its caller to read them.
 OPERATION_PROGRESS_MAX = 1024
+# Route deltas queued per watcher; one that falls further behind gets the whole table next.
+ROUTE_WATCHER_QUEUE = 64
+
+
+def _route_message(route: Route) -> coordinator_pb2.Route:
+    return coordinator_pb2.Route(service=route.service, kind=route.kind, epoch=route.epoch,
+                                 primary_address=route.primary_address,
+                                 primary_host_id=route.primary_host_id)
+
 
 def _pages(kind: str) -> bool:
     """Whether `kind` keeps its state in a paged arena (so it migrates page by page)."""
@@ -178,8 +188,13 @@ class Coordinator:
         # op id -> an operation whose end has not been carried out yet
         self._operations: dict[str, _Operation] = {}
         self._callers: dict[tuple[str, str], _HostCaller] = {}  # (host id, address) ->
-        self._watchers: set[asyncio.Queue[coordinator_pb2.RoutesUpdate]] = set()
-        self._routes = coordinator_pb2.RoutesUpdate()
+        # Each watcher's queue of deltas; None in it: send the whole table (it fell behind).
+        self._watchers: set[asyncio.Queue[coordinator_pb2.RoutesUpdate | None]] = set()
+        # The table last pushed, and its message, built only when a watcher needs it whole.
+        self._routes_version = 0
+        self._routes_table: tuple[Route, ...] = ()
+        self._routes_full: coordinator_pb2.RoutesUpdate | None = coordinator_pb2.RoutesUpdate(
+            full=True)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._dropped_calls = 0
         self._tick_task: asyncio.Task[None] | None = None
@@ -362,17 +377,34 @@ class Coordinator:
                 monotonic_ms()))
 
     def _push_routes(self, action: PushRoutes) -> None:
-        self._routes = coordinator_pb2.RoutesUpdate(version=action.version, routes=[
-            coordinator_pb2.Route(service=r.service, kind=r.kind, epoch=r.epoch,
-                                  primary_address=r.primary_address,
-                                  primary_host_id=r.primary_host_id)
-            for r in action.routes
-        ])
+        """Keeps the whole table (for watchers that connect or fall behind) and sends the
+        others what changed. A delta goes out only when it follows the version they hold
+        (the core's previous push was carried out): else every watcher gets the table."""
+        follows = action.changed is not None and action.version == self._routes_version + 1
+        self._routes_version = action.version
+        self._routes_table = action.routes
+        self._routes_full = None
+        if not self._watchers:
+            return
+        update = (coordinator_pb2.RoutesUpdate(
+            version=action.version, routes=[_route_message(r) for r in action.changed or ()],
+            deleted=action.deleted) if follows else None)
         for queue in list(self._watchers):
-            # Each update is the whole table: a slow watcher only needs the newest.
-            while queue.full():
+            if update is not None and not queue.full():
+                queue.put_nowait(update)
+                continue
+            # Behind (or no delta to send): the whole table replaces whatever it has queued;
+            # the push never waits for a watcher.
+            while not queue.empty():
                 queue.get_nowait()
-            queue.put_nowait(self._routes)
+            queue.put_nowait(None)
+
+    def _full_routes(self) -> coordinator_pb2.RoutesUpdate:
+        if self._routes_full is None:
+            self._routes_full = coordinator_pb2.RoutesUpdate(
+                version=self._routes_version, full=True,
+                routes=[_route_message(r) for r in self._routes_table])
+        return self._routes_full
 
     # --- the calls the servicer makes ------------------------------------------------------
 
@@ -395,12 +427,16 @@ class Coordinator:
         if len(self._watchers) >= defaults.ROUTE_WATCHERS_MAX:
             raise Overloaded(f"{defaults.ROUTE_WATCHERS_MAX} route watchers already "
                              "(route_watchers_max); try again later or another coordinator")
-        queue: asyncio.Queue[coordinator_pb2.RoutesUpdate] = asyncio.Queue(maxsize=4)
+        queue: asyncio.Queue[coordinator_pb2.RoutesUpdate | None] = asyncio.Queue(
+            maxsize=ROUTE_WATCHER_QUEUE)
         self._watchers.add(queue)
         try:
-            yield self._routes
+            # The whole table first, then deltas in version order; a delta queued meanwhile
+            # that the table already holds, the client skips (its version is not newer).
+            yield self._full_routes()
             while True:
-                yield await queue.get()
+                update = await queue.get()
+                yield self._full_routes() if update is None else update
         finally:
             self._watchers.discard(queue)
 

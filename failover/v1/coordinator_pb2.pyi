@@ -81,12 +81,16 @@ class Route(_message.Message):
     def __init__(self, service: _Optional[str] = ..., kind: _Optional[str] = ..., primary_address: _Optional[str] = ..., primary_host_id: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class RoutesUpdate(_message.Message):
-    __slots__ = ("version", "routes")
+    __slots__ = ("version", "routes", "full", "deleted")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ROUTES_FIELD_NUMBER: _ClassVar[int]
+    FULL_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
     version: int
     routes: _containers.RepeatedCompositeFieldContainer[Route]
-    def __init__(self, version: _Optional[int] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ...) -> None: ...
+    full: bool
+    deleted: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[int] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ..., full: _Optional[bool] = ..., deleted: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ClusterStatusRequest(_message.Message):
     __slots__ = ()
