@@ -25,12 +25,14 @@ class RegisterRequest(_message.Message):
     def __init__(self, host_id: _Optional[str] = ..., address: _Optional[str] = ..., zone: _Optional[str] = ..., version: _Optional[str] = ..., started_at: _Optional[float] = ..., metrics: _Optional[_Union[_agent_pb2.HostMetrics, _Mapping]] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("heartbeat_ms", "lease_ms")
+    __slots__ = ("heartbeat_ms", "lease_ms", "coordinator_term")
     HEARTBEAT_MS_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_TERM_FIELD_NUMBER: _ClassVar[int]
     heartbeat_ms: int
     lease_ms: int
-    def __init__(self, heartbeat_ms: _Optional[int] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+    coordinator_term: int
+    def __init__(self, heartbeat_ms: _Optional[int] = ..., lease_ms: _Optional[int] = ..., coordinator_term: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("host_id", "metrics", "replicas")
@@ -53,12 +55,14 @@ class LeaseGrant(_message.Message):
     def __init__(self, service: _Optional[str] = ..., epoch: _Optional[int] = ..., lease_ms: _Optional[int] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("leases", "assignments")
+    __slots__ = ("leases", "assignments", "coordinator_term")
     LEASES_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_TERM_FIELD_NUMBER: _ClassVar[int]
     leases: _containers.RepeatedCompositeFieldContainer[LeaseGrant]
     assignments: _containers.RepeatedCompositeFieldContainer[_agent_pb2.AssignRoleRequest]
-    def __init__(self, leases: _Optional[_Iterable[_Union[LeaseGrant, _Mapping]]] = ..., assignments: _Optional[_Iterable[_Union[_agent_pb2.AssignRoleRequest, _Mapping]]] = ...) -> None: ...
+    coordinator_term: int
+    def __init__(self, leases: _Optional[_Iterable[_Union[LeaseGrant, _Mapping]]] = ..., assignments: _Optional[_Iterable[_Union[_agent_pb2.AssignRoleRequest, _Mapping]]] = ..., coordinator_term: _Optional[int] = ...) -> None: ...
 
 class WatchRoutesRequest(_message.Message):
     __slots__ = ("known_version",)
@@ -154,13 +158,25 @@ class ServiceStatus(_message.Message):
     unplaced: str
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., mode: _Optional[_Union[_common_pb2.ReplicationMode, str]] = ..., epoch: _Optional[int] = ..., desired_replicas: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaView, _Mapping]]] = ..., placement: _Optional[str] = ..., unplaced: _Optional[str] = ...) -> None: ...
 
+class CoordinatorStatus(_message.Message):
+    __slots__ = ("address", "leader", "term")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    leader: bool
+    term: int
+    def __init__(self, address: _Optional[str] = ..., leader: _Optional[bool] = ..., term: _Optional[int] = ...) -> None: ...
+
 class ClusterStatus(_message.Message):
-    __slots__ = ("hosts", "services")
+    __slots__ = ("hosts", "services", "coordinators")
     HOSTS_FIELD_NUMBER: _ClassVar[int]
     SERVICES_FIELD_NUMBER: _ClassVar[int]
+    COORDINATORS_FIELD_NUMBER: _ClassVar[int]
     hosts: _containers.RepeatedCompositeFieldContainer[HostStatus]
     services: _containers.RepeatedCompositeFieldContainer[ServiceStatus]
-    def __init__(self, hosts: _Optional[_Iterable[_Union[HostStatus, _Mapping]]] = ..., services: _Optional[_Iterable[_Union[ServiceStatus, _Mapping]]] = ...) -> None: ...
+    coordinators: _containers.RepeatedCompositeFieldContainer[CoordinatorStatus]
+    def __init__(self, hosts: _Optional[_Iterable[_Union[HostStatus, _Mapping]]] = ..., services: _Optional[_Iterable[_Union[ServiceStatus, _Mapping]]] = ..., coordinators: _Optional[_Iterable[_Union[CoordinatorStatus, _Mapping]]] = ...) -> None: ...
 
 class CreateServiceRequest(_message.Message):
     __slots__ = ("name", "kind", "replicas", "mode", "placement")
