@@ -124,3 +124,8 @@ REDIRECT_METADATA_KEY = "failover-redirect-bin"
 # Trailing metadata naming the typed error (failover.errors) behind a status code that
 # several errors share: SessionExpired (FAILED_PRECONDITION), Overloaded (RESOURCE_EXHAUSTED).
 ERROR_TYPE_METADATA_KEY = "failover-error-type"
+# Issue 15, several coordinators. Invocation metadata on every coordinator->agent control call:
+# the sending coordinator's term (decimal); an agent refuses a term older than one it has seen.
+COORDINATOR_TERM_METADATA_KEY = "failover-coordinator-term"
+# Trailing metadata of a follower coordinator's UNAVAILABLE: the leader's HOST:PORT.
+LEADER_METADATA_KEY = "failover-leader"
