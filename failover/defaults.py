@@ -83,6 +83,11 @@ CLIENT_BACKOFF_MAX_MS = 250
 HISTORY_EVENTS_MAX = 100_000  # history rows kept; the oldest are deleted in the same commit
 STORE_KEY_BYTES_MAX = 1024  # a state key, UTF-8
 STORE_VALUE_BYTES_MAX = 16 << 20  # a state value or one history event's encoded details
+# Coordinator leadership (several coordinators on one shared store, e.g. etcd): the leader's
+# lease; a leader that cannot renew it within this long stops acting, and a follower takes over
+# within about this long of the leader's loss.
+LEADER_TTL_MS = 2000
+COORDINATOR_ADDRESS_BYTES_MAX = 256  # a coordinator's advertised HOST:PORT, UTF-8
 
 # Links, streams and clients.
 LINK_OUTBOX_BYTES_MAX = 256 << 20  # queued for one peer host; beyond it the link restarts

@@ -18,6 +18,10 @@ One coordinator owns the file: `open` takes an exclusive ``flock`` on ``<path>.l
 it until `close` (or process exit); a second opener is refused with a ConfigError. The history is
 bounded: a commit that records events deletes, in the same transaction, the rows more than
 `history_max` seqs behind the newest.
+
+Leadership: the lock is the leadership, so a handle leads from `open` to `close`; `resign`
+steps down (commits then raise LeadershipLostError) and a later `campaign` leads again at once
+under a new term (the persisted term raised by one), so the term only grows.
 """
 
 from __future__ import annotations
@@ -35,13 +39,21 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from failover import defaults
-from failover.errors import ConfigError, DiskFullError, StorageError, StoreConflictError
+from failover.errors import (
+    ConfigError,
+    DiskFullError,
+    LeadershipLostError,
+    StorageError,
+    StoreConflictError,
+)
 from failover.storage.atomic import fsync_dir
 from failover.storage.modes import make_private_dir, open_private
 from failover.storage.store import (
+    CoordinatorInfo,
     HistoryEvent,
     HistoryRecord,
     Store,
+    check_address,
     check_event,
     check_key,
     check_value,
@@ -95,6 +107,9 @@ class SqliteStore(Store):
         self._executor: ThreadPoolExecutor | None = None
         self._revision = 0
         self._term = 0
+        self._address = ""  # named by campaign
+        self._leading = False
+        self._lost: asyncio.Event | None = None  # set when this open's leadership ends
         # Touched only on the worker thread:
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
@@ -125,6 +140,8 @@ class SqliteStore(Store):
             self._revision, self._term = await asyncio.get_running_loop().run_in_executor(
                 executor, self._open_sync
             )
+            self._lost = asyncio.Event()
+            self._leading = True  # the lock is the leadership
         except BaseException:
             # _open_sync cleans up after its own failures; this covers a cancelled open whose
             # _open_sync still runs: the close queues behind it on the one worker.
@@ -139,6 +156,7 @@ class SqliteStore(Store):
         if executor is None:
             return
         self._executor = None
+        self._step_down()
         try:
             await asyncio.get_running_loop().run_in_executor(executor, self._close_sync)
         finally:
@@ -162,6 +180,11 @@ class SqliteStore(Store):
         history, raise the revision; fsynced before it returns. See `Store.commit`."""
         if isinstance(deletes, str | bytes):
             raise ValueError(f"deletes is the single string {deletes!r}: pass a list of keys")
+        if self._executor is not None and not self._leading:
+            raise LeadershipLostError(
+                f"{self.description}: this coordinator resigned its leadership (term "
+                f"{self._term}); nothing was applied: campaign again before committing"
+            )
         # Copied here, on the loop, so a caller changing its containers later changes nothing.
         put_items = list(puts.items())
         delete_keys = list(deletes)
@@ -186,6 +209,49 @@ class SqliteStore(Store):
         if limit == 0:
             return []
         return await self._run(self._history_sync, service, limit, kind)
+
+    # --- leadership ------------------------------------------------------------------------
+
+    @property
+    def leading(self) -> bool:
+        """True from open until resign or close (the lock is the leadership)."""
+        return self._leading
+
+    async def campaign(self, address: str) -> int:
+        """Leads at once (this handle holds the lock); after a resign, under a new term."""
+        self._address = check_address(address)
+        if not self._leading:
+            self._term = await self._run(self._raise_term_sync)
+            self._lost = asyncio.Event()
+            self._leading = True
+        return self._term
+
+    async def wait_lost(self) -> None:
+        """Returns when this handle resigns or closes; at once if it does not lead."""
+        lost = self._lost
+        if lost is None or not self._leading:
+            return
+        await lost.wait()
+
+    async def resign(self) -> None:
+        """Stops leading: commits raise LeadershipLostError until the next campaign."""
+        self._step_down()
+
+    async def leader(self) -> CoordinatorInfo | None:
+        """This handle while it leads (no other can open the file), else None."""
+        if not self._leading:
+            return None
+        return CoordinatorInfo(address=self._address, leader=True, term=self._term)
+
+    async def coordinators(self) -> list[CoordinatorInfo]:
+        """This handle, the only one on the file: [] once it resigned or closed."""
+        info = await self.leader()
+        return [info] if info is not None else []
+
+    def _step_down(self) -> None:
+        self._leading = False
+        if self._lost is not None:
+            self._lost.set()
 
     # --- the worker thread -------------------------------------------------------------------
 
@@ -346,6 +412,13 @@ class SqliteStore(Store):
             revision += 1
             _set_meta(conn, "revision", revision)
         return seqs, revision
+
+    def _raise_term_sync(self) -> int:
+        conn = self._connection()
+        with _storage_errors(self.path), _transaction(conn):
+            term = _meta(conn, "term") + 1
+            _set_meta(conn, "term", term)
+        return term
 
     def _history_sync(
         self, service: str | None, limit: int, kind: str | None

@@ -16,6 +16,14 @@ store shared by several coordinators (etcd) needs:
 - `term`: the leadership term this handle holds; a store that can lose leadership raises
   `LeadershipLostError` from a commit made after the term ended, with nothing applied.
 
+Leadership (several coordinators on one store, one of them leading): `campaign` waits until
+this handle leads and returns its term; `wait_lost` returns when that leadership ends;
+`resign` gives it up; `leader` and `coordinators` say who leads and who is alive, from any
+handle. A commit from a handle that does not lead raises `LeadershipLostError`, nothing
+applied. With SQLite the file's lock is the leadership: a handle leads from `open` (one
+coordinator per data dir), `campaign` returns at once and `wait_lost` returns only when the
+handle resigns or closes.
+
 Keys are non-empty strings of at most `defaults.STORE_KEY_BYTES_MAX` UTF-8 bytes; values are
 `bytes` of at most `defaults.STORE_VALUE_BYTES_MAX`. A key may not be both put and deleted in one
 commit (etcd refuses that in one transaction, so no store accepts it).
@@ -38,9 +46,11 @@ from failover.errors import ConfigError
 
 __all__ = [
     "DEFAULT_DB_NAME",
+    "CoordinatorInfo",
     "HistoryEvent",
     "HistoryRecord",
     "Store",
+    "check_address",
     "check_event",
     "check_key",
     "check_value",
@@ -76,6 +86,18 @@ class HistoryRecord:
     """One line for people."""
     details: dict[str, Any]
     """Structured data (msgpack round trip: tuples come back as lists)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinatorInfo:
+    """One coordinator as the store sees it (`Store.leader`, `Store.coordinators`)."""
+
+    address: str
+    """The coordinator's advertised gRPC HOST:PORT ("" when it named none)."""
+    leader: bool
+    """Whether it leads now."""
+    term: int
+    """The leader's term if it leads, else 0."""
 
 
 class Store(abc.ABC):
@@ -140,6 +162,44 @@ class Store(abc.ABC):
     def term(self) -> int:
         """The leadership term this handle holds (> 0 once open); a new one at every open."""
 
+    # --- leadership ----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def campaign(self, address: str) -> int:
+        """Waits until this handle leads and returns its term; `address` (the coordinator's
+        advertised gRPC HOST:PORT) is what `leader` and `coordinators` then show.
+
+        Cancellable: a cancelled campaign leaves this handle not leading. Raises ConfigError for
+        an address longer than `defaults.COORDINATOR_ADDRESS_BYTES_MAX`.
+        """
+
+    @abc.abstractmethod
+    async def wait_lost(self) -> None:
+        """Returns when this handle's leadership is lost (at once if it does not lead).
+
+        The caller must stop acting as leader when it returns: commits raise
+        `LeadershipLostError` from then on, until a new `campaign` succeeds.
+        """
+
+    @abc.abstractmethod
+    async def resign(self) -> None:
+        """Gives up leadership, so another coordinator can lead at once. Idempotent."""
+
+    @property
+    @abc.abstractmethod
+    def leading(self) -> bool:
+        """Whether this handle leads now, as far as it knows (commits may still be refused:
+        the store, not this flag, is the judge)."""
+
+    @abc.abstractmethod
+    async def leader(self) -> CoordinatorInfo | None:
+        """Who leads now as the store says (None when nobody does); from any handle."""
+
+    @abc.abstractmethod
+    async def coordinators(self) -> list[CoordinatorInfo]:
+        """Every coordinator alive (each registers itself when it campaigns), sorted by
+        address, the leader marked; from any handle."""
+
     async def __aenter__(self) -> Self:
         await self.open()
         return self
@@ -187,6 +247,25 @@ def check_value(key: str, value: object) -> bytes:
             f"{defaults.STORE_VALUE_BYTES_MAX}"
         )
     return value
+
+
+def check_address(address: object) -> str:
+    """Returns `address` if it is a valid coordinator address to advertise, else ConfigError."""
+    if not isinstance(address, str):
+        raise ConfigError(f"coordinator address {address!r} is not text: give HOST:PORT")
+    size = len(address.encode("utf-8", "replace"))
+    # It names the coordinator's members key in a shared store: no "/" (a key level).
+    if (
+        not address
+        or size > defaults.COORDINATOR_ADDRESS_BYTES_MAX
+        or "/" in address
+        or not address.isprintable()
+    ):
+        raise ConfigError(
+            f"coordinator address {address[:60]!r} is not a HOST:PORT of 1 to "
+            f"{defaults.COORDINATOR_ADDRESS_BYTES_MAX} bytes without '/' or control characters"
+        )
+    return address
 
 
 def encode_details(details: object) -> bytes:

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from failover import defaults
-from failover.errors import ConfigError, StorageError, StoreConflictError
+from failover.errors import ConfigError, LeadershipLostError, StorageError, StoreConflictError
 from failover.storage.sqlite_store import SCHEMA_VERSION, SqliteStore, lock_path_for
-from failover.storage.store import HistoryRecord, Store, open_store
+from failover.storage.store import CoordinatorInfo, HistoryRecord, Store, open_store
 
 SUBPROCESS_TIMEOUT_S = 30
 
@@ -497,3 +497,66 @@ async def test_open_store_result_works(tmp_path: Path) -> None:
         assert await store.load() == {"k": b"v"}
     assert (tmp_path / "dd" / "cluster.db").is_file()
     assert (tmp_path / "dd" / "cluster.db.lock").is_file()
+
+
+# --- leadership (the lock is the leadership) ---------------------------------------------------
+
+
+async def test_a_sqlite_handle_leads_from_open_and_campaign_returns_at_once(
+    store: SqliteStore,
+) -> None:
+    assert store.leading
+    assert await asyncio.wait_for(store.campaign("127.0.0.1:7000"), 1.0) == store.term
+    info = CoordinatorInfo(address="127.0.0.1:7000", leader=True, term=store.term)
+    assert await store.leader() == info
+    assert await store.coordinators() == [info]
+    waiter = asyncio.create_task(store.wait_lost())
+    await asyncio.sleep(0.05)  # wait_lost must still be waiting: nothing was lost
+    assert not waiter.done()
+    waiter.cancel()
+
+
+async def test_resign_fences_commits_and_campaign_leads_again_under_a_new_term(
+    store: SqliteStore, db_path: Path
+) -> None:
+    term = await store.campaign("127.0.0.1:7000")
+    await store.commit({"a": b"1"})
+    waiter = asyncio.create_task(store.wait_lost())
+    await store.resign()
+    await asyncio.wait_for(waiter, 1.0)  # wait_lost returns at the resign
+    await store.resign()  # idempotent
+    assert not store.leading
+    assert await store.leader() is None
+    assert await store.coordinators() == []
+    with pytest.raises(LeadershipLostError, match="resigned"):
+        await store.commit({"a": b"2"}, history=[("", "host", "late", {})])
+    assert await store.load() == {"a": b"1"}  # reads still work, nothing applied
+    assert await store.history() == []
+    await asyncio.wait_for(store.wait_lost(), 1.0)  # not leading: at once
+    new_term = await store.campaign("127.0.0.1:7000")
+    assert new_term == store.term > term
+    await store.commit({"a": b"3"})
+    await store.close()
+    reopened = SqliteStore(db_path)
+    await reopened.open()
+    try:
+        assert reopened.term > new_term  # the raised term was persisted
+    finally:
+        await reopened.close()
+
+
+async def test_wait_lost_returns_at_close(db_path: Path) -> None:
+    s = SqliteStore(db_path)
+    await s.open()
+    waiter = asyncio.create_task(s.wait_lost())
+    await s.close()
+    await asyncio.wait_for(waiter, 1.0)
+    assert not s.leading
+
+
+@pytest.mark.parametrize(
+    "address", ["", "a/b", "x" * (defaults.COORDINATOR_ADDRESS_BYTES_MAX + 1), "a\nb", 7]
+)
+async def test_campaign_refuses_a_bad_address(store: SqliteStore, address: object) -> None:
+    with pytest.raises(ConfigError, match="coordinator address"):
+        await store.campaign(address)  # type: ignore[arg-type]
