@@ -165,6 +165,7 @@ class ManagedProcess:
         self._channel: grpc.Channel | None = None
         self._caller_material: TlsMaterial | None = None
         self.restarts = 0
+        self.env: dict[str, str] = {}  # added to the daemon's environment (e.g. PYTHONPATH)
 
     def tls_command(self) -> list[str]:
         """The daemon's TLS flags (or --insecure when told to serve in the clear)."""
@@ -196,7 +197,7 @@ class ManagedProcess:
             self.proc = subprocess.Popen(
                 self.command(), stdout=log_file, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
             )
         if wait:
             self.wait_ready()
@@ -340,7 +341,8 @@ class LocalCluster:
     def __init__(self, root: Path, hosts: int = 3, *, fsync_policy: str = "batch",
                  extra: dict[str, Any] | None = None, coordinator: bool = False,
                  netns: bool = False, coordinator_args: Sequence[str] = (),
-                 disk_bytes: int = 0, tls: bool = True) -> None:
+                 disk_bytes: int = 0, tls: bool = True,
+                 env: dict[str, str] | None = None) -> None:
         """With `netns`, every agent runs in its own network namespace (root only; see
         `failover.netns`), so that `partition(host)` can cut it off for real. With
         `disk_bytes`, every agent's data dir is a tmpfs of that size (root only; see
@@ -351,7 +353,8 @@ class LocalCluster:
         serves and dials mutual TLS, the harness calls the coordinator as `tls_admin` and the
         agents as a coordinator identity (`tls_harness`), and `tls_client`, `tls_operator`
         and `tls_admin` are for the Clients and failoverctl of tests, demos and benchmarks
-        (None each without TLS)."""
+        (None each without TLS). `env` is added to every daemon's environment (e.g. a
+        PYTHONPATH holding a kind only this cluster registers)."""
         self.root = root
         host_ids = [f"host{i}" for i in range(1, hosts + 1)]
         self.net = HostNetwork(host_ids) if netns else None
@@ -382,6 +385,9 @@ class LocalCluster:
         }
         self.disks = {h: SmallDisk(a.data_dir, disk_bytes)
                       for h, a in self.agents.items()} if disk_bytes else {}
+        for process in [*self.agents.values(), *([self.coordinator] if self.coordinator
+                                                  else [])]:
+            process.env = dict(env or {})
 
     def __enter__(self) -> LocalCluster:
         return self
@@ -438,6 +444,46 @@ class LocalCluster:
                   else common_pb2.REPLICATION_MODE_SYNC)), timeout=10)
         wait_for(lambda: self.primary_of(service) is not None, READY_TIMEOUT_S,
                  f"{service} to have a serving primary")
+
+    def create_many(self, services: Sequence[str], kind: str, replicas: int = 2,
+                    mode: str = "sync", timeout_s: float = 120.0) -> None:
+        """Creates services one after another through the coordinator, then waits once until
+        every one has a serving primary (`create` waits per service, reading every status
+        again each time: quadratic for hundreds)."""
+        assert self.coordinator is not None, "create_many needs a coordinator"
+        stub = self.coordinator.stub()
+        mode_pb = (common_pb2.REPLICATION_MODE_ASYNC if mode == "async"
+                   else common_pb2.REPLICATION_MODE_SYNC)
+        for service in services:
+            stub.CreateService(coordinator_pb2.CreateServiceRequest(
+                name=service, kind=kind, replicas=replicas, mode=mode_pb), timeout=10)
+        wanted = set(services)
+        wait_for(lambda: wanted <= set(self.primaries()), timeout_s,
+                 f"{len(wanted)} services to have a serving primary", interval_s=0.2)
+
+    def primaries(self) -> dict[str, str]:
+        """Service -> the host whose replica serves as primary at the coordinator's epoch (as
+        `primary_of`, for every service at once: one status per daemon)."""
+        assert self.coordinator is not None
+        status = self.coordinator.status()
+        reports: dict[str, dict[str, agent_pb2.ReplicaStatus]] = {}
+        out: dict[str, str] = {}
+        for view in status.services:
+            for replica in view.replicas:
+                if replica.role != common_pb2.ROLE_PRIMARY:
+                    continue
+                agent = self.agents[replica.host_id]
+                if not agent.alive:
+                    continue
+                if replica.host_id not in reports:
+                    with contextlib.suppress(grpc.RpcError):
+                        reports[replica.host_id] = {
+                            r.service: r for r in agent.status().replicas}
+                report = reports.get(replica.host_id, {}).get(view.name)
+                if (report is not None and report.role == common_pb2.ROLE_PRIMARY
+                        and report.epoch == view.epoch):
+                    out[view.name] = replica.host_id
+        return out
 
     def primary_of(self, service: str) -> str | None:
         """The host whose replica of `service` is primary at the coordinator's epoch."""
