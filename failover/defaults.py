@@ -202,3 +202,11 @@ SHIP_MESSAGE_BYTES_MAX = 4 << 20  # shipped records in one Ship message (under t
 MIGRATION_ENCODE_AHEAD = 2  # batches a migration encodes ahead of what its stream has sent
 MIGRATION_CUT_OVERHEAD_MS = 3.0  # fixed cost of a migration's paused round, in its prediction
 MIGRATION_CUT_BANDWIDTH_FRACTION = 0.5  # its rate against the live rounds' (measured ~half)
+
+# Several coordinators (issue 15): the one leading acts, the others answer with a redirect.
+COORDINATOR_TAKEOVER_GRACE_MS = 1000  # after a takeover, no failure detection for this long:
+# the agents first find the new leader (they heartbeat to the old one until it fails them)
+COORDINATOR_STORE_READ_TIMEOUT_MS = 2000  # a follower's read of the store for status, history
+COORDINATOR_LEADER_HINT_TTL_MS = 200  # a follower asks the store who leads at most this often
+COORDINATOR_CAMPAIGN_BACKOFF_MIN_MS = 100  # a campaign or a load that failed (the store is
+COORDINATOR_CAMPAIGN_BACKOFF_MAX_MS = 2000  # unreachable) is tried again after this, doubling

@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+import re
+
 import click
 
 from failover import defaults
 from failover.commandline import run_click
 from failover.core.placement import POLICIES
-from failover.net.address import parse_address
+from failover.errors import ConfigError
+from failover.net.address import parse_address, parse_address_list
+from failover.net.tls import TlsFiles
+from failover.storage.store import check_address
+
+# etcd's minimum lease TTL is 1 s (granted in whole seconds); beyond a minute a dead leader
+# would stop the cluster's coordination for too long to be meant.
+LEADER_TTL_MS_MIN = 1000
+LEADER_TTL_MS_MAX = 60_000
+_CLUSTER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 _HELP = """Watches every host, detects a dead primary, promotes an in-sync duplica under a new
 epoch, fences the old primary and pushes routes to clients. Keeps cluster state in a SQLite
-store in DATA-DIR (sqlite:///PATH); an etcd store for several coordinators is planned (issue
-15). With --tls-ca, --tls-cert and --tls-key every call in and out is mutual TLS and each
-caller may do only what the role in its certificate allows; without them it serves in the
-clear on a loopback address only, unless --insecure."""
+store in DATA-DIR (sqlite:///PATH; one coordinator), or in etcd (--store
+etcd://HOST:PORT[,HOST:PORT...]) shared by several coordinators: one leads, the others answer
+with a redirect to it and take over within about --leader-ttl-ms of its loss. With --tls-ca,
+--tls-cert and --tls-key every call in and out is mutual TLS and each caller may do only
+what the role in its certificate allows; without them it serves in the clear on a loopback
+address only, unless --insecure."""
 
 
 @click.command(help=_HELP, context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,8 +35,24 @@ clear on a loopback address only, unless --insecure."""
 @click.option("--data-dir", required=True, type=click.Path(file_okay=False),
               help="Where the default SQLite store lives.")
 @click.option("--store", default=None,
-              help="Store URL (default: sqlite:///DATA-DIR/cluster.db); etcd:// is planned "
-              "(issue 15) and refused.")
+              help="Store URL: sqlite:///PATH (default: sqlite:///DATA-DIR/cluster.db), or "
+              "etcd://HOST:PORT[,HOST:PORT...] for several coordinators.")
+@click.option("--cluster", default="default", show_default=True,
+              help="With etcd: the cluster's name; its keys live under /failover/NAME/.")
+@click.option("--etcd-tls-ca", type=click.Path(dir_okay=False), default=None,
+              help="With etcd: the CA that signed etcd's certificate (PEM).")
+@click.option("--etcd-tls-cert", type=click.Path(dir_okay=False), default=None,
+              help="With etcd: this coordinator's client certificate for etcd (PEM).")
+@click.option("--etcd-tls-key", type=click.Path(dir_okay=False), default=None,
+              help="With etcd: the key of --etcd-tls-cert (PEM).")
+@click.option("--leader-ttl-ms", type=click.IntRange(min=LEADER_TTL_MS_MIN,
+                                                     max=LEADER_TTL_MS_MAX),
+              default=defaults.LEADER_TTL_MS, show_default=True,
+              help="With etcd: the leader's lease; a leader that cannot renew it stops acting, "
+              "and a follower takes over about this long after the leader's loss.")
+@click.option("--advertise", default=None,
+              help="HOST:PORT other coordinators, agents and callers reach this one at "
+              "(default: --listen).")
 @click.option("--host-dead-ms", type=click.IntRange(min=defaults.FAILURE_TIMEOUT_MS),
               default=defaults.HOST_DEAD_MS, show_default=True,
               help="A host silent this long is dead: its replicas are rebuilt elsewhere.")
@@ -40,12 +69,18 @@ clear on a loopback address only, unless --insecure."""
 @click.option("--insecure", is_flag=True,
               help="Serve in the clear on a non-loopback address: anyone who reaches it "
               "drives the cluster.")
-def coordinator_command(listen: str, data_dir: str, store: str | None, host_dead_ms: int,
-                        placement: str, tls_ca: str | None, tls_cert: str | None,
-                        tls_key: str | None, insecure: bool) -> None:
+def coordinator_command(listen: str, data_dir: str, store: str | None, cluster: str,
+                        etcd_tls_ca: str | None, etcd_tls_cert: str | None,
+                        etcd_tls_key: str | None, leader_ttl_ms: int, advertise: str | None,
+                        host_dead_ms: int, placement: str, tls_ca: str | None,
+                        tls_cert: str | None, tls_key: str | None, insecure: bool) -> None:
     parse_address(listen, what="listen")
+    etcd_tls = _check_store(store, cluster, etcd_tls_ca, etcd_tls_cert, etcd_tls_key,
+                            leader_ttl_ms)
+    if advertise is not None:
+        parse_address(advertise, what="--advertise")
+        check_address(advertise)
     from failover.net.channels import check_listen
-    from failover.net.tls import TlsFiles
 
     files = TlsFiles.from_options(tls_ca, tls_cert, tls_key)
     tls = files.load() if files is not None else None
@@ -53,7 +88,39 @@ def coordinator_command(listen: str, data_dir: str, store: str | None, host_dead
     from failover.coordinator.daemon import run  # imported late: --help stays fast
 
     run(listen=listen, data_dir=data_dir, store=store, host_dead_ms=host_dead_ms,
-        placement=placement, tls=tls)
+        placement=placement, tls=tls, cluster=cluster, etcd_tls=etcd_tls,
+        leader_ttl_ms=leader_ttl_ms, advertise=advertise)
+
+
+def _check_store(store: str | None, cluster: str, ca: str | None, cert: str | None,
+                 key: str | None, leader_ttl_ms: int) -> TlsFiles | None:
+    """Checks the store flags together; returns the etcd TLS files (None: in the clear).
+    Raises ConfigError (one line, exit 2) naming what is wrong."""
+    etcd = store is not None and store.strip().lower().startswith("etcd")
+    given = [name for name, value in (("--etcd-tls-ca", ca), ("--etcd-tls-cert", cert),
+                                      ("--etcd-tls-key", key)) if value is not None]
+    if not etcd:
+        if given:
+            raise ConfigError(f"{', '.join(given)}: only for an etcd store: give "
+                              "--store etcd://HOST:PORT[,HOST:PORT...] or drop them")
+        if cluster != "default":
+            raise ConfigError("--cluster names a cluster in etcd: give --store "
+                              "etcd://HOST:PORT[,HOST:PORT...] or drop it")
+        if leader_ttl_ms != defaults.LEADER_TTL_MS:
+            raise ConfigError("--leader-ttl-ms applies to an etcd store only (one coordinator "
+                              "on SQLite leads for as long as it runs)")
+        return None
+    assert store is not None
+    endpoints = store.strip().partition("://")[2]
+    parse_address_list(endpoints, what="etcd endpoints of --store")
+    if not _CLUSTER_NAME.fullmatch(cluster):
+        raise ConfigError(f"--cluster {cluster!r}: use 1-64 letters, digits, '-', '_' or '.'")
+    if given and len(given) != 3:
+        missing = [name for name in ("--etcd-tls-ca", "--etcd-tls-cert", "--etcd-tls-key")
+                   if name not in given]
+        raise ConfigError(f"TLS to etcd needs all of --etcd-tls-ca, --etcd-tls-cert and "
+                          f"--etcd-tls-key: {', '.join(missing)} missing")
+    return TlsFiles.from_options(ca, cert, key)
 
 
 def main(argv: list[str] | None = None) -> None:

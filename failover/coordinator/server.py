@@ -6,6 +6,13 @@ serialised and durable before anyone hears of them. Calls to an agent go through
 host, in order: two assignments of one epoch (an in-sync set shrinking, then growing) must
 never arrive the other way round.
 
+Leadership (issue 15): several coordinators may share one store; only the one leading acts.
+`lead(term)` loads the state and restores a fresh core; `deposed(why)` stops everything at once
+(no commit, no agent call, no route push after it), drops the core and the operations in
+flight and ends the route watchers, so the process answers as a follower until it leads again.
+Every call to an agent carries the term (`TERM_METADATA`): agents refuse an older one. A
+`Coordinator` used on its own (tests) leads from the start, as before.
+
 The operations (switchover, migrate, patch, a drain's move of a primary) are plans of the
 core (`failover.core.coordinator.operations`): this starts one, makes the calls its actions
 ask for, feeds each answer back (`CoordinatorCore.answer`), passes its progress and end to
@@ -59,11 +66,11 @@ from failover.core.coordinator import (
 )
 from failover.core.placement import Resources
 from failover.core.roles import PRIMARY
-from failover.errors import Overloaded, Unavailable
+from failover.errors import LeadershipLostError, Overloaded, Unavailable
 from failover.net import channels
 from failover.net.convert import assign_request, cluster_status
 from failover.net.tls import TlsMaterial
-from failover.storage.store import Store
+from failover.storage.store import CoordinatorInfo, Store
 from failover.v1 import agent_pb2, agent_pb2_grpc, coordinator_pb2
 
 log = logging.getLogger(__name__)
@@ -74,6 +81,10 @@ HEARS_PRIMARY_TIMEOUT_S = defaults.HEARS_PRIMARY_TIMEOUT_MS / 1000
 OPERATION_PROGRESS_MAX = 1024
 # Route deltas queued per watcher; one that falls further behind gets the whole table next.
 ROUTE_WATCHER_QUEUE = 64
+# The invocation metadata every call to an agent carries: the term of the coordinator making it.
+TERM_METADATA = channels.COORDINATOR_TERM_METADATA_KEY
+# Put in a route watcher's queue when this coordinator stops leading: its stream ends.
+_WATCH_END = coordinator_pb2.RoutesUpdate()
 
 
 def _route_message(route: Route) -> coordinator_pb2.Route:
@@ -97,10 +108,14 @@ class _HostCaller:
     re-send what a host missed). With TLS the agent must present a certificate naming its
     host id (`server_name`), whatever address it registered."""
 
-    def __init__(self, address: str, host_id: str, tls: TlsMaterial | None = None) -> None:
+    def __init__(self, address: str, host_id: str, tls: TlsMaterial | None = None,
+                 term: int = 0, acting: Callable[[], bool] = lambda: True) -> None:
         self.address = address
         self.host_id = host_id
         self.tls = tls
+        # Every call says which term sends it; the callers of a term are closed when it ends.
+        self.metadata = ((TERM_METADATA, str(term)),)
+        self.acting = acting  # False once the store says the term ended: nothing more goes out
         self.channel = self._connect()
         self.stub = agent_pb2_grpc.AgentControlStub(self.channel)
         self.queue: asyncio.Queue[Action] = asyncio.Queue(
@@ -110,6 +125,10 @@ class _HostCaller:
     async def _run(self) -> None:
         while True:
             action = await self.queue.get()
+            if not self.acting():
+                log.info("%s to %s not sent: this coordinator no longer leads",
+                         type(action).__name__, self.address)
+                continue
             try:
                 await self._call(action)
             except grpc.aio.AioRpcError as exc:
@@ -124,14 +143,16 @@ class _HostCaller:
 
     async def _call(self, action: Action) -> None:
         if isinstance(action, AssignRole):
-            await self.stub.AssignRole(assign_request(action), timeout=AGENT_CALL_TIMEOUT_S)
+            await self.stub.AssignRole(assign_request(action), timeout=AGENT_CALL_TIMEOUT_S,
+                                       metadata=self.metadata)
         elif isinstance(action, StepDown):
             await self.stub.StepDown(agent_pb2.StepDownRequest(
-                service=action.service, epoch=action.epoch), timeout=AGENT_CALL_TIMEOUT_S)
+                service=action.service, epoch=action.epoch), timeout=AGENT_CALL_TIMEOUT_S,
+                metadata=self.metadata)
         elif isinstance(action, DropReplica):
             await self.stub.DropReplica(agent_pb2.DropReplicaRequest(
                 service=action.service, epoch=action.epoch, delete_data=True),
-                timeout=AGENT_CALL_TIMEOUT_S)
+                timeout=AGENT_CALL_TIMEOUT_S, metadata=self.metadata)
         else:
             raise AssertionError(action)
 
@@ -177,8 +198,24 @@ class Coordinator:
 
     def __init__(self, store: Store, timing: Timing | None = None,
                  placement_policy: str = defaults.PLACEMENT_POLICY,
-                 tls: TlsMaterial | None = None) -> None:
+                 tls: TlsMaterial | None = None, address: str = "",
+                 takeover_grace_ms: int = 0, shared_store: bool = False) -> None:
         self.store = store
+        self.address = address  # advertised to the other coordinators and callers
+        # Whether this coordinator acts (decides, commits, calls agents). True on its own, as
+        # before issue 15; the daemon makes it a follower first (`follow`) and leads by `lead`.
+        self.leading = True
+        self.term = 0  # the store's leadership term while leading
+        # Raised at every lead and every deposal: work begun under an older one stops.
+        self._generation = 0
+        # Set when a commit found leadership lost: the daemon campaigns again.
+        self.lost = asyncio.Event()
+        # After a takeover, no failure detection for this long: agents first find the new
+        # leader (they were heartbeating to the old one), as the grace of a restart.
+        self.takeover_grace_ms = takeover_grace_ms
+        # A store other coordinators share (etcd): one this process cannot read makes it step
+        # down and campaign again; the SQLite store's makes it exit (nobody else can lead).
+        self.shared_store = shared_store
         # With TLS, every call to an agent presents this coordinator's certificate and
         # checks the agent's against its host id.
         self.tls = tls
@@ -198,17 +235,79 @@ class Coordinator:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._dropped_calls = 0
         self._tick_task: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[Any]] = set()
         # Set when the store can no longer be read: the daemon exits (see `_reload`).
         self.fatal = asyncio.Event()
 
     async def start(self) -> None:
+        """Opens the store and leads (the SQLite store leads at once): one coordinator."""
         await self.store.open()
+        # A coordinator embedded without an address (tests) names itself by a placeholder.
+        await self.lead(await self.store.campaign(self.address or "localhost:0"))
+
+    def follow(self) -> None:
+        """Answers as a follower until `lead` (the daemon's state before its first term)."""
+        self.leading = False
+        self.term = 0
+
+    async def lead(self, term: int) -> None:
+        """Starts acting under `term`: loads the state from the store and restores a fresh
+        core from it, every host alive for a failure timeout from now (as at a restart),
+        and failure detection held for `takeover_grace_ms` more. Raises what the load
+        raises, leading nothing."""
         state = await self.store.load()
         async with self._lock:
+            self._generation += 1
+            self.lost.clear()
+            self.term = term
+            self.leading = True
+            self.core = CoordinatorCore(self.timing, self.core.placement_policy, _pages)
             await self._execute(self.core.restore(state, monotonic_ms()))
-        log.info("coordinator resumed: %d hosts, %d services, routes version %d",
-                 len(self.core.hosts), len(self.core.services), self.core.routes_version)
-        self._tick_task = asyncio.get_running_loop().create_task(self._tick_loop())
+        log.info("coordinator leads in term %d: %d hosts, %d services, routes version %d",
+                 term, len(self.core.hosts), len(self.core.services), self.core.routes_version)
+        self._tick_task = asyncio.get_running_loop().create_task(
+            self._tick_loop(self.takeover_grace_ms / 1000))
+
+    def deposed(self, why: str) -> None:
+        """Stops acting at once (no await: nothing runs between learning it and stopping):
+        the tick loop, every task and every call to an agent are cancelled, the operations
+        in flight end for their callers, route watchers' streams end, and the core is
+        dropped. Idempotent."""
+        if not self.leading:
+            return
+        log.warning("coordinator stops leading (term %d): %s", self.term, why)
+        self.leading = False
+        self.term = 0
+        self._generation += 1
+        if self._tick_task is not None:
+            self._tick_task.cancel()
+            self._tick_task = None
+        for task in list(self._tasks):
+            task.cancel()
+        callers, self._callers = list(self._callers.values()), {}
+        for caller in callers:
+            caller.task.cancel()  # no call starts after this; the channel closes below
+            self._spawn_detached(caller.close())
+        for op in list(self._operations.values()):
+            op.ended = True
+            for call in op.calls:
+                call.cancel()
+            while op.queue.full():
+                op.queue.get_nowait()
+            op.queue.put_nowait(Failed(op.op_id, f"coordinator {self.address or 'here'} "
+                                       f"stopped leading ({why}); retry with the leader"))
+        self._operations.clear()
+        for queue in list(self._watchers):
+            while not queue.empty():
+                queue.get_nowait()
+            queue.put_nowait(_WATCH_END)
+        self.core = CoordinatorCore(self.timing, self.core.placement_policy, _pages)
+
+    def _spawn_detached(self, coro: Any) -> None:
+        """A task that outlives a deposal (closing channels), kept referenced until done."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def stop(self) -> None:
         if self._tick_task is not None:
@@ -217,6 +316,9 @@ class Coordinator:
             task.cancel()
         for caller in list(self._callers.values()):
             await caller.close()
+        for task in list(self._closing):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await task
         await self.store.close()
 
     def _spawn(self, coro: Any) -> None:
@@ -224,8 +326,11 @@ class Coordinator:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _tick_loop(self) -> None:
+    async def _tick_loop(self, grace_s: float = 0.0) -> None:
         period_s = self.timing.heartbeat_ms / 4000
+        # Held after a takeover: a host silent through the whole grace is suspected at the
+        # first tick; one that found the new leader meanwhile is not.
+        await asyncio.sleep(grace_s)
         while True:
             await asyncio.sleep(period_s)
             try:
@@ -245,6 +350,8 @@ class Coordinator:
         stream), and a commit that fails makes the coordinator reload its state from the
         store, dropping the actions that depended on it."""
         assert self._lock.locked()
+        if not self.leading:
+            raise self._not_leading()  # the core is a follower's empty one: it decided nothing
         carried = asyncio.ensure_future(self._carry_out(actions))
         cancelled = False
         while not carried.done():
@@ -263,13 +370,35 @@ class Coordinator:
             raise asyncio.CancelledError
         carried.result()
 
+    def _acting(self) -> bool:
+        """Whether this coordinator may act now: it leads, and its store has not yet said
+        the term ended (the daemon's deposal follows that at the next turn of the loop)."""
+        return self.leading and (self.store is None or self.store.leading)
+
+    def _not_leading(self) -> Unavailable:
+        return Unavailable(f"coordinator {self.address or 'here'} is not the leader (it "
+                           "stopped leading while carrying this out): retry with the leader")
+
     async def _carry_out(self, actions: list[Action]) -> None:
         asks: list[AskHearsPrimary] = []
+        generation = self._generation
         for action in actions:
+            if generation != self._generation or not self._acting():
+                # Deposed meanwhile (or led again under a new core): nothing more of these
+                # actions may go out, they were decided by a leader that no longer is.
+                raise self._not_leading()
             if isinstance(action, Persist):
                 try:
                     await self.store.commit(action.puts, action.deletes, action.history)
+                except LeadershipLostError as exc:
+                    # The store refused: another coordinator leads. Stop now, not at the
+                    # next keep-alive; the daemon campaigns again.
+                    self.deposed(f"the store refused a commit: {exc}")
+                    self.lost.set()
+                    raise self._not_leading() from exc
                 except Exception as exc:
+                    if generation != self._generation:
+                        raise self._not_leading() from exc
                     await self._reload(exc)
                     raise Unavailable(
                         f"the coordinator's store refused a commit ({exc}); the coordinator "
@@ -306,6 +435,14 @@ class Coordinator:
         try:
             state = await self.store.load()
         except Exception as exc:
+            if self.shared_store:
+                # Another coordinator may lead from the same store once it is back: this one
+                # stops acting and campaigns again, rather than exiting.
+                log.error("cannot reload the cluster state from the store (%s): stepping "
+                          "down", exc)
+                self.deposed(f"the store cannot be read: {exc}")
+                self.lost.set()
+                raise
             log.critical("cannot reload the cluster state from the store (%s): exiting", exc)
             self.fatal.set()
             raise
@@ -322,9 +459,12 @@ class Coordinator:
         await self._carry_out(actions)
 
     def _caller(self, host_id: str, address: str) -> _HostCaller:
+        if not self._acting():
+            raise self._not_leading()  # a task of a deposed term, not yet cancelled
         caller = self._callers.get((host_id, address))
         if caller is None:
-            caller = self._callers[(host_id, address)] = _HostCaller(address, host_id, self.tls)
+            caller = self._callers[(host_id, address)] = _HostCaller(
+                address, host_id, self.tls, self.term, self._acting)
         return caller
 
     def _enqueue(self, action: AssignRole | StepDown | DropReplica) -> None:
@@ -351,13 +491,15 @@ class Coordinator:
         death are one decision round, one store commit."""
         async def ask(action: AskHearsPrimary, host_id: str, address: str) -> HearsAnswer:
             try:
-                reply = await self._caller(host_id, address).stub.HearsPrimary(
+                caller = self._caller(host_id, address)
+                reply = await caller.stub.HearsPrimary(
                     agent_pb2.HearsPrimaryRequest(service=action.service),
-                    timeout=HEARS_PRIMARY_TIMEOUT_S)
+                    timeout=HEARS_PRIMARY_TIMEOUT_S, metadata=caller.metadata)
             except grpc.aio.AioRpcError:
                 return HearsAnswer(host_id, reachable=False)
-            status = await self._caller(host_id, address).stub.GetStatus(
-                agent_pb2.GetStatusRequest(), timeout=HEARS_PRIMARY_TIMEOUT_S)
+            status = await caller.stub.GetStatus(
+                agent_pb2.GetStatusRequest(), timeout=HEARS_PRIMARY_TIMEOUT_S,
+                metadata=caller.metadata)
             # The matched index, not the durable one: the promoted duplica must hold every
             # committed entry, and an unverified durable tail may be a fenced primary's.
             durable = next((r.matched_index for r in status.replicas
@@ -410,6 +552,8 @@ class Coordinator:
 
     async def register(self, info: HostInfo, metrics: dict[str, float] | None = None) -> None:
         async with self._lock:
+            if not self.leading:
+                raise self._not_leading()
             actions = self.core.register(info, monotonic_ms(), metrics)  # may refuse it
             caller = self._callers.get((info.host_id, info.address))
             if caller is not None:
@@ -419,6 +563,9 @@ class Coordinator:
     async def heartbeat(self, host_id: str, metrics: dict[str, float],
                         replicas: list[ReplicaReport]) -> list[tuple[str, int, int]]:
         async with self._lock:
+            if not self.leading:
+                # A follower must not take a heartbeat as if it led: it grants no lease.
+                raise self._not_leading()
             leases, actions = self.core.heartbeat(host_id, metrics, replicas, monotonic_ms())
             await self._execute(actions)
         return leases
@@ -433,9 +580,13 @@ class Coordinator:
         try:
             # The whole table first, then deltas in version order; a delta queued meanwhile
             # that the table already holds, the client skips (its version is not newer).
+            if not self.leading:
+                raise self._not_leading()
             yield self._full_routes()
             while True:
                 update = await queue.get()
+                if update is _WATCH_END:
+                    raise self._not_leading()
                 yield self._full_routes() if update is None else update
         finally:
             self._watchers.discard(queue)
@@ -612,11 +763,12 @@ class Coordinator:
 
     async def _prepare(self, action: PrepareSwitchover) -> None:
         try:
-            await self._caller(action.host_id, action.address).stub.PrepareSwitchover(
+            caller = self._caller(action.host_id, action.address)
+            await caller.stub.PrepareSwitchover(
                 agent_pb2.PrepareSwitchoverRequest(
                     service=action.service, epoch=action.epoch, target_host_id=action.target,
                     timeout_ms=action.timeout_ms, switchover_id=action.switchover_id),
-                timeout=action.answer_within_ms / 1000)
+                timeout=action.answer_within_ms / 1000, metadata=caller.metadata)
             answer = Prepared(True)
         except grpc.aio.AioRpcError as exc:
             answer = Prepared(False, exc.details() or exc.code().name)
@@ -624,23 +776,25 @@ class Coordinator:
 
     async def _release(self, action: ReleaseSwitchover) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError):
-            await self._caller(action.host_id, action.address).stub.PrepareSwitchover(
+            caller = self._caller(action.host_id, action.address)
+            await caller.stub.PrepareSwitchover(
                 agent_pb2.PrepareSwitchoverRequest(
                     service=action.service, epoch=action.epoch, release=True,
                     switchover_id=action.switchover_id),
-                timeout=AGENT_CALL_TIMEOUT_S)
+                timeout=AGENT_CALL_TIMEOUT_S, metadata=caller.metadata)
 
     async def _migrate_out(self, action: StartMigration) -> None:
         stats: dict[str, Any] | None = None
         try:
-            stream = self._caller(action.host_id, action.address).stub.MigrateOut(
+            caller = self._caller(action.host_id, action.address)
+            stream = caller.stub.MigrateOut(
                 agent_pb2.MigrateOutRequest(
                     service=action.service, epoch=action.epoch,
                     migration_id=action.migration_id, target_host_id=action.target_host_id,
                     target_address=action.target_address,
                     max_downtime_ms=action.max_downtime_ms, method=action.method,
                     max_bandwidth_bytes_s=action.max_bandwidth_bytes_s),
-                timeout=action.timeout_ms / 1000)
+                timeout=action.timeout_ms / 1000, metadata=caller.metadata)
             async for progress in stream:
                 if progress.phase == "done":
                     stats = json.loads(progress.stats_json or b"{}")
@@ -660,10 +814,11 @@ class Coordinator:
         keeps the exit code and at most `PATCH_REFUSAL_CHARS_MAX` of a refusal."""
         output = ""
         try:
-            reply = await self._caller(action.host_id, action.address).stub.Restart(
+            caller = self._caller(action.host_id, action.address)
+            reply = await caller.stub.Restart(
                 agent_pb2.RestartRequest(command=action.command,
                                          command_timeout_ms=action.command_timeout_ms),
-                timeout=action.timeout_ms / 1000)
+                timeout=action.timeout_ms / 1000, metadata=caller.metadata)
             output = reply.output
             if reply.exit_code != 0:
                 answer = Restarted(False, reply.version, reply.exit_code,
@@ -702,3 +857,33 @@ class Coordinator:
 
     def status(self) -> coordinator_pb2.ClusterStatus:
         return cluster_status(self.core, monotonic_ms())
+
+    async def cluster_status(self) -> coordinator_pb2.ClusterStatus:
+        """GetClusterStatus, from any coordinator: the leader answers from its core; a
+        follower from the store (a core restored from it: hosts show as a restart would, alive
+        with no heartbeat age, as a follower hears no heartbeats). Either way with the
+        coordinators the store knows, the leader marked; bounded by
+        `COORDINATOR_STORE_READ_TIMEOUT_MS` (a store that does not answer: only this one)."""
+        timeout_s = defaults.COORDINATOR_STORE_READ_TIMEOUT_MS / 1000
+        if self.leading:
+            out = self.status()
+        else:
+            try:
+                state = await asyncio.wait_for(self.store.load(), timeout_s)
+            except (Exception, TimeoutError) as exc:
+                raise Unavailable(f"coordinator {self.address} does not lead and cannot read "
+                                  f"the store ({exc or 'timed out'}): ask the leader") from exc
+            core = CoordinatorCore(self.timing, self.core.placement_policy, _pages)
+            core.restore(state, monotonic_ms())
+            out = cluster_status(core, monotonic_ms())
+        try:
+            known = await asyncio.wait_for(self.store.coordinators(), timeout_s)
+        except (Exception, TimeoutError) as exc:
+            log.info("status: the store does not say which coordinators are alive: %s", exc)
+            known = []
+        if not any(c.address == self.address for c in known):
+            known.append(CoordinatorInfo(self.address, self.leading, self.term))
+        out.coordinators.extend(
+            coordinator_pb2.CoordinatorStatus(address=c.address, leader=c.leader, term=c.term)
+            for c in sorted(known, key=lambda c: c.address))
+        return out
