@@ -165,6 +165,7 @@ class ManagedProcess:
         self._channel: grpc.Channel | None = None
         self._caller_material: TlsMaterial | None = None
         self.restarts = 0
+        self.paused = False  # SIGSTOPped by `pause`
         self.env: dict[str, str] = {}  # added to the daemon's environment (e.g. PYTHONPATH)
 
     def tls_command(self) -> list[str]:
@@ -192,6 +193,7 @@ class ManagedProcess:
 
     def start(self, wait: bool = True) -> None:
         assert self.proc is None or self.proc.poll() is not None, "already running"
+        self.paused = False
         self.prepare()
         with open(self.log_path, "ab") as log_file:
             self.proc = subprocess.Popen(
@@ -217,10 +219,23 @@ class ManagedProcess:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.proc.pid, sig)
 
+    def pause(self) -> None:
+        """SIGSTOP: the process stops answering (and acting); its sockets stay open, as a
+        hung host's do."""
+        self.signal(signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        """SIGCONT after `pause`."""
+        self.signal(signal.SIGCONT)
+        self.paused = False
+
     def kill(self) -> None:
         """SIGKILL, and wait for the process to be gone."""
         if self.proc is None or self.proc.poll() is not None:
             return
+        if self.paused:
+            self.resume()  # a stopped process dies of SIGKILL too; resumed, it is reaped cleanly
         self.signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
 
@@ -228,6 +243,8 @@ class ManagedProcess:
         """SIGTERM, then SIGKILL if it does not exit in time."""
         if self.proc is None or self.proc.poll() is not None:
             return
+        if self.paused:
+            self.resume()
         self.signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout=timeout_s)
@@ -304,21 +321,36 @@ class AgentProcess(ManagedProcess):
 
 
 class CoordinatorProcess(ManagedProcess):
-    """One `failover-coordinator` process with its data dir (the SQLite store) under root."""
+    """One `failover-coordinator` process with its data dir (the SQLite store) under root;
+    `name` tells several apart (their logs and data dirs). `store_args` name a shared store
+    (``--store etcd://... --cluster ...``): it then advertises its listen address."""
 
     what = "the coordinator"
 
     def __init__(self, root: Path, ip: str = "127.0.0.1",
                  args: Sequence[str] = (), *, tls: TlsFiles | None = None,
-                 caller_tls: TlsFiles | None = None, insecure: bool = False) -> None:
-        super().__init__(f"{ip}:{free_port()}", root / "coordinator.log", tls=tls,
+                 caller_tls: TlsFiles | None = None, insecure: bool = False,
+                 name: str = "coordinator", store_args: Sequence[str] = ()) -> None:
+        super().__init__(f"{ip}:{free_port()}", root / f"{name}.log", tls=tls,
                          caller_tls=caller_tls, insecure=insecure)
-        self.data_dir = root / "coordinator"
+        self.name = name
+        if name != "coordinator":
+            self.what = f"coordinator {name}"
+        self.data_dir = root / name
         self.args = list(args)
+        self.store_args = list(store_args)
 
     def command(self) -> list[str]:
+        advertise = ["--advertise", self.address] if self.store_args else []
         return [sys.executable, "-m", "failover.coordinator", "--listen", self.address,
-                "--data-dir", str(self.data_dir), *self.args, *self.tls_command()]
+                "--data-dir", str(self.data_dir), *self.store_args, *advertise, *self.args,
+                *self.tls_command()]
+
+    def leads(self, timeout_s: float = 1.0) -> bool:
+        """Whether this coordinator says it leads (its own entry in its status)."""
+        status = self.stub().GetClusterStatus(coordinator_pb2.ClusterStatusRequest(),
+                                              timeout=timeout_s)
+        return any(c.leader and c.address == self.address for c in status.coordinators)
 
     def probe(self) -> None:
         self.stub().GetClusterStatus(coordinator_pb2.ClusterStatusRequest(), timeout=0.5)
@@ -342,7 +374,9 @@ class LocalCluster:
                  extra: dict[str, Any] | None = None, coordinator: bool = False,
                  netns: bool = False, coordinator_args: Sequence[str] = (),
                  disk_bytes: int = 0, tls: bool = True,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, coordinators: int = 1,
+                 store: str = "sqlite", etcd_members: int = 1,
+                 leader_ttl_ms: int | None = None) -> None:
         """With `netns`, every agent runs in its own network namespace (root only; see
         `failover.netns`), so that `partition(host)` can cut it off for real. With
         `disk_bytes`, every agent's data dir is a tmpfs of that size (root only; see
@@ -354,7 +388,22 @@ class LocalCluster:
         agents as a coordinator identity (`tls_harness`), and `tls_client`, `tls_operator`
         and `tls_admin` are for the Clients and failoverctl of tests, demos and benchmarks
         (None each without TLS). `env` is added to every daemon's environment (e.g. a
-        PYTHONPATH holding a kind only this cluster registers)."""
+        PYTHONPATH holding a kind only this cluster registers).
+
+        Several coordinators (issue 15): ``coordinators=N`` (implies `coordinator`) needs
+        ``store="etcd"``: the cluster starts `etcd_members` etcd members
+        (`failover.etcd_local.EtcdCluster`, as `etcd`) and N coordinators on it, each
+        advertising its own address (with `leader_ttl_ms` when given); agents and
+        `cli_args` get the comma list of them. `leader` finds the one leading;
+        `coordinator` stays the first, for what any coordinator answers (status, history).
+        """
+        if coordinators < 1:
+            raise ValueError(f"coordinators={coordinators}: at least one")
+        if store not in ("sqlite", "etcd"):
+            raise ValueError(f"store={store!r}: sqlite or etcd")
+        if coordinators > 1 and store != "etcd":
+            raise ValueError("several coordinators share an etcd store: pass store='etcd'")
+        coordinator = coordinator or coordinators > 1 or store == "etcd"
         self.root = root
         host_ids = [f"host{i}" for i in range(1, hosts + 1)]
         self.net = HostNetwork(host_ids) if netns else None
@@ -370,11 +419,25 @@ class LocalCluster:
         self.tls_client = pki.files(CLIENT_NAME) if pki else None
         self.tls_harness = pki.files(HARNESS_NAME) if pki else None
         insecure = not tls and netns  # namespaced daemons listen beyond loopback
-        self.coordinator = (CoordinatorProcess(
+        self.etcd: Any = None  # an EtcdCluster with store="etcd"
+        store_args: list[str] = []
+        if store == "etcd":
+            from failover.etcd_local import EtcdCluster  # it imports this module
+
+            self.etcd = EtcdCluster(root / "etcd", etcd_members)
+            # One etcd per cluster here; the cluster name only has to be a valid one.
+            name = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in root.name)
+            store_args = ["--store", self.etcd.url, "--cluster", name[-64:] or "default"]
+            if leader_ttl_ms is not None:
+                store_args += ["--leader-ttl-ms", str(leader_ttl_ms)]
+        self.coordinators = [CoordinatorProcess(
             root, gateway, coordinator_args, tls=pki.files(COORDINATOR_NAME) if pki else None,
-            caller_tls=self.tls_admin, insecure=insecure) if coordinator else None)
+            caller_tls=self.tls_admin, insecure=insecure, store_args=store_args,
+            name="coordinator" if coordinators == 1 else f"coordinator{i}")
+            for i in range(1, coordinators + 1)] if coordinator else []
+        self.coordinator = self.coordinators[0] if self.coordinators else None
         if self.coordinator is not None:
-            extra = {**(extra or {}), "coordinator": self.coordinator.address}
+            extra = {**(extra or {}), "coordinator": self.coordinator_addresses}
         self.agents = {
             h: AgentProcess(
                 root, h, fsync_policy=fsync_policy, extra=extra, ip=ips[h],
@@ -385,8 +448,7 @@ class LocalCluster:
         }
         self.disks = {h: SmallDisk(a.data_dir, disk_bytes)
                       for h, a in self.agents.items()} if disk_bytes else {}
-        for process in [*self.agents.values(), *([self.coordinator] if self.coordinator
-                                                  else [])]:
+        for process in [*self.agents.values(), *self.coordinators]:
             process.env = dict(env or {})
 
     def __enter__(self) -> LocalCluster:
@@ -399,24 +461,27 @@ class LocalCluster:
         for disk in self.disks.values():
             if not disk.mounted:
                 disk.mount()
-        if self.coordinator is not None:
-            self.coordinator.start(wait=False)
+        if self.etcd is not None:
+            self.etcd.start()
+        for process in self.coordinators:
+            process.start(wait=False)
         for agent in self.agents.values():
             agent.start(wait=False)
-        if self.coordinator is not None:
-            self.coordinator.wait_ready()
+        for process in self.coordinators:
+            process.wait_ready()
         for agent in self.agents.values():
             agent.wait_ready()
         if self.coordinator is not None:
-            coordinator = self.coordinator
-            wait_for(lambda: sum(h.alive for h in coordinator.status().hosts)
+            wait_for(lambda: sum(h.alive for h in self.lead().status().hosts)
                      == len(self.agents), READY_TIMEOUT_S, "every agent to register")
 
     def close(self) -> None:
-        if self.coordinator is not None:
+        for process in self.coordinators:
             with contextlib.suppress(Exception):
-                self.coordinator.kill()
-            self.coordinator.close()
+                process.kill()
+            process.close()
+        if self.etcd is not None:
+            self.etcd.close()
         for agent in self.agents.values():
             with contextlib.suppress(Exception):
                 agent.kill()
@@ -438,7 +503,7 @@ class LocalCluster:
     def create(self, service: str, kind: str, replicas: int = 2, mode: str = "sync") -> None:
         """Creates a service through the coordinator and waits until its primary serves."""
         assert self.coordinator is not None, "create needs a coordinator"
-        self.coordinator.stub().CreateService(coordinator_pb2.CreateServiceRequest(
+        self.lead().stub().CreateService(coordinator_pb2.CreateServiceRequest(
             name=service, kind=kind, replicas=replicas,
             mode=(common_pb2.REPLICATION_MODE_ASYNC if mode == "async"
                   else common_pb2.REPLICATION_MODE_SYNC)), timeout=10)
@@ -451,7 +516,7 @@ class LocalCluster:
         every one has a serving primary (`create` waits per service, reading every status
         again each time: quadratic for hundreds)."""
         assert self.coordinator is not None, "create_many needs a coordinator"
-        stub = self.coordinator.stub()
+        stub = self.lead().stub()
         mode_pb = (common_pb2.REPLICATION_MODE_ASYNC if mode == "async"
                    else common_pb2.REPLICATION_MODE_SYNC)
         for service in services:
@@ -465,7 +530,7 @@ class LocalCluster:
         """Service -> the host whose replica serves as primary at the coordinator's epoch (as
         `primary_of`, for every service at once: one status per daemon)."""
         assert self.coordinator is not None
-        status = self.coordinator.status()
+        status = self.lead().status()
         reports: dict[str, dict[str, agent_pb2.ReplicaStatus]] = {}
         out: dict[str, str] = {}
         for view in status.services:
@@ -488,7 +553,7 @@ class LocalCluster:
     def primary_of(self, service: str) -> str | None:
         """The host whose replica of `service` is primary at the coordinator's epoch."""
         assert self.coordinator is not None
-        status = self.coordinator.status()
+        status = self.lead().status()
         view = next((s for s in status.services if s.name == service), None)
         if view is None:
             return None
@@ -502,6 +567,62 @@ class LocalCluster:
                         and report.epoch == view.epoch):
                     return replica.host_id
         return None
+
+    # --- several coordinators (issue 15) -----------------------------------------------------
+
+    @property
+    def coordinator_addresses(self) -> str:
+        """Every coordinator's address, a comma list (what agents and failoverctl get)."""
+        return ",".join(c.address for c in self.coordinators)
+
+    def find_leader(self, timeout_s: float = 1.0) -> CoordinatorProcess | None:
+        """The running, unpaused coordinator that leads as the store says (asked of each
+        such coordinator in turn), or None while none does."""
+        by_address = {c.address: c for c in self.coordinators}
+        for process in self.coordinators:
+            if not process.alive or process.paused:
+                continue
+            try:
+                status = process.stub().GetClusterStatus(
+                    coordinator_pb2.ClusterStatusRequest(), timeout=timeout_s)
+            except grpc.RpcError:
+                continue
+            for entry in status.coordinators:
+                found = by_address.get(entry.address)
+                if entry.leader and found is not None and found.alive and not found.paused:
+                    return found
+        return None
+
+    def leader(self, timeout_s: float = READY_TIMEOUT_S,
+               other_than: CoordinatorProcess | None = None) -> CoordinatorProcess:
+        """Waits until a coordinator (not `other_than`) leads and serves as leader (its own
+        status says so), and returns it."""
+        def found() -> CoordinatorProcess | None:
+            process = self.find_leader()
+            if process is None or process is other_than or not process.leads():
+                return None
+            return process
+
+        return wait_for(found, timeout_s, "a coordinator to lead"
+                        + (f" other than {other_than.address}" if other_than else ""),
+                        interval_s=0.05)
+
+    def lead(self) -> CoordinatorProcess:
+        """The coordinator to send what only the leader does: the only one, or `leader()`."""
+        assert self.coordinator is not None, "no coordinator in this cluster"
+        return self.coordinator if len(self.coordinators) == 1 else self.leader()
+
+    def kill_leader(self) -> CoordinatorProcess:
+        """SIGKILLs the leading coordinator; returns it (`start` runs it again)."""
+        process = self.leader()
+        process.kill()
+        return process
+
+    def pause_leader(self) -> CoordinatorProcess:
+        """SIGSTOPs the leading coordinator; returns it (`resume` wakes it)."""
+        process = self.leader()
+        process.pause()
+        return process
 
     def __iter__(self) -> Iterator[AgentProcess]:
         return iter(self.agents.values())
@@ -531,7 +652,7 @@ class LocalCluster:
         """failoverctl's leading flags for this cluster: --coordinator and the TLS flags of
         `identity` (default `tls_admin`)."""
         assert self.coordinator is not None
-        return ["--coordinator", self.coordinator.address,
+        return ["--coordinator", self.coordinator_addresses,
                 *tls_flags(identity or self.tls_admin)]
 
     def form(self, service: str, kind: str, primary: str, duplicas: list[str], *,
