@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import click
 
@@ -11,7 +12,6 @@ from failover.commandline import run_click
 from failover.core.placement import POLICIES
 from failover.errors import ConfigError
 from failover.net.address import parse_address, parse_address_list
-from failover.net.tls import TlsFiles
 from failover.storage.store import check_address
 
 # etcd's minimum lease TTL is 1 s (granted in whole seconds); beyond a minute a dead leader
@@ -81,6 +81,7 @@ def coordinator_command(listen: str, data_dir: str, store: str | None, cluster: 
         parse_address(advertise, what="--advertise")
         check_address(advertise)
     from failover.net.channels import check_listen
+    from failover.net.tls import TlsFiles
 
     files = TlsFiles.from_options(tls_ca, tls_cert, tls_key)
     tls = files.load() if files is not None else None
@@ -93,7 +94,7 @@ def coordinator_command(listen: str, data_dir: str, store: str | None, cluster: 
 
 
 def _check_store(store: str | None, cluster: str, ca: str | None, cert: str | None,
-                 key: str | None, leader_ttl_ms: int) -> TlsFiles | None:
+                 key: str | None, leader_ttl_ms: int) -> Any:
     """Checks the store flags together; returns the etcd TLS files (None: in the clear).
     Raises ConfigError (one line, exit 2) naming what is wrong."""
     etcd = store is not None and store.strip().lower().startswith("etcd")
@@ -115,12 +116,9 @@ def _check_store(store: str | None, cluster: str, ca: str | None, cert: str | No
     parse_address_list(endpoints, what="etcd endpoints of --store")
     if not _CLUSTER_NAME.fullmatch(cluster):
         raise ConfigError(f"--cluster {cluster!r}: use 1-64 letters, digits, '-', '_' or '.'")
-    if given and len(given) != 3:
-        missing = [name for name in ("--etcd-tls-ca", "--etcd-tls-cert", "--etcd-tls-key")
-                   if name not in given]
-        raise ConfigError(f"TLS to etcd needs all of --etcd-tls-ca, --etcd-tls-cert and "
-                          f"--etcd-tls-key: {', '.join(missing)} missing")
-    return TlsFiles.from_options(ca, cert, key)
+    from failover.storage.etcd_store import EtcdTls  # imported late: aetcd only for etcd
+
+    return EtcdTls.from_options(ca, cert, key)
 
 
 def main(argv: list[str] | None = None) -> None:
