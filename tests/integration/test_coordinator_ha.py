@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from failover.client import Client
@@ -162,8 +163,15 @@ async def test_a_paused_leader_that_wakes_steps_down(ha: LocalCluster) -> None:
         new = await asyncio.to_thread(ha.leader, TAKEOVER_S + 2, old)
         new_term = leader_term(ha)[1]
         old.resume()
-        # It wakes believing it leads until its lease check; then it answers as a follower.
+        # At once, before it may have noticed: whether it still believes it leads (etcd then
+        # refuses its transaction) or already knows it does not (it redirects), the write
+        # fails and nothing of it is applied.
+        with pytest.raises(grpc.RpcError) as refused:
+            old.stub().CreateService(coordinator_pb2.CreateServiceRequest(
+                name="kv-from-deposed", kind="kv", replicas=2), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
         await poll(lambda: not old.leads(), WAIT_S, "the woken leader to step down")
+        assert all(s.name != "kv-from-deposed" for s in new.status().services)
         assert leader_term(ha) == (new.address, new_term)
         assert "stops leading" in old.log_path.read_text(errors="replace")
     # It changed nothing: the service kept its epoch (no promotion, no demotion).
