@@ -88,6 +88,20 @@ STORE_VALUE_BYTES_MAX = 16 << 20  # a state value or one history event's encoded
 # within about this long of the leader's loss.
 LEADER_TTL_MS = 2000
 COORDINATOR_ADDRESS_BYTES_MAX = 256  # a coordinator's advertised HOST:PORT, UTF-8
+LEADER_TTL_MS_MIN = 500  # below it a loaded leader would lose its lease between keep-alives
+LEADER_TTL_MS_MAX = 60_000  # a dead leader is replaced within about this long: keep it short
+# The etcd store (docs/etcd.md). One commit is one etcd transaction, never split: etcd must be
+# started with --max-txn-ops and --max-request-bytes at least these (the store checks at open),
+# so that a commit of many keys (a host death at scale) and the largest value fit.
+ETCD_TXN_OPS_MAX = 16_384  # operations in one transaction: state puts and deletes, plus 3
+ETCD_REQUEST_BYTES_MAX = 32 << 20  # one encoded transaction (above STORE_VALUE_BYTES_MAX)
+ETCD_RESPONSE_BYTES_MAX = 64 << 20  # one reply received; reads are paged below it
+ETCD_READ_PAGE_KEYS = 1000  # keys per page of a read (all pages at one revision)
+ETCD_CALL_TIMEOUT_MS = 2000  # one etcd call; then the next endpoint is tried
+# A commit's call gets ETCD_CALL_TIMEOUT_MS plus its bytes at this rate (a 16 MiB value goes
+# through etcd's raft log and fsync: seconds on a loaded machine).
+ETCD_COMMIT_BYTES_PER_S_MIN = 2 << 20
+ETCD_CAMPAIGN_POLL_MS = 100  # a follower looks for a vacant leader key this often
 
 # Links, streams and clients.
 LINK_OUTBOX_BYTES_MAX = 256 << 20  # queued for one peer host; beyond it the link restarts

@@ -192,6 +192,12 @@ class LeadershipLostError(StorageError):
     acting as leader at once and campaign again."""
 
 
+class StoreOutcomeUnknownError(StorageError):
+    """A commit was sent to a shared store (etcd) and no answer came back in time, even after
+    retrying on the other endpoints: it may or may not have been applied (it is never applied
+    in part). Load the state again to find out before deciding again."""
+
+
 # --- live migration ------------------------------------------------------------------------
 
 

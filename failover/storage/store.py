@@ -7,8 +7,8 @@ its puts, deletes and history events are applied together or not at all, and are
 the call returns, so the coordinator can persist a new epoch before any agent hears of it
 (docs/design.md, Invariants 1).
 
-Built now: `SqliteStore` (one coordinator, its data dir). The interface already carries what a
-store shared by several coordinators (etcd) needs:
+Built: `SqliteStore` (one coordinator, its data dir) and `EtcdStore` (several coordinators on
+one etcd, one of them leading; docs/etcd.md). The interface carries what a shared store needs:
 
 - `revision`: every commit that changes something raises it; `commit(expect_revision=...)`
   applies only if no other commit came in between (compare-and-set), else raises
@@ -66,7 +66,7 @@ HistoryEvent = tuple[str, str, str, dict[str, Any]]
 
 _ACCEPTED_FORMS = (
     "leave it unset for sqlite:///DATA-DIR/cluster.db, or give sqlite:///ABSOLUTE/PATH, or "
-    "sqlite://PATH (relative to the data dir)"
+    "sqlite://PATH (relative to the data dir), or etcd://HOST:PORT[,HOST:PORT...] for etcd"
 )
 
 
@@ -160,7 +160,8 @@ class Store(abc.ABC):
     @property
     @abc.abstractmethod
     def term(self) -> int:
-        """The leadership term this handle holds (> 0 once open); a new one at every open."""
+        """The leadership term this handle holds (> 0 once it leads; SQLite: from open), higher
+        at every new leadership."""
 
     # --- leadership ----------------------------------------------------------------------------
 
@@ -308,13 +309,22 @@ def check_event(event: object) -> tuple[str, str, str, bytes]:
     return service, kind, message, encode_details(details)
 
 
-def open_store(url: str | None, data_dir: str | os.PathLike[str]) -> Store:
+def open_store(
+    url: str | None,
+    data_dir: str | os.PathLike[str],
+    *,
+    cluster: str = "default",
+    etcd_tls: Any = None,
+    leader_ttl_ms: int = defaults.LEADER_TTL_MS,
+) -> Store:
     """The store named by `url`, not yet opened (no I/O happens here).
 
     - None: ``sqlite:///<data_dir>/cluster.db``;
     - ``sqlite:///ABS/PATH``: the SQLite file at that absolute path;
     - ``sqlite://REL/PATH``: the SQLite file at that path relative to `data_dir`;
-    - ``etcd://...``: ConfigError, the etcd store is not built yet;
+    - ``etcd://HOST:PORT[,HOST:PORT...]``: etcd (`failover.storage.etcd_store`), the keys under
+      ``/failover/<cluster>/``, over TLS when `etcd_tls` (an `EtcdTls`) is given, the leader's
+      lease `leader_ttl_ms`;
     - anything else: ConfigError listing the accepted forms.
     """
     from failover.storage.sqlite_store import SqliteStore  # the sqlite module imports this one
@@ -327,11 +337,15 @@ def open_store(url: str | None, data_dir: str | os.PathLike[str]) -> Store:
     text = url.strip()
     scheme, sep, rest = text.partition("://")
     scheme = scheme.lower()
-    if sep and scheme.startswith("etcd"):
-        raise ConfigError(
-            f"store URL {url!r} names an etcd store, which is not built yet: use the SQLite "
-            f"store meanwhile ({_ACCEPTED_FORMS})"
-        )
+    if sep and scheme == "etcd":
+        from failover.storage.etcd_store import EtcdStore, EtcdTls, parse_endpoints
+
+        if etcd_tls is not None and not isinstance(etcd_tls, EtcdTls):
+            raise ConfigError(f"etcd_tls is a {type(etcd_tls).__name__}, not EtcdTls")
+        if not rest or "/" in rest or "?" in rest:
+            raise ConfigError(f"store URL {url!r} names no etcd endpoints: {_ACCEPTED_FORMS}")
+        return EtcdStore(parse_endpoints(rest), cluster=cluster, tls=etcd_tls,
+                         leader_ttl_ms=leader_ttl_ms)
     if not sep or scheme != "sqlite":
         raise ConfigError(f"store URL {url!r} is not understood: {_ACCEPTED_FORMS}")
     if not rest or rest.endswith("/") or rest in (".", "..") or "\x00" in rest:

@@ -468,10 +468,61 @@ def test_open_store_relative_sqlite_url_is_under_the_data_dir(tmp_path: Path) ->
     assert store.path == tmp_path / "dd" / "sub" / "state.db"
 
 
-@pytest.mark.parametrize("url", ["etcd://10.0.0.1:2379", "etcd://a:2379,b:2379", "ETCD://x:1"])
-def test_open_store_etcd_is_not_built_yet(url: str, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="etcd store, which is not built yet"):
-        open_store(url, tmp_path)
+@pytest.mark.parametrize(("url", "endpoints"), [
+    ("etcd://10.0.0.1:2379", ["10.0.0.1:2379"]),
+    ("etcd://a:2379,b:2379", ["a:2379", "b:2379"]),
+    ("ETCD://x:1", ["x:1"]),
+    ("etcd://[::1]:2379", ["[::1]:2379"]),
+])
+def test_open_store_etcd_names_the_endpoints(url: str, endpoints: list[str],
+                                             tmp_path: Path) -> None:
+    from failover.storage.etcd_store import EtcdStore, EtcdTls
+
+    tls = EtcdTls(tmp_path / "ca.pem", tmp_path / "c.pem", tmp_path / "k.pem")
+    store = open_store(url, tmp_path, cluster="prod", etcd_tls=tls, leader_ttl_ms=3000)
+    assert isinstance(store, EtcdStore)
+    assert store.endpoints == endpoints
+    assert store.prefix == b"/failover/prod/"
+    assert (store.leader_ttl_ms, store.lease_ttl_s, store.tls) == (3000, 3, tls)
+    assert store.description.startswith("etcd+tls://")
+    assert open_store(url, tmp_path).lease_ttl_s == 2  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("url", "options", "problem"), [
+    ("etcd://", {}, "names no etcd endpoints"),
+    ("etcd://host", {}, "not HOST:PORT"),
+    ("etcd://host:0", {}, "not HOST:PORT"),
+    ("etcd://host:99999", {}, "not HOST:PORT"),
+    ("etcd://a:1,,b:2", {}, "not HOST:PORT"),
+    ("etcd://a:1,a:1", {}, "twice"),
+    ("etcd://a:1/prefix", {}, "names no etcd endpoints"),
+    ("etcd://a:1", {"cluster": "a/b"}, "cluster name"),
+    ("etcd://a:1", {"cluster": ""}, "cluster name"),
+    ("etcd://a:1", {"leader_ttl_ms": 100}, "leader_ttl_ms"),
+    ("etcd://a:1", {"leader_ttl_ms": 10 ** 6}, "leader_ttl_ms"),
+    ("etcd://a:1", {"etcd_tls": "ca.pem"}, "not EtcdTls"),
+])
+def test_open_store_refuses_a_bad_etcd_url_or_option(
+    url: str, options: dict[str, object], problem: str, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        open_store(url, tmp_path, **options)  # type: ignore[arg-type]
+
+
+def test_etcd_tls_files_all_or_none(tmp_path: Path) -> None:
+    from failover.storage.etcd_store import EtcdTls
+
+    assert EtcdTls.from_options(None, None, None) is None
+    with pytest.raises(ConfigError, match="--etcd-tls-key missing"):
+        EtcdTls.from_options("ca", "cert", None)
+    tls = EtcdTls.from_options(tmp_path / "ca", tmp_path / "cert", tmp_path / "key")
+    assert tls is not None
+    with pytest.raises(ConfigError, match="cannot be read"):
+        tls.credentials()
+    for name in ("ca", "cert", "key"):
+        (tmp_path / name).write_text("not pem")
+    with pytest.raises(ConfigError, match="not a PEM file"):
+        tls.credentials()
 
 
 @pytest.mark.parametrize(
