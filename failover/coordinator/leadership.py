@@ -180,7 +180,8 @@ async def campaign_loop(coordinator: Coordinator, stopping: asyncio.Event) -> No
     while not stopping.is_set():
         try:
             term = await store.campaign(coordinator.address)
-            await coordinator.lead(term)
+            if not (coordinator.leading and coordinator.term == term):
+                await coordinator.lead(term)  # (SQLite: the daemon led before serving)
         except Exception as exc:
             log.warning("campaign or load failed (%s): trying again in %d ms", exc, backoff_ms)
             coordinator.deposed(f"could not take the lead: {exc}")

@@ -265,6 +265,8 @@ class Coordinator:
             await self._execute(self.core.restore(state, monotonic_ms()))
         log.info("coordinator leads in term %d: %d hosts, %d services, routes version %d",
                  term, len(self.core.hosts), len(self.core.services), self.core.routes_version)
+        if self._tick_task is not None:
+            self._tick_task.cancel()  # one tick loop, of the core now leading
         self._tick_task = asyncio.get_running_loop().create_task(
             self._tick_loop(self.takeover_grace_ms / 1000))
 

@@ -178,3 +178,36 @@ async def test_the_leader_stamps_its_term_and_a_deposed_one_stops_at_once(
     stopping.set()
     store.refuse = False
     await asyncio.wait_for(loop, 5)
+
+
+async def test_a_sqlite_coordinator_that_led_at_start_does_not_lead_again(
+        tmp_path: Path) -> None:
+    """The daemon leads on SQLite before serving; its campaign loop then finds the same
+    term and must not restore a second core (every assignment re-sent, two tick loops)."""
+    coordinator = Coordinator(SqliteStore(tmp_path / "cluster.db"), Timing(),
+                              address="127.0.0.1:1")
+    coordinator.follow()
+    await coordinator.start()
+    leads: list[int] = []
+    campaigned = asyncio.Event()
+    lead, campaign = coordinator.lead, coordinator.store.campaign
+
+    async def counted_lead(term: int) -> None:
+        leads.append(term)
+        await lead(term)
+
+    async def signalled_campaign(address: str) -> int:
+        term = await campaign(address)
+        campaigned.set()  # the loop goes on to lead (or not) before this test runs again
+        return term
+
+    coordinator.lead = counted_lead  # type: ignore[method-assign]
+    coordinator.store.campaign = signalled_campaign  # type: ignore[method-assign]
+    stopping = asyncio.Event()
+    loop = asyncio.create_task(leadership.campaign_loop(coordinator, stopping))
+    await asyncio.wait_for(campaigned.wait(), 5)
+    assert leads == []
+    assert coordinator.leading
+    stopping.set()
+    await asyncio.wait_for(loop, 5)
+    await coordinator.stop()
