@@ -537,13 +537,20 @@ class EtcdStore(Store):
             raise RuntimeError(f"{self.description} is not open: call open() first")
         async with self._campaign_lock:
             poll_s = defaults.ETCD_CAMPAIGN_POLL_MS / 1000
-            while not self._still_leading():
-                try:
-                    if await self._try_lead():
-                        return self._term
-                except StorageError as exc:  # etcd unreachable: keep trying, as followers do
-                    log.debug("%s: campaign: %s", self.description, exc)
-                await asyncio.sleep(poll_s)
+            try:
+                while not self._still_leading():
+                    try:
+                        if await self._try_lead():
+                            return self._term
+                    except StorageError as exc:  # etcd unreachable: keep trying, as followers do
+                        log.debug("%s: campaign: %s", self.description, exc)
+                    await asyncio.sleep(poll_s)
+            except BaseException:
+                if not self._leading:
+                    # Cancelled, maybe after etcd gave us the leader key and before we knew:
+                    # the lease goes, and the key with it, or nobody could lead until we did.
+                    self._drop_lease()
+                raise
             return self._term
 
     async def _try_lead(self) -> bool:
@@ -622,12 +629,7 @@ class EtcdStore(Store):
             with contextlib.suppress(StorageError):
                 await self._call(lambda c: c.kvstub.Txn(request, timeout=self._call_timeout_s),
                                  "resign")
-        try:
-            await self._call(lambda c: c.leasestub.LeaseRevoke(
-                rpc.LeaseRevokeRequest(ID=lease.id), timeout=self._call_timeout_s),
-                "revoke the lease")
-        except StorageError as exc:  # etcd expires it by itself within its TTL
-            log.warning("%s: %s", self.description, exc)
+        await self._revoke(lease.id)
 
     async def leader(self) -> CoordinatorInfo | None:
         """The leader key's address and term, or None when it is vacant."""
@@ -678,8 +680,29 @@ class EtcdStore(Store):
             log.warning("%s: %s lost leadership (term %d): %s", self.description,
                         self._address, self._term, reason)
             self.lost_reason = reason
+            # A lease kept alive after the loss would keep the leader key from everyone else
+            # if this coordinator never campaigned again: the next campaign takes a new one.
+            self._drop_lease()
         self._leading = False
         self._lost.set()
+
+    def _drop_lease(self) -> None:
+        """Stops renewing this handle's lease and revokes it (in the background): etcd deletes
+        the keys on it, the leader key if ours and our members key."""
+        lease, self._lease = self._lease, None
+        if lease is None:
+            return
+        lease.expired = True
+        if self._opened:
+            self._spawn(self._revoke(lease.id), f"etcd-revoke-{lease.id}")
+
+    async def _revoke(self, lease_id: int) -> None:
+        try:
+            await self._call(lambda c: c.leasestub.LeaseRevoke(
+                rpc.LeaseRevokeRequest(ID=lease_id), timeout=self._call_timeout_s),
+                "revoke the lease")
+        except StorageError as exc:  # etcd expires it by itself within its TTL
+            log.warning("%s: %s", self.description, exc)
 
     async def _ensure_lease(self) -> _Lease:
         lease = self._lease

@@ -346,6 +346,13 @@ async def test_a_cancelled_campaign_leaves_the_handle_not_leading(
         with pytest.raises(asyncio.CancelledError):
             await campaign
         assert not other.leading
+        # Its lease is given up (had etcd granted it the leader key unbeknownst, the key goes
+        # too): it no longer shows among the coordinators.
+        assert isinstance(other, EtcdStore) and other.lease_id == 0
+        deadline = time.monotonic() + WAIT_S
+        while len(await other.coordinators()) != 1:
+            assert time.monotonic() < deadline, await other.coordinators()
+            await asyncio.sleep(0.02)
     finally:
         await backend.close()
 
