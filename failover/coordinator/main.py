@@ -14,10 +14,6 @@ from failover.errors import ConfigError
 from failover.net.address import parse_address, parse_address_list
 from failover.storage.store import check_address
 
-# etcd's minimum lease TTL is 1 s (granted in whole seconds); beyond a minute a dead leader
-# would stop the cluster's coordination for too long to be meant.
-LEADER_TTL_MS_MIN = 1000
-LEADER_TTL_MS_MAX = 60_000
 _CLUSTER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 _HELP = """Watches every host, detects a dead primary, promotes an in-sync duplica under a new
@@ -45,8 +41,8 @@ address only, unless --insecure."""
               help="With etcd: this coordinator's client certificate for etcd (PEM).")
 @click.option("--etcd-tls-key", type=click.Path(dir_okay=False), default=None,
               help="With etcd: the key of --etcd-tls-cert (PEM).")
-@click.option("--leader-ttl-ms", type=click.IntRange(min=LEADER_TTL_MS_MIN,
-                                                     max=LEADER_TTL_MS_MAX),
+@click.option("--leader-ttl-ms", type=click.IntRange(min=defaults.LEADER_TTL_MS_MIN,
+                                                     max=defaults.LEADER_TTL_MS_MAX),
               default=defaults.LEADER_TTL_MS, show_default=True,
               help="With etcd: the leader's lease; a leader that cannot renew it stops acting, "
               "and a follower takes over about this long after the leader's loss.")
