@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -23,6 +24,8 @@ from pathlib import Path
 from failover import defaults
 from failover.errors import ConfigError
 from failover.localcluster import ManagedProcess, free_port, wait_for
+from failover.storage.etcd_store import EtcdTls
+from failover.storage.modes import write_private_file
 
 __all__ = ["ETCD_SEARCH_PATHS", "EtcdCluster", "EtcdMember", "ensure_etcd"]
 
@@ -120,12 +123,16 @@ class EtcdMember(ManagedProcess):
 
     def __init__(self, name: str, root: Path, client_port: int, peer_port: int, *,
                  txn_ops_max: int = defaults.ETCD_TXN_OPS_MAX,
-                 request_bytes_max: int = defaults.ETCD_REQUEST_BYTES_MAX) -> None:
+                 request_bytes_max: int = defaults.ETCD_REQUEST_BYTES_MAX,
+                 server_tls: EtcdTls | None = None, client_tls: EtcdTls | None = None) -> None:
         root.mkdir(parents=True, exist_ok=True)
         super().__init__(f"127.0.0.1:{client_port}", root / f"{name}.log")
         self.name = name
         self.data_dir = root / f"{name}.data"
-        self.client_url = f"http://127.0.0.1:{client_port}"
+        self.server_tls = server_tls  # serves clients over TLS, asking for their certificate
+        self.client_tls = client_tls  # what the readiness probe presents
+        scheme = "https" if server_tls is not None else "http"
+        self.client_url = f"{scheme}://127.0.0.1:{client_port}"
         self.peer_url = f"http://127.0.0.1:{peer_port}"
         self.initial_cluster = f"{name}={self.peer_url}"
         self.cluster_token = "failover-test"
@@ -150,7 +157,15 @@ class EtcdMember(ManagedProcess):
             "--max-txn-ops", str(self.txn_ops_max),
             "--max-request-bytes", str(self.request_bytes_max),
             "--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn",
+            *self._tls_flags(),
         ]
+
+    def _tls_flags(self) -> list[str]:
+        tls = self.server_tls
+        if tls is None:
+            return []
+        return ["--cert-file", str(tls.cert), "--key-file", str(tls.key),
+                "--client-cert-auth", "--trusted-ca-file", str(tls.ca)]
 
     def prepare(self) -> None:
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -158,11 +173,34 @@ class EtcdMember(ManagedProcess):
     def probe(self) -> None:
         """Raises until this member serves (its /health needs a quorum: start every member of a
         cluster before waiting on any)."""
-        with urllib.request.urlopen(f"{self.client_url}/health",
-                                    timeout=_HEALTH_TIMEOUT_S) as reply:
+        context = None
+        if self.client_tls is not None:
+            context = ssl.create_default_context(cafile=str(self.client_tls.ca))
+            context.load_cert_chain(str(self.client_tls.cert), str(self.client_tls.key))
+        with urllib.request.urlopen(f"{self.client_url}/health", timeout=_HEALTH_TIMEOUT_S,
+                                    context=context) as reply:
             body = reply.read()
         if b'"true"' not in body:
             raise ConnectionError(f"etcd {self.name} not healthy yet: {body[:200]!r}")
+
+
+def make_etcd_pki(directory: Path) -> tuple[EtcdTls, EtcdTls]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files under
+    `directory`: (what the members serve with, what a client presents)."""
+    from failover.core.permissions import COORDINATOR, Identity
+    from failover.net.certs import cert_pem, issue, key_pem, make_ca
+
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_cert, ca_key = make_ca(common_name="etcd test CA")
+    write_private_file(directory / "ca.pem", cert_pem(ca_cert))
+    pairs = {}
+    for stem, name in (("server", "etcd"), ("client", "coordinator")):
+        cert, key = issue(ca_cert, ca_key, Identity(COORDINATOR, name), sans=["127.0.0.1"])
+        write_private_file(directory / f"{stem}.pem", cert_pem(cert))
+        write_private_file(directory / f"{stem}.key", key_pem(key))
+        pairs[stem] = EtcdTls(directory / "ca.pem", directory / f"{stem}.pem",
+                              directory / f"{stem}.key")
+    return pairs["server"], pairs["client"]
 
 
 class EtcdCluster:
@@ -170,18 +208,25 @@ class EtcdCluster:
 
     Use as a context manager, or `start()` ... `close()`; `url` is the ``etcd://`` store URL
     naming every member. `txn_ops_max` and `request_bytes_max` are etcd's limits (tests give
-    smaller ones to see the store refuse such an etcd)."""
+    smaller ones to see the store refuse such an etcd). With `tls`, the members serve clients
+    over mutual TLS from a PKI made under root (`client_tls` is what a store presents)."""
 
     def __init__(self, root: str | os.PathLike[str], members: int = 1, *,
                  txn_ops_max: int = defaults.ETCD_TXN_OPS_MAX,
-                 request_bytes_max: int = defaults.ETCD_REQUEST_BYTES_MAX) -> None:
+                 request_bytes_max: int = defaults.ETCD_REQUEST_BYTES_MAX,
+                 tls: bool = False) -> None:
         if members not in (1, 3):
             raise ConfigError(f"an etcd cluster here has 1 or 3 members, not {members}")
         self.root = Path(root)
         self.members: list[EtcdMember] = []
+        self.client_tls: EtcdTls | None = None
+        server_tls = None
+        if tls:
+            server_tls, self.client_tls = make_etcd_pki(self.root / "pki")
         for i in range(members):
             member = EtcdMember(f"etcd{i}", self.root, free_port(), free_port(),
-                                txn_ops_max=txn_ops_max, request_bytes_max=request_bytes_max)
+                                txn_ops_max=txn_ops_max, request_bytes_max=request_bytes_max,
+                                server_tls=server_tls, client_tls=self.client_tls)
             self.members.append(member)
         initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
         for member in self.members:

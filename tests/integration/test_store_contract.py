@@ -18,7 +18,7 @@ import pytest
 from aetcd import rpc
 
 from failover import defaults
-from failover.errors import ConfigError, LeadershipLostError, StoreConflictError
+from failover.errors import ConfigError, LeadershipLostError, StorageError, StoreConflictError
 from failover.etcd_local import EtcdCluster, ensure_etcd
 from failover.storage.etcd_store import EtcdStore
 from failover.storage.sqlite_store import SqliteStore
@@ -453,3 +453,30 @@ async def test_an_etcd_with_smaller_limits_is_refused_at_open(tmp_path: Path) ->
                           request_bytes_max=1 << 20)
         await store.open()  # within etcd's limits
         await store.close()
+
+
+# --- TLS ---------------------------------------------------------------------------------------
+
+
+async def test_the_store_speaks_mutual_tls_to_etcd(tmp_path: Path) -> None:
+    found = ensure_etcd()
+    if isinstance(found, str):
+        pytest.skip(f"no etcd for the etcd store tests: {found}")
+    with EtcdCluster(tmp_path / "tls", tls=True) as secure:
+        assert secure.client_tls is not None
+        assert secure.members[0].client_url.startswith("https://")
+        store = open_store(secure.url, tmp_path, cluster="tls", etcd_tls=secure.client_tls,
+                           leader_ttl_ms=LEADER_TTL_MS)
+        assert store.description.startswith("etcd+tls://")
+        await store.open()
+        try:
+            term = await asyncio.wait_for(store.campaign("127.0.0.1:7001"), WAIT_S)
+            await store.commit({"k": b"1"}, history=[("", "host", "over tls", {})])
+            assert await store.load() == {"k": b"1"}
+            assert await store.leader() == CoordinatorInfo("127.0.0.1:7001", True, term)
+        finally:
+            await store.close()
+        # Without a certificate etcd answers nothing: the store cannot open.
+        plain = EtcdStore([secure.members[0].address], cluster="tls", call_timeout_ms=500)
+        with pytest.raises(StorageError, match="could not"):
+            await plain.open()
