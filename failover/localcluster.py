@@ -511,15 +511,21 @@ class LocalCluster:
                  f"{service} to have a serving primary")
 
     def create_many(self, services: Sequence[str], kind: str, replicas: int = 2,
-                    mode: str = "sync", timeout_s: float = 120.0) -> None:
+                    mode: str = "sync", timeout_s: float = 120.0, batch: int = 25) -> None:
         """Creates services one after another through the coordinator, then waits once until
         every one has a serving primary (`create` waits per service, reading every status
-        again each time: quadratic for hundreds)."""
+        again each time: quadratic for hundreds). Before each `batch` of creations every
+        agent must be alive at the coordinator: on a loaded machine a host that missed a
+        heartbeat is no place for a replica, and placement would refuse the service."""
         assert self.coordinator is not None, "create_many needs a coordinator"
-        stub = self.lead().stub()
+        lead = self.lead()
+        stub = lead.stub()
         mode_pb = (common_pb2.REPLICATION_MODE_ASYNC if mode == "async"
                    else common_pb2.REPLICATION_MODE_SYNC)
-        for service in services:
+        for i, service in enumerate(services):
+            if i % batch == 0:
+                wait_for(lambda: all(h.alive for h in lead.status().hosts), timeout_s,
+                         "every agent to be alive at the coordinator", interval_s=0.05)
             stub.CreateService(coordinator_pb2.CreateServiceRequest(
                 name=service, kind=kind, replicas=replicas, mode=mode_pb), timeout=10)
         wanted = set(services)
