@@ -514,23 +514,24 @@ class LocalCluster:
                     mode: str = "sync", timeout_s: float = 120.0, batch: int = 25) -> None:
         """Creates services one after another through the coordinator, then waits once until
         every one has a serving primary (`create` waits per service, reading every status
-        again each time: quadratic for hundreds). Before each `batch` of creations every
-        agent must be alive at the coordinator: on a loaded machine a host that missed a
-        heartbeat is no place for a replica, and placement would refuse the service."""
+        again each time: quadratic for hundreds). A `batch` at a time: before the next one,
+        the batch serves and every agent is alive at the coordinator (an agent opening many
+        replicas at once on a loaded machine misses heartbeats, and placement refuses a
+        host that missed them)."""
         assert self.coordinator is not None, "create_many needs a coordinator"
         lead = self.lead()
         stub = lead.stub()
         mode_pb = (common_pb2.REPLICATION_MODE_ASYNC if mode == "async"
                    else common_pb2.REPLICATION_MODE_SYNC)
-        for i, service in enumerate(services):
-            if i % batch == 0:
-                wait_for(lambda: all(h.alive for h in lead.status().hosts), timeout_s,
-                         "every agent to be alive at the coordinator", interval_s=0.05)
-            stub.CreateService(coordinator_pb2.CreateServiceRequest(
-                name=service, kind=kind, replicas=replicas, mode=mode_pb), timeout=10)
-        wanted = set(services)
-        wait_for(lambda: wanted <= set(self.primaries()), timeout_s,
-                 f"{len(wanted)} services to have a serving primary", interval_s=0.2)
+        for start in range(0, len(services), batch):
+            wait_for(lambda: all(h.alive for h in lead.status().hosts), timeout_s,
+                     "every agent to be alive at the coordinator", interval_s=0.05)
+            for service in services[start:start + batch]:
+                stub.CreateService(coordinator_pb2.CreateServiceRequest(
+                    name=service, kind=kind, replicas=replicas, mode=mode_pb), timeout=10)
+            wanted = set(services[:start + batch])
+            wait_for(lambda wanted=wanted: wanted <= set(self.primaries()), timeout_s,
+                     f"{len(wanted)} services to have a serving primary", interval_s=0.1)
 
     def primaries(self) -> dict[str, str]:
         """Service -> the host whose replica serves as primary at the coordinator's epoch (as
