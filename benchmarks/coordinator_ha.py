@@ -16,8 +16,9 @@ request its monotonic end, whether it succeeded and which address answered:
     client, restart it, wait until the replica set is whole. The unavailability of a kill is
     what benchmarks/failover.py measures: the first successful completion after the kill that
     another host served, minus the last successful completion before the kill.
-    ``etcd_writes_per_failover``: etcd's revision (every write raises it by one; lease
-    keep-alives do not) from just before the kill until the new primary serves, median;
+    ``etcd_writes_per_failover``: the etcd writes (revisions: one per transaction) to the
+    cluster's state and history from just before the kill until the new primary serves,
+    replayed by an etcd watch (the coordinators' own membership refreshes left out), median;
 
 * ``sqlite``: the same primary kills on a cluster with one coordinator on its SQLite store
   (as before issue 15), measured the same way in the same run:
@@ -126,14 +127,44 @@ def whole(cluster: LocalCluster) -> str | None:
     return cluster.primary_of(SERVICE)
 
 
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
 def etcd_revision(cluster: LocalCluster) -> int:
     """etcd's current revision, through its JSON gateway (one range read of no key)."""
     member = next(m for m in cluster.etcd.members if m.alive)
-    body = json.dumps({"key": base64.b64encode(b"\0").decode()}).encode()
+    body = json.dumps({"key": _b64(b"\0")}).encode()
     request = urllib.request.Request(f"{member.client_url}/v3/kv/range", data=body,
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=5) as reply:
         return int(json.loads(reply.read())["header"]["revision"])
+
+
+def etcd_state_writes(cluster: LocalCluster, after: int, upto: int) -> int:
+    """The etcd writes (revisions) in (after, upto] that touched the cluster's state or
+    history, replayed by a watch from `after + 1`: a coordinator's membership refresh (its
+    ``members/`` key) is not a write of the failover."""
+    member = next(m for m in cluster.etcd.members if m.alive)
+    body = json.dumps({"create_request": {
+        "key": _b64(b"/failover/"), "range_end": _b64(b"/failover0"),
+        "start_revision": after + 1}}).encode()
+    request = urllib.request.Request(f"{member.client_url}/v3/watch", data=body,
+                                     headers={"Content-Type": "application/json"})
+    revisions: set[int] = set()
+    seen = after
+    with urllib.request.urlopen(request, timeout=10) as stream:
+        while seen < upto:
+            line = stream.readline()
+            if not line:
+                break
+            for event in json.loads(line).get("result", {}).get("events", []):
+                revision = int(event["kv"]["mod_revision"])
+                seen = max(seen, revision)
+                key = base64.b64decode(event["kv"]["key"]).decode(errors="replace")
+                if revision <= upto and "/members/" not in key:
+                    revisions.add(revision)
+    return len(revisions)
 
 
 async def settle(rng: random.Random) -> None:
@@ -179,7 +210,7 @@ async def primary_kills(cluster: LocalCluster, load: Load, rng: random.Random, k
         await poll(lambda old=primary: (p := cluster.primary_of(SERVICE)) and p != old, WAIT_S,
                    "the new primary to serve")
         if cluster.etcd is not None:
-            writes.append(etcd_revision(cluster) - revision)
+            writes.append(etcd_state_writes(cluster, revision, etcd_revision(cluster)))
         value = load.unavailability_ms(t_kill, address)
         if value is not None:
             unavailable.append(value)
@@ -258,8 +289,9 @@ async def main(args: argparse.Namespace) -> None:
             "takeover": "leader SIGKILL -> first poll at which a follower's own status says "
                         "it leads",
             "failed_requests": "client requests failed during the leader kills",
-            "etcd_writes_per_failover": "etcd revision delta from just before a primary kill "
-                                        "to the new primary serving (median)",
+            "etcd_writes_per_failover": "etcd transactions on state and history keys from "
+                                        "just before a primary kill to the new primary "
+                                        "serving (median)",
             "unavailability": "last ok completion before the kill -> first ok completion "
                               "after it answered by another host (client clock)",
             "settle_s": SETTLE_S, "jitter_s": JITTER_S, "seed": args.seed,
