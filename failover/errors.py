@@ -132,6 +132,21 @@ class StaleEpochError(FailoverError):
     """A message carries an epoch lower than the receiver's: the sender has been fenced."""
 
 
+class StaleCoordinatorTermError(StaleEpochError):
+    """A control call came from a coordinator whose term is older than one this agent has
+    seen: that coordinator was deposed (another leads), and the call changed nothing. The
+    deposed coordinator must stop acting and follow the leader.
+
+    Over gRPC: FAILED_PRECONDITION, its type named in trailing metadata
+    (`ERROR_TYPE_METADATA_KEY`)."""
+
+    def __init__(self, term: int, seen: int) -> None:
+        self.term = term
+        self.seen = seen
+        super().__init__(f"coordinator term {term} is older than term {seen} this agent has "
+                         "seen: that coordinator was deposed")
+
+
 class NotPrimaryError(FailoverError):
     """This replica is not the primary; the hint names the primary when it is known."""
 

@@ -8,14 +8,17 @@ import os
 import signal
 import sys
 
+import grpc.aio
+
 from failover.agent.config import AgentConfig
 from failover.agent.host import Agent
-from failover.agent.restart import reexec
+from failover.agent.restart import patch_argv, reexec
 from failover.net import agent_servicers, channels
-from failover.net.authorization import RoleCheck
+from failover.net.authorization import RoleCheck, TermFence
 from failover.net.grpc_logs import limit_decode_error_logs
 from failover.net.tls import TlsMaterial
 from failover.storage.modes import make_private_dir
+from failover.v1 import agent_pb2
 
 log = logging.getLogger("failover.agent")
 
@@ -24,12 +27,13 @@ async def serve(config: AgentConfig, tls: TlsMaterial | None = None) -> bool:
     """Serves until SIGTERM/SIGINT (returns False) or an answered Restart (returns True);
     replicas are recovered before the port opens. With `tls` (`AgentConfig.load_tls`) every
     call in and out is mutual TLS, and each call's role is checked (`RoleCheck`) before its
-    handler; without it the port is in the clear (`check_listen` allowed it)."""
+    handler; without it the port is in the clear (`check_listen` allowed it). Either way a
+    control call from a deposed coordinator (an older term) is refused (`interceptors`)."""
     channels.check_listen(str(config.listen), tls=tls is not None, insecure=config.insecure)
     make_private_dir(config.data_dir)
     agent = Agent(config, tls)
     await agent.start()
-    server = channels.server(interceptors=[RoleCheck()] if tls is not None else ())
+    server = channels.server(interceptors=interceptors(agent, tls))
     agent_servicers.add_to_server(server, agent)
     try:
         port = channels.add_port(server, str(config.listen), tls)
@@ -54,6 +58,21 @@ async def serve(config: AgentConfig, tls: TlsMaterial | None = None) -> bool:
     await server.stop(grace=1.0)
     await agent.stop()
     return restarting
+
+
+def interceptors(agent: Agent, tls: TlsMaterial | None) -> list[grpc.aio.ServerInterceptor]:
+    """What runs before every handler of the agent's server: with TLS the role check, then
+    (always) the coordinator term fence, which checks a Restart's command first so that a
+    malformed one is INVALID_ARGUMENT whatever its term."""
+    patch_commands = agent.config.patch_commands
+
+    def restart_command(request: agent_pb2.RestartRequest) -> None:
+        if request.command:
+            patch_argv(request.command, patch_commands)
+
+    fence = TermFence(agent.coordinator_term,
+                      {"/failover.v1.AgentControl/Restart": restart_command})
+    return [RoleCheck(), fence] if tls is not None else [fence]
 
 
 def run(config: AgentConfig, tls: TlsMaterial | None = None) -> None:

@@ -18,6 +18,7 @@ from failover.agent.config import AgentConfig
 from failover.agent.coordinator_link import CoordinatorLink
 from failover.agent.links import PeerLink
 from failover.agent.replica import Replica, ReplicaMeta
+from failover.agent.term import CoordinatorTerm
 from failover.clock import monotonic_ms
 from failover.core.log_position import LogPosition
 from failover.core.names import check_host_id, check_service_name
@@ -78,6 +79,9 @@ class Agent:
         self._tick_task: asyncio.Task[None] | None = None
         self._replicas_dir = Path(config.data_dir) / "replicas"
         self.coordinator_link: CoordinatorLink | None = None
+        # The highest coordinator term seen (issue 15): control calls from older terms, a
+        # deposed leader's, are refused (`failover.net.authorization.TermFence`).
+        self.coordinator_term = CoordinatorTerm(config.data_dir)
         # Ship messages received and not yet answered; appliers yield while there are any.
         self.receiving = 0
         self.receive_idle = asyncio.Event()
