@@ -56,6 +56,7 @@ from failover.errors import (
 )
 from failover.net import channels
 from failover.net.address import parse_address_list
+from failover.net.leader import LeaderFollower
 from failover.net.tls import TlsFiles, TlsMaterial
 from failover.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, data_pb2, data_pb2_grpc
 
@@ -95,8 +96,9 @@ class Client:
     """Calls services by name; `call` retries until the deadline without applying twice.
 
     With `coordinator` (a comma list of coordinators) the client subscribes to the pushed
-    routes table and follows it. `agents` (agent addresses) is the other way to find
-    primaries: by asking, a non-primary answers with a redirect hint. Either or both.
+    routes table of the leader among them and follows it (a follower names the leader).
+    `agents` (agent addresses) is the other way to find primaries: by asking, a non-primary
+    answers with a redirect hint. Either or both.
 
     With `tls` (`TlsFiles(ca, cert, key)`, checked when the client is made: ConfigError names
     a bad file) every call to an agent and the routes watch are mutual TLS; a call the
@@ -115,6 +117,12 @@ class Client:
         self._tls = tls.load() if isinstance(tls, TlsFiles) else tls
         self._seeds = _addresses(agents, "agents")
         self._coordinators = _addresses(coordinator, "coordinator")
+        # Which coordinator to watch: the leader once known (issue 15). Each client starts
+        # at a random one, so that many clients spread their first subscriptions.
+        self._coordinator_follower = LeaderFollower(
+            self._coordinators, backoff_min_ms=defaults.CLIENT_BACKOFF_MIN_MS,
+            backoff_max_ms=defaults.CLIENT_ROUTES_BACKOFF_MAX_MS,
+            shuffle=True) if self._coordinators else None
         if not self._seeds and not self._coordinators:
             raise ConfigError("Client needs coordinator=HOST:PORT[,...] or agents=HOST:PORT[,...]")
         if deadline_ms <= 0:
@@ -178,11 +186,13 @@ class Client:
         return self._channels[address]
 
     async def _watch_routes(self) -> None:
-        """Follows the coordinators' routes push, moving to the next one when a stream ends."""
-        backoff_ms = float(defaults.CLIENT_BACKOFF_MIN_MS)
-        cursor = random.randrange(len(self._coordinators))
+        """Follows the routes push of the leader coordinator: a follower refuses the watch
+        naming the leader (issue 15), which is subscribed to at once; a stream that ends or
+        fails moves to the next coordinator after a bounded backoff."""
+        coordinators = self._coordinator_follower
+        assert coordinators is not None  # started only with coordinators
         while True:
-            address = self._coordinators[cursor]
+            address = coordinators.current
             stream = None
             try:
                 stub = coordinator_pb2_grpc.CoordinatorStub(self._channel(address))
@@ -190,7 +200,8 @@ class Client:
                 self._routes_version = None  # a new stream starts with the whole table
                 async for update in stream:
                     self._apply_routes(update)
-                    backoff_ms = float(defaults.CLIENT_BACKOFF_MIN_MS)
+                    coordinators.answered()
+                wait_s = coordinators.failed()  # the leader ended the stream: it stepped down
             except _RoutesGap as gap:
                 # A delta this client cannot apply: subscribe again (to the same
                 # coordinator, at once) for the whole table.
@@ -203,6 +214,7 @@ class Client:
                 if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
                     self._denied = PermissionDenied.from_status(exc.details() or "")
                     self._routes_changed.set()
+                wait_s = coordinators.failed(exc)
             except Exception:
                 # The watcher is the client's only news of a failover: whatever went wrong
                 # with this stream, say so and subscribe again. Were it to end here, the
@@ -211,9 +223,14 @@ class Client:
                             "subscribing again", address, exc_info=True)
                 if stream is not None:
                     stream.cancel()
-            cursor = (cursor + 1) % len(self._coordinators)
-            await asyncio.sleep(backoff_ms / 1000)
-            backoff_ms = min(backoff_ms * 2, defaults.CLIENT_ROUTES_BACKOFF_MAX_MS)
+                wait_s = coordinators.failed()
+            await asyncio.sleep(wait_s)
+
+    @property
+    def coordinator_leader(self) -> str | None:
+        """The coordinator whose routes push this client follows now (None: none yet)."""
+        follower = self._coordinator_follower
+        return follower.leader if follower is not None else None
 
     def _apply_routes(self, update: coordinator_pb2.RoutesUpdate) -> None:
         """Applies a routes update: the whole table, or the delta that follows the version

@@ -119,6 +119,9 @@ AGENT_MIGRATION_STREAMS_MAX = 16
 # reads its next message only once its own are answered (each stream still moves).
 AGENT_SHIP_INFLIGHT_BYTES_MAX = 256 << 20
 CLIENT_ROUTES_BACKOFF_MAX_MS = 1000
+# An agent whose coordinator failed a heartbeat tries the next one after a backoff of one
+# heartbeat period, doubling up to this many (a follower's hint to the leader: at once).
+AGENT_COORDINATOR_BACKOFF_BEATS_MAX = 4
 PAGED_ARENA_BYTES_MAX = 1 << 30
 
 # Coordinator.

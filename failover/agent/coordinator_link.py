@@ -3,6 +3,7 @@
 Heartbeats go every `heartbeat_ms` with the host's metrics and every replica's role, epoch
 and indexes; the answer grants leases to this host's primaries. When no coordinator answers,
 nothing else changes: primaries keep serving (reads then confirm the epoch with duplicas).
+With several coordinators (issue 15) the link follows the leader (`failover.net.leader`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,14 @@ from typing import Protocol
 import grpc
 import grpc.aio
 
+from failover import defaults
 from failover.agent.config import AgentConfig
+from failover.agent.term import CoordinatorTerm
 from failover.clock import monotonic_ms
+from failover.errors import StorageError
 from failover.net import channels
 from failover.net.convert import ReportsStatus, host_metrics, replica_status
+from failover.net.leader import LeaderFollower
 from failover.net.tls import TlsMaterial
 from failover.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -37,6 +42,7 @@ class HeartbeatingAgent(Protocol):
     version: str
     started_at: float
     tls: TlsMaterial | None
+    coordinator_term: CoordinatorTerm
 
     @property
     def config(self) -> AgentConfig: ...
@@ -47,18 +53,36 @@ class HeartbeatingAgent(Protocol):
 log = logging.getLogger(__name__)
 
 
+class DeposedCoordinator(Exception):
+    """A coordinator answered with a term older than one this agent has seen."""
+
+
 class CoordinatorLink:
-    """Keeps this agent registered with, and heartbeating to, one of the coordinators."""
+    """Keeps this agent registered with, and heartbeating to, the leader among the
+    coordinators: a follower's UNAVAILABLE that names the leader (one of `addresses`) sends
+    the next beat there at once; any other failure moves to the next address after a backoff
+    of one to `AGENT_COORDINATOR_BACKOFF_BEATS_MAX` heartbeat periods. The term in the
+    leader's replies raises the agent's (`failover.agent.term`); a reply from an older term
+    (a deposed leader) grants no lease and moves on."""
 
     def __init__(self, agent: HeartbeatingAgent, addresses: list[str]) -> None:
         assert addresses
         self.agent = agent
         self.addresses = addresses
-        self._current = 0
+        period_ms = agent.config.heartbeat_ms
+        self.coordinators = LeaderFollower(
+            addresses, backoff_min_ms=period_ms,
+            backoff_max_ms=period_ms * defaults.AGENT_COORDINATOR_BACKOFF_BEATS_MAX,
+            shuffle=True)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._registered_with: str | None = None
         self._task: asyncio.Task[None] | None = None
         self.last_ok_ms = 0
+
+    @property
+    def leader(self) -> str | None:
+        """The coordinator that answered the last heartbeat, if it did."""
+        return self.coordinators.leader
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="heartbeats")
@@ -82,39 +106,63 @@ class CoordinatorLink:
         period_s = self.agent.config.heartbeat_ms / 1000
         while True:
             started = asyncio.get_running_loop().time()
-            address = self.addresses[self._current]
+            address = self.coordinators.current
+            wait_s = period_s
             try:
                 await self._beat(address)
+                self.coordinators.answered()
             except grpc.aio.AioRpcError as exc:
+                self._registered_with = None
                 if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION,
                                   grpc.StatusCode.INVALID_ARGUMENT):
-                    self._registered_with = None  # the coordinator forgot us: register again
+                    pass  # the coordinator forgot us: register again, with the same one
                 else:
-                    self._registered_with = None
-                    self._current = (self._current + 1) % len(self.addresses)
-                log.debug("heartbeat to %s failed: %s", address, exc.code().name)
+                    wait_s = self.coordinators.failed(exc)
+                log.debug("heartbeat to %s failed: %s %s", address, exc.code().name,
+                          exc.details())
+            except DeposedCoordinator as exc:
+                self._registered_with = None
+                wait_s = self.coordinators.failed()
+                log.warning("%s", exc)
             except Exception:
                 log.exception("heartbeat to %s failed", address)
             elapsed = asyncio.get_running_loop().time() - started
-            await asyncio.sleep(max(0.0, period_s - elapsed))
+            await asyncio.sleep(max(0.0, wait_s - elapsed))
+
+    def _learn_term(self, address: str, term: int) -> None:
+        """Raises the agent's term to a reply's; DeposedCoordinator if the reply's is older."""
+        keeper = self.agent.coordinator_term
+        try:
+            keeper.observe(term)
+        except StorageError:
+            log.exception("coordinator term %d from %s", term, address)
+        if term < keeper.seen:
+            raise DeposedCoordinator(
+                f"coordinator {address} answered at term {term}, older than term "
+                f"{keeper.seen} this agent has seen: it was deposed; its leases are ignored "
+                "and the next coordinator is tried")
 
     async def _beat(self, address: str) -> None:
         agent = self.agent
         timeout_s = max(0.05, agent.config.heartbeat_ms * 2 / 1000)
         stub = self._stub(address)
         if self._registered_with != address:
-            await stub.Register(coordinator_pb2.RegisterRequest(
+            registered = await stub.Register(coordinator_pb2.RegisterRequest(
                 host_id=agent.host_id, address=agent.config.address, zone=agent.config.zone,
                 version=agent.version, started_at=agent.started_at,
                 metrics=host_metrics(str(agent.config.data_dir)),
             ), timeout=timeout_s)
+            self._learn_term(address, registered.coordinator_term)
             self._registered_with = address
-            log.info("registered with coordinator %s", address)
+            log.info("registered with coordinator %s (term %d)", address,
+                     registered.coordinator_term)
         sent_ms = monotonic_ms()
         reply = await stub.Heartbeat(coordinator_pb2.HeartbeatRequest(
             host_id=agent.host_id, metrics=host_metrics(str(agent.config.data_dir)),
             replicas=[replica_status(r) for r in agent.replicas.values()],
         ), timeout=timeout_s)
+        # Before any grant: a deposed leader's leases are not taken.
+        self._learn_term(address, reply.coordinator_term)
         self.last_ok_ms = monotonic_ms()
         for grant in reply.leases:
             replica = agent.replicas.get(grant.service)

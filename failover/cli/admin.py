@@ -3,10 +3,12 @@ delete, switchover, drain, undrain, history, and call (one request to a service 
 smart client).
 
 Every coordinator call has a deadline (`--timeout-ms`, default 5 s, per coordinator address).
-With several `--coordinator` addresses they are tried in order; a coordinator that is
-UNAVAILABLE (and, for read-only calls, one that does not answer in time) passes the call to
-the next. With `--tls-ca/--tls-cert/--tls-key` every call is mutual TLS. Exit status: 0
-done; 2 bad arguments, or the coordinator refused the request (INVALID_ARGUMENT, NOT_FOUND,
+With several `--coordinator` addresses they are tried in order, each once; a coordinator that
+is UNAVAILABLE (and, for read-only calls, one that does not answer in time) passes the call to
+the next, except that a follower naming the leader (one of the addresses) passes it to the
+leader at once (issue 15: only the leader acts; status and history are read from any).
+With `--tls-ca/--tls-cert/--tls-key` every call is mutual TLS. Exit status: 0 done; 2 bad
+arguments, or the coordinator refused the request (INVALID_ARGUMENT, NOT_FOUND,
 FAILED_PRECONDITION, ALREADY_EXISTS, OUT_OF_RANGE, PERMISSION_DENIED: the certificate's role
 does not allow it); 1 no coordinator answered or the call failed otherwise. Every failure is
 one line on stderr. What is printed, and the JSON contract for scripts, is in `failover.cli.output`.
@@ -40,6 +42,7 @@ from failover.errors import (
 )
 from failover.net import channels
 from failover.net.address import parse_address_list
+from failover.net.leader import LeaderFollower, leader_hint
 from failover.net.tls import TlsFiles, TlsMaterial
 from failover.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -129,10 +132,18 @@ class CoordinatorCaller:
         message arrived (the operation is under way there)."""
         asyncio.run(self._stream(method, request, on_message, timeout_ms))
 
+    def _follower(self) -> LeaderFollower:
+        # One pass over the addresses, no wait between them: the operator gets an answer or
+        # a one-line failure within about `timeout_ms` per address, never a retry loop.
+        return LeaderFollower(self.addresses, backoff_min_ms=0, backoff_max_ms=0)
+
     async def _stream(self, method: str, request: Message, on_message: Callable[[Any], None],
                       timeout_ms: int) -> None:
         tried: list[str] = []
-        for address in self.addresses:
+        coordinators = self._follower()
+        passed = 0  # addresses that failed without naming the leader
+        while passed < len(self.addresses):
+            address = coordinators.current
             channel = channels.channel(address, self.tls)
             received = False
             try:
@@ -148,9 +159,13 @@ class CoordinatorCaller:
                     raise CoordinatorRefused(
                         f"{details or code.name.lower()} ({code.name} from coordinator "
                         f"{address})") from None
-                if code == grpc.StatusCode.UNAVAILABLE and not received and \
-                        "failed to connect" in details.lower():
-                    tried.append(f"{address} (unavailable)")
+                # Refused before it started (no such server, or not the leader): the
+                # operation is not under way there, so another coordinator may run it.
+                if code == grpc.StatusCode.UNAVAILABLE and not received and (
+                        "failed to connect" in details.lower() or _not_leader(exc, details)):
+                    tried.append(_unavailable(address, exc, details))
+                    coordinators.failed(exc)
+                    passed += 0 if coordinators.redirected else 1
                     continue
                 raise CommandFailed(f"{method} on coordinator {address} failed: "
                                     f"{details or code.name}") from None
@@ -163,7 +178,10 @@ class CoordinatorCaller:
     async def _call(self, method: str, request: Message, timeout_ms: int,
                     idempotent: bool) -> Any:
         tried: list[str] = []
-        for address in self.addresses:
+        coordinators = self._follower()
+        passed = 0  # addresses that failed without naming the leader
+        while passed < len(self.addresses):
+            address = coordinators.current
             channel = channels.channel(address, self.tls)
             try:
                 stub = coordinator_pb2_grpc.CoordinatorStub(channel)
@@ -176,11 +194,17 @@ class CoordinatorCaller:
                         f"{details or code.name.lower()} ({code.name} from coordinator "
                         f"{address})") from None
                 if code == grpc.StatusCode.UNAVAILABLE:
-                    tried.append(f"{address} (unavailable)")
+                    # Nothing was done there (a follower refuses before acting): the leader
+                    # it names is tried next, else the next address.
+                    tried.append(_unavailable(address, exc, details))
+                    coordinators.failed(exc)
+                    passed += 0 if coordinators.redirected else 1
                     continue
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                     if idempotent:
                         tried.append(f"{address} (no answer within {timeout_ms} ms)")
+                        coordinators.failed(exc)
+                        passed += 1
                         continue
                     raise CommandFailed(
                         f"coordinator {address} did not answer {method} within {timeout_ms} "
@@ -197,6 +221,21 @@ class CoordinatorCaller:
         raise CommandFailed(
             f"no coordinator answered {method}; tried {', '.join(tried)}; check that a "
             "coordinator runs there, or set --coordinator / FAILOVER_COORDINATOR")
+
+
+def _not_leader(exc: grpc.aio.AioRpcError, details: str) -> bool:
+    """A follower coordinator's refusal (issue 15): it names the leader, or says it is not."""
+    return bool(leader_hint(exc)) or "is not the leader" in details
+
+
+def _unavailable(address: str, exc: grpc.aio.AioRpcError, details: str) -> str:
+    """How an UNAVAILABLE address is listed in the failure message."""
+    hint = leader_hint(exc)
+    if hint:
+        return f"{address} (not the leader; the leader is {hint})"
+    if "is not the leader" in details:
+        return f"{address} (not the leader; no leader known)"
+    return f"{address} (unavailable)"
 
 
 def _echo_json(document: Any) -> None:

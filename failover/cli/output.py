@@ -52,6 +52,13 @@ keys you do not know.
             }
           ]
         }
+      ],
+      "coordinators": [               # every coordinator alive, as the store sees them
+        {
+          "address": str,             # its advertised HOST:PORT
+          "leader": bool,             # the one that acts; the others redirect to it
+          "term": int                 # the leader's term (it rises at each new leader); 0
+        }                             # for the others
       ]
     }
 
@@ -193,11 +200,18 @@ def service_json(service: coordinator_pb2.ServiceStatus) -> dict[str, Any]:
     }
 
 
+def coordinator_json(coordinator: coordinator_pb2.CoordinatorStatus) -> dict[str, Any]:
+    """One item of `status`'s `"coordinators"` list."""
+    return {"address": coordinator.address, "leader": coordinator.leader,
+            "term": coordinator.term}
+
+
 def cluster_status_json(status: coordinator_pb2.ClusterStatus) -> dict[str, Any]:
     """The document `failoverctl --format json status` prints (see the module docstring)."""
     return {
         "hosts": [host_json(h) for h in status.hosts],
         "services": [service_json(s) for s in status.services],
+        "coordinators": [coordinator_json(c) for c in status.coordinators],
     }
 
 
@@ -342,8 +356,26 @@ def services_table(services: Sequence[Mapping[str, Any]]) -> Table:
     return table
 
 
+def coordinators_table(coordinators: Sequence[Mapping[str, Any]]) -> Table:
+    """The coordinators part of `status`, from `coordinator_json` documents."""
+    table = Table()
+    for name, justify in (("coordinator", "left"), ("leader", "left"), ("term", "right")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for c in coordinators:
+        table.add_row(_cell(c["address"]), "[bold]yes[/bold]" if c["leader"] else "no",
+                      f"{c['term']:,}" if c["leader"] else "-")
+    return table
+
+
 def render_status(console: Console, document: Mapping[str, Any]) -> None:
     """Prints `status` for people from a `cluster_status_json` document."""
+    coordinators = document.get("coordinators") or []
+    if coordinators:
+        console.print("[bold]Coordinators[/bold]")
+        console.print(coordinators_table(coordinators))
+        if not any(c["leader"] for c in coordinators):
+            console.print("[red]no coordinator leads: nothing fails over until one does "
+                          "(is the store reachable?)[/red]")
     console.print("[bold]Hosts[/bold]" if document["hosts"] else "no hosts registered")
     if document["hosts"]:
         console.print(hosts_table(document["hosts"]))

@@ -185,7 +185,7 @@ def test_status_json_is_the_documented_contract(capsys, coordinator) -> None:
     code, out, err = run(capsys, "--coordinator", address, "--format", "json", "status")
     assert (code, err) == (0, "")
     document = json.loads(out)
-    assert list(document) == ["hosts", "services"]
+    assert list(document) == ["hosts", "services", "coordinators"]
     assert [list(h) for h in document["hosts"]] == [HOST_KEYS, HOST_KEYS]
     assert [list(s) for s in document["services"]] == [SERVICE_KEYS, SERVICE_KEYS]
     assert all(list(r) == REPLICA_KEYS
