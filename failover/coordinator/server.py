@@ -490,31 +490,55 @@ class Coordinator:
     async def _ask_hears_primary(self, asks: list[AskHearsPrimary]) -> None:
         """Asks the duplicas of every suspected primary of one round at once, and hands all
         their answers to the core together (`hears_primary_many`): the failovers of a host's
-        death are one decision round, one store commit."""
-        async def ask(action: AskHearsPrimary, host_id: str, address: str) -> HearsAnswer:
-            try:
-                caller = self._caller(host_id, address)
-                reply = await caller.stub.HearsPrimary(
-                    agent_pb2.HearsPrimaryRequest(service=action.service),
-                    timeout=HEARS_PRIMARY_TIMEOUT_S, metadata=caller.metadata)
-            except grpc.aio.AioRpcError:
-                return HearsAnswer(host_id, reachable=False)
+        death are one decision round, one store commit.
+
+        Each host is asked once per round for its status (the matched index of every service
+        asked of it), after it answered all its HearsPrimary calls: one status per service
+        (each listing all the host's replicas) made a host death of 30 primaries 30 status
+        calls at every surviving host at once, and the slowest of them held every failover
+        of the round."""
+        by_host: dict[tuple[str, str], list[str]] = {}
+        for action in asks:
+            for host_id, address in action.hosts.items():
+                by_host.setdefault((host_id, address), []).append(action.service)
+
+        async def ask_host(host_id: str, address: str,
+                           services: list[str]) -> dict[str, HearsAnswer]:
+            caller = self._caller(host_id, address)
+
+            async def hears(service: str) -> agent_pb2.HearsPrimaryReply | None:
+                try:
+                    return await caller.stub.HearsPrimary(
+                        agent_pb2.HearsPrimaryRequest(service=service),
+                        timeout=HEARS_PRIMARY_TIMEOUT_S, metadata=caller.metadata)
+                except grpc.aio.AioRpcError:
+                    return None
+
+            replies = dict(zip(services, await asyncio.gather(*map(hears, services)),
+                               strict=True))
+            if all(reply is None for reply in replies.values()):
+                return {}
             status = await caller.stub.GetStatus(
                 agent_pb2.GetStatusRequest(), timeout=HEARS_PRIMARY_TIMEOUT_S,
                 metadata=caller.metadata)
             # The matched index, not the durable one: the promoted duplica must hold every
             # committed entry, and an unverified durable tail may be a fenced primary's.
-            durable = next((r.matched_index for r in status.replicas
-                            if r.service == action.service), 0)
-            return HearsAnswer(host_id, True, reply.hears, durable, reply.epoch)
+            matched = {r.service: r.matched_index for r in status.replicas}
+            return {service: HearsAnswer(host_id, True, reply.hears,
+                                         matched.get(service, 0), reply.epoch)
+                    for service, reply in replies.items() if reply is not None}
 
-        async def ask_all(action: AskHearsPrimary) -> list[HearsAnswer]:
-            answers = await asyncio.gather(*(ask(action, h, a) for h, a in action.hosts.items()),
-                                           return_exceptions=True)
-            return [a if isinstance(a, HearsAnswer) else HearsAnswer(h, reachable=False)
-                    for a, h in zip(answers, action.hosts, strict=True)]
+        hosts = list(by_host)
+        results = await asyncio.gather(*(ask_host(h, a, by_host[(h, a)]) for h, a in hosts),
+                                       return_exceptions=True)
+        heard = {host: result for host, result in zip(hosts, results, strict=True)
+                 if isinstance(result, dict)}
 
-        answered = await asyncio.gather(*(ask_all(action) for action in asks))
+        def ask_all(action: AskHearsPrimary) -> list[HearsAnswer]:
+            return [heard.get((h, a), {}).get(action.service, HearsAnswer(h, reachable=False))
+                    for h, a in action.hosts.items()]
+
+        answered = [ask_all(action) for action in asks]
         async with self._lock:
             await self._execute(self.core.hears_primary_many(
                 {action.service: clean for action, clean in zip(asks, answered, strict=True)},

@@ -1,0 +1,82 @@
+"""One decision round asks each surviving host for its status once (issue 14 item 7).
+
+The failover storm (benchmarks/storm.py) kills a host holding many primaries: the coordinator
+asks the duplicas of all of them at once and decides them in one round. It used to ask each
+host for its status (every replica it holds) once per service: a busy host answering one call
+at a time let most of them run past the 200 ms deadline, and those failovers were blocked for
+another failure timeout. A fake host here answers one call at a time, STATUS_MS each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from failover.coordinator.server import HEARS_PRIMARY_TIMEOUT_S, Coordinator
+from failover.core.coordinator import AskHearsPrimary, HearsAnswer
+from failover.v1 import agent_pb2
+
+SERVICES = 10
+STATUS_MS = 60  # a status of a host holding many replicas, on a loaded machine
+HOSTS = {"host2": "127.0.0.1:2", "host3": "127.0.0.1:3"}
+
+
+class BusyHost:
+    """An agent's control stub that answers one call at a time, like one busy event loop."""
+
+    def __init__(self, host_id: str) -> None:
+        self.host_id = host_id
+        self.metadata = ()
+        self.stub = self
+        self.status_calls = 0
+        self._one_at_a_time = asyncio.Lock()
+
+    async def _answer(self, cost_s: float, timeout: float, reply: Any) -> Any:
+        async def serve() -> Any:
+            async with self._one_at_a_time:
+                await asyncio.sleep(cost_s)  # the host's work, not a wait for anything
+                return reply
+
+        try:
+            return await asyncio.wait_for(serve(), timeout)
+        except TimeoutError:
+            raise grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(),
+                                       grpc.aio.Metadata(), "Deadline Exceeded") from None
+
+    async def HearsPrimary(self, request: agent_pb2.HearsPrimaryRequest, timeout: float,
+                           metadata: Any = ()) -> agent_pb2.HearsPrimaryReply:
+        return await self._answer(0.001, timeout,
+                                  agent_pb2.HearsPrimaryReply(hears=False, epoch=1))
+
+    async def GetStatus(self, request: agent_pb2.GetStatusRequest, timeout: float,
+                        metadata: Any = ()) -> agent_pb2.AgentStatus:
+        self.status_calls += 1
+        return await self._answer(STATUS_MS / 1000, timeout, agent_pb2.AgentStatus(replicas=[
+            agent_pb2.ReplicaStatus(service=f"kv{i}", matched_index=100 + i)
+            for i in range(SERVICES)]))
+
+
+async def test_a_round_of_many_failovers_asks_each_host_once_and_every_answer_arrives(
+        ) -> None:
+    assert SERVICES * STATUS_MS / 1000 > HEARS_PRIMARY_TIMEOUT_S  # one status per service:
+    # the later ones would miss the deadline
+    coordinator = Coordinator(store=None)  # type: ignore[arg-type]
+    hosts = {h: BusyHost(h) for h in HOSTS}
+    coordinator._caller = lambda host_id, address: hosts[host_id]  # type: ignore[assignment, method-assign, return-value]
+    decided: dict[str, list[HearsAnswer]] = {}
+
+    def hears_primary_many(answers: dict[str, list[HearsAnswer]], now_ms: int) -> list[Any]:
+        decided.update(answers)
+        return []
+
+    coordinator.core.hears_primary_many = hears_primary_many  # type: ignore[method-assign]
+    asks = [AskHearsPrimary(f"kv{i}", 1, dict(HOSTS)) for i in range(SERVICES)]
+    await coordinator._ask_hears_primary(asks)
+
+    assert sorted(decided) == sorted(a.service for a in asks)
+    for i in range(SERVICES):
+        assert decided[f"kv{i}"] == [HearsAnswer(h, True, False, 100 + i, 1) for h in HOSTS]
+    assert [h.status_calls for h in hosts.values()] == [1, 1]
