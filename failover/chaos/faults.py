@@ -3,6 +3,8 @@
 Each fault resolves its target role against the cluster when it fires, injects the fault with
 real signals or real calls, holds it for its duration, and undoes it. A fault kind this
 machine or this build cannot do is skipped with a reason, once, and the reason is reported.
+A fault never judges the run: the workload's history is checked the same whatever faults ran,
+and a cluster that does not heal after one fails the run.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from failover.localcluster import LocalCluster
 from failover.v1 import common_pb2, coordinator_pb2
 
 HEAL_TIMEOUT_S = 30.0
+TAKEOVER_POLL_S = 0.02  # how often a coordinator kill looks for the next leader
 
 @dataclass
 class FaultRecord:
@@ -55,8 +58,21 @@ class FaultInjector:
         self.partition_unavailable = ""  # why partitions are skipped, when they are
         self.disk_unavailable = ""  # why full disks are skipped, when they are
 
+    def status(self) -> coordinator_pb2.ClusterStatus:
+        """The cluster's status, from any coordinator that answers (every one reads it from
+        the store); the last one's error if none does."""
+        error: Exception = RuntimeError("no coordinator is running")
+        for process in self.cluster.coordinators:
+            if not process.alive or process.paused:
+                continue
+            try:
+                return process.status()
+            except grpc.RpcError as exc:
+                error = exc
+        raise error
+
     def hosts_with(self, role: str) -> list[str]:
-        status = self.cluster.coordinator.status()  # type: ignore[union-attr]
+        status = self.status()
         hosts: set[str] = set()
         for service in status.services:
             if service.name not in self.services:
@@ -112,13 +128,28 @@ class FaultInjector:
                 agent.signal(signal.SIGCONT)
                 record.end_ms = now_ms()
         elif fault.kind == "coordinator":
-            coordinator = self.cluster.coordinator
-            assert coordinator is not None
-            record.host = "coordinator"
-            await asyncio.to_thread(coordinator.kill)
+            await self._kill_coordinator(fault, record)
+        elif fault.kind == "etcd":
+            etcd = self.cluster.etcd
+            if etcd is None:
+                record.skipped = ("the coordinators run on SQLite, not etcd (give --store etcd, "
+                                  "or --coordinators 2 or more)")
+                self.skipped_kinds[fault.kind] = record.skipped
+                return record
+            members = [m for m in etcd.members if m.alive]
+            if fault.target == "member":
+                members = [members[fault.pick % len(members)]] if members else []
+            record.host = ",".join(m.name for m in members) or "none"
+            record.start_ms = now_ms()
+            for member in members:
+                await asyncio.to_thread(member.kill)  # SIGKILL
             await asyncio.sleep(fault.duration_s)
             record.end_ms = now_ms()
-            await asyncio.to_thread(coordinator.start)
+            for member in members:
+                await asyncio.to_thread(member.start, False)
+            await asyncio.to_thread(etcd.wait_healthy, HEAL_TIMEOUT_S)
+            record.detail = {"members": [m.name for m in members],
+                             "of": len(etcd.members)}
         elif fault.kind == "migrate":
             # A live migration of a primary under load, to a host holding no replica of it.
             service = self.services[fault.pick % len(self.services)]
@@ -130,7 +161,7 @@ class FaultInjector:
                 return record
         elif fault.kind == "patch":
             # A rolling restart of one host on its code, under load.
-            status = await asyncio.to_thread(self.cluster.coordinator.status)  # type: ignore
+            status = await asyncio.to_thread(self.status)
             hosts = sorted(h.host_id for h in status.hosts)
             host = hosts[fault.pick % len(hosts)]
             record.host = host
@@ -141,8 +172,8 @@ class FaultInjector:
             record.host = service
             try:
                 reply = await asyncio.to_thread(
-                    self.cluster.coordinator.stub().Switchover,  # type: ignore[union-attr]
-                    coordinator_pb2.SwitchoverRequest(service=service), timeout=15)
+                    lambda: self.cluster.lead().stub().Switchover(
+                        coordinator_pb2.SwitchoverRequest(service=service), timeout=15))
                 record.detail = {"epoch": reply.epoch, "new_primary": reply.primary_host_id,
                                  "stall_ms": reply.stall_ms}
             except Exception as exc:  # a refused switchover is an outcome, not a crash
@@ -154,9 +185,48 @@ class FaultInjector:
         record.healed_ms = now_ms()
         return record
 
+    async def _kill_coordinator(self, fault: Fault, record: FaultRecord) -> None:
+        """kill -9 of the coordinator (with several, the one leading), restarted after the
+        fault's duration. With several, how long until another one led is measured from the
+        kill (`takeover_ms`): none within `HEAL_TIMEOUT_S` is an error in the record, and the
+        heal that follows fails the run."""
+        cluster = self.cluster
+        several = len(cluster.coordinators) > 1
+        if several:
+            victim = await asyncio.to_thread(cluster.leader, HEAL_TIMEOUT_S)
+        else:
+            victim = cluster.coordinators[0]
+        record.host = victim.what
+        record.start_ms = now_ms()
+        await asyncio.to_thread(victim.kill)
+        takeover = (asyncio.ensure_future(asyncio.to_thread(self._takeover, victim))
+                    if several else None)
+        await asyncio.sleep(fault.duration_s)
+        record.end_ms = now_ms()
+        await asyncio.to_thread(victim.start)
+        record.detail = {"coordinator": victim.address, "coordinators": len(cluster.coordinators)}
+        if takeover is not None:
+            leader, at_ms = await takeover
+            if leader is None:
+                record.detail["error"] = (f"no other coordinator led within {HEAL_TIMEOUT_S:.0f} "
+                                          "s of the leader's kill")
+            else:
+                record.detail.update(new_leader=leader,
+                                     takeover_ms=round(at_ms - record.start_ms, 1))
+
+    def _takeover(self, victim: Any) -> tuple[str | None, float]:
+        """Polls until a coordinator other than `victim` leads; its address and when (now_ms),
+        or None after `HEAL_TIMEOUT_S`."""
+        deadline = time.monotonic() + HEAL_TIMEOUT_S
+        while time.monotonic() < deadline:
+            leader = self.cluster.find_leader(timeout_s=0.5)
+            if leader is not None and leader is not victim:
+                return leader.address, now_ms()
+            time.sleep(TAKEOVER_POLL_S)
+        return None, now_ms()
+
     def _migrate(self, service: str) -> dict[str, Any]:
-        coordinator = self.cluster.coordinator
-        assert coordinator is not None
+        coordinator = self.cluster.lead()
         status = coordinator.status()
         holding = {r.host_id for s in status.services if s.name == service
                    for r in s.replicas}
@@ -176,8 +246,7 @@ class FaultInjector:
             return {"to": spares[0], "error": exc.details() or exc.code().name}
 
     def _patch(self, host: str) -> dict[str, Any]:
-        coordinator = self.cluster.coordinator
-        assert coordinator is not None
+        coordinator = self.cluster.lead()
         steps: list[str] = []
         try:
             for progress in coordinator.stub().Patch(coordinator_pb2.PatchRequest(
@@ -198,9 +267,14 @@ class FaultInjector:
         def unhealthy() -> str:
             """What is not healed yet ("" when everything is)."""
             down = [a.host_id for a in cluster if not a.alive]
-            if down or not cluster.coordinator.alive:  # type: ignore[union-attr]
-                return f"processes down: {down or 'coordinator'}"
-            status = cluster.coordinator.status()  # type: ignore[union-attr]
+            down += [c.what for c in cluster.coordinators if not c.alive]
+            if cluster.etcd is not None:
+                down += [f"etcd {m.name}" for m in cluster.etcd.members if not m.alive]
+            if down:
+                return f"processes down: {', '.join(down)}"
+            if len(cluster.coordinators) > 1 and cluster.find_leader() is None:
+                return "no coordinator leads"
+            status = self.status()
             for service in status.services:
                 if service.name not in self.services:
                     continue

@@ -2,7 +2,9 @@
 
 Pure and seeded: the same seed, duration and fault kinds give the same schedule. Targets are
 roles ("primary", "duplica", "coordinator"), resolved against the cluster when the fault
-fires; `pick` is the seeded choice among the hosts that hold the role then.
+fires; `pick` is the seeded choice among the hosts that hold the role then. With several
+coordinators, "coordinator" is the one leading when the fault fires. An `etcd` fault kills
+one etcd member ("member") or every member ("all") for its duration.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 FAULT_KINDS = ("kill", "pause", "partition", "coordinator", "disk", "switchover", "migrate",
-               "patch")
+               "patch", "etcd")
+# Faults of the shared store (issue 15): they need a cluster whose coordinators run on etcd.
+STORE_FAULT_KINDS = ("etcd",)
 
 WARMUP_S = 2.0  # the workload runs alone first, so every failover has a "before"
 COOLDOWN_S = 4.0  # no fault starts this close to the end: the cluster heals before checking
@@ -25,7 +29,7 @@ class Fault:
 
     at_s: float  # seconds after the workload started
     kind: str
-    target: str  # "primary", "duplica", "coordinator" or "service"
+    target: str  # "primary", "duplica", "coordinator", "service"; etcd: "member" or "all"
     duration_s: float  # how long the host stays down/paused/partitioned; 0 for instant faults
     pick: int  # seeded choice among the candidate hosts when it fires
 
@@ -83,4 +87,10 @@ def _fault(rnd: random.Random, kind: str, at_s: float) -> Fault:
     if kind == "disk":
         target = "primary" if rnd.random() < 0.5 else "duplica"
         return Fault(at_s, kind, target, round(rnd.uniform(0.5, 2.0), 3), pick)
+    if kind == "etcd":
+        # One member: a quorum remains, nothing should be noticed. All of them: nobody can
+        # lead or renew; primaries keep serving, and coordination resumes once etcd is back.
+        if rnd.random() < 0.6:
+            return Fault(at_s, kind, "member", round(rnd.uniform(0.5, 3.0), 3), pick)
+        return Fault(at_s, kind, "all", round(rnd.uniform(1.0, 5.0), 3), pick)
     return Fault(at_s, kind, "service", 0.0, pick)  # switchover, migrate, patch

@@ -80,9 +80,21 @@ class ChaosConfig:
     bank_op_deadline_ms: int = defaults.CHAOS_BANK_OP_DEADLINE_MS
     after_fault_readers: int = defaults.CHAOS_AFTER_FAULT_READERS
     after_fault_read_ms: int = defaults.CHAOS_AFTER_FAULT_READ_MS
+    # Several coordinators share an etcd store (issue 15); one runs on SQLite unless `store`
+    # says etcd. `etcd_members` (1 or 3) run when the store is etcd.
+    coordinators: int = 1
+    store: str = "sqlite"
+    etcd_members: int = 1
 
     def __post_init__(self) -> None:
-        """Refuse settings that make no workload (the CLI checks the same)."""
+        """Refuse settings that make no workload or no cluster (the CLI checks the same)."""
+        if self.coordinators < 1 or self.store not in ("sqlite", "etcd") or \
+                self.etcd_members not in (1, 3):
+            raise ValueError("coordinators must be at least 1, store sqlite or etcd, and "
+                             "etcd_members 1 or 3")
+        if self.coordinators > 1 and self.store != "etcd":
+            raise ValueError(f"{self.coordinators} coordinators share one store: use the "
+                             "etcd store")
         if self.keys < 1 or self.kv_workers < 0 or self.after_fault_readers < 0:
             raise ValueError("keys must be at least 1, kv_workers and after_fault_readers "
                              "at least 0")
@@ -98,7 +110,9 @@ class ChaosConfig:
                 "keys": self.keys, "kv_workers": self.kv_workers,
                 "read_ratio": self.read_ratio, "op_deadline_ms": self.op_deadline_ms,
                 "bank_op_deadline_ms": self.bank_op_deadline_ms,
-                "after_fault_readers": self.after_fault_readers}
+                "after_fault_readers": self.after_fault_readers,
+                "coordinators": self.coordinators, "store": self.store,
+                "etcd_members": self.etcd_members if self.store == "etcd" else 0}
 
     def services(self) -> list[str]:
         return ([KV_SERVICE] if self.workload in ("kv", "both") else []) + \
@@ -281,7 +295,9 @@ async def run_chaos(config: ChaosConfig, progress: Callable[[str], None] = print
         with LocalCluster(root, hosts=config.hosts, coordinator=True,
                           netns="partition" in config.faults and not partition_unavailable,
                           disk_bytes=defaults.CHAOS_DISK_BYTES if "disk" in config.faults
-                          and not disk_unavailable else 0) as cluster:
+                          and not disk_unavailable else 0,
+                          coordinators=config.coordinators, store=config.store,
+                          etcd_members=config.etcd_members) as cluster:
             await asyncio.to_thread(cluster.start)
             tls = cluster.tls
             progress(f"chaos: cluster up, {'mutual TLS on every channel' if tls else 'no TLS'}")
@@ -293,7 +309,7 @@ async def run_chaos(config: ChaosConfig, progress: Callable[[str], None] = print
             injector.partition_unavailable = partition_unavailable
             injector.disk_unavailable = disk_unavailable
             assert cluster.coordinator is not None
-            async with Client(coordinator=cluster.coordinator.address,
+            async with Client(coordinator=cluster.coordinator_addresses,
                               tls=cluster.tls_client) as client:
                 _meta(run, "run", args=config.settings())
                 if BANK_SERVICE in services:
@@ -378,6 +394,11 @@ async def run_chaos(config: ChaosConfig, progress: Callable[[str], None] = print
         "op_deadline_ms": config.op_deadline_ms,
         "after_fault_reads": sum(op.process >= READER_PROCESS_BASE for op in ops),
         "final_histories": final_histories,
+        "coordinators": config.coordinators, "store": config.store,
+        # Per kill of the leading coordinator: ms until another led (None: none did).
+        "coordinator_takeover_ms": [r.detail.get("takeover_ms") for r in records
+                                    if r.fault.kind == "coordinator" and not r.skipped
+                                    and config.coordinators > 1],
         "seconds": round(time.monotonic() - started, 1),
     }
     if config.report_dir is not None:
@@ -408,8 +429,10 @@ async def _nemesis(run: _Run, injector: FaultInjector, client: Client, cluster: 
         if record.skipped:
             progress(f"chaos: {fault.describe()}: skipped ({record.skipped})")
             continue
+        takeover = record.detail.get("takeover_ms")
         progress(f"chaos: {fault.describe()} on {record.host} "
-                 f"(healed {record.healed_ms - record.start_ms:.0f} ms after)")
+                 + (f"(another led {takeover:.0f} ms after, " if takeover is not None else "(")
+                 + f"healed {record.healed_ms - record.start_ms:.0f} ms after)")
         if BANK_SERVICE in config.services():
             await _bank_snapshot(run, client, f"after {fault.describe()} on {record.host}")
     remaining = start + config.duration_s - time.monotonic()

@@ -34,7 +34,15 @@ def _kinds(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str,
 @click.option("--hosts", type=click.IntRange(2, 9), default=3, show_default=True)
 @click.option("--faults", default="kill,pause", show_default=True, callback=_kinds,
               help="Comma list of kill,pause,partition,coordinator,disk,switchover,migrate,"
-                   "patch.")
+                   "patch,etcd. With several coordinators, coordinator kills (-9) the one "
+                   "leading; etcd kills one etcd member or all of them for a while.")
+@click.option("--coordinators", type=click.IntRange(1, 5), default=1, show_default=True,
+              help="Coordinators; more than one share an etcd store and one leads.")
+@click.option("--store", type=click.Choice(["sqlite", "etcd"]), default=None,
+              help="The coordinators' store (default: etcd with several coordinators or "
+                   "etcd faults, else sqlite). etcd runs locally (Debian's etcd-server).")
+@click.option("--etcd-members", type=click.Choice(["1", "3"]), default=None,
+              help="etcd members with --store etcd (default: 3 with etcd faults, else 1).")
 @click.option("--workload", type=click.Choice(["kv", "bank", "both"]), default="both",
               show_default=True)
 @click.option("--mode", type=click.Choice(["sync", "async"]), default="sync",
@@ -60,7 +68,8 @@ def _kinds(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str,
               help="Write report.json, history.jsonl, faults.json and timeline.png here.")
 @click.pass_context
 def chaos_command(ctx: click.Context, duration: float, seed: int, hosts: int,
-                  faults: tuple[str, ...], workload: str, mode: str, keys: int,
+                  faults: tuple[str, ...], coordinators: int, store: str | None,
+                  etcd_members: str | None, workload: str, mode: str, keys: int,
                   workers: int, read_ratio: float, op_deadline_ms: int,
                   after_fault_readers: int, report_dir: str | None) -> None:
     """Run real processes under a seeded nemesis, record every operation, check the history.
@@ -73,7 +82,16 @@ def chaos_command(ctx: click.Context, duration: float, seed: int, hosts: int,
         return
     as_json = bool(ctx.obj) and ctx.obj.get("format") == "json"
     console = Console(stderr=True)
+    store = store or ("etcd" if coordinators > 1 or "etcd" in faults else "sqlite")
+    if coordinators > 1 and store != "etcd":
+        raise click.BadParameter("several coordinators share an etcd store: drop --store "
+                                 "sqlite", param_hint="--store")
+    if "etcd" in faults and store != "etcd":
+        raise click.BadParameter("etcd faults need the etcd store: drop --store sqlite",
+                                 param_hint="--faults")
+    members = int(etcd_members or (3 if "etcd" in faults else 1))
     config = ChaosConfig(duration_s=duration, seed=seed, hosts=hosts, faults=faults,
+                         coordinators=coordinators, store=store, etcd_members=members,
                          workload=workload, mode=mode, keys=keys, kv_workers=workers,
                          read_ratio=read_ratio, op_deadline_ms=op_deadline_ms,
                          after_fault_readers=after_fault_readers,
@@ -95,6 +113,8 @@ def _print(report: dict) -> None:
         ("operations ok / failed / unknown",
          f"{report['ops_ok']:,} / {report['ops_failed']:,} / {report['ops_unknown']:,}"),
         ("faults", ", ".join(f"{k} x{v}" for k, v in report["faults"].items()) or "none"),
+        ("coordinators / store", f"{report.get('coordinators', 1)} / "
+                                 f"{report.get('store', 'sqlite')}"),
         ("failovers", str(report["failovers"])),
         ("unavailability p50 / p99 / max ms",
          f"{report['unavailability_ms_p50']:.0f} / {report['unavailability_ms_p99']:.0f} / "
@@ -108,6 +128,10 @@ def _print(report: dict) -> None:
         ("transfers applied exactly once", str(report["exactly_once"])),
         ("violations", str(len(report["violations"]))),
     ]
+    takeovers = report.get("coordinator_takeover_ms") or []
+    if takeovers:
+        rows.append(("coordinator takeovers ms", ", ".join(
+            "none" if t is None else f"{t:.0f}" for t in takeovers)))
     for kind, reason in report.get("faults_skipped", {}).items():
         rows.append((f"skipped: {kind}", reason))
     for check, result in rows:
