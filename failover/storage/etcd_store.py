@@ -352,7 +352,8 @@ class EtcdStore(Store):
                 key=self._history_prefix, range_end=end, limit=page, revision=revision,
                 sort_order=rpc.RangeRequest.DESCEND, sort_target=rpc.RangeRequest.KEY)
             reply = await self._read_txn([rpc.RequestOp(request_range=request),
-                                          _get(self._meta_key)], "read the history")
+                                          _get(self._meta_key)], "read the history",
+                                         large=True)
             rng = reply.responses[0].response_range
             if revision == 0:
                 revision = reply.header.revision
@@ -616,7 +617,7 @@ class EtcdStore(Store):
         """Deletes the leader key if it is ours and revokes the lease (its keys go with it)."""
         lease, self._lease = self._lease, None
         was_leading = self._leading
-        self._lose("resigned")
+        self._lose("resigned", logging.INFO)
         if lease is None or not self._opened:
             return
         lease.expired = True
@@ -675,10 +676,10 @@ class EtcdStore(Store):
         less the clock drift margin (etcd's clock may run a little faster than ours)."""
         return (self.leader_ttl_ms - defaults.LEASE_DRIFT_MARGIN_MS) / 1000
 
-    def _lose(self, reason: str) -> None:
+    def _lose(self, reason: str, level: int = logging.WARNING) -> None:
         if self._leading:
-            log.warning("%s: %s lost leadership (term %d): %s", self.description,
-                        self._address, self._term, reason)
+            log.log(level, "%s: %s lost leadership (term %d): %s", self.description,
+                    self._address, self._term, reason)
             self.lost_reason = reason
             # A lease kept alive after the loss would keep the leader key from everyone else
             # if this coordinator never campaigned again: the next campaign takes a new one.
@@ -787,14 +788,20 @@ class EtcdStore(Store):
             raise _storage_error(self.description, client.endpoint, what, exc) from exc
 
     async def _read_txn(self, reads: list[rpc.RequestOp], what: str, *,
-                        tries: int | None = None) -> Any:
-        """A read-only transaction (all its reads at one revision), tried on each endpoint."""
+                        tries: int | None = None, large: bool = False) -> Any:
+        """A read-only transaction (all its reads at one revision), tried on each endpoint.
+
+        A `large` read (pages of state or history, up to ETCD_RESPONSE_BYTES_MAX) may take
+        long to receive on a loaded machine: it is tried at least three times, its timeout
+        doubling each time."""
         request = rpc.TxnRequest(success=reads)
+        count = tries or (max(len(self.endpoints), 3) if large else len(self.endpoints))
         last: StorageError | None = None
-        for _ in range(tries or len(self.endpoints)):
+        for attempt in range(count):
+            timeout_s = self._call_timeout_s * (2 ** attempt if large else 1)
             try:
                 return await self._call(
-                    lambda c: c.kvstub.Txn(request, timeout=self._call_timeout_s), what)
+                    lambda c, t=timeout_s: c.kvstub.Txn(request, timeout=t), what)
             except StorageError as exc:
                 last = exc
         assert last is not None
@@ -812,7 +819,8 @@ class EtcdStore(Store):
             request = rpc.RangeRequest(key=start, range_end=end, limit=page, revision=revision)
             try:
                 reply = await self._read_txn([rpc.RequestOp(request_range=request),
-                                              _get(self._meta_key)], "read the state")
+                                              _get(self._meta_key)], "read the state",
+                                             large=True)
             except StorageError as exc:
                 if isinstance(exc.__cause__, grpc.aio.AioRpcError) and page > 1 and \
                         exc.__cause__.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
