@@ -437,6 +437,7 @@ class EtcdStore(Store):
                              bytes]], expect_revision: int | None) -> list[int]:
         commit_id = secrets.token_bytes(8)  # finds this commit in meta after a lost answer
         unknown: StorageError | None = None
+        lost_answer: StorageError | None = None  # an attempt whose fate etcd never told
         for _attempt in range(_COMMIT_ATTEMPTS):
             base = expect_revision if expect_revision is not None else self._revision
             seqs, request = self._commit_request(ops, events, base, commit_id)
@@ -446,7 +447,7 @@ class EtcdStore(Store):
                 reply = await self._call(lambda c, r=request, t=timeout_s: c.kvstub.Txn(  # type: ignore[misc]
                     r, timeout=t), "commit")
             except StorageError as exc:
-                unknown = exc
+                unknown = lost_answer = exc
                 if not self._still_leading():
                     break
                 continue
@@ -463,17 +464,22 @@ class EtcdStore(Store):
                 now = leader_kvs[0].create_revision if leader_kvs else 0
                 self._lose(f"etcd refused a commit: the leader key's term is {now or 'none'}, "
                            f"not ours ({self._term})")
+                if lost_answer is not None:  # that attempt may have been applied, then overwritten
+                    break
                 raise LeadershipLostError(
                     f"{self.description}: this coordinator (term {self._term}) no longer leads: "
                     f"{self.lost_reason}; nothing was applied: stop acting as leader")
             self._note_meta(meta_kvs)
             if expect_revision is not None:
+                if lost_answer is not None:
+                    break
                 raise StoreConflictError(expect_revision, self._revision)
             unknown = None  # our view was old (an earlier answer was lost): again on etcd's
-        if unknown is not None:
+        if unknown is not None or lost_answer is not None:
             raise StoreOutcomeUnknownError(
-                f"{self.description}: a commit got no answer from etcd ({unknown}); it may or "
-                "may not have been applied: load the state again before deciding again")
+                f"{self.description}: a commit got no answer from etcd "
+                f"({unknown or lost_answer}); it may or may not have been applied: load the "
+                "state again before deciding again")
         raise StorageError(f"{self.description}: a commit kept finding the store changed "
                            "under it; nothing was applied: load again and retry")
 
