@@ -1,28 +1,29 @@
 """Coordinator HA (issue 15) on real processes; prints one JSON line.
 
-Two clusters, one after the other, each of three agents and a ``kv`` service with three
-replicas in sync mode, a client writing all along (TASKS asyncio tasks of kv puts of unique
-keys through one ``failover.client.Client`` that knows every coordinator), recording per
-request its monotonic end, whether it succeeded and which address answered:
+Two clusters at once, each of three agents and a ``kv`` service with three replicas in sync
+mode, each with a client writing all along (TASKS asyncio tasks of kv puts of unique keys
+through one ``failover.client.Client`` that knows every coordinator), recording per request
+its monotonic end, whether it succeeded and which address answered:
 
 * ``etcd``: one etcd member (`failover.etcd_local.EtcdCluster`) and three coordinators on it
-  (``LocalCluster(coordinators=3, store="etcd")``, the default leader TTL):
+  (``LocalCluster(coordinators=3, store="etcd")``, the default leader TTL);
+* ``sqlite``: one coordinator on its SQLite store (as before issue 15).
 
-  - LEADER_KILLS times: SIGKILL the leading coordinator, time until another one says it leads
-    (``coordinator_takeover_ms``: the kill to the first poll, every POLL_MS, at which a
-    follower's own status names it leader), run the killed one again, settle (with a seeded
-    jitter). ``failed_requests`` counts the client requests that failed over the whole phase;
-  - PRIMARY_KILLS times: SIGKILL the primary's agent, wait until another host serves the
-    client, restart it, wait until the replica set is whole. The unavailability of a kill is
-    what benchmarks/failover.py measures: the first successful completion after the kill that
-    another host served, minus the last successful completion before the kill.
-    ``etcd_writes_per_failover``: the etcd writes (revisions: one per transaction) to the
-    cluster's state and history from just before the kill until the new primary serves,
-    replayed by an etcd watch (the coordinators' own membership refreshes left out), median;
+First LEADER_KILLS times on the etcd cluster: SIGKILL the leading coordinator, time until
+another one says it leads (``coordinator_takeover_ms``: the kill to the first poll, every
+POLL_MS, at which a follower's own status names it leader), run the killed one again, settle
+(with a seeded jitter). ``failed_requests`` counts the client requests that failed over that
+phase.
 
-* ``sqlite``: the same primary kills on a cluster with one coordinator on its SQLite store
-  (as before issue 15), measured the same way in the same run:
-  ``unavailability_ms_p99_sqlite`` beside ``unavailability_ms_p99_etcd``, and their ratio.
+Then PRIMARY_KILLS times per cluster, alternating between them (so that whatever else loads
+the machine weighs on both alike): SIGKILL the primary's agent, wait until another host
+serves the client, restart it; the next kill waits until the replica set is whole. The
+unavailability of a kill is what benchmarks/failover.py measures: the first successful
+completion after the kill that another host served, minus the last successful completion
+before the kill; ``unavailability_ms_p99_etcd`` beside ``unavailability_ms_p99_sqlite``, and
+their ratio. ``etcd_writes_per_failover``: the etcd writes (revisions: one per transaction)
+to the cluster's state and history from just before the kill until the new primary serves,
+replayed by an etcd watch (the coordinators' own membership refreshes left out), median.
 
 Run: ``.venv/bin/python benchmarks/coordinator_ha.py`` (progress on stderr, JSON on stdout).
 ``--root DIR`` keeps the clusters' data dirs and logs there (otherwise a temporary dir).
@@ -34,6 +35,7 @@ import argparse
 import asyncio
 import base64
 import bisect
+import contextlib
 import json
 import os
 import random
@@ -41,6 +43,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -194,36 +197,35 @@ async def leader_kills(cluster: LocalCluster, load: Load, rng: random.Random,
             "failed_requests": load.failures_between(start, time.monotonic())}
 
 
-async def primary_kills(cluster: LocalCluster, load: Load, rng: random.Random, kills: int,
-                        label: str) -> dict[str, Any]:
-    unavailable: list[float] = []
-    writes: list[int] = []
-    start = time.monotonic()
-    for n in range(kills):
-        primary = await poll(lambda: whole(cluster), WAIT_S, "the replica set to be whole")
-        address = cluster[primary].address
-        revision = etcd_revision(cluster) if cluster.etcd is not None else 0
-        t_kill = time.monotonic()
-        cluster[primary].kill()
-        await poll(lambda t=t_kill, a=address: load.served_by_other_since(t, a), WAIT_S,
-                   f"the client to be served after killing {primary}")
-        await poll(lambda old=primary: (p := cluster.primary_of(SERVICE)) and p != old, WAIT_S,
-                   "the new primary to serve")
-        if cluster.etcd is not None:
-            writes.append(etcd_state_writes(cluster, revision, etcd_revision(cluster)))
-        value = load.unavailability_ms(t_kill, address)
-        if value is not None:
-            unavailable.append(value)
-        progress(f"{label} primary kill {n + 1}/{kills}: {primary}, unavailable {value} ms"
-                 + (f", {writes[-1]} etcd writes" if writes else ""))
-        await asyncio.to_thread(cluster[primary].start)
-        await settle(rng)
-    return {"unavailability_ms": unavailable, "etcd_writes": writes,
-            "failed_requests": load.failures_between(start, time.monotonic())}
+async def primary_kill(cluster: LocalCluster, load: Load, label: str,
+                       out: dict[str, list[Any]]) -> None:
+    """Kills the primary's agent, waits until another host serves the client and the new
+    primary serves, records the unavailability (and the etcd writes), restarts the agent."""
+    primary = await poll(lambda: whole(cluster), WAIT_S, "the replica set to be whole")
+    address = cluster[primary].address
+    revision = etcd_revision(cluster) if cluster.etcd is not None else 0
+    t_kill = time.monotonic()
+    cluster[primary].kill()
+    await poll(lambda: load.served_by_other_since(t_kill, address), WAIT_S,
+               f"the client to be served after killing {primary}")
+    await poll(lambda: (p := cluster.primary_of(SERVICE)) and p != primary, WAIT_S,
+               "the new primary to serve")
+    writes = ""
+    if cluster.etcd is not None:
+        out["etcd_writes"].append(etcd_state_writes(cluster, revision, etcd_revision(cluster)))
+        writes = f", {out['etcd_writes'][-1]} etcd writes"
+    value = load.unavailability_ms(t_kill, address)
+    if value is not None:
+        out["unavailability_ms"].append(value)
+    progress(f"{label} primary kill {len(out['unavailability_ms'])}: {primary}, unavailable "
+             f"{value} ms{writes}")
+    await asyncio.to_thread(cluster[primary].start)
 
 
-async def run_cluster(root: Path, store: str, args: argparse.Namespace,
-                      rng: random.Random) -> dict[str, Any]:
+@contextlib.asynccontextmanager
+async def loaded_cluster(root: Path, store: str) -> AsyncIterator[tuple[LocalCluster, Load]]:
+    """A cluster (three coordinators on etcd, or one on SQLite) with the kv service and a
+    client writing to it until the block ends."""
     etcd = store == "etcd"
     with LocalCluster(root, hosts=3, coordinators=3 if etcd else 1, store=store,
                       coordinator=True) as cluster:
@@ -235,19 +237,10 @@ async def run_cluster(root: Path, store: str, args: argparse.Namespace,
             tasks = [asyncio.create_task(load.writer(f"{store}-w{t}")) for t in range(TASKS)]
             try:
                 await poll(lambda: len(load.ends) > 100, WAIT_S, "writes to flow")
-                out: dict[str, Any] = {}
-                if etcd:
-                    out["leader_kills"] = await leader_kills(cluster, load, rng,
-                                                             args.leader_kills)
-                out["primary_kills"] = await primary_kills(cluster, load, rng,
-                                                           args.primary_kills, store)
+                yield cluster, load
             finally:
                 load.stop.set()
                 await asyncio.gather(*tasks)
-            out["requests_ok"] = len(load.ends)
-            out["failed_requests"] = len(load.failures)
-            out["failures_sample"] = [why for _t, why in load.failures[:5]]
-            return out
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -260,18 +253,30 @@ async def main(args: argparse.Namespace) -> None:
     rng = random.Random(args.seed)
     root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="coordinator-ha-"))
     progress(f"clusters under {root}")
-    etcd = await run_cluster(root / "etcd", "etcd", args, rng)
-    sqlite = await run_cluster(root / "sqlite", "sqlite", args, rng)
-    takeovers = sorted(etcd["leader_kills"]["takeover_ms"])
-    unavail_etcd = sorted(etcd["primary_kills"]["unavailability_ms"])
-    unavail_sqlite = sorted(sqlite["primary_kills"]["unavailability_ms"])
+    # Both clusters run (and are written to) at once, and their primary kills alternate: the
+    # machine's load, whatever else runs on it, weighs on both stores' failovers alike.
+    async with loaded_cluster(root / "etcd", "etcd") as (etcd, etcd_load), \
+            loaded_cluster(root / "sqlite", "sqlite") as (sqlite, sqlite_load):
+        leader = await leader_kills(etcd, etcd_load, rng, args.leader_kills)
+        kills: dict[str, dict[str, list[Any]]] = {
+            store: {"unavailability_ms": [], "etcd_writes": []} for store in ("etcd", "sqlite")}
+        primary_start = time.monotonic()
+        for _n in range(args.primary_kills):
+            for store, cluster, load in (("etcd", etcd, etcd_load),
+                                         ("sqlite", sqlite, sqlite_load)):
+                await primary_kill(cluster, load, store, kills[store])
+                await settle(rng)
+        primary_end = time.monotonic()
+    takeovers = sorted(leader["takeover_ms"])
+    unavail_etcd = sorted(kills["etcd"]["unavailability_ms"])
+    unavail_sqlite = sorted(kills["sqlite"]["unavailability_ms"])
     p99_etcd = percentile(unavail_etcd, 99)
     p99_sqlite = percentile(unavail_sqlite, 99)
-    writes = sorted(etcd["primary_kills"]["etcd_writes"])
+    writes = sorted(kills["etcd"]["etcd_writes"])
     result = {
         "coordinator_takeover_ms_p50": percentile(takeovers, 50),
         "coordinator_takeover_ms_p99": percentile(takeovers, 99),
-        "failed_requests": etcd["leader_kills"]["failed_requests"],
+        "failed_requests": leader["failed_requests"],
         "etcd_writes_per_failover": percentile(writes, 50),
         "unavailability_ms_p99_etcd": p99_etcd,
         "unavailability_ms_p99_sqlite": p99_sqlite,
@@ -293,18 +298,23 @@ async def main(args: argparse.Namespace) -> None:
                                         "just before a primary kill to the new primary "
                                         "serving (median)",
             "unavailability": "last ok completion before the kill -> first ok completion "
-                              "after it answered by another host (client clock)",
+                              "after it answered by another host (client clock); both "
+                              "clusters run at once, their kills alternate",
             "settle_s": SETTLE_S, "jitter_s": JITTER_S, "seed": args.seed,
             "tls": "mutual TLS on every channel (LocalCluster's default)",
-            "cpus": os.cpu_count(), "run_s": round(time.monotonic() - began, 1),
+            "cpus": os.cpu_count(), "load_average_1m_at_end": round(os.getloadavg()[0], 1),
+            "run_s": round(time.monotonic() - began, 1),
         },
         "details": {
             "takeover_ms": takeovers, "unavailability_ms_etcd": unavail_etcd,
             "unavailability_ms_sqlite": unavail_sqlite, "etcd_writes": writes,
-            "failed_requests_primary_kills_etcd": etcd["primary_kills"]["failed_requests"],
-            "failed_requests_primary_kills_sqlite": sqlite["primary_kills"]["failed_requests"],
-            "requests_ok_etcd": etcd["requests_ok"], "requests_ok_sqlite": sqlite["requests_ok"],
-            "failures_sample": etcd["failures_sample"] + sqlite["failures_sample"],
+            "failed_requests_primary_kills_etcd":
+                etcd_load.failures_between(primary_start, primary_end),
+            "failed_requests_primary_kills_sqlite":
+                sqlite_load.failures_between(primary_start, primary_end),
+            "requests_ok_etcd": len(etcd_load.ends), "requests_ok_sqlite": len(sqlite_load.ends),
+            "failures_sample": [why for _t, why in (etcd_load.failures
+                                                     + sqlite_load.failures)[:5]],
         },
     }
     print(json.dumps(result, separators=(",", ":")))
