@@ -195,6 +195,7 @@ class _Lease:
         self.granted_ttl_s = granted_ttl_s
         self.renewed_at = sent_at  # monotonic seconds
         self.expired = False
+        self.registered = False  # our members/ key is on it
 
 
 class EtcdStore(Store):
@@ -563,25 +564,36 @@ class EtcdStore(Store):
     async def _try_lead(self) -> bool:
         lease = await self._ensure_lease()
         value = _pack({"address": self._address})
-        member = rpc.PutRequest(key=self._members_prefix + self._address.encode(), value=value,
-                                lease=lease.id)
-        request = rpc.TxnRequest(
-            compare=[rpc.Compare(key=self._leader_key, target=rpc.Compare.CREATE,
-                                 result=rpc.Compare.EQUAL, create_revision=0)],
-            success=[rpc.RequestOp(request_put=rpc.PutRequest(
-                key=self._leader_key, value=value, lease=lease.id)),
-                rpc.RequestOp(request_put=member)],
-            failure=[_get(self._leader_key), rpc.RequestOp(request_put=member)],
-        )
-        reply = await self._call(lambda c: c.kvstub.Txn(request, timeout=self._call_timeout_s),
-                                 "campaign")
-        if reply.succeeded:
-            term = reply.header.revision  # the revision that created the leader key
-        else:
-            kvs = reply.responses[0].response_range.kvs
-            if not kvs or kvs[0].lease != lease.id:
-                return False
+        if not lease.registered:  # once per lease: the key lives as long as the lease
+            member = rpc.PutRequest(key=self._members_prefix + self._address.encode(),
+                                    value=value, lease=lease.id)
+            await self._call(lambda c: c.kvstub.Put(member, timeout=self._call_timeout_s),
+                             "register under members/")
+            lease.registered = True
+        # A plain read while someone leads: polling followers write nothing to etcd.
+        reply = await self._read_txn([_get(self._leader_key)], "read the leader", tries=1)
+        kvs = reply.responses[0].response_range.kvs
+        if kvs and kvs[0].lease != lease.id:
+            return False
+        if kvs:
             term = kvs[0].create_revision  # ours already (an earlier answer was lost)
+        else:
+            request = rpc.TxnRequest(
+                compare=[rpc.Compare(key=self._leader_key, target=rpc.Compare.CREATE,
+                                     result=rpc.Compare.EQUAL, create_revision=0)],
+                success=[rpc.RequestOp(request_put=rpc.PutRequest(
+                    key=self._leader_key, value=value, lease=lease.id))],
+                failure=[_get(self._leader_key)],
+            )
+            reply = await self._call(
+                lambda c: c.kvstub.Txn(request, timeout=self._call_timeout_s), "campaign")
+            if reply.succeeded:
+                term = reply.header.revision  # the revision that created the leader key
+            else:
+                kvs = reply.responses[0].response_range.kvs
+                if not kvs or kvs[0].lease != lease.id:
+                    return False
+                term = kvs[0].create_revision
         if lease.expired or self._lease is not lease:
             return False
         self._term = term

@@ -326,6 +326,11 @@ async def test_leader_and_coordinators_views(backend: Backend) -> None:
         assert time.monotonic() < deadline, await follower.coordinators()
         await asyncio.sleep(0.02)
     assert not campaign.done()  # it waits while the leader leads
+    # ... reading the leader key, writing nothing: etcd's revision stands still meanwhile.
+    assert isinstance(follower, EtcdStore)
+    before = (await follower._read_txn([], "revision")).header.revision
+    await asyncio.sleep(defaults.ETCD_CAMPAIGN_POLL_MS * 5 / 1000)  # about five polls
+    assert (await follower._read_txn([], "revision")).header.revision == before
     await first.resign()
     term = await asyncio.wait_for(campaign, WAIT_S)
     assert await first.leader() == CoordinatorInfo("127.0.0.1:7002", leader=True, term=term)
