@@ -113,6 +113,7 @@ class CoordinatorCaller:
             raise ConfigError("--coordinator is empty: give at least one HOST:PORT")
         self.addresses = addresses
         self.tls = tls
+        self.answered_by: str | None = None  # the address that answered the last `call`
 
     def call(self, method: str, request: Message, *, timeout_ms: int,
              idempotent: bool) -> Any:
@@ -185,7 +186,9 @@ class CoordinatorCaller:
             channel = channels.channel(address, self.tls)
             try:
                 stub = coordinator_pb2_grpc.CoordinatorStub(channel)
-                return await getattr(stub, method)(request, timeout=timeout_ms / 1000)
+                reply = await getattr(stub, method)(request, timeout=timeout_ms / 1000)
+                self.answered_by = address
+                return reply
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 details = one_line(exc.details() or "")
@@ -254,10 +257,21 @@ def _stdin_is_interactive() -> bool:
 
 
 def _cluster_status(ctx: click.Context, timeout_ms: int) -> Any:
+    """The cluster's status from any coordinator; from the leader when that one is another
+    of the addresses: a follower reads the store, which holds no live host metrics and no
+    heartbeat ages. Should the leader not answer, the follower's status stands."""
     addresses, _ = _settings(ctx)
-    return CoordinatorCaller(addresses, _tls(ctx)).call(
-        "GetClusterStatus", coordinator_pb2.ClusterStatusRequest(), timeout_ms=timeout_ms,
-        idempotent=True)
+    caller = CoordinatorCaller(addresses, _tls(ctx))
+    request = coordinator_pb2.ClusterStatusRequest()
+    status = caller.call("GetClusterStatus", request, timeout_ms=timeout_ms, idempotent=True)
+    leader = next((c.address for c in status.coordinators if c.leader), None)
+    if leader is None or leader == caller.answered_by or leader not in addresses:
+        return status
+    try:
+        return CoordinatorCaller([leader], caller.tls).call(
+            "GetClusterStatus", request, timeout_ms=timeout_ms, idempotent=True)
+    except (CommandFailed, CoordinatorRefused):
+        return status
 
 
 @click.command("status")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -44,6 +45,7 @@ class FakeCoordinator(coordinator_pb2_grpc.CoordinatorServicer):
         self.hint = hint
         self.lease_ms = lease_ms
         self.address = ""
+        self.status: coordinator_pb2.ClusterStatus | None = None
 
     def calls(self, method: str) -> int:
         return sum(1 for a, m in self.log if (a, m) == (self.address, method))
@@ -90,6 +92,8 @@ class FakeCoordinator(coordinator_pb2_grpc.CoordinatorServicer):
 
     async def GetClusterStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self.log.append((self.address, "GetClusterStatus"))  # any coordinator answers it
+        if self.status is not None:
+            return self.status
         return coordinator_pb2.ClusterStatus(coordinators=[
             coordinator_pb2.CoordinatorStatus(address="127.0.0.1:7000", leader=False),
             coordinator_pb2.CoordinatorStatus(address="127.0.0.1:7001", leader=True, term=42),
@@ -320,6 +324,48 @@ async def test_failoverctl_status_shows_the_coordinators(
     assert len(lines) == 2
     assert "no" in lines[0] and "yes" in lines[1] and "42" in lines[1]
     assert fakes.log == [(follower.address, "GetClusterStatus")] * 2
+
+
+def status_naming(leader: str, heartbeat_age_ms: int) -> coordinator_pb2.ClusterStatus:
+    return coordinator_pb2.ClusterStatus(
+        hosts=[coordinator_pb2.HostStatus(host_id="h1", alive=True,
+                                          heartbeat_age_ms=heartbeat_age_ms)],
+        coordinators=[coordinator_pb2.CoordinatorStatus(address=leader, leader=True, term=9)])
+
+
+async def test_failoverctl_status_comes_from_the_leader_when_it_is_one_of_the_addresses(
+    fakes: Coordinators, capsys: pytest.CaptureFixture[str], dead: str,
+) -> None:
+    follower = await fakes.add(FakeCoordinator(fakes.log))
+    leader = await fakes.add(FakeCoordinator(fakes.log, term=9))
+    # A follower reads the store: no live heartbeat ages. The leader has them.
+    follower.status = status_naming(leader.address, 0)
+    leader.status = status_naming(leader.address, 42)
+
+    def status(addresses: str) -> dict[str, Any]:
+        with pytest.raises(SystemExit) as exited:
+            main(["--coordinator", addresses, "--format", "json", "status"])
+        out, err = capsys.readouterr()
+        assert (exited.value.code, err) == (0, ""), err
+        return json.loads(out)
+
+    document = await asyncio.to_thread(status, f"{follower.address},{leader.address}")
+    assert document["hosts"][0]["heartbeat_age_ms"] == 42
+    assert [a for a, _ in fakes.log] == [follower.address, leader.address]
+    # The leader it names does not answer: the follower's status stands.
+    follower.status = status_naming(dead, 0)
+    fakes.log.clear()
+    document = await asyncio.to_thread(status, f"{follower.address},{dead}")
+    assert document["hosts"][0]["heartbeat_age_ms"] == 0
+    assert document["coordinators"] == [{"address": dead, "leader": True, "term": 9}]
+
+
+@pytest.fixture
+def dead() -> str:
+    """A 127.0.0.1 address nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
 
 
 async def test_every_caller_is_bounded_when_no_coordinator_answers(
