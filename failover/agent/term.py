@@ -32,6 +32,7 @@ class CoordinatorTerm:
     def __init__(self, data_dir: str | Path) -> None:
         self.path = Path(data_dir) / TERM_FILE
         self._seen = _read(self.path)
+        self._last_refused = -1  # the term of the last refusal logged
 
     @property
     def seen(self) -> int:
@@ -41,6 +42,13 @@ class CoordinatorTerm:
     def check(self, term: int) -> None:
         """Raises StaleCoordinatorTermError if `term` is older than the highest seen."""
         if term < self._seen:
+            if term != self._last_refused:  # once per term: a deposed leader retries
+                self._last_refused = term
+                log.warning(
+                    "refused a control call at coordinator term %d: this agent has seen term "
+                    "%d, so that coordinator was deposed. Only if the coordinators' store was "
+                    "rebuilt from nothing (its terms started over) delete %s on every agent to "
+                    "accept the new coordinators", term, self._seen, self.path)
             raise StaleCoordinatorTermError(term, self._seen)
 
     def observe(self, term: int) -> bool:

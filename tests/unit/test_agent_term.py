@@ -207,13 +207,17 @@ async def test_the_term_survives_a_restart_of_the_agent(tmp_path: Path) -> None:
 
 
 def test_the_term_file_is_replaced_whole_and_a_damaged_one_stops_the_agent(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
     term = CoordinatorTerm(tmp_path)
     assert term.seen == 0
     assert term.observe(3) and not term.observe(2) and not term.observe(3)
-    with pytest.raises(StaleCoordinatorTermError):
-        term.admit(2)
+    for _ in range(3):
+        with pytest.raises(StaleCoordinatorTermError):
+            term.admit(2)
+    # Said once, with what to do should the store's terms have started over.
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refusals) == 1 and f"delete {tmp_path / TERM_FILE}" in refusals[0]
     term.admit(4)
     assert CoordinatorTerm(tmp_path).seen == 4
     assert sorted(os.listdir(tmp_path)) == [TERM_FILE]  # no temp file left behind
