@@ -580,9 +580,18 @@ class Coordinator:
         async with self._lock:
             if not self.leading:
                 raise self._not_leading()
+            known = self.core.hosts.get(info.host_id)
+            live = self.core.live.get(info.host_id)
+            # A new process, or a host the coordinator had stopped hearing: the channel to
+            # it may sit in reconnect backoff. Not a live host's agent registering again
+            # after one slow heartbeat (it re-registers after any failed heartbeat): on a
+            # loaded machine every such channel's new TLS connection made the next
+            # heartbeats slower still.
+            stale = (known is None or known.started_at != info.started_at
+                     or live is None or not live.alive)
             actions = self.core.register(info, monotonic_ms(), metrics)  # may refuse it
             caller = self._callers.get((info.host_id, info.address))
-            if caller is not None:
+            if caller is not None and stale:
                 caller.reconnect()  # the host just proved it is reachable
             await self._execute(actions)
 

@@ -1,4 +1,6 @@
-"""One decision round asks each surviving host for its status once (issue 14 item 7).
+"""What the failover storm (issue 14 item 7) found in the coordinator daemon's calls to agents.
+
+One decision round asks each surviving host for its status once.
 
 The failover storm (benchmarks/storm.py) kills a host holding many primaries: the coordinator
 asks the duplicas of all of them at once and decides them in one round. It used to ask each
@@ -10,18 +12,22 @@ another failure timeout. A fake host here answers one call at a time, STATUS_MS 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import grpc
 import grpc.aio
 
 from failover.coordinator.server import HEARS_PRIMARY_TIMEOUT_S, Coordinator
-from failover.core.coordinator import AskHearsPrimary, HearsAnswer
+from failover.core.coordinator import AskHearsPrimary, HearsAnswer, HostInfo, Timing
+from failover.storage.sqlite_store import SqliteStore
 from failover.v1 import agent_pb2
 
 SERVICES = 10
 STATUS_MS = 60  # a status of a host holding many replicas, on a loaded machine
 HOSTS = {"host2": "127.0.0.1:2", "host3": "127.0.0.1:3"}
+METRICS = {"cpu_count": 8.0, "memory_total_bytes": float(16 << 30),
+           "disk_free_bytes": float(100 << 30), "disk_total_bytes": float(200 << 30)}
 
 
 class BusyHost:
@@ -80,3 +86,29 @@ async def test_a_round_of_many_failovers_asks_each_host_once_and_every_answer_ar
     for i in range(SERVICES):
         assert decided[f"kv{i}"] == [HearsAnswer(h, True, False, 100 + i, 1) for h in HOSTS]
     assert [h.status_calls for h in hosts.values()] == [1, 1]
+
+
+async def test_a_live_host_registering_again_keeps_its_channel_a_restarted_one_gets_a_new_one(
+        tmp_path: Path) -> None:
+    """An agent registers again after any failed heartbeat (a slow one on a loaded machine):
+    the coordinator's channel to it stays. A new channel (a new TLS connection, on a host
+    already slow) only for a restarted agent or a host the coordinator stopped hearing."""
+    coordinator = Coordinator(SqliteStore(tmp_path / "cluster.db"), Timing())
+    await coordinator.store.open()
+    try:
+        info = HostInfo("host2", HOSTS["host2"], started_at=1.0)
+        await coordinator.register(info, METRICS)
+        channel = coordinator._caller("host2", HOSTS["host2"]).channel
+
+        await coordinator.register(HostInfo("host2", HOSTS["host2"], started_at=1.0), METRICS)
+        assert coordinator._caller("host2", HOSTS["host2"]).channel is channel
+
+        await coordinator.register(HostInfo("host2", HOSTS["host2"], started_at=2.0), METRICS)
+        restarted = coordinator._caller("host2", HOSTS["host2"]).channel
+        assert restarted is not channel
+
+        coordinator.core.live["host2"].alive = False  # silent past the failure timeout
+        await coordinator.register(HostInfo("host2", HOSTS["host2"], started_at=2.0), METRICS)
+        assert coordinator._caller("host2", HOSTS["host2"]).channel is not restarted
+    finally:
+        await coordinator.stop()
