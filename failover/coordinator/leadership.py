@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -23,6 +21,7 @@ import grpc.aio
 
 from failover import defaults
 from failover.net import channels
+from failover.net.authorization import Check, CheckFirst
 from failover.net.coordinator_servicer import CoordinatorServicer
 from failover.storage.store import CoordinatorInfo
 from failover.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -77,7 +76,7 @@ def redirect_message(address: str, leader: CoordinatorInfo | None) -> str:
             f"(term {leader.term})")
 
 
-class LeaderGate(grpc.aio.ServerInterceptor):
+class LeaderGate(CheckFirst):
     """Redirects every call but the reads in `ANY_COORDINATOR` while this coordinator does
     not lead (install after the role check: a caller without the right is refused first)."""
 
@@ -94,48 +93,15 @@ class LeaderGate(grpc.aio.ServerInterceptor):
                             redirect_message(self.coordinator.address, leader),
                             trailing_metadata=metadata)
 
-    def _unary(self, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-        async def gated(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    def check_for(self, details: grpc.HandlerCallDetails) -> Check | None:
+        if details.method in ANY_COORDINATOR:
+            return None
+
+        async def check(_request: Any, context: grpc.aio.ServicerContext) -> None:
             if not self.coordinator.leading:
                 await self._redirect(context)
-            return await behavior(request, context)
 
-        return gated
-
-    def _stream(self, behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
-        async def gated(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            if not self.coordinator.leading:
-                await self._redirect(context)
-            result = behavior(request, context)
-            if inspect.isasyncgen(result):
-                async for reply in result:
-                    yield reply
-            else:
-                await result
-
-        return gated
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method in ANY_COORDINATOR:
-            return handler
-        options = {"request_deserializer": handler.request_deserializer,
-                   "response_serializer": handler.response_serializer}
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary),
-                                                       **options)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(self._stream(handler.unary_stream),
-                                                        **options)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(self._unary(handler.stream_unary),
-                                                        **options)
-        return grpc.stream_stream_rpc_method_handler(self._stream(handler.stream_stream),
-                                                     **options)
+        return check
 
 
 class LeadingServicer(CoordinatorServicer):
