@@ -352,8 +352,10 @@ class Coordinator:
         stream), and a commit that fails makes the coordinator reload its state from the
         store, dropping the actions that depended on it."""
         assert self._lock.locked()
-        if not self.leading:
-            raise self._not_leading()  # the core is a follower's empty one: it decided nothing
+        if not self._acting():
+            # A follower's core is empty: it decided nothing. A leader whose store is no
+            # longer sure of its term (the deposal follows) acts no more either.
+            raise self._not_leading()
         carried = asyncio.ensure_future(self._carry_out(actions))
         cancelled = False
         while not carried.done():
@@ -578,7 +580,7 @@ class Coordinator:
 
     async def register(self, info: HostInfo, metrics: dict[str, float] | None = None) -> None:
         async with self._lock:
-            if not self.leading:
+            if not self._acting():
                 raise self._not_leading()
             known = self.core.hosts.get(info.host_id)
             live = self.core.live.get(info.host_id)
@@ -598,11 +600,15 @@ class Coordinator:
     async def heartbeat(self, host_id: str, metrics: dict[str, float],
                         replicas: list[ReplicaReport]) -> list[tuple[str, int, int]]:
         async with self._lock:
-            if not self.leading:
-                # A follower must not take a heartbeat as if it led: it grants no lease.
+            if not self._acting():
+                # A follower must not take a heartbeat as if it led: it grants no lease. Nor
+                # may a leader whose store is no longer sure of its term: another may lead
+                # soon, and would not wait out a lease it does not know of.
                 raise self._not_leading()
             leases, actions = self.core.heartbeat(host_id, metrics, replicas, monotonic_ms())
             await self._execute(actions)
+            if not self._acting():  # its commits took the rest of the term
+                raise self._not_leading()
         return leases
 
     async def watch_routes(self) -> AsyncIterator[coordinator_pb2.RoutesUpdate]:

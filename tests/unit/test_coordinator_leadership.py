@@ -59,6 +59,11 @@ class RefusingStore(SqliteStore):
     LeadershipLostError, a campaign waits, `leader` names the other."""
 
     refuse = False
+    unsure = False  # the lease was not renewed in time: `leading` is False before wait_lost
+
+    @property
+    def leading(self) -> bool:
+        return not self.unsure and super().leading
 
     async def commit(self, *args: Any, **kwargs: Any) -> Any:
         if self.refuse:
@@ -210,4 +215,27 @@ async def test_a_sqlite_coordinator_that_led_at_start_does_not_lead_again(
     assert coordinator.leading
     stopping.set()
     await asyncio.wait_for(loop, 5)
+    await coordinator.stop()
+
+
+async def test_a_leader_unsure_of_its_term_grants_no_lease(tmp_path: Path) -> None:
+    """Between the store ceasing to be sure of the term (its lease not renewed in time) and
+    the deposal, a heartbeat gets no lease, even one that needs nothing committed or sent: a
+    follower may take over when etcd expires the lease, and would not wait out a lease it
+    never heard of."""
+    coordinator = Coordinator(RefusingStore(tmp_path / "cluster.db"), Timing(),
+                              address="127.0.0.1:1", shared_store=True)
+    await coordinator.start()
+    grant = [("s", 1, 300)]
+    # The core's part is not under test: a heartbeat it answers with a lease and no action.
+    coordinator.core.heartbeat = lambda *_args: (grant, [])  # type: ignore[method-assign]
+    assert await coordinator.heartbeat("h1", {}, []) == grant
+    store = coordinator.store
+    assert isinstance(store, RefusingStore)
+    store.unsure = True
+    assert coordinator.leading  # not deposed yet: only the store knows
+    with pytest.raises(Unavailable, match="not the leader"):
+        await coordinator.heartbeat("h1", {}, [])
+    store.unsure = False
+    coordinator.deposed("test over")
     await coordinator.stop()
