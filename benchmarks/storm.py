@@ -360,6 +360,11 @@ def storm(root: Path, agents: int, services: int, writers: int = WRITERS,
                 worker.kill()
                 worker.wait()
         primaries_after = cluster.primaries()
+        # An agent registers again after any failed heartbeat, and the coordinator then
+        # re-sends every assignment it holds: how often that happened says how loaded the
+        # machine was (each counts the first registration too).
+        registrations = {h: a.log_path.read_text(errors="replace").count("registered with")
+                         for h, a in cluster.agents.items()}
         history = storm_events(cluster, t_kill, lost)
     events = [e for e in history if e["kind"] == "failover" and e["old_primary"] == victim]
     blocked = [e for e in history if e["kind"] == "failover_blocked"]
@@ -380,6 +385,7 @@ def storm(root: Path, agents: int, services: int, writers: int = WRITERS,
             "victim": victim, "primaries_per_host": per_host,
             "create_s": round(create_s, 1),
             "steady_before_kill_wait_ms": ms(whole_wait_s),
+            "agent_registrations": sum(registrations.values()),
             "create_ms_per_service": round(create_s * 1000 / services, 1),
             "writable_again_ms": again,
             "failover_events": len(events),

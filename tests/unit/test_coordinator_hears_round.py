@@ -19,9 +19,17 @@ import grpc
 import grpc.aio
 
 from failover.coordinator.server import HEARS_PRIMARY_TIMEOUT_S, Coordinator
-from failover.core.coordinator import AskHearsPrimary, HearsAnswer, HostInfo, Timing
+from failover.core.coordinator import (
+    AskHearsPrimary,
+    AssignRole,
+    DropReplica,
+    HearsAnswer,
+    HostInfo,
+    Timing,
+)
 from failover.storage.sqlite_store import SqliteStore
 from failover.v1 import agent_pb2
+from tests.unit.inprocess import until
 
 SERVICES = 10
 STATUS_MS = 60  # a status of a host holding many replicas, on a loaded machine
@@ -112,3 +120,53 @@ async def test_a_live_host_registering_again_keeps_its_channel_a_restarted_one_g
         assert coordinator._caller("host2", HOSTS["host2"]).channel is not restarted
     finally:
         await coordinator.stop()
+
+
+class HeldAgent:
+    """An agent control stub whose first call is held until `release` is set."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.first_call = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def _take(self, what: str, request: Any) -> None:
+        self.calls.append((what, request.service))
+        self.first_call.set()
+        await self.release.wait()
+
+    async def AssignRole(self, request: Any, timeout: float, metadata: Any = ()) -> None:
+        await self._take("assign", request)
+
+    async def DropReplica(self, request: Any, timeout: float, metadata: Any = ()) -> None:
+        await self._take("drop", request)
+
+
+async def test_an_assignment_already_queued_is_not_queued_again_and_order_is_kept() -> None:
+    """A host that registers again is re-sent every assignment it holds: while the same
+    assignment waits in its queue (its agent busy), re-sends add nothing to the queue; a
+    different call of that service in between keeps the re-send, in order."""
+    coordinator = Coordinator(store=None)  # type: ignore[arg-type]
+    caller = coordinator._caller("host2", HOSTS["host2"])
+    agent = HeldAgent()
+    caller.stub = agent  # type: ignore[assignment]
+    try:
+        def assign(service: str) -> AssignRole:
+            return AssignRole("host2", HOSTS["host2"], service, "kv", "duplica", 1, "sync",
+                              ("host1", "127.0.0.1:1"), {}, ())
+
+        coordinator._enqueue(assign("kv0"))
+        await agent.first_call.wait()  # kv0 in flight: the agent is busy
+        for _ in range(3):  # a host re-registering three times while busy
+            coordinator._enqueue(assign("kv1"))
+        assert caller.queue.qsize() == 1
+        coordinator._enqueue(DropReplica("host2", HOSTS["host2"], "kv1", 1))
+        coordinator._enqueue(assign("kv1"))
+        coordinator._enqueue(assign("kv0"))  # kv0's is sent already: this one is queued
+        assert caller.queue.qsize() == 4
+        agent.release.set()
+        await until(lambda: len(agent.calls) == 5)
+        assert agent.calls == [("assign", "kv0"), ("assign", "kv1"), ("drop", "kv1"),
+                               ("assign", "kv1"), ("assign", "kv0")]
+    finally:
+        await caller.close()
