@@ -354,6 +354,8 @@ class Coordinator:
             await asyncio.sleep(period_s)
             try:
                 async with self._lock:
+                    if not self._acting():
+                        continue  # the store ended the term; the deposal follows: decide nothing
                     await self._execute(self.core.tick(monotonic_ms()))
             except Exception:
                 log.exception("tick failed")
