@@ -239,3 +239,31 @@ async def test_a_leader_unsure_of_its_term_grants_no_lease(tmp_path: Path) -> No
     store.unsure = False
     coordinator.deposed("test over")
     await coordinator.stop()
+
+
+async def test_a_leader_unsure_of_its_term_ticks_no_decision(tmp_path: Path) -> None:
+    """Once the store is no longer sure of the term, the tick loop leaves the core alone
+    until the deposal (a decision then could only be dropped, and was logged as a failure)."""
+    coordinator = Coordinator(RefusingStore(tmp_path / "cluster.db"), Timing(),
+                              address="127.0.0.1:1", shared_store=True)
+    await coordinator.start()
+    ticks: list[int] = []
+    checks: list[bool] = []
+    coordinator.core.tick = lambda now: ticks.append(now) or []  # type: ignore[method-assign]
+    acting = coordinator._acting
+
+    def counted() -> bool:
+        checks.append(acting())
+        return checks[-1]
+
+    coordinator._acting = counted  # type: ignore[method-assign]
+    await until(lambda: len(ticks) >= 2)  # it ticks while sure
+    store = coordinator.store
+    assert isinstance(store, RefusingStore)
+    store.unsure = True
+    ticked = len(ticks)
+    await until(lambda: checks.count(False) >= 3)  # three periods of the loop, at least
+    assert len(ticks) == ticked
+    store.unsure = False
+    coordinator.deposed("test over")
+    await coordinator.stop()
