@@ -67,6 +67,11 @@ class Cluster:
         self.held: dict[str, dict[str, tuple[str, int, tuple[str, ...], int]]] = {}
         self.index: dict[str, int] = {}
         self.up = {f"h{i:03d}" for i in range(hosts)}
+        # What a host reports other than the defaults: its metrics, duplicas' matched
+        # indexes this many entries behind, the (host, service) whose disk is full.
+        self.metrics: dict[str, dict[str, float]] = {}
+        self.behind: dict[str, int] = {}
+        self.full: set[tuple[str, str]] = set()
         for h in sorted(self.up):
             self.run(self.core.register(HostInfo(h, f"{h}:1"), self.now, dict(METRICS)))
         for i in range(services):
@@ -89,10 +94,14 @@ class Cluster:
         for svc, (role, epoch, in_sync, generation) in sorted(self.held.get(host, {}).items()):
             idx = self.index.get(svc, 0)
             primary = role == PRIMARY
+            matched = idx if primary else max(0, idx - self.behind.get(host, 0))
             reports.append(ReplicaReport(svc, role, epoch, idx, idx if primary else 0, idx,
-                                         matched_index=idx, in_sync=in_sync if primary else None,
+                                         matched_index=matched,
+                                         in_sync=in_sync if primary else None,
+                                         disk_full=(host, svc) in self.full,
                                          in_sync_generation=generation if primary else 0))
-        _, actions = self.core.heartbeat(host, dict(METRICS), reports, self.now)
+        _, actions = self.core.heartbeat(host, self.metrics.get(host, dict(METRICS)), reports,
+                                         self.now)
         return self.run(actions)
 
     def round(self) -> list[Action]:
@@ -202,3 +211,42 @@ def test_a_host_death_is_one_persist_ahead_of_what_it_tells() -> None:
     assert {r.service: r.primary_host_id for r in pushes[0].routes
             if r.service in primaries} == {n: c.core.services[n].primary for n in primaries}
     assert all(c.core.services[n].primary != victim for n in primaries)
+
+
+def test_a_tick_walks_no_service_and_skips_only_settled_ones() -> None:
+    """A tick looks only at the services that may need it (`_attention`), not at every
+    one: through a host's death, the failovers, rebuilds and retirements, and a return,
+    every service it skips is settled (the full rules would do nothing for it), and the
+    in-sync sets hold only duplicas."""
+    c = Cluster(8, 60)
+    victim = max(sorted(c.up), key=lambda h: sum(s.primary == h
+                                                for s in c.core.services.values()))
+    c.up.discard(victim)
+    looked = []
+    for step in range(DEAD // HB + 20):
+        if step == DEAD // HB + 10:
+            c.up.add(victim)  # back: the copies it still reports are dropped
+        c.now += HB
+        for svc in c.core.services:
+            c.index[svc] = c.index.get(svc, 0) + 1
+        for h in sorted(c.up):
+            c.beat(h)
+        unsettled = {s.name for s in c.core.services.values() if not c.core._settled(s)}
+        assert unsettled <= c.core._attention, unsettled - c.core._attention
+        for s in c.core.services.values():
+            assert set(s.in_sync) <= set(s.replicas) - {s.primary}, s
+            assert len(set(s.in_sync)) == len(s.in_sync), s
+        c.core.services = Walks(c.core.services)
+        Walks.walks = 0
+        looked.append(len(c.core._attention))
+        ticked = c.run(c.core.tick(c.now))
+        assert Walks.walks == 0, "a tick walked every service"
+        c.core.services = dict(c.core.services)
+        for a in ticked:
+            if isinstance(a, AskHearsPrimary):
+                c.run(c.core.hears_primary(a.service, [
+                    HearsAnswer(h, h in c.up, False, c.index.get(a.service, 0), a.epoch)
+                    for h in a.hosts], c.now))
+    assert max(looked) > 0 and looked[-1] == 0, looked
+    assert all(victim not in s.replicas or s.primary != victim
+               for s in c.core.services.values())

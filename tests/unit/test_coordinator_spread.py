@@ -5,18 +5,25 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 from failover.core.coordinator import (
+    DUPLICA,
+    PRIMARY,
+    SERVICE_PREFIX,
     Action,
     CoordinatorCore,
     Persist,
     PrepareSwitchover,
+    ServiceInfo,
     StartSwitchover,
     Timing,
 )
 from failover.core.coordinator.actions import Prepared
+from failover.core.coordinator.model import pack
 from failover.core.roles import BUILDING
 from tests.unit.test_coordinator_rebuild import DEAD, FAIL, HB, LEASE
-from tests.unit.test_coordinator_scale import Cluster
+from tests.unit.test_coordinator_scale import METRICS, NEEDS, Cluster
 
 
 def primaries(core: CoordinatorCore) -> Counter[str]:
@@ -146,3 +153,106 @@ def test_no_rebalance_when_it_is_off_or_a_failover_is_pending() -> None:
     for _ in range(100):
         c.round()
     assert not c.started and primaries(c.core)["h000"] == 0
+
+
+def returned(problem: str) -> tuple[Switching, int]:
+    """A cluster whose h000 lost its primaries to failovers and came back, its replicas in
+    sync again, then showing `problem` ("" for none) while the rebalance could move
+    primaries to it; returns the cluster and the rounds until the rebalance may start."""
+    gap, calm = 500, 1500
+    c = Switching(6, 36, Timing(HB, FAIL, LEASE, DEAD, rebalance_gap_ms=gap,
+                                rebalance_calm_ms=calm))
+    c.up.discard("h000")
+    for _ in range(FAIL // HB + 6):
+        c.round()
+    assert primaries(c.core)["h000"] == 0 and not c.core.failovers
+    c.up.add("h000")
+    for _ in range(5):  # back in every in-sync set, promotable
+        c.round()
+    assert all("h000" in s.promotable for s in c.core.services.values() if "h000" in s.replicas)
+    if problem == "disk_free":  # its disk is nearly full, as its metrics say
+        c.metrics["h000"] = {**METRICS, "disk_free_bytes": float(64 << 20)}
+    elif problem == "disk_full":  # a replica's append failed there for want of space
+        name = min(s.name for s in c.core.services.values() if "h000" in s.replicas)
+        c.full.add(("h000", name))
+    elif problem == "lagging":  # in sync, but far behind its primaries
+        for name in c.index:
+            c.index[name] += 1000
+        c.behind["h000"] = 1000
+    assert not c.started
+    return c, (calm + 6 * 2 * gap) // HB + 20
+
+
+@pytest.mark.parametrize("problem", ["disk_free", "disk_full", "lagging"])
+def test_rebalance_moves_no_primary_to_a_host_that_cannot_take_it_at_once(problem: str) -> None:
+    """A rebalance switchover holds writes until its target has the whole log: a target
+    that lags or whose disk is full would hold them past their deadlines. None goes there;
+    once the host is well again, primaries move to it."""
+    c, rounds = returned(problem)
+    for _ in range(rounds):
+        c.round()
+    assert all(target != "h000" for _, _, target in c.started), c.started
+    assert primaries(c.core)["h000"] == 0
+    c.metrics.clear()
+    c.full.clear()
+    c.behind.clear()
+    for _ in range(rounds):
+        c.round()
+    assert any(target == "h000" for _, _, target in c.started), c.started
+    assert primaries(c.core)["h000"] >= 5
+
+
+def test_rebalance_steps_through_a_host_holding_one_fewer() -> None:
+    """h000 holds one primary above even, h002 one below, and no service of h000 has a
+    member on h002: a move straight there does not exist. One step to h001 (one fewer than
+    h000), which has a member on h002, then on to h002: every host ends even."""
+    layout = {  # service -> its hosts, the primary first
+        "a1": ("h000", "h001"), "a2": ("h000", "h003"), "a3": ("h000", "h001"),
+        "b1": ("h001", "h002"), "b2": ("h001", "h003"),
+        "c1": ("h002", "h003"),
+        "d1": ("h003", "h001"), "d2": ("h003", "h000"),
+    }
+    gap, calm = 500, 1000
+    c = Switching(4, 0, Timing(HB, FAIL, LEASE, DEAD, rebalance_gap_ms=gap,
+                               rebalance_calm_ms=calm))
+    state = {}
+    for name, (primary, duplica) in layout.items():
+        record = ServiceInfo(name, "kv", "sync", 2, 1, primary,
+                             {primary: PRIMARY, duplica: DUPLICA}, [duplica], [duplica], 1,
+                             NEEDS.to_dict())
+        state[SERVICE_PREFIX + name] = pack(record)
+    c.run(c.core.restore(state, c.now))
+    for _ in range(3):
+        c.round()
+    assert dict(primaries(c.core)) == {"h000": 3, "h001": 2, "h002": 1, "h003": 2}
+    for _ in range((calm + 4 * gap) // HB + 10):
+        c.round()
+    counts = primaries(c.core)
+    assert max(counts.values()) - min(counts[h] for h in c.up) <= 1, counts
+    assert [(service, target) for _, service, target in c.started][:2] == [
+        ("a1", "h001"), ("b1", "h002")], c.started
+
+
+def test_building_replicas_restored_take_rebuild_slots_until_built_or_deleted() -> None:
+    """A coordinator restarted while replicas build counts them against
+    `rebuild_concurrency_max` as the one before did; a deleted service's building replica
+    frees its slot."""
+    limit = 2
+    c = Cluster(4, 0, Timing(HB, FAIL, LEASE, DEAD, rebuild_concurrency_max=limit))
+    c.behind["h001"] = 1 << 40  # its copies stay building: they never catch up
+    layout = {"b1": {"h000": PRIMARY, "h001": BUILDING},
+              "b2": {"h002": PRIMARY, "h001": BUILDING}, "m1": {"h003": PRIMARY}}
+    state = {SERVICE_PREFIX + name: pack(ServiceInfo(
+        name, "kv", "sync", 2, 1, next(iter(replicas)), replicas, [], [], 1, NEEDS.to_dict()))
+        for name, replicas in layout.items()}
+    c.run(c.core.restore(state, c.now))
+    waiting = []
+    for _ in range(5):
+        for a in c.round():
+            if isinstance(a, Persist):
+                waiting.extend(row[0] for row in a.history if row[1] == "placement_waiting")
+    assert building(c.core) == limit and len(c.core.services["m1"].replicas) == 1
+    assert waiting == ["m1"]
+    c.run(c.core.delete_service("b1"))
+    c.round()
+    assert len(c.core.services["m1"].replicas) == 2  # placed in the slot b1's copy freed

@@ -53,7 +53,7 @@ from failover.core.coordinator.redundancy import Redundancy
 from failover.core.coordinator.routes import Routes
 from failover.core.names import check_command_name, check_host_id, check_service_name
 from failover.core.placement import HostView, Resources
-from failover.core.roles import DUPLICA, PRIMARY
+from failover.core.roles import BUILDING, DUPLICA, PRIMARY
 from failover.errors import InvalidRequest
 
 DEFAULT_TIMING = Timing()
@@ -99,8 +99,9 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
         # service -> why its missing replicas found no host (shown in status, retried)
         self.unplaced: dict[str, str] = {}
         self._unplaced_logged_ms: dict[str, int] = {}
-        # (service, host) -> when a building replica was placed
-        self._building_since: dict[tuple[str, str], int] = {}
+        # (service, host) -> when a building replica was placed (None: it was building
+        # when this core was restored); each takes a rebuild slot until built or retired
+        self._building_since: dict[tuple[str, str], int | None] = {}
         # service -> when a drain last asked to move its primary
         self._drain_moved_ms: dict[str, int] = {}
         # service -> (source host, target host) while a live migration copies its state
@@ -131,9 +132,10 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
         # A decision round in progress (`_round`), and whether it changed the routes.
         self._rounds = 0
         self._routes_bumped = False
-        # host -> its view for placement, kept while a tick visits the services (nothing
-        # but the loads of the hosts it places on or retires from changes meanwhile)
-        self._views_memo: dict[str, HostView] | None = None
+        # host -> its view for placement and what it was worked out from (`_host_views`):
+        # kept until the host's loads, metrics, liveness, draining or zone change.
+        self._views: dict[str, tuple[HostView, dict[str, float] | None]] = {}
+        self._host_order: list[str] = []  # the hosts by id, for placement
         # service -> the host of its primary, and host -> how many primaries it holds
         # (`_count_primary`): new primaries go where there are fewest.
         self._primary_of: dict[str, str] = {}
@@ -146,6 +148,16 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
         self._calm_since_ms: int | None = None
         self._rebalanced_ms: int | None = None
         self._rebalancing: set[str] = set()
+        # The services a tick must look at (`_attend`): every one that may not be settled
+        # (`Redundancy._settled`). Any change that can unsettle a service adds it (a change
+        # of its record, of what its hosts report, of their liveness or draining); a tick
+        # drops those it finds settled. A tick visits these, not every service.
+        self._attention: set[str] = set()
+        # host -> `_holding(host)`, kept until its replicas change
+        self._held_order: dict[str, list[ServiceInfo]] = {}
+        # service -> the generation of its in-sync set at which its primary's report was
+        # found to change nothing of its thresholds (`Membership._counts_all`)
+        self._counted_generation: dict[str, int] = {}
 
     # --- restore ---------------------------------------------------------------------------
 
@@ -160,10 +172,16 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
                 host = HostInfo(**record)
                 self.hosts[host.host_id] = host
                 self.live[host.host_id] = HostLive(last_heartbeat_ms=now_ms)
+                self._host_order = []
             elif key.startswith(SERVICE_PREFIX):
                 service = ServiceInfo(**record)
                 self.services[service.name] = service
                 self._track(service)
+                for host, role in service.replicas.items():
+                    if role == BUILDING and host != service.primary:
+                        # Still building: it takes a rebuild slot as one placed here would
+                        # (since when is not known: its build time is not recorded).
+                        self._building_since[(service.name, host)] = None
             elif key == ROUTES_VERSION_KEY:
                 self.routes_version = int(record)
         actions: list[Action] = []
@@ -208,7 +226,7 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
                 name, "service", f"created {name} ({kind}, {mode}) on {', '.join(chosen)}",
                 {"kind": kind, "mode": mode, "hosts": chosen}),)),
             *self._assignments(service),
-            *self._bump_routes(),
+            *self._bump_routes(name),
         ]
 
     def delete_service(self, name: str) -> list[Action]:
@@ -219,18 +237,23 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
         self.failovers.pop(name, None)
         self.leases.pop(name, None)
         self._promotable_at.pop(name, None)
+        self._counted_generation.pop(name, None)  # a new service of that name starts over
         for host in service.replicas:
             self._untrack(name, host)
         self._seq.pop(name, None)
         self._count_primary(name)
         self._rebuild_waiting.discard(name)
+        self._attention.discard(name)
+        for host in service.replicas:
+            # A building replica of a deleted service no longer takes a rebuild slot.
+            self._building_since.pop((name, host), None)
         actions: list[Action] = [Persist({}, deletes=(SERVICE_PREFIX + name,), history=((
             name, "service", f"deleted {name}", {}),))]
         for host in service.replicas:
             info = self.hosts.get(host)
             if info is not None:
                 actions.append(DropReplica(host, info.address, name, service.epoch))
-        actions.extend(self._bump_routes())
+        actions.extend(self._bump_routes(name))
         return actions
 
     def audit(self, caller: str, rpc: str, target: str, outcome: str,
@@ -260,15 +283,17 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
 
     def _tick(self, now_ms: int) -> list[Action]:
         actions = self._detect(now_ms)
-        self._views_memo = {}  # what placement sees of the hosts, while this loop runs
-        try:
-            for service in list(self.services.values()):
-                if self._settled(service):
-                    continue  # the common case, decided in one pass
-                actions.extend(self._restore_redundancy(service, now_ms))
-                actions.extend(self._move_primary(service, now_ms))
-        finally:
-            self._views_memo = None
+        self._attend_written(actions)  # what it decided may unsettle services
+        # Only the services that may not be settled (`_attention`), in the order of
+        # `services`: every other one is settled, and `_restore_redundancy` and
+        # `_move_primary` would do nothing for it.
+        attention = self._attention
+        for service in self._attending():
+            if self._settled(service):
+                attention.discard(service.name)  # until something unsettles it
+                continue
+            actions.extend(self._restore_redundancy(service, now_ms))
+            actions.extend(self._move_primary(service, now_ms))
         actions.extend(self._rebalance(now_ms))
         for op_id, plan in list(self.operations.items()):
             actions.extend(plan.tick(now_ms))
@@ -310,13 +335,14 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
 
     def _noted(self, actions: list[Action]) -> list[Action]:
         """Brings the primaries per host up to date with the services these actions write
-        (a primary changes only by a decision, and every decision is persisted)."""
+        (a primary changes only by a decision, and every decision is persisted), and has the
+        next tick look at each of them (`_attend_written`)."""
         for action in actions:
-            if isinstance(action, Persist):
+            if isinstance(action, Persist) and action.puts:
                 for key in action.puts:
                     if key.startswith(SERVICE_PREFIX):
                         self._count_primary(key[len(SERVICE_PREFIX):])
-        return actions
+        return self._attend_written(actions)
 
     # --- operations (failover.core.coordinator.operations) --------------------------------
 

@@ -41,16 +41,20 @@ class Detector(CoreState):
         for host_id, live in self.live.items():
             if live.alive and now_ms - live.last_heartbeat_ms > timeout:
                 live.alive = False
+                self._attend_host(host_id)  # none of its replicas is good now
                 actions.extend(self._host_suspected(host_id))
             if (not live.alive and not live.dead
                     and now_ms - live.last_heartbeat_ms > self.timing.host_dead_ms):
                 live.dead = True
+                self._attend_host(host_id)  # its replicas no longer count
                 held = sorted(s.name for s in self._holding(host_id))
                 actions.append(Persist({}, history=(("", "host", (
                     f"host {host_id} declared dead after {self.timing.host_dead_ms} ms of "
                     f"silence; rebuilding its replicas elsewhere: {', '.join(held) or 'none'}"),
                     {"host_id": host_id, "services": held}),)))
-        for service in self.services.values():
+        # A service whose primary is silent or broken is not settled: it is among those the
+        # tick looks at (`_attending`), in the order of `services`.
+        for service in self._attending():
             # A primary whose host is silent: ask its duplicas, again every failure timeout
             # for as long as it stays silent (an answer "we still hear it" may go stale).
             live = self.live.get(service.primary)
@@ -142,5 +146,5 @@ class Detector(CoreState):
         old_host = self.hosts.get(old)
         if old_host is not None:
             actions.append(StepDown(old, old_host.address, service.name, service.epoch))
-        actions.extend(self._bump_routes())
+        actions.extend(self._bump_routes(service.name))
         return actions

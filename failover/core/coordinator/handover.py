@@ -153,5 +153,5 @@ class Handover(CoreState):
                 {"old_primary": old, "new_primary": to_host, "epoch": service.epoch,
                  "stall_ms": stall_ms}),)),
             *self._assignments(service),
-            *self._bump_routes(),
+            *self._bump_routes(name),
         ]

@@ -111,11 +111,16 @@ class Membership(CoreState):
         self.live[info.host_id] = HostLive(last_heartbeat_ms=now_ms, metrics=dict(metrics or {}))
         self._loads.pop(info.host_id, None)
         self._forget_deposed(info.host_id)
+        self._attend_host(info.host_id)  # it reports nothing yet: its primaries are unsettled
         # Tell the host what it holds (it recovers from disk, but may have missed a change).
         for service in self._holding(info.host_id):
             actions.extend(self._assignments(service, only=info.host_id))
-        if known is not None and known.address != info.address:
-            actions.extend(self._bump_routes())
+        if known is None or known.address != info.address:
+            routed = [s.name for s in self._holding(info.host_id) if s.primary == info.host_id]
+            if known is None:
+                self._route_changed(*routed)  # (a record naming a host not yet registered)
+            else:
+                actions.extend(self._bump_routes(*routed))
         return actions
 
     def heartbeat(self, host_id: str, metrics: dict[str, float],
@@ -131,119 +136,182 @@ class Membership(CoreState):
                                  f"over heartbeat_replicas_max "
                                  f"({defaults.HEARTBEAT_REPLICAS_MAX}); refused")
         check_metrics(host_id, metrics)
-        for report in replicas:
-            _check_name(report.service)
-        live = self.live.setdefault(host_id, HostLive(last_heartbeat_ms=now_ms))
+        current = {r.service: r for r in replicas}
+        held_names = self._held.get(host_id, set())
+        unknown = not current.keys() <= held_names
+        if unknown:
+            # The names of this host's services are those of services: only the others
+            # can be malformed.
+            for report in replicas:
+                _check_name(report.service)
+        live = self.live.get(host_id)
+        if live is None:
+            live = self.live[host_id] = HostLive(last_heartbeat_ms=now_ms)
+            self._attend_host(host_id)
         actions: list[Action] = []
         if live.dead:
             actions.append(Persist({}, history=(("", "host", f"host {host_id} is back after "
                                                  "being declared dead", {"host_id": host_id}),)))
+        if live.dead or not live.alive:
+            self._attend_host(host_id)  # its replicas count again
         live.last_heartbeat_ms = now_ms
         live.alive = True
         live.dead = False
-        live.metrics = metrics
+        if metrics != live.metrics:
+            # A copy, kept while they stay the same: placement keeps this host's view as
+            # long as it holds the same metrics (`Redundancy._host_views`).
+            live.metrics = dict(metrics)
         reported = live.replicas
-        live.replicas = {r.service: r for r in replicas}
-        if reported.keys() != live.replicas.keys():
+        live.replicas = current
+        if reported.keys() != current.keys():
             self._loads.pop(host_id, None)  # what it does not report yet changed
         self._forget_deposed(host_id)
-        self._note_primary(host_id, replicas, now_ms)
         leases: list[tuple[str, int, int]] = []
-        actions.extend(self._drop_unknown(host_id, replicas, now_ms))
-        # Only this host's services: a heartbeat costs O(replicas on the host).
+        if unknown:
+            actions.extend(self._drop_unknown(host_id, replicas, now_ms))
+        # Only this host's services: a heartbeat costs O(replicas on the host). A replica
+        # that has carried out its assignment and reports nothing to act on takes the short
+        # way (what the full rules, `_beat`, would do for it: nothing but a lease); any
+        # other goes through `_beat`.
+        reassigned, seen = self._reassigned_ms, self._truncated_seen
+        progress, counted = self._primary_progress, self._counted_generation
+        failovers = self.failovers
+        lease_ms = self.timing.lease_ms
+        lag_max_ms = self.timing.insync_lag_ms
+        expiry_ms = now_ms + lease_ms
         held = self._holding(host_id)
         for service in held:
-            role = service.replicas[host_id]
-            report = live.replicas.get(service.name)
-            wanted = PRIMARY if service.primary == host_id else role
-            key = (host_id, service.name)
-            stale_members = (
-                wanted == PRIMARY and report is not None and report.in_sync is not None
-                and (report.in_sync_generation != service.in_sync_generation
-                     or (report.in_sync != tuple(service.in_sync)
-                         and set(report.in_sync) != set(service.in_sync)))
-            )
-            if (report is None or report.epoch != service.epoch or report.role != wanted
-                    or stale_members or self._stale_peers(service, host_id, report)):
-                # It missed (or has not yet carried out) its assignment: send it again, at
-                # most once per failure timeout.
-                last = self._reassigned_ms.get(key)
-                if service.name not in self.switchovers and (
-                    last is None or now_ms - last >= self.timing.failure_timeout_ms
-                ):
-                    self._reassigned_ms[key] = now_ms
-                    actions.extend(self._assignments(service, only=host_id))
+            name = service.name
+            report = current.get(name)
+            if report is None:
+                actions.extend(self._beat(service, host_id, None, now_ms, leases))
                 continue
-            if self._reassigned_ms:
-                self._reassigned_ms.pop(key, None)
-            if report.broken:
-                # No lease, no threshold, no promotion: a broken primary is failed over by
-                # `tick`, a broken duplica leaves the in-sync set now and is rebuilt.
-                if (wanted != PRIMARY and host_id in service.in_sync
-                        and service.name not in self.switchovers):
-                    actions.extend(self._shrink_in_sync(service, host_id, (
-                        f"it cannot read its own snapshot or log: {report.broken}")))
+            if service.primary == host_id:
+                if report.role != PRIMARY:
+                    actions.extend(self._beat(service, host_id, report, now_ms, leases))
+                    continue
+                # Its durable index and how fast it grows: the bound of its duplicas'
+                # matched indexes (`_matched`).
+                rate = 0.0
+                last = progress.get(name)
+                if last is not None and last[0] == host_id and last[1] == report.epoch:
+                    elapsed = now_ms - last[2]
+                    grown = report.durable_index - last[3]
+                    rate = grown / elapsed if grown > 0 and elapsed > 0 else (
+                        0.0 if elapsed > 0 else last[4])
+                    if rate < last[4] / 2:
+                        rate = last[4] / 2
+                progress[name] = (host_id, report.epoch, now_ms, report.durable_index, rate)
+                lags = report.in_sync_lag_ms
+                if not (report.epoch == service.epoch and not report.broken
+                        and not report.disk_full and report.in_sync is not None
+                        and report.in_sync_generation == service.in_sync_generation
+                        and report.in_sync == tuple(service.in_sync)
+                        and (report.duplicas is None
+                             or self._ships_to_record(service, report.duplicas))
+                        and (not lags or max(lags.values()) <= lag_max_ms)
+                        and counted.get(name) == service.in_sync_generation
+                        and not report.truncated_entries
+                        and (not seen or (host_id, name) not in seen)):
+                    actions.extend(self._beat(service, host_id, report, now_ms, leases))
+                    continue
+                if name not in failovers:
+                    self.leases[name] = (host_id, expiry_ms)
+                    leases.append((name, service.epoch, lease_ms))
+            elif not (report.epoch == service.epoch
+                      and report.role == service.replicas[host_id] != PRIMARY
+                      and (report.primary_host_id is None
+                           or report.primary_host_id == service.primary)
+                      and not report.broken and not report.disk_full
+                      and not report.truncated_entries
+                      and (not seen or (host_id, name) not in seen)):
+                actions.extend(self._beat(service, host_id, report, now_ms, leases))
                 continue
-            if wanted == PRIMARY and report.in_sync is not None and not (
-                    # Nothing to change (it reports the current set, every member has its
-                    # threshold, none lags, every promotable member is counted): the rules
-                    # below would keep everything as it is.
-                    not report.in_sync_lag_ms
-                    and (thresholds := self._promotable_at.get(service.name)) is not None
-                    and len(thresholds) == len(service.in_sync)
-                    and all(m in thresholds for m in service.in_sync)
-                    and all(h in service.in_sync for h in service.promotable)):
-                counted = set(service.in_sync) & set(report.in_sync)
-                thresholds = self._promotable_at.setdefault(service.name, {})
-                for member in counted:
-                    # The primary's durable index bounds every write it acknowledged, also
-                    # before a restart (its reported commit index starts again from zero).
-                    thresholds.setdefault(member, report.durable_index)
-                for member in [m for m in thresholds if m not in counted]:
-                    del thresholds[member]
-                lagging = sorted(h for h, lag in report.in_sync_lag_ms.items()
-                                 if lag > self.timing.insync_lag_ms and h in service.in_sync
-                                 ) if report.in_sync_lag_ms else []
-                if lagging and service.name not in self.switchovers:
-                    for member in lagging:
-                        lag = (report.in_sync_lag_ms or {})[member]
-                        actions.extend(self._shrink_in_sync(service, member, (
-                            f"its primary has waited {lag} ms for it to take entries "
-                            f"(insync_lag_ms={self.timing.insync_lag_ms})")))
-                    counted -= set(lagging)
-                uncounted = [h for h in service.promotable if h not in counted]
-                if uncounted:
-                    # The primary (at the current generation) does not count them: it may
-                    # acknowledge writes they lack, so they must not be promoted.
-                    service.promotable = [h for h in service.promotable if h in counted]
-                    actions.append(Persist({SERVICE_PREFIX + service.name: pack(service)},
-                                           history=((
-                        service.name, "in_sync", f"{', '.join(uncounted)} no longer "
-                        f"promotable for {service.name}: its primary does not count them",
-                        {"hosts": uncounted, "promotable": list(service.promotable)}),)))
-            if (wanted != PRIMARY and report.disk_full and host_id in service.in_sync
-                    and service.name not in self.switchovers):
-                # It cannot take the primary's entries: sync writes would wait on it.
-                actions.extend(self._shrink_in_sync(service, host_id, "its disk is full"))
-            actions.extend(self._update_promotable(service))
-            if wanted == PRIMARY and service.name not in self.failovers:
-                self.leases[service.name] = (host_id, now_ms + self.timing.lease_ms)
-                leases.append((service.name, service.epoch, self.timing.lease_ms))
-            if report.truncated_entries != self._truncated_seen.get(key, 0):
-                self._truncated_seen[key] = report.truncated_entries
-                if report.truncated_entries:
-                    actions.append(Persist({}, history=((
-                        service.name, "rejoin",
-                        f"{host_id} rejoined {service.name} as duplica, dropping "
-                        f"{report.truncated_entries} divergent entries",
-                        {"host_id": host_id, "truncated_entries": report.truncated_entries}),)))
+            if reassigned:
+                reassigned.pop((host_id, name), None)
+            in_sync = service.in_sync
+            if service.promotable != in_sync or (
+                    len(in_sync) > 1 and not (len(in_sync) == 2 and in_sync[0] < in_sync[1])
+                    and in_sync != sorted(in_sync)):
+                actions.extend(self._update_promotable(service))
         actions.extend(self._grow_in_sync(now_ms, held))
-        return leases, actions
+        return leases, self._attend_written(actions)
 
-    def _forget_deposed(self, host_id: str) -> None:
-        """A host heard from again: its deposed primaries count again."""
-        if any(k[1] == host_id for k in self._deposed):
-            self._deposed = {k for k in self._deposed if k[1] != host_id}
+    def _ships_to_record(self, service: ServiceInfo, duplicas: tuple[str, ...]) -> bool:
+        """Whether a primary that reports shipping to `duplicas` ships to the record's."""
+        return set(duplicas) == {h for h, r in service.replicas.items()
+                                 if r != PRIMARY and h != service.primary and h in self.hosts}
+
+    def _beat(self, service: ServiceInfo, host_id: str, report: ReplicaReport | None,
+              now_ms: int, leases: list[tuple[str, int, int]]) -> list[Action]:
+        """The rules of a heartbeat for one replica it reports (`report`, None if it does
+        not): an assignment it missed is sent again, a broken replica serves nothing, a
+        primary's report sets thresholds and may take lagging members out, a full disk
+        takes a duplica out, promotability, the primary's lease (added to `leases`), and a
+        rejoin that dropped entries is recorded. A primary's progress is noted before."""
+        name = service.name
+        role = service.replicas[host_id]
+        is_primary = service.primary == host_id
+        wanted = PRIMARY if is_primary else role
+        if is_primary:
+            if (report is None or report.epoch != service.epoch or report.role != PRIMARY
+                    or report.broken or report.disk_full):
+                self._attention.add(name)  # not a serving primary: the service is unsettled
+        elif report is not None and report.broken:
+            self._attention.add(name)
+        key = (host_id, name)
+        stale_members = (
+            wanted == PRIMARY and report is not None and report.in_sync is not None
+            and (report.in_sync_generation != service.in_sync_generation
+                 or (report.in_sync != tuple(service.in_sync)
+                     and set(report.in_sync) != set(service.in_sync)))
+        )
+        if report is None or report.epoch != service.epoch or report.role != wanted or (
+                stale_members or self._stale_peers(service, host_id, report)):
+            # It missed (or has not yet carried out) its assignment: send it again, at most
+            # once per failure timeout.
+            last = self._reassigned_ms.get(key)
+            if name not in self.switchovers and (
+                last is None or now_ms - last >= self.timing.failure_timeout_ms
+            ):
+                self._reassigned_ms[key] = now_ms
+                return self._assignments(service, only=host_id)
+            return []
+        if self._reassigned_ms:
+            self._reassigned_ms.pop(key, None)
+        actions: list[Action] = []
+        if report.broken:
+            # No lease, no threshold, no promotion: a broken primary is failed over by
+            # `tick`, a broken duplica leaves the in-sync set now and is rebuilt.
+            if wanted != PRIMARY and host_id in service.in_sync and name not in self.switchovers:
+                actions.extend(self._shrink_in_sync(service, host_id, (
+                    f"it cannot read its own snapshot or log: {report.broken}")))
+            return actions
+        if wanted == PRIMARY and report.in_sync is not None and not (
+                # Nothing to change (it reports the current set, every member has its
+                # threshold, none lags, every promotable member is counted): the rules
+                # would keep everything as it is.
+                not report.in_sync_lag_ms and self._counts_all(service)):
+            actions.extend(self._count_members(service, report))
+        if (wanted != PRIMARY and report.disk_full and host_id in service.in_sync
+                and name not in self.switchovers):
+            # It cannot take the primary's entries: sync writes would wait on it.
+            actions.extend(self._shrink_in_sync(service, host_id, "its disk is full"))
+        actions.extend(self._update_promotable(service))
+        if wanted == PRIMARY and name not in self.failovers:
+            self.leases[name] = (host_id, now_ms + self.timing.lease_ms)
+            leases.append((name, service.epoch, self.timing.lease_ms))
+        if report.truncated_entries != self._truncated_seen.get(key, 0):
+            if report.truncated_entries:
+                self._truncated_seen[key] = report.truncated_entries
+                actions.append(Persist({}, history=((
+                    name, "rejoin",
+                    f"{host_id} rejoined {name} as duplica, dropping "
+                    f"{report.truncated_entries} divergent entries",
+                    {"host_id": host_id, "truncated_entries": report.truncated_entries}),)))
+            else:
+                del self._truncated_seen[key]  # as good as 0: only counts not 0 are kept
+        return actions
 
     def _stale_peers(self, service: ServiceInfo, host_id: str, report: ReplicaReport) -> bool:
         """Whether the replica holds other peers than its assignment names: a non-primary
@@ -252,11 +320,72 @@ class Membership(CoreState):
         (a new copy would then never be fed). Role and epoch alone do not show an
         assignment that was lost, or refused for a full disk after a step-down."""
         if service.primary == host_id:
-            if report.duplicas is None:
-                return False
-            wanted = {h for h in service.duplicas() if h in self.hosts}
-            return set(report.duplicas) != wanted
+            return report.duplicas is not None and not self._ships_to_record(service,
+                                                                            report.duplicas)
         return report.primary_host_id is not None and report.primary_host_id != service.primary
+
+    def _counts_all(self, service: ServiceInfo) -> bool:
+        """Whether the primary's report changes nothing of `service`'s thresholds and
+        promotable members (`_count_members`), given it reports no lag: every member has
+        its threshold, no other host has one, and every promotable member is in sync."""
+        generation = service.in_sync_generation
+        if self._counted_generation.get(service.name) == generation:
+            return True
+        thresholds = self._promotable_at.get(service.name)
+        in_sync = service.in_sync
+        if thresholds is None or len(thresholds) != len(in_sync):
+            return False
+        for member in in_sync:
+            if member not in thresholds:
+                return False
+        if not all(member in in_sync for member in service.promotable):
+            return False
+        # It stays so until the in-sync set changes: thresholds and promotable members
+        # change otherwise only within the set (`_count_members`, `_update_promotable`),
+        # and every change of the set raises the generation.
+        self._counted_generation[service.name] = generation
+        return True
+
+    def _count_members(self, service: ServiceInfo, report: ReplicaReport) -> list[Action]:
+        """A serving primary reported the in-sync set it applies (at the current
+        generation): thresholds for the members it counts, the members it reports lagging
+        leave the set, and promotable members it does not count stop being promotable."""
+        assert report.in_sync is not None
+        actions: list[Action] = []
+        counted = set(service.in_sync) & set(report.in_sync)
+        thresholds = self._promotable_at.setdefault(service.name, {})
+        for member in counted:
+            # The primary's durable index bounds every write it acknowledged, also
+            # before a restart (its reported commit index starts again from zero).
+            thresholds.setdefault(member, report.durable_index)
+        for member in [m for m in thresholds if m not in counted]:
+            del thresholds[member]
+        lagging = sorted(h for h, lag in report.in_sync_lag_ms.items()
+                         if lag > self.timing.insync_lag_ms and h in service.in_sync
+                         ) if report.in_sync_lag_ms else []
+        if lagging and service.name not in self.switchovers:
+            for member in lagging:
+                lag = (report.in_sync_lag_ms or {})[member]
+                actions.extend(self._shrink_in_sync(service, member, (
+                    f"its primary has waited {lag} ms for it to take entries "
+                    f"(insync_lag_ms={self.timing.insync_lag_ms})")))
+            counted -= set(lagging)
+        uncounted = [h for h in service.promotable if h not in counted]
+        if uncounted:
+            # The primary (at the current generation) does not count them: it may
+            # acknowledge writes they lack, so they must not be promoted.
+            service.promotable = [h for h in service.promotable if h in counted]
+            actions.append(Persist({SERVICE_PREFIX + service.name: pack(service)},
+                                   history=((
+                service.name, "in_sync", f"{', '.join(uncounted)} no longer "
+                f"promotable for {service.name}: its primary does not count them",
+                {"hosts": uncounted, "promotable": list(service.promotable)}),)))
+        return actions
+
+    def _forget_deposed(self, host_id: str) -> None:
+        """A host heard from again: its deposed primaries count again."""
+        if any(k[1] == host_id for k in self._deposed):
+            self._deposed = {k for k in self._deposed if k[1] != host_id}
 
     def _drop_unknown(self, host_id: str, replicas: list[ReplicaReport],
                       now_ms: int) -> list[Action]:
@@ -345,22 +474,6 @@ class Membership(CoreState):
                 "ignored until the primary reports it")
         return -1
 
-    def _note_primary(self, host_id: str, reports: list[ReplicaReport], now_ms: int) -> None:
-        """Remembers each primary's durable index and how fast it grows, the bound of its
-        duplicas' matched indexes (`_matched`)."""
-        for report in reports:
-            service = self.services.get(report.service)
-            if service is None or service.primary != host_id or report.role != PRIMARY:
-                continue
-            rate = 0.0
-            last = self._primary_progress.get(service.name)
-            if last is not None and last[0] == host_id and last[1] == report.epoch:
-                elapsed = now_ms - last[2]
-                grown = max(0, report.durable_index - last[3])
-                rate = max(grown / elapsed if elapsed > 0 else last[4], last[4] / 2)
-            self._primary_progress[service.name] = (host_id, report.epoch, now_ms,
-                                                    report.durable_index, rate)
-
     def _forget_thresholds(self, service: str) -> None:
         """Thresholds were the old primary's durable index: a new primary sets its own."""
         self._promotable_at.pop(service, None)
@@ -394,12 +507,8 @@ class Membership(CoreState):
         primary and of the duplica, so each is looked at when either beats), or of all."""
         actions: list[Action] = []
         for service in self.services.values() if services is None else services:
-            in_sync, primary = service.in_sync, service.primary
-            for host in service.replicas:
-                if host != primary and host not in in_sync:
-                    break
-            else:
-                continue  # every duplica is in sync: nobody to add
+            if len(service.in_sync) + 1 >= len(service.replicas):
+                continue  # every duplica is in sync (`set_in_sync`): nobody to add
             if service.name in self.failovers or service.name in self.switchovers:
                 continue
             primary_live = self.live.get(service.primary)

@@ -9,6 +9,7 @@ heartbeats rebuild within a heartbeat interval after a restart.
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -67,8 +68,22 @@ class ServiceInfo:
         return sorted(h for h, r in self.replicas.items() if r != PRIMARY and h != self.primary)
 
 
+def intern_hosts(service: ServiceInfo) -> None:
+    """Makes every host id the record names the one string object of that id
+    (`sys.intern`): the core compares host ids on every heartbeat, and equal ids that are
+    the same object compare at once."""
+    service.primary = sys.intern(service.primary)
+    service.replicas = {sys.intern(h): role for h, role in service.replicas.items()}
+    service.in_sync = [sys.intern(h) for h in service.in_sync]
+    service.promotable = [sys.intern(h) for h in service.promotable]
+    service.leaving = [sys.intern(h) for h in service.leaving]
+
+
 def set_in_sync(service: ServiceInfo, members: list[str]) -> None:
-    """Every change of the in-sync set goes through here: it raises the generation."""
+    """Every change of the in-sync set goes through here: it raises the generation. The
+    members are always duplicas of the service (replicas other than its primary), each
+    once: so every duplica is in sync exactly when the set has one member fewer than the
+    service has replicas (`Membership._grow_in_sync` relies on it)."""
     service.in_sync = members
     service.in_sync_generation += 1
 
@@ -181,7 +196,7 @@ class CoreState:
     _truncated_seen: dict[tuple[str, str], int]
     _deposed: set[tuple[str, str]]
     _unplaced_logged_ms: dict[str, int]
-    _building_since: dict[tuple[str, str], int]
+    _building_since: dict[tuple[str, str], int | None]
     _drain_moved_ms: dict[str, int]
     _move_to: dict[str, str]
     notices: deque[str]
@@ -192,7 +207,8 @@ class CoreState:
     _next_seq: int
     _loads: dict[str, tuple[Any, Any]]
     _rounds: int
-    _views_memo: dict[str, Any] | None
+    _views: dict[str, tuple[Any, dict[str, float] | None]]
+    _host_order: list[str]
     _routes_bumped: bool
     _primary_of: dict[str, str]
     _primaries: dict[str, int]
@@ -200,6 +216,9 @@ class CoreState:
     _calm_since_ms: int | None
     _rebalanced_ms: int | None
     _rebalancing: set[str]
+    _attention: set[str]
+    _held_order: dict[str, list[ServiceInfo]]
+    _counted_generation: dict[str, int]
 
     # --- the index of replicas by host (issue 14: work proportional to what changed) -------
 
@@ -207,12 +226,16 @@ class CoreState:
         """Indexes a service's replicas by host: a service just created or restored, or
         replicas just added to it. Every replica added to `service.replicas` comes through
         here (and every one removed through `_untrack`), so a host's services are known
-        without a walk over every service."""
+        without a walk over every service. The service needs the next tick's attention."""
         if service.name not in self._seq:
             self._seq[service.name] = self._next_seq
             self._next_seq += 1
         self._count_primary(service.name)
+        self._attention.add(service.name)
         for host in service.replicas:
+            # Its host's list of services (`_holding`) is worked out again: the record may
+            # be a new object (a service created again under its old name, or restored).
+            self._held_order.pop(host, None)
             held = self._held.setdefault(host, set())
             if service.name not in held:
                 held.add(service.name)
@@ -224,8 +247,32 @@ class CoreState:
         if held is not None and name in held:
             held.discard(name)
             self._loads.pop(host, None)
+            self._held_order.pop(host, None)
             if not held:
                 del self._held[host]
+
+    def _attend(self, name: str) -> None:
+        """`name` may no longer be settled: the next tick looks at it (`_attention`)."""
+        self._attention.add(name)
+
+    def _attend_written(self, actions: list[Any]) -> list[Any]:
+        """Has the next tick look at every service these actions persist: a change of its
+        record (replicas, roles, in-sync set, primary) may unsettle it. Every change of a
+        record is persisted in the same call's actions."""
+        for action in actions:
+            puts = getattr(action, "puts", None)
+            if puts:
+                for key in puts:
+                    if key.startswith(SERVICE_PREFIX):
+                        self._attention.add(key[len(SERVICE_PREFIX):])
+        return actions
+
+    def _attend_host(self, host_id: str) -> None:
+        """Something every replica on `host_id` depends on changed (its liveness, draining,
+        or what it reports as a whole): the next tick looks at each of their services."""
+        held = self._held.get(host_id)
+        if held:
+            self._attention.update(held)
 
     def _count_primary(self, name: str) -> None:
         """Keeps the count of primaries per host (`_primaries`, for placement) in step with
@@ -249,12 +296,24 @@ class CoreState:
 
     def _holding(self, host_id: str) -> list[ServiceInfo]:
         """The services with a replica on `host_id`, in the order they were created (that of
-        `services`): O(replicas on the host)."""
-        names = self._held.get(host_id)
-        if not names:
-            return []
+        `services`): O(replicas on the host), the order kept until its replicas change."""
+        order = self._held_order.get(host_id)
+        if order is None:
+            names = self._held.get(host_id)
+            if not names:
+                return []
+            services = self.services
+            order = self._held_order[host_id] = [
+                services[n] for n in sorted(names, key=self._seq.__getitem__)]
+        return order
+
+    def _attending(self) -> list[ServiceInfo]:
+        """The services in `_attention`, in the order of `services` (a deleted one leaves)."""
+        attention = self._attention
         services = self.services
-        return [services[n] for n in sorted(names, key=self._seq.__getitem__)]
+        gone = [name for name in attention if name not in services]
+        attention.difference_update(gone)
+        return [services[name] for name in sorted(attention, key=self._seq.__getitem__)]
 
     def _matched(self, service: ServiceInfo, host_id: str, report: ReplicaReport) -> int:
         """A duplica's matched index as far as its primary bears it out (`Membership`)."""

@@ -14,6 +14,7 @@ its replacement holds everything.
 
 from __future__ import annotations
 
+from failover import defaults
 from failover.core import placement
 from failover.core.coordinator.actions import Action, DropReplica, Persist, StartSwitchover
 from failover.core.coordinator.model import (
@@ -186,28 +187,39 @@ class Redundancy(CoreState):
 
     def _host_views(self) -> list[HostView]:
         """Every host as placement sees it, with the needs of the replicas placed on it:
-        O(hosts), the loads of each kept until its replicas or what it reports change."""
+        O(hosts). Each host's view is kept (`_views`) until its loads (its replicas, or
+        which of them it reports), its metrics, liveness, draining or zone change: a
+        heartbeat with the same metrics keeps them (`Membership.heartbeat`)."""
+        order = self._host_order
+        if len(order) != len(self.hosts):
+            order = self._host_order = sorted(self.hosts)
         views = []
-        memo = self._views_memo
-        for host_id, info in sorted(self.hosts.items()):
-            loads = self._loads.get(host_id)
+        kept = self._views
+        hosts, live_of, loads_of, patching = self.hosts, self.live, self._loads, self.patching
+        for host_id in order:
+            info = hosts[host_id]
+            loads = loads_of.get(host_id)
             if loads is None:
-                loads = self._loads[host_id] = self._host_load(host_id)
-            if memo is not None:
-                known = memo.get(host_id)
-                if known is not None and known.placed is loads[0] and known.pending is loads[1]:
-                    views.append(known)
+                loads = loads_of[host_id] = self._host_load(host_id)
+            live = live_of.get(host_id)
+            metrics = live.metrics if live is not None else None
+            alive = live is not None and live.alive
+            draining = info.draining or host_id in patching
+            known = kept.get(host_id)
+            if known is not None:
+                view = known[0]
+                if (known[1] is metrics and view.placed is loads[0]
+                        and view.pending is loads[1] and view.alive == alive
+                        and view.draining == draining and view.zone == info.zone):
+                    views.append(view)
                     continue
-            live = self.live.get(host_id)
-            measured = placement.capacity_and_free(live.metrics) if live else None
+            measured = placement.capacity_and_free(metrics) if metrics is not None else None
             view = HostView(
-                host_id=host_id, zone=info.zone, alive=bool(live and live.alive),
-                draining=info.draining or host_id in self.patching,
+                host_id=host_id, zone=info.zone, alive=alive, draining=draining,
                 capacity=measured[0] if measured else None, free=measured[1] if measured else None,
                 placed=loads[0], pending=loads[1],
             )
-            if memo is not None:
-                memo[host_id] = view
+            kept[host_id] = (view, metrics)
             views.append(view)
         return views
 
@@ -290,13 +302,17 @@ class Redundancy(CoreState):
 
     def _rebalance(self, now_ms: int) -> list[Action]:
         """Evens out primaries across hosts after hosts come back: a `StartSwitchover` of one
-        primary from a host holding the most to a live, promotable in-sync member on a host
-        holding at least two fewer (so every move narrows the spread, and none undoes
-        another). Rate limited (one at a time, at most one per `rebalance_gap_ms`), never
-        while a failover is in progress or within `rebalance_calm_ms` of one (a storm), nor
-        while a switchover, migration or patch is in progress, and only for a service whose
-        replicas are all in place (`_settled`) and none leaving or draining. O(hosts) plus
-        the replicas on the hosts holding the most, at most once per gap."""
+        primary from a host holding the most to a member that can take over at once
+        (`_can_lead`) on a host holding at least two fewer (so every move narrows the
+        spread, and none undoes another). When no such move exists but the spread is still
+        two or more, one step toward it: a primary from a host holding the most to a host
+        holding one fewer that can then move one of its own to a host holding two fewer
+        than the most (so one host one above even and another one below do not stay so).
+        Rate limited (one at a time, at most one per `rebalance_gap_ms`), never while a
+        failover is in progress or within `rebalance_calm_ms` of one (a storm), nor while a
+        switchover, migration or patch is in progress, and only for a service whose replicas
+        are all in place (`_settled`) and none leaving or draining. O(hosts) plus the
+        replicas on the hosts holding the most, at most once per gap."""
         gap = self.timing.rebalance_gap_ms
         if self.failovers or self._calm_since_ms is None:
             self._calm_since_ms = now_ms
@@ -311,32 +327,98 @@ class Redundancy(CoreState):
         if len(eligible) < 2:
             return []
         fewest = min(counts.get(h, 0) for h in eligible)
-        for source in sorted(eligible, key=lambda h: (-counts.get(h, 0), h)):
-            most = counts.get(source, 0)
-            if most - fewest < 2:
-                return []
-            best: tuple[int, str, str] | None = None
+        sources = sorted(eligible, key=lambda h: (-counts.get(h, 0), h))
+        most = counts.get(sources[0], 0)
+        if most - fewest < 2:
+            return []
+        disk_ok: dict[str, bool] = {}  # host -> whether its disk can take a primary's load
+        for source in sources:
+            have = counts.get(source, 0)
+            if have - fewest < 2:
+                break
+            best = self._move_from(source, have - 2, fewest, disk_ok)
+            if best is not None:
+                return self._rebalance_move(source, have, *best)
+        # No move narrows the spread at once: a step to a host holding one fewer than the
+        # most, from which one can then go to a host holding two fewer.
+        onward: dict[str, bool] = {}  # host -> whether it has such a move
+        for source in sources:
+            if counts.get(source, 0) < most:
+                break
             for service in self._holding(source):
                 if service.primary != source or service.leaving or not self._settled(service):
                     continue
                 for target in service.in_sync:
-                    have = counts.get(target, 0)
-                    if (target in service.promotable and have <= most - 2
-                            and self.live.get(target, HostLive(0, False)).alive
-                            and not self.hosts[target].draining
-                            and (best is None or (have, service.name, target) < best)):
-                        best = (have, service.name, target)
-                if best is not None and best[0] == fewest:
-                    break
-            if best is not None:
-                _, name, target = best
-                self._rebalancing = {name}  # its switchover plan is named a rebalance
-                return [Persist({}, history=((
-                    name, "rebalance", f"moving {name}'s primary from {source} ({most} "
-                    f"primaries) to {target} ({best[0]}) to even out primaries",
-                    {"from": source, "to_host": target}),)),
-                    StartSwitchover(name, target)]
+                    if counts.get(target, 0) != most - 1:
+                        continue
+                    if target not in onward:
+                        onward[target] = self._move_from(target, most - 2, fewest,
+                                                         disk_ok) is not None
+                    if onward[target] and self._can_lead(service, target, disk_ok):
+                        return self._rebalance_move(source, most, most - 1, service.name,
+                                                    target)
         return []
+
+    def _move_from(self, source: str, have_max: int, fewest: int,
+                   disk_ok: dict[str, bool]) -> tuple[int, str, str] | None:
+        """The move of a primary off `source` to a member that can take over at once on a
+        host holding at most `have_max` primaries: (its count, service, target), the fewest
+        first (stopping at `fewest`), or None."""
+        counts = self._primaries
+        best: tuple[int, str, str] | None = None
+        for service in self._holding(source):
+            if service.primary != source or service.leaving or not self._settled(service):
+                continue
+            for target in service.in_sync:
+                have = counts.get(target, 0)
+                if (have <= have_max and (best is None or (have, service.name, target) < best)
+                        and self._can_lead(service, target, disk_ok)):
+                    best = (have, service.name, target)
+            if best is not None and best[0] == fewest:
+                break
+        return best
+
+    def _rebalance_move(self, source: str, most: int, have: int, name: str,
+                        target: str) -> list[Action]:
+        self._rebalancing = {name}  # its switchover plan is named a rebalance
+        return [Persist({}, history=((
+            name, "rebalance", f"moving {name}'s primary from {source} ({most} "
+            f"primaries) to {target} ({have}) to even out primaries",
+            {"from": source, "to_host": target}),)),
+            StartSwitchover(name, target)]
+
+    def _can_lead(self, service: ServiceInfo, target: str, disk_ok: dict[str, bool]) -> bool:
+        """Whether `target` can take `service`'s primary over at once, as a rebalance asks
+        (its switchover holds writes until the target has the whole log): a promotable
+        in-sync member on a live host that is not draining, reporting the current epoch,
+        not broken and within `REBALANCE_TARGET_LAG_ENTRIES_MAX` entries of the primary's
+        durable index (both as last reported), on a host with no replica reporting a full
+        disk and with `REBALANCE_TARGET_DISK_FREE_BYTES_MIN` free (as it last reported;
+        `disk_ok` keeps what was found of each host during one rebalance)."""
+        if target not in service.promotable or target not in service.in_sync:
+            return False
+        live = self.live.get(target)
+        info = self.hosts.get(target)
+        primary_live = self.live.get(service.primary)
+        if (live is None or not live.alive or info is None or info.draining
+                or primary_live is None):
+            return False
+        report = live.replicas.get(service.name)
+        primary_report = primary_live.replicas.get(service.name)
+        if (report is None or primary_report is None or report.epoch != service.epoch
+                or report.role == PRIMARY or report.broken or report.disk_full):
+            return False
+        matched = self._matched(service, target, report)
+        if matched < 0 or (primary_report.durable_index - matched
+                           > defaults.REBALANCE_TARGET_LAG_ENTRIES_MAX):
+            return False
+        ok = disk_ok.get(target)
+        if ok is None:
+            ok = disk_ok[target] = (
+                live.metrics.get("disk_free_bytes", 0.0)
+                >= defaults.REBALANCE_TARGET_DISK_FREE_BYTES_MIN
+                and not any(r.disk_full for r in live.replicas.values()))
+        return ok
 
     def spare_host(self, name: str) -> str:
         """A host placement would choose for one more replica of `name`, or "" if none."""
@@ -357,6 +439,7 @@ class Redundancy(CoreState):
         if info.draining == draining:
             return []
         info.draining = draining
+        self._attend_host(host_id)  # its replicas count, or no longer count
         verb = "draining" if draining else "no longer draining"
         return [Persist({HOST_PREFIX + host_id: pack(info)}, history=((
             "", "host", f"host {host_id} is {verb}", {"host_id": host_id,

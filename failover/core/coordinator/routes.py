@@ -16,11 +16,22 @@ from failover.core.roles import DUPLICA, PRIMARY
 
 
 class Routes(CoreState):
-    """Part of `CoordinatorCore`: assignments and the routes table."""
+    """Part of `CoordinatorCore`: assignments and the routes table.
 
-    # The table last pushed (service -> route), to push only what changed; None before the
-    # first push (a restore pushes the whole table). Set on the instance at the first push.
-    _pushed_routes: dict[str, Route] | None = None
+    The table is kept, not rebuilt: every change of a route (a service created or deleted,
+    a new primary or epoch, a host at a new address) calls `_bump_routes` with the services
+    it changed, and only those are worked out again. A push costs O(changed) plus one copy
+    of the table."""
+
+    # service -> its route, in the order of service names (None until first asked: then
+    # built from every service once); `_unsorted` when a name went in out of order.
+    _table: dict[str, Route] | None = None
+    _unsorted = False
+    # The services whose route may have changed since the table was brought up to date.
+    _stale_routes: set[str] | None = None
+    # service -> its route at the previous push (None: not routed then), for the services
+    # changed since; None before the first push (a restore pushes the whole table).
+    _since_push: dict[str, Route | None] | None = None
 
     def _assignments(self, service: ServiceInfo, only: str | None = None) -> list[Action]:
         """What each replica of the service should hold; the duplicas first, so they accept
@@ -44,29 +55,67 @@ class Routes(CoreState):
             ))
         return actions
 
+    def _route(self, service: ServiceInfo) -> Route:
+        host = self.hosts.get(service.primary)
+        return Route(service.name, service.kind, service.primary,
+                     host.address if host else "", service.epoch)
+
+    def _route_table(self) -> dict[str, Route]:
+        """The table brought up to date with the services changed since it last was."""
+        table = self._table
+        if table is None:
+            self._stale_routes = set()
+            table = self._table = {name: self._route(self.services[name])
+                                   for name in sorted(self.services)}
+        stale = self._stale_routes
+        if stale:
+            since = self._since_push
+            for name in sorted(stale):
+                before = table.get(name)
+                if since is not None and name not in since:
+                    since[name] = before
+                service = self.services.get(name)
+                if service is None:
+                    table.pop(name, None)
+                    continue
+                if before is None and table and name < next(reversed(table)):
+                    self._unsorted = True
+                table[name] = self._route(service)
+            stale.clear()
+        if self._unsorted:
+            self._unsorted = False
+            table = self._table = {name: table[name] for name in sorted(table)}
+        return table
+
     def routes(self) -> tuple[Route, ...]:
-        out = []
-        for service in sorted(self.services.values(), key=lambda s: s.name):
-            host = self.hosts.get(service.primary)
-            out.append(Route(service.name, service.kind, service.primary,
-                             host.address if host else "", service.epoch))
-        return tuple(out)
+        """Every service's route, by service name."""
+        return tuple(self._route_table().values())
 
     def _routes(self) -> PushRoutes:
         """The table at the current version, with what changed since the previous push."""
-        table = self.routes()
-        now = {route.service: route for route in table}
-        before, self._pushed_routes = self._pushed_routes, now
-        if before is None:
-            return PushRoutes(self.routes_version, table)
-        changed = tuple(route for route in table if before.get(route.service) != route)
-        deleted = tuple(sorted(name for name in before if name not in now))
-        return PushRoutes(self.routes_version, table, changed, deleted)
+        table = self._route_table()
+        since, self._since_push = self._since_push, {}
+        if since is None:
+            return PushRoutes(self.routes_version, tuple(table.values()))
+        changed = tuple(table[name] for name in sorted(since)
+                        if name in table and table[name] != since[name])
+        deleted = tuple(sorted(name for name, route in since.items()
+                               if route is not None and name not in table))
+        return PushRoutes(self.routes_version, tuple(table.values()), changed, deleted)
 
-    def _bump_routes(self) -> list[Action]:
-        """A new routes version, persisted, then the table pushed. Within a decision round
+    def _route_changed(self, *names: str) -> None:
+        """The routes of `names` may have changed: worked out again when next asked."""
+        if self._table is not None and names:
+            if self._stale_routes is None:
+                self._stale_routes = set()
+            self._stale_routes.update(names)
+
+    def _bump_routes(self, *changed: str) -> list[Action]:
+        """A new routes version, persisted, then the table pushed; `changed` names the
+        services whose route this changed. Within a decision round
         (`CoordinatorCore._round`) the version is raised once and the table pushed once, at
         the round's end, however many primaries the round changed."""
+        self._route_changed(*changed)
         if self._rounds:
             if not self._routes_bumped:
                 self.routes_version += 1
