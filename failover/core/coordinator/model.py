@@ -9,7 +9,6 @@ heartbeats rebuild within a heartbeat interval after a restart.
 
 from __future__ import annotations
 
-import sys
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -66,17 +65,6 @@ class ServiceInfo:
 
     def duplicas(self) -> list[str]:
         return sorted(h for h, r in self.replicas.items() if r != PRIMARY and h != self.primary)
-
-
-def intern_hosts(service: ServiceInfo) -> None:
-    """Makes every host id the record names the one string object of that id
-    (`sys.intern`): the core compares host ids on every heartbeat, and equal ids that are
-    the same object compare at once."""
-    service.primary = sys.intern(service.primary)
-    service.replicas = {sys.intern(h): role for h, role in service.replicas.items()}
-    service.in_sync = [sys.intern(h) for h in service.in_sync]
-    service.promotable = [sys.intern(h) for h in service.promotable]
-    service.leaving = [sys.intern(h) for h in service.leaving]
 
 
 def set_in_sync(service: ServiceInfo, members: list[str]) -> None:
