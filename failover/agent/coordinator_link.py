@@ -112,11 +112,16 @@ class CoordinatorLink:
                 await self._beat(address)
                 self.coordinators.answered()
             except grpc.aio.AioRpcError as exc:
-                self._registered_with = None
                 if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION,
                                   grpc.StatusCode.INVALID_ARGUMENT):
-                    pass  # the coordinator forgot us: register again, with the same one
+                    # The coordinator forgot us: register again, with the same one.
+                    self._registered_with = None
                 else:
+                    # A slow or lost beat is not a new agent: registering again would make
+                    # the coordinator re-send every assignment of this host, and under a
+                    # storm's load those calls piled up ahead of promotions. Another address
+                    # is registered with anyway (`_beat` compares it), and a coordinator
+                    # that lost us answers the next beat with INVALID_ARGUMENT.
                     wait_s = self.coordinators.failed(exc)
                 log.debug("heartbeat to %s failed: %s %s", address, exc.code().name,
                           exc.details())

@@ -127,9 +127,10 @@ class _HostCaller:
     def queued(self, action: AssignRole | StepDown | DropReplica) -> bool:
         """Whether the last call queued for `action`'s service, not yet sent, is equal to it:
         then queuing it again changes nothing (sent twice in a row, the second is a no-op).
-        A host's agent registers again after any failed heartbeat and is re-sent every
-        assignment it holds; on a loaded machine those re-sends piled up by the thousand
-        (90,000 queued in all) ahead of a failover's promotions."""
+        A registering agent is re-sent every assignment it holds (agents before the fix in
+        `CoordinatorLink._run` registered again after any failed heartbeat); on a loaded
+        machine those re-sends piled up by the thousand (90,000 queued in all) ahead of a
+        failover's promotions."""
         return self._last_queued.get(action.service) == action
 
     def put(self, action: AssignRole | StepDown | DropReplica) -> None:
@@ -607,8 +608,8 @@ class Coordinator:
             live = self.core.live.get(info.host_id)
             # A new process, or a host the coordinator had stopped hearing: the channel to
             # it may sit in reconnect backoff. Not a live host's agent registering again
-            # after one slow heartbeat (it re-registers after any failed heartbeat): on a
-            # loaded machine every such channel's new TLS connection made the next
+            # (after a coordinator forgot it, or an older agent after one slow heartbeat):
+            # on a loaded machine every such channel's new TLS connection made the next
             # heartbeats slower still.
             stale = (known is None or known.started_at != info.started_at
                      or live is None or not live.alive)

@@ -381,3 +381,34 @@ async def test_every_caller_is_bounded_when_no_coordinator_answers(
         assert asyncio.get_running_loop().time() - started < 2
     # The watcher backed off: a handful of tries in 300 ms, not a spin.
     assert 1 <= silent.calls("WatchRoutes") <= 12
+
+
+class SlowBeats(FakeCoordinator):
+    """A leader whose heartbeats `slow` answer only after the agent's timeout."""
+
+    def __init__(self, log: list[tuple[str, str]]) -> None:
+        super().__init__(log, term=2)
+        self.slow = 0
+
+    async def Heartbeat(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if self.slow:
+            self.slow -= 1
+            await asyncio.sleep(1.0)  # past the agent's 2 x heartbeat_ms timeout
+        return await super().Heartbeat(request, context)
+
+
+async def test_a_slow_heartbeat_does_not_make_the_agent_register_again(
+    fakes: Coordinators, agent: Agent,
+) -> None:
+    # Each registration makes the coordinator re-send every assignment of the host: a storm's
+    # slow beats turned into tens of thousands of queued control calls (issue 14 item 7).
+    leader = await fakes.add(SlowBeats(fakes.log))
+    link = CoordinatorLink(agent, [leader.address])
+    link.start()
+    try:
+        await until(lambda: leader.calls("Heartbeat") >= 2, timeout_s=10)
+        leader.slow = 3
+        await until(lambda: leader.slow == 0 and leader.calls("Heartbeat") >= 8, timeout_s=20)
+        assert leader.calls("Register") == 1
+    finally:
+        await link.stop()
