@@ -23,7 +23,7 @@ from pathlib import Path
 
 from failover import defaults
 from failover.errors import ConfigError
-from failover.localcluster import ManagedProcess, free_port, wait_for
+from failover.processes import ManagedProcess, free_port, wait_for
 from failover.storage.etcd_store import EtcdTls
 from failover.storage.modes import write_private_file
 

@@ -12,14 +12,8 @@ the plaintext path (loopback only, or ``--insecure`` in network namespaces).
 from __future__ import annotations
 
 import contextlib
-import os
-import random
-import signal
-import socket
-import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,63 +21,20 @@ import grpc
 import grpc.aio
 
 from failover.core.permissions import ADMIN, AGENT, CLIENT, COORDINATOR, OPERATOR
-from failover.errors import FailoverError
 from failover.net import certs, channels
-from failover.net.tls import TlsFiles, TlsMaterial, channel_credentials
+from failover.net.tls import TlsFiles
 from failover.netns import HostNetwork
+from failover.processes import READY_TIMEOUT_S as READY_TIMEOUT_S
+from failover.processes import ManagedProcess as ManagedProcess
+from failover.processes import free_port as free_port
+from failover.processes import sync_channel as sync_channel
+from failover.processes import tls_flags as tls_flags
+from failover.processes import wait_for as wait_for
 from failover.smalldisk import SmallDisk
 from failover.v1 import agent_pb2, agent_pb2_grpc, common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 T = TypeVar("T")
 
-READY_TIMEOUT_S = 20.0
-
-
-_PORTS_LOW = 10_000  # local daemons listen between this and the ephemeral range
-_PORT_TRIES_MAX = 200
-
-
-def free_port() -> int:
-    """A port nothing listens on right now, below the kernel's ephemeral range.
-
-    A port the OS hands out for port 0 comes from the ephemeral range, which outgoing
-    connections also draw from: one of them could take it between this check and the daemon's
-    bind ("address already in use"). Below that range only another listener can."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            ephemeral_low = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        ephemeral_low = 0
-    rng = random.Random()
-    for _ in range(_PORT_TRIES_MAX if ephemeral_low > _PORTS_LOW + 1000 else 0):
-        port = rng.randrange(_PORTS_LOW, ephemeral_low)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(condition: Callable[[], T], timeout_s: float, what: str,
-             interval_s: float = 0.02) -> T:
-    """Polls `condition` until it returns something truthy; raises TimeoutError naming `what`."""
-    deadline = time.monotonic() + timeout_s
-    last_exc: Exception | None = None
-    while True:
-        try:
-            value = condition()
-            if value:
-                return value
-        except Exception as exc:  # the condition may fail while a process starts
-            last_exc = exc
-        if time.monotonic() >= deadline:
-            detail = f" (last error: {last_exc})" if last_exc else ""
-            raise TimeoutError(f"timed out after {timeout_s:.1f} s waiting for {what}{detail}")
-        time.sleep(interval_s)
 
 
 # The identities `ClusterPki` issues beside one per agent (by its host id) and the coordinator.
@@ -123,153 +74,12 @@ class ClusterPki:
                         self.directory / f"{name}.key")
 
 
-def tls_flags(files: TlsFiles | None) -> list[str]:
-    """The ``--tls-ca/--tls-cert/--tls-key`` flags of a daemon or failoverctl for `files`."""
-    if files is None:
-        return []
-    return ["--tls-ca", str(files.ca), "--tls-cert", str(files.cert), "--tls-key", str(files.key)]
-
-
 def tls_env(files: TlsFiles | None) -> dict[str, str]:
     """The FAILOVER_TLS_* environment of failoverctl for `files` (empty without TLS)."""
     if files is None:
         return {}
     return {"FAILOVER_TLS_CA": str(files.ca), "FAILOVER_TLS_CERT": str(files.cert),
             "FAILOVER_TLS_KEY": str(files.key)}
-
-
-def sync_channel(address: str, tls: TlsFiles | TlsMaterial | None = None) -> grpc.Channel:
-    """A blocking channel to a daemon: mutual TLS with `tls`, in the clear without."""
-    if tls is None:
-        return grpc.insecure_channel(address)
-    material = tls.load() if isinstance(tls, TlsFiles) else tls
-    return grpc.secure_channel(address, channel_credentials(material))
-
-
-class ManagedProcess:
-    """A daemon of ours as a process in its own session, logging to a file under the root.
-
-    With `tls` (the daemon's own certificate) it serves mutual TLS; `caller_tls` is the
-    certificate the harness presents on the channel it opens to the daemon."""
-
-    what = "process"
-
-    def __init__(self, address: str, log_path: Path, *, tls: TlsFiles | None = None,
-                 caller_tls: TlsFiles | None = None, insecure: bool = False) -> None:
-        self.address = address
-        self.log_path = log_path
-        self.tls = tls
-        self.caller_tls = caller_tls
-        self.insecure = insecure  # serve in the clear beyond loopback (netns without TLS)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._channel: grpc.Channel | None = None
-        self._caller_material: TlsMaterial | None = None
-        self.restarts = 0
-        self.paused = False  # SIGSTOPped by `pause`
-        self.env: dict[str, str] = {}  # added to the daemon's environment (e.g. PYTHONPATH)
-
-    def tls_command(self) -> list[str]:
-        """The daemon's TLS flags (or --insecure when told to serve in the clear)."""
-        if self.tls is not None:
-            return tls_flags(self.tls)
-        return ["--insecure"] if self.insecure else []
-
-    def command(self) -> list[str]:
-        raise NotImplementedError
-
-    def probe(self) -> None:
-        """One cheap call that succeeds once the daemon serves."""
-        raise NotImplementedError
-
-    def prepare(self) -> None:
-        """Runs before each start (e.g. making the data dir)."""
-
-    def channel(self) -> grpc.Channel:
-        if self._channel is None:
-            if self.caller_tls is not None and self._caller_material is None:
-                self._caller_material = self.caller_tls.load()
-            self._channel = sync_channel(self.address, self._caller_material)
-        return self._channel
-
-    def start(self, wait: bool = True) -> None:
-        assert self.proc is None or self.proc.poll() is not None, "already running"
-        self.paused = False
-        self.prepare()
-        with open(self.log_path, "ab") as log_file:
-            self.proc = subprocess.Popen(
-                self.command(), stdout=log_file, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
-            )
-        if wait:
-            self.wait_ready()
-
-    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
-        def ready() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise FailoverError(f"{self.what} exited with {self.proc.returncode}; "
-                                    f"log tail:\n{self.log_tail()}")
-            self.probe()
-            return True
-
-        wait_for(ready, timeout_s, f"{self.what} to serve on {self.address}")
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.proc.pid, sig)
-
-    def pause(self) -> None:
-        """SIGSTOP: the process stops answering (and acting); its sockets stay open, as a
-        hung host's do."""
-        self.signal(signal.SIGSTOP)
-        self.paused = True
-
-    def resume(self) -> None:
-        """SIGCONT after `pause`."""
-        self.signal(signal.SIGCONT)
-        self.paused = False
-
-    def kill(self) -> None:
-        """SIGKILL, and wait for the process to be gone."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        if self.paused:
-            self.resume()  # a stopped process dies of SIGKILL too; resumed, it is reaped cleanly
-        self.signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL if it does not exit in time."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        if self.paused:
-            self.resume()
-        self.signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.kill()
-
-    def restart(self) -> None:
-        self.kill()
-        self.restarts += 1
-        self.start()
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def close(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
 
 
 class AgentProcess(ManagedProcess):

@@ -21,7 +21,7 @@ from failover.net.authorization import RoleCheck
 from failover.net.grpc_logs import limit_decode_error_logs
 from failover.net.tls import TlsMaterial
 from failover.storage.modes import make_private_dir
-from failover.storage.store import open_store
+from failover.storage.store_url import open_store
 
 log = logging.getLogger("failover.coordinator")
 

@@ -32,10 +32,8 @@ commit (etcd refuses that in one transaction, so no store accepts it).
 from __future__ import annotations
 
 import abc
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -45,7 +43,6 @@ from failover import defaults
 from failover.errors import ConfigError
 
 __all__ = [
-    "DEFAULT_DB_NAME",
     "CoordinatorInfo",
     "HistoryEvent",
     "HistoryRecord",
@@ -56,18 +53,12 @@ __all__ = [
     "check_value",
     "decode_details",
     "encode_details",
-    "open_store",
 ]
 
-DEFAULT_DB_NAME = "cluster.db"
 
 HistoryEvent = tuple[str, str, str, dict[str, Any]]
 """One event to record: (service, kind, message, details); service "" is cluster-wide."""
 
-_ACCEPTED_FORMS = (
-    "leave it unset for sqlite:///DATA-DIR/cluster.db, or give sqlite:///ABSOLUTE/PATH, or "
-    "sqlite://PATH (relative to the data dir), or etcd://HOST:PORT[,HOST:PORT...] for etcd"
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,48 +298,3 @@ def check_event(event: object) -> tuple[str, str, str, bytes]:
     if not kind:
         raise ValueError(f"history event {message!r} has an empty kind")
     return service, kind, message, encode_details(details)
-
-
-def open_store(
-    url: str | None,
-    data_dir: str | os.PathLike[str],
-    *,
-    cluster: str = "default",
-    etcd_tls: Any = None,
-    leader_ttl_ms: int = defaults.LEADER_TTL_MS,
-) -> Store:
-    """The store named by `url`, not yet opened (no I/O happens here).
-
-    - None: ``sqlite:///<data_dir>/cluster.db``;
-    - ``sqlite:///ABS/PATH``: the SQLite file at that absolute path;
-    - ``sqlite://REL/PATH``: the SQLite file at that path relative to `data_dir`;
-    - ``etcd://HOST:PORT[,HOST:PORT...]``: etcd (`failover.storage.etcd_store`), the keys under
-      ``/failover/<cluster>/``, over TLS when `etcd_tls` (an `EtcdTls`) is given, the leader's
-      lease `leader_ttl_ms`;
-    - anything else: ConfigError listing the accepted forms.
-    """
-    from failover.storage.sqlite_store import SqliteStore  # the sqlite module imports this one
-
-    base = Path(data_dir).absolute()
-    if url is None:
-        return SqliteStore(base / DEFAULT_DB_NAME)
-    if not isinstance(url, str):
-        raise ConfigError(f"store URL {url!r} is not text: {_ACCEPTED_FORMS}")
-    text = url.strip()
-    scheme, sep, rest = text.partition("://")
-    scheme = scheme.lower()
-    if sep and scheme == "etcd":
-        from failover.storage.etcd_store import EtcdStore, EtcdTls, parse_endpoints
-
-        if etcd_tls is not None and not isinstance(etcd_tls, EtcdTls):
-            raise ConfigError(f"etcd_tls is a {type(etcd_tls).__name__}, not EtcdTls")
-        if not rest or "/" in rest or "?" in rest:
-            raise ConfigError(f"store URL {url!r} names no etcd endpoints: {_ACCEPTED_FORMS}")
-        return EtcdStore(parse_endpoints(rest), cluster=cluster, tls=etcd_tls,
-                         leader_ttl_ms=leader_ttl_ms)
-    if not sep or scheme != "sqlite":
-        raise ConfigError(f"store URL {url!r} is not understood: {_ACCEPTED_FORMS}")
-    if not rest or rest.endswith("/") or rest in (".", "..") or "\x00" in rest:
-        raise ConfigError(f"store URL {url!r} names no database file: {_ACCEPTED_FORMS}")
-    path = Path(rest)
-    return SqliteStore(path if path.is_absolute() else base / path)

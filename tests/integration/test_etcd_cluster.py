@@ -16,7 +16,7 @@ import pytest
 from failover.errors import LeadershipLostError, StoreOutcomeUnknownError
 from failover.etcd_local import EtcdCluster, ensure_etcd
 from failover.storage.etcd_store import EtcdStore
-from failover.storage.store import open_store
+from failover.storage.store_url import open_store
 
 # The default TTL: a kill of etcd's own raft leader costs an election (0.5 s here) that a
 # leader with this lease rides out.

@@ -22,7 +22,8 @@ from failover.errors import ConfigError, LeadershipLostError, StorageError, Stor
 from failover.etcd_local import EtcdCluster, ensure_etcd
 from failover.storage.etcd_store import EtcdStore
 from failover.storage.sqlite_store import SqliteStore
-from failover.storage.store import CoordinatorInfo, Store, open_store
+from failover.storage.store import CoordinatorInfo, Store
+from failover.storage.store_url import open_store
 
 LEADER_TTL_MS = 2000  # the default: a keep-alive may be late on a loaded machine
 WAIT_S = 10.0  # the longest any condition here may take before the test fails

@@ -17,7 +17,8 @@ import pytest
 from failover import defaults
 from failover.errors import ConfigError, LeadershipLostError, StorageError, StoreConflictError
 from failover.storage.sqlite_store import SCHEMA_VERSION, SqliteStore, lock_path_for
-from failover.storage.store import CoordinatorInfo, HistoryRecord, Store, open_store
+from failover.storage.store import CoordinatorInfo, HistoryRecord, Store
+from failover.storage.store_url import open_store
 
 SUBPROCESS_TIMEOUT_S = 30
 
