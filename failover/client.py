@@ -103,6 +103,11 @@ class Client:
     With `tls` (`TlsFiles(ca, cert, key)`, checked when the client is made: ConfigError names
     a bad file) every call to an agent and the routes watch are mutual TLS; a call the
     certificate's role does not allow raises `PermissionDenied`.
+
+    `services` (names) limits the routes watch to those services: the coordinator then sends
+    this client only their routes and only the pushes that change them, which is what a
+    client of a few services among thousands wants. A call to another service raises
+    ConfigError.
     """
 
     def __init__(
@@ -113,8 +118,16 @@ class Client:
         client_id: str | None = None,
         deadline_ms: int = defaults.CALL_DEADLINE_MS,
         tls: TlsFiles | TlsMaterial | None = None,
+        services: Sequence[str] | None = None,
     ) -> None:
         self._tls = tls.load() if isinstance(tls, TlsFiles) else tls
+        if isinstance(services, str):
+            raise ConfigError("services is a list of service names, not one string")
+        self._watched = frozenset(services or ())
+        if len(self._watched) > defaults.ROUTE_WATCH_SERVICES_MAX:
+            raise ConfigError(f"services names {len(self._watched)} services, over "
+                              f"route_watch_services_max ({defaults.ROUTE_WATCH_SERVICES_MAX}): "
+                              "name none to follow every route")
         self._seeds = _addresses(agents, "agents")
         self._coordinators = _addresses(coordinator, "coordinator")
         # Which coordinator to watch: the leader once known (issue 15). Each client starts
@@ -196,7 +209,8 @@ class Client:
             stream = None
             try:
                 stub = coordinator_pb2_grpc.CoordinatorStub(self._channel(address))
-                stream = stub.WatchRoutes(coordinator_pb2.WatchRoutesRequest())
+                stream = stub.WatchRoutes(coordinator_pb2.WatchRoutesRequest(
+                    services=sorted(self._watched)))
                 self._routes_version = None  # a new stream starts with the whole table
                 async for update in stream:
                     self._apply_routes(update)
@@ -237,8 +251,11 @@ class Client:
         this client holds. A delta it already holds is skipped; one after a version it never
         saw raises `_RoutesGap` (the watcher subscribes again for the whole table)."""
         if not update.full:
-            if self._routes_version is None or update.version > self._routes_version + 1:
-                raise _RoutesGap(f"routes version {update.version} after "
+            # A watch of some services gets only the pushes that change them: each delta says
+            # which version it follows.
+            base = update.base_version or update.version - 1
+            if self._routes_version is None or base > self._routes_version:
+                raise _RoutesGap(f"routes version {update.version} (after {base}) after "
                                  f"{self._routes_version}")
             if update.version <= self._routes_version:
                 return
@@ -259,6 +276,10 @@ class Client:
         event.set()
 
     async def _target(self, service: str, deadline: float) -> tuple[str, int]:
+        if self._watched and service not in self._watched:
+            raise ConfigError(f"service {service!r} is not among the services this client "
+                              f"watches ({len(self._watched)} given to Client(services=...)):"
+                              " add it there")
         if self._coordinators and self._watcher is None:
             self._watcher = asyncio.get_running_loop().create_task(self._watch_routes())
         route = self._routes.get(service)

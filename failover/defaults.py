@@ -130,6 +130,7 @@ HEARS_PRIMARY_TIMEOUT_MS = 200
 COORDINATOR_HOST_QUEUE_MAX = 10_000  # calls queued for one agent; more are dropped, logged
 COORDINATOR_QUEUED_CALLS_MAX = 100_000  # calls queued for all agents together; likewise
 ROUTE_WATCHERS_MAX = 10_000  # concurrent WatchRoutes streams; more get RESOURCE_EXHAUSTED
+ROUTE_WATCH_SERVICES_MAX = 10_000  # services one WatchRoutes may name; more: INVALID_ARGUMENT
 # Replicas one heartbeat may report (a host holding more is refused: INVALID_ARGUMENT), and
 # DropReplica calls one heartbeat may cause for replicas the records do not give the host
 # (the rest wait for a later heartbeat): a forged report of thousands of unknown services

@@ -26,7 +26,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -64,9 +64,10 @@ from failover.core.coordinator import (
     StepDown,
     Timing,
 )
+from failover.core.names import check_service_name
 from failover.core.placement import Resources
 from failover.core.roles import PRIMARY
-from failover.errors import LeadershipLostError, Overloaded, Unavailable
+from failover.errors import InvalidRequest, LeadershipLostError, Overloaded, Unavailable
 from failover.net import channels
 from failover.net.convert import assign_request, cluster_status
 from failover.net.tls import TlsMaterial
@@ -85,6 +86,29 @@ ROUTE_WATCHER_QUEUE = 64
 TERM_METADATA = channels.COORDINATOR_TERM_METADATA_KEY
 # Put in a route watcher's queue when this coordinator stops leading: its stream ends.
 _WATCH_END = coordinator_pb2.RoutesUpdate()
+
+
+class _Watch:
+    """One WatchRoutes stream: the services it follows (None: all) and the version of the last
+    update queued or sent to it, which a delta of its services follows (`base_version`)."""
+
+    __slots__ = ("last_version", "services")
+
+    def __init__(self, services: frozenset[str] | None, version: int) -> None:
+        self.services = services
+        self.last_version = version
+
+    def delta(self, update: coordinator_pb2.RoutesUpdate) -> coordinator_pb2.RoutesUpdate | None:
+        """`update` as this watch sees it: the whole delta, or only its services' part (None
+        when the push changed none of them: nothing is sent)."""
+        if self.services is None:
+            return update
+        routes = [r for r in update.routes if r.service in self.services]
+        deleted = [name for name in update.deleted if name in self.services]
+        if not routes and not deleted:
+            return None
+        return coordinator_pb2.RoutesUpdate(version=update.version, routes=routes,
+                                            deleted=deleted, base_version=self.last_version)
 
 
 def _route_message(route: Route) -> coordinator_pb2.Route:
@@ -243,8 +267,9 @@ class Coordinator:
         # op id -> an operation whose end has not been carried out yet
         self._operations: dict[str, _Operation] = {}
         self._callers: dict[tuple[str, str], _HostCaller] = {}  # (host id, address) ->
-        # Each watcher's queue of deltas; None in it: send the whole table (it fell behind).
-        self._watchers: set[asyncio.Queue[coordinator_pb2.RoutesUpdate | None]] = set()
+        # Each watcher's queue of deltas (None in it: send the whole table, it fell behind),
+        # and what it watches.
+        self._watchers: dict[asyncio.Queue[coordinator_pb2.RoutesUpdate | None], _Watch] = {}
         # The table last pushed, and its message, built only when a watcher needs it whole.
         self._routes_version = 0
         self._routes_table: tuple[Route, ...] = ()
@@ -581,9 +606,12 @@ class Coordinator:
         update = (coordinator_pb2.RoutesUpdate(
             version=action.version, routes=[_route_message(r) for r in action.changed or ()],
             deleted=action.deleted) if follows else None)
-        for queue in list(self._watchers):
+        for queue, watch in list(self._watchers.items()):
             if update is not None and not queue.full():
-                queue.put_nowait(update)
+                mine = watch.delta(update)
+                if mine is not None:
+                    queue.put_nowait(mine)
+                    watch.last_version = action.version
                 continue
             # Behind (or no delta to send): the whole table replaces whatever it has queued;
             # the push never waits for a watcher.
@@ -591,7 +619,14 @@ class Coordinator:
                 queue.get_nowait()
             queue.put_nowait(None)
 
-    def _full_routes(self) -> coordinator_pb2.RoutesUpdate:
+    def _full_routes(self, watch: _Watch) -> coordinator_pb2.RoutesUpdate:
+        """The whole table as `watch` sees it (every route, or only those of its services)."""
+        watch.last_version = self._routes_version
+        if watch.services is not None:
+            return coordinator_pb2.RoutesUpdate(
+                version=self._routes_version, full=True,
+                routes=[_route_message(r) for r in self._routes_table
+                        if r.service in watch.services])
         if self._routes_full is None:
             self._routes_full = coordinator_pb2.RoutesUpdate(
                 version=self._routes_version, full=True,
@@ -633,26 +668,35 @@ class Coordinator:
                 raise self._not_leading()
         return leases
 
-    async def watch_routes(self) -> AsyncIterator[coordinator_pb2.RoutesUpdate]:
+    async def watch_routes(self, services: Sequence[str] = (),
+                           ) -> AsyncIterator[coordinator_pb2.RoutesUpdate]:
+        """The routes of `services` (all when empty): the whole table first, then deltas."""
+        if len(services) > defaults.ROUTE_WATCH_SERVICES_MAX:
+            raise InvalidRequest(f"a routes watch names {len(services)} services, over "
+                                 f"route_watch_services_max ({defaults.ROUTE_WATCH_SERVICES_MAX}):"
+                                 " watch them all (name none) or split the watch")
+        for name in services:
+            check_service_name(name)
         if len(self._watchers) >= defaults.ROUTE_WATCHERS_MAX:
             raise Overloaded(f"{defaults.ROUTE_WATCHERS_MAX} route watchers already "
                              "(route_watchers_max); try again later or another coordinator")
         queue: asyncio.Queue[coordinator_pb2.RoutesUpdate | None] = asyncio.Queue(
             maxsize=ROUTE_WATCHER_QUEUE)
-        self._watchers.add(queue)
+        watch = self._watchers[queue] = _Watch(frozenset(services) if services else None,
+                                               self._routes_version)
         try:
             # The whole table first, then deltas in version order; a delta queued meanwhile
             # that the table already holds, the client skips (its version is not newer).
             if not self.leading:
                 raise self._not_leading()
-            yield self._full_routes()
+            yield self._full_routes(watch)
             while True:
                 update = await queue.get()
                 if update is _WATCH_END:
                     raise self._not_leading()
-                yield self._full_routes() if update is None else update
+                yield self._full_routes(watch) if update is None else update
         finally:
-            self._watchers.discard(queue)
+            self._watchers.pop(queue, None)
 
     async def create_service(self, name: str, kind: str, replicas: int, mode: str,
                              needs: Resources | None = None, policy: str = "") -> None:

@@ -135,7 +135,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                           context: grpc.aio.ServicerContext,
                           ) -> AsyncIterator[coordinator_pb2.RoutesUpdate]:
         try:
-            async for update in self.c.watch_routes():
+            async for update in self.c.watch_routes(list(request.services)):
                 yield update
         except _REFUSED as exc:
             await _abort(context, exc)

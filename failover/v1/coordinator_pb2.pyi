@@ -65,10 +65,12 @@ class HeartbeatReply(_message.Message):
     def __init__(self, leases: _Optional[_Iterable[_Union[LeaseGrant, _Mapping]]] = ..., assignments: _Optional[_Iterable[_Union[_agent_pb2.AssignRoleRequest, _Mapping]]] = ..., coordinator_term: _Optional[int] = ...) -> None: ...
 
 class WatchRoutesRequest(_message.Message):
-    __slots__ = ("known_version",)
+    __slots__ = ("known_version", "services")
     KNOWN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
     known_version: int
-    def __init__(self, known_version: _Optional[int] = ...) -> None: ...
+    services: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, known_version: _Optional[int] = ..., services: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Route(_message.Message):
     __slots__ = ("service", "kind", "primary_address", "primary_host_id", "epoch")
@@ -85,16 +87,18 @@ class Route(_message.Message):
     def __init__(self, service: _Optional[str] = ..., kind: _Optional[str] = ..., primary_address: _Optional[str] = ..., primary_host_id: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class RoutesUpdate(_message.Message):
-    __slots__ = ("version", "routes", "full", "deleted")
+    __slots__ = ("version", "routes", "full", "deleted", "base_version")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ROUTES_FIELD_NUMBER: _ClassVar[int]
     FULL_FIELD_NUMBER: _ClassVar[int]
     DELETED_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     version: int
     routes: _containers.RepeatedCompositeFieldContainer[Route]
     full: bool
     deleted: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, version: _Optional[int] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ..., full: _Optional[bool] = ..., deleted: _Optional[_Iterable[str]] = ...) -> None: ...
+    base_version: int
+    def __init__(self, version: _Optional[int] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ..., full: _Optional[bool] = ..., deleted: _Optional[_Iterable[str]] = ..., base_version: _Optional[int] = ...) -> None: ...
 
 class ClusterStatusRequest(_message.Message):
     __slots__ = ()

@@ -1,7 +1,8 @@
 """Routes pushed as deltas (issue 14, item 2): the core's push says what changed since its
 previous one, the coordinator daemon sends watchers the whole table on connect (or when they
 fall behind) and the deltas after it, and a client applies deltas in version order and
-subscribes again for the whole table when it misses one."""
+subscribes again for the whole table when it misses one. A watch may name its services: it
+gets only their routes, and only the pushes that change them."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from typing import Any
 import grpc
 import pytest
 
+from failover import defaults
 from failover.client import Client, _RoutesGap
 from failover.coordinator.server import ROUTE_WATCHER_QUEUE, Coordinator
 from failover.core.coordinator import Action, CoordinatorCore, PushRoutes, Route, Timing
+from failover.errors import ConfigError, InvalidRequest
 from failover.net import channels
 from failover.v1 import common_pb2, coordinator_pb2
 from tests.unit.test_coordinator_rebuild import DEAD, FAIL, HB, LEASE
@@ -154,3 +157,49 @@ def test_a_stale_redirect_does_not_replace_a_newer_route() -> None:
     assert client._routes["a"] == ("new:1", 2)
     assert client._follow_redirect("a", "new:1", RedirectError("newer:1", 3))  # type: ignore[arg-type]
     assert client._routes["a"] == ("newer:1", 3)
+
+
+async def test_a_watch_of_some_services_gets_only_theirs_and_pushes_that_change_them() -> None:
+    coordinator = Coordinator(store=None)  # type: ignore[arg-type]
+    coordinator._push_routes(routes_push(5, {"a": 1, "b": 1, "c": 1}, None))
+    mine = coordinator.watch_routes(["a", "c"])
+    every = coordinator.watch_routes()
+    first = await next_update(mine)
+    assert first.full and first.version == 5 and [r.service for r in first.routes] == ["a", "c"]
+    assert [r.service for r in (await next_update(every)).routes] == ["a", "b", "c"]
+    coordinator._push_routes(routes_push(6, {"a": 1, "b": 2, "c": 1}, ["b"]))  # not its
+    coordinator._push_routes(routes_push(7, {"a": 1, "b": 3, "c": 1}, ["b"]))  # not its
+    coordinator._push_routes(routes_push(8, {"a": 1, "b": 3}, [], ("c",)))
+    delta = await next_update(mine)
+    # It follows version 5, the last this watch got: the client holds 5 and applies it.
+    assert (delta.version, delta.base_version, list(delta.routes), list(delta.deleted)) == (
+        8, 5, [], ["c"])
+    assert [u.version for u in [await next_update(every) for _ in range(3)]] == [6, 7, 8]
+    client = Client(coordinator="127.0.0.1:1", services=["a", "c"])
+    client._apply_routes(first)
+    client._apply_routes(delta)
+    assert client._routes == {"a": ("h1:1", 1)} and client._routes_version == 8
+    # A delta after a version the client never saw is still a gap.
+    with pytest.raises(_RoutesGap):
+        client._apply_routes(coordinator_pb2.RoutesUpdate(version=12, base_version=10))
+    await mine.aclose()
+    await every.aclose()
+    assert not coordinator._watchers
+
+
+async def test_a_watch_naming_a_bad_or_too_many_services_is_refused() -> None:
+    coordinator = Coordinator(store=None)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest, match="service name"):
+        await next_update(coordinator.watch_routes(["a", "../etc"]))
+    too_many = [f"s{i}" for i in range(defaults.ROUTE_WATCH_SERVICES_MAX + 1)]
+    with pytest.raises(InvalidRequest, match="route_watch_services_max"):
+        await next_update(coordinator.watch_routes(too_many))
+    assert not coordinator._watchers
+
+
+async def test_a_client_watching_some_services_refuses_a_call_to_another() -> None:
+    async with Client(coordinator="127.0.0.1:1", services=["a"], deadline_ms=200) as client:
+        with pytest.raises(ConfigError, match="not among the services this client watches"):
+            await client._target("b", 0.0)
+    with pytest.raises(ConfigError, match="not one string"):
+        Client(coordinator="127.0.0.1:1", services="a")  # type: ignore[arg-type]
