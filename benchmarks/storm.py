@@ -9,9 +9,10 @@ value, completion time, the address that answered).
 
 The storm: once every service has had an acknowledged write, the orchestrator finds the agent
 holding the most serving primaries (`LocalCluster.primaries`) and names those services to the
-client, which starts one prober per lost service: a task writing to that one service back to
-back, each call with a short deadline (PROBE_DEADLINE_MS, retried at once when it runs out),
-so a service's first write after its failover is seen within a few ms of it being possible.
+client, which starts one prober per lost service: a task writing to that one service, one
+write per PROBE_IDLE_S until the kill and back to back after it, each call with a short
+deadline (PROBE_DEADLINE_MS, retried at once when it runs out), so a service's first write
+after its failover is seen within a few ms of it being possible.
 Once every prober has had an acknowledged write and every duplica has stayed in the in-sync
 set for STEADY_S, the orchestrator SIGKILLs that agent. (A duplica just back in the in-sync
 set is not promotable until its primary counts it: a kill in that window leaves the service
@@ -74,6 +75,7 @@ KIND_NEEDS_CPU = 0.02  # 600 replicas on 10 agents of a 2-core machine: 60 x 0.0
 WRITERS = 8  # a few: 10 agents at rest already take over half of 2 cores
 CALL_DEADLINE_MS = 5000  # the writers' (the client's default)
 PROBE_DEADLINE_MS = 500  # a prober's call; it retries at once when one runs out
+PROBE_IDLE_S = 0.1  # a prober's pause between acknowledged writes before the kill
 AFTER_ACKS = 2000  # acknowledged writes after every lost service is writable again
 SINGLE_RUNS = 3
 STEADY_S = 0.5  # every duplica in sync this long before the kill (several heartbeats)
@@ -180,6 +182,12 @@ async def worker_main(args: argparse.Namespace) -> dict[str, Any]:
             i += 1
             if await put(service, f"p-{i}", PROBE_DEADLINE_MS):
                 probed.add(service)
+                if not kill:
+                    # Back to back only once the kill is known (the control loop learns it
+                    # within STATUS_EVERY_S, far below any failover): thirty probers writing
+                    # flat out before it overloaded 2 cores, hosts missed heartbeats, and the
+                    # in-sync sets never held still long enough to kill.
+                    await asyncio.sleep(PROBE_IDLE_S)
 
     def writable_again() -> dict[str, float | None]:
         """Per lost service, the first write acknowledged by another host after the kill."""
@@ -335,7 +343,7 @@ def storm(root: Path, agents: int, services: int, writers: int = WRITERS,
                 return time.monotonic() - steady_since[0] >= STEADY_S
 
             wait_for(steady, WAIT_S, f"every duplica to stay in sync {STEADY_S} s under the load",
-                     interval_s=0.05)
+                     interval_s=0.1)
             whole_wait_s = time.monotonic() - t
             agent = cluster[victim]
             t_kill = time.monotonic()
