@@ -60,9 +60,8 @@ from failover.storage.store import (
     HistoryRecord,
     Store,
     check_address,
+    check_changes,
     check_event,
-    check_key,
-    check_value,
     decode_details,
 )
 
@@ -397,23 +396,11 @@ class EtcdStore(Store):
         Raises LeadershipLostError when this handle does not lead (etcd refused, or its lease
         could not be renewed in time), StoreOutcomeUnknownError when no answer came back.
         """
-        if isinstance(deletes, str | bytes):
-            raise ValueError(f"deletes is the single string {deletes!r}: pass a list of keys")
+        put_items, delete_keys = check_changes(puts, deletes)
         if not self._opened:
             raise RuntimeError(f"{self.description} is not open: call open() first")
-        ops: list[rpc.RequestOp] = []
-        put_keys: set[str] = set()
-        for key, value in puts.items():
-            check_key(key)
-            ops.append(rpc.RequestOp(request_put=rpc.PutRequest(
-                key=self._state_prefix + key.encode(), value=check_value(key, value))))
-            put_keys.add(key)
-        delete_keys: list[str] = []
-        for key in deletes:
-            if check_key(key) in put_keys:
-                raise ValueError(f"store key {key!r} is both put and deleted in one commit: do one")
-            if key not in delete_keys:
-                delete_keys.append(key)
+        ops = [rpc.RequestOp(request_put=rpc.PutRequest(
+            key=self._state_prefix + key.encode(), value=value)) for key, value in put_items]
         ops += [rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
             key=self._state_prefix + key.encode())) for key in delete_keys]
         events = [check_event(event) for event in history]

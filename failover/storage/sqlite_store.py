@@ -54,9 +54,8 @@ from failover.storage.store import (
     HistoryRecord,
     Store,
     check_address,
+    check_changes,
     check_event,
-    check_key,
-    check_value,
     decode_details,
 )
 
@@ -178,16 +177,13 @@ class SqliteStore(Store):
     ) -> list[int]:
         """One transaction: check `expect_revision`, put, delete, record events, trim the
         history, raise the revision; fsynced before it returns. See `Store.commit`."""
-        if isinstance(deletes, str | bytes):
-            raise ValueError(f"deletes is the single string {deletes!r}: pass a list of keys")
+        # Checked and copied here, on the loop, before anything is applied.
+        put_items, delete_keys = check_changes(puts, deletes)
         if self._executor is not None and not self._leading:
             raise LeadershipLostError(
                 f"{self.description}: this coordinator resigned its leadership (term "
                 f"{self._term}); nothing was applied: campaign again before committing"
             )
-        # Copied here, on the loop, so a caller changing its containers later changes nothing.
-        put_items = list(puts.items())
-        delete_keys = list(deletes)
         events = list(history)
         if not (put_items or delete_keys or events):
             if expect_revision is not None:
@@ -376,26 +372,14 @@ class SqliteStore(Store):
         expect_revision: int | None,
     ) -> tuple[list[int], int]:
         conn = self._connection()
-        # Each item is checked just before it is written, so an invalid one found midway rolls
-        # back the ones written before it: the transaction is the only guard of atomicity.
+        # Keys and values were checked by `commit` (`check_changes`); an event is checked just
+        # before it is written, so an invalid one rolls back the whole transaction.
         with _storage_errors(self.path), _transaction(conn):
             revision = _meta(conn, "revision")
             if expect_revision is not None and revision != expect_revision:
                 raise StoreConflictError(expect_revision, revision)
-            put_keys: set[str] = set()
-            for key, value in puts:
-                check_key(key)
-                conn.execute(
-                    "INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)",
-                    (key, check_value(key, value)),
-                )
-                put_keys.add(key)
-            for key in deletes:
-                if check_key(key) in put_keys:
-                    raise ValueError(
-                        f"store key {key!r} is both put and deleted in one commit: do one"
-                    )
-                conn.execute("DELETE FROM state WHERE key = ?", (key,))
+            conn.executemany("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", puts)
+            conn.executemany("DELETE FROM state WHERE key = ?", ((key,) for key in deletes))
             seqs: list[int] = []
             at = float(self._clock())
             for event in events:

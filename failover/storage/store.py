@@ -48,6 +48,7 @@ __all__ = [
     "HistoryRecord",
     "Store",
     "check_address",
+    "check_changes",
     "check_event",
     "check_key",
     "check_value",
@@ -258,6 +259,24 @@ def check_address(address: object) -> str:
             f"{defaults.COORDINATOR_ADDRESS_BYTES_MAX} bytes without '/' or control characters"
         )
     return address
+
+
+def check_changes(puts: Mapping[str, bytes],
+                  deletes: Iterable[str]) -> tuple[list[tuple[str, bytes]], list[str]]:
+    """A commit's puts and deletes checked, as (key, value) pairs and distinct delete keys in
+    order, copied (a caller changing its containers later changes nothing); ValueError names
+    the first bad one. Every store checks a commit with this, before it applies anything."""
+    if isinstance(deletes, str | bytes):
+        raise ValueError(f"deletes is the single string {deletes!r}: pass a list of keys")
+    put_items = [(check_key(key), check_value(key, value)) for key, value in puts.items()]
+    put_keys = {key for key, _ in put_items}
+    delete_keys: list[str] = []
+    for key in deletes:
+        if check_key(key) in put_keys:
+            raise ValueError(f"store key {key!r} is both put and deleted in one commit: do one")
+        if key not in delete_keys:
+            delete_keys.append(key)
+    return put_items, delete_keys
 
 
 def encode_details(details: object) -> bytes:
