@@ -128,6 +128,9 @@ PAGED_ARENA_BYTES_MAX = 1 << 30
 AGENT_CALL_TIMEOUT_MS = 2000
 HEARS_PRIMARY_TIMEOUT_MS = 200
 COORDINATOR_HOST_QUEUE_MAX = 10_000  # calls queued for one agent; more are dropped, logged
+# Control calls in flight to one agent at once, one per service (a host death promotes
+# several services on each survivor together: failover/coordinator/host_caller.py).
+COORDINATOR_HOST_CALLS_IN_FLIGHT_MAX = 8
 COORDINATOR_QUEUED_CALLS_MAX = 100_000  # calls queued for all agents together; likewise
 ROUTE_WATCHERS_MAX = 10_000  # concurrent WatchRoutes streams; more get RESOURCE_EXHAUSTED
 ROUTE_WATCH_SERVICES_MAX = 10_000  # services one WatchRoutes may name; more: INVALID_ARGUMENT

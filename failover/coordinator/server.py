@@ -34,6 +34,7 @@ import grpc.aio
 
 from failover import defaults
 from failover.clock import monotonic_ms
+from failover.coordinator.host_caller import AGENT_CALL_TIMEOUT_S, HostCaller
 from failover.core.coordinator import (
     Action,
     Answer,
@@ -69,14 +70,13 @@ from failover.core.placement import Resources
 from failover.core.roles import PRIMARY
 from failover.errors import InvalidRequest, LeadershipLostError, Overloaded, Unavailable
 from failover.net import channels
-from failover.net.convert import assign_request, cluster_status
+from failover.net.convert import cluster_status
 from failover.net.tls import TlsMaterial
 from failover.storage.store import CoordinatorInfo, Store
-from failover.v1 import agent_pb2, agent_pb2_grpc, coordinator_pb2
+from failover.v1 import agent_pb2, coordinator_pb2
 
 log = logging.getLogger(__name__)
 
-AGENT_CALL_TIMEOUT_S = defaults.AGENT_CALL_TIMEOUT_MS / 1000
 HEARS_PRIMARY_TIMEOUT_S = defaults.HEARS_PRIMARY_TIMEOUT_MS / 1000
 # Progress messages of one operation waiting for its caller to read them.
 OPERATION_PROGRESS_MAX = 1024
@@ -127,98 +127,6 @@ def _pages(kind: str) -> bool:
         return True
 
 
-class _HostCaller:
-    """Calls one agent, in order, from a bounded queue; failures are logged (heartbeats
-    re-send what a host missed). With TLS the agent must present a certificate naming its
-    host id (`server_name`), whatever address it registered."""
-
-    def __init__(self, address: str, host_id: str, tls: TlsMaterial | None = None,
-                 term: int = 0, acting: Callable[[], bool] = lambda: True) -> None:
-        self.address = address
-        self.host_id = host_id
-        self.tls = tls
-        # Every call says which term sends it; the callers of a term are closed when it ends.
-        self.metadata = ((TERM_METADATA, str(term)),)
-        self.acting = acting  # False once the store says the term ended: nothing more goes out
-        self.channel = self._connect()
-        self.stub = agent_pb2_grpc.AgentControlStub(self.channel)
-        self.queue: asyncio.Queue[Action] = asyncio.Queue(
-            maxsize=defaults.COORDINATOR_HOST_QUEUE_MAX)
-        # Per service, the last call queued for it and not yet taken (see `put`).
-        self._last_queued: dict[str, AssignRole | StepDown | DropReplica] = {}
-        self.task = asyncio.get_running_loop().create_task(self._run())
-
-    def queued(self, action: AssignRole | StepDown | DropReplica) -> bool:
-        """Whether the last call queued for `action`'s service, not yet sent, is equal to it:
-        then queuing it again changes nothing (sent twice in a row, the second is a no-op).
-        A registering agent is re-sent every assignment it holds (agents before the fix in
-        `CoordinatorLink._run` registered again after any failed heartbeat); on a loaded
-        machine those re-sends piled up by the thousand (90,000 queued in all) ahead of a
-        failover's promotions."""
-        return self._last_queued.get(action.service) == action
-
-    def put(self, action: AssignRole | StepDown | DropReplica) -> None:
-        """Queues `action` (QueueFull when the queue is)."""
-        self.queue.put_nowait(action)
-        self._last_queued[action.service] = action
-
-    async def _run(self) -> None:
-        while True:
-            action = await self.queue.get()
-            if self._last_queued.get(action.service) is action:
-                del self._last_queued[action.service]  # taken: an equal one is sent again
-            if not self.acting():
-                log.info("%s to %s not sent: this coordinator no longer leads",
-                         type(action).__name__, self.address)
-                continue
-            try:
-                await self._call(action)
-            except grpc.aio.AioRpcError as exc:
-                log.info("%s to %s failed: %s %s", type(action).__name__, self.address,
-                         exc.code().name, exc.details())
-            except Exception:
-                log.exception("%s to %s failed", type(action).__name__, self.address)
-
-    def _connect(self) -> grpc.aio.Channel:
-        return channels.channel(self.address, self.tls, server_name=self.host_id or None,
-                                own_connection=True)
-
-    async def _call(self, action: Action) -> None:
-        if isinstance(action, AssignRole):
-            await self.stub.AssignRole(assign_request(action), timeout=AGENT_CALL_TIMEOUT_S,
-                                       metadata=self.metadata)
-        elif isinstance(action, StepDown):
-            await self.stub.StepDown(agent_pb2.StepDownRequest(
-                service=action.service, epoch=action.epoch), timeout=AGENT_CALL_TIMEOUT_S,
-                metadata=self.metadata)
-        elif isinstance(action, DropReplica):
-            await self.stub.DropReplica(agent_pb2.DropReplicaRequest(
-                service=action.service, epoch=action.epoch, delete_data=True),
-                timeout=AGENT_CALL_TIMEOUT_S, metadata=self.metadata)
-        else:
-            raise AssertionError(action)
-
-    def reconnect(self) -> None:
-        """A fresh channel: the old one may sit in reconnect backoff after the host was down,
-        failing calls for up to a second although the host serves again. Its own connection:
-        one shared with the old channel would still be in that backoff, and the returning
-        host's assignment (its new primary and peers) would fail at once and never be sent
-        again, as heartbeats re-send only a role or epoch that differs."""
-        old = self.channel
-        self.channel = self._connect()
-        self.stub = agent_pb2_grpc.AgentControlStub(self.channel)
-        # Calls in flight on the old channel finish (or time out) first: closing it at once
-        # would cancel an assignment mid-call.
-        loop = asyncio.get_running_loop()
-        loop.call_later(AGENT_CALL_TIMEOUT_S + 1, lambda: loop.create_task(old.close()))
-
-    async def close(self) -> None:
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
-        await self.channel.close()
-
-
 class _Operation:
     """An operation as its caller sees it: what the core reports of it, in order, and the
     calls in flight for it."""
@@ -266,7 +174,7 @@ class Coordinator:
         self._lock = asyncio.Lock()
         # op id -> an operation whose end has not been carried out yet
         self._operations: dict[str, _Operation] = {}
-        self._callers: dict[tuple[str, str], _HostCaller] = {}  # (host id, address) ->
+        self._callers: dict[tuple[str, str], HostCaller] = {}  # (host id, address) ->
         # Each watcher's queue of deltas (None in it: send the whole table, it fell behind),
         # and what it watches.
         self._watchers: dict[asyncio.Queue[coordinator_pb2.RoutesUpdate | None], _Watch] = {}
@@ -331,7 +239,7 @@ class Coordinator:
             task.cancel()
         callers, self._callers = list(self._callers.values()), {}
         for caller in callers:
-            caller.task.cancel()  # no call starts after this; the channel closes below
+            caller.stop()  # no call starts after this; the channel closes below
             self._spawn_detached(caller.close())
         for op in list(self._operations.values()):
             op.ended = True
@@ -507,12 +415,12 @@ class Coordinator:
         self.core = core
         await self._carry_out(actions)
 
-    def _caller(self, host_id: str, address: str) -> _HostCaller:
+    def _caller(self, host_id: str, address: str) -> HostCaller:
         if not self._acting():
             raise self._not_leading()  # a task of a deposed term, not yet cancelled
         caller = self._callers.get((host_id, address))
         if caller is None:
-            caller = self._callers[(host_id, address)] = _HostCaller(
+            caller = self._callers[(host_id, address)] = HostCaller(
                 address, host_id, self.tls, self.term, self._acting)
         return caller
 
@@ -524,13 +432,13 @@ class Coordinator:
         caller = self._caller(action.host_id, action.address)
         if caller.queued(action):
             return  # the same call is queued already, behind nothing else of its service
-        queued = sum(c.queue.qsize() for c in self._callers.values())
-        if caller.queue.full() or queued >= defaults.COORDINATOR_QUEUED_CALLS_MAX:
+        queued = sum(c.qsize() for c in self._callers.values())
+        if caller.full() or queued >= defaults.COORDINATOR_QUEUED_CALLS_MAX:
             self._dropped_calls += 1
             if self._dropped_calls == 1 or self._dropped_calls % 1000 == 0:
                 log.warning("call queue full (%d for %s, %d in all): %s of %s to %s dropped "
                             "(%d dropped so far); a later heartbeat sends it again",
-                            caller.queue.qsize(), action.host_id, queued,
+                            caller.qsize(), action.host_id, queued,
                             type(action).__name__, action.service, action.host_id,
                             self._dropped_calls)
             return

@@ -17,7 +17,9 @@ from typing import Any
 
 import grpc
 import grpc.aio
+import pytest
 
+from failover import defaults
 from failover.coordinator.server import HEARS_PRIMARY_TIMEOUT_S, Coordinator
 from failover.core.coordinator import (
     AskHearsPrimary,
@@ -159,14 +161,88 @@ async def test_an_assignment_already_queued_is_not_queued_again_and_order_is_kep
         await agent.first_call.wait()  # kv0 in flight: the agent is busy
         for _ in range(3):  # a host re-registering three times while busy
             coordinator._enqueue(assign("kv1"))
-        assert caller.queue.qsize() == 1
+        assert caller.qsize() == 1
         coordinator._enqueue(DropReplica("host2", HOSTS["host2"], "kv1", 1))
         coordinator._enqueue(assign("kv1"))
         coordinator._enqueue(assign("kv0"))  # kv0's is sent already: this one is queued
-        assert caller.queue.qsize() == 4
+        assert caller.qsize() == 4
         agent.release.set()
         await until(lambda: len(agent.calls) == 5)
-        assert agent.calls == [("assign", "kv0"), ("assign", "kv1"), ("drop", "kv1"),
-                               ("assign", "kv1"), ("assign", "kv0")]
+        # Services go out side by side; each service's calls in the order they were queued.
+        assert [c for c in agent.calls if c[1] == "kv0"] == [("assign", "kv0")] * 2
+        assert [c for c in agent.calls if c[1] == "kv1"] == [
+            ("assign", "kv1"), ("drop", "kv1"), ("assign", "kv1")]
+    finally:
+        await caller.close()
+
+
+class GatedAgent:
+    """An agent whose every call waits for its own gate: shows which calls are in flight."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[str, int]] = []  # (service, epoch), in the order they began
+        self.gates: dict[tuple[str, int], asyncio.Event] = {}
+
+    async def AssignRole(self, request: Any, timeout: float, metadata: Any = ()) -> None:
+        key = (request.service, request.epoch)
+        self.started.append(key)
+        await self.gates.setdefault(key, asyncio.Event()).wait()
+
+    def release(self, service: str, epoch: int) -> None:
+        self.gates.setdefault((service, epoch), asyncio.Event()).set()
+
+
+def _assign(service: str, epoch: int = 1) -> AssignRole:
+    return AssignRole("host2", HOSTS["host2"], service, "kv", "primary", epoch, "sync",
+                      None, {}, ())
+
+
+async def test_calls_of_different_services_go_out_together_one_service_waits_its_turn() -> None:
+    """A host death promotes several services on each survivor at once: their assignments
+    go out side by side (one at a time, each waiting out the agent's meta sync, the sixth
+    promotion on a host landed a second after the first), up to the in-flight bound; a
+    second call of a service waits for its first to be answered."""
+    coordinator = Coordinator(store=None)  # type: ignore[arg-type]
+    caller = coordinator._caller("host2", HOSTS["host2"])
+    agent = GatedAgent()
+    caller.stub = agent  # type: ignore[assignment]
+    bound = defaults.COORDINATOR_HOST_CALLS_IN_FLIGHT_MAX
+    try:
+        for i in range(bound + 2):
+            coordinator._enqueue(_assign(f"kv{i}"))
+        coordinator._enqueue(_assign("kv0", epoch=2))
+        await until(lambda: len(agent.started) == bound)
+        assert agent.started == [(f"kv{i}", 1) for i in range(bound)]
+        assert caller.in_flight() == bound and caller.qsize() == 3
+        agent.release("kv1", 1)  # kv1 answered: the next waiting service goes out
+        await until(lambda: len(agent.started) == bound + 1)
+        assert agent.started[-1] == (f"kv{bound}", 1)  # kv0's second waits for its first
+        agent.release("kv0", 1)
+        await until(lambda: len(agent.started) == bound + 2)
+        assert agent.started[-1] == ("kv0", 2)
+        for key in list(agent.gates) + [(f"kv{bound + 1}", 1)]:
+            agent.release(*key)
+        await until(lambda: len(agent.started) == bound + 3 and caller.in_flight() == 0)
+        assert caller.qsize() == 0
+    finally:
+        await caller.close()
+
+
+async def test_a_full_host_queue_drops_the_call_and_keeps_the_rest() -> None:
+    coordinator = Coordinator(store=None)  # type: ignore[arg-type]
+    caller = coordinator._caller("host2", HOSTS["host2"])
+    caller.queue_max = 2
+    agent = GatedAgent()
+    caller.stub = agent  # type: ignore[assignment]
+    try:
+        caller.put(_assign("kv0"))
+        caller.put(_assign("kv0", epoch=2))
+        with pytest.raises(asyncio.QueueFull):
+            caller.put(_assign("kv1"))
+        coordinator._enqueue(_assign("kv1"))  # dropped and counted, never raised
+        assert coordinator._dropped_calls == 1
+        agent.release("kv0", 1)
+        agent.release("kv0", 2)
+        await until(lambda: agent.started == [("kv0", 1), ("kv0", 2)] and caller.qsize() == 0)
     finally:
         await caller.close()

@@ -293,7 +293,7 @@ async def test_a_full_call_queue_drops_calls_and_never_fails_the_heartbeat(
         leases = await coordinator.heartbeat("h1", METRICS, reports)
         assert leases == []
     caller = next(iter(coordinator._callers.values()))
-    assert caller.queue.qsize() <= 4
+    assert caller.qsize() <= 4
     assert coordinator._dropped_calls > 0
     # The coordinator still serves: a service is created and assigned as ever.
     await coordinator.register(HostInfo("h2", agent_address), METRICS)
