@@ -202,6 +202,27 @@ def test_rebalance_moves_no_primary_to_a_host_that_cannot_take_it_at_once(proble
     assert primaries(c.core)["h000"] >= 5
 
 
+def test_rebalance_moves_no_primary_whose_commit_waits_on_another_lagging_member() -> None:
+    """The switchover holds writes until every logged write is committed, and a commit
+    waits for every in-sync member, not only the target: a rebalance begun while a third
+    member could not keep up (its disk full, its role not even recorded) held writes for
+    the whole switchover timeout (tests/chaos/test_disk_full.py with the rebalance on).
+    Services with a lagging member do not move; the others still do."""
+    c, rounds = returned("")
+    # The host most often a third member beside h000 (where the primaries will move).
+    slow, _ = Counter(h for s in c.core.services.values() if "h000" in s.in_sync
+                      for h in s.in_sync if h != "h000").most_common(1)[0]
+    for name in c.index:
+        c.index[name] += 1000
+    c.behind[slow] = 1000
+    waiting = {s.name for s in c.core.services.values() if slow in s.in_sync}
+    assert waiting
+    for _ in range(rounds):
+        c.round()
+    assert c.started, "no rebalance at all"
+    assert not [(service, target) for _, service, target in c.started if service in waiting]
+
+
 def test_rebalance_steps_through_a_host_holding_one_fewer() -> None:
     """h000 holds one primary above even, h002 one below, and no service of h000 has a
     member on h002: a move straight there does not exist. One step to h001 (one fewer than

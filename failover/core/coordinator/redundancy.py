@@ -389,32 +389,52 @@ class Redundancy(CoreState):
 
     def _can_lead(self, service: ServiceInfo, target: str, disk_ok: dict[str, bool]) -> bool:
         """Whether `target` can take `service`'s primary over at once, as a rebalance asks
-        (its switchover holds writes until the target has the whole log): a promotable
-        in-sync member on a live host that is not draining, reporting the current epoch,
-        not broken and within `REBALANCE_TARGET_LAG_ENTRIES_MAX` entries of the primary's
-        durable index (both as last reported), on a host with no replica reporting a full
-        disk and with `REBALANCE_TARGET_DISK_FREE_BYTES_MIN` free (as it last reported;
-        `disk_ok` keeps what was found of each host during one rebalance)."""
+        (its switchover holds writes until the target has the whole log and every logged
+        write is committed): a promotable in-sync member on a host that is not draining,
+        and `_keeps_up`, as must every other in-sync member, since the commit waits for
+        them all; the primary's host must have disk to spare too (`disk_ok`). A rebalance
+        that started while another member's disk was full held writes for the whole
+        switchover timeout (5 s; tests/chaos/test_disk_full.py): that member is evicted
+        from the in-sync set only after the hold."""
         if target not in service.promotable or target not in service.in_sync:
             return False
-        live = self.live.get(target)
         info = self.hosts.get(target)
         primary_live = self.live.get(service.primary)
-        if (live is None or not live.alive or info is None or info.draining
-                or primary_live is None):
+        if info is None or info.draining or primary_live is None:
+            return False
+        primary_report = primary_live.replicas.get(service.name)
+        if (primary_report is None or primary_report.broken
+                or not self._disk_ok(service.primary, disk_ok)):
+            return False
+        return all(self._keeps_up(service, member, primary_report.durable_index, disk_ok)
+                   for member in sorted(service.in_sync))
+
+    def _keeps_up(self, service: ServiceInfo, host: str, durable_index: int,
+                  disk_ok: dict[str, bool]) -> bool:
+        """Whether `host`'s replica of `service` can take writes at once: on a live host,
+        reporting the current epoch as a duplica, not broken, not full, within
+        `REBALANCE_TARGET_LAG_ENTRIES_MAX` entries of the primary's `durable_index` (both as
+        last reported), its host's disk fine (`_disk_ok`)."""
+        live = self.live.get(host)
+        if live is None or not live.alive:
             return False
         report = live.replicas.get(service.name)
-        primary_report = primary_live.replicas.get(service.name)
-        if (report is None or primary_report is None or report.epoch != service.epoch
-                or report.role == PRIMARY or report.broken or report.disk_full):
+        if (report is None or report.epoch != service.epoch or report.role == PRIMARY
+                or report.broken or report.disk_full):
             return False
-        matched = self._matched(service, target, report)
-        if matched < 0 or (primary_report.durable_index - matched
-                           > defaults.REBALANCE_TARGET_LAG_ENTRIES_MAX):
+        matched = self._matched(service, host, report)
+        if matched < 0 or durable_index - matched > defaults.REBALANCE_TARGET_LAG_ENTRIES_MAX:
             return False
-        ok = disk_ok.get(target)
+        return self._disk_ok(host, disk_ok)
+
+    def _disk_ok(self, host: str, disk_ok: dict[str, bool]) -> bool:
+        """No replica on `host` reports a full disk and it has
+        `REBALANCE_TARGET_DISK_FREE_BYTES_MIN` free (as it last reported; `disk_ok` keeps
+        what was found of each host during one rebalance)."""
+        ok = disk_ok.get(host)
         if ok is None:
-            ok = disk_ok[target] = (
+            live = self.live.get(host)
+            ok = disk_ok[host] = live is not None and (
                 live.metrics.get("disk_free_bytes", 0.0)
                 >= defaults.REBALANCE_TARGET_DISK_FREE_BYTES_MIN
                 and not any(r.disk_full for r in live.replicas.values()))
