@@ -167,13 +167,11 @@ PLACEMENT_POLICY = "worst-fit"  # first-fit, best-fit or worst-fit (failover.cor
 REBUILD_CONCURRENCY_MAX = 32
 # Background rebalance of primaries (switchovers to hosts with fewer): one at a time, at
 # most one started per REBALANCE_GAP_MS (0: never), and none until REBALANCE_CALM_MS have
-# passed with no failover in progress (a storm settles first). Off by default for now: with
-# it on (2 s), tests/chaos/test_disk_full.py::test_chaos_run_with_full_disks_passes still
-# ended with unknown outcomes (a move changed which host a later full disk hit, and a primary
-# on a full disk took seconds to move); set it (Timing) to turn it on.
-REBALANCE_GAP_MS = 0
+# passed with no failover in progress (a storm settles first).
+REBALANCE_GAP_MS = 2_000
 REBALANCE_CALM_MS = 5_000
-# A rebalance switches over only to a member that can take over at once: the switchover
+# A rebalance switches over only to a member that can take over at once, and only while
+# every other in-sync member keeps up too (the commit waits for them all): the switchover
 # holds writes until the target has the whole log, so a target that lags or cannot write
 # would hold them past their deadlines. Its matched index within this many entries of the
 # primary's durable index (both as last reported), no replica on its host reporting a full
