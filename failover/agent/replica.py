@@ -92,6 +92,9 @@ class Replica:
         self.agent = agent
         self.root = root
         self.service = meta.service
+        # The bytes `replica.meta` holds, as this replica last wrote or read them (`meta` is
+        # what was just written or read; None: not known after a failed write).
+        self._meta_on_disk: bytes | None = meta.to_bytes()
         self.kind_cls = kinds.load_kind(meta.kind)
         c = agent.config
         self.core = ReplicaCore(
@@ -303,8 +306,16 @@ class Replica:
         self._carry_out(actions)
 
     def _write_meta(self, meta: ReplicaMeta) -> None:
+        data = meta.to_bytes()
+        if data == self._meta_on_disk:
+            # The file holds these very bytes: a second synced write (two fsyncs on the
+            # event loop) changes nothing. The coordinator re-sends assignments a host
+            # already holds (after a registration, or a heartbeat that crossed the call).
+            return
+        self._meta_on_disk = None  # unknown until this write is known to have landed
         try:
-            write_atomic(self.root / _META, meta.to_bytes())
+            write_atomic(self.root / _META, data)
+            self._meta_on_disk = data
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 self.core.disk_full = True

@@ -13,6 +13,8 @@ import pytest
 from failover.agent.host import Agent
 from failover.agent.replica import Replica
 from failover.core.log_position import LogPosition
+from failover.errors import DiskFullError
+from failover.storage.atomic import write_atomic
 from tests.unit.inprocess import UNREACHABLE, until
 
 
@@ -133,3 +135,37 @@ async def test_an_async_primary_rejoining_in_sync_mode_drops_its_unreplicated_ta
     assert (await replica.receive_batch(2, *keepalive))["status"] == "ok"
     with pytest.raises(AssertionError, match="truncate committed entries"):
         await replica.receive_truncate(2, 1)
+
+
+async def test_an_assignment_the_meta_already_holds_is_not_written_again(
+    agent: Agent, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each meta write is two fsyncs on the event loop; the coordinator re-sends assignments
+    a host already holds, and during a failover storm those writes delayed the promotions
+    queued behind them. A write that fails leaves the file unknown: the next one writes."""
+    replica = await primary_waiting_on_b(agent)
+    writes: list[bytes] = []
+    real = write_atomic
+
+    def counting(path: Path, data: bytes) -> None:
+        writes.append(data)
+        real(path, data)
+
+    monkeypatch.setattr("failover.agent.replica.write_atomic", counting)
+    for _ in range(3):
+        await primary_waiting_on_b(agent)
+    assert writes == []
+    await agent.assign_role("kv1", "kv", "primary", 1, "sync", None, {"b": UNREACHABLE}, set())
+    assert len(writes) == 1 and Replica.load_meta(replica.root).in_sync == []
+
+    def disk_full(path: Path, data: bytes) -> None:
+        writes.append(data)
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr("failover.agent.replica.write_atomic", disk_full)
+    with pytest.raises(DiskFullError):
+        await primary_waiting_on_b(agent)
+    monkeypatch.setattr("failover.agent.replica.write_atomic", counting)
+    await agent.assign_role("kv1", "kv", "primary", 1, "sync", None, {"b": UNREACHABLE}, set())
+    assert len(writes) == 3  # unchanged in memory, but the failed write may have reached disk
+    assert Replica.load_meta(replica.root).in_sync == []
