@@ -284,13 +284,24 @@ class Coordinator:
         # Held after a takeover: a host silent through the whole grace is suspected at the
         # first tick; one that found the new leader meanwhile is not.
         await asyncio.sleep(grace_s)
+        last_ms = monotonic_ms()
         while True:
             await asyncio.sleep(period_s)
             try:
                 async with self._lock:
+                    now_ms = monotonic_ms()
+                    # A tick far later than due: this process did not run (or held the lock)
+                    # meanwhile, and the heartbeats sent then wait unread behind it.
+                    lost_ms = now_ms - last_ms - self.timing.heartbeat_ms
+                    last_ms = now_ms
+                    if lost_ms > 0:
+                        self.core.stalled(lost_ms)
+                        if lost_ms >= self.timing.failure_timeout_ms // 2:
+                            log.warning("coordinator stalled for %d ms: hosts are not charged "
+                                        "for that silence", lost_ms)
                     if not self._acting():
                         continue  # the store ended the term; the deposal follows: decide nothing
-                    await self._execute(self.core.tick(monotonic_ms()))
+                    await self._execute(self.core.tick(now_ms))
             except Exception:
                 log.exception("tick failed")
 

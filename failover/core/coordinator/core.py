@@ -82,6 +82,8 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
         self.failovers: dict[str, Failover] = {}
         # service -> (host, monotonic ms when its lease runs out, as the coordinator sees it)
         self.leases: dict[str, tuple[str, int]] = {}
+        # The time this coordinator did not run, as its driver reported it (`stalled`).
+        self.stalled_ms = 0
         self.switchovers: dict[str, str] = {}  # service -> target host, while in progress
         # (host, service) -> when a heartbeat last made us re-send its assignment
         self._reassigned_ms: dict[tuple[str, str], int] = {}
@@ -171,7 +173,8 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
             if key.startswith(HOST_PREFIX):
                 host = HostInfo(**record)
                 self.hosts[host.host_id] = host
-                self.live[host.host_id] = HostLive(last_heartbeat_ms=now_ms)
+                self.live[host.host_id] = HostLive(last_heartbeat_ms=now_ms,
+                                                   stalled_mark_ms=self.stalled_ms)
                 self._host_order = []
             elif key.startswith(SERVICE_PREFIX):
                 service = ServiceInfo(**record)
@@ -273,6 +276,16 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
         return notices
 
     # --- time ------------------------------------------------------------------------------
+
+    def stalled(self, lost_ms: int) -> None:
+        """This coordinator did not run for `lost_ms` (its driver's tick came that much later
+        than due: CPU starvation, a long pause, a stop signal). The heartbeats sent meanwhile
+        wait unread, so that time is not counted as any host's silence: a stalled
+        coordinator that woke up used to suspect every host at once (benchmarks/storm.py,
+        creating 300 services on a loaded machine: "host1: not alive; ... host10: not
+        alive"). Leases are not touched: a failover still waits out the lease granted."""
+        assert lost_ms >= 0, lost_ms
+        self.stalled_ms += lost_ms
 
     def tick(self, now_ms: int) -> list[Action]:
         """Detects silent hosts, moves failovers along, restores redundancy, moves primaries

@@ -39,12 +39,12 @@ class Detector(CoreState):
         actions: list[Action] = []
         timeout = self.timing.failure_timeout_ms
         for host_id, live in self.live.items():
-            if live.alive and now_ms - live.last_heartbeat_ms > timeout:
+            if live.alive and self.silent_ms(live, now_ms) > timeout:
                 live.alive = False
                 self._attend_host(host_id)  # none of its replicas is good now
                 actions.extend(self._host_suspected(host_id))
             if (not live.alive and not live.dead
-                    and now_ms - live.last_heartbeat_ms > self.timing.host_dead_ms):
+                    and self.silent_ms(live, now_ms) > self.timing.host_dead_ms):
                 live.dead = True
                 self._attend_host(host_id)  # its replicas no longer count
                 held = sorted(s.name for s in self._holding(host_id))

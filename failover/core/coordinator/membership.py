@@ -96,7 +96,7 @@ class Membership(CoreState):
         if known is not None:
             live = self.live.get(info.host_id)
             if (known.address != info.address and live is not None and live.alive
-                    and now_ms - live.last_heartbeat_ms < self.timing.failure_timeout_ms):
+                    and self.silent_ms(live, now_ms) < self.timing.failure_timeout_ms):
                 raise InvalidRequest(
                     f"host {info.host_id} is alive at {known.address} (it heartbeated "
                     f"{now_ms - live.last_heartbeat_ms} ms ago): a host registers at a new "
@@ -108,7 +108,8 @@ class Membership(CoreState):
             actions.append(Persist({HOST_PREFIX + info.host_id: pack(info)},
                                    history=(("", "host", f"host {info.host_id} registered at "
                                              f"{info.address}", {"host_id": info.host_id}),)))
-        self.live[info.host_id] = HostLive(last_heartbeat_ms=now_ms, metrics=dict(metrics or {}))
+        self.live[info.host_id] = HostLive(last_heartbeat_ms=now_ms, metrics=dict(metrics or {}),
+                                           stalled_mark_ms=self.stalled_ms)
         self._loads.pop(info.host_id, None)
         self._forget_deposed(info.host_id)
         self._attend_host(info.host_id)  # it reports nothing yet: its primaries are unsettled
@@ -146,7 +147,8 @@ class Membership(CoreState):
                 _check_name(report.service)
         live = self.live.get(host_id)
         if live is None:
-            live = self.live[host_id] = HostLive(last_heartbeat_ms=now_ms)
+            live = self.live[host_id] = HostLive(last_heartbeat_ms=now_ms,
+                                                 stalled_mark_ms=self.stalled_ms)
             self._attend_host(host_id)
         actions: list[Action] = []
         if live.dead:
@@ -155,6 +157,7 @@ class Membership(CoreState):
         if live.dead or not live.alive:
             self._attend_host(host_id)  # its replicas count again
         live.last_heartbeat_ms = now_ms
+        live.stalled_mark_ms = self.stalled_ms
         live.alive = True
         live.dead = False
         if metrics != live.metrics:

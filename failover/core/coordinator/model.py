@@ -126,6 +126,9 @@ class HostLive:
     last_heartbeat_ms: int
     alive: bool = True
     dead: bool = False  # silent for host_dead_ms: its replicas no longer count
+    # `CoreState.stalled_ms` at its last heartbeat: the coordinator's own stalls since then
+    # are not the host's silence (`Detector.silent_ms`).
+    stalled_mark_ms: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     replicas: dict[str, ReplicaReport] = field(default_factory=dict)
 
@@ -174,6 +177,7 @@ class CoreState:
     routes_version: int
     failovers: dict[str, Failover]
     leases: dict[str, tuple[str, int]]
+    stalled_ms: int
     switchovers: dict[str, str]
     migrations: dict[str, tuple[str, str]]
     patching: set[str]
@@ -209,6 +213,11 @@ class CoreState:
     _counted_generation: dict[str, int]
 
     # --- the index of replicas by host (issue 14: work proportional to what changed) -------
+
+    def silent_ms(self, live: HostLive, now_ms: int) -> int:
+        """How long `live`'s host has been silent, as this coordinator could hear: since its
+        last heartbeat, less the time the coordinator itself stalled (`stalled`)."""
+        return now_ms - live.last_heartbeat_ms - (self.stalled_ms - live.stalled_mark_ms)
 
     def _track(self, service: ServiceInfo) -> None:
         """Indexes a service's replicas by host: a service just created or restored, or
