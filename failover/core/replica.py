@@ -43,7 +43,7 @@ from failover.core.replication import (
 )
 from failover.core.roles import DUPLICA, PRIMARY, ROLES
 from failover.core.sessions import Reply, TooOld, encode_request_id
-from failover.core.state_machine import ReplicatedStateMachine
+from failover.core.state_machine import ReplicatedStateMachine, too_old_message
 from failover.errors import (
     DiskFullError,
     InvalidRequest,
@@ -52,6 +52,7 @@ from failover.errors import (
     Overloaded,
     PermissionDenied,
     ReplicaBrokenError,
+    SessionExpired,
     StaleEpochError,
     Unavailable,
 )
@@ -529,15 +530,16 @@ class ReplicaCore:
         reply of a request applied before (invariant 5), or (index, new): the entry that
         carries it, `new` when the driver is to log it now at `index` (with the current
         epoch; its `size` admitted bytes go with it), else an entry in flight to share.
-        Raises InvalidRequest for a request older than the retry window, Overloaded past
+        Raises SessionExpired for a request older than the retry window (its outcome can no
+        longer be told), Overloaded past
         PENDING_REQUESTS_MAX entries in flight."""
         seen = self.sm.sessions.lookup(client_id, seq, opens_session)
         if isinstance(seen, Reply):
             return seen
         if isinstance(seen, TooOld):
-            raise InvalidRequest(
-                f"request {client_id}:{seq} is older than the retry window; its outcome can "
-                "no longer be told: read the state to check")
+            # Not InvalidRequest ("state untouched"): an earlier attempt may have been
+            # applied, and a caller told otherwise would send it again.
+            raise SessionExpired(too_old_message(client_id, seq, seen))
         # EXPIRED is not refused here: the applied state may lag the log, which may hold the
         # request that opens the session. The entry's apply decides, on every replica.
         key = encode_request_id(client_id, seq)  # attempts with and without the open flag

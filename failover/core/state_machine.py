@@ -134,8 +134,7 @@ class ReplicatedStateMachine:
         if isinstance(seen, Reply):
             return seen  # logged twice (a retry that raced a failover): applied once
         if isinstance(seen, TooOld):
-            return Reply(ReplyStatus.INVALID, _too_old(client_id, seq, seen).encode(), index,
-                         epoch)
+            return _past_window(client_id, seq, seen, index, epoch)
         if seen is EXPIRED:
             return _expired(client_id, seq, index, epoch)
         reply = self._execute(payload, index, epoch)
@@ -198,10 +197,8 @@ class ReplicatedStateMachine:
                                                      entry[0])
                     elif isinstance(seen, TooOld):
                         entry = entries[position]
-                        client_id, seq = decode_request_id(entry[2])
-                        replies[position] = _new_reply((
-                            ReplyStatus.INVALID, _too_old(client_id, seq, seen).encode(),
-                            entry[1], entry[0]))
+                        replies[position] = _past_window(*decode_request_id(entry[2]), seen,
+                                                         entry[1], entry[0])
                     else:
                         replies[position] = seen  # type: ignore[assignment]
                 claimed = [p for k, p in enumerate(keyed) if k not in found]
@@ -369,8 +366,16 @@ def _expired(client_id: str, seq: int, index: int, epoch: int) -> Reply:
         "state to check, and send new requests under a new session").encode(), index, epoch))
 
 
-def _too_old(client_id: str, seq: int, seen: TooOld) -> str:
+def too_old_message(client_id: str, seq: int, seen: TooOld) -> str:
+    """Why a retry older than its session's window is refused (`SessionExpired`): like an
+    evicted session's, its outcome can no longer be told, and an earlier attempt may have
+    been applied, so the caller must not take it as "not applied"."""
     return (
-        f"request {client_id}:{seq} is older than the retry window (seqs up to "
-        f"{seen.floor_seq} were forgotten); its outcome cannot be told: read the state to check"
-    )
+        f"SessionExpired: request {client_id}:{seq} is older than the retry window (seqs up to "
+        f"{seen.floor_seq} were forgotten); it was not applied here, but an earlier attempt of "
+        "it may have been: read the state to check before sending it again")
+
+
+def _past_window(client_id: str, seq: int, seen: TooOld, index: int, epoch: int) -> Reply:
+    return _new_reply((ReplyStatus.EXPIRED, too_old_message(client_id, seq, seen).encode(),
+                       index, epoch))

@@ -101,7 +101,7 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
 
 
 _HANDLED = (NotPrimaryError, InvalidRequest, StaleEpochError, DiskFullError, Unavailable,
-            Overloaded, KeyError, PermissionDenied, UnknownKindError)
+            Overloaded, SessionExpired, KeyError, PermissionDenied, UnknownKindError)
 
 
 def _ship_sender(context: grpc.aio.ServicerContext,

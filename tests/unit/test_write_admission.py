@@ -300,3 +300,36 @@ async def test_a_write_lands_soon_after_its_new_primary_is_promoted(
     # Each retry at the new primary began at the shortest backoff, doubling: the one after
     # 100 ms of refusals waits at most 80 ms (5+10+20+40 spent), never 250 ms or more.
     assert waited_ms < 200, waited_ms
+
+
+async def test_a_retry_older_than_the_window_is_an_unknown_outcome_not_an_invalid_request(
+    served: tuple[Agent, _LossyData, str],
+) -> None:
+    """A retry whose seq fell out of its session's window (more than
+    `SESSION_REPLIES_PER_CLIENT_MAX` later calls answered) may have been applied: it was
+    refused as InvalidRequest ("state untouched"), and a caller that trusted that would
+    send it again and apply it twice. It is SessionExpired now, as for an evicted session:
+    read the state to check."""
+    agent, _servicer, address = served
+    replica = await agent.assign_role("kv1", "kv", "primary", 1, "sync", None, {}, set())
+    window = defaults.SESSION_REPLIES_PER_CLIENT_MAX
+    assert (await replica.execute(0, "c", 1, _pack({"op": "put", "key": "k", "value": "v"}),
+                                  10.0, opens_session=True))[0].status == ReplyStatus.OK
+    for start in range(2, window + 3, 64):
+        await asyncio.gather(*(
+            replica.execute(0, "c", seq, _pack({"op": "put", "key": f"k{seq}", "value": "v"}),
+                            10.0) for seq in range(start, min(window + 3, start + 64))))
+    with pytest.raises(SessionExpired, match="older than the retry window"):
+        await replica.execute(0, "c", 1, _pack({"op": "put", "key": "k", "value": "v"}), 10.0)
+    channel = channels.channel(address, None)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await data_pb2_grpc.DataStub(channel).Execute(data_pb2.ExecuteRequest(
+                service="kv1", request_id=common_pb2.RequestId(client_id="c", seq=1),
+                payload=_pack({"op": "put", "key": "k", "value": "v"}), deadline_ms=5000),
+                timeout=5)
+    finally:
+        await channel.close()
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert dict(raised.value.trailing_metadata() or ()).get(
+        channels.ERROR_TYPE_METADATA_KEY) == SessionExpired.__name__
