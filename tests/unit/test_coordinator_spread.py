@@ -277,3 +277,22 @@ def test_building_replicas_restored_take_rebuild_slots_until_built_or_deleted() 
     c.run(c.core.delete_service("b1"))
     c.round()
     assert len(c.core.services["m1"].replicas) == 2  # placed in the slot b1's copy freed
+
+
+def test_a_member_that_cannot_keep_up_leaves_the_in_sync_set_during_a_switchover() -> None:
+    """A switchover holds writes until every logged write is committed, and the commit
+    waits for every in-sync member: a third member whose disk filled stayed in the set
+    for the whole switchover (no in-sync change while one was in progress), so writes were
+    held until it timed out (5 s). Any member but the target may leave; the target stays,
+    since the switchover is about to promote it."""
+    c = Cluster(6, 12)
+    service = next(s for s in c.core.services.values() if len(s.replicas) == 3
+                   and len(s.in_sync) == 2)
+    target, other = sorted(service.in_sync)
+    c.run(c.core.start_primary_move("op1", StartSwitchover(service.name, target), c.now))
+    assert c.core.switchovers == {service.name: target}
+    c.full.update({(other, service.name), (target, service.name)})
+    for _ in range(3):
+        c.round()
+    assert service.name in c.core.switchovers  # nobody answered its prepare: still going on
+    assert service.in_sync == [target]

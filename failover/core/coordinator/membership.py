@@ -286,7 +286,8 @@ class Membership(CoreState):
         if report.broken:
             # No lease, no threshold, no promotion: a broken primary is failed over by
             # `tick`, a broken duplica leaves the in-sync set now and is rebuilt.
-            if wanted != PRIMARY and host_id in service.in_sync and name not in self.switchovers:
+            if (wanted != PRIMARY and host_id in service.in_sync
+                    and self._may_leave_in_sync(name, host_id)):
                 actions.extend(self._shrink_in_sync(service, host_id, (
                     f"it cannot read its own snapshot or log: {report.broken}")))
             return actions
@@ -297,7 +298,7 @@ class Membership(CoreState):
                 not report.in_sync_lag_ms and self._counts_all(service)):
             actions.extend(self._count_members(service, report))
         if (wanted != PRIMARY and report.disk_full and host_id in service.in_sync
-                and name not in self.switchovers):
+                and self._may_leave_in_sync(name, host_id)):
             # It cannot take the primary's entries: sync writes would wait on it.
             actions.extend(self._shrink_in_sync(service, host_id, "its disk is full"))
         actions.extend(self._update_promotable(service))
@@ -349,6 +350,15 @@ class Membership(CoreState):
         self._counted_generation[service.name] = generation
         return True
 
+    def _may_leave_in_sync(self, name: str, host_id: str) -> bool:
+        """Whether `host_id` may be dropped from `name`'s in-sync set now: any member but the
+        target of a switchover in progress (it is about to be promoted, and must stay in
+        sync for that; the switchover times out if it cannot). The others must be able to
+        leave: the switchover holds writes until every logged write is committed, and the
+        commit waits for every in-sync member, so one that cannot keep up (its disk full)
+        held writes for the whole switchover timeout."""
+        return self.switchovers.get(name) != host_id
+
     def _count_members(self, service: ServiceInfo, report: ReplicaReport) -> list[Action]:
         """A serving primary reported the in-sync set it applies (at the current
         generation): thresholds for the members it counts, the members it reports lagging
@@ -365,8 +375,9 @@ class Membership(CoreState):
             del thresholds[member]
         lagging = sorted(h for h, lag in report.in_sync_lag_ms.items()
                          if lag > self.timing.insync_lag_ms and h in service.in_sync
+                         and self._may_leave_in_sync(service.name, h)
                          ) if report.in_sync_lag_ms else []
-        if lagging and service.name not in self.switchovers:
+        if lagging:
             for member in lagging:
                 lag = (report.in_sync_lag_ms or {})[member]
                 actions.extend(self._shrink_in_sync(service, member, (
