@@ -154,6 +154,10 @@ DECODE_ERROR_LOG_INTERVAL_MS = 10_000
 # Of an agent's refusal of a patch restart, this many characters go into history.
 PATCH_REFUSAL_CHARS_MAX = 300
 SWITCHOVER_TIMEOUT_MS = 5000
+# A switchover's release (ending its hold) that got no answer is sent again after this,
+# doubling up to the max, for as long as the hold could last (SWITCHOVER_TIMEOUT_MS).
+RELEASE_RETRY_BACKOFF_MIN_MS = 20
+RELEASE_RETRY_BACKOFF_MAX_MS = 500
 # How long a read on a new (or restarted) primary waits for the log it inherited to be
 # committed and applied before it is refused as Unavailable (the client retries).
 READ_FLOOR_TIMEOUT_MS = 1000

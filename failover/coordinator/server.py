@@ -801,13 +801,33 @@ class Coordinator:
         await self._answer(action.op_id, answer)
 
     async def _release(self, action: ReleaseSwitchover) -> None:
-        with contextlib.suppress(grpc.aio.AioRpcError):
+        """Ends a switchover's hold on its primary. A release lost on the way (the agent
+        busy or unreachable for a moment) is sent again, doubling the wait from
+        `RELEASE_RETRY_BACKOFF_MIN_MS`, for as long as the hold could last: lost once, it
+        left writes held for the whole `SWITCHOVER_TIMEOUT_MS` (5 s). A definite answer
+        (released, or refused: another epoch, another switchover's hold) ends it."""
+        deadline_ms = monotonic_ms() + defaults.SWITCHOVER_TIMEOUT_MS
+        backoff_ms = defaults.RELEASE_RETRY_BACKOFF_MIN_MS
+        while True:
             caller = self._caller(action.host_id, action.address)
-            await caller.stub.PrepareSwitchover(
-                agent_pb2.PrepareSwitchoverRequest(
-                    service=action.service, epoch=action.epoch, release=True,
-                    switchover_id=action.switchover_id),
-                timeout=AGENT_CALL_TIMEOUT_S, metadata=caller.metadata)
+            remaining_ms = deadline_ms - monotonic_ms()
+            try:
+                await caller.stub.PrepareSwitchover(
+                    agent_pb2.PrepareSwitchoverRequest(
+                        service=action.service, epoch=action.epoch, release=True,
+                        switchover_id=action.switchover_id),
+                    timeout=max(0.001, min(AGENT_CALL_TIMEOUT_S, remaining_ms / 1000)),
+                    metadata=caller.metadata)
+                return
+            except grpc.aio.AioRpcError as exc:
+                transient = exc.code() in (grpc.StatusCode.UNAVAILABLE,
+                                           grpc.StatusCode.DEADLINE_EXCEEDED)
+                if not transient or monotonic_ms() + backoff_ms >= deadline_ms:
+                    log.info("release of the switchover hold of %s on %s: %s %s",
+                             action.service, action.host_id, exc.code().name, exc.details())
+                    return
+            await asyncio.sleep(backoff_ms / 1000)
+            backoff_ms = min(2 * backoff_ms, defaults.RELEASE_RETRY_BACKOFF_MAX_MS)
 
     async def _migrate_out(self, action: StartMigration) -> None:
         stats: dict[str, Any] | None = None

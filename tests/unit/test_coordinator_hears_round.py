@@ -27,6 +27,7 @@ from failover.core.coordinator import (
     DropReplica,
     HearsAnswer,
     HostInfo,
+    ReleaseSwitchover,
     Timing,
 )
 from failover.storage.sqlite_store import SqliteStore
@@ -244,5 +245,40 @@ async def test_a_full_host_queue_drops_the_call_and_keeps_the_rest() -> None:
         agent.release("kv0", 1)
         agent.release("kv0", 2)
         await until(lambda: agent.started == [("kv0", 1), ("kv0", 2)] and caller.qsize() == 0)
+    finally:
+        await caller.close()
+
+
+class LossyRelease:
+    """A primary whose first `lost` release calls fail as `code`."""
+
+    def __init__(self, lost: int, code: grpc.StatusCode) -> None:
+        self.lost = lost
+        self.code = code
+        self.calls = 0
+
+    async def PrepareSwitchover(self, request: Any, timeout: float, metadata: Any = ()) -> None:
+        assert request.release and request.switchover_id == "sw-1"
+        self.calls += 1
+        if self.calls <= self.lost:
+            raise grpc.aio.AioRpcError(self.code, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                       details="lost (test)")
+
+
+@pytest.mark.parametrize(("code", "calls"), [(grpc.StatusCode.UNAVAILABLE, 3),
+                                             (grpc.StatusCode.FAILED_PRECONDITION, 1)])
+async def test_a_lost_release_of_a_switchover_hold_is_sent_again(
+    code: grpc.StatusCode, calls: int,
+) -> None:
+    """Lost once, a release left the primary holding writes for the whole switchover
+    timeout (5 s). One that got no answer is sent again; a definite refusal is not."""
+    coordinator = Coordinator(store=None)  # type: ignore[arg-type]
+    caller = coordinator._caller("host2", HOSTS["host2"])
+    agent = LossyRelease(2, code)
+    caller.stub = agent  # type: ignore[assignment]
+    try:
+        await asyncio.wait_for(coordinator._release(ReleaseSwitchover(
+            "host2", HOSTS["host2"], "kv0", 1, "sw-1")), 5)
+        assert agent.calls == calls
     finally:
         await caller.close()
