@@ -241,3 +241,21 @@ COORDINATOR_STORE_READ_TIMEOUT_MS = 2000  # a follower's read of the store for s
 COORDINATOR_LEADER_HINT_TTL_MS = 200  # a follower asks the store who leads at most this often
 COORDINATOR_CAMPAIGN_BACKOFF_MIN_MS = 100  # a campaign or a load that failed (the store is
 COORDINATOR_CAMPAIGN_BACKOFF_MAX_MS = 2000  # unreachable) is tried again after this, doubling
+
+# Events (issue 17): `failoverctl events`, the coordinator's WatchHistory stream.
+HISTORY_WATCHERS_MAX = 1000  # concurrent WatchHistory streams; more get RESOURCE_EXHAUSTED
+# Events queued for one watcher and not yet sent; a watcher that falls this far behind is cut
+# off (RESOURCE_EXHAUSTED, naming the seq to resume after): it never slows the coordinator.
+HISTORY_WATCH_QUEUE_MAX = 1024
+HISTORY_WATCH_LAST_MAX = 10_000  # `last` of one WatchHistory (the newest kept events first)
+HISTORY_WATCH_PAGE_EVENTS = 500  # events of a watcher's backlog read from the store at a time
+EVENTS_LAST = 20  # `failoverctl events` without --since starts with this many kept events
+
+# Hooks (issue 17): allowlisted commands an agent runs after a role change, a failover or a
+# migration, in the background; their results go to history with the next heartbeat.
+HOOK_TIMEOUT_MS = 10_000  # one hook's run; then it is killed (its process group)
+HOOK_OUTPUT_BYTES_MAX = 2048  # of its output, the end kept and recorded in history
+HOOKS_RUNNING_MAX = 8  # hooks running at once on one agent; more are skipped, and recorded
+HOOKS_PER_EVENT_MAX = 4  # commands one hook event may name
+HOOK_RESULTS_QUEUED_MAX = 256  # results an agent keeps until a heartbeat delivers them
+HOOK_RESULTS_PER_HEARTBEAT_MAX = 16  # results one heartbeat carries (more: INVALID_ARGUMENT)

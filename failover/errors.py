@@ -116,6 +116,13 @@ class Overloaded(FailoverError):
 # --- cluster -------------------------------------------------------------------------------
 
 
+class WatcherBehind(Overloaded):
+    """A history watcher (WatchHistory, `failoverctl events --follow`) fell more than
+    `HISTORY_WATCH_QUEUE_MAX` events behind and was cut off, so that it never slows the
+    coordinator. Over gRPC: RESOURCE_EXHAUSTED; the message names the seq to resume after
+    (`failoverctl events --since SEQ`)."""
+
+
 class Unavailable(FailoverError):
     """The service could not be reached before the call's deadline; the request may or may not
     have been applied: retry with the same client (same request id) to find out."""

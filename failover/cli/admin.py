@@ -127,10 +127,11 @@ class CoordinatorCaller:
         return asyncio.run(self._call(method, request, timeout_ms, idempotent))
 
     def stream(self, method: str, request: Message, on_message: Callable[[Any], None], *,
-               timeout_ms: int) -> None:
+               timeout_ms: int | None) -> None:
         """Runs a server-streaming `method` on the first coordinator that answers and hands
         each message to `on_message`; errors as for `call`. Not retried elsewhere once a
-        message arrived (the operation is under way there)."""
+        message arrived (the operation is under way there). `timeout_ms` None: no deadline
+        (a stream that follows events until the caller stops it)."""
         asyncio.run(self._stream(method, request, on_message, timeout_ms))
 
     def _follower(self) -> LeaderFollower:
@@ -139,7 +140,7 @@ class CoordinatorCaller:
         return LeaderFollower(self.addresses, backoff_min_ms=0, backoff_max_ms=0)
 
     async def _stream(self, method: str, request: Message, on_message: Callable[[Any], None],
-                      timeout_ms: int) -> None:
+                      timeout_ms: int | None) -> None:
         tried: list[str] = []
         coordinators = self._follower()
         passed = 0  # addresses that failed without naming the leader
@@ -149,7 +150,8 @@ class CoordinatorCaller:
             received = False
             try:
                 stub = coordinator_pb2_grpc.CoordinatorStub(channel)
-                async for message in getattr(stub, method)(request, timeout=timeout_ms / 1000):
+                timeout_s = timeout_ms / 1000 if timeout_ms is not None else None
+                async for message in getattr(stub, method)(request, timeout=timeout_s):
                     received = True
                     on_message(message)
                 return

@@ -35,14 +35,44 @@ def cli(ctx: click.Context, coordinator: str, output_format: str, tls_ca: str | 
                "tls": (tls_ca, tls_cert, tls_key)}
 
 
+FORMATS = ("table", "json")
+
+
+def _set_format(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    """`--format` given after a subcommand: it wins over the group's (the group's callback
+    has run by the time a subcommand's options are parsed)."""
+    if value is not None:
+        root = ctx.find_root()
+        if root.obj is None:
+            root.obj = {}
+        root.obj["format"] = value
+
+
+def _accept_format(command: click.Command) -> None:
+    """Lets `command` (and, for a group, each of its subcommands) take `--format` after its
+    name too: `failoverctl chaos ... --format json` as well as `failoverctl --format json
+    chaos ...`."""
+    if not any("--format" in p.opts for p in command.params):
+        command.params.append(click.Option(
+            ["--format"], type=click.Choice(FORMATS), default=None, expose_value=False,
+            is_eager=True, callback=_set_format,
+            help="Tables for people, json for scripts (as before the subcommand)."))
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _accept_format(sub)
+
+
 def _register_commands() -> None:
-    from failover.cli import admin, certs, chaos, demo
+    from failover.cli import admin, certs, chaos, demo, events
 
     cli.add_command(demo.demo_command)
     cli.add_command(chaos.chaos_command)
     cli.add_command(certs.certs_command)
+    cli.add_command(events.events_command)
     for command in admin.COMMANDS:
         cli.add_command(command)
+    for command in cli.commands.values():
+        _accept_format(command)
 
 
 _register_commands()

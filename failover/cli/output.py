@@ -436,6 +436,14 @@ def history_table(events: Sequence[Mapping[str, Any]]) -> Table:
     return table
 
 
+def event_line(event: Mapping[str, Any]) -> str:
+    """One event as `failoverctl events` prints it for people: seq, time, service, kind and
+    message on one line (events stream, so no table)."""
+    message = " ".join(str(event["message"]).split())
+    return (f"{event['seq']:>8}  {wall_time(event['at'], millis=True)}  "
+            f"{event['service'] or '-'}  {event['kind']}: {message}")
+
+
 # --- migrate ---------------------------------------------------------------------------------
 
 

@@ -34,6 +34,7 @@ import grpc.aio
 
 from failover import defaults
 from failover.clock import monotonic_ms
+from failover.coordinator.history_feed import HistoryFeed
 from failover.coordinator.host_caller import AGENT_CALL_TIMEOUT_S, HostCaller
 from failover.core.coordinator import (
     Action,
@@ -189,6 +190,8 @@ class Coordinator:
         self._closing: set[asyncio.Task[Any]] = set()
         # Set when the store can no longer be read: the daemon exits (see `_reload`).
         self.fatal = asyncio.Event()
+        # WatchHistory's watchers: each commit's events go to them as it returns.
+        self.history_feed = HistoryFeed(store, self._not_leading)
 
     async def start(self) -> None:
         """Opens the store and leads (the SQLite store leads at once): one coordinator."""
@@ -254,6 +257,7 @@ class Coordinator:
             while not queue.empty():
                 queue.get_nowait()
             queue.put_nowait(_WATCH_END)
+        self.history_feed.end_all()
         self.core = CoordinatorCore(self.timing, self.core.placement_policy, _pages)
 
     def _spawn_detached(self, coro: Any) -> None:
@@ -357,7 +361,8 @@ class Coordinator:
                 raise self._not_leading()
             if isinstance(action, Persist):
                 try:
-                    await self.store.commit(action.puts, action.deletes, action.history)
+                    seqs = await self.store.commit(action.puts, action.deletes,
+                                                   action.history)
                 except LeadershipLostError as exc:
                     # The store refused: another coordinator leads. Stop now, not at the
                     # next keep-alive; the daemon campaigns again.
@@ -372,6 +377,7 @@ class Coordinator:
                         f"the coordinator's store refused a commit ({exc}); the coordinator "
                         "reloaded its state from the store and did not act on it: retry"
                     ) from exc
+                self.history_feed.publish(seqs, action.history)
             elif isinstance(action, (AssignRole, StepDown, DropReplica)):
                 self._enqueue(action)
             elif isinstance(action, AskHearsPrimary):
@@ -900,6 +906,23 @@ class Coordinator:
 
     async def history(self, service: str, limit: int) -> list[Any]:
         return await self.store.history(service or None, max(1, min(limit or 100, 10_000)))
+
+    async def watch_history(self, service: str, after_seq: int | None, last: int,
+                            follow: bool) -> AsyncIterator[Any]:
+        """WatchHistory: the kept events of `service` ("": all) after `after_seq` (None: the
+        newest `last`), then with `follow` each one as it is committed (`HistoryFeed`).
+        Only the leader: a follower commits nothing, so it would never see one."""
+        if service:
+            check_service_name(service)
+        if last > defaults.HISTORY_WATCH_LAST_MAX:
+            raise InvalidRequest(f"last is {last}, over history_watch_last_max "
+                                 f"({defaults.HISTORY_WATCH_LAST_MAX}): ask for fewer, or "
+                                 "page with after_seq")
+        if not self.leading:
+            raise self._not_leading()
+        async for record in self.history_feed.watch(service or None, after_seq, last,
+                                                    follow):
+            yield record
 
     def status(self) -> coordinator_pb2.ClusterStatus:
         return cluster_status(self.core, monotonic_ms())

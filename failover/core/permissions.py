@@ -65,6 +65,7 @@ METHOD_PERMISSIONS: dict[str, str] = {
         "Coordinator/WatchRoutes": WATCH_ROUTES,
         "Coordinator/GetClusterStatus": READ_STATUS,
         "Coordinator/GetHistory": READ_STATUS,
+        "Coordinator/WatchHistory": READ_STATUS,
         "Coordinator/Switchover": SWITCHOVER,
         "Coordinator/DrainHost": DRAIN,
         "Coordinator/Migrate": MIGRATE,

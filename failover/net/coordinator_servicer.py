@@ -33,6 +33,7 @@ from failover.net.convert import (
     replica_reports,
 )
 from failover.net.tls import peer_identity
+from failover.storage.store import HistoryRecord
 from failover.v1 import agent_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 ANONYMOUS = "anonymous (no TLS)"
@@ -241,12 +242,25 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def GetHistory(self, request: coordinator_pb2.HistoryRequest,
                          context: grpc.aio.ServicerContext) -> coordinator_pb2.HistoryReply:
         records = await self.c.history(request.service, request.limit)
-        return coordinator_pb2.HistoryReply(events=[
-            coordinator_pb2.HistoryEvent(
-                seq=r.seq, at=r.at, service=r.service, kind=r.kind, message=r.message,
-                details=msgpack.packb(r.details, use_bin_type=True))
-            for r in records
-        ])
+        return coordinator_pb2.HistoryReply(events=[history_event(r) for r in records])
+
+    async def WatchHistory(self, request: coordinator_pb2.WatchHistoryRequest,
+                           context: grpc.aio.ServicerContext,
+                           ) -> AsyncIterator[coordinator_pb2.HistoryEvent]:
+        try:
+            after_seq = request.after_seq if request.HasField("after_seq") else None
+            async for record in self.c.watch_history(request.service, after_seq,
+                                                     request.last, request.follow):
+                yield history_event(record)
+        except _REFUSED as exc:
+            await _abort(context, exc)
+
+
+def history_event(record: HistoryRecord) -> coordinator_pb2.HistoryEvent:
+    """A stored history record as the wire's event (details as msgpack)."""
+    return coordinator_pb2.HistoryEvent(
+        seq=record.seq, at=record.at, service=record.service, kind=record.kind,
+        message=record.message, details=msgpack.packb(record.details, use_bin_type=True))
 
 
 def add_to_server(server: grpc.aio.Server, coordinator: Coordinator) -> None:

@@ -62,6 +62,7 @@ from failover.storage.store import (
     check_address,
     check_changes,
     check_event,
+    check_history_limit,
     decode_details,
 )
 
@@ -346,20 +347,9 @@ class EtcdStore(Store):
         end = _range_end(self._history_prefix)
         revision = 0
         cutoff = 0
-        page = defaults.ETCD_READ_PAGE_KEYS
         while len(found) < limit:
-            request = rpc.RangeRequest(
-                key=self._history_prefix, range_end=end, limit=page, revision=revision,
-                sort_order=rpc.RangeRequest.DESCEND, sort_target=rpc.RangeRequest.KEY)
-            reply = await self._read_txn([rpc.RequestOp(request_range=request),
-                                          _get(self._meta_key)], "read the history",
-                                         large=True)
-            rng = reply.responses[0].response_range
-            if revision == 0:
-                revision = reply.header.revision
-                meta = reply.responses[1].response_range.kvs
-                newest = _unpack(meta[0].value).get("seq", 0) if meta else 0
-                cutoff = newest - self.history_max + 1  # older events are trimmed
+            rng, revision, cutoff = await self._history_page(
+                self._history_prefix, end, revision, cutoff, rpc.RangeRequest.DESCEND)
             for kv in rng.kvs:
                 batch = _unpack(kv.value)
                 first = int(batch["first"])
@@ -380,6 +370,57 @@ class EtcdStore(Store):
                 break
             end = rng.kvs[-1].key  # the next page: keys below the last one read
         return list(reversed(found))
+
+    async def history_after(
+        self, after_seq: int, service: str | None = None, limit: int = 100
+    ) -> list[HistoryRecord]:
+        """The oldest `limit` matching events after `after_seq`. See `Store.history_after`.
+        A batch's key is the seq of its newest event, so every batch holding an event after
+        `after_seq` has a key at or above that seq + 1: one ascending range from there."""
+        check_history_limit(limit)
+        after_seq = max(0, int(after_seq))
+        found: list[HistoryRecord] = []
+        start = self._history_key(after_seq + 1)
+        end = _range_end(self._history_prefix)
+        revision = 0
+        cutoff = 0
+        while len(found) < limit:
+            rng, revision, cutoff = await self._history_page(
+                start, end, revision, cutoff, rpc.RangeRequest.ASCEND)
+            for kv in rng.kvs:
+                batch = _unpack(kv.value)
+                first = int(batch["first"])
+                for index, (svc, knd, message, details) in enumerate(batch["events"]):
+                    seq = first + index
+                    if seq <= after_seq or seq < cutoff or (
+                            service is not None and svc != service):
+                        continue
+                    found.append(HistoryRecord(seq=seq, at=float(batch["at"]), service=svc,
+                                               kind=knd, message=message,
+                                               details=decode_details(details)))
+                    if len(found) == limit:
+                        return found
+            if not rng.more or not rng.kvs:
+                break
+            start = rng.kvs[-1].key + b"\x00"  # the next page: keys above the last one read
+        return found
+
+    async def _history_page(self, key: bytes, end: bytes, revision: int, cutoff: int,
+                            order: Any) -> tuple[Any, int, int]:
+        """One page of history batches from `key` (below `end`) in `order`, read at
+        `revision` (0: now), with that revision and the lowest seq still kept (`cutoff`,
+        worked out from the first page's meta: older events are trimmed)."""
+        request = rpc.RangeRequest(
+            key=key, range_end=end, limit=defaults.ETCD_READ_PAGE_KEYS, revision=revision,
+            sort_order=order, sort_target=rpc.RangeRequest.KEY)
+        reply = await self._read_txn([rpc.RequestOp(request_range=request),
+                                      _get(self._meta_key)], "read the history", large=True)
+        if revision == 0:
+            revision = reply.header.revision
+            meta = reply.responses[1].response_range.kvs
+            newest = _unpack(meta[0].value).get("seq", 0) if meta else 0
+            cutoff = newest - self.history_max + 1
+        return reply.responses[0].response_range, revision, cutoff
 
     # --- Store: commit -----------------------------------------------------------------------
 

@@ -56,6 +56,7 @@ from failover.storage.store import (
     check_address,
     check_changes,
     check_event,
+    check_history_limit,
     decode_details,
 )
 
@@ -404,6 +405,26 @@ class SqliteStore(Store):
             _set_meta(conn, "term", term)
         return term
 
+    async def history_after(
+        self, after_seq: int, service: str | None = None, limit: int = 100
+    ) -> list[HistoryRecord]:
+        """The oldest `limit` matching events after `after_seq`. See `Store.history_after`."""
+        check_history_limit(limit)
+        return await self._run(self._history_after_sync, max(0, int(after_seq)), service, limit)
+
+    def _history_after_sync(
+        self, after_seq: int, service: str | None, limit: int
+    ) -> list[HistoryRecord]:
+        where, params = "WHERE seq > ? ", [after_seq]
+        if service is not None:
+            where += "AND service = ? "
+            params.append(service)
+        sql = ("SELECT seq, at, service, kind, message, details FROM history "
+               f"{where}ORDER BY seq ASC LIMIT ?")
+        with _storage_errors(self.path):
+            rows = self._connection().execute(sql, (*params, limit)).fetchall()
+        return [_record(*row) for row in rows]
+
     def _history_sync(
         self, service: str | None, limit: int, kind: str | None
     ) -> list[HistoryRecord]:
@@ -423,17 +444,14 @@ class SqliteStore(Store):
         )
         with _storage_errors(self.path):
             rows = conn.execute(sql, (*params, limit)).fetchall()
-        return [
-            HistoryRecord(
-                seq=seq,
-                at=at if at is not None else 0.0,
-                service=svc or "",
-                kind=knd or "",
-                message=message or "",
-                details=decode_details(details),
-            )
-            for seq, at, svc, knd, message, details in reversed(rows)
-        ]
+        return [_record(*row) for row in reversed(rows)]
+
+
+def _record(seq: int, at: float | None, svc: str | None, knd: str | None,
+            message: str | None, details: bytes | None) -> HistoryRecord:
+    """One history row as a record."""
+    return HistoryRecord(seq=seq, at=at if at is not None else 0.0, service=svc or "",
+                         kind=knd or "", message=message or "", details=decode_details(details))
 
 
 @contextlib.contextmanager

@@ -50,6 +50,7 @@ __all__ = [
     "check_address",
     "check_changes",
     "check_event",
+    "check_history_limit",
     "check_key",
     "check_value",
     "decode_details",
@@ -143,6 +144,14 @@ class Store(abc.ABC):
     ) -> list[HistoryRecord]:
         """The newest `limit` events (newest last), of one service ("" for cluster-wide ones)
         or of all when `service` is None, and of one kind when `kind` is given."""
+
+    @abc.abstractmethod
+    async def history_after(
+        self, after_seq: int, service: str | None = None, limit: int = 100
+    ) -> list[HistoryRecord]:
+        """The oldest `limit` kept events with a seq above `after_seq` (oldest first), of one
+        service ("" for cluster-wide ones) or of all when `service` is None: a watcher's
+        backlog, read page by page (`failoverctl events --since`)."""
 
     @property
     @abc.abstractmethod
@@ -302,6 +311,13 @@ def decode_details(blob: bytes | None) -> dict[str, Any]:
         return {}
     details = msgpack.unpackb(blob, raw=False, strict_map_key=False)
     return details if isinstance(details, dict) else {"value": details}
+
+
+def check_history_limit(limit: object) -> int:
+    """`limit` if it is a count of events (an int >= 0), else ValueError."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise ValueError(f"history limit {limit!r} is not a count of events (an int >= 0)")
+    return limit
 
 
 def check_event(event: object) -> tuple[str, str, str, bytes]:

@@ -16,7 +16,7 @@ class ReplicaPeer(_message.Message):
     def __init__(self, host_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class AssignRoleRequest(_message.Message):
-    __slots__ = ("service", "kind", "role", "epoch", "mode", "primary", "duplicas", "in_sync", "lease_ms", "in_sync_generation")
+    __slots__ = ("service", "kind", "role", "epoch", "mode", "primary", "duplicas", "in_sync", "lease_ms", "in_sync_generation", "reason")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class AssignRoleRequest(_message.Message):
     IN_SYNC_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
     IN_SYNC_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     service: str
     kind: str
     role: _common_pb2.Role
@@ -37,7 +38,8 @@ class AssignRoleRequest(_message.Message):
     in_sync: _containers.RepeatedScalarFieldContainer[str]
     lease_ms: int
     in_sync_generation: int
-    def __init__(self, service: _Optional[str] = ..., kind: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., epoch: _Optional[int] = ..., mode: _Optional[_Union[_common_pb2.ReplicationMode, str]] = ..., primary: _Optional[_Union[ReplicaPeer, _Mapping]] = ..., duplicas: _Optional[_Iterable[_Union[ReplicaPeer, _Mapping]]] = ..., in_sync: _Optional[_Iterable[str]] = ..., lease_ms: _Optional[int] = ..., in_sync_generation: _Optional[int] = ...) -> None: ...
+    reason: str
+    def __init__(self, service: _Optional[str] = ..., kind: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., epoch: _Optional[int] = ..., mode: _Optional[_Union[_common_pb2.ReplicationMode, str]] = ..., primary: _Optional[_Union[ReplicaPeer, _Mapping]] = ..., duplicas: _Optional[_Iterable[_Union[ReplicaPeer, _Mapping]]] = ..., in_sync: _Optional[_Iterable[str]] = ..., lease_ms: _Optional[int] = ..., in_sync_generation: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class AssignRoleReply(_message.Message):
     __slots__ = ("service", "role", "epoch", "indexes", "last")

@@ -35,14 +35,42 @@ class RegisterReply(_message.Message):
     def __init__(self, heartbeat_ms: _Optional[int] = ..., lease_ms: _Optional[int] = ..., coordinator_term: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("host_id", "metrics", "replicas")
+    __slots__ = ("host_id", "metrics", "replicas", "hook_results")
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    HOOK_RESULTS_FIELD_NUMBER: _ClassVar[int]
     host_id: str
     metrics: _agent_pb2.HostMetrics
     replicas: _containers.RepeatedCompositeFieldContainer[_agent_pb2.ReplicaStatus]
-    def __init__(self, host_id: _Optional[str] = ..., metrics: _Optional[_Union[_agent_pb2.HostMetrics, _Mapping]] = ..., replicas: _Optional[_Iterable[_Union[_agent_pb2.ReplicaStatus, _Mapping]]] = ...) -> None: ...
+    hook_results: _containers.RepeatedCompositeFieldContainer[HookResult]
+    def __init__(self, host_id: _Optional[str] = ..., metrics: _Optional[_Union[_agent_pb2.HostMetrics, _Mapping]] = ..., replicas: _Optional[_Iterable[_Union[_agent_pb2.ReplicaStatus, _Mapping]]] = ..., hook_results: _Optional[_Iterable[_Union[HookResult, _Mapping]]] = ...) -> None: ...
+
+class HookResult(_message.Message):
+    __slots__ = ("seq", "service", "event", "command", "role", "epoch", "exit_code", "output", "duration_ms", "timed_out", "skipped")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    DURATION_MS_FIELD_NUMBER: _ClassVar[int]
+    TIMED_OUT_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    service: str
+    event: str
+    command: str
+    role: str
+    epoch: int
+    exit_code: int
+    output: str
+    duration_ms: int
+    timed_out: bool
+    skipped: bool
+    def __init__(self, seq: _Optional[int] = ..., service: _Optional[str] = ..., event: _Optional[str] = ..., command: _Optional[str] = ..., role: _Optional[str] = ..., epoch: _Optional[int] = ..., exit_code: _Optional[int] = ..., output: _Optional[str] = ..., duration_ms: _Optional[int] = ..., timed_out: _Optional[bool] = ..., skipped: _Optional[bool] = ...) -> None: ...
 
 class LeaseGrant(_message.Message):
     __slots__ = ("service", "epoch", "lease_ms")
@@ -231,18 +259,22 @@ class SwitchoverReply(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., primary_host_id: _Optional[str] = ..., stall_ms: _Optional[int] = ...) -> None: ...
 
 class DrainHostRequest(_message.Message):
-    __slots__ = ("host_id", "draining")
+    __slots__ = ("host_id", "draining", "must_finish")
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    MUST_FINISH_FIELD_NUMBER: _ClassVar[int]
     host_id: str
     draining: bool
-    def __init__(self, host_id: _Optional[str] = ..., draining: _Optional[bool] = ...) -> None: ...
+    must_finish: bool
+    def __init__(self, host_id: _Optional[str] = ..., draining: _Optional[bool] = ..., must_finish: _Optional[bool] = ...) -> None: ...
 
 class DrainHostReply(_message.Message):
-    __slots__ = ("host",)
+    __slots__ = ("host", "cannot_finish")
     HOST_FIELD_NUMBER: _ClassVar[int]
+    CANNOT_FINISH_FIELD_NUMBER: _ClassVar[int]
     host: HostStatus
-    def __init__(self, host: _Optional[_Union[HostStatus, _Mapping]] = ...) -> None: ...
+    cannot_finish: str
+    def __init__(self, host: _Optional[_Union[HostStatus, _Mapping]] = ..., cannot_finish: _Optional[str] = ...) -> None: ...
 
 class MigrateRequest(_message.Message):
     __slots__ = ("service", "to_host_id", "replica", "max_downtime_ms", "method", "from_host_id", "max_bandwidth_bytes_s")
@@ -319,3 +351,15 @@ class HistoryReply(_message.Message):
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[HistoryEvent]
     def __init__(self, events: _Optional[_Iterable[_Union[HistoryEvent, _Mapping]]] = ...) -> None: ...
+
+class WatchHistoryRequest(_message.Message):
+    __slots__ = ("service", "after_seq", "last", "follow")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    after_seq: int
+    last: int
+    follow: bool
+    def __init__(self, service: _Optional[str] = ..., after_seq: _Optional[int] = ..., last: _Optional[int] = ..., follow: _Optional[bool] = ...) -> None: ...

@@ -90,6 +90,11 @@ class CoordinatorStub:
                 request_serializer=failover_dot_v1_dot_coordinator__pb2.PatchRequest.SerializeToString,
                 response_deserializer=failover_dot_v1_dot_coordinator__pb2.PatchProgress.FromString,
                 _registered_method=True)
+        self.WatchHistory = channel.unary_stream(
+                '/failover.v1.Coordinator/WatchHistory',
+                request_serializer=failover_dot_v1_dot_coordinator__pb2.WatchHistoryRequest.SerializeToString,
+                response_deserializer=failover_dot_v1_dot_coordinator__pb2.HistoryEvent.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -168,6 +173,16 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchHistory(self, request, context):
+        """History as it is committed (issue 17): kept events first (after `after_seq`, or the
+        newest `last`), then, with `follow`, each event as it is committed. Only the leader
+        serves it (a follower redirects). A watcher that does not keep up is cut off with
+        RESOURCE_EXHAUSTED naming the seq to resume after; it never slows the coordinator.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -225,6 +240,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Patch,
                     request_deserializer=failover_dot_v1_dot_coordinator__pb2.PatchRequest.FromString,
                     response_serializer=failover_dot_v1_dot_coordinator__pb2.PatchProgress.SerializeToString,
+            ),
+            'WatchHistory': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchHistory,
+                    request_deserializer=failover_dot_v1_dot_coordinator__pb2.WatchHistoryRequest.FromString,
+                    response_serializer=failover_dot_v1_dot_coordinator__pb2.HistoryEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -524,6 +544,33 @@ class Coordinator:
             '/failover.v1.Coordinator/Patch',
             failover_dot_v1_dot_coordinator__pb2.PatchRequest.SerializeToString,
             failover_dot_v1_dot_coordinator__pb2.PatchProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/failover.v1.Coordinator/WatchHistory',
+            failover_dot_v1_dot_coordinator__pb2.WatchHistoryRequest.SerializeToString,
+            failover_dot_v1_dot_coordinator__pb2.HistoryEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -202,6 +202,26 @@ async def test_history_is_bounded_and_seqs_only_grow(backend: Backend) -> None:
     assert [r.message for r in await store.history(limit=2)] == ["e11", "e12"]
 
 
+async def test_history_after_a_seq_pages_oldest_first(backend: Backend) -> None:
+    """A history watcher's backlog (`history_after`): the kept events after a seq, oldest
+    first, a page at a time, of one service or all; trimmed ones are not returned."""
+    store = await leader_of(backend, history_max=6)
+    seqs = await store.commit({}, history=[("kv1", "a", "e0", {}), ("", "host", "e1", {})])
+    seqs += await store.commit({}, history=[("kv1", "a", f"e{i}", {}) for i in range(2, 5)])
+    seqs += await store.commit({}, history=[("bank", "a", "e5", {"n": 5})])
+    assert [r.message for r in await store.history_after(0)] == [f"e{i}" for i in range(6)]
+    assert [r.seq for r in await store.history_after(seqs[1])] == seqs[2:]
+    assert [r.message for r in await store.history_after(seqs[0], limit=2)] == ["e1", "e2"]
+    assert [r.message for r in await store.history_after(seqs[2], "kv1")] == ["e3", "e4"]
+    assert [r.message for r in await store.history_after(0, "")] == ["e1"]
+    assert (await store.history_after(seqs[4]))[0].details == {"n": 5}
+    assert await store.history_after(seqs[-1]) == []
+    await store.commit({}, history=[("kv1", "a", "e6", {}), ("kv1", "a", "e7", {})])
+    assert [r.message for r in await store.history_after(0)] == [f"e{i}" for i in range(2, 8)]
+    with pytest.raises(ValueError, match="limit"):
+        await store.history_after(0, limit=-1)
+
+
 # --- fencing -----------------------------------------------------------------------------------
 
 
