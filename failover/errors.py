@@ -116,6 +116,12 @@ class Overloaded(FailoverError):
 # --- cluster -------------------------------------------------------------------------------
 
 
+class DrainCannotFinish(InvalidRequest):
+    """A drain asked to finish (`failoverctl drain HOST --wait`) cannot: some replica of the
+    host has no other host to go to; the message gives the placement reasons. Nothing was
+    changed. Over gRPC: FAILED_PRECONDITION."""
+
+
 class WatcherBehind(Overloaded):
     """A history watcher (WatchHistory, `failoverctl events --follow`) fell more than
     `HISTORY_WATCH_QUEUE_MAX` events behind and was cut off, so that it never slows the

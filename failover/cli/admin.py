@@ -281,12 +281,24 @@ def _cluster_status(ctx: click.Context, timeout_ms: int) -> Any:
 @click.pass_context
 def status_command(ctx: click.Context, timeout_ms: int) -> None:
     """Show hosts and services with their replicas."""
-    _, as_json = _settings(ctx)
+    addresses, as_json = _settings(ctx)
     document = output.cluster_status_json(_cluster_status(ctx, timeout_ms))
     if as_json:
         _echo_json(document)
-    else:
-        output.render_status(output.make_console(), document)
+        return
+    last: dict[str, Any] | None = None
+    if document["services"]:
+        # The last event of each service, from the newest events: status stands without it
+        # (a coordinator too old to keep history, say), so a failure here only omits it.
+        try:
+            reply = CoordinatorCaller(addresses, _tls(ctx)).call(
+                "GetHistory", coordinator_pb2.HistoryRequest(
+                    limit=defaults.STATUS_HISTORY_EVENTS), timeout_ms=timeout_ms,
+                idempotent=True)
+            last = output.last_events(output.history_json(reply))
+        except (CommandFailed, CoordinatorRefused):
+            last = None
+    output.render_status(output.make_console(), document, last)
 
 
 @click.command("create")
@@ -388,12 +400,14 @@ def hosts_command(ctx: click.Context, timeout_ms: int) -> None:
         output.make_console().print(output.hosts_detail_table(documents))
 
 
-def _set_draining(ctx: click.Context, host: str, draining: bool, timeout_ms: int) -> Any:
+def _set_draining(ctx: click.Context, host: str, draining: bool, timeout_ms: int,
+                  must_finish: bool = False) -> Any:
     addresses, _ = _settings(ctx)
     if not host.strip():
         raise click.UsageError("HOST is empty: give a host id (see `failoverctl hosts`)")
     return CoordinatorCaller(addresses, _tls(ctx)).call(
-        "DrainHost", coordinator_pb2.DrainHostRequest(host_id=host, draining=draining),
+        "DrainHost", coordinator_pb2.DrainHostRequest(host_id=host, draining=draining,
+                                                      must_finish=must_finish),
         timeout_ms=timeout_ms, idempotent=True)
 
 
@@ -406,19 +420,28 @@ def _held(ctx: click.Context, host: str, timeout_ms: int) -> list[dict[str, Any]
 @click.command("drain")
 @click.argument("host")
 @click.option("--wait", "wait_s", type=click.IntRange(min=0), default=0, metavar="SECONDS",
-              help="Wait up to SECONDS until the host holds no replica (exit 1 if not).")
+              help="Wait up to SECONDS until the host holds no replica (exit 1 if not). A "
+              "drain that cannot finish (no other host can take a replica) is refused at "
+              "once, saying why, and nothing changes.")
 @_timeout_option
 @click.pass_context
 def drain_command(ctx: click.Context, host: str, wait_s: int, timeout_ms: int) -> None:
     """Drain HOST: no new replicas go there, its primaries move off by switchover, and its
     replicas are rebuilt on other hosts, then retired (redundancy never drops)."""
     _, as_json = _settings(ctx)
-    reply = _set_draining(ctx, host, True, timeout_ms)
+    reply = _set_draining(ctx, host, True, timeout_ms, must_finish=wait_s > 0)
+    if reply.cannot_finish and not as_json:
+        click.echo(f"warning: {host} cannot be drained completely as things stand: "
+                   f"{one_line(reply.cannot_finish)}", err=True)
     deadline = time.monotonic() + wait_s
     held = _held(ctx, host, timeout_ms) if wait_s else []
-    while held and time.monotonic() < deadline:
-        time.sleep(0.2)  # polling the coordinator's status, under the deadline above
-        held = _held(ctx, host, timeout_ms)
+    with output.CountdownView(f"draining {host}", len(held), "replicas",
+                              enabled=not as_json) as view:
+        while held and time.monotonic() < deadline:
+            view.update(len(held), ", ".join(f"{h['service']} ({h['role']})" for h in held))
+            time.sleep(0.2)  # polling the coordinator's status, under the deadline above
+            held = _held(ctx, host, timeout_ms)
+        view.update(len(held), "")
     if held:
         left = ", ".join(f"{h['service']} ({h['role']})" for h in held)
         raise CommandFailed(f"{host} still holds {left} after {wait_s} s; it stays draining: "
@@ -521,18 +544,23 @@ def patch_command(ctx: click.Context, hosts: tuple[str, ...], everything: bool, 
         host_ids=list(hosts), all=everything, command=command, failback=failback,
         method=method, command_timeout_ms=command_timeout_ms)
     steps: list[dict[str, Any]] = []
-    console = output.make_console()
+    total = len(hosts) if hosts else len(_cluster_status(ctx, timeout_ms).hosts)
+    patched: set[str] = set()
 
-    def on_message(progress: Any) -> None:
-        steps.append({"host_id": progress.host_id, "step": progress.step,
-                      "message": progress.message, "ok": progress.ok})
-        if not as_json:
+    with output.CountdownView("patching", total, "hosts", enabled=not as_json,
+                              plain_updates=False) as view:
+        def on_message(progress: Any) -> None:
+            steps.append({"host_id": progress.host_id, "step": progress.step,
+                          "message": progress.message, "ok": progress.ok})
             mark = "[red]x[/red]" if progress.step == "failed" else (
                 "[green]ok[/green]" if progress.step == "done" else "..")
-            console.print(f"{mark} {output.escape(progress.message)}")
+            view.print(f"{mark} {output.escape(progress.message)}", markup=True)
+            if progress.step == "done":
+                patched.add(progress.host_id)
+            view.update(total - len(patched), f"{progress.host_id}: {progress.step}")
 
-    CoordinatorCaller(addresses, _tls(ctx)).stream("Patch", request, on_message,
-                                                   timeout_ms=timeout_ms)
+        CoordinatorCaller(addresses, _tls(ctx)).stream("Patch", request, on_message,
+                                                       timeout_ms=timeout_ms)
     failed = [s for s in steps if s["step"] == "failed"]
     if as_json:
         _echo_json({"ok": not failed, "steps": steps})

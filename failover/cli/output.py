@@ -367,8 +367,19 @@ def coordinators_table(coordinators: Sequence[Mapping[str, Any]]) -> Table:
     return table
 
 
-def render_status(console: Console, document: Mapping[str, Any]) -> None:
-    """Prints `status` for people from a `cluster_status_json` document."""
+def last_events(events: Iterable[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """The newest of `events` (`history_event_json` documents, oldest first) per service."""
+    newest: dict[str, Mapping[str, Any]] = {}
+    for event in events:
+        if event["service"]:
+            newest[event["service"]] = event
+    return newest
+
+
+def render_status(console: Console, document: Mapping[str, Any],
+                  last: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    """Prints `status` for people from a `cluster_status_json` document; with `last`
+    (service -> its newest history event, `last_events`), the last event of each service."""
     coordinators = document.get("coordinators") or []
     if coordinators:
         console.print("[bold]Coordinators[/bold]")
@@ -385,6 +396,14 @@ def render_status(console: Console, document: Mapping[str, Any]) -> None:
     for s in document["services"]:
         if s.get("unplaced"):
             console.print(f"[red]{escape(s['name'])}: {escape(s['unplaced'])}[/red]")
+    if last is not None and document["services"]:
+        console.print("[bold]Last event per service[/bold]")
+        for s in document["services"]:
+            event = last.get(s["name"])
+            text = (f"{wall_time(event['at'], millis=True)}  {event['kind']}: "
+                    f"{' '.join(str(event['message']).split())}" if event else
+                    "- (none among the newest events)")
+            console.print(f"  {s['name']}  {text}", markup=False, highlight=False)
 
 
 def hosts_detail_table(hosts: Sequence[Mapping[str, Any]]) -> Table:
@@ -442,6 +461,63 @@ def event_line(event: Mapping[str, Any]) -> str:
     message = " ".join(str(event["message"]).split())
     return (f"{event['seq']:>8}  {wall_time(event['at'], millis=True)}  "
             f"{event['service'] or '-'}  {event['kind']}: {message}")
+
+
+class CountdownView:
+    """Progress of a wait measured by what is left (a drain's replicas, a patch's hosts): a
+    rich bar on a terminal; elsewhere (a pipe, a log) one plain line each time what is left
+    changes; nothing when disabled (JSON)."""
+
+    def __init__(self, description: str, total: int, unit: str, enabled: bool,
+                 plain_updates: bool = True) -> None:
+        self.plain_updates = plain_updates  # off: only `print`'s lines without a terminal
+        self.description = description
+        self.total = total
+        self.unit = unit
+        self.console = make_console()
+        self.enabled = enabled
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+        self._last: tuple[int, str] | None = None
+
+    def __enter__(self) -> CountdownView:
+        if self.enabled and self.console.is_terminal:
+            self._progress = Progress(
+                TextColumn("{task.description}"), BarColumn(),
+                TextColumn("{task.completed}/{task.total} " + escape(self.unit)),
+                TextColumn("{task.fields[detail]}"), console=self.console, transient=False)
+            self._progress.start()
+            self._task = self._progress.add_task(escape(self.description), total=self.total,
+                                                 detail="")
+        return self
+
+    def print(self, text: str, markup: bool = False) -> None:
+        """A line above the bar (or a plain line); with `markup`, rich markup in `text`
+        (escape what came from elsewhere)."""
+        if not self.enabled:
+            return
+        (self._progress.console if self._progress is not None else self.console).print(
+            text, markup=markup, highlight=False)
+
+    def update(self, left: int, detail: str, description: str | None = None) -> None:
+        """`left` of `total` remain; `detail` says which."""
+        if not self.enabled or self._last == (left, detail):
+            return
+        self._last = (left, detail)
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, completed=max(0, self.total - left),
+                                  detail=escape(detail),
+                                  description=escape(description or self.description))
+            return
+        if not self.plain_updates:
+            return
+        what = f"{left} {self.unit} left" + (f": {detail}" if detail else "")
+        self.console.print(f"{description or self.description}: {what}", markup=False,
+                           highlight=False)
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
 
 
 # --- migrate ---------------------------------------------------------------------------------

@@ -629,9 +629,14 @@ class Coordinator:
             await self._execute(self.core.create_service(name, kind, replicas, mode,
                                                          monotonic_ms(), needs, policy))
 
-    async def set_draining(self, host_id: str, draining: bool) -> None:
+    async def set_draining(self, host_id: str, draining: bool, must_finish: bool = False,
+                           ) -> str:
+        """Drains `host_id` (or takes it back); returns why the drain cannot finish as
+        things stand ("" if it can). With `must_finish` such a drain is refused instead
+        (`DrainCannotFinish`), nothing changed."""
         async with self._lock:
-            await self._execute(self.core.set_draining(host_id, draining))
+            await self._execute(self.core.set_draining(host_id, draining, must_finish))
+            return "; ".join(self.core.drain_blockers(host_id)) if draining else ""
 
     async def delete_service(self, name: str) -> None:
         async with self._lock:

@@ -23,7 +23,14 @@ from failover.core.names import check_host_id
 from failover.core.permissions import ADMIN, Identity, require_host
 from failover.core.placement import Resources
 from failover.core.roles import PRIMARY, SYNC
-from failover.errors import ConfigError, InvalidRequest, Overloaded, PermissionDenied, Unavailable
+from failover.errors import (
+    ConfigError,
+    DrainCannotFinish,
+    InvalidRequest,
+    Overloaded,
+    PermissionDenied,
+    Unavailable,
+)
 from failover.net.address import parse_address
 from failover.net.convert import (
     MODE_FROM_PROTO,
@@ -56,7 +63,8 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
     if isinstance(exc, Overloaded):
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
     if isinstance(exc, InvalidRequest):
-        code = grpc.StatusCode.FAILED_PRECONDITION if "not registered" in str(exc) \
+        code = grpc.StatusCode.FAILED_PRECONDITION if (
+            "not registered" in str(exc) or isinstance(exc, DrainCannotFinish)) \
             else grpc.StatusCode.INVALID_ARGUMENT
         await context.abort(code, str(exc))
     if isinstance(exc, Unavailable):
@@ -199,11 +207,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             async with self._audited(context, "drain" if request.draining else "undrain",
                                      request.host_id):
                 check_name(request.host_id, "host_id")
-                await self.c.set_draining(request.host_id, request.draining)
+                cannot_finish = await self.c.set_draining(request.host_id, request.draining,
+                                                          request.must_finish)
         except _REFUSED as exc:
             await _abort(context, exc)
         host = next(h for h in self.c.status().hosts if h.host_id == request.host_id)
-        return coordinator_pb2.DrainHostReply(host=host)
+        return coordinator_pb2.DrainHostReply(host=host, cannot_finish=cannot_finish)
 
     async def Migrate(self, request: coordinator_pb2.MigrateRequest,
                       context: grpc.aio.ServicerContext,

@@ -173,11 +173,30 @@ def test_status_table_shows_hosts_services_and_replicas(capsys, coordinator) -> 
     fake, address = coordinator
     code, out, err = run(capsys, "--coordinator", address, "status")
     assert (code, err) == (0, "")
-    assert [m for m, _ in fake.requests] == ["GetClusterStatus"]
+    assert [m for m, _ in fake.requests] == ["GetClusterStatus", "GetHistory"]
     for text in ("host1", "127.0.0.1:7102", "5.0 GiB", "512 B", "12.5", "40.2", "1,500",
                  "ledger", "bank", "primary", "duplica", "120", "118", "117", "sync"):
         assert text in out, text
     assert out.index("Hosts") < out.index("Services")
+    # Issue 17 item 7: the last event of each service (kv's newest is the failover).
+    last = out[out.index("Last event per service"):]
+    assert "kv" in last and "failover: promoted host2" in last
+    assert "ledger  - (none among the newest events)" in last
+
+
+def test_status_stands_when_history_cannot_be_read(capsys, coordinator) -> None:
+    fake, address = coordinator
+    fake.failures["GetHistory"] = (grpc.StatusCode.INTERNAL, "boom")
+    code, out, err = run(capsys, "--coordinator", address, "status")
+    assert (code, err) == (0, "")
+    assert "ledger" in out and "Last event per service" not in out
+
+
+def test_format_is_taken_after_the_subcommand_too(capsys, coordinator) -> None:
+    _, address = coordinator
+    code, out, err = run(capsys, "--coordinator", address, "status", "--format", "json")
+    assert code == 0, err
+    assert json.loads(out)["services"][0]["name"] == "kv"
 
 
 def test_status_json_is_the_documented_contract(capsys, coordinator) -> None:

@@ -371,3 +371,43 @@ def test_an_assignment_whose_peers_the_replica_does_not_hold_is_sent_again() -> 
     assert sent_to(beat(primary, PRIMARY, duplicas=(duplica,)), primary) == []
     again = sent_to(beat(primary, PRIMARY, duplicas=()), primary)
     assert again and set(again[0].duplicas) == {duplica}
+
+
+def test_a_drain_that_cannot_finish_is_refused_at_once_with_the_placement_reasons() -> None:
+    """Issue 17 item 8: three hosts, three replicas: no host can take host h1's replica, so
+    a drain that must finish is refused with why, and changes nothing; one that need not
+    finish is started and says why it cannot (its primaries still move off)."""
+    from failover.errors import DrainCannotFinish
+
+    d = Driver(["h1", "h2", "h3"])
+    d.create("accounts", replicas=3)
+    with pytest.raises(DrainCannotFinish) as refused:
+        d.core.set_draining("h1", True, must_finish=True)
+    text = str(refused.value)
+    assert "draining h1 cannot finish" in text and "accounts (3 replicas)" in text
+    assert "h2: holds a replica of it already" in text
+    assert not d.core.hosts["h1"].draining
+    d.run(d.core.set_draining("h1", True))
+    assert d.core.hosts["h1"].draining
+    assert "accounts" in "; ".join(d.core.drain_blockers("h1"))
+    # A fourth host can take it: the drain can finish, and nothing blocks it.
+    d.run(d.core.set_draining("h1", False))
+    d.run(d.core.register(HostInfo("h4", "h4:1", ""), d.now, METRICS))
+    d.step(HB)
+    assert d.core.drain_blockers("h1") == []
+    d.run(d.core.set_draining("h1", True, must_finish=True))
+    assert d.core.hosts["h1"].draining
+
+
+def test_a_migration_to_a_host_that_holds_a_replica_says_why_and_what_would_do() -> None:
+    d = Driver(["h1", "h2", "h3", "h4"])
+    d.create("accounts", replicas=2)
+    s = d.core.services["accounts"]
+    duplica = s.duplicas()[0]
+    with pytest.raises(InvalidRequest) as refused:
+        d.core.migration_source("accounts", duplica, PRIMARY, "")
+    assert f"failoverctl switchover accounts --to {duplica}" in str(refused.value)
+    with pytest.raises(InvalidRequest) as refused:
+        d.core.migration_source("accounts", s.primary, DUPLICA, "")
+    spare = sorted({"h1", "h2", "h3", "h4"} - set(s.replicas))
+    assert f"hosts that could take it: {', '.join(spare)}" in str(refused.value)

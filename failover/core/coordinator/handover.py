@@ -46,9 +46,17 @@ class Handover(CoreState):
         if info is None:
             raise InvalidRequest(f"no host {to_host!r}; `failoverctl hosts` lists them")
         if to_host in service.replicas:
-            raise InvalidRequest(f"{to_host} already holds a replica of {name}")
+            held = service.replicas[to_host]
+            hint = (f"to make it the primary: failoverctl switchover {name} --to {to_host}"
+                    if replica == PRIMARY and held != PRIMARY else
+                    f"a migration moves a replica to a host without one; "
+                    f"{self.migration_targets(name)}")
+            raise InvalidRequest(f"{to_host} already holds a replica of {name} (its "
+                                 f"{held}): {hint}")
         if info.draining or not self.live.get(to_host, HostLive(0, False)).alive:
-            raise InvalidRequest(f"{to_host} is draining or not alive")
+            state = "draining" if info.draining else "not alive"
+            raise InvalidRequest(f"{to_host} is {state}: it takes no replica; "
+                                 f"{self.migration_targets(name)}")
         if replica == PRIMARY:
             source = service.primary
         else:

@@ -14,6 +14,8 @@ its replacement holds everything.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from failover import defaults
 from failover.core import placement
 from failover.core.coordinator.actions import Action, DropReplica, Persist, StartSwitchover
@@ -29,7 +31,7 @@ from failover.core.coordinator.model import (
 from failover.core.names import check_host_id
 from failover.core.placement import HostView, Resources
 from failover.core.roles import BUILDING, PRIMARY
-from failover.errors import InvalidRequest
+from failover.errors import DrainCannotFinish, InvalidRequest
 
 
 class Redundancy(CoreState):
@@ -449,13 +451,58 @@ class Redundancy(CoreState):
                                 holding)
         return found.hosts[0] if found.hosts else ""
 
-    def set_draining(self, host_id: str, draining: bool) -> list[Action]:
+    def migration_targets(self, name: str) -> str:
+        """Where a replica of `name` could move, for a refusal's message
+        (`Handover.migration_source`): the hosts placement would take (`placement.place`,
+        as a rebuild asks), or its reasons why none."""
+        service = self.services[name]
+        holding = {h: self.hosts[h].zone if h in self.hosts else "" for h in service.replicas}
+        views = self._host_views()
+        found = placement.place(service.placement or self.placement_policy,
+                                Resources.from_dict(service.needs), len(views), views, holding)
+        if found.hosts:
+            return f"hosts that could take it: {', '.join(sorted(found.hosts))}"
+        return f"no host could take it now ({found.reason})"
+
+    def drain_blockers(self, host_id: str) -> list[str]:
+        """Why draining `host_id` could not finish as things stand, one line per service it
+        holds a replica of whose replacement no host can take: the reasons of the same
+        placement a rebuild runs (`placement.place`), with the host draining. Empty when
+        every replica has somewhere to go. O(hosts) per service on the host."""
+        views = [replace(v, draining=True) if v.host_id == host_id else v
+                 for v in self._host_views()]
+        blockers: list[str] = []
+        for service in self._holding(host_id):
+            counted = [h for h in service.replicas if h != host_id and self._counts(service, h)]
+            missing = service.desired_replicas - len(counted)
+            if missing <= 0:
+                continue
+            holding = {h: self.hosts[h].zone if h in self.hosts else ""
+                       for h in service.replicas}
+            found = placement.place(service.placement or self.placement_policy,
+                                    Resources.from_dict(service.needs), missing, views, holding)
+            if found.reason:
+                blockers.append(f"{service.name} ({service.desired_replicas} replicas): "
+                                f"{found.reason}")
+        return blockers
+
+    def set_draining(self, host_id: str, draining: bool,
+                     must_finish: bool = False) -> list[Action]:
         """Marks a host draining (no new replicas; its primaries move off by switchover and
-        its replicas are rebuilt elsewhere, then retired) or not."""
+        its replicas are rebuilt elsewhere, then retired) or not. With `must_finish`, a drain
+        that cannot finish (`drain_blockers`) is refused, nothing changed: an operator who
+        waits for it learns why at once, not at the end of the wait."""
         check_host_id(host_id)
         info = self.hosts.get(host_id)
         if info is None:
             raise InvalidRequest(f"no host {host_id!r}; `failoverctl hosts` lists them")
+        if draining and must_finish:
+            blockers = self.drain_blockers(host_id)
+            if blockers:
+                raise DrainCannotFinish(
+                    f"draining {host_id} cannot finish, so it was not started: "
+                    f"{'; '.join(blockers)}. A host with room must join first (or drain "
+                    "without waiting: its primaries still move off)")
         if info.draining == draining:
             return []
         info.draining = draining
