@@ -11,6 +11,7 @@ from typing import Any
 from failover import defaults
 from failover.core.names import check_command_name, check_host_id
 from failover.core.permissions import AGENT
+from failover.core.roles import HOOK_EVENTS
 from failover.errors import ConfigError, InvalidRequest
 from failover.net.address import Address, parse_address, parse_address_list
 from failover.net.tls import TlsFiles, TlsMaterial
@@ -19,7 +20,7 @@ _KEYS = {
     "host_id", "listen", "advertise", "data_dir", "coordinator", "zone", "fsync_policy",
     "heartbeat_ms", "batch_entries_max", "batch_bytes_max", "inflight_batches_max",
     "snapshot_every_entries", "log_retain_entries",
-    "tls_ca", "tls_cert", "tls_key", "insecure", "patch",
+    "tls_ca", "tls_cert", "tls_key", "insecure", "patch", "hooks",
 }
 
 
@@ -46,6 +47,11 @@ class AgentConfig:
     # The patch commands this host runs on Restart: name -> argv, run without a shell
     # (`[patch.commands]` in the TOML; docs/operations.md, Patching).
     patch_commands: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Hooks (issue 17, `[hooks]` in the TOML): event -> names of `patch_commands` entries,
+    # run in the background after the event with the service, role and epoch as arguments.
+    hooks: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    hook_timeout_ms: int = defaults.HOOK_TIMEOUT_MS
+    hook_output_bytes_max: int = defaults.HOOK_OUTPUT_BYTES_MAX
 
     @property
     def address(self) -> str:
@@ -112,10 +118,14 @@ class AgentConfig:
         if not isinstance(insecure, bool):
             raise ConfigError(f"insecure must be true or false, not {insecure!r}")
         tls = TlsFiles.from_options(raw.get("tls_ca"), raw.get("tls_cert"), raw.get("tls_key"))
+        patch_commands = _patch_commands(raw.get("patch"))
+        hooks, hook_limits = _hooks(raw.get("hooks"), patch_commands)
         return cls(
             tls=tls,
             insecure=insecure,
-            patch_commands=_patch_commands(raw.get("patch")),
+            patch_commands=patch_commands,
+            hooks=hooks,
+            **hook_limits,
             host_id=host_id,
             listen=parse_address(str(raw["listen"]), what="listen", allow_port_zero=False),
             data_dir=Path(str(raw["data_dir"])),
@@ -150,6 +160,54 @@ def _patch_commands(patch: Any) -> dict[str, tuple[str, ...]]:
                 f"\"upgrade\"], not {argv!r}")
         out[name] = tuple(argv)
     return out
+
+
+def _hooks(table: Any, allowlist: dict[str, tuple[str, ...]],
+           ) -> tuple[dict[str, tuple[str, ...]], dict[str, int]]:
+    """`[hooks]`: each event of `HOOK_EVENTS` -> a name or a list of names of the host's
+    allowlist (`[patch.commands]`), and optionally `timeout_ms` and `output_bytes_max`. A name
+    not in the allowlist is refused here, at load, never at the first failover."""
+    if table is None:
+        return {}, {}
+    if not isinstance(table, dict):
+        raise ConfigError("hooks: give a table [hooks] of event = [\"name\", ...]")
+    known = (*HOOK_EVENTS, "timeout_ms", "output_bytes_max")
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise ConfigError(f"[hooks]: unknown key(s) {', '.join(unknown)}; known: "
+                          f"{', '.join(known)}")
+    limits: dict[str, int] = {}
+    for key, field_name, low, high in (
+            ("timeout_ms", "hook_timeout_ms", 1, defaults.PATCH_COMMAND_TIMEOUT_MS),
+            ("output_bytes_max", "hook_output_bytes_max", 0, defaults.HOOK_OUTPUT_BYTES_MAX)):
+        if key in table:
+            value = table[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(f"[hooks] {key} must be a whole number in {low}..{high}, "
+                                  f"not {value!r}")
+            limits[field_name] = value
+    hooks: dict[str, tuple[str, ...]] = {}
+    for event in HOOK_EVENTS:
+        names = table.get(event)
+        if names is None:
+            continue
+        if isinstance(names, str):
+            names = [names]
+        if (not isinstance(names, list) or not names
+                or len(names) > defaults.HOOKS_PER_EVENT_MAX
+                or not all(isinstance(n, str) for n in names)):
+            raise ConfigError(f"[hooks] {event}: give 1 to {defaults.HOOKS_PER_EVENT_MAX} names "
+                              f"of [patch.commands] entries, such as [\"notify\"], not "
+                              f"{names!r}")
+        for name in names:
+            if name not in allowlist:
+                have = ", ".join(sorted(allowlist)) or "none"
+                raise ConfigError(
+                    f"[hooks] {event}: {name!r} is not in this host's allowlist "
+                    f"[patch.commands] (it has: {have}); a hook runs only a command listed "
+                    f"there: add {name} = [\"/path/to/program\", \"arg\"] to it")
+        hooks[event] = tuple(names)
+    return hooks, limits
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import grpc.aio
 
 from failover import defaults
 from failover.agent.config import AgentConfig
+from failover.agent.hooks import HookResult, HookRunner
 from failover.agent.term import CoordinatorTerm
 from failover.clock import monotonic_ms
 from failover.errors import StorageError
@@ -43,6 +44,9 @@ class HeartbeatingAgent(Protocol):
     started_at: float
     tls: TlsMaterial | None
     coordinator_term: CoordinatorTerm
+
+    @property
+    def hooks(self) -> HookRunner: ...
 
     @property
     def config(self) -> AgentConfig: ...
@@ -162,14 +166,26 @@ class CoordinatorLink:
             log.info("registered with coordinator %s (term %d)", address,
                      registered.coordinator_term)
         sent_ms = monotonic_ms()
+        hooks = agent.hooks.pending()  # the hooks run since, for history (issue 17)
         reply = await stub.Heartbeat(coordinator_pb2.HeartbeatRequest(
             host_id=agent.host_id, metrics=host_metrics(str(agent.config.data_dir)),
             replicas=[replica_status(r) for r in agent.replicas.values()],
+            hook_results=[_hook_message(h) for h in hooks],
         ), timeout=timeout_s)
         # Before any grant: a deposed leader's leases are not taken.
         self._learn_term(address, reply.coordinator_term)
+        agent.hooks.delivered(hooks)
         self.last_ok_ms = monotonic_ms()
         for grant in reply.leases:
             replica = agent.replicas.get(grant.service)
             if replica is not None:
                 replica.grant_lease(grant.epoch, grant.lease_ms, sent_ms)
+
+
+def _hook_message(result: HookResult) -> coordinator_pb2.HookResult:
+    """A hook's result as the heartbeat carries it."""
+    return coordinator_pb2.HookResult(
+        seq=result.seq, service=result.service, event=result.event, command=result.command,
+        role=result.role, epoch=result.epoch, exit_code=result.exit_code,
+        output=result.output, duration_ms=result.duration_ms, timed_out=result.timed_out,
+        skipped=result.skipped)

@@ -16,6 +16,7 @@ from failover import __version__, defaults
 from failover.agent.admission import StreamAdmission
 from failover.agent.config import AgentConfig
 from failover.agent.coordinator_link import CoordinatorLink
+from failover.agent.hooks import HookRunner
 from failover.agent.links import PeerLink
 from failover.agent.replica import Replica, ReplicaMeta
 from failover.agent.term import CoordinatorTerm
@@ -23,7 +24,15 @@ from failover.clock import monotonic_ms
 from failover.core.log_position import LogPosition
 from failover.core.names import check_host_id, check_service_name
 from failover.core.replication import AckView, Mode, SendBatch
-from failover.core.roles import BUILDING, DUPLICA, PRIMARY, ROLES
+from failover.core.roles import (
+    BUILDING,
+    DUPLICA,
+    ON_FAILOVER,
+    ON_MIGRATED,
+    ON_ROLE_CHANGE,
+    PRIMARY,
+    ROLES,
+)
 from failover.core.state_machine import ReplicatedStateMachine
 from failover.errors import (
     InvalidRequest,
@@ -97,6 +106,12 @@ class Agent:
         self.migration_streams = StreamAdmission(
             "MigratePages", defaults.AGENT_MIGRATION_STREAMS_PER_PEER_MAX,
             defaults.AGENT_MIGRATION_STREAMS_MAX)
+        # Hooks (issue 17): run in the background after role changes, failovers and
+        # migrations; the role each replica had when last looked at (`notice_roles`).
+        self.hooks = HookRunner(config.host_id, config.hooks, config.patch_commands,
+                                self.spawn, config.hook_timeout_ms,
+                                config.hook_output_bytes_max)
+        self._roles_seen: dict[str, str] = {}
         # Shipped record bytes read and not yet answered, all Ship streams together.
         self.ship_inflight_bytes = 0
         self._ship_bytes_freed = asyncio.Event()
@@ -129,6 +144,8 @@ class Agent:
             log.info("recovered %s (%s) as %s at epoch %d: log %d..%d, applied %d",
                      meta.service, meta.kind, meta.role, meta.epoch, replica.wal.first_index,
                      replica.wal.last_index, replica.sm.applied_index)
+        # Recovered roles are where hooks start from: a restart changes no role.
+        self._roles_seen = {name: replica.role for name, replica in self.replicas.items()}
         self._tick_task = asyncio.get_running_loop().create_task(self._tick_loop())
         if self.config.coordinators:
             self.coordinator_link = CoordinatorLink(self, [str(a) for a in
@@ -172,6 +189,22 @@ class Agent:
                     replica.tick(now)
                 except Exception:
                     log.exception("%s: tick failed", replica.service)
+            self.notice_roles()  # a role changed by a shipped epoch, a step-down, ...
+
+    def notice_roles(self) -> None:
+        """Runs the on_role_change hooks of every replica whose role changed since it was
+        last looked at (after an assignment, or from the tick loop for a change made by
+        anything else). Starts them only: never waits."""
+        if not self.hooks.hooks:
+            return
+        seen = self._roles_seen
+        for service, replica in list(self.replicas.items()):
+            role = replica.role
+            if seen.get(service) != role:
+                seen[service] = role
+                self.hooks.fire(ON_ROLE_CHANGE, service, role, replica.epoch)
+        for service in [s for s in seen if s not in self.replicas]:
+            del seen[service]  # dropped: a new copy later is a new role
 
     # --- links ---------------------------------------------------------------------------
 
@@ -462,8 +495,11 @@ class Agent:
 
     async def assign_role(self, service: str, kind: str, role: str, epoch: int, mode: str,
                           primary: tuple[str, str] | None, duplicas: dict[str, str],
-                          in_sync: set[str], in_sync_generation: int = 0) -> Replica:
-        """Creates the replica if missing, then sets its role, epoch and peers."""
+                          in_sync: set[str], in_sync_generation: int = 0,
+                          reason: str = "") -> Replica:
+        """Creates the replica if missing, then sets its role, epoch and peers. `reason`
+        "failover" (the coordinator's) runs the on_failover hooks once the assignment
+        changed the replica's role or epoch."""
         check_service_name(service)
         for host in ([primary[0]] if primary else []) + [*duplicas, *in_sync]:
             check_host_id(host)
@@ -480,6 +516,7 @@ class Agent:
             raise InvalidRequest(f"{service}: in-sync hosts {sorted(unknown)} are not duplicas")
         async with self.lock(service):
             replica = self.replicas.get(service)
+            before = (replica.role, replica.epoch) if replica is not None else None
             if replica is None:
                 if not kind:
                     raise InvalidRequest(f"{service}: kind is required to create a replica")
@@ -494,6 +531,9 @@ class Agent:
                                      f"not {kind!r}")
             replica.assign(role, epoch, mode, primary, duplicas, in_sync,
                            in_sync_generation=in_sync_generation)
+            self.notice_roles()
+            if reason == "failover" and before != (replica.role, replica.epoch):
+                self.hooks.fire(ON_FAILOVER, service, replica.role, replica.epoch)
             return replica
 
     async def step_down(self, service: str, epoch: int) -> Replica:
@@ -551,6 +591,9 @@ class Agent:
         replica = Replica.create(self, root, meta)
         replica.open(state)
         self.replicas[service] = replica
+        if self.hooks.hooks:
+            self._roles_seen[service] = BUILDING  # arrived by migration: on_migrated says so
+            self.hooks.fire(ON_MIGRATED, service, BUILDING, epoch)
 
     def replica(self, service: str) -> Replica:
         replica = self.replicas.get(service)

@@ -41,35 +41,45 @@ def patch_argv(name: str, commands: Mapping[str, Sequence[str]]) -> tuple[str, .
     return tuple(argv)
 
 
-async def _tail(stream: asyncio.StreamReader, chars_max: int) -> bytes:
-    """Reads `stream` to its end, keeping only its last `chars_max * 4` bytes."""
+async def _tail(stream: asyncio.StreamReader, bytes_max: int) -> bytes:
+    """Reads `stream` to its end, keeping only its last `bytes_max` bytes."""
     kept = b""
     while chunk := await stream.read(_READ_BYTES):
-        kept = (kept + chunk)[-chars_max * 4:]
+        kept = (kept + chunk)[-bytes_max:] if bytes_max else b""
     return kept
 
 
-async def run_patch_command(argv: Sequence[str], timeout_ms: int) -> tuple[int, str]:
-    """Runs `argv` (no shell), in its own session, under a deadline; returns its exit code
-    and the end of its output (stdout and stderr together, at most `OUTPUT_CHARS_MAX`)."""
+async def run_command(argv: Sequence[str], timeout_ms: int, output_bytes_max: int,
+                      what: str, env: Mapping[str, str] | None = None) -> tuple[int, str]:
+    """Runs `argv` (no shell), in its own session, stdin closed, under a deadline; returns
+    its exit code (127: it could not start; -1: killed at the deadline) and the end of its
+    output (stdout and stderr together, its last `output_bytes_max` bytes, or why it did
+    not run). `what` names it in those messages; `env` is added to the agent's own."""
     try:
         process = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **env} if env else None)
     except OSError as exc:
-        return 127, f"the patch command {argv[0]} could not start: {exc.strerror or exc}"
+        return 127, f"{what} {argv[0]} could not start: {exc.strerror or exc}"
     assert process.stdout is not None
     try:
         async with asyncio.timeout(timeout_ms / 1000):
-            out = await _tail(process.stdout, OUTPUT_CHARS_MAX)
+            out = await _tail(process.stdout, output_bytes_max)
             await process.wait()
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, 9)
         await process.wait()
-        return -1, f"the patch command did not finish within {timeout_ms} ms and was killed"
-    text = out.decode(errors="replace")
-    return process.returncode or 0, text[-OUTPUT_CHARS_MAX:]
+        return -1, f"{what} did not finish within {timeout_ms} ms and was killed"
+    return process.returncode or 0, out.decode(errors="replace")
+
+
+async def run_patch_command(argv: Sequence[str], timeout_ms: int) -> tuple[int, str]:
+    """Runs a patch command (`run_command`); returns its exit code and the end of its output
+    (at most `OUTPUT_CHARS_MAX` characters)."""
+    code, text = await run_command(argv, timeout_ms, OUTPUT_CHARS_MAX * 4, "the patch command")
+    return code, text[-OUTPUT_CHARS_MAX:]
 
 
 def reexec_command() -> list[str]:

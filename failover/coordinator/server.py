@@ -48,6 +48,7 @@ from failover.core.coordinator import (
     DropReplica,
     Failed,
     HearsAnswer,
+    HookReport,
     HostInfo,
     MigratePlan,
     Persist,
@@ -580,15 +581,19 @@ class Coordinator:
             await self._execute(actions)
 
     async def heartbeat(self, host_id: str, metrics: dict[str, float],
-                        replicas: list[ReplicaReport]) -> list[tuple[str, int, int]]:
+                        replicas: list[ReplicaReport],
+                        hooks: Sequence[HookReport] = ()) -> list[tuple[str, int, int]]:
+        """A host's heartbeat: its reports to the core, and the hooks it ran (issue 17) to
+        history; returns the leases granted."""
         async with self._lock:
             if not self._acting():
                 # A follower must not take a heartbeat as if it led: it grants no lease. Nor
                 # may a leader whose store is no longer sure of its term: another may lead
                 # soon, and would not wait out a lease it does not know of.
                 raise self._not_leading()
+            recorded = self.core.record_hooks(host_id, list(hooks)) if hooks else []
             leases, actions = self.core.heartbeat(host_id, metrics, replicas, monotonic_ms())
-            await self._execute(actions)
+            await self._execute(recorded + actions)
             if not self._acting():  # its commits took the rest of the term
                 raise self._not_leading()
         return leases

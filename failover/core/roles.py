@@ -8,3 +8,8 @@ ROLES = (PRIMARY, DUPLICA, BUILDING, RETIRED)
 
 SYNC, ASYNC = "sync", "async"
 MODES = (SYNC, ASYNC)
+
+# The events an agent runs hooks on (issue 17; `[hooks]` in its TOML): after a replica's role
+# changed, after a failover's assignment reached it, after a migrated copy landed on it.
+ON_ROLE_CHANGE, ON_FAILOVER, ON_MIGRATED = "on_role_change", "on_failover", "on_migrated"
+HOOK_EVENTS = (ON_ROLE_CHANGE, ON_FAILOVER, ON_MIGRATED)

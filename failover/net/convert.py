@@ -10,7 +10,13 @@ from typing import Any, NamedTuple, Protocol
 
 import psutil
 
-from failover.core.coordinator import AssignRole, CoordinatorCore, HostInfo, ReplicaReport
+from failover.core.coordinator import (
+    AssignRole,
+    CoordinatorCore,
+    HookReport,
+    HostInfo,
+    ReplicaReport,
+)
 from failover.core.roles import ASYNC, BUILDING, DUPLICA, PRIMARY, RETIRED, SYNC
 from failover.errors import InvalidRequest
 from failover.v1 import agent_pb2, common_pb2, coordinator_pb2
@@ -43,6 +49,7 @@ def assign_request(action: AssignRole) -> agent_pb2.AssignRoleRequest:
         duplicas=[agent_pb2.ReplicaPeer(host_id=h, address=a)
                   for h, a in sorted(action.duplicas.items())],
         in_sync=list(action.in_sync), in_sync_generation=action.in_sync_generation,
+        reason=action.reason,
     )
     if action.primary is not None:
         request.primary.CopyFrom(agent_pb2.ReplicaPeer(host_id=action.primary[0],
@@ -62,6 +69,7 @@ class RoleAssignment(NamedTuple):
     duplicas: dict[str, str]
     in_sync: set[str]
     in_sync_generation: int
+    reason: str = ""  # "failover" when a failover made it (the agent's on_failover hooks)
 
 
 def role_assignment(request: agent_pb2.AssignRoleRequest) -> RoleAssignment:
@@ -76,7 +84,7 @@ def role_assignment(request: agent_pb2.AssignRoleRequest) -> RoleAssignment:
     return RoleAssignment(
         request.service, request.kind, ROLE_FROM_PROTO[request.role], request.epoch,
         MODE_FROM_PROTO.get(request.mode, SYNC), primary, duplicas, set(request.in_sync),
-        request.in_sync_generation)
+        request.in_sync_generation, request.reason)
 
 
 def replica_reports(request: coordinator_pb2.HeartbeatRequest) -> list[ReplicaReport]:
@@ -95,6 +103,13 @@ def replica_reports(request: coordinator_pb2.HeartbeatRequest) -> list[ReplicaRe
             duplicas=tuple(r.duplicas) if r.role == common_pb2.ROLE_PRIMARY else None)
         for r in request.replicas
     ]
+
+
+def hook_reports(request: coordinator_pb2.HeartbeatRequest) -> list[HookReport]:
+    """A heartbeat's hook results as the coordinator core's reports (it checks them)."""
+    return [HookReport(h.seq, h.service, h.event, h.command, h.role, h.epoch, h.exit_code,
+                       h.output, h.duration_ms, h.timed_out, h.skipped)
+            for h in request.hook_results]
 
 
 def host_info(request: coordinator_pb2.RegisterRequest) -> HostInfo:

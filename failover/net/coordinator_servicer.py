@@ -35,6 +35,7 @@ from failover.net.address import parse_address
 from failover.net.convert import (
     MODE_FROM_PROTO,
     heartbeat_reply,
+    hook_reports,
     host_info,
     metrics_dict,
     replica_reports,
@@ -135,7 +136,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         try:
             self._as_host(context, request.host_id)
             leases = await self.c.heartbeat(request.host_id, metrics_dict(request.metrics),
-                                            replica_reports(request))
+                                            replica_reports(request), hook_reports(request))
         except _REFUSED as exc:
             await _abort(context, exc)
         return heartbeat_reply(leases)

@@ -37,6 +37,9 @@ class AssignRole:
     duplicas: dict[str, str]  # host id -> address, for a primary
     in_sync: tuple[str, ...]
     in_sync_generation: int = 0
+    # "failover" when a failover made this assignment (the agent runs its on_failover hooks
+    # once it changed the replica); "" otherwise, re-sends included.
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,7 @@ from failover.core.coordinator.model import (
     ROUTES_VERSION_KEY,
     SERVICE_PREFIX,
     Failover,
+    HookReport,
     HostInfo,
     HostLive,
     ServiceInfo,
@@ -53,7 +54,7 @@ from failover.core.coordinator.redundancy import Redundancy
 from failover.core.coordinator.routes import Routes
 from failover.core.names import check_command_name, check_host_id, check_service_name
 from failover.core.placement import HostView, Resources
-from failover.core.roles import BUILDING, DUPLICA, PRIMARY
+from failover.core.roles import BUILDING, DUPLICA, HOOK_EVENTS, PRIMARY, ROLES
 from failover.errors import InvalidRequest
 
 DEFAULT_TIMING = Timing()
@@ -117,6 +118,10 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
         # What the daemon should log (a report refused or ignored): it takes them after each
         # call; the oldest go first if nobody does.
         self.notices: deque[str] = deque(maxlen=defaults.COORDINATOR_NOTICES_MAX)
+        # host -> (the agent's start time, the newest hook seq recorded from it): a result
+        # re-sent after a lost heartbeat answer is not recorded twice (volatile: after a
+        # coordinator restart one may be, which history readers can tell by its seq).
+        self._hooks_recorded: dict[str, tuple[float, int]] = {}
         # (duplica, service, epoch) whose unverifiable matched index was noted once
         self._unverified_noted: set[tuple[str, str, int]] = set()
         # service -> (its primary, epoch, when it last reported, its durable index then, how
@@ -268,6 +273,45 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
                                    "outcome": outcome}
         return [Persist({}, history=((service, "audit",
                                       f"{caller}: {rpc} {target}: {outcome}", details),))]
+
+    def record_hooks(self, host_id: str, reports: list[HookReport]) -> list[Action]:
+        """The hooks a host's heartbeat reports it ran, as `hook` history events (one
+        `Persist`); InvalidRequest for a report no agent of this code sends (over the
+        bounds, an unknown event, a bad name). Reports recorded before are skipped."""
+        if len(reports) > defaults.HOOK_RESULTS_PER_HEARTBEAT_MAX:
+            raise InvalidRequest(f"a heartbeat carries {len(reports)} hook results, over "
+                                 f"hook_results_per_heartbeat_max "
+                                 f"({defaults.HOOK_RESULTS_PER_HEARTBEAT_MAX})")
+        for r in reports:
+            check_service_name(r.service)
+            check_command_name(r.command)
+            if r.event not in HOOK_EVENTS or r.role not in ROLES:
+                raise InvalidRequest(f"hook result: event {r.event[:40]!r} or role "
+                                     f"{r.role[:40]!r} is not one an agent reports")
+            if len(r.output.encode()) > defaults.HOOK_OUTPUT_BYTES_MAX:
+                raise InvalidRequest(f"hook result output is over hook_output_bytes_max "
+                                     f"({defaults.HOOK_OUTPUT_BYTES_MAX} bytes)")
+        info = self.hosts.get(host_id)
+        started = info.started_at if info is not None else 0.0
+        known_start, newest = self._hooks_recorded.get(host_id, (started, 0))
+        if known_start != started:
+            newest = 0  # a new agent process counts from 1 again
+        events = []
+        for r in sorted(reports, key=lambda r: r.seq):
+            if r.seq <= newest:
+                continue
+            newest = r.seq
+            outcome = ("not run (too many hooks running)" if r.skipped
+                       else f"killed after {r.duration_ms} ms" if r.timed_out
+                       else f"exited {r.exit_code} in {r.duration_ms} ms")
+            events.append((r.service, "hook", f"{r.service}: {r.event} hook {r.command} on "
+                           f"{host_id} ({r.role}, epoch {r.epoch}) {outcome}", {
+                               "host_id": host_id, "event": r.event, "command": r.command,
+                               "role": r.role, "epoch": r.epoch, "exit_code": r.exit_code,
+                               "output": r.output, "duration_ms": r.duration_ms,
+                               "timed_out": r.timed_out, "skipped": r.skipped}))
+        self._hooks_recorded[host_id] = (started, newest)
+        return [Persist({}, history=tuple(events))] if events else []
 
     def take_notices(self) -> list[str]:
         """What happened that the daemon should log, since it last asked."""

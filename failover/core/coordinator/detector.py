@@ -141,7 +141,7 @@ class Detector(CoreState):
                 service.name, "failover",
                 f"{service.name}: {old} failed; {new} promoted at epoch {service.epoch}",
                 details),)),
-            *self._assignments(service),
+            *self._assignments(service, reason="failover"),
         ]
         old_host = self.hosts.get(old)
         if old_host is not None:

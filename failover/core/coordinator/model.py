@@ -121,6 +121,24 @@ class ReplicaReport:
     duplicas: tuple[str, ...] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class HookReport:
+    """A hook an agent ran (issue 17), as its heartbeat reports it; recorded as a `hook`
+    event (`CoordinatorCore.record_hooks`)."""
+
+    seq: int  # per agent process, from 1: one recorded already is skipped
+    service: str
+    event: str  # one of `failover.core.roles.HOOK_EVENTS`
+    command: str  # the name of its allowlist entry
+    role: str
+    epoch: int
+    exit_code: int  # -1: killed at its timeout (or skipped); 127: it could not start
+    output: str  # the end of its output, at most HOOK_OUTPUT_BYTES_MAX bytes
+    duration_ms: int
+    timed_out: bool = False
+    skipped: bool = False  # not run: too many hooks were running on the host
+
+
 @dataclass
 class HostLive:
     last_heartbeat_ms: int

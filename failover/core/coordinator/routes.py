@@ -33,9 +33,11 @@ class Routes(CoreState):
     # changed since; None before the first push (a restore pushes the whole table).
     _since_push: dict[str, Route | None] | None = None
 
-    def _assignments(self, service: ServiceInfo, only: str | None = None) -> list[Action]:
+    def _assignments(self, service: ServiceInfo, only: str | None = None,
+                     reason: str = "") -> list[Action]:
         """What each replica of the service should hold; the duplicas first, so they accept
-        the new primary's stream when it starts."""
+        the new primary's stream when it starts. `reason` says why they are sent ("failover":
+        a failover made them)."""
         addresses = {h: self.hosts[h].address for h in service.replicas if h in self.hosts}
         primary_address = addresses.get(service.primary, "")
         duplicas = {h: addresses[h] for h in service.duplicas() if h in addresses}
@@ -52,6 +54,7 @@ class Routes(CoreState):
                 duplicas=duplicas if is_primary else {},
                 in_sync=tuple(h for h in service.in_sync if h in duplicas) if is_primary else (),
                 in_sync_generation=service.in_sync_generation if is_primary else 0,
+                reason=reason,
             ))
         return actions
 
