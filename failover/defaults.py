@@ -250,6 +250,7 @@ HISTORY_WATCH_QUEUE_MAX = 1024
 HISTORY_WATCH_LAST_MAX = 10_000  # `last` of one WatchHistory (the newest kept events first)
 HISTORY_WATCH_PAGE_EVENTS = 500  # events of a watcher's backlog read from the store at a time
 EVENTS_LAST = 20  # `failoverctl events` without --since starts with this many kept events
+WAIT_POLL_CALL_MS = 1000  # `failoverctl wait`: the least deadline of one status poll
 STATUS_HISTORY_EVENTS = 1000  # `failoverctl status` finds each service's last event in these
 
 # Hooks (issue 17): allowlisted commands an agent runs after a role change, a failover or a

@@ -454,6 +454,77 @@ def drain_command(ctx: click.Context, host: str, wait_s: int, timeout_ms: int) -
         click.echo(f"{host} is draining; `failoverctl hosts` shows what it still holds")
 
 
+def _service_left(document: dict[str, Any]) -> tuple[int, str]:
+    """How many of a service's desired replicas are not yet serving or in sync, and which."""
+    good = [r for r in document["replicas"]
+            if r["role"] == PRIMARY or (r["role"] == DUPLICA and r["in_sync"])]
+    pending = [f"{r['host_id']} ({r['role']})" for r in document["replicas"] if r not in good]
+    left = max(0, document["desired_replicas"] - len(good))
+    return left, ", ".join(pending) or ("placing" if left else "")
+
+
+@click.command("wait")
+@click.option("--hosts", "hosts_min", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Wait until at least N hosts are registered and alive.")
+@click.option("--service", default="", metavar="SERVICE",
+              help="Wait until SERVICE has all its replicas, each serving or in sync (a "
+              "create's or a rebuild's replicas built). One that cannot be placed is "
+              "refused at once, with the placement reasons.")
+@click.option("--timeout-ms", type=click.IntRange(min=1), default=60_000, show_default=True,
+              help="Give up (exit 1) after this long.")
+@click.pass_context
+def wait_command(ctx: click.Context, hosts_min: int | None, service: str,
+                 timeout_ms: int) -> None:
+    """Wait until the cluster is ready: the coordinator answers, enough hosts are alive, a
+    service's replicas are built and in sync. For scripts between starting daemons and
+    using them; a progress bar on a terminal."""
+    _, as_json = _settings(ctx)
+    if hosts_min is None and not service:
+        raise click.UsageError("give --hosts N, --service SERVICE, or both")
+    deadline = time.monotonic() + timeout_ms / 1000
+    why = "the coordinator did not answer"
+    total = hosts_min or 0
+    with output.CountdownView(f"waiting for {service or 'hosts'}", total, "left",
+                              enabled=not as_json) as view:
+        while True:
+            # Each poll gets at least WAIT_POLL_CALL_MS, so a last one near the deadline is
+            # not failed by a deadline too short to answer in.
+            per_call_ms = min(defaults.CALL_DEADLINE_MS, max(
+                defaults.WAIT_POLL_CALL_MS, int((deadline - time.monotonic()) * 1000)))
+            try:
+                status = _cluster_status(ctx, per_call_ms)
+            except CommandFailed as exc:  # not up yet: the daemons may be starting
+                status, why = None, str(exc)
+            if status is not None:
+                alive = sum(1 for h in status.hosts if h.alive)
+                left, detail = (max(0, total - alive), f"{alive} of {total} hosts alive") \
+                    if hosts_min else (0, "")
+                if service:
+                    found = next((s for s in status.services if s.name == service), None)
+                    if found is None:
+                        raise CoordinatorRefused(f"no service {service!r}; `failoverctl "
+                                                 "status` lists them")
+                    document = output.service_json(found)
+                    if document["unplaced"]:
+                        raise CommandFailed(f"{service} cannot get its replicas: "
+                                            f"{one_line(document['unplaced'])}")
+                    if left == 0:
+                        view.total = document["desired_replicas"]
+                        left, detail = _service_left(document)
+                        view.description = f"building {service}"
+                if left == 0:
+                    break
+                why = f"{left} left: {detail}"
+                view.update(left, detail)
+            if time.monotonic() >= deadline:
+                raise CommandFailed(f"not ready after {timeout_ms} ms: {one_line(why)}")
+            time.sleep(0.2)  # polling the coordinator's status, under the deadline above
+    if as_json:
+        _echo_json({"ready": True, "hosts": hosts_min, "service": service or None})
+    else:
+        click.echo("ready")
+
+
 @click.command("undrain")
 @click.argument("host")
 @_timeout_option
@@ -640,6 +711,6 @@ def call_command(ctx: click.Context, service: str, request_json: str, timeout_ms
 COMMANDS: tuple[click.Command, ...] = (
     status_command, hosts_command, create_command, delete_command, switchover_command,
     drain_command, undrain_command, migrate_command, patch_command, history_command,
-    call_command,
+    call_command, wait_command,
 )
 """The commands this module adds to `failoverctl`."""

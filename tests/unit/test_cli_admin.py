@@ -524,3 +524,28 @@ def test_drain_refusals_are_one_line_exit_2(capsys, coordinator) -> None:
     assert code == 2 and "no host 'nope'" in err and len(err.strip().splitlines()) == 1
     code, _, err = run(capsys, "--coordinator", address, "drain", " ")
     assert code == 2 and "HOST is empty" in err
+
+
+def test_wait_returns_once_ready_and_names_what_is_missing_at_its_deadline(
+        capsys, coordinator) -> None:
+    _, address = coordinator
+    code, out, err = run(capsys, "--coordinator", address, "wait", "--hosts", "1")
+    assert (code, out.strip()) == (0, "ready"), err
+    code, out, err = run(capsys, "--coordinator", address, "wait", "--service", "kv",
+                         "--timeout-ms", "300")
+    assert code == 1
+    assert "not ready after 300 ms: 1 left: host2 (duplica)" in assert_one_error_line(
+        err, "failoverctl: ")
+    code, _, err = run(capsys, "--coordinator", address, "wait", "--service", "nope")
+    assert code == 2 and "no service 'nope'" in err
+    code, _, err = run(capsys, "--coordinator", address, "wait")
+    assert code == 2 and "--hosts" in err
+
+
+def test_a_drain_that_must_finish_and_cannot_exits_2_at_once(capsys, coordinator) -> None:
+    fake, address = coordinator
+    fake.failures["DrainHost"] = (grpc.StatusCode.FAILED_PRECONDITION,
+                                  "draining host1 cannot finish, so it was not started: ...")
+    code, _, err = run(capsys, "--coordinator", address, "drain", "host1", "--wait", "60")
+    assert code == 2 and "cannot finish" in assert_one_error_line(err)
+    assert fake.requests[-1][1].must_finish
