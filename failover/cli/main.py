@@ -38,10 +38,12 @@ def cli(ctx: click.Context, coordinator: str, output_format: str, tls_ca: str | 
 FORMATS = ("table", "json")
 
 
-def _set_format(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+def _set_format(ctx: click.Context | None, _param: click.Parameter,
+                value: str | None) -> None:
     """`--format` given after a subcommand: it wins over the group's (the group's callback
-    has run by the time a subcommand's options are parsed)."""
-    if value is not None:
+    has run by the time a subcommand's options are parsed). No context: nothing to set (a
+    parse check of the docs' commands)."""
+    if value is not None and ctx is not None:
         root = ctx.find_root()
         if root.obj is None:
             root.obj = {}
