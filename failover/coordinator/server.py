@@ -591,9 +591,13 @@ class Coordinator:
                 # may a leader whose store is no longer sure of its term: another may lead
                 # soon, and would not wait out a lease it does not know of.
                 raise self._not_leading()
-            recorded = self.core.record_hooks(host_id, list(hooks)) if hooks else []
+            # Checked before the heartbeat changes anything (a refusal then changes nothing),
+            # recorded after it was taken (an unregistered host's records nothing).
+            self.core.check_hooks(list(hooks))
             leases, actions = self.core.heartbeat(host_id, metrics, replicas, monotonic_ms())
-            await self._execute(recorded + actions)
+            if hooks:
+                actions = actions + self.core.record_hooks(host_id, list(hooks))
+            await self._execute(actions)
             if not self._acting():  # its commits took the rest of the term
                 raise self._not_leading()
         return leases

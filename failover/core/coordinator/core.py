@@ -274,10 +274,10 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
         return [Persist({}, history=((service, "audit",
                                       f"{caller}: {rpc} {target}: {outcome}", details),))]
 
-    def record_hooks(self, host_id: str, reports: list[HookReport]) -> list[Action]:
-        """The hooks a host's heartbeat reports it ran, as `hook` history events (one
-        `Persist`); InvalidRequest for a report no agent of this code sends (over the
-        bounds, an unknown event, a bad name). Reports recorded before are skipped."""
+    def check_hooks(self, reports: list[HookReport]) -> None:
+        """InvalidRequest for hook reports no agent of this code sends (over the bounds, an
+        unknown event or role, a bad name); changes nothing, so a heartbeat can be refused
+        before anything of it is taken."""
         if len(reports) > defaults.HOOK_RESULTS_PER_HEARTBEAT_MAX:
             raise InvalidRequest(f"a heartbeat carries {len(reports)} hook results, over "
                                  f"hook_results_per_heartbeat_max "
@@ -291,6 +291,11 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
             if len(r.output.encode()) > defaults.HOOK_OUTPUT_BYTES_MAX:
                 raise InvalidRequest(f"hook result output is over hook_output_bytes_max "
                                      f"({defaults.HOOK_OUTPUT_BYTES_MAX} bytes)")
+
+    def record_hooks(self, host_id: str, reports: list[HookReport]) -> list[Action]:
+        """The hooks a host's heartbeat reports it ran, as `hook` history events (one
+        `Persist`), checked (`check_hooks`); reports recorded before are skipped."""
+        self.check_hooks(reports)
         info = self.hosts.get(host_id)
         started = info.started_at if info is not None else 0.0
         known_start, newest = self._hooks_recorded.get(host_id, (started, 0))
