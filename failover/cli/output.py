@@ -525,24 +525,31 @@ class CountdownView:
 
 class MigrationProgressView:
     """A live progress bar for `migrate`: bytes copied against the state size, with the
-    round, the dirty pages and the throttle (nothing is shown when disabled, for JSON)."""
+    round, the dirty pages and the throttle; without a terminal one plain line per phase;
+    nothing when disabled (JSON)."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self._progress: Progress | None = None
         self._task: TaskID | None = None
+        self._console = make_console()
+        self._phase = ""
 
     def __enter__(self) -> MigrationProgressView:
-        if self.enabled:
+        if self.enabled and self._console.is_terminal:
             self._progress = Progress(
                 TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                 TransferSpeedColumn(), TextColumn("{task.fields[detail]}"),
-                console=make_console(), transient=False)
+                console=self._console, transient=False)
             self._progress.start()
             self._task = self._progress.add_task("setup", total=None, detail="")
         return self
 
     def update(self, progress: Any) -> None:
+        if self.enabled and self._progress is None and progress.phase != self._phase:
+            self._phase = progress.phase  # no terminal: a line when the phase changes
+            self._console.print(f"{progress.phase}: {progress.message}".rstrip(": "),
+                                markup=False, highlight=False)
         if self._progress is None or self._task is None:
             return
         if progress.phase == "done":

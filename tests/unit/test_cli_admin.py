@@ -13,7 +13,7 @@ import grpc
 import msgpack
 import pytest
 
-from failover.cli import admin
+from failover.cli import admin, output
 from failover.cli.main import main
 from failover.errors import RequestRejected, Unavailable
 from failover.v1 import agent_pb2, common_pb2, coordinator_pb2, coordinator_pb2_grpc
@@ -549,3 +549,24 @@ def test_a_drain_that_must_finish_and_cannot_exits_2_at_once(capsys, coordinator
     code, _, err = run(capsys, "--coordinator", address, "drain", "host1", "--wait", "60")
     assert code == 2 and "cannot finish" in assert_one_error_line(err)
     assert fake.requests[-1][1].must_finish
+
+
+def test_progress_without_a_terminal_is_plain_lines_and_none_for_json(capsys) -> None:
+    from types import SimpleNamespace
+
+    with output.CountdownView("draining host1", 2, "replicas", enabled=True) as view:
+        view.update(2, "kv (primary), bank (duplica)")
+        view.update(2, "kv (primary), bank (duplica)")  # unchanged: no line
+        view.update(0, "")
+    with output.MigrationProgressView(enabled=True) as migration:
+        for phase in ("setup", "round", "round", "done"):
+            migration.update(SimpleNamespace(phase=phase, message=f"{phase} msg", round=1,
+                                             dirty_pages=0, dirty_pages_s=0.0, throttle_ms=0,
+                                             raw_bytes=0, state_bytes=0))
+    with output.CountdownView("quiet", 1, "hosts", enabled=False) as quiet:
+        quiet.update(1, "x")
+        quiet.print("y")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["draining host1: 2 replicas left: kv (primary), bank (duplica)",
+                     "draining host1: 0 replicas left",
+                     "setup: setup msg", "round: round msg", "done: done msg"]
