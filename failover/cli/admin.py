@@ -240,7 +240,7 @@ def _unavailable(address: str, exc: grpc.aio.AioRpcError, details: str) -> str:
         return f"{address} (not the leader; the leader is {hint})"
     if "is not the leader" in details:
         return f"{address} (not the leader; no leader known)"
-    return f"{address} (unavailable)"
+    return f"{address} (unavailable: {details[:200]})" if details else f"{address} (unavailable)"
 
 
 def _echo_json(document: Any) -> None:
@@ -455,9 +455,10 @@ def drain_command(ctx: click.Context, host: str, wait_s: int, timeout_ms: int) -
 
 
 def _service_left(document: dict[str, Any]) -> tuple[int, str]:
-    """How many of a service's desired replicas are not yet serving or in sync, and which."""
-    good = [r for r in document["replicas"]
-            if r["role"] == PRIMARY or (r["role"] == DUPLICA and r["in_sync"])]
+    """How many of a service's desired replicas are not yet serving, or in sync and
+    promotable (a switchover may choose it), and which."""
+    good = [r for r in document["replicas"] if r["role"] == PRIMARY or (
+        r["role"] == DUPLICA and r["in_sync"] and r["promotable"])]
     pending = [f"{r['host_id']} ({r['role']})" for r in document["replicas"] if r not in good]
     left = max(0, document["desired_replicas"] - len(good))
     return left, ", ".join(pending) or ("placing" if left else "")
@@ -467,9 +468,10 @@ def _service_left(document: dict[str, Any]) -> tuple[int, str]:
 @click.option("--hosts", "hosts_min", type=click.IntRange(min=1), default=None, metavar="N",
               help="Wait until at least N hosts are registered and alive.")
 @click.option("--service", default="", metavar="SERVICE",
-              help="Wait until SERVICE has all its replicas, each serving or in sync (a "
-              "create's or a rebuild's replicas built). One that cannot be placed is "
-              "refused at once, with the placement reasons.")
+              help="Wait until SERVICE has all its replicas, each serving or in sync and "
+              "promotable (a create's or a rebuild's replicas built; a switchover may "
+              "choose any). One that cannot be placed is refused at once, with the "
+              "placement reasons.")
 @click.option("--timeout-ms", type=click.IntRange(min=1), default=60_000, show_default=True,
               help="Give up (exit 1) after this long.")
 @click.pass_context

@@ -48,7 +48,8 @@ keys you do not know.
               "commit_index": int,    # last entry on every in-sync replica
               "applied_index": int,   # last entry in the state machine
               "lag_entries": int,     # behind the primary's durable index
-              "in_sync": bool
+              "in_sync": bool,
+              "promotable": bool      # in sync and known to hold every acknowledged write
             }
           ]
         }
@@ -183,6 +184,7 @@ def replica_json(replica: coordinator_pb2.ReplicaView) -> dict[str, Any]:
         "applied_index": replica.indexes.applied_index,
         "lag_entries": replica.lag_entries,
         "in_sync": replica.in_sync,
+        "promotable": replica.promotable,
     }
 
 

@@ -200,6 +200,7 @@ def cluster_status(core: CoordinatorCore, now: int) -> coordinator_pb2.ClusterSt
                     applied_index=report.applied_index if report else 0),
                 lag_entries=0 if host_id == service.primary else lag,
                 in_sync=host_id in service.in_sync,
+                promotable=host_id in service.promotable and host_id in service.in_sync,
             ))
         out.services.append(view)
     return out

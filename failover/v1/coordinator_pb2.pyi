@@ -157,18 +157,20 @@ class HostStatus(_message.Message):
     def __init__(self, host_id: _Optional[str] = ..., address: _Optional[str] = ..., zone: _Optional[str] = ..., draining: _Optional[bool] = ..., alive: _Optional[bool] = ..., version: _Optional[str] = ..., started_at: _Optional[float] = ..., metrics: _Optional[_Union[_agent_pb2.HostMetrics, _Mapping]] = ..., heartbeat_age_ms: _Optional[int] = ..., dead: _Optional[bool] = ...) -> None: ...
 
 class ReplicaView(_message.Message):
-    __slots__ = ("host_id", "role", "indexes", "lag_entries", "in_sync")
+    __slots__ = ("host_id", "role", "indexes", "lag_entries", "in_sync", "promotable")
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     INDEXES_FIELD_NUMBER: _ClassVar[int]
     LAG_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     IN_SYNC_FIELD_NUMBER: _ClassVar[int]
+    PROMOTABLE_FIELD_NUMBER: _ClassVar[int]
     host_id: str
     role: _common_pb2.Role
     indexes: _common_pb2.ReplicaIndexes
     lag_entries: int
     in_sync: bool
-    def __init__(self, host_id: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., indexes: _Optional[_Union[_common_pb2.ReplicaIndexes, _Mapping]] = ..., lag_entries: _Optional[int] = ..., in_sync: _Optional[bool] = ...) -> None: ...
+    promotable: bool
+    def __init__(self, host_id: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., indexes: _Optional[_Union[_common_pb2.ReplicaIndexes, _Mapping]] = ..., lag_entries: _Optional[int] = ..., in_sync: _Optional[bool] = ..., promotable: _Optional[bool] = ...) -> None: ...
 
 class ServiceStatus(_message.Message):
     __slots__ = ("name", "kind", "mode", "epoch", "desired_replicas", "replicas", "placement", "unplaced")

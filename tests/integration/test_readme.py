@@ -82,18 +82,22 @@ def test_a_readme_block_runs_as_written(line: int, tmp_path: Path) -> None:
               .replace("127.0.0.1:7000", f"127.0.0.1:{coordinator}")
               .replace("127.0.0.1:710", f"127.0.0.1:{prefix}"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("FAILOVER_")}
-    process = subprocess.Popen(["bash", "-e", "-c", script], cwd=tmp_path, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
-    try:
-        out, _ = process.communicate(timeout=BLOCK_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        out, _ = process.communicate()
-        raise AssertionError(f"README line {line}: not done in {BLOCK_TIMEOUT_S} s:\n"
-                             f"{out[-4000:]}") from None
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)  # what the block left running
-    assert process.returncode == 0, f"README line {line} exited {process.returncode}:\n" \
-                                    f"{out[-6000:]}"
+    # Output to a file, not a pipe: daemons a failed block left running would hold a pipe
+    # open, and reading it to its end would wait for them.
+    log = tmp_path / "block.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(["bash", "-e", "-c", script], cwd=tmp_path, env=env,
+                                   stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            process.wait(timeout=BLOCK_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)  # what the block left running
+            process.wait()
+    text = log.read_text(errors="replace")
+    assert process.returncode == 0, (
+        f"README line {line} exited {process.returncode} (-9: not done in "
+        f"{BLOCK_TIMEOUT_S} s):\n{text[-6000:]}")

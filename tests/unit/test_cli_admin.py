@@ -24,7 +24,7 @@ HOST_KEYS = ["host_id", "address", "zone", "draining", "alive", "version", "star
 SERVICE_KEYS = ["name", "kind", "mode", "epoch", "desired_replicas", "placement", "unplaced",
                 "replicas"]
 REPLICA_KEYS = ["host_id", "role", "durable_index", "commit_index", "applied_index",
-                "lag_entries", "in_sync"]
+                "lag_entries", "in_sync", "promotable"]
 
 
 def _service(name: str = "kv", kind: str = "kv") -> coordinator_pb2.ServiceStatus:
@@ -222,7 +222,8 @@ def test_status_json_is_the_documented_contract(capsys, coordinator) -> None:
         "placement": "", "unplaced": ""}
     assert kv["replicas"][1] == {
         "host_id": "host2", "role": "duplica", "durable_index": 110, "commit_index": 110,
-        "applied_index": 109, "lag_entries": 10, "in_sync": False}
+        "applied_index": 109, "lag_entries": 10, "in_sync": False,
+        "promotable": False}
     assert kv["replicas"][0]["role"] == "primary"
 
 
