@@ -308,6 +308,8 @@ class Fuzzed:
             "DeleteService": coordinator_pb2.DeleteServiceRequest(name="fz"),
             "Switchover": coordinator_pb2.SwitchoverRequest(service="kv", to_host_id=other),
             "GetHistory": coordinator_pb2.HistoryRequest(service="kv", limit=5),
+            "WatchHistory": coordinator_pb2.WatchHistoryRequest(service="kv", last=5,
+                                                                follow=True),
             "DrainHost": coordinator_pb2.DrainHostRequest(host_id=other, draining=False),
             "Migrate": coordinator_pb2.MigrateRequest(service="kv", to_host_id=other),
             "Patch": coordinator_pb2.PatchRequest(host_ids=[other], command="no-such-command"),
