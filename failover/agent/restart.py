@@ -72,6 +72,11 @@ async def run_command(argv: Sequence[str], timeout_ms: int, output_bytes_max: in
             os.killpg(process.pid, 9)
         await process.wait()
         return -1, f"{what} did not finish within {timeout_ms} ms and was killed"
+    except asyncio.CancelledError:
+        # The agent stops (or re-executes): what it started does not outlive it unbounded.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, 9)
+        raise
     return process.returncode or 0, out.decode(errors="replace")
 
 

@@ -147,3 +147,34 @@ def test_the_core_refuses_a_hook_report_no_agent_sends(bad: HookReport) -> None:
     with pytest.raises(InvalidRequest, match="hook_results_per_heartbeat_max"):
         core.record_hooks("h1", [_report(i) for i in
                                  range(defaults.HOOK_RESULTS_PER_HEARTBEAT_MAX + 1)])
+
+
+async def test_a_hook_running_when_its_agent_stops_is_killed(tmp_path: Path) -> None:
+    tasks: set[asyncio.Task[Any]] = set()
+    marker = tmp_path / "pid"
+    script = (f"import os, time; open({str(marker)!r}, 'w').write(str(os.getpid()));"
+              "time.sleep(30)")
+    runner = HookRunner("h1", {"on_failover": ("slow",)},
+                        {"slow": (sys.executable, "-c", script)},
+                        lambda coro: tasks.add(asyncio.ensure_future(coro)))
+    runner.fire("on_failover", "kv", "primary", 2)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while not marker.exists() or not marker.read_text():
+        assert loop.time() < deadline, "the hook never started"
+        await asyncio.sleep(0.02)
+    pid = int(marker.read_text())
+    for task in tasks:
+        task.cancel()  # as Agent.stop cancels its tasks
+    await asyncio.gather(*tasks, return_exceptions=True)
+    deadline = loop.time() + 5
+    while Path(f"/proc/{pid}").exists() and "Z" not in _state(pid):
+        assert loop.time() < deadline, "the hook outlived its agent"
+        await asyncio.sleep(0.02)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return "Z"
