@@ -250,6 +250,10 @@ HISTORY_WATCH_QUEUE_MAX = 1024
 HISTORY_WATCH_LAST_MAX = 10_000  # `last` of one WatchHistory (the newest kept events first)
 HISTORY_WATCH_PAGE_EVENTS = 500  # events of a watcher's backlog read from the store at a time
 EVENTS_LAST = 20  # `failoverctl events` without --since starts with this many kept events
+# `failoverctl events --follow` whose stream ended (a new leader, cut off for falling behind)
+# resumes after the last event it printed for up to this long, pausing this long in between.
+EVENTS_RESUME_TIMEOUT_MS = 30_000
+EVENTS_RESUME_PAUSE_MS = 200
 WAIT_POLL_CALL_MS = 1000  # `failoverctl wait`: the least deadline of one status poll
 STATUS_HISTORY_EVENTS = 1000  # `failoverctl status` finds each service's last event in these
 

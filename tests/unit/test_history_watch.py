@@ -164,7 +164,7 @@ async def test_events_follow_prints_events_as_they_are_committed(served, capsys)
     coordinator, address = served
     task = asyncio.ensure_future(asyncio.to_thread(
         run, capsys, "--format", "json", "--coordinator", address, "events", "--follow",
-        "--last", "0"))
+        "--last", "0", "--resume-timeout-ms", "0"))
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 10
     while coordinator.history_feed.watchers == 0:
@@ -176,3 +176,30 @@ async def test_events_follow_prints_events_as_they_are_committed(served, capsys)
     assert code == 1
     assert json.loads(out.splitlines()[0])["message"] == "test: live kv: ok"
     assert "resume with --since" in err and len(err.strip().splitlines()) == 1
+
+
+async def test_events_follow_resumes_after_a_new_leader_without_repeating(served, capsys):
+    coordinator, address = served
+    await _record(coordinator, "kv", "before")
+    task = asyncio.ensure_future(asyncio.to_thread(
+        run, capsys, "--format", "json", "--coordinator", address, "events", "--follow",
+        "--last", "1", "--resume-timeout-ms", "1500"))
+    loop = asyncio.get_running_loop()
+
+    async def watching() -> None:
+        deadline = loop.time() + 10
+        while coordinator.history_feed.watchers == 0:
+            assert loop.time() < deadline, "the CLI is not watching"
+            await asyncio.sleep(0.02)
+
+    await watching()
+    coordinator.deposed("a new leader, say")
+    await coordinator.lead(2)  # the CLI resumes after "before", from whoever leads
+    await watching()
+    await _record(coordinator, "kv", "after")
+    await asyncio.sleep(0.3)
+    coordinator.deposed("gone for good")  # past --resume-timeout-ms it gives up
+    code, out, err = await asyncio.wait_for(task, 20)
+    messages = [json.loads(line)["message"] for line in out.splitlines()]
+    assert messages == ["test: before kv: ok", "test: after kv: ok"], (messages, err)
+    assert code == 1 and "resume with --since" in err
