@@ -390,6 +390,8 @@ def test_a_drain_that_cannot_finish_is_refused_at_once_with_the_placement_reason
     d.run(d.core.set_draining("h1", True))
     assert d.core.hosts["h1"].draining
     assert "accounts" in "; ".join(d.core.drain_blockers("h1"))
+    with pytest.raises(DrainCannotFinish, match="cannot finish, it stays draining"):
+        d.core.set_draining("h1", True, must_finish=True)
     # A fourth host can take it: the drain can finish, and nothing blocks it.
     d.run(d.core.set_draining("h1", False))
     d.run(d.core.register(HostInfo("h4", "h4:1", ""), d.now, METRICS))

@@ -499,8 +499,9 @@ class Redundancy(CoreState):
         if draining and must_finish:
             blockers = self.drain_blockers(host_id)
             if blockers:
+                done = "it stays draining" if info.draining else "so it was not started"
                 raise DrainCannotFinish(
-                    f"draining {host_id} cannot finish, so it was not started: "
+                    f"draining {host_id} cannot finish, {done}: "
                     f"{'; '.join(blockers)}. A host with room must join first (or drain "
                     "without waiting: its primaries still move off)")
         if info.draining == draining:
