@@ -332,6 +332,35 @@ async def test_every_name_that_reaches_the_agent_is_checked(served: Served) -> N
     assert sorted(served.agent.replicas) == ["kv0", "kv1"]
 
 
+async def test_execute_stream_needs_the_execute_permission_and_checks_each_name(
+    served: Served,
+) -> None:
+    """ExecuteStream is authorized like Execute (an agent identity may not execute), and
+    each call's service name is checked on its own."""
+    one = data_pb2.CallBatch(service=["kv0"], epoch_seen=[0], client_id=["c"], seq=[1],
+                             payload=[put("k")], deadline_ms=[5000], opens_session=[True])
+    async with served.channel("x") as channel:
+        call = data_pb2_grpc.DataStub(channel).ExecuteStream()
+        await call.write(one)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call.read()
+        assert refused.value.code() == DENIED
+    assert served.agent.replicas["kv0"].wal.last_index == 1  # its barrier only
+    async with served.channel("root") as channel:
+        call = data_pb2_grpc.DataStub(channel).ExecuteStream()
+        await call.write(data_pb2.CallBatch(
+            service=["../kv0", "kv0"], epoch_seen=[0, 0], client_id=["c", "c"], seq=[1, 2],
+            payload=[put("a"), put("b")], deadline_ms=[5000, 5000],
+            opens_session=[True, True]))
+        answers = await call.read()
+        while len(answers.seq) + len(answers.refused) < 2:
+            more = await call.read()
+            answers.MergeFrom(more)
+        await call.done_writing()
+    assert [(r.seq, r.code) for r in answers.refused] == [(1, INVALID.value[0])]
+    assert list(answers.seq) == [2]
+
+
 # --- patch: an allowlist, no shell ----------------------------------------------------------
 
 

@@ -451,3 +451,32 @@ def test_a_late_truncate_from_a_deposed_primary_is_refused_as_stale_not_asserted
     assert node.core.epoch == 3
     node.core.on_batch(3, empty, 0, 13, node.info(), 0)  # told commit 13 by the new primary
     assert node.core.on_truncate(2, 9, 0) == [Refuse("stale_epoch")]
+
+
+def test_write_many_decides_each_write_of_a_message_and_gives_their_indexes_in_a_row(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stream message's writes (issue 16): new ones get consecutive indexes (one append),
+    a request id twice shares one entry, a recorded one gets its reply, and a write past a
+    bound is refused on its own, its bytes given back, while the rest go on."""
+    node = primary_alone()
+    answered = node.write("c", 1, put("a"))
+    node.flush()
+    monkeypatch.setattr(defaults, "PENDING_REQUESTS_MAX", 3)
+    size = len(put("x"))
+    decided = node.core.write_many([
+        ("c", 1, False, size),  # applied before: its recorded reply
+        ("c", 2, False, size), ("c", 3, False, size),
+        ("c", 2, False, size),  # the same id again in one message: the same entry
+        ("c", 4, False, size), ("c", 5, False, size),  # past PENDING_REQUESTS_MAX
+        ("c", 6, False, defaults.PENDING_REQUEST_BYTES_MAX),  # past the byte bound
+    ])
+    recorded = decided[0]
+    assert isinstance(recorded, Reply) and recorded.index == answered
+    first = answered + 1
+    assert decided[1:5] == [(first, True), (first + 1, True), (first, False),
+                            (first + 2, True)]
+    assert isinstance(decided[5], Overloaded) and "pending_requests_max" in str(decided[5])
+    assert isinstance(decided[6], Overloaded) and "pending_request_bytes_max" in str(decided[6])
+    assert node.core.pending_bytes == 3 * size  # only the three new entries hold bytes
+    assert node.core.next_index == first + 3
