@@ -383,3 +383,26 @@ async def test_a_retry_older_than_the_window_is_an_unknown_outcome_not_an_invali
     assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert dict(raised.value.trailing_metadata() or ()).get(
         channels.ERROR_TYPE_METADATA_KEY) == SessionExpired.__name__
+
+
+async def test_a_retry_after_a_lost_reply_gets_the_recorded_reply_and_applies_once(
+    served: tuple[Agent, _LossyData, str], path: str,
+) -> None:
+    """The reply of an applied transfer is lost (on the stream, the stream breaks with it):
+    the client retries with the same request id, gets the recorded reply, and the
+    transfer is applied once."""
+    agent, servicer, address = served
+    await agent.assign_role("bank1", "bank", "primary", 1, "sync", None, {}, set())
+    async with Client(agents=address, client_id="payer", deadline_ms=10_000,
+                      stream=path == "stream") as client:
+        await client.call("bank1", {"op": "open", "account": "alice", "balance": 90})
+        await client.call("bank1", {"op": "open", "account": "bob", "balance": 0})
+        servicer.lose_next = lambda request: b"transfer" in request.payload
+        out = await client.call_detailed(
+            "bank1", {"op": "transfer", "from": "alice", "to": "bob", "amount": 10})
+        assert out.duplicate and out.attempts == 2
+        assert out.result["from_balance"] == 80
+        sent = [r for r in servicer.requests if b"transfer" in r.payload]
+        assert len(sent) == 2 and sent[0].request_id == sent[1].request_id
+        assert await _balance(client, "alice") == 80
+        assert await _balance(client, "bob") == 10
