@@ -656,6 +656,9 @@ class Replica:
             if not batch:
                 continue
             self.core.append_started(batch[-1].index)
+            if self._ship_before_sync():
+                await self._append_shipping_first(batch)
+                continue
             try:
                 await loop.run_in_executor(self.agent.io, self.wal.append, batch)
             except (DiskFullError, StorageError, OSError) as exc:
@@ -668,6 +671,39 @@ class Replica:
                 self._refuse_unlogged(batch, exc)
                 continue
             self._carry_out(self.core.appended(self._log_info()))
+
+    def _ship_before_sync(self) -> bool:
+        """Whether this append ships before its fsync: a primary whose log fsyncs by group
+        commit, so that its duplicas' fsyncs overlap its own (one fsync on a sync write's
+        path instead of two in a row)."""
+        return self.core.primary is not None and self.wal.fsync_policy == "batch"
+
+    async def _append_shipping_first(self, batch: list[Entry]) -> None:
+        """Writes `batch`, ships it, then waits for its fsync and commits. A write that
+        fails refuses the batch as before (nothing was shipped); an fsync that fails after
+        the entries may have reached a duplica marks this replica broken, so that no other
+        entry is ever written at their indexes in this epoch (the coordinator fails it over
+        and rebuilds it); their writers are told the outcome is unknown."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self.agent.io, functools.partial(
+                self.wal.append, batch, durable=False))
+        except Exception as exc:
+            if not isinstance(exc, (DiskFullError, StorageError, OSError)):
+                log.exception("%s: log append failed unexpectedly", self.service)
+            self._refuse_unlogged(batch, exc)
+            return
+        self._carry_out(self.core.written(self._log_info()))
+        try:
+            await loop.run_in_executor(self.agent.io, self.wal.wait_durable,
+                                       batch[-1].index)
+        except Exception as exc:
+            log.error("%s: log fsync failed after entries %d..%d were shipped: %s",
+                      self.service, batch[0].index, batch[-1].index, exc)
+            self.mark_broken(f"syncing its log failed after entries {batch[0].index}.."
+                             f"{batch[-1].index} were shipped: {exc}")
+            return
+        self._carry_out(self.core.appended(self._log_info()))
 
     def _refuse_unlogged(self, batch: list[Entry], exc: Exception) -> None:
         """The append failed: nothing of it (or after it) is in the log; refuse those writes."""

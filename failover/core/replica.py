@@ -587,6 +587,19 @@ class ReplicaCore:
         """The log writer took every queued entry up to `last_index` to append."""
         self.handed_index = last_index
 
+    def written(self, log: LogInfo) -> list[ReplicaAction]:
+        """The log writer wrote entries up to `log.last_index`, not yet durable: a primary
+        ships them now, so that its duplicas' fsyncs run while its own does. Nothing
+        commits before `appended` says they are durable here too (the commit index is at
+        most this log's durable index). Should that fsync fail, the driver marks the replica
+        broken (`mark_broken`): entries that may be on a duplica are never replaced by
+        others at the same index and epoch."""
+        self.log = log
+        primary = self.primary
+        if primary is None or primary.fenced:
+            return []
+        return primary.log_changed(log)  # type: ignore[return-value]
+
     def appended(self, log: LogInfo) -> list[ReplicaAction]:
         """The log writer's append is durable: the log is now `log`. Ships and commits."""
         self.log = log

@@ -480,3 +480,28 @@ def test_write_many_decides_each_write_of_a_message_and_gives_their_indexes_in_a
     assert isinstance(decided[6], Overloaded) and "pending_request_bytes_max" in str(decided[6])
     assert node.core.pending_bytes == 3 * size  # only the three new entries hold bytes
     assert node.core.next_index == first + 3
+
+
+def test_a_primary_ships_what_it_wrote_before_its_own_fsync_but_commits_after_it() -> None:
+    """Issue 16: `written` (before the primary's fsync) ships the entries, so the duplica's
+    fsync overlaps the primary's; the commit still waits for the primary's own durability
+    (`appended`), whatever the duplica acks."""
+    node = Node()
+    node.assign(PRIMARY, 1, {"b": "addr"}, {"b"})
+    node.flush()
+    catch_up(node, "b")
+    index = node.write("c", 1, put("a"))
+    batch, node.queued = node.queued, []
+    node.core.append_started(index)
+    node.log.extend(batch)
+    last = node.log[-1][1]
+    written = LogInfo(1, last, last - 1, node.info().history)  # not durable here yet
+    node.sent.clear()
+    node.run(node.core.written(written))
+    shipped = [a for a in node.sent if isinstance(a, SendBatch) and a.entries_max]
+    assert shipped and shipped[0].first_index == index
+    node.run(node.core.on_ack("b", AckView("ok", 1, shipped[-1].batch_id,
+                                           durable_index=index), node.now))
+    assert node.core.commit_index == index - 1 and index not in node.answers
+    node.run(node.core.appended(node.info()))  # now durable here too
+    assert node.core.commit_index == index and isinstance(node.answers[index], Reply)
