@@ -15,6 +15,13 @@ process with its own ``failover.client.Client``, doing kv puts of distinct keys 
   TLS runs' total ops/s over the plaintext runs' (every pair's own ratio is in
   ``tls_sync_ops_ratio_per_pair``). The shipping run below is in the clear.
 
+Those runs call one unary Execute per request (``Client(stream=False)``: today's keys, kept
+comparable with earlier runs). The ``stream_*`` runs take the streaming data path (issue 16:
+``Client()``, one ExecuteStream per client process, the calls ready together in one message):
+``stream_unreplicated`` and ``stream_sync`` at the same 64 in flight, ``_256`` at 4x the tasks
+per process, and ``stream_sync_8``: one client process of 8 writers, each waiting for its reply
+before its next write.
+
 The client processes are this script re-invoked with ``--worker``; they start together on a
 wall-clock barrier, warm up, then count completions for a fixed duration and report their
 counts and per-request latencies (monotonic clock) as JSON on stdout.
