@@ -215,6 +215,26 @@ class Profiler:
         self.procs.clear()
 
 
+def fsync_probe_ms(directory: Path, count: int = 50) -> dict[str, float]:
+    """The machine's fsync latency now (a 4 KiB append then fsync, `count` times, in the
+    benchmark's temp dir): a sync write waits for at least one, so it says how loaded the
+    disk was during the run."""
+    path = directory / "fsync-probe"
+    times = []
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for _ in range(count):
+            os.write(fd, b"x" * 4096)
+            started = time.perf_counter()
+            os.fsync(fd)
+            times.append((time.perf_counter() - started) * 1000)
+    finally:
+        os.close(fd)
+        path.unlink()
+    times.sort()
+    return {f"p{q}": round(percentile(times, q) or 0.0, 3) for q in (50, 90, 99)}
+
+
 def agent_cpu_s(pid: int) -> float:
     """User + system CPU seconds a process used so far (all its threads)."""
     import psutil
@@ -479,6 +499,7 @@ def main(args: argparse.Namespace) -> None:
     details: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="failover-repl-bench-") as tmp:
         root = Path(tmp)
+        fsync_ms = {"before": fsync_probe_ms(root)}
         for mode in modes:
             details[mode] = run_clients(mode, root, args, profiler)
         pairs = [("sync", "sync_tls")] if {"sync", "sync_tls"} <= set(modes) else []
@@ -489,6 +510,7 @@ def main(args: argparse.Namespace) -> None:
             for mode in (pair if n % 2 else pair[::-1]):
                 details[mode] = run_clients(mode, root, args, profiler)
             pairs.append(pair)
+        fsync_ms["after_client_runs"] = fsync_probe_ms(root)
         if args.ship_entries > 0:
             details["shipping"] = run_shipping(root, args, profiler)
 
@@ -560,6 +582,8 @@ def main(args: argparse.Namespace) -> None:
                           f">= primary last index, polled every {POLL_S * 1000:.0f} ms",
             "ship_applied_concurrently": True,
             "cpus": os.cpu_count(),
+            "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
+            "fsync_ms": fsync_ms,
             "profiled": bool(args.profile),
             "run_s": round(time.monotonic() - began, 1),
         },
