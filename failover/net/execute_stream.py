@@ -121,7 +121,8 @@ class ExecuteStream:
         self._tokens = first + count
         pending = self.pending
         groups: dict[str, list[StreamCall]] = {}
-        names_ok: set[str] = set()
+        names_ok: set[str] = set()  # a message's calls mostly share a service and session
+        ids_ok: set[str] = set()
         for i in range(count):
             token = first + i
             service, client_id, seq, payload = services[i], client_ids[i], seqs[i], payloads[i]
@@ -131,7 +132,9 @@ class ExecuteStream:
                 if service not in names_ok:
                     check_service_name(service)
                     names_ok.add(service)
-                check_request_id(client_id, seq)
+                if client_id not in ids_ok or not 0 < seq < 1 << 63:
+                    check_request_id(client_id, seq)
+                    ids_ok.add(client_id)
                 check_payload_size(payload)
             except InvalidRequest as exc:
                 self._answer(None, call, exc)
