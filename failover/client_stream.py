@@ -178,27 +178,43 @@ class CallStream:
                     await self._call.write(batch)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # the stream failed: the reader says how, or this does
-            self._break(f"writing failed: {exc}")
+        except Exception as exc:
+            # The call ended: its status says why (a refused certificate, too many streams),
+            # which the reader reports too; whichever comes first refuses the calls.
+            try:
+                code = await asyncio.wait_for(
+                    self._call.code(), defaults.CLIENT_STREAM_STATUS_WAIT_MS / 1000)
+                details = await self._call.details()
+            except Exception:
+                self._break(f"writing failed: {exc}")
+                return
+            self._break_with(code, details)
 
     async def _read_loop(self) -> None:
-        why = "the agent ended the stream"
         try:
             async for batch in self._call:
                 self._answered(batch)
         except asyncio.CancelledError:
             raise
         except grpc.aio.AioRpcError as exc:
-            why = f"{exc.code().name}: {exc.details()}"
-            if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
-                self._break(why, grpc.StatusCode.PERMISSION_DENIED)
-                return
-            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # too many streams
-                self._break(why, grpc.StatusCode.RESOURCE_EXHAUSTED, "Overloaded")
-                return
+            self._break_with(exc.code(), exc.details() or "")
+            return
         except Exception as exc:
-            why = f"reading failed: {exc}"
-        self._break(why)
+            self._break(f"reading failed: {exc}")
+            return
+        self._break("the agent ended the stream")
+
+    def _break_with(self, code: grpc.StatusCode, details: str) -> None:
+        """The call ended with `code`: its waiting calls are refused so. A refused
+        certificate and too many streams are told as such (the client raises or backs off);
+        anything else is UNAVAILABLE, the outcome unknown."""
+        why = f"{code.name}: {details}"
+        if code == grpc.StatusCode.PERMISSION_DENIED:
+            self._break(why, grpc.StatusCode.PERMISSION_DENIED)
+        elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # too many streams: not logged
+            self._break(why, grpc.StatusCode.RESOURCE_EXHAUSTED, "Overloaded")
+        else:
+            self._break(why)
 
     def _answered(self, batch: data_pb2.AnswerBatch) -> None:
         waiting = self._waiting

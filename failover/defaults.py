@@ -130,6 +130,8 @@ STREAM_CALL_DEADLINE_MS_MAX = 600_000
 # without TLS its connection) and in all. A client keeps one per primary it calls.
 AGENT_DATA_STREAMS_PER_PEER_MAX = 256
 AGENT_DATA_STREAMS_MAX = 4096
+# A client stream whose write failed waits this long for the call's status to say why.
+CLIENT_STREAM_STATUS_WAIT_MS = 1000
 # Requests one call_many takes (it is as many calls; the replies are held until the last).
 CALL_MANY_REQUESTS_MAX = 65_536
 # Shipped record bytes read and not yet answered, all Ship streams together: past it a stream

@@ -22,8 +22,9 @@ from failover import defaults
 from failover.agent.config import AgentConfig
 from failover.agent.host import Agent
 from failover.agent.replica import Replica
+from failover.client import Client
 from failover.core.roles import DUPLICA, PRIMARY
-from failover.errors import ConfigError
+from failover.errors import ConfigError, PermissionDenied
 from failover.net import certs, channels
 from failover.net.agent_servicers import add_to_server
 from failover.net.authorization import RoleCheck
@@ -359,6 +360,21 @@ async def test_execute_stream_needs_the_execute_permission_and_checks_each_name(
         await call.done_writing()
     assert [(r.seq, r.code) for r in answers.refused] == [(1, INVALID.value[0])]
     assert list(answers.seq) == [2]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_the_client_raises_permission_denied_for_an_identity_that_may_not_execute(
+    served: Served, stream: bool,
+) -> None:
+    """On either data path, a refused certificate is PermissionDenied naming the identity,
+    at once, not Unavailable at the deadline."""
+    async with Client(agents=served.address, tls=files(served.pki, "x"), deadline_ms=5000,
+                      stream=stream) as client:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(PermissionDenied, match="agent 'x'"):
+            await client.call("kv0", {"op": "put", "key": "k", "value": "v"})
+        assert asyncio.get_running_loop().time() - started < 3
+    assert served.agent.replicas["kv0"].wal.last_index == 1  # its barrier only
 
 
 # --- patch: an allowlist, no shell ----------------------------------------------------------
