@@ -22,7 +22,7 @@ from failover.client import Client, SyncClient
 from failover.core.sessions import ReplyStatus
 from failover.errors import InvalidRequest, RequestRejected
 from failover.net import agent_servicers, channels
-from failover.v1 import data_pb2, data_pb2_grpc
+from failover.v1 import coordinator_pb2, data_pb2, data_pb2_grpc
 from tests.unit.inprocess import UNREACHABLE, agent_config, until
 
 
@@ -295,3 +295,40 @@ async def test_sync_client_call_many(served: tuple[Agent, _Counting, str]) -> No
     results = await asyncio.to_thread(run)
     assert len(results) == 20 and all(r["ok"] for r in results)
     assert sum(servicer.messages) >= 21  # the session's open and the 20 puts, streamed
+
+
+async def test_a_routes_push_moves_a_call_in_flight_to_the_new_primary_with_its_id(
+    served: tuple[Agent, _Counting, str], tmp_path: Path,
+) -> None:
+    """A call waiting on a primary that cannot commit (its in-sync duplica never answers)
+    is cancelled when the routes name another primary, and goes there at once with the same
+    request id, on that primary's stream."""
+    agent, servicer, address = served
+    await agent.assign_role("kv1", "kv", "primary", 1, "sync", None, {"b": UNREACHABLE}, {"b"})
+    other = Agent(agent_config(tmp_path / "other", fsync_policy="never"))
+    await other.start()
+    server = channels.server()
+    data_pb2_grpc.add_DataServicer_to_server(agent_servicers.DataServicer(other), server)
+    other_address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    await server.start()
+    try:
+        replica = await other.assign_role("kv1", "kv", "primary", 2, "sync", None, {}, set())
+        async with Client(coordinator=UNREACHABLE, deadline_ms=10_000) as client:
+            client._watcher = asyncio.get_running_loop().create_task(asyncio.Event().wait())
+            client._routes["kv1"] = (address, 1)
+            call = asyncio.get_running_loop().create_task(
+                client.call("kv1", {"op": "put", "key": "moved", "value": "v"}))
+            # The session's open waits at the first primary too: move it on first.
+            await until(lambda: sum(servicer.messages) >= 1)
+            assert not call.done()
+            started = time.monotonic()
+            client._apply_routes(coordinator_pb2.RoutesUpdate(version=1, full=True, routes=[
+                coordinator_pb2.Route(service="kv1", kind="kv", primary_address=other_address,
+                                      primary_host_id="o", epoch=2)]))
+            assert (await asyncio.wait_for(call, 5))["ok"]
+            assert time.monotonic() - started < 2  # not at the old primary's deadline
+            assert client.retries >= 1 and client._streams[other_address]
+        assert replica.sm.kind.apply({"op": "get", "key": "moved"})["value"] == "v"
+    finally:
+        await server.stop(None)
+        await other.stop()
