@@ -679,31 +679,45 @@ class Replica:
         return self.core.primary is not None and self.wal.fsync_policy == "batch"
 
     async def _append_shipping_first(self, batch: list[Entry]) -> None:
-        """Writes `batch`, ships it, then waits for its fsync and commits. A write that
-        fails refuses the batch as before (nothing was shipped); an fsync that fails after
-        the entries may have reached a duplica marks this replica broken, so that no other
-        entry is ever written at their indexes in this epoch (the coordinator fails it over
-        and rebuilds it); their writers are told the outcome is unknown."""
+        """Writes `batch`, ships it, then waits for its fsync and commits: one job on an I/O
+        thread, which hands the written entries to the loop to ship (`_written`) before it
+        fsyncs. A write that fails refuses the batch as before (nothing was shipped); an
+        fsync that fails after the entries may have reached a duplica marks this replica
+        broken, so that no other entry is ever written at their indexes in this epoch (the
+        coordinator fails it over and rebuilds it); their writers are told the outcome is
+        unknown."""
         loop = asyncio.get_running_loop()
+        wal = self.wal
+        last = batch[-1].index
+        shipped = False
+
+        def write_ship_sync() -> None:
+            nonlocal shipped
+            wal.append(batch, durable=False)
+            shipped = True
+            # Runs on the loop before this job's own completion (the same FIFO of callbacks).
+            loop.call_soon_threadsafe(self._written)
+            wal.wait_durable(last)
+
         try:
-            await loop.run_in_executor(self.agent.io, functools.partial(
-                self.wal.append, batch, durable=False))
+            await loop.run_in_executor(self.agent.io, write_ship_sync)
         except Exception as exc:
-            if not isinstance(exc, (DiskFullError, StorageError, OSError)):
-                log.exception("%s: log append failed unexpectedly", self.service)
-            self._refuse_unlogged(batch, exc)
-            return
-        self._carry_out(self.core.written(self._log_info()))
-        try:
-            await loop.run_in_executor(self.agent.io, self.wal.wait_durable,
-                                       batch[-1].index)
-        except Exception as exc:
+            if not shipped:
+                if not isinstance(exc, (DiskFullError, StorageError, OSError)):
+                    log.exception("%s: log append failed unexpectedly", self.service)
+                self._refuse_unlogged(batch, exc)
+                return
             log.error("%s: log fsync failed after entries %d..%d were shipped: %s",
-                      self.service, batch[0].index, batch[-1].index, exc)
+                      self.service, batch[0].index, last, exc)
             self.mark_broken(f"syncing its log failed after entries {batch[0].index}.."
-                             f"{batch[-1].index} were shipped: {exc}")
+                             f"{last} were shipped: {exc}")
             return
         self._carry_out(self.core.appended(self._log_info()))
+
+    def _written(self) -> None:
+        """The log writer wrote entries (their fsync runs): ship them."""
+        if not self.closed and not self.core.broken:
+            self._carry_out(self.core.written(self._log_info()))
 
     def _refuse_unlogged(self, batch: list[Entry], exc: Exception) -> None:
         """The append failed: nothing of it (or after it) is in the log; refuse those writes."""
