@@ -332,3 +332,29 @@ async def test_a_routes_push_moves_a_call_in_flight_to_the_new_primary_with_its_
     finally:
         await server.stop(None)
         await other.stop()
+
+
+async def test_a_stream_retry_older_than_the_window_is_session_expired_alone(
+    served: tuple[Agent, _Counting, str],
+) -> None:
+    """A call whose seq fell out of its session's window may have been applied: it is
+    refused SessionExpired (an unknown outcome) on its own, and the calls beside it in the
+    message go on."""
+    _agent, _servicer, address = served
+    window = defaults.SESSION_REPLIES_PER_CLIENT_MAX
+    put = {"op": "put", "key": "k", "value": "v"}
+    async with channels.insecure_channel(address) as channel:
+        call = data_pb2_grpc.DataStub(channel).ExecuteStream()
+        await call.write(_calls(("kv1", "c", 1, put)))
+        await _answers(call, 1)
+        later = [("kv1", "c", seq, put) for seq in range(2, window + 3)]
+        await call.write(_calls(*later, opens=False))
+        await _answers(call, len(later))
+        await call.write(_calls(("kv1", "c", 1, put), ("kv1", "c", window + 3, put),
+                                opens=False))
+        answers = await _answers(call, 2)
+        await call.done_writing()
+    assert list(answers.seq) == [window + 3]
+    [refused] = answers.refused
+    assert refused.seq == 1 and refused.error_type == "SessionExpired"
+    assert refused.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
