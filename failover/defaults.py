@@ -126,8 +126,8 @@ STREAM_PENDING_CALLS_MAX = 8192
 # An agent answers a stream's call by its deadline (the call's deadline_ms, at most this) at
 # the latest: UNAVAILABLE, the outcome unknown.
 STREAM_CALL_DEADLINE_MS_MAX = 600_000
-# ExecuteStream streams an agent serves at once, per caller (its certificate's identity;
-# without TLS its connection) and in all. A client keeps one per primary it calls.
+# ExecuteStream streams an agent serves at once, per connection (a client process: many may
+# share one certificate) and in all. A client keeps one per primary it calls.
 AGENT_DATA_STREAMS_PER_PEER_MAX = 256
 AGENT_DATA_STREAMS_MAX = 4096
 # A client stream whose write failed waits this long for the call's status to say why.

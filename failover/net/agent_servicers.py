@@ -164,7 +164,9 @@ class DataServicer(data_pb2_grpc.DataServicer):
         """The streaming data path (`failover.net.execute_stream`): calls in, answers out,
         each message as many as were ready."""
         try:
-            admitted = self.agent.data_streams.admit(_peer(context))
+            # Counted per connection, not per identity: every process of an application
+            # may hold the same client certificate, and each keeps its own streams.
+            admitted = self.agent.data_streams.admit(context.peer())
             admitted.__enter__()
         except _HANDLED as exc:
             await _abort(context, exc)

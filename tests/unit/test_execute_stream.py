@@ -17,6 +17,7 @@ import msgpack
 import pytest
 
 from failover import defaults
+from failover.agent.admission import StreamAdmission
 from failover.agent.host import Agent
 from failover.client import Client, SyncClient
 from failover.core.sessions import ReplyStatus
@@ -358,3 +359,29 @@ async def test_a_stream_retry_older_than_the_window_is_session_expired_alone(
     [refused] = answers.refused
     assert refused.seq == 1 and refused.error_type == "SessionExpired"
     assert refused.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+
+
+async def test_streams_past_the_bound_per_connection_are_refused_overloaded(
+    served: tuple[Agent, _Counting, str],
+) -> None:
+    agent, _servicer, address = served
+    agent.data_streams = StreamAdmission("ExecuteStream", 1, 10)
+    put = {"op": "put", "key": "k", "value": "v"}
+    async with channels.insecure_channel(address) as channel:
+        first = data_pb2_grpc.DataStub(channel).ExecuteStream()
+        await first.write(_calls(("kv1", "c", 1, put)))
+        await _answers(first, 1)
+        second = data_pb2_grpc.DataStub(channel).ExecuteStream()  # the same connection
+        await second.write(_calls(("kv1", "c", 2, put)))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await asyncio.wait_for(second.read(), 10)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "ExecuteStream streams" in (refused.value.details() or "")
+        await first.write(_calls(("kv1", "c", 3, put), opens=False))  # the first goes on
+        assert list((await _answers(first, 1)).seq) == [3]
+        async with channels.insecure_channel(address, own_connection=True) as other:
+            third = data_pb2_grpc.DataStub(other).ExecuteStream()  # another connection
+            await third.write(_calls(("kv1", "c", 4, put), opens=False))
+            assert list((await _answers(third, 1)).seq) == [4]
+            await third.done_writing()
+        await first.done_writing()
