@@ -15,6 +15,13 @@ process with its own ``failover.client.Client``, doing kv puts of distinct keys 
   TLS runs' total ops/s over the plaintext runs' (every pair's own ratio is in
   ``tls_sync_ops_ratio_per_pair``). The shipping run below is in the clear.
 
+Those runs call one unary Execute per request (``Client(stream=False)``: today's keys, kept
+comparable with earlier runs). The ``stream_*`` runs take the streaming data path (issue 16:
+``Client()``, one ExecuteStream per client process, the calls ready together in one message):
+``stream_unreplicated`` and ``stream_sync`` at the same 64 in flight, ``_256`` at 4x the tasks
+per process, and ``stream_sync_8``: one client process of 8 writers, each waiting for its reply
+before its next write.
+
 The client processes are this script re-invoked with ``--worker``; they start together on a
 wall-clock barrier, warm up, then count completions for a fixed duration and report their
 counts and per-request latencies (monotonic clock) as JSON on stdout.
@@ -67,7 +74,23 @@ SHIP_ENTRIES = 500_000
 PREFILL_CHUNK = 4096
 POLL_S = 0.010
 TLS_ROUNDS = 2
-MODES = ("unreplicated", "sync", "sync_tls", "async")  # sync and sync_tls back to back
+# sync and sync_tls back to back; the stream_* runs take the streaming data path (issue 16).
+MODES = ("unreplicated", "sync", "sync_tls", "async", "stream_unreplicated", "stream_sync",
+         "stream_unreplicated_256", "stream_sync_256", "stream_sync_8")
+STREAM_WRITERS_FEW = 8  # stream_sync_8: one client process, 8 writers each awaiting its reply
+
+
+def mode_shape(mode: str, args: argparse.Namespace) -> tuple[bool, int, int]:
+    """(streaming data path, client processes, tasks per process) of a mode: the unary
+    modes (today's keys) call Execute once per request, the stream_* ones share an
+    ExecuteStream per client process; _256 is 4x the tasks, _8 one process of 8 writers."""
+    if not mode.startswith("stream_"):
+        return False, args.client_procs, args.tasks
+    if mode.endswith("_256"):
+        return True, args.client_procs, args.tasks * 4
+    if mode.endswith("_8"):
+        return True, 1, STREAM_WRITERS_FEW
+    return True, args.client_procs, args.tasks
 
 
 def progress(message: str) -> None:
@@ -93,7 +116,7 @@ async def worker_main(args: argparse.Namespace) -> dict[str, Any]:
 
     tls = TlsFiles.from_options(args.tls_ca, args.tls_cert, args.tls_key)
     async with Client(agents=args.address, client_id=f"bench-{prefix}-{uuid.uuid4().hex[:8]}",
-                      deadline_ms=args.deadline_ms, tls=tls) as client:
+                      deadline_ms=args.deadline_ms, tls=tls, stream=args.stream) as client:
         # Connect and find the primary before the barrier.
         await client.call(SERVICE, {"op": "put", "key": f"{prefix}-hello",
                                     "value": value_for("hello")})
@@ -157,8 +180,9 @@ def py_spy_path() -> str | None:
 class Profiler:
     """py-spy record (raw collapsed stacks) of some agent processes until `finish`."""
 
-    def __init__(self, directory: Path | None) -> None:
+    def __init__(self, directory: Path | None, rate_hz: int = 100) -> None:
         self.directory = directory
+        self.rate_hz = rate_hz
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self, name: str, pids: dict[str, int]) -> None:
@@ -171,7 +195,7 @@ class Profiler:
         self.directory.mkdir(parents=True, exist_ok=True)
         for host, pid in pids.items():
             self.procs.append(subprocess.Popen(
-                [spy, "record", "--pid", str(pid), "--rate", "100", "--format", "raw",
+                [spy, "record", "--pid", str(pid), "--rate", str(self.rate_hz), "--format", "raw",
                  "--nonblocking", "--output", str(self.directory / f"{name}-{host}.txt")],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 stdin=subprocess.DEVNULL, start_new_session=True))
@@ -191,6 +215,26 @@ class Profiler:
         self.procs.clear()
 
 
+def fsync_probe_ms(directory: Path, count: int = 50) -> dict[str, float]:
+    """The machine's fsync latency now (a 4 KiB append then fsync, `count` times, in the
+    benchmark's temp dir): a sync write waits for at least one, so it says how loaded the
+    disk was during the run."""
+    path = directory / "fsync-probe"
+    times = []
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for _ in range(count):
+            os.write(fd, b"x" * 4096)
+            started = time.perf_counter()
+            os.fsync(fd)
+            times.append((time.perf_counter() - started) * 1000)
+    finally:
+        os.close(fd)
+        path.unlink()
+    times.sort()
+    return {f"p{q}": round(percentile(times, q) or 0.0, 3) for q in (50, 90, 99)}
+
+
 def agent_cpu_s(pid: int) -> float:
     """User + system CPU seconds a process used so far (all its threads)."""
     import psutil
@@ -204,11 +248,13 @@ def spawn_workers(mode: str, address: str, start_at: float, args: argparse.Names
     """The client processes; with `tls` (TlsFiles) each presents that certificate."""
     tls_flags = ([] if tls is None else ["--tls-ca", str(tls.ca), "--tls-cert", str(tls.cert),
                                          "--tls-key", str(tls.key)])
+    stream, client_procs, tasks = mode_shape(mode, args)
     procs = []
-    for k in range(args.client_procs):
+    for k in range(client_procs):
         procs.append(subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--worker", "--mode", mode,
-             "--worker-id", str(k), "--address", address, "--tasks", str(args.tasks),
+             "--worker-id", str(k), "--address", address, "--tasks", str(tasks),
+             "--stream" if stream else "--no-stream",
              "--start-at", repr(start_at), "--warmup", str(args.warmup),
              "--duration", str(args.duration), *tls_flags],
             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True,
@@ -247,9 +293,9 @@ def run_clients(mode: str, root: Path, args: argparse.Namespace,
     with LocalCluster(root / mode, hosts=2, fsync_policy=FSYNC_POLICY, tls=tls) as cluster:
         cluster.start()
         primary, duplica = cluster["host1"], cluster["host2"]
-        if mode == "unreplicated":
+        if "unreplicated" in mode:
             cluster.form(SERVICE, "kv", "host1", [])
-        elif mode.startswith("sync"):
+        elif "sync" in mode and "async" not in mode:
             cluster.form(SERVICE, "kv", "host1", ["host2"])
         else:
             cluster.form(SERVICE, "kv", "host1", ["host2"], mode="async", in_sync=[])
@@ -257,7 +303,7 @@ def run_clients(mode: str, root: Path, args: argparse.Namespace,
         # holds it: the link is up and streaming).
         wait_for(lambda: (r := primary.replica(SERVICE)) and r.indexes.applied_index >= 1, 20,
                  "the primary to open its epoch")
-        if mode != "unreplicated":
+        if "unreplicated" not in mode:
             wait_for(lambda: (r := duplica.replica(SERVICE)) and r.indexes.durable_index >= 1,
                      20, "the duplica to receive the log")
         before = primary.replica(SERVICE).indexes.applied_index  # type: ignore[union-attr]
@@ -277,7 +323,7 @@ def run_clients(mode: str, root: Path, args: argparse.Namespace,
             profiler.finish()
         after = primary.replica(SERVICE).indexes.applied_index  # type: ignore[union-attr]
         converged = None
-        if mode != "unreplicated":
+        if "unreplicated" not in mode:
             try:
                 cluster.wait_converged(SERVICE, ["host1", "host2"], timeout_s=30)
                 converged = True
@@ -291,8 +337,11 @@ def run_clients(mode: str, root: Path, args: argparse.Namespace,
     if late > 0:
         progress(f"{mode}: a client process reached the warm-up barrier {late:.2f} s late")
     first_errors = sorted({r["first_error"] for r in results if r["first_error"]})
+    stream, client_procs, tasks = mode_shape(mode, args)
     summary = {
         "ops_s": round(ops / args.duration, 1),
+        "stream": stream,
+        "in_flight": client_procs * tasks,
         "ops": ops,
         "errors": errors,
         "retries": sum(r["retries"] for r in results),
@@ -444,11 +493,13 @@ def run_shipping(root: Path, args: argparse.Namespace, profiler: Profiler) -> di
 
 def main(args: argparse.Namespace) -> None:
     began = time.monotonic()
-    profiler = Profiler(Path(args.profile).resolve() if args.profile else None)
+    profiler = Profiler(Path(args.profile).resolve() if args.profile else None,
+                        args.profile_rate_hz)
     modes = [m for m in MODES if m in args.modes.split(",")]
     details: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="failover-repl-bench-") as tmp:
         root = Path(tmp)
+        fsync_ms = {"before": fsync_probe_ms(root)}
         for mode in modes:
             details[mode] = run_clients(mode, root, args, profiler)
         pairs = [("sync", "sync_tls")] if {"sync", "sync_tls"} <= set(modes) else []
@@ -459,11 +510,15 @@ def main(args: argparse.Namespace) -> None:
             for mode in (pair if n % 2 else pair[::-1]):
                 details[mode] = run_clients(mode, root, args, profiler)
             pairs.append(pair)
+        fsync_ms["after_client_runs"] = fsync_probe_ms(root)
         if args.ship_entries > 0:
             details["shipping"] = run_shipping(root, args, profiler)
 
     def ops(mode: str) -> float | None:
         return details[mode]["ops_s"] if mode in details else None
+
+    def detail(mode: str, key: str) -> Any:
+        return details[mode][key] if mode in details else None
 
     unrep, sync, asyn, sync_tls = (ops("unreplicated"), ops("sync"), ops("async"),
                                    ops("sync_tls"))
@@ -484,6 +539,20 @@ def main(args: argparse.Namespace) -> None:
         "tls_sync_ops_ratio_per_pair": [round(details[t]["ops_s"] / details[p]["ops_s"], 3)
                                         for p, t in pairs],
         "tls_write_p99_ms": details["sync_tls"]["p99_ms"] if "sync_tls" in details else None,
+        # The streaming data path (issue 16), measured in the same run as the keys above.
+        "stream_unreplicated_ops_s": ops("stream_unreplicated"),
+        "stream_sync_ops_s": ops("stream_sync"),
+        "stream_write_p50_ms": detail("stream_sync", "p50_ms"),
+        "stream_write_p99_ms": detail("stream_sync", "p99_ms"),
+        "stream_unreplicated_ops_s_256": ops("stream_unreplicated_256"),
+        "stream_sync_ops_s_256": ops("stream_sync_256"),
+        "stream_write_p50_ms_256": detail("stream_sync_256", "p50_ms"),
+        "stream_write_p99_ms_256": detail("stream_sync_256", "p99_ms"),
+        "stream_sync_ops_s_8": ops("stream_sync_8"),
+        "stream_write_p50_ms_8": detail("stream_sync_8", "p50_ms"),
+        "stream_write_p99_ms_8": detail("stream_sync_8", "p99_ms"),
+        "stream_sync_speedup": round(ops("stream_sync") / sync, 2)
+        if sync and ops("stream_sync") is not None else None,
         "settings": {
             "tls": "every key but tls_* is from a run in the clear; tls_* from sync_tls, the "
                    "sync run again on a fresh cluster with mutual TLS on every channel; "
@@ -494,6 +563,10 @@ def main(args: argparse.Namespace) -> None:
             "client_processes": args.client_procs,
             "tasks_per_process": args.tasks,
             "concurrency": args.client_procs * args.tasks,
+            "stream": "stream_* keys: Client(stream=True), one ExecuteStream per client "
+                      "process; _256: 4x the tasks per process; _8: one process of "
+                      f"{STREAM_WRITERS_FEW} writers; every other key: one unary Execute "
+                      "per request (stream=False)",
             "duration_s": args.duration,
             "warmup_s": args.warmup,
             "fsync_policy": FSYNC_POLICY,
@@ -509,6 +582,8 @@ def main(args: argparse.Namespace) -> None:
                           f">= primary last index, polled every {POLL_S * 1000:.0f} ms",
             "ship_applied_concurrently": True,
             "cpus": os.cpu_count(),
+            "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
+            "fsync_ms": fsync_ms,
             "profiled": bool(args.profile),
             "run_s": round(time.monotonic() - began, 1),
         },
@@ -530,6 +605,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tls-rounds", type=int, default=TLS_ROUNDS,
                         help="pairs of sync runs, plaintext and TLS, for tls_sync_ops_ratio")
     parser.add_argument("--profile", metavar="DIR", help="py-spy the agents into DIR")
+    parser.add_argument("--profile-rate-hz", type=int, default=100,
+                        help="py-spy samples per second")
     # Worker (client process) arguments.
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -537,6 +614,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--address", help=argparse.SUPPRESS)
     parser.add_argument("--start-at", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--deadline-ms", type=int, default=5000, help=argparse.SUPPRESS)
+    parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=False,
+                        help=argparse.SUPPRESS)
     parser.add_argument("--tls-ca", help=argparse.SUPPRESS)
     parser.add_argument("--tls-cert", help=argparse.SUPPRESS)
     parser.add_argument("--tls-key", help=argparse.SUPPRESS)

@@ -42,6 +42,7 @@ import grpc.aio
 import msgpack
 
 from failover import defaults
+from failover.client_stream import Answer, CallRefusal, CallStream
 from failover.core.state_machine import SESSION_OPEN_PAYLOAD
 from failover.errors import (
     ConfigError,
@@ -108,6 +109,11 @@ class Client:
     this client only their routes and only the pushes that change them, which is what a
     client of a few services among thousands wants. A call to another service raises
     ConfigError.
+
+    Calls go on one long-lived ExecuteStream per primary (`failover.client_stream`): the
+    calls that are ready when the stream is free travel as one message, and the primary
+    logs their writes as one append and ships them as one batch. Each keeps its own request
+    id, deadline, retries and exactly-once, as with one Execute per call (`stream=False`).
     """
 
     def __init__(
@@ -119,6 +125,7 @@ class Client:
         deadline_ms: int = defaults.CALL_DEADLINE_MS,
         tls: TlsFiles | TlsMaterial | None = None,
         services: Sequence[str] | None = None,
+        stream: bool = True,
     ) -> None:
         self._tls = tls.load() if isinstance(tls, TlsFiles) else tls
         if isinstance(services, str):
@@ -153,6 +160,10 @@ class Client:
         # The version of the routes table followed: None until a stream's whole table comes.
         self._routes_version: int | None = None
         self._stubs: dict[str, data_pb2_grpc.DataStub] = {}
+        # Calls go on one long-lived ExecuteStream per primary (issue 16), or with `stream`
+        # False one unary Execute each.
+        self.stream = stream
+        self._streams: dict[str, CallStream] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._seed_cursor = random.randrange(len(self._seeds)) if self._seeds else 0
         self.retries = 0  # attempts beyond the first, over the client's life (for reports)
@@ -160,7 +171,8 @@ class Client:
         # Attempts in flight per service, and those cancelled because the routes moved the
         # service elsewhere: an attempt to a partitioned primary would otherwise wait out
         # its whole deadline before the client tried the new one.
-        self._attempts: dict[str, set[tuple[str, grpc.aio.UnaryUnaryCall]]] = {}
+        self._attempts: dict[
+            str, set[tuple[str, grpc.aio.UnaryUnaryCall | asyncio.Future[Answer]]]] = {}
         self._rerouted: set[int] = set()
         self._routes_changed = asyncio.Event()
         # The coordinators refused this client's certificate the routes watch: waiting for
@@ -180,6 +192,10 @@ class Client:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._watcher
             self._watcher = None
+        streams = list(self._streams.values())
+        self._streams.clear()
+        for stream in streams:
+            await stream.close()
         channels_ = list(self._channels.values())
         self._channels.clear()
         self._stubs.clear()
@@ -193,6 +209,13 @@ class Client:
             self._channels[address] = channel
             stub = self._stubs[address] = data_pb2_grpc.DataStub(channel)
         return stub
+
+    def _call_stream(self, address: str) -> CallStream:
+        """The stream calls to `address` go on: the open one, or a new one once it broke."""
+        stream = self._streams.get(address)
+        if stream is None or stream.broken:
+            stream = self._streams[address] = CallStream(self._stub(address), address)
+        return stream
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         self._stub(address)
@@ -340,10 +363,36 @@ class Client:
         return CallResult(_result(reply), reply.epoch, reply.index, address, reply.duplicate,
                           attempt)
 
+    async def call_many(self, service: str, requests: Sequence[dict[str, Any]], *,
+                        deadline_ms: int | None = None,
+                        return_exceptions: bool = False) -> list[Any]:
+        """Runs many requests on the service's primary at once; their results, in order.
+
+        Each request is a call of its own (its own request id, applied exactly once, retried
+        on its own), all started together so that they share stream messages, log appends
+        and shipped batches; no order among them is promised, as among concurrent calls. A
+        failed request raises its error (as `call` would) once every request has ended,
+        the first in order; with `return_exceptions` its error takes its place in the list
+        instead. At most CALL_MANY_REQUESTS_MAX requests."""
+        if isinstance(requests, dict):
+            raise InvalidRequest("call_many takes a list of requests, not one request")
+        if len(requests) > defaults.CALL_MANY_REQUESTS_MAX:
+            raise InvalidRequest(f"call_many of {len(requests)} requests is over "
+                                 f"call_many_requests_max ({defaults.CALL_MANY_REQUESTS_MAX}):"
+                                 " split them")
+        outcomes = await asyncio.gather(
+            *(self.call(service, request, deadline_ms=deadline_ms) for request in requests),
+            return_exceptions=True)
+        if not return_exceptions:
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+        return outcomes
+
     async def _attempt_until_answered(
         self, service: str, payload: bytes, seq: int, session: _Session, opener: bool,
         budget_ms: int, deadline: float,
-    ) -> tuple[data_pb2.ExecuteReply, str, int]:
+    ) -> tuple[Answer, str, int]:
         """Attempts a request until a primary answers it (a result or a refusal applied from
         the log); returns the reply, who answered and the number of attempts."""
         backoff_ms = float(defaults.CLIENT_BACKOFF_MIN_MS)
@@ -374,17 +423,26 @@ class Client:
             attempt += 1
             if attempt > 1:
                 self.retries += 1
-            message = data_pb2.ExecuteRequest(
-                service=service, epoch_seen=epoch,
-                request_id=common_pb2.RequestId(client_id=session.client_id, seq=seq),
-                payload=payload, deadline_ms=int(remaining * 1000),
-                opens_session=opener and not may_have_logged)
-            call = self._stub(address).Execute(message, timeout=remaining)
+            opens = opener and not may_have_logged
+            call: asyncio.Future[Answer] | grpc.aio.UnaryUnaryCall
+            stream: CallStream | None = None
+            if self.stream:
+                stream = self._call_stream(address)
+                call = stream.submit(service, epoch, session.client_id, seq, payload, deadline,
+                                     opens)
+            else:
+                call = self._stub(address).Execute(data_pb2.ExecuteRequest(
+                    service=service, epoch_seen=epoch,
+                    request_id=common_pb2.RequestId(client_id=session.client_id, seq=seq),
+                    payload=payload, deadline_ms=int(remaining * 1000),
+                    opens_session=opens), timeout=remaining)
             in_flight = (address, call)
             attempts = self._attempts.setdefault(service, set())
             attempts.add(in_flight)
             try:
-                reply = await call
+                answered = await call
+                reply = (answered if isinstance(answered, Answer)
+                         else Answer.of_reply(answered))
             except asyncio.CancelledError:
                 if id(call) not in self._rerouted:
                     raise  # the caller cancelled this call
@@ -392,21 +450,22 @@ class Client:
                 last_error = f"{address}: rerouted by the coordinator"
                 ambiguous = may_have_logged = True
                 continue  # same request id at the new primary: applied at most once
-            except grpc.aio.AioRpcError as exc:
-                code = exc.code()
-                last_error = f"{address}: {code.name}: {exc.details()}"
-                error_type = _error_type(exc)
+            except (grpc.aio.AioRpcError, CallRefusal) as exc:
+                refused = exc if isinstance(exc, CallRefusal) else CallRefusal.of_rpc_error(exc)
+                code = refused.code
+                last_error = f"{address}: {code.name}: {refused.details}"
+                error_type = refused.error_type
                 if code == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise InvalidRequest(exc.details() or "invalid request") from None
+                    raise InvalidRequest(refused.details or "invalid request") from None
                 if code == grpc.StatusCode.PERMISSION_DENIED:
-                    raise PermissionDenied.from_status(exc.details() or "") from None
+                    raise PermissionDenied.from_status(refused.details) from None
                 if error_type == SessionExpired.__name__:
-                    raise SessionExpired(f"{service}: {exc.details()}") from None
+                    raise SessionExpired(f"{service}: {refused.details}") from None
                 if code not in _NOT_LOGGED:
                     may_have_logged = True
                 overloaded = error_type == Overloaded.__name__
                 if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    details = exc.details() or "the primary's disk is full"
+                    details = refused.details or "the primary's disk is full"
                     refusal = Overloaded(details) if overloaded else DiskFullError(details)
                 elif code not in _RETRYABLE:
                     raise Unavailable(f"{service}: {last_error}") from None
@@ -414,7 +473,7 @@ class Client:
                     ambiguous = True  # it may have reached the primary's log
                 if overloaded:
                     pass  # the primary is right, only busy: back off, then ask it again
-                elif self._follow_redirect(service, address, exc):
+                elif self._follow_redirect(service, address, refused):
                     continue  # a fresh hint: go there at once
                 elif self._seeds:
                     self._routes.pop(service, None)  # ask the seeds around
@@ -432,6 +491,8 @@ class Client:
                 continue
             finally:
                 attempts.discard(in_flight)
+                if stream is not None:
+                    stream.forget(seq, call)  # type: ignore[arg-type]
             # What answered is the route, unless a newer one came meanwhile (an answer from
             # the old primary, just before a failover's route arrived): routes are pushed
             # once, as deltas, so one overwritten here would not come again.
@@ -485,10 +546,10 @@ class Client:
         except BaseException:
             self._retire(service, session)  # it may have opened the id unseen
             raise
-        if reply.WhichOneof("outcome") != "result":
+        if reply.outcome:
             self._retire(service, session)
             raise InvalidRequest(f"{service}: the service refused to open a session: "
-                                 f"{reply.rejected.message}")
+                                 f"{reply.data.decode(errors='replace')}")
         session.known = True
 
     def _retire(self, service: str, session: _Session) -> None:
@@ -498,19 +559,17 @@ class Client:
             self._sessions[service] = _Session(
                 f"{self.client_id}/{next(self._session_numbers)}")
 
-    def _follow_redirect(self, service: str, address: str, exc: grpc.aio.AioRpcError) -> bool:
+    def _follow_redirect(self, service: str, address: str, refused: CallRefusal) -> bool:
         """Takes a redirect hint from a non-primary; True if it names a new address."""
-        if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+        redirect = refused.redirect
+        if refused.code != grpc.StatusCode.FAILED_PRECONDITION or redirect is None:
             return False
-        for key, value in exc.trailing_metadata() or ():
-            if key == channels.REDIRECT_METADATA_KEY:
-                redirect = common_pb2.Redirect.FromString(value)
-                known = self._routes.get(service)
-                if known is not None and redirect.epoch < known[1]:
-                    return False  # a stale hint: the routes already name a newer primary
-                if redirect.primary_address and redirect.primary_address != address:
-                    self._routes[service] = (redirect.primary_address, redirect.epoch)
-                    return True
+        known = self._routes.get(service)
+        if known is not None and redirect.epoch < known[1]:
+            return False  # a stale hint: the routes already name a newer primary
+        if redirect.primary_address and redirect.primary_address != address:
+            self._routes[service] = (redirect.primary_address, redirect.epoch)
+            return True
         return False
 
 
@@ -525,14 +584,6 @@ class _Session:
         self.opening: asyncio.Future[None] | None = None  # set while a call opens it
 
 
-def _error_type(exc: grpc.aio.AioRpcError) -> str:
-    """The typed error a status names in its trailing metadata, or ""."""
-    for key, value in exc.trailing_metadata() or ():
-        if key == channels.ERROR_TYPE_METADATA_KEY:
-            return value if isinstance(value, str) else value.decode()
-    return ""
-
-
 @dataclass(frozen=True, slots=True)
 class CallResult:
     """A request's result and where it was applied."""
@@ -545,12 +596,13 @@ class CallResult:
     attempts: int
 
 
-def _result(reply: data_pb2.ExecuteReply) -> dict[str, Any]:
-    if reply.WhichOneof("outcome") == "rejected":
-        if reply.rejected.error_type == "RequestRejected":
-            raise RequestRejected(reply.rejected.message)
-        raise InvalidRequest(reply.rejected.message)
-    result = msgpack.unpackb(reply.result, raw=False)
+def _result(reply: Answer) -> dict[str, Any]:
+    if reply.outcome:
+        message = reply.data.decode(errors="replace")
+        if reply.outcome == 1:
+            raise RequestRejected(message)
+        raise InvalidRequest(message)
+    result = msgpack.unpackb(reply.data, raw=False)
     assert isinstance(result, dict), result
     return result
 
@@ -581,6 +633,13 @@ class SyncClient:
              deadline_ms: int | None = None) -> dict[str, Any]:
         """Blocking `Client.call`."""
         return self._run(self._client.call(service, request, deadline_ms=deadline_ms))
+
+    def call_many(self, service: str, requests: Sequence[dict[str, Any]], *,
+                  deadline_ms: int | None = None,
+                  return_exceptions: bool = False) -> list[Any]:
+        """Blocking `Client.call_many`."""
+        return self._run(self._client.call_many(service, requests, deadline_ms=deadline_ms,
+                                                return_exceptions=return_exceptions))
 
     def close(self) -> None:
         """Closes the client and stops its thread."""

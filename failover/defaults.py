@@ -115,6 +115,25 @@ AGENT_SNAPSHOT_STREAMS_PER_PEER_MAX = 4  # InstallSnapshot streams
 AGENT_SNAPSHOT_STREAMS_MAX = 32
 AGENT_MIGRATION_STREAMS_PER_PEER_MAX = 4  # MigratePages streams
 AGENT_MIGRATION_STREAMS_MAX = 16
+# ExecuteStream (the streaming data path): the calls one message carries, and their payload
+# bytes (one request of REQUEST_BYTES_MAX always fits); a client packs what is queued up to
+# these, an agent refuses a message past them (INVALID_ARGUMENT: the stream ends).
+STREAM_CALLS_PER_MESSAGE_MAX = 1024
+STREAM_MESSAGE_BYTES_MAX = 2 * REQUEST_BYTES_MAX
+# Calls of one stream an agent holds unanswered; past it, it reads that stream's next message
+# only once some are answered (the client's calls wait in its queue meanwhile).
+STREAM_PENDING_CALLS_MAX = 8192
+# An agent answers a stream's call by its deadline (the call's deadline_ms, at most this) at
+# the latest: UNAVAILABLE, the outcome unknown.
+STREAM_CALL_DEADLINE_MS_MAX = 600_000
+# ExecuteStream streams an agent serves at once, per connection (a client process: many may
+# share one certificate) and in all. A client keeps one per primary it calls.
+AGENT_DATA_STREAMS_PER_PEER_MAX = 256
+AGENT_DATA_STREAMS_MAX = 4096
+# A client stream whose write failed waits this long for the call's status to say why.
+CLIENT_STREAM_STATUS_WAIT_MS = 1000
+# Requests one call_many takes (it is as many calls; the replies are held until the last).
+CALL_MANY_REQUESTS_MAX = 65_536
 # Shipped record bytes read and not yet answered, all Ship streams together: past it a stream
 # reads its next message only once its own are answered (each stream still moves).
 AGENT_SHIP_INFLIGHT_BYTES_MAX = 256 << 20

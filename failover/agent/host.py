@@ -100,6 +100,9 @@ class Agent:
         # Inbound streams open at once, per peer and in all (issue 13, floods).
         self.ship_streams = StreamAdmission(
             "Ship", defaults.AGENT_SHIP_STREAMS_PER_PEER_MAX, defaults.AGENT_SHIP_STREAMS_MAX)
+        self.data_streams = StreamAdmission(
+            "ExecuteStream", defaults.AGENT_DATA_STREAMS_PER_PEER_MAX,
+            defaults.AGENT_DATA_STREAMS_MAX)
         self.snapshot_streams = StreamAdmission(
             "InstallSnapshot", defaults.AGENT_SNAPSHOT_STREAMS_PER_PEER_MAX,
             defaults.AGENT_SNAPSHOT_STREAMS_MAX)

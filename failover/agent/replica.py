@@ -16,7 +16,7 @@ import errno
 import functools
 import logging
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,9 @@ from failover.core.state_machine import (
 )
 from failover.errors import (
     DiskFullError,
+    InvalidRequest,
     LogCorruptError,
+    NotPrimaryError,
     ReplicaBrokenError,
     StorageError,
     Unavailable,
@@ -77,12 +79,37 @@ from failover.storage.snapshot import (
 )
 from failover.storage.wal import WriteAheadLog
 
-__all__ = ["Replica", "ReplicaHost", "ReplicaMeta"]
+__all__ = ["Answered", "Replica", "ReplicaHost", "ReplicaMeta", "StreamCall"]
 
 log = logging.getLogger(__name__)
 
 
 _META = "replica.meta"
+
+# A call of an ExecuteStream message, as `Replica.execute_many` takes it: (the stream's token
+# for it, epoch_seen, client_id, seq, payload, opens_session).
+StreamCall = tuple[int, int, str, int, bytes, bool]
+# What `execute` returns: (reply, was_duplicate, epoch).
+Answered = tuple[Reply, bool, int]
+
+
+def _entry_answered(call: StreamCall, epoch: int,
+                    answer: Callable[[StreamCall, Answered | Exception], None],
+                    pending: asyncio.Future[Reply]) -> None:
+    """Answers a stream's call once the entry that carries it was applied (or failed), as
+    `Replica.execute` would: `epoch` is the one the call was logged or joined in."""
+    if pending.cancelled():
+        answer(call, Unavailable("the entry's wait was cancelled; the outcome is unknown: "
+                                 "retry with the same request id"))
+        return
+    error = pending.exception()
+    if error is not None:
+        answer(call, error)  # type: ignore[arg-type]  # an Exception: FailWaiters sets them
+        return
+    reply = pending.result()
+    # Applied by an entry of an earlier epoch (the same request logged before a failover): a
+    # recorded reply, not a write of ours.
+    answer(call, (reply, reply.epoch != epoch, reply.epoch or epoch))
 
 
 class Replica:
@@ -453,6 +480,69 @@ class Replica:
             if not handed_to_entry:
                 core.release_bytes(size)
 
+    def execute_many(self, calls: Sequence[StreamCall],
+                     answer: Callable[[StreamCall, Answered | Exception], None],
+                     ) -> list[StreamCall]:
+        """Takes a stream message's calls to this service at once: each is checked (epoch,
+        role, size, depth) and deduplicated as `execute` would, and the new writes among them
+        are queued for the log together, so that they go into one group-commit append and
+        one shipped batch. `answer(call, outcome)` is called once per call taken, now for a
+        refusal or a recorded reply, else when its entry is applied: `outcome` is (reply,
+        was_duplicate, epoch) as `execute` returns, or the error it would raise.
+
+        Returns the calls not taken, for the caller to run one by one through `execute`:
+        reads (they wait on the read floor and the lease) and every write while a
+        switchover holds writes or a migration throttles them."""
+        core = self.core
+        writes: list[StreamCall] = []
+        rest: list[StreamCall] = []
+        is_read_only = self.kind_cls.is_read_only
+        for call in calls:
+            payload = call[4]
+            try:
+                core.check_primary(call[1])
+                if payload != SESSION_OPEN_PAYLOAD:
+                    request = decode_request(payload)
+                    check_loggable(payload, request)
+                    if is_read_only(request):
+                        rest.append(call)
+                        continue
+            except (InvalidRequest, NotPrimaryError, Unavailable) as exc:
+                answer(call, exc)
+                continue
+            writes.append(call)
+        if not writes:
+            return rest
+        if core.holding or self.write_throttle_ms:
+            return rest + writes  # they wait for the hold or the throttle, one by one
+        decided = core.write_many([(c[2], c[3], c[5], len(c[4])) for c in writes])
+        epoch = core.meta.epoch
+        waiters = self._waiters
+        create_future = asyncio.get_running_loop().create_future
+        logged = False
+        for call, decision in zip(writes, decided, strict=True):
+            if isinstance(decision, Exception):
+                answer(call, decision)
+            elif isinstance(decision, Reply):
+                answer(call, (decision, True, decision.epoch))
+            else:
+                index, new = decision
+                if new:
+                    _token, _seen, client_id, seq, payload, opens = call
+                    entry = Entry(epoch, index, encode_request_id(client_id, seq, opens),
+                                  payload)
+                    self._to_log.append(entry)
+                    self.kept.logged(entry)
+                    pending = waiters[index] = create_future()
+                    logged = True
+                else:
+                    pending = waiters[index]  # an attempt in flight: share its entry
+                pending.add_done_callback(functools.partial(_entry_answered, call, epoch,
+                                                            answer))
+        if logged:
+            self._log_wakeup.set()  # once for the whole message: one append
+        return rest
+
     async def query(self, payload: bytes, epoch_seen: int = 0) -> Reply:
         """Answers a read from applied state, which holds every acknowledged write.
 
@@ -566,6 +656,9 @@ class Replica:
             if not batch:
                 continue
             self.core.append_started(batch[-1].index)
+            if self._ship_before_sync():
+                await self._append_shipping_first(batch)
+                continue
             try:
                 await loop.run_in_executor(self.agent.io, self.wal.append, batch)
             except (DiskFullError, StorageError, OSError) as exc:
@@ -578,6 +671,53 @@ class Replica:
                 self._refuse_unlogged(batch, exc)
                 continue
             self._carry_out(self.core.appended(self._log_info()))
+
+    def _ship_before_sync(self) -> bool:
+        """Whether this append ships before its fsync: a primary whose log fsyncs by group
+        commit, so that its duplicas' fsyncs overlap its own (one fsync on a sync write's
+        path instead of two in a row)."""
+        return self.core.primary is not None and self.wal.fsync_policy == "batch"
+
+    async def _append_shipping_first(self, batch: list[Entry]) -> None:
+        """Writes `batch`, ships it, then waits for its fsync and commits: one job on an I/O
+        thread, which hands the written entries to the loop to ship (`_written`) before it
+        fsyncs. A write that fails refuses the batch as before (nothing was shipped); an
+        fsync that fails after the entries may have reached a duplica marks this replica
+        broken, so that no other entry is ever written at their indexes in this epoch (the
+        coordinator fails it over and rebuilds it); their writers are told the outcome is
+        unknown."""
+        loop = asyncio.get_running_loop()
+        wal = self.wal
+        last = batch[-1].index
+        shipped = False
+
+        def write_ship_sync() -> None:
+            nonlocal shipped
+            wal.append(batch, durable=False)
+            shipped = True
+            # Runs on the loop before this job's own completion (the same FIFO of callbacks).
+            loop.call_soon_threadsafe(self._written)
+            wal.wait_durable(last)
+
+        try:
+            await loop.run_in_executor(self.agent.io, write_ship_sync)
+        except Exception as exc:
+            if not shipped:
+                if not isinstance(exc, (DiskFullError, StorageError, OSError)):
+                    log.exception("%s: log append failed unexpectedly", self.service)
+                self._refuse_unlogged(batch, exc)
+                return
+            log.error("%s: log fsync failed after entries %d..%d were shipped: %s",
+                      self.service, batch[0].index, last, exc)
+            self.mark_broken(f"syncing its log failed after entries {batch[0].index}.."
+                             f"{last} were shipped: {exc}")
+            return
+        self._carry_out(self.core.appended(self._log_info()))
+
+    def _written(self) -> None:
+        """The log writer wrote entries (their fsync runs): ship them."""
+        if not self.closed and not self.core.broken:
+            self._carry_out(self.core.written(self._log_info()))
 
     def _refuse_unlogged(self, batch: list[Entry], exc: Exception) -> None:
         """The append failed: nothing of it (or after it) is in the log; refuse those writes."""

@@ -60,6 +60,7 @@ METHOD_PERMISSIONS: dict[str, str] = {
     for method, permission in {
         "Data/Execute": EXECUTE,
         "Data/Query": QUERY,
+        "Data/ExecuteStream": EXECUTE,
         "Coordinator/Register": REGISTER,
         "Coordinator/Heartbeat": HEARTBEAT,
         "Coordinator/WatchRoutes": WATCH_ROUTES,

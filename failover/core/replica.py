@@ -16,7 +16,7 @@ read, a snapshot installed). The driver's loop is written down in the docstring 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +46,7 @@ from failover.core.sessions import Reply, TooOld, encode_request_id
 from failover.core.state_machine import ReplicatedStateMachine, too_old_message
 from failover.errors import (
     DiskFullError,
+    FailoverError,
     InvalidRequest,
     LogCorruptError,
     NotPrimaryError,
@@ -556,9 +557,48 @@ class ReplicaCore:
         self._pending_ids[key] = index
         return index, True
 
+    def write_many(self, calls: Sequence[tuple[str, int, bool, int]],
+                   ) -> list[Reply | tuple[int, bool] | FailoverError]:
+        """`admit_bytes` and `write` for each of a stream message's writes, in order, as
+        (client_id, seq, opens_session, size): one decision per call, a refusal returned
+        (not raised) so that one refused call leaves the others of its message going. The
+        new entries get consecutive indexes, so the driver logs them as one append (and
+        ships them as one batch). A call's bytes stay admitted only when it is new (its
+        entry answers them); otherwise they are given back here."""
+        decided: list[Reply | tuple[int, bool] | FailoverError] = []
+        for client_id, seq, opens, size in calls:
+            try:
+                self.admit_bytes(size)
+            except Overloaded as exc:
+                decided.append(exc)
+                continue
+            try:
+                one = self.write(client_id, seq, opens, size)
+            except (InvalidRequest, Overloaded, SessionExpired) as exc:
+                self.pending_bytes -= size
+                decided.append(exc)
+                continue
+            if isinstance(one, Reply) or not one[1]:
+                self.pending_bytes -= size
+            decided.append(one)
+        return decided
+
     def append_started(self, last_index: int) -> None:
         """The log writer took every queued entry up to `last_index` to append."""
         self.handed_index = last_index
+
+    def written(self, log: LogInfo) -> list[ReplicaAction]:
+        """The log writer wrote entries up to `log.last_index`, not yet durable: a primary
+        ships them now, so that its duplicas' fsyncs run while its own does. Nothing
+        commits before `appended` says they are durable here too (the commit index is at
+        most this log's durable index). Should that fsync fail, the driver marks the replica
+        broken (`mark_broken`): entries that may be on a duplica are never replaced by
+        others at the same index and epoch."""
+        self.log = log
+        primary = self.primary
+        if primary is None or primary.fenced:
+            return []
+        return primary.log_changed(log)  # type: ignore[return-value]
 
     def appended(self, log: LogInfo) -> list[ReplicaAction]:
         """The log writer's append is durable: the log is now `log`. Ships and commits."""

@@ -34,17 +34,11 @@ from failover.core.names import check_host_id, check_service_name
 from failover.core.permissions import require_host
 from failover.core.sessions import Reply, ReplyStatus
 from failover.errors import (
-    DiskFullError,
     InvalidRequest,
     MigrationError,
-    NotPrimaryError,
-    Overloaded,
     PermissionDenied,
     SessionExpired,
-    StaleEpochError,
     StorageError,
-    Unavailable,
-    UnknownKindError,
 )
 from failover.net.channels import ERROR_TYPE_METADATA_KEY, REDIRECT_METADATA_KEY
 from failover.net.convert import (
@@ -52,6 +46,12 @@ from failover.net.convert import (
     replica_status,
     role_assignment,
 )
+from failover.net.execute_stream import (
+    ExecuteStream,
+    check_payload_size,
+    check_request_id,
+)
+from failover.net.refusals import HANDLED, refusal_of
 from failover.net.tls import peer_identity
 from failover.v1 import (
     agent_pb2,
@@ -74,34 +74,20 @@ log = logging.getLogger(__name__)
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
     """Turns a typed error into the status code the client library understands."""
-    if isinstance(exc, NotPrimaryError):
-        redirect = common_pb2.Redirect(service=exc.service, primary_address=exc.primary_address,
-                                       epoch=exc.epoch)
-        context.set_trailing_metadata(((REDIRECT_METADATA_KEY, redirect.SerializeToString()),))
-        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-    if isinstance(exc, InvalidRequest | UnknownKindError):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-    if isinstance(exc, PermissionDenied):
-        await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
-    if isinstance(exc, SessionExpired | Overloaded):
-        context.set_trailing_metadata(((ERROR_TYPE_METADATA_KEY, type(exc).__name__),))
-        code = (grpc.StatusCode.FAILED_PRECONDITION if isinstance(exc, SessionExpired)
-                else grpc.StatusCode.RESOURCE_EXHAUSTED)
-        await context.abort(code, str(exc))
-    if isinstance(exc, StaleEpochError):
-        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-    if isinstance(exc, DiskFullError):
-        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-    if isinstance(exc, Unavailable):
-        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-    if isinstance(exc, KeyError):
-        await context.abort(grpc.StatusCode.NOT_FOUND,
-                            f"this host holds no replica of {exc.args[0]!r}")
-    raise exc
+    refusal = refusal_of(exc)
+    if refusal is None:
+        raise exc
+    metadata: list[tuple[str, str | bytes]] = []
+    if refusal.redirect is not None:
+        metadata.append((REDIRECT_METADATA_KEY, refusal.redirect.SerializeToString()))
+    if refusal.error_type:
+        metadata.append((ERROR_TYPE_METADATA_KEY, refusal.error_type))
+    if metadata:
+        context.set_trailing_metadata(tuple(metadata))
+    await context.abort(refusal.code, refusal.message)
 
 
-_HANDLED = (NotPrimaryError, InvalidRequest, StaleEpochError, DiskFullError, Unavailable,
-            Overloaded, SessionExpired, KeyError, PermissionDenied, UnknownKindError)
+_HANDLED = HANDLED
 
 
 def _ship_sender(context: grpc.aio.ServicerContext,
@@ -126,15 +112,8 @@ def _peer(context: grpc.aio.ServicerContext) -> str:
 
 def _check_execute(request: data_pb2.ExecuteRequest) -> None:
     check_service_name(request.service)
-    rid = request.request_id
-    if not rid.client_id or not 0 < rid.seq < 1 << 63:
-        raise InvalidRequest("request_id needs a client_id and a seq >= 1")
-    raw = rid.client_id.encode()
-    if len(raw) > defaults.CLIENT_ID_BYTES_MAX or b"\x00" in raw:
-        raise InvalidRequest(f"client_id must be 1-{defaults.CLIENT_ID_BYTES_MAX} bytes, no NUL")
-    if len(request.payload) > defaults.REQUEST_BYTES_MAX:
-        raise InvalidRequest(f"request of {len(request.payload)} bytes is over "
-                             f"request_bytes_max ({defaults.REQUEST_BYTES_MAX})")
+    check_request_id(request.request_id.client_id, request.request_id.seq)
+    check_payload_size(request.payload)
 
 
 def _timeout_s(deadline_ms: int, context: grpc.aio.ServicerContext) -> float | None:
@@ -177,6 +156,51 @@ class DataServicer(data_pb2_grpc.DataServicer):
         else:
             out.rejected.CopyFrom(_rejection(reply))
         return out
+
+    async def ExecuteStream(
+        self, request_iterator: AsyncIterator[data_pb2.CallBatch],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[data_pb2.AnswerBatch]:
+        """The streaming data path (`failover.net.execute_stream`): calls in, answers out,
+        each message as many as were ready."""
+        try:
+            # Counted per connection, not per identity: every process of an application
+            # may hold the same client certificate, and each keeps its own streams.
+            admitted = self.agent.data_streams.admit(context.peer())
+            admitted.__enter__()
+        except _HANDLED as exc:
+            await _abort(context, exc)
+        stream = ExecuteStream(self.agent)
+        refused: InvalidRequest | None = None
+
+        async def read() -> None:
+            nonlocal refused
+            try:
+                async for batch in request_iterator:
+                    await stream.room.wait()
+                    stream.take(batch)
+            except InvalidRequest as exc:
+                refused = exc
+            finally:
+                stream.ready.set()
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while True:
+                await stream.ready.wait()
+                if stream.has_answers():
+                    yield stream.flush()
+                    continue
+                stream.ready.clear()
+                if reader.done() and (refused is not None or not stream.pending):
+                    break
+            if refused is not None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(refused))
+            await reader  # the client's errors end the stream
+        finally:
+            reader.cancel()
+            stream.close()
+            admitted.__exit__(None, None, None)
 
     async def Query(self, request: data_pb2.QueryRequest,
                     context: grpc.aio.ServicerContext) -> data_pb2.QueryReply:

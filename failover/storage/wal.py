@@ -431,7 +431,7 @@ class WriteAheadLog:
 
     # -- appending ---------------------------------------------------------------------------
 
-    def append(self, entries: Sequence[Entry]) -> int:
+    def append(self, entries: Sequence[Entry], *, durable: bool = True) -> int:
         """Appends ``entries`` and returns the index of the last one, once durable by policy.
 
         Entries must have consecutive indexes starting at ``last_index + 1`` and epochs that
@@ -439,6 +439,10 @@ class WriteAheadLog:
         this concurrently with batches for consecutive index ranges: they are written in
         index order (a batch arriving before its predecessor waits briefly for it).
         Raises ``DiskFullError`` when the disk is full; the log is then unchanged.
+
+        With ``durable`` False and the ``batch`` policy it returns once the entries are
+        written, before their fsync: `wait_durable` then waits for it (a primary ships
+        what it wrote while its own fsync runs).
         """
         count = len(entries)
         if count == 0:
@@ -464,7 +468,16 @@ class WriteAheadLog:
             with self._lock:
                 self._unregister_locked(first)
             raise
-        return self._append_framed(blob, lengths, first, count, changes)
+        return self._append_framed(blob, lengths, first, count, changes, durable)
+
+    def wait_durable(self, index: int) -> int:
+        """Returns once entries up to ``index`` are durable (leading an fsync or waiting for
+        the one running); the durable index. Raises the fsync's error if it failed (the
+        unsynced entries are then dropped from the log)."""
+        with self._lock:
+            self._check_open_locked()
+            self._await_durable_locked(min(index, self._last_index))
+            return self._durable_index
 
     def append_records(
         self,
@@ -538,8 +551,10 @@ class WriteAheadLog:
         first: int,
         count: int,
         changes: list[tuple[int, int]],
+        durable: bool = True,
     ) -> int:
-        """Writes framed records in index order, then waits until durable by policy.
+        """Writes framed records in index order, then waits until durable by policy (unless
+        ``durable`` is False).
 
         The caller registered ``first`` in ``_inflight``; this unregisters it.
         """
@@ -555,7 +570,7 @@ class WriteAheadLog:
                 self._write_entries_locked(blob, lengths, first, count, changes)
             finally:
                 self._unregister_locked(first)
-            if self.fsync_policy == "batch":
+            if self.fsync_policy == "batch" and durable:
                 self._await_durable_locked(last)
         return last
 

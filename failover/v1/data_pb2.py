@@ -25,23 +25,29 @@ _sym_db = _symbol_database.Default()
 from failover.v1 import common_pb2 as failover_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66\x61ilover/v1/data.proto\x12\x0b\x66\x61ilover.v1\x1a\x18\x66\x61ilover/v1/common.proto\"\x9e\x01\n\x0e\x45xecuteRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x12\n\nepoch_seen\x18\x02 \x01(\x04\x12*\n\nrequest_id\x18\x03 \x01(\x0b\x32\x16.failover.v1.RequestId\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x05 \x01(\r\x12\x15\n\ropens_session\x18\x06 \x01(\x08\"0\n\tRejection\x12\x12\n\nerror_type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xb5\x01\n\x0c\x45xecuteReply\x12\x10\n\x06result\x18\x01 \x01(\x0cH\x00\x12*\n\x08rejected\x18\x02 \x01(\x0b\x32\x16.failover.v1.RejectionH\x00\x12\r\n\x05index\x18\x03 \x01(\x04\x12\x14\n\x0c\x63ommit_index\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x11\n\tduplicate\x18\x06 \x01(\x08\x12\x15\n\rsession_known\x18\x07 \x01(\x08\x42\t\n\x07outcome\"Y\n\x0cQueryRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x12\n\nepoch_seen\x18\x02 \x01(\x04\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x04 \x01(\r\"{\n\nQueryReply\x12\x10\n\x06result\x18\x01 \x01(\x0cH\x00\x12*\n\x08rejected\x18\x02 \x01(\x0b\x32\x16.failover.v1.RejectionH\x00\x12\x15\n\rapplied_index\x18\x03 \x01(\x04\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x42\t\n\x07outcome2\x86\x01\n\x04\x44\x61ta\x12\x41\n\x07\x45xecute\x12\x1b.failover.v1.ExecuteRequest\x1a\x19.failover.v1.ExecuteReply\x12;\n\x05Query\x12\x19.failover.v1.QueryRequest\x1a\x17.failover.v1.QueryReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66\x61ilover/v1/data.proto\x12\x0b\x66\x61ilover.v1\x1a\x18\x66\x61ilover/v1/common.proto\"\x8d\x01\n\tCallBatch\x12\x0f\n\x07service\x18\x01 \x03(\t\x12\x12\n\nepoch_seen\x18\x02 \x03(\x04\x12\x11\n\tclient_id\x18\x03 \x03(\t\x12\x0b\n\x03seq\x18\x04 \x03(\x04\x12\x0f\n\x07payload\x18\x05 \x03(\x0c\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x06 \x03(\r\x12\x15\n\ropens_session\x18\x07 \x03(\x08\"\xc2\x01\n\x0b\x41nswerBatch\x12\x0b\n\x03seq\x18\x01 \x03(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x03(\x0c\x12\x0f\n\x07outcome\x18\x03 \x03(\r\x12\r\n\x05index\x18\x04 \x03(\x04\x12\x14\n\x0c\x63ommit_index\x18\x05 \x03(\x04\x12\r\n\x05\x65poch\x18\x06 \x03(\x04\x12\x11\n\tduplicate\x18\x07 \x03(\x08\x12\x15\n\rsession_known\x18\x08 \x03(\x08\x12)\n\x07refused\x18\t \x03(\x0b\x32\x18.failover.v1.CallRefused\"v\n\x0b\x43\x61llRefused\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\r\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x12\n\nerror_type\x18\x04 \x01(\t\x12\'\n\x08redirect\x18\x05 \x01(\x0b\x32\x15.failover.v1.Redirect\"\x9e\x01\n\x0e\x45xecuteRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x12\n\nepoch_seen\x18\x02 \x01(\x04\x12*\n\nrequest_id\x18\x03 \x01(\x0b\x32\x16.failover.v1.RequestId\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x05 \x01(\r\x12\x15\n\ropens_session\x18\x06 \x01(\x08\"0\n\tRejection\x12\x12\n\nerror_type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xb5\x01\n\x0c\x45xecuteReply\x12\x10\n\x06result\x18\x01 \x01(\x0cH\x00\x12*\n\x08rejected\x18\x02 \x01(\x0b\x32\x16.failover.v1.RejectionH\x00\x12\r\n\x05index\x18\x03 \x01(\x04\x12\x14\n\x0c\x63ommit_index\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x11\n\tduplicate\x18\x06 \x01(\x08\x12\x15\n\rsession_known\x18\x07 \x01(\x08\x42\t\n\x07outcome\"Y\n\x0cQueryRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x12\n\nepoch_seen\x18\x02 \x01(\x04\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x04 \x01(\r\"{\n\nQueryReply\x12\x10\n\x06result\x18\x01 \x01(\x0cH\x00\x12*\n\x08rejected\x18\x02 \x01(\x0b\x32\x16.failover.v1.RejectionH\x00\x12\x15\n\rapplied_index\x18\x03 \x01(\x04\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x42\t\n\x07outcome2\xcd\x01\n\x04\x44\x61ta\x12\x41\n\x07\x45xecute\x12\x1b.failover.v1.ExecuteRequest\x1a\x19.failover.v1.ExecuteReply\x12;\n\x05Query\x12\x19.failover.v1.QueryRequest\x1a\x17.failover.v1.QueryReply\x12\x45\n\rExecuteStream\x12\x16.failover.v1.CallBatch\x1a\x18.failover.v1.AnswerBatch(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'failover.v1.data_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EXECUTEREQUEST']._serialized_start=66
-  _globals['_EXECUTEREQUEST']._serialized_end=224
-  _globals['_REJECTION']._serialized_start=226
-  _globals['_REJECTION']._serialized_end=274
-  _globals['_EXECUTEREPLY']._serialized_start=277
-  _globals['_EXECUTEREPLY']._serialized_end=458
-  _globals['_QUERYREQUEST']._serialized_start=460
-  _globals['_QUERYREQUEST']._serialized_end=549
-  _globals['_QUERYREPLY']._serialized_start=551
-  _globals['_QUERYREPLY']._serialized_end=674
-  _globals['_DATA']._serialized_start=677
-  _globals['_DATA']._serialized_end=811
+  _globals['_CALLBATCH']._serialized_start=66
+  _globals['_CALLBATCH']._serialized_end=207
+  _globals['_ANSWERBATCH']._serialized_start=210
+  _globals['_ANSWERBATCH']._serialized_end=404
+  _globals['_CALLREFUSED']._serialized_start=406
+  _globals['_CALLREFUSED']._serialized_end=524
+  _globals['_EXECUTEREQUEST']._serialized_start=527
+  _globals['_EXECUTEREQUEST']._serialized_end=685
+  _globals['_REJECTION']._serialized_start=687
+  _globals['_REJECTION']._serialized_end=735
+  _globals['_EXECUTEREPLY']._serialized_start=738
+  _globals['_EXECUTEREPLY']._serialized_end=919
+  _globals['_QUERYREQUEST']._serialized_start=921
+  _globals['_QUERYREQUEST']._serialized_end=1010
+  _globals['_QUERYREPLY']._serialized_start=1012
+  _globals['_QUERYREPLY']._serialized_end=1135
+  _globals['_DATA']._serialized_start=1138
+  _globals['_DATA']._serialized_end=1343
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,11 @@ class DataStub:
                 request_serializer=failover_dot_v1_dot_data__pb2.QueryRequest.SerializeToString,
                 response_deserializer=failover_dot_v1_dot_data__pb2.QueryReply.FromString,
                 _registered_method=True)
+        self.ExecuteStream = channel.stream_stream(
+                '/failover.v1.Data/ExecuteStream',
+                request_serializer=failover_dot_v1_dot_data__pb2.CallBatch.SerializeToString,
+                response_deserializer=failover_dot_v1_dot_data__pb2.AnswerBatch.FromString,
+                _registered_method=True)
 
 
 class DataServicer:
@@ -64,6 +69,17 @@ class DataServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExecuteStream(self, request_iterator, context):
+        """Many calls on one long-lived stream: each message carries the calls that were queued
+        when the stream was free, each reply message the answers that were ready; a call is
+        matched to its answer by its seq (unique per client, kept across retries). Each call is
+        checked, deduplicated and answered exactly like an Execute of its own; the calls of one
+        message that write go into the log as one group-commit append and one shipped batch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DataServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +92,11 @@ def add_DataServicer_to_server(servicer, server):
                     servicer.Query,
                     request_deserializer=failover_dot_v1_dot_data__pb2.QueryRequest.FromString,
                     response_serializer=failover_dot_v1_dot_data__pb2.QueryReply.SerializeToString,
+            ),
+            'ExecuteStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ExecuteStream,
+                    request_deserializer=failover_dot_v1_dot_data__pb2.CallBatch.FromString,
+                    response_serializer=failover_dot_v1_dot_data__pb2.AnswerBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +153,33 @@ class Data:
             '/failover.v1.Data/Query',
             failover_dot_v1_dot_data__pb2.QueryRequest.SerializeToString,
             failover_dot_v1_dot_data__pb2.QueryReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecuteStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/failover.v1.Data/ExecuteStream',
+            failover_dot_v1_dot_data__pb2.CallBatch.SerializeToString,
+            failover_dot_v1_dot_data__pb2.AnswerBatch.FromString,
             options,
             channel_credentials,
             insecure,

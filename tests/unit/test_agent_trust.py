@@ -22,8 +22,9 @@ from failover import defaults
 from failover.agent.config import AgentConfig
 from failover.agent.host import Agent
 from failover.agent.replica import Replica
+from failover.client import Client
 from failover.core.roles import DUPLICA, PRIMARY
-from failover.errors import ConfigError
+from failover.errors import ConfigError, PermissionDenied
 from failover.net import certs, channels
 from failover.net.agent_servicers import add_to_server
 from failover.net.authorization import RoleCheck
@@ -330,6 +331,50 @@ async def test_every_name_that_reaches_the_agent_is_checked(served: Served) -> N
         acks = await ship(channel, replication_pb2.ShipMessage(batches=[batch(bad, 1)]))
     assert acks[0].status == replication_pb2.ACK_STATUS_UNKNOWN_SERVICE
     assert sorted(served.agent.replicas) == ["kv0", "kv1"]
+
+
+async def test_execute_stream_needs_the_execute_permission_and_checks_each_name(
+    served: Served,
+) -> None:
+    """ExecuteStream is authorized like Execute (an agent identity may not execute), and
+    each call's service name is checked on its own."""
+    one = data_pb2.CallBatch(service=["kv0"], epoch_seen=[0], client_id=["c"], seq=[1],
+                             payload=[put("k")], deadline_ms=[5000], opens_session=[True])
+    async with served.channel("x") as channel:
+        call = data_pb2_grpc.DataStub(channel).ExecuteStream()
+        await call.write(one)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call.read()
+        assert refused.value.code() == DENIED
+    assert served.agent.replicas["kv0"].wal.last_index == 1  # its barrier only
+    async with served.channel("root") as channel:
+        call = data_pb2_grpc.DataStub(channel).ExecuteStream()
+        await call.write(data_pb2.CallBatch(
+            service=["../kv0", "kv0"], epoch_seen=[0, 0], client_id=["c", "c"], seq=[1, 2],
+            payload=[put("a"), put("b")], deadline_ms=[5000, 5000],
+            opens_session=[True, True]))
+        answers = await call.read()
+        while len(answers.seq) + len(answers.refused) < 2:
+            more = await call.read()
+            answers.MergeFrom(more)
+        await call.done_writing()
+    assert [(r.seq, r.code) for r in answers.refused] == [(1, INVALID.value[0])]
+    assert list(answers.seq) == [2]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_the_client_raises_permission_denied_for_an_identity_that_may_not_execute(
+    served: Served, stream: bool,
+) -> None:
+    """On either data path, a refused certificate is PermissionDenied naming the identity,
+    at once, not Unavailable at the deadline."""
+    async with Client(agents=served.address, tls=files(served.pki, "x"), deadline_ms=5000,
+                      stream=stream) as client:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(PermissionDenied, match="agent 'x'"):
+            await client.call("kv0", {"op": "put", "key": "k", "value": "v"})
+        assert asyncio.get_running_loop().time() - started < 3
+    assert served.agent.replicas["kv0"].wal.last_index == 1  # its barrier only
 
 
 # --- patch: an allowlist, no shell ----------------------------------------------------------

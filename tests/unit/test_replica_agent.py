@@ -13,7 +13,7 @@ import pytest
 from failover.agent.host import Agent
 from failover.agent.replica import Replica
 from failover.core.log_position import LogPosition
-from failover.errors import DiskFullError
+from failover.errors import DiskFullError, ReplicaBrokenError, StorageError, Unavailable
 from failover.storage.atomic import write_atomic
 from tests.unit.inprocess import UNREACHABLE, until
 
@@ -169,3 +169,28 @@ async def test_an_assignment_the_meta_already_holds_is_not_written_again(
     await agent.assign_role("kv1", "kv", "primary", 1, "sync", None, {"b": UNREACHABLE}, set())
     assert len(writes) == 3  # unchanged in memory, but the failed write may have reached disk
     assert Replica.load_meta(replica.root).in_sync == []
+
+
+async def test_an_fsync_that_fails_after_shipping_breaks_the_primary_not_reuses_indexes(
+    agent: Agent, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 16: a primary ships what it wrote before its fsync. Should that fsync fail, a
+    duplica may hold the entries: the primary must not write others at their indexes in
+    the same epoch (as it does after a failed write), so it marks itself broken, and the
+    writers are told the outcome is unknown."""
+    replica = await primary_waiting_on_b(agent)
+    assert replica.wal.fsync_policy == "batch"
+    await until(lambda: replica.wal.durable_index >= 1)  # its barrier
+    wait_durable = replica.wal.wait_durable
+
+    def failing(index: int) -> int:
+        raise StorageError("fsync: Input/output error (test)")
+
+    monkeypatch.setattr(replica.wal, "wait_durable", failing)
+    with pytest.raises(Unavailable) as told:
+        await asyncio.wait_for(replica.execute(0, "c", 1, put("k"), 10.0), 5.0)
+    assert isinstance(told.value, ReplicaBrokenError)
+    assert replica.broken and "after entries" in replica.broken
+    with pytest.raises(Unavailable):
+        await replica.execute(0, "c", 2, put("k2"), 1.0)
+    monkeypatch.setattr(replica.wal, "wait_durable", wait_durable)

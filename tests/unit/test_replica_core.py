@@ -451,3 +451,57 @@ def test_a_late_truncate_from_a_deposed_primary_is_refused_as_stale_not_asserted
     assert node.core.epoch == 3
     node.core.on_batch(3, empty, 0, 13, node.info(), 0)  # told commit 13 by the new primary
     assert node.core.on_truncate(2, 9, 0) == [Refuse("stale_epoch")]
+
+
+def test_write_many_decides_each_write_of_a_message_and_gives_their_indexes_in_a_row(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stream message's writes (issue 16): new ones get consecutive indexes (one append),
+    a request id twice shares one entry, a recorded one gets its reply, and a write past a
+    bound is refused on its own, its bytes given back, while the rest go on."""
+    node = primary_alone()
+    answered = node.write("c", 1, put("a"))
+    node.flush()
+    monkeypatch.setattr(defaults, "PENDING_REQUESTS_MAX", 3)
+    size = len(put("x"))
+    decided = node.core.write_many([
+        ("c", 1, False, size),  # applied before: its recorded reply
+        ("c", 2, False, size), ("c", 3, False, size),
+        ("c", 2, False, size),  # the same id again in one message: the same entry
+        ("c", 4, False, size), ("c", 5, False, size),  # past PENDING_REQUESTS_MAX
+        ("c", 6, False, defaults.PENDING_REQUEST_BYTES_MAX),  # past the byte bound
+    ])
+    recorded = decided[0]
+    assert isinstance(recorded, Reply) and recorded.index == answered
+    first = answered + 1
+    assert decided[1:5] == [(first, True), (first + 1, True), (first, False),
+                            (first + 2, True)]
+    assert isinstance(decided[5], Overloaded) and "pending_requests_max" in str(decided[5])
+    assert isinstance(decided[6], Overloaded) and "pending_request_bytes_max" in str(decided[6])
+    assert node.core.pending_bytes == 3 * size  # only the three new entries hold bytes
+    assert node.core.next_index == first + 3
+
+
+def test_a_primary_ships_what_it_wrote_before_its_own_fsync_but_commits_after_it() -> None:
+    """Issue 16: `written` (before the primary's fsync) ships the entries, so the duplica's
+    fsync overlaps the primary's; the commit still waits for the primary's own durability
+    (`appended`), whatever the duplica acks."""
+    node = Node()
+    node.assign(PRIMARY, 1, {"b": "addr"}, {"b"})
+    node.flush()
+    catch_up(node, "b")
+    index = node.write("c", 1, put("a"))
+    batch, node.queued = node.queued, []
+    node.core.append_started(index)
+    node.log.extend(batch)
+    last = node.log[-1][1]
+    written = LogInfo(1, last, last - 1, node.info().history)  # not durable here yet
+    node.sent.clear()
+    node.run(node.core.written(written))
+    shipped = [a for a in node.sent if isinstance(a, SendBatch) and a.entries_max]
+    assert shipped and shipped[0].first_index == index
+    node.run(node.core.on_ack("b", AckView("ok", 1, shipped[-1].batch_id,
+                                           durable_index=index), node.now))
+    assert node.core.commit_index == index - 1 and index not in node.answers
+    node.run(node.core.appended(node.info()))  # now durable here too
+    assert node.core.commit_index == index and isinstance(node.answers[index], Reply)

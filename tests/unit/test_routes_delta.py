@@ -14,10 +14,10 @@ import pytest
 
 from failover import defaults
 from failover.client import Client, _RoutesGap
+from failover.client_stream import CallRefusal
 from failover.coordinator.server import ROUTE_WATCHER_QUEUE, Coordinator
 from failover.core.coordinator import Action, CoordinatorCore, PushRoutes, Route, Timing
 from failover.errors import ConfigError, InvalidRequest
-from failover.net import channels
 from failover.v1 import common_pb2, coordinator_pb2
 from tests.unit.test_coordinator_rebuild import DEAD, FAIL, HB, LEASE
 from tests.unit.test_coordinator_scale import Cluster
@@ -137,15 +137,10 @@ async def test_watchers_get_the_table_then_deltas_and_a_slow_one_the_table_again
     assert not coordinator._watchers
 
 
-class RedirectError:
-    def __init__(self, address: str, epoch: int) -> None:
-        self.redirect = common_pb2.Redirect(primary_address=address, epoch=epoch)
-
-    def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.FAILED_PRECONDITION
-
-    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
-        return ((channels.REDIRECT_METADATA_KEY, self.redirect.SerializeToString()),)
+def RedirectError(address: str, epoch: int) -> CallRefusal:  # noqa: N802 (reads as a type)
+    """A non-primary's refusal naming `address` at `epoch` (either data path's)."""
+    return CallRefusal(grpc.StatusCode.FAILED_PRECONDITION, "not the primary",
+                       redirect=common_pb2.Redirect(primary_address=address, epoch=epoch))
 
 
 def test_a_stale_redirect_does_not_replace_a_newer_route() -> None:
@@ -153,9 +148,9 @@ def test_a_stale_redirect_does_not_replace_a_newer_route() -> None:
     client would follow a dead primary with nothing to correct it."""
     client = Client(coordinator="127.0.0.1:1")
     client._routes["a"] = ("new:1", 2)
-    assert not client._follow_redirect("a", "x:1", RedirectError("old:1", 1))  # type: ignore[arg-type]
+    assert not client._follow_redirect("a", "x:1", RedirectError("old:1", 1))
     assert client._routes["a"] == ("new:1", 2)
-    assert client._follow_redirect("a", "new:1", RedirectError("newer:1", 3))  # type: ignore[arg-type]
+    assert client._follow_redirect("a", "new:1", RedirectError("newer:1", 3))
     assert client._routes["a"] == ("newer:1", 3)
 
 

@@ -1,7 +1,8 @@
 """What a primary takes into its log, on the real agent, gRPC servicer and `Client` in process:
 sessions that expired are refused, never re-applied (issue 11, item 3); requests too deep to
 apply are refused before they are logged (item 5); writes in flight are bounded in bytes too
-(item 10)."""
+(item 10). The client's tests run on both data paths, one unary Execute per call and the
+ExecuteStream of issue 16 (`path`)."""
 
 from __future__ import annotations
 
@@ -59,6 +60,53 @@ class _LossyData(agent_servicers.DataServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset (test)")
         return reply
 
+    async def ExecuteStream(  # noqa: N802 (gRPC name)
+        self, request_iterator: AsyncIterator[data_pb2.CallBatch],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[data_pb2.AnswerBatch]:
+        """The real ExecuteStream, with the same losses: a message holding a call that
+        `drop_next` picks never reaches the primary, and the stream then breaks (the client
+        sees UNAVAILABLE for its calls); the answers holding the one that `lose_next` picks
+        are lost after the write was applied and `meanwhile` ran (the stream breaks too)."""
+        dropped = False
+        lost: set[int] = set()
+
+        async def calls() -> AsyncIterator[data_pb2.CallBatch]:
+            nonlocal dropped
+            async for batch in request_iterator:
+                for i in range(len(batch.seq)):
+                    request = data_pb2.ExecuteRequest(
+                        service=batch.service[i], epoch_seen=batch.epoch_seen[i],
+                        request_id=common_pb2.RequestId(client_id=batch.client_id[i],
+                                                        seq=batch.seq[i]),
+                        payload=batch.payload[i], deadline_ms=batch.deadline_ms[i],
+                        opens_session=batch.opens_session[i])
+                    self.requests.append(request)
+                    if self.drop_next(request):
+                        self.drop_next = lambda request: False
+                        dropped = True
+                    if self.lose_next(request):
+                        self.lose_next = lambda request: False
+                        lost.add(batch.seq[i])
+                if dropped:
+                    return
+                yield batch
+
+        async for answers in super().ExecuteStream(calls(), context):
+            if lost & set(answers.seq):
+                if self.meanwhile is not None:
+                    await self.meanwhile()
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset (test)")
+            yield answers
+        if dropped:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset (test)")
+
+
+@pytest.fixture(params=["unary", "stream"])
+def path(request: pytest.FixtureRequest) -> str:
+    """Which data path the client takes: one Execute per call, or ExecuteStream."""
+    return str(request.param)
+
 
 @pytest.fixture
 async def served(tmp_path: Path) -> AsyncIterator[tuple[Agent, _LossyData, str]]:
@@ -96,14 +144,15 @@ async def _balance(client: Client, account: str) -> int:
 
 
 async def test_a_transfer_retried_after_ten_thousand_other_clients_is_expired_not_reapplied(
-    served: tuple[Agent, _LossyData, str],
+    served: tuple[Agent, _LossyData, str], path: str,
 ) -> None:
     """The issue's scenario: the transfer is applied, its reply is lost, 10,000 other client
     ids are applied meanwhile (the payer's session is evicted), and the client's retry must
     be refused as SessionExpired, the balance debited once."""
     agent, servicer, address = served
     replica = await agent.assign_role("bank1", "bank", "primary", 1, "sync", None, {}, set())
-    async with Client(agents=address, client_id="payer", deadline_ms=30_000) as client:
+    async with Client(agents=address, client_id="payer", deadline_ms=30_000,
+                      stream=path == "stream") as client:
         await client.call("bank1", {"op": "open", "account": "alice", "balance": 90})
         await client.call("bank1", {"op": "open", "account": "bob", "balance": 0})
         # The session is opened by a request that does nothing else; no real request opens.
@@ -233,12 +282,12 @@ async def test_writes_in_flight_are_bounded_in_bytes(
 
 
 async def test_the_client_retries_an_overloaded_primary_and_says_so_at_its_deadline(
-    served: tuple[Agent, _LossyData, str], monkeypatch: pytest.MonkeyPatch,
+    served: tuple[Agent, _LossyData, str], monkeypatch: pytest.MonkeyPatch, path: str,
 ) -> None:
     agent, servicer, address = served
     replica = await agent.assign_role("kv1", "kv", "primary", 1, "sync", None, {}, set())
     monkeypatch.setattr(defaults, "PENDING_REQUEST_BYTES_MAX", 1000)
-    async with Client(agents=address, deadline_ms=300) as client:
+    async with Client(agents=address, deadline_ms=300, stream=path == "stream") as client:
         with pytest.raises(Overloaded, match="nothing was applied"):
             await client.call("kv1", {"op": "put", "key": "k", "value": "v" * 2000})
         puts = [r for r in servicer.requests if r.payload != SESSION_OPEN_PAYLOAD]
@@ -250,7 +299,7 @@ async def test_the_client_retries_an_overloaded_primary_and_says_so_at_its_deadl
 
 
 async def test_a_call_whose_session_open_went_unanswered_still_succeeds(
-    served: tuple[Agent, _LossyData, str],
+    served: tuple[Agent, _LossyData, str], path: str,
 ) -> None:
     """A lost open used to surface as SessionExpired on the client's first call (its first
     attempt opened the session, its unflagged retry found it unknown), though nothing had
@@ -259,7 +308,8 @@ async def test_a_call_whose_session_open_went_unanswered_still_succeeds(
     agent, servicer, address = served
     replica = await agent.assign_role("kv1", "kv", "primary", 1, "sync", None, {}, set())
     servicer.drop_next = lambda request: request.opens_session
-    async with Client(agents=address, client_id="first", deadline_ms=10_000) as client:
+    async with Client(agents=address, client_id="first", deadline_ms=10_000,
+                      stream=path == "stream") as client:
         assert (await client.call("kv1", {"op": "put", "key": "k", "value": "v"}))["ok"]
         # Reads and writes of a known session run at once, none of them opening anything.
         await asyncio.gather(*(client.call("kv1", {"op": "get", "key": "k"}) for _ in range(20)))
@@ -333,3 +383,26 @@ async def test_a_retry_older_than_the_window_is_an_unknown_outcome_not_an_invali
     assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert dict(raised.value.trailing_metadata() or ()).get(
         channels.ERROR_TYPE_METADATA_KEY) == SessionExpired.__name__
+
+
+async def test_a_retry_after_a_lost_reply_gets_the_recorded_reply_and_applies_once(
+    served: tuple[Agent, _LossyData, str], path: str,
+) -> None:
+    """The reply of an applied transfer is lost (on the stream, the stream breaks with it):
+    the client retries with the same request id, gets the recorded reply, and the
+    transfer is applied once."""
+    agent, servicer, address = served
+    await agent.assign_role("bank1", "bank", "primary", 1, "sync", None, {}, set())
+    async with Client(agents=address, client_id="payer", deadline_ms=10_000,
+                      stream=path == "stream") as client:
+        await client.call("bank1", {"op": "open", "account": "alice", "balance": 90})
+        await client.call("bank1", {"op": "open", "account": "bob", "balance": 0})
+        servicer.lose_next = lambda request: b"transfer" in request.payload
+        out = await client.call_detailed(
+            "bank1", {"op": "transfer", "from": "alice", "to": "bob", "amount": 10})
+        assert out.duplicate and out.attempts == 2
+        assert out.result["from_balance"] == 80
+        sent = [r for r in servicer.requests if b"transfer" in r.payload]
+        assert len(sent) == 2 and sent[0].request_id == sent[1].request_id
+        assert await _balance(client, "alice") == 80
+        assert await _balance(client, "bob") == 10
