@@ -145,6 +145,12 @@ PAGED_ARENA_BYTES_MAX = 1 << 30
 
 # Coordinator.
 AGENT_CALL_TIMEOUT_MS = 2000
+# Replicas an agent creates at once (an assignment of a service it does not hold: files made,
+# meta and log synced on its event loop). The coordinator sends several assignments to a host
+# side by side (COORDINATOR_HOST_CALLS_IN_FLIGHT_MAX); eight creations at once held agents'
+# loops long enough for their heartbeats to be missed when 300 services were created on a
+# loaded machine. Assignments of replicas it holds (promotions) are not limited.
+AGENT_CREATES_IN_FLIGHT_MAX = 1
 HEARS_PRIMARY_TIMEOUT_MS = 200
 COORDINATOR_HOST_QUEUE_MAX = 10_000  # calls queued for one agent; more are dropped, logged
 # Control calls in flight to one agent at once, one per service (a host death promotes

@@ -97,6 +97,8 @@ class Agent:
         self.receive_idle.set()
         # Control calls that change one replica's role or data run one at a time.
         self._locks: dict[str, asyncio.Lock] = {}
+        # Replicas created at once (`assign_role`): see AGENT_CREATES_IN_FLIGHT_MAX.
+        self._creating = asyncio.Semaphore(defaults.AGENT_CREATES_IN_FLIGHT_MAX)
         # Inbound streams open at once, per peer and in all (issue 13, floods).
         self.ship_streams = StreamAdmission(
             "Ship", defaults.AGENT_SHIP_STREAMS_PER_PEER_MAX, defaults.AGENT_SHIP_STREAMS_MAX)
@@ -517,7 +519,10 @@ class Agent:
         unknown = set(in_sync) - set(duplicas)
         if unknown:
             raise InvalidRequest(f"{service}: in-sync hosts {sorted(unknown)} are not duplicas")
-        async with self.lock(service):
+        # Creations one at a time (the semaphore before the service's lock, always):
+        # assignments of replicas this host holds, a failover's promotions, go side by side.
+        creating = self._creating if service not in self.replicas else None
+        async with creating or contextlib.nullcontext(), self.lock(service):
             replica = self.replicas.get(service)
             before = (replica.role, replica.epoch) if replica is not None else None
             if replica is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import time
 from pathlib import Path
 
 import msgpack
@@ -194,3 +195,34 @@ async def test_an_fsync_that_fails_after_shipping_breaks_the_primary_not_reuses_
     with pytest.raises(Unavailable):
         await replica.execute(0, "c", 2, put("k2"), 1.0)
     monkeypatch.setattr(replica.wal, "wait_durable", wait_durable)
+
+
+async def test_replicas_are_created_one_at_a_time_held_ones_are_assigned_meanwhile(
+    agent: Agent, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The coordinator sends a host several assignments side by side. Creating a replica
+    syncs files on the agent's event loop; eight at once held the loop long enough for
+    heartbeats to be missed (300 services created on a loaded machine). Creations go one at
+    a time; an assignment of a replica the host holds (a promotion) does not wait for them."""
+    held = await primary_waiting_on_b(agent)
+    running: list[str] = []
+    most = 0
+    real = Replica.create
+
+    def slow_create(host: object, root: Path, meta: object) -> Replica:
+        nonlocal most
+        running.append(root.name)
+        most = max(most, len(running))
+        time.sleep(0.2)  # in the agent's I/O thread, as the real one syncs files
+        running.remove(root.name)
+        return real(host, root, meta)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Replica, "create", slow_create)
+    creates = [asyncio.create_task(agent.assign_role(
+        f"new{i}", "kv", "duplica", 1, "sync", ("b", UNREACHABLE), {}, set()))
+        for i in range(3)]
+    await until(lambda: bool(running))
+    await agent.assign_role("kv1", "kv", "primary", 2, "sync", None, {"b": UNREACHABLE}, set())
+    assert held.epoch == 2 and not all(c.done() for c in creates)  # it did not wait for them
+    await asyncio.gather(*creates)
+    assert most == 1
