@@ -656,7 +656,7 @@ class WriteAheadLog:
             try:
                 _write_all(self._fd, blob)
                 if self.fsync_policy == "always":
-                    os.fsync(self._fd)
+                    self._fsync_measured(self._fd)
             except BaseException as exc:
                 self._undo_write_locked([], seg.size)
                 if isinstance(exc, OSError):
