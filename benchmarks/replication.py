@@ -14,6 +14,12 @@ process with its own ``failover.client.Client``, doing kv puts of distinct keys 
   pairs of sync runs, plaintext and TLS, in alternating order; ``tls_sync_ops_ratio`` is the
   TLS runs' total ops/s over the plaintext runs' (every pair's own ratio is in
   ``tls_sync_ops_ratio_per_pair``). The shipping run below is in the clear.
+* ``sync_metrics``: ``sync`` again with ``--metrics-listen`` on both agents (issue 17: every
+  request counted and timed, every fsync timed) and a scraper reading both agents'
+  ``/metrics`` every SCRAPE_INTERVAL_S during the run. Then METRICS_ROUNDS - 1 more pairs,
+  alternating order as for TLS; ``metrics_sync_ops_ratio`` is the metrics runs' total ops/s
+  over their plain sync partners' (``metrics_sync_ops_ratio_per_pair``), and
+  ``metrics_cpu_per_op_ratio`` the primary agent's CPU seconds per write, likewise.
 
 Those runs call one unary Execute per request (``Client(stream=False)``: today's keys, kept
 comparable with earlier runs). The ``stream_*`` runs take the streaming data path (issue 16:
@@ -51,6 +57,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -74,9 +81,12 @@ SHIP_ENTRIES = 500_000
 PREFILL_CHUNK = 4096
 POLL_S = 0.010
 TLS_ROUNDS = 2
-# sync and sync_tls back to back; the stream_* runs take the streaming data path (issue 16).
+METRICS_ROUNDS = 2
+SCRAPE_INTERVAL_S = 1.0  # Prometheus scrapes every 15 s by default: this is 15x harsher
+# sync and sync_tls back to back; the stream_* runs take the streaming data path (issue 16);
+# sync_metrics is paired with another plain sync run (issue 17).
 MODES = ("unreplicated", "sync", "sync_tls", "async", "stream_unreplicated", "stream_sync",
-         "stream_unreplicated_256", "stream_sync_256", "stream_sync_8")
+         "stream_unreplicated_256", "stream_sync_256", "stream_sync_8", "sync_metrics")
 STREAM_WRITERS_FEW = 8  # stream_sync_8: one client process, 8 writers each awaiting its reply
 
 
@@ -284,13 +294,54 @@ def kill_all(procs: list[subprocess.Popen[bytes]]) -> None:
                 proc.wait(timeout=5)
 
 
+class Scraper:
+    """Reads each URL every SCRAPE_INTERVAL_S in a thread of its own until stopped, as
+    Prometheus would (the cost measured is the agents' side of it)."""
+
+    def __init__(self, urls: list[str]) -> None:
+        self.urls = urls
+        self.scrapes = 0
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        if self.urls:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        import urllib.request
+
+        while not self._stop.wait(SCRAPE_INTERVAL_S):
+            for url in self.urls:
+                try:
+                    with urllib.request.urlopen(url, timeout=5) as reply:
+                        reply.read()
+                    self.scrapes += 1
+                except OSError:
+                    self.failures += 1
+
+
 def run_clients(mode: str, root: Path, args: argparse.Namespace,
                 profiler: Profiler) -> dict[str, Any]:
     from failover.localcluster import LocalCluster, wait_for
+    from failover.processes import free_port
 
     tls = "_tls" in mode
-    progress(f"{mode}: starting a fresh cluster{' with mutual TLS' if tls else ''}")
+    metrics = "_metrics" in mode
+    progress(f"{mode}: starting a fresh cluster{' with mutual TLS' if tls else ''}"
+             f"{' with metrics scraped' if metrics else ''}")
     with LocalCluster(root / mode, hosts=2, fsync_policy=FSYNC_POLICY, tls=tls) as cluster:
+        scrape_urls = []
+        if metrics:
+            for agent in cluster:
+                agent.extra["metrics_listen"] = f"127.0.0.1:{free_port()}"
+                scrape_urls.append(f"http://{agent.extra['metrics_listen']}/metrics")
         cluster.start()
         primary, duplica = cluster["host1"], cluster["host2"]
         if "unreplicated" in mode:
@@ -310,7 +361,9 @@ def run_clients(mode: str, root: Path, args: argparse.Namespace,
         start_at = time.time() + args.lead
         workers = spawn_workers(mode, primary.address, start_at, args, cluster.tls_client)
         agents = {"primary": primary, "duplica": duplica}
+        scraper = Scraper(scrape_urls)
         try:
+            scraper.start()
             time.sleep(max(0.0, start_at - time.time()))
             cpu0 = {role: agent_cpu_s(a.proc.pid) for role, a in agents.items()}
             profiler.start(mode, {"host1": primary.proc.pid, "host2": duplica.proc.pid})
@@ -319,6 +372,7 @@ def run_clients(mode: str, root: Path, args: argparse.Namespace,
                           for role, a in agents.items()}
             results = collect_workers(workers, args.warmup + args.duration + 60)
         finally:
+            scraper.stop()
             kill_all(workers)
             profiler.finish()
         after = primary.replica(SERVICE).indexes.applied_index  # type: ignore[union-attr]
@@ -358,6 +412,9 @@ def run_clients(mode: str, root: Path, args: argparse.Namespace,
         "primary_applied_during_run": after - before,
         "replicas_converged": converged,
     }
+    if metrics:
+        summary["scrapes"] = scraper.scrapes
+        summary["scrape_failures"] = scraper.failures
     if first_errors:
         summary["first_errors"] = first_errors[:3]
     progress(f"{mode}: {summary['ops_s']} ops/s, p50 {summary['p50_ms']} ms, "
@@ -501,8 +558,17 @@ def main(args: argparse.Namespace) -> None:
         root = Path(tmp)
         fsync_ms = {"before": fsync_probe_ms(root)}
         for mode in modes:
+            if mode == "sync_metrics":
+                continue  # paired with a plain sync run of its own, below
             details[mode] = run_clients(mode, root, args, profiler)
         pairs = [("sync", "sync_tls")] if {"sync", "sync_tls"} <= set(modes) else []
+        metrics_pairs = []
+        for n in range(1, args.metrics_rounds + 1 if "sync_metrics" in modes else 0):
+            pair = ("sync_plain" if n == 1 else f"sync_plain_r{n}",
+                    "sync_metrics" if n == 1 else f"sync_metrics_r{n}")
+            for mode in (pair if n % 2 else pair[::-1]):
+                details[mode] = run_clients(mode, root, args, profiler)
+            metrics_pairs.append(pair)
         for n in range(2, args.tls_rounds + 1 if pairs else 0):
             # Another pair, the other way round every second time: a machine whose load
             # drifts over the run favours neither side.
@@ -553,6 +619,23 @@ def main(args: argparse.Namespace) -> None:
         "stream_write_p99_ms_8": detail("stream_sync_8", "p99_ms"),
         "stream_sync_speedup": round(ops("stream_sync") / sync, 2)
         if sync and ops("stream_sync") is not None else None,
+        "metrics_sync_ops_s": ops("sync_metrics"),
+        # Over every pair: the runs with metrics on and scraped over those without.
+        "metrics_sync_ops_ratio": round(sum(details[m]["ops_s"] for _, m in metrics_pairs)
+                                        / sum(details[p]["ops_s"] for p, _ in metrics_pairs), 3)
+        if metrics_pairs else None,
+        # The primary agent's CPU seconds per write, metrics runs over plain ones: what the
+        # metrics cost the agent, far less swayed than ops/s by what else the machine runs.
+        "metrics_cpu_per_op_ratio": round(
+            (sum(details[m]["cpu_s_primary"] for _, m in metrics_pairs)
+             / sum(details[m]["ops"] for _, m in metrics_pairs))
+            / (sum(details[p]["cpu_s_primary"] for p, _ in metrics_pairs)
+               / sum(details[p]["ops"] for p, _ in metrics_pairs)), 3)
+        if metrics_pairs else None,
+        "metrics_sync_ops_ratio_per_pair": [
+            round(details[m]["ops_s"] / details[p]["ops_s"], 3) for p, m in metrics_pairs],
+        "metrics_write_p99_ms": details["sync_metrics"]["p99_ms"]
+        if "sync_metrics" in details else None,
         "settings": {
             "tls": "every key but tls_* is from a run in the clear; tls_* from sync_tls, the "
                    "sync run again on a fresh cluster with mutual TLS on every channel; "
@@ -560,6 +643,10 @@ def main(args: argparse.Namespace) -> None:
                    f"{len(pairs)} pair(s) of sync runs (sync, sync_tls; then alternating "
                    "order), each on a fresh cluster",
             "tls_rounds": len(pairs),
+            "metrics": "metrics_* pairs a sync run with --metrics-listen on both agents, "
+                       f"scraped every {SCRAPE_INTERVAL_S} s, with a plain sync run "
+                       "(sync_plain*), in alternating order, each on a fresh cluster",
+            "metrics_rounds": len(metrics_pairs),
             "client_processes": args.client_procs,
             "tasks_per_process": args.tasks,
             "concurrency": args.client_procs * args.tasks,
@@ -604,6 +691,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--tls-rounds", type=int, default=TLS_ROUNDS,
                         help="pairs of sync runs, plaintext and TLS, for tls_sync_ops_ratio")
+    parser.add_argument("--metrics-rounds", type=int, default=METRICS_ROUNDS,
+                        help="pairs of sync runs with and without metrics")
     parser.add_argument("--profile", metavar="DIR", help="py-spy the agents into DIR")
     parser.add_argument("--profile-rate-hz", type=int, default=100,
                         help="py-spy samples per second")

@@ -290,3 +290,25 @@ HOOKS_RUNNING_MAX = 8  # hooks running at once on one agent; more are skipped, a
 HOOKS_PER_EVENT_MAX = 4  # commands one hook event may name
 HOOK_RESULTS_QUEUED_MAX = 256  # results an agent keeps until a heartbeat delivers them
 HOOK_RESULTS_PER_HEARTBEAT_MAX = 16  # results one heartbeat carries (more: INVALID_ARGUMENT)
+# Observability (issue 17): the metrics and health port, the gRPC health service, the logs.
+METRICS_CONNECTIONS_MAX = 16  # HTTP connections served at once on --metrics-listen (more wait
+# in the listen backlog: a scraper or load balancer that floods it slows only itself)
+METRICS_REQUEST_TIMEOUT_MS = 5000  # one HTTP request read, answered and written, or dropped
+METRICS_REQUEST_HEADER_BYTES_MAX = 8192  # an HTTP request's line and headers together
+HEALTH_WATCHERS_MAX = 64  # gRPC health Watch streams open at once on one daemon
+HEALTH_WATCH_POLL_MS = 100  # how often a health Watch looks at the replica's role again
+LOG_FORMATS = ("text", "json")
+LOG_FORMAT = "text"  # --log-format: lines for people; json is one object per line
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_LEVEL = "INFO"  # --log-level (the FAILOVER_LOG_LEVEL environment variable as before)
+LOG_FIELD_CHARS_MAX = 4096  # one field of a JSON log record (a longer one is cut, marked so)
+# The request latency histogram's buckets (seconds): a sync write is ~1-10 ms, a stall is more.
+REQUEST_DURATION_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                              1.0, 2.5, 5.0)
+WAL_FSYNC_BUCKETS_S = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
+STORE_COMMIT_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
+# A failover's unavailability, detection to routes pushed: a lease and a promotion, or seconds.
+UNAVAILABILITY_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+TOP_INTERVAL_MS = 1000  # failoverctl top: one status and history read per this
+TOP_INTERVAL_MS_MIN = 200  # faster would load the coordinator for a picture nobody can read
+TOP_EVENTS_MAX = 10  # the newest history events shown under the table

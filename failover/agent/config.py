@@ -15,12 +15,15 @@ from failover.core.roles import HOOK_EVENTS
 from failover.errors import ConfigError, InvalidRequest
 from failover.net.address import Address, parse_address, parse_address_list
 from failover.net.tls import TlsFiles, TlsMaterial
+from failover.observe.endpoint import check_metrics_listen
+from failover.observe.logs import check_log_format, check_log_level
 
 _KEYS = {
     "host_id", "listen", "advertise", "data_dir", "coordinator", "zone", "fsync_policy",
     "heartbeat_ms", "batch_entries_max", "batch_bytes_max", "inflight_batches_max",
     "snapshot_every_entries", "log_retain_entries",
     "tls_ca", "tls_cert", "tls_key", "insecure", "patch", "hooks",
+    "metrics_listen", "log_format", "log_level",
 }
 
 
@@ -52,6 +55,11 @@ class AgentConfig:
     hooks: dict[str, tuple[str, ...]] = field(default_factory=dict)
     hook_timeout_ms: int = defaults.HOOK_TIMEOUT_MS
     hook_output_bytes_max: int = defaults.HOOK_OUTPUT_BYTES_MAX
+    # Observability (issue 17): where Prometheus metrics and the health paths are served
+    # (None: nowhere), and the log records' format and level.
+    metrics_listen: str | None = None
+    log_format: str = defaults.LOG_FORMAT
+    log_level: str = defaults.LOG_LEVEL
 
     @property
     def address(self) -> str:
@@ -120,7 +128,14 @@ class AgentConfig:
         tls = TlsFiles.from_options(raw.get("tls_ca"), raw.get("tls_cert"), raw.get("tls_key"))
         patch_commands = _patch_commands(raw.get("patch"))
         hooks, hook_limits = _hooks(raw.get("hooks"), patch_commands)
+        metrics_listen = raw.get("metrics_listen")
+        if metrics_listen is not None:
+            metrics_listen = check_metrics_listen(str(metrics_listen), tls=tls is not None,
+                                                  insecure=insecure)
         return cls(
+            metrics_listen=metrics_listen,
+            log_format=check_log_format(str(raw.get("log_format", defaults.LOG_FORMAT))),
+            log_level=check_log_level(str(raw.get("log_level", defaults.LOG_LEVEL))),
             tls=tls,
             insecure=insecure,
             patch_commands=patch_commands,

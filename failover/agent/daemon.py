@@ -13,10 +13,15 @@ import grpc.aio
 from failover.agent.config import AgentConfig
 from failover.agent.host import Agent
 from failover.agent.restart import patch_argv, reexec
+from failover.errors import ConfigError
 from failover.net import agent_servicers, channels
 from failover.net.authorization import RoleCheck, TermFence
 from failover.net.grpc_logs import limit_decode_error_logs
 from failover.net.tls import TlsMaterial
+from failover.observe import health, logs
+from failover.observe.agent_metrics import AgentMetrics
+from failover.observe.endpoint import MetricsEndpoint
+from failover.observe.logs import event_fields
 from failover.storage.modes import make_private_dir
 from failover.v1 import agent_pb2
 
@@ -32,9 +37,12 @@ async def serve(config: AgentConfig, tls: TlsMaterial | None = None) -> bool:
     channels.check_listen(str(config.listen), tls=tls is not None, insecure=config.insecure)
     make_private_dir(config.data_dir)
     agent = Agent(config, tls)
+    if config.metrics_listen is not None:
+        agent.metrics = AgentMetrics(agent)  # before `start`: recovered logs report fsyncs
     await agent.start()
     server = channels.server(interceptors=interceptors(agent, tls))
     agent_servicers.add_to_server(server, agent)
+    health.add_to_server(server, health.agent_health(agent))
     try:
         port = channels.add_port(server, str(config.listen), tls)
     except RuntimeError as exc:
@@ -42,6 +50,17 @@ async def serve(config: AgentConfig, tls: TlsMaterial | None = None) -> bool:
     if port == 0:
         raise SystemExit(f"failover-agent: cannot listen on {config.listen} (in use?)")
     await server.start()
+    endpoint = None
+    if agent.metrics is not None and config.metrics_listen is not None:
+        endpoint = MetricsEndpoint(agent.metrics.registry,
+                                   health.agent_routes(agent, config.host_id), tls)
+        try:
+            metrics_port = await endpoint.start(config.metrics_listen)
+        except ConfigError as exc:
+            raise SystemExit(f"failover-agent: {exc}") from None
+        log.info("agent %s serves metrics and health on %s port %d", config.host_id,
+                 "HTTPS" if tls is not None else "HTTP", metrics_port,
+                 extra=event_fields("metrics_listening", port=metrics_port))
     log.info("agent %s serving on %s with %s (data dir %s, pid %d)", config.host_id,
              config.listen, "mutual TLS" if tls is not None else "no TLS", config.data_dir,
              os.getpid())
@@ -55,6 +74,8 @@ async def serve(config: AgentConfig, tls: TlsMaterial | None = None) -> bool:
         task.cancel()
     restarting = agent.restart_requested.is_set() and not stop.is_set()
     log.info("agent %s %s", config.host_id, "re-executing" if restarting else "stopping")
+    if endpoint is not None:
+        await endpoint.stop()
     await server.stop(grace=1.0)
     await agent.stop()
     return restarting
@@ -77,11 +98,7 @@ def interceptors(agent: Agent, tls: TlsMaterial | None) -> list[grpc.aio.ServerI
 
 def run(config: AgentConfig, tls: TlsMaterial | None = None) -> None:
     """Blocking entry point used by `failover-agent`."""
-    logging.basicConfig(
-        level=os.environ.get("FAILOVER_LOG_LEVEL", "INFO").upper(),
-        format=f"%(asctime)s {config.host_id} %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(config.host_id, config.log_format, config.log_level, sys.stderr)
     limit_decode_error_logs()
     if asyncio.run(serve(config, tls)):
         reexec()  # the event loop, its threads and the port are gone: a clean slate

@@ -41,6 +41,7 @@ from failover.errors import (
     Unavailable,
 )
 from failover.net.tls import TlsMaterial
+from failover.observe.agent_metrics import AgentMetrics
 from failover.storage.modes import make_private_dir
 from failover.storage.records import CheckedRecords, check_records
 from failover.storage.snapshot import SnapshotHeader, iter_compressed_chunks, read_header
@@ -117,6 +118,9 @@ class Agent:
                                 self.spawn, config.hook_timeout_ms,
                                 config.hook_output_bytes_max)
         self._roles_seen: dict[str, str] = {}
+        # The metrics (issue 17; None without --metrics-listen): set before `start`, so that
+        # the logs recovered there report their fsyncs too.
+        self.metrics: AgentMetrics | None = None
         # Shipped record bytes read and not yet answered, all Ship streams together.
         self.ship_inflight_bytes = 0
         self._ship_bytes_freed = asyncio.Event()
@@ -261,8 +265,15 @@ class Agent:
         self._link(host_id).send_truncate(
             replication_pb2.Truncate(service=service, epoch=epoch, after_index=after_index))
 
+    @property
+    def wal_fsync_observer(self) -> Callable[[float], None] | None:
+        """What each log fsync's seconds are told to (the metrics), or None."""
+        return self.metrics.fsync_done if self.metrics is not None else None
+
     def ship_batch(self, host_id: str, service: str, epoch: int, action: SendBatch,
                    records: bytes, last_index: int) -> None:
+        if self.metrics is not None:
+            self.metrics.shipped_entries(service, last_index - action.first_index + 1)
         self._link(host_id).send_batch(replication_pb2.ShipBatch(
             service=service, epoch=epoch, batch_id=action.batch_id,
             prev=common_pb2.LogPosition(epoch=action.prev.epoch, index=action.prev.index),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import click
@@ -40,11 +41,22 @@ commands this host may run are the TOML's [patch.commands] (name = [argv...]).""
 @click.option("--insecure", is_flag=True, default=None,
               help="Serve in the clear on a non-loopback address (anyone reaching it can drive "
                    "this host).")
+@click.option("--metrics-listen", help="HOST:PORT to serve Prometheus metrics (/metrics) and "
+              "health (/healthz, /primary/SERVICE, /replica/SERVICE) on; HTTPS with the TLS "
+              "flags. Beyond loopback only with TLS or --insecure.")
+@click.option("--log-format", type=click.Choice(["text", "json"]),
+              help="Log records as lines for people (text, the default) or one JSON object "
+              "per line with each record's fields (json).")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR",
+                                                "CRITICAL"], case_sensitive=False),
+              help="The least severe records logged (default INFO, or FAILOVER_LOG_LEVEL).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="TOML file with the same keys (host_id, listen, data_dir, ...).")
 def agent_command(config_path: str | None, **flags: Any) -> None:
     raw: dict[str, Any] = load_toml(config_path) if config_path else {}
     raw.update({k: v for k, v in flags.items() if v is not None})
+    if "log_level" not in raw and os.environ.get("FAILOVER_LOG_LEVEL"):
+        raw["log_level"] = os.environ["FAILOVER_LOG_LEVEL"]  # as before issue 17
     config = AgentConfig.from_mapping(raw)
     tls = config.load_tls()
     from failover.agent.daemon import run  # imported late: --help stays fast

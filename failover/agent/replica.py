@@ -68,6 +68,7 @@ from failover.errors import (
     StorageError,
     Unavailable,
 )
+from failover.observe.logs import event_fields
 from failover.storage.atomic import write_atomic
 from failover.storage.modes import make_private_dir
 from failover.storage.records import CheckedRecords, Entry
@@ -223,6 +224,7 @@ class Replica:
         policy = self.agent.config.fsync_policy
         try:
             self.wal = WriteAheadLog.open(self.root / "wal", fsync_policy=policy)
+            self.wal.fsync_observer = self.agent.wal_fsync_observer
             report = self.wal.open_report
             if report.torn_bytes_dropped:
                 log.warning("%s: dropped a torn log tail of %d bytes in %s", self.service,
@@ -356,7 +358,11 @@ class Replica:
         item that asked for it ("" if none). Raises when an assignment cannot be written."""
         if action.reason == "step_down":
             log.warning("%s: role %s -> %s at epoch %d (was epoch %d): %s", self.service,
-                        self.role, action.meta.role, action.meta.epoch, self.epoch, action.why)
+                        self.role, action.meta.role, action.meta.epoch, self.epoch, action.why,
+                        extra=event_fields("role_change", service=self.service,
+                                           role=action.meta.role, epoch=action.meta.epoch,
+                                           was_role=self.role, was_epoch=self.epoch,
+                                           why=action.why))
         try:
             self._write_meta(action.meta)
         except (StorageError, OSError) as exc:
@@ -394,7 +400,9 @@ class Replica:
         self._persist(persist)
         if was != (role, epoch):
             log.info("%s: role %s -> %s at epoch %d (was epoch %d): %s", self.service, was[0],
-                     role, epoch, was[1], why)
+                     role, epoch, was[1], why,
+                     extra=event_fields("role_change", service=self.service, role=role,
+                                        epoch=epoch, was_role=was[0], was_epoch=was[1], why=why))
 
     def step_down(self, epoch: int, why: str) -> None:
         """A newer epoch exists: stop serving writes and wait to be told the new primary.

@@ -8,7 +8,7 @@ through annotations).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +29,10 @@ class ReplicaHost(Protocol):
 
     @property
     def replicas(self) -> Mapping[str, object]: ...
+
+    # Told the seconds of each log fsync (the agent's metrics, issue 17); None: not measured.
+    @property
+    def wal_fsync_observer(self) -> Callable[[float], None] | None: ...
 
     # Ship messages received and not yet answered (appliers yield while there are any), and
     # an event set while there are none.

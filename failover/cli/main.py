@@ -65,9 +65,10 @@ def _accept_format(command: click.Command) -> None:
 
 
 def _register_commands() -> None:
-    from failover.cli import admin, certs, chaos, demo, events
+    from failover.cli import admin, certs, chaos, demo, events, top
 
     cli.add_command(demo.demo_command)
+    cli.add_command(top.top_command)
     cli.add_command(chaos.chaos_command)
     cli.add_command(certs.certs_command)
     cli.add_command(events.events_command)

@@ -20,6 +20,7 @@ import grpc
 import grpc.aio
 
 from failover import defaults
+from failover.core.permissions import HEALTH_METHODS
 from failover.net import channels
 from failover.net.authorization import Check, CheckFirst
 from failover.net.coordinator_servicer import CoordinatorServicer
@@ -34,7 +35,8 @@ log = logging.getLogger(__name__)
 LEADER_METADATA = channels.LEADER_METADATA_KEY
 _SERVICE = "/failover.v1.Coordinator/"
 # Served by any coordinator, from the store.
-ANY_COORDINATOR = frozenset({_SERVICE + "GetClusterStatus", _SERVICE + "GetHistory"})
+ANY_COORDINATOR = frozenset({_SERVICE + "GetClusterStatus", _SERVICE + "GetHistory",
+                             *HEALTH_METHODS})  # a follower says itself that it does not lead
 
 
 class LeaderHint:

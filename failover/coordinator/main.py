@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -65,12 +66,29 @@ address only, unless --insecure."""
 @click.option("--insecure", is_flag=True,
               help="Serve in the clear on a non-loopback address: anyone who reaches it "
               "drives the cluster.")
+@click.option("--metrics-listen", default=None,
+              help="HOST:PORT to serve Prometheus metrics (/metrics) and health (/healthz, "
+              "/leader) on; HTTPS with the TLS flags. Beyond loopback only with TLS or "
+              "--insecure.")
+@click.option("--log-format", type=click.Choice(defaults.LOG_FORMATS),
+              default=defaults.LOG_FORMAT, show_default=True,
+              help="Log records as lines for people (text) or one JSON object per line with "
+              "each record's fields (json).")
+@click.option("--log-level", type=click.Choice(defaults.LOG_LEVELS, case_sensitive=False),
+              default=None, help="The least severe records logged (default INFO, or "
+              "FAILOVER_LOG_LEVEL).")
 def coordinator_command(listen: str, data_dir: str, store: str | None, cluster: str,
                         etcd_tls_ca: str | None, etcd_tls_cert: str | None,
                         etcd_tls_key: str | None, leader_ttl_ms: int, advertise: str | None,
                         host_dead_ms: int, placement: str, tls_ca: str | None,
-                        tls_cert: str | None, tls_key: str | None, insecure: bool) -> None:
+                        tls_cert: str | None, tls_key: str | None, insecure: bool,
+                        metrics_listen: str | None, log_format: str,
+                        log_level: str | None) -> None:
     parse_address(listen, what="listen")
+    from failover.observe.logs import check_log_level
+
+    level = check_log_level(log_level or os.environ.get("FAILOVER_LOG_LEVEL")
+                            or defaults.LOG_LEVEL)
     etcd_tls = _check_store(store, cluster, etcd_tls_ca, etcd_tls_cert, etcd_tls_key,
                             leader_ttl_ms)
     if advertise is not None:
@@ -82,11 +100,17 @@ def coordinator_command(listen: str, data_dir: str, store: str | None, cluster: 
     files = TlsFiles.from_options(tls_ca, tls_cert, tls_key)
     tls = files.load() if files is not None else None
     check_listen(listen, tls=tls is not None, insecure=insecure)
+    from failover.observe.endpoint import check_metrics_listen
+
+    if metrics_listen is not None:
+        metrics_listen = check_metrics_listen(metrics_listen, tls=tls is not None,
+                                              insecure=insecure)
     from failover.coordinator.daemon import run  # imported late: --help stays fast
 
     run(listen=listen, data_dir=data_dir, store=store, host_dead_ms=host_dead_ms,
         placement=placement, tls=tls, cluster=cluster, etcd_tls=etcd_tls,
-        leader_ttl_ms=leader_ttl_ms, advertise=advertise)
+        leader_ttl_ms=leader_ttl_ms, advertise=advertise, metrics_listen=metrics_listen,
+        log_format=log_format, log_level=level)
 
 
 def _check_store(store: str | None, cluster: str, ca: str | None, cert: str | None,

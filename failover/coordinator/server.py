@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -74,6 +75,8 @@ from failover.errors import InvalidRequest, LeadershipLostError, Overloaded, Una
 from failover.net import channels
 from failover.net.convert import cluster_status
 from failover.net.tls import TlsMaterial
+from failover.observe.coordinator_metrics import CoordinatorMetrics, log_history
+from failover.observe.logs import event_fields
 from failover.storage.store import CoordinatorInfo, Store
 from failover.v1 import agent_pb2, coordinator_pb2
 
@@ -193,6 +196,8 @@ class Coordinator:
         self.fatal = asyncio.Event()
         # WatchHistory's watchers: each commit's events go to them as it returns.
         self.history_feed = HistoryFeed(store, self._not_leading)
+        # Prometheus metrics (issue 17; None without --metrics-listen): the daemon sets it.
+        self.metrics: CoordinatorMetrics | None = None
 
     async def start(self) -> None:
         """Opens the store and leads (the SQLite store leads at once): one coordinator."""
@@ -343,6 +348,10 @@ class Coordinator:
             raise asyncio.CancelledError
         carried.result()
 
+    def acting(self) -> bool:
+        """Whether this coordinator leads and may act now (its health and `is_leader`)."""
+        return self._acting()
+
     def _acting(self) -> bool:
         """Whether this coordinator may act now: it leads, and its store has not yet said
         the term ended (the daemon's deposal follows that at the next turn of the loop)."""
@@ -355,6 +364,7 @@ class Coordinator:
     async def _carry_out(self, actions: list[Action]) -> None:
         asks: list[AskHearsPrimary] = []
         generation = self._generation
+        decided_ms = monotonic_ms()  # about when the core decided these (for the metrics)
         for action in actions:
             if generation != self._generation or not self._acting():
                 # Deposed meanwhile (or led again under a new core): nothing more of these
@@ -362,8 +372,15 @@ class Coordinator:
                 raise self._not_leading()
             if isinstance(action, Persist):
                 try:
+                    started = time.perf_counter()
                     seqs = await self.store.commit(action.puts, action.deletes,
                                                    action.history)
+                    if self.metrics is not None:
+                        self.metrics.committed(action.history, time.perf_counter() - started,
+                                               decided_ms)
+                    else:
+                        for row in action.history:
+                            log_history(*row)
                 except LeadershipLostError as exc:
                     # The store refused: another coordinator leads. Stop now, not at the
                     # next keep-alive; the daemon campaigns again.
@@ -383,8 +400,14 @@ class Coordinator:
                 self._enqueue(action)
             elif isinstance(action, AskHearsPrimary):
                 asks.append(action)  # asked together below: their answers are one round
+                log.info("%s: its primary is suspected; asking %s whether they still hear it",
+                         action.service, ", ".join(sorted(action.hosts)) or "no duplica",
+                         extra=event_fields("suspected", service=action.service,
+                                            epoch=action.epoch, asking=sorted(action.hosts)))
             elif isinstance(action, PushRoutes):
                 self._push_routes(action)
+                if self.metrics is not None:
+                    self.metrics.routes_pushed(monotonic_ms())
             elif isinstance(action, StartSwitchover):
                 self._spawn(self._move_primary(action))
             elif isinstance(action, PrepareSwitchover):
@@ -765,6 +788,11 @@ class Coordinator:
             await self._execute(actions)
 
     def _ended(self, action: Progress | Done | Failed) -> None:
+        if isinstance(action, Progress):  # each step of a patch, drain or move: one record
+            log.log(logging.INFO if action.ok else logging.WARNING, "operation %s: %s: %s",
+                    action.op_id, action.step, action.message,
+                    extra=event_fields("operation_step", op_id=action.op_id, step=action.step,
+                                       host_id=action.host_id, ok=action.ok))
         op = self._operations.get(action.op_id)
         if op is None:
             return

@@ -38,8 +38,11 @@ CREATE, DELETE, PATCH, CHAOS, COMPACT = "create", "delete", "patch", "chaos", "c
 REGISTER, HEARTBEAT, SHIP, INSTALL_SNAPSHOT, SEND_PAGES = (
     "register", "heartbeat", "ship", "install snapshot", "send migrated pages")
 CONTROL, READ_AGENT = "control an agent", "read an agent's status"
+# The standard gRPC health service (issue 17): every role may ask whether a daemon serves,
+# as anyone who reaches the metrics port may (it changes nothing; routes say as much).
+HEALTH = "read health"
 
-_CLIENT = frozenset({EXECUTE, QUERY, WATCH_ROUTES})
+_CLIENT = frozenset({EXECUTE, QUERY, WATCH_ROUTES, HEALTH})
 _OPERATOR = _CLIENT | {READ_STATUS, SWITCHOVER, DRAIN, MIGRATE}
 _ADMIN = _OPERATOR | {CREATE, DELETE, PATCH, CHAOS, COMPACT, READ_AGENT}
 
@@ -47,8 +50,8 @@ ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
     CLIENT: _CLIENT,
     OPERATOR: _OPERATOR,
     ADMIN: _ADMIN,
-    AGENT: frozenset({REGISTER, HEARTBEAT, SHIP, INSTALL_SNAPSHOT, SEND_PAGES}),
-    COORDINATOR: frozenset({CONTROL, READ_AGENT, COMPACT}),
+    AGENT: frozenset({REGISTER, HEARTBEAT, SHIP, INSTALL_SNAPSHOT, SEND_PAGES, HEALTH}),
+    COORDINATOR: frozenset({CONTROL, READ_AGENT, COMPACT, HEALTH}),
 }
 
 # The permission each RPC needs, by its full gRPC method name (the servers check these; a
@@ -88,6 +91,8 @@ METHOD_PERMISSIONS: dict[str, str] = {
         "Migration/MigratePages": SEND_PAGES,
     }.items()
 }
+HEALTH_METHODS = tuple(f"/grpc.health.v1.Health/{m}" for m in ("Check", "List", "Watch"))
+METHOD_PERMISSIONS.update(dict.fromkeys(HEALTH_METHODS, HEALTH))
 
 
 @dataclass(frozen=True, slots=True)

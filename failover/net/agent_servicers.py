@@ -20,6 +20,7 @@ Overloaded also name themselves in trailing metadata (`ERROR_TYPE_METADATA_KEY`)
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, NoReturn
@@ -53,6 +54,8 @@ from failover.net.execute_stream import (
 )
 from failover.net.refusals import HANDLED, refusal_of
 from failover.net.tls import peer_identity
+from failover.observe.agent_metrics import measure_calls
+from failover.observe.logs import event_fields
 from failover.v1 import (
     agent_pb2,
     agent_pb2_grpc,
@@ -396,11 +399,19 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         try:
             if request.command:
                 argv = patch_argv(request.command, agent.config.patch_commands)
-                log.info("running patch command %s: %s", request.command, argv)
+                log.info("running patch command %s: %s", request.command, argv,
+                         extra=event_fields("patch_command", command=request.command,
+                                            argv=argv))
                 code, output = await run_patch_command(
                     argv, request.command_timeout_ms or defaults.PATCH_COMMAND_TIMEOUT_MS)
         except _HANDLED as exc:
             await _abort(context, exc)
+        log.log(logging.INFO if code == 0 else logging.WARNING,
+                "patch step: %s", "restarting on new code" if code == 0 else
+                f"the patch command exited with {code}: not restarting",
+                extra=event_fields("patch_restart" if code == 0 else "patch_refused",
+                                   command=request.command, exit_code=code,
+                                   version=agent.version))
         if code != 0:
             tail = " ".join(output.split())[-300:]
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -422,7 +433,9 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
             replica = self.agent.replica(request.service)
             replica.check_not_broken()
             source = MigrationSource(replica, request, self.agent.host_id, self.agent.tls)
+            sent = 0  # wire bytes counted so far (progress carries the running total)
             async for progress in source.run():
+                sent = _observe_migration(self.agent, request, progress, sent)
                 yield progress
         except MigrationError as exc:
             await context.abort(grpc.StatusCode.ABORTED, str(exc))
@@ -475,9 +488,13 @@ class MigrationServicer(migration_pb2_grpc.MigrationServicer):
         except _HANDLED as exc:
             await _abort(context, exc)
 
+        metrics = self.agent.metrics
+
         async def batches() -> AsyncIterator[migration_pb2.PageBatch]:
             yield first
             async for batch in stream:
+                if metrics is not None:
+                    metrics.migrated_bytes(first.service, "in", batch.ByteSize())
                 yield batch
 
         try:
@@ -487,8 +504,39 @@ class MigrationServicer(migration_pb2_grpc.MigrationServicer):
             admitted.__exit__(None, None, None)
 
 
+def _observe_migration(agent: Agent, request: agent_pb2.MigrateOutRequest,
+                       progress: agent_pb2.MigrationProgress, sent: int) -> int:
+    """Logs a migration's step as one record with its fields and counts its bytes and pause
+    in the metrics; returns the wire bytes counted so far."""
+    if progress.phase == "done":
+        try:
+            downtime_ms = float(json.loads(progress.stats_json or b"{}")["downtime_ms"])
+        except (ValueError, KeyError, TypeError):  # the copy is done: never fail it for this
+            downtime_ms = 0.0
+        if agent.metrics is not None:
+            agent.metrics.migration_paused(request.service, downtime_ms / 1000)
+    else:
+        downtime_ms = None
+    log.info("%s: migration %s to %s: %s, round %d, %d pages, %d bytes on the wire",
+             request.service, progress.migration_id, request.target_host_id, progress.phase,
+             progress.round, progress.pages, progress.wire_bytes,
+             extra=event_fields("migration_" + (progress.phase or "step"),
+                                service=request.service, migration_id=progress.migration_id,
+                                target=request.target_host_id, round=progress.round,
+                                pages=progress.pages, wire_bytes=progress.wire_bytes,
+                                raw_bytes=progress.raw_bytes, dirty_pages=progress.dirty_pages,
+                                throttle_ms=progress.throttle_ms, downtime_ms=downtime_ms))
+    if agent.metrics is not None and progress.wire_bytes > sent:
+        agent.metrics.migrated_bytes(request.service, "out", progress.wire_bytes - sent)
+        return progress.wire_bytes
+    return sent
+
+
 def add_to_server(server: grpc.aio.Server, agent: Agent) -> None:
-    data_pb2_grpc.add_DataServicer_to_server(DataServicer(agent), server)
+    data = DataServicer(agent)
+    if agent.metrics is not None:  # --metrics-listen: client calls counted and timed
+        measure_calls(data, agent.metrics)
+    data_pb2_grpc.add_DataServicer_to_server(data, server)
     migration_pb2_grpc.add_MigrationServicer_to_server(MigrationServicer(agent), server)
     replication_pb2_grpc.add_ReplicationServicer_to_server(ReplicationServicer(agent), server)
     agent_pb2_grpc.add_AgentControlServicer_to_server(AgentControlServicer(agent), server)

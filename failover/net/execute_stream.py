@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from failover.agent.replica import Replica
 
 log = logging.getLogger(__name__)
+_CODE_NAMES = {code.value[0]: code.name.lower() for code in grpc.StatusCode}  # for metrics
 
 _RESULT, _REJECTED, _INVALID = 0, 1, 2  # AnswerBatch.outcome
 _OUTCOME = {ReplyStatus.OK: _RESULT, ReplyStatus.REJECTED: _REJECTED,
@@ -95,6 +97,10 @@ class ExecuteStream:
         self._timers: dict[int, asyncio.TimerHandle] = {}  # by a message's first token
         self.closed = False
         self._clear_answers()
+        # With --metrics-listen (issue 17): when each call came in, by token, so that its
+        # answer is counted and timed as an Execute's is (`AgentMetrics.request_done`).
+        self._metrics = agent.metrics
+        self._started: dict[int, float] = {}
 
     def _clear_answers(self) -> None:
         self._seq: list[int] = []
@@ -119,6 +125,8 @@ class ExecuteStream:
         payloads, opens, deadlines = batch.payload, batch.opens_session, batch.deadline_ms
         first = self._tokens
         self._tokens = first + count
+        if self._metrics is not None:
+            self._started.update(dict.fromkeys(range(first, first + count), time.perf_counter()))
         pending = self.pending
         groups: dict[str, list[StreamCall]] = {}
         names_ok: set[str] = set()  # a message's calls mostly share a service and session
@@ -208,6 +216,9 @@ class ExecuteStream:
             status = reply.status
             if status != ReplyStatus.EXPIRED:
                 assert replica is not None
+                if self._metrics is not None:
+                    self._measure(replica, call[0],
+                                  "ok" if status == ReplyStatus.OK else "rejected")
                 self._seq.append(seq)
                 self._data.append(reply.data)
                 self._outcome.append(_OUTCOME[status])
@@ -220,8 +231,17 @@ class ExecuteStream:
                 return
             # The entry changed nothing: no reply to give.
             outcome = SessionExpired(reply.data.decode(errors="replace"))
-        self._refused.append(_refused(seq, outcome))
+        refused = _refused(seq, outcome)
+        if self._metrics is not None:
+            self._measure(replica, call[0], _CODE_NAMES.get(refused.code, "unknown"))
+        self._refused.append(refused)
         self._wake()
+
+    def _measure(self, replica: Replica | None, token: int, outcome: str) -> None:
+        started = self._started.pop(token, None)
+        if self._metrics is not None and started is not None:
+            self._metrics.request_done(replica.service if replica is not None else "",
+                                       "execute", outcome, time.perf_counter() - started)
 
     def _wake(self) -> None:
         self.ready.set()
@@ -245,6 +265,7 @@ class ExecuteStream:
         """The call ended: calls still running are cancelled (their entries, if logged,
         are applied all the same; the client retries them with the same ids)."""
         self.closed = True
+        self._started.clear()
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()

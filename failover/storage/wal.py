@@ -46,7 +46,7 @@ import os
 import threading
 import time
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 from operator import add
@@ -140,6 +140,9 @@ class WriteAheadLog:
 
     open_report: OpenReport
     fsync_policy: str
+    # Called with the seconds each append's fsync took (the agent's
+    # failover_wal_fsync_duration_seconds); None: not measured. Runs on the appending thread.
+    fsync_observer: Callable[[float], None] | None = None
 
     @classmethod
     def open(
@@ -653,7 +656,7 @@ class WriteAheadLog:
             try:
                 _write_all(self._fd, blob)
                 if self.fsync_policy == "always":
-                    os.fsync(self._fd)
+                    self._fsync_measured(self._fd)
             except BaseException as exc:
                 self._undo_write_locked([], seg.size)
                 if isinstance(exc, OSError):
@@ -711,7 +714,7 @@ class WriteAheadLog:
                 seg_records += j - k
                 k = j
             if self.fsync_policy == "always":
-                os.fsync(fd)
+                self._fsync_measured(fd)
         except BaseException as exc:
             self._undo_write_locked(created, orig_size)
             if isinstance(exc, OSError):
@@ -764,6 +767,16 @@ class WriteAheadLog:
             else:
                 self._lead_sync_locked()
 
+    def _fsync_measured(self, fd: int) -> None:
+        """An append's fsync, its duration told to `fsync_observer` when there is one."""
+        observer = self.fsync_observer
+        if observer is None:
+            os.fsync(fd)
+            return
+        started = time.perf_counter()
+        os.fsync(fd)
+        observer(time.perf_counter() - started)
+
     def _lead_sync_locked(self) -> None:
         """Fsyncs everything written so far, with the lock released during the fsync."""
         self._syncing = True
@@ -782,7 +795,7 @@ class WriteAheadLog:
         if fd is not None:
             self._lock.release()
             try:
-                os.fsync(fd)
+                self._fsync_measured(fd)
             except OSError as exc:
                 error = exc
             finally:

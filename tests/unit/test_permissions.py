@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from grpc_health.v1 import health_pb2
 
 from failover.core import permissions as p
 from failover.core.permissions import Identity
@@ -11,14 +12,16 @@ from failover.v1 import agent_pb2, coordinator_pb2, data_pb2, migration_pb2, rep
 
 # The issue's table, written out once more by hand: a change to permissions.py that moves a
 # boundary fails here.
+# Health (issue 17) is every role's: it changes nothing and says what routes say.
 EXPECTED = {
-    p.CLIENT: {p.EXECUTE, p.QUERY, p.WATCH_ROUTES},
-    p.OPERATOR: {p.EXECUTE, p.QUERY, p.WATCH_ROUTES, p.READ_STATUS, p.SWITCHOVER, p.DRAIN,
-                 p.MIGRATE},
-    p.ADMIN: {p.EXECUTE, p.QUERY, p.WATCH_ROUTES, p.READ_STATUS, p.SWITCHOVER, p.DRAIN,
-              p.MIGRATE, p.CREATE, p.DELETE, p.PATCH, p.CHAOS, p.COMPACT, p.READ_AGENT},
-    p.AGENT: {p.REGISTER, p.HEARTBEAT, p.SHIP, p.INSTALL_SNAPSHOT, p.SEND_PAGES},
-    p.COORDINATOR: {p.CONTROL, p.READ_AGENT, p.COMPACT},
+    p.CLIENT: {p.EXECUTE, p.QUERY, p.WATCH_ROUTES, p.HEALTH},
+    p.OPERATOR: {p.EXECUTE, p.QUERY, p.WATCH_ROUTES, p.HEALTH, p.READ_STATUS, p.SWITCHOVER,
+                 p.DRAIN, p.MIGRATE},
+    p.ADMIN: {p.EXECUTE, p.QUERY, p.WATCH_ROUTES, p.HEALTH, p.READ_STATUS, p.SWITCHOVER,
+              p.DRAIN, p.MIGRATE, p.CREATE, p.DELETE, p.PATCH, p.CHAOS, p.COMPACT,
+              p.READ_AGENT},
+    p.AGENT: {p.REGISTER, p.HEARTBEAT, p.SHIP, p.INSTALL_SNAPSHOT, p.SEND_PAGES, p.HEALTH},
+    p.COORDINATOR: {p.CONTROL, p.READ_AGENT, p.COMPACT, p.HEALTH},
 }
 ALL = set().union(*EXPECTED.values())
 
@@ -70,7 +73,8 @@ def test_no_certificate_is_refused_everything() -> None:
 def _rpc_methods() -> set[str]:
     return {
         f"/{service.full_name}/{method.name}"
-        for module in (agent_pb2, coordinator_pb2, data_pb2, migration_pb2, replication_pb2)
+        for module in (agent_pb2, coordinator_pb2, data_pb2, migration_pb2, replication_pb2,
+                       health_pb2)
         for service in module.DESCRIPTOR.services_by_name.values()
         for method in service.methods
     }
