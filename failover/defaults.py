@@ -312,3 +312,17 @@ UNAVAILABILITY_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 
 TOP_INTERVAL_MS = 1000  # failoverctl top: one status and history read per this
 TOP_INTERVAL_MS_MIN = 200  # faster would load the coordinator for a picture nobody can read
 TOP_EVENTS_MAX = 10  # the newest history events shown under the table
+
+
+# The crash fast path (issue 16): a supervisor runs the agent's work in a child process and
+# tells the coordinator when it exits.
+AGENT_INCARNATION_MAX = (1 << 63) - 1  # the child's incarnation, counted on disk by the supervisor
+EXIT_CODE_MIN = -128  # an exit report's code: negative for the signal that ended the child,
+EXIT_CODE_MAX = 255  # else what it passed to exit
+SUPERVISOR_REPORT_TIMEOUT_MS = 2000  # reporting one exit, every coordinator tried, retries included
+SUPERVISOR_REPORT_CALL_TIMEOUT_MS = 300  # one call of that report
+SUPERVISOR_RESTARTS_MAX = 10  # child restarts within SUPERVISOR_RESTART_WINDOW_MS before the
+SUPERVISOR_RESTART_WINDOW_MS = 60_000  # supervisor gives up (exits, as a host that stopped)
+SUPERVISOR_BACKOFF_MIN_MS = 50  # the wait before a restart, doubling per exit within the
+SUPERVISOR_BACKOFF_MAX_MS = 5000  # window, up to this
+SUPERVISOR_STOP_TIMEOUT_MS = 10_000  # SIGTERM forwarded to the child: SIGKILL after this

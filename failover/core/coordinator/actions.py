@@ -244,6 +244,9 @@ class HearsAnswer:
     hears: bool = False
     durable_index: int = 0
     epoch: int = 0
+    # How long before answering it last heard the primary (as HearsPrimaryReply says);
+    # None when not known, which counts a `hears` as recent whatever the failover.
+    silent_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

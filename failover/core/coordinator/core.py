@@ -378,6 +378,13 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
                                     for action in Detector.hears_primary(self, name, answered,
                                                                          now_ms)])
 
+    def process_exited(self, host_id: str, incarnation: int, exit_code: int,
+                       now_ms: int) -> list[Action]:
+        """A host's supervisor reports that its agent process of `incarnation` exited
+        (`Detector.process_exited`): one decision round."""
+        return self._round(lambda: Detector.process_exited(self, host_id, incarnation,
+                                                           exit_code, now_ms))
+
     def _round(self, decide: Callable[[], list[Action]]) -> list[Action]:
         """Runs one decision round: what it decides is one `Persist` (`merge_persists`: at
         the place of the first, so it still precedes every action that tells an agent or a

@@ -12,6 +12,7 @@ granted it has ended plus the drift margin (invariant 6).
 
 from __future__ import annotations
 
+from failover import defaults
 from failover.core.coordinator.actions import (
     Action,
     AskHearsPrimary,
@@ -24,10 +25,13 @@ from failover.core.coordinator.model import (
     CoreState,
     Failover,
     HostLive,
+    ServiceInfo,
     hand_over,
     pack,
     set_in_sync,
 )
+from failover.core.names import check_host_id
+from failover.errors import InvalidRequest
 
 
 class Detector(CoreState):
@@ -70,11 +74,7 @@ class Detector(CoreState):
             asked = self._asked_ms.get(service.name)
             if asked is not None and now_ms - asked < timeout:
                 continue
-            self._asked_ms[service.name] = now_ms
-            self.failovers[service.name] = Failover(
-                service.name, service.primary, live.last_heartbeat_ms, now_ms)
-            hosts = {h: self.hosts[h].address for h in service.duplicas() if h in self.hosts}
-            actions.append(AskHearsPrimary(service.name, service.epoch, hosts))
+            actions.append(self._start_failover(service, live, now_ms))
         for failover in list(self.failovers.values()):
             if failover.state == "waiting_lease" and now_ms >= failover.lease_expiry_ms:
                 actions.extend(self._promote(failover, now_ms))
@@ -92,7 +92,8 @@ class Detector(CoreState):
                 and not self._broken(service, failover.old_primary)):
             del self.failovers[service_name]  # it heartbeated again meanwhile
             return []
-        hearing = [a.host_id for a in answers if a.reachable and a.hears]
+        hearing = [a.host_id for a in answers if a.reachable and a.hears
+                   and self._heard_since_exit(failover, a, now_ms)]
         if hearing:
             del self.failovers[service_name]
             return [Persist({}, history=((
@@ -115,7 +116,8 @@ class Detector(CoreState):
         failover.chosen = chosen.host_id
         holder, expiry = self.leases.get(service_name, ("", 0))
         failover.lease_expiry_ms = (expiry + self.timing.lease_drift_margin_ms
-                                    if holder == failover.old_primary else 0)
+                                    if holder == failover.old_primary
+                                    and not self._lease_holder_exited(failover) else 0)
         failover.state = "waiting_lease"
         if now_ms >= failover.lease_expiry_ms:
             return self._promote(failover, now_ms)
@@ -148,3 +150,107 @@ class Detector(CoreState):
             actions.append(StepDown(old, old_host.address, service.name, service.epoch))
         actions.extend(self._bump_routes(service.name))
         return actions
+
+    # --- the crash fast path (issue 16) -----------------------------------------------------
+
+    def _start_failover(self, service: ServiceInfo, live: HostLive,
+                        now_ms: int) -> AskHearsPrimary:
+        """Starts the failover of `service`'s primary: its duplicas are asked whether they
+        still hear it (`hears_primary` decides on their answers)."""
+        self._asked_ms[service.name] = now_ms
+        self.failovers[service.name] = Failover(
+            service.name, service.primary, live.last_heartbeat_ms, now_ms)
+        hosts = {h: self.hosts[h].address for h in service.duplicas() if h in self.hosts}
+        return AskHearsPrimary(service.name, service.epoch, hosts)
+
+    def process_exited(self, host_id: str, incarnation: int, exit_code: int,
+                       now_ms: int) -> list[Action]:
+        """Host `host_id`'s supervisor saw its agent process of `incarnation` exit with
+        `exit_code` (negative: the signal that ended it). The caller has checked that the
+        report comes from that host (its certificate).
+
+        Every process of the host up to `incarnation` is gone (its supervisor starts the
+        next only after the last one exited), so if the one the coordinator knows
+        (`HostInfo.incarnation`) is among them: the host counts as silent now (its duplicas
+        leave the in-sync sets, as after a failure timeout), its heartbeats and
+        registrations up to that incarnation are refused from now on (`Membership`), and its
+        primaries fail over without waiting out the lease it was granted, after the same
+        questions to the duplicas as on the timeout path (`hears_primary`). A report of an
+        older incarnation than the one registered (late: the process was restarted and
+        registered since), or of one already reported, changes nothing; nor does one from a
+        host without a supervisor (incarnation 0), which is refused."""
+        check_host_id(host_id)
+        info = self.hosts.get(host_id)
+        if info is None:
+            raise InvalidRequest(f"host {host_id!r} is not registered: an exit report is "
+                                 "taken only from a registered host")
+        if not 0 < incarnation <= defaults.AGENT_INCARNATION_MAX:
+            raise InvalidRequest(f"host {host_id}: an exit report needs the process's "
+                                 f"incarnation, 1..{defaults.AGENT_INCARNATION_MAX}, not "
+                                 f"{incarnation}")
+        if not defaults.EXIT_CODE_MIN <= exit_code <= defaults.EXIT_CODE_MAX:
+            raise InvalidRequest(f"host {host_id}: exit code {exit_code} is not a process's "
+                                 f"({defaults.EXIT_CODE_MIN}..{defaults.EXIT_CODE_MAX})")
+        live = self.live.get(host_id)
+        if live is None:
+            live = self.live[host_id] = HostLive(last_heartbeat_ms=now_ms, alive=False)
+        if info.incarnation == 0 or incarnation < info.incarnation:
+            self.notices.append(
+                f"host {host_id}: exit of agent incarnation {incarnation} reported, but "
+                f"incarnation {info.incarnation} registered since: a late report, ignored")
+            return []
+        if incarnation <= live.exited:
+            return []  # reported already (a retry, or a duplicate delivery)
+        live.exited = incarnation
+        actions: list[Action] = [Persist({}, history=(("", "host", (
+            f"host {host_id}'s agent process (incarnation {incarnation}) exited with code "
+            f"{exit_code}: failing over its primaries without waiting out their leases"),
+            {"host_id": host_id, "incarnation": incarnation, "exit_code": exit_code}),))]
+        if live.alive:
+            live.alive = False
+            self._attend_host(host_id)
+            actions.extend(self._host_suspected(host_id))
+        for service in self._holding(host_id):
+            if service.primary != host_id:
+                continue
+            failover = self.failovers.get(service.name)
+            if failover is not None:
+                # A failover on the timeout path is under way: it need not wait for the
+                # lease any longer (a promotion is never started twice for one failover).
+                if failover.old_primary == host_id:
+                    failover.exited, failover.exited_ms = incarnation, now_ms
+                    if failover.state == "waiting_lease":
+                        failover.lease_expiry_ms = 0
+                continue
+            if service.name in self.switchovers:
+                continue  # the switchover ends (its prepare fails), then a tick starts one
+            ask = self._start_failover(service, live, now_ms)
+            failover = self.failovers[service.name]
+            failover.exited, failover.exited_ms = incarnation, now_ms
+            actions.append(ask)
+        for failover in list(self.failovers.values()):
+            if (failover.exited and failover.state == "waiting_lease"
+                    and now_ms >= failover.lease_expiry_ms):
+                actions.extend(self._promote(failover, now_ms))
+        return actions
+
+    def _lease_holder_exited(self, failover: Failover) -> bool:
+        """Whether every process that can hold the old primary's lease has exited: its
+        host's exit was reported for the incarnation registered (or a newer one), and no
+        newer one registered since. Leases are granted only to heartbeats of the registered
+        incarnation (`Membership.heartbeat`)."""
+        if not failover.exited:
+            return False
+        info = self.hosts.get(failover.old_primary)
+        return info is not None and 0 < info.incarnation <= failover.exited
+
+    def _heard_since_exit(self, failover: Failover, answer: HearsAnswer, now_ms: int) -> bool:
+        """Whether a duplica's "I hear the primary" counts. On the timeout path it always
+        does. Once the primary's process was reported exited, only if the duplica may have
+        heard it after the report arrived: what it heard before came from the dead process
+        (a keepalive sent just before the crash). Counted generously (a tenth more for the
+        rate of its clock): a report can then only fall back to the timeout path, never
+        promote while something still speaks for the primary."""
+        if not failover.exited or answer.silent_ms is None:
+            return True
+        return answer.silent_ms <= (now_ms - failover.exited_ms) * 11 // 10 + 1

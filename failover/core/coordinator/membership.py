@@ -103,13 +103,16 @@ class Membership(CoreState):
                     f"address only after it stopped for failure_timeout_ms "
                     f"({self.timing.failure_timeout_ms}); stop the old agent first")
             info.draining = known.draining
+            self._check_incarnation(known, info, live, now_ms)
         if known != info:
             self.hosts[info.host_id] = info
             actions.append(Persist({HOST_PREFIX + info.host_id: pack(info)},
                                    history=(("", "host", f"host {info.host_id} registered at "
                                              f"{info.address}", {"host_id": info.host_id}),)))
+        before = self.live.get(info.host_id)
         self.live[info.host_id] = HostLive(last_heartbeat_ms=now_ms, metrics=dict(metrics or {}),
-                                           stalled_mark_ms=self.stalled_ms)
+                                           stalled_mark_ms=self.stalled_ms,
+                                           exited=before.exited if before is not None else 0)
         self._loads.pop(info.host_id, None)
         self._forget_deposed(info.host_id)
         self._attend_host(info.host_id)  # it reports nothing yet: its primaries are unsettled
@@ -124,14 +127,51 @@ class Membership(CoreState):
                 actions.extend(self._bump_routes(*routed))
         return actions
 
+    def _check_incarnation(self, known: HostInfo, info: HostInfo, live: HostLive | None,
+                           now_ms: int) -> None:
+        """Refuses (InvalidRequest) the registration of an agent process that has exited:
+        one its supervisor reported exited (or older), and, while the host is alive, one
+        older than the process registered (a late registration of a process restarted
+        since). Only the registered incarnation is granted leases, and an exit report of it
+        lets a failover skip the lease wait (`Detector.process_exited`): an older process
+        taking its place would let a late report of that one cut a live lease short."""
+        if not info.incarnation:
+            return
+        if live is not None and info.incarnation <= live.exited:
+            raise InvalidRequest(
+                f"host {info.host_id}: agent process incarnation {info.incarnation} was "
+                f"reported exited (up to {live.exited}); a restarted agent registers with "
+                "a newer one")
+        if (info.incarnation < known.incarnation and live is not None and live.alive
+                and now_ms - live.last_heartbeat_ms < self.timing.failure_timeout_ms):
+            raise InvalidRequest(
+                f"host {info.host_id}: agent process incarnation {info.incarnation} is older "
+                f"than incarnation {known.incarnation}, alive and registered: a late "
+                "registration of a process restarted since, refused")
+
     def heartbeat(self, host_id: str, metrics: dict[str, float],
-                  replicas: list[ReplicaReport], now_ms: int) -> tuple[list[tuple[str, int, int]],
-                                                                        list[Action]]:
+                  replicas: list[ReplicaReport], now_ms: int,
+                  incarnation: int = 0) -> tuple[list[tuple[str, int, int]], list[Action]]:
         """A host is alive; returns the leases granted [(service, epoch, lease_ms)] and
-        actions (re-assignments of replicas that disagree with the record, in-sync changes)."""
+        actions (re-assignments of replicas that disagree with the record, in-sync changes).
+
+        `incarnation` is the agent process's (0: no supervisor). A heartbeat of another
+        incarnation than the one registered is refused as not registered (the agent then
+        registers): a lease goes only to the registered process, the one an exit report
+        names (`Detector.process_exited`)."""
         check_host_id(host_id)
-        if host_id not in self.hosts:
+        info = self.hosts.get(host_id)
+        if info is None:
             raise InvalidRequest(f"host {host_id!r} is not registered: register first")
+        if incarnation != info.incarnation:
+            raise InvalidRequest(
+                f"host {host_id!r} is not registered as agent process incarnation "
+                f"{incarnation} (incarnation {info.incarnation} is): register first")
+        live_now = self.live.get(host_id)
+        if live_now is not None and incarnation and incarnation <= live_now.exited:
+            raise InvalidRequest(
+                f"host {host_id!r} is not registered: its agent process incarnation "
+                f"{incarnation} was reported exited; a late heartbeat, refused")
         if len(replicas) > defaults.HEARTBEAT_REPLICAS_MAX:
             raise InvalidRequest(f"host {host_id}: a heartbeat of {len(replicas)} replicas is "
                                  f"over heartbeat_replicas_max "

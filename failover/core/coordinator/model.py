@@ -34,6 +34,11 @@ class HostInfo:
     draining: bool = False
     version: str = ""
     started_at: float = 0.0
+    # The agent process's incarnation, counted by its supervisor on the host (issue 16):
+    # every number up to it belongs to a process that has exited once a newer one runs, so
+    # a report that incarnation X exited tells of every process up to X. 0: an agent without
+    # a supervisor (no reports of its exit come; its failovers take the timeout path).
+    incarnation: int = 0
 
 
 @dataclass
@@ -149,6 +154,9 @@ class HostLive:
     stalled_mark_ms: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     replicas: dict[str, ReplicaReport] = field(default_factory=dict)
+    # The incarnation its supervisor reported exited (0: none since it registered): a
+    # register or heartbeat of that incarnation or an older one is a dead process's, late.
+    exited: int = 0
 
 
 @dataclass
@@ -163,6 +171,10 @@ class Failover:
     state: str = "asking"  # "asking" -> "waiting_lease" -> done
     chosen: str = ""
     lease_expiry_ms: int = 0  # promote from here: the old lease's end and the drift margin
+    # The old primary's process was reported exited (incarnation, when): it serves nothing,
+    # so the promotion need not wait out the lease it was granted (`Detector.process_exited`).
+    exited: int = 0
+    exited_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
