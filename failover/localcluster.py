@@ -12,6 +12,8 @@ the plaintext path (loopback only, or ``--insecure`` in network namespaces).
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -83,7 +85,14 @@ def tls_env(files: TlsFiles | None) -> dict[str, str]:
 
 
 class AgentProcess(ManagedProcess):
-    """One `failover-agent` process."""
+    """One `failover-agent`: its supervisor (`proc`, the process started, leader of its own
+    process group) and the supervisor's child that does the work (`child_pid`).
+
+    Which pids each fault hits: `kill`, `pause`, `resume` and `stop` signal the whole
+    process group, supervisor and child alike ("the agent", a host lost or hung);
+    `kill_child` SIGKILLs the child alone, the supervisor alive ("the agent process
+    crashed": the crash fast path). With `supervised=False` the agent runs with
+    --no-supervisor and is one process."""
 
     def __init__(self, root: Path, host_id: str, *, fsync_policy: str = "batch",
                  extra: dict[str, Any] | None = None, ip: str = "127.0.0.1",
@@ -97,6 +106,7 @@ class AgentProcess(ManagedProcess):
         self.data_dir = root / host_id
         self.fsync_policy = fsync_policy
         self.extra = dict(extra or {})
+        self.supervised = True
 
     def command(self) -> list[str]:
         cmd = [*self.prefix, sys.executable, "-m", "failover.agent", "--host-id", self.host_id,
@@ -104,7 +114,41 @@ class AgentProcess(ManagedProcess):
                "--fsync-policy", self.fsync_policy]
         for key, value in self.extra.items():
             cmd += [f"--{key.replace('_', '-')}", str(value)]
+        if not self.supervised:
+            cmd.append("--no-supervisor")
         return cmd + self.tls_command()
+
+    def signal(self, sig: int) -> None:
+        """To the process group: the supervisor and its child (`failover.agent.supervisor`
+        keeps the child in its group)."""
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+
+    def child_pid(self) -> int | None:
+        """The pid of the supervisor's child (None: none runs now, or no supervisor)."""
+        if not self.supervised or self.proc is None or self.proc.poll() is not None:
+            return None
+        pid = self.proc.pid
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            return None
+        return int(children[0]) if children else None
+
+    def kill_child(self, timeout_s: float = READY_TIMEOUT_S) -> int:
+        """SIGKILL of the supervisor's child alone (a crash of the agent's process); returns
+        the pid killed. The supervisor reports the exit and starts a new child."""
+        pid = wait_for(self.child_pid, timeout_s, f"{self.what}'s child process")
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def kill(self) -> None:
+        """SIGKILL of supervisor and child, and wait for both to be gone."""
+        child = self.child_pid()
+        super().kill()
+        if child is not None:
+            wait_for(lambda: not _running(child), 10.0, f"{self.what}'s child {child} to exit")
 
     def prepare(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -128,6 +172,15 @@ class AgentProcess(ManagedProcess):
 
     def digest(self, service: str) -> agent_pb2.GetDigestReply:
         return self.control().GetDigest(agent_pb2.GetDigestRequest(service=service), timeout=5)
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 class CoordinatorProcess(ManagedProcess):

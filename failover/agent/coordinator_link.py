@@ -42,6 +42,7 @@ class HeartbeatingAgent(Protocol):
     host_id: str
     version: str
     started_at: float
+    incarnation: int
     tls: TlsMaterial | None
     coordinator_term: CoordinatorTerm
 
@@ -159,6 +160,7 @@ class CoordinatorLink:
             registered = await stub.Register(coordinator_pb2.RegisterRequest(
                 host_id=agent.host_id, address=agent.config.address, zone=agent.config.zone,
                 version=agent.version, started_at=agent.started_at,
+                incarnation=agent.incarnation,
                 metrics=host_metrics(str(agent.config.data_dir)),
             ), timeout=timeout_s)
             self._learn_term(address, registered.coordinator_term)
@@ -171,6 +173,7 @@ class CoordinatorLink:
             host_id=agent.host_id, metrics=host_metrics(str(agent.config.data_dir)),
             replicas=[replica_status(r) for r in agent.replicas.values()],
             hook_results=[_hook_message(h) for h in hooks],
+            incarnation=agent.incarnation,
         ), timeout=timeout_s)
         # Before any grant: a deposed leader's leases are not taken.
         self._learn_term(address, reply.coordinator_term)

@@ -28,7 +28,8 @@ from failover.v1 import agent_pb2
 log = logging.getLogger("failover.agent")
 
 
-async def serve(config: AgentConfig, tls: TlsMaterial | None = None) -> bool:
+async def serve(config: AgentConfig, tls: TlsMaterial | None = None,
+                incarnation: int = 0) -> bool:
     """Serves until SIGTERM/SIGINT (returns False) or an answered Restart (returns True);
     replicas are recovered before the port opens. With `tls` (`AgentConfig.load_tls`) every
     call in and out is mutual TLS, and each call's role is checked (`RoleCheck`) before its
@@ -36,7 +37,7 @@ async def serve(config: AgentConfig, tls: TlsMaterial | None = None) -> bool:
     control call from a deposed coordinator (an older term) is refused (`interceptors`)."""
     channels.check_listen(str(config.listen), tls=tls is not None, insecure=config.insecure)
     make_private_dir(config.data_dir)
-    agent = Agent(config, tls)
+    agent = Agent(config, tls, incarnation)
     if config.metrics_listen is not None:
         agent.metrics = AgentMetrics(agent)  # before `start`: recovered logs report fsyncs
     await agent.start()
@@ -61,9 +62,9 @@ async def serve(config: AgentConfig, tls: TlsMaterial | None = None) -> bool:
         log.info("agent %s serves metrics and health on %s port %d", config.host_id,
                  "HTTPS" if tls is not None else "HTTP", metrics_port,
                  extra=event_fields("metrics_listening", port=metrics_port))
-    log.info("agent %s serving on %s with %s (data dir %s, pid %d)", config.host_id,
-             config.listen, "mutual TLS" if tls is not None else "no TLS", config.data_dir,
-             os.getpid())
+    log.info("agent %s serving on %s with %s (data dir %s, pid %d, incarnation %d)",
+             config.host_id, config.listen, "mutual TLS" if tls is not None else "no TLS",
+             config.data_dir, os.getpid(), incarnation)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -96,9 +97,9 @@ def interceptors(agent: Agent, tls: TlsMaterial | None) -> list[grpc.aio.ServerI
     return [RoleCheck(), fence] if tls is not None else [fence]
 
 
-def run(config: AgentConfig, tls: TlsMaterial | None = None) -> None:
+def run(config: AgentConfig, tls: TlsMaterial | None = None, incarnation: int = 0) -> None:
     """Blocking entry point used by `failover-agent`."""
     logs.configure(config.host_id, config.log_format, config.log_level, sys.stderr)
     limit_decode_error_logs()
-    if asyncio.run(serve(config, tls)):
+    if asyncio.run(serve(config, tls, incarnation)):
         reexec()  # the event loop, its threads and the port are gone: a clean slate

@@ -69,8 +69,13 @@ _STATUS_NAME = {v: k for k, v in _STATUS.items()}
 class Agent:
     """Hosts replicas; the gRPC servicers in `failover.agent.servicers` call into this."""
 
-    def __init__(self, config: AgentConfig, tls: TlsMaterial | None = None) -> None:
+    def __init__(self, config: AgentConfig, tls: TlsMaterial | None = None,
+                 incarnation: int = 0) -> None:
         self.config = config
+        # This process's number among the host's agent processes, counted by its supervisor
+        # (`failover.agent.supervisor`; 0 without one): sent with every registration and
+        # heartbeat, and named in the supervisor's report when this process exits.
+        self.incarnation = incarnation
         # This host's certificate (`AgentConfig.load_tls`): every channel it opens is mutual
         # TLS with it, checking that the peer's certificate names the host id dialled.
         self.tls = tls

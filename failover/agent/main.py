@@ -13,6 +13,10 @@ from failover.commandline import run_click
 _HELP = """Hosts replicas on this host: keeps each one's write-ahead log and snapshots in
 DATA-DIR, ships logs to duplicas, applies shipped logs, and reports to the coordinator.
 
+The work runs in a child process under a small supervisor (this process), which restarts it
+when it dies and tells the coordinator at once, so that its primaries fail over without
+waiting for the failure timeout.
+
 Give the settings as flags, or as the same keys in a TOML file with --config (flags win).
 With --tls-ca, --tls-cert and --tls-key (an agent certificate whose name is --host-id) every
 call in and out is mutual TLS and each caller may do only what its role allows; without them
@@ -52,7 +56,10 @@ commands this host may run are the TOML's [patch.commands] (name = [argv...]).""
               help="The least severe records logged (default INFO, or FAILOVER_LOG_LEVEL).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="TOML file with the same keys (host_id, listen, data_dir, ...).")
-def agent_command(config_path: str | None, **flags: Any) -> None:
+@click.option("--no-supervisor", is_flag=True, default=False,
+              help="Run the agent in this process, with no supervisor: a crash is then "
+                   "noticed only when its heartbeats stop (the failure timeout).")
+def agent_command(config_path: str | None, no_supervisor: bool, **flags: Any) -> None:
     raw: dict[str, Any] = load_toml(config_path) if config_path else {}
     raw.update({k: v for k, v in flags.items() if v is not None})
     if "log_level" not in raw and os.environ.get("FAILOVER_LOG_LEVEL"):
@@ -63,7 +70,13 @@ def agent_command(config_path: str | None, **flags: Any) -> None:
     from failover.net.channels import check_listen
 
     check_listen(str(config.listen), tls=tls is not None, insecure=config.insecure)
-    run(config, tls)
+    from failover.agent.supervisor import child_incarnation, run_supervised
+
+    incarnation = child_incarnation()
+    if incarnation or no_supervisor:
+        run(config, tls, incarnation)  # the supervisor's child (or no supervisor)
+    else:
+        run_supervised(config, tls)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -124,6 +124,14 @@ class LeadingServicer(CoordinatorServicer):
         reply.coordinator_term = term
         return reply
 
+    async def ProcessExited(self, request: coordinator_pb2.ProcessExitedRequest,
+                            context: grpc.aio.ServicerContext,
+                            ) -> coordinator_pb2.ProcessExitedReply:
+        term = self.c.term
+        reply = await super().ProcessExited(request, context)
+        reply.coordinator_term = term
+        return reply
+
     async def GetClusterStatus(self, request: coordinator_pb2.ClusterStatusRequest,
                                context: grpc.aio.ServicerContext) -> coordinator_pb2.ClusterStatus:
         from failover.errors import Unavailable

@@ -500,17 +500,22 @@ class Coordinator:
             for host_id, address in action.hosts.items():
                 by_host.setdefault((host_id, address), []).append(action.service)
 
+        asked_ms = monotonic_ms()
+        replied_ms: dict[tuple[str, str], int] = {}  # (host, service) -> ms from ask to reply
+
         async def ask_host(host_id: str, address: str,
                            services: list[str]) -> dict[str, HearsAnswer]:
             caller = self._caller(host_id, address)
 
             async def hears(service: str) -> agent_pb2.HearsPrimaryReply | None:
                 try:
-                    return await caller.stub.HearsPrimary(
+                    reply = await caller.stub.HearsPrimary(
                         agent_pb2.HearsPrimaryRequest(service=service),
                         timeout=HEARS_PRIMARY_TIMEOUT_S, metadata=caller.metadata)
                 except grpc.aio.AioRpcError:
                     return None
+                replied_ms[(host_id, service)] = monotonic_ms() - asked_ms
+                return reply
 
             replies = dict(zip(services, await asyncio.gather(*map(hears, services)),
                                strict=True))
@@ -523,7 +528,8 @@ class Coordinator:
             # committed entry, and an unverified durable tail may be a fenced primary's.
             matched = {r.service: r.matched_index for r in status.replicas}
             return {service: HearsAnswer(host_id, True, reply.hears,
-                                         matched.get(service, 0), reply.epoch)
+                                         matched.get(service, 0), reply.epoch, reply.silent_ms,
+                                         replied_ms.get((host_id, service)))
                     for service, reply in replies.items() if reply is not None}
 
         hosts = list(by_host)
@@ -605,9 +611,11 @@ class Coordinator:
 
     async def heartbeat(self, host_id: str, metrics: dict[str, float],
                         replicas: list[ReplicaReport],
-                        hooks: Sequence[HookReport] = ()) -> list[tuple[str, int, int]]:
+                        hooks: Sequence[HookReport] = (),
+                        incarnation: int = 0) -> list[tuple[str, int, int]]:
         """A host's heartbeat: its reports to the core, and the hooks it ran (issue 17) to
-        history; returns the leases granted."""
+        history; returns the leases granted. `incarnation` is the agent process's (issue
+        16): another than the one registered is refused as not registered."""
         async with self._lock:
             if not self._acting():
                 # A follower must not take a heartbeat as if it led: it grants no lease. Nor
@@ -617,13 +625,29 @@ class Coordinator:
             # Checked before the heartbeat changes anything (a refusal then changes nothing),
             # recorded after it was taken (an unregistered host's records nothing).
             self.core.check_hooks(list(hooks))
-            leases, actions = self.core.heartbeat(host_id, metrics, replicas, monotonic_ms())
+            leases, actions = self.core.heartbeat(host_id, metrics, replicas, monotonic_ms(),
+                                                  incarnation)
             if hooks:
                 actions = actions + self.core.record_hooks(host_id, list(hooks))
             await self._execute(actions)
             if not self._acting():  # its commits took the rest of the term
                 raise self._not_leading()
         return leases
+
+    async def process_exited(self, host_id: str, incarnation: int, exit_code: int,
+                             exited_at: float = 0.0) -> None:
+        """A host's supervisor saw its agent process exit (the crash fast path): the core
+        decides (`CoordinatorCore.process_exited`), and a failover it starts asks the
+        duplicas at once rather than at the next tick."""
+        async with self._lock:
+            if not self._acting():
+                raise self._not_leading()
+            log.info("host %s: agent process incarnation %d exited with code %d at %.3f",
+                     host_id, incarnation, exit_code, exited_at)
+            await self._execute(self.core.process_exited(host_id, incarnation, exit_code,
+                                                         monotonic_ms()))
+            if not self._acting():
+                raise self._not_leading()
 
     async def watch_routes(self, services: Sequence[str] = (),
                            ) -> AsyncIterator[coordinator_pb2.RoutesUpdate]:

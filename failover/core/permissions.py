@@ -41,6 +41,7 @@ CONTROL, READ_AGENT = "control an agent", "read an agent's status"
 # The standard gRPC health service (issue 17): every role may ask whether a daemon serves,
 # as anyone who reaches the metrics port may (it changes nothing; routes say as much).
 HEALTH = "read health"
+REPORT_EXIT = "report its agent process's exit"
 
 _CLIENT = frozenset({EXECUTE, QUERY, WATCH_ROUTES, HEALTH})
 _OPERATOR = _CLIENT | {READ_STATUS, SWITCHOVER, DRAIN, MIGRATE}
@@ -50,7 +51,8 @@ ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
     CLIENT: _CLIENT,
     OPERATOR: _OPERATOR,
     ADMIN: _ADMIN,
-    AGENT: frozenset({REGISTER, HEARTBEAT, SHIP, INSTALL_SNAPSHOT, SEND_PAGES, HEALTH}),
+    AGENT: frozenset({REGISTER, HEARTBEAT, SHIP, INSTALL_SNAPSHOT, SEND_PAGES, HEALTH,
+                       REPORT_EXIT}),
     COORDINATOR: frozenset({CONTROL, READ_AGENT, COMPACT, HEALTH}),
 }
 
@@ -76,6 +78,7 @@ METHOD_PERMISSIONS: dict[str, str] = {
         "Coordinator/CreateService": CREATE,
         "Coordinator/DeleteService": DELETE,
         "Coordinator/Patch": PATCH,
+        "Coordinator/ProcessExited": REPORT_EXIT,
         "AgentControl/AssignRole": CONTROL,
         "AgentControl/StepDown": CONTROL,
         "AgentControl/DropReplica": CONTROL,

@@ -85,6 +85,16 @@ def channel(address: str, tls: TlsMaterial | None = None, *, server_name: str | 
     return secure_channel(address, tls, server_name=server_name, own_connection=own_connection)
 
 
+def blocking_channel(address: str, tls: TlsMaterial | None = None) -> grpc.Channel:
+    """A blocking (not asyncio) channel to `address` with the project's bounds: mutual TLS
+    with `tls`, in the clear without. For a process with no event loop (the agent's
+    supervisor, `failover.agent.supervisor`)."""
+    options = _channel_options(own_connection=True)
+    if tls is None:
+        return grpc.insecure_channel(address, options=options)
+    return grpc.secure_channel(address, channel_credentials(tls), options=options)
+
+
 def server(*, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
     """An asyncio server with the project's bounds (and `interceptors`, such as
     `failover.net.authorization.RoleCheck` on a TLS server)."""

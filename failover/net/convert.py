@@ -115,7 +115,7 @@ def hook_reports(request: coordinator_pb2.HeartbeatRequest) -> list[HookReport]:
 def host_info(request: coordinator_pb2.RegisterRequest) -> HostInfo:
     """A registering agent as the coordinator core's HostInfo (not draining)."""
     return HostInfo(request.host_id, request.address, request.zone, False, request.version,
-                    request.started_at)
+                    request.started_at, incarnation=request.incarnation)
 
 
 def heartbeat_reply(leases: list[tuple[str, int, int]]) -> coordinator_pb2.HeartbeatReply:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, NoReturn
 
@@ -136,10 +137,26 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         try:
             self._as_host(context, request.host_id)
             leases = await self.c.heartbeat(request.host_id, metrics_dict(request.metrics),
-                                            replica_reports(request), hook_reports(request))
+                                            replica_reports(request), hook_reports(request),
+                                            request.incarnation)
         except _REFUSED as exc:
             await _abort(context, exc)
         return heartbeat_reply(leases)
+
+    async def ProcessExited(self, request: coordinator_pb2.ProcessExitedRequest,
+                            context: grpc.aio.ServicerContext,
+                            ) -> coordinator_pb2.ProcessExitedReply:
+        """A host's supervisor reports that its agent process exited: only as the host id
+        in its certificate (`require_host`), like the agent's own reports."""
+        try:
+            self._as_host(context, request.host_id)
+            if not math.isfinite(request.exited_at):
+                raise InvalidRequest("exited_at must be a finite wall-clock time")
+            await self.c.process_exited(request.host_id, request.incarnation,
+                                        request.exit_code, request.exited_at)
+        except _REFUSED as exc:
+            await _abort(context, exc)
+        return coordinator_pb2.ProcessExitedReply()
 
     async def WatchRoutes(self, request: coordinator_pb2.WatchRoutesRequest,
                           context: grpc.aio.ServicerContext,

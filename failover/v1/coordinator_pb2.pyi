@@ -9,20 +9,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("host_id", "address", "zone", "version", "started_at", "metrics")
+    __slots__ = ("host_id", "address", "zone", "version", "started_at", "metrics", "incarnation")
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ZONE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     host_id: str
     address: str
     zone: str
     version: str
     started_at: float
     metrics: _agent_pb2.HostMetrics
-    def __init__(self, host_id: _Optional[str] = ..., address: _Optional[str] = ..., zone: _Optional[str] = ..., version: _Optional[str] = ..., started_at: _Optional[float] = ..., metrics: _Optional[_Union[_agent_pb2.HostMetrics, _Mapping]] = ...) -> None: ...
+    incarnation: int
+    def __init__(self, host_id: _Optional[str] = ..., address: _Optional[str] = ..., zone: _Optional[str] = ..., version: _Optional[str] = ..., started_at: _Optional[float] = ..., metrics: _Optional[_Union[_agent_pb2.HostMetrics, _Mapping]] = ..., incarnation: _Optional[int] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
     __slots__ = ("heartbeat_ms", "lease_ms", "coordinator_term")
@@ -35,16 +37,18 @@ class RegisterReply(_message.Message):
     def __init__(self, heartbeat_ms: _Optional[int] = ..., lease_ms: _Optional[int] = ..., coordinator_term: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("host_id", "metrics", "replicas", "hook_results")
+    __slots__ = ("host_id", "metrics", "replicas", "hook_results", "incarnation")
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     HOOK_RESULTS_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     host_id: str
     metrics: _agent_pb2.HostMetrics
     replicas: _containers.RepeatedCompositeFieldContainer[_agent_pb2.ReplicaStatus]
     hook_results: _containers.RepeatedCompositeFieldContainer[HookResult]
-    def __init__(self, host_id: _Optional[str] = ..., metrics: _Optional[_Union[_agent_pb2.HostMetrics, _Mapping]] = ..., replicas: _Optional[_Iterable[_Union[_agent_pb2.ReplicaStatus, _Mapping]]] = ..., hook_results: _Optional[_Iterable[_Union[HookResult, _Mapping]]] = ...) -> None: ...
+    incarnation: int
+    def __init__(self, host_id: _Optional[str] = ..., metrics: _Optional[_Union[_agent_pb2.HostMetrics, _Mapping]] = ..., replicas: _Optional[_Iterable[_Union[_agent_pb2.ReplicaStatus, _Mapping]]] = ..., hook_results: _Optional[_Iterable[_Union[HookResult, _Mapping]]] = ..., incarnation: _Optional[int] = ...) -> None: ...
 
 class HookResult(_message.Message):
     __slots__ = ("seq", "service", "event", "command", "role", "epoch", "exit_code", "output", "duration_ms", "timed_out", "skipped")
@@ -71,6 +75,24 @@ class HookResult(_message.Message):
     timed_out: bool
     skipped: bool
     def __init__(self, seq: _Optional[int] = ..., service: _Optional[str] = ..., event: _Optional[str] = ..., command: _Optional[str] = ..., role: _Optional[str] = ..., epoch: _Optional[int] = ..., exit_code: _Optional[int] = ..., output: _Optional[str] = ..., duration_ms: _Optional[int] = ..., timed_out: _Optional[bool] = ..., skipped: _Optional[bool] = ...) -> None: ...
+
+class ProcessExitedRequest(_message.Message):
+    __slots__ = ("host_id", "incarnation", "exit_code", "exited_at")
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    EXITED_AT_FIELD_NUMBER: _ClassVar[int]
+    host_id: str
+    incarnation: int
+    exit_code: int
+    exited_at: float
+    def __init__(self, host_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., exit_code: _Optional[int] = ..., exited_at: _Optional[float] = ...) -> None: ...
+
+class ProcessExitedReply(_message.Message):
+    __slots__ = ("coordinator_term",)
+    COORDINATOR_TERM_FIELD_NUMBER: _ClassVar[int]
+    coordinator_term: int
+    def __init__(self, coordinator_term: _Optional[int] = ...) -> None: ...
 
 class LeaseGrant(_message.Message):
     __slots__ = ("service", "epoch", "lease_ms")

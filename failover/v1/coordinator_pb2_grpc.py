@@ -95,6 +95,11 @@ class CoordinatorStub:
                 request_serializer=failover_dot_v1_dot_coordinator__pb2.WatchHistoryRequest.SerializeToString,
                 response_deserializer=failover_dot_v1_dot_coordinator__pb2.HistoryEvent.FromString,
                 _registered_method=True)
+        self.ProcessExited = channel.unary_unary(
+                '/failover.v1.Coordinator/ProcessExited',
+                request_serializer=failover_dot_v1_dot_coordinator__pb2.ProcessExitedRequest.SerializeToString,
+                response_deserializer=failover_dot_v1_dot_coordinator__pb2.ProcessExitedReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -183,6 +188,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ProcessExited(self, request, context):
+        """A host's supervisor: its agent process exited (issue 16, the crash fast path). Only that
+        host (its certificate) may report it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -245,6 +258,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.WatchHistory,
                     request_deserializer=failover_dot_v1_dot_coordinator__pb2.WatchHistoryRequest.FromString,
                     response_serializer=failover_dot_v1_dot_coordinator__pb2.HistoryEvent.SerializeToString,
+            ),
+            'ProcessExited': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProcessExited,
+                    request_deserializer=failover_dot_v1_dot_coordinator__pb2.ProcessExitedRequest.FromString,
+                    response_serializer=failover_dot_v1_dot_coordinator__pb2.ProcessExitedReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -571,6 +589,33 @@ class Coordinator:
             '/failover.v1.Coordinator/WatchHistory',
             failover_dot_v1_dot_coordinator__pb2.WatchHistoryRequest.SerializeToString,
             failover_dot_v1_dot_coordinator__pb2.HistoryEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProcessExited(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/failover.v1.Coordinator/ProcessExited',
+            failover_dot_v1_dot_coordinator__pb2.ProcessExitedRequest.SerializeToString,
+            failover_dot_v1_dot_coordinator__pb2.ProcessExitedReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -62,9 +62,9 @@ class Cluster:
         return self.core.process_exited(host, incarnation, code, self.now)
 
     def answer(self, ask: AskHearsPrimary, hears: bool = False, silent_ms: int | None = 50,
-               index: dict[str, int] | None = None) -> list:
-        answers = [HearsAnswer(h, True, hears, (index or {}).get(h, 10), ask.epoch, silent_ms)
-                   for h in ask.hosts]
+               index: dict[str, int] | None = None, reply_ms: int = 3) -> list:
+        answers = [HearsAnswer(h, True, hears, (index or {}).get(h, 10), ask.epoch, silent_ms,
+                               reply_ms) for h in ask.hosts]
         return self.core.hears_primary(ask.service, answers, self.now)
 
 
@@ -82,10 +82,11 @@ def test_an_exit_report_fails_over_without_waiting_out_the_lease() -> None:
     lease_end = c.core.leases["s"][1]
     c.now += 5
     (ask,) = asks(c.report(c.primary, 1))
-    # The duplicas last heard the primary before it died (a keepalive 50 ms ago): that is
-    # the dead process's, and does not hold the failover.
+    # The duplicas last heard the primary just before they were asked (a keepalive 4 ms
+    # before they answered, 3 ms after the ask): that is the dead process's last word, and
+    # does not hold the failover.
     c.now += 5
-    decided = c.answer(ask, hears=True, silent_ms=50)
+    decided = c.answer(ask, hears=True, silent_ms=4, reply_ms=3)
     assert c.now < lease_end
     assert failovers(decided) == 1
     assert c.service.epoch == 2 and c.service.primary in c.duplicas
@@ -173,7 +174,7 @@ def test_a_duplica_that_hears_the_primary_after_the_report_holds_the_failover() 
     c = Cluster()
     (ask,) = asks(c.report(c.primary, 1))
     c.now += 20
-    decided = c.answer(ask, hears=True, silent_ms=2)  # heard 2 ms ago, after the report
+    decided = c.answer(ask, hears=True, silent_ms=2, reply_ms=3)  # heard after the ask
     assert failovers(decided) == 0 and c.service.epoch == 1
 
 

@@ -20,7 +20,8 @@ EXPECTED = {
     p.ADMIN: {p.EXECUTE, p.QUERY, p.WATCH_ROUTES, p.HEALTH, p.READ_STATUS, p.SWITCHOVER,
               p.DRAIN, p.MIGRATE, p.CREATE, p.DELETE, p.PATCH, p.CHAOS, p.COMPACT,
               p.READ_AGENT},
-    p.AGENT: {p.REGISTER, p.HEARTBEAT, p.SHIP, p.INSTALL_SNAPSHOT, p.SEND_PAGES, p.HEALTH},
+    p.AGENT: {p.REGISTER, p.HEARTBEAT, p.SHIP, p.INSTALL_SNAPSHOT, p.SEND_PAGES, p.HEALTH,
+              p.REPORT_EXIT},  # issue 16: a host reports its own agent process's exit
     p.COORDINATOR: {p.CONTROL, p.READ_AGENT, p.COMPACT, p.HEALTH},
 }
 ALL = set().union(*EXPECTED.values())

@@ -93,7 +93,7 @@ class Detector(CoreState):
             del self.failovers[service_name]  # it heartbeated again meanwhile
             return []
         hearing = [a.host_id for a in answers if a.reachable and a.hears
-                   and self._heard_since_exit(failover, a, now_ms)]
+                   and _heard_after_ask(failover, a)]
         if hearing:
             del self.failovers[service_name]
             return [Persist({}, history=((
@@ -227,6 +227,7 @@ class Detector(CoreState):
             ask = self._start_failover(service, live, now_ms)
             failover = self.failovers[service.name]
             failover.exited, failover.exited_ms = incarnation, now_ms
+            failover.asked_after_exit = True
             actions.append(ask)
         for failover in list(self.failovers.values()):
             if (failover.exited and failover.state == "waiting_lease"
@@ -244,13 +245,16 @@ class Detector(CoreState):
         info = self.hosts.get(failover.old_primary)
         return info is not None and 0 < info.incarnation <= failover.exited
 
-    def _heard_since_exit(self, failover: Failover, answer: HearsAnswer, now_ms: int) -> bool:
-        """Whether a duplica's "I hear the primary" counts. On the timeout path it always
-        does. Once the primary's process was reported exited, only if the duplica may have
-        heard it after the report arrived: what it heard before came from the dead process
-        (a keepalive sent just before the crash). Counted generously (a tenth more for the
-        rate of its clock): a report can then only fall back to the timeout path, never
-        promote while something still speaks for the primary."""
-        if not failover.exited or answer.silent_ms is None:
-            return True
-        return answer.silent_ms <= (now_ms - failover.exited_ms) * 11 // 10 + 1
+
+def _heard_after_ask(failover: Failover, answer: HearsAnswer) -> bool:
+    """Whether a duplica's "I hear the primary" counts. On the timeout path it always does.
+    On a failover started by an exit report, only if the duplica may have heard the primary
+    after the coordinator asked (`silent_ms <= reply_ms`; the ask came after the report, so
+    after the process died): what it heard before was the dead process's last words (a
+    keepalive sent just before the crash). Its supervisor starts the next process only once
+    the report was answered, so nothing of that host speaks between report and ask; a
+    duplica that does hear something after it holds the failover (the timeout path decides
+    later, as after any "I hear it")."""
+    if not failover.asked_after_exit or answer.silent_ms is None or answer.reply_ms is None:
+        return True
+    return answer.silent_ms <= answer.reply_ms

@@ -175,6 +175,8 @@ class Failover:
     # so the promotion need not wait out the lease it was granted (`Detector.process_exited`).
     exited: int = 0
     exited_ms: int = 0
+    # Started by that report (the duplicas were asked after it arrived), not by a timeout.
+    asked_after_exit: bool = False
 
 
 @dataclass(frozen=True, slots=True)
