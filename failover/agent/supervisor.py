@@ -56,7 +56,7 @@ from failover.errors import ConfigError, StorageError
 from failover.net import channels
 from failover.net.leader import LeaderFollower
 from failover.net.tls import TlsMaterial
-from failover.storage.atomic import write_atomic
+from failover.storage.atomic import read_counter, write_atomic
 from failover.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger("failover.agent.supervisor")
@@ -123,19 +123,15 @@ class IncarnationCounter:
 
     def _read(self) -> int:
         try:
-            with self.path.open("rb") as f:
-                raw = f.read(_INCARNATION_FILE_BYTES_MAX + 1)
-        except FileNotFoundError:
-            return 0
+            value = read_counter(self.path, _INCARNATION_FILE_BYTES_MAX)
         except OSError as exc:
             raise StorageError(f"cannot read {self.path}: {exc}; fix its permissions (it "
                                "belongs to the agent's user, mode 0600)") from exc
-        text = raw.decode("ascii", errors="replace").strip()
-        if len(raw) > _INCARNATION_FILE_BYTES_MAX or not text.isdigit():
-            raise StorageError(f"{self.path} holds {text[:40]!r}, not an incarnation: it "
-                               "numbers this host's agent processes; delete it only while no "
-                               "agent runs on this data dir")
-        return int(text)
+        if isinstance(value, str):
+            raise StorageError(f"{self.path} holds {value!r}, not an incarnation: it numbers "
+                               "this host's agent processes; delete it only while no agent "
+                               "runs on this data dir")
+        return value
 
 
 # --- the report ------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 from failover.errors import StaleCoordinatorTermError, StorageError
-from failover.storage.atomic import write_atomic
+from failover.storage.atomic import read_counter, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -78,18 +78,14 @@ class CoordinatorTerm:
 
 def _read(path: Path) -> int:
     try:
-        with path.open("rb") as f:
-            raw = f.read(_TERM_FILE_BYTES_MAX + 1)
-    except FileNotFoundError:
-        return 0
+        value = read_counter(path, _TERM_FILE_BYTES_MAX)
     except OSError as exc:
         raise StorageError(f"cannot read the coordinator term file {path}: {exc}; fix its "
                            "permissions (it belongs to the agent's user, mode 0600)") from exc
-    text = raw.decode("ascii", errors="replace").strip()
-    if len(raw) > _TERM_FILE_BYTES_MAX or not text.isdigit() or int(text) > TERM_MAX:
+    if isinstance(value, str) or value > TERM_MAX:
         raise StorageError(
-            f"the coordinator term file {path} holds {text[:40]!r}, not a term: it records "
+            f"the coordinator term file {path} holds {str(value)!r}, not a term: it records "
             "the highest coordinator term this agent has seen, so that a deposed coordinator "
             "is refused; write the current term into it (`failoverctl status` shows it) or "
             "delete it to accept any coordinator's next call")
-    return int(text)
+    return value

@@ -33,3 +33,18 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
         os.close(fd)
     os.replace(tmp, target)
     fsync_dir(target.parent)
+
+
+def read_counter(path: Path, bytes_max: int) -> int | str:
+    """The whole number a small file written by `write_atomic` holds: 0 when the file does
+    not exist, else the number, or the (stripped, cut) text when it is not one (the caller
+    says what the file is for). OSError when it cannot be read."""
+    try:
+        with path.open("rb") as f:
+            raw = f.read(bytes_max + 1)
+    except FileNotFoundError:
+        return 0
+    text = raw.decode("ascii", errors="replace").strip()
+    if len(raw) > bytes_max or not text.isdigit():
+        return text[:40]
+    return int(text)
