@@ -1,0 +1,125 @@
+"""The crash fast path with real processes (issue 16): `failover-agent` is a supervisor and
+its child. SIGKILL of the child alone (the supervisor alive) is reported at once and the
+primary fails over without waiting out the failure timeout; SIGKILL of both (the whole
+agent, as a lost host) still fails over on the timeout path. Under a write load, no
+acknowledged write is lost either way. Only the host itself may report its process."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from failover import defaults
+from failover.client import Client
+from failover.localcluster import LocalCluster, wait_for
+from failover.processes import sync_channel
+from failover.v1 import coordinator_pb2, coordinator_pb2_grpc
+from tests.integration.test_coordinator import Workload, epoch_of
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    with LocalCluster(tmp_path, hosts=3, coordinator=True) as c:
+        c.start()
+        c.create("kv", "kv", replicas=3)
+        yield c
+
+
+def failover_details(cluster: LocalCluster) -> dict:
+    import msgpack
+
+    assert cluster.coordinator is not None
+    event = next(e for e in cluster.coordinator.history("kv") if e.kind == "failover")
+    return msgpack.unpackb(event.details, raw=False)
+
+
+def exit_reports(cluster: LocalCluster, host: str) -> list[str]:
+    assert cluster.coordinator is not None
+    return [e.message for e in cluster.coordinator.history()
+            if e.kind == "host" and f"host {host}'s agent process" in e.message]
+
+
+async def kill_under_load(cluster: LocalCluster, kill: str) -> tuple[str, Workload]:
+    """Writers run; the primary's agent child (`kill="child"`) or whole agent ("agent") is
+    SIGKILLed; returns the old primary once a new one serves and the writers stopped."""
+    assert cluster.coordinator is not None
+    old = cluster.primary_of("kv")
+    assert old is not None
+    async with Client(coordinator=cluster.coordinator.address, tls=cluster.tls_client,
+                      deadline_ms=10_000) as client:
+        work = Workload(client)
+
+        async def kill_then_wait() -> None:
+            await asyncio.to_thread(wait_for, lambda: len(work.acked) >= 50, 10, "writes")
+            if kill == "child":
+                cluster[old].kill_child()
+            else:
+                cluster[old].kill()
+            await asyncio.to_thread(
+                wait_for, lambda: cluster.primary_of("kv") not in (None, old), 15,
+                "a new primary")
+            acked = len(work.acked)
+            await asyncio.to_thread(wait_for, lambda: len(work.acked) >= acked + 50, 10,
+                                    "writes at the new primary")
+
+        await work.run_while(asyncio.ensure_future(kill_then_wait()), writers=4)
+        assert not work.failures, work.failures[:5]
+        await work.check_nothing_lost()
+    return old, work
+
+
+async def test_a_killed_agent_child_fails_over_at_once_and_loses_no_acked_write(
+        cluster: LocalCluster) -> None:
+    old, work = await kill_under_load(cluster, "child")
+    assert epoch_of(cluster) == 2
+    details = failover_details(cluster)
+    # Started by the supervisor's report, not by the failure timeout, and promoted without
+    # waiting out the old primary's lease.
+    assert details["detection_ms"] < defaults.FAILURE_TIMEOUT_MS, details
+    assert details["promotion_ms"] < defaults.LEASE_MS, details
+    assert exit_reports(cluster, old), "the supervisor's report is not in history"
+    # The supervisor restarted the child: it rejoins as a duplica and catches up.
+    cluster.wait_converged("kv", list(cluster.agents), timeout_s=30)
+    assert cluster[old].child_pid() is not None
+
+
+async def test_a_killed_supervisor_and_child_fail_over_on_the_timeout_path(
+        cluster: LocalCluster) -> None:
+    old, work = await kill_under_load(cluster, "agent")
+    assert epoch_of(cluster) == 2
+    details = failover_details(cluster)
+    assert details["detection_ms"] >= defaults.FAILURE_TIMEOUT_MS, details
+    assert not exit_reports(cluster, old)
+    assert not cluster[old].alive and cluster[old].child_pid() is None
+
+
+def test_only_the_host_itself_may_report_its_agent_process(cluster: LocalCluster) -> None:
+    assert cluster.coordinator is not None
+    primary = cluster.primary_of("kv")
+    other = next(h for h in cluster.agents if h != primary)
+    request = coordinator_pb2.ProcessExitedRequest(host_id=primary, incarnation=1,
+                                                   exit_code=-9)
+    for identity in (cluster.agent_tls(other), cluster.tls_client):
+        channel = sync_channel(cluster.coordinator.address, identity)
+        try:
+            with pytest.raises(grpc.RpcError) as caught:
+                coordinator_pb2_grpc.CoordinatorStub(channel).ProcessExited(request, timeout=5)
+            assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        finally:
+            channel.close()
+    # A malformed report from the host itself is INVALID_ARGUMENT with a message.
+    channel = sync_channel(cluster.coordinator.address, cluster.agent_tls(primary))
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            coordinator_pb2_grpc.CoordinatorStub(channel).ProcessExited(
+                coordinator_pb2.ProcessExitedRequest(host_id=primary, incarnation=0),
+                timeout=5)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "incarnation" in caught.value.details()
+    finally:
+        channel.close()
+    assert epoch_of(cluster) == 1 and cluster.primary_of("kv") == primary
