@@ -12,13 +12,19 @@ the machine, so the orchestrator's marks and the workers' records compare direct
 
 Three phases under that one workload, in this order:
 
-* ``kills``: KILLS times, find the primary (``primary_of``), SIGKILL its agent, wait for a
-  new serving primary and for the client to be served again, restart the killed agent, wait
+* ``kills``: KILLS times, find the primary (``primary_of``), SIGKILL its whole agent (the
+  supervisor and its child: the process group, as a lost host; ``AgentProcess.kill``), wait
+  for a new serving primary and for the client to be served again, restart the killed agent, wait
   until both duplicas are in the in-sync set again, settle a moment (with a seeded jitter, so
   kills land at every phase of the heartbeat period), next. The unavailability of a kill is
   client-visible: the first successful completion after the kill that another host served,
   minus the last successful completion before the kill (``unavailability_naive_ms`` in the
   details counts any completion, including replies already in flight from the dying host).
+* ``crashes`` (issue 16, the crash fast path): CRASHES times, SIGKILL the primary agent's
+  child process alone, its supervisor alive (``AgentProcess.kill_child``): the supervisor
+  reports the exit and restarts the child; wait for a new serving primary and for the client
+  to be served again, then for the restarted child to rejoin in sync. Measured like a kill:
+  ``crash_unavailability_ms_p50/p99/max``.
 * ``pauses``: PAUSES times, SIGSTOP the primary's agent for PAUSE_MS, then SIGCONT, with
   PAUSE_GAP_S (+ jitter) between pauses. ``false_failovers`` counts the epoch increments of
   the service over the phase (and, in the details, the ``failover`` events in the history).
@@ -78,6 +84,7 @@ CLIENT_PROCS = 1
 TASKS = 8
 CALL_DEADLINE_MS = 5000  # the client's default
 KILLS = 20
+CRASHES = 20
 PAUSES = 20
 PAUSE_MS = 150
 PAUSE_GAP_S = 0.5
@@ -362,24 +369,35 @@ def settle(workers: Workers, rng: random.Random, args: argparse.Namespace) -> No
 
 
 def run_kills(cluster: Any, workers: Workers, rng: random.Random,
-              args: argparse.Namespace) -> list[dict[str, Any]]:
+              args: argparse.Namespace, crash: bool = False) -> list[dict[str, Any]]:
+    """The kills phase, or with `crash` the crashes phase: SIGKILL of the agent's child
+    alone, which its supervisor reports and restarts (no restart here)."""
     from failover.localcluster import wait_for
 
     kills = []
-    for n in range(args.kills):
+    what = "crash" if crash else "kill"
+    for n in range(args.crashes if crash else args.kills):
         settle(workers, rng, args)
-        old = wait_whole(cluster, "the replica set to be whole before a kill")
+        old = wait_whole(cluster, f"the replica set to be whole before a {what}")
         epoch = epoch_of(cluster)
         agent = cluster[old]
+        child = agent.child_pid() if crash else None
         t_kill = time.monotonic()
-        agent.kill()
+        if crash:
+            agent.kill_child()
+        else:
+            agent.kill()
         new = wait_for(lambda old=old: (p := cluster.primary_of(SERVICE)) not in (None, old)
                        and p, WAIT_S, f"a new primary after killing {old}", interval_s=POLL_S)
         t_primary = time.monotonic()
         wait_for(lambda t_kill=t_kill: workers.served_since(t_kill), WAIT_S,
                  "the client to be served after the kill", interval_s=POLL_S)
         t_client = time.monotonic()
-        agent.start()
+        if crash:
+            wait_for(lambda agent=agent, child=child: agent.child_pid() not in (None, child),
+                     WAIT_S, f"{old}'s supervisor to restart its child", interval_s=POLL_S)
+        else:
+            agent.start()
         t_started = time.monotonic()
         wait_whole(cluster, f"{old} to rejoin as an in-sync duplica")
         t_whole = time.monotonic()
@@ -391,9 +409,9 @@ def run_kills(cluster: Any, workers: Workers, rng: random.Random,
             "restart_s": round(t_started - t_client, 2),
             "rejoin_in_sync_s": round(t_whole - t_started, 2),
         })
-        progress(f"kill {n + 1}/{args.kills}: {old} -> {new}, client served again after "
-                 f"{ms(t_client - t_kill)} ms (orchestrator poll), rejoined in "
-                 f"{t_whole - t_started:.2f} s")
+        progress(f"{what} {n + 1}/{args.crashes if crash else args.kills}: {old} -> {new}, "
+                 f"client served again after {ms(t_client - t_kill)} ms (orchestrator poll), "
+                 f"rejoined in {t_whole - t_started:.2f} s")
     return kills
 
 
@@ -593,7 +611,8 @@ def run_tls_pass(args: argparse.Namespace) -> dict[str, Any]:
     """This script again with --tls on a fresh cluster: kills only. Its JSON line."""
     progress(f"TLS pass: a fresh cluster with mutual TLS, {args.tls_kills} kills")
     command = [sys.executable, str(Path(__file__).resolve()), "--tls",
-               "--kills", str(args.tls_kills), "--pauses", "0", "--switchovers", "0",
+               "--kills", str(args.tls_kills), "--crashes", "0", "--pauses", "0",
+               "--switchovers", "0",
                "--seed", str(args.seed), "--client-procs", str(args.client_procs),
                "--tasks", str(args.tasks), "--deadline-ms", str(args.deadline_ms),
                "--settle", str(args.settle), "--jitter", str(args.jitter)]
@@ -642,6 +661,9 @@ def main(args: argparse.Namespace) -> None:
                 t = time.monotonic()
                 kills = run_kills(cluster, workers, rng, args)
                 phases["kills"] = (t, time.monotonic())
+                t = time.monotonic()
+                crashes = run_kills(cluster, workers, rng, args, crash=True)
+                phases["crashes"] = (t, time.monotonic())
                 settle(workers, rng, args)
                 t = time.monotonic()
                 epoch_before_pauses = epoch_of(cluster)
@@ -680,6 +702,9 @@ def main(args: argparse.Namespace) -> None:
     kills = summarize_kills(kills, merged, events, [r["route_log"] for r in results])
     unavail = sorted(k["unavailability_ms"] for k in kills if k["unavailability_ms"] is not None)
     kill_errors = errors_between(merged, *phases["kills"])
+    crashes = summarize_kills(crashes, merged, events, [r["route_log"] for r in results])
+    crash_unavail = sorted(k["unavailability_ms"] for k in crashes
+                           if k["unavailability_ms"] is not None)
     # --- pauses ---
     p0, p1 = phases["pauses"]
     pause_events = [e for e in events if p0 <= e["t"] <= p1 + 1.0]
@@ -734,6 +759,20 @@ def main(args: argparse.Namespace) -> None:
             if kills else 0,
             "failed_requests": kill_errors,
         },
+        "crashes": {
+            "unavailability_ms": [k["unavailability_ms"] for k in crashes],
+            "detection_ms": [k["detection_ms"] for k in crashes],
+            "promotion_ms": [k["promotion_ms"] for k in crashes],
+            "route_pushed_after_kill_ms": [k.get("route_pushed_after_kill_ms")
+                                           for k in crashes],
+            "first_ok_latency_ms": [k["first_ok_latency_ms"] for k in crashes],
+            "late_replies_from_old_primary": sum(k["late_replies_from_old_primary"]
+                                                 for k in crashes),
+            "orch_new_primary_ms": spread([k["orch_new_primary_ms"] for k in crashes]),
+            "child_restart_s": spread([k["restart_s"] for k in crashes]),
+            "rejoin_in_sync_s": spread([k["rejoin_in_sync_s"] for k in crashes]),
+            "failed_requests": errors_between(merged, *phases["crashes"]),
+        },
         "pauses": {
             "epoch_before": epoch_before_pauses, "epoch_after": epoch_after_pauses,
             "failover_events": len(pause_failovers),
@@ -784,6 +823,10 @@ def main(args: argparse.Namespace) -> None:
         "unavailability_ms_p50": percentile(unavail, 50),
         "unavailability_ms_p99": percentile(unavail, 99),
         "unavailability_ms_max": unavail[-1] if unavail else None,
+        "crashes": len(crashes),
+        "crash_unavailability_ms_p50": percentile(crash_unavail, 50),
+        "crash_unavailability_ms_p99": percentile(crash_unavail, 99),
+        "crash_unavailability_ms_max": crash_unavail[-1] if crash_unavail else None,
         "acked_writes_lost": back["missing"] + back["wrong"],
         "false_failovers": max(epoch_after_pauses - epoch_before_pauses, len(pause_failovers)),
         "switchover_failed_requests": sw_failed,
@@ -800,6 +843,9 @@ def main(args: argparse.Namespace) -> None:
             "request": f"kv put, unique keys, {VALUE_BYTES}-byte values",
             "call_deadline_ms": args.deadline_ms,
             "kills": args.kills, "kill_signal": "SIGKILL",
+            "kill": "kills: SIGKILL of the agent's process group (supervisor and child); "
+                    "crashes: SIGKILL of the agent's child alone, its supervisor alive",
+            "crashes": args.crashes,
             "pauses": args.pauses, "pause_ms": args.pause_ms, "pause_gap_s": args.pause_gap,
             "switchovers": args.switchovers,
             "switchover_window": f"RPC start .. reply + {args.switchover_grace} s",
@@ -821,6 +867,8 @@ def main(args: argparse.Namespace) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=KILLS)
+    parser.add_argument("--crashes", type=int, default=CRASHES,
+                        help="SIGKILLs of the primary agent's child, its supervisor alive")
     parser.add_argument("--pauses", type=int, default=PAUSES)
     parser.add_argument("--pause-ms", type=int, default=PAUSE_MS)
     parser.add_argument("--pause-gap", type=float, default=PAUSE_GAP_S)

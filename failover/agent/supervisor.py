@@ -230,7 +230,8 @@ class Supervisor:
         self.child: int | None = None
         self._exits: deque[int] = deque(maxlen=defaults.SUPERVISOR_RESTARTS_MAX)
 
-    def _on_signal(self, signum: int, _frame: object) -> None:
+    def on_signal(self, signum: int, _frame: object) -> None:
+        """SIGTERM or SIGINT (installed by `run_supervised`): stop."""
         # A stop: passed on to the child, which stops cleanly; no restart after it.
         self.stopping.set()
         child = self.child
@@ -265,8 +266,6 @@ class Supervisor:
     def run(self) -> int:
         """Supervises until stopped (the child's last exit code) or until the child dies
         too often (1)."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
         backoff_ms = defaults.SUPERVISOR_BACKOFF_MIN_MS
         try:
             while True:
@@ -309,4 +308,7 @@ def run_supervised(config: AgentConfig, tls: TlsMaterial | None) -> None:
         format=f"%(asctime)s {config.host_id} %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    sys.exit(Supervisor(config, tls).run())
+    supervisor = Supervisor(config, tls)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, supervisor.on_signal)
+    sys.exit(supervisor.run())

@@ -94,7 +94,7 @@ class FaultInjector:
             self.skipped_kinds[fault.kind] = record.skipped
             return record
         record.start_ms = now_ms()
-        if fault.kind in ("kill", "pause", "partition", "disk"):
+        if fault.kind in ("kill", "crash", "pause", "partition", "disk"):
             candidates = await asyncio.to_thread(self.hosts_with, fault.target)
             if not candidates:
                 record.skipped = f"no live {fault.target} to {fault.kind}"
@@ -103,7 +103,13 @@ class FaultInjector:
             record.host = host
             agent = self.cluster[host]
             record.start_ms = now_ms()
-            if fault.kind == "kill":
+            if fault.kind == "crash":
+                # SIGKILL of the agent's child alone; its supervisor reports the exit and
+                # starts the next child (`AgentProcess.kill_child`). "kill" SIGKILLs both.
+                pid = await asyncio.to_thread(agent.kill_child)
+                record.end_ms = now_ms()
+                record.detail = {"child_pid": pid}
+            elif fault.kind == "kill":
                 await asyncio.to_thread(agent.kill)
                 await asyncio.sleep(fault.duration_s)
                 record.end_ms = now_ms()

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 FAULT_KINDS = ("kill", "pause", "partition", "coordinator", "disk", "switchover", "migrate",
-               "patch", "etcd")
+               "patch", "etcd", "crash")
 # Faults of the shared store (issue 15): they need a cluster whose coordinators run on etcd.
 STORE_FAULT_KINDS = ("etcd",)
 
@@ -74,6 +74,10 @@ def _fault(rnd: random.Random, kind: str, at_s: float) -> Fault:
         # Mostly primaries: they are what failover is about.
         target = "primary" if rnd.random() < 0.7 else "duplica"
         return Fault(at_s, kind, target, round(rnd.uniform(0.3, 2.0), 3), pick)
+    if kind == "crash":
+        # The agent's child alone (issue 16): its supervisor reports it and restarts it.
+        target = "primary" if rnd.random() < 0.7 else "duplica"
+        return Fault(at_s, kind, target, 0.0, pick)
     if kind == "pause":
         # From well under the failure timeout (no failover) to well over it (a failover,
         # then the paused primary wakes up fenced).

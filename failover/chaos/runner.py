@@ -56,7 +56,7 @@ BANK_SERVICE = "chaos-bank"
 BANK_PROCESS_BASE = 100  # bank workers are processes 100, 101, ...
 READER_PROCESS_BASE = 200  # the after-fault readers are processes 200, 201, ...
 FINAL_READ_TIMEOUT_S = 30.0  # a final read or snapshot retried this long before the run fails
-AFTER_FAULT_KINDS = ("kill", "switchover")  # faults that bring a new or restarted primary
+AFTER_FAULT_KINDS = ("kill", "crash", "switchover")  # faults that bring a new or restarted primary
 
 
 @dataclass(frozen=True)

@@ -33,9 +33,11 @@ def _kinds(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str,
               help="Same seed, same fault schedule.")
 @click.option("--hosts", type=click.IntRange(2, 9), default=3, show_default=True)
 @click.option("--faults", default="kill,pause", show_default=True, callback=_kinds,
-              help="Comma list of kill,pause,partition,coordinator,disk,switchover,migrate,"
-                   "patch,etcd. With several coordinators, coordinator kills (-9) the one "
-                   "leading; etcd kills one etcd member or all of them for a while.")
+              help="Comma list of kill,crash,pause,partition,coordinator,disk,switchover,"
+                   "migrate,patch,etcd. kill SIGKILLs an agent (its supervisor and child), "
+                   "crash only its child (the supervisor reports it and restarts it). With "
+                   "several coordinators, coordinator kills (-9) the one leading; etcd kills "
+                   "one etcd member or all of them for a while.")
 @click.option("--coordinators", type=click.IntRange(1, 5), default=1, show_default=True,
               help="Coordinators; more than one share an etcd store and one leads.")
 @click.option("--store", type=click.Choice(["sqlite", "etcd"]), default=None,

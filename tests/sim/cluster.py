@@ -248,6 +248,16 @@ class Scenario:
     # default sweeps (their traces stay as they are); a test's variant raises it.
     late_beat_p: float = 0.0
     late_beat_ms: tuple[int, int] = (300, 1500)
+    # The crash fast path (issue 16): the chance that an agent crash is its process's alone,
+    # the supervisor alive, which reports the exit to the coordinator; the chance that such a
+    # report is held `late_report_ms` in the network (arriving after the timeout path
+    # started, or after the process was restarted and registered), and that it is
+    # delivered once more (also late). 0 in the default sweeps (their traces stay as they
+    # are); `test_exit_report_seeds` raises them.
+    exit_report_p: float = 0.0
+    late_report_p: float = 0.0
+    late_report_ms: tuple[int, int] = (300, 1500)
+    report_again_p: float = 0.0
 
 
 def short_scenario(seed: int) -> Scenario:
@@ -674,6 +684,22 @@ class Checker:
         self.switchovers = 0
         self.rebuilt = 0
         self.retired = 0
+        self.exit_reports = 0
+        self.exit_reports_acted = 0
+
+    # invariant 6: no promotion while the old primary may still answer reads alone
+    def on_failover(self, service: str, old_primary: str) -> None:
+        """A failover is decided (persisted): the old primary's process, if it runs, must
+        hold no lease any more. The coordinator waits out the lease it granted, or skips
+        that wait only because the process that held it is dead (the crash fast path)."""
+        agent = self.c.agents.get(old_primary)
+        if agent is None or not agent.up:
+            return
+        replica = agent.replicas.get(service)
+        if replica is not None and replica.core.meta.role == PRIMARY and \
+                replica.core.lease_valid(agent.now):
+            self.fail(f"inv6: {service} failed over from {old_primary} (incarnation "
+                      f"{agent.incarnation}) while that primary still holds a lease")
 
     def fail(self, text: str) -> None:
         self.c.k.note(f"VIOLATION {text}")
@@ -1668,9 +1694,14 @@ class SimAgent:
         self.k.after(self.k.rng.randint(0, HEARTBEAT_MS), self._beat, inc)
         self.k.after(self.k.rng.randint(1, TICK_MS), self._tick, inc)
 
-    def crash(self, damage_snapshots: bool = False) -> None:
+    def crash(self, damage_snapshots: bool = False, report: bool = False) -> None:
+        """The agent's process dies (with `report`, its supervisor lives on and tells the
+        coordinator, `failover.agent.supervisor`; without, the whole host is gone)."""
         lost = {name: disk.wal.crash() for name, disk in sorted(self.disks.items())}
-        self.k.note(f"{self.host_id} crashes, losing unsynced entries {lost}")
+        self.k.note(f"{self.host_id} crashes, losing unsynced entries {lost}"
+                    + (" (its supervisor reports it)" if report else ""))
+        if report:
+            self.report_exit(self.incarnation)
         if damage_snapshots:
             # Only a duplica's: a damaged primary that acknowledged writes alone would be the
             # loss of the one copy (two faults), which no failover can undo.
@@ -1695,6 +1726,22 @@ class SimAgent:
             if link is not None and link.up:
                 self.k.after(self.k.rng.randint(1, 10), link.brk, "peer crashed")
 
+    def report_exit(self, incarnation: int, late_ms: int | None = None) -> None:
+        """The supervisor's `ProcessExited`: a unary call (lost, duplicated, delayed like
+        any), sometimes held `late_report_ms` in the network, sometimes sent once more."""
+        s = self.c.scenario
+        for attempt in range(2):
+            late = late_ms or 0
+            if late_ms is None and s.late_report_p and self.k.rng.random() < s.late_report_p:
+                late = self.k.rng.randint(*s.late_report_ms)
+            if late:
+                self.k.note(f"{self.host_id}'s exit report of incarnation {incarnation} is "
+                            f"held {late} ms in the network")
+            self.c.net.send(self.host_id, COORD, self.c.coord.on_exit_report, self.host_id,
+                            incarnation, late_ms=late)
+            if attempt or not (s.report_again_p and self.k.rng.random() < s.report_again_p):
+                break
+
     def _tick(self, inc: int) -> None:
         if inc != self.incarnation or not self.up:
             return
@@ -1711,7 +1758,8 @@ class SimAgent:
         self.beat_id += 1
         bid = self.beat_id
         info = None if self.registered else HostInfo(
-            self.host_id, self.address, version="sim", started_at=float(self.started_at))
+            self.host_id, self.address, version="sim", started_at=float(self.started_at),
+            incarnation=inc)
         reports = [r.report() for r in self.replicas.values()]
         self.beat_pending = bid
         s = self.c.scenario
@@ -1859,10 +1907,10 @@ class SimAgent:
         if replica is None:
             answer = HearsAnswer(self.host_id, reachable=False)
         else:
-            hears, _ = replica.core.hears_primary(self.now)
+            hears, silent_ms = replica.core.hears_primary(self.now)
             # server.py asks GetStatus for the matched index, not the durable one.
             answer = HearsAnswer(self.host_id, True, hears, replica.matched_index,
-                                 replica.epoch)
+                                 replica.epoch, silent_ms)
         self.c.net.send(self.host_id, COORD, self.c.coord.on_hears_answer, token, answer)
 
     def on_prepare_switchover(self, token: tuple[int, str], action: PrepareSwitchover) -> None:
@@ -2001,13 +2049,14 @@ class SimCoordinator:
                     self.store[key] = value
                 for key in action.deletes:
                     self.store.pop(key, None)
-                for _service, kind, text, _ in action.history:
+                for service, kind, text, details in action.history:
                     if kind in ("failover", "switchover", "in_sync", "rejoin",
                                 "failover_blocked", "suspicion", "placement", "rebuilt",
                                 "retired"):
                         self.k.note(f"coordinator: {text}")
                     if kind == "failover":
                         check.failovers += 1
+                        check.on_failover(service, details["old_primary"])
                     elif kind == "switchover":
                         check.switchovers += 1
                     elif kind == "rebuilt":
@@ -2081,7 +2130,8 @@ class SimCoordinator:
             if info is not None and not self.execute(self.core.register(info, self.now,
                                                                          SIM_METRICS)):
                 return  # the call fails: the agent tries again
-            leases, actions = self.core.heartbeat(host, SIM_METRICS, reports, self.now)
+            leases, actions = self.core.heartbeat(host, SIM_METRICS, reports, self.now,
+                                                  incarnation=inc)
             if not self.execute(actions):
                 return  # no lease comes of a heartbeat whose changes were not persisted
         except InvalidRequest:
@@ -2090,9 +2140,28 @@ class SimCoordinator:
         self.c.net.send(COORD, host, agent.on_beat_reply, inc, bid, ok, leases, sent_ms,
                         dup=False)
 
+    def on_exit_report(self, host: str, incarnation: int) -> None:
+        """A host's supervisor says its agent process of `incarnation` exited (server.py's
+        `process_exited`)."""
+        if not self.up:
+            return
+        assert self.core is not None
+        self.c.check.exit_reports += 1
+        try:
+            actions = self.core.process_exited(host, incarnation, -9, self.now)
+        except InvalidRequest as exc:
+            self.k.note(f"coordinator: exit report refused: {exc}")
+            return
+        for notice in self.core.take_notices():
+            self.k.note(f"coordinator: {notice}")
+        if actions:
+            self.c.check.exit_reports_acted += 1
+            self.k.note(f"coordinator: {host}'s agent process {incarnation} exited: acting")
+        self.execute(actions)
+
     def _ask(self, action: AskHearsPrimary) -> None:
         token = self._token()
-        self._asks[token] = {"action": action, "answers": {}}
+        self._asks[token] = {"action": action, "answers": {}, "asked": self.now}
         for host in action.hosts:
             self.c.net.send(COORD, host, self.c.agents[host].on_hears, token, action.service)
         self.k.after(HEARS_TIMEOUT_MS, self._ask_done, token)
@@ -2101,7 +2170,8 @@ class SimCoordinator:
         ask = self._asks.get(token)
         if ask is None or not self.up:
             return
-        ask["answers"][answer.host_id] = answer
+        # The coordinator's own clock measures how long after asking the answer came.
+        ask["answers"][answer.host_id] = replace(answer, reply_ms=self.now - ask["asked"])
         if len(ask["answers"]) == len(ask["action"].hosts):
             self._ask_done(token)
 
@@ -2431,7 +2501,10 @@ class Nemesis:
             if not up:
                 return
         agent = self.k.rng.choice(up)
-        agent.crash(damage_snapshots=self.k.rng.random() < s.damage_p)
+        damage = self.k.rng.random() < s.damage_p
+        # (No draw when reports are off: the default sweeps' traces stay as they were.)
+        report = bool(s.exit_report_p) and self.k.rng.random() < s.exit_report_p
+        agent.crash(damage_snapshots=damage, report=report)
         self.crashes += 1
         self.k.after(self.k.rng.randint(*s.agent_down_ms), self._restart_agent, agent,
                      agent.incarnation)
@@ -2662,6 +2735,8 @@ class Cluster:
             "truncated": self.check.truncated, "async_lost": self.check.async_lost,
             "installs": self.check.installs, "reloads": self.coord.reloads,
             "broken": self.check.broken, "migrated": self.check.migrated,
+            "exit_reports": self.check.exit_reports,
+            "exit_reports_acted": self.check.exit_reports_acted,
         }
         self.k.note(f"end {stats}")
         return Result(self.seed, self.scenario, ok, message, self.k.trace_hash(),
