@@ -667,18 +667,26 @@ def lease_held(c: Cluster, host: str, service: str = "s1") -> bool:
                 and replica.core.lease_valid(agent.now))
 
 
+def crash_primary_process(c: Cluster, *late_ms: int) -> tuple[SimClient, SimAgent]:
+    """After one acknowledged write, the primary's agent process crashes and its supervisor
+    reports it, once per `late_ms` (each held that long in the network)."""
+    w = client(c)
+    assert write(c, w, "k1").outcome == "ok"
+    agent = c.agents[primary_of(c)]
+    dead = agent.incarnation
+    agent.crash()
+    for late in late_ms:
+        agent.report_exit(dead, late_ms=late)
+    return w, agent
+
+
 def exit_report_after_a_restart(c: Cluster) -> None:
     """The primary's agent process crashes; its supervisor's report is held 900 ms in the
     network. The process is restarted within 50 ms, registers (a newer incarnation), is
     confirmed and holds a lease when the report arrives; its stream to the duplicas is cut
     then (so they cannot vouch for it): the report must change nothing."""
-    w = client(c)
-    assert write(c, w, "k1").outcome == "ok"
     old = primary_of(c)
-    agent = c.agents[old]
-    dead = agent.incarnation
-    agent.crash()
-    agent.report_exit(dead, late_ms=900)
+    w, agent = crash_primary_process(c, 900)
     c.k.run_until(c.k.now + 50)
     agent.start()
     assert run_until(c, lambda: lease_held(c, old), 1000), "the restarted primary serves"
@@ -692,14 +700,7 @@ def exit_report_after_a_restart(c: Cluster) -> None:
 def exit_report_many_times(c: Cluster) -> None:
     """One exit report delivered four times: at once, twice more while the failover asks
     the duplicas, and again after the process was restarted: one promotion."""
-    w = client(c)
-    assert write(c, w, "k1").outcome == "ok"
-    old = primary_of(c)
-    agent = c.agents[old]
-    dead = agent.incarnation
-    agent.crash()
-    for late_ms in (0, 1, 4, 1500):
-        agent.report_exit(dead, late_ms=late_ms)
+    w, agent = crash_primary_process(c, 0, 1, 4, 1500)
     c.k.run_until(c.k.now + 600)
     agent.start()
     c.k.run_until(c.k.now + 1500)
@@ -711,12 +712,7 @@ def exit_report_racing_the_timeout(late_ms: int) -> Callable[[Cluster], None]:
     timeout path asks the duplicas, waits, or has promoted already."""
 
     def script(c: Cluster) -> None:
-        w = client(c)
-        assert write(c, w, "k1").outcome == "ok"
-        agent = c.agents[primary_of(c)]
-        dead = agent.incarnation
-        agent.crash()
-        agent.report_exit(dead, late_ms=late_ms)
+        w, _ = crash_primary_process(c, late_ms)
         c.k.run_until(c.k.now + 1500)
         assert write(c, w, "k2").outcome == "ok"
 
