@@ -6,7 +6,7 @@ The supervisor is the process `failover-agent` starts. It holds no replica and n
 runs no event loop. It counts the child's **incarnation** in `DATA-DIR/agent-incarnation`
 (written before the child starts, so numbers never repeat, also across supervisors), starts
 the child (`python -m failover.agent` with the same flags, the incarnation in its
-environment), and waits for it with `waitpid`: when that returns the child is gone for
+environment), and waits for it (its pidfd, then `waitpid`): when that returns the child is gone for
 certain, whatever killed it. It then reports "host H's agent process of incarnation X exited
 with code C at T" to the leading coordinator (`ProcessExited`, authenticated with the host's
 own certificate) and starts the next incarnation, after a backoff that doubles while the
@@ -38,6 +38,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -68,6 +69,7 @@ ROLE_ENV = "FAILOVER_AGENT_CHILD"
 INCARNATION_ENV = "FAILOVER_AGENT_INCARNATION"
 SUPERVISOR_PID_ENV = "FAILOVER_AGENT_SUPERVISOR_PID"
 _PR_SET_PDEATHSIG = 1
+_WAKE_S = 0.1  # how often a wait on the child looks whether a stop was asked
 
 
 # --- the child's side ------------------------------------------------------------------------
@@ -246,22 +248,30 @@ class Supervisor:
         return os.posix_spawn(self.command[0], self.command, env)
 
     def _wait(self, pid: int) -> int:
-        """Blocks until child `pid` exits; its exit code (negative: the signal). After a
-        stop was asked, SIGKILL if it outlives `SUPERVISOR_STOP_TIMEOUT_MS`."""
-        while True:
-            if self.stopping.is_set():
-                waited_ms = 0
-                while waited_ms < defaults.SUPERVISOR_STOP_TIMEOUT_MS:
-                    done, status = os.waitpid(pid, os.WNOHANG)
-                    if done:
-                        return os.waitstatus_to_exitcode(status)
-                    time.sleep(0.02)
-                    waited_ms += 20
-                log.warning("child %d still runs %d ms after SIGTERM: SIGKILL", pid,
-                            defaults.SUPERVISOR_STOP_TIMEOUT_MS)
-                os.kill(pid, signal.SIGKILL)
-            _, status = os.waitpid(pid, 0)  # retried after a signal handler (PEP 475)
-            return os.waitstatus_to_exitcode(status)
+        """Blocks until child `pid` exits; its exit code (negative: the signal). It waits on
+        the child's pidfd, which becomes readable the moment the child is gone (no polling
+        delay), waking every `_WAKE_S` to see whether a stop was asked; once one was, the
+        child is SIGKILLed if it outlives `SUPERVISOR_STOP_TIMEOUT_MS`."""
+        fd = os.pidfd_open(pid)
+        stop_deadline_ms: float | None = None
+        try:
+            while True:
+                select.select([fd], [], [], _WAKE_S)
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    return os.waitstatus_to_exitcode(status)
+                if not self.stopping.is_set():
+                    continue
+                now_ms = monotonic_ms()
+                if stop_deadline_ms is None:
+                    stop_deadline_ms = now_ms + defaults.SUPERVISOR_STOP_TIMEOUT_MS
+                elif now_ms >= stop_deadline_ms:
+                    log.warning("child %d still runs %d ms after SIGTERM: SIGKILL", pid,
+                                defaults.SUPERVISOR_STOP_TIMEOUT_MS)
+                    os.kill(pid, signal.SIGKILL)
+                    stop_deadline_ms = float("inf")
+        finally:
+            os.close(fd)
 
     def run(self) -> int:
         """Supervises until stopped (the child's last exit code) or until the child dies

@@ -106,17 +106,18 @@ def test_an_answer_from_an_older_term_than_the_host_has_seen_is_not_taken(
 def test_a_stop_is_passed_to_the_child_and_not_followed_by_a_restart(
         tmp_path: Path, coordinators: tuple[list[FakeCoordinator], list[str]]) -> None:
     (_, leader), addresses = coordinators
-    code = ("import signal, sys, time\n"
+    ready = tmp_path / "child-ready"
+    code = ("import pathlib, signal, sys, time\n"
             "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
+            f"pathlib.Path({str(ready)!r}).touch()\n"
             "time.sleep(30)\n")
     supervisor = Supervisor(config(tmp_path, addresses), None, child(code))
     result: list[int] = []
     runner = threading.Thread(target=lambda: result.append(supervisor.run()))
     runner.start()
     deadline = time.monotonic() + 10
-    while supervisor.child is None and time.monotonic() < deadline:
+    while not ready.exists() and time.monotonic() < deadline:  # its handler is installed
         time.sleep(0.01)
-    time.sleep(0.3)  # the child installed its handler
     supervisor.on_signal(15, None)  # what SIGTERM runs (`run_supervised` installs it)
     runner.join(15)
     assert result == [0]
