@@ -500,22 +500,17 @@ class Coordinator:
             for host_id, address in action.hosts.items():
                 by_host.setdefault((host_id, address), []).append(action.service)
 
-        asked_ms = monotonic_ms()
-        replied_ms: dict[tuple[str, str], int] = {}  # (host, service) -> ms from ask to reply
-
         async def ask_host(host_id: str, address: str,
                            services: list[str]) -> dict[str, HearsAnswer]:
             caller = self._caller(host_id, address)
 
             async def hears(service: str) -> agent_pb2.HearsPrimaryReply | None:
                 try:
-                    reply = await caller.stub.HearsPrimary(
+                    return await caller.stub.HearsPrimary(
                         agent_pb2.HearsPrimaryRequest(service=service),
                         timeout=HEARS_PRIMARY_TIMEOUT_S, metadata=caller.metadata)
                 except grpc.aio.AioRpcError:
                     return None
-                replied_ms[(host_id, service)] = monotonic_ms() - asked_ms
-                return reply
 
             replies = dict(zip(services, await asyncio.gather(*map(hears, services)),
                                strict=True))
@@ -528,8 +523,7 @@ class Coordinator:
             # committed entry, and an unverified durable tail may be a fenced primary's.
             matched = {r.service: r.matched_index for r in status.replicas}
             return {service: HearsAnswer(host_id, True, reply.hears,
-                                         matched.get(service, 0), reply.epoch, reply.silent_ms,
-                                         replied_ms.get((host_id, service)))
+                                         matched.get(service, 0), reply.epoch)
                     for service, reply in replies.items() if reply is not None}
 
         hosts = list(by_host)

@@ -1907,10 +1907,10 @@ class SimAgent:
         if replica is None:
             answer = HearsAnswer(self.host_id, reachable=False)
         else:
-            hears, silent_ms = replica.core.hears_primary(self.now)
+            hears, _ = replica.core.hears_primary(self.now)
             # server.py asks GetStatus for the matched index, not the durable one.
             answer = HearsAnswer(self.host_id, True, hears, replica.matched_index,
-                                 replica.epoch, silent_ms)
+                                 replica.epoch)
         self.c.net.send(self.host_id, COORD, self.c.coord.on_hears_answer, token, answer)
 
     def on_prepare_switchover(self, token: tuple[int, str], action: PrepareSwitchover) -> None:
@@ -2161,7 +2161,7 @@ class SimCoordinator:
 
     def _ask(self, action: AskHearsPrimary) -> None:
         token = self._token()
-        self._asks[token] = {"action": action, "answers": {}, "asked": self.now}
+        self._asks[token] = {"action": action, "answers": {}}
         for host in action.hosts:
             self.c.net.send(COORD, host, self.c.agents[host].on_hears, token, action.service)
         self.k.after(HEARS_TIMEOUT_MS, self._ask_done, token)
@@ -2170,8 +2170,7 @@ class SimCoordinator:
         ask = self._asks.get(token)
         if ask is None or not self.up:
             return
-        # The coordinator's own clock measures how long after asking the answer came.
-        ask["answers"][answer.host_id] = replace(answer, reply_ms=self.now - ask["asked"])
+        ask["answers"][answer.host_id] = answer
         if len(ask["answers"]) == len(ask["action"].hosts):
             self._ask_done(token)
 

@@ -244,12 +244,6 @@ class HearsAnswer:
     hears: bool = False
     durable_index: int = 0
     epoch: int = 0
-    # How long before answering it last heard the primary (HearsPrimaryReply.silent_ms),
-    # and how long after asking the coordinator had its answer (its own clock): a duplica
-    # that heard the primary only before it was asked has `silent_ms > reply_ms`. None when
-    # not known, which counts a `hears` whatever the failover.
-    silent_ms: int | None = None
-    reply_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

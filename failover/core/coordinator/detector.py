@@ -92,8 +92,11 @@ class Detector(CoreState):
                 and not self._broken(service, failover.old_primary)):
             del self.failovers[service_name]  # it heartbeated again meanwhile
             return []
-        hearing = [a.host_id for a in answers if a.reachable and a.hears
-                   and _heard_after_ask(failover, a)]
+        # On a failover an exit report started, "I hear it" is not asked: the process is
+        # gone for certain (see `process_exited`), and what a duplica heard of it was its
+        # last batches, which a busy duplica may still have been taking when asked.
+        hearing = [] if failover.asked_after_exit else [
+            a.host_id for a in answers if a.reachable and a.hears]
         if hearing:
             del self.failovers[service_name]
             return [Persist({}, history=((
@@ -174,11 +177,16 @@ class Detector(CoreState):
         (`HostInfo.incarnation`) is among them: the host counts as silent now (its duplicas
         leave the in-sync sets, as after a failure timeout), its heartbeats and
         registrations up to that incarnation are refused from now on (`Membership`), and its
-        primaries fail over without waiting out the lease it was granted, after the same
-        questions to the duplicas as on the timeout path (`hears_primary`). A report of an
-        older incarnation than the one registered (late: the process was restarted and
-        registered since), or of one already reported, changes nothing; nor does one from a
-        host without a supervisor (incarnation 0), which is refused."""
+        primaries fail over without waiting out the lease it was granted, to the duplica the
+        timeout path would choose (`hears_primary`: reachable, in sync, promotable, at or
+        below the epoch, not broken, the highest matched index). Whether a duplica still
+        hears the primary is not asked: that tells a silent host from a broken link to it,
+        and the supervisor has seen the process end; the next process starts only once
+        the report was answered, and serves nothing before the coordinator confirms it.
+
+        A report of an older incarnation than the one registered (late: the process was
+        restarted and registered since), or of one already reported, changes nothing; nor
+        does one from a host without a supervisor (incarnation 0), which is refused."""
         check_host_id(host_id)
         info = self.hosts.get(host_id)
         if info is None:
@@ -245,16 +253,3 @@ class Detector(CoreState):
         info = self.hosts.get(failover.old_primary)
         return info is not None and 0 < info.incarnation <= failover.exited
 
-
-def _heard_after_ask(failover: Failover, answer: HearsAnswer) -> bool:
-    """Whether a duplica's "I hear the primary" counts. On the timeout path it always does.
-    On a failover started by an exit report, only if the duplica may have heard the primary
-    after the coordinator asked (`silent_ms <= reply_ms`; the ask came after the report, so
-    after the process died): what it heard before was the dead process's last words (a
-    keepalive sent just before the crash). Its supervisor starts the next process only once
-    the report was answered, so nothing of that host speaks between report and ask; a
-    duplica that does hear something after it holds the failover (the timeout path decides
-    later, as after any "I hear it")."""
-    if not failover.asked_after_exit or answer.silent_ms is None or answer.reply_ms is None:
-        return True
-    return answer.silent_ms <= answer.reply_ms

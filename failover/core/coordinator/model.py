@@ -175,7 +175,7 @@ class Failover:
     # so the promotion need not wait out the lease it was granted (`Detector.process_exited`).
     exited: int = 0
     exited_ms: int = 0
-    # Started by that report (the duplicas were asked after it arrived), not by a timeout.
+    # Started by that report, not by a timeout: "I hear it" is not asked of the duplicas.
     asked_after_exit: bool = False
 
 
