@@ -201,7 +201,8 @@ class Detector(CoreState):
                                  f"({defaults.EXIT_CODE_MIN}..{defaults.EXIT_CODE_MAX})")
         live = self.live.get(host_id)
         if live is None:
-            live = self.live[host_id] = HostLive(last_heartbeat_ms=now_ms, alive=False)
+            live = self.live[host_id] = HostLive(last_heartbeat_ms=now_ms, alive=False,
+                                                 stalled_mark_ms=self.stalled_ms)
         if info.incarnation == 0 or incarnation < info.incarnation:
             self.notices.append(
                 f"host {host_id}: exit of agent incarnation {incarnation} reported, but "

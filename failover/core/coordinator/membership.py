@@ -143,7 +143,7 @@ class Membership(CoreState):
                 f"reported exited (up to {live.exited}); a restarted agent registers with "
                 "a newer one")
         if (info.incarnation < known.incarnation and live is not None and live.alive
-                and now_ms - live.last_heartbeat_ms < self.timing.failure_timeout_ms):
+                and self.silent_ms(live, now_ms) < self.timing.failure_timeout_ms):
             raise InvalidRequest(
                 f"host {info.host_id}: agent process incarnation {info.incarnation} is older "
                 f"than incarnation {known.incarnation}, alive and registered: a late "
