@@ -365,10 +365,10 @@ def run_clients(mode: str, root: Path, args: argparse.Namespace,
         try:
             scraper.start()
             time.sleep(max(0.0, start_at - time.time()))
-            cpu0 = {role: agent_cpu_s(a.proc.pid) for role, a in agents.items()}
-            profiler.start(mode, {"host1": primary.proc.pid, "host2": duplica.proc.pid})
+            cpu0 = {role: agent_cpu_s(a.work_pid()) for role, a in agents.items()}
+            profiler.start(mode, {"host1": primary.work_pid(), "host2": duplica.work_pid()})
             time.sleep(max(0.0, start_at + args.duration - time.time()))
-            agents_cpu = {role: round(agent_cpu_s(a.proc.pid) - cpu0[role], 2)
+            agents_cpu = {role: round(agent_cpu_s(a.work_pid()) - cpu0[role], 2)
                           for role, a in agents.items()}
             results = collect_workers(workers, args.warmup + args.duration + 60)
         finally:
@@ -498,7 +498,7 @@ def run_shipping(root: Path, args: argparse.Namespace, profiler: Profiler) -> di
         d.control().AssignRole(agent_pb2.AssignRoleRequest(
             service=SERVICE, kind="kv", role=common_pb2.ROLE_DUPLICA, epoch=2, mode=sync_pb,
             primary=agent_pb2.ReplicaPeer(host_id="host1", address=p.address)), timeout=30)
-        profiler.start("shipping", {"host1": p.proc.pid, "host2": d.proc.pid})
+        profiler.start("shipping", {"host1": p.work_pid(), "host2": d.work_pid()})
         try:
             t0 = time.monotonic()
             assign_primary(2, ["host2"])

@@ -136,6 +136,12 @@ class AgentProcess(ManagedProcess):
             return None
         return int(children[0]) if children else None
 
+    def work_pid(self) -> int:
+        """The pid doing the agent's work (for CPU accounting and profilers): the
+        supervisor's child, or the one process without a supervisor."""
+        assert self.proc is not None
+        return self.child_pid() or self.proc.pid
+
     def kill_child(self, timeout_s: float = READY_TIMEOUT_S) -> int:
         """SIGKILL of the supervisor's child alone (a crash of the agent's process); returns
         the pid killed. The supervisor reports the exit and starts a new child."""
