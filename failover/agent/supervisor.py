@@ -321,4 +321,9 @@ def run_supervised(config: AgentConfig, tls: TlsMaterial | None) -> None:
     supervisor = Supervisor(config, tls)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, supervisor.on_signal)
-    sys.exit(supervisor.run())
+    try:
+        code = supervisor.run()
+    except StorageError as exc:  # the incarnation file: nothing may start without it
+        log.error("%s", exc)
+        code = 1
+    sys.exit(code)

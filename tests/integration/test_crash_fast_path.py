@@ -7,6 +7,8 @@ acknowledged write is lost either way. Only the host itself may report its proce
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,6 +97,22 @@ async def test_a_killed_supervisor_and_child_fail_over_on_the_timeout_path(
     assert details["detection_ms"] >= defaults.FAILURE_TIMEOUT_MS, details
     assert not exit_reports(cluster, old)
     assert not cluster[old].alive and cluster[old].child_pid() is None
+
+
+def test_a_supervisor_killed_alone_takes_its_child_with_it(cluster: LocalCluster) -> None:
+    """SIGKILL of the supervisor only: its child dies too (PR_SET_PDEATHSIG), nobody reports
+    it, and the primary fails over on the timeout path; no child is left serving unwatched."""
+    old = cluster.primary_of("kv")
+    assert old is not None and cluster[old].proc is not None
+    child = cluster[old].child_pid()
+    assert child is not None
+    os.kill(cluster[old].proc.pid, signal.SIGKILL)
+    wait_for(lambda: not Path(f"/proc/{child}").exists()
+             or Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z",
+             10, "the child to die with its supervisor")
+    wait_for(lambda: cluster.primary_of("kv") not in (None, old), 15, "a new primary")
+    assert failover_details(cluster)["detection_ms"] >= defaults.FAILURE_TIMEOUT_MS
+    assert not exit_reports(cluster, old)
 
 
 def test_only_the_host_itself_may_report_its_agent_process(cluster: LocalCluster) -> None:
