@@ -58,6 +58,7 @@ from failover.net import channels
 from failover.net.leader import LeaderFollower
 from failover.net.tls import TlsMaterial
 from failover.storage.atomic import read_counter, write_atomic
+from failover.storage.modes import make_private_dir
 from failover.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger("failover.agent.supervisor")
@@ -156,7 +157,7 @@ class ExitReporter:
         self._channels = {a: channels.blocking_channel(a, tls) for a in addresses}
         for channel in self._channels.values():
             # Connect now, so that the report does not wait for a TCP and TLS handshake.
-            channel.subscribe(lambda _state: None, try_to_connect=True)
+            channel.subscribe(_ignore_state, try_to_connect=True)
 
     def report(self, incarnation: int, exit_code: int, exited_at: float) -> bool:
         """Tells the leader; True once one accepted it. Gives up after
@@ -204,7 +205,12 @@ class ExitReporter:
 
     def close(self) -> None:
         for channel in self._channels.values():
+            channel.unsubscribe(_ignore_state)  # its watcher thread ends before the channel
             channel.close()
+
+
+def _ignore_state(_state: grpc.ChannelConnectivity) -> None:
+    """A connectivity watcher: subscribing one is what makes a channel connect now."""
 
 
 def _term_seen(data_dir: Path) -> int:
@@ -226,6 +232,8 @@ class Supervisor:
                  command: list[str] | None = None) -> None:
         self.config = config
         self.command = command or reexec_command()
+        # The child makes it too, but the incarnation is written there before it starts.
+        make_private_dir(config.data_dir)
         self.counter = IncarnationCounter(config.data_dir)
         self.reporter = ExitReporter(config, tls)
         self.stopping = threading.Event()

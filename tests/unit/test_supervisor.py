@@ -128,3 +128,13 @@ def test_a_damaged_incarnation_file_is_refused_with_what_to_do(tmp_path: Path) -
     (tmp_path / INCARNATION_FILE).write_text("seven\n")
     with pytest.raises(StorageError, match="delete it only while no agent runs"):
         IncarnationCounter(tmp_path).next()
+
+
+def test_a_data_dir_that_does_not_exist_yet_is_made_private_before_the_first_child(
+        tmp_path: Path) -> None:
+    """The supervisor writes the incarnation before any child made the data dir (a fresh
+    host: the first agents with TLS failed to start, the file's directory missing)."""
+    data_dir = tmp_path / "fresh" / "host1"
+    supervisor = Supervisor(config(data_dir, []), None, child("pass"))
+    assert supervisor.counter.next() == 1
+    assert data_dir.stat().st_mode & 0o777 == 0o700
