@@ -626,6 +626,7 @@ def main(args: argparse.Namespace) -> None:
     from failover.localcluster import LocalCluster
 
     began = time.monotonic()
+    load_at_start = round(os.getloadavg()[0], 1)  # the machine is shared: say how busy
     rng = random.Random(args.seed)
     tmp = None
     if args.root:
@@ -857,6 +858,8 @@ def main(args: argparse.Namespace) -> None:
             "unavailability": "last ok completion before the kill -> first ok completion "
                               "after it answered by another host (client clock)",
             "cpus": os.cpu_count(),
+            "load_avg_1m_at_start": load_at_start,
+            "load_avg_1m_at_end": round(os.getloadavg()[0], 1),
             "run_s": round(time.monotonic() - began, 1),
         },
         "details": details,
