@@ -175,7 +175,8 @@ async def worker_main(args: argparse.Namespace) -> dict[str, Any]:
     error_kinds: dict[str, int] = {}
     error_examples: list[str] = []
     client = cls(coordinator=args.coordinator, client_id=f"bench-w{args.worker_id}-"
-                 f"{os.getpid()}", deadline_ms=args.deadline_ms, tls=client_tls(args))
+                 f"{os.getpid()}", deadline_ms=args.deadline_ms, tls=client_tls(args),
+                 stream=not args.unary)
     client.route_log = []
     stop = asyncio.Event()
 
@@ -284,7 +285,7 @@ class Workers:
                  "--worker-id", str(k), "--coordinator", coordinator, "--tasks",
                  str(args.tasks), "--status-file", str(path), "--stop-file",
                  str(self.stop_file), "--deadline-ms", str(args.deadline_ms),
-                 *tls_args(args)],
+                 *(["--unary"] if args.unary else []), *tls_args(args)],
                 stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True,
                 cwd=str(REPO)))
         self._maps = []
@@ -841,6 +842,7 @@ def main(args: argparse.Namespace) -> None:
             if tls_pass is not None else None,
             "hosts": REPLICAS, "replicas": REPLICAS, "mode": "sync", "kind": "kv",
             "client_processes": args.client_procs, "tasks_per_process": args.tasks,
+            "client_data_path": "unary Execute" if args.unary else "stream (ExecuteStream)",
             "request": f"kv put, unique keys, {VALUE_BYTES}-byte values",
             "call_deadline_ms": args.deadline_ms,
             "kills": args.kills, "kill_signal": "SIGKILL",
@@ -887,6 +889,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--deadline-ms", type=int, default=CALL_DEADLINE_MS)
     parser.add_argument("--readback-procs", type=int, default=READBACK_PROCS)
     parser.add_argument("--readback-tasks", type=int, default=READBACK_TASKS)
+    parser.add_argument("--unary", action="store_true",
+                        help="the workload's clients call Execute per request (Client(stream="
+                             "False)), not the stream data path")
     parser.add_argument("--root", help="keep the cluster's dirs and logs here (an empty dir)")
     parser.add_argument("--tls", action="store_true",
                         help="this run with mutual TLS on every channel (no second pass)")
