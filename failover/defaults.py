@@ -321,8 +321,9 @@ EXIT_CODE_MIN = -128  # an exit report's code: negative for the signal that ende
 EXIT_CODE_MAX = 255  # else what it passed to exit
 SUPERVISOR_REPORT_TIMEOUT_MS = 2000  # reporting one exit, every coordinator tried, retries included
 SUPERVISOR_REPORT_CALL_TIMEOUT_MS = 300  # one call of that report
-SUPERVISOR_RESTARTS_MAX = 10  # child restarts within SUPERVISOR_RESTART_WINDOW_MS before the
-SUPERVISOR_RESTART_WINDOW_MS = 60_000  # supervisor gives up (exits, as a host that stopped)
+SUPERVISOR_RESTARTS_MAX = 5  # child exits within SUPERVISOR_RESTART_WINDOW_MS before the
+SUPERVISOR_RESTART_WINDOW_MS = 10_000  # supervisor gives up (exits, as a host that stopped);
+# systemd's default start limit. 10 in 60 s stopped a host whose child was killed every 6 s.
 SUPERVISOR_BACKOFF_MIN_MS = 50  # the wait before a restart, doubling per exit within the
 SUPERVISOR_BACKOFF_MAX_MS = 5000  # window, up to this
 SUPERVISOR_STOP_TIMEOUT_MS = 10_000  # SIGTERM forwarded to the child: SIGKILL after this
