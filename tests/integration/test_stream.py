@@ -71,7 +71,7 @@ async def test_stream_writes_survive_a_switchover_and_a_kill_applied_exactly_onc
     assert cluster.coordinator is not None
     stub = cluster.coordinator.stub()
     async with Client(coordinator=cluster.coordinator.address, tls=cluster.tls_client,
-                      deadline_ms=15_000) as client:
+                      deadline_ms=15_000, stream=True) as client:
         assert client.stream
         await client.call_many("bank", [
             {"op": "open", "account": f"{prefix}{n}", "balance": OPENING if prefix == "w"

@@ -102,7 +102,7 @@ async def test_calls_queued_together_go_in_one_message_and_one_append(
         return append(entries)
 
     replica.wal.append = counted_append  # type: ignore[method-assign]
-    async with Client(agents=address) as client:
+    async with Client(agents=address, stream=True) as client:
         await client.call("kv1", {"op": "put", "key": "first", "value": "v"})
         servicer.messages.clear()
         appends.clear()
@@ -123,7 +123,7 @@ async def test_answers_are_matched_by_seq_and_come_back_in_order(
     """Writes, reads (answered on their own path), an application refusal and a malformed
     request in one call_many: each result or error in its own place."""
     _agent, servicer, address = served
-    async with Client(agents=address) as client:
+    async with Client(agents=address, stream=True) as client:
         await client.call("bank1", {"op": "open", "account": "a", "balance": 10})
         await client.call("bank1", {"op": "open", "account": "b", "balance": 5})
         await client.call("bank1", {"op": "open", "account": "d", "balance": 0})
@@ -231,7 +231,7 @@ async def test_the_client_packs_no_more_than_a_message_may_carry(
     _agent, servicer, address = served
     monkeypatch.setattr(defaults, "STREAM_CALLS_PER_MESSAGE_MAX", 7)
     monkeypatch.setattr(defaults, "STREAM_MESSAGE_BYTES_MAX", 3000)
-    async with Client(agents=address) as client:
+    async with Client(agents=address, stream=True) as client:
         await client.call("kv1", {"op": "put", "key": "first", "value": "v"})
         servicer.messages.clear()
         small = await client.call_many(
@@ -274,7 +274,7 @@ async def test_the_client_gives_up_on_a_call_at_its_deadline(
     served: tuple[Agent, _Counting, str],
 ) -> None:
     agent, _servicer, address = served
-    async with Client(agents=address, deadline_ms=5000) as client:
+    async with Client(agents=address, deadline_ms=5000, stream=True) as client:
         await client.call("kv1", {"op": "put", "key": "a", "value": "v"})
         await agent.assign_role("kv1", "kv", "primary", 1, "sync", None, {"b": UNREACHABLE},
                                 {"b"})
@@ -289,7 +289,7 @@ async def test_sync_client_call_many(served: tuple[Agent, _Counting, str]) -> No
     _agent, servicer, address = served
 
     def run() -> list[Any]:
-        with SyncClient(agents=address) as client:
+        with SyncClient(agents=address, stream=True) as client:
             return client.call_many("kv1", [{"op": "put", "key": f"s{i}", "value": "v"}
                                             for i in range(20)])
 
@@ -314,7 +314,7 @@ async def test_a_routes_push_moves_a_call_in_flight_to_the_new_primary_with_its_
     await server.start()
     try:
         replica = await other.assign_role("kv1", "kv", "primary", 2, "sync", None, {}, set())
-        async with Client(coordinator=UNREACHABLE, deadline_ms=10_000) as client:
+        async with Client(coordinator=UNREACHABLE, deadline_ms=10_000, stream=True) as client:
             client._watcher = asyncio.get_running_loop().create_task(asyncio.Event().wait())
             client._routes["kv1"] = (address, 1)
             call = asyncio.get_running_loop().create_task(
