@@ -164,6 +164,9 @@ ROUTE_WATCH_SERVICES_MAX = 10_000  # services one WatchRoutes may name; more: IN
 # (the rest wait for a later heartbeat): a forged report of thousands of unknown services
 # must not fill the host's queue.
 HEARTBEAT_REPLICAS_MAX = 10_000
+# Heartbeats the coordinator takes in one round, with one store commit (more wait for the
+# next round): a round stays short enough to hold the lock for, whatever the queue.
+HEARTBEATS_PER_ROUND_MAX = 64
 HEARTBEAT_DROPS_MAX = 64
 # Host metrics beyond these are not a real host's: such a heartbeat or registration is
 # refused (INVALID_ARGUMENT), so a rogue cannot win placement by claiming them.

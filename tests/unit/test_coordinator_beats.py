@@ -1,0 +1,102 @@
+"""Heartbeats are taken in rounds (`Coordinator._take_beats`): those that arrive while the
+coordinator is busy are one core round and one store commit, and a beat whose caller gave up
+waiting is taken all the same. With 10 agents of 60 replicas each on 2 cores, one commit per
+beat under the lock made beats queue past the agents' 200 ms deadline; 612 beats in 40 s
+were cancelled while queued and never taken, and hosts that were alive were suspected."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from failover.coordinator.server import Coordinator
+from failover.core.coordinator import HookReport, HostInfo, Timing
+from failover.errors import InvalidRequest
+from failover.storage.sqlite_store import SqliteStore
+from tests.unit.inprocess import until
+from tests.unit.test_coordinator_rebuild import DEAD, FAIL, HB, LEASE
+from tests.unit.test_coordinator_scale import METRICS
+
+HOSTS = ("h1", "h2", "h3")
+
+
+class CountingStore(SqliteStore):
+    """Counts commits, and the history rows each carried."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.commits: list[int] = []
+
+    async def commit(self, puts: Any, deletes: Any = (), history: Any = (),
+                     **kwargs: Any) -> list[int]:
+        self.commits.append(len(history))
+        return await super().commit(puts, deletes, history, **kwargs)
+
+
+def hook(seq: int) -> HookReport:
+    return HookReport(seq=seq, service="kv", event="on_role_change", command="notify",
+                      role="primary", epoch=1, exit_code=0, output="", duration_ms=3)
+
+
+async def started(tmp_path: Path) -> tuple[Coordinator, CountingStore]:
+    store = CountingStore(tmp_path / "cluster.db")
+    coordinator = Coordinator(store, Timing(HB, FAIL, LEASE, DEAD), address="127.0.0.1:1")
+    await coordinator.start()
+    for host in HOSTS:
+        await coordinator.register(HostInfo(host, "127.0.0.1:1"), dict(METRICS))
+    return coordinator, store
+
+
+async def test_beats_that_arrive_while_the_coordinator_is_busy_are_one_commit(
+        tmp_path: Path) -> None:
+    coordinator, store = await started(tmp_path)
+    try:
+        await coordinator._lock.acquire()  # busy: a commit of something else, say
+        beats = [asyncio.ensure_future(coordinator.heartbeat(host, dict(METRICS), [],
+                                                             [hook(1)]))
+                 for host in HOSTS]
+        await asyncio.sleep(0.05)
+        before = len(store.commits)
+        coordinator._lock.release()
+        await asyncio.gather(*beats)
+        # One commit holds every host's hook record, not one commit per heartbeat.
+        assert store.commits[before:] == [3]
+        assert len(await store.history(kind="hook")) == 3
+    finally:
+        await coordinator.stop()
+
+
+async def test_a_beat_whose_caller_gave_up_is_taken_all_the_same(tmp_path: Path) -> None:
+    coordinator, _store = await started(tmp_path)
+    try:
+        await coordinator._lock.acquire()
+        seen = coordinator.core.live["h1"].last_heartbeat_ms
+        await asyncio.sleep(0.02)
+        beat = asyncio.ensure_future(coordinator.heartbeat("h1", dict(METRICS), []))
+        await asyncio.sleep(0.01)
+        beat.cancel()  # the agent's deadline passed while the beat queued
+        with pytest.raises(asyncio.CancelledError):
+            await beat
+        coordinator._lock.release()
+        await until(lambda: coordinator.core.live["h1"].last_heartbeat_ms > seen, timeout_s=2)
+    finally:
+        await coordinator.stop()
+
+
+async def test_one_refused_beat_leaves_the_others_of_its_round_going(tmp_path: Path) -> None:
+    coordinator, _store = await started(tmp_path)
+    try:
+        await coordinator._lock.acquire()
+        good = asyncio.ensure_future(coordinator.heartbeat("h1", dict(METRICS), []))
+        bad = asyncio.ensure_future(coordinator.heartbeat("nobody", dict(METRICS), []))
+        also = asyncio.ensure_future(coordinator.heartbeat("h2", dict(METRICS), []))
+        await asyncio.sleep(0.01)
+        coordinator._lock.release()
+        assert await good == [] and await also == []
+        with pytest.raises(InvalidRequest, match="not registered"):
+            await bad
+    finally:
+        await coordinator.stop()
