@@ -171,20 +171,40 @@ class AgentStatus(_message.Message):
     def __init__(self, host_id: _Optional[str] = ..., address: _Optional[str] = ..., zone: _Optional[str] = ..., version: _Optional[str] = ..., started_at: _Optional[float] = ..., metrics: _Optional[_Union[HostMetrics, _Mapping]] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ...) -> None: ...
 
 class HearsPrimaryRequest(_message.Message):
-    __slots__ = ("service",)
+    __slots__ = ("service", "services")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
     service: str
-    def __init__(self, service: _Optional[str] = ...) -> None: ...
+    services: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, service: _Optional[str] = ..., services: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HearsPrimaryReply(_message.Message):
-    __slots__ = ("hears", "silent_ms", "epoch")
+    __slots__ = ("hears", "silent_ms", "epoch", "answers")
     HEARS_FIELD_NUMBER: _ClassVar[int]
     SILENT_MS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ANSWERS_FIELD_NUMBER: _ClassVar[int]
     hears: bool
     silent_ms: int
     epoch: int
-    def __init__(self, hears: _Optional[bool] = ..., silent_ms: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+    answers: _containers.RepeatedCompositeFieldContainer[HearsPrimaryAnswer]
+    def __init__(self, hears: _Optional[bool] = ..., silent_ms: _Optional[int] = ..., epoch: _Optional[int] = ..., answers: _Optional[_Iterable[_Union[HearsPrimaryAnswer, _Mapping]]] = ...) -> None: ...
+
+class HearsPrimaryAnswer(_message.Message):
+    __slots__ = ("service", "held", "hears", "silent_ms", "epoch", "matched_index")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    HEARS_FIELD_NUMBER: _ClassVar[int]
+    SILENT_MS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    MATCHED_INDEX_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    held: bool
+    hears: bool
+    silent_ms: int
+    epoch: int
+    matched_index: int
+    def __init__(self, service: _Optional[str] = ..., held: _Optional[bool] = ..., hears: _Optional[bool] = ..., silent_ms: _Optional[int] = ..., epoch: _Optional[int] = ..., matched_index: _Optional[int] = ...) -> None: ...
 
 class CompactRequest(_message.Message):
     __slots__ = ("service", "retain_entries")

@@ -578,3 +578,27 @@ async def test_a_snapshot_for_a_duplica_only_from_its_named_primary_at_its_epoch
     untouched(served.agent, "kv1", DUPLICA)
     assert kv1.sm.applied_index == 0 and kv1.wal.last_index == 0
     assert served.agent.snapshot_streams.total == 0
+
+
+async def test_hears_primary_of_several_services_answers_each_and_checks_its_input(
+        served: Served) -> None:
+    """One HearsPrimary per host and suspicion round (issue 14): each service answered with
+    its matched index, a service not held (or broken) as not held; names and bounds checked
+    before anything is read."""
+    async with served.channel("coord") as channel:
+        stub = agent_pb2_grpc.AgentControlStub(channel)
+        reply = await stub.HearsPrimary(agent_pb2.HearsPrimaryRequest(
+            services=["kv1", "kv9", "kv0"]))
+        assert [(a.service, a.held) for a in reply.answers] == [
+            ("kv1", True), ("kv9", False), ("kv0", True)]
+        kv1 = served.agent.replicas["kv1"]
+        assert reply.answers[0].epoch == 1 and reply.answers[0].hears is False
+        assert reply.answers[0].matched_index == kv1.status()["matched_index"]
+        served.agent.replicas["kv0"].mark_broken("a test broke it")
+        reply = await stub.HearsPrimary(agent_pb2.HearsPrimaryRequest(services=["kv0"]))
+        assert [(a.service, a.held) for a in reply.answers] == [("kv0", False)]
+        for bad in (agent_pb2.HearsPrimaryRequest(services=["kv1", "../kv0"]),
+                    agent_pb2.HearsPrimaryRequest(service="kv1", services=["kv1"]),
+                    agent_pb2.HearsPrimaryRequest(
+                        services=["kv1"] * (defaults.HEARTBEAT_REPLICAS_MAX + 1))):
+            assert await code_of(stub.HearsPrimary(bad)) == INVALID
