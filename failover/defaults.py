@@ -34,6 +34,9 @@ REQUEST_BYTES_MAX = 4 << 20
 # logged (a kind, or `repr` in an error message, may recurse over a value).
 REQUEST_DEPTH_MAX = 32
 CALL_DEADLINE_MS = 5000
+# A call that saw a newer epoch than its replica holds waits this long at most for that
+# epoch's assignment to arrive (`Replica._wait_for_epoch`) before it is answered as today.
+NEWER_EPOCH_WAIT_MS = 500
 
 # Write-ahead log.
 WAL_SEGMENT_BYTES_MAX = 64 << 20

@@ -363,6 +363,7 @@ class Replica:
                                            role=action.meta.role, epoch=action.meta.epoch,
                                            was_role=self.role, was_epoch=self.epoch,
                                            why=action.why))
+        was = (self.role, self.epoch)
         try:
             self._write_meta(action.meta)
         except (StorageError, OSError) as exc:
@@ -372,6 +373,8 @@ class Replica:
             actions = self.core.meta_write_failed(action, exc, monotonic_ms())
         else:
             actions = self.core.meta_persisted(action, monotonic_ms())
+        if (self.role, self.epoch) != was:
+            self._notify_progress()  # calls waiting for this epoch (`_wait_for_epoch`) go on
         if actions and isinstance(actions[0], Refuse):
             return actions[0].status
         self._carry_out(actions)
@@ -443,6 +446,8 @@ class Replica:
         InvalidRequest, and one past the bounds on writes in flight raises Overloaded; neither
         is logged."""
         core = self.core
+        if epoch_seen > core.meta.epoch:
+            await self._wait_for_epoch(epoch_seen)
         core.check_primary(epoch_seen)
         if payload != SESSION_OPEN_PAYLOAD:  # that one is logged as it is (no kind sees it)
             request = decode_request(payload)
@@ -505,8 +510,12 @@ class Replica:
         writes: list[StreamCall] = []
         rest: list[StreamCall] = []
         is_read_only = self.kind_cls.is_read_only
+        epoch_now = core.meta.epoch
         for call in calls:
             payload = call[4]
+            if call[1] > epoch_now:
+                rest.append(call)  # `execute` waits for that epoch's assignment first
+                continue
             try:
                 core.check_primary(call[1])
                 if payload != SESSION_OPEN_PAYLOAD:
@@ -559,6 +568,8 @@ class Replica:
         when it cannot.
         """
         core = self.core
+        if epoch_seen > core.meta.epoch:
+            await self._wait_for_epoch(epoch_seen)
         core.check_primary(epoch_seen)
         await self._wait_hold(epoch_seen)
         if not core.read_ready():
@@ -587,6 +598,19 @@ class Replica:
         while self.core.holding:
             await self._progress.wait()
             self.core.check_primary(epoch_seen)
+
+    async def _wait_for_epoch(self, epoch_seen: int) -> None:
+        """A client saw `epoch_seen`, newer than this replica's: the coordinator made a
+        failover or switchover and routed the client here, and the assignment to this host
+        is on its way (storm: the 30 promotions of a host death reached their hosts within
+        460 ms of the commit, the routes before most of them). Waits for it, at most
+        NEWER_EPOCH_WAIT_MS, so that the call is answered by the role this replica takes,
+        not redirected to the primary it had (dead, in a failover) and retried on the
+        client's backoff, which made services writable again up to 800 ms after their new
+        primary was. Changes nothing: the caller checks role and epoch after it."""
+        deadline_ms = monotonic_ms() + defaults.NEWER_EPOCH_WAIT_MS
+        while self.core.meta.epoch < epoch_seen and await self._wait_progress(deadline_ms):
+            pass
 
     def _notify_progress(self) -> None:
         event, self._progress = self._progress, asyncio.Event()
