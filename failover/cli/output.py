@@ -28,7 +28,9 @@ keys you do not know.
           "disk_total_bytes": int,
           "memory_total_bytes": int,
           "cpu_count": int,
-          "heartbeat_age_ms": int     # since the coordinator last heard from the host
+          "heartbeat_age_ms": int,    # since the coordinator last heard from the host
+          "incarnation": int,         # the agent process registered (0: no supervisor)
+          "exited_incarnation": int   # the last one its supervisor reported exited (0: none)
         }
       ],
       "services": [
@@ -157,6 +159,8 @@ def host_json(host: coordinator_pb2.HostStatus) -> dict[str, Any]:
         "cpu_count": host.metrics.cpu_count,
         "heartbeat_age_ms": host.heartbeat_age_ms,
         "dead": host.dead,
+        "incarnation": host.incarnation,
+        "exited_incarnation": host.exited_incarnation,
     }
 
 
@@ -317,7 +321,8 @@ def hosts_table(hosts: Sequence[Mapping[str, Any]]) -> Table:
     for name, justify in (("host", "left"), ("address", "left"), ("zone", "left"),
                           ("alive", "left"), ("draining", "left"), ("version", "left"),
                           ("started", "left"), ("cpu %", "right"), ("mem %", "right"),
-                          ("disk free", "right"), ("heartbeat age ms", "right")):
+                          ("disk free", "right"), ("heartbeat age ms", "right"),
+                          ("process", "right")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for h in hosts:
         table.add_row(
@@ -326,8 +331,18 @@ def hosts_table(hosts: Sequence[Mapping[str, Any]]) -> Table:
             _cell(h["version"] or "-"), wall_time(h["started_at"]),
             f"{h['cpu_percent']:.1f}", f"{h['memory_percent']:.1f}",
             human_bytes(h["disk_free_bytes"]), f"{h['heartbeat_age_ms']:,}",
+            _process(h),
         )
     return table
+
+
+def _process(host: Mapping[str, Any]) -> str:
+    """The agent process's incarnation, and the last one that crashed if any ("-" without a
+    supervisor): "3 (2 exited)" says the process was restarted after a crash."""
+    if not host["incarnation"]:
+        return "-"
+    exited = host["exited_incarnation"]
+    return f"{host['incarnation']}" + (f" ({exited} exited)" if exited else "")
 
 
 def services_table(services: Sequence[Mapping[str, Any]]) -> Table:

@@ -180,6 +180,7 @@ def cluster_status(core: CoordinatorCore, now: int) -> coordinator_pb2.ClusterSt
                 cpu_count=int(m.get("cpu_count", 0))),
             heartbeat_age_ms=max(0, now - live.last_heartbeat_ms) if live else 0,
             dead=bool(live and live.dead),
+            incarnation=info.incarnation, exited_incarnation=live.exited if live else 0,
         ))
     for name, service in sorted(core.services.items()):
         primary_report = _report(core, service.primary, name)

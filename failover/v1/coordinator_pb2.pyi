@@ -155,7 +155,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HostStatus(_message.Message):
-    __slots__ = ("host_id", "address", "zone", "draining", "alive", "version", "started_at", "metrics", "heartbeat_age_ms", "dead")
+    __slots__ = ("host_id", "address", "zone", "draining", "alive", "version", "started_at", "metrics", "heartbeat_age_ms", "dead", "incarnation", "exited_incarnation")
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ZONE_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +166,8 @@ class HostStatus(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_AGE_MS_FIELD_NUMBER: _ClassVar[int]
     DEAD_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    EXITED_INCARNATION_FIELD_NUMBER: _ClassVar[int]
     host_id: str
     address: str
     zone: str
@@ -176,7 +178,9 @@ class HostStatus(_message.Message):
     metrics: _agent_pb2.HostMetrics
     heartbeat_age_ms: int
     dead: bool
-    def __init__(self, host_id: _Optional[str] = ..., address: _Optional[str] = ..., zone: _Optional[str] = ..., draining: _Optional[bool] = ..., alive: _Optional[bool] = ..., version: _Optional[str] = ..., started_at: _Optional[float] = ..., metrics: _Optional[_Union[_agent_pb2.HostMetrics, _Mapping]] = ..., heartbeat_age_ms: _Optional[int] = ..., dead: _Optional[bool] = ...) -> None: ...
+    incarnation: int
+    exited_incarnation: int
+    def __init__(self, host_id: _Optional[str] = ..., address: _Optional[str] = ..., zone: _Optional[str] = ..., draining: _Optional[bool] = ..., alive: _Optional[bool] = ..., version: _Optional[str] = ..., started_at: _Optional[float] = ..., metrics: _Optional[_Union[_agent_pb2.HostMetrics, _Mapping]] = ..., heartbeat_age_ms: _Optional[int] = ..., dead: _Optional[bool] = ..., incarnation: _Optional[int] = ..., exited_incarnation: _Optional[int] = ...) -> None: ...
 
 class ReplicaView(_message.Message):
     __slots__ = ("host_id", "role", "indexes", "lag_entries", "in_sync", "promotable")

@@ -7,8 +7,11 @@ acknowledged write is lost either way. Only the host itself may report its proce
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,6 +90,13 @@ async def test_a_killed_agent_child_fails_over_at_once_and_loses_no_acked_write(
     # The supervisor restarted the child: it rejoins as a duplica and catches up.
     cluster.wait_converged("kv", list(cluster.agents), timeout_s=30)
     assert cluster[old].child_pid() is not None
+    # `failoverctl status` shows the restart: the second process registered, the first
+    # reported exited.
+    shown = subprocess.run([sys.executable, "-m", "failover.cli", *cluster.cli_args(), "status",
+                            "--format", "json"], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    host = next(h for h in json.loads(shown.stdout)["hosts"] if h["host_id"] == old)
+    assert (host["incarnation"], host["exited_incarnation"]) == (2, 1), host
 
 
 async def test_a_killed_supervisor_and_child_fail_over_on_the_timeout_path(

@@ -20,7 +20,8 @@ from failover.v1 import agent_pb2, common_pb2, coordinator_pb2, coordinator_pb2_
 
 HOST_KEYS = ["host_id", "address", "zone", "draining", "alive", "version", "started_at",
              "cpu_percent", "memory_percent", "disk_free_bytes", "disk_total_bytes",
-             "memory_total_bytes", "cpu_count", "heartbeat_age_ms", "dead"]
+             "memory_total_bytes", "cpu_count", "heartbeat_age_ms", "dead",
+             "incarnation", "exited_incarnation"]
 SERVICE_KEYS = ["name", "kind", "mode", "epoch", "desired_replicas", "placement", "unplaced",
                 "replicas"]
 REPLICA_KEYS = ["host_id", "role", "durable_index", "commit_index", "applied_index",
@@ -52,7 +53,7 @@ CLUSTER = coordinator_pb2.ClusterStatus(
             version="0.1.0", started_at=1_700_000_000.5,
             metrics=agent_pb2.HostMetrics(cpu_percent=12.5, memory_percent=40.25,
                                           disk_free_bytes=5 * 1024**3),
-            heartbeat_age_ms=42),
+            heartbeat_age_ms=42, incarnation=3, exited_incarnation=2),
         coordinator_pb2.HostStatus(
             host_id="host2", address="127.0.0.1:7102", zone="b", draining=True, alive=False,
             version="0.1.0", started_at=1_700_000_001.0,
@@ -175,7 +176,8 @@ def test_status_table_shows_hosts_services_and_replicas(capsys, coordinator) -> 
     assert (code, err) == (0, "")
     assert [m for m, _ in fake.requests] == ["GetClusterStatus", "GetHistory"]
     for text in ("host1", "127.0.0.1:7102", "5.0 GiB", "512 B", "12.5", "40.2", "1,500",
-                 "ledger", "bank", "primary", "duplica", "120", "118", "117", "sync"):
+                 "ledger", "bank", "primary", "duplica", "120", "118", "117", "sync",
+                 "3 (2 exited)"):
         assert text in out, text
     assert out.index("Hosts") < out.index("Services")
     # Issue 17 item 7: the last event of each service (kv's newest is the failover).
@@ -214,7 +216,7 @@ def test_status_json_is_the_documented_contract(capsys, coordinator) -> None:
         "alive": True, "version": "0.1.0", "started_at": 1_700_000_000.5,
         "cpu_percent": 12.5, "memory_percent": 40.25, "disk_free_bytes": 5 * 1024**3,
         "disk_total_bytes": 0, "memory_total_bytes": 0, "cpu_count": 0,
-        "heartbeat_age_ms": 42, "dead": False,
+        "heartbeat_age_ms": 42, "dead": False, "incarnation": 3, "exited_incarnation": 2,
     }
     kv = document["services"][0]
     assert {k: kv[k] for k in SERVICE_KEYS[:-1]} == {
