@@ -19,7 +19,7 @@ from failover.net.authorization import RoleCheck, TermFence
 from failover.net.grpc_logs import limit_decode_error_logs
 from failover.net.tls import TlsMaterial
 from failover.observe import health, logs
-from failover.observe.agent_metrics import AgentMetrics
+from failover.observe.agent_metrics import AgentMetrics, count_refused
 from failover.observe.endpoint import MetricsEndpoint
 from failover.observe.logs import event_fields
 from failover.storage.modes import make_private_dir
@@ -94,7 +94,7 @@ def interceptors(agent: Agent, tls: TlsMaterial | None) -> list[grpc.aio.ServerI
 
     fence = TermFence(agent.coordinator_term,
                       {"/failover.v1.AgentControl/Restart": restart_command})
-    return [RoleCheck(), fence] if tls is not None else [fence]
+    return [RoleCheck(refused=count_refused(agent)), fence] if tls is not None else [fence]
 
 
 def run(config: AgentConfig, tls: TlsMaterial | None = None, incarnation: int = 0) -> None:

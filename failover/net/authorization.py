@@ -33,15 +33,6 @@ from failover.errors import (
 from failover.net.channels import COORDINATOR_TERM_METADATA_KEY, ERROR_TYPE_METADATA_KEY
 from failover.net.tls import peer_identity
 
-
-async def _check(method: str, context: grpc.aio.ServicerContext,
-                 methods: Mapping[str, str]) -> None:
-    try:
-        require_method(peer_identity(context), method, methods)
-    except PermissionDenied as exc:
-        await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
-
-
 # A check run before a handler: given the request (None for a client-streaming call) and the
 # call's context, it returns to let the handler run or aborts the call.
 Check = Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]
@@ -108,18 +99,30 @@ class CheckFirst(grpc.aio.ServerInterceptor):
         return handler if check is None else _checked_handler(handler, check)
 
 
+# Told of each call the role check refused: (full method name, its request or None for a
+# client-streaming call), before the call is aborted. The agent counts them in its metrics.
+Refused = Callable[[str, Any], None]
+
+
 class RoleCheck(CheckFirst):
     """Refuses each call the caller's role does not allow (`methods`: full method name to
-    permission; a method not in it is refused to everyone)."""
+    permission; a method not in it is refused to everyone), telling `refused` first."""
 
-    def __init__(self, methods: Mapping[str, str] = METHOD_PERMISSIONS) -> None:
+    def __init__(self, methods: Mapping[str, str] = METHOD_PERMISSIONS,
+                 refused: Refused | None = None) -> None:
         self._methods = methods
+        self._refused = refused
 
     def check_for(self, details: grpc.HandlerCallDetails) -> Check:
         method = details.method
 
-        async def check(_request: Any, context: grpc.aio.ServicerContext) -> None:
-            await _check(method, context, self._methods)
+        async def check(request: Any, context: grpc.aio.ServicerContext) -> None:
+            try:
+                require_method(peer_identity(context), method, self._methods)
+            except PermissionDenied as exc:
+                if self._refused is not None:
+                    self._refused(method, request)
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
 
         return check
 

@@ -239,6 +239,29 @@ def measure_calls(servicer: Any, metrics: AgentMetrics) -> None:
                                           metrics.request_done))
 
 
+_DATA_PREFIX = "/failover.v1.Data/"
+_REFUSED_KINDS = {f"{_DATA_PREFIX}{name}": op_kind for name, op_kind in
+                  (*_MEASURED.items(), ("ExecuteStream", "execute"))}
+
+
+def count_refused(agent: Any) -> Callable[[str, Any], None]:
+    """What the role check (`RoleCheck`'s `refused`) tells of each client call it refuses:
+    counted in `requests_total` as `permission_denied` with the service the request names
+    ("" for a stream, whose calls are not read), as a refused Execute or Query is counted by
+    `measure_calls`. Reads `agent.metrics` at each call: None (no --metrics-listen) counts
+    nothing."""
+
+    def refused(method: str, request: Any) -> None:
+        metrics = agent.metrics
+        op_kind = _REFUSED_KINDS.get(method)
+        if metrics is None or op_kind is None:
+            return  # not a client call: control and replication calls are not requests
+        service = getattr(request, "service", OTHER_SERVICE) if request is not None else ""
+        metrics.request_done(service, op_kind, "permission_denied", 0.0)
+
+    return refused
+
+
 def _measured(behavior: Callable[[Any, Any], Awaitable[Any]], op_kind: str,
               done: Callable[[str, str, str, float], None],
               ) -> Callable[[Any, Any], Awaitable[Any]]:

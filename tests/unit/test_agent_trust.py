@@ -29,6 +29,7 @@ from failover.net import certs, channels
 from failover.net.agent_servicers import add_to_server
 from failover.net.authorization import RoleCheck
 from failover.net.tls import TlsFiles
+from failover.observe.agent_metrics import AgentMetrics, count_refused
 from failover.storage.records import Entry, encode_records
 from failover.v1 import (
     agent_pb2,
@@ -87,7 +88,8 @@ async def served(tmp_path: Path, pki: Path) -> AsyncIterator[Served]:
     material = config.load_tls()
     agent = Agent(config, material)
     await agent.start()
-    server = channels.server(interceptors=[RoleCheck()])
+    agent.metrics = AgentMetrics(agent)  # as with --metrics-listen: refusals are counted
+    server = channels.server(interceptors=[RoleCheck(refused=count_refused(agent))])
     add_to_server(server, agent)
     port = channels.add_port(server, "127.0.0.1:0", material)
     await server.start()
@@ -375,6 +377,17 @@ async def test_the_client_raises_permission_denied_for_an_identity_that_may_not_
             await client.call("kv0", {"op": "put", "key": "k", "value": "v"})
         assert asyncio.get_running_loop().time() - started < 3
     assert served.agent.replicas["kv0"].wal.last_index == 1  # its barrier only
+    # Counted as a request refused, on the service it named (a stream's calls are not read).
+    assert served.agent.metrics is not None
+    refused = {tuple(sorted(sample.labels.items())): sample.value
+               for family in served.agent.metrics.registry.collect()
+               for sample in family.samples
+               if sample.name == "failover_requests_total"
+               and sample.labels.get("outcome") == "permission_denied"}
+    assert list(refused) == [(("host", "a"), ("op_kind", "execute"),
+                              ("outcome", "permission_denied"),
+                              ("service", "" if stream else "kv0"))]
+    assert list(refused.values())[0] >= 1
 
 
 # --- patch: an allowlist, no shell ----------------------------------------------------------
