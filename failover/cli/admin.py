@@ -81,7 +81,7 @@ def _timeout_option(function: F) -> F:
     )(function)
 
 
-def _settings(ctx: click.Context) -> tuple[list[str], bool]:
+def settings(ctx: click.Context) -> tuple[list[str], bool]:
     """The coordinator addresses and whether JSON was asked for, from the group's options."""
     obj = ctx.obj or {}
     text = obj.get("coordinator") or ""
@@ -94,7 +94,7 @@ def _tls_files(ctx: click.Context) -> TlsFiles | None:
     return TlsFiles.from_options(*((ctx.obj or {}).get("tls") or (None, None, None)))
 
 
-def _tls(ctx: click.Context) -> TlsMaterial | None:
+def tls_material(ctx: click.Context) -> TlsMaterial | None:
     """The TLS material every call presents, loaded and checked once (ConfigError: exit 2,
     naming the file and what is wrong with it)."""
     obj = ctx.obj if ctx.obj is not None else {}
@@ -258,12 +258,12 @@ def _stdin_is_interactive() -> bool:
 # --- commands ------------------------------------------------------------------------------
 
 
-def _cluster_status(ctx: click.Context, timeout_ms: int) -> Any:
+def cluster_status(ctx: click.Context, timeout_ms: int) -> Any:
     """The cluster's status from any coordinator; from the leader when that one is another
     of the addresses: a follower reads the store, which holds no live host metrics and no
     heartbeat ages. Should the leader not answer, the follower's status stands."""
-    addresses, _ = _settings(ctx)
-    caller = CoordinatorCaller(addresses, _tls(ctx))
+    addresses, _ = settings(ctx)
+    caller = CoordinatorCaller(addresses, tls_material(ctx))
     request = coordinator_pb2.ClusterStatusRequest()
     status = caller.call("GetClusterStatus", request, timeout_ms=timeout_ms, idempotent=True)
     leader = next((c.address for c in status.coordinators if c.leader), None)
@@ -281,8 +281,8 @@ def _cluster_status(ctx: click.Context, timeout_ms: int) -> Any:
 @click.pass_context
 def status_command(ctx: click.Context, timeout_ms: int) -> None:
     """Show hosts and services with their replicas."""
-    addresses, as_json = _settings(ctx)
-    document = output.cluster_status_json(_cluster_status(ctx, timeout_ms))
+    addresses, as_json = settings(ctx)
+    document = output.cluster_status_json(cluster_status(ctx, timeout_ms))
     if as_json:
         _echo_json(document)
         return
@@ -291,7 +291,7 @@ def status_command(ctx: click.Context, timeout_ms: int) -> None:
         # The last event of each service, from the newest events: status stands without it
         # (a coordinator too old to keep history, say), so a failure here only omits it.
         try:
-            reply = CoordinatorCaller(addresses, _tls(ctx)).call(
+            reply = CoordinatorCaller(addresses, tls_material(ctx)).call(
                 "GetHistory", coordinator_pb2.HistoryRequest(
                     limit=defaults.STATUS_HISTORY_EVENTS), timeout_ms=timeout_ms,
                 idempotent=True)
@@ -316,7 +316,7 @@ def status_command(ctx: click.Context, timeout_ms: int) -> None:
 def create_command(ctx: click.Context, service: str, kind: str, replicas: int, mode: str,
                    placement: str | None, timeout_ms: int) -> None:
     """Create SERVICE, a replica set of one kind."""
-    addresses, as_json = _settings(ctx)
+    addresses, as_json = settings(ctx)
     if not service.strip():
         raise click.UsageError("SERVICE is empty: give the service a name")
     if not kind.strip():
@@ -326,7 +326,7 @@ def create_command(ctx: click.Context, service: str, kind: str, replicas: int, m
     request = coordinator_pb2.CreateServiceRequest(
         name=service, kind=kind, replicas=replicas, mode=output.MODE_VALUES[mode],
         placement=placement or "")
-    reply = CoordinatorCaller(addresses, _tls(ctx)).call(
+    reply = CoordinatorCaller(addresses, tls_material(ctx)).call(
         "CreateService", request, timeout_ms=timeout_ms, idempotent=False)
     document = output.service_json(reply.service)
     if as_json:
@@ -344,7 +344,7 @@ def create_command(ctx: click.Context, service: str, kind: str, replicas: int, m
 @click.pass_context
 def delete_command(ctx: click.Context, service: str, yes: bool, timeout_ms: int) -> None:
     """Delete SERVICE and its replicas (asks unless --yes)."""
-    addresses, as_json = _settings(ctx)
+    addresses, as_json = settings(ctx)
     if not yes:
         if not _stdin_is_interactive():
             raise click.UsageError(
@@ -352,7 +352,7 @@ def delete_command(ctx: click.Context, service: str, yes: bool, timeout_ms: int)
                 "pass --yes to delete without asking")
         click.confirm(f"Delete service {service!r} and every replica of it?", abort=True,
                       err=True)
-    CoordinatorCaller(addresses, _tls(ctx)).call(
+    CoordinatorCaller(addresses, tls_material(ctx)).call(
         "DeleteService", coordinator_pb2.DeleteServiceRequest(name=service),
         timeout_ms=timeout_ms, idempotent=False)
     if as_json:
@@ -373,9 +373,9 @@ def switchover_command(ctx: click.Context, service: str, to_host: str, timeout_m
 
     Clients see a short stall, no failed request.
     """
-    addresses, as_json = _settings(ctx)
+    addresses, as_json = settings(ctx)
     request = coordinator_pb2.SwitchoverRequest(service=service, to_host_id=to_host)
-    reply = CoordinatorCaller(addresses, _tls(ctx)).call(
+    reply = CoordinatorCaller(addresses, tls_material(ctx)).call(
         "Switchover", request, timeout_ms=timeout_ms, idempotent=False)
     document = output.switchover_json(service, reply)
     if as_json:
@@ -390,8 +390,8 @@ def switchover_command(ctx: click.Context, service: str, to_host: str, timeout_m
 @click.pass_context
 def hosts_command(ctx: click.Context, timeout_ms: int) -> None:
     """Show hosts: resources, zone, state, draining and the replicas each holds."""
-    _, as_json = _settings(ctx)
-    documents = output.hosts_json(_cluster_status(ctx, timeout_ms))
+    _, as_json = settings(ctx)
+    documents = output.hosts_json(cluster_status(ctx, timeout_ms))
     if as_json:
         _echo_json(documents)
     elif not documents:
@@ -402,17 +402,17 @@ def hosts_command(ctx: click.Context, timeout_ms: int) -> None:
 
 def _set_draining(ctx: click.Context, host: str, draining: bool, timeout_ms: int,
                   must_finish: bool = False) -> Any:
-    addresses, _ = _settings(ctx)
+    addresses, _ = settings(ctx)
     if not host.strip():
         raise click.UsageError("HOST is empty: give a host id (see `failoverctl hosts`)")
-    return CoordinatorCaller(addresses, _tls(ctx)).call(
+    return CoordinatorCaller(addresses, tls_material(ctx)).call(
         "DrainHost", coordinator_pb2.DrainHostRequest(host_id=host, draining=draining,
                                                       must_finish=must_finish),
         timeout_ms=timeout_ms, idempotent=True)
 
 
 def _held(ctx: click.Context, host: str, timeout_ms: int) -> list[dict[str, Any]]:
-    document = next((h for h in output.hosts_json(_cluster_status(ctx, timeout_ms))
+    document = next((h for h in output.hosts_json(cluster_status(ctx, timeout_ms))
                      if h["host_id"] == host), None)
     return document["services"] if document else []
 
@@ -428,7 +428,7 @@ def _held(ctx: click.Context, host: str, timeout_ms: int) -> list[dict[str, Any]
 def drain_command(ctx: click.Context, host: str, wait_s: int, timeout_ms: int) -> None:
     """Drain HOST: no new replicas go there, its primaries move off by switchover, and its
     replicas are rebuilt on other hosts, then retired (redundancy never drops)."""
-    _, as_json = _settings(ctx)
+    _, as_json = settings(ctx)
     reply = _set_draining(ctx, host, True, timeout_ms, must_finish=wait_s > 0)
     if reply.cannot_finish and not as_json:
         click.echo(f"warning: {host} cannot be drained completely as things stand: "
@@ -480,7 +480,7 @@ def wait_command(ctx: click.Context, hosts_min: int | None, service: str,
     """Wait until the cluster is ready: the coordinator answers, enough hosts are alive, a
     service's replicas are built and in sync. For scripts between starting daemons and
     using them; a progress bar on a terminal."""
-    _, as_json = _settings(ctx)
+    _, as_json = settings(ctx)
     if hosts_min is None and not service:
         raise click.UsageError("give --hosts N, --service SERVICE, or both")
     deadline = time.monotonic() + timeout_ms / 1000
@@ -494,7 +494,7 @@ def wait_command(ctx: click.Context, hosts_min: int | None, service: str,
             per_call_ms = min(defaults.CALL_DEADLINE_MS, max(
                 defaults.WAIT_POLL_CALL_MS, int((deadline - time.monotonic()) * 1000)))
             try:
-                status = _cluster_status(ctx, per_call_ms)
+                status = cluster_status(ctx, per_call_ms)
             except CommandFailed as exc:  # not up yet: the daemons may be starting
                 status, why = None, str(exc)
             if status is not None:
@@ -533,7 +533,7 @@ def wait_command(ctx: click.Context, hosts_min: int | None, service: str,
 @click.pass_context
 def undrain_command(ctx: click.Context, host: str, timeout_ms: int) -> None:
     """Take HOST back: new replicas may be placed on it again."""
-    _, as_json = _settings(ctx)
+    _, as_json = settings(ctx)
     reply = _set_draining(ctx, host, False, timeout_ms)
     if as_json:
         _echo_json(output.host_json(reply.host))
@@ -565,7 +565,7 @@ def migrate_command(ctx: click.Context, service: str, to_host: str, replica: str
                     from_host: str, max_downtime_ms: int, method: str,
                     max_bandwidth_mib_s: float, timeout_ms: int) -> None:
     """Move a replica of SERVICE to another host, live: clients see no failed request."""
-    addresses, as_json = _settings(ctx)
+    addresses, as_json = settings(ctx)
     request = coordinator_pb2.MigrateRequest(
         service=service, to_host_id=to_host, replica=replica, from_host_id=from_host,
         max_downtime_ms=max_downtime_ms, method=method,
@@ -577,7 +577,7 @@ def migrate_command(ctx: click.Context, service: str, to_host: str, replica: str
             if progress.phase == "done":
                 final.update(json.loads(progress.stats_json or b"{}"))
 
-        CoordinatorCaller(addresses, _tls(ctx)).stream("Migrate", request, on_message,
+        CoordinatorCaller(addresses, tls_material(ctx)).stream("Migrate", request, on_message,
                                             timeout_ms=timeout_ms)
     if not final:
         raise CommandFailed(f"the coordinator ended the migration of {service} without a "
@@ -610,14 +610,14 @@ def patch_command(ctx: click.Context, hosts: tuple[str, ...], everything: bool, 
                   timeout_ms: int) -> None:
     """Restart HOSTS on new code with no failed request: move primaries off, run the
     command, re-execute the agent, let its replicas catch up."""
-    addresses, as_json = _settings(ctx)
+    addresses, as_json = settings(ctx)
     if bool(hosts) == everything:
         raise click.UsageError("name the hosts to patch, or give --all (not both)")
     request = coordinator_pb2.PatchRequest(
         host_ids=list(hosts), all=everything, command=command, failback=failback,
         method=method, command_timeout_ms=command_timeout_ms)
     steps: list[dict[str, Any]] = []
-    total = len(hosts) if hosts else len(_cluster_status(ctx, timeout_ms).hosts)
+    total = len(hosts) if hosts else len(cluster_status(ctx, timeout_ms).hosts)
     patched: set[str] = set()
 
     with output.CountdownView("patching", total, "hosts", enabled=not as_json,
@@ -632,7 +632,7 @@ def patch_command(ctx: click.Context, hosts: tuple[str, ...], everything: bool, 
                 patched.add(progress.host_id)
             view.update(total - len(patched), f"{progress.host_id}: {progress.step}")
 
-        CoordinatorCaller(addresses, _tls(ctx)).stream("Patch", request, on_message,
+        CoordinatorCaller(addresses, tls_material(ctx)).stream("Patch", request, on_message,
                                                        timeout_ms=timeout_ms)
     failed = [s for s in steps if s["step"] == "failed"]
     if as_json:
@@ -652,9 +652,9 @@ def history_command(ctx: click.Context, service: str, limit: int, timeout_ms: in
 
     Events of SERVICE, or of every service when none is given.
     """
-    addresses, as_json = _settings(ctx)
+    addresses, as_json = settings(ctx)
     request = coordinator_pb2.HistoryRequest(service=service, limit=limit)
-    reply = CoordinatorCaller(addresses, _tls(ctx)).call(
+    reply = CoordinatorCaller(addresses, tls_material(ctx)).call(
         "GetHistory", request, timeout_ms=timeout_ms, idempotent=True)
     events = output.history_json(reply)
     if as_json:
@@ -685,7 +685,7 @@ def call_command(ctx: click.Context, service: str, request_json: str, timeout_ms
 
     Example: failoverctl call kv '{"op": "get", "key": "user:1"}'
     """
-    addresses, _ = _settings(ctx)
+    addresses, _ = settings(ctx)
     try:
         request = json.loads(request_json)
     except json.JSONDecodeError as exc:

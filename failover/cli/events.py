@@ -21,7 +21,7 @@ import click
 
 from failover import defaults
 from failover.cli import output
-from failover.cli.admin import CommandFailed, CoordinatorCaller, _settings, _tls
+from failover.cli.admin import CommandFailed, CoordinatorCaller, settings, tls_material
 from failover.core.names import check_service_name
 from failover.errors import InvalidRequest
 from failover.v1 import coordinator_pb2
@@ -49,7 +49,7 @@ from failover.v1 import coordinator_pb2
 def events_command(ctx: click.Context, follow: bool, service: str, since_seq: int | None,
                    last: int, timeout_ms: int, resume_timeout_ms: int) -> None:
     """Print history events (failovers, switchovers, hooks, ...) as they happen."""
-    addresses, as_json = _settings(ctx)
+    addresses, as_json = settings(ctx)
     if service:
         try:
             check_service_name(service)
@@ -69,7 +69,7 @@ def events_command(ctx: click.Context, follow: bool, service: str, since_seq: in
         document = output.history_event_json(event)
         click.echo(json.dumps(document) if as_json else output.event_line(document))
 
-    caller = CoordinatorCaller(addresses, _tls(ctx))
+    caller = CoordinatorCaller(addresses, tls_material(ctx))
     failing_since: float | None = None
     while True:
         try:

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from failover import defaults
 from failover.cli import output
-from failover.cli.admin import CoordinatorCaller, _cluster_status, _settings, _tls
+from failover.cli.admin import CoordinatorCaller, cluster_status, settings, tls_material
 from failover.core.roles import PRIMARY
 from failover.v1 import coordinator_pb2
 
@@ -120,12 +120,12 @@ def top_frame(status: Mapping[str, Any], events: Sequence[Mapping[str, Any]],
 def top_command(ctx: click.Context, interval_ms: int, once: bool, timeout_ms: int) -> None:
     """Show services, roles, lag, write rates and the newest events, redrawn live (Ctrl-C
     stops)."""
-    addresses, _ = _settings(ctx)
-    caller = CoordinatorCaller(addresses, _tls(ctx))
+    addresses, _ = settings(ctx)
+    caller = CoordinatorCaller(addresses, tls_material(ctx))
     rates = WriteRates()
 
     def frame() -> RenderableType:
-        status = output.cluster_status_json(_cluster_status(ctx, timeout_ms))
+        status = output.cluster_status_json(cluster_status(ctx, timeout_ms))
         reply = caller.call("GetHistory", coordinator_pb2.HistoryRequest(
             limit=defaults.TOP_EVENTS_MAX * 5), timeout_ms=timeout_ms, idempotent=True)
         now = time.time()
