@@ -116,12 +116,35 @@ class CallStream:
             future.set_exception(CallRefusal(grpc.StatusCode.UNAVAILABLE,
                                              f"the stream to {self.address} broke"))
             return future
-        timer = self._loop.call_at(deadline, _expire, future)
+        timer = self._loop.call_at(deadline, self._expire, seq, future, deadline, 0)
         self._waiting[seq] = (future, timer)
         self._queue.append((service, epoch_seen, client_id, seq, payload, deadline,
                             opens_session, future))
         self._wakeup.set()
         return future
+
+    def _expire(self, seq: int, future: asyncio.Future[Answer], due: float,
+                graces: int) -> None:
+        """The deadline timer of the attempt `future` of `seq`, due at `due`: refuses it
+        DEADLINE_EXCEEDED, unless the timer ran late. Then the event loop was stalled (a
+        blocking call in the application, a long pause) and the answer may have come during
+        the stall: gRPC holds it, but the reader only gets it some loop iterations after this
+        timer, which the stall made due first. Unary Execute keeps such an answer (its
+        deadline is kept by gRPC, off the loop), and so must the stream: the refusal waits a
+        grace (CLIENT_STREAM_STALL_GRACE_MS) in which the reader takes what arrived."""
+        if future.done():
+            return
+        now = self._loop.time()
+        if (now - due >= defaults.CLIENT_STREAM_STALL_MS / 1000
+                and graces < defaults.CLIENT_STREAM_STALL_GRACES_MAX):
+            waiting = self._waiting.get(seq)
+            if waiting is not None and waiting[0] is future:
+                due = now + defaults.CLIENT_STREAM_STALL_GRACE_MS / 1000
+                timer = self._loop.call_at(due, self._expire, seq, future, due, graces + 1)
+                self._waiting[seq] = (future, timer)
+                return
+        future.set_exception(CallRefusal(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                         "no answer before the call's deadline"))
 
     def forget(self, seq: int, future: asyncio.Future[Answer]) -> None:
         """The attempt `future` of `seq` ended without its answer (a reroute, a deadline, a
@@ -253,8 +276,3 @@ class CallStream:
                 future.set_exception(CallRefusal(
                     code, f"the stream to {self.address} broke: {why}", error_type))
 
-
-def _expire(future: asyncio.Future[Answer]) -> None:
-    if not future.done():
-        future.set_exception(CallRefusal(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                         "no answer before the call's deadline"))

@@ -135,6 +135,13 @@ AGENT_DATA_STREAMS_PER_PEER_MAX = 256
 AGENT_DATA_STREAMS_MAX = 4096
 # A client stream whose write failed waits this long for the call's status to say why.
 CLIENT_STREAM_STATUS_WAIT_MS = 1000
+# A stream call's deadline timer that runs this late means the client's event loop was stalled
+# (a blocking call, a long pause): an answer that came meanwhile waits unread in gRPC, and the
+# call is refused only after this grace, during which the loop reads it (unary Execute keeps
+# such an answer: its deadline is gRPC's, off the loop). At most this many graces per call.
+CLIENT_STREAM_STALL_MS = 20
+CLIENT_STREAM_STALL_GRACE_MS = 250
+CLIENT_STREAM_STALL_GRACES_MAX = 3
 # Requests one call_many takes (it is as many calls; the replies are held until the last).
 CALL_MANY_REQUESTS_MAX = 65_536
 # Shipped record bytes read and not yet answered, all Ship streams together: past it a stream

@@ -6,8 +6,11 @@ request id sent twice is applied once, and the bounds on a message hold on both 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ from failover import defaults
 from failover.agent.admission import StreamAdmission
 from failover.agent.host import Agent
 from failover.client import Client, SyncClient
+from failover.client_stream import CallRefusal, CallStream
 from failover.core.sessions import ReplyStatus
 from failover.errors import InvalidRequest, RequestRejected
 from failover.net import agent_servicers, channels
@@ -385,3 +389,81 @@ async def test_streams_past_the_bound_per_connection_are_refused_overloaded(
             assert list((await _answers(third, 1)).seq) == [4]
             await third.done_writing()
         await first.done_writing()
+
+
+class _AnswersLater(data_pb2_grpc.DataServicer):
+    """A blocking (thread-pool) server, so that it answers while the test's event loop is
+    stalled: each message's calls are answered `delay_s` after it came, or never."""
+
+    def __init__(self, delay_s: float | None) -> None:
+        self.delay_s = delay_s
+        self.received = threading.Event()
+
+    def ExecuteStream(  # noqa: N802 (gRPC name)
+        self, request_iterator: Iterator[data_pb2.CallBatch], context: grpc.ServicerContext,
+    ) -> Iterator[data_pb2.AnswerBatch]:
+        for batch in request_iterator:
+            self.received.set()
+            if self.delay_s is None:
+                continue
+            time.sleep(self.delay_s)
+            n = len(batch.seq)
+            yield data_pb2.AnswerBatch(
+                seq=batch.seq, data=[_pack({"ok": True})] * n, outcome=[0] * n,
+                index=[1] * n, commit_index=[1] * n, epoch=[1] * n, duplicate=[False] * n,
+                session_known=[True] * n)
+
+
+@contextlib.contextmanager
+def _blocking_server(servicer: _AnswersLater) -> Iterator[str]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    data_pb2_grpc.add_DataServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(None)
+
+
+async def test_an_answer_that_came_while_the_clients_loop_was_stalled_is_kept() -> None:
+    """The application blocks the client's event loop past a call's deadline (a blocking
+    call in async code, as test_coordinator_ha's etcd outage and the demo's agent restart
+    do), and the answer comes during the stall: unary Execute keeps it (gRPC keeps its
+    deadline, off the loop), and so must the stream. Its deadline timer, made due by the
+    stall, ran before the reader could take the answer, and the call was refused
+    DEADLINE_EXCEEDED with its answer unread: it waited its whole deadline for nothing."""
+    servicer = _AnswersLater(0.1)
+    with _blocking_server(servicer) as address:
+        async with channels.insecure_channel(address) as channel:
+            stream = CallStream(data_pb2_grpc.DataStub(channel), address)
+            loop = asyncio.get_running_loop()
+            future = stream.submit("kv1", 0, "c", 1, _pack({"op": "put"}), loop.time() + 0.5,
+                                   True)
+            await until(servicer.received.is_set)
+            time.sleep(1.0)  # noqa: ASYNC251 (the stall under test)
+            answer = await asyncio.wait_for(future, 5)
+            await stream.close()
+    assert answer.outcome == 0 and msgpack.unpackb(answer.data) == {"ok": True}
+
+
+async def test_a_call_unanswered_after_a_stall_is_still_refused_at_its_deadline() -> None:
+    """The grace after a stall only lets the reader take what came: a call with no answer
+    is refused DEADLINE_EXCEEDED soon after the loop runs again, not later."""
+    servicer = _AnswersLater(None)
+    with _blocking_server(servicer) as address:
+        async with channels.insecure_channel(address) as channel:
+            stream = CallStream(data_pb2_grpc.DataStub(channel), address)
+            loop = asyncio.get_running_loop()
+            future = stream.submit("kv1", 0, "c", 1, _pack({"op": "put"}), loop.time() + 0.3,
+                                   True)
+            await until(servicer.received.is_set)
+            time.sleep(0.6)  # noqa: ASYNC251 (the stall under test)
+            resumed = loop.time()
+            with pytest.raises(CallRefusal) as refused:
+                await asyncio.wait_for(future, 5)
+            waited_s = loop.time() - resumed
+            await stream.close()
+    assert refused.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    grace_s = defaults.CLIENT_STREAM_STALL_GRACE_MS / 1000
+    assert waited_s < grace_s * defaults.CLIENT_STREAM_STALL_GRACES_MAX + 0.5
