@@ -190,13 +190,15 @@ class DataServicer(data_pb2_grpc.DataServicer):
         reader = asyncio.ensure_future(read())
         try:
             while True:
-                await stream.ready.wait()
                 if stream.has_answers():
                     yield stream.flush()
                     continue
-                stream.ready.clear()
+                # Checked after the last flush, not on `ready` alone: `flush` clears `ready`,
+                # and the reader's end, once flushed past, would not wake this loop again.
                 if reader.done() and (refused is not None or not stream.pending):
                     break
+                await stream.ready.wait()
+                stream.ready.clear()
             if refused is not None:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(refused))
             await reader  # the client's errors end the stream

@@ -467,3 +467,20 @@ async def test_a_call_unanswered_after_a_stall_is_still_refused_at_its_deadline(
     assert refused.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     grace_s = defaults.CLIENT_STREAM_STALL_GRACE_MS / 1000
     assert waited_s < grace_s * defaults.CLIENT_STREAM_STALL_GRACES_MAX + 0.5
+
+
+async def test_the_stream_ends_once_the_client_is_done_and_its_calls_are_answered(
+    served: tuple[Agent, _Counting, str],
+) -> None:
+    """The client half-closes with a call still running: the call is answered, then the
+    stream ends OK. The servicer's loop used to wait for another wakeup after flushing the
+    last answer, and the stream never ended (an INVALID_ARGUMENT end was lost the same way
+    when answers were flushed after the reader stopped)."""
+    _agent, _servicer, address = served
+    async with channels.insecure_channel(address) as channel:
+        call = data_pb2_grpc.DataStub(channel).ExecuteStream()
+        await call.write(_calls(("kv1", "c", 1, {"op": "put", "key": "k", "value": "v"})))
+        await call.done_writing()
+        answers = await _answers(call, 1)
+        assert await asyncio.wait_for(call.code(), 5) == grpc.StatusCode.OK
+    assert list(answers.seq) == [1]
