@@ -40,6 +40,7 @@ from failover.errors import (
     PermissionDenied,
     SessionExpired,
     StorageError,
+    Unavailable,
 )
 from failover.net.channels import ERROR_TYPE_METADATA_KEY, REDIRECT_METADATA_KEY
 from failover.net.convert import (
@@ -175,15 +176,26 @@ class DataServicer(data_pb2_grpc.DataServicer):
             await _abort(context, exc)
         stream = ExecuteStream(self.agent)
         refused: InvalidRequest | None = None
+        failed: Exception | None = None
 
         async def read() -> None:
-            nonlocal refused
+            nonlocal refused, failed
             try:
                 async for batch in request_iterator:
                     await stream.room.wait()
                     stream.take(batch)
             except InvalidRequest as exc:
                 refused = exc
+            except Exception as exc:
+                # `take` answers its calls whatever fails; should reading itself fail, no
+                # call may be left waiting on a stream nobody reads any more: each is
+                # refused UNAVAILABLE (retried with its id) and the stream ends so.
+                log.error("ExecuteStream: reading the stream failed; its calls not answered "
+                          "yet are refused UNAVAILABLE and it ends", exc_info=exc)
+                failed = exc
+                stream.refuse_all(Unavailable(
+                    f"the agent failed to read this stream ({type(exc).__name__}: {exc}); "
+                    "the outcome is unknown: retry with the same request id"))
             finally:
                 stream.ready.set()
 
@@ -195,12 +207,18 @@ class DataServicer(data_pb2_grpc.DataServicer):
                     continue
                 # Checked after the last flush, not on `ready` alone: `flush` clears `ready`,
                 # and the reader's end, once flushed past, would not wake this loop again.
-                if reader.done() and (refused is not None or not stream.pending):
+                if reader.done() and (refused is not None or failed is not None
+                                      or not stream.pending):
                     break
                 await stream.ready.wait()
                 stream.ready.clear()
             if refused is not None:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(refused))
+            if failed is not None:
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    "the agent failed to read this stream "
+                                    f"({type(failed).__name__}: {failed}); the outcome of "
+                                    "its calls is unknown: retry with the same request ids")
             await reader  # the client's errors end the stream
         finally:
             reader.cancel()

@@ -116,25 +116,51 @@ class ExecuteStream:
     # --- calls in ------------------------------------------------------------------------
 
     def take(self, batch: data_pb2.CallBatch) -> None:
-        """Starts every call of one message (checked by `check_batch`)."""
+        """Starts every call of one message (checked by `check_batch`, whose InvalidRequest
+        ends the stream). Raises nothing else: should starting its calls fail unexpectedly
+        (a bug, in this code or a kind's), the calls not answered yet are refused
+        UNAVAILABLE, their outcome unknown, and the stream goes on. Every call taken is
+        answered by its message's deadline at the latest."""
         count = check_batch(batch)
         if not count:
             return
+        first = self._tokens
+        end = self._tokens = first + count
+        # Every call is pending from here on, so that whatever happens next, each is answered
+        # (by its outcome, a refusal, or the expiry timer armed below).
+        self.pending.update(zip(range(first, end), batch.seq, strict=True))
+        if self._metrics is not None:
+            self._started.update(dict.fromkeys(range(first, end), time.perf_counter()))
+        try:
+            self._start(batch, first, count)
+        except Exception as exc:
+            log.error("ExecuteStream: starting a message's %d calls failed; those not "
+                      "answered yet are refused UNAVAILABLE", count, exc_info=exc)
+            self._refuse(first, end, _failed(exc))
+        finally:
+            # Whatever is still unanswered at the message's last deadline is told so (the
+            # client has given up on it by then): a stream's state stays bounded in time.
+            if any(t in self.pending for t in range(first, end)):
+                budget_ms = max(batch.deadline_ms) or defaults.CALL_DEADLINE_MS
+                budget_ms = min(budget_ms, defaults.STREAM_CALL_DEADLINE_MS_MAX)
+                loop = asyncio.get_running_loop()
+                self._timers[first] = loop.call_later(budget_ms / 1000, self._expire, first,
+                                                      end)
+            if len(self.pending) >= defaults.STREAM_PENDING_CALLS_MAX:
+                self.room.clear()
+
+    def _start(self, batch: data_pb2.CallBatch, first: int, count: int) -> None:
+        """Checks the calls of one message (tokens `first`.. on, already pending) and hands
+        them, grouped by service, to their replicas."""
         services, seen, client_ids, seqs = (batch.service, batch.epoch_seen,
                                             batch.client_id, batch.seq)
         payloads, opens, deadlines = batch.payload, batch.opens_session, batch.deadline_ms
-        first = self._tokens
-        self._tokens = first + count
-        if self._metrics is not None:
-            self._started.update(dict.fromkeys(range(first, first + count), time.perf_counter()))
-        pending = self.pending
         groups: dict[str, list[StreamCall]] = {}
         names_ok: set[str] = set()  # a message's calls mostly share a service and session
         ids_ok: set[str] = set()
         for i in range(count):
             token = first + i
             service, client_id, seq, payload = services[i], client_ids[i], seqs[i], payloads[i]
-            pending[token] = seq
             call = (token, seen[i], client_id, seq, payload, opens[i])
             try:
                 if service not in names_ok:
@@ -159,18 +185,18 @@ class ExecuteStream:
                     self._answer(None, call, exc)
                 continue
             answer = functools.partial(self._answer, replica)
-            for call in replica.execute_many(calls, answer):
-                self._run_one(replica, call, deadlines[call[0] - first], answer)
-        # Whatever is still unanswered at the message's last deadline is told so (the
-        # client has given up on it by then): a stream's state stays bounded in time.
-        budget_ms = max(deadlines) or defaults.CALL_DEADLINE_MS
-        budget_ms = min(budget_ms, defaults.STREAM_CALL_DEADLINE_MS_MAX)
-        if any(t in pending for t in range(first, first + count)):
-            loop = asyncio.get_running_loop()
-            self._timers[first] = loop.call_later(budget_ms / 1000, self._expire, first,
-                                                  first + count)
-        if len(pending) >= defaults.STREAM_PENDING_CALLS_MAX:
-            self.room.clear()
+            try:
+                for call in replica.execute_many(calls, answer):
+                    self._run_one(replica, call, deadlines[call[0] - first], answer)
+            except Exception as exc:
+                # One service's failure (a bug in a kind's is_read_only, say) leaves the
+                # other services' calls of the message going. Calls it logged or ran
+                # already are answered when done: only the first answer of a call is sent.
+                log.error("ExecuteStream: %s failed to take %d calls; those not answered "
+                          "yet are refused UNAVAILABLE", service, len(calls), exc_info=exc)
+                refusal = _failed(exc)
+                for call in calls:
+                    self._answer(replica, call, refusal)
 
     def _run_one(self, replica: Replica, call: StreamCall, deadline_ms: int,
                  answer: Callable[[StreamCall, Answered | Exception], None]) -> None:
@@ -195,13 +221,22 @@ class ExecuteStream:
 
     def _expire(self, first: int, end: int) -> None:
         self._timers.pop(first, None)
+        self._refuse(first, end, Unavailable(
+            "not answered within the call's deadline; the outcome is unknown: retry with the "
+            "same request id"))
+
+    def _refuse(self, first: int, end: int, error: Exception) -> None:
+        """Answers `error` to every call of tokens first..end-1 not answered yet."""
         pending = self.pending
         for token in range(first, end):
             seq = pending.get(token)
             if seq is not None:
-                self._answer(None, (token, 0, "", seq, b"", False), Unavailable(
-                    "not answered within the call's deadline; the outcome is unknown: retry "
-                    "with the same request id"))
+                self._answer(None, (token, 0, "", seq, b"", False), error)
+
+    def refuse_all(self, error: Exception) -> None:
+        """Answers `error` to every call of the stream not answered yet (the stream ends)."""
+        for token, seq in list(self.pending.items()):
+            self._answer(None, (token, 0, "", seq, b"", False), error)
 
     # --- answers out ---------------------------------------------------------------------
 
@@ -271,6 +306,13 @@ class ExecuteStream:
         self._timers.clear()
         for task in list(self._tasks):
             task.cancel()
+
+
+def _failed(exc: Exception) -> Unavailable:
+    """The refusal of a call whose taking failed unexpectedly: UNAVAILABLE, so that the client
+    retries it with the same request id (it may have been logged: exactly-once holds)."""
+    return Unavailable(f"the agent failed to take this call ({type(exc).__name__}: {exc}); "
+                       "the outcome is unknown: retry with the same request id")
 
 
 def _refused(seq: int, exc: Exception) -> data_pb2.CallRefused:

@@ -27,6 +27,7 @@ from failover.client_stream import CallRefusal, CallStream
 from failover.core.sessions import ReplyStatus
 from failover.errors import InvalidRequest, RequestRejected
 from failover.net import agent_servicers, channels
+from failover.net.execute_stream import ExecuteStream
 from failover.v1 import coordinator_pb2, data_pb2, data_pb2_grpc
 from tests.unit.inprocess import UNREACHABLE, agent_config, until
 
@@ -467,6 +468,78 @@ async def test_a_call_unanswered_after_a_stall_is_still_refused_at_its_deadline(
     assert refused.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     grace_s = defaults.CLIENT_STREAM_STALL_GRACE_MS / 1000
     assert waited_s < grace_s * defaults.CLIENT_STREAM_STALL_GRACES_MAX + 0.5
+
+
+async def test_a_service_that_fails_to_take_its_calls_refuses_them_and_the_stream_goes_on(
+    served: tuple[Agent, _Counting, str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug while a replica takes a message's calls (here a kind's is_read_only raising)
+    must not kill the stream's reader: those calls were then never answered, no later
+    message was read, and every call on the stream waited out its whole deadline. Now the
+    failed service's calls are refused UNAVAILABLE (retried with their ids), the other
+    services' calls of the message are answered, and later messages are read."""
+    agent, _servicer, address = served
+    kind_cls = agent.replicas["kv1"].kind_cls
+    is_read_only = kind_cls.is_read_only
+
+    def failing(request: dict[str, Any]) -> bool:
+        if request.get("op") == "boom":
+            raise KeyError("a bug in the kind")
+        return is_read_only(request)
+
+    monkeypatch.setattr(kind_cls, "is_read_only", failing)
+    async with channels.insecure_channel(address) as channel:
+        call = data_pb2_grpc.DataStub(channel).ExecuteStream()
+        await call.write(_calls(("kv1", "c", 1, {"op": "boom"}),
+                                ("bank1", "c", 2, {"op": "open", "account": "a",
+                                                   "balance": 1}),
+                                deadline_ms=60_000))
+        answers = await _answers(call, 2)
+        await call.write(_calls(("kv1", "c", 3, {"op": "put", "key": "k", "value": "v"}),
+                                deadline_ms=60_000))
+        later = await _answers(call, 1)
+        await call.done_writing()
+        assert await asyncio.wait_for(call.code(), 5) == grpc.StatusCode.OK
+    assert list(answers.seq) == [2]
+    [refused] = answers.refused
+    assert refused.seq == 1 and refused.code == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert "KeyError" in refused.message and "same request id" in refused.message
+    assert list(later.seq) == [3] and not later.refused
+
+
+async def test_a_stream_whose_reading_fails_refuses_its_calls_and_ends_unavailable(
+    served: tuple[Agent, _Counting, str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Should taking a message fail past `take`'s own guard, every call still waiting on the
+    stream is refused UNAVAILABLE and the stream ends UNAVAILABLE, so that the client
+    retries them at once on a new stream instead of waiting out their deadlines."""
+    agent, _servicer, address = served
+    await agent.assign_role("kv1", "kv", "primary", 1, "sync", None, {"b": UNREACHABLE}, {"b"})
+    take = ExecuteStream.take
+    taken: list[int] = []
+
+    def failing_take(self: ExecuteStream, batch: data_pb2.CallBatch) -> None:
+        taken.append(len(batch.seq))
+        if len(taken) == 2:
+            raise RuntimeError("a bug")
+        take(self, batch)
+
+    monkeypatch.setattr(ExecuteStream, "take", failing_take)
+    async with channels.insecure_channel(address) as channel:
+        call = data_pb2_grpc.DataStub(channel).ExecuteStream()
+        # It waits on a duplica that never answers, well within its deadline.
+        await call.write(_calls(("kv1", "c", 1, {"op": "put", "key": "k", "value": "v"}),
+                                deadline_ms=60_000))
+        await until(lambda: len(taken) == 1)
+        await call.write(_calls(("kv1", "c", 2, {"op": "put", "key": "k", "value": "v"}),
+                                deadline_ms=60_000))
+        answers = await _answers(call, 1)
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await asyncio.wait_for(call.read(), 10)
+    assert [r.seq for r in answers.refused] == [1]
+    assert answers.refused[0].code == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "RuntimeError" in (ended.value.details() or "")
 
 
 async def test_the_stream_ends_once_the_client_is_done_and_its_calls_are_answered(
