@@ -197,10 +197,15 @@ class CallStream:
             while True:
                 await self._wakeup.wait()
                 self._wakeup.clear()
+                if self.broken:
+                    return  # `_break` woke it: nothing more goes on this stream
                 while (batch := self._next_batch()) is not None:
                     await self._call.write(batch)
         except asyncio.CancelledError:
-            raise
+            if _task_cancelled():
+                raise
+            self._break("the call was cancelled")  # under this stream (its channel closed)
+            return
         except Exception as exc:
             # The call ended: its status says why (a refused certificate, too many streams),
             # which the reader reports too; whichever comes first refuses the calls.
@@ -218,7 +223,10 @@ class CallStream:
             async for batch in self._call:
                 self._answered(batch)
         except asyncio.CancelledError:
-            raise
+            if _task_cancelled():
+                raise
+            self._break("the call was cancelled")  # under this stream (its channel closed)
+            return
         except grpc.aio.AioRpcError as exc:
             self._break_with(exc.code(), exc.details() or "")
             return
@@ -270,9 +278,17 @@ class CallStream:
             log.debug("the call stream to %s broke: %s", self.address, why)
         waiting, self._waiting = self._waiting, {}
         self._queue.clear()
+        self._wakeup.set()  # the writer ends
         for future, timer in waiting.values():
             timer.cancel()
             if not future.done():
                 future.set_exception(CallRefusal(
                     code, f"the stream to {self.address} broke: {why}", error_type))
 
+
+def _task_cancelled() -> bool:
+    """Whether the running task itself is being cancelled (`close`), rather than gRPC
+    raising CancelledError for a call cancelled under it: a stream whose call was cancelled
+    so must break, or its calls would wait out their deadlines on a stream nobody reads."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

@@ -557,3 +557,28 @@ async def test_the_stream_ends_once_the_client_is_done_and_its_calls_are_answere
         answers = await _answers(call, 1)
         assert await asyncio.wait_for(call.code(), 5) == grpc.StatusCode.OK
     assert list(answers.seq) == [1]
+
+
+async def test_a_stream_whose_call_is_cancelled_under_it_breaks_and_refuses_its_calls() -> None:
+    """gRPC raises CancelledError in the stream's reader when its call is cancelled under it
+    (its channel closed): the reader used to end quietly with the stream not broken, and
+    the waiting call, like every later one, waited out its deadline on a stream nobody
+    read. Now the stream breaks: its calls are refused UNAVAILABLE at once (retried with
+    their ids on a new stream)."""
+    servicer = _AnswersLater(None)
+    with _blocking_server(servicer) as address:
+        channel = channels.insecure_channel(address)
+        stream = CallStream(data_pb2_grpc.DataStub(channel), address)
+        loop = asyncio.get_running_loop()
+        waiting = stream.submit("kv1", 0, "c", 1, _pack({"op": "put"}), loop.time() + 30, True)
+        await until(servicer.received.is_set)
+        await channel.close()
+        with pytest.raises(CallRefusal) as refused:
+            await asyncio.wait_for(waiting, 5)
+        later = stream.submit("kv1", 0, "c", 2, _pack({"op": "put"}), loop.time() + 30, True)
+        with pytest.raises(CallRefusal) as refused_later:
+            await asyncio.wait_for(later, 5)
+        await stream.close()
+    assert stream.broken
+    assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+    assert refused_later.value.code == grpc.StatusCode.UNAVAILABLE
