@@ -110,14 +110,10 @@ class Client:
     client of a few services among thousands wants. A call to another service raises
     ConfigError.
 
-    With `stream=True`, calls go on one long-lived ExecuteStream per primary
-    (`failover.client_stream`): the calls that are ready when the stream is free travel as
-    one message, and the primary logs their writes as one append and ships them as one
-    batch. Each keeps its own request id, deadline, retries and exactly-once, as with one
-    Execute per call. Not the default yet: a call on the stream could wait its whole
-    deadline for an answer that never came, after an etcd outage or a restart and
-    switchover (tests/integration/test_coordinator_ha.py, test_demo.py, with it on), where
-    one Execute per call is answered.
+    Calls go on one long-lived ExecuteStream per primary (`failover.client_stream`): the
+    calls that are ready when the stream is free travel as one message, and the primary
+    logs their writes as one append and ships them as one batch. Each keeps its own request
+    id, deadline, retries and exactly-once, as with one Execute per call (`stream=False`).
     """
 
     def __init__(
@@ -129,7 +125,7 @@ class Client:
         deadline_ms: int = defaults.CALL_DEADLINE_MS,
         tls: TlsFiles | TlsMaterial | None = None,
         services: Sequence[str] | None = None,
-        stream: bool = False,
+        stream: bool = True,
     ) -> None:
         self._tls = tls.load() if isinstance(tls, TlsFiles) else tls
         if isinstance(services, str):

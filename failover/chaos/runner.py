@@ -85,10 +85,9 @@ class ChaosConfig:
     coordinators: int = 1
     store: str = "sqlite"
     etcd_members: int = 1
-    # The workload's client calls one unary Execute per call, as `Client` does by default,
-    # or with True on one ExecuteStream per primary (issue 16; not the default yet: a call on
-    # it could wait out its deadline for an answer that never came).
-    stream: bool = False
+    # The workload's client calls on one ExecuteStream per primary (issue 16), or with
+    # False one unary Execute per call.
+    stream: bool = True
 
     def __post_init__(self) -> None:
         """Refuse settings that make no workload or no cluster (the CLI checks the same)."""

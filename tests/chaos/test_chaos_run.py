@@ -41,8 +41,8 @@ def test_sixty_second_chaos_run_passes(tmp_path: Path) -> None:
     # The report dir holds what is needed to re-check the run offline.
     ops = load_ops((report_dir / "history.jsonl").read_text())
     assert len(ops) == report["ops_ok"] + report["ops_failed"] + report["ops_unknown"]
-    # The workload called as `Client` does by default: one unary Execute per call.
-    assert any('"client_path": "unary"' in line or '"client_path":"unary"' in line
+    # The workload called on the streaming data path (issue 16).
+    assert any('"client_path": "stream"' in line or '"client_path":"stream"' in line
                for line in (report_dir / "history.jsonl").read_text().splitlines())
     swapped = [o for o in ops if o.kind == "cas" and o.result and o.result["swapped"]]
     assert len(swapped) > 20  # the cas read the value first, so some do swap

@@ -150,6 +150,40 @@ async def test_answers_are_matched_by_seq_and_come_back_in_order(
     assert servicer.messages  # it went on the stream
 
 
+
+async def test_stream_false_calls_one_unary_execute_per_request_with_the_same_results(
+    served: tuple[Agent, _Counting, str],
+) -> None:
+    """The stream is the default; `stream=False` keeps the unary path (one Execute per
+    request), with the same results and errors in their places, and no stream opened."""
+    _agent, servicer, address = served
+    async with Client(agents=address, stream=False) as client:
+        assert not client.stream
+        await client.call("bank1", {"op": "open", "account": "a", "balance": 10})
+        await client.call("bank1", {"op": "open", "account": "b", "balance": 5})
+        out = await client.call_many("bank1", [
+            {"op": "balance", "account": "a"},
+            {"op": "transfer", "from": "b", "to": "a", "amount": 1},
+            {"op": "transfer", "from": "a", "to": "b", "amount": 1000},  # refused: overdraw
+            {"op": "nope"},
+        ], return_exceptions=True)
+        assert not client._streams
+    assert out[0]["balance"] == 10
+    assert out[1]["ok"] and out[1]["to_balance"] == 11
+    assert isinstance(out[2], RequestRejected)
+    assert isinstance(out[3], InvalidRequest)
+    assert servicer.messages == []  # not a stream message: unary Execute all along
+
+
+async def test_the_client_calls_on_the_stream_by_default(
+    served: tuple[Agent, _Counting, str],
+) -> None:
+    _agent, servicer, address = served
+    async with Client(agents=address) as client:
+        assert client.stream
+        assert (await client.call("kv1", {"op": "put", "key": "k", "value": "v"}))["ok"]
+    assert sum(servicer.messages) == 2  # the session's open and the put
+
 async def test_each_call_is_checked_and_refused_on_its_own(
     served: tuple[Agent, _Counting, str],
 ) -> None:
