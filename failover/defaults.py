@@ -78,7 +78,10 @@ APPLY_READ_ENTRIES = 256  # entries read back from the log and decoded at a time
 SHIPPED_KEPT_BYTES_MAX = 64 << 20
 APPLY_YIELD_MS = 5  # while shipped batches wait, a duplica applies one chunk per this long
 LINK_BACKOFF_MIN_MS = 20
-LINK_BACKOFF_MAX_MS = 1000
+# A down peer is tried four times a second at most (a refused connection costs little): a
+# crashed agent's child is back within about a second, and a link that waited up to a second
+# more made its primary's writes wait for its in-sync duplica as long.
+LINK_BACKOFF_MAX_MS = 250
 CLIENT_BACKOFF_MIN_MS = 5
 CLIENT_BACKOFF_MAX_MS = 250
 

@@ -233,6 +233,8 @@ class Agent:
                 link = PeerLink(self, host_id, address)
                 self.links[host_id] = link
                 link.start()
+            else:
+                link.retry_now()
 
     def link_is_up(self, host_id: str) -> bool:
         link = self.links.get(host_id)

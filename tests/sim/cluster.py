@@ -183,10 +183,10 @@ HOST_DEAD_MS = 900
 SIM_METRICS = {"cpu_count": 8.0, "memory_total_bytes": float(16 << 30),
                "disk_free_bytes": float(100 << 30), "disk_total_bytes": float(200 << 30),
                "cpu_percent": 10.0, "memory_percent": 10.0}
-LINK_BACKOFF_MIN_MS = 20
-LINK_BACKOFF_MAX_MS = 1000
-CLIENT_BACKOFF_MIN_MS = 5
-CLIENT_BACKOFF_MAX_MS = 250
+LINK_BACKOFF_MIN_MS = defaults.LINK_BACKOFF_MIN_MS
+LINK_BACKOFF_MAX_MS = defaults.LINK_BACKOFF_MAX_MS
+CLIENT_BACKOFF_MIN_MS = defaults.CLIENT_BACKOFF_MIN_MS
+CLIENT_BACKOFF_MAX_MS = defaults.CLIENT_BACKOFF_MAX_MS
 HEARS_TIMEOUT_MS = 200
 SWITCHOVER_TIMEOUT_MS = 5000
 COORD = "coord"
