@@ -114,14 +114,20 @@ class PeerLink:
 
     async def _run(self) -> None:
         backoff_ms = defaults.LINK_BACKOFF_MIN_MS
+        failed = 0  # attempts failed since the link was last up: the first one is logged
         while not self._stopping:
             try:
                 await self._session()
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as exc:
-                log.info("link to %s (%s) broke: %s", self.host_id, self.address,
-                         exc.details() or exc.code().name)
+                # Once per outage at INFO: a down peer is retried up to four times a second
+                # (and at every assignment naming it), and a line per attempt from every
+                # survivor cost their event loops measurably in a host death.
+                log.log(logging.INFO if self.up or not failed else logging.DEBUG,
+                        "link to %s (%s) broke: %s", self.host_id, self.address,
+                        exc.details() or exc.code().name)
+                failed = 0 if self.up else failed + 1
             except Exception:
                 log.exception("link to %s failed", self.host_id)
             finally:
