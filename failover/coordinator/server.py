@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import time
@@ -198,8 +199,9 @@ class Coordinator:
         self.timing = timing or Timing()
         self.core = CoordinatorCore(self.timing, placement_policy, _pages)
         self._lock = asyncio.Lock()
-        # Heartbeats waiting for their round, and the task taking them (`_take_beats`).
-        self._beats: list[_Beat] = []
+        # Heartbeats waiting for their round, the newest of each host (at most
+        # COORDINATOR_HOSTS_MAX), and the task taking them (`_take_beats`).
+        self._beats: dict[str, _Beat] = {}
         self._beat_round: asyncio.Future[None] | None = None
         # op id -> an operation whose end has not been carried out yet
         self._operations: dict[str, _Operation] = {}
@@ -628,10 +630,22 @@ class Coordinator:
         Heartbeats are taken in rounds (`_take_beats`): every beat that arrived while the
         lock was held is handed to the core in one go and what they change is one store
         commit. A beat is taken even when its caller gave up waiting (the agent's deadline
-        is two heartbeats): that the host was alive is known either way."""
+        is two heartbeats): that the host was alive is known either way. A host's newer beat
+        replaces one still waiting: an agent sends its next beat only once the last one was
+        answered or given up on, so nobody waits for the older one, and the newer carries
+        the same and fresher reports (hook results included: they stay pending on the agent
+        until a beat is answered)."""
+        beats = self._beats
+        if host_id not in beats and len(beats) >= defaults.COORDINATOR_HOSTS_MAX:
+            raise Overloaded(f"{len(beats)} heartbeats wait already (coordinator_hosts_max "
+                             f"{defaults.COORDINATOR_HOSTS_MAX}): retry after a backoff")
         beat = _Beat(host_id, metrics, replicas, tuple(hooks), incarnation,
                      asyncio.get_running_loop().create_future())
-        self._beats.append(beat)
+        older = beats.pop(host_id, None)
+        if older is not None:
+            _settle(older.leases, Unavailable(f"host {host_id}: a newer heartbeat replaced "
+                                              "this one before it was taken"))
+        beats[host_id] = beat
         if self._beat_round is None or self._beat_round.done():
             self._beat_round = asyncio.ensure_future(self._take_beats())
         return await asyncio.shield(beat.leases)
@@ -645,8 +659,9 @@ class Coordinator:
         agents at rest, each suspicion asking HearsPrimary of 30 services)."""
         while self._beats:
             async with self._lock:
-                beats, self._beats = self._beats[:defaults.HEARTBEATS_PER_ROUND_MAX], \
-                    self._beats[defaults.HEARTBEATS_PER_ROUND_MAX:]
+                queued = self._beats
+                beats = [queued.pop(h) for h in list(itertools.islice(
+                    queued, defaults.HEARTBEATS_PER_ROUND_MAX))]
                 if not self._acting():
                     # A follower must not take a heartbeat as if it led: it grants no lease.
                     # Nor may a leader whose store is no longer sure of its term: another may

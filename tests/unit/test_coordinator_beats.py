@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
+from failover import defaults
 from failover.coordinator.server import Coordinator
 from failover.core.coordinator import HookReport, HostInfo, Timing
-from failover.errors import InvalidRequest
+from failover.errors import InvalidRequest, Overloaded, Unavailable
 from failover.storage.sqlite_store import SqliteStore
 from tests.unit.inprocess import until
 from tests.unit.test_coordinator_rebuild import DEAD, FAIL, HB, LEASE
@@ -98,5 +99,33 @@ async def test_one_refused_beat_leaves_the_others_of_its_round_going(tmp_path: P
         assert await good == [] and await also == []
         with pytest.raises(InvalidRequest, match="not registered"):
             await bad
+    finally:
+        await coordinator.stop()
+
+
+async def test_a_hosts_newer_beat_replaces_the_one_waiting_and_the_wait_is_bounded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An agent sends its next beat only once it gave up on the last: the older one is
+    answered Unavailable (nobody reads it), and one beat per host waits at most."""
+    coordinator, store = await started(tmp_path)
+    try:
+        await coordinator._lock.acquire()
+        older = asyncio.ensure_future(coordinator.heartbeat("h1", dict(METRICS), [], [hook(1)]))
+        await asyncio.sleep(0.01)
+        newer = asyncio.ensure_future(coordinator.heartbeat("h1", dict(METRICS), [],
+                                                            [hook(1), hook(2)]))
+        await asyncio.sleep(0.01)
+        with pytest.raises(Unavailable, match="newer heartbeat"):
+            await older
+        assert list(coordinator._beats) == ["h1"]
+        monkeypatch.setattr(defaults, "COORDINATOR_HOSTS_MAX", 2)
+        also = asyncio.ensure_future(coordinator.heartbeat("h2", dict(METRICS), []))
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded):
+            await coordinator.heartbeat("h3", dict(METRICS), [])
+        coordinator._lock.release()
+        assert await newer == [] and await also == []
+        # The newer beat carried the older one's hook too: both are recorded, once each.
+        assert len(await store.history(kind="hook")) == 2
     finally:
         await coordinator.stop()
