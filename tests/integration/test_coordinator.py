@@ -83,9 +83,9 @@ def epoch_of(cluster: LocalCluster, service: str = "kv") -> int:
     return next(s.epoch for s in cluster.coordinator.status().services if s.name == service)
 
 
-async def test_killed_primary_fails_over_and_no_acked_write_is_lost(
-    cluster: LocalCluster,
-) -> None:
+async def kill_under_load(cluster: LocalCluster, kill: str) -> tuple[str, Workload]:
+    """Writers run; the primary's agent child (`kill="child"`) or whole agent ("agent") is
+    SIGKILLed; returns the old primary once a new one serves and the writers stopped."""
     assert cluster.coordinator is not None
     old = cluster.primary_of("kv")
     assert old is not None
@@ -94,17 +94,30 @@ async def test_killed_primary_fails_over_and_no_acked_write_is_lost(
         work = Workload(client)
 
         async def kill_then_wait() -> None:
-            await asyncio.sleep(1.0)
-            cluster[old].kill()
+            await asyncio.to_thread(wait_for, lambda: len(work.acked) >= 50, 10, "writes")
+            if kill == "child":
+                cluster[old].kill_child()
+            else:
+                cluster[old].kill()
             await asyncio.to_thread(
                 wait_for, lambda: cluster.primary_of("kv") not in (None, old), 15,
                 "a new primary")
-            await asyncio.sleep(1.0)
+            acked = len(work.acked)
+            await asyncio.to_thread(wait_for, lambda: len(work.acked) >= acked + 50, 10,
+                                    "writes at the new primary")
 
-        await work.run_while(asyncio.ensure_future(kill_then_wait()))
+        await work.run_while(asyncio.ensure_future(kill_then_wait()), writers=4)
         assert not work.failures, work.failures[:5]
-        assert len(work.acked) > 100
         await work.check_nothing_lost()
+    return old, work
+
+
+async def test_killed_primary_fails_over_and_no_acked_write_is_lost(
+    cluster: LocalCluster,
+) -> None:
+    assert cluster.coordinator is not None
+    old, work = await kill_under_load(cluster, "agent")
+    assert len(work.acked) > 100
     assert epoch_of(cluster) == 2
     events = cluster.coordinator.history("kv")
     failover = next(e for e in events if e.kind == "failover")

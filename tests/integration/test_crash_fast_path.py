@@ -6,7 +6,6 @@ acknowledged write is lost either way. Only the host itself may report its proce
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -19,11 +18,10 @@ import grpc
 import pytest
 
 from failover import defaults
-from failover.client import Client
 from failover.localcluster import LocalCluster, wait_for
 from failover.processes import sync_channel
 from failover.v1 import coordinator_pb2, coordinator_pb2_grpc
-from tests.integration.test_coordinator import Workload, epoch_of
+from tests.integration.test_coordinator import epoch_of, kill_under_load
 
 
 @pytest.fixture
@@ -46,35 +44,6 @@ def exit_reports(cluster: LocalCluster, host: str) -> list[str]:
     assert cluster.coordinator is not None
     return [e.message for e in cluster.coordinator.history()
             if e.kind == "host" and f"host {host}'s agent process" in e.message]
-
-
-async def kill_under_load(cluster: LocalCluster, kill: str) -> tuple[str, Workload]:
-    """Writers run; the primary's agent child (`kill="child"`) or whole agent ("agent") is
-    SIGKILLed; returns the old primary once a new one serves and the writers stopped."""
-    assert cluster.coordinator is not None
-    old = cluster.primary_of("kv")
-    assert old is not None
-    async with Client(coordinator=cluster.coordinator.address, tls=cluster.tls_client,
-                      deadline_ms=10_000) as client:
-        work = Workload(client)
-
-        async def kill_then_wait() -> None:
-            await asyncio.to_thread(wait_for, lambda: len(work.acked) >= 50, 10, "writes")
-            if kill == "child":
-                cluster[old].kill_child()
-            else:
-                cluster[old].kill()
-            await asyncio.to_thread(
-                wait_for, lambda: cluster.primary_of("kv") not in (None, old), 15,
-                "a new primary")
-            acked = len(work.acked)
-            await asyncio.to_thread(wait_for, lambda: len(work.acked) >= acked + 50, 10,
-                                    "writes at the new primary")
-
-        await work.run_while(asyncio.ensure_future(kill_then_wait()), writers=4)
-        assert not work.failures, work.failures[:5]
-        await work.check_nothing_lost()
-    return old, work
 
 
 async def test_a_killed_agent_child_fails_over_at_once_and_loses_no_acked_write(
