@@ -673,19 +673,24 @@ class Coordinator:
                 actions: list[Action] = []
                 for beat in beats:
                     try:
-                        # Checked before the heartbeat changes anything (a refusal then
-                        # changes nothing), recorded after it was taken (an unregistered
-                        # host's records nothing).
-                        self.core.check_hooks(list(beat.hooks))
                         leases, decided = self.core.heartbeat(
                             beat.host_id, beat.metrics, beat.replicas, monotonic_ms(),
                             beat.incarnation)
-                        if beat.hooks:
-                            decided = decided + self.core.record_hooks(beat.host_id,
-                                                                       list(beat.hooks))
                     except Exception as exc:  # this beat's refusal; the others go on
                         _settle(beat.leases, exc)
                         continue
+                    if beat.hooks:
+                        # Recorded once the beat was taken (an unregistered host's record
+                        # nothing). Results this coordinator refuses (another version's
+                        # event or role, over a bound) are left out, the beat is taken: the
+                        # agent re-sends its results until a beat is answered, so refusing
+                        # the beat refused every later one, and the host lost its leases.
+                        try:
+                            decided = decided + self.core.record_hooks(beat.host_id,
+                                                                       list(beat.hooks))
+                        except InvalidRequest as exc:
+                            log.warning("host %s: hook results of its heartbeat left out: %s",
+                                        beat.host_id, exc)
                     actions.extend(decided)
                     taken.append((beat, leases))
                 try:

@@ -7,6 +7,7 @@ were cancelled while queued and never taken, and hosts that were alive were susp
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -127,5 +128,23 @@ async def test_a_hosts_newer_beat_replaces_the_one_waiting_and_the_wait_is_bound
         assert await newer == [] and await also == []
         # The newer beat carried the older one's hook too: both are recorded, once each.
         assert len(await store.history(kind="hook")) == 2
+    finally:
+        await coordinator.stop()
+
+
+async def test_hook_results_the_coordinator_refuses_are_left_out_and_the_beat_is_taken(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An agent re-sends its hook results until a beat is answered: refusing the whole beat
+    for one result this coordinator does not know (another version's event) refused every
+    later beat, and the host lost its leases."""
+    coordinator, store = await started(tmp_path)
+    try:
+        seen = coordinator.core.live["h1"].last_heartbeat_ms
+        await asyncio.sleep(0.02)
+        unknown = dataclasses.replace(hook(1), event="on_some_later_event")
+        assert await coordinator.heartbeat("h1", dict(METRICS), [], [unknown]) == []
+        assert coordinator.core.live["h1"].last_heartbeat_ms > seen
+        assert await store.history(kind="hook") == []
+        assert "hook results of its heartbeat left out" in caplog.text
     finally:
         await coordinator.stop()
