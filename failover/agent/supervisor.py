@@ -57,6 +57,7 @@ from failover.errors import ConfigError, StorageError
 from failover.net import channels
 from failover.net.leader import LeaderFollower
 from failover.net.tls import TlsMaterial
+from failover.observe import logs
 from failover.storage.atomic import read_counter, write_atomic
 from failover.storage.modes import make_private_dir
 from failover.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -198,7 +199,8 @@ class ExitReporter:
                 log.warning("coordinator %s answered the exit report at term %d, older than "
                             "term %d this host has seen: deposed; trying the next", address,
                             reply.coordinator_term, seen)
-                time.sleep(self.coordinators.failed())
+                time.sleep(min(self.coordinators.failed(),
+                               max(0, deadline_ms - monotonic_ms()) / 1000))
                 continue
             self.coordinators.answered()
             return True
@@ -321,11 +323,8 @@ class Supervisor:
 def run_supervised(config: AgentConfig, tls: TlsMaterial | None) -> None:
     """Blocking entry point of `failover-agent` (unless --no-supervisor): exits with the
     supervisor's code."""
-    logging.basicConfig(
-        level=os.environ.get("FAILOVER_LOG_LEVEL", "INFO").upper(),
-        format=f"%(asctime)s {config.host_id} %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    # As its child logs (`--log-format`, `--log-level`): both write to the same stderr.
+    logs.configure(config.host_id, config.log_format, config.log_level, sys.stderr)
     supervisor = Supervisor(config, tls)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, supervisor.on_signal)

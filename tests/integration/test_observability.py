@@ -275,3 +275,19 @@ def test_several_coordinators_one_says_it_leads(tmp_path: Path) -> None:
 
         assert coordinator_health(leader) == SERVING
         assert coordinator_health(follower) == NOT_SERVING
+
+
+def test_an_agents_supervisor_logs_in_the_format_its_child_does(tmp_path: Path) -> None:
+    """Supervisor and child write to the same stderr: with --log-format json every line of
+    it is a JSON record (the supervisor used to log plain text whatever the flag)."""
+    with LocalCluster(tmp_path, hosts=1, tls=False) as cluster:
+        agent = cluster["host1"]
+        agent.extra["log_format"] = "json"
+        cluster.start()
+        wait_for(lambda: "started child" in agent.log_path.read_text()
+                 and "serving on" in agent.log_path.read_text(), 20,
+                 "the supervisor and its child to log")
+        lines = agent.log_path.read_text().splitlines()
+        records = [json.loads(line) for line in lines]  # each one JSON, or this raises
+        assert {r["logger"] for r in records} >= {"failover.agent.supervisor",
+                                                  "failover.agent"}
