@@ -89,9 +89,10 @@ class HistoryFeed:
         if not self._watchers or not seqs:
             return
         at = self._clock()
+        watchers = list(self._watchers)  # `offer` never changes the set
         for seq, (service, kind, message, details) in zip(seqs, events, strict=True):
             record = HistoryRecord(seq, at, service, kind, message, dict(details))
-            for watcher in list(self._watchers):
+            for watcher in watchers:
                 watcher.offer(record)
 
     def end_all(self) -> None:

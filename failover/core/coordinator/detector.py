@@ -227,7 +227,7 @@ class Detector(CoreState):
                 # A failover on the timeout path is under way: it need not wait for the
                 # lease any longer (a promotion is never started twice for one failover).
                 if failover.old_primary == host_id:
-                    failover.exited, failover.exited_ms = incarnation, now_ms
+                    failover.exited = incarnation
                     if failover.state == "waiting_lease":
                         failover.lease_expiry_ms = 0
                 continue
@@ -235,7 +235,7 @@ class Detector(CoreState):
                 continue  # the switchover ends (its prepare fails), then a tick starts one
             ask = self._start_failover(service, live, now_ms)
             failover = self.failovers[service.name]
-            failover.exited, failover.exited_ms = incarnation, now_ms
+            failover.exited = incarnation
             failover.asked_after_exit = True
             actions.append(ask)
         for failover in list(self.failovers.values()):

@@ -171,10 +171,9 @@ class Failover:
     state: str = "asking"  # "asking" -> "waiting_lease" -> done
     chosen: str = ""
     lease_expiry_ms: int = 0  # promote from here: the old lease's end and the drift margin
-    # The old primary's process was reported exited (incarnation, when): it serves nothing,
+    # The old primary's process was reported exited (its incarnation): it serves nothing,
     # so the promotion need not wait out the lease it was granted (`Detector.process_exited`).
     exited: int = 0
-    exited_ms: int = 0
     # Started by that report, not by a timeout: "I hear it" is not asked of the duplicas.
     asked_after_exit: bool = False
 
