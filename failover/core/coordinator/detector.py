@@ -186,7 +186,7 @@ class Detector(CoreState):
 
         A report of an older incarnation than the one registered (late: the process was
         restarted and registered since), or of one already reported, changes nothing; nor
-        does one from a host without a supervisor (incarnation 0), which is refused."""
+        does one from a host whose agent registered without a supervisor (incarnation 0)."""
         check_host_id(host_id)
         info = self.hosts.get(host_id)
         if info is None:
@@ -203,7 +203,12 @@ class Detector(CoreState):
         if live is None:
             live = self.live[host_id] = HostLive(last_heartbeat_ms=now_ms, alive=False,
                                                  stalled_mark_ms=self.stalled_ms)
-        if info.incarnation == 0 or incarnation < info.incarnation:
+        if info.incarnation == 0:
+            self.notices.append(
+                f"host {host_id}: exit of agent incarnation {incarnation} reported, but its "
+                "agent registered without a supervisor (incarnation 0): ignored")
+            return []
+        if incarnation < info.incarnation:
             self.notices.append(
                 f"host {host_id}: exit of agent incarnation {incarnation} reported, but "
                 f"incarnation {info.incarnation} registered since: a late report, ignored")
