@@ -84,6 +84,11 @@ class HistoryFeed:
     def watchers(self) -> int:
         return len(self._watchers)
 
+    @property
+    def queued(self) -> int:
+        """Events offered to watchers and not taken by them yet."""
+        return sum(len(w.queue) for w in self._watchers)
+
     def publish(self, seqs: Sequence[int], events: Sequence[HistoryEvent]) -> None:
         """The events of one commit, with the seqs the store gave them; never waits."""
         if not self._watchers or not seqs:

@@ -104,7 +104,9 @@ async def test_a_slow_watcher_is_cut_off_and_never_slows_the_publisher(tmp_path)
         feed = HistoryFeed(store, lambda: Unavailable("not leading"))
         watch = feed.watch(None, None, 0, follow=True)
         first = asyncio.ensure_future(watch.__anext__())
-        await asyncio.sleep(0.01)  # the watch is registered and waits
+        async with asyncio.timeout(5):
+            while feed.watchers == 0:  # the watch is registered and waits
+                await asyncio.sleep(0.001)
         feed.publish([1], [("kv", "k", "one", {})])
         assert (await first).seq == 1
         # It reads nothing more while far more than its queue holds is published: every
@@ -197,7 +199,10 @@ async def test_events_follow_resumes_after_a_new_leader_without_repeating(served
     await coordinator.lead(2)  # the CLI resumes after "before", from whoever leads
     await watching()
     await _record(coordinator, "kv", "after")
-    await asyncio.sleep(0.3)
+    deadline = loop.time() + 10
+    while coordinator.history_feed.queued:  # "after" is taken by the stream, so sent first
+        assert loop.time() < deadline, "the watch does not take its events"
+        await asyncio.sleep(0.01)
     coordinator.deposed("gone for good")  # past --resume-timeout-ms it gives up
     code, out, err = await asyncio.wait_for(task, 20)
     messages = [json.loads(line)["message"] for line in out.splitlines()]
