@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import grpc
 import grpc.aio
@@ -70,13 +70,7 @@ class CallRefusal(Exception):
     @classmethod
     def of_rpc_error(cls, exc: grpc.aio.AioRpcError) -> CallRefusal:
         """The refusal a unary call's status and trailing metadata carry."""
-        error_type = ""
-        redirect = None
-        for key, value in exc.trailing_metadata() or ():
-            if key == channels.ERROR_TYPE_METADATA_KEY:
-                error_type = value if isinstance(value, str) else value.decode()
-            elif key == channels.REDIRECT_METADATA_KEY:
-                redirect = common_pb2.Redirect.FromString(value)
+        error_type, redirect = _trailing(exc.trailing_metadata())
         return cls(exc.code(), exc.details() or "", error_type, redirect)
 
     @classmethod
@@ -213,10 +207,11 @@ class CallStream:
                 code = await asyncio.wait_for(
                     self._call.code(), defaults.CLIENT_STREAM_STATUS_WAIT_MS / 1000)
                 details = await self._call.details()
+                metadata = await self._call.trailing_metadata()
             except Exception:
                 self._break(f"writing failed: {exc}")
                 return
-            self._break_with(code, details)
+            self._break_with(code, details, metadata)
 
     async def _read_loop(self) -> None:
         try:
@@ -228,21 +223,25 @@ class CallStream:
             self._break("the call was cancelled")  # under this stream (its channel closed)
             return
         except grpc.aio.AioRpcError as exc:
-            self._break_with(exc.code(), exc.details() or "")
+            self._break_with(exc.code(), exc.details() or "", exc.trailing_metadata())
             return
         except Exception as exc:
             self._break(f"reading failed: {exc}")
             return
         self._break("the agent ended the stream")
 
-    def _break_with(self, code: grpc.StatusCode, details: str) -> None:
+    def _break_with(self, code: grpc.StatusCode, details: str, metadata: Any) -> None:
         """The call ended with `code`: its waiting calls are refused so. A refused
-        certificate and too many streams are told as such (the client raises or backs off);
-        anything else is UNAVAILABLE, the outcome unknown."""
+        certificate is told as such (the client raises), and so is the agent's refusal of
+        the stream itself, too many streams (RESOURCE_EXHAUSTED naming Overloaded in its
+        trailing metadata: nothing on it was logged; the client backs off). Anything else,
+        another RESOURCE_EXHAUSTED too (a message past gRPC's size bound, with calls on the
+        stream that may be logged), is UNAVAILABLE: the outcome unknown."""
         why = f"{code.name}: {details}"
+        error_type, _redirect = _trailing(metadata)
         if code == grpc.StatusCode.PERMISSION_DENIED:
             self._break(why, grpc.StatusCode.PERMISSION_DENIED)
-        elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # too many streams: not logged
+        elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and error_type == "Overloaded":
             self._break(why, grpc.StatusCode.RESOURCE_EXHAUSTED, "Overloaded")
         else:
             self._break(why)
@@ -292,3 +291,15 @@ def _task_cancelled() -> bool:
     so must break, or its calls would wait out their deadlines on a stream nobody reads."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+def _trailing(metadata: Any) -> tuple[str, common_pb2.Redirect | None]:
+    """The typed error a status's trailing metadata names ("" for none), and its redirect."""
+    error_type = ""
+    redirect = None
+    for key, value in metadata or ():
+        if key == channels.ERROR_TYPE_METADATA_KEY:
+            error_type = value if isinstance(value, str) else value.decode()
+        elif key == channels.REDIRECT_METADATA_KEY:
+            redirect = common_pb2.Redirect.FromString(value)
+    return error_type, redirect

@@ -287,14 +287,30 @@ class ExecuteStream:
         return bool(self._seq or self._refused)
 
     def flush(self) -> data_pb2.AnswerBatch:
-        """The answers ready, as one message; clears them."""
+        """The answers ready, as one message of at most STREAM_MESSAGE_BYTES_MAX result
+        bytes (at least one answer); clears them, and leaves the rest for the next message.
+        Reads answer with values up to REQUEST_BYTES_MAX: a few of them together passed
+        gRPC's message bound, and the stream ended with every call on it unanswered."""
+        take, size = 0, 0
+        for data in self._data:
+            if take and size + len(data) > defaults.STREAM_MESSAGE_BYTES_MAX:
+                break
+            size += len(data)
+            take += 1
         out = data_pb2.AnswerBatch(
-            seq=self._seq, data=self._data, outcome=self._outcome, index=self._index,
-            commit_index=self._commit, epoch=self._epoch, duplicate=self._duplicate,
-            session_known=self._known, refused=self._refused)
-        self._clear_answers()
-        self.ready.clear()
-        return out
+            seq=self._seq[:take], data=self._data[:take], outcome=self._outcome[:take],
+            index=self._index[:take], commit_index=self._commit[:take],
+            epoch=self._epoch[:take], duplicate=self._duplicate[:take],
+            session_known=self._known[:take], refused=self._refused)
+        if take == len(self._seq):
+            self._clear_answers()
+            self.ready.clear()
+            return out
+        for column in (self._seq, self._data, self._outcome, self._index, self._commit,
+                       self._epoch, self._duplicate, self._known):
+            del column[:take]
+        self._refused = []
+        return out  # `ready` stays set: the rest goes next
 
     def close(self) -> None:
         """The call ended: calls still running are cancelled (their entries, if logged,

@@ -616,3 +616,86 @@ async def test_a_stream_whose_call_is_cancelled_under_it_breaks_and_refuses_its_
     assert stream.broken
     assert refused.value.code == grpc.StatusCode.UNAVAILABLE
     assert refused_later.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_answers_too_large_for_one_message_go_in_several(
+    served: tuple[Agent, _Counting, str],
+) -> None:
+    """Reads answer with values up to REQUEST_BYTES_MAX: answers ready together are cut at
+    STREAM_MESSAGE_BYTES_MAX (gRPC's bound was passed, and the stream ended with every call
+    on it unanswered)."""
+    agent, _servicer, address = served
+    value = "v" * (3 << 20)
+    replica = agent.replicas["kv1"]
+    for n in range(4):
+        await replica.execute(0, "w", n + 1, _pack({"op": "put", "key": f"k{n}", "value": value}),
+                              5.0, n == 0)
+    stream = ExecuteStream(agent)  # the same answers, ready together, as flush sees them
+    for n in range(4):
+        stream._seq.append(n + 1)
+        stream._data.append(_pack({"found": True, "value": value}))
+        for column in (stream._outcome, stream._index, stream._commit, stream._epoch):
+            column.append(0)
+        stream._duplicate.append(False)
+        stream._known.append(True)
+    stream.ready.set()
+    sizes = []
+    while stream.has_answers():
+        out = stream.flush()
+        assert out.ByteSize() < channels.MESSAGE_BYTES_MAX
+        sizes.append(len(out.seq))
+    assert sum(sizes) == 4 and len(sizes) > 1 and not stream.ready.is_set()
+    async with channels.insecure_channel(address) as channel:  # end to end
+        call = data_pb2_grpc.DataStub(channel).ExecuteStream()
+        await call.write(_calls(*(("kv1", "r", n + 1, {"op": "get", "key": f"k{n}"})
+                                  for n in range(4))))
+        got = await _answers(call, 4)
+        assert sorted(got.seq) == [1, 2, 3, 4] and not got.refused
+        assert all(msgpack.unpackb(d)["value"] == value for d in got.data)
+        await call.done_writing()
+
+
+class _SilentCall:
+    """An ExecuteStream call that never answers (its end is told by `_break_with`)."""
+
+    def __init__(self) -> None:
+        self._never = asyncio.Event()
+
+    async def write(self, batch: Any) -> None:
+        await self._never.wait()
+
+    def __aiter__(self) -> Any:
+        return self
+
+    async def __anext__(self) -> Any:
+        await self._never.wait()
+
+    def cancel(self) -> None:
+        pass
+
+
+class _SilentStub:
+    def ExecuteStream(self) -> _SilentCall:  # noqa: N802 (the gRPC method's name)
+        return _SilentCall()
+
+
+@pytest.mark.parametrize(("metadata", "code"), [
+    ((), grpc.StatusCode.UNAVAILABLE),  # a message past gRPC's bound: calls may be logged
+    (((channels.ERROR_TYPE_METADATA_KEY, "Overloaded"),), grpc.StatusCode.RESOURCE_EXHAUSTED),
+])
+async def test_a_stream_ended_resource_exhausted_is_overloaded_only_when_the_agent_says_so(
+        metadata: Any, code: grpc.StatusCode) -> None:
+    """Only the agent's refusal of the stream (too many streams) names Overloaded, and
+    nothing on such a stream was logged. Any other RESOURCE_EXHAUSTED end left the calls'
+    outcome unknown, and the client must not say "nothing was applied"."""
+    from failover.client_stream import CallRefusal, CallStream
+
+    stream = CallStream(_SilentStub(), "127.0.0.1:1")  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+    future = stream.submit("kv1", 0, "c", 1, b"x", loop.time() + 10, False)
+    stream._break_with(grpc.StatusCode.RESOURCE_EXHAUSTED, "too big", metadata)
+    with pytest.raises(CallRefusal) as refused:
+        await future
+    assert refused.value.code == code
+    assert (refused.value.error_type == "Overloaded") == (code != grpc.StatusCode.UNAVAILABLE)
+    await stream.close()
