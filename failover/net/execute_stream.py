@@ -89,7 +89,9 @@ class ExecuteStream:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self._tokens = 0
-        self.pending: dict[int, int] = {}  # token -> seq, for the calls not answered yet
+        # token -> (seq, its message's first token), for the calls not answered yet
+        self.pending: dict[int, tuple[int, int]] = {}
+        self._left: dict[int, int] = {}  # a message's first token -> its calls unanswered
         self.ready = asyncio.Event()  # answers wait, or the stream's end
         self.room = asyncio.Event()  # fewer than STREAM_PENDING_CALLS_MAX unanswered
         self.room.set()
@@ -128,7 +130,9 @@ class ExecuteStream:
         end = self._tokens = first + count
         # Every call is pending from here on, so that whatever happens next, each is answered
         # (by its outcome, a refusal, or the expiry timer armed below).
-        self.pending.update(zip(range(first, end), batch.seq, strict=True))
+        self.pending.update((token, (seq, first))
+                            for token, seq in zip(range(first, end), batch.seq, strict=True))
+        self._left[first] = count
         if self._metrics is not None:
             self._started.update(dict.fromkeys(range(first, end), time.perf_counter()))
         try:
@@ -140,7 +144,7 @@ class ExecuteStream:
         finally:
             # Whatever is still unanswered at the message's last deadline is told so (the
             # client has given up on it by then): a stream's state stays bounded in time.
-            if any(t in self.pending for t in range(first, end)):
+            if first in self._left:  # some call is not answered yet
                 budget_ms = max(batch.deadline_ms) or defaults.CALL_DEADLINE_MS
                 budget_ms = min(budget_ms, defaults.STREAM_CALL_DEADLINE_MS_MAX)
                 loop = asyncio.get_running_loop()
@@ -229,13 +233,13 @@ class ExecuteStream:
         """Answers `error` to every call of tokens first..end-1 not answered yet."""
         pending = self.pending
         for token in range(first, end):
-            seq = pending.get(token)
-            if seq is not None:
-                self._answer(None, (token, 0, "", seq, b"", False), error)
+            entry = pending.get(token)
+            if entry is not None:
+                self._answer(None, (token, 0, "", entry[0], b"", False), error)
 
     def refuse_all(self, error: Exception) -> None:
         """Answers `error` to every call of the stream not answered yet (the stream ends)."""
-        for token, seq in list(self.pending.items()):
+        for token, (seq, _first) in list(self.pending.items()):
             self._answer(None, (token, 0, "", seq, b"", False), error)
 
     # --- answers out ---------------------------------------------------------------------
@@ -243,9 +247,18 @@ class ExecuteStream:
     def _answer(self, replica: Replica | None, call: StreamCall,
                 outcome: Answered | Exception) -> None:
         """Queues the answer of `call` (once: a later one, after its deadline, is dropped)."""
-        seq = self.pending.pop(call[0], None)
-        if seq is None or self.closed:
+        entry = self.pending.pop(call[0], None)
+        if entry is None or self.closed:
             return
+        seq, first = entry
+        left = self._left[first] - 1
+        if left:
+            self._left[first] = left
+        else:  # the message is answered: its expiry timer goes (one per message otherwise
+            del self._left[first]  # stayed armed, up to 600 s, on a long-lived stream)
+            timer = self._timers.pop(first, None)
+            if timer is not None:
+                timer.cancel()
         if not isinstance(outcome, Exception):
             reply, duplicate, epoch = outcome
             status = reply.status

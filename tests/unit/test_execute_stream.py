@@ -367,7 +367,7 @@ async def test_a_routes_push_moves_a_call_in_flight_to_the_new_primary_with_its_
                                       primary_host_id="o", epoch=2)]))
             assert (await asyncio.wait_for(call, 5))["ok"]
             assert time.monotonic() - started < 2  # not at the old primary's deadline
-            assert client.retries >= 1 and client._streams[other_address]
+            assert client.retries >= 1 and not client._streams[other_address].broken
         assert replica.sm.kind.apply({"op": "get", "key": "moved"})["value"] == "v"
     finally:
         await server.stop(None)
@@ -699,3 +699,19 @@ async def test_a_stream_ended_resource_exhausted_is_overloaded_only_when_the_age
     assert refused.value.code == code
     assert (refused.value.error_type == "Overloaded") == (code != grpc.StatusCode.UNAVAILABLE)
     await stream.close()
+
+
+async def test_a_message_answered_in_full_leaves_no_timer_behind(
+    served: tuple[Agent, _Counting, str],
+) -> None:
+    """One expiry timer per message, cancelled once its calls are answered: on a long-lived
+    stream they stayed armed for the message's whole deadline (up to 600 s) otherwise."""
+    agent, _servicer, _address = served
+    stream = ExecuteStream(agent)
+    put = {"op": "put", "key": "k", "value": "v"}
+    stream.take(_calls(("kv1", "t", 1, put), ("kv1", "t", 2, put), deadline_ms=600_000))
+    assert len(stream._timers) == 1  # the writes wait for their commit
+    await until(lambda: not stream.pending)
+    assert not stream._timers and not stream._left
+    assert len(stream.flush().seq) == 2
+    stream.close()
