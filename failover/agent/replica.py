@@ -510,10 +510,10 @@ class Replica:
         writes: list[StreamCall] = []
         rest: list[StreamCall] = []
         is_read_only = self.kind_cls.is_read_only
-        epoch_now = core.meta.epoch
+        epoch = core.meta.epoch
         for call in calls:
             payload = call[4]
-            if call[1] > epoch_now:
+            if call[1] > epoch:
                 rest.append(call)  # `execute` waits for that epoch's assignment first
                 continue
             try:
@@ -533,7 +533,6 @@ class Replica:
         if core.holding or self.write_throttle_ms:
             return rest + writes  # they wait for the hold or the throttle, one by one
         decided = core.write_many([(c[2], c[3], c[5], len(c[4])) for c in writes])
-        epoch = core.meta.epoch
         waiters = self._waiters
         create_future = asyncio.get_running_loop().create_future
         logged = False

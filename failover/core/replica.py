@@ -575,11 +575,11 @@ class ReplicaCore:
             try:
                 one = self.write(client_id, seq, opens, size)
             except (InvalidRequest, Overloaded, SessionExpired) as exc:
-                self.pending_bytes -= size
+                self.release_bytes(size)
                 decided.append(exc)
                 continue
             if isinstance(one, Reply) or not one[1]:
-                self.pending_bytes -= size
+                self.release_bytes(size)
             decided.append(one)
         return decided
 
