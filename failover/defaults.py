@@ -37,6 +37,9 @@ CALL_DEADLINE_MS = 5000
 # A call that saw a newer epoch than its replica holds waits this long at most for that
 # epoch's assignment to arrive (`Replica._wait_for_epoch`) before it is answered as today.
 NEWER_EPOCH_WAIT_MS = 500
+# Threads that write replicas' meta files (role and epoch, two fsyncs each): a failover
+# promotes every primary a dead host held at once, and their writes overlap up to this.
+META_WRITE_THREADS = 8
 
 # Write-ahead log.
 WAL_SEGMENT_BYTES_MAX = 64 << 20

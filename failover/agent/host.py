@@ -88,6 +88,11 @@ class Agent:
         # Checks shipped records as they arrive (`precheck`): one thread of its own, so that
         # the checks never queue ahead of the appends and syncs on `io`.
         self.check_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent-check")
+        # Writes replicas' meta files (`MetaWriter`): threads of their own, so that a
+        # failover's promotions never queue behind snapshots and appends on `io`, and their
+        # fsyncs overlap.
+        self.meta_io = ThreadPoolExecutor(max_workers=defaults.META_WRITE_THREADS,
+                                          thread_name_prefix="agent-meta")
         self.replicas: dict[str, Replica] = {}
         self.links: dict[str, PeerLink] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -179,6 +184,7 @@ class Agent:
             task.cancel()
         self.io.shutdown(wait=True, cancel_futures=True)
         self.check_io.shutdown(wait=True, cancel_futures=True)
+        self.meta_io.shutdown(wait=True, cancel_futures=True)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Runs a background task that is tracked, and whose failure is logged."""
@@ -555,8 +561,8 @@ class Agent:
             elif kind and kind != replica.meta.kind:
                 raise InvalidRequest(f"{service} is a {replica.meta.kind!r} replica here, "
                                      f"not {kind!r}")
-            replica.assign(role, epoch, mode, primary, duplicas, in_sync,
-                           in_sync_generation=in_sync_generation)
+            await replica.assign(role, epoch, mode, primary, duplicas, in_sync,
+                                 in_sync_generation=in_sync_generation)
             self.notice_roles()
             if reason == "failover" and before != (replica.role, replica.epoch):
                 self.hooks.fire(ON_FAILOVER, service, replica.role, replica.epoch)
@@ -570,6 +576,7 @@ class Agent:
                 raise StaleEpochError(f"{service}: step-down at epoch {epoch} is older than "
                                       f"{replica.epoch}")
             replica.step_down(epoch, "the coordinator asked")
+            await replica.meta_flushed()  # answered once it is on disk
             return replica
 
     async def drop_replica(self, service: str, epoch: int, delete_data: bool) -> None:

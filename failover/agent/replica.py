@@ -22,6 +22,7 @@ from typing import Any
 
 from failover import defaults, kinds
 from failover.agent.apply_queue import ApplyQueue
+from failover.agent.meta_writer import MetaWriter
 from failover.agent.replica_host import ReplicaHost
 from failover.agent.replica_state import ReplicaState
 from failover.clock import monotonic_ms
@@ -86,6 +87,9 @@ log = logging.getLogger(__name__)
 
 
 _META = "replica.meta"
+# How many times an assignment or shipped item is decided again because the meta changed
+# while its write was on the disk (a step-down each time): a bound, never reached in practice.
+_META_DECISIONS_MAX = 4
 
 # A call of an ExecuteStream message, as `Replica.execute_many` takes it: (the stream's token
 # for it, epoch_seen, client_id, seq, payload, opens_session).
@@ -120,9 +124,10 @@ class Replica:
         self.agent = agent
         self.root = root
         self.service = meta.service
-        # The bytes `replica.meta` holds, as this replica last wrote or read them (`meta` is
-        # what was just written or read; None: not known after a failed write).
-        self._meta_on_disk: bytes | None = meta.to_bytes()
+        # Writes `replica.meta` on the agent's meta threads, in order; it starts out holding
+        # `meta` (just written or read).
+        self._meta_file = MetaWriter(root / _META, meta.to_bytes(), agent.meta_io,
+                                     on_error=self._meta_write_failed)
         self.kind_cls = kinds.load_kind(meta.kind)
         c = agent.config
         self.core = ReplicaCore(
@@ -267,6 +272,7 @@ class Replica:
 
     async def close(self) -> None:
         self.closed = True
+        await self._meta_file.flushed()  # a step-down taken in memory reaches the disk
         self._fail_waiters(Unavailable(f"replica {self.service!r} is shutting down"))
         self.core.closed()
         for task in (self._writer, self._snapshot_task, self._applier):
@@ -334,44 +340,62 @@ class Replica:
                         self.service)
         self._carry_out(actions)
 
-    def _write_meta(self, meta: ReplicaMeta) -> None:
-        data = meta.to_bytes()
-        if data == self._meta_on_disk:
-            # The file holds these very bytes: a second synced write (two fsyncs on the
-            # event loop) changes nothing. The coordinator re-sends assignments a host
-            # already holds (after a registration, or a heartbeat that crossed the call).
-            return
-        self._meta_on_disk = None  # unknown until this write is known to have landed
-        try:
-            write_atomic(self.root / _META, data)
-            self._meta_on_disk = data
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                self.core.disk_full = True
-                raise DiskFullError(
-                    f"{self.service}: no space left to record role {meta.role} at epoch "
-                    f"{meta.epoch}; nothing changed: free space in the data dir") from None
-            raise
+    def _meta_write_failed(self, exc: OSError) -> None:
+        if exc.errno == errno.ENOSPC:
+            self.core.disk_full = True
 
-    def _persist(self, action: PersistMeta) -> str:
-        """Writes the meta, then lets the core take it; returns the refusal of the shipped
-        item that asked for it ("" if none). Raises when an assignment cannot be written."""
+    def _meta_error(self, meta: ReplicaMeta, exc: OSError) -> Exception:
+        if exc.errno == errno.ENOSPC:
+            return DiskFullError(
+                f"{self.service}: no space left to record role {meta.role} at epoch "
+                f"{meta.epoch}; nothing changed: free space in the data dir")
+        return exc
+
+    def _persist(self, action: PersistMeta) -> None:
+        """A step-down (the one meta change the core's events return outside the receive
+        path): taken in memory at once, since giving up authority may run ahead of the disk,
+        and written after any write in progress (`MetaWriter`)."""
+        assert action.reason == "step_down", action.reason
+        self._log_step_down(action)
+        was = (self.role, self.epoch)
+        actions = self.core.meta_persisted(action, monotonic_ms())
+        self._meta_file.request(self.core.meta.to_bytes(),
+                                f"{self.service}: step-down to epoch {self.epoch}")
+        if (self.role, self.epoch) != was:
+            self._notify_progress()  # calls waiting for this epoch (`_wait_for_epoch`) go on
+        self._carry_out(actions)
+
+    def _log_step_down(self, action: PersistMeta) -> None:
+        log.warning("%s: role %s -> %s at epoch %d (was epoch %d): %s", self.service,
+                    self.role, action.meta.role, action.meta.epoch, self.epoch, action.why,
+                    extra=event_fields("role_change", service=self.service,
+                                       role=action.meta.role, epoch=action.meta.epoch,
+                                       was_role=self.role, was_epoch=self.epoch,
+                                       why=action.why))
+
+    async def _persist_durably(self, action: PersistMeta) -> str | None:
+        """Writes the meta (off the event loop), then lets the core take it. Returns the
+        refusal of the shipped item that asked for it ("" if none), or None when the meta
+        changed while it was written (a step-down came in between): nothing was taken, and
+        the caller decides again from the meta as it now stands. Raises when an assignment
+        cannot be written."""
         if action.reason == "step_down":
-            log.warning("%s: role %s -> %s at epoch %d (was epoch %d): %s", self.service,
-                        self.role, action.meta.role, action.meta.epoch, self.epoch, action.why,
-                        extra=event_fields("role_change", service=self.service,
-                                           role=action.meta.role, epoch=action.meta.epoch,
-                                           was_role=self.role, was_epoch=self.epoch,
-                                           why=action.why))
+            self._log_step_down(action)
+        base = self.core.meta
         was = (self.role, self.epoch)
         try:
-            self._write_meta(action.meta)
-        except (StorageError, OSError) as exc:
+            landed = await self._meta_file.write(action.meta.to_bytes())
+        except OSError as exc:
+            error = self._meta_error(action.meta, exc)
+            if self.core.meta is not base:
+                return None
             log.warning("%s: cannot record role %s at epoch %d (%s), staying %s at %d: %s",
                         self.service, action.meta.role, action.meta.epoch, action.reason,
-                        self.role, self.epoch, exc)
-            actions = self.core.meta_write_failed(action, exc, monotonic_ms())
+                        self.role, self.epoch, error)
+            actions = self.core.meta_write_failed(action, error, monotonic_ms())
         else:
+            if not landed or self.core.meta is not base:
+                return None
             actions = self.core.meta_persisted(action, monotonic_ms())
         if (self.role, self.epoch) != was:
             self._notify_progress()  # calls waiting for this epoch (`_wait_for_epoch`) go on
@@ -380,9 +404,14 @@ class Replica:
         self._carry_out(actions)
         return ""
 
+    async def meta_flushed(self) -> None:
+        """Returns once the meta file holds every change asked of it so far (or a write of
+        it failed, which was logged)."""
+        await self._meta_file.flushed()
+
     # --- role ----------------------------------------------------------------------------
 
-    def assign(
+    async def assign(
         self,
         role: str,
         epoch: int,
@@ -394,13 +423,20 @@ class Replica:
         in_sync_generation: int = 0,
     ) -> None:
         """Sets role, epoch and peers (idempotent). The epoch is persisted before any use.
+        The caller holds the service's lock (`Agent.lock`).
 
         `why` is logged with the role change, if there is one."""
-        self._sync_log()
-        persist = self.core.assign(role, epoch, mode, primary, duplicas, in_sync,
-                                   in_sync_generation, why)
         was = (self.role, self.epoch)
-        self._persist(persist)
+        for _ in range(_META_DECISIONS_MAX):
+            self._sync_log()
+            persist = self.core.assign(role, epoch, mode, primary, duplicas, in_sync,
+                                       in_sync_generation, why)
+            if await self._persist_durably(persist) is not None:
+                break
+        else:
+            raise Unavailable(f"{self.service}: its role changed {_META_DECISIONS_MAX} times "
+                              f"while assignment {role} at epoch {epoch} was written; ask "
+                              "the coordinator again")
         if was != (role, epoch):
             log.info("%s: role %s -> %s at epoch %d (was epoch %d): %s", self.service, was[0],
                      role, epoch, was[1], why,
@@ -409,6 +445,7 @@ class Replica:
 
     def step_down(self, epoch: int, why: str) -> None:
         """A newer epoch exists: stop serving writes and wait to be told the new primary.
+        Taken at once; `meta_flushed` waits for it to be on disk.
 
         `why` says who or what showed the newer epoch; it is logged with the change."""
         self._sync_log()
@@ -924,17 +961,22 @@ class Replica:
             "first_index": w.first_index, "message": message,
         }
 
-    def _feed(self, event: Callable[[], list[ReplicaAction]]) -> list[ReplicaAction]:
+    async def _feed(self, event: Callable[[], list[ReplicaAction]]) -> list[ReplicaAction]:
         """Feeds a shipped item to the core. A step-down (a newer primary ships to this one)
         or an adopted epoch is written first, then the item is fed again; a refusal (the meta
-        could not be written) is the answer."""
+        could not be written) is the answer. A meta change still being written (a step-down
+        taken ahead of the disk) lands before any shipped item is taken."""
+        if self._meta_file.pending:
+            await self._meta_file.flushed()
         actions = event()
-        while actions and isinstance(actions[0], PersistMeta):
-            refused = self._persist(actions[0])
+        for _ in range(_META_DECISIONS_MAX):
+            if not (actions and isinstance(actions[0], PersistMeta)):
+                return actions
+            refused = await self._persist_durably(actions[0])
             if refused:
                 return [Refuse(refused)]
             actions = event()
-        return actions
+        return [Refuse("storage_error")]  # the meta kept changing under it: probed again
 
     def _refused(self, status: str, epoch: int, sender: str | None,
                  batch_id: int = 0) -> dict[str, Any]:
@@ -950,15 +992,15 @@ class Replica:
         return self._ack(status, batch_id, message)
 
     async def receive_probe(self, epoch: int, sender: str | None = None) -> dict[str, Any]:
-        actions = self._feed(lambda: self.core.on_probe(epoch, monotonic_ms(), sender))
+        actions = await self._feed(lambda: self.core.on_probe(epoch, monotonic_ms(), sender))
         if actions and isinstance(actions[0], Refuse):
             return self._refused(actions[0].status, epoch, sender)
         return self._ack("mismatch")
 
     async def receive_truncate(self, epoch: int, after_index: int,
                                sender: str | None = None) -> dict[str, Any]:
-        actions = self._feed(lambda: self.core.on_truncate(epoch, after_index, monotonic_ms(),
-                                                           sender))
+        actions = await self._feed(lambda: self.core.on_truncate(epoch, after_index,
+                                                                 monotonic_ms(), sender))
         cut = actions[0]
         if isinstance(cut, Refuse):
             return self._refused(cut.status, epoch, sender)
@@ -999,7 +1041,7 @@ class Replica:
         arrived (`Agent.precheck`); without it the records are checked here. `sender` is the
         host it came from (None: not checked)."""
         core = self.core
-        actions = self._feed(lambda: core.on_batch(
+        actions = await self._feed(lambda: core.on_batch(
             epoch, prev, last_index, commit_index, self._log_info(), monotonic_ms(), sender))
         if actions and isinstance(actions[0], Refuse):
             return self._refused(actions[0].status, epoch, sender, batch_id)

@@ -27,6 +27,10 @@ class ReplicaHost(Protocol):
     @property
     def io(self) -> Executor: ...
 
+    # Writes replicas' meta files (`failover.agent.meta_writer`).
+    @property
+    def meta_io(self) -> Executor: ...
+
     @property
     def replicas(self) -> Mapping[str, object]: ...
 

@@ -87,7 +87,7 @@ async def test_a_newer_epoch_that_cannot_be_recorded_is_not_taken_in_memory(
     def disk_full(path: Path, data: bytes) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr("failover.agent.replica.write_atomic", disk_full)
+    monkeypatch.setattr("failover.agent.meta_writer.write_atomic", disk_full)
     keepalive = (1, LogPosition(0, 0), 1, 0, b"", 0)
     for answer in (await replica.receive_probe(2), await replica.receive_batch(2, *keepalive),
                    await replica.receive_probe(2)):
@@ -152,7 +152,7 @@ async def test_an_assignment_the_meta_already_holds_is_not_written_again(
         writes.append(data)
         real(path, data)
 
-    monkeypatch.setattr("failover.agent.replica.write_atomic", counting)
+    monkeypatch.setattr("failover.agent.meta_writer.write_atomic", counting)
     for _ in range(3):
         await primary_waiting_on_b(agent)
     assert writes == []
@@ -163,10 +163,10 @@ async def test_an_assignment_the_meta_already_holds_is_not_written_again(
         writes.append(data)
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr("failover.agent.replica.write_atomic", disk_full)
+    monkeypatch.setattr("failover.agent.meta_writer.write_atomic", disk_full)
     with pytest.raises(DiskFullError):
         await primary_waiting_on_b(agent)
-    monkeypatch.setattr("failover.agent.replica.write_atomic", counting)
+    monkeypatch.setattr("failover.agent.meta_writer.write_atomic", counting)
     await agent.assign_role("kv1", "kv", "primary", 1, "sync", None, {"b": UNREACHABLE}, set())
     assert len(writes) == 3  # unchanged in memory, but the failed write may have reached disk
     assert Replica.load_meta(replica.root).in_sync == []
