@@ -217,6 +217,10 @@ REBUILD_CONCURRENCY_MAX = 32
 # most one started per REBALANCE_GAP_MS (0: never), and none until REBALANCE_CALM_MS have
 # passed with no failover in progress (a storm settles first).
 REBALANCE_GAP_MS = 2_000
+# After an abandoned rebalance move the gap doubles, up to this many times (reset by a move
+# that completes): each attempt may hold the service's writes for up to
+# SWITCHOVER_TIMEOUT_MS, and a move that keeps failing must not hold them most of the time.
+REBALANCE_BACKOFF_DOUBLINGS_MAX = 5
 REBALANCE_CALM_MS = 5_000
 # A rebalance switches over only to a member that can take over at once, and only while
 # every other in-sync member keeps up too (the commit waits for them all): the switchover

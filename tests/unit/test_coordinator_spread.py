@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 
+from failover import defaults
 from failover.core.coordinator import (
     DUPLICA,
     PRIMARY,
@@ -21,6 +22,7 @@ from failover.core.coordinator import (
 )
 from failover.core.coordinator.actions import Prepared
 from failover.core.coordinator.model import pack
+from failover.core.coordinator.operations import PREPARE_ANSWER_GRACE_MS
 from failover.core.roles import BUILDING
 from tests.unit.test_coordinator_rebuild import DEAD, FAIL, HB, LEASE
 from tests.unit.test_coordinator_scale import METRICS, NEEDS, Cluster
@@ -296,3 +298,44 @@ def test_a_member_that_cannot_keep_up_leaves_the_in_sync_set_during_a_switchover
         c.round()
     assert service.name in c.core.switchovers  # nobody answered its prepare: still going on
     assert service.in_sync == [target]
+
+
+class Unanswered(Switching):
+    """A cluster whose primaries never answer a rebalance's prepare: each switchover holds
+    the service's writes until the coordinator abandons it (SWITCHOVER_TIMEOUT_MS)."""
+
+    def run(self, actions: list[Action]) -> list[Action]:
+        Cluster.run(self, actions)
+        for a in actions:
+            if isinstance(a, StartSwitchover):
+                self.started.append((self.now, a.service, a.to_host))
+                self.ops += 1
+                self.run(self.core.start_primary_move(f"op{self.ops}", a, self.now))
+        return actions
+
+
+def test_a_rebalance_that_keeps_failing_backs_off_from_the_end_of_each_attempt() -> None:
+    """The gap was counted from the start of the last move: one that held writes for the
+    whole switchover timeout and failed was tried again at the next tick, and a move that
+    always fails held the service's writes nearly all the time."""
+    gap, calm = 500, 1500
+    c = Unanswered(6, 36, Timing(HB, FAIL, LEASE, DEAD, rebalance_gap_ms=gap,
+                                 rebalance_calm_ms=calm))
+    c.up.discard("h000")
+    for _ in range(FAIL // HB + 6):
+        c.round()
+    c.up.add("h000")  # back, holding no primary: a rebalance is due, and it always fails
+    attempts = 5
+    held_ms = defaults.SWITCHOVER_TIMEOUT_MS + PREPARE_ANSWER_GRACE_MS
+    for _ in range((calm + (attempts + 1) * held_ms + gap * 2 ** (attempts + 1)) // HB):
+        c.round()
+        if len(c.started) > attempts:
+            break
+    assert len(c.started) > attempts
+    times = [when for when, _, _ in c.started]
+    # Each attempt holds for the timeout; the next starts a gap after it ended, doubled
+    # after every failure.
+    for n, (a, b) in enumerate(zip(times, times[1:], strict=False)):
+        assert b - a >= held_ms + gap * 2 ** (n + 1), (n, times)
+    held = (len(times) - 1) * held_ms
+    assert held / (times[-1] - times[0]) < 0.8, times

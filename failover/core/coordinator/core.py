@@ -150,11 +150,13 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
         # services whose missing replicas wait for a rebuild slot (recorded once)
         self._rebuild_waiting: set[str] = set()
         # Rebalance (`Redundancy._rebalance`): since when no failover has been in progress
-        # (None: not yet seen a tick), when a move was last considered, and the services
-        # whose `StartSwitchover` it emitted (their switchover plans say "rebalance").
+        # (None: not yet seen a tick), when a move was last considered or a move of any kind
+        # last seen in progress, the services whose `StartSwitchover` it emitted (their
+        # switchover plans say "rebalance"), and its moves abandoned since one last succeeded.
         self._calm_since_ms: int | None = None
         self._rebalanced_ms: int | None = None
         self._rebalancing: set[str] = set()
+        self._rebalance_failures = 0
         # The services a tick must look at (`_attend`): every one that may not be settled
         # (`Redundancy._settled`). Any change that can unsettle a service adds it (a change
         # of its record, of what its hosts report, of their liveness or draining); a tick

@@ -239,6 +239,7 @@ class CoreState:
     _calm_since_ms: int | None
     _rebalanced_ms: int | None
     _rebalancing: set[str]
+    _rebalance_failures: int
     _attention: set[str]
     _held_order: dict[str, list[ServiceInfo]]
     _counted_generation: dict[str, int]

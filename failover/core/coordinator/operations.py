@@ -76,6 +76,8 @@ class CoreSteps(Protocol):
     def switchover_target(self, name: str, to_host: str) -> str: ...
     def switchover_begin(self, name: str, to_host: str) -> None: ...
     def switchover_abort(self, name: str) -> None: ...
+
+    def rebalance_ended(self, completed: bool) -> None: ...
     def switchover_complete(self, name: str, to_host: str, stall_ms: int) -> list[Action]: ...
     def migration_source(self, name: str, to_host: str, replica: str,
                          from_host: str) -> str: ...
@@ -195,6 +197,8 @@ class SwitchoverPlan(Plan):
         stall_ms = now_ms - self.started_ms
         actions = self.core.switchover_complete(self.name, self.target, stall_ms)
         self.state = "done"
+        if self.purpose == "rebalance":
+            self.core.rebalance_ended(completed=True)
         return [*actions, self._done(epoch=self.core.services[self.name].epoch,
                                      primary=self.target, stall_ms=stall_ms)]
 
@@ -220,6 +224,8 @@ class SwitchoverPlan(Plan):
         if self.core.switchovers.get(self.name) == self.target:
             self.core.switchover_abort(self.name)
         self.state = "abandoned"
+        if self.purpose == "rebalance":
+            self.core.rebalance_ended(completed=False)
         if self.purpose in ("drain", "rebalance"):
             record = self._refused(why)
         else:

@@ -310,16 +310,25 @@ class Redundancy(CoreState):
         two or more, one step toward it: a primary from a host holding the most to a host
         holding one fewer that can then move one of its own to a host holding two fewer
         than the most (so one host one above even and another one below do not stay so).
-        Rate limited (one at a time, at most one per `rebalance_gap_ms`), never while a
-        failover is in progress or within `rebalance_calm_ms` of one (a storm), nor while a
-        switchover, migration or patch is in progress, and only for a service whose replicas
-        are all in place (`_settled`) and none leaving or draining. O(hosts) plus the
-        replicas on the hosts holding the most, at most once per gap."""
+        Rate limited (one at a time, at most one per `rebalance_gap_ms`, counted from the
+        end of the last switchover, migration or patch, and doubled after each abandoned
+        move up to REBALANCE_BACKOFF_DOUBLINGS_MAX times), never while a failover is in
+        progress or within `rebalance_calm_ms` of one (a storm), nor while a switchover,
+        migration or patch is in progress, and only for a service whose replicas are all in
+        place (`_settled`) and none leaving or draining. O(hosts) plus the replicas on the
+        hosts holding the most, at most once per gap."""
         gap = self.timing.rebalance_gap_ms
         if self.failovers or self._calm_since_ms is None:
             self._calm_since_ms = now_ms
+        if self.switchovers or self.migrations or self.patching:
+            # The gap runs from the end of the move: one that held writes for the whole
+            # switchover timeout, then failed, was tried again at once, and a move that
+            # always fails held the service's writes nearly all the time.
+            if self._rebalanced_ms is not None:
+                self._rebalanced_ms = now_ms
+            return []
+        gap <<= min(self._rebalance_failures, defaults.REBALANCE_BACKOFF_DOUBLINGS_MAX)
         if (gap <= 0 or now_ms - self._calm_since_ms < self.timing.rebalance_calm_ms
-                or self.switchovers or self.migrations or self.patching
                 or (self._rebalanced_ms is not None and now_ms - self._rebalanced_ms < gap)):
             return []
         self._rebalanced_ms = now_ms
@@ -360,6 +369,10 @@ class Redundancy(CoreState):
                         return self._rebalance_move(source, most, most - 1, service.name,
                                                     target)
         return []
+
+    def rebalance_ended(self, completed: bool) -> None:
+        """A rebalance's switchover completed, or was abandoned (the next waits longer)."""
+        self._rebalance_failures = 0 if completed else self._rebalance_failures + 1
 
     def _move_from(self, source: str, have_max: int, fewest: int,
                    disk_ok: dict[str, bool]) -> tuple[int, str, str] | None:
