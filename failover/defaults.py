@@ -213,6 +213,11 @@ PLACEMENT_POLICY = "worst-fit"  # first-fit, best-fit or worst-fit (failover.cor
 # the rest wait for a slot, so rebuilds (each a log replay or a snapshot streamed by a live
 # primary) never starve live traffic.
 REBUILD_CONCURRENCY_MAX = 32
+# A failover in sync mode passes over an in-sync duplica whose state trails its log by more
+# than this many entries (it is replaying its log after a restart; about 25 ms of replay)
+# when another candidate is ready: the new primary answers no write before it has applied
+# everything.
+PROMOTE_REPLAY_LAG_ENTRIES_MAX = 5_000
 # Background rebalance of primaries (switchovers to hosts with fewer): one at a time, at
 # most one started per REBALANCE_GAP_MS (0: never), and none until REBALANCE_CALM_MS have
 # passed with no failover in progress (a storm settles first).
