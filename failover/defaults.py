@@ -85,6 +85,10 @@ LINK_BACKOFF_MIN_MS = 20
 # crashed agent's child is back within about a second, and a link that waited up to a second
 # more made its primary's writes wait for its in-sync duplica as long.
 LINK_BACKOFF_MAX_MS = 250
+# A new primary's probe that a duplica refused because its own assignment naming that
+# primary has not arrived yet is sent again this soon (at the next tick after it), not a
+# keepalive period later.
+REFUSED_PROBE_RETRY_MS = 20
 CLIENT_BACKOFF_MIN_MS = 5
 CLIENT_BACKOFF_MAX_MS = 250
 

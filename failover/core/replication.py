@@ -233,7 +233,13 @@ class PrimaryReplication:
             return [StepDown(ack.epoch)]
         if ack.epoch < self.epoch:
             # A late answer to a message an earlier core of this replica sent (the duplica
-            # answers with the epoch it then had): it says nothing about this epoch.
+            # answers with the epoch it then had): it says nothing about this epoch. Or a
+            # duplica whose own assignment naming this primary has not arrived yet refused
+            # our probe: probe it again at the next tick, not after a whole keepalive period
+            # (the first write after a crash failover waited 100 ms more for it).
+            if ack.status == "not_primary" and peer.state == PeerState.PROBING:
+                retry_ms = now_ms - self.limits.keepalive_ms + defaults.REFUSED_PROBE_RETRY_MS
+                peer.last_send_ms = min(peer.last_send_ms, retry_ms)
             return []
         if ack.status == "ok":
             return self._on_ok(peer, ack)

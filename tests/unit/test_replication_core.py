@@ -319,3 +319,20 @@ def test_a_streaming_duplica_behind_a_compaction_gets_a_snapshot_not_a_batch_of_
     c.run(actions)
     c.write(3)
     assert c.dlogs["b"].last == c.plog.last == 13
+
+
+def test_a_probe_refused_by_a_duplica_not_yet_told_of_this_primary_is_sent_again_soon() -> None:
+    """A new primary's links come up before the coordinator's assignment reaches its
+    duplicas: a duplica refuses the probe ("not_primary", at its older epoch). The primary
+    used to ignore that answer as a late one and probe again a keepalive period later, and
+    the first write after a crash failover waited for it (169 ms where 40 is usual)."""
+    limits = ShipLimits(keepalive_ms=100)
+    p = PrimaryReplication(2, Mode.SYNC, ["b"], {"b"}, LogInfo(1, 0, 0, ()), limits)
+    (probe,) = p.link_up("b", 1_000)
+    assert isinstance(probe, SendProbe)
+    assert p.ack("b", AckView("not_primary", 1), 1_005) == []
+    assert p.tick(1_010) == []  # not at once: the duplica's assignment is on its way
+    assert [type(a) for a in p.tick(1_030)] == [SendProbe]
+    # A refusal of another kind at an older epoch is still a late answer: nothing sooner.
+    assert p.ack("b", AckView("stale_epoch", 1), 1_035) == []
+    assert p.tick(1_060) == []
