@@ -40,6 +40,10 @@ NEWER_EPOCH_WAIT_MS = 500
 # Threads that write replicas' meta files (role and epoch, two fsyncs each): a failover
 # promotes every primary a dead host held at once, and their writes overlap up to this.
 META_WRITE_THREADS = 8
+# A replica being closed waits this long at most for its meta writes to land (a step-down
+# taken ahead of the disk); past it, it closes all the same: a stopped process restarted from
+# the older meta serves nothing until the coordinator confirms it.
+META_CLOSE_WAIT_MS = 2000
 
 # Write-ahead log.
 WAL_SEGMENT_BYTES_MAX = 64 << 20

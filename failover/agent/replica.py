@@ -272,7 +272,12 @@ class Replica:
 
     async def close(self) -> None:
         self.closed = True
-        await self._meta_file.flushed()  # a step-down taken in memory reaches the disk
+        try:  # a step-down taken in memory reaches the disk, unless the disk hangs
+            async with asyncio.timeout(defaults.META_CLOSE_WAIT_MS / 1000):
+                await self._meta_file.flushed()
+        except TimeoutError:
+            log.warning("%s: closed with its meta write still on the disk after %d ms",
+                        self.service, defaults.META_CLOSE_WAIT_MS)
         self._fail_waiters(Unavailable(f"replica {self.service!r} is shutting down"))
         self.core.closed()
         for task in (self._writer, self._snapshot_task, self._applier):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from failover import defaults
 from failover.agent.host import Agent
 from failover.agent.meta_writer import MetaWriter
 from failover.agent.replica import Replica
@@ -22,6 +23,21 @@ from failover.storage.atomic import write_atomic
 from tests.unit.inprocess import UNREACHABLE, until
 
 WRITE_S = 0.15
+LOOP_TURNS = 20
+
+
+class HeldWrites:
+    """Meta writes that start (`writing`) and then wait, on their thread, for `release`."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.writing = threading.Event()
+        self.release = threading.Event()
+        monkeypatch.setattr("failover.agent.meta_writer.write_atomic", self._write)
+
+    def _write(self, path: Path, data: bytes) -> None:
+        self.writing.set()
+        assert self.release.wait(5)
+        write_atomic(path, data)
 
 
 async def test_promotions_on_one_host_write_their_metas_side_by_side_off_the_loop(
@@ -66,24 +82,15 @@ async def test_a_step_down_while_an_assignment_is_written_is_not_undone(
 ) -> None:
     replica = await agent.assign_role("kv1", "kv", "primary", 1, "sync", None,
                                       {"b": UNREACHABLE}, {"b"})
-    release = threading.Event()
-    writing = threading.Event()
-    real = write_atomic
-
-    def held(path: Path, data: bytes) -> None:
-        writing.set()
-        assert release.wait(5)
-        real(path, data)
-
-    monkeypatch.setattr("failover.agent.meta_writer.write_atomic", held)
+    held = HeldWrites(monkeypatch)
     # The coordinator drops b from the in-sync set; its write is on the disk when a
     # duplica's answer shows epoch 3 (the step-down a tick or an ack makes).
     assign = asyncio.create_task(agent.assign_role("kv1", "kv", "primary", 1, "sync", None,
                                                    {"b": UNREACHABLE}, set()))
-    await until(writing.is_set)
+    await until(held.writing.is_set)
     replica.step_down(3, "a duplica holds a newer epoch")
     assert (replica.role, replica.epoch) == ("duplica", 3)  # taken at once: it gives up
-    release.set()
+    held.release.set()
     with pytest.raises(StaleEpochError):
         await assign  # decided again from the meta as it now stands: older, refused
     await replica.meta_flushed()
@@ -97,23 +104,35 @@ async def test_a_shipped_item_waits_for_a_step_down_still_being_written(
 ) -> None:
     replica = await agent.assign_role("kv1", "kv", "primary", 1, "sync", None,
                                       {"b": UNREACHABLE}, {"b"})
-    release = threading.Event()
-    real = write_atomic
-
-    def held(path: Path, data: bytes) -> None:
-        assert release.wait(5)
-        real(path, data)
-
-    monkeypatch.setattr("failover.agent.meta_writer.write_atomic", held)
+    held = HeldWrites(monkeypatch)
     replica.step_down(2, "the coordinator asked")
+    await until(held.writing.is_set)
     # The new primary's probe: a duplica whose memory runs ahead of its disk takes nothing.
     probe = asyncio.create_task(replica.receive_probe(2))
-    await asyncio.sleep(0.05)
+    for _ in range(LOOP_TURNS):  # more than a probe needs to be answered
+        await asyncio.sleep(0)
     assert not probe.done()
-    release.set()
+    held.release.set()
     answer = await asyncio.wait_for(probe, 5)
     assert answer["epoch"] == 2
     assert Replica.load_meta(replica.root).epoch == 2
+
+
+async def test_closing_waits_for_a_meta_write_only_so_long(
+    agent: Agent, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    replica = await agent.assign_role("kv1", "kv", "primary", 1, "sync", None,
+                                      {"b": UNREACHABLE}, {"b"})
+    held = HeldWrites(monkeypatch)
+    monkeypatch.setattr(defaults, "META_CLOSE_WAIT_MS", 100)
+    replica.step_down(2, "the coordinator asked")
+    await until(held.writing.is_set)
+    del agent.replicas["kv1"]
+    try:
+        await asyncio.wait_for(replica.close(), 2)  # a hung disk does not hang shutdown
+    finally:
+        held.release.set()
+    assert replica.closed
 
 
 async def test_the_writer_writes_in_order_supersedes_waiting_writes_and_rewrites_after_failure(
