@@ -46,7 +46,7 @@ class Detector(CoreState):
             if live.alive and self.silent_ms(live, now_ms) > timeout:
                 live.alive = False
                 self._attend_host(host_id)  # none of its replicas is good now
-                actions.extend(self._host_suspected(host_id))
+                actions.extend(self._host_suspected(host_id, now_ms))
             if (not live.alive and not live.dead
                     and self.silent_ms(live, now_ms) > self.timing.host_dead_ms):
                 live.dead = True
@@ -247,7 +247,7 @@ class Detector(CoreState):
         if live.alive:
             live.alive = False
             self._attend_host(host_id)
-            actions.extend(self._host_suspected(host_id))
+            actions.extend(self._host_suspected(host_id, now_ms))
         for service in self._holding(host_id):
             if service.primary != host_id:
                 continue

@@ -233,6 +233,11 @@ class Membership(CoreState):
                 if report.role != PRIMARY:
                     actions.extend(self._beat(service, host_id, report, now_ms, leases))
                     continue
+                for member in service.in_sync:
+                    member_live = self.live.get(member)
+                    if member_live is not None and not member_live.alive:
+                        actions.extend(self._shrink_silent_members(service))
+                        break
                 # Its durable index and how fast it grows: the bound of its duplicas'
                 # matched indexes (`_matched`).
                 rate = 0.0
@@ -532,13 +537,39 @@ class Membership(CoreState):
         """Thresholds were the old primary's durable index: a new primary sets its own."""
         self._promotable_at.pop(service, None)
 
-    def _host_suspected(self, host_id: str) -> list[Action]:
+    def _host_suspected(self, host_id: str, now_ms: int) -> list[Action]:
         """A silent host leaves the in-sync sets it is in (its primaries are handled by the
-        failover check in `tick`)."""
+        failover check in `tick`), of the services whose primary the coordinator still
+        hears. A shrink only matters once the primary is told (it then acknowledges writes
+        without the member), and a primary gone silent too cannot be told; but the member,
+        once out, could no longer be promoted, although it holds every write that primary
+        acknowledged. When a loaded coordinator heard neither in time (storm: a duplica's
+        late heartbeat and its primary's death, in one tick), that left the service with no
+        primary at all. Such a member leaves when its primary is heard again while it is
+        still silent (`_shrink_silent_members`)."""
         actions: list[Action] = []
         for service in self._holding(host_id):
-            if host_id in service.in_sync and service.primary != host_id:
+            if (host_id in service.in_sync and service.primary != host_id
+                    and self._heard(service.primary, now_ms)):
                 actions.extend(self._shrink_in_sync(service, host_id, "stopped heartbeating"))
+        return actions
+
+    def _heard(self, host_id: str, now_ms: int) -> bool:
+        """Whether `host_id` is live and heard within the failure timeout at `now_ms` (not
+        only `alive`: the tick may not have looked at it yet)."""
+        live = self.live.get(host_id)
+        return (live is not None and live.alive
+                and self.silent_ms(live, now_ms) <= self.timing.failure_timeout_ms)
+
+    def _shrink_silent_members(self, service: ServiceInfo) -> list[Action]:
+        """The in-sync members of `service` whose hosts are silent leave the set: its
+        primary is heard (it just beat), and was not when they went silent
+        (`_host_suspected`)."""
+        actions: list[Action] = []
+        for host in list(service.in_sync):
+            live = self.live.get(host)
+            if host != service.primary and live is not None and not live.alive:
+                actions.extend(self._shrink_in_sync(service, host, "stopped heartbeating"))
         return actions
 
     # --- in-sync set ------------------------------------------------------------------------

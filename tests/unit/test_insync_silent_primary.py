@@ -1,0 +1,107 @@
+"""A duplica leaves the in-sync set for silence only while the coordinator hears its primary
+(`Membership._host_suspected`): a shrink takes effect when the primary is told, a silent
+primary cannot be told, and a member taken out could no longer be promoted although it holds
+every write that primary acknowledged. The storm benchmark (issue 14) lost 9 of 30 services
+this way: a loaded coordinator heard neither a duplica's late heartbeat nor its killed primary
+in time, took the duplica out in the same tick, and then had nobody to promote."""
+
+from __future__ import annotations
+
+from failover.core.coordinator import (
+    AskHearsPrimary,
+    AssignRole,
+    CoordinatorCore,
+    HearsAnswer,
+    HostInfo,
+    Persist,
+    ReplicaReport,
+    Timing,
+)
+from tests.unit.test_coordinator_scale import METRICS
+
+
+class Pair:
+    """One core, two hosts and one sync service of two replicas, in sync and promotable."""
+
+    def __init__(self) -> None:
+        self.core = CoordinatorCore(Timing())
+        self.now = 1_000
+        for host in ("h1", "h2"):
+            self.core.register(HostInfo(host, f"{host}:1"), self.now, METRICS)
+        self.core.create_service("s", "kv", 2, "sync", self.now)
+        self.service = self.core.services["s"]
+        self.primary = self.service.primary
+        self.duplica = self.service.duplicas()[0]
+        self.beat(self.primary)
+        self.beat(self.duplica)
+        assert self.service.in_sync == [self.duplica]
+        assert self.service.promotable == [self.duplica]
+
+    def beat(self, host: str, index: int = 10) -> list:
+        s = self.service
+        if host == s.primary:
+            report = ReplicaReport("s", "primary", s.epoch, index, index, index,
+                                   matched_index=index, in_sync=tuple(s.in_sync),
+                                   in_sync_generation=s.in_sync_generation)
+        else:
+            report = ReplicaReport("s", s.replicas[host], s.epoch, index, index, index,
+                                   matched_index=index)
+        _leases, actions = self.core.heartbeat(host, METRICS, [report], self.now)
+        return actions
+
+    def silence(self) -> list:
+        """Time passes beyond the failure timeout with no heartbeat from anyone."""
+        self.now += self.core.timing.failure_timeout_ms + 1
+        return self.core.tick(self.now)
+
+
+def left_in_sync(actions: list) -> list[str]:
+    return [row[2] for a in actions if isinstance(a, Persist) for row in a.history
+            if row[1] == "in_sync" and "left" in row[2]]
+
+
+def test_a_duplica_silent_with_its_primary_stays_promotable_and_is_promoted() -> None:
+    pair = Pair()
+    actions = pair.silence()
+    assert left_in_sync(actions) == []
+    assert pair.service.in_sync == [pair.duplica]
+    assert pair.service.promotable == [pair.duplica]
+    # Asked then, the duplica did not answer in time: no failover yet.
+    first = [a for a in actions if isinstance(a, AskHearsPrimary)]
+    assert [a.service for a in first] == ["s"]
+    pair.core.hears_primary("s", [HearsAnswer(pair.duplica, False, False, 0, 0)], pair.now)
+    assert pair.service.primary == pair.primary
+    # The duplica was only late; its primary is really gone.
+    pair.now += 50
+    pair.beat(pair.duplica)
+    pair.now += pair.core.timing.failure_timeout_ms
+    asks = [a for a in pair.core.tick(pair.now) if isinstance(a, AskHearsPrimary)]
+    assert [a.service for a in asks] == ["s"]
+    assert pair.duplica in asks[0].hosts
+    promoted = pair.core.hears_primary(
+        "s", [HearsAnswer(pair.duplica, True, False, 10, pair.service.epoch)], pair.now)
+    promoted += pair.core.tick(pair.now + pair.core.timing.lease_ms * 2)
+    assert pair.service.primary == pair.duplica, promoted
+
+
+def test_a_silent_duplica_leaves_once_its_primary_is_heard_again() -> None:
+    pair = Pair()
+    pair.silence()
+    assert pair.service.in_sync == [pair.duplica]
+    # The primary comes back, the duplica stays silent: now it leaves, and the primary is
+    # told its new set.
+    actions = pair.beat(pair.primary)
+    assert len(left_in_sync(actions)) == 1
+    assert pair.service.in_sync == []
+    assert pair.service.promotable == []
+    assert any(isinstance(a, AssignRole) and a.host_id == pair.primary for a in actions)
+
+
+def test_a_silent_duplica_of_a_heard_primary_leaves_at_once() -> None:
+    pair = Pair()
+    pair.now += pair.core.timing.failure_timeout_ms + 1
+    pair.beat(pair.primary)
+    actions = pair.core.tick(pair.now)
+    assert len(left_in_sync(actions)) == 1
+    assert pair.service.in_sync == []
+    assert any(isinstance(a, AssignRole) and a.host_id == pair.primary for a in actions)
