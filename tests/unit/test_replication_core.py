@@ -336,3 +336,35 @@ def test_a_probe_refused_by_a_duplica_not_yet_told_of_this_primary_is_sent_again
     # A refusal of another kind at an older epoch is still a late answer: nothing sooner.
     assert p.ack("b", AckView("stale_epoch", 1), 1_035) == []
     assert p.tick(1_060) == []
+
+
+def test_keepalives_of_idle_replica_sets_go_out_together_once_per_period() -> None:
+    """Each replica set used to send its keepalive a period after its own last send, so a
+    host's idle sets spread over the period and its link carried one message per tick to
+    each peer; per-message gRPC work was a fifth of an agent's CPU at rest (60 replicas).
+    On the period's grid they all go in one tick, and each still sends at least once a
+    period and a tick (duplicas hear the primary within two periods)."""
+    period_ms, tick_ms = 100, 25
+    limits = ShipLimits(keepalive_ms=period_ms)
+    sets = []
+    for start_ms in (1_003, 1_031, 1_058, 1_086):  # links up at four phases of the period
+        c = Cluster(limits=limits)
+        c.now = start_ms
+        c.run(c.primary.link_up("b", start_ms))
+        c.run(c.primary.link_up("c", start_ms))
+        c.write(2)
+        sets.append(c)
+    sent_at: dict[int, list[int]] = {i: [] for i in range(len(sets))}
+    for now in range(1_100, 2_100, tick_ms):
+        for i, c in enumerate(sets):
+            c.now = now
+            actions = c.primary.tick(now)
+            if actions:
+                assert all(isinstance(a, SendBatch) and a.entries_max == 0 for a in actions)
+                sent_at[i].append(now)
+            c.run(actions)
+    # Every set sends in the same ticks: the first of each period.
+    assert len({tuple(times) for times in sent_at.values()}) == 1
+    times = sent_at[0]
+    assert times == [t for t in range(1_100, 2_100, tick_ms) if t % period_ms < tick_ms]
+    assert all(b - a <= period_ms + tick_ms for a, b in zip(times, times[1:], strict=False))
