@@ -336,11 +336,16 @@ class Membership(CoreState):
                 actions.extend(self._shrink_in_sync(service, host_id, (
                     f"it cannot read its own snapshot or log: {report.broken}")))
             return actions
+        lags = report.in_sync_lag_ms
         if wanted == PRIMARY and report.in_sync is not None and not (
                 # Nothing to change (it reports the current set, every member has its
-                # threshold, none lags, every promotable member is counted): the rules
-                # would keep everything as it is.
-                not report.in_sync_lag_ms and self._counts_all(service)):
+                # threshold, none lags past `insync_lag_ms`, every promotable member is
+                # counted): the rules would keep everything as it is. A primary reports
+                # every member's lag, 0 when it holds everything: taking any report of lags
+                # as a change sent every primary's every heartbeat through these rules (and
+                # `heartbeat`'s short way never held for a primary).
+                (not lags or max(lags.values()) <= self.timing.insync_lag_ms)
+                and self._counts_all(service)):
             actions.extend(self._count_members(service, report))
         if (wanted != PRIMARY and report.disk_full and host_id in service.in_sync
                 and self._may_leave_in_sync(name, host_id)):
