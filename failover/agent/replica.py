@@ -147,6 +147,7 @@ class Replica:
         self._snapshot_task: asyncio.Task[None] | None = None
         self._applier: asyncio.Task[None] | None = None
         self._last_snapshot_index = 0
+        self._snapshot_bytes = 0  # the state's size at the last snapshot (`snapshot_due_entries`)
         # A migration's auto-converge delays each write.
         self.write_throttle_ms = 0.0
         self.closed = False
@@ -917,12 +918,18 @@ class Replica:
 
     def _maybe_snapshot(self) -> None:
         every = self.agent.config.snapshot_every_entries
-        if (
-            every
-            and self.sm.applied_index - self._last_snapshot_index >= every
-            and (self._snapshot_task is None or self._snapshot_task.done())
-        ):
+        if not every or (self._snapshot_task is not None and not self._snapshot_task.done()):
+            return
+        if self.sm.applied_index - self._last_snapshot_index >= self.snapshot_due_entries():
             self._snapshot_task = self.agent.spawn(self._snapshot_and_compact())
+
+    def snapshot_due_entries(self) -> int:
+        """Applied entries after which the next snapshot is taken: as many as the last
+        snapshot's bytes over `SNAPSHOT_STATE_BYTES_PER_ENTRY` (replaying them costs about
+        what writing it does), within `SNAPSHOT_MIN_ENTRIES` and `snapshot_every_entries`."""
+        every = self.agent.config.snapshot_every_entries
+        by_size = self._snapshot_bytes // defaults.SNAPSHOT_STATE_BYTES_PER_ENTRY
+        return min(every, max(defaults.SNAPSHOT_MIN_ENTRIES, by_size))
 
     async def _snapshot_and_compact(self) -> None:
         await self.take_snapshot()
@@ -935,6 +942,7 @@ class Replica:
         header = self.state.header(sm, self.meta.kind, self.wal.epoch_history)
         # The chunks are taken now, while no entry can be applied in between.
         chunks = list(sm.snapshot())
+        self._snapshot_bytes = sum(len(chunk) for chunk in chunks)
         loop = asyncio.get_running_loop()
         path = await loop.run_in_executor(self.agent.io, self.snapshots.save, header, chunks)
         self._last_snapshot_index = max(self._last_snapshot_index, index)

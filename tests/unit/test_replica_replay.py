@@ -74,17 +74,24 @@ async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
     await agent.stop()
 
 
-async def test_a_restarted_primary_replays_its_log_in_batches(tmp_path: Path) -> None:
-    agent = Agent(_config(tmp_path))
+async def log_to_replay(config: AgentConfig, logged: list[Entry]) -> None:
+    """Leaves primary kv1 at epoch 1 with `logged` after its barrier in its log, unapplied:
+    an agent started on `config` next replays them."""
+    agent = Agent(config)
     await agent.start()
     try:
         await agent.assign_role("kv1", "kv", "primary", 1, "sync", None, {}, set())
         await _until(lambda: agent.replicas["kv1"].sm.applied_index >= 1)
     finally:
         await agent.stop()
-    logged = _requests(2, 3 * defaults.APPLY_READ_ENTRIES + 50, 1)
-    with WriteAheadLog.open(tmp_path / "replicas" / "kv1" / "wal", fsync_policy="never") as log:
+    wal = config.data_dir / "replicas" / "kv1" / "wal"
+    with WriteAheadLog.open(wal, fsync_policy="never") as log:
         log.append(logged)
+
+
+async def test_a_restarted_primary_replays_its_log_in_batches(tmp_path: Path) -> None:
+    logged = _requests(2, 3 * defaults.APPLY_READ_ENTRIES + 50, 1)
+    await log_to_replay(_config(tmp_path), logged)
     agent = Agent(_config(tmp_path))
     await agent.start()
     try:
