@@ -527,6 +527,8 @@ class Coordinator:
             for host_id, address in action.hosts.items():
                 by_host.setdefault((host_id, address), []).append(action.service)
 
+        asked_ms = monotonic_ms()
+
         async def ask_host(host_id: str, address: str,
                            services: list[str]) -> dict[str, HearsAnswer]:
             caller = self._caller(host_id, address)
@@ -534,7 +536,8 @@ class Coordinator:
             try:
                 reply = await caller.stub.HearsPrimary(
                     agent_pb2.HearsPrimaryRequest(services=services),
-                    timeout=HEARS_PRIMARY_TIMEOUT_S, metadata=caller.metadata)
+                    timeout=self.core.hears_timeout_ms(host_id, asked_ms) / 1000,
+                    metadata=caller.metadata)
             except grpc.aio.AioRpcError:
                 return {}
             # The matched index, not the durable one: the promoted duplica must hold every

@@ -187,7 +187,6 @@ LINK_BACKOFF_MIN_MS = defaults.LINK_BACKOFF_MIN_MS
 LINK_BACKOFF_MAX_MS = defaults.LINK_BACKOFF_MAX_MS
 CLIENT_BACKOFF_MIN_MS = defaults.CLIENT_BACKOFF_MIN_MS
 CLIENT_BACKOFF_MAX_MS = defaults.CLIENT_BACKOFF_MAX_MS
-HEARS_TIMEOUT_MS = 200
 SWITCHOVER_TIMEOUT_MS = 5000
 COORD = "coord"
 
@@ -2161,15 +2160,22 @@ class SimCoordinator:
 
     def _ask(self, action: AskHearsPrimary) -> None:
         token = self._token()
-        self._asks[token] = {"action": action, "answers": {}}
+        assert self.core is not None
+        # Each host's answer is awaited as the real coordinator awaits it (the core's
+        # `hears_timeout_ms`: longer for a host it still hears); the round ends with the last.
+        deadlines = {h: self.now + self.core.hears_timeout_ms(h, self.now) for h in action.hosts}
+        self._asks[token] = {"action": action, "answers": {}, "deadlines": deadlines}
         for host in action.hosts:
             self.c.net.send(COORD, host, self.c.agents[host].on_hears, token, action.service)
-        self.k.after(HEARS_TIMEOUT_MS, self._ask_done, token)
+        self.k.after(max(deadlines.values(), default=self.now) - self.now, self._ask_done,
+                     token)
 
     def on_hears_answer(self, token: tuple[int, int], answer: HearsAnswer) -> None:
         ask = self._asks.get(token)
         if ask is None or not self.up:
             return
+        if self.now > ask["deadlines"].get(answer.host_id, self.now):
+            return  # past its call's deadline: the real call failed with DEADLINE_EXCEEDED
         ask["answers"][answer.host_id] = answer
         if len(ask["answers"]) == len(ask["action"].hosts):
             self._ask_done(token)
