@@ -184,7 +184,8 @@ def test_a_report_promotes_only_a_promotable_in_sync_duplica() -> None:
     c.now += c.core.timing.failure_timeout_ms + 1
     c.beat(c.primary)
     c.beat(fresh)
-    c.core.tick(c.now)  # `stale` went silent: it leaves the in-sync set
+    c.core.tick(c.now)  # `stale` went silent
+    c.beat(c.primary)  # ... and leaves the in-sync set as its primary beats
     assert stale not in c.service.in_sync
     c.beat(stale)
     (ask,) = asks(c.report(c.primary, 1))

@@ -1,9 +1,11 @@
-"""A duplica leaves the in-sync set for silence only while the coordinator hears its primary
-(`Membership._host_suspected`): a shrink takes effect when the primary is told, a silent
-primary cannot be told, and a member taken out could no longer be promoted although it holds
-every write that primary acknowledged. The storm benchmark (issue 14) lost 9 of 30 services
-this way: a loaded coordinator heard neither a duplica's late heartbeat nor its killed primary
-in time, took the duplica out in the same tick, and then had nobody to promote."""
+"""A duplica leaves the in-sync set for silence only as its primary beats
+(`Membership._shrink_silent_members`): a shrink takes effect when the primary is told, a
+silent primary cannot be told, and a member taken out could no longer be promoted although it
+holds every write that primary acknowledged. The storm benchmark (issue 14) lost 9 of 30
+services this way: a loaded coordinator heard neither a duplica's late heartbeat nor its
+killed primary in time, took the duplica out in the same tick, and then had nobody to
+promote; with the tick waiting for the primary's own silence too, 1 of 30, as the two
+silences crossed the timeout milliseconds apart."""
 
 from __future__ import annotations
 
@@ -99,11 +101,17 @@ def test_a_silent_duplica_leaves_once_its_primary_is_heard_again() -> None:
     assert any(isinstance(a, AssignRole) and a.host_id == pair.primary for a in actions)
 
 
-def test_a_silent_duplica_of_a_heard_primary_leaves_at_once() -> None:
+def test_a_silent_duplica_of_a_live_primary_leaves_as_the_primary_beats() -> None:
     pair = Pair()
     pair.now += pair.core.timing.failure_timeout_ms + 1
     pair.beat(pair.primary)
-    actions = pair.core.tick(pair.now)
+    # Not at the tick that finds it silent, even though its primary was just heard: the
+    # primary could have died since (their silences crossed the timeout a few ms apart).
+    assert left_in_sync(pair.core.tick(pair.now)) == []
+    assert pair.service.in_sync == [pair.duplica]
+    # The primary's next beat shows it alive: the member leaves, and the primary is told.
+    pair.now += 20
+    actions = pair.beat(pair.primary)
     assert len(left_in_sync(actions)) == 1
     assert pair.service.in_sync == []
     assert any(isinstance(a, AssignRole) and a.host_id == pair.primary for a in actions)
@@ -132,3 +140,15 @@ def test_a_primary_reporting_no_lag_takes_the_short_way_from_its_second_beat() -
     finally:
         Membership._beat = original  # type: ignore[method-assign]
     assert len(full) <= 1, full  # the first may set what the next ones compare with
+
+
+def test_a_duplica_silent_just_before_its_dying_primary_stays_promotable() -> None:
+    """The sub-case the first fix missed: the primary's last beat came 100 ms after the
+    duplica's, so when the duplica's silence crossed the timeout the primary still counted
+    as heard, although it had died meanwhile."""
+    pair = Pair()
+    pair.now += 100
+    pair.beat(pair.primary)  # its last beat
+    pair.now += pair.core.timing.failure_timeout_ms - 99  # the duplica is past the timeout
+    assert left_in_sync(pair.core.tick(pair.now)) == []
+    assert pair.service.in_sync == pair.service.promotable == [pair.duplica]

@@ -45,8 +45,9 @@ class Detector(CoreState):
         for host_id, live in self.live.items():
             if live.alive and self.silent_ms(live, now_ms) > timeout:
                 live.alive = False
-                self._attend_host(host_id)  # none of its replicas is good now
-                actions.extend(self._host_suspected(host_id, now_ms))
+                # None of its replicas is good now. Its duplicas leave the in-sync sets as
+                # their primaries beat (`Membership._shrink_silent_members`).
+                self._attend_host(host_id)
             if (not live.alive and not live.dead
                     and self.silent_ms(live, now_ms) > self.timing.host_dead_ms):
                 live.dead = True
@@ -259,8 +260,7 @@ class Detector(CoreState):
             {"host_id": host_id, "incarnation": incarnation, "exit_code": exit_code}),))]
         if live.alive:
             live.alive = False
-            self._attend_host(host_id)
-            actions.extend(self._host_suspected(host_id, now_ms))
+            self._attend_host(host_id)  # its duplicas leave as their primaries beat
         for service in self._holding(host_id):
             if service.primary != host_id:
                 continue

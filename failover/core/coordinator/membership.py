@@ -542,34 +542,17 @@ class Membership(CoreState):
         """Thresholds were the old primary's durable index: a new primary sets its own."""
         self._promotable_at.pop(service, None)
 
-    def _host_suspected(self, host_id: str, now_ms: int) -> list[Action]:
-        """A silent host leaves the in-sync sets it is in (its primaries are handled by the
-        failover check in `tick`), of the services whose primary the coordinator still
-        hears. A shrink only matters once the primary is told (it then acknowledges writes
-        without the member), and a primary gone silent too cannot be told; but the member,
-        once out, could no longer be promoted, although it holds every write that primary
-        acknowledged. When a loaded coordinator heard neither in time (storm: a duplica's
-        late heartbeat and its primary's death, in one tick), that left the service with no
-        primary at all. Such a member leaves when its primary is heard again while it is
-        still silent (`_shrink_silent_members`)."""
-        actions: list[Action] = []
-        for service in self._holding(host_id):
-            if (host_id in service.in_sync and service.primary != host_id
-                    and self._heard(service.primary, now_ms)):
-                actions.extend(self._shrink_in_sync(service, host_id, "stopped heartbeating"))
-        return actions
-
-    def _heard(self, host_id: str, now_ms: int) -> bool:
-        """Whether `host_id` is live and heard within the failure timeout at `now_ms` (not
-        only `alive`: the tick may not have looked at it yet)."""
-        live = self.live.get(host_id)
-        return (live is not None and live.alive
-                and self.silent_ms(live, now_ms) <= self.timing.failure_timeout_ms)
-
     def _shrink_silent_members(self, service: ServiceInfo) -> list[Action]:
-        """The in-sync members of `service` whose hosts are silent leave the set: its
-        primary is heard (it just beat), and was not when they went silent
-        (`_host_suspected`)."""
+        """The in-sync members of `service` whose hosts are silent (suspected, or reported
+        exited) leave the set; called as its primary beats. A silent member leaves only
+        then, not when it goes silent: a shrink takes effect once the primary is told (it
+        then acknowledges writes without the member), and a member taken out can no longer
+        be promoted although it holds every write that primary acknowledged. Taken out at
+        the tick, a late duplica whose primary had just died left that service with nobody
+        to promote (storm: 9 of 30 services, and 1 when the tick waited for the primary's
+        own silence too, as their silences crossed the timeout milliseconds apart). The
+        primary's beat shows it alive a moment before the shrink is sent; sync writes wait
+        for a silent member at most a heartbeat more."""
         actions: list[Action] = []
         for host in list(service.in_sync):
             live = self.live.get(host)
