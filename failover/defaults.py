@@ -184,6 +184,8 @@ AGENT_CALL_TIMEOUT_MS = 2000
 # loops long enough for their heartbeats to be missed when 300 services were created on a
 # loaded machine. Assignments of replicas it holds (promotions) are not limited.
 AGENT_CREATES_IN_FLIGHT_MAX = 1
+# A HearsPrimary answer from a host the coordinator does not hear now; one it hears is waited
+# for as long as it would take to suspect it (`Detector.hears_timeout_ms`).
 HEARS_PRIMARY_TIMEOUT_MS = 200
 COORDINATOR_HOST_QUEUE_MAX = 10_000  # calls queued for one agent; more are dropped, logged
 # Control calls in flight to one agent at once, one per service (a host death promotes

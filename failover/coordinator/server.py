@@ -85,7 +85,6 @@ from failover.v1 import agent_pb2, coordinator_pb2
 
 log = logging.getLogger(__name__)
 
-HEARS_PRIMARY_TIMEOUT_S = defaults.HEARS_PRIMARY_TIMEOUT_MS / 1000
 # Progress messages of one operation waiting for its caller to read them.
 OPERATION_PROGRESS_MAX = 1024
 # Route deltas queued per watcher; one that falls further behind gets the whole table next.
