@@ -117,6 +117,15 @@ def _entry_answered(call: StreamCall, epoch: int,
     answer(call, (reply, reply.epoch != epoch, reply.epoch or epoch))
 
 
+def snapshot_due_entries(state_bytes: int, every_max: int) -> int:
+    """Applied entries after which a replica takes its next snapshot, for a state of about
+    `state_bytes`: as many as those bytes over `SNAPSHOT_STATE_BYTES_PER_ENTRY` (replaying
+    them costs about what writing the snapshot does), but no fewer than
+    `SNAPSHOT_MIN_ENTRIES` and no more than `every_max` (`snapshot_every_entries`)."""
+    by_size = state_bytes // defaults.SNAPSHOT_STATE_BYTES_PER_ENTRY
+    return min(every_max, max(defaults.SNAPSHOT_MIN_ENTRIES, by_size))
+
+
 class Replica:
     """A replica of one service on this host."""
 
@@ -147,7 +156,10 @@ class Replica:
         self._snapshot_task: asyncio.Task[None] | None = None
         self._applier: asyncio.Task[None] | None = None
         self._last_snapshot_index = 0
-        self._snapshot_bytes = 0  # the state's size at the last snapshot (`snapshot_due_entries`)
+        # The state's size at the newest snapshot and the payload applied since: what the
+        # next snapshot would write, about (`snapshot_due_entries`).
+        self._snapshot_bytes = 0
+        self._applied_bytes = 0
         # A migration's auto-converge delays each write.
         self.write_throttle_ms = 0.0
         self.closed = False
@@ -239,12 +251,12 @@ class Replica:
                 path = self.snapshots.latest()
                 assert path is not None and read_header(path).applied_index == state.applied_index
                 self.core.state_replaced(state)
-                self._last_snapshot_index = state.applied_index
+                self._snapshot_loaded(state.applied_index)
             else:
                 fresh = self.state.recover(self.wal.first_index)
                 if fresh is not None:
                     self.core.state_replaced(fresh)
-                    self._last_snapshot_index = fresh.applied_index
+                    self._snapshot_loaded(fresh.applied_index)
         except (StorageError, OSError) as exc:
             self.mark_broken(str(exc))
             return
@@ -913,6 +925,7 @@ class Replica:
                         future.set_result(reply)
             if core.applied(first, batch[-1].index):
                 self._notify_progress()  # reads held below the read floor may go on
+            self._applied_bytes += sum(len(entry.payload) for entry in batch)
             self._maybe_snapshot()
         return sm.applied_index < core.apply_limit(self.wal.durable_index)
 
@@ -920,16 +933,17 @@ class Replica:
         every = self.agent.config.snapshot_every_entries
         if not every or (self._snapshot_task is not None and not self._snapshot_task.done()):
             return
-        if self.sm.applied_index - self._last_snapshot_index >= self.snapshot_due_entries():
+        due = snapshot_due_entries(self._snapshot_bytes + self._applied_bytes, every)
+        if self.sm.applied_index - self._last_snapshot_index >= due:
             self._snapshot_task = self.agent.spawn(self._snapshot_and_compact())
 
-    def snapshot_due_entries(self) -> int:
-        """Applied entries after which the next snapshot is taken: as many as the last
-        snapshot's bytes over `SNAPSHOT_STATE_BYTES_PER_ENTRY` (replaying them costs about
-        what writing it does), within `SNAPSHOT_MIN_ENTRIES` and `snapshot_every_entries`."""
-        every = self.agent.config.snapshot_every_entries
-        by_size = self._snapshot_bytes // defaults.SNAPSHOT_STATE_BYTES_PER_ENTRY
-        return min(every, max(defaults.SNAPSHOT_MIN_ENTRIES, by_size))
+    def _snapshot_loaded(self, index: int) -> None:
+        """The state now is the newest snapshot's, at `index`: its file's size stands for
+        the state's until the next snapshot measures it."""
+        self._last_snapshot_index = index
+        path = self.snapshots.latest()
+        self._snapshot_bytes = path.stat().st_size if path is not None else 0
+        self._applied_bytes = 0
 
     async def _snapshot_and_compact(self) -> None:
         await self.take_snapshot()
@@ -942,7 +956,7 @@ class Replica:
         header = self.state.header(sm, self.meta.kind, self.wal.epoch_history)
         # The chunks are taken now, while no entry can be applied in between.
         chunks = list(sm.snapshot())
-        self._snapshot_bytes = sum(len(chunk) for chunk in chunks)
+        self._snapshot_bytes, self._applied_bytes = sum(len(chunk) for chunk in chunks), 0
         loop = asyncio.get_running_loop()
         path = await loop.run_in_executor(self.agent.io, self.snapshots.save, header, chunks)
         self._last_snapshot_index = max(self._last_snapshot_index, index)
@@ -1035,7 +1049,7 @@ class Replica:
                         self.service, self.sm.applied_index, fresh.applied_index)
             # Swapped here, on the loop, so the applier never sees a half-replaced state.
             self.core.state_replaced(fresh)
-            self._last_snapshot_index = fresh.applied_index
+            self._snapshot_loaded(fresh.applied_index)
             self.kept.clear()
         dropped = await loop.run_in_executor(self.agent.io, self.wal.truncate_after, after_index)
         self.kept.cut_after(after_index)
@@ -1102,7 +1116,7 @@ class Replica:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.agent.io, self.state.install, self.wal, header, shipped,
                                    self.sm.applied_index)
-        self._last_snapshot_index = header.applied_index
+        self._snapshot_loaded(header.applied_index)
         self.kept.clear()
         self.core.snapshot_installed_here(fresh, header.applied_index, self._log_info())
 

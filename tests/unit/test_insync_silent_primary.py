@@ -64,6 +64,13 @@ def left_in_sync(actions: list) -> list[str]:
             if row[1] == "in_sync" and "left" in row[2]]
 
 
+def assert_left_and_told(pair: Pair, actions: list) -> None:
+    """The duplica left the in-sync set (no longer promotable), and its primary is told."""
+    assert len(left_in_sync(actions)) == 1
+    assert pair.service.in_sync == pair.service.promotable == []
+    assert any(isinstance(a, AssignRole) and a.host_id == pair.primary for a in actions)
+
+
 def test_a_duplica_silent_with_its_primary_stays_promotable_and_is_promoted() -> None:
     pair = Pair()
     actions = pair.silence()
@@ -95,10 +102,7 @@ def test_a_silent_duplica_leaves_once_its_primary_is_heard_again() -> None:
     # The primary comes back, the duplica stays silent: now it leaves, and the primary is
     # told its new set.
     actions = pair.beat(pair.primary)
-    assert len(left_in_sync(actions)) == 1
-    assert pair.service.in_sync == []
-    assert pair.service.promotable == []
-    assert any(isinstance(a, AssignRole) and a.host_id == pair.primary for a in actions)
+    assert_left_and_told(pair, actions)
 
 
 def test_a_silent_duplica_of_a_live_primary_leaves_as_the_primary_beats() -> None:
@@ -112,9 +116,7 @@ def test_a_silent_duplica_of_a_live_primary_leaves_as_the_primary_beats() -> Non
     # The primary's next beat shows it alive: the member leaves, and the primary is told.
     pair.now += 20
     actions = pair.beat(pair.primary)
-    assert len(left_in_sync(actions)) == 1
-    assert pair.service.in_sync == []
-    assert any(isinstance(a, AssignRole) and a.host_id == pair.primary for a in actions)
+    assert_left_and_told(pair, actions)
 
 
 def test_a_primary_reporting_no_lag_takes_the_short_way_from_its_second_beat() -> None:

@@ -233,11 +233,7 @@ class Membership(CoreState):
                 if report.role != PRIMARY:
                     actions.extend(self._beat(service, host_id, report, now_ms, leases))
                     continue
-                for member in service.in_sync:
-                    member_live = self.live.get(member)
-                    if member_live is not None and not member_live.alive:
-                        actions.extend(self._shrink_silent_members(service))
-                        break
+                actions.extend(self._shrink_silent_members(service))
                 # Its durable index and how fast it grows: the bound of its duplicas'
                 # matched indexes (`_matched`).
                 rate = 0.0
@@ -553,11 +549,13 @@ class Membership(CoreState):
         own silence too, as their silences crossed the timeout milliseconds apart). The
         primary's beat shows it alive a moment before the shrink is sent; sync writes wait
         for a silent member at most a heartbeat more."""
+        live = self.live
+        silent = [h for h in service.in_sync if h in live and not live[h].alive]
+        if not silent:
+            return []  # the common case, on every primary's every beat: nothing to do
         actions: list[Action] = []
-        for host in list(service.in_sync):
-            live = self.live.get(host)
-            if host != service.primary and live is not None and not live.alive:
-                actions.extend(self._shrink_in_sync(service, host, "stopped heartbeating"))
+        for host in silent:
+            actions.extend(self._shrink_in_sync(service, host, "stopped heartbeating"))
         return actions
 
     # --- in-sync set ------------------------------------------------------------------------
