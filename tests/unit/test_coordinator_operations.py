@@ -224,6 +224,37 @@ def test_a_migration_is_refused_before_anything_changes() -> None:
     assert d.core.migrations == {} and d.core.operations == {}
 
 
+def test_a_move_that_would_have_to_keep_its_source_is_refused() -> None:
+    """Found by sweep seed long/41 (with the prepare asked again): a service short of a
+    replica moved its primary to the one free host; the source, marked leaving, could never
+    be retired (nothing else could replace it), so the move waited out its deadline and the
+    service counted one replica short for good."""
+    d = ready(hosts=4)
+    d.broken[("h3", "s")] = "its snapshot does not read back"
+    d.beat("h3")
+    with pytest.raises(InvalidRequest, match="2 of its 3 replicas: the missing ones are "
+                                             "rebuilt first"):
+        d.core.start_migration("op", "s", "h4", d.now)
+    assert d.core.migrations == {} and d.core.operations == {}
+    assert d.core.services["s"].leaving == []
+
+
+def test_a_replica_lost_during_the_copy_is_replaced_by_it_and_the_source_stays() -> None:
+    d = ready(hosts=4)
+    s = d.core.services["s"]
+    d.run(d.core.start_migration("op", "s", "h4", d.now))
+    d.broken[("h3", "s")] = "its snapshot does not read back"
+    d.beat("h3")
+    actions = d.run(d.core.answer("op", Copied(True, {"pages": 10}), d.now))
+    [row] = [r for r in rows(actions) if r[1] == "migration"]
+    assert "h1 stays: s has 2 of its 3 replicas without it" in row[2]
+    assert row[3]["source_stays"] is True
+    [failed] = of(actions, Failed)
+    assert "the copy on h4 replaces it and h1 stays" in failed.why
+    assert s.replicas["h4"] == "building" and s.primary == "h1" and s.leaving == []
+    assert d.core.operations == {} and not of(actions, StartSwitchover)
+
+
 # --- patch --------------------------------------------------------------------------------
 
 

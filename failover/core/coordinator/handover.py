@@ -19,6 +19,7 @@ from failover.core.coordinator.model import (
     SERVICE_PREFIX,
     CoreState,
     HostLive,
+    ServiceInfo,
     hand_over,
     pack,
     set_in_sync,
@@ -69,7 +70,19 @@ class Handover(CoreState):
             source = from_host or duplicas[0]
         if not self.live.get(source, HostLive(0, False)).alive:
             raise InvalidRequest(f"the source {source} is not alive")
+        if self.source_stays(service, source):
+            counted = sum(1 for h in service.replicas if self._counts(service, h))
+            raise InvalidRequest(
+                f"{name} has {counted} of its {service.desired_replicas} replicas: the "
+                f"missing ones are rebuilt first (the move would have to keep {source}); try "
+                f"again once `failoverctl status` shows them all")
         return source
+
+    def source_stays(self, service: ServiceInfo, source: str) -> bool:
+        """Whether a move off `source` must keep it: without it, the replicas that count
+        and the move's target fall short of the desired number."""
+        others = sum(1 for h in service.replicas if h != source and self._counts(service, h))
+        return others + 1 < service.desired_replicas
 
     def migration_begin(self, name: str, source: str, target: str) -> None:
         self.migrations[name] = (source, target)
@@ -88,24 +101,33 @@ class Handover(CoreState):
         """The target holds a checked, durable copy (or, for a rebuild by replay, is to be
         built): it becomes a building replica, and the source is leaving. The rest is the
         usual machinery: the target catches up and joins the in-sync set, a leaving primary
-        is switched over, and the source is retired."""
+        is switched over, and the source is retired. Unless the service lost a replica
+        since the move began and is short even with the target: the target then replaces
+        the lost one and the source stays as it is (`source_stays`). Marked leaving, it
+        could never be retired (no replacement counts before it goes), nor a primary moved."""
         source, target = self.migrations.pop(name)
         service = self.services[name]
         assert target not in service.replicas, (name, target)
         service.replicas[target] = BUILDING
         self._track(service)
         self._building_since[(name, target)] = now_ms
-        if source in service.replicas and source not in service.leaving:
+        others = [h for h in service.replicas if h != source and self._counts(service, h)]
+        retire = source in service.replicas and source not in service.leaving and (
+            len(others) >= service.desired_replicas)  # the target is one of them now
+        if retire:
             service.leaving = sorted({*service.leaving, source})
-        if source == service.primary:
-            self._move_to[name] = target
+            if source == service.primary:
+                self._move_to[name] = target
         method = stats.get("method", "")
+        then = (f"then {source} is retired" if retire else
+                f"{source} stays: {name} has {len(others)} of its "
+                f"{service.desired_replicas} replicas without it")
         return [
             Persist({SERVICE_PREFIX + name: pack(service)}, history=((
                 name, "migration",
                 f"{name}: {method} copy from {source} to {target} done; {target} catches up, "
-                f"then {source} is retired",
-                {"source": source, "target": target, **stats}),)),
+                f"{then}",
+                {"source": source, "target": target, "source_stays": not retire, **stats}),)),
             *self._assignments(service),
         ]
 

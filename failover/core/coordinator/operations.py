@@ -374,7 +374,15 @@ class MigratePlan(Plan):
         self.stats = {**self.stats, **stats}
         self.state = "catching_up"
         self.deadline_ms = now_ms + defaults.MIGRATION_TIMEOUT_MS
-        return [*self.core.migration_complete(self.name, self.stats, now_ms),
+        actions = self.core.migration_complete(self.name, self.stats, now_ms)
+        service = self.core.services[self.name]
+        if self.source in service.replicas and self.source not in service.leaving:
+            # The service lost a replica meanwhile: the copy replaces it, the source stays.
+            self.state = "aborted"
+            return [*actions, self._failed(
+                f"migration of {self.name} to {self.to_host}: {self.name} lost a replica "
+                f"meanwhile; the copy on {self.to_host} replaces it and {self.source} stays")]
+        return [*actions,
                 Progress(self.op_id, "catching_up", f"{self.to_host} catches up from the log")]
 
     def _abort(self, why: str) -> list[Action]:
