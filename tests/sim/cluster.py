@@ -189,6 +189,8 @@ CLIENT_BACKOFF_MIN_MS = defaults.CLIENT_BACKOFF_MIN_MS
 CLIENT_BACKOFF_MAX_MS = defaults.CLIENT_BACKOFF_MAX_MS
 SWITCHOVER_TIMEOUT_MS = 5000
 COORD = "coord"
+# A prepare call: (the coordinator's incarnation, its operation, the call's number).
+CallToken = tuple[int, str, int]
 
 
 class InvariantViolation(AssertionError):
@@ -1454,7 +1456,7 @@ class SimReplica:
             duplicas=tuple(s["duplicas"]) if primary else None)
 
     def prepare_switchover(self, epoch: int, target: str, timeout_ms: int,
-                           token: tuple[int, str], switchover_id: str) -> str | None:
+                           token: CallToken, switchover_id: str) -> str | None:
         """Holds reads and writes until target has everything; None while waiting
         (answered later), else the refusal. `token` names the call (the coordinator's
         incarnation and operation), for the answer."""
@@ -1503,7 +1505,7 @@ class SimReplica:
             self._run(self.core.switchover_prepared(self.agent.now))
             self.agent.switchover_answer(token, "ok", ready[0])
 
-    def _switchover_deadline(self, token: tuple[int, str]) -> None:
+    def _switchover_deadline(self, token: CallToken) -> None:
         wait = self.switch_wait
         if self.closed or wait is None or wait["token"] != token:
             return
@@ -1912,7 +1914,7 @@ class SimAgent:
                                  replica.epoch)
         self.c.net.send(self.host_id, COORD, self.c.coord.on_hears_answer, token, answer)
 
-    def on_prepare_switchover(self, token: tuple[int, str], action: PrepareSwitchover) -> None:
+    def on_prepare_switchover(self, token: CallToken, action: PrepareSwitchover) -> None:
         if not self.up:
             self.switchover_answer(token, "unavailable", 0, force=True)
             return
@@ -1930,7 +1932,7 @@ class SimAgent:
         if replica is not None:
             replica.release_switchover(action.epoch, action.switchover_id)
 
-    def switchover_answer(self, token: tuple[int, str], status: str, last: int,
+    def switchover_answer(self, token: CallToken, status: str, last: int,
                           force: bool = False) -> None:
         if self.up or force:
             self.c.net.send(self.host_id, COORD, self.c.coord.on_prepared, token, status,
@@ -1983,7 +1985,8 @@ class SimCoordinator:
         self._next_token = 0
         # Prepare calls awaiting their answer; a call that leaves this (its operation ended,
         # the coordinator died) is cancelled, and the agent's handler sees that (gRPC).
-        self.open_calls: dict[tuple[int, str], bool] = {}
+        self.open_calls: dict[CallToken, bool] = {}
+        self._calls_made = 0
         self._plans: list[Any] = []  # the core's plans this daemon has started
         self.created: set[str] = set()
         self.store_fail_p = 0.0  # the chance that a commit fails (atomically: nothing written)
@@ -2102,7 +2105,10 @@ class SimCoordinator:
             elif isinstance(action, Progress):
                 pass
             elif isinstance(action, Done | Failed):
-                self.open_calls.pop((self.incarnation, action.op_id), None)
+                # The operation's calls still open are cancelled (server.py `_ended`).
+                for token in [t for t in self.open_calls
+                              if t[:2] == (self.incarnation, action.op_id)]:
+                    del self.open_calls[token]
                 if isinstance(action, Done) and action.op_id in self.migrations:
                     check.migrated += 1
                 self.k.note(f"coordinator: operation {action.op_id} "
@@ -2270,14 +2276,15 @@ class SimCoordinator:
 
     def _prepare(self, action: PrepareSwitchover) -> None:
         """The call to the primary, bounded by `answer_within_ms` (an unanswered call fails)."""
-        token = (self.incarnation, action.op_id)
+        self._calls_made += 1  # a prepare asked again is a call of its own
+        token = (self.incarnation, action.op_id, self._calls_made)
         self.open_calls[token] = True
         agent = self.c.agents[action.host_id]
         self.c.net.send(COORD, action.host_id, agent.on_prepare_switchover, token, action,
                         dup=False)
         self.k.after(action.answer_within_ms, self.on_prepared, token, "deadline exceeded")
 
-    def on_prepared(self, token: tuple[int, str], status: str) -> None:
+    def on_prepared(self, token: CallToken, status: str) -> None:
         if not self.up or token[0] != self.incarnation or not self.open_calls.pop(token, False):
             return
         assert self.core is not None

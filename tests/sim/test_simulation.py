@@ -59,7 +59,7 @@ from failover import defaults
 from failover.core import state_machine
 from failover.core.coordinator import CoordinatorCore, ReplicaReport
 from failover.core.coordinator.detector import Detector
-from failover.core.coordinator.operations import SwitchoverPlan
+from failover.core.coordinator.operations import PREPARE_RESEND_MS, SwitchoverPlan
 from failover.core.log_position import LogPosition
 from failover.core.replica import APPLY, PersistMeta, ReplicaCore, ReplicaMeta
 from failover.core.replication import (
@@ -470,7 +470,7 @@ def switchover_answer_lost(c: Cluster) -> None:
     old = primary_of(c)
     agent = c.agents[old]
 
-    def answer(token: tuple[int, int], status: str, last: int, force: bool = False) -> None:
+    def answer(token: sim.CallToken, status: str, last: int, force: bool = False) -> None:
         if status == "ok" and c.coord.up:
             c.coord.crash()
         SimAgent.switchover_answer(agent, token, status, last, force)
@@ -482,6 +482,35 @@ def switchover_answer_lost(c: Cluster) -> None:
     c.k.run_until(c.k.now + 300)
     c.coord.boot()
     c.k.run_until(c.k.now + sim.SWITCHOVER_TIMEOUT_MS + 500)
+
+
+def prepared_answer_dropped(c: Cluster) -> None:
+    """The primary prepares at once (the target has everything) and its answer is lost on
+    the way; the coordinator stays up. The switchover completes, and writes are held for
+    about the time it takes to ask again, not for the hold's whole timeout."""
+    w = client(c)
+    write(c, w, "k1")
+    old = primary_of(c)
+    target = sorted(h for h in c.agents if h != old)[0]
+    agent = c.agents[old]
+    dropped: list[sim.CallToken] = []
+
+    def answer(token: sim.CallToken, status: str, last: int, force: bool = False) -> None:
+        if status == "ok" and not dropped:
+            dropped.append(token)  # lost on the way to the coordinator
+            return
+        SimAgent.switchover_answer(agent, token, status, last, force)
+
+    agent.switchover_answer = answer  # type: ignore[method-assign]
+    started = c.k.now
+    c.coord.start_switchover("s1", target)
+    assert run_until(c, lambda: bool(dropped), 200)
+    assert run_until(c, lambda: primary_of(c) == target, 2 * PREPARE_RESEND_MS), (
+        f"no switchover {c.k.now - started} ms after the prepare's answer was lost")
+    del agent.switchover_answer
+    op = write(c, w, "k2")
+    assert op.outcome == "ok", op
+    assert c.k.now - started < 3 * PREPARE_RESEND_MS, c.k.now - started
 
 
 def switchover_cancelled(c: Cluster) -> None:
@@ -876,6 +905,15 @@ def test_switchover_hold_ends_when_the_prepare_is_cancelled() -> None:
     while a prepare still waited for the target, gRPC cancelled the handler and nothing
     ended the write hold; the primary held every write until its role changed."""
     result = run_directed(switchover_cancelled)
+    assert result.ok, _describe([result])
+
+
+def test_a_lost_prepare_answer_is_asked_again_not_waited_out() -> None:
+    """Found by sweep seed short/246 (and 52859, 53916 of larger sweeps) before the fix: the
+    primary prepared and its answer was lost; it held writes for its whole timeout (5 s),
+    the coordinator waited out the answer's deadline (6 s), and the gap after the hold
+    refused the next tries: no convergence after healing."""
+    result = run_directed(prepared_answer_dropped)
     assert result.ok, _describe([result])
 
 

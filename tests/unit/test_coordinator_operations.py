@@ -30,6 +30,7 @@ from failover.core.coordinator import (
     SwitchoverPlan,
 )
 from failover.core.coordinator.actions import Copied, CopyRound
+from failover.core.coordinator.operations import PREPARE_ANSWER_GRACE_MS, PREPARE_RESEND_MS
 from failover.errors import InvalidRequest
 
 from .test_coordinator_rebuild import HB, METRICS, Driver
@@ -114,6 +115,39 @@ def test_a_switchover_that_ends_early_releases_the_primary_and_says_why(ending: 
     # The answer that arrives after all takes no effect.
     assert d.core.answer("op", Prepared(True), d.now) == []
     assert (s.primary, s.epoch) == ("h1", 1)
+
+
+def test_an_unanswered_prepare_is_asked_again_with_the_same_id_within_the_first_bounds(
+) -> None:
+    """Found by sweep seed short/246 (before the fix): the primary prepared at once and its
+    answer was lost; the coordinator waited the whole answer deadline (6 s), the primary held
+    writes for its whole timeout (5 s), and the gap after that hold refused the next try.
+    Asked again, a primary that prepared already answers at once (it joins its own hold)."""
+    d = ready()
+    s = d.core.services["s"]
+    [first] = d.run(d.core.start_switchover("op", "s", "h3", d.now))
+    d.actions.clear()
+    started = d.now
+    op_deadline = started + first.answer_within_ms
+    d.step(PREPARE_RESEND_MS - 1)
+    assert not of(d.actions, PrepareSwitchover)  # not before PREPARE_RESEND_MS
+    d.step(defaults.SWITCHOVER_TIMEOUT_MS + PREPARE_ANSWER_GRACE_MS - PREPARE_RESEND_MS - 1)
+    again = of(d.actions, PrepareSwitchover)
+    assert len(again) == defaults.SWITCHOVER_TIMEOUT_MS // PREPARE_RESEND_MS - 1, again
+    for prepare in again:
+        # The same switchover at the same epoch: the primary joins the hold it holds.
+        assert (prepare.switchover_id, prepare.epoch, prepare.target) == (
+            first.switchover_id, 1, "h3")
+        # Never a hold past the first one's end, every answer awaited to the same deadline.
+        assert prepare.answer_within_ms - prepare.timeout_ms == PREPARE_ANSWER_GRACE_MS
+        assert 0 < prepare.timeout_ms < first.timeout_ms
+    # An answer to any of them completes the switchover.
+    actions = d.run(d.core.answer("op", Prepared(True), d.now))
+    assert of(actions, Done) and (s.primary, s.epoch) == ("h3", 2)
+    assert d.now < op_deadline
+    d.actions.clear()
+    d.step(2 * PREPARE_RESEND_MS)
+    assert not of(d.actions, PrepareSwitchover)
 
 
 def test_a_switchover_to_a_member_not_known_to_hold_every_write_is_refused() -> None:

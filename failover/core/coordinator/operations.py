@@ -59,6 +59,11 @@ MIGRATION_METHODS = ("precopy", "stopcopy", "replay")
 PATCH_METHODS = ("precopy", "switchover")
 # How much longer than the hold's own timeout a prepare's answer is awaited.
 PREPARE_ANSWER_GRACE_MS = 1000
+# A prepare not answered within this is asked again (the same switchover id: the primary
+# joins its own hold and, prepared already, answers at once). Its answer lost once held the
+# primary's writes for the whole SWITCHOVER_TIMEOUT_MS, and the gap after that hold kept the
+# next attempt off as long again.
+PREPARE_RESEND_MS = 500
 
 History = tuple[str, str, str, dict[str, Any]]
 
@@ -166,6 +171,7 @@ class SwitchoverPlan(Plan):
         self.epoch = 0
         self.started_ms = 0
         self.deadline_ms = 0
+        self.resend_ms = 0  # when the prepare is asked again, if still unanswered
 
     def start(self, now_ms: int) -> list[Action]:
         core = self.core
@@ -181,11 +187,18 @@ class SwitchoverPlan(Plan):
         core.switchover_begin(self.name, self.target)
         self.state = "preparing"
         self.started_ms = now_ms
-        timeout_ms = defaults.SWITCHOVER_TIMEOUT_MS
-        self.deadline_ms = now_ms + timeout_ms + PREPARE_ANSWER_GRACE_MS
-        return [PrepareSwitchover(
+        self.deadline_ms = now_ms + defaults.SWITCHOVER_TIMEOUT_MS + PREPARE_ANSWER_GRACE_MS
+        return [self._prepare(now_ms)]
+
+    def _prepare(self, now_ms: int) -> PrepareSwitchover:
+        """The prepare call, or the same asked again: the hold it starts (or joins) ends by
+        the first call's timeout at the latest, and every answer is awaited until the
+        operation's deadline."""
+        self.resend_ms = now_ms + PREPARE_RESEND_MS
+        answer_within_ms = self.deadline_ms - now_ms
+        return PrepareSwitchover(
             self.op_id, self.primary, self.address, self.name, self.epoch, self.target,
-            self.switchover_id, timeout_ms, timeout_ms + PREPARE_ANSWER_GRACE_MS)]
+            self.switchover_id, answer_within_ms - PREPARE_ANSWER_GRACE_MS, answer_within_ms)
 
     def answer(self, answer: Answer, now_ms: int) -> list[Action]:
         if self.state != "preparing" or not isinstance(answer, Prepared):
@@ -203,9 +216,16 @@ class SwitchoverPlan(Plan):
                                      primary=self.target, stall_ms=stall_ms)]
 
     def tick(self, now_ms: int) -> list[Action]:
-        if self.state == "preparing" and now_ms >= self.deadline_ms:
+        if self.state != "preparing":
+            return []
+        if now_ms >= self.deadline_ms:
             return self._abandon(f"{self.primary} did not answer the prepare within "
                                  f"{self.deadline_ms - self.started_ms} ms")
+        if (now_ms >= self.resend_ms
+                and self.deadline_ms - now_ms > PREPARE_ANSWER_GRACE_MS):
+            # Unanswered so far: still waiting for the target, or the answer was lost. The
+            # calls already made stay open; whichever answers first decides.
+            return [self._prepare(now_ms)]
         return []
 
     def cancel(self, why: str, now_ms: int) -> list[Action]:
