@@ -262,8 +262,8 @@ class PrimaryReplication:
         raise AssertionError(f"unknown ack status {ack.status!r}")
 
     def tick(self, now_ms: int) -> list[PrimaryAction]:
-        """Keepalives to idle duplicas (they carry the commit index and prove liveness),
-        and to idle duplicas behind on the commit index; retries for failed ones."""
+        """Keepalives to idle duplicas (they carry the commit index and prove liveness);
+        retries for failed ones."""
         actions: list[PrimaryAction] = []
         if self.fenced:
             return actions
@@ -276,12 +276,9 @@ class PrimaryReplication:
                 # last send: every idle replica set of a host then sends in the same tick,
                 # and its link carries them all in one message per peer instead of one per
                 # tick (at rest, per-message gRPC work was a fifth of an agent's CPU). The
-                # gap between two sends stays at most a period and a tick, as before. A
-                # duplica behind on the commit index is told at the first tick after the
-                # commit moved (`_pump` leaves that to here).
+                # gap between two sends stays at most a period and a tick, as before.
                 period_ms = self.limits.keepalive_ms
-                if (now_ms // period_ms > peer.last_send_ms // period_ms
-                        or peer.commit_sent < self.commit_index):
+                if now_ms // period_ms > peer.last_send_ms // period_ms:
                     actions.append(self._batch(peer, 0, now_ms))
                 continue
             if now_ms - peer.last_send_ms < self.limits.keepalive_ms:
@@ -432,12 +429,13 @@ class PrimaryReplication:
             actions.append(batch)
             # Until the agent reports what it read, assume the whole count was sent.
             peer.next_index += count
-        if not actions and not peer.inflight and peer.keepalive_due:
-            # A keepalive was asked for to confirm the epoch. An idle duplica merely behind on
-            # the commit index is told at the next tick (`tick`), not here at once: under a
-            # steady load the next batch carries the commit index a moment later, and a
-            # message of its own for each commit doubled the link's messages and the
-            # duplica's answers.
+        if (
+            not actions
+            and not peer.inflight
+            and (peer.commit_sent < self.commit_index or peer.keepalive_due)
+        ):
+            # Idle duplica behind on the commit index (tell it, so it applies: hot standby),
+            # or a keepalive was asked for to confirm the epoch.
             peer.keepalive_due = False
             actions.append(self._batch(peer, 0, peer.last_send_ms))
         return actions

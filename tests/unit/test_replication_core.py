@@ -158,46 +158,8 @@ def test_streams_and_commits_on_every_in_sync_duplica() -> None:
     assert c.primary.commit_index == 100
     assert c.dlogs["b"].epochs == c.plog.epochs == c.dlogs["c"].epochs
     assert 1 <= c.max_inflight <= 3
-    # The duplicas learn the commit index at the next tick and may apply up to it.
-    c.run(c.primary.tick(1))
+    # The duplicas learn the commit index and may apply up to it.
     assert c.dups["b"].apply_limit(c.dlogs["b"].last) == 100
-    assert c.dups["c"].apply_limit(c.dlogs["c"].last) == 100
-
-
-def test_an_idle_duplica_learns_the_commit_at_the_next_tick_a_busy_one_with_the_next_batch(
-) -> None:
-    """A commit that moved used to be sent at once in a message of its own (an empty batch)
-    to a duplica with nothing in flight: with writers in a loop that was one such message
-    and one answer per write round, half of the link's traffic. The next batch carries the
-    commit index anyway; an idle duplica is told at the next tick."""
-    c = Cluster()
-    c.run(c.primary.link_up("b", 0) + c.primary.link_up("c", 0))
-    sent: list[SendBatch] = []
-    deliver = c.deliver
-
-    def counting(action):  # type: ignore[no-untyped-def]
-        if isinstance(action, SendBatch):
-            sent.append(action)
-        return deliver(action)
-
-    c.deliver = counting  # type: ignore[method-assign]
-    for _round in range(5):
-        c.write(3)
-    assert c.primary.commit_index == 15
-    # Five rounds: one batch per duplica each, no message of the commit alone.
-    assert len(sent) == 10 and all(batch.entries_max == 3 for batch in sent)
-    # Each batch carried the commit of the round before.
-    assert [b.commit_index for b in sent if b.host_id == "b"] == [0, 3, 6, 9, 12]
-    assert c.dups["b"].apply_limit(c.dlogs["b"].last) == 12
-    # Idle now: the next tick tells both duplicas, the one after sends nothing.
-    c.now = 5
-    actions = c.primary.tick(c.now)
-    assert sorted((a.host_id, a.entries_max, a.commit_index) for a in actions) == [
-        ("b", 0, 15), ("c", 0, 15)]
-    c.run(actions)
-    assert c.dups["b"].apply_limit(c.dlogs["b"].last) == 15
-    assert c.dups["c"].apply_limit(c.dlogs["c"].last) == 15
-    assert c.primary.tick(30) == []
 
 
 def test_sync_commit_waits_for_a_silent_in_sync_duplica() -> None:
