@@ -131,6 +131,9 @@ ETCD_CAMPAIGN_POLL_MS = 100  # a follower looks for a vacant leader key this oft
 
 # Links, streams and clients.
 LINK_OUTBOX_BYTES_MAX = 256 << 20  # queued for one peer host; beyond it the link restarts
+# A commit notice to an idle duplica waits at most this long for the link's next message
+# (`failover.agent.links`): its state then trails the commit by this much when writes stop.
+LINK_NOTICE_DELAY_MS = 5
 SHIP_READ_AHEAD_MAX = 64  # Ship messages read ahead of handling on one stream
 # Streams an agent takes at once (issue 13, floods): per peer (the host id in its certificate;
 # without TLS, its Ship hello's source_host_id or its connection) and in all; one more gets

@@ -292,7 +292,7 @@ class Agent:
             prev=common_pb2.LogPosition(epoch=action.prev.epoch, index=action.prev.index),
             first_index=action.first_index, last_index=last_index, records=records,
             commit_index=action.commit_index,
-        ))
+        ), notice=action.notice)
 
     def _link(self, host_id: str) -> PeerLink:
         link = self.links.get(host_id)

@@ -5,6 +5,12 @@ Whatever the replicas queued while the last message was being written goes out a
 message, so a busy host sends few large messages rather than many small ones. The per
 replica-set bounds (batch entries, bytes, in-flight batches) are kept by the protocol core;
 the link adds a bound on the bytes queued in total.
+
+A commit notice (an empty batch that only tells an idle duplica the commit moved,
+`SendBatch.notice`) waits for the link's next message, LINK_NOTICE_DELAY_MS at most, and goes
+if a later batch of its replica set (which carries a commit index as new) goes first: with
+writers in a loop, a notice of its own was a message and an answer per write round, half of
+the link's traffic, while the round's next batch came a millisecond later.
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ class PeerLink:
         self.up = False
         self._channel: grpc.aio.Channel | None = None
         self._batches: list[replication_pb2.ShipBatch] = []
+        self._notices: dict[str, replication_pb2.ShipBatch] = {}  # by service, the newest
+        self._notice_timer: asyncio.TimerHandle | None = None
         self._probes: list[replication_pb2.Probe] = []
         self._truncates: list[replication_pb2.Truncate] = []
         self._outbox_bytes = 0
@@ -102,10 +110,18 @@ class PeerLink:
             self._truncates.append(truncate)
             self._wakeup.set()
 
-    def send_batch(self, batch: replication_pb2.ShipBatch) -> None:
+    def send_batch(self, batch: replication_pb2.ShipBatch, notice: bool = False) -> None:
+        """Queues a batch; a commit `notice` goes with the next message (see the module)."""
         # While down, nothing is queued: link_up re-probes every replica set anyway.
         if not self.up:
             return
+        if notice:
+            self._notices[batch.service] = batch
+            if self._notice_timer is None:
+                self._notice_timer = asyncio.get_running_loop().call_later(
+                    defaults.LINK_NOTICE_DELAY_MS / 1000, self._wakeup.set)
+            return
+        self._notices.pop(batch.service, None)  # this batch carries a commit as new
         self._batches.append(batch)
         self._outbox_bytes += len(batch.records)
         self._wakeup.set()
@@ -187,9 +203,10 @@ class PeerLink:
             if self._outbox_bytes > defaults.LINK_OUTBOX_BYTES_MAX:
                 raise ConnectionError(
                     f"{self._outbox_bytes} bytes queued for {self.host_id}: restarting the link")
-            if not (self._batches or self._probes or self._truncates):
+            if not (self._batches or self._probes or self._truncates or self._notices):
                 continue
             batches, probes, truncates = self._batches, self._probes, self._truncates
+            batches.extend(self._notices.values())
             self._clear()
             # Queued items go out together, but one message stays under the gRPC message
             # bound: batches of several replica sets (or of large entries) can add up past it.
@@ -211,4 +228,8 @@ class PeerLink:
 
     def _clear(self) -> None:
         self._batches, self._probes, self._truncates = [], [], []
+        self._notices = {}
+        if self._notice_timer is not None:
+            self._notice_timer.cancel()
+            self._notice_timer = None
         self._outbox_bytes = 0

@@ -69,7 +69,9 @@ class SendBatch:
     The agent reports what it actually read with `PrimaryReplication.batch_read`, ships the
     batch, then carries out what `batch_read` returns (the next batch of the window: only then
     is its first index known, since `bytes_max` may cut this one short). An empty batch
-    (entries_max == 0) is a keepalive carrying the commit index.
+    (entries_max == 0) is a keepalive carrying the commit index. An empty batch with `notice`
+    only tells an idle duplica that the commit moved (hot standby): the agent may send it
+    with its link's next message, shortly after (nothing waits on its answer).
     """
 
     host_id: str
@@ -79,6 +81,7 @@ class SendBatch:
     entries_max: int
     bytes_max: int
     commit_index: int
+    notice: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -435,12 +438,14 @@ class PrimaryReplication:
             and (peer.commit_sent < self.commit_index or peer.keepalive_due)
         ):
             # Idle duplica behind on the commit index (tell it, so it applies: hot standby),
-            # or a keepalive was asked for to confirm the epoch.
+            # or a keepalive was asked for to confirm the epoch (its answer is awaited).
+            notice = not peer.keepalive_due
             peer.keepalive_due = False
-            actions.append(self._batch(peer, 0, peer.last_send_ms))
+            actions.append(self._batch(peer, 0, peer.last_send_ms, notice=notice))
         return actions
 
-    def _batch(self, peer: DuplicaProgress, count: int, now_ms: int) -> SendBatch:
+    def _batch(self, peer: DuplicaProgress, count: int, now_ms: int,
+               notice: bool = False) -> SendBatch:
         batch_id = peer.next_batch_id
         peer.next_batch_id += 1
         prev_index = peer.next_index - 1
@@ -456,6 +461,7 @@ class PrimaryReplication:
             entries_max=count,
             bytes_max=self.limits.batch_bytes_max,
             commit_index=self.commit_index,
+            notice=notice,
         )
 
     def _advance_commit(self) -> None:

@@ -57,8 +57,13 @@ def free_port() -> int:
 
 
 async def serve(port: int) -> grpc.aio.Server:
+    return await serve_with(port, Peer())
+
+
+async def serve_with(port: int,
+                     peer: replication_pb2_grpc.ReplicationServicer) -> grpc.aio.Server:
     server = channels.server()
-    replication_pb2_grpc.add_ReplicationServicer_to_server(Peer(), server)
+    replication_pb2_grpc.add_ReplicationServicer_to_server(peer, server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     return server

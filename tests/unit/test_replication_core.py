@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+from failover import defaults
 from failover.core.log_position import LogPosition
 from failover.core.replication import (
     AckView,
@@ -275,6 +276,36 @@ def test_epoch_confirmation_needs_an_answer_to_a_batch_sent_after_the_read() -> 
     assert {a.host_id for a in actions} == {"b", "c"} and all(a.entries_max == 0 for a in actions)
     c.run(actions)
     assert c.primary.confirmed(token)
+
+
+def test_only_a_commit_notice_to_an_idle_duplica_may_wait_for_the_links_next_message(
+) -> None:
+    """`SendBatch.notice` lets the agent's link hold an empty batch for its next message
+    (`failover.agent.links`): only the one that tells an idle duplica the commit moved. A
+    keepalive whose answer confirms the epoch, the periodic keepalive (liveness) and the
+    batches of entries go at once."""
+    c = Cluster()
+    sent: list[SendBatch] = []
+    deliver = c.deliver
+
+    def counting(action):  # type: ignore[no-untyped-def]
+        if isinstance(action, SendBatch):
+            sent.append(action)
+        return deliver(action)
+
+    c.deliver = counting  # type: ignore[method-assign]
+    c.run(c.primary.link_up("b", 0) + c.primary.link_up("c", 0))
+    sent.clear()
+    c.write(3)
+    entries = [b for b in sent if b.entries_max]
+    notices = [b for b in sent if not b.entries_max]
+    assert entries and not any(b.notice for b in entries)
+    # The last answer moved the commit: that idle duplica is told, as a notice.
+    assert [(b.host_id, b.commit_index, b.notice) for b in notices] == [("c", 3, True)]
+    actions, _token = c.primary.confirm(10)
+    assert actions and not any(a.notice for a in actions)
+    ticked = c.primary.tick(10 * defaults.HEARTBEAT_MS)
+    assert ticked and not any(a.notice for a in ticked)
 
 
 def test_epoch_confirmation_fails_once_a_duplica_holds_a_newer_epoch() -> None:
