@@ -135,6 +135,9 @@ LINK_OUTBOX_BYTES_MAX = 256 << 20  # queued for one peer host; beyond it the lin
 # (`failover.agent.links`): its state then trails the commit by this much when writes stop.
 LINK_NOTICE_DELAY_MS = 5
 SHIP_READ_AHEAD_MAX = 64  # Ship messages read ahead of handling on one stream
+# A shipped batch of at least this many record bytes is checked as it arrives, on a thread of
+# its own, overlapping the writes before it; a smaller one by the job that writes it.
+PRECHECK_BYTES_MIN = 64 << 10
 # Streams an agent takes at once (issue 13, floods): per peer (the host id in its certificate;
 # without TLS, its Ship hello's source_host_id or its connection) and in all; one more gets
 # RESOURCE_EXHAUSTED. A peer host keeps one Ship stream (more only while a link restarts).

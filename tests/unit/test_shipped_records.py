@@ -17,6 +17,7 @@ import grpc
 import msgpack
 import pytest
 
+from failover import defaults
 from failover.agent.config import AgentConfig
 from failover.agent.host import Agent
 from failover.net import channels
@@ -76,9 +77,14 @@ async def served_duplicas(tmp_path: Path) -> AsyncIterator[tuple[Agent, str]]:
     msgpack.packb([1, 3, b"", 7]),  # the right index, but the payload is no bytes
     msgpack.packb([1, 3, b""]),  # three fields
 ])
+# Checked as it arrives (`Agent.precheck`, every batch here), or by the job that writes it
+# (a batch under PRECHECK_BYTES_MIN, as these are by default).
+@pytest.mark.parametrize("precheck_bytes_min", [0, defaults.PRECHECK_BYTES_MIN])
 async def test_a_shipped_batch_with_a_bad_middle_record_is_refused_and_the_stream_serves_on(
-    served_duplicas: tuple[Agent, str], garbage: bytes,
+    served_duplicas: tuple[Agent, str], garbage: bytes, precheck_bytes_min: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(defaults, "PRECHECK_BYTES_MIN", precheck_bytes_min)
     agent, address = served_duplicas
     kv1, kv2 = agent.replicas["kv1"], agent.replicas["kv2"]
     good = _entries(1, 5, "a")
