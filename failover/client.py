@@ -24,6 +24,10 @@ later calls go under a new session.
 
 from __future__ import annotations
 
+import failover.net.grpc_experiments  # noqa: F401  (sets GRPC_EXPERIMENTS before gRPC)
+
+# isort: split
+
 import asyncio
 import contextlib
 import itertools

@@ -130,12 +130,13 @@ ETCD_COMMIT_BYTES_PER_S_MIN = 2 << 20
 ETCD_CAMPAIGN_POLL_MS = 100  # a follower looks for a vacant leader key this often
 
 # Links, streams and clients.
-# gRPC experiments turned off in every process of this package (failover/__init__.py sets
-# GRPC_EXPERIMENTS unless the process has it; an application that sets it, even empty, keeps
-# its own): EventEngine's client and listener endpoints, gRPC's default, cost about 100 µs
-# more per stream round trip on loopback (one Ship message and its answer, p50 about 400 ->
-# 280 µs), and a replicated write crosses four such hops.
-GRPC_EXPERIMENTS = "-event_engine_client,-event_engine_listener"
+# gRPC experiments turned off in every process of this package (`failover.net.grpc_experiments`
+# sets GRPC_EXPERIMENTS unless the process has it; one that sets it, even empty, keeps its
+# own): EventEngine's listener, gRPC's default for servers, cost about 80 µs more per stream
+# round trip on loopback (one Ship message and its answer, p50 about 410 -> 330 µs), and a
+# replicated write crosses four such hops. Its client side stays: without it, a channel
+# refused once by a peer still starting took 5 s to connect instead of 1.
+GRPC_EXPERIMENTS = "-event_engine_listener"
 LINK_OUTBOX_BYTES_MAX = 256 << 20  # queued for one peer host; beyond it the link restarts
 # A commit notice to an idle duplica waits at most this long for the link's next message
 # (`failover.agent.links`): its state then trails the commit by this much when writes stop.

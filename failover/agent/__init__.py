@@ -5,3 +5,5 @@ snapshots, ships logs to peer hosts and takes shipped logs, and heartbeats to th
 protocol cores and does its I/O; `daemon` serves gRPC; `main` parses flags and TOML
 (`config`). See docs/design.md and docs/operations.md.
 """
+
+import failover.net.grpc_experiments  # noqa: F401  (sets GRPC_EXPERIMENTS before gRPC)

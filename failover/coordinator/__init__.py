@@ -3,3 +3,5 @@
 clock), including the calls of the long operations' plans (switchover, migrate, patch,
 drain). See docs/design.md.
 """
+
+import failover.net.grpc_experiments  # noqa: F401  (sets GRPC_EXPERIMENTS before gRPC)
