@@ -230,6 +230,11 @@ DECODE_ERROR_LOG_INTERVAL_MS = 10_000
 # Of an agent's refusal of a patch restart, this many characters go into history.
 PATCH_REFUSAL_CHARS_MAX = 300
 SWITCHOVER_TIMEOUT_MS = 5000
+# A switchover's prepare not answered within this is asked again (the same switchover id: the
+# primary joins its own hold and, prepared already, answers at once). Its answer lost once
+# held the primary's writes for the whole SWITCHOVER_TIMEOUT_MS, and the gap after that hold
+# kept the next attempt off as long again.
+PREPARE_RESEND_MS = 500
 # A switchover's release (ending its hold) that got no answer is sent again after this,
 # doubling up to the max, for as long as the hold could last (SWITCHOVER_TIMEOUT_MS).
 RELEASE_RETRY_BACKOFF_MIN_MS = 20

@@ -59,7 +59,7 @@ from failover import defaults
 from failover.core import state_machine
 from failover.core.coordinator import CoordinatorCore, ReplicaReport
 from failover.core.coordinator.detector import Detector
-from failover.core.coordinator.operations import PREPARE_RESEND_MS, SwitchoverPlan
+from failover.core.coordinator.operations import SwitchoverPlan
 from failover.core.log_position import LogPosition
 from failover.core.replica import APPLY, PersistMeta, ReplicaCore, ReplicaMeta
 from failover.core.replication import (
@@ -505,12 +505,12 @@ def prepared_answer_dropped(c: Cluster) -> None:
     started = c.k.now
     c.coord.start_switchover("s1", target)
     assert run_until(c, lambda: bool(dropped), 200)
-    assert run_until(c, lambda: primary_of(c) == target, 2 * PREPARE_RESEND_MS), (
+    assert run_until(c, lambda: primary_of(c) == target, 2 * defaults.PREPARE_RESEND_MS), (
         f"no switchover {c.k.now - started} ms after the prepare's answer was lost")
     del agent.switchover_answer
     op = write(c, w, "k2")
     assert op.outcome == "ok", op
-    assert c.k.now - started < 3 * PREPARE_RESEND_MS, c.k.now - started
+    assert c.k.now - started < 3 * defaults.PREPARE_RESEND_MS, c.k.now - started
 
 
 def switchover_cancelled(c: Cluster) -> None:

@@ -30,7 +30,7 @@ from failover.core.coordinator import (
     SwitchoverPlan,
 )
 from failover.core.coordinator.actions import Copied, CopyRound
-from failover.core.coordinator.operations import PREPARE_ANSWER_GRACE_MS, PREPARE_RESEND_MS
+from failover.core.coordinator.operations import PREPARE_ANSWER_GRACE_MS
 from failover.errors import InvalidRequest
 
 from .test_coordinator_rebuild import HB, METRICS, Driver
@@ -129,11 +129,12 @@ def test_an_unanswered_prepare_is_asked_again_with_the_same_id_within_the_first_
     d.actions.clear()
     started = d.now
     op_deadline = started + first.answer_within_ms
-    d.step(PREPARE_RESEND_MS - 1)
+    d.step(defaults.PREPARE_RESEND_MS - 1)
     assert not of(d.actions, PrepareSwitchover)  # not before PREPARE_RESEND_MS
-    d.step(defaults.SWITCHOVER_TIMEOUT_MS + PREPARE_ANSWER_GRACE_MS - PREPARE_RESEND_MS - 1)
+    d.step(defaults.SWITCHOVER_TIMEOUT_MS + PREPARE_ANSWER_GRACE_MS
+           - defaults.PREPARE_RESEND_MS - 1)
     again = of(d.actions, PrepareSwitchover)
-    assert len(again) == defaults.SWITCHOVER_TIMEOUT_MS // PREPARE_RESEND_MS - 1, again
+    assert len(again) == defaults.SWITCHOVER_TIMEOUT_MS // defaults.PREPARE_RESEND_MS - 1, again
     for prepare in again:
         # The same switchover at the same epoch: the primary joins the hold it holds.
         assert (prepare.switchover_id, prepare.epoch, prepare.target) == (
@@ -146,7 +147,7 @@ def test_an_unanswered_prepare_is_asked_again_with_the_same_id_within_the_first_
     assert of(actions, Done) and (s.primary, s.epoch) == ("h3", 2)
     assert d.now < op_deadline
     d.actions.clear()
-    d.step(2 * PREPARE_RESEND_MS)
+    d.step(2 * defaults.PREPARE_RESEND_MS)
     assert not of(d.actions, PrepareSwitchover)
 
 

@@ -59,11 +59,6 @@ MIGRATION_METHODS = ("precopy", "stopcopy", "replay")
 PATCH_METHODS = ("precopy", "switchover")
 # How much longer than the hold's own timeout a prepare's answer is awaited.
 PREPARE_ANSWER_GRACE_MS = 1000
-# A prepare not answered within this is asked again (the same switchover id: the primary
-# joins its own hold and, prepared already, answers at once). Its answer lost once held the
-# primary's writes for the whole SWITCHOVER_TIMEOUT_MS, and the gap after that hold kept the
-# next attempt off as long again.
-PREPARE_RESEND_MS = 500
 
 History = tuple[str, str, str, dict[str, Any]]
 
@@ -194,7 +189,7 @@ class SwitchoverPlan(Plan):
         """The prepare call, or the same asked again: the hold it starts (or joins) ends by
         the first call's timeout at the latest, and every answer is awaited until the
         operation's deadline."""
-        self.resend_ms = now_ms + PREPARE_RESEND_MS
+        self.resend_ms = now_ms + defaults.PREPARE_RESEND_MS
         answer_within_ms = self.deadline_ms - now_ms
         return PrepareSwitchover(
             self.op_id, self.primary, self.address, self.name, self.epoch, self.target,
