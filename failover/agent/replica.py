@@ -695,13 +695,13 @@ class Replica:
         core.prepare_switchover(epoch, target, switchover_id, monotonic_ms())
         try:
             deadline = core.switchover_deadline_ms(monotonic_ms(), timeout_ms)
-            while (ready := core.switchover_ready(target)) is None:
+            while (ready := core.switchover_ready(target, switchover_id)) is None:
                 if not await self._wait_progress(deadline):
                     raise core.switchover_timeout_error(target, timeout_ms)
         except BaseException:
             # Timed out, no longer the primary, or cancelled (gRPC cancels this handler
             # when the coordinator goes away).
-            self._carry_out(core.prepare_failed(monotonic_ms()))
+            self._carry_out(core.prepare_failed(switchover_id, monotonic_ms()))
             raise
         self._carry_out(core.switchover_prepared(monotonic_ms()))
         return ready

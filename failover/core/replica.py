@@ -736,14 +736,22 @@ class ReplicaCore:
             self._hold_tokens += 1
             self._hold = _Hold(switchover_id, self._hold_tokens, started_ms=now_ms)
 
-    def switchover_ready(self, target: str) -> tuple[int, int] | None:
+    def switchover_ready(self, target: str, switchover_id: str) -> tuple[int, int] | None:
         """(last index, target's durable index) once `target` holds everything logged here
         and every logged write is committed and applied; None while not yet. Raises
-        NotPrimaryError when this replica stopped being the primary or `target` left."""
+        NotPrimaryError when this replica stopped being the primary or `target` left, and
+        Unavailable once the hold of `switchover_id` has ended: a prepare asked again waits
+        beside the first call, and when that one gave up (its deadline) writes flow again; an
+        answer of ready then would let the coordinator promote the target while this primary
+        still serves reads and writes."""
         primary = self.primary
         peer = primary.peers.get(target) if primary is not None else None
         if peer is None or primary is None or primary.fenced:
             raise NotPrimaryError(self.service, self.meta.primary_address, self.meta.epoch)
+        if self._hold is None or self._hold.switchover_id != switchover_id:
+            raise Unavailable(f"{self.service}: the hold of switchover {switchover_id!r} "
+                              "ended before its target caught up; switchover abandoned, this "
+                              "primary serves on")
         last = self.next_index - 1
         if (self.log.last_index == last and peer.match_index >= last
                 and primary.commit_index >= last and self.sm.applied_index >= last):
@@ -772,10 +780,15 @@ class ReplicaCore:
         """Until when a prepare that began at `now_ms` waits for `switchover_ready`."""
         return now_ms + timeout_ms
 
-    def prepare_failed(self, now_ms: int | None = None) -> list[ReplicaAction]:
-        """A prepare ended without `switchover_prepared` (timed out, this replica stopped
-        being the primary, or its caller went away): nobody will complete that switchover,
-        so the reads and writes held for it resume here."""
+    def prepare_failed(self, switchover_id: str,
+                       now_ms: int | None = None) -> list[ReplicaAction]:
+        """A prepare of `switchover_id` ended without `switchover_prepared` (timed out, this
+        replica stopped being the primary, or its caller went away): nobody will complete
+        that switchover, so the reads and writes held for it resume here. A hold of another
+        switchover (begun after this one's ended, while a call of this one still waited) is
+        not this call's to end."""
+        if self._hold is None or self._hold.switchover_id != switchover_id:
+            return []
         self._hold_ended(now_ms)
         return self.release_hold()
 

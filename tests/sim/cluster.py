@@ -1471,7 +1471,7 @@ class SimReplica:
             return "invalid"
         except (Unavailable, ReplicaBrokenError):
             return "unavailable"
-        self.switch_wait = {"target": target, "token": token}
+        self.switch_wait = {"target": target, "token": token, "id": switchover_id}
         deadline = self.core.switchover_deadline_ms(now, timeout_ms)
         self.k.after(max(0, deadline - now), self._switchover_deadline, token)
         self._check_switchover()
@@ -1491,14 +1491,18 @@ class SimReplica:
             # The call was cancelled (its operation ended, or the coordinator died): gRPC
             # cancels the handler, which releases the hold.
             self.switch_wait = None
-            self._run(self.core.prepare_failed(self.agent.now))
+            self._run(self.core.prepare_failed(wait["id"], self.agent.now))
             return
         try:
-            ready = self.core.switchover_ready(wait["target"])
+            ready = self.core.switchover_ready(wait["target"], wait["id"])
         except NotPrimaryError:
             self.switch_wait = None
-            self._run(self.core.prepare_failed(self.agent.now))
+            self._run(self.core.prepare_failed(wait["id"], self.agent.now))
             self.agent.switchover_answer(token, "not_primary", 0)
+            return
+        except Unavailable:
+            self.switch_wait = None  # the hold ended (its deadline): nothing to release
+            self.agent.switchover_answer(token, "unavailable", 0)
             return
         if ready is not None:
             self.switch_wait = None
@@ -1510,7 +1514,7 @@ class SimReplica:
         if self.closed or wait is None or wait["token"] != token:
             return
         self.switch_wait = None
-        self._run(self.core.prepare_failed(self.agent.now))
+        self._run(self.core.prepare_failed(wait["id"], self.agent.now))
         self.agent.switchover_answer(token, "unavailable", 0)
 
 

@@ -286,15 +286,39 @@ def test_a_switchover_holds_until_the_target_caught_up_then_until_its_deadline()
     assert node.core.holding
     with pytest.raises(Unavailable):
         node.core.prepare_switchover(1, "b", "s2")  # one switchover at a time
-    assert node.core.switchover_ready("b") is None
+    assert node.core.switchover_ready("b", "s1") is None
     catch_up(node, "b")
-    assert node.core.switchover_ready("b") == (1, 1)
+    assert node.core.switchover_ready("b", "s1") == (1, 1)
     timer = node.core.switchover_prepared(100)[0]
     assert timer == ArmTimer(100 + defaults.SWITCHOVER_TIMEOUT_MS, timer.token)
     assert node.core.timer(timer.token + 1, 0) == []  # another hold's timer
     assert HOLD_RELEASED not in node.core.tick(timer.at_ms - 1) and node.core.holding
     assert HOLD_RELEASED in node.core.tick(timer.at_ms)
     assert not node.core.holding
+
+
+def test_a_call_of_a_switchover_whose_hold_ended_is_never_answered_ready() -> None:
+    """A prepare asked again (the coordinator's PREPARE_RESEND_MS) waits beside the first
+    call. When the first gives up at its deadline, the hold ends and writes flow: the other
+    call must not then answer ready (the coordinator would promote the target while this
+    primary serves), nor release a hold that a later switchover took meanwhile."""
+    node = Node()
+    node.assign(PRIMARY, 1, {"b": "addr"}, {"b"})
+    node.flush()
+    node.core.prepare_switchover(1, "b", "s1", now_ms=0)
+    node.core.prepare_switchover(1, "b", "s1", now_ms=500)  # asked again: joins the hold
+    node.run(node.core.prepare_failed("s1", now_ms=5000))  # the first call's deadline
+    assert not node.core.holding
+    catch_up(node, "b")
+    with pytest.raises(Unavailable, match="hold of switchover 's1' ended"):
+        node.core.switchover_ready("b", "s1")
+    # Later, another switchover holds; the late call of s1 ending releases nothing of it.
+    node.core.prepare_switchover(1, "b", "s2", now_ms=20_000)
+    assert node.core.prepare_failed("s1", now_ms=20_001) == []
+    assert node.core.holding and node.core.hold_id == "s2"
+    with pytest.raises(Unavailable):
+        node.core.switchover_ready("b", "s1")
+    assert node.core.switchover_ready("b", "s2") == (1, 1)
 
 
 def test_a_release_for_another_switchover_changes_nothing() -> None:

@@ -102,7 +102,7 @@ def test_a_looping_prepare_holds_writes_at_most_half_of_the_time() -> None:
     node.assign(PRIMARY, 1, {"b": "addr"}, {"b"})
     node.flush()
     node.core.prepare_switchover(1, "b", "s1", now_ms=0)
-    node.run(node.core.prepare_failed(now_ms=1000))  # held 1000 ms, then given up
+    node.run(node.core.prepare_failed("s1", now_ms=1000))  # held 1000 ms, then given up
     assert not node.core.holding
     for switchover_id in ("s1", "s2"):  # the same id or another: writes flow 1000 ms first
         with pytest.raises(Unavailable, match="writes flow for 500 ms"):
