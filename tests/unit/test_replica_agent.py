@@ -13,6 +13,7 @@ import pytest
 
 from failover.agent.host import Agent
 from failover.agent.replica import Replica
+from failover.clock import monotonic_ms
 from failover.core.log_position import LogPosition
 from failover.errors import DiskFullError, ReplicaBrokenError, StorageError, Unavailable
 from failover.storage.atomic import write_atomic
@@ -226,3 +227,29 @@ async def test_replicas_are_created_one_at_a_time_held_ones_are_assigned_meanwhi
     assert held.epoch == 2 and not all(c.done() for c in creates)  # it did not wait for them
     await asyncio.gather(*creates)
     assert most == 1
+
+
+async def test_a_prepare_asked_again_never_ends_a_later_switchovers_hold(agent: Agent) -> None:
+    """The coordinator asks a prepare again (PREPARE_RESEND_MS): two calls of one switchover
+    wait side by side on the agent. The first gives up at its deadline and the hold ends; the
+    second must then fail, never answer ready, and its end must not release the hold of a
+    switchover that began meanwhile (before the fix it ended whatever hold was current)."""
+    replica = await primary_waiting_on_b(agent)
+    first = asyncio.create_task(replica.prepare_switchover(1, "b", 100, "s1"))
+    await until(lambda: replica.core.holding)
+    again = asyncio.create_task(replica.prepare_switchover(1, "b", 1000, "s1"))
+    with pytest.raises(Unavailable):  # b never catches up: the first call gives up
+        await first
+    assert not replica.core.holding
+    # Once writes flowed as long as s1 held them, another switchover holds.
+    await until(lambda: monotonic_ms() > replica.core.hold_gap_until_ms)
+    other = asyncio.create_task(replica.prepare_switchover(1, "b", 10_000, "s2"))
+    await until(lambda: replica.core.holding and replica.core.hold_id == "s2")
+    assert not again.done() or again.exception() is not None
+    with pytest.raises(Unavailable):
+        await asyncio.wait_for(again, 5)
+    assert replica.core.holding and replica.core.hold_id == "s2"
+    other.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await other
+    assert not replica.core.holding
