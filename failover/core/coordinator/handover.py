@@ -70,19 +70,18 @@ class Handover(CoreState):
             source = from_host or duplicas[0]
         if not self.live.get(source, HostLive(0, False)).alive:
             raise InvalidRequest(f"the source {source} is not alive")
-        if self.source_stays(service, source):
-            counted = sum(1 for h in service.replicas if self._counts(service, h))
+        others = self._counted_without(service, source)
+        if others + 1 < service.desired_replicas:  # the target and the others fall short
             raise InvalidRequest(
-                f"{name} has {counted} of its {service.desired_replicas} replicas: the "
+                f"{name} has {others + 1} of its {service.desired_replicas} replicas: the "
                 f"missing ones are rebuilt first (the move would have to keep {source}); try "
                 f"again once `failoverctl status` shows them all")
         return source
 
-    def source_stays(self, service: ServiceInfo, source: str) -> bool:
-        """Whether a move off `source` must keep it: without it, the replicas that count
-        and the move's target fall short of the desired number."""
-        others = sum(1 for h in service.replicas if h != source and self._counts(service, h))
-        return others + 1 < service.desired_replicas
+    def _counted_without(self, service: ServiceInfo, host: str) -> int:
+        """How many of the service's replicas but `host`'s count toward its desired number
+        (a move may retire its source only when these make it)."""
+        return sum(1 for h in service.replicas if h != host and self._counts(service, h))
 
     def migration_begin(self, name: str, source: str, target: str) -> None:
         self.migrations[name] = (source, target)
@@ -103,7 +102,7 @@ class Handover(CoreState):
         usual machinery: the target catches up and joins the in-sync set, a leaving primary
         is switched over, and the source is retired. Unless the service lost a replica
         since the move began and is short even with the target: the target then replaces
-        the lost one and the source stays as it is (`source_stays`). Marked leaving, it
+        the lost one and the source stays as it is (`source_stays` in history). Marked leaving, it
         could never be retired (no replacement counts before it goes), nor a primary moved."""
         source, target = self.migrations.pop(name)
         service = self.services[name]
@@ -111,16 +110,16 @@ class Handover(CoreState):
         service.replicas[target] = BUILDING
         self._track(service)
         self._building_since[(name, target)] = now_ms
-        others = [h for h in service.replicas if h != source and self._counts(service, h)]
-        retire = source in service.replicas and source not in service.leaving and (
-            len(others) >= service.desired_replicas)  # the target is one of them now
+        others = self._counted_without(service, source)  # the target is one of them now
+        retire = (source in service.replicas and source not in service.leaving
+                  and others >= service.desired_replicas)
         if retire:
             service.leaving = sorted({*service.leaving, source})
             if source == service.primary:
                 self._move_to[name] = target
         method = stats.get("method", "")
         then = (f"then {source} is retired" if retire else
-                f"{source} stays: {name} has {len(others)} of its "
+                f"{source} stays: {name} has {others} of its "
                 f"{service.desired_replicas} replicas without it")
         return [
             Persist({SERVICE_PREFIX + name: pack(service)}, history=((
