@@ -14,14 +14,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc.aio
+import pytest
 
 from failover import defaults
 from failover.agent.links import PeerLink
 from failover.v1 import replication_pb2, replication_pb2_grpc
+from tests.unit.inprocess import until
 
 from .test_peer_link_reconnect import Owner, free_port, serve_with
-
-DEADLINE_S = 5.0
 
 
 class Recorder(replication_pb2_grpc.ReplicationServicer):
@@ -45,20 +45,13 @@ def batch(service: str, batch_id: int, commit_index: int,
                                      commit_index=commit_index, records=records)
 
 
-async def until(condition: Any, what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.001)
-
-
 async def linked() -> tuple[PeerLink, Recorder, grpc.aio.Server]:
     port = free_port()
     peer = Recorder()
     server = await serve_with(port, peer)
     link = PeerLink(Owner(), "b", f"127.0.0.1:{port}")  # type: ignore[arg-type]
     link.start()
-    await until(lambda: link.up, "the link")
+    await until(lambda: link.up)
     return link, peer, server
 
 
@@ -67,7 +60,7 @@ async def test_a_notice_alone_goes_within_the_delay() -> None:
     try:
         sent = time.monotonic()
         link.send_batch(batch("s1", 1, 10), notice=True)
-        await until(lambda: peer.messages, "the notice")
+        await until(lambda: bool(peer.messages))
         arrived, carried = peer.messages[0]
         assert carried == [("s1", 1, 10)]
         # Not at once, and not much later than the delay (a loaded machine adds a little).
@@ -85,7 +78,7 @@ async def test_a_later_batch_of_the_same_set_replaces_the_notice_another_sets_ri
         link.send_batch(batch("s1", 1, 10), notice=True)
         link.send_batch(batch("s2", 7, 30), notice=True)
         link.send_batch(batch("s1", 2, 11, records=b"entries"))
-        await until(lambda: peer.messages, "the batch")
+        await until(lambda: bool(peer.messages))
         # One message: s1's batch (its commit index is as new as the notice's) and s2's notice.
         assert peer.messages[0][1] == [("s1", 2, 11), ("s2", 7, 30)]
         await asyncio.sleep(3 * defaults.LINK_NOTICE_DELAY_MS / 1000)
@@ -95,19 +88,22 @@ async def test_a_later_batch_of_the_same_set_replaces_the_notice_another_sets_ri
         await server.stop(None)
 
 
-async def test_writers_in_a_loop_send_one_message_per_round_not_two() -> None:
+async def test_writers_in_a_loop_send_one_message_per_round_not_two(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A delay a loaded machine cannot outrun between a round's notice and its next batch.
+    monkeypatch.setattr(defaults, "LINK_NOTICE_DELAY_MS", 200)
     link, peer, server = await linked()
     rounds = 20
     try:
         for n in range(rounds):
             link.send_batch(batch("s1", 2 * n + 1, n, records=b"entries"))
-            await until(lambda n=n: len(peer.messages) > n, "the round's batch")
+            await until(lambda n=n: len(peer.messages) > n)
             # The batch is answered and committed: the core tells the idle duplica so, and
             # the round's next write comes a moment later.
             link.send_batch(batch("s1", 2 * n + 2, n + 1), notice=True)
-            await asyncio.sleep(0.0005)
-        await asyncio.sleep(3 * defaults.LINK_NOTICE_DELAY_MS / 1000)
-        assert len(peer.messages) == rounds + 1  # the last round's notice went alone
+            await asyncio.sleep(0.0005)  # the round's next write, a moment later
+        await until(lambda: len(peer.messages) > rounds)  # the last notice goes alone
+        assert len(peer.messages) == rounds + 1
         assert peer.messages[-1][1] == [("s1", 2 * rounds, rounds)]
     finally:
         await link.stop()
