@@ -341,8 +341,28 @@ class LocalCluster:
         for agent in self.agents.values():
             agent.wait_ready()
         if self.coordinator is not None:
-            wait_for(lambda: sum(h.alive for h in self.lead().status().hosts)
-                     == len(self.agents), READY_TIMEOUT_S, "every agent to register")
+            try:
+                wait_for(lambda: sum(h.alive for h in self.lead().status().hosts)
+                         == len(self.agents), READY_TIMEOUT_S, "every agent to register")
+            except TimeoutError as exc:
+                raise TimeoutError(f"{exc}\n{self._registration_report()}") from None
+
+    def _registration_report(self) -> str:
+        """Why agents did not register: who the coordinators see alive, and the log tails of
+        the coordinators and of every agent not seen alive (a failure in CI keeps no files)."""
+        alive: set[str] = set()
+        lines: list[str] = []
+        try:
+            hosts = self.lead().status().hosts
+            alive = {h.host_id for h in hosts if h.alive}
+            lines.append("hosts the coordinator knows: " + (", ".join(
+                f"{h.host_id} alive={h.alive}" for h in hosts) or "none"))
+        except Exception as exc:  # a report of a failure must not fail itself
+            lines.append(f"no status from the coordinator: {exc}")
+        for process in [*self.coordinators,
+                        *(a for h, a in self.agents.items() if h not in alive)]:
+            lines.append(f"--- {process.log_path.name}, last lines:\n{process.log_tail(40)}")
+        return "\n".join(lines)
 
     def close(self) -> None:
         for process in self.coordinators:
