@@ -23,6 +23,7 @@ import grpc
 import grpc.aio
 
 from failover.core.permissions import ADMIN, AGENT, CLIENT, COORDINATOR, OPERATOR
+from failover.errors import FailoverError
 from failover.net import certs, channels
 from failover.net.tls import TlsFiles
 from failover.netns import HostNetwork
@@ -160,7 +161,10 @@ class AgentProcess(ManagedProcess):
         self.data_dir.mkdir(parents=True, exist_ok=True)
 
     def probe(self) -> None:
-        self.control().GetStatus(agent_pb2.GetStatusRequest(), timeout=0.5)
+        status = self.control().GetStatus(agent_pb2.GetStatusRequest(), timeout=0.5)
+        if status.host_id != self.host_id:
+            raise FailoverError(f"{self.address} answers as agent {status.host_id!r}, not "
+                                f"{self.host_id!r}: another process listens on its port")
 
     def control(self) -> agent_pb2_grpc.AgentControlStub:
         return agent_pb2_grpc.AgentControlStub(self.channel())

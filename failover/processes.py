@@ -32,14 +32,24 @@ READY_TIMEOUT_S = 20.0
 
 _PORTS_LOW = 10_000  # local daemons listen between this and the ephemeral range
 _PORT_TRIES_MAX = 200
+_PORTS_GIVEN_MAX = 8_192  # remembered by `free_port`; a third of the range it draws from
+
+_ports_given: dict[int, None] = {}  # in the order given, oldest first
 
 
 def free_port() -> int:
-    """A port nothing listens on right now, below the kernel's ephemeral range.
+    """A port nothing listens on right now, below the kernel's ephemeral range, and not one
+    this process handed out already (the last `_PORTS_GIVEN_MAX` of them).
 
     A port the OS hands out for port 0 comes from the ephemeral range, which outgoing
     connections also draw from: one of them could take it between this check and the daemon's
-    bind ("address already in use"). Below that range only another listener can."""
+    bind ("address already in use"). Below that range only another listener can.
+
+    A cluster draws its daemons' ports before any of them binds, so a port drawn twice was
+    free both times: two agents got the same one (a 1 in 4,000 chance per cluster, and a test
+    run starts hundreds). The second agent's child failed to bind and its supervisor started
+    it again and again, while the first agent answered the readiness probe on that port, and
+    the cluster waited out its registration deadline."""
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
             ephemeral_low = int(f.read().split()[0])
@@ -48,15 +58,29 @@ def free_port() -> int:
     rng = random.Random()
     for _ in range(_PORT_TRIES_MAX if ephemeral_low > _PORTS_LOW + 1000 else 0):
         port = rng.randrange(_PORTS_LOW, ephemeral_low)
+        if port in _ports_given:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        return _given(port)
+    for _ in range(_PORT_TRIES_MAX):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _ports_given:
+            return _given(port)
+    raise OSError(f"no free port found in {_PORT_TRIES_MAX} tries")
+
+
+def _given(port: int) -> int:
+    """Remembers `port` as handed out, forgetting the oldest beyond `_PORTS_GIVEN_MAX`."""
+    _ports_given[port] = None
+    while len(_ports_given) > _PORTS_GIVEN_MAX:
+        del _ports_given[next(iter(_ports_given))]
+    return port
 
 
 def wait_for(condition: Callable[[], T], timeout_s: float, what: str,

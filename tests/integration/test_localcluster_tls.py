@@ -10,7 +10,8 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from failover.localcluster import LocalCluster, sync_channel
+from failover.errors import FailoverError
+from failover.localcluster import AgentProcess, LocalCluster, sync_channel
 from failover.net.tls import TlsFiles
 from failover.v1 import agent_pb2, agent_pb2_grpc, coordinator_pb2, coordinator_pb2_grpc
 
@@ -92,3 +93,16 @@ def test_each_identity_it_hands_out_may_do_only_what_its_role_allows(
     assert [(s.name, s.epoch) for s in after.services] == [
         (s.name, s.epoch) for s in before.services]
     assert cluster.primary_of("kv") == primary
+
+
+def test_an_agent_is_ready_only_when_its_own_process_answers_on_its_port(
+    cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    # Another agent on the port (two given the same one) is not this agent being ready.
+    agent = cluster[next(iter(cluster.agents))]
+    imposter = AgentProcess(tmp_path_factory.mktemp("imposter"), "h-imposter",
+                            caller_tls=agent.caller_tls)
+    imposter.address = agent.address
+    with pytest.raises(FailoverError, match="answers as agent"):
+        imposter.probe()
+    agent.probe()
