@@ -250,6 +250,12 @@ PLACEMENT_POLICY = "worst-fit"  # first-fit, best-fit or worst-fit (failover.cor
 # the rest wait for a slot, so rebuilds (each a log replay or a snapshot streamed by a live
 # primary) never starve live traffic.
 REBUILD_CONCURRENCY_MAX = 32
+# A service that failed over rebuilds its lost replica no sooner than this after the
+# promotion (ms): a host death promotes every primary it held at once, and their rebuilds
+# (each a snapshot or a log replay streamed by a primary just promoted) started about 90 ms
+# later, while the promotions were still landing and clients finding the new primaries
+# (benchmarks/storm.py). The deposed copy's host, back within it, catches up instead.
+REBUILD_CALM_MS = 2_000
 # A failover in sync mode passes over an in-sync duplica whose state trails its log by more
 # than this many entries (it is replaying its log after a restart; about 25 ms of replay)
 # when another candidate is ready: the new primary answers no write before it has applied

@@ -208,6 +208,8 @@ def test_a_broken_primary_is_failed_over_then_rebuilt() -> None:
     retired = [e for e in d.events if e[1] == "retired"]
     assert retired and "h1" in retired[-1][2] and "write-ahead log corrupt" in retired[-1][2]
     assert any(isinstance(a, DropReplica) and a.host_id == "h1" for a in d.actions)
+    # The rebuild waits `rebuild_calm_ms` after the promotion, as after any failover.
+    d.step(d.core.timing.rebuild_calm_ms)
     rebuilt = next(h for h, role in s.replicas.items() if role == BUILDING)
     d.catch_up("s", rebuilt)
     d.step(3 * HB)

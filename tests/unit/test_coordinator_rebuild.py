@@ -39,8 +39,10 @@ NEEDS = Resources(0.5, 1 * GIB, 1 * GIB)
 
 
 class Driver:
-    def __init__(self, hosts: list[str], zones: dict[str, str] | None = None) -> None:
-        self.core = CoordinatorCore(Timing(HB, FAIL, LEASE, DEAD))
+    def __init__(self, hosts: list[str], zones: dict[str, str] | None = None,
+                 rebuild_calm_ms: int = DEAD) -> None:
+        self.core = CoordinatorCore(Timing(HB, FAIL, LEASE, DEAD,
+                                           rebuild_calm_ms=rebuild_calm_ms))
         self.now = 1000
         self.roles: dict[tuple[str, str], tuple[str, int]] = {}  # (host, svc) -> role, epoch
         # (host, svc) -> the in-sync set and its generation a primary was last assigned
@@ -166,16 +168,35 @@ def test_a_retired_host_that_returns_is_told_to_drop_its_copy() -> None:
     assert d.core.live["h2"].dead is False
 
 
-def test_failover_rebuilds_at_once_and_the_first_in_sync_copy_wins() -> None:
-    d = Driver(["h1", "h2", "h3"])
+def failed_over(rebuild_calm_ms: int) -> Driver:
+    """Service s on h1 (primary) and h2, h1 silent from then on: stepped until h2 was
+    promoted, no further."""
+    d = Driver(["h1", "h2", "h3"], rebuild_calm_ms=rebuild_calm_ms)
     d.create()
     d.write("s", 10)
     d.up.discard("h1")
-    d.step(FAIL + LEASE + 3 * HB)
     s = d.core.services["s"]
+    while s.epoch == 1:
+        assert d.now < 10_000, "no failover"
+        d.step(HB)
     assert s.primary == "h2" and s.epoch == 2
-    # No waiting for host_dead_ms: the deposed primary does not count.
-    assert s.replicas.get("h3") == BUILDING
+    return d
+
+
+def test_failover_rebuilds_after_the_calm_and_the_first_in_sync_copy_wins() -> None:
+    # The calm is shorter than host_dead_ms here: the rebuild waits for the calm only, not
+    # for the old primary's host to be declared dead (the deposed primary does not count).
+    calm = 500
+    d = failed_over(calm)
+    s = d.core.services["s"]
+    promoted_ms = d.core._promoted_ms["s"]
+    # Nothing is rebuilt while the promotion lands and clients find the new primary.
+    while "h3" not in s.replicas:
+        assert d.now - promoted_ms <= calm + HB, "the rebuild waited past its calm"
+        d.step(HB)
+    assert s.replicas["h3"] == BUILDING
+    assert d.now - promoted_ms >= calm
+    assert not d.core.live["h1"].dead
     # The old primary comes back and catches up first: the building copy is retired.
     d.up.add("h1")
     d.step(2 * HB)
@@ -184,6 +205,22 @@ def test_failover_rebuilds_at_once_and_the_first_in_sync_copy_wins() -> None:
     assert "h1" in s.in_sync
     assert "h3" not in s.replicas and set(s.replicas) == {"h1", "h2"}
     assert any(isinstance(a, DropReplica) and a.host_id == "h3" for a in d.actions)
+
+
+def test_a_deposed_primary_back_within_the_calm_catches_up_and_nothing_is_rebuilt() -> None:
+    # An agent process that crashed comes back within about a second: its copy of the
+    # service holds nearly everything, and a snapshot streamed to a third host is waste.
+    calm = 1500
+    d = failed_over(calm)
+    s = d.core.services["s"]
+    d.up.add("h1")
+    d.step(2 * HB)
+    d.catch_up("s", "h1")
+    d.step(calm + 3 * HB)
+    assert "h1" in s.in_sync and set(s.replicas) == {"h1", "h2"}
+    assert not any(isinstance(a, AssignRole) and a.host_id == "h3" for a in d.actions)
+    assert not any(e[1] == "placement" for e in d.events)
+    assert "s" not in d.core._promoted_ms  # forgotten once the calm is over
 
 
 def test_no_spare_host_records_one_event_and_retries_when_hosts_change() -> None:

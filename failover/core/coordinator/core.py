@@ -149,6 +149,9 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
         self._primaries: dict[str, int] = {}
         # services whose missing replicas wait for a rebuild slot (recorded once)
         self._rebuild_waiting: set[str] = set()
+        # service -> when a failover promoted its primary, until `rebuild_calm_ms` later
+        # (`Redundancy._restore_redundancy`): its lost replica is not rebuilt before.
+        self._promoted_ms: dict[str, int] = {}
         # Rebalance (`Redundancy._rebalance`): since when no failover has been in progress
         # (None: not yet seen a tick), when a move was last considered or a move of any kind
         # last seen in progress, the services whose `StartSwitchover` it emitted (their
@@ -253,6 +256,7 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
         self._seq.pop(name, None)
         self._count_primary(name)
         self._rebuild_waiting.discard(name)
+        self._promoted_ms.pop(name, None)
         self._attention.discard(name)
         for host in service.replicas:
             # A building replica of a deleted service no longer takes a rebuild slot.
@@ -355,6 +359,7 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
         for service in self._attending():
             if self._settled(service):
                 attention.discard(service.name)  # until something unsettles it
+                self._promoted_ms.pop(service.name, None)  # whole again: no rebuild to calm
                 continue
             actions.extend(self._restore_redundancy(service, now_ms))
             actions.extend(self._move_primary(service, now_ms))

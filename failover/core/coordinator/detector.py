@@ -174,6 +174,7 @@ class Detector(CoreState):
         service.promotable = [h for h in service.promotable if h in service.in_sync]
         self._forget_thresholds(service.name)
         self._deposed.add((service.name, old))
+        self._promoted_ms[service.name] = now_ms  # its rebuild waits (`rebuild_calm_ms`)
         details = {
             "old_primary": old, "new_primary": new, "epoch": service.epoch,
             "detection_ms": failover.suspected_ms - failover.last_heartbeat_ms,

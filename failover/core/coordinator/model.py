@@ -190,6 +190,8 @@ class Timing:
     lease_drift_margin_ms: int = defaults.LEASE_DRIFT_MARGIN_MS
     # At most this many building replicas at once, cluster-wide; the rest wait.
     rebuild_concurrency_max: int = defaults.REBUILD_CONCURRENCY_MAX
+    # A failed-over service's lost replica is rebuilt no sooner than this after promotion.
+    rebuild_calm_ms: int = defaults.REBUILD_CALM_MS
     # Rebalance of primaries: at most one switchover started per gap (0: off), none until
     # this long after the last failover in progress.
     rebalance_gap_ms: int = defaults.REBALANCE_GAP_MS
@@ -236,6 +238,7 @@ class CoreState:
     _primary_of: dict[str, str]
     _primaries: dict[str, int]
     _rebuild_waiting: set[str]
+    _promoted_ms: dict[str, int]
     _calm_since_ms: int | None
     _rebalanced_ms: int | None
     _rebalancing: set[str]

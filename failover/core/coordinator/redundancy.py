@@ -80,6 +80,8 @@ class Redundancy(CoreState):
         counted = [h for h in service.replicas if self._counts(service, h)]
         missing = service.desired_replicas - len(counted)
         if missing > 0:
+            if self._rebuild_calming(service.name, now_ms):
+                return []
             return self._place(service, missing, now_ms)
         actions: list[Action] = []
         self._rebuild_waiting.discard(service.name)
@@ -104,6 +106,21 @@ class Redundancy(CoreState):
         for host in sorted(extra):
             actions.extend(self._retire(service, host))
         return actions
+
+    def _rebuild_calming(self, name: str, now_ms: int) -> bool:
+        """Whether a rebuild of `name` waits: within `rebuild_calm_ms` of the failover that
+        promoted its primary. A host death promotes all its primaries at one moment, and
+        rebuilding every lost copy at once, each streamed by a primary just promoted, took
+        the CPU the promotions and the clients rerouting needed. Only the service's own
+        failover counts, so a cluster that keeps failing somewhere still rebuilds; the tick
+        keeps visiting the service (it is not settled) until the wait is over."""
+        promoted_ms = self._promoted_ms.get(name)
+        if promoted_ms is None:
+            return False
+        if now_ms - promoted_ms < self.timing.rebuild_calm_ms:
+            return True
+        del self._promoted_ms[name]
+        return False
 
     def _settled(self, service: ServiceInfo) -> bool:
         """Whether `_restore_redundancy` and `_move_primary` would do nothing for `service`
