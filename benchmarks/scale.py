@@ -16,8 +16,10 @@ per round.
   primaries, once it has been silent a failure timeout: the tick that suspects it, the
   duplicas' answers to `AskHearsPrimary` (one call with all of them where the core has
   `hears_primary_many`, else one call per service), and the tick after the next heartbeat
-  round, which places the replacements of the deposed primaries. Of the heartbeat round in
-  between, what it costs beyond a steady round (`heartbeat_round_cpu_ms`) counts: its
+  round, and the tick that places the replacements of the deposed primaries,
+  `rebuild_calm_ms` after the promotions (the hosts beat in between, uncounted, as in steady
+  state). Of the heartbeat round after the answers, what it costs beyond a steady round
+  (`heartbeat_round_cpu_ms`) counts: its
   primaries take the dead host's duplicas out of their in-sync sets. The core has placed a
   replica before (`spare_host`), as one that has been running has: what it keeps of each
   host's load for placement is warm.
@@ -253,6 +255,23 @@ def measure(c: Any, state: dict[str, bytes]) -> dict[str, Any]:
     actions = core.tick(now)
     parts.append(time.process_time() - started)
     decided.extend(agents.run(actions))
+    calm_ms = getattr(core.timing, "rebuild_calm_ms", 0)
+    if calm_ms:
+        # The replacements wait `rebuild_calm_ms` after the promotions, the hosts beating
+        # meanwhile as they do (not counted: steady rounds); the tick that places them is
+        # the decision's last part.
+        place_at = now + calm_ms
+        while now + hb < place_at:
+            now += hb
+            round_of_heartbeats(False)
+            early = agents.run(core.tick(now))
+            assert not any(isinstance(a, c.Persist) and any(
+                row[1] == "placement" for row in a.history) for a in early), "placed early"
+        now = place_at
+        started = time.process_time()
+        actions = core.tick(now)
+        parts.append(time.process_time() - started)
+        decided.extend(agents.run(actions))
     promoted = sum(1 for a in decided if isinstance(a, c.Persist)
                    for row in a.history if row[1] == "failover")
     placed = sum(1 for a in decided if isinstance(a, c.Persist)
@@ -268,7 +287,8 @@ def measure(c: Any, state: dict[str, bytes]) -> dict[str, Any]:
         "primaries_per_host_max": max(primaries.values()),
         "core_state_mb": round(state_mb, 1),
         "heartbeat_rounds_cpu_ms": [round(r, 2) for r in rounds],
-        # the tick that suspects, the answers, the tick that places the replacements
+        # the tick that suspects, the answers, the round of beats in between, the tick
+        # after it, and the tick that places the replacements (after `rebuild_calm_ms`)
         "host_death_decide_parts_ms": [round(p * 1000, 2) for p in parts],
         "primaries_failed_over": promoted,
         "replacements_placed": placed,
