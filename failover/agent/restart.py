@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 from collections.abc import Mapping, Sequence
 from typing import NoReturn
@@ -27,6 +28,7 @@ from failover.errors import InvalidRequest
 
 OUTPUT_CHARS_MAX = defaults.PATCH_OUTPUT_CHARS_MAX  # of the output kept for the reply (its end)
 _READ_BYTES = 64 << 10
+_SIGNALS = {int(sig) for sig in signal.Signals}
 
 
 def patch_argv(name: str, commands: Mapping[str, Sequence[str]]) -> tuple[str, ...]:
@@ -52,9 +54,10 @@ async def _tail(stream: asyncio.StreamReader, bytes_max: int) -> bytes:
 async def run_command(argv: Sequence[str], timeout_ms: int, output_bytes_max: int,
                       what: str, env: Mapping[str, str] | None = None) -> tuple[int, str]:
     """Runs `argv` (no shell), in its own session, stdin closed, under a deadline; returns
-    its exit code (127: it could not start; -1: killed at the deadline) and the end of its
-    output (stdout and stderr together, its last `output_bytes_max` bytes, or why it did
-    not run). `what` names it in those messages; `env` is added to the agent's own."""
+    its exit code (127: it could not start; -1: killed at the deadline; 128 + N: killed by
+    signal N, as a shell reports it) and the end of its output (stdout and stderr together,
+    its last `output_bytes_max` bytes, or why it did not run, or which signal killed it).
+    `what` names it in those messages; `env` is added to the agent's own."""
     try:
         process = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
@@ -77,7 +80,14 @@ async def run_command(argv: Sequence[str], timeout_ms: int, output_bytes_max: in
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, 9)
         raise
-    return process.returncode or 0, out.decode(errors="replace")
+    code = process.returncode or 0
+    text = out.decode(errors="replace")
+    if code < 0:
+        # Killed by a signal (asyncio says -N): reported as a shell does, so that -1 means
+        # only the deadline (a hook killed by SIGHUP was reported as timed out).
+        name = signal.Signals(-code).name if -code in _SIGNALS else f"signal {-code}"
+        return 128 - code, f"{text}\n{what} was killed by {name}"
+    return code, text
 
 
 async def run_patch_command(argv: Sequence[str], timeout_ms: int) -> tuple[int, str]:

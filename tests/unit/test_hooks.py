@@ -178,3 +178,18 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
     except (FileNotFoundError, IndexError):
         return "Z"
+
+
+async def test_a_hook_killed_by_a_signal_is_not_reported_as_timed_out() -> None:
+    # asyncio gives -N for a process killed by signal N: SIGHUP's -1 is the deadline's code.
+    tasks: set[asyncio.Task[Any]] = set()
+    runner = HookRunner("h1", {"on_failover": ("hup",)},
+                        {"hup": (sys.executable, "-c",
+                                 "import os, signal; os.kill(os.getpid(), signal.SIGHUP)")},
+                        lambda coro: tasks.add(asyncio.ensure_future(coro)), timeout_ms=10_000)
+    runner.fire("on_failover", "kv", "primary", 7)
+    await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    result = runner.pending()[0]
+    assert not result.timed_out
+    assert result.exit_code == 128 + 1  # as a shell reports it
+    assert result.output.endswith("was killed by SIGHUP")
