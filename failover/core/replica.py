@@ -786,8 +786,12 @@ class ReplicaCore:
         replica stopped being the primary, or its caller went away): nobody will complete
         that switchover, so the reads and writes held for it resume here. A hold of another
         switchover (begun after this one's ended, while a call of this one still waited) is
-        not this call's to end."""
-        if self._hold is None or self._hold.switchover_id != switchover_id:
+        not this call's to end, nor is a hold another call of this switchover answered
+        ready: the coordinator may be promoting the target on that answer, and writes and
+        reads resumed here could miss what the new primary acknowledges. That hold ends at
+        its deadline, by the coordinator's release, or with this replica's role."""
+        hold = self._hold
+        if hold is None or hold.switchover_id != switchover_id or hold.deadline_ms is not None:
             return []
         self._hold_ended(now_ms)
         return self.release_hold()

@@ -900,7 +900,9 @@ class SimReplica:
         self.closed = False
         self.held: list[ClientRequest] = []  # reads and writes a switchover holds
         self._reads: list[dict[str, Any]] = []
-        self.switch_wait: dict[str, Any] | None = None
+        # The prepare calls waiting here, one per call (server.py keeps earlier calls open
+        # when it asks again: two handlers wait side by side on the agent).
+        self.switch_waits: dict[CallToken, dict[str, Any]] = {}
 
     # --- the core's state, as the checks see it --------------------------------------------
 
@@ -1471,7 +1473,7 @@ class SimReplica:
             return "invalid"
         except (Unavailable, ReplicaBrokenError):
             return "unavailable"
-        self.switch_wait = {"target": target, "token": token, "id": switchover_id}
+        self.switch_waits[token] = {"target": target, "token": token, "id": switchover_id}
         deadline = self.core.switchover_deadline_ms(now, timeout_ms)
         self.k.after(max(0, deadline - now), self._switchover_deadline, token)
         self._check_switchover()
@@ -1483,37 +1485,41 @@ class SimReplica:
             self._run(actions)
 
     def _check_switchover(self) -> None:
-        wait = self.switch_wait
-        if wait is None or self.closed:
-            return
-        token = wait["token"]
+        for token, wait in list(self.switch_waits.items()):
+            if self.closed:
+                return
+            if self.switch_waits.get(token) is wait:
+                self._check_one_switchover(token, wait)
+
+    def _check_one_switchover(self, token: CallToken, wait: dict[str, Any]) -> None:
+        """One waiting prepare call, as its handler in replica.py goes on."""
         if token not in self.c.coord.open_calls:
             # The call was cancelled (its operation ended, or the coordinator died): gRPC
-            # cancels the handler, which releases the hold.
-            self.switch_wait = None
+            # cancels the handler, which releases its own hold only.
+            del self.switch_waits[token]
             self._run(self.core.prepare_failed(wait["id"], self.agent.now))
             return
         try:
             ready = self.core.switchover_ready(wait["target"], wait["id"])
         except NotPrimaryError:
-            self.switch_wait = None
+            del self.switch_waits[token]
             self._run(self.core.prepare_failed(wait["id"], self.agent.now))
             self.agent.switchover_answer(token, "not_primary", 0)
             return
         except Unavailable:
-            self.switch_wait = None  # the hold ended (its deadline): nothing to release
+            del self.switch_waits[token]  # the hold ended (its deadline): nothing to release
             self.agent.switchover_answer(token, "unavailable", 0)
             return
         if ready is not None:
-            self.switch_wait = None
+            del self.switch_waits[token]
             self._run(self.core.switchover_prepared(self.agent.now))
             self.agent.switchover_answer(token, "ok", ready[0])
 
     def _switchover_deadline(self, token: CallToken) -> None:
-        wait = self.switch_wait
-        if self.closed or wait is None or wait["token"] != token:
+        wait = self.switch_waits.get(token)
+        if self.closed or wait is None:
             return
-        self.switch_wait = None
+        del self.switch_waits[token]
         self._run(self.core.prepare_failed(wait["id"], self.agent.now))
         self.agent.switchover_answer(token, "unavailable", 0)
 
@@ -1719,9 +1725,9 @@ class SimAgent:
         self.incarnation += 1
         for replica in self.replicas.values():
             replica.close()
-            wait = replica.switch_wait
-            if wait is not None:  # the coordinator's call fails at once
-                self.switchover_answer(wait["token"], "unavailable", 0, force=True)
+            for token in replica.switch_waits:  # the coordinator's calls fail at once
+                self.switchover_answer(token, "unavailable", 0, force=True)
+            replica.switch_waits.clear()
         self.replicas = {}
         for link in self.links.values():
             link.destroy()

@@ -526,7 +526,7 @@ def switchover_cancelled(c: Cluster) -> None:
     c.k.run_until(c.k.now + 50)
     c.coord.start_switchover("s1", target)
     replica = c.agents[old].replicas["s1"]
-    assert run_until(c, lambda: replica.switch_wait is not None, 500)
+    assert run_until(c, lambda: bool(replica.switch_waits), 500)
     c.coord.crash()
     c.k.run_until(c.k.now + 300)
     c.coord.boot()

@@ -321,6 +321,27 @@ def test_a_call_of_a_switchover_whose_hold_ended_is_never_answered_ready() -> No
     assert node.core.switchover_ready("b", "s2") == (1, 1)
 
 
+def test_a_call_that_fails_after_another_call_of_its_switchover_was_ready_keeps_the_hold(
+) -> None:
+    """Two calls of one switchover wait (the prepare was asked again); one answers ready and
+    the coordinator promotes the target on it, then the other fails (its caller cancelled
+    it as the operation ended, or its deadline). The hold must last: writes and reads
+    resumed here could miss what the new primary acknowledges."""
+    node = Node()
+    node.assign(PRIMARY, 1, {"b": "addr"}, {"b"})
+    node.flush()
+    node.core.prepare_switchover(1, "b", "s1", now_ms=0)
+    node.core.prepare_switchover(1, "b", "s1", now_ms=500)  # asked again: joins the hold
+    catch_up(node, "b")
+    assert node.core.switchover_ready("b", "s1") == (1, 1)
+    node.run(node.core.switchover_prepared(now_ms=600))  # the first call answers ready
+    assert node.core.prepare_failed("s1", now_ms=700) == []  # the other call ends
+    assert node.core.holding and node.core.hold_id == "s1"
+    # It ends at its deadline, as a prepared hold whose coordinator went silent does.
+    node.run(node.core.tick(600 + defaults.SWITCHOVER_TIMEOUT_MS))
+    assert not node.core.holding
+
+
 def test_a_release_for_another_switchover_changes_nothing() -> None:
     node = Node()
     node.assign(PRIMARY, 1, {"b": "addr"}, {"b"})
