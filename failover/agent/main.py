@@ -67,12 +67,15 @@ def agent_command(config_path: str | None, no_supervisor: bool, **flags: Any) ->
     config = AgentConfig.from_mapping(raw)
     tls = config.load_tls()
     from failover.agent.daemon import run  # imported late: --help stays fast
-    from failover.net.channels import check_listen
+    from failover.net.channels import check_listen, check_listen_free
 
     check_listen(str(config.listen), tls=tls is not None, insecure=config.insecure)
     from failover.agent.supervisor import child_incarnation, run_supervised
 
     incarnation = child_incarnation()
+    if not incarnation:
+        # Before the supervisor starts a child that cannot bind (and starts it again).
+        check_listen_free(str(config.listen))
     if incarnation or no_supervisor:
         run(config, tls, incarnation)  # the supervisor's child (or no supervisor)
     else:

@@ -94,12 +94,13 @@ def coordinator_command(listen: str, data_dir: str, store: str | None, cluster: 
     if advertise is not None:
         parse_address(advertise, what="--advertise")
         check_address(advertise)
-    from failover.net.channels import check_listen
+    from failover.net.channels import check_listen, check_listen_free
     from failover.net.tls import TlsFiles
 
     files = TlsFiles.from_options(tls_ca, tls_cert, tls_key)
     tls = files.load() if files is not None else None
     check_listen(listen, tls=tls is not None, insecure=insecure)
+    check_listen_free(listen)
     from failover.observe.endpoint import check_metrics_listen
 
     if metrics_listen is not None:

@@ -8,7 +8,9 @@ serve in the clear beyond loopback unless told to.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import socket
 from collections.abc import Sequence
 
 import grpc
@@ -128,6 +130,36 @@ def check_listen(address: str, *, tls: bool, insecure: bool) -> None:
     raise ConfigError(
         f"refusing to listen on {address} without TLS: anyone who reaches it could drive the "
         "cluster; give --tls-ca, --tls-cert and --tls-key, or --insecure to serve in the clear")
+
+
+def check_listen_free(address: str) -> None:
+    """Raises ConfigError when another process listens on `address` already (an agent
+    started twice, a port taken), before anything starts: under its supervisor, an agent
+    whose child could not bind was started again five times, then gave up with exit 1 some
+    seconds later, and the one line saying why was lost among their logs. A port taken in
+    between is still found by the daemon's own bind."""
+    parsed = parse_address(address, what="listen", allow_port_zero=True)
+    if parsed.port == 0:
+        return
+    try:
+        found = socket.getaddrinfo(parsed.host or None, parsed.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except OSError:
+        return  # a host that does not resolve: the daemon's bind says so
+    for family, kind, proto, _name, sockaddr in found:
+        with socket.socket(family, kind, proto) as probe:
+            # As the daemon binds: an old connection's TIME_WAIT does not block it, a
+            # listener does.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise ConfigError(
+                        f"cannot listen on {address}: another process listens there (is "
+                        "this daemon running already?); stop it or choose another port"
+                    ) from None
+                return  # not this check's to judge (an address of another host...)
 
 
 REDIRECT_METADATA_KEY = "failover-redirect-bin"
