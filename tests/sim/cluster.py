@@ -1473,7 +1473,7 @@ class SimReplica:
             return "invalid"
         except (Unavailable, ReplicaBrokenError):
             return "unavailable"
-        self.switch_waits[token] = {"target": target, "token": token, "id": switchover_id}
+        self.switch_waits[token] = {"target": target, "id": switchover_id}
         deadline = self.core.switchover_deadline_ms(now, timeout_ms)
         self.k.after(max(0, deadline - now), self._switchover_deadline, token)
         self._check_switchover()
