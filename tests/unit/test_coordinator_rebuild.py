@@ -220,7 +220,7 @@ def test_a_deposed_primary_back_within_the_calm_catches_up_and_nothing_is_rebuil
     assert "h1" in s.in_sync and set(s.replicas) == {"h1", "h2"}
     assert not any(isinstance(a, AssignRole) and a.host_id == "h3" for a in d.actions)
     assert not any(e[1] == "placement" for e in d.events)
-    assert "s" not in d.core._promoted_ms  # forgotten once the calm is over
+    assert "s" not in d.core._promoted_ms  # forgotten once the service is whole again
 
 
 def test_no_spare_host_records_one_event_and_retries_when_hosts_change() -> None:

@@ -47,7 +47,7 @@ def test_a_port_left_by_a_closed_connection_passes() -> None:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", port))
         listener.listen()
-        with socket.create_connection(("127.0.0.1", port)) as client:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
             accepted, _ = listener.accept()
             accepted.close()  # the server side closes first: its side waits in TIME_WAIT
             client.recv(1)

@@ -149,8 +149,9 @@ class CoordinatorCore(Membership, Detector, Redundancy, Handover, Routes):
         self._primaries: dict[str, int] = {}
         # services whose missing replicas wait for a rebuild slot (recorded once)
         self._rebuild_waiting: set[str] = set()
-        # service -> when a failover promoted its primary, until `rebuild_calm_ms` later
-        # (`Redundancy._restore_redundancy`): its lost replica is not rebuilt before.
+        # service -> when a failover promoted its primary, until the service is settled or
+        # deleted (`Redundancy._rebuild_calming`): its lost replica is not rebuilt before
+        # `rebuild_calm_ms` has passed since.
         self._promoted_ms: dict[str, int] = {}
         # Rebalance (`Redundancy._rebalance`): since when no failover has been in progress
         # (None: not yet seen a tick), when a move was last considered or a move of any kind

@@ -113,14 +113,10 @@ class Redundancy(CoreState):
         rebuilding every lost copy at once, each streamed by a primary just promoted, took
         the CPU the promotions and the clients rerouting needed. Only the service's own
         failover counts, so a cluster that keeps failing somewhere still rebuilds; the tick
-        keeps visiting the service (it is not settled) until the wait is over."""
+        keeps visiting the service (it is not settled) until the wait is over, and forgets
+        the promotion once the service is settled or deleted."""
         promoted_ms = self._promoted_ms.get(name)
-        if promoted_ms is None:
-            return False
-        if now_ms - promoted_ms < self.timing.rebuild_calm_ms:
-            return True
-        del self._promoted_ms[name]
-        return False
+        return promoted_ms is not None and now_ms - promoted_ms < self.timing.rebuild_calm_ms
 
     def _settled(self, service: ServiceInfo) -> bool:
         """Whether `_restore_redundancy` and `_move_primary` would do nothing for `service`
