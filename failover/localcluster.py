@@ -574,8 +574,26 @@ class LocalCluster:
             in_sync=in_sync,
         ), timeout=10)
 
+    def in_sync_duplicas(self, service: str) -> list[str]:
+        """The hosts whose replica of `service` the coordinator records as in-sync duplicas."""
+        assert self.coordinator is not None
+        view = next((s for s in self.lead().status().services if s.name == service), None)
+        if view is None:
+            return []
+        return [r.host_id for r in view.replicas
+                if r.role == common_pb2.ROLE_DUPLICA and r.in_sync]
+
+    def wait_in_sync(self, service: str, host: str, timeout_s: float = 30.0) -> None:
+        """Waits until the coordinator records `host`'s replica of `service` as an in-sync
+        duplica: it holds every acknowledged write. Unlike `wait_converged` this holds under
+        a steady load, where the replicas' applied indexes are rarely equal at one moment."""
+        wait_for(lambda: host in self.in_sync_duplicas(service), timeout_s,
+                 f"{host}'s replica of {service} to be an in-sync duplica", interval_s=0.05)
+
     def wait_converged(self, service: str, hosts: list[str], timeout_s: float = 30.0) -> bytes:
-        """Waits until every named replica applied the same index with the same digest."""
+        """Waits until every named replica applied the same index with the same digest. Under
+        writes the replicas seldom stand at one index when asked one after another: wait
+        for the writes to stop first (or use `wait_in_sync`)."""
 
         def same() -> bytes | None:
             digests = [self.agents[h].digest(service) for h in hosts]

@@ -17,7 +17,7 @@ from failover.client import Client
 from failover.localcluster import LocalCluster, wait_for
 from failover.storage.segments import segment_name
 from failover.storage.snapshot import SnapshotStore
-from failover.v1 import agent_pb2, common_pb2
+from failover.v1 import agent_pb2
 
 from . import test_rebuild
 from .test_replication import put_many
@@ -29,12 +29,7 @@ two = test_rebuild.two  # the fixture: two hosts with service kv, never declared
 
 def in_sync_duplica(cluster: LocalCluster, service: str) -> str | None:
     """The host whose replica of `service` the coordinator records as an in-sync duplica."""
-    assert cluster.coordinator is not None
-    for s in cluster.coordinator.status().services:
-        if s.name == service:
-            return next((r.host_id for r in s.replicas
-                         if r.role == common_pb2.ROLE_DUPLICA and r.in_sync), None)
-    return None
+    return next(iter(cluster.in_sync_duplicas(service)), None)
 
 
 def flip_byte(path: Path, offset: int) -> None:
