@@ -5,6 +5,7 @@ refuses an answer from a deposed coordinator's term, and gives up after too many
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import threading
 import time
@@ -138,3 +139,23 @@ def test_a_data_dir_that_does_not_exist_yet_is_made_private_before_the_first_chi
     supervisor = Supervisor(config(data_dir, []), None, child("pass"))
     assert supervisor.counter.next() == 1
     assert data_dir.stat().st_mode & 0o777 == 0o700
+
+
+def test_the_supervisor_process_does_not_import_the_agent_it_supervises(tmp_path: Path) -> None:
+    """`failover-agent` with a supervisor imports only what the supervisor needs: the agent
+    (its replicas, servers and metrics) loads in the child alone, so that every start of an
+    agent is not slowed by importing it twice."""
+    code = (
+        "import sys\n"
+        "from failover.agent import supervisor\n"
+        "supervisor.run_supervised = lambda config, tls: print(' '.join(sorted(sys.modules)))\n"
+        "from failover.agent.main import main\n"
+        f"main(['--host-id', 'h1', '--listen', '127.0.0.1:{free_port()}', '--data-dir', "
+        f"{str(tmp_path / 'data')!r}, '--insecure'])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = set(done.stdout.split())
+    assert "failover.agent.supervisor" in loaded  # the stand-in ran where the supervisor would
+    assert not loaded & {"failover.agent.daemon", "failover.agent.host",
+                         "failover.agent.replica", "failover.net.agent_servicers"}
