@@ -20,7 +20,8 @@ from typing import TypeVar
 import grpc
 
 from failover.errors import FailoverError
-from failover.net.tls import TlsFiles, TlsMaterial, channel_credentials
+from failover.net.channels import blocking_channel
+from failover.net.tls import TlsFiles, TlsMaterial
 
 __all__ = ["READY_TIMEOUT_S", "ManagedProcess", "free_port", "sync_channel", "tls_flags",
            "wait_for"]
@@ -109,11 +110,12 @@ def tls_flags(files: TlsFiles | None) -> list[str]:
 
 
 def sync_channel(address: str, tls: TlsFiles | TlsMaterial | None = None) -> grpc.Channel:
-    """A blocking channel to a daemon: mutual TLS with `tls`, in the clear without."""
-    if tls is None:
-        return grpc.insecure_channel(address)
+    """A blocking channel to a daemon: mutual TLS with `tls`, in the clear without. With the
+    daemons' own channel options: gRPC's default reconnect backoff starts at 1 s, and a
+    readiness probe whose first try found the daemon not listening yet then failed at once
+    for a second or more after it was serving (every cluster start waited it out)."""
     material = tls.load() if isinstance(tls, TlsFiles) else tls
-    return grpc.secure_channel(address, channel_credentials(material))
+    return blocking_channel(address, material)
 
 
 class ManagedProcess:
