@@ -20,6 +20,7 @@ import grpc
 import grpc.aio
 import msgpack
 
+from failover import defaults
 from failover.core.names import check_host_id
 from failover.core.permissions import ADMIN, Identity, require_host
 from failover.core.placement import Resources
@@ -35,11 +36,11 @@ from failover.errors import (
 from failover.net.address import parse_address
 from failover.net.convert import (
     MODE_FROM_PROTO,
+    ReportCache,
     heartbeat_reply,
     hook_reports,
     host_info,
     metrics_dict,
-    replica_reports,
 )
 from failover.net.tls import peer_identity
 from failover.storage.store import HistoryRecord
@@ -90,6 +91,7 @@ def _outcome(exc: BaseException | None) -> str:
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     def __init__(self, coordinator: Coordinator) -> None:
         self.c = coordinator
+        self._reports = ReportCache(defaults.COORDINATOR_HOSTS_MAX)
 
     def _identity(self, context: grpc.aio.ServicerContext) -> Identity | None:
         return peer_identity(context) if self.c.tls is not None else None
@@ -137,7 +139,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         try:
             self._as_host(context, request.host_id)
             leases = await self.c.heartbeat(request.host_id, metrics_dict(request.metrics),
-                                            replica_reports(request), hook_reports(request),
+                                            self._reports.reports(request),
+                                            hook_reports(request),
                                             request.incarnation)
         except _REFUSED as exc:
             await _abort(context, exc)
