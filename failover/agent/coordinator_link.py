@@ -130,6 +130,14 @@ class CoordinatorLink:
                     # is registered with anyway (`_beat` compares it), and a coordinator
                     # that lost us answers the next beat with INVALID_ARGUMENT.
                     wait_s = self.coordinators.failed(exc)
+                    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        # The beat waited out its deadline (two periods), longer than the
+                        # period: the next goes at once, with no backoff on top. A slow
+                        # but live coordinator still takes late beats, and a saturated
+                        # host that backed off after each (up to 4 periods) beat only once
+                        # per failure timeout: its primaries were failed over while it
+                        # served (storm benchmark, in runs with every agent's beats late).
+                        wait_s = period_s
                 log.debug("heartbeat to %s failed: %s %s", address, exc.code().name,
                           exc.details())
             except DeposedCoordinator as exc:

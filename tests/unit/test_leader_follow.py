@@ -412,3 +412,40 @@ async def test_a_slow_heartbeat_does_not_make_the_agent_register_again(
         assert leader.calls("Register") == 1
     finally:
         await link.stop()
+
+
+class TimedSlowBeats(SlowBeats):
+    """SlowBeats that notes when each heartbeat arrived."""
+
+    def __init__(self, log: list[tuple[str, str]]) -> None:
+        super().__init__(log)
+        self.arrived: list[float] = []
+
+    async def Heartbeat(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self.arrived.append(asyncio.get_running_loop().time())
+        return await super().Heartbeat(request, context)
+
+
+async def test_a_beat_that_ran_out_its_deadline_is_followed_by_the_next_at_once(
+    fakes: Coordinators, agent: Agent,
+) -> None:
+    # A saturated machine answered every beat late. Backing off on top of each timeout (up to
+    # 4 periods) left gaps of a whole failure timeout between beats, and the coordinator
+    # failed over the primaries of a host that served (storm benchmark). Each beat here
+    # times out (the agent's deadline is 2 x heartbeat_ms = 100 ms): the next must follow
+    # at once, every ~100 ms, where the backoff made it every 200 ms after the third.
+    leader = await fakes.add(TimedSlowBeats(fakes.log))
+    arrived = leader.arrived
+    link = CoordinatorLink(agent, [leader.address])
+    link.start()
+    try:
+        await until(lambda: leader.calls("Heartbeat") >= 2, timeout_s=10)
+        leader.slow = 8
+        first = len(arrived)
+        await until(lambda: len(arrived) >= first + 8, timeout_s=10)
+        beats = arrived[first:first + 8]
+        gaps = [b - a for a, b in zip(beats, beats[1:], strict=False)]
+        # 7 gaps of one deadline each (~0.7 s); with the backoff, 1.2 s or more.
+        assert sum(gaps) < 0.95, [round(g, 3) for g in gaps]
+    finally:
+        await link.stop()
