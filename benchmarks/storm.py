@@ -29,7 +29,9 @@ on for AFTER_ACKS more acknowledged writes, stops, and the client reads back eve
 saw acknowledged, through the routes, i.e. from the new primaries: ``acked_writes_lost``
 counts keys missing or holding another value (``readback_errors``: reads that got no answer,
 so were not checked). ``services_without_primary`` counts services with no serving primary
-at the end.
+at the end. ``false_failovers`` counts the failovers of live hosts from the start of the load
+to the end of the run: every one before the kill, and every one after it of another host
+than the killed one (an overloaded machine delays heartbeats past the failure timeout).
 
 Baseline, measured in the same run on its own small cluster before the storm (so the storm's
 load does not slow it): the same scenario with 3 agents and 1 service (the killed agent holds
@@ -269,14 +271,15 @@ def start_worker(cluster: Any, ctl: Path, writers: int) -> subprocess.Popen[byte
         cwd=str(REPO))
 
 
-def storm_events(cluster: Any, t_kill: float, lost: list[str]) -> list[dict[str, Any]]:
-    """The coordinator's history of the lost services since the kill (failovers, and the
-    rounds that could not decide one), each with its time after the kill."""
+def storm_events(cluster: Any, t_kill: float, t_since: float,
+                 services: list[str]) -> list[dict[str, Any]]:
+    """The coordinator's history of `services` since `t_since` (failovers, and the rounds
+    that could not decide one), each with its time after the kill (negative before it)."""
     offset = time.time() - time.monotonic()
     out = []
-    for service in lost:
+    for service in services:
         for e in cluster.coordinator.history(service):
-            if e.at - offset >= t_kill:
+            if e.at - offset >= t_since:
                 details = msgpack.unpackb(e.details, raw=False) if e.details else {}
                 out.append({"service": e.service, "kind": e.kind,
                             "after_kill_ms": ms(e.at - offset - t_kill), **details})
@@ -310,6 +313,7 @@ def storm(root: Path, agents: int, services: int, writers: int = WRITERS,
         progress(f"{agents} agents, {services} services up in {time.monotonic() - began:.1f} s "
                  f"(created in {create_s:.1f} s); starting the load")
         worker = start_worker(cluster, ctl, min(writers, services))
+        t_load = time.monotonic()
         try:
             def status() -> dict[str, Any]:
                 if worker.poll() is not None:
@@ -373,8 +377,13 @@ def storm(root: Path, agents: int, services: int, writers: int = WRITERS,
         # machine was (each counts the first registration too).
         registrations = {h: a.log_path.read_text(errors="replace").count("registered with")
                          for h, a in cluster.agents.items()}
-        history = storm_events(cluster, t_kill, lost)
+        since_load = storm_events(cluster, t_kill, t_load, names)
+    history = [e for e in since_load
+               if e["service"] in lost and e["after_kill_ms"] >= 0]
     events = [e for e in history if e["kind"] == "failover" and e["old_primary"] == victim]
+    # A failover of a live host: any before the kill, any of another host after it.
+    false = [e for e in since_load if e["kind"] == "failover"
+             and (e["after_kill_ms"] < 0 or e["old_primary"] != victim)]
     blocked = [e for e in history if e["kind"] == "failover_blocked"]
     again = client["writable_again_ms"]
     values = sorted(v for v in again.values() if v is not None)
@@ -385,6 +394,7 @@ def storm(root: Path, agents: int, services: int, writers: int = WRITERS,
         "writable_again_ms_p99": percentile(values, 99),
         "writable_again_ms_max": values[-1] if values else None,
         "acked_writes_lost": client["lost"],
+        "false_failovers": len(false),
         "readback_errors": client["readback_errors"],
         "never_writable_again": sorted(s for s, v in again.items() if v is None),
         "lost_still_on_victim": sorted(s for s in lost if primaries_after.get(s) == victim),
@@ -397,6 +407,8 @@ def storm(root: Path, agents: int, services: int, writers: int = WRITERS,
             "create_ms_per_service": round(create_s * 1000 / services, 1),
             "writable_again_ms": again,
             "failover_events": len(events),
+            "false_failovers_before_kill": sum(1 for e in false if e["after_kill_ms"] < 0),
+            "false_failovers_of": sorted({e["old_primary"] for e in false}),
             "failover_after_kill_ms": {e["service"]: e["after_kill_ms"] for e in events},
             "failover_blocked_rounds": len(blocked),
             "failover_blocked_services": len({e["service"] for e in blocked}),
