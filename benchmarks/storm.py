@@ -482,7 +482,7 @@ def main(args: argparse.Namespace) -> None:
     out = {
         **{k: result[k] for k in ("primaries_lost", "writable_again_ms_p50",
                                   "writable_again_ms_p99", "writable_again_ms_max",
-                                  "acked_writes_lost")},
+                                  "acked_writes_lost", "false_failovers")},
         "services": args.services, "agents": args.agents,
         "single_failover_writable_again_ms": single,
         "storm_to_single_ratio_p99": round(p99 / single, 2) if p99 and single else None,
