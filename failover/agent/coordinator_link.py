@@ -194,11 +194,10 @@ class CoordinatorLink:
             if replica is not None:
                 replica.grant_lease(grant.epoch, grant.lease_ms, sent_ms)
 
-
     def _statuses(self) -> list[agent_pb2.ReplicaStatus]:
         """Every replica's status for a heartbeat. A status equal to the one last sent
         reuses its message: at rest none changes, and building every message anew (60
-        replicas, ten times a second) was about a tenth of an idle agent's CPU."""
+        replicas, ten times a second) was a few percent of an idle agent's CPU."""
         before = self._sent
         now: dict[str, tuple[dict[str, Any], agent_pb2.ReplicaStatus]] = {}
         for service, replica in self.agent.replicas.items():

@@ -114,17 +114,22 @@ class ReportCache:
     At rest nearly every status repeats, ten times a second per host: converting each one
     anew was a fifth of an idle coordinator's CPU, where serialising it to compare costs a
     microsecond or two. Each heartbeat replaces its host's entries, so a host holds no more
-    than its last heartbeat's replicas; at most `hosts_max` hosts are cached (the rest are
-    converted every time)."""
+    than its last heartbeat's replicas. Only registered hosts are kept (`keep`), at most
+    `hosts_max` of them: a caller that names hosts nobody registered (without TLS, anyone
+    can) must not make the coordinator hold what it sends."""
 
     def __init__(self, hosts_max: int) -> None:
         assert hosts_max > 0
         self.hosts_max = hosts_max
         self._hosts: dict[str, dict[str, tuple[bytes, ReplicaReport]]] = {}
 
-    def reports(self, request: coordinator_pb2.HeartbeatRequest) -> list[ReplicaReport]:
+    def reports(self, request: coordinator_pb2.HeartbeatRequest,
+                keep: bool) -> list[ReplicaReport]:
+        """The reports of a heartbeat; `keep`: its host is registered, so its statuses are
+        kept to compare with its next heartbeat's (otherwise any it had are dropped)."""
         before = self._hosts.get(request.host_id)
-        if before is None and len(self._hosts) >= self.hosts_max:
+        if not keep or (before is None and len(self._hosts) >= self.hosts_max):
+            self._hosts.pop(request.host_id, None)
             return replica_reports(request)
         before = before or {}
         now: dict[str, tuple[bytes, ReplicaReport]] = {}

@@ -139,7 +139,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         try:
             self._as_host(context, request.host_id)
             leases = await self.c.heartbeat(request.host_id, metrics_dict(request.metrics),
-                                            self._reports.reports(request),
+                                            self._reports.reports(
+                                                request, request.host_id in self.c.core.hosts),
                                             hook_reports(request),
                                             request.incarnation)
         except _REFUSED as exc:

@@ -91,16 +91,30 @@ def beat(host: str, **applied: int) -> coordinator_pb2.HeartbeatRequest:
 
 def test_the_coordinator_reuses_the_report_of_a_status_sent_in_the_same_bytes() -> None:
     cache = ReportCache(hosts_max=2)
-    first = cache.reports(beat("h1", kv1=5, kv2=9))
+    first = cache.reports(beat("h1", kv1=5, kv2=9), keep=True)
     assert first == [replica_report(r) for r in beat("h1", kv1=5, kv2=9).replicas]
-    again = cache.reports(beat("h1", kv1=5, kv2=10))
+    again = cache.reports(beat("h1", kv1=5, kv2=10), keep=True)
     assert again[0] is first[0]  # the same bytes: the same (frozen) report
     assert again[1] is not first[1] and again[1].applied_index == 10
     # Another host's equal status is its own entry; a service not reported again is dropped.
-    assert cache.reports(beat("h2", kv1=5))[0] == first[0]
-    cache.reports(beat("h1", kv1=5))
+    assert cache.reports(beat("h2", kv1=5), keep=True)[0] == first[0]
+    cache.reports(beat("h1", kv1=5), keep=True)
     assert set(cache._hosts["h1"]) == {"kv1"}
     # Past hosts_max, a new host is converted every time and not kept.
-    third = cache.reports(beat("h3", kv1=5))
+    third = cache.reports(beat("h3", kv1=5), keep=True)
     assert third == [replica_report(beat("h3", kv1=5).replicas[0])]
     assert set(cache._hosts) == {"h1", "h2"}
+
+
+def test_the_coordinator_keeps_no_report_of_a_host_nobody_registered() -> None:
+    # Without TLS anyone may name any host: what an unregistered one sends is converted
+    # for the core (which refuses it) and not held; a host that leaves is dropped.
+    cache = ReportCache(hosts_max=10)
+    for n in range(5):
+        reports = cache.reports(beat(f"forged{n}", kv1=n, kv2=n), keep=False)
+        assert [r.applied_index for r in reports] == [n, n]
+    assert cache._hosts == {}
+    cache.reports(beat("h1", kv1=5), keep=True)
+    assert set(cache._hosts) == {"h1"}
+    cache.reports(beat("h1", kv1=5), keep=False)  # removed from the cluster meanwhile
+    assert cache._hosts == {}
