@@ -338,6 +338,17 @@ class Coordinator:
                                         "for that silence", lost_ms)
                     if not self._acting():
                         continue  # the store ended the term; the deposal follows: decide nothing
+                    # Beats that arrived while the lock was held are taken first: a tick
+                    # that judged silence with them still queued suspected hosts whose beat
+                    # was waiting here (storm runs: 8 beats queued, up to 130 ms, and three
+                    # services of a live host failed over).
+                    # Only those queued now: beats keep coming while a round commits, and
+                    # the tick must still run.
+                    for _ in range(-(-len(self._beats) // defaults.HEARTBEATS_PER_ROUND_MAX)):
+                        if not (self._beats and self._acting()):
+                            break
+                        await self._take_round()
+                    now_ms = max(now_ms, monotonic_ms())
                     await self._execute(self.core.tick(now_ms))
             except Exception:
                 log.exception("tick failed")
@@ -661,51 +672,57 @@ class Coordinator:
         agents at rest, each suspicion asking HearsPrimary of 30 services)."""
         while self._beats:
             async with self._lock:
-                queued = self._beats
-                beats = [queued.pop(h) for h in list(itertools.islice(
-                    queued, defaults.HEARTBEATS_PER_ROUND_MAX))]
-                if not self._acting():
-                    # A follower must not take a heartbeat as if it led: it grants no lease.
-                    # Nor may a leader whose store is no longer sure of its term: another may
-                    # lead soon, and would not wait out a lease it does not know of.
-                    for beat in beats:
-                        _settle(beat.leases, self._not_leading())
-                    continue
-                taken: list[tuple[_Beat, list[tuple[str, int, int]]]] = []
-                actions: list[Action] = []
-                for beat in beats:
-                    try:
-                        leases, decided = self.core.heartbeat(
-                            beat.host_id, beat.metrics, beat.replicas, monotonic_ms(),
-                            beat.incarnation)
-                    except Exception as exc:  # this beat's refusal; the others go on
-                        _settle(beat.leases, exc)
-                        continue
-                    if beat.hooks:
-                        # Recorded once the beat was taken (an unregistered host's record
-                        # nothing). Results this coordinator refuses (another version's
-                        # event or role, over a bound) are left out, the beat is taken: the
-                        # agent re-sends its results until a beat is answered, so refusing
-                        # the beat refused every later one, and the host lost its leases.
-                        try:
-                            decided = decided + self.core.record_hooks(beat.host_id,
-                                                                       list(beat.hooks))
-                        except InvalidRequest as exc:
-                            log.warning("host %s: hook results of its heartbeat left out: %s",
-                                        beat.host_id, exc)
-                    actions.extend(decided)
-                    taken.append((beat, leases))
+                await self._take_round()
+
+    async def _take_round(self) -> None:
+        """One round of `_take_beats` (the caller holds the lock): up to
+        HEARTBEATS_PER_ROUND_MAX queued beats to the core, one commit, then their leases."""
+        assert self._lock.locked()
+        queued = self._beats
+        beats = [queued.pop(h) for h in list(itertools.islice(
+            queued, defaults.HEARTBEATS_PER_ROUND_MAX))]
+        if not self._acting():
+            # A follower must not take a heartbeat as if it led: it grants no lease. Nor
+            # may a leader whose store is no longer sure of its term: another may lead
+            # soon, and would not wait out a lease it does not know of.
+            for beat in beats:
+                _settle(beat.leases, self._not_leading())
+            return
+        taken: list[tuple[_Beat, list[tuple[str, int, int]]]] = []
+        actions: list[Action] = []
+        for beat in beats:
+            try:
+                leases, decided = self.core.heartbeat(
+                    beat.host_id, beat.metrics, beat.replicas, monotonic_ms(),
+                    beat.incarnation)
+            except Exception as exc:  # this beat's refusal; the others go on
+                _settle(beat.leases, exc)
+                continue
+            if beat.hooks:
+                # Recorded once the beat was taken (an unregistered host's record nothing).
+                # Results this coordinator refuses (another version's event or role, over a
+                # bound) are left out, the beat is taken: the agent re-sends its results
+                # until a beat is answered, so refusing the beat refused every later one,
+                # and the host lost its leases.
                 try:
-                    await self._execute(merge_persists(actions))
-                    if not self._acting():  # its commits took the rest of the term
-                        raise self._not_leading()
-                except Exception as exc:
-                    for beat, _leases in taken:
-                        _settle(beat.leases, exc)
-                    continue
-                for beat, leases in taken:
-                    if not beat.leases.done():
-                        beat.leases.set_result(leases)
+                    decided = decided + self.core.record_hooks(beat.host_id,
+                                                               list(beat.hooks))
+                except InvalidRequest as exc:
+                    log.warning("host %s: hook results of its heartbeat left out: %s",
+                                beat.host_id, exc)
+            actions.extend(decided)
+            taken.append((beat, leases))
+        try:
+            await self._execute(merge_persists(actions))
+            if not self._acting():  # its commits took the rest of the term
+                raise self._not_leading()
+        except Exception as exc:
+            for beat, _leases in taken:
+                _settle(beat.leases, exc)
+            return
+        for beat, leases in taken:
+            if not beat.leases.done():
+                beat.leases.set_result(leases)
 
     async def process_exited(self, host_id: str, incarnation: int, exit_code: int,
                              exited_at: float = 0.0) -> None:

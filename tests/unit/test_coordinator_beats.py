@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from failover import defaults
+from failover.clock import monotonic_ms
 from failover.coordinator.server import Coordinator
 from failover.core.coordinator import HookReport, HostInfo, Timing
 from failover.errors import InvalidRequest, Overloaded, Unavailable
@@ -146,5 +147,39 @@ async def test_hook_results_the_coordinator_refuses_are_left_out_and_the_beat_is
         assert coordinator.core.live["h1"].last_heartbeat_ms > seen
         assert await store.history(kind="hook") == []
         assert "hook results of its heartbeat left out" in caplog.text
+    finally:
+        await coordinator.stop()
+
+
+async def test_a_tick_takes_the_beats_queued_before_it_judges_silence(tmp_path: Path) -> None:
+    # Storm runs: a tick waited for the lock behind a round, with 8 beats queued behind it;
+    # it ran first and suspected a host whose beat was among them, and three services of
+    # that live host were failed over. The beats that arrived first are taken first.
+    coordinator, _store = await started(tmp_path)
+    after_tick: list[bool] = []
+    tick = coordinator.core.tick
+
+    def recording(now_ms: int) -> Any:
+        actions = tick(now_ms)
+        after_tick.append(coordinator.core.live["h1"].alive)
+        return actions
+
+    coordinator.core.tick = recording  # type: ignore[method-assign]
+    try:
+        await coordinator.heartbeat("h1", dict(METRICS), [])
+        beat_ms = coordinator.core.live["h1"].last_heartbeat_ms
+        # Silent for a little less than the failure timeout (a slow host), then the lock is
+        # busy while its next beat arrives, and stays busy past the timeout: less than a
+        # heartbeat, so the tick waiting for it is no stall.
+        await until(lambda: monotonic_ms() - beat_ms >= FAIL - 60, timeout_s=2)
+        await coordinator._lock.acquire()
+        ticks = len(after_tick)
+        await asyncio.sleep(HB / 4000 + 0.015)  # the next tick now waits for the lock
+        beat = asyncio.ensure_future(coordinator.heartbeat("h1", dict(METRICS), []))
+        await until(lambda: monotonic_ms() - beat_ms >= FAIL + 20, timeout_s=2)
+        coordinator._lock.release()
+        await beat
+        await until(lambda: len(after_tick) >= ticks + 2, timeout_s=2)
+        assert all(after_tick[ticks:]), "h1 was suspected while its beat waited to be taken"
     finally:
         await coordinator.stop()
