@@ -174,7 +174,8 @@ async def test_a_tick_takes_the_beats_queued_before_it_judges_silence(tmp_path: 
         await until(lambda: monotonic_ms() - beat_ms >= FAIL - 60, timeout_s=2)
         await coordinator._lock.acquire()
         ticks = len(after_tick)
-        await asyncio.sleep(HB / 4000 + 0.015)  # the next tick now waits for the lock
+        # The next tick waits for the lock (nothing else asks for it now).
+        await until(lambda: bool(coordinator._lock._waiters), timeout_s=1)
         beat = asyncio.ensure_future(coordinator.heartbeat("h1", dict(METRICS), []))
         await until(lambda: monotonic_ms() - beat_ms >= FAIL + 20, timeout_s=2)
         coordinator._lock.release()
