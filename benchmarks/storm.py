@@ -336,7 +336,6 @@ def storm(root: Path, agents: int, services: int, writers: int = WRITERS,
             # the in-sync set (an overloaded machine misses heartbeats), or back in it but
             # not yet counted by its primary (not promotable: it may lack acknowledged
             # writes), is rightly never promoted; that is another fault than this storm.
-            # (The wait checked in-sync only, and STEADY_S stood for the count.)
             t = time.monotonic()
             steady_since: list[float] = []
 
