@@ -341,9 +341,8 @@ class Coordinator:
                     # Beats that arrived while the lock was held are taken first: a tick
                     # that judged silence with them still queued suspected hosts whose beat
                     # was waiting here (storm runs: 8 beats queued, up to 130 ms, and three
-                    # services of a live host failed over).
-                    # Only those queued now: beats keep coming while a round commits, and
-                    # the tick must still run.
+                    # services of a live host failed over). Only those queued now: beats
+                    # keep coming while a round commits, and the tick must still run.
                     for _ in range(-(-len(self._beats) // defaults.HEARTBEATS_PER_ROUND_MAX)):
                         if not (self._beats and self._acting()):
                             break

@@ -7,6 +7,10 @@ one saving and checks that what is reported or applied stays exactly what it was
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Coroutine
+from typing import Any
+
 import msgpack
 
 from failover.agent.coordinator_link import CoordinatorLink
@@ -29,7 +33,7 @@ async def test_a_keepalive_with_nothing_to_apply_starts_no_task(agent: Agent) ->
     spawned: list[str] = []
     spawn = agent.spawn
 
-    def counting(coro):  # type: ignore[no-untyped-def]
+    def counting(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         spawned.append(coro.__qualname__)
         return spawn(coro)
 
