@@ -564,6 +564,28 @@ def shrink_commits_a_waiting_write(c: Cluster) -> None:
     c.net.cuts.clear()
 
 
+def suspected_members_then_primary_crash(c: Cluster) -> None:
+    """Both duplicas' heartbeats stop reaching the coordinator (a saturated machine's late
+    beats, as in benchmarks/storm.py) while they keep taking the primary's stream, and a
+    write is acknowledged meanwhile; then the primary crashes. The duplicas hold every
+    acknowledged write: one must be promoted, and the service take writes again."""
+    w = client(c)
+    write(c, w, "k1")
+    old = primary_of(c)
+    core = c.coord.core
+    assert core is not None
+    members = sorted(h for h in c.agents if h != old)
+    for host in members:
+        c.net.cuts[frozenset((host, sim.COORD))] = c.k.now + 700
+    assert run_until(c, lambda: not any(core.live[h].alive for h in members), 600)
+    assert write(c, w, "k2").outcome == "ok"
+    c.k.run_until(c.k.now + 150)  # the primary beats while the coordinator suspects them
+    c.agents[old].crash()
+    assert run_until(c, lambda: primary_of(c) != old, 3000)
+    op = write(c, w, "k3")
+    assert op.outcome == "ok", op
+
+
 def restarted_primary_join(c: Cluster) -> None:
     """Both duplicas crash; the primary acknowledges a write alone (empty in-sync set) and
     crashes too. One duplica comes back, then the primary; the primary's first heartbeat
@@ -630,7 +652,9 @@ def late_heartbeat_after_a_rejoin(c: Cluster) -> None:
 
     c.coord.on_beat = hold  # type: ignore[method-assign]
     assert run_until(c, lambda: bool(held), 500)
-    c.net.cuts[frozenset((b, sim.COORD))] = c.k.now + 600
+    # Long enough for b to leave although its primary, idle, lacks nothing it could lag on
+    # (`Membership._shrink_silent_members`: silent twice the failure timeout).
+    c.net.cuts[frozenset((b, sim.COORD))] = c.k.now + 1100
     assert run_until(c, lambda: core.services["s1"].in_sync == [], 1500)
     assert run_until(c, primary_counts_nobody(c, old), 1000)
     primary.on_assign = lambda action: None  # type: ignore[method-assign]  # lost
@@ -932,6 +956,14 @@ def test_a_late_heartbeat_of_an_older_in_sync_generation_sets_no_threshold() -> 
     and rejoined, so the set it names looks current) must not make that member promotable
     while the primary does not count it."""
     result = run_directed(late_heartbeat_after_a_rejoin)
+    assert result.ok, _describe([result])
+
+
+def test_members_suspected_while_their_primary_hears_them_stay_promotable() -> None:
+    """Issue 14 (storm): the coordinator took every suspected member out of the in-sync
+    set as its primary beat, though the primary still heard it; the primary then died and
+    nobody could be promoted until it came back. Members the primary hears stay."""
+    result = run_directed(suspected_members_then_primary_crash)
     assert result.ok, _describe([result])
 
 

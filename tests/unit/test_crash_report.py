@@ -240,3 +240,18 @@ def test_a_replaying_duplica_is_promoted_when_no_other_is_ready() -> None:
     (ask,) = asks(c.report(c.primary, 1))
     c.answer(ask, index={h: 90_000 for h in c.duplicas})
     assert c.service.epoch == 2 and c.service.primary == max(c.duplicas)
+
+
+def test_a_member_reported_exited_leaves_even_while_its_primary_waits_on_nothing() -> None:
+    """A suspected member leaves only once its primary waits on it; one reported exited is
+    dead for certain and leaves at the primary's next beat, even an idle primary's (lag 0),
+    so the next sync write does not wait on it."""
+    c = Cluster()
+    gone, other = c.duplicas
+    c.report(gone, 1)
+    s = c.service
+    idle = ReplicaReport("s", "primary", s.epoch, 10, 10, 10, matched_index=10,
+                         in_sync=tuple(s.in_sync), in_sync_generation=s.in_sync_generation,
+                         in_sync_lag_ms={h: 0 for h in s.in_sync})
+    c.core.heartbeat(c.primary, METRICS, [idle], c.now, incarnation=1)
+    assert s.in_sync == [other]

@@ -39,14 +39,16 @@ class Pair:
         assert self.service.in_sync == [self.duplica]
         assert self.service.promotable == [self.duplica]
 
-    def beat(self, host: str, index: int = 10) -> list:
+    def beat(self, host: str, index: int = 10, lag_ms: int = 0) -> list:
+        """`lag_ms`: for a primary, how long it has waited on each member (0: it holds
+        everything)."""
         s = self.service
         if host == s.primary:
             # As a real primary reports: every member's lag, 0 when it holds everything.
             report = ReplicaReport("s", "primary", s.epoch, index, index, index,
                                    matched_index=index, in_sync=tuple(s.in_sync),
                                    in_sync_generation=s.in_sync_generation,
-                                   in_sync_lag_ms={h: 0 for h in s.in_sync})
+                                   in_sync_lag_ms={h: lag_ms for h in s.in_sync})
         else:
             report = ReplicaReport("s", s.replicas[host], s.epoch, index, index, index,
                                    matched_index=index)
@@ -57,6 +59,11 @@ class Pair:
         """Time passes beyond the failure timeout with no heartbeat from anyone."""
         self.now += self.core.timing.failure_timeout_ms + 1
         return self.core.tick(self.now)
+
+
+# Two heartbeat intervals: a primary that has waited this long on a member no longer hears it
+# (as a duplica stops hearing its primary, `hears_primary`).
+WAITED_MS = 2 * Timing().heartbeat_ms
 
 
 def left_in_sync(actions: list) -> list[str]:
@@ -99,9 +106,9 @@ def test_a_silent_duplica_leaves_once_its_primary_is_heard_again() -> None:
     pair = Pair()
     pair.silence()
     assert pair.service.in_sync == [pair.duplica]
-    # The primary comes back, the duplica stays silent: now it leaves, and the primary is
-    # told its new set.
-    actions = pair.beat(pair.primary)
+    # The primary comes back, the duplica stays silent and the primary's writes wait on it:
+    # now it leaves, and the primary is told its new set.
+    actions = pair.beat(pair.primary, lag_ms=WAITED_MS)
     assert_left_and_told(pair, actions)
 
 
@@ -113,9 +120,10 @@ def test_a_silent_duplica_of_a_live_primary_leaves_as_the_primary_beats() -> Non
     # primary could have died since (their silences crossed the timeout a few ms apart).
     assert left_in_sync(pair.core.tick(pair.now)) == []
     assert pair.service.in_sync == [pair.duplica]
-    # The primary's next beat shows it alive: the member leaves, and the primary is told.
+    # The primary's next beat shows it alive and waiting on the member: the member leaves,
+    # and the primary is told.
     pair.now += 20
-    actions = pair.beat(pair.primary)
+    actions = pair.beat(pair.primary, lag_ms=WAITED_MS)
     assert_left_and_told(pair, actions)
 
 
@@ -154,3 +162,67 @@ def test_a_duplica_silent_just_before_its_dying_primary_stays_promotable() -> No
     pair.now += pair.core.timing.failure_timeout_ms - 99  # the duplica is past the timeout
     assert left_in_sync(pair.core.tick(pair.now)) == []
     assert pair.service.in_sync == pair.service.promotable == [pair.duplica]
+
+
+def test_a_suspected_duplica_its_primary_hears_stays_promotable_and_is_promoted() -> None:
+    """The coordinator suspects a live duplica's host (its heartbeats are late on a saturated
+    machine), but the primary still hears it take entries: it stays in sync and promotable.
+    Taken out, it could not be promoted when the primary died right after (storm: two
+    services were left with nobody to promote, and stayed unwritable until the killed host
+    came back)."""
+    pair = Pair()
+    pair.now += pair.core.timing.failure_timeout_ms + 1
+    pair.beat(pair.primary, lag_ms=WAITED_MS - 1)
+    pair.core.tick(pair.now)  # the duplica's host is suspected now
+    for _ in range(3):
+        pair.now += 20
+        actions = pair.beat(pair.primary, lag_ms=WAITED_MS - 1)
+        assert left_in_sync(actions) == []
+    assert pair.service.in_sync == pair.service.promotable == [pair.duplica]
+    # The duplica's heartbeats come again; the primary dies.
+    pair.beat(pair.duplica)
+    pair.now += pair.core.timing.failure_timeout_ms + 1
+    pair.beat(pair.duplica)
+    asks = [a for a in pair.core.tick(pair.now) if isinstance(a, AskHearsPrimary)]
+    assert [a.service for a in asks] == ["s"] and pair.duplica in asks[0].hosts
+    pair.core.hears_primary(
+        "s", [HearsAnswer(pair.duplica, True, False, 10, pair.service.epoch)], pair.now)
+    pair.now += pair.core.timing.lease_ms * 2
+    pair.beat(pair.duplica)
+    pair.core.tick(pair.now)
+    assert pair.service.primary == pair.duplica
+
+
+def test_a_silent_member_of_an_idle_primary_leaves_once_a_write_waits_on_it() -> None:
+    """An idle primary holds nothing its member lacks (lag 0): nothing waits, the member
+    stays. A write that then waits two heartbeat intervals on it takes it out."""
+    pair = Pair()
+    pair.now += pair.core.timing.failure_timeout_ms + 1
+    pair.beat(pair.primary)
+    pair.core.tick(pair.now)
+    pair.now += 20
+    assert left_in_sync(pair.beat(pair.primary, lag_ms=0)) == []
+    pair.now += 100
+    assert left_in_sync(pair.beat(pair.primary, lag_ms=WAITED_MS - 1)) == []
+    assert pair.service.in_sync == [pair.duplica]
+    pair.now += 100
+    actions = pair.beat(pair.primary, lag_ms=WAITED_MS)
+    assert_left_and_told(pair, actions)
+
+
+def test_a_silent_member_of_an_idle_primary_leaves_after_twice_the_failure_timeout() -> None:
+    """Lag 0 cannot tell a dead member of an idle primary from a live one holding everything:
+    it leaves once silent for twice the failure timeout, no late heartbeat then, so the
+    primary's next write does not wait on it. One that lags a little (it takes entries)
+    stays however long the coordinator does not hear it."""
+    pair = Pair()
+    timeout_ms = pair.core.timing.failure_timeout_ms
+    pair.now += timeout_ms + 1
+    pair.beat(pair.primary)
+    pair.core.tick(pair.now)
+    pair.now = 1_000 + 2 * timeout_ms - 1
+    assert left_in_sync(pair.beat(pair.primary, lag_ms=0)) == []
+    pair.now += 1_000
+    assert left_in_sync(pair.beat(pair.primary, lag_ms=WAITED_MS - 1)) == []
+    actions = pair.beat(pair.primary, lag_ms=0)
+    assert_left_and_told(pair, actions)

@@ -233,7 +233,7 @@ class Membership(CoreState):
                 if report.role != PRIMARY:
                     actions.extend(self._beat(service, host_id, report, now_ms, leases))
                     continue
-                actions.extend(self._shrink_silent_members(service))
+                actions.extend(self._shrink_silent_members(service, report, now_ms))
                 # Its durable index and how fast it grows: the bound of its duplicas'
                 # matched indexes (`_matched`).
                 rate = 0.0
@@ -538,24 +538,52 @@ class Membership(CoreState):
         """Thresholds were the old primary's durable index: a new primary sets its own."""
         self._promotable_at.pop(service, None)
 
-    def _shrink_silent_members(self, service: ServiceInfo) -> list[Action]:
-        """The in-sync members of `service` whose hosts are silent (suspected, or reported
-        exited) leave the set; called as its primary beats. A silent member leaves only
-        then, not when it goes silent: a shrink takes effect once the primary is told (it
-        then acknowledges writes without the member), and a member taken out can no longer
-        be promoted although it holds every write that primary acknowledged. Taken out at
-        the tick, a late duplica whose primary had just died left that service with nobody
-        to promote (storm: 9 of 30 services, and 1 when the tick waited for the primary's
-        own silence too, as their silences crossed the timeout milliseconds apart). The
-        primary's beat shows it alive a moment before the shrink is sent; sync writes wait
-        for a silent member at most a heartbeat more."""
+    def _shrink_silent_members(self, service: ServiceInfo, report: ReplicaReport,
+                               now_ms: int) -> list[Action]:
+        """The in-sync members of `service` whose hosts are silent leave the set, if its
+        primary (`report`, its beat now) waits on them; called as the primary beats.
+
+        Silent: suspected, or reported exited. A suspected member leaves once the primary
+        lacks it too: it lags by two heartbeat intervals or more (the window in which a
+        duplica still hears its primary, `hears_primary`), or the primary reports no lag for
+        it. One that takes the primary's entries stays: sync writes do not wait on it, and
+        taking it out would only make it unpromotable although it holds every write that
+        primary acknowledged. Under the storm's load the coordinator suspected live hosts by
+        the handful and took hundreds of members out and back in within seconds (a commit
+        and a primary's assignment each way); a primary killed in between left its service
+        with nobody to promote until the killed host came back. A primary that lacks nothing
+        (lag 0: idle, or the member holds everything) cannot tell: such a member leaves once
+        silent for twice the failure timeout, no late heartbeat then, so an idle primary's
+        next write does not wait on it. A member reported exited is dead for certain: it
+        leaves at once.
+
+        A member leaves only as its primary beats, not at the tick that finds it silent: a
+        shrink takes effect once the primary is told (it then acknowledges writes without
+        the member), and a dead primary cannot be. Taken out at the tick, a late duplica
+        whose primary had just died left that service with nobody to promote (storm: 9 of
+        30 services, and 1 when the tick waited for the primary's own silence too, as their
+        silences crossed the timeout milliseconds apart). The primary's beat shows it alive
+        a moment before the shrink is sent."""
         live = self.live
         silent = [h for h in service.in_sync if h in live and not live[h].alive]
         if not silent:
             return []  # the common case, on every primary's every beat: nothing to do
+        lags = report.in_sync_lag_ms or {}
+        waited_ms = 2 * self.timing.heartbeat_ms
+        long_silent_ms = 2 * self.timing.failure_timeout_ms
         actions: list[Action] = []
         for host in silent:
-            actions.extend(self._shrink_in_sync(service, host, "stopped heartbeating"))
+            lag = lags.get(host)
+            if live[host].exited:
+                why = "its agent process exited"
+            elif lag is None or lag >= waited_ms:
+                why = "stopped heartbeating" + (
+                    f", and its primary has waited {lag} ms for it" if lag else "")
+            elif lag == 0 and (silent_ms := self.silent_ms(live[host], now_ms)) >= long_silent_ms:
+                why = f"stopped heartbeating {silent_ms} ms ago"
+            else:
+                continue  # it takes its primary's entries (or nothing waits on it yet)
+            actions.extend(self._shrink_in_sync(service, host, why))
         return actions
 
     # --- in-sync set ------------------------------------------------------------------------
