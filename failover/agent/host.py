@@ -560,7 +560,7 @@ class Agent:
                 loop = asyncio.get_running_loop()
                 root = self._replicas_dir / service
                 replica = await loop.run_in_executor(self.io, Replica.create, self, root, meta)
-                replica.open()
+                replica.opened(await loop.run_in_executor(self.io, replica.open_storage))
                 self.replicas[service] = replica
             elif kind and kind != replica.meta.kind:
                 raise InvalidRequest(f"{service} is a {replica.meta.kind!r} replica here, "

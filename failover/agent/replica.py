@@ -239,27 +239,39 @@ class Replica:
         `state`, when given, is the state of the newest snapshot, already in memory (a
         migration's copy, just written down): it is used instead of reading the snapshot
         back, which would hold the event loop for as long as the state is large."""
+        self.opened(self.open_storage(state))
+
+    def open_storage(self, state: ReplicatedStateMachine | None = None,
+                     ) -> ReplicatedStateMachine | str | None:
+        """`open`'s disk part, which touches nothing else and may run on an I/O thread:
+        opens the log and reads the newest good snapshot. Returns the state to start from
+        (None: empty), or why the replica cannot be read. A new replica's log is created
+        here: on the event loop, the files and fsyncs of a burst of rebuilds held an
+        agent's loop for up to 650 ms on a busy disk, and its heartbeats were missed."""
         policy = self.agent.config.fsync_policy
         try:
             self.wal = WriteAheadLog.open(self.root / "wal", fsync_policy=policy)
             self.wal.fsync_observer = self.agent.wal_fsync_observer
-            report = self.wal.open_report
-            if report.torn_bytes_dropped:
-                log.warning("%s: dropped a torn log tail of %d bytes in %s", self.service,
-                            report.torn_bytes_dropped, report.torn_segment)
             if state is not None:
                 path = self.snapshots.latest()
                 assert path is not None and read_header(path).applied_index == state.applied_index
-                self.core.state_replaced(state)
-                self._snapshot_loaded(state.applied_index)
-            else:
-                fresh = self.state.recover(self.wal.first_index)
-                if fresh is not None:
-                    self.core.state_replaced(fresh)
-                    self._snapshot_loaded(fresh.applied_index)
+                return state
+            return self.state.recover(self.wal.first_index)
         except (StorageError, OSError) as exc:
-            self.mark_broken(str(exc))
+            return str(exc)
+
+    def opened(self, recovered: ReplicatedStateMachine | str | None) -> None:
+        """`open`'s event-loop part, with what `open_storage` returned."""
+        if isinstance(recovered, str):
+            self.mark_broken(recovered)
             return
+        report = self.wal.open_report
+        if report.torn_bytes_dropped:
+            log.warning("%s: dropped a torn log tail of %d bytes in %s", self.service,
+                        report.torn_bytes_dropped, report.torn_segment)
+        if recovered is not None:
+            self.core.state_replaced(recovered)
+            self._snapshot_loaded(recovered.applied_index)
         self._ensure_writer()
         log.info("%s: opened as %s at epoch %d (recorded role; the coordinator confirms it)",
                  self.service, self.role, self.epoch)

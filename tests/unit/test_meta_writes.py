@@ -172,3 +172,25 @@ async def test_the_writer_writes_in_order_supersedes_waiting_writes_and_rewrites
         assert written == [b"b", b"d", b"d"]
         await writer.flushed()
         assert not writer.pending
+
+
+async def test_a_new_replicas_log_is_created_off_the_event_loop(
+        agent: Agent, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rebuild creates its replica's files (log, segment, directories, their fsyncs) on an
+    I/O thread: on the loop, a burst of rebuilds held agents' loops for up to 650 ms on a busy
+    disk, their heartbeats were missed and live hosts were failed over (storm benchmark)."""
+    from failover.storage.wal import WriteAheadLog
+
+    loop_thread = threading.get_ident()
+    opened_on: list[int] = []
+    original = WriteAheadLog.open.__func__  # type: ignore[attr-defined]
+
+    def recording(cls: type[WriteAheadLog], *args: object, **kwargs: object) -> WriteAheadLog:
+        opened_on.append(threading.get_ident())
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(WriteAheadLog, "open", classmethod(recording))
+    replica = await agent.assign_role("kv1", "kv", "duplica", 1, "sync", ("p", UNREACHABLE),
+                                      {}, set())
+    assert opened_on and loop_thread not in opened_on, opened_on
+    assert not replica.broken and replica.wal.last_index == 0
