@@ -250,6 +250,11 @@ PLACEMENT_POLICY = "worst-fit"  # first-fit, best-fit or worst-fit (failover.cor
 # the rest wait for a slot, so rebuilds (each a log replay or a snapshot streamed by a live
 # primary) never starve live traffic.
 REBUILD_CONCURRENCY_MAX = 32
+# And at most this many at once on any one host (count): a new replica's files, fsyncs and
+# first log all land on its host's disk. Thirty rebuilds after a host death started at one
+# tick, three on each survivor, and a meta write took 710 ms on the shared disk; agents
+# missed heartbeats and live hosts were failed over (benchmarks/storm.py).
+REBUILD_PER_HOST_MAX = 1
 # A service that failed over rebuilds its lost replica no sooner than this after the
 # promotion (ms): a host death promotes every primary it held at once, and their rebuilds
 # (each a snapshot or a log replay streamed by a primary just promoted) started about 90 ms

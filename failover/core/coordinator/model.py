@@ -190,6 +190,8 @@ class Timing:
     lease_drift_margin_ms: int = defaults.LEASE_DRIFT_MARGIN_MS
     # At most this many building replicas at once, cluster-wide; the rest wait.
     rebuild_concurrency_max: int = defaults.REBUILD_CONCURRENCY_MAX
+    # ... and at most this many on any one host.
+    rebuild_per_host_max: int = defaults.REBUILD_PER_HOST_MAX
     # A failed-over service's lost replica is rebuilt no sooner than this after promotion.
     rebuild_calm_ms: int = defaults.REBUILD_CALM_MS
     # Rebalance of primaries: at most one switchover started per gap (0: off), none until

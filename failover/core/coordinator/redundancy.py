@@ -14,6 +14,7 @@ its replacement holds everything.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
 
 from failover import defaults
@@ -158,21 +159,29 @@ class Redundancy(CoreState):
         policy = service.placement or self.placement_policy
         # Throttled: at most `rebuild_concurrency_max` building replicas cluster-wide; the
         # rest wait, retried on later ticks, recorded once in history as waiting.
-        slots = self.timing.rebuild_concurrency_max - len(self._building_since)
+        limit = self.timing.rebuild_concurrency_max
+        slots = limit - len(self._building_since)
         if slots <= 0:
-            if service.name in self._rebuild_waiting:
-                return []
-            self._rebuild_waiting.add(service.name)
-            return [Persist({}, history=((
-                service.name, "placement_waiting", f"{service.name}: {missing} replica(s) "
-                f"wait for a rebuild slot ({self.timing.rebuild_concurrency_max} building at "
-                "most at once)", {"missing": missing,
-                                  "limit": self.timing.rebuild_concurrency_max}),))]
-        self._rebuild_waiting.discard(service.name)
+            return self._rebuild_wait(service, missing, f"{limit} building at most at once")
         missing = min(missing, slots)
         holding = {h: self.hosts[h].zone if h in self.hosts else "" for h in service.replicas}
-        found = placement.place(policy, Resources.from_dict(service.needs), missing,
-                                self._host_views(), holding)
+        # ... and at most `rebuild_per_host_max` on any one host: a host building that many
+        # is no candidate now. Replicas left unplaced for that reason wait as above rather
+        # than fail: a busy host is free again within a build.
+        views = self._host_views()
+        per_host_max = self.timing.rebuild_per_host_max
+        per_host = Counter(host for _name, host in self._building_since)
+        busy = {h for h, n in per_host.items() if n >= per_host_max}
+        if busy:
+            views = [v for v in views if v.host_id not in busy]
+        found = placement.place(policy, Resources.from_dict(service.needs), missing, views,
+                                holding)
+        if busy and found.reason:
+            if not found.hosts:
+                return self._rebuild_wait(service, missing,
+                                          f"{per_host_max} building at most on a host")
+            found = placement.Placement(found.hosts)  # the rest is placed on a later tick
+        self._rebuild_waiting.discard(service.name)
         actions: list[Action] = []
         for host in found.hosts:
             service.replicas[host] = BUILDING
@@ -199,6 +208,18 @@ class Redundancy(CoreState):
                 service.name, "placement_failed", f"{service.name}: {found.reason}; "
                 "retried as hosts change", {"reason": found.reason, "policy": policy}),)))
         return actions
+
+    def _rebuild_wait(self, service: ServiceInfo, missing: int, why: str) -> list[Action]:
+        """`missing` replicas of `service` wait for a rebuild slot: one history row when the
+        wait starts, none on the ticks that retry it."""
+        if service.name in self._rebuild_waiting:
+            return []
+        self._rebuild_waiting.add(service.name)
+        return [Persist({}, history=((
+            service.name, "placement_waiting", f"{service.name}: {missing} replica(s) wait "
+            f"for a rebuild slot ({why})",
+            {"missing": missing, "limit": self.timing.rebuild_concurrency_max,
+             "per_host_limit": self.timing.rebuild_per_host_max}),))]
 
     def _host_views(self) -> list[HostView]:
         """Every host as placement sees it, with the needs of the replicas placed on it:
