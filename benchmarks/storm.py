@@ -414,6 +414,11 @@ def storm(root: Path, agents: int, services: int, writers: int = WRITERS,
             "failover_events": len(events),
             "false_failovers_before_kill": sum(1 for e in false if e["after_kill_ms"] < 0),
             "false_failovers_of": sorted({e["old_primary"] for e in false}),
+            # Work a false suspicion makes, from the start of the load: in-sync members
+            # taken out or put back (a commit and an assignment each), and suspicions the
+            # duplicas' answers settled as the coordinator's link at fault.
+            "in_sync_changes_since_load": sum(1 for e in since_load if e["kind"] == "in_sync"),
+            "suspicions_since_load": sum(1 for e in since_load if e["kind"] == "suspicion"),
             "failover_after_kill_ms": {e["service"]: e["after_kill_ms"] for e in events},
             "failover_blocked_rounds": len(blocked),
             "failover_blocked_services": len({e["service"] for e in blocked}),
