@@ -411,7 +411,9 @@ async def test_streams_past_the_bound_per_connection_are_refused_overloaded(
         await first.write(_calls(("kv1", "c", 1, put)))
         await _answers(first, 1)
         second = data_pb2_grpc.DataStub(channel).ExecuteStream()  # the same connection
-        await second.write(_calls(("kv1", "c", 2, put)))
+        # Refused as it opens, before any message (`DataServicer.ExecuteStream`). A write
+        # first raced the refusal: sent after it, it failed with gRPC's own INTERNAL, which
+        # then stood for the call's status.
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await asyncio.wait_for(second.read(), 10)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
