@@ -9,6 +9,11 @@ from __future__ import annotations
 # Failure detection and leases.
 HEARTBEAT_MS = 100
 FAILURE_TIMEOUT_MS = 400
+# A duplica still hears its primary if the primary's stream reached it within this many
+# heartbeat intervals (`ReplicaCore.hears_primary`); a primary likewise still hears an
+# in-sync member that took entries within them (`Membership._shrink_silent_members`). Well
+# under the failure timeout: a duplica asked right after a crash must not still "hear".
+HEARD_WITHIN_HEARTBEATS = 2
 # An in-sync duplica that has taken no entry for this long while lacking some (it heartbeats
 # but cannot take the stream) leaves the in-sync set, so sync writes stop waiting on it.
 INSYNC_LAG_MS = 2000

@@ -1020,14 +1020,15 @@ class ReplicaCore:
             self.disk_full = disk_full
 
     def hears_primary(self, now_ms: int) -> tuple[bool, int]:
-        """Whether the primary's stream reached us within two heartbeat intervals, and how
+        """Whether the primary's stream reached us within `HEARD_WITHIN_HEARTBEATS` heartbeat
+        intervals, and how
         long ago (well under the coordinator's failure timeout: a duplica asked right after a
         crash must not still claim to hear)."""
         heard = self.duplica.last_heard_ms if self.duplica is not None else None
         if heard is None:
             return False, 0
         silent = max(0, now_ms - heard)
-        return silent < 2 * self.heartbeat_ms, silent
+        return silent < defaults.HEARD_WITHIN_HEARTBEATS * self.heartbeat_ms, silent
 
     def check_snapshot(self, epoch: int, sender: str | None = None) -> None:
         """Raises unless a snapshot at `epoch` from host `sender` (None: not checked) may

@@ -9,6 +9,7 @@ silences crossed the timeout milliseconds apart."""
 
 from __future__ import annotations
 
+from failover import defaults
 from failover.core.coordinator import (
     AskHearsPrimary,
     AssignRole,
@@ -61,9 +62,9 @@ class Pair:
         return self.core.tick(self.now)
 
 
-# Two heartbeat intervals: a primary that has waited this long on a member no longer hears it
-# (as a duplica stops hearing its primary, `hears_primary`).
-WAITED_MS = 2 * Timing().heartbeat_ms
+# A primary that has waited this long on a member no longer hears it (as a duplica stops
+# hearing its primary, `hears_primary`).
+WAITED_MS = defaults.HEARD_WITHIN_HEARTBEATS * Timing().heartbeat_ms
 
 
 def left_in_sync(actions: list) -> list[str]:
@@ -216,11 +217,12 @@ def test_a_silent_member_of_an_idle_primary_leaves_after_twice_the_failure_timeo
     primary's next write does not wait on it. One that lags a little (it takes entries)
     stays however long the coordinator does not hear it."""
     pair = Pair()
+    last_heard = pair.now  # the duplica's last heartbeat
     timeout_ms = pair.core.timing.failure_timeout_ms
     pair.now += timeout_ms + 1
     pair.beat(pair.primary)
     pair.core.tick(pair.now)
-    pair.now = 1_000 + 2 * timeout_ms - 1
+    pair.now = last_heard + 2 * timeout_ms - 1
     assert left_in_sync(pair.beat(pair.primary, lag_ms=0)) == []
     pair.now += 1_000
     assert left_in_sync(pair.beat(pair.primary, lag_ms=WAITED_MS - 1)) == []

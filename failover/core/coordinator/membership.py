@@ -544,9 +544,9 @@ class Membership(CoreState):
         primary (`report`, its beat now) waits on them; called as the primary beats.
 
         Silent: suspected, or reported exited. A suspected member leaves once the primary
-        lacks it too: it lags by two heartbeat intervals or more (the window in which a
-        duplica still hears its primary, `hears_primary`), or the primary reports no lag for
-        it. One that takes the primary's entries stays: sync writes do not wait on it, and
+        lacks it too: it lags by `HEARD_WITHIN_HEARTBEATS` heartbeat intervals or more (the
+        window in which a duplica still hears its primary), or the primary reports no lag
+        for it. One that takes the primary's entries stays: sync writes do not wait on it, and
         taking it out would only make it unpromotable although it holds every write that
         primary acknowledged. Under the storm's load the coordinator suspected live hosts by
         the handful and took hundreds of members out and back in within seconds (a commit
@@ -569,7 +569,7 @@ class Membership(CoreState):
         if not silent:
             return []  # the common case, on every primary's every beat: nothing to do
         lags = report.in_sync_lag_ms or {}
-        waited_ms = 2 * self.timing.heartbeat_ms
+        waited_ms = defaults.HEARD_WITHIN_HEARTBEATS * self.timing.heartbeat_ms
         long_silent_ms = 2 * self.timing.failure_timeout_ms
         actions: list[Action] = []
         for host in silent:
